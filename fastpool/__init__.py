@@ -1,0 +1,37 @@
+"""fastpool: fast 2-D pooling kernels (max, average, stochastic) for CPU and GPU, in Numba.
+
+Importing fastpool compiles nothing and never touches the GPU; kernels are compiled
+(or loaded from Numba's on-disk cache) on first use.
+"""
+
+from fastpool._dispatch import (
+    CudaUnavailableError,
+    cuda_available,
+    get_device,
+    set_device,
+    use_device,
+)
+from fastpool.pooling import (
+    avg_pool2d,
+    avg_pool2d_backward,
+    max_pool2d,
+    max_pool2d_backward,
+    stochastic_pool2d,
+    stochastic_pool2d_backward,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CudaUnavailableError",
+    "avg_pool2d",
+    "avg_pool2d_backward",
+    "cuda_available",
+    "get_device",
+    "max_pool2d",
+    "max_pool2d_backward",
+    "set_device",
+    "stochastic_pool2d",
+    "stochastic_pool2d_backward",
+    "use_device",
+]

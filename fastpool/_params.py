@@ -1,0 +1,246 @@
+"""Argument normalisation, validation and output-size rules: the one place for them.
+
+Every public function calls into this module before any kernel runs, and both devices
+use the geometry it returns, so the rules of DESIGN.md section 2 live here only.
+Errors name the parameter and the rule it broke.
+"""
+
+from __future__ import annotations
+
+import numbers
+import operator
+from dataclasses import dataclass
+
+import numpy as np
+
+SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def _as_int(name, value):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    return operator.index(value)
+
+
+def pair(name, value):
+    """Normalise an int or an ``(h, w)`` pair to a tuple of two Python ints."""
+    if isinstance(value, (tuple, list)):
+        if len(value) != 2:
+            raise ValueError(f"{name} must be an int or a pair (h, w), got {value!r}")
+        return _as_int(name, value[0]), _as_int(name, value[1])
+    v = _as_int(name, value)
+    return v, v
+
+
+def output_size(size, kernel, stride, padding, dilation, ceil_mode):
+    """Pooling output length along one axis (PyTorch's rule).
+
+    ``out = floor((size + 2p - ek + (s - 1 if ceil_mode else 0)) / s) + 1`` with the
+    effective kernel ``ek = d * (k - 1) + 1``; in ``ceil_mode`` the last window must
+    start inside the input or the left padding, else it is dropped.
+    """
+    effective = dilation * (kernel - 1) + 1
+    out = (size + 2 * padding - effective + (stride - 1 if ceil_mode else 0)) // stride + 1
+    if ceil_mode and (out - 1) * stride >= size + padding:
+        out -= 1
+    return out
+
+
+def as_float_array(name, value):
+    """Return ``value`` as a NumPy array of a supported float dtype (no copy if possible)."""
+    if hasattr(value, "__cuda_array_interface__"):
+        # GPU data stays where it is; only its metadata is validated here.
+        array = _DeviceArrayInfo(value)
+    else:
+        array = np.asarray(value)
+    if array.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name} must have dtype float32 or float64, got {array.dtype}")
+    return array
+
+
+class _DeviceArrayInfo:
+    """Shape and dtype of a GPU array, read from ``__cuda_array_interface__``."""
+
+    def __init__(self, value):
+        interface = value.__cuda_array_interface__
+        self.array = value
+        self.shape = tuple(interface["shape"])
+        self.ndim = len(self.shape)
+        self.dtype = np.dtype(interface["typestr"])
+
+
+def _unwrap(array):
+    return array.array if isinstance(array, _DeviceArrayInfo) else array
+
+
+def check_pool_input(name, x):
+    """Validate a pooling input's rank and sizes; return ``(array, batched)``."""
+    x = as_float_array(name, x)
+    if x.ndim not in (3, 4):
+        raise ValueError(
+            f"{name} must be 4-D (N, C, H, W) or 3-D (C, H, W), got shape {x.shape}")
+    if any(s == 0 for s in x.shape[-3:]):
+        raise ValueError(
+            f"{name} must have non-zero channel and spatial sizes (only the batch may be "
+            f"empty), got shape {x.shape}")
+    return x, x.ndim == 4
+
+
+@dataclass(frozen=True)
+class PoolGeometry:
+    """Everything a pooling kernel needs to know about the window placement.
+
+    ``kernel``, ``stride`` and ``dilation`` are the values kernels are specialised on
+    (compile-time constants); padding and sizes stay runtime arguments.
+    """
+
+    batch: int
+    channels: int
+    in_h: int
+    in_w: int
+    out_h: int
+    out_w: int
+    kernel_h: int
+    kernel_w: int
+    stride_h: int
+    stride_w: int
+    pad_h: int
+    pad_w: int
+    dilation_h: int
+    dilation_w: int
+    batched: bool
+
+    @property
+    def planes(self):
+        return self.batch * self.channels
+
+    @property
+    def constants(self):
+        """The compile-time constants of a specialised kernel."""
+        return (self.kernel_h, self.kernel_w, self.stride_h, self.stride_w,
+                self.dilation_h, self.dilation_w)
+
+    @property
+    def input_shape(self):
+        return self._shape(self.in_h, self.in_w)
+
+    @property
+    def output_shape(self):
+        return self._shape(self.out_h, self.out_w)
+
+    def _shape(self, h, w):
+        if self.batched:
+            return (self.batch, self.channels, h, w)
+        return (self.channels, h, w)
+
+
+def _check_axis_covered(size, out, kernel, stride, padding, dilation):
+    """Reject geometries where a dilated window holds padding cells only."""
+    if dilation == 1:
+        return True  # padding <= ek // 2 already guarantees an input cell per window
+    starts = np.arange(out, dtype=np.int64) * stride - padding
+    # First tap at or after 0: start + ceil(-start / d) * d for negative starts.
+    first = np.where(starts < 0, starts + (-starts + dilation - 1) // dilation * dilation,
+                     starts)
+    last = starts + dilation * (kernel - 1)
+    return bool(np.all((first < size) & (first <= last)))
+
+
+def pool_geometry(x, kernel_size, stride, padding, dilation, ceil_mode, *, x_name="x"):
+    """Validate pooling arguments against input ``x``; return ``(x, PoolGeometry)``."""
+    x, batched = check_pool_input(x_name, x)
+    kh, kw = pair("kernel_size", kernel_size)
+    sh, sw = (kh, kw) if stride is None else pair("stride", stride)
+    ph, pw = pair("padding", padding)
+    dh, dw = pair("dilation", dilation)
+    if not isinstance(ceil_mode, (bool, np.bool_)):
+        raise TypeError(f"ceil_mode must be a bool, got {ceil_mode!r}")
+    if kh < 1 or kw < 1:
+        raise ValueError(f"kernel_size must be >= 1, got {(kh, kw)}")
+    if sh < 1 or sw < 1:
+        raise ValueError(f"stride must be >= 1, got {(sh, sw)}")
+    if dh < 1 or dw < 1:
+        raise ValueError(f"dilation must be >= 1, got {(dh, dw)}")
+    ekh, ekw = dh * (kh - 1) + 1, dw * (kw - 1) + 1
+    if not (0 <= ph <= ekh // 2 and 0 <= pw <= ekw // 2):
+        raise ValueError(
+            f"padding must satisfy 0 <= padding <= effective_kernel // 2 per axis "
+            f"(effective kernel {(ekh, ekw)}), got {(ph, pw)}")
+    in_h, in_w = x.shape[-2:]
+    out_h = output_size(in_h, kh, sh, ph, dh, bool(ceil_mode))
+    out_w = output_size(in_w, kw, sw, pw, dw, bool(ceil_mode))
+    if out_h < 1 or out_w < 1:
+        raise ValueError(
+            f"kernel_size {(kh, kw)} (effective {(ekh, ekw)}) is larger than the padded "
+            f"input {(in_h + 2 * ph, in_w + 2 * pw)}: output size would be {(out_h, out_w)}")
+    if not (_check_axis_covered(in_h, out_h, kh, sh, ph, dh)
+            and _check_axis_covered(in_w, out_w, kw, sw, pw, dw)):
+        raise ValueError(
+            f"dilation {(dh, dw)} with padding {(ph, pw)} places a window entirely in the "
+            f"padding of an input of size {(in_h, in_w)}; every window must cover at "
+            f"least one input element")
+    batch = x.shape[0] if batched else 1
+    geometry = PoolGeometry(batch, x.shape[-3], in_h, in_w, out_h, out_w, kh, kw, sh, sw,
+                            ph, pw, dh, dw, batched)
+    return _unwrap(x), geometry
+
+
+def check_grad_output(grad_output, x, geometry):
+    """Validate ``grad_output`` of a pooling backward against the forward geometry."""
+    grad_output = as_float_array("grad_output", grad_output)
+    if grad_output.shape != geometry.output_shape:
+        raise ValueError(
+            f"grad_output must have the forward output's shape {geometry.output_shape}, "
+            f"got {grad_output.shape}")
+    if grad_output.dtype != x.dtype:
+        raise TypeError(
+            f"grad_output dtype {grad_output.dtype} must match x dtype {x.dtype}")
+    return _unwrap(grad_output)
+
+
+def check_indices(indices, geometry):
+    """Validate the ``indices`` of a forward pass; values are range-checked in the kernel."""
+    if hasattr(indices, "__cuda_array_interface__"):
+        indices = _DeviceArrayInfo(indices)
+    else:
+        indices = np.asarray(indices)
+    if indices.dtype.kind not in "iu" or indices.dtype == np.bool_:
+        raise TypeError(f"indices must be an integer array (int64), got {indices.dtype}")
+    if indices.shape != geometry.output_shape:
+        raise ValueError(
+            f"indices must have the forward output's shape {geometry.output_shape}, "
+            f"got {indices.shape}")
+    if isinstance(indices, _DeviceArrayInfo):
+        return indices.array
+    return indices.astype(np.int64, copy=False)
+
+
+def check_divisor_override(divisor_override):
+    if divisor_override is None:
+        return 0
+    if isinstance(divisor_override, (bool, np.bool_)) or not isinstance(
+            divisor_override, numbers.Integral):
+        raise TypeError(f"divisor_override must be None or an int, got {divisor_override!r}")
+    if divisor_override == 0:
+        raise ValueError("divisor_override must not be zero")
+    return int(divisor_override)
+
+
+def check_bool(name, value):
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+    return bool(value)
+
+
+def resolve_seed(seed):
+    """``None`` -> fresh entropy; ``numpy.random.Generator`` -> one draw; int in [0, 2**64)."""
+    if seed is None:
+        return int(np.random.SeedSequence().generate_state(1, dtype=np.uint64)[0])
+    if isinstance(seed, np.random.Generator):
+        return int(seed.integers(0, 2**64, dtype=np.uint64))
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, numbers.Integral):
+        raise TypeError(
+            f"seed must be None, an int or a numpy.random.Generator, got {seed!r}")
+    if not 0 <= seed < 2**64:
+        raise ValueError(f"seed must be in [0, 2**64), got {seed}")
+    return int(seed)

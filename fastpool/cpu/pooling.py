@@ -1,0 +1,447 @@
+"""Parallel CPU pooling kernels (Numba) and their launchers.
+
+Every launcher takes host arrays already validated by ``fastpool._params`` plus the
+``PoolGeometry`` and returns host arrays. Kernels work on ``(planes, H, W)`` views with
+``planes = N * C``.
+
+Why kernels are built by factories: kernel size, stride and dilation are baked into
+each compiled kernel as compile-time constants (``PoolGeometry.constants``), which lets
+LLVM unroll the window loop and vectorise across output columns; with runtime
+values the same loops ran about 6x slower. Each specialisation is compiled once per
+process (``functools.lru_cache``) and cached on disk (``cache=True``; the closure's
+constants are part of Numba's cache key), so a second process loads it without
+compiling. Padding and sizes stay runtime arguments.
+
+Forward kernels parallelise over output rows ``(plane, oh)``. Backward kernels give
+each plane to one thread and scatter in output order, so no two threads ever write the
+same element and every result is identical at any thread count, with no atomics.
+
+Indexing uses ``uint64`` casts on offsets already known to be in range: Numba adds a
+negative-index wraparound select to every signed index, which blocks vectorisation.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+from numba import njit, prange
+
+from fastpool import _rng
+
+_JIT = dict(parallel=True, cache=True, boundscheck=False, error_model="numpy", nogil=True)
+_U = np.uint64
+_INF = np.inf
+
+
+@njit(inline="always")
+def _replaces(value, best):
+    """Max-pool ordering: larger wins; the first NaN wins and then sticks."""
+    return (value > best) | ((value != value) & (best == best))
+
+
+def _interior_range(size, out, kernel, stride, pad, dilation):
+    """Output positions ``[lo, hi)`` whose window lies wholly inside the input."""
+    lo = min((pad + stride - 1) // stride, out)
+    hi = min((size - 1 - (kernel - 1) * dilation + pad) // stride + 1, out)
+    return lo, max(hi, lo)
+
+
+# ----------------------------------------------------------------------------- max
+
+@functools.lru_cache(maxsize=None)
+def _max_forward_kernel(KH, KW, SH, SW, DH, DW, WITH_INDICES):
+    @njit(**_JIT)
+    def max_forward(x, out, indices, ph, pw, ow_lo, ow_hi):
+        planes, H, W = x.shape
+        OH, OW = out.shape[1], out.shape[2]
+        xf = x.reshape(-1)
+        of = out.reshape(-1)
+        jf = indices.reshape(-1)
+        for row in prange(planes * OH):
+            p = row // OH
+            oh = row - p * OH
+            h0 = oh * SH - ph
+            base = p * H * W
+            orow = row * OW
+            rows_inside = h0 >= 0 and h0 + (KH - 1) * DH < H
+            if rows_inside:
+                for ow in range(ow_lo, ow_hi):
+                    k0 = h0 * W + ow * SW - pw
+                    best = xf[_U(base + k0)]
+                    arg = k0
+                    for i in range(KH):
+                        for j in range(KW):
+                            if i + j > 0:
+                                k = k0 + i * DH * W + j * DW
+                                v = xf[_U(base + k)]
+                                take = _replaces(v, best)
+                                best = v if take else best
+                                if WITH_INDICES:
+                                    arg = k if take else arg
+                    of[_U(orow + ow)] = best
+                    if WITH_INDICES:
+                        jf[_U(orow + ow)] = arg
+            for ow in range(OW):
+                if rows_inside and ow_lo <= ow < ow_hi:
+                    continue
+                w0 = ow * SW - pw
+                best = -_INF
+                arg = -1
+                for i in range(KH):
+                    h = h0 + i * DH
+                    if h < 0 or h >= H:
+                        continue
+                    for j in range(KW):
+                        w = w0 + j * DW
+                        if w < 0 or w >= W:
+                            continue
+                        v = xf[base + h * W + w]
+                        if arg < 0 or _replaces(v, best):
+                            best = v
+                            arg = h * W + w
+                of[orow + ow] = best
+                if WITH_INDICES:
+                    jf[orow + ow] = arg
+
+    return max_forward
+
+
+@njit(**_JIT)
+def _scatter_to_indices(grad_output, indices, grad_input):
+    """``grad_input[p].flat[indices[p, k]] += grad_output[p, k]``; returns #bad indices."""
+    planes, plane_size = grad_input.shape
+    outputs = grad_output.shape[1]
+    bad = 0
+    for p in prange(planes):
+        g = grad_input[p]
+        for k in range(plane_size):
+            g[k] = 0
+        for k in range(outputs):
+            target = indices[p, k]
+            if 0 <= target < plane_size:
+                g[_U(target)] += grad_output[p, k]
+            else:
+                bad += 1
+    return bad
+
+
+def _as_planes(a, h, w):
+    return np.ascontiguousarray(a).reshape(-1, h, w)
+
+
+def max_pool2d_forward(x, geometry, with_indices):
+    g = geometry
+    out = np.empty(g.output_shape, dtype=x.dtype)
+    indices = np.empty(g.output_shape if with_indices else (1,), dtype=np.int64)
+    if g.planes:
+        ow_lo, ow_hi = _interior_range(g.in_w, g.out_w, g.kernel_w, g.stride_w, g.pad_w,
+                                       g.dilation_w)
+        kernel = _max_forward_kernel(*g.constants, bool(with_indices))
+        kernel(_as_planes(x, g.in_h, g.in_w), out.reshape(-1, g.out_h, g.out_w),
+               indices.reshape(-1, g.out_h, g.out_w) if with_indices
+               else indices.reshape(1, 1, 1),
+               g.pad_h, g.pad_w, ow_lo, ow_hi)
+    return out, (indices if with_indices else None)
+
+
+def scatter_to_indices(grad_output, indices, geometry):
+    """Backward of a pooling that picked one element per window (max, stochastic-train)."""
+    g = geometry
+    grad_input = np.empty(g.input_shape, dtype=grad_output.dtype)
+    if g.planes:
+        plane_out = g.out_h * g.out_w
+        bad = _scatter_to_indices(
+            np.ascontiguousarray(grad_output).reshape(-1, plane_out),
+            np.ascontiguousarray(indices).reshape(-1, plane_out),
+            grad_input.reshape(-1, g.in_h * g.in_w))
+        if bad:
+            raise ValueError(
+                f"indices holds {bad} value(s) outside [0, H*W) = [0, {g.in_h * g.in_w}); "
+                "indices must be flat positions h * W + w inside each (n, c) plane")
+    return grad_input
+
+
+def max_pool2d_backward(grad_output, x, geometry, indices):
+    if indices is None:
+        _, indices = max_pool2d_forward(x, geometry, with_indices=True)
+    return scatter_to_indices(grad_output, indices, geometry)
+
+
+# ----------------------------------------------------------------------------- average
+
+@functools.lru_cache(maxsize=None)
+def _avg_forward_kernel(KH, KW, SH, SW):
+    @njit(**_JIT)
+    def avg_forward(x, out, ph, pw, count_include_pad, divisor_override, ow_lo, ow_hi,
+                    zero):
+        planes, H, W = x.shape
+        OH, OW = out.shape[1], out.shape[2]
+        xf = x.reshape(-1)
+        of = out.reshape(-1)
+        for row in prange(planes * OH):
+            p = row // OH
+            oh = row - p * OH
+            h0 = oh * SH - ph
+            base = p * H * W
+            orow = row * OW
+            rows_inside = h0 >= 0 and h0 + KH <= H
+            if rows_inside:
+                divisor = divisor_override if divisor_override != 0 else KH * KW
+                for ow in range(ow_lo, ow_hi):
+                    k0 = h0 * W + ow * SW - pw
+                    total = zero
+                    for i in range(KH):
+                        for j in range(KW):
+                            total += xf[_U(base + k0 + i * W + j)]
+                    of[_U(orow + ow)] = total / divisor
+            h1 = min(h0 + KH, H + ph)
+            hs, he = max(h0, 0), min(h1, H)
+            for ow in range(OW):
+                if rows_inside and ow_lo <= ow < ow_hi:
+                    continue
+                w0 = ow * SW - pw
+                w1 = min(w0 + KW, W + pw)
+                ws, we = max(w0, 0), min(w1, W)
+                total = zero
+                for h in range(hs, he):
+                    for w in range(ws, we):
+                        total += xf[base + h * W + w]
+                if divisor_override != 0:
+                    divisor = divisor_override
+                elif count_include_pad:
+                    divisor = (h1 - h0) * (w1 - w0)
+                else:
+                    divisor = (he - hs) * (we - ws)
+                of[orow + ow] = total / divisor
+
+    return avg_forward
+
+
+@functools.lru_cache(maxsize=None)
+def _avg_backward_kernel(KH, KW, SH, SW):
+    @njit(**_JIT)
+    def avg_backward(grad_output, grad_input, ph, pw, count_include_pad,
+                     divisor_override):
+        planes, H, W = grad_input.shape
+        OH, OW = grad_output.shape[1], grad_output.shape[2]
+        for p in prange(planes):
+            gi = grad_input[p].reshape(-1)
+            go = grad_output[p]
+            for k in range(H * W):
+                gi[k] = 0
+            for oh in range(OH):
+                h0 = oh * SH - ph
+                h1 = min(h0 + KH, H + ph)
+                hs, he = max(h0, 0), min(h1, H)
+                for ow in range(OW):
+                    w0 = ow * SW - pw
+                    w1 = min(w0 + KW, W + pw)
+                    ws, we = max(w0, 0), min(w1, W)
+                    if divisor_override != 0:
+                        divisor = divisor_override
+                    elif count_include_pad:
+                        divisor = (h1 - h0) * (w1 - w0)
+                    else:
+                        divisor = (he - hs) * (we - ws)
+                    share = go[oh, ow] / divisor
+                    if hs == h0 and he == h0 + KH and ws == w0 and we == w0 + KW:
+                        for i in range(KH):
+                            for j in range(KW):
+                                gi[_U((h0 + i) * W + w0 + j)] += share
+                    else:
+                        for h in range(hs, he):
+                            for w in range(ws, we):
+                                gi[_U(h * W + w)] += share
+
+    return avg_backward
+
+
+def avg_pool2d_forward(x, geometry, count_include_pad, divisor_override):
+    g = geometry
+    out = np.empty(g.output_shape, dtype=x.dtype)
+    if g.planes:
+        ow_lo, ow_hi = _interior_range(g.in_w, g.out_w, g.kernel_w, g.stride_w, g.pad_w, 1)
+        kernel = _avg_forward_kernel(g.kernel_h, g.kernel_w, g.stride_h, g.stride_w)
+        kernel(_as_planes(x, g.in_h, g.in_w), out.reshape(-1, g.out_h, g.out_w),
+               g.pad_h, g.pad_w, count_include_pad, divisor_override, ow_lo, ow_hi,
+               x.dtype.type(0))  # accumulate in the input's dtype, as PyTorch does
+    return out
+
+
+def avg_pool2d_backward(grad_output, geometry, count_include_pad, divisor_override):
+    g = geometry
+    grad_input = np.empty(g.input_shape, dtype=grad_output.dtype)
+    if g.planes:
+        kernel = _avg_backward_kernel(g.kernel_h, g.kernel_w, g.stride_h, g.stride_w)
+        kernel(_as_planes(grad_output, g.out_h, g.out_w),
+               grad_input.reshape(-1, g.in_h, g.in_w),
+               g.pad_h, g.pad_w, count_include_pad, divisor_override)
+    return grad_input
+
+
+# ----------------------------------------------------------------------------- stochastic
+
+@functools.lru_cache(maxsize=None)
+def _stochastic_kernels(KH, KW, SH, SW, DH, DW):
+    """Training forward, inference forward and inference backward for one geometry.
+
+    Window elements are visited in row-major order as ``e = i * KW + j``; sums are
+    float64 in that order, so the choice made for a window is exactly reproducible.
+    """
+    taps = KH * KW
+
+    @njit(inline="always")
+    def tap(e, h0, w0, H, W):
+        """Flat in-plane offset of window element ``e``, or -1 if it is padding."""
+        i = e // KW
+        h = h0 + i * DH
+        w = w0 + (e - i * KW) * DW
+        if h < 0 or h >= H or w < 0 or w >= W:
+            return -1
+        return h * W + w
+
+    @njit(inline="always")
+    def window_sums(xf, base, h0, w0, H, W):
+        """Return ``(S1, S2, first in-input offset, invalid)`` of one window."""
+        s1 = 0.0
+        s2 = 0.0
+        first = -1
+        invalid = False
+        for e in range(taps):
+            k = tap(e, h0, w0, H, W)
+            if k >= 0:
+                v = np.float64(xf[_U(base + k)])
+                if not (0.0 <= v < _INF):
+                    invalid = True
+                if first < 0:
+                    first = k
+                s1 += v
+                s2 += v * v
+        return s1, s2, first, invalid
+
+    @njit(**_JIT)
+    def train_forward(x, out, indices, ph, pw, seed, channels, invalid_rows):
+        planes, H, W = x.shape
+        OH, OW = out.shape[1], out.shape[2]
+        xf = x.reshape(-1)
+        of = out.reshape(-1)
+        jf = indices.reshape(-1)
+        for row in prange(planes * OH):
+            p = row // OH
+            oh = row - p * OH
+            n = p // channels
+            key = _rng.plane_key(seed, n, p - n * channels)
+            h0 = oh * SH - ph
+            base = p * H * W
+            invalid = False
+            for ow in range(OW):
+                w0 = ow * SW - pw
+                total, _, first, bad = window_sums(xf, base, h0, w0, H, W)
+                invalid |= bad
+                chosen = first
+                if total > 0.0:
+                    threshold = _rng.uniform(key, oh, ow) * total
+                    running = 0.0
+                    last_positive = first
+                    chosen = -1
+                    for e in range(taps):
+                        k = tap(e, h0, w0, H, W)
+                        if k >= 0:
+                            v = np.float64(xf[_U(base + k)])
+                            running += v
+                            if v > 0.0:
+                                last_positive = k
+                            if running > threshold:
+                                chosen = k
+                                break
+                    if chosen < 0:  # u * total rounded up to total
+                        chosen = last_positive
+                of[_U(row * OW + ow)] = xf[_U(base + chosen)] if total > 0.0 else 0
+                jf[_U(row * OW + ow)] = chosen
+            invalid_rows[row] = invalid
+
+    @njit(**_JIT)
+    def infer_forward(x, out, ph, pw, invalid_rows):
+        planes, H, W = x.shape
+        OH, OW = out.shape[1], out.shape[2]
+        xf = x.reshape(-1)
+        of = out.reshape(-1)
+        for row in prange(planes * OH):
+            p = row // OH
+            oh = row - p * OH
+            h0 = oh * SH - ph
+            base = p * H * W
+            invalid = False
+            for ow in range(OW):
+                s1, s2, _, bad = window_sums(xf, base, h0, ow * SW - pw, H, W)
+                invalid |= bad
+                of[_U(row * OW + ow)] = s2 / s1 if s1 > 0.0 else 0.0
+            invalid_rows[row] = invalid
+
+    @njit(**_JIT)
+    def infer_backward(grad_output, x, grad_input, ph, pw, invalid_planes):
+        planes, H, W = x.shape
+        OH, OW = grad_output.shape[1], grad_output.shape[2]
+        for p in prange(planes):
+            xf = x[p].reshape(-1)
+            gi = grad_input[p].reshape(-1)
+            go = grad_output[p]
+            for k in range(H * W):
+                gi[k] = 0
+            invalid = False
+            for oh in range(OH):
+                h0 = oh * SH - ph
+                for ow in range(OW):
+                    w0 = ow * SW - pw
+                    s1, s2, _, bad = window_sums(xf, 0, h0, w0, H, W)
+                    invalid |= bad
+                    if s1 > 0.0:
+                        scale = np.float64(go[oh, ow]) / (s1 * s1)
+                        for e in range(taps):
+                            k = tap(e, h0, w0, H, W)
+                            if k >= 0:
+                                gi[_U(k)] += scale * (2.0 * np.float64(xf[_U(k)]) * s1 - s2)
+            invalid_planes[p] = invalid
+
+    return train_forward, infer_forward, infer_backward
+
+
+def _raise_if_invalid(flags):
+    if flags.any():
+        raise ValueError(
+            "stochastic pooling needs finite, non-negative inputs (e.g. after ReLU); "
+            "x holds a negative, NaN or infinite value inside a pooling window")
+
+
+def stochastic_pool2d_forward(x, geometry, training, seed, with_indices):
+    g = geometry
+    out = np.empty(g.output_shape, dtype=x.dtype)
+    indices = np.empty(g.output_shape if training else (1,), dtype=np.int64)
+    if g.planes:
+        train_forward, infer_forward, _ = _stochastic_kernels(*g.constants)
+        invalid = np.zeros(g.planes * g.out_h, dtype=np.bool_)
+        planes_x = _as_planes(x, g.in_h, g.in_w)
+        planes_out = out.reshape(-1, g.out_h, g.out_w)
+        if training:
+            train_forward(planes_x, planes_out, indices.reshape(-1, g.out_h, g.out_w),
+                          g.pad_h, g.pad_w, np.uint64(seed), g.channels, invalid)
+        else:
+            infer_forward(planes_x, planes_out, g.pad_h, g.pad_w, invalid)
+        _raise_if_invalid(invalid)
+    return out, (indices if training and with_indices else None)
+
+
+def stochastic_pool2d_backward(grad_output, x, geometry, training, indices):
+    g = geometry
+    if training:
+        return scatter_to_indices(grad_output, indices, geometry)
+    grad_input = np.empty(g.input_shape, dtype=grad_output.dtype)
+    if g.planes:
+        _, _, infer_backward = _stochastic_kernels(*g.constants)
+        invalid = np.zeros(g.planes, dtype=np.bool_)
+        infer_backward(_as_planes(grad_output, g.out_h, g.out_w),
+                       _as_planes(x, g.in_h, g.in_w),
+                       grad_input.reshape(-1, g.in_h, g.in_w), g.pad_h, g.pad_w, invalid)
+        _raise_if_invalid(invalid)
+    return grad_input
