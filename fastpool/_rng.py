@@ -45,7 +45,8 @@ def _plane_key(seed, n, c):
 def _uniform(key, oh, ow):
     counter = (np.uint64(oh) << _S32) | (np.uint64(ow) & _LOW32)
     bits = mix64(key + counter * GAMMA)
-    return np.float64(bits >> _S11) * _TWO_POW_MINUS_53
+    # bits >> 11 < 2**53 fits int64 exactly; signed conversion is the cheaper one.
+    return np.float64(np.int64(bits >> _S11)) * _TWO_POW_MINUS_53
 
 
 _PYTHON_FUNCTIONS = (("mix64", _mix64), ("plane_key", _plane_key), ("uniform", _uniform))

@@ -174,7 +174,7 @@ def max_pool2d_backward(grad_output, x, geometry, indices):
 def _avg_forward_kernel(KH, KW, SH, SW):
     @njit(**_JIT)
     def avg_forward(x, out, ph, pw, count_include_pad, divisor_override, ow_lo, ow_hi,
-                    zero):
+                    zero, interior_divisor):
         planes, H, W = x.shape
         OH, OW = out.shape[1], out.shape[2]
         xf = x.reshape(-1)
@@ -187,14 +187,13 @@ def _avg_forward_kernel(KH, KW, SH, SW):
             orow = row * OW
             rows_inside = h0 >= 0 and h0 + KH <= H
             if rows_inside:
-                divisor = divisor_override if divisor_override != 0 else KH * KW
                 for ow in range(ow_lo, ow_hi):
                     k0 = h0 * W + ow * SW - pw
                     total = zero
                     for i in range(KH):
                         for j in range(KW):
                             total += xf[_U(base + k0 + i * W + j)]
-                    of[_U(orow + ow)] = total / divisor
+                    of[_U(orow + ow)] = total / interior_divisor
             h1 = min(h0 + KH, H + ph)
             hs, he = max(h0, 0), min(h1, H)
             for ow in range(OW):
@@ -222,37 +221,56 @@ def _avg_forward_kernel(KH, KW, SH, SW):
 def _avg_backward_kernel(KH, KW, SH, SW):
     @njit(**_JIT)
     def avg_backward(grad_output, grad_input, ph, pw, count_include_pad,
-                     divisor_override):
+                     divisor_override, ow_lo, ow_hi):
+        """Separable gather: the box sum is spread along w into one row per ``oh``
+        (``spread``), then each input row adds the ``spread`` rows covering it, so every
+        ``grad_input`` element is written once, with vector-friendly row additions."""
         planes, H, W = grad_input.shape
         OH, OW = grad_output.shape[1], grad_output.shape[2]
         for p in prange(planes):
-            gi = grad_input[p].reshape(-1)
             go = grad_output[p]
-            for k in range(H * W):
-                gi[k] = 0
+            gi = grad_input[p]
+            share = np.empty(OW, dtype=grad_input.dtype)
+            spread = np.zeros((OH, W), dtype=grad_input.dtype)
             for oh in range(OH):
                 h0 = oh * SH - ph
                 h1 = min(h0 + KH, H + ph)
-                hs, he = max(h0, 0), min(h1, H)
+                rows_in = min(h1, H) - max(h0, 0)
                 for ow in range(OW):
                     w0 = ow * SW - pw
                     w1 = min(w0 + KW, W + pw)
-                    ws, we = max(w0, 0), min(w1, W)
                     if divisor_override != 0:
                         divisor = divisor_override
                     elif count_include_pad:
                         divisor = (h1 - h0) * (w1 - w0)
                     else:
-                        divisor = (he - hs) * (we - ws)
-                    share = go[oh, ow] / divisor
-                    if hs == h0 and he == h0 + KH and ws == w0 and we == w0 + KW:
-                        for i in range(KH):
-                            for j in range(KW):
-                                gi[_U((h0 + i) * W + w0 + j)] += share
-                    else:
-                        for h in range(hs, he):
-                            for w in range(ws, we):
-                                gi[_U(h * W + w)] += share
+                        divisor = rows_in * (min(w1, W) - max(w0, 0))
+                    share[ow] = go[oh, ow] / divisor
+                srow = spread[oh]
+                # Tap-major: for one j, successive ow never write the same cell.
+                for j in range(KW):
+                    for ow in range(ow_lo, ow_hi):
+                        srow[_U(ow * SW - pw + j)] += share[ow]
+                for ow in range(OW):
+                    if ow_lo <= ow < ow_hi:
+                        continue
+                    w0 = ow * SW - pw
+                    for w in range(max(w0, 0), min(w0 + KW, W)):
+                        srow[_U(w)] += share[ow]
+            for h in range(H):
+                first = max((h + ph - KH) // SH + 1, 0)
+                last = min((h + ph) // SH, OH - 1)
+                girow = gi[h]
+                if first > last:
+                    girow[:] = 0
+                    continue
+                src = spread[first]
+                for w in range(W):
+                    girow[w] = src[w]
+                for oh in range(first + 1, last + 1):
+                    src = spread[oh]
+                    for w in range(W):
+                        girow[w] += src[w]
 
     return avg_backward
 
@@ -265,7 +283,8 @@ def avg_pool2d_forward(x, geometry, count_include_pad, divisor_override):
         kernel = _avg_forward_kernel(g.kernel_h, g.kernel_w, g.stride_h, g.stride_w)
         kernel(_as_planes(x, g.in_h, g.in_w), out.reshape(-1, g.out_h, g.out_w),
                g.pad_h, g.pad_w, count_include_pad, divisor_override, ow_lo, ow_hi,
-               x.dtype.type(0))  # accumulate in the input's dtype, as PyTorch does
+               # Sum and divide in the input's dtype, as PyTorch does.
+               x.dtype.type(0), x.dtype.type(divisor_override or g.kernel_h * g.kernel_w))
     return out
 
 
@@ -273,10 +292,11 @@ def avg_pool2d_backward(grad_output, geometry, count_include_pad, divisor_overri
     g = geometry
     grad_input = np.empty(g.input_shape, dtype=grad_output.dtype)
     if g.planes:
+        ow_lo, ow_hi = _interior_range(g.in_w, g.out_w, g.kernel_w, g.stride_w, g.pad_w, 1)
         kernel = _avg_backward_kernel(g.kernel_h, g.kernel_w, g.stride_h, g.stride_w)
         kernel(_as_planes(grad_output, g.out_h, g.out_w),
                grad_input.reshape(-1, g.in_h, g.in_w),
-               g.pad_h, g.pad_w, count_include_pad, divisor_override)
+               g.pad_h, g.pad_w, count_include_pad, divisor_override, ow_lo, ow_hi)
     return grad_input
 
 
@@ -321,7 +341,7 @@ def _stochastic_kernels(KH, KW, SH, SW, DH, DW):
         return s1, s2, first, invalid
 
     @njit(**_JIT)
-    def train_forward(x, out, indices, ph, pw, seed, channels, invalid_rows):
+    def train_forward(x, out, indices, ph, pw, seed, channels, invalid_rows, ow_lo, ow_hi):
         planes, H, W = x.shape
         OH, OW = out.shape[1], out.shape[2]
         xf = x.reshape(-1)
@@ -334,8 +354,47 @@ def _stochastic_kernels(KH, KW, SH, SW, DH, DW):
             key = _rng.plane_key(seed, n, p - n * channels)
             h0 = oh * SH - ph
             base = p * H * W
+            orow = row * OW
             invalid = False
+            rows_inside = h0 >= 0 and h0 + (KH - 1) * DH < H
+            if rows_inside:
+                # Branch-free form of the edge loop below, so LLVM vectorises across ow.
+                for ow in range(ow_lo, ow_hi):
+                    k0 = h0 * W + ow * SW - pw
+                    total = 0.0
+                    nonnegative = True
+                    for i in range(KH):
+                        for j in range(KW):
+                            v = np.float64(xf[_U(base + k0 + i * DH * W + j * DW)])
+                            total += v
+                            nonnegative &= v >= 0.0
+                    invalid |= not (nonnegative and total < _INF)
+                    threshold = _rng.uniform(key, oh, ow) * total
+                    running = 0.0
+                    found = False
+                    chosen = k0
+                    value = xf[_U(base + k0)]
+                    last_positive = k0
+                    last_value = value
+                    for i in range(KH):
+                        for j in range(KW):
+                            k = k0 + i * DH * W + j * DW
+                            v = xf[_U(base + k)]
+                            running += np.float64(v)
+                            hit = (running > threshold) & (not found)
+                            chosen = k if hit else chosen
+                            value = v if hit else value
+                            found |= hit
+                            positive = v > 0
+                            last_positive = k if positive else last_positive
+                            last_value = v if positive else last_value
+                    # Not found: the window sums to 0 (all zeros: x[first] is 0), or
+                    # u * total rounded up to total (keep the last positive element).
+                    of[_U(orow + ow)] = value if found else last_value
+                    jf[_U(orow + ow)] = chosen if found else last_positive
             for ow in range(OW):
+                if rows_inside and ow_lo <= ow < ow_hi:
+                    continue
                 w0 = ow * SW - pw
                 total, _, first, bad = window_sums(xf, base, h0, w0, H, W)
                 invalid |= bad
@@ -355,14 +414,14 @@ def _stochastic_kernels(KH, KW, SH, SW, DH, DW):
                             if running > threshold:
                                 chosen = k
                                 break
-                    if chosen < 0:  # u * total rounded up to total
+                    if chosen < 0:
                         chosen = last_positive
-                of[_U(row * OW + ow)] = xf[_U(base + chosen)] if total > 0.0 else 0
-                jf[_U(row * OW + ow)] = chosen
+                of[orow + ow] = xf[_U(base + chosen)] if total > 0.0 else 0
+                jf[orow + ow] = chosen
             invalid_rows[row] = invalid
 
     @njit(**_JIT)
-    def infer_forward(x, out, ph, pw, invalid_rows):
+    def infer_forward(x, out, ph, pw, invalid_rows, ow_lo, ow_hi):
         planes, H, W = x.shape
         OH, OW = out.shape[1], out.shape[2]
         xf = x.reshape(-1)
@@ -372,11 +431,29 @@ def _stochastic_kernels(KH, KW, SH, SW, DH, DW):
             oh = row - p * OH
             h0 = oh * SH - ph
             base = p * H * W
+            orow = row * OW
             invalid = False
+            rows_inside = h0 >= 0 and h0 + (KH - 1) * DH < H
+            if rows_inside:
+                for ow in range(ow_lo, ow_hi):
+                    k0 = base + h0 * W + ow * SW - pw
+                    s1 = 0.0
+                    s2 = 0.0
+                    nonnegative = True
+                    for i in range(KH):
+                        for j in range(KW):
+                            v = np.float64(xf[_U(k0 + i * DH * W + j * DW)])
+                            s1 += v
+                            s2 += v * v
+                            nonnegative &= v >= 0.0
+                    invalid |= not (nonnegative and s1 < _INF)
+                    of[_U(orow + ow)] = s2 / s1 if s1 > 0.0 else 0.0
             for ow in range(OW):
+                if rows_inside and ow_lo <= ow < ow_hi:
+                    continue
                 s1, s2, _, bad = window_sums(xf, base, h0, ow * SW - pw, H, W)
                 invalid |= bad
-                of[_U(row * OW + ow)] = s2 / s1 if s1 > 0.0 else 0.0
+                of[orow + ow] = s2 / s1 if s1 > 0.0 else 0.0
             invalid_rows[row] = invalid
 
     @njit(**_JIT)
@@ -421,13 +498,16 @@ def stochastic_pool2d_forward(x, geometry, training, seed, with_indices):
     if g.planes:
         train_forward, infer_forward, _ = _stochastic_kernels(*g.constants)
         invalid = np.zeros(g.planes * g.out_h, dtype=np.bool_)
+        ow_lo, ow_hi = _interior_range(g.in_w, g.out_w, g.kernel_w, g.stride_w, g.pad_w,
+                                       g.dilation_w)
         planes_x = _as_planes(x, g.in_h, g.in_w)
         planes_out = out.reshape(-1, g.out_h, g.out_w)
         if training:
             train_forward(planes_x, planes_out, indices.reshape(-1, g.out_h, g.out_w),
-                          g.pad_h, g.pad_w, np.uint64(seed), g.channels, invalid)
+                          g.pad_h, g.pad_w, np.uint64(seed), g.channels, invalid,
+                          ow_lo, ow_hi)
         else:
-            infer_forward(planes_x, planes_out, g.pad_h, g.pad_w, invalid)
+            infer_forward(planes_x, planes_out, g.pad_h, g.pad_w, invalid, ow_lo, ow_hi)
         _raise_if_invalid(invalid)
     return out, (indices if training and with_indices else None)
 
