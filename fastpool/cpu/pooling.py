@@ -302,6 +302,38 @@ def avg_pool2d_backward(grad_output, geometry, count_include_pad, divisor_overri
 
 # ----------------------------------------------------------------------------- stochastic
 
+# Module-level (not closures) so the kernels that inline them stay cacheable on disk;
+# the callers pass their compile-time constants, which inlining folds in.
+@njit(inline="always")
+def _tap(e, h0, w0, H, W, KW, DH, DW):
+    """Flat in-plane offset of window element ``e`` (row-major), or -1 if padding."""
+    i = e // KW
+    h = h0 + i * DH
+    w = w0 + (e - i * KW) * DW
+    if h < 0 or h >= H or w < 0 or w >= W:
+        return -1
+    return h * W + w
+
+
+@njit(inline="always")
+def _window_sums(xf, base, h0, w0, H, W, KH, KW, DH, DW):
+    """Return ``(S1, S2, first in-input offset, invalid)`` of one window (float64)."""
+    s1 = 0.0
+    s2 = 0.0
+    first = -1
+    invalid = False
+    for e in range(KH * KW):
+        k = _tap(e, h0, w0, H, W, KW, DH, DW)
+        if k >= 0:
+            v = np.float64(xf[_U(base + k)])
+            if not (0.0 <= v < _INF):
+                invalid = True
+            if first < 0:
+                first = k
+            s1 += v
+            s2 += v * v
+    return s1, s2, first, invalid
+
 @functools.lru_cache(maxsize=None)
 def _stochastic_kernels(KH, KW, SH, SW, DH, DW):
     """Training forward, inference forward and inference backward for one geometry.
@@ -310,35 +342,6 @@ def _stochastic_kernels(KH, KW, SH, SW, DH, DW):
     float64 in that order, so the choice made for a window is exactly reproducible.
     """
     taps = KH * KW
-
-    @njit(inline="always")
-    def tap(e, h0, w0, H, W):
-        """Flat in-plane offset of window element ``e``, or -1 if it is padding."""
-        i = e // KW
-        h = h0 + i * DH
-        w = w0 + (e - i * KW) * DW
-        if h < 0 or h >= H or w < 0 or w >= W:
-            return -1
-        return h * W + w
-
-    @njit(inline="always")
-    def window_sums(xf, base, h0, w0, H, W):
-        """Return ``(S1, S2, first in-input offset, invalid)`` of one window."""
-        s1 = 0.0
-        s2 = 0.0
-        first = -1
-        invalid = False
-        for e in range(taps):
-            k = tap(e, h0, w0, H, W)
-            if k >= 0:
-                v = np.float64(xf[_U(base + k)])
-                if not (0.0 <= v < _INF):
-                    invalid = True
-                if first < 0:
-                    first = k
-                s1 += v
-                s2 += v * v
-        return s1, s2, first, invalid
 
     @njit(**_JIT)
     def train_forward(x, out, indices, ph, pw, seed, channels, invalid_rows, ow_lo, ow_hi):
@@ -396,7 +399,8 @@ def _stochastic_kernels(KH, KW, SH, SW, DH, DW):
                 if rows_inside and ow_lo <= ow < ow_hi:
                     continue
                 w0 = ow * SW - pw
-                total, _, first, bad = window_sums(xf, base, h0, w0, H, W)
+                total, _, first, bad = _window_sums(xf, base, h0, w0, H, W,
+                                                    KH, KW, DH, DW)
                 invalid |= bad
                 chosen = first
                 if total > 0.0:
@@ -405,7 +409,7 @@ def _stochastic_kernels(KH, KW, SH, SW, DH, DW):
                     last_positive = first
                     chosen = -1
                     for e in range(taps):
-                        k = tap(e, h0, w0, H, W)
+                        k = _tap(e, h0, w0, H, W, KW, DH, DW)
                         if k >= 0:
                             v = np.float64(xf[_U(base + k)])
                             running += v
@@ -451,7 +455,8 @@ def _stochastic_kernels(KH, KW, SH, SW, DH, DW):
             for ow in range(OW):
                 if rows_inside and ow_lo <= ow < ow_hi:
                     continue
-                s1, s2, _, bad = window_sums(xf, base, h0, ow * SW - pw, H, W)
+                s1, s2, _, bad = _window_sums(xf, base, h0, ow * SW - pw, H, W,
+                                              KH, KW, DH, DW)
                 invalid |= bad
                 of[orow + ow] = s2 / s1 if s1 > 0.0 else 0.0
             invalid_rows[row] = invalid
@@ -471,12 +476,12 @@ def _stochastic_kernels(KH, KW, SH, SW, DH, DW):
                 h0 = oh * SH - ph
                 for ow in range(OW):
                     w0 = ow * SW - pw
-                    s1, s2, _, bad = window_sums(xf, 0, h0, w0, H, W)
+                    s1, s2, _, bad = _window_sums(xf, 0, h0, w0, H, W, KH, KW, DH, DW)
                     invalid |= bad
                     if s1 > 0.0:
                         scale = np.float64(go[oh, ow]) / (s1 * s1)
                         for e in range(taps):
-                            k = tap(e, h0, w0, H, W)
+                            k = _tap(e, h0, w0, H, W, KW, DH, DW)
                             if k >= 0:
                                 gi[_U(k)] += scale * (2.0 * np.float64(xf[_U(k)]) * s1 - s2)
             invalid_planes[p] = invalid

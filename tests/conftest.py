@@ -1,0 +1,44 @@
+"""Shared fixtures: tolerances per dtype, random generators, and the kernel geometries.
+
+Every distinct (kernel, stride, dilation) is a separately compiled kernel, so tests draw
+geometries from the short ``GEOMETRIES`` list (compiled once, then cached on disk) and
+vary everything that is a runtime argument: shapes, padding, ceil_mode, flags, dtype.
+"""
+
+import os
+import sys
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+# Per-dtype tolerances for comparing kernels with the float64 references.
+TOLERANCES = {
+    np.dtype(np.float32): dict(rtol=2e-5, atol=2e-6),
+    np.dtype(np.float64): dict(rtol=1e-12, atol=1e-12),
+}
+
+DTYPES = (np.float32, np.float64)
+
+# (kernel_size, stride, dilation); stride None means kernel_size.
+GEOMETRIES = (
+    (1, 1, 1),
+    (2, None, 1),
+    (3, 2, 1),
+    (3, 1, 1),
+    ((2, 3), (1, 2), 1),
+    (3, 2, 2),
+    ((3, 2), (2, 1), (1, 2)),
+    (4, 3, 1),
+)
+
+
+def assert_close(actual, expected, dtype):
+    np.testing.assert_allclose(actual, expected, **TOLERANCES[np.dtype(dtype)])
+
+
+@pytest.fixture
+def rng(request):
+    # A different, reproducible stream per test.
+    return np.random.default_rng(abs(hash(request.node.nodeid)) % 2**32)
