@@ -1,0 +1,46 @@
+"""fastpool quickstart: every pooling function once, with checks anyone can read.
+
+Run:  python -m pip install . && python examples/quickstart.py
+"""
+
+import numpy as np
+
+import fastpool
+
+rng = np.random.default_rng(0)
+x = rng.random((8, 16, 32, 32), dtype=np.float32)  # (N, C, H, W), non-negative like ReLU
+
+# Max pooling with PyTorch-style indices (flat h * W + w inside each (n, c) plane).
+y, idx = fastpool.max_pool2d(x, kernel_size=3, stride=2, padding=1, return_indices=True)
+assert y.shape == (8, 16, 16, 16) and idx.dtype == np.int64
+assert np.array_equal(y, np.take_along_axis(x.reshape(8, 16, -1), idx.reshape(8, 16, -1),
+                                            axis=2).reshape(y.shape))
+grad_x = fastpool.max_pool2d_backward(np.ones_like(y), x, 3, 2, 1, indices=idx)
+print(f"max_pool2d        {x.shape} -> {y.shape}; backward routes {grad_x.sum():.0f} "
+      f"gradient units to the maxima")
+
+# Average pooling: 2x2 windows, stride 2, equals the mean of each block.
+a = fastpool.avg_pool2d(x, 2)
+assert np.allclose(a, x.reshape(8, 16, 16, 2, 16, 2).mean(axis=(3, 5)), rtol=1e-6)
+grad_x = fastpool.avg_pool2d_backward(np.ones_like(a), x, 2)
+assert np.allclose(grad_x, 0.25)
+print(f"avg_pool2d        {x.shape} -> {a.shape}; backward spreads 1/4 to each cell")
+
+# Stochastic pooling: training samples one element per window with p = a / sum(a)...
+s, picked = fastpool.stochastic_pool2d(x, 2, seed=1234, return_indices=True)
+again = fastpool.stochastic_pool2d(x, 2, seed=1234)
+assert np.array_equal(s, again)  # same seed, same picks
+grad_x = fastpool.stochastic_pool2d_backward(np.ones_like(s), x, 2, indices=picked)
+# ...and inference outputs the probability-weighted average sum(a^2) / sum(a).
+e = fastpool.stochastic_pool2d(x, 2, training=False)
+blocks = x.reshape(8, 16, 16, 2, 16, 2).astype(np.float64)
+assert np.allclose(e, (blocks**2).sum(axis=(3, 5)) / blocks.sum(axis=(3, 5)), rtol=1e-6)
+grad_e = fastpool.stochastic_pool2d_backward(np.ones_like(e), x, 2, training=False)
+print(f"stochastic_pool2d {x.shape} -> {s.shape}; train picks reproducible by seed, "
+      f"inference = sum(a^2)/sum(a)")
+
+with fastpool.use_device("cpu"):
+    fastpool.max_pool2d(x, 2)
+print(f"device: {fastpool.get_device()!r} (auto picks the GPU only for GPU arrays); "
+      f"cuda available: {fastpool.cuda_available()}")
+print("quickstart OK")
