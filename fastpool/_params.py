@@ -14,12 +14,16 @@ from dataclasses import dataclass
 import numpy as np
 
 SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+_INT_LIMIT = 2**62  # sizes and geometry stay far from int64 overflow in index arithmetic
 
 
 def _as_int(name, value):
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
-    return operator.index(value)
+    value = operator.index(value)
+    if abs(value) >= _INT_LIMIT:
+        raise ValueError(f"{name} must be smaller than 2**62 in magnitude, got {value}")
+    return value
 
 
 def pair(name, value):
@@ -67,6 +71,13 @@ class _DeviceArrayInfo:
         self.shape = tuple(interface["shape"])
         self.ndim = len(self.shape)
         self.dtype = np.dtype(interface["typestr"])
+
+
+def _dtype_of(array):
+    """NumPy dtype of a host array or of a GPU array (via its interface's typestr)."""
+    if hasattr(array, "__cuda_array_interface__") and not isinstance(array, np.ndarray):
+        return np.dtype(array.__cuda_array_interface__["typestr"])
+    return array.dtype
 
 
 def _unwrap(array):
@@ -192,9 +203,9 @@ def check_grad_output(grad_output, x, geometry):
         raise ValueError(
             f"grad_output must have the forward output's shape {geometry.output_shape}, "
             f"got {grad_output.shape}")
-    if grad_output.dtype != x.dtype:
+    if grad_output.dtype != _dtype_of(x):
         raise TypeError(
-            f"grad_output dtype {grad_output.dtype} must match x dtype {x.dtype}")
+            f"grad_output dtype {grad_output.dtype} must match x dtype {_dtype_of(x)}")
     return _unwrap(grad_output)
 
 
@@ -221,8 +232,9 @@ def check_divisor_override(divisor_override):
     if isinstance(divisor_override, (bool, np.bool_)) or not isinstance(
             divisor_override, numbers.Integral):
         raise TypeError(f"divisor_override must be None or an int, got {divisor_override!r}")
-    if divisor_override == 0:
-        raise ValueError("divisor_override must not be zero")
+    if not 0 < abs(divisor_override) < _INT_LIMIT:
+        raise ValueError(
+            f"divisor_override must be non-zero and below 2**62, got {divisor_override}")
     return int(divisor_override)
 
 

@@ -229,7 +229,7 @@ def stochastic_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, ceil_m
     return_indices = _params.check_bool("return_indices", return_indices)
     if return_indices and not training:
         raise ValueError("return_indices=True needs training=True: inference picks nothing")
-    seed = _params.resolve_seed(seed) if training else 0
+    seed = _params.resolve_seed(seed)  # validated even when inference ignores it
     backend = _dispatch.backend(device, x)
     y, indices = backend.stochastic_pool2d_forward(x, geometry, training, seed,
                                                    return_indices)

@@ -332,7 +332,7 @@ def _window_sums(xf, base, h0, w0, H, W, KH, KW, DH, DW):
                 first = k
             s1 += v
             s2 += v * v
-    return s1, s2, first, invalid
+    return s1, s2, first, invalid or not (s1 < _INF)
 
 @functools.lru_cache(maxsize=None)
 def _stochastic_kernels(KH, KW, SH, SW, DH, DW):
@@ -450,14 +450,14 @@ def _stochastic_kernels(KH, KW, SH, SW, DH, DW):
                             s1 += v
                             s2 += v * v
                             nonnegative &= v >= 0.0
-                    invalid |= not (nonnegative and s1 < _INF)
+                    invalid |= not (nonnegative and s1 < _INF and s2 < _INF)
                     of[_U(orow + ow)] = s2 / s1 if s1 > 0.0 else 0.0
             for ow in range(OW):
                 if rows_inside and ow_lo <= ow < ow_hi:
                     continue
                 s1, s2, _, bad = _window_sums(xf, base, h0, ow * SW - pw, H, W,
                                               KH, KW, DH, DW)
-                invalid |= bad
+                invalid |= bad or not (s2 < _INF)
                 of[orow + ow] = s2 / s1 if s1 > 0.0 else 0.0
             invalid_rows[row] = invalid
 
@@ -477,7 +477,7 @@ def _stochastic_kernels(KH, KW, SH, SW, DH, DW):
                 for ow in range(OW):
                     w0 = ow * SW - pw
                     s1, s2, _, bad = _window_sums(xf, 0, h0, w0, H, W, KH, KW, DH, DW)
-                    invalid |= bad
+                    invalid |= bad or not (s2 < _INF)
                     if s1 > 0.0:
                         scale = np.float64(go[oh, ow]) / (s1 * s1)
                         for e in range(taps):
@@ -493,7 +493,8 @@ def _raise_if_invalid(flags):
     if flags.any():
         raise ValueError(
             "stochastic pooling needs finite, non-negative inputs (e.g. after ReLU); "
-            "x holds a negative, NaN or infinite value inside a pooling window")
+            "x holds a negative, NaN or infinite value inside a pooling window, or a "
+            "window's sum (of squares, for inference) overflows")
 
 
 def stochastic_pool2d_forward(x, geometry, training, seed, with_indices):
