@@ -32,6 +32,7 @@ from fastpool import _rng
 _JIT = dict(parallel=True, cache=True, boundscheck=False, error_model="numpy", nogil=True)
 _U = np.uint64
 _INF = np.inf
+_JUST_BELOW_ONE = 1.0 - 2.0**-53
 
 
 @njit(inline="always")
@@ -372,13 +373,16 @@ def _stochastic_kernels(KH, KW, SH, SW, DH, DW):
                             total += v
                             nonnegative &= v >= 0.0
                     invalid |= not (nonnegative and total < _INF)
-                    threshold = _rng.uniform(key, oh, ow) * total
+                    # u * total can round up to total; capping the threshold at the
+                    # double just below total (total * (1 - 2**-53) is exactly that for
+                    # any normal total) makes the last positive element the fallback
+                    # with no extra state, as the edge path does explicitly.
+                    threshold = min(_rng.uniform(key, oh, ow) * total,
+                                    total * _JUST_BELOW_ONE)
                     running = 0.0
                     found = False
                     chosen = k0
-                    value = xf[_U(base + k0)]
-                    last_positive = k0
-                    last_value = value
+                    value = xf[_U(base + k0)]  # a zero-sum window: all zeros, keeps first
                     for i in range(KH):
                         for j in range(KW):
                             k = k0 + i * DH * W + j * DW
@@ -388,13 +392,8 @@ def _stochastic_kernels(KH, KW, SH, SW, DH, DW):
                             chosen = k if hit else chosen
                             value = v if hit else value
                             found |= hit
-                            positive = v > 0
-                            last_positive = k if positive else last_positive
-                            last_value = v if positive else last_value
-                    # Not found: the window sums to 0 (all zeros: x[first] is 0), or
-                    # u * total rounded up to total (keep the last positive element).
-                    of[_U(orow + ow)] = value if found else last_value
-                    jf[_U(orow + ow)] = chosen if found else last_positive
+                    of[_U(orow + ow)] = value
+                    jf[_U(orow + ow)] = chosen
             for ow in range(OW):
                 if rows_inside and ow_lo <= ow < ow_hi:
                     continue
