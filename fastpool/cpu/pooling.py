@@ -48,6 +48,59 @@ def _interior_range(size, out, kernel, stride, pad, dilation):
     return lo, max(hi, lo)
 
 
+# Helpers are module-level (not closures) so the kernels that inline them stay cacheable
+# on disk; callers pass their compile-time constants, which inlining folds in.
+
+@njit(inline="always")
+def _output_row(row, OH, H, W, ph, KH, SH, DH):
+    """Plane ``p``, ``oh``, top input row ``h0``, plane offset, and whether every window
+    row lies inside the input, for flat output row ``row = p * OH + oh``."""
+    p = row // OH
+    oh = row - p * OH
+    h0 = oh * SH - ph
+    return p, oh, h0, p * H * W, h0 >= 0 and h0 + (KH - 1) * DH < H
+
+
+@njit(inline="always")
+def _spread_along_w(srow, share, W, pw, ow_lo, ow_hi, KW, SW, DW):
+    """``srow[ow*SW - pw + j*DW] += share[ow]`` for every tap inside the input.
+
+    Tap-major in the interior: for one ``j`` successive ``ow`` never write the same
+    cell, so there is no store-to-load chain between them.
+    """
+    for j in range(KW):
+        for ow in range(ow_lo, ow_hi):
+            srow[_U(ow * SW - pw + j * DW)] += share[ow]
+    for ow in range(share.shape[0]):
+        if ow_lo <= ow < ow_hi:
+            continue
+        for j in range(KW):
+            w = ow * SW - pw + j * DW
+            if 0 <= w < W:
+                srow[_U(w)] += share[ow]
+
+
+@njit(inline="always")
+def _gather_rows(dst, spread, h, ph, KH, SH, DH):
+    """``dst = sum of spread[oh]`` over the output rows ``oh`` whose window covers input
+    row ``h`` (in tap order, so the result is deterministic); zeros if none does."""
+    empty = True
+    for i in range(KH):
+        t = h + ph - i * DH
+        if t < 0 or t % SH != 0 or t // SH >= spread.shape[0]:
+            continue
+        src = spread[t // SH]
+        if empty:
+            for w in range(dst.shape[0]):
+                dst[w] = src[w]
+            empty = False
+        else:
+            for w in range(dst.shape[0]):
+                dst[w] += src[w]
+    if empty:
+        dst[:] = 0
+
+
 # ----------------------------------------------------------------------------- max
 
 @functools.lru_cache(maxsize=None)
@@ -60,12 +113,8 @@ def _max_forward_kernel(KH, KW, SH, SW, DH, DW, WITH_INDICES):
         of = out.reshape(-1)
         jf = indices.reshape(-1)
         for row in prange(planes * OH):
-            p = row // OH
-            oh = row - p * OH
-            h0 = oh * SH - ph
-            base = p * H * W
+            _, _, h0, base, rows_inside = _output_row(row, OH, H, W, ph, KH, SH, DH)
             orow = row * OW
-            rows_inside = h0 >= 0 and h0 + (KH - 1) * DH < H
             if rows_inside:
                 for ow in range(ow_lo, ow_hi):
                     k0 = h0 * W + ow * SW - pw
@@ -181,12 +230,8 @@ def _avg_forward_kernel(KH, KW, SH, SW):
         xf = x.reshape(-1)
         of = out.reshape(-1)
         for row in prange(planes * OH):
-            p = row // OH
-            oh = row - p * OH
-            h0 = oh * SH - ph
-            base = p * H * W
+            _, _, h0, base, rows_inside = _output_row(row, OH, H, W, ph, KH, SH, 1)
             orow = row * OW
-            rows_inside = h0 >= 0 and h0 + KH <= H
             if rows_inside:
                 for ow in range(ow_lo, ow_hi):
                     k0 = h0 * W + ow * SW - pw
@@ -247,31 +292,9 @@ def _avg_backward_kernel(KH, KW, SH, SW):
                     else:
                         divisor = rows_in * (min(w1, W) - max(w0, 0))
                     share[ow] = go[oh, ow] / divisor
-                srow = spread[oh]
-                # Tap-major: for one j, successive ow never write the same cell.
-                for j in range(KW):
-                    for ow in range(ow_lo, ow_hi):
-                        srow[_U(ow * SW - pw + j)] += share[ow]
-                for ow in range(OW):
-                    if ow_lo <= ow < ow_hi:
-                        continue
-                    w0 = ow * SW - pw
-                    for w in range(max(w0, 0), min(w0 + KW, W)):
-                        srow[_U(w)] += share[ow]
+                _spread_along_w(spread[oh], share, W, pw, ow_lo, ow_hi, KW, SW, 1)
             for h in range(H):
-                first = max((h + ph - KH) // SH + 1, 0)
-                last = min((h + ph) // SH, OH - 1)
-                girow = gi[h]
-                if first > last:
-                    girow[:] = 0
-                    continue
-                src = spread[first]
-                for w in range(W):
-                    girow[w] = src[w]
-                for oh in range(first + 1, last + 1):
-                    src = spread[oh]
-                    for w in range(W):
-                        girow[w] += src[w]
+                _gather_rows(gi[h], spread, h, ph, KH, SH, 1)
 
     return avg_backward
 
@@ -303,8 +326,6 @@ def avg_pool2d_backward(grad_output, geometry, count_include_pad, divisor_overri
 
 # ----------------------------------------------------------------------------- stochastic
 
-# Module-level (not closures) so the kernels that inline them stay cacheable on disk;
-# the callers pass their compile-time constants, which inlining folds in.
 @njit(inline="always")
 def _tap(e, h0, w0, H, W, KW, DH, DW):
     """Flat in-plane offset of window element ``e`` (row-major), or -1 if padding."""
@@ -335,13 +356,28 @@ def _window_sums(xf, base, h0, w0, H, W, KH, KW, DH, DW):
             s2 += v * v
     return s1, s2, first, invalid or not (s1 < _INF)
 
-@functools.lru_cache(maxsize=None)
-def _stochastic_kernels(KH, KW, SH, SW, DH, DW):
-    """Training forward, inference forward and inference backward for one geometry.
 
-    Window elements are visited in row-major order as ``e = i * KW + j``; sums are
-    float64 in that order, so the choice made for a window is exactly reproducible.
-    """
+@njit(inline="always")
+def _interior_sums(xf, k0, W, KH, KW, DH, DW):
+    """``(S1, S2, all taps >= 0)`` of a window wholly inside the input, starting at flat
+    offset ``k0``: no bounds checks, so loops over ``ow`` vectorise (float64 sums)."""
+    s1 = 0.0
+    s2 = 0.0
+    nonnegative = True
+    for i in range(KH):
+        for j in range(KW):
+            v = np.float64(xf[_U(k0 + i * DH * W + j * DW)])
+            s1 += v
+            s2 += v * v
+            nonnegative &= v >= 0.0
+    return s1, s2, nonnegative
+
+
+@functools.lru_cache(maxsize=None)
+def _stochastic_train_kernel(KH, KW, SH, SW, DH, DW, WITH_INDICES):
+    """Training forward: window elements are visited in row-major order; sums, the
+    threshold and the running sum are float64 in that order, so the choice made for a
+    window is exactly reproducible (and matches the GPU kernel's)."""
     taps = KH * KW
 
     @njit(**_JIT)
@@ -352,26 +388,16 @@ def _stochastic_kernels(KH, KW, SH, SW, DH, DW):
         of = out.reshape(-1)
         jf = indices.reshape(-1)
         for row in prange(planes * OH):
-            p = row // OH
-            oh = row - p * OH
+            p, oh, h0, base, rows_inside = _output_row(row, OH, H, W, ph, KH, SH, DH)
             n = p // channels
             key = _rng.plane_key(seed, n, p - n * channels)
-            h0 = oh * SH - ph
-            base = p * H * W
             orow = row * OW
             invalid = False
-            rows_inside = h0 >= 0 and h0 + (KH - 1) * DH < H
             if rows_inside:
                 # Branch-free form of the edge loop below, so LLVM vectorises across ow.
                 for ow in range(ow_lo, ow_hi):
                     k0 = h0 * W + ow * SW - pw
-                    total = 0.0
-                    nonnegative = True
-                    for i in range(KH):
-                        for j in range(KW):
-                            v = np.float64(xf[_U(base + k0 + i * DH * W + j * DW)])
-                            total += v
-                            nonnegative &= v >= 0.0
+                    total, _, nonnegative = _interior_sums(xf, base + k0, W, KH, KW, DH, DW)
                     invalid |= not (nonnegative and total < _INF)
                     # u * total can round up to total; capping the threshold at the
                     # double just below total (total * (1 - 2**-53) is exactly that for
@@ -393,7 +419,8 @@ def _stochastic_kernels(KH, KW, SH, SW, DH, DW):
                             value = v if hit else value
                             found |= hit
                     of[_U(orow + ow)] = value
-                    jf[_U(orow + ow)] = chosen
+                    if WITH_INDICES:
+                        jf[_U(orow + ow)] = chosen
             for ow in range(OW):
                 if rows_inside and ow_lo <= ow < ow_hi:
                     continue
@@ -420,8 +447,16 @@ def _stochastic_kernels(KH, KW, SH, SW, DH, DW):
                     if chosen < 0:
                         chosen = last_positive
                 of[orow + ow] = xf[_U(base + chosen)] if total > 0.0 else 0
-                jf[orow + ow] = chosen
+                if WITH_INDICES:
+                    jf[orow + ow] = chosen
             invalid_rows[row] = invalid
+
+    return train_forward
+
+
+@functools.lru_cache(maxsize=None)
+def _stochastic_infer_kernels(KH, KW, SH, SW, DH, DW):
+    """Inference forward and backward (probability-weighted average)."""
 
     @njit(**_JIT)
     def infer_forward(x, out, ph, pw, invalid_rows, ow_lo, ow_hi):
@@ -430,25 +465,13 @@ def _stochastic_kernels(KH, KW, SH, SW, DH, DW):
         xf = x.reshape(-1)
         of = out.reshape(-1)
         for row in prange(planes * OH):
-            p = row // OH
-            oh = row - p * OH
-            h0 = oh * SH - ph
-            base = p * H * W
+            _, _, h0, base, rows_inside = _output_row(row, OH, H, W, ph, KH, SH, DH)
             orow = row * OW
             invalid = False
-            rows_inside = h0 >= 0 and h0 + (KH - 1) * DH < H
             if rows_inside:
                 for ow in range(ow_lo, ow_hi):
-                    k0 = base + h0 * W + ow * SW - pw
-                    s1 = 0.0
-                    s2 = 0.0
-                    nonnegative = True
-                    for i in range(KH):
-                        for j in range(KW):
-                            v = np.float64(xf[_U(k0 + i * DH * W + j * DW)])
-                            s1 += v
-                            s2 += v * v
-                            nonnegative &= v >= 0.0
+                    s1, s2, nonnegative = _interior_sums(
+                        xf, base + h0 * W + ow * SW - pw, W, KH, KW, DH, DW)
                     invalid |= not (nonnegative and s1 < _INF and s2 < _INF)
                     of[_U(orow + ow)] = s2 / s1 if s1 > 0.0 else 0.0
             for ow in range(OW):
@@ -461,31 +484,52 @@ def _stochastic_kernels(KH, KW, SH, SW, DH, DW):
             invalid_rows[row] = invalid
 
     @njit(**_JIT)
-    def infer_backward(grad_output, x, grad_input, ph, pw, invalid_planes):
+    def infer_backward(grad_output, x, grad_input, ph, pw, invalid_planes, ow_lo, ow_hi):
+        """Each window adds ``g * (2 a_i S1 - S2) / S1**2 = a_i * A + B`` to its taps,
+        with ``A = 2 g / S1`` and ``B = -g S2 / S1**2``; so per plane the ``A`` and ``B``
+        of all windows are box-spread as in average pooling's backward, and then
+        ``grad = x * spread(A) + spread(B)`` writes every element once."""
         planes, H, W = x.shape
         OH, OW = grad_output.shape[1], grad_output.shape[2]
         for p in prange(planes):
-            xf = x[p].reshape(-1)
-            gi = grad_input[p].reshape(-1)
+            xp = x[p]
+            xf = xp.reshape(-1)
             go = grad_output[p]
-            for k in range(H * W):
-                gi[k] = 0
+            gi = grad_input[p]
+            share_a = np.empty(OW)
+            share_b = np.empty(OW)
+            spread_a = np.zeros((OH, W))
+            spread_b = np.zeros((OH, W))
+            row_a = np.empty(W)
+            row_b = np.empty(W)
             invalid = False
             for oh in range(OH):
                 h0 = oh * SH - ph
+                rows_inside = h0 >= 0 and h0 + (KH - 1) * DH < H
                 for ow in range(OW):
-                    w0 = ow * SW - pw
-                    s1, s2, _, bad = _window_sums(xf, 0, h0, w0, H, W, KH, KW, DH, DW)
-                    invalid |= bad or not (s2 < _INF)
-                    if s1 > 0.0:
-                        scale = np.float64(go[oh, ow]) / (s1 * s1)
-                        for e in range(taps):
-                            k = _tap(e, h0, w0, H, W, KW, DH, DW)
-                            if k >= 0:
-                                gi[_U(k)] += scale * (2.0 * np.float64(xf[_U(k)]) * s1 - s2)
+                    if rows_inside and ow_lo <= ow < ow_hi:
+                        s1, s2, nonnegative = _interior_sums(
+                            xf, h0 * W + ow * SW - pw, W, KH, KW, DH, DW)
+                        bad = not nonnegative
+                    else:
+                        s1, s2, _, bad = _window_sums(xf, 0, h0, ow * SW - pw, H, W,
+                                                      KH, KW, DH, DW)
+                    invalid |= bad or not (s1 < _INF and s2 < _INF)
+                    g = np.float64(go[oh, ow])
+                    share_a[ow] = 2.0 * g / s1 if s1 > 0.0 else 0.0
+                    share_b[ow] = -g * s2 / (s1 * s1) if s1 > 0.0 else 0.0
+                _spread_along_w(spread_a[oh], share_a, W, pw, ow_lo, ow_hi, KW, SW, DW)
+                _spread_along_w(spread_b[oh], share_b, W, pw, ow_lo, ow_hi, KW, SW, DW)
+            for h in range(H):
+                _gather_rows(row_a, spread_a, h, ph, KH, SH, DH)
+                _gather_rows(row_b, spread_b, h, ph, KH, SH, DH)
+                xrow = xp[h]
+                girow = gi[h]
+                for w in range(W):
+                    girow[w] = np.float64(xrow[w]) * row_a[w] + row_b[w]
             invalid_planes[p] = invalid
 
-    return train_forward, infer_forward, infer_backward
+    return infer_forward, infer_backward
 
 
 def _raise_if_invalid(flags):
@@ -498,23 +542,26 @@ def _raise_if_invalid(flags):
 
 def stochastic_pool2d_forward(x, geometry, training, seed, with_indices):
     g = geometry
+    with_indices = bool(training and with_indices)
     out = np.empty(g.output_shape, dtype=x.dtype)
-    indices = np.empty(g.output_shape if training else (1,), dtype=np.int64)
+    indices = np.empty(g.output_shape if with_indices else (1,), dtype=np.int64)
     if g.planes:
-        train_forward, infer_forward, _ = _stochastic_kernels(*g.constants)
         invalid = np.zeros(g.planes * g.out_h, dtype=np.bool_)
         ow_lo, ow_hi = _interior_range(g.in_w, g.out_w, g.kernel_w, g.stride_w, g.pad_w,
                                        g.dilation_w)
         planes_x = _as_planes(x, g.in_h, g.in_w)
         planes_out = out.reshape(-1, g.out_h, g.out_w)
         if training:
-            train_forward(planes_x, planes_out, indices.reshape(-1, g.out_h, g.out_w),
-                          g.pad_h, g.pad_w, np.uint64(seed), g.channels, invalid,
-                          ow_lo, ow_hi)
+            kernel = _stochastic_train_kernel(*g.constants, with_indices)
+            kernel(planes_x, planes_out,
+                   indices.reshape(-1, g.out_h, g.out_w) if with_indices
+                   else indices.reshape(1, 1, 1),
+                   g.pad_h, g.pad_w, np.uint64(seed), g.channels, invalid, ow_lo, ow_hi)
         else:
+            infer_forward, _ = _stochastic_infer_kernels(*g.constants)
             infer_forward(planes_x, planes_out, g.pad_h, g.pad_w, invalid, ow_lo, ow_hi)
         _raise_if_invalid(invalid)
-    return out, (indices if training and with_indices else None)
+    return out, (indices if with_indices else None)
 
 
 def stochastic_pool2d_backward(grad_output, x, geometry, training, indices):
@@ -523,10 +570,13 @@ def stochastic_pool2d_backward(grad_output, x, geometry, training, indices):
         return scatter_to_indices(grad_output, indices, geometry)
     grad_input = np.empty(g.input_shape, dtype=grad_output.dtype)
     if g.planes:
-        _, _, infer_backward = _stochastic_kernels(*g.constants)
+        _, infer_backward = _stochastic_infer_kernels(*g.constants)
         invalid = np.zeros(g.planes, dtype=np.bool_)
+        ow_lo, ow_hi = _interior_range(g.in_w, g.out_w, g.kernel_w, g.stride_w, g.pad_w,
+                                       g.dilation_w)
         infer_backward(_as_planes(grad_output, g.out_h, g.out_w),
                        _as_planes(x, g.in_h, g.in_w),
-                       grad_input.reshape(-1, g.in_h, g.in_w), g.pad_h, g.pad_w, invalid)
+                       grad_input.reshape(-1, g.in_h, g.in_w), g.pad_h, g.pad_w, invalid,
+                       ow_lo, ow_hi)
         _raise_if_invalid(invalid)
     return grad_input
