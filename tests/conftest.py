@@ -38,6 +38,21 @@ def assert_close(actual, expected, dtype):
     np.testing.assert_allclose(actual, expected, **TOLERANCES[np.dtype(dtype)])
 
 
+def numeric_gradient(f, x, grad_output, eps=1e-6):
+    """d <grad_output, f(x)> / dx by central differences (float64)."""
+    g = np.zeros_like(x)
+    flat, gflat = x.reshape(-1), g.reshape(-1)
+    for i in range(flat.size):
+        saved = flat[i]
+        flat[i] = saved + eps
+        plus = np.sum(f(x) * grad_output)
+        flat[i] = saved - eps
+        minus = np.sum(f(x) * grad_output)
+        flat[i] = saved
+        gflat[i] = (plus - minus) / (2 * eps)
+    return g
+
+
 @pytest.fixture
 def rng(request):
     # A different, reproducible stream per test.

@@ -6,7 +6,7 @@ from hypothesis import HealthCheck, given, settings
 
 import fastpool
 import reference as ref
-from conftest import assert_close
+from conftest import assert_close, numeric_gradient
 from strategies import distinct_values, pool_cases
 
 try:
@@ -151,21 +151,6 @@ def test_avg_pool_matches_torch(case):
 
 # ----------------------------------------------------------------------------- gradients
 
-def _numeric_gradient(f, x, grad_output, eps=1e-6):
-    """d <grad_output, f(x)> / dx by central differences (float64)."""
-    g = np.zeros_like(x)
-    flat, gflat = x.reshape(-1), g.reshape(-1)
-    for i in range(flat.size):
-        saved = flat[i]
-        flat[i] = saved + eps
-        plus = np.sum(f(x) * grad_output)
-        flat[i] = saved - eps
-        minus = np.sum(f(x) * grad_output)
-        flat[i] = saved
-        gflat[i] = (plus - minus) / (2 * eps)
-    return g
-
-
 @pytest.mark.parametrize("kernel, stride, padding, ceil_mode", [
     (3, 2, 1, False), (2, None, 1, True), ((2, 3), (1, 2), (1, 0), True)])
 def test_avg_pool_backward_finite_differences(rng, kernel, stride, padding, ceil_mode):
@@ -174,7 +159,7 @@ def test_avg_pool_backward_finite_differences(rng, kernel, stride, padding, ceil
         args = dict(kernel_size=kernel, stride=stride, padding=padding, ceil_mode=ceil_mode,
                     count_include_pad=count_include_pad)
         grad = rng.standard_normal(fastpool.avg_pool2d(x, **args).shape)
-        numeric = _numeric_gradient(lambda a: fastpool.avg_pool2d(a, **args), x, grad)
+        numeric = numeric_gradient(lambda a: fastpool.avg_pool2d(a, **args), x, grad)
         np.testing.assert_allclose(fastpool.avg_pool2d_backward(grad, x, **args), numeric,
                                    rtol=1e-6, atol=1e-8)
 
@@ -188,7 +173,7 @@ def test_max_pool_backward_finite_differences(rng, kernel, stride, padding, dila
     args = dict(kernel_size=kernel, stride=stride, padding=padding, dilation=dilation,
                 ceil_mode=ceil_mode)
     grad = rng.standard_normal(fastpool.max_pool2d(x, **args).shape)
-    numeric = _numeric_gradient(lambda a: fastpool.max_pool2d(a, **args), x, grad)
+    numeric = numeric_gradient(lambda a: fastpool.max_pool2d(a, **args), x, grad)
     np.testing.assert_allclose(fastpool.max_pool2d_backward(grad, x, **args), numeric,
                                rtol=1e-6, atol=1e-8)
 

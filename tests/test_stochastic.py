@@ -9,7 +9,7 @@ from scipy import stats
 
 import fastpool
 import reference as ref
-from conftest import assert_close
+from conftest import assert_close, numeric_gradient
 from fastpool import _rng
 from strategies import pool_cases
 
@@ -114,15 +114,8 @@ def test_inference_backward_finite_differences():
                  dict(kernel_size=2, stride=1, dilation=2, ceil_mode=True)):
         y = fastpool.stochastic_pool2d(x, **args, training=False)
         grad = rng.standard_normal(y.shape)
-        numeric = np.zeros_like(x)
-        eps = 1e-6
-        for i in range(x.size):
-            xp, xm = x.copy().reshape(-1), x.copy().reshape(-1)
-            xp[i] += eps
-            xm[i] -= eps
-            f = lambda a: np.sum(fastpool.stochastic_pool2d(  # noqa: E731
-                a.reshape(x.shape), **args, training=False) * grad)
-            numeric.reshape(-1)[i] = (f(xp) - f(xm)) / (2 * eps)
+        numeric = numeric_gradient(
+            lambda a: fastpool.stochastic_pool2d(a, **args, training=False), x, grad)
         np.testing.assert_allclose(
             fastpool.stochastic_pool2d_backward(grad, x, **args, training=False), numeric,
             rtol=1e-6, atol=1e-8)

@@ -41,10 +41,11 @@ def _replaces(value, best):
     return (value > best) | ((value != value) & (best == best))
 
 
-def _interior_range(size, out, kernel, stride, pad, dilation):
-    """Output positions ``[lo, hi)`` whose window lies wholly inside the input."""
-    lo = min((pad + stride - 1) // stride, out)
-    hi = min((size - 1 - (kernel - 1) * dilation + pad) // stride + 1, out)
+def _interior_columns(g):
+    """Output columns ``[lo, hi)`` whose window lies wholly inside the input's width."""
+    lo = min((g.pad_w + g.stride_w - 1) // g.stride_w, g.out_w)
+    hi = min((g.in_w - 1 - (g.kernel_w - 1) * g.dilation_w + g.pad_w) // g.stride_w + 1,
+             g.out_w)
     return lo, max(hi, lo)
 
 
@@ -185,8 +186,7 @@ def max_pool2d_forward(x, geometry, with_indices):
     out = np.empty(g.output_shape, dtype=x.dtype)
     indices = np.empty(g.output_shape if with_indices else (1,), dtype=np.int64)
     if g.planes:
-        ow_lo, ow_hi = _interior_range(g.in_w, g.out_w, g.kernel_w, g.stride_w, g.pad_w,
-                                       g.dilation_w)
+        ow_lo, ow_hi = _interior_columns(g)
         kernel = _max_forward_kernel(*g.constants, bool(with_indices))
         kernel(_as_planes(x, g.in_h, g.in_w), out.reshape(-1, g.out_h, g.out_w),
                indices.reshape(-1, g.out_h, g.out_w) if with_indices
@@ -303,7 +303,7 @@ def avg_pool2d_forward(x, geometry, count_include_pad, divisor_override):
     g = geometry
     out = np.empty(g.output_shape, dtype=x.dtype)
     if g.planes:
-        ow_lo, ow_hi = _interior_range(g.in_w, g.out_w, g.kernel_w, g.stride_w, g.pad_w, 1)
+        ow_lo, ow_hi = _interior_columns(g)
         kernel = _avg_forward_kernel(g.kernel_h, g.kernel_w, g.stride_h, g.stride_w)
         kernel(_as_planes(x, g.in_h, g.in_w), out.reshape(-1, g.out_h, g.out_w),
                g.pad_h, g.pad_w, count_include_pad, divisor_override, ow_lo, ow_hi,
@@ -316,7 +316,7 @@ def avg_pool2d_backward(grad_output, geometry, count_include_pad, divisor_overri
     g = geometry
     grad_input = np.empty(g.input_shape, dtype=grad_output.dtype)
     if g.planes:
-        ow_lo, ow_hi = _interior_range(g.in_w, g.out_w, g.kernel_w, g.stride_w, g.pad_w, 1)
+        ow_lo, ow_hi = _interior_columns(g)
         kernel = _avg_backward_kernel(g.kernel_h, g.kernel_w, g.stride_h, g.stride_w)
         kernel(_as_planes(grad_output, g.out_h, g.out_w),
                grad_input.reshape(-1, g.in_h, g.in_w),
@@ -547,8 +547,7 @@ def stochastic_pool2d_forward(x, geometry, training, seed, with_indices):
     indices = np.empty(g.output_shape if with_indices else (1,), dtype=np.int64)
     if g.planes:
         invalid = np.zeros(g.planes * g.out_h, dtype=np.bool_)
-        ow_lo, ow_hi = _interior_range(g.in_w, g.out_w, g.kernel_w, g.stride_w, g.pad_w,
-                                       g.dilation_w)
+        ow_lo, ow_hi = _interior_columns(g)
         planes_x = _as_planes(x, g.in_h, g.in_w)
         planes_out = out.reshape(-1, g.out_h, g.out_w)
         if training:
@@ -572,8 +571,7 @@ def stochastic_pool2d_backward(grad_output, x, geometry, training, indices):
     if g.planes:
         _, infer_backward = _stochastic_infer_kernels(*g.constants)
         invalid = np.zeros(g.planes, dtype=np.bool_)
-        ow_lo, ow_hi = _interior_range(g.in_w, g.out_w, g.kernel_w, g.stride_w, g.pad_w,
-                                       g.dilation_w)
+        ow_lo, ow_hi = _interior_columns(g)
         infer_backward(_as_planes(grad_output, g.out_h, g.out_w),
                        _as_planes(x, g.in_h, g.in_w),
                        grad_input.reshape(-1, g.in_h, g.in_w), g.pad_h, g.pad_w, invalid,
