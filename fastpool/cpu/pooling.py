@@ -63,22 +63,51 @@ def _output_row(row, OH, H, W, ph, KH, SH, DH):
 
 
 @njit(inline="always")
-def _spread_along_w(srow, share, W, pw, ow_lo, ow_hi, KW, SW, DW):
-    """``srow[ow*SW - pw + j*DW] += share[ow]`` for every tap inside the input.
+def _spread_along_w(srow, share, zero, pw, KW, SW, DW):
+    """Write ``srow[w] = sum of share[ow]`` over the taps ``(ow, j)`` of every window
+    with ``ow*SW - pw + j*DW == w`` (0 where none), each cell written once.
 
-    Tap-major in the interior: for one ``j`` successive ``ow`` never write the same
-    cell, so there is no store-to-load chain between them.
+    Gather form, one residue class ``r = (w + pw) % SW`` at a time: the taps landing on
+    that class are the ``j`` with ``j*DW % SW == r``, each reading ``share`` at a fixed
+    offset ``q - c_j`` for ``w = q*SW + r - pw``. The sum runs over ``j`` in order, so
+    it is deterministic; interior ``q`` need no bounds checks and vectorise.
     """
-    for j in range(KW):
-        for ow in range(ow_lo, ow_hi):
-            srow[_U(ow * SW - pw + j * DW)] += share[ow]
-    for ow in range(share.shape[0]):
-        if ow_lo <= ow < ow_hi:
+    W = srow.shape[0]
+    OW = share.shape[0]
+    for r in range(SW):
+        q_lo = -((r - pw) // SW)  # ceil((pw - r) / SW): first q with w >= 0
+        q_hi = (W - 1 + pw - r) // SW + 1
+        if q_lo >= q_hi:
             continue
+        c_min = OW + W  # offsets c_j = (j*DW - r) // SW of this class's taps
+        c_max = -1
         for j in range(KW):
-            w = ow * SW - pw + j * DW
-            if 0 <= w < W:
-                srow[_U(w)] += share[ow]
+            if (j * DW) % SW == r:
+                c = (j * DW - r) // SW
+                c_min = min(c_min, c)
+                c_max = max(c_max, c)
+        if c_max < 0:  # no tap lands on this class
+            for q in range(q_lo, q_hi):
+                srow[_U(q * SW + r - pw)] = 0
+            continue
+        inner_lo = min(max(q_lo, c_max), q_hi)
+        inner_hi = max(min(q_hi, OW + c_min), inner_lo)
+        for q in range(inner_lo, inner_hi):
+            acc = zero
+            for j in range(KW):
+                if (j * DW) % SW == r:
+                    acc += share[_U(q - (j * DW - r) // SW)]
+            srow[_U(q * SW + r - pw)] = acc
+        for q in range(q_lo, q_hi):
+            if inner_lo <= q < inner_hi:
+                continue
+            acc = zero
+            for j in range(KW):
+                if (j * DW) % SW == r:
+                    o = q - (j * DW - r) // SW
+                    if 0 <= o < OW:
+                        acc += share[_U(o)]
+            srow[_U(q * SW + r - pw)] = acc
 
 
 @njit(inline="always")
@@ -267,7 +296,7 @@ def _avg_forward_kernel(KH, KW, SH, SW):
 def _avg_backward_kernel(KH, KW, SH, SW):
     @njit(**_JIT)
     def avg_backward(grad_output, grad_input, ph, pw, count_include_pad,
-                     divisor_override, ow_lo, ow_hi):
+                     divisor_override, zero):
         """Separable gather: the box sum is spread along w into one row per ``oh``
         (``spread``), then each input row adds the ``spread`` rows covering it, so every
         ``grad_input`` element is written once, with vector-friendly row additions."""
@@ -277,7 +306,7 @@ def _avg_backward_kernel(KH, KW, SH, SW):
             go = grad_output[p]
             gi = grad_input[p]
             share = np.empty(OW, dtype=grad_input.dtype)
-            spread = np.zeros((OH, W), dtype=grad_input.dtype)
+            spread = np.empty((OH, W), dtype=grad_input.dtype)
             for oh in range(OH):
                 h0 = oh * SH - ph
                 h1 = min(h0 + KH, H + ph)
@@ -292,7 +321,7 @@ def _avg_backward_kernel(KH, KW, SH, SW):
                     else:
                         divisor = rows_in * (min(w1, W) - max(w0, 0))
                     share[ow] = go[oh, ow] / divisor
-                _spread_along_w(spread[oh], share, W, pw, ow_lo, ow_hi, KW, SW, 1)
+                _spread_along_w(spread[oh], share, zero, pw, KW, SW, 1)
             for h in range(H):
                 _gather_rows(gi[h], spread, h, ph, KH, SH, 1)
 
@@ -316,11 +345,11 @@ def avg_pool2d_backward(grad_output, geometry, count_include_pad, divisor_overri
     g = geometry
     grad_input = np.empty(g.input_shape, dtype=grad_output.dtype)
     if g.planes:
-        ow_lo, ow_hi = _interior_columns(g)
         kernel = _avg_backward_kernel(g.kernel_h, g.kernel_w, g.stride_h, g.stride_w)
         kernel(_as_planes(grad_output, g.out_h, g.out_w),
                grad_input.reshape(-1, g.in_h, g.in_w),
-               g.pad_h, g.pad_w, count_include_pad, divisor_override, ow_lo, ow_hi)
+               g.pad_h, g.pad_w, count_include_pad, divisor_override,
+               grad_output.dtype.type(0))
     return grad_input
 
 
@@ -498,8 +527,8 @@ def _stochastic_infer_kernels(KH, KW, SH, SW, DH, DW):
             gi = grad_input[p]
             share_a = np.empty(OW)
             share_b = np.empty(OW)
-            spread_a = np.zeros((OH, W))
-            spread_b = np.zeros((OH, W))
+            spread_a = np.empty((OH, W))
+            spread_b = np.empty((OH, W))
             row_a = np.empty(W)
             row_b = np.empty(W)
             invalid = False
@@ -518,8 +547,8 @@ def _stochastic_infer_kernels(KH, KW, SH, SW, DH, DW):
                     g = np.float64(go[oh, ow])
                     share_a[ow] = 2.0 * g / s1 if s1 > 0.0 else 0.0
                     share_b[ow] = -g * s2 / (s1 * s1) if s1 > 0.0 else 0.0
-                _spread_along_w(spread_a[oh], share_a, W, pw, ow_lo, ow_hi, KW, SW, DW)
-                _spread_along_w(spread_b[oh], share_b, W, pw, ow_lo, ow_hi, KW, SW, DW)
+                _spread_along_w(spread_a[oh], share_a, 0.0, pw, KW, SW, DW)
+                _spread_along_w(spread_b[oh], share_b, 0.0, pw, KW, SW, DW)
             for h in range(H):
                 _gather_rows(row_a, spread_a, h, ph, KH, SH, DH)
                 _gather_rows(row_b, spread_b, h, ph, KH, SH, DH)
