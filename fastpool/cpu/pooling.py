@@ -62,8 +62,7 @@ def _output_row(row, OH, H, W, ph, KH, SH, DH):
     return p, oh, h0, p * H * W, h0 >= 0 and h0 + (KH - 1) * DH < H
 
 
-@njit(inline="always")
-def _spread_along_w(srow, share, zero, pw, KW, SW, DW):
+def _spread_along_w_py(srow, share, zero, pw, KW, SW, DW):
     """Write ``srow[w] = sum of share[ow]`` over the taps ``(ow, j)`` of every window
     with ``ow*SW - pw + j*DW == w`` (0 where none), each cell written once.
 
@@ -110,8 +109,7 @@ def _spread_along_w(srow, share, zero, pw, KW, SW, DW):
             srow[_U(q * SW + r - pw)] = acc
 
 
-@njit(inline="always")
-def _gather_rows(dst, spread, h, ph, KH, SH, DH):
+def _gather_rows_py(dst, spread, h, ph, KH, SH, DH):
     """``dst = sum of spread[oh]`` over the output rows ``oh`` whose window covers input
     row ``h`` (in tap order, so the result is deterministic); zeros if none does."""
     empty = True
@@ -130,6 +128,14 @@ def _gather_rows(dst, spread, h, ph, KH, SH, DH):
     if empty:
         dst[:] = 0
 
+
+
+# Inlined where speed matters (the constants fold in); called, and so compiled once for
+# all geometries, where compile time matters more (stochastic inference backward).
+_spread_along_w = njit(inline="always")(_spread_along_w_py)
+_gather_rows = njit(inline="always")(_gather_rows_py)
+_spread_along_w_called = njit(cache=True)(_spread_along_w_py)
+_gather_rows_called = njit(cache=True)(_gather_rows_py)
 
 # ----------------------------------------------------------------------------- max
 
@@ -547,11 +553,11 @@ def _stochastic_infer_kernels(KH, KW, SH, SW, DH, DW):
                     g = np.float64(go[oh, ow])
                     share_a[ow] = 2.0 * g / s1 if s1 > 0.0 else 0.0
                     share_b[ow] = -g * s2 / (s1 * s1) if s1 > 0.0 else 0.0
-                _spread_along_w(spread_a[oh], share_a, 0.0, pw, KW, SW, DW)
-                _spread_along_w(spread_b[oh], share_b, 0.0, pw, KW, SW, DW)
+                _spread_along_w_called(spread_a[oh], share_a, 0.0, pw, KW, SW, DW)
+                _spread_along_w_called(spread_b[oh], share_b, 0.0, pw, KW, SW, DW)
             for h in range(H):
-                _gather_rows(row_a, spread_a, h, ph, KH, SH, DH)
-                _gather_rows(row_b, spread_b, h, ph, KH, SH, DH)
+                _gather_rows_called(row_a, spread_a, h, ph, KH, SH, DH)
+                _gather_rows_called(row_b, spread_b, h, ph, KH, SH, DH)
                 xrow = xp[h]
                 girow = gi[h]
                 for w in range(W):
