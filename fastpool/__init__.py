@@ -1,4 +1,4 @@
-"""fastpool: fast 2-D pooling kernels (max, average, stochastic) for CPU and GPU, in Numba.
+"""fastpool: fast 2-D convolution and pooling kernels (max, average, stochastic) for CPU and GPU, in Numba.
 
 Importing fastpool compiles nothing and never touches the GPU; kernels are compiled
 (or loaded from Numba's on-disk cache) on first use.
@@ -11,6 +11,7 @@ from fastpool._dispatch import (
     set_device,
     use_device,
 )
+from fastpool.conv import Conv2dGrads, conv2d, conv2d_backward
 from fastpool.pooling import (
     avg_pool2d,
     avg_pool2d_backward,
@@ -23,7 +24,10 @@ from fastpool.pooling import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "Conv2dGrads",
     "CudaUnavailableError",
+    "conv2d",
+    "conv2d_backward",
     "avg_pool2d",
     "avg_pool2d_backward",
     "cuda_available",

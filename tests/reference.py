@@ -270,3 +270,87 @@ def stochastic_pool2d_backward(grad_output, x, kernel_size, stride=None, padding
                         a = x[n, c, h, w]
                         gi[n, c, h, w] += go[n, c, oh, ow] * (2 * a * S1 - S2) / S1**2
     return gi
+
+
+# ----------------------------------------------------------------------------- conv
+
+def conv_padding(padding, kernel, dilation):
+    """((top, bottom), (left, right)) of an int/pair/'valid'/'same' conv padding."""
+    kh, kw = kernel
+    dh, dw = dilation
+    if padding == "valid":
+        return (0, 0), (0, 0)
+    if padding == "same":
+        th, tw = dh * (kh - 1), dw * (kw - 1)
+        return (th // 2, th - th // 2), (tw // 2, tw - tw // 2)
+    ph, pw = pair(padding)
+    return (ph, ph), (pw, pw)
+
+
+def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    """Cross-correlation, zero padding: y[n, o, oh, ow] = bias[o] + sum over the input
+    channels c of o's group and taps (i, j) of weight[o, c - g*Cg, i, j] * x[n, c, h, w]
+    with h = oh*sh - top + i*dh, w = ow*sw - left + j*dw."""
+    x = np.asarray(x, dtype=np.float64)
+    weight = np.asarray(weight, dtype=np.float64)
+    N, C, H, W = x.shape
+    O, Cg, kh, kw = weight.shape
+    sh, sw = pair(stride)
+    dh, dw = pair(dilation)
+    (pt, pb), (pl, pr) = conv_padding(padding, (kh, kw), (dh, dw))
+    OH = (H + pt + pb - dh * (kh - 1) - 1) // sh + 1
+    OW = (W + pl + pr - dw * (kw - 1) - 1) // sw + 1
+    Og = O // groups
+    y = np.zeros((N, O, OH, OW))
+    for n in range(N):
+        for o in range(O):
+            g = o // Og
+            for oh in range(OH):
+                for ow in range(OW):
+                    total = 0.0 if bias is None else float(bias[o])
+                    for c in range(Cg):
+                        for i in range(kh):
+                            h = oh * sh - pt + i * dh
+                            if not 0 <= h < H:
+                                continue
+                            for j in range(kw):
+                                w = ow * sw - pl + j * dw
+                                if 0 <= w < W:
+                                    total += weight[o, c, i, j] * x[n, g * Cg + c, h, w]
+                    y[n, o, oh, ow] = total
+    return y
+
+
+def conv2d_backward(grad_output, x, weight, stride=1, padding=0, dilation=1, groups=1):
+    """(grad_input, grad_weight, grad_bias) of conv2d, by the chain rule on the same
+    loops: each product weight * x sends grad_output * weight to x and
+    grad_output * x to weight."""
+    go = np.asarray(grad_output, dtype=np.float64)
+    x = np.asarray(x, dtype=np.float64)
+    weight = np.asarray(weight, dtype=np.float64)
+    N, C, H, W = x.shape
+    O, Cg, kh, kw = weight.shape
+    sh, sw = pair(stride)
+    dh, dw = pair(dilation)
+    (pt, _), (pl, _) = conv_padding(padding, (kh, kw), (dh, dw))
+    OH, OW = go.shape[2:]
+    Og = O // groups
+    gx = np.zeros_like(x)
+    gw = np.zeros_like(weight)
+    for n in range(N):
+        for o in range(O):
+            g = o // Og
+            for oh in range(OH):
+                for ow in range(OW):
+                    d = go[n, o, oh, ow]
+                    for c in range(Cg):
+                        for i in range(kh):
+                            h = oh * sh - pt + i * dh
+                            if not 0 <= h < H:
+                                continue
+                            for j in range(kw):
+                                w = ow * sw - pl + j * dw
+                                if 0 <= w < W:
+                                    gx[n, g * Cg + c, h, w] += d * weight[o, c, i, j]
+                                    gw[o, c, i, j] += d * x[n, g * Cg + c, h, w]
+    return gx, gw, go.sum(axis=(0, 2, 3))

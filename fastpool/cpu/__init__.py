@@ -1,5 +1,6 @@
 """CPU backend: parallel Numba kernels. ``fastpool.cuda`` mirrors these names."""
 
+from fastpool.cpu.conv import conv2d_backward, conv2d_forward
 from fastpool.cpu.pooling import (
     avg_pool2d_backward,
     avg_pool2d_forward,
@@ -10,6 +11,8 @@ from fastpool.cpu.pooling import (
 )
 
 __all__ = [
+    "conv2d_backward",
+    "conv2d_forward",
     "avg_pool2d_backward",
     "avg_pool2d_forward",
     "max_pool2d_backward",

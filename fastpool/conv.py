@@ -1,0 +1,129 @@
+"""Public convolution functions: validate once, dispatch once, call one backend kernel.
+
+Argument names and meanings follow ``torch.nn.functional.conv2d``; the semantics are in
+DESIGN.md section 2 and the README's convolution section.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+from fastpool import _dispatch, _params
+
+
+class Conv2dGrads(NamedTuple):
+    """Gradients of :func:`conv2d`; a field is None when ``output_mask`` did not ask
+    for it."""
+
+    grad_input: Optional[object]
+    grad_weight: Optional[object]
+    grad_bias: Optional[object]
+
+
+_SHAPE_DOC = """
+    Shape
+    -----
+    - Input: ``(N, C_in, H_in, W_in)`` or ``(C_in, H_in, W_in)``.
+    - Weight: ``(C_out, C_in / groups, k_h, k_w)``; bias: ``(C_out,)``.
+    - Output: ``(N, C_out, H_out, W_out)`` or ``(C_out, H_out, W_out)``, where
+
+      .. math::
+          H_{out} = \\left\\lfloor \\frac{H_{in} + p_{top} + p_{bottom}
+                    - d_h (k_h - 1) - 1}{s_h} \\right\\rfloor + 1
+
+      (``W_out`` likewise). An int or pair padding ``p`` puts ``p`` on both sides;
+      ``'valid'`` is no padding; ``'same'`` (stride 1 only) pads ``d (k - 1)`` in total,
+      ``d (k - 1) // 2`` at the top/left and the rest at the bottom/right, so
+      ``H_out = H_in``.
+"""
+
+
+def _with_shape_doc(function):
+    function.__doc__ = function.__doc__.replace("    Shape-section\n", _SHAPE_DOC)
+    return function
+
+
+@_with_shape_doc
+def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
+           device=None):
+    """2-D convolution (cross-correlation, like every framework) with zero padding.
+
+    ``y[n, o, oh, ow] = bias[o] + sum over c, i, j of
+    weight[o, c, i, j] * x[n, g*C_in/groups + c, oh*s_h - p_top + i*d_h,
+    ow*s_w - p_left + j*d_w]`` with ``g = o // (C_out/groups)``; cells outside the input
+    are zero.
+
+    Parameters
+    ----------
+    x : array of float32 or float64
+        Input; any strides (non-contiguous input is copied once). The batch may be
+        empty.
+    weight : array
+        ``(C_out, C_in / groups, k_h, k_w)``, ``x``'s dtype.
+    bias : array, optional
+        ``(C_out,)``, ``x``'s dtype.
+    stride : int or (int, int), default 1
+    padding : int, (int, int), 'valid' or 'same', default 0
+        Zero padding, see Shape. ``'same'`` requires stride 1.
+    dilation : int or (int, int), default 1
+        Spacing between kernel taps.
+    groups : int, default 1
+        Splits the channels into ``groups`` independent convolutions; it must divide
+        ``C_in`` and ``C_out``. ``groups == C_in`` is a depthwise convolution.
+    device : {"cpu", "cuda", "auto"}, optional
+        Overrides ``use_device``/``set_device``/``FASTPOOL_DEVICE`` for this call.
+
+    Returns
+    -------
+    y : array
+        Same dtype as ``x``.
+
+    Notes
+    -----
+    On the CPU the algorithm is chosen per problem (README, "Convolution"): GEMMs on
+    gathered columns for ordinary convolutions, direct loops for depthwise ones.
+    Results are identical at any thread count.
+
+    Shape-section
+    """
+    x, weight, bias, geometry = _params.conv_geometry(x, weight, bias, stride, padding,
+                                                      dilation, groups)
+    backend = _dispatch.backend(device, x, weight, bias)
+    return backend.conv2d_forward(x, weight, bias, geometry)
+
+
+@_with_shape_doc
+def conv2d_backward(grad_output, x, weight, stride=1, padding=0, dilation=1, groups=1, *,
+                    output_mask=(True, True, True), device=None):
+    """Gradients of :func:`conv2d` with respect to ``x``, ``weight`` and the bias.
+
+    Parameters
+    ----------
+    grad_output : array
+        Gradient of the loss with respect to the forward output: its shape and ``x``'s
+        dtype.
+    x, weight : array
+        The forward's inputs (``x`` for its values: the weight gradient needs them).
+    stride, padding, dilation, groups
+        The forward's arguments.
+    output_mask : (bool, bool, bool), default (True, True, True)
+        Which of ``(grad_input, grad_weight, grad_bias)`` to compute; the others are
+        returned as None and cost nothing.
+    device : {"cpu", "cuda", "auto"}, optional
+
+    Returns
+    -------
+    Conv2dGrads
+        ``(grad_input, grad_weight, grad_bias)``: ``x``'s shape, ``weight``'s shape and
+        ``(C_out,)``; ``grad_bias`` is ``grad_output`` summed over N, H and W. Sums run
+        in a fixed order, so results are identical at any thread count.
+
+    Shape-section
+    """
+    x, weight, _, geometry = _params.conv_geometry(x, weight, None, stride, padding,
+                                                   dilation, groups)
+    grad_output = _params.check_grad_output(grad_output, x, geometry)
+    output_mask = _params.check_output_mask(output_mask)
+    backend = _dispatch.backend(device, grad_output, x, weight)
+    return Conv2dGrads(*backend.conv2d_backward(grad_output, x, weight, geometry,
+                                                output_mask))

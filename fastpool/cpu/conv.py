@@ -1,0 +1,631 @@
+"""Parallel CPU convolution kernels (Numba + BLAS) and their launchers.
+
+Launchers take host arrays already validated by ``fastpool._params.conv_geometry`` and
+the ``ConvGeometry``; arrays are ``(N, C, H, W)`` (the public layer adds and removes the
+batch axis of unbatched input).
+
+Algorithms, chosen per problem by ``choose_algorithm`` (the README lists them):
+
+``"pointwise"``  1x1 kernel, stride 1, no padding: one GEMM per (image, group, band of
+                 rows) straight on the input, ``y = W_g @ x[n, g]``; no copies.
+``"rows"``       stride 1 along H: gather the ``KW`` column shifts of a band of input
+                 rows once (``C_g * KW`` rows), then one accumulating GEMM per kernel
+                 row ``i``, whose operand is the same buffer offset by ``i * DH`` rows.
+                 A third of im2col's copying for a 3x3 kernel.
+``"im2col"``     anything else: gather the whole ``C_g * KH * KW`` column matrix of a
+                 band, one GEMM.
+``"direct"``     one input channel per group (depthwise and channel multipliers), or
+                 planes too big for BLAS's 32-bit sizes: plain loops vectorised along
+                 output columns. A GEMM with ``K = KH * KW`` would be all overhead.
+
+GEMMs write straight into the output (``ldc``), run single-threaded BLAS, one call per
+Numba thread (``fastpool.cpu._blas``). Bands of output rows are sized so the gathered
+columns stay in the core's L2 cache.
+
+Backward: with stride 1 the input gradient is the forward convolution of
+``grad_output`` with the flipped, channel-transposed kernel, so it runs on the forward
+algorithms; with a stride it is ``W_g^T @ grad_output`` scattered back (col2im) by one
+thread per (image, group). The weight gradient sums per-chunk partial products over
+fixed chunks of images (the chunking depends only on the shapes), added in chunk order.
+Every result is therefore identical at any thread count; nothing uses atomics.
+
+Geometry is runtime data: one compiled kernel per dtype serves every shape, kernel
+size, stride, padding and dilation (they are memory- or BLAS-bound, so constant
+folding buys little here, unlike the pooling kernels).
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+from fastpool.cpu._blas import gemm, single_threaded_blas
+
+_JIT = dict(parallel=True, cache=True, boundscheck=False, error_model="numpy", nogil=True)
+_U = np.uint64
+
+POINTWISE, ROWS, IM2COL, DIRECT = 0, 1, 2, 3
+ALGORITHMS = {"pointwise": POINTWISE, "rows": ROWS, "im2col": IM2COL, "direct": DIRECT}
+_NAMES = {code: name for name, code in ALGORITHMS.items()}
+
+# Gathered columns per band: half of a 2 MiB L2, leaving room for the GEMM's panels.
+_COLUMN_BYTES = 1 << 20
+# BLAS sizes are 32-bit ints.
+_BLAS_LIMIT = 2**31 - 1
+# Weight-gradient partial sums: at most this many chunks of images, and this many bytes.
+_MAX_CHUNKS = 16
+_PARTIAL_BYTES = 64 << 20
+
+
+class _Problem:
+    """One convolution as the kernels see it. ``pad_top``/``pad_left`` may be negative
+    (the input-gradient problem of a heavily padded convolution crops instead)."""
+
+    def __init__(self, in_shape, out_hw, weight_shape, groups, stride, pad, dilation):
+        self.batch, self.in_channels, self.in_h, self.in_w = in_shape
+        self.out_h, self.out_w = out_hw
+        self.out_channels, self.channels_per_group, self.kernel_h, self.kernel_w = \
+            weight_shape
+        self.groups = groups
+        self.stride_h, self.stride_w = stride
+        self.pad_top, self.pad_left = pad
+        self.dilation_h, self.dilation_w = dilation
+
+    @property
+    def outputs_per_group(self):
+        return self.out_channels // self.groups
+
+    @property
+    def args(self):
+        """Geometry arguments shared by every kernel."""
+        return (self.groups, self.kernel_h, self.kernel_w, self.stride_h, self.stride_w,
+                self.dilation_h, self.dilation_w, self.pad_top, self.pad_left,
+                *self.column_range())
+
+    def column_range(self):
+        """Per kernel column ``j``: output columns ``[lo[j], hi[j])`` whose tap
+        ``ow*SW + j*DW - pad_left`` lies inside the input row."""
+        lo = np.empty(self.kernel_w, np.int64)
+        hi = np.empty(self.kernel_w, np.int64)
+        for j in range(self.kernel_w):
+            offset = j * self.dilation_w - self.pad_left
+            first = min(max(-(offset // self.stride_w), 0), self.out_w)  # ceil(-off/SW)
+            last = -((offset - self.in_w) // self.stride_w)            # ceil((W-off)/SW)
+            lo[j], hi[j] = first, min(max(last, first), self.out_w)
+        return lo, hi
+
+    def algorithm(self):
+        if (self.channels_per_group == 1
+                or max(self.in_h * self.in_w, self.out_h * self.out_w,
+                       self.channels_per_group * self.kernel_h * self.kernel_w)
+                > _BLAS_LIMIT):
+            return DIRECT
+        if (self.kernel_h == self.kernel_w == 1 and self.stride_h == self.stride_w == 1
+                and self.pad_top == self.pad_left == 0):
+            return POINTWISE
+        return ROWS if self.stride_h == 1 else IM2COL
+
+    def band_rows(self, algorithm, itemsize):
+        """Output rows per band: the gathered columns fit in ``_COLUMN_BYTES``."""
+        row_bytes = self.out_w * itemsize * self.channels_per_group * self.kernel_w
+        if algorithm == ROWS:
+            rows = _COLUMN_BYTES // row_bytes - self.dilation_h * (self.kernel_h - 1)
+        else:
+            rows = _COLUMN_BYTES // (row_bytes * self.kernel_h)
+        rows = max(1, min(rows, self.out_h))
+        if rows * self.out_w * max(self.channels_per_group * self.kernel_h
+                                   * self.kernel_w, 1) > _BLAS_LIMIT:
+            rows = max(1, _BLAS_LIMIT // (self.out_w * self.channels_per_group
+                                          * self.kernel_h * self.kernel_w))
+        return rows
+
+    def gemm_weight(self, weight, algorithm):
+        """The weight as the GEMMs read it: ``(O, C_g*KH*KW)``, or for ``"rows"``
+        ``(KH, O, C_g*KW)`` so each kernel row is one matrix."""
+        if algorithm == ROWS:
+            return np.ascontiguousarray(weight.transpose(2, 0, 1, 3)).reshape(-1)
+        return np.ascontiguousarray(weight).reshape(-1)
+
+
+def choose_algorithm(geometry):
+    """Name of the algorithm ``conv2d_forward``/``conv2d_backward`` use for
+    ``geometry``."""
+    return _NAMES[_forward_problem(geometry).algorithm()]
+
+
+def valid_algorithms(geometry):
+    """Names of every algorithm that can run ``geometry`` (tests run them all)."""
+    problem = _forward_problem(geometry)
+    names = ["direct"]
+    if max(problem.in_h * problem.in_w, problem.out_h * problem.out_w) <= _BLAS_LIMIT:
+        names.append("im2col")
+        if problem.stride_h == 1:
+            names.append("rows")
+        if (problem.kernel_h == problem.kernel_w == 1 and problem.stride_h == 1
+                and problem.stride_w == 1 and problem.pad_top == problem.pad_left == 0):
+            names.append("pointwise")
+    return names
+
+
+# ----------------------------------------------------------------------------- gather
+
+@njit(inline="always")
+def _gather_columns(x, n, c0, channels, h0, h_step, n_rows, taps_h, DH, KW, SW, DW, PL,
+                    OW, col_lo, col_hi, cols):
+    """``cols[((c*taps_h + i)*KW + j)*L + r*OW + ow] = x[n, c0+c, h, ow*SW + j*DW - PL]``
+    with ``h = h0 + r*h_step + i*DH`` and ``L = n_rows * OW``; 0 outside the input."""
+    H = x.shape[2]
+    L = n_rows * OW
+    for c in range(channels):
+        plane = x[n, c0 + c]
+        for i in range(taps_h):
+            for j in range(KW):
+                dst = ((c * taps_h + i) * KW + j) * L
+                offset = j * DW - PL
+                lo = col_lo[j]
+                hi = col_hi[j]
+                for r in range(n_rows):
+                    h = h0 + r * h_step + i * DH
+                    base = dst + r * OW
+                    if h < 0 or h >= H:
+                        for ow in range(OW):
+                            cols[_U(base + ow)] = 0
+                        continue
+                    src = plane[h]
+                    for ow in range(lo):
+                        cols[_U(base + ow)] = 0
+                    if SW == 1:
+                        for ow in range(lo, hi):
+                            cols[_U(base + ow)] = src[_U(ow + offset)]
+                    else:
+                        for ow in range(lo, hi):
+                            cols[_U(base + ow)] = src[_U(ow * SW + offset)]
+                    for ow in range(hi, OW):
+                        cols[_U(base + ow)] = 0
+
+
+@njit(inline="always")
+def _scatter_columns(cols, gx, n, c0, channels, h0, h_step, n_rows, KH, DH, KW, SW, DW,
+                     PL, OW, col_lo, col_hi):
+    """Inverse of ``_gather_columns`` with ``taps_h = KH``: add every column entry back
+    onto the input cell it was read from (cells outside the input are dropped)."""
+    H = gx.shape[2]
+    L = n_rows * OW
+    for c in range(channels):
+        plane = gx[n, c0 + c]
+        for i in range(KH):
+            for j in range(KW):
+                src = ((c * KH + i) * KW + j) * L
+                offset = j * DW - PL
+                lo = col_lo[j]
+                hi = col_hi[j]
+                for r in range(n_rows):
+                    h = h0 + r * h_step + i * DH
+                    if h < 0 or h >= H:
+                        continue
+                    dst = plane[h]
+                    base = src + r * OW
+                    if SW == 1:
+                        for ow in range(lo, hi):
+                            dst[_U(ow + offset)] += cols[_U(base + ow)]
+                    else:
+                        for ow in range(lo, hi):
+                            dst[_U(ow * SW + offset)] += cols[_U(base + ow)]
+
+
+# ----------------------------------------------------------------------------- GEMM kernels
+
+@njit(**_JIT)
+def _gemm_forward(x, w, bias, has_bias, y, algorithm, rows_per_band, workers, status,
+                  G, KH, KW, SH, SW, DH, DW, PT, PL, col_lo, col_hi):
+    """``y = conv(x, w) (+ bias)`` by GEMMs over (image, group, band of output rows)."""
+    N, C, H, W = x.shape
+    O, OH, OW = y.shape[1], y.shape[2], y.shape[3]
+    Cg = C // G
+    Og = O // G
+    bands = (OH + rows_per_band - 1) // rows_per_band
+    tasks = N * G * bands
+    if algorithm == ROWS:
+        k_gemm = Cg * KW
+        col_size = k_gemm * (rows_per_band + DH * (KH - 1)) * OW
+    elif algorithm == IM2COL:
+        k_gemm = Cg * KH * KW
+        col_size = k_gemm * rows_per_band * OW
+    else:
+        k_gemm = Cg
+        col_size = 0
+    xf = x.reshape(-1)
+    yf = y.reshape(-1)
+    for worker in prange(workers):
+        cols = np.empty(col_size, x.dtype)
+        for t in range(worker * tasks // workers, (worker + 1) * tasks // workers):
+            n = t // (G * bands)
+            g = (t // bands) % G
+            oh0 = (t % bands) * rows_per_band
+            rows = min(rows_per_band, OH - oh0)
+            pixels = rows * OW
+            out = ((n * O + g * Og) * OH + oh0) * OW
+            beta = 0.0
+            if has_bias:
+                beta = 1.0
+                for o in range(Og):
+                    b = bias[g * Og + o]
+                    start = out + o * OH * OW
+                    for p in range(pixels):
+                        yf[_U(start + p)] = b
+            if algorithm == POINTWISE:
+                s = gemm(False, False, Og, pixels, Cg, w, g * Og * Cg, Cg,
+                         xf, (n * C + g * Cg) * H * W + oh0 * W, H * W,
+                         beta, yf, out, OH * OW)
+            elif algorithm == ROWS:
+                n_rows = rows + DH * (KH - 1)
+                _gather_columns(x, n, g * Cg, Cg, oh0 - PT, 1, n_rows, 1, DH, KW, SW, DW,
+                                PL, OW, col_lo, col_hi, cols)
+                s = 0
+                for i in range(KH):
+                    s |= gemm(False, False, Og, pixels, k_gemm, w, (i * O + g * Og) * k_gemm,
+                              k_gemm, cols, i * DH * OW, n_rows * OW,
+                              beta if i == 0 else 1.0, yf, out, OH * OW)
+            else:
+                _gather_columns(x, n, g * Cg, Cg, oh0 * SH - PT, SH, rows, KH, DH, KW, SW,
+                                DW, PL, OW, col_lo, col_hi, cols)
+                s = gemm(False, False, Og, pixels, k_gemm, w, g * Og * k_gemm, k_gemm,
+                         cols, 0, pixels, beta, yf, out, OH * OW)
+            if s != 0:
+                status[0] = s
+
+
+@njit(**_JIT)
+def _gemm_backward_input(grad_output, w, grad_input, rows_per_band, status,
+                         G, KH, KW, SH, SW, DH, DW, PT, PL, col_lo, col_hi):
+    """``grad_input = col2im(W_g^T @ grad_output)``, one thread per (image, group)."""
+    N, C, H, W = grad_input.shape
+    O, OH, OW = grad_output.shape[1], grad_output.shape[2], grad_output.shape[3]
+    Cg = C // G
+    Og = O // G
+    K = Cg * KH * KW
+    bands = (OH + rows_per_band - 1) // rows_per_band
+    gf = grad_output.reshape(-1)
+    for t in prange(N * G):
+        n = t // G
+        g = t % G
+        cols = np.empty(K * rows_per_band * OW, grad_input.dtype)
+        for c in range(Cg):
+            grad_input[n, g * Cg + c] = 0
+        for b in range(bands):
+            oh0 = b * rows_per_band
+            rows = min(rows_per_band, OH - oh0)
+            s = gemm(True, False, K, rows * OW, Og, w, g * Og * K, K,
+                     gf, ((n * O + g * Og) * OH + oh0) * OW, OH * OW,
+                     0.0, cols, 0, rows * OW)
+            if s != 0:
+                status[0] = s
+            _scatter_columns(cols, grad_input, n, g * Cg, Cg, oh0 * SH - PT, SH, rows, KH,
+                             DH, KW, SW, DW, PL, OW, col_lo, col_hi)
+
+
+@njit(**_JIT)
+def _gemm_backward_weight(x, grad_output, partial, algorithm, rows_per_band, status,
+                          G, KH, KW, SH, SW, DH, DW, PT, PL, col_lo, col_hi):
+    """``partial[chunk] = sum over the chunk's images of grad_output @ columns^T``, in
+    the weight layout ``_Problem.gemm_weight`` gives for ``algorithm``."""
+    N, C, H, W = x.shape
+    O, OH, OW = grad_output.shape[1], grad_output.shape[2], grad_output.shape[3]
+    Cg = C // G
+    Og = O // G
+    chunks = partial.shape[0]
+    bands = (OH + rows_per_band - 1) // rows_per_band
+    if algorithm == ROWS:
+        k_gemm = Cg * KW
+        col_size = k_gemm * (rows_per_band + DH * (KH - 1)) * OW
+    elif algorithm == IM2COL:
+        k_gemm = Cg * KH * KW
+        col_size = k_gemm * rows_per_band * OW
+    else:
+        k_gemm = Cg
+        col_size = 0
+    xf = x.reshape(-1)
+    gf = grad_output.reshape(-1)
+    for chunk in prange(chunks):
+        acc = partial[chunk]
+        acc[:] = 0
+        cols = np.empty(col_size, x.dtype)
+        for n in range(chunk * N // chunks, (chunk + 1) * N // chunks):
+            for g in range(G):
+                for b in range(bands):
+                    oh0 = b * rows_per_band
+                    rows = min(rows_per_band, OH - oh0)
+                    pixels = rows * OW
+                    dy = ((n * O + g * Og) * OH + oh0) * OW
+                    if algorithm == POINTWISE:
+                        s = gemm(False, True, Og, Cg, pixels, gf, dy, OH * OW,
+                                 xf, (n * C + g * Cg) * H * W + oh0 * W, H * W,
+                                 1.0, acc, g * Og * Cg, Cg)
+                    elif algorithm == ROWS:
+                        n_rows = rows + DH * (KH - 1)
+                        _gather_columns(x, n, g * Cg, Cg, oh0 - PT, 1, n_rows, 1, DH, KW,
+                                        SW, DW, PL, OW, col_lo, col_hi, cols)
+                        s = 0
+                        for i in range(KH):
+                            s |= gemm(False, True, Og, k_gemm, pixels, gf, dy, OH * OW,
+                                      cols, i * DH * OW, n_rows * OW,
+                                      1.0, acc, (i * O + g * Og) * k_gemm, k_gemm)
+                    else:
+                        _gather_columns(x, n, g * Cg, Cg, oh0 * SH - PT, SH, rows, KH, DH,
+                                        KW, SW, DW, PL, OW, col_lo, col_hi, cols)
+                        s = gemm(False, True, Og, k_gemm, pixels, gf, dy, OH * OW,
+                                 cols, 0, pixels, 1.0, acc, g * Og * k_gemm, k_gemm)
+                    if s != 0:
+                        status[0] = s
+
+
+@njit(**_JIT)
+def _sum_partials(partial, out):
+    """``out = partial[0] + partial[1] + ...`` in chunk order."""
+    flat = out.reshape(-1)
+    for e in prange(flat.shape[0]):
+        total = partial[0, e]
+        for chunk in range(1, partial.shape[0]):
+            total += partial[chunk, e]
+        flat[e] = total
+
+
+@njit(**_JIT)
+def _bias_grad(grad_output, out):
+    """``out[o] = sum of grad_output[:, o]``, accumulated in float64."""
+    N, O = grad_output.shape[0], grad_output.shape[1]
+    P = grad_output.shape[2] * grad_output.shape[3]
+    gf = grad_output.reshape(N, O, P)
+    for o in prange(O):
+        total = 0.0
+        for n in range(N):
+            for p in range(P):
+                total += gf[n, o, p]
+        out[o] = total
+
+
+# ----------------------------------------------------------------------------- direct
+
+@njit(**_JIT)
+def _direct_forward(x, w, bias, has_bias, y, G, KH, KW, SH, SW, DH, DW, PT, PL, col_lo,
+                    col_hi):
+    """``y`` one output row at a time, accumulated along the row (vectorised)."""
+    N, C, H, W = x.shape
+    O, OH, OW = y.shape[1], y.shape[2], y.shape[3]
+    Cg = C // G
+    Og = O // G
+    for t in prange(N * O):
+        n = t // O
+        o = t % O
+        g = o // Og
+        b = bias[o] if has_bias else 0.0
+        for oh in range(OH):
+            acc = y[n, o, oh]
+            for ow in range(OW):
+                acc[_U(ow)] = b
+            for c in range(Cg):
+                plane = x[n, g * Cg + c]
+                for i in range(KH):
+                    h = oh * SH - PT + i * DH
+                    if h < 0 or h >= H:
+                        continue
+                    src = plane[h]
+                    for j in range(KW):
+                        weight = w[o, c, i, j]
+                        offset = j * DW - PL
+                        if SW == 1:
+                            for ow in range(col_lo[j], col_hi[j]):
+                                acc[_U(ow)] += weight * src[_U(ow + offset)]
+                        else:
+                            for ow in range(col_lo[j], col_hi[j]):
+                                acc[_U(ow)] += weight * src[_U(ow * SW + offset)]
+
+
+@njit(**_JIT)
+def _direct_backward_input(grad_output, w, grad_input, G, KH, KW, SH, SW, DH, DW, PT, PL,
+                           col_lo, col_hi):
+    """Each input plane is owned by one thread, which adds every tap that read it."""
+    N, C, H, W = grad_input.shape
+    O, OH, OW = grad_output.shape[1], grad_output.shape[2], grad_output.shape[3]
+    Cg = C // G
+    Og = O // G
+    for t in prange(N * C):
+        n = t // C
+        c = t % C
+        g = c // Cg
+        cl = c - g * Cg
+        plane = grad_input[n, c]
+        plane[:] = 0
+        for o in range(g * Og, (g + 1) * Og):
+            for oh in range(OH):
+                src = grad_output[n, o, oh]
+                for i in range(KH):
+                    h = oh * SH - PT + i * DH
+                    if h < 0 or h >= H:
+                        continue
+                    dst = plane[h]
+                    for j in range(KW):
+                        weight = w[o, cl, i, j]
+                        offset = j * DW - PL
+                        if SW == 1:
+                            for ow in range(col_lo[j], col_hi[j]):
+                                dst[_U(ow + offset)] += weight * src[_U(ow)]
+                        else:
+                            for ow in range(col_lo[j], col_hi[j]):
+                                dst[_U(ow * SW + offset)] += weight * src[_U(ow)]
+
+
+@njit(**_JIT)
+def _direct_backward_weight(x, grad_output, grad_weight, G, KH, KW, SH, SW, DH, DW, PT,
+                            PL, col_lo, col_hi):
+    """One thread per output channel. Each tap keeps one running sum per output column
+    (vectorised, fixed order), added up at the end in float64."""
+    N, C, H, W = x.shape
+    O, OH, OW = grad_output.shape[1], grad_output.shape[2], grad_output.shape[3]
+    Cg = C // G
+    Og = O // G
+    taps = Cg * KH * KW
+    for o in prange(O):
+        g = o // Og
+        lanes = np.zeros((taps, OW), x.dtype)
+        for n in range(N):
+            for oh in range(OH):
+                dy = grad_output[n, o, oh]
+                for c in range(Cg):
+                    plane = x[n, g * Cg + c]
+                    for i in range(KH):
+                        h = oh * SH - PT + i * DH
+                        if h < 0 or h >= H:
+                            continue
+                        src = plane[h]
+                        for j in range(KW):
+                            lane = lanes[(c * KH + i) * KW + j]
+                            offset = j * DW - PL
+                            if SW == 1:
+                                for ow in range(col_lo[j], col_hi[j]):
+                                    lane[_U(ow)] += dy[_U(ow)] * src[_U(ow + offset)]
+                            else:
+                                for ow in range(col_lo[j], col_hi[j]):
+                                    lane[_U(ow)] += dy[_U(ow)] * src[_U(ow * SW + offset)]
+        flat = grad_weight[o].reshape(-1)
+        for k in range(taps):
+            total = 0.0
+            for ow in range(OW):
+                total += lanes[k, ow]
+            flat[k] = total
+
+
+# ----------------------------------------------------------------------------- launchers
+
+def _forward_problem(g):
+    return _Problem((g.batch, g.in_channels, g.in_h, g.in_w), (g.out_h, g.out_w),
+                    (g.out_channels, g.in_channels // g.groups, g.kernel_h, g.kernel_w),
+                    g.groups, (g.stride_h, g.stride_w), (g.pad_top, g.pad_left),
+                    (g.dilation_h, g.dilation_w))
+
+
+def _input_grad_problem(g):
+    """Stride-1 input gradient as a forward convolution of ``grad_output``."""
+    return _Problem((g.batch, g.out_channels, g.out_h, g.out_w), (g.in_h, g.in_w),
+                    (g.in_channels, g.out_channels // g.groups, g.kernel_h, g.kernel_w),
+                    g.groups, (1, 1),
+                    (g.dilation_h * (g.kernel_h - 1) - g.pad_top,
+                     g.dilation_w * (g.kernel_w - 1) - g.pad_left),
+                    (g.dilation_h, g.dilation_w))
+
+
+def _flipped_transposed(weight, groups):
+    """``wt[g*Cg + c, o, i, j] = weight[g*Og + o, c, KH-1-i, KW-1-j]``."""
+    O, Cg, KH, KW = weight.shape
+    per_group = weight.reshape(groups, O // groups, Cg, KH, KW)[:, :, :, ::-1, ::-1]
+    return np.ascontiguousarray(per_group.transpose(0, 2, 1, 3, 4)).reshape(
+        groups * Cg, O // groups, KH, KW)
+
+
+def _check(status):
+    if status[0] != 0:
+        raise RuntimeError(f"BLAS gemm failed with status {status[0]}")
+
+
+def _run_forward(problem, x, weight, bias, y, algorithm=None):
+    algorithm = problem.algorithm() if algorithm is None else algorithm
+    has_bias = bias is not None
+    bias = bias if has_bias else np.zeros(1, x.dtype)
+    if algorithm == DIRECT:
+        _direct_forward(x, np.ascontiguousarray(weight), bias, has_bias, y, *problem.args)
+        return y
+    status = np.zeros(1, np.int32)
+    with single_threaded_blas(x.dtype):
+        _gemm_forward(x, problem.gemm_weight(weight, algorithm), bias, has_bias, y,
+                      algorithm, problem.band_rows(algorithm, x.itemsize),
+                      numba.get_num_threads(), status, *problem.args)
+    _check(status)
+    return y
+
+
+def conv2d_forward(x, weight, bias, geometry, algorithm=None):
+    """``y`` of shape ``(N, C_out, OH, OW)``. ``algorithm`` (a name from
+    ``ALGORITHMS``) overrides ``choose_algorithm``; tests use it to cover every path."""
+    g = geometry
+    x = np.ascontiguousarray(x).reshape(g.batch, g.in_channels, g.in_h, g.in_w)
+    y = np.empty((g.batch, g.out_channels, g.out_h, g.out_w), x.dtype)
+    if g.batch > 0:
+        code = None if algorithm is None else ALGORITHMS[algorithm]
+        _run_forward(_forward_problem(g), x, weight, bias, y, code)
+    return y.reshape(g.output_shape)
+
+
+def _input_grad(grad_output, weight, g, algorithm):
+    grad_input = np.empty((g.batch, g.in_channels, g.in_h, g.in_w), grad_output.dtype)
+    problem = _forward_problem(g)
+    if algorithm == DIRECT:
+        _direct_backward_input(grad_output, np.ascontiguousarray(weight), grad_input,
+                               *problem.args)
+    elif algorithm != IM2COL and g.stride_h == g.stride_w == 1:
+        transposed = _input_grad_problem(g)
+        _run_forward(transposed, grad_output, _flipped_transposed(weight, g.groups), None,
+                     grad_input)
+    else:
+        status = np.zeros(1, np.int32)
+        rows = problem.band_rows(IM2COL, grad_output.itemsize)
+        with single_threaded_blas(grad_output.dtype):
+            _gemm_backward_input(grad_output, np.ascontiguousarray(weight).reshape(-1),
+                                 grad_input, rows, status, *problem.args)
+        _check(status)
+    return grad_input
+
+
+def _weight_grad(x, grad_output, weight_shape, g, algorithm):
+    grad_weight = np.empty(weight_shape, x.dtype)
+    problem = _forward_problem(g)
+    if algorithm == DIRECT:
+        _direct_backward_weight(x, grad_output, grad_weight, *problem.args)
+        return grad_weight
+    weight_bytes = grad_weight.nbytes
+    chunks = max(1, min(g.batch, _MAX_CHUNKS, _PARTIAL_BYTES // weight_bytes))
+    partial = np.empty((chunks, grad_weight.size), x.dtype)
+    status = np.zeros(1, np.int32)
+    with single_threaded_blas(x.dtype):
+        _gemm_backward_weight(x, grad_output, partial, algorithm,
+                              problem.band_rows(algorithm, x.itemsize), status,
+                              *problem.args)
+    _check(status)
+    if algorithm == ROWS:
+        O, Cg, KH, KW = weight_shape
+        summed = np.empty((KH, O, Cg, KW), x.dtype)
+        _sum_partials(partial, summed)
+        grad_weight[...] = summed.transpose(1, 2, 0, 3)
+    else:
+        _sum_partials(partial, grad_weight)
+    return grad_weight
+
+
+def conv2d_backward(grad_output, x, weight, geometry, output_mask, algorithm=None):
+    """``(grad_input, grad_weight, grad_bias)``, ``None`` where ``output_mask`` is
+    False."""
+    g = geometry
+    want_input, want_weight, want_bias = output_mask
+    grad_output = np.ascontiguousarray(grad_output).reshape(
+        g.batch, g.out_channels, g.out_h, g.out_w)
+    x = np.ascontiguousarray(x).reshape(g.batch, g.in_channels, g.in_h, g.in_w)
+    code = _forward_problem(g).algorithm() if algorithm is None else ALGORITHMS[algorithm]
+    grad_input = grad_weight = grad_bias = None
+    if want_input:
+        if g.batch == 0:
+            grad_input = np.zeros((0, g.in_channels, g.in_h, g.in_w), x.dtype)
+        else:
+            grad_input = _input_grad(grad_output, weight, g, code)
+        grad_input = grad_input.reshape(g.input_shape)
+    if want_weight:
+        if g.batch == 0:
+            grad_weight = np.zeros(weight.shape, x.dtype)
+        else:
+            grad_weight = _weight_grad(x, grad_output, weight.shape, g, code)
+    if want_bias:
+        grad_bias = np.empty(g.out_channels, x.dtype)
+        if g.batch == 0:
+            grad_bias[:] = 0
+        else:
+            _bias_grad(grad_output, grad_bias)
+    return grad_input, grad_weight, grad_bias
