@@ -322,7 +322,7 @@ def _conv_padding(padding, kernel, stride, dilation):
     return (ph, ph), (pw, pw)
 
 
-def conv_geometry(x, weight, bias, stride, padding, dilation, groups):
+def conv_geometry(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     """Validate conv2d arguments; return ``(x, weight, bias, ConvGeometry)``."""
     x = as_float_array("x", x)
     if x.ndim not in (3, 4):

@@ -19,6 +19,14 @@ TOLERANCES = {
     np.dtype(np.float64): dict(rtol=1e-12, atol=1e-12),
 }
 
+# Sums of many products (convolution) are compared against a bound: the same sum over
+# absolute values. Its error is at most about (terms * eps) * bound; these are that
+# factor with room for a few hundred terms.
+SUM_TOLERANCES = {
+    np.dtype(np.float32): 2e-5,
+    np.dtype(np.float64): 1e-13,
+}
+
 DTYPES = (np.float32, np.float64)
 
 # (kernel_size, stride, dilation); stride None means kernel_size.
@@ -36,6 +44,20 @@ GEOMETRIES = (
 
 def assert_close(actual, expected, dtype):
     np.testing.assert_allclose(actual, expected, **TOLERANCES[np.dtype(dtype)])
+
+
+def assert_close_to_sum(actual, expected, bound, dtype):
+    """``|actual - expected| <= SUM_TOLERANCES[dtype] * bound`` elementwise, where
+    ``bound`` is the sum of the absolute values of the summed terms."""
+    actual = np.asarray(actual, dtype=np.float64)
+    assert actual.shape == np.shape(expected)
+    excess = np.abs(actual - expected) - SUM_TOLERANCES[np.dtype(dtype)] * np.asarray(bound)
+    if excess.size and excess.max() > 0:
+        worst = np.unravel_index(np.argmax(excess), excess.shape)
+        raise AssertionError(
+            f"{int((excess > 0).sum())} of {excess.size} elements differ by more than "
+            f"{SUM_TOLERANCES[np.dtype(dtype)]} x bound; worst at {worst}: "
+            f"{actual[worst]} vs {expected[worst]} (bound {np.asarray(bound)[worst]})")
 
 
 def numeric_gradient(f, x, grad_output, eps=1e-6):

@@ -1,11 +1,11 @@
-"""Hypothesis strategies for valid pooling cases."""
+"""Hypothesis strategies for valid pooling and convolution cases."""
 
 import numpy as np
 from hypothesis import assume
 from hypothesis import strategies as st
 
 from conftest import DTYPES, GEOMETRIES
-from reference import pair, pool_output_size
+from reference import conv_padding, pair, pool_output_size
 
 
 @st.composite
@@ -48,3 +48,41 @@ def _every_window_covers_input(size, k, s, p, d, ceil_mode):
     """Dilated windows can fall wholly into padding; fastpool rejects those inputs."""
     out = pool_output_size(size, k, s, p, d, ceil_mode)
     return all(any(0 <= o * s - p + i * d < size for i in range(k)) for o in range(out))
+
+
+@st.composite
+def conv_cases(draw, max_hw=7):
+    """A valid conv2d case: shapes, dtype, bias flag and the geometry arguments (int,
+    pair, 'valid' or 'same' padding; groups including depthwise)."""
+    groups = draw(st.integers(1, 3))
+    in_per_group = draw(st.integers(1, 3))
+    out_per_group = draw(st.integers(1, 2))
+    kh, kw = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    dh, dw = draw(st.integers(1, 2)), draw(st.integers(1, 2))
+    sh, sw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    kind = draw(st.sampled_from(["int", "pair", "valid", "same"]))
+    if kind == "same":
+        sh = sw = 1
+        padding = "same"
+        (pt, pb), (pl, pr) = conv_padding("same", (kh, kw), (dh, dw))
+    elif kind == "valid":
+        padding = "valid"
+        pt = pb = pl = pr = 0
+    elif kind == "int":
+        padding = pt = pb = pl = pr = draw(st.integers(0, 3))
+    else:
+        pt, pl = draw(st.integers(0, 3)), draw(st.integers(0, 3))
+        pb, pr = pt, pl
+        padding = (pt, pl)
+    ekh, ekw = dh * (kh - 1) + 1, dw * (kw - 1) + 1
+    h = draw(st.integers(max(1, ekh - pt - pb), max(1, ekh - pt - pb) + max_hw))
+    w = draw(st.integers(max(1, ekw - pl - pr), max(1, ekw - pl - pr) + max_hw))
+    return dict(
+        x_shape=(draw(st.integers(1, 2)), groups * in_per_group, h, w),
+        weight_shape=(groups * out_per_group, in_per_group, kh, kw),
+        bias=draw(st.booleans()),
+        unbatched=draw(st.booleans()),
+        dtype=draw(st.sampled_from(DTYPES)),
+        args=dict(stride=(sh, sw) if draw(st.booleans()) else sh if sh == sw else (sh, sw),
+                  padding=padding, dilation=(dh, dw), groups=groups),
+    )

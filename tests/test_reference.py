@@ -271,3 +271,51 @@ def test_stochastic_rejects_bad_input(bad, training):
     x[0, 0, 1, 1] = bad
     with pytest.raises(ValueError):
         ref.stochastic_pool2d(x, 2, training=training)
+
+
+# ----------------------------------------------------------------------------- conv
+
+def _conv_cases(n_cases, seed):
+    """Random valid conv2d cases: shapes, bias, stride/padding/dilation/groups."""
+    rng = np.random.default_rng(seed)
+    cases = []
+    while len(cases) < n_cases:
+        groups = int(rng.integers(1, 4))
+        cg, og = (int(v) for v in rng.integers(1, 4, size=2))
+        kh, kw = (int(v) for v in rng.integers(1, 5, size=2))
+        dh, dw = (int(v) for v in rng.integers(1, 3, size=2))
+        padding = ["same", "valid", int(rng.integers(0, 3)),
+                   (int(rng.integers(0, 3)), int(rng.integers(0, 3)))][rng.integers(0, 4)]
+        stride = (1, 1) if padding == "same" else tuple(int(v) for v in
+                                                        rng.integers(1, 4, size=2))
+        H, W = (int(v) for v in rng.integers(1, 9, size=2))
+        (pt, pb), (pl, pr) = ref.conv_padding(padding, (kh, kw), (dh, dw))
+        if H + pt + pb < dh * (kh - 1) + 1 or W + pl + pr < dw * (kw - 1) + 1:
+            continue
+        cases.append(dict(x_shape=(2, groups * cg, H, W), w_shape=(groups * og, cg, kh, kw),
+                          bias=bool(rng.integers(0, 2)),
+                          args=dict(stride=stride, padding=padding, dilation=(dh, dw),
+                                    groups=groups)))
+    return cases
+
+
+@pytest.mark.parametrize("case", _conv_cases(40, seed=2), ids=lambda c: str(c["args"]))
+def test_conv_reference_matches_torch(case):
+    torch = pytest.importorskip("torch")
+    F = torch.nn.functional
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(case["x_shape"])
+    w = rng.standard_normal(case["w_shape"])
+    b = rng.standard_normal(case["w_shape"][0]) if case["bias"] else None
+    tx, tw = torch.from_numpy(x).requires_grad_(), torch.from_numpy(w).requires_grad_()
+    tb = None if b is None else torch.from_numpy(b).requires_grad_()
+    ty = F.conv2d(tx, tw, tb, **case["args"])
+    y = ref.conv2d(x, w, b, **case["args"])
+    np.testing.assert_allclose(y, ty.detach().numpy(), rtol=1e-10, atol=1e-10)
+    gy = rng.standard_normal(y.shape)
+    ty.backward(torch.from_numpy(gy))
+    gi, gw, gb = ref.conv2d_backward(gy, x, w, **case["args"])
+    np.testing.assert_allclose(gi, tx.grad.numpy(), rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(gw, tw.grad.numpy(), rtol=1e-10, atol=1e-10)
+    if b is not None:
+        np.testing.assert_allclose(gb, tb.grad.numpy(), rtol=1e-10, atol=1e-10)

@@ -592,3 +592,211 @@ def test_stochastic_window_sum_overflow_is_rejected_everywhere(corner):
 def test_stochastic_seed_is_validated_in_inference_too():
     with pytest.raises(ValueError, match="seed"):
         fastpool.stochastic_pool2d(np.ones((1, 2, 5, 5)), 2, training=False, seed=-1)
+
+
+# ----------------------------------------------------------------------------- conv2d
+
+_CONV_LAUNCHERS = ("conv2d_forward", "conv2d_backward")
+
+
+@pytest.fixture
+def no_conv_kernels(monkeypatch):
+    """Fail the test if a CPU conv launcher runs: validation must come first."""
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a kernel ran before the arguments were validated")
+
+    for name in _CONV_LAUNCHERS:
+        monkeypatch.setattr(fastpool.cpu, name, forbidden)
+
+
+def _conv(x, weight, bias=None, **kwargs):
+    return fastpool.conv2d(x, weight, bias, **kwargs)
+
+
+def _conv_backward(x, weight, bias=None, **kwargs):
+    # grad_output is only checked after the arguments it depends on.
+    if bias is not None:
+        raise pytest.skip.Exception("conv2d_backward takes no bias")
+    return fastpool.conv2d_backward(np.zeros((1, 4, 3, 3)), x, weight, **kwargs)
+
+
+conv_ops = pytest.mark.parametrize("op", [_conv, _conv_backward],
+                                   ids=["conv2d", "conv2d_backward"])
+X_CONV = np.ones((1, 4, 5, 5))
+W_CONV = np.ones((4, 2, 3, 3))
+
+
+@conv_ops
+@pytest.mark.parametrize("shape", [(5, 5), (1, 1, 4, 5, 5), ()])
+def test_conv_x_wrong_ndim(no_conv_kernels, op, shape):
+    with pytest.raises(ValueError, match=r"\bx\b.*(3-D|4-D)"):
+        op(np.ones(shape), W_CONV)
+
+
+@conv_ops
+@pytest.mark.parametrize("shape", [(1, 0, 5, 5), (1, 4, 0, 5), (4, 5, 0)])
+def test_conv_x_zero_sizes(no_conv_kernels, op, shape):
+    with pytest.raises(ValueError, match=r"\bx\b.*non-zero"):
+        op(np.ones(shape), W_CONV)
+
+
+@conv_ops
+@pytest.mark.parametrize("dtype", [np.int64, np.float16, np.complex64, np.bool_])
+def test_conv_unsupported_dtype(no_conv_kernels, op, dtype):
+    with pytest.raises(TypeError, match=r"\bx\b.*dtype"):
+        op(X_CONV.astype(dtype), W_CONV)
+    with pytest.raises(TypeError, match=r"\bweight\b.*dtype"):
+        op(X_CONV, W_CONV.astype(dtype))
+
+
+@conv_ops
+def test_conv_weight_dtype_must_match_x(no_conv_kernels, op):
+    with pytest.raises(TypeError, match=r"\bweight\b.*float32.*float64"):
+        op(X_CONV, W_CONV.astype(np.float32))
+
+
+def test_conv_bias_dtype_and_shape(no_conv_kernels):
+    with pytest.raises(TypeError, match=r"\bbias\b.*dtype"):
+        fastpool.conv2d(X_CONV, W_CONV, np.ones(4, np.float32), groups=2)
+    with pytest.raises(TypeError, match=r"\bbias\b.*dtype"):
+        fastpool.conv2d(X_CONV, W_CONV, np.ones(4, np.int64), groups=2)
+    for shape in [(3,), (4, 1), (), (1, 4)]:
+        with pytest.raises(ValueError, match=r"\bbias\b.*\(4,\)"):
+            fastpool.conv2d(X_CONV, W_CONV, np.ones(shape), groups=2)
+
+
+@conv_ops
+@pytest.mark.parametrize("shape", [(4, 2, 3), (4, 2, 3, 3, 1), (4,)])
+def test_conv_weight_wrong_ndim(no_conv_kernels, op, shape):
+    with pytest.raises(ValueError, match=r"\bweight\b.*4-D"):
+        op(X_CONV, np.ones(shape), groups=2)
+
+
+@conv_ops
+@pytest.mark.parametrize("shape", [(0, 2, 3, 3), (4, 2, 0, 3), (4, 2, 3, 0)])
+def test_conv_weight_zero_sizes(no_conv_kernels, op, shape):
+    with pytest.raises(ValueError, match=r"\bweight\b.*non-zero"):
+        op(X_CONV, np.ones(shape), groups=2)
+
+
+@conv_ops
+@pytest.mark.parametrize("groups, weight_shape", [
+    (3, (3, 1, 3, 3)),   # 3 does not divide C_in = 4
+    (2, (3, 2, 3, 3)),   # 2 does not divide C_out = 3
+    (4, (6, 1, 3, 3)),   # 4 does not divide C_out = 6
+])
+def test_conv_groups_must_divide_channels(no_conv_kernels, op, groups, weight_shape):
+    with pytest.raises(ValueError, match=r"groups=\d+ must divide"):
+        op(X_CONV, np.ones(weight_shape), groups=groups)
+
+
+@conv_ops
+@pytest.mark.parametrize("groups, weight_shape", [(1, (4, 2, 3, 3)), (2, (4, 4, 3, 3)),
+                                                  (4, (4, 2, 3, 3))])
+def test_conv_weight_channels_must_match_groups(no_conv_kernels, op, groups, weight_shape):
+    with pytest.raises(ValueError, match=r"\bweight\b.*in_channels // groups"):
+        op(X_CONV, np.ones(weight_shape), groups=groups)
+
+
+@conv_ops
+@pytest.mark.parametrize("groups", [0, -1])
+def test_conv_groups_below_one(no_conv_kernels, op, groups):
+    with pytest.raises(ValueError, match=r"groups must be >= 1"):
+        op(X_CONV, W_CONV, groups=groups)
+
+
+@conv_ops
+@pytest.mark.parametrize("name, value", [("groups", 2.0), ("groups", True),
+                                         ("stride", 1.5), ("stride", (1, "2")),
+                                         ("dilation", None), ("padding", 1.0),
+                                         ("padding", (1, True))])
+def test_conv_integer_arguments_wrong_type(no_conv_kernels, op, name, value):
+    kwargs = dict(groups=2)
+    kwargs[name] = value
+    with pytest.raises(TypeError, match=rf"\b{name}\b"):
+        op(X_CONV, W_CONV, **kwargs)
+
+
+@conv_ops
+@pytest.mark.parametrize("name", ["stride", "dilation", "padding"])
+def test_conv_pair_wrong_length(no_conv_kernels, op, name):
+    with pytest.raises(ValueError, match=rf"\b{name}\b.*pair"):
+        op(X_CONV, W_CONV, groups=2, **{name: (1, 1, 1)})
+
+
+@conv_ops
+@pytest.mark.parametrize("name, value", [("stride", 0), ("stride", (1, -1)),
+                                         ("dilation", 0), ("dilation", (0, 1))])
+def test_conv_stride_dilation_below_one(no_conv_kernels, op, name, value):
+    with pytest.raises(ValueError, match=rf"\b{name}\b must be >= 1"):
+        op(X_CONV, W_CONV, groups=2, **{name: value})
+
+
+@conv_ops
+@pytest.mark.parametrize("padding", [-1, (0, -2)])
+def test_conv_negative_padding(no_conv_kernels, op, padding):
+    with pytest.raises(ValueError, match=r"\bpadding\b must be >= 0"):
+        op(X_CONV, W_CONV, groups=2, padding=padding)
+
+
+@conv_ops
+@pytest.mark.parametrize("padding", ["SAME", "full", "", "same "])
+def test_conv_bad_padding_string(no_conv_kernels, op, padding):
+    with pytest.raises(ValueError, match=r"\bpadding\b.*'valid' or 'same'"):
+        op(X_CONV, W_CONV, groups=2, padding=padding)
+
+
+@conv_ops
+@pytest.mark.parametrize("stride", [2, (1, 2), (2, 1)])
+def test_conv_same_padding_needs_stride_one(no_conv_kernels, op, stride):
+    with pytest.raises(ValueError, match=r"padding='same'.*stride 1"):
+        op(X_CONV, W_CONV, groups=2, padding="same", stride=stride)
+
+
+@conv_ops
+@pytest.mark.parametrize("weight_shape, kwargs", [
+    ((4, 2, 6, 3), {}),                                 # kH 6 > H 5
+    ((4, 2, 3, 8), dict(padding=1)),                    # kW 8 > W 5 + 2
+    ((4, 2, 3, 3), dict(dilation=3)),                   # effective 7 > 5
+    ((4, 2, 3, 3), dict(dilation=(1, 4), padding="valid")),
+])
+def test_conv_kernel_larger_than_padded_input(no_conv_kernels, op, weight_shape, kwargs):
+    with pytest.raises(ValueError, match=r"kernel size.*larger than the padded input"):
+        op(X_CONV, np.ones(weight_shape), groups=2, **kwargs)
+
+
+def test_conv_integers_beyond_int64_are_rejected_clearly(no_conv_kernels):
+    for kwargs in (dict(stride=2**70, groups=2), dict(padding=2**63, groups=2),
+                   dict(groups=2**64)):
+        with pytest.raises(ValueError, match=r"2\*\*62"):
+            fastpool.conv2d(X_CONV, W_CONV, **kwargs)
+
+
+@pytest.mark.parametrize("shape", [(1, 4, 3, 4), (1, 3, 3, 3), (2, 4, 3, 3), (4, 3, 3)])
+def test_conv_grad_output_wrong_shape(no_conv_kernels, shape):
+    with pytest.raises(ValueError, match=r"grad_output.*\(1, 4, 3, 3\)"):
+        fastpool.conv2d_backward(np.zeros(shape), X_CONV, W_CONV, groups=2)
+
+
+def test_conv_grad_output_wrong_dtype(no_conv_kernels):
+    with pytest.raises(TypeError, match=r"grad_output dtype"):
+        fastpool.conv2d_backward(np.zeros((1, 4, 3, 3), np.float32), X_CONV, W_CONV,
+                                 groups=2)
+    with pytest.raises(TypeError, match=r"grad_output.*dtype"):
+        fastpool.conv2d_backward(np.zeros((1, 4, 3, 3), np.int32), X_CONV, W_CONV,
+                                 groups=2)
+
+
+@pytest.mark.parametrize("mask", [(True, True), (True, True, True, True), True,
+                                  (1, 1, 1), (True, None, False), "TTT"])
+def test_conv_output_mask_must_be_three_bools(no_conv_kernels, mask):
+    with pytest.raises(TypeError, match=r"output_mask"):
+        fastpool.conv2d_backward(np.zeros((1, 4, 3, 3)), X_CONV, W_CONV, groups=2,
+                                 output_mask=mask)
+
+
+def test_conv_device_checked_before_kernels(no_conv_kernels):
+    with pytest.raises(ValueError, match="device"):
+        fastpool.conv2d(X_CONV, W_CONV, groups=2, device="tpu")
+    with pytest.raises(fastpool.CudaUnavailableError):
+        fastpool.conv2d(X_CONV, W_CONV, groups=2, device="cuda")

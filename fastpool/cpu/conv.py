@@ -106,6 +106,13 @@ class _Problem:
             return POINTWISE
         return ROWS if self.stride_h == 1 else IM2COL
 
+    def unit_stride_planes(self):
+        """Whether the padded-plane direct kernels apply: stride 1 and a padded plane
+        of at most ``_PADDED_PLANE_LIMIT`` elements."""
+        padded = ((self.out_h + self.dilation_h * (self.kernel_h - 1))
+                  * (self.out_w + self.dilation_w * (self.kernel_w - 1)))
+        return self.stride_h == self.stride_w == 1 and padded <= _PADDED_PLANE_LIMIT
+
     def band_rows(self, algorithm, itemsize):
         """Output rows per band: the gathered columns fit in ``_COLUMN_BYTES``."""
         row_bytes = self.out_w * itemsize * self.channels_per_group * self.kernel_w
@@ -496,6 +503,143 @@ def _direct_backward_weight(x, grad_output, grad_weight, G, KH, KW, SH, SW, DH, 
             flat[k] = total
 
 
+# Stride-1 direct kernels work on zero-padded copies of whole planes laid out with the
+# padded width ``Wp``: every tap is then one long unit-stride loop over the flat plane
+# (``OH * Wp`` elements, the ``Wp - OW`` extra columns of each row are discarded), with
+# no bounds checks and no short-row remainders to hold back vectorisation.
+_PADDED_PLANE_LIMIT = 1 << 22  # elements; larger planes use the row kernels above
+
+
+@njit(inline="always")
+def _pad_plane(src, dst, PT, PL, Hp, Wp):
+    """``dst[r*Wp + c] = src[r - PT, c - PL]``, 0 outside ``src``; the slack after
+    ``Hp * Wp`` is zeroed too."""
+    H, W = src.shape
+    lo = min(max(PL, 0), Wp)
+    hi = min(max(PL + W, lo), Wp)
+    for r in range(Hp):
+        h = r - PT
+        base = r * Wp
+        if h < 0 or h >= H:
+            for c in range(Wp):
+                dst[_U(base + c)] = 0
+            continue
+        row = src[h]
+        for c in range(lo):
+            dst[_U(base + c)] = 0
+        for c in range(lo, hi):
+            dst[_U(base + c)] = row[_U(c - PL)]
+        for c in range(hi, Wp):
+            dst[_U(base + c)] = 0
+    for e in range(Hp * Wp, dst.shape[0]):
+        dst[e] = 0
+
+
+@njit(inline="always")
+def _accumulate_taps(acc, padded, weights, offsets, Q):
+    """``acc[q] += sum over taps k of weights[k] * padded[q + offsets[k]]``, four taps
+    per pass over ``acc`` (a pass is bound by its loads and stores, not by the FMAs)."""
+    taps = weights.shape[0]
+    k = 0
+    while k + 4 <= taps:
+        w0, w1, w2, w3 = weights[k], weights[k + 1], weights[k + 2], weights[k + 3]
+        o0, o1, o2, o3 = offsets[k], offsets[k + 1], offsets[k + 2], offsets[k + 3]
+        for q in range(Q):
+            acc[_U(q)] += ((w0 * padded[_U(q + o0)] + w1 * padded[_U(q + o1)])
+                           + (w2 * padded[_U(q + o2)] + w3 * padded[_U(q + o3)]))
+        k += 4
+    while k < taps:
+        w0 = weights[k]
+        o0 = offsets[k]
+        for q in range(Q):
+            acc[_U(q)] += w0 * padded[_U(q + o0)]
+        k += 1
+
+
+@njit(inline="always")
+def _tap_offsets(KH, KW, DH, DW, Wp):
+    offsets = np.empty(KH * KW, np.int64)
+    for i in range(KH):
+        for j in range(KW):
+            offsets[i * KW + j] = i * DH * Wp + j * DW
+    return offsets
+
+
+@njit(**_JIT)
+def _direct_forward_unit_stride(x, w, bias, has_bias, y, workers, G, KH, KW, DH, DW, PT,
+                                PL):
+    N, C, H, W = x.shape
+    O, OH, OW = y.shape[1], y.shape[2], y.shape[3]
+    Cg = C // G
+    Og = O // G
+    Hp = OH + DH * (KH - 1)
+    Wp = OW + DW * (KW - 1)
+    Q = OH * Wp
+    tasks = N * O
+    offsets = _tap_offsets(KH, KW, DH, DW, Wp)
+    for worker in prange(workers):
+        padded = np.empty(Hp * Wp + DW * (KW - 1), x.dtype)
+        acc = np.empty(Q, x.dtype)
+        for t in range(worker * tasks // workers, (worker + 1) * tasks // workers):
+            n = t // O
+            o = t % O
+            g = o // Og
+            b = bias[o] if has_bias else 0.0
+            for q in range(Q):
+                acc[q] = b
+            for c in range(Cg):
+                _pad_plane(x[n, g * Cg + c], padded, PT, PL, Hp, Wp)
+                _accumulate_taps(acc, padded, w[o, c].reshape(-1), offsets, Q)
+            out = y[n, o]
+            for oh in range(OH):
+                row = out[oh]
+                for ow in range(OW):
+                    row[_U(ow)] = acc[_U(oh * Wp + ow)]
+
+
+@njit(cache=True, boundscheck=False, nogil=True, fastmath={"reassoc"})
+def _dot(a, b, b_offset, length):
+    """``sum a[q] * b[q + b_offset]`` over ``q < length``. Reassociation lets LLVM keep
+    vector partial sums; the order depends only on ``length``, so it is fixed."""
+    total = a.dtype.type(0)
+    for q in range(length):
+        total += a[_U(q)] * b[_U(q + b_offset)]
+    return total
+
+
+@njit(**_JIT)
+def _direct_backward_weight_unit_stride(x, grad_output, grad_weight, G, KH, KW, DH, DW,
+                                        PT, PL):
+    """One thread per output channel: per image, one dot product per tap over the flat
+    padded plane, summed over images in float64."""
+    N, C, H, W = x.shape
+    O, OH, OW = grad_output.shape[1], grad_output.shape[2], grad_output.shape[3]
+    Cg = C // G
+    Og = O // G
+    Hp = OH + DH * (KH - 1)
+    Wp = OW + DW * (KW - 1)
+    Q = OH * Wp
+    offsets = _tap_offsets(KH, KW, DH, DW, Wp)
+    for o in prange(O):
+        g = o // Og
+        totals = np.zeros((Cg, KH * KW), np.float64)
+        padded = np.empty(Hp * Wp + DW * (KW - 1), x.dtype)
+        dy = np.zeros(Q, x.dtype)  # grad_output rows at stride Wp, zero beyond OW
+        for n in range(N):
+            plane = grad_output[n, o]
+            for oh in range(OH):
+                row = plane[oh]
+                for ow in range(OW):
+                    dy[_U(oh * Wp + ow)] = row[_U(ow)]
+            for c in range(Cg):
+                _pad_plane(x[n, g * Cg + c], padded, PT, PL, Hp, Wp)
+                for k in range(KH * KW):
+                    totals[c, k] += _dot(dy, padded, offsets[k], Q)
+        flat = grad_weight[o].reshape(-1)
+        for c in range(Cg):
+            for k in range(KH * KW):
+                flat[c * KH * KW + k] = totals[c, k]
+
 # ----------------------------------------------------------------------------- launchers
 
 def _forward_problem(g):
@@ -533,7 +677,15 @@ def _run_forward(problem, x, weight, bias, y, algorithm=None):
     has_bias = bias is not None
     bias = bias if has_bias else np.zeros(1, x.dtype)
     if algorithm == DIRECT:
-        _direct_forward(x, np.ascontiguousarray(weight), bias, has_bias, y, *problem.args)
+        weight = np.ascontiguousarray(weight)
+        if problem.unit_stride_planes():
+            p = problem
+            _direct_forward_unit_stride(x, weight, bias, has_bias, y,
+                                        numba.get_num_threads(), p.groups, p.kernel_h,
+                                        p.kernel_w, p.dilation_h, p.dilation_w,
+                                        p.pad_top, p.pad_left)
+        else:
+            _direct_forward(x, weight, bias, has_bias, y, *problem.args)
         return y
     status = np.zeros(1, np.int32)
     with single_threaded_blas(x.dtype):
@@ -559,13 +711,13 @@ def conv2d_forward(x, weight, bias, geometry, algorithm=None):
 def _input_grad(grad_output, weight, g, algorithm):
     grad_input = np.empty((g.batch, g.in_channels, g.in_h, g.in_w), grad_output.dtype)
     problem = _forward_problem(g)
-    if algorithm == DIRECT:
+    if algorithm == DIRECT and not problem.unit_stride_planes():
         _direct_backward_input(grad_output, np.ascontiguousarray(weight), grad_input,
                                *problem.args)
     elif algorithm != IM2COL and g.stride_h == g.stride_w == 1:
         transposed = _input_grad_problem(g)
         _run_forward(transposed, grad_output, _flipped_transposed(weight, g.groups), None,
-                     grad_input)
+                     grad_input, DIRECT if algorithm == DIRECT else None)
     else:
         status = np.zeros(1, np.int32)
         rows = problem.band_rows(IM2COL, grad_output.itemsize)
@@ -580,7 +732,13 @@ def _weight_grad(x, grad_output, weight_shape, g, algorithm):
     grad_weight = np.empty(weight_shape, x.dtype)
     problem = _forward_problem(g)
     if algorithm == DIRECT:
-        _direct_backward_weight(x, grad_output, grad_weight, *problem.args)
+        p = problem
+        if p.unit_stride_planes():
+            _direct_backward_weight_unit_stride(x, grad_output, grad_weight, p.groups,
+                                                p.kernel_h, p.kernel_w, p.dilation_h,
+                                                p.dilation_w, p.pad_top, p.pad_left)
+        else:
+            _direct_backward_weight(x, grad_output, grad_weight, *problem.args)
         return grad_weight
     weight_bytes = grad_weight.nbytes
     chunks = max(1, min(g.batch, _MAX_CHUNKS, _PARTIAL_BYTES // weight_bytes))

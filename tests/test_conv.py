@@ -1,0 +1,309 @@
+"""conv2d and conv2d_backward against the loop references, PyTorch and finite
+differences; every CPU algorithm; layouts, empty batches, output_mask, determinism.
+
+The convolution kernels take their geometry at run time, so the case sweeps below
+compile nothing new per case. Results are sums of many products, so they are compared
+with ``assert_close_to_sum``: the error bound scales with the same sum over absolute
+values (computed by the reference, or by PyTorch in the PyTorch tests).
+"""
+
+import numba
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from threadpoolctl import threadpool_info
+
+import fastpool
+import fastpool.cpu.conv as cpu_conv
+import reference as ref
+from conftest import DTYPES, assert_close_to_sum, numeric_gradient
+from fastpool import _params
+from strategies import conv_cases
+
+try:
+    import torch
+    import torch.nn.functional as F
+except ImportError:  # the cross-checks are skipped; users never need torch
+    torch = None
+
+needs_torch = pytest.mark.skipif(torch is None, reason="PyTorch is not installed")
+SETTINGS = settings(max_examples=60, deadline=None,
+                    suppress_health_check=[HealthCheck.too_slow])
+
+
+def _arrays(case, seed=None):
+    rng = np.random.default_rng(abs(hash(repr(case))) % 2**32 if seed is None else seed)
+    dtype = case["dtype"]
+    x = rng.standard_normal(case["x_shape"]).astype(dtype)
+    w = rng.standard_normal(case["weight_shape"]).astype(dtype)
+    b = rng.standard_normal(case["weight_shape"][0]).astype(dtype) if case["bias"] else None
+    return rng, x, w, b
+
+
+def _reference(x, w, b, gy, args):
+    """Reference outputs and their bounds: ``(y, gi, gw, gb), (y_b, gi_b, gw_b, gb_b)``."""
+    y = ref.conv2d(x, w, b, **args)
+    absolute_b = None if b is None else np.abs(b)
+    y_bound = ref.conv2d(np.abs(x), np.abs(w), absolute_b, **args)
+    grads = ref.conv2d_backward(gy, x, w, **args)
+    bounds = ref.conv2d_backward(np.abs(gy), np.abs(x), np.abs(w), **args)
+    return (y, *grads), (y_bound, *bounds)
+
+
+def _check_all(results, expected, bounds, dtype):
+    for got, want, bound in zip(results, expected, bounds):
+        if got is not None:
+            assert got.dtype == dtype
+            assert_close_to_sum(got, want, bound, dtype)
+
+
+# ----------------------------------------------------------------------------- reference
+
+@SETTINGS
+@given(case=conv_cases())
+def test_conv_matches_reference(case):
+    rng, x, w, b = _arrays(case)
+    args = case["args"]
+    y = fastpool.conv2d(x, w, b, **args)
+    gy = rng.standard_normal(y.shape).astype(x.dtype)
+    expected, bounds = _reference(x, w, b, gy, args)
+    assert y.shape == expected[0].shape
+    grads = fastpool.conv2d_backward(gy, x, w, **args, output_mask=(True, True, b is not None))
+    assert isinstance(grads, fastpool.Conv2dGrads)
+    assert grads.grad_input.shape == x.shape and grads.grad_weight.shape == w.shape
+    assert (grads.grad_bias is None) == (b is None)
+    _check_all((y, *grads), expected, bounds, x.dtype)
+
+    if case["unbatched"]:  # (C, H, W) in, no batch axis out, same values as image 0
+        y0 = fastpool.conv2d(x[0], w, b, **args)
+        assert y0.shape == y.shape[1:]
+        _check_all([y0[None]], [expected[0][:1]], [bounds[0][:1]], x.dtype)
+        gi0, gw0, _ = fastpool.conv2d_backward(gy[0], x[0], w, **args)
+        assert gi0.shape == x.shape[1:]
+        single_expected, single_bounds = _reference(x[:1], w, b, gy[:1], args)
+        _check_all([gi0[None], gw0], single_expected[1:3], single_bounds[1:3], x.dtype)
+
+
+@SETTINGS
+@given(case=conv_cases())
+def test_every_algorithm_matches_reference(case):
+    rng, x, w, b = _arrays(case)
+    args = case["args"]
+    x, w, b, geometry = _params.conv_geometry(x, w, b, **args)
+    gy = rng.standard_normal(geometry.output_shape).astype(x.dtype)
+    expected, bounds = _reference(x, w, b, gy, args)
+    algorithms = cpu_conv.valid_algorithms(geometry)
+    assert cpu_conv.choose_algorithm(geometry) in algorithms
+    for algorithm in algorithms:
+        y = cpu_conv.conv2d_forward(x, w, b, geometry, algorithm)
+        grads = cpu_conv.conv2d_backward(gy, x, w, geometry, (True, True, True), algorithm)
+        _check_all((y, *grads), expected, bounds, x.dtype)
+
+
+def test_choose_algorithm_per_shape():
+    def chosen(x_shape, w_shape, **args):
+        x, w = np.zeros(x_shape, np.float32), np.zeros(w_shape, np.float32)
+        return cpu_conv.choose_algorithm(_params.conv_geometry(x, w, None, **args)[3])
+
+    assert chosen((2, 8, 9, 9), (8, 1, 3, 3), padding=1, groups=8) == "direct"
+    assert chosen((2, 8, 9, 9), (16, 1, 3, 3), stride=2, groups=8) == "direct"
+    assert chosen((2, 8, 9, 9), (4, 8, 1, 1)) == "pointwise"
+    assert chosen((2, 8, 9, 9), (4, 8, 1, 1), stride=2) == "im2col"
+    assert chosen((2, 8, 9, 9), (4, 8, 1, 1), padding=1) == "rows"
+    assert chosen((2, 8, 9, 9), (4, 8, 3, 3), padding=1) == "rows"
+    assert chosen((2, 8, 9, 9), (4, 4, 3, 3), stride=(1, 2), groups=2) == "rows"
+    assert chosen((2, 8, 9, 9), (4, 8, 3, 3), stride=(2, 1)) == "im2col"
+
+
+# ----------------------------------------------------------------------------- PyTorch
+
+@needs_torch
+@SETTINGS
+@given(case=conv_cases())
+def test_conv_matches_torch(case):
+    rng, x, w, b = _arrays(case)
+    args = case["args"]
+    if case["unbatched"]:
+        x = x[0]
+    tensors = [torch.from_numpy(a).requires_grad_() for a in (x, w)]
+    tensors.append(None if b is None else torch.from_numpy(b).requires_grad_())
+    ty = F.conv2d(*tensors, **args)
+    y = fastpool.conv2d(x, w, b, **args)
+    gy = rng.standard_normal(y.shape).astype(x.dtype)
+    ty.backward(torch.from_numpy(gy))
+
+    # Bounds: the same sums over absolute values, by autograd on |x|, |w|, |b|, |gy|.
+    absolute = [None if a is None else torch.from_numpy(np.abs(a)).requires_grad_()
+                for a in (x, w, b)]
+    bound_y = F.conv2d(*absolute, **args)
+    bound_y.backward(torch.from_numpy(np.abs(gy)))
+
+    grads = fastpool.conv2d_backward(gy, x, w, **args, output_mask=(True, True, b is not None))
+    results = (y, *grads)
+    expected = [ty.detach().numpy()] + [None if t is None else t.grad.numpy()
+                                        for t in tensors]
+    bounds = [bound_y.detach().numpy()] + [None if t is None else t.grad.numpy()
+                                           for t in absolute]
+    for got, want, bound in zip(results, expected, bounds):
+        assert (got is None) == (want is None)
+        if got is not None:
+            assert got.shape == want.shape
+            assert_close_to_sum(got, want, bound, x.dtype)
+
+
+# ----------------------------------------------------------------------------- gradients
+
+@pytest.mark.parametrize("x_shape, w_shape, args", [
+    ((2, 4, 5, 6), (6, 4, 3, 3), dict(padding=1)),
+    ((2, 4, 6, 7), (4, 2, 2, 3), dict(stride=(2, 1), padding=(1, 2), dilation=(2, 1),
+                                      groups=2)),
+    ((1, 3, 6, 6), (6, 1, 3, 2), dict(stride=2, padding=1, groups=3)),
+    ((2, 2, 5, 5), (3, 2, 4, 2), dict(padding="same", dilation=(1, 2))),
+    ((2, 3, 4, 5), (2, 3, 1, 1), dict()),
+], ids=["3x3", "grouped-strided-dilated", "depthwise-x2", "same-asymmetric", "1x1"])
+def test_backward_finite_differences(x_shape, w_shape, args):
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal(x_shape)
+    w = rng.standard_normal(w_shape)
+    b = rng.standard_normal(w_shape[0])
+    gy = rng.standard_normal(fastpool.conv2d(x, w, b, **args).shape)
+    gi, gw, gb = fastpool.conv2d_backward(gy, x, w, **args)
+    tolerance = dict(rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(
+        gi, numeric_gradient(lambda a: fastpool.conv2d(a, w, b, **args), x, gy),
+        **tolerance)
+    np.testing.assert_allclose(
+        gw, numeric_gradient(lambda a: fastpool.conv2d(x, a, b, **args), w, gy),
+        **tolerance)
+    np.testing.assert_allclose(
+        gb, numeric_gradient(lambda a: fastpool.conv2d(x, w, a, **args), b, gy),
+        **tolerance)
+
+
+# ----------------------------------------------------------------------------- bands
+
+@pytest.fixture
+def small_bands(monkeypatch):
+    """Tiny column buffers, so every GEMM kernel runs many bands (and partial last
+    bands) and the weight gradient runs several chunks, on small test shapes."""
+    monkeypatch.setattr(cpu_conv, "_COLUMN_BYTES", 1024)
+    monkeypatch.setattr(cpu_conv, "_MAX_CHUNKS", 3)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("w_shape, args", [
+    ((6, 4, 3, 3), dict(padding=1)),
+    ((6, 2, 3, 2), dict(stride=(2, 3), padding=(2, 0), dilation=(1, 2), groups=2)),
+    ((6, 4, 1, 1), dict()),
+    ((8, 1, 3, 3), dict(padding=2, dilation=2, groups=4)),
+], ids=["3x3", "strided", "1x1", "depthwise"])
+def test_results_identical_at_any_thread_count(small_bands, dtype, w_shape, args):
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((5, 4, 11, 10)).astype(dtype)
+    w = rng.standard_normal(w_shape).astype(dtype)
+    b = rng.standard_normal(w_shape[0]).astype(dtype)
+    x, w, b, geometry = _params.conv_geometry(x, w, b, **args)
+    gy = rng.standard_normal(geometry.output_shape).astype(dtype)
+    expected, bounds = _reference(x, w, b, gy, args)
+    saved = numba.get_num_threads()
+    try:
+        for algorithm in cpu_conv.valid_algorithms(geometry):
+            runs = []
+            for threads in (1, 2):
+                numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+                runs.append((cpu_conv.conv2d_forward(x, w, b, geometry, algorithm),
+                             *cpu_conv.conv2d_backward(gy, x, w, geometry,
+                                                       (True, True, True), algorithm)))
+            for one, two in zip(*runs):
+                np.testing.assert_array_equal(one, two)
+            _check_all(runs[0], expected, bounds, dtype)
+    finally:
+        numba.set_num_threads(saved)
+
+
+# ----------------------------------------------------------------------------- layouts
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_noncontiguous_inputs_match_contiguous(dtype):
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((2, 6, 9, 8)).astype(dtype)
+    w = rng.standard_normal((4, 3, 3, 6)).astype(dtype)
+    b = rng.standard_normal(4).astype(dtype)
+    args = dict(padding=1, groups=2)
+    # Views: reversed rows in Fortran order, every other weight column, a strided bias.
+    x_view = np.asfortranarray(x[:, :, ::-1, :])
+    w_view = w[..., ::2]
+    b_view = np.repeat(b, 2)[::2]
+    assert not (x_view.flags.c_contiguous or w_view.flags.c_contiguous
+                or b_view.flags.c_contiguous)
+    want = fastpool.conv2d(np.ascontiguousarray(x_view), np.ascontiguousarray(w_view),
+                           np.ascontiguousarray(b_view), **args)
+    np.testing.assert_array_equal(fastpool.conv2d(x_view, w_view, b_view, **args), want)
+    gy = rng.standard_normal(want.shape).astype(dtype)
+    gy_view = np.asfortranarray(gy)
+    for got, expected in zip(
+            fastpool.conv2d_backward(gy_view, x_view, w_view, **args),
+            fastpool.conv2d_backward(gy, np.ascontiguousarray(x_view),
+                                     np.ascontiguousarray(w_view), **args)):
+        np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_empty_batch(dtype):
+    x = np.zeros((0, 4, 6, 6), dtype)
+    w = np.ones((2, 4, 3, 3), dtype)
+    y = fastpool.conv2d(x, w, np.ones(2, dtype), padding=1)
+    assert y.shape == (0, 2, 6, 6) and y.dtype == dtype
+    gi, gw, gb = fastpool.conv2d_backward(np.zeros((0, 2, 6, 6), dtype), x, w, padding=1)
+    assert gi.shape == x.shape and gi.dtype == dtype
+    np.testing.assert_array_equal(gw, np.zeros_like(w))
+    np.testing.assert_array_equal(gb, np.zeros(2, dtype))
+
+
+def test_padding_modes():
+    x = np.random.default_rng(0).standard_normal((1, 2, 7, 6))
+    w = np.ones((3, 2, 4, 3))
+    assert fastpool.conv2d(x, w, padding="same").shape == (1, 3, 7, 6)
+    assert fastpool.conv2d(x, w, padding="same", dilation=2).shape == (1, 3, 7, 6)
+    assert fastpool.conv2d(x, w, padding="valid").shape == (1, 3, 4, 4)
+    # 'same' with an even kernel: total pad 3 rows = 1 on top, 2 at the bottom.
+    same = fastpool.conv2d(x, w, padding="same")
+    explicit = fastpool.conv2d(np.pad(x, ((0, 0), (0, 0), (1, 2), (1, 1))), w)
+    np.testing.assert_allclose(same, explicit, rtol=1e-12, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- output_mask
+
+@pytest.mark.parametrize("mask", [(True, False, False), (False, True, False),
+                                  (False, False, True), (False, False, False),
+                                  (True, True, True)])
+def test_output_mask_skips_unrequested_work(monkeypatch, mask):
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 4, 6, 6))
+    w = rng.standard_normal((3, 4, 3, 3))
+    gy = rng.standard_normal((2, 3, 6, 6))
+    full = fastpool.conv2d_backward(gy, x, w, padding=1)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("computed a gradient output_mask did not ask for")
+
+    for wanted, name in zip(mask, ("_input_grad", "_weight_grad", "_bias_grad")):
+        if not wanted:
+            monkeypatch.setattr(cpu_conv, name, forbidden)
+    grads = fastpool.conv2d_backward(gy, x, w, padding=1, output_mask=mask)
+    for wanted, got, want in zip(mask, grads, full):
+        if wanted:
+            np.testing.assert_array_equal(got, want)
+        else:
+            assert got is None
+
+
+def test_blas_thread_limit_is_restored():
+    before = [(i["filepath"], i["num_threads"]) for i in threadpool_info()
+              if i["user_api"] == "blas"]
+    x = np.ones((2, 4, 6, 6))
+    fastpool.conv2d_backward(np.ones((2, 3, 6, 6)), x, np.ones((3, 4, 3, 3)), padding=1)
+    after = {i["filepath"]: i["num_threads"] for i in threadpool_info()
+             if i["user_api"] == "blas"}
+    for path, threads in before:
+        assert after[path] == threads
