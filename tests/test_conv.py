@@ -27,7 +27,7 @@ except ImportError:  # the cross-checks are skipped; users never need torch
     torch = None
 
 needs_torch = pytest.mark.skipif(torch is None, reason="PyTorch is not installed")
-SETTINGS = settings(max_examples=60, deadline=None,
+SETTINGS = settings(max_examples=200, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -110,7 +110,10 @@ def test_choose_algorithm_per_shape():
     assert chosen((2, 8, 9, 9), (4, 8, 1, 1)) == "pointwise"
     assert chosen((2, 8, 9, 9), (4, 8, 1, 1), stride=2) == "im2col"
     assert chosen((2, 8, 9, 9), (4, 8, 1, 1), padding=1) == "rows"
-    assert chosen((2, 8, 9, 9), (4, 8, 3, 3), padding=1) == "rows"
+    assert chosen((2, 8, 9, 9), (4, 8, 3, 3), padding=1) == "winograd"
+    assert chosen((2, 8, 9, 9), (4, 8, 3, 3), padding=1, dilation=(1, 2)) == "rows"
+    assert chosen((2, 8, 9, 9), (4, 4, 3, 3), padding=1, groups=2) == "rows"  # C_g < 8
+    assert chosen((2, 8, 9, 9), (4, 8, 3, 2), padding=1) == "rows"
     assert chosen((2, 8, 9, 9), (4, 4, 3, 3), stride=(1, 2), groups=2) == "rows"
     assert chosen((2, 8, 9, 9), (4, 8, 3, 3), stride=(2, 1)) == "im2col"
 
@@ -187,6 +190,7 @@ def small_bands(monkeypatch):
     """Tiny column buffers, so every GEMM kernel runs many bands (and partial last
     bands) and the weight gradient runs several chunks, on small test shapes."""
     monkeypatch.setattr(cpu_conv, "_COLUMN_BYTES", 1024)
+    monkeypatch.setattr(cpu_conv, "_WINOGRAD_BYTES", 1024)
     monkeypatch.setattr(cpu_conv, "_MAX_CHUNKS", 3)
 
 
@@ -219,6 +223,40 @@ def test_results_identical_at_any_thread_count(small_bands, dtype, w_shape, args
             _check_all(runs[0], expected, bounds, dtype)
     finally:
         numba.set_num_threads(saved)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("x_shape, w_shape, padding, groups", [
+    ((2, 8, 7, 9), (4, 8, 3, 3), 1, 1),        # odd output: clipped last tiles
+    ((1, 8, 6, 6), (5, 8, 3, 3), 0, 1),        # even output, no padding
+    ((2, 6, 5, 4), (6, 3, 3, 3), 2, 2),        # grouped, padding 2 grows the output
+    ((1, 3, 4, 5), (2, 3, 3, 3), 3, 1),        # padding 3: tiles wholly in padding
+    ((1, 4, 3, 3), (3, 4, 3, 3), "same", 1),
+    ((2, 4, 1, 12), (3, 4, 3, 3), 1, 1),       # a single output row
+], ids=["odd", "even", "grouped", "pad3", "same", "one-row"])
+def test_winograd_matches_reference(dtype, x_shape, w_shape, padding, groups):
+    rng = np.random.default_rng(13)
+    x = rng.standard_normal(x_shape).astype(dtype)
+    w = rng.standard_normal(w_shape).astype(dtype)
+    b = rng.standard_normal(w_shape[0]).astype(dtype)
+    args = dict(padding=padding, groups=groups)
+    x, w, b, geometry = _params.conv_geometry(x, w, b, **args)
+    gy = rng.standard_normal(geometry.output_shape).astype(dtype)
+    expected, bounds = _reference(x, w, b, gy, args)
+    y = cpu_conv.conv2d_forward(x, w, b, geometry, "winograd")
+    grads = cpu_conv.conv2d_backward(gy, x, w, geometry, (True, True, True), "winograd")
+    _check_all((y, *grads), expected, bounds, dtype)
+
+
+def test_forcing_an_algorithm_that_cannot_run_is_an_error():
+    x, w = np.ones((1, 4, 6, 6)), np.ones((2, 4, 3, 3))
+    geometry = _params.conv_geometry(x, w, None, stride=2)[3]
+    for algorithm in ("winograd", "rows", "pointwise", "fft"):
+        with pytest.raises(ValueError, match="algorithm"):
+            cpu_conv.conv2d_forward(x, w, None, geometry, algorithm)
+        with pytest.raises(ValueError, match="algorithm"):
+            cpu_conv.conv2d_backward(np.ones(geometry.output_shape), x, w, geometry,
+                                     (True, True, True), algorithm)
 
 
 # ----------------------------------------------------------------------------- layouts
