@@ -1,4 +1,4 @@
-"""fastpool quickstart: every pooling function once, with checks anyone can read.
+"""fastpool quickstart: every function once, with checks anyone can read.
 
 Run:  python -m pip install . && python examples/quickstart.py
 """
@@ -38,6 +38,20 @@ assert np.allclose(e, (blocks**2).sum(axis=(3, 5)) / blocks.sum(axis=(3, 5)), rt
 grad_e = fastpool.stochastic_pool2d_backward(np.ones_like(e), x, 2, training=False)
 print(f"stochastic_pool2d {x.shape} -> {s.shape}; train picks reproducible by seed, "
       f"inference = sum(a^2)/sum(a)")
+
+# Convolution (cross-correlation, as in every framework) with bias, 'same' padding.
+weight = rng.standard_normal((24, 16, 3, 3)).astype(np.float32) * 0.1
+bias = np.zeros(24, np.float32)
+c = fastpool.conv2d(x, weight, bias, padding="same")
+padded = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))
+windows = np.lib.stride_tricks.sliding_window_view(padded, (3, 3), axis=(2, 3))
+assert np.allclose(c, np.einsum("nchwij,ocij->nohw", windows, weight), atol=1e-5)
+grads = fastpool.conv2d_backward(np.ones_like(c), x, weight, padding="same")
+assert np.allclose(grads.grad_bias, c[:, 0].size)  # d(sum y)/d(bias) = N * H * W
+print(f"conv2d            {x.shape} * {weight.shape} -> {c.shape}; gradients "
+      f"{grads.grad_input.shape}, {grads.grad_weight.shape}, {grads.grad_bias.shape}")
+depthwise = fastpool.conv2d(x, weight[:16, :1], stride=2, padding=1, groups=16)
+print(f"depthwise conv2d  {x.shape} -> {depthwise.shape} (groups = channels)")
 
 with fastpool.use_device("cpu"):
     fastpool.max_pool2d(x, 2)

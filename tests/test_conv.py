@@ -121,6 +121,7 @@ def test_choose_algorithm_per_shape():
 # ----------------------------------------------------------------------------- PyTorch
 
 @needs_torch
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")
 @SETTINGS
 @given(case=conv_cases())
 def test_conv_matches_torch(case):
@@ -191,6 +192,7 @@ def small_bands(monkeypatch):
     bands) and the weight gradient runs several chunks, on small test shapes."""
     monkeypatch.setattr(cpu_conv, "_COLUMN_BYTES", 1024)
     monkeypatch.setattr(cpu_conv, "_WINOGRAD_BYTES", 1024)
+    monkeypatch.setattr(cpu_conv, "_POINTWISE_BYTES", 1024)
     monkeypatch.setattr(cpu_conv, "_MAX_CHUNKS", 3)
 
 

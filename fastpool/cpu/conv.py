@@ -57,6 +57,8 @@ _WINOGRAD_MIN_CHANNELS = 8
 _WINOGRAD_BYTES = 1 << 21
 # Gathered columns per band: half of a 2 MiB L2, leaving room for the GEMM's panels.
 _COLUMN_BYTES = 1 << 20
+# Pointwise GEMMs read the input in place (no gathering): larger bands run faster.
+_POINTWISE_BYTES = 4 << 20
 # BLAS sizes are 32-bit ints.
 _BLAS_LIMIT = 2**31 - 1
 # Weight-gradient partial sums: at most this many chunks of images, and this many bytes.
@@ -136,9 +138,12 @@ class _Problem:
         return self.stride_h == self.stride_w == 1 and padded <= _PADDED_PLANE_LIMIT
 
     def band_rows(self, algorithm, itemsize):
-        """Output rows per band: the gathered columns fit in ``_COLUMN_BYTES``."""
+        """Output rows per band: the gathered columns fit in ``_COLUMN_BYTES`` (the
+        input rows a pointwise GEMM reads, in ``_POINTWISE_BYTES``)."""
         row_bytes = self.out_w * itemsize * self.channels_per_group * self.kernel_w
-        if algorithm == ROWS:
+        if algorithm == POINTWISE:
+            rows = _POINTWISE_BYTES // row_bytes
+        elif algorithm == ROWS:
             rows = _COLUMN_BYTES // row_bytes - self.dilation_h * (self.kernel_h - 1)
         else:
             rows = _COLUMN_BYTES // (row_bytes * self.kernel_h)
