@@ -295,11 +295,6 @@ class ConvGeometry:
         shape = (self.out_channels, self.out_h, self.out_w)
         return (self.batch,) + shape if self.batched else shape
 
-    @property
-    def weight_shape(self):
-        return (self.out_channels, self.in_channels // self.groups, self.kernel_h,
-                self.kernel_w)
-
 
 def _conv_padding(padding, kernel, stride, dilation):
     """``padding`` -> ((top, bottom), (left, right))."""

@@ -252,6 +252,18 @@ def _scatter_columns(cols, gx, n, c0, channels, h0, h_step, n_rows, KH, DH, KW, 
 
 # ----------------------------------------------------------------------------- GEMM kernels
 
+@njit(inline="always")
+def _gemm_sizes(algorithm, Cg, KH, KW, DH, OW, rows_per_band):
+    """The GEMMs' inner dimension and the gathered-column buffer size of one band."""
+    if algorithm == ROWS:
+        k_gemm = Cg * KW
+        return k_gemm, k_gemm * (rows_per_band + DH * (KH - 1)) * OW
+    if algorithm == IM2COL:
+        k_gemm = Cg * KH * KW
+        return k_gemm, k_gemm * rows_per_band * OW
+    return Cg, 0  # pointwise reads the input in place
+
+
 @njit(**_JIT)
 def _gemm_forward(x, w, bias, has_bias, y, algorithm, rows_per_band, workers, status,
                   G, KH, KW, SH, SW, DH, DW, PT, PL, col_lo, col_hi):
@@ -262,15 +274,7 @@ def _gemm_forward(x, w, bias, has_bias, y, algorithm, rows_per_band, workers, st
     Og = O // G
     bands = (OH + rows_per_band - 1) // rows_per_band
     tasks = N * G * bands
-    if algorithm == ROWS:
-        k_gemm = Cg * KW
-        col_size = k_gemm * (rows_per_band + DH * (KH - 1)) * OW
-    elif algorithm == IM2COL:
-        k_gemm = Cg * KH * KW
-        col_size = k_gemm * rows_per_band * OW
-    else:
-        k_gemm = Cg
-        col_size = 0
+    k_gemm, col_size = _gemm_sizes(algorithm, Cg, KH, KW, DH, OW, rows_per_band)
     xf = x.reshape(-1)
     yf = y.reshape(-1)
     for worker in prange(workers):
@@ -352,15 +356,7 @@ def _gemm_backward_weight(x, grad_output, partial, algorithm, rows_per_band, sta
     Og = O // G
     chunks = partial.shape[0]
     bands = (OH + rows_per_band - 1) // rows_per_band
-    if algorithm == ROWS:
-        k_gemm = Cg * KW
-        col_size = k_gemm * (rows_per_band + DH * (KH - 1)) * OW
-    elif algorithm == IM2COL:
-        k_gemm = Cg * KH * KW
-        col_size = k_gemm * rows_per_band * OW
-    else:
-        k_gemm = Cg
-        col_size = 0
+    k_gemm, col_size = _gemm_sizes(algorithm, Cg, KH, KW, DH, OW, rows_per_band)
     xf = x.reshape(-1)
     gf = grad_output.reshape(-1)
     for chunk in prange(chunks):
