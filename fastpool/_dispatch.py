@@ -17,6 +17,8 @@ import functools
 import os
 import threading
 
+import numpy as np
+
 DEVICES = ("cpu", "cuda", "auto")
 ENV_VAR = "FASTPOOL_DEVICE"
 
@@ -72,9 +74,34 @@ def get_device(device=None):
     return "auto"
 
 
+def _has_cuda_interface(value):
+    try:
+        return hasattr(value, "__cuda_array_interface__")
+    except Exception:  # e.g. torch CPU tensors raise TypeError from the property
+        return False
+
+
+def array_kind(value):
+    """What kind of array ``value`` is, by duck typing (nothing is imported):
+
+    ``"numba"`` for Numba device arrays (real or simulated: ``__cuda_ndarray__``),
+    ``"cupy"`` or ``"torch"`` for their GPU arrays, ``"cuda"`` for any other object with
+    ``__cuda_array_interface__``, ``"host"`` for everything else (NumPy arrays, lists,
+    CPU tensors), ``None`` for None.
+    """
+    if value is None:
+        return None
+    if getattr(value, "__cuda_ndarray__", False):
+        return "numba"
+    if _has_cuda_interface(value):
+        library = type(value).__module__.partition(".")[0]
+        return library if library in ("cupy", "torch") else "cuda"
+    return "host"
+
+
 def is_device_array(value):
     """Whether ``value`` lives on the GPU (numba device array, CuPy, torch CUDA tensor)."""
-    return value is not None and hasattr(value, "__cuda_array_interface__")
+    return array_kind(value) not in (None, "host")
 
 
 @functools.lru_cache(maxsize=1)
@@ -105,7 +132,12 @@ def resolve(device, *arrays):
     ``CudaUnavailableError`` when ``"cuda"`` cannot be served.
     """
     configured = get_device(device)
-    on_gpu = any(is_device_array(a) for a in arrays)
+    places = {is_device_array(a) for a in arrays if a is not None}
+    if len(places) > 1:
+        raise ValueError(
+            "the array arguments mix host (NumPy/CPU) and GPU arrays; pass all of them "
+            "on the host or all of them on the GPU")
+    on_gpu = True in places
     if configured == "auto":
         configured = "cuda" if on_gpu else "cpu"
     if configured == "cpu" and on_gpu:
@@ -116,7 +148,8 @@ def resolve(device, *arrays):
 
 
 def backend(device, *arrays):
-    """Resolve the device and return the kernel module for it (``fastpool.cpu``)."""
+    """Resolve the device and return the kernel module for it: ``fastpool.cpu``, or
+    ``fastpool.cuda`` (whose launchers move host arrays to the GPU and back)."""
     resolved = resolve(device, *arrays)
     if resolved == "cpu":
         from fastpool import cpu
@@ -124,6 +157,57 @@ def backend(device, *arrays):
     available, reason = _probe_cuda()
     if not available:
         raise CudaUnavailableError(f"device='cuda' was asked for but {reason}")
-    raise CudaUnavailableError(
-        "device='cuda': a GPU is available but this version of fastpool has no CUDA "
-        "kernels yet; use device='cpu'")
+    from fastpool import cuda
+    return cuda
+
+
+# ----------------------------------------------------------------------------- transfers
+
+def to_device(value):
+    """A Numba device array for ``value``: itself for Numba device arrays, a zero-copy
+    view for other ``__cuda_array_interface__`` objects, a copy for host arrays."""
+    from numba import cuda
+    kind = array_kind(value)
+    if kind is None or kind == "numba":
+        return value
+    if kind == "host":
+        return cuda.to_device(np.ascontiguousarray(value))
+    return cuda.as_cuda_array(value)
+
+
+def from_device(result, kind, like):
+    """Hand a Numba device array back as ``kind`` (the kind of the call's first array,
+    ``like``): NumPy for host input (the one copy back), the same GPU array for Numba
+    device arrays, a zero-copy CuPy array or torch tensor for those."""
+    if result is None:
+        return None
+    if kind == "host":
+        return result.copy_to_host()
+    if kind == "cupy":
+        import cupy
+        return cupy.asarray(result)
+    if kind == "torch":
+        import torch
+        return torch.as_tensor(result, device=like.device)
+    return result
+
+
+def _is_array(value):
+    return isinstance(value, np.ndarray) or is_device_array(value)
+
+
+def on_device(launcher):
+    """Wrap a CUDA launcher (which takes and returns Numba device arrays) so that it
+    takes the arrays the public functions validated and returns results of the kind of
+    its first array argument. Non-array arguments (geometry, flags, seeds) pass through.
+    """
+    @functools.wraps(launcher)
+    def run(*args):
+        like = next(a for a in args if _is_array(a))
+        kind = array_kind(like)
+        result = launcher(*(to_device(a) if _is_array(a) else a for a in args))
+        if isinstance(result, tuple):
+            return tuple(from_device(r, kind, like) for r in result)
+        return from_device(result, kind, like)
+
+    return run

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fastpool._dispatch import is_device_array
+
 SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 _INT_LIMIT = 2**62  # sizes and geometry stay far from int64 overflow in index arithmetic
 
@@ -52,7 +54,7 @@ def output_size(size, kernel, stride, padding, dilation, ceil_mode):
 
 def as_float_array(name, value):
     """Return ``value`` as a NumPy array of a supported float dtype (no copy if possible)."""
-    if hasattr(value, "__cuda_array_interface__"):
+    if is_device_array(value):
         # GPU data stays where it is; only its metadata is validated here.
         array = _DeviceArrayInfo(value)
     else:
@@ -63,20 +65,25 @@ def as_float_array(name, value):
 
 
 class _DeviceArrayInfo:
-    """Shape and dtype of a GPU array, read from ``__cuda_array_interface__``."""
+    """Shape and dtype of a GPU array, read from ``__cuda_array_interface__`` (or from
+    a Numba device array itself: the simulator's have no interface)."""
 
     def __init__(self, value):
-        interface = value.__cuda_array_interface__
         self.array = value
-        self.shape = tuple(interface["shape"])
+        if getattr(value, "__cuda_ndarray__", False):
+            self.shape = tuple(int(s) for s in value.shape)
+            self.dtype = np.dtype(value.dtype)
+        else:
+            interface = value.__cuda_array_interface__
+            self.shape = tuple(interface["shape"])
+            self.dtype = np.dtype(interface["typestr"])
         self.ndim = len(self.shape)
-        self.dtype = np.dtype(interface["typestr"])
 
 
 def _dtype_of(array):
-    """NumPy dtype of a host array or of a GPU array (via its interface's typestr)."""
-    if hasattr(array, "__cuda_array_interface__") and not isinstance(array, np.ndarray):
-        return np.dtype(array.__cuda_array_interface__["typestr"])
+    """NumPy dtype of a host array or of a GPU array."""
+    if is_device_array(array):
+        return _DeviceArrayInfo(array).dtype
     return array.dtype
 
 
@@ -211,7 +218,7 @@ def check_grad_output(grad_output, x, geometry):
 
 def check_indices(indices, geometry):
     """Validate the ``indices`` of a forward pass; values are range-checked in the kernel."""
-    if hasattr(indices, "__cuda_array_interface__"):
+    if is_device_array(indices):
         indices = _DeviceArrayInfo(indices)
     else:
         indices = np.asarray(indices)
@@ -224,6 +231,14 @@ def check_indices(indices, geometry):
     if isinstance(indices, _DeviceArrayInfo):
         return indices.array
     return indices.astype(np.int64, copy=False)
+
+
+def invalid_stochastic_input():
+    """The error both devices raise when a stochastic-pooling kernel flags its input."""
+    return ValueError(
+        "stochastic pooling needs finite, non-negative inputs (e.g. after ReLU); "
+        "x holds a negative, NaN or infinite value inside a pooling window, or a "
+        "window's sum (of squares, for inference) overflows")
 
 
 def check_divisor_override(divisor_override):

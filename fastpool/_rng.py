@@ -13,6 +13,7 @@ All arithmetic is uint64 (wrapping); mixing in a signed int would turn it into f
 under Numba's typing rules, hence the explicit casts.
 """
 
+import functools
 import types
 
 import numpy as np
@@ -52,16 +53,31 @@ def _uniform(key, oh, ow):
 _PYTHON_FUNCTIONS = (("mix64", _mix64), ("plane_key", _plane_key), ("uniform", _uniform))
 
 
-def compile_with(decorator):
+def _wrapping_quietly(function):
+    """Run ``function`` as plain Python on NumPy scalars with uint64 wrap-around allowed
+    (NumPy warns on it; compiled code wraps silently)."""
+    @functools.wraps(function)
+    def run(*args):
+        with np.errstate(over="ignore"):
+            return function(*args)
+
+    return run
+
+
+def compile_with(decorator, interpreted=False):
     """Compile the generator's Python functions with ``decorator`` (e.g. a CUDA device jit).
 
     Each function is rebuilt from the same code object over a private namespace in
-    which the names it calls are bound to their compiled versions.
+    which the names it calls are bound to their compiled versions. ``interpreted``:
+    the decorator runs them as Python (Numba's CUDA simulator), so silence NumPy's
+    overflow warnings on the intended uint64 wrap-around.
     """
     namespace = dict(globals())
     compiled = {}
     for name, function in _PYTHON_FUNCTIONS:
         rebuilt = types.FunctionType(function.__code__, namespace, name)
+        if interpreted:
+            rebuilt = _wrapping_quietly(rebuilt)
         compiled[name] = namespace[name] = decorator(rebuilt)
     return types.SimpleNamespace(**compiled)
 

@@ -5,11 +5,30 @@ geometries from the short ``GEOMETRIES`` list (compiled once, then cached on dis
 vary everything that is a runtime argument: shapes, padding, ceil_mode, flags, dtype.
 """
 
+import ctypes
 import os
 import sys
 
-import numpy as np
-import pytest
+
+def _cuda_gpu_present():
+    """Ask the CUDA driver (through ctypes, so Numba is not imported yet) for a GPU."""
+    try:
+        driver = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    count = ctypes.c_int(0)
+    return (driver.cuInit(0) == 0 and driver.cuDeviceGetCount(ctypes.byref(count)) == 0
+            and count.value > 0)
+
+
+# GPU tests run in every test run: on the real GPU when there is one, else under Numba's
+# CUDA simulator, which must be switched on before Numba is first imported. An explicit
+# NUMBA_ENABLE_CUDASIM (0 or 1) wins, e.g. to run the simulator on a GPU machine.
+if "NUMBA_ENABLE_CUDASIM" not in os.environ and not _cuda_gpu_present():
+    os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 
@@ -73,6 +92,18 @@ def numeric_gradient(f, x, grad_output, eps=1e-6):
         flat[i] = saved
         gflat[i] = (plus - minus) / (2 * eps)
     return g
+
+
+CUDA_SIMULATOR = os.environ.get("NUMBA_ENABLE_CUDASIM", "0") not in ("", "0")
+
+
+@pytest.fixture
+def small_launches():
+    """GPU launches of 32 threads and at most 3 blocks: several blocks run and the
+    grid-stride loops turn more than once even on small shapes."""
+    from fastpool.cuda._launch import launch_limits
+    with launch_limits(threads_per_block=32, max_blocks=3):
+        yield
 
 
 @pytest.fixture

@@ -56,9 +56,13 @@ def _expected_max(x):
     return x.reshape(1, 1, 2, 2, 2, 2).max(axis=(3, 5))
 
 
-needs_no_gpu = pytest.mark.skipif(
-    fastpool.cuda_available(),
-    reason="a CUDA GPU (or the simulator) is available; this checks the no-GPU error")
+def _gpu_driver_present():
+    from conftest import _cuda_gpu_present
+    return _cuda_gpu_present()
+
+
+needs_no_gpu_driver = pytest.mark.skipif(
+    _gpu_driver_present(), reason="a CUDA GPU is present; this checks the no-GPU error")
 
 
 # ----------------------------------------------------------------------------- order
@@ -295,7 +299,9 @@ def test_fake_gpu_array_is_seen_as_gpu():
     assert _dispatch.is_device_array(fake)
     assert not _dispatch.is_device_array(_x())
     assert _dispatch.resolve(None, fake) == "cuda"
-    assert _dispatch.resolve("auto", _x(), fake) == "cuda"
+    assert _dispatch.resolve("auto", fake, None, fake) == "cuda"
+    with pytest.raises(ValueError, match="mix host"):
+        _dispatch.resolve("auto", _x(), fake)
     with fastpool.use_device("auto"):
         assert _dispatch.resolve(None, None, fake) == "cuda"
 
@@ -337,56 +343,78 @@ def test_cuda_unavailable_error_is_runtime_error():
     assert isinstance(fastpool.cuda_available(), bool)
 
 
-_NO_GPU_MESSAGE = r"(?i)cuda.*(driver|gpu)"
+_NO_GPU_SCRIPT = """
+    # Runs with the CUDA simulator off, on a machine without a GPU.
+    import json, re, sys
+    sys.path.insert(0, {tests!r})
+    import numpy as np
+    import fastpool
+    from test_dispatch import FakeGpuArray, _all_calls, _x
 
+    NO_GPU = re.compile(r"(?i)cuda.*(driver|gpu)")
+    failures = []
 
-@needs_no_gpu
-@pytest.mark.parametrize("device", ["auto", "cuda", None])
-def test_fake_gpu_array_without_gpu(device):
-    forwards = _all_calls(device, x=FakeGpuArray())[0::2]
-    for call in forwards:
-        with pytest.raises(fastpool.CudaUnavailableError, match=_NO_GPU_MESSAGE) as info:
+    def expect(error, call, what):
+        try:
             call()
-        assert isinstance(info.value, RuntimeError)
-    # A GPU grad_output with a host x also asks for the GPU under "auto".
-    grad = FakeGpuArray((1, 1, 2, 2))
-    with pytest.raises(fastpool.CudaUnavailableError, match=_NO_GPU_MESSAGE):
-        fastpool.avg_pool2d_backward(grad, _x(), 2, device=device)
+        except error as exc:
+            if error is fastpool.CudaUnavailableError and not NO_GPU.search(str(exc)):
+                failures.append(f"{{what}}: unclear message {{exc}}")
+        except Exception as exc:
+            failures.append(f"{{what}}: {{type(exc).__name__}}: {{exc}}")
+        else:
+            failures.append(f"{{what}}: no error")
 
-
-@needs_no_gpu
-@pytest.mark.parametrize("i", [1, 3, 5], ids=["max_backward", "avg_backward",
-                                              "stochastic_backward"])
-def test_fake_gpu_x_backward_without_gpu(i):
-    with pytest.raises(fastpool.CudaUnavailableError, match=_NO_GPU_MESSAGE):
-        _all_calls("auto", x=FakeGpuArray())[i]()
-
-
-@needs_no_gpu
-def test_cuda_with_numpy_input_without_gpu(monkeypatch):
-    for call in _all_calls("cuda"):
-        with pytest.raises(fastpool.CudaUnavailableError, match=_NO_GPU_MESSAGE):
-            call()
+    unavailable = fastpool.CudaUnavailableError
+    assert not fastpool.cuda_available()
+    for device in ("auto", "cuda", None):
+        for i, call in enumerate(_all_calls(device, x=FakeGpuArray())[0::2]):
+            expect(unavailable, call, f"GPU x, device={{device}}, forward {{i}}")
+    for i, call in enumerate(_all_calls("cuda")):
+        expect(unavailable, call, f"host x, device='cuda', call {{i}}")
     # Every way of asking for cuda gives the same clear error, never a fall-back.
     with fastpool.use_device("cuda"):
-        with pytest.raises(fastpool.CudaUnavailableError, match=_NO_GPU_MESSAGE):
-            fastpool.max_pool2d(_x(), 2)
+        expect(unavailable, lambda: fastpool.max_pool2d(_x(), 2), "use_device")
     fastpool.set_device("cuda")
-    with pytest.raises(fastpool.CudaUnavailableError, match=_NO_GPU_MESSAGE):
-        fastpool.max_pool2d(_x(), 2)
+    expect(unavailable, lambda: fastpool.conv2d(_x(), np.ones((1, 1, 2, 2), np.float32)),
+           "set_device")
     fastpool.set_device(None)
-    monkeypatch.setenv(ENV_VAR, "cuda")
-    with pytest.raises(RuntimeError, match=_NO_GPU_MESSAGE):
-        fastpool.max_pool2d(_x(), 2)
-
-
-@needs_no_gpu
-def test_bad_arguments_beat_missing_gpu():
     # Argument errors come first, whatever the device.
-    with pytest.raises(ValueError, match="kernel_size"):
-        fastpool.max_pool2d(_x(), 0, device="cuda")
-    with pytest.raises(TypeError, match="x"):
-        fastpool.avg_pool2d(_x().astype(np.int32), 2, device="cuda")
+    expect(ValueError, lambda: fastpool.max_pool2d(_x(), 0, device="cuda"), "kernel_size")
+    expect(TypeError, lambda: fastpool.avg_pool2d(_x().astype(np.int32), 2, device="cuda"),
+           "dtype")
+    # Mixed host and GPU arrays are a ValueError before any GPU is looked for.
+    expect(ValueError, lambda: fastpool.avg_pool2d_backward(
+        FakeGpuArray((1, 1, 2, 2)), _x(), 2), "mixed")
+    print(json.dumps(failures))
+"""
+
+
+@needs_no_gpu_driver
+def test_cuda_unavailable_without_simulator():
+    """Every way of asking for the GPU, without a GPU and without the simulator, raises
+    CudaUnavailableError saying what was looked for (in a fresh process: this one may
+    run the simulator)."""
+    tests = os.path.dirname(__file__)
+    failures = _run_python(_NO_GPU_SCRIPT.format(tests=tests),
+                           {"NUMBA_ENABLE_CUDASIM": "0", ENV_VAR: "cuda"}, cwd=tests)
+    assert failures == []
+
+
+@needs_no_gpu_driver
+def test_env_var_cuda_without_gpu_message(tmp_path):
+    code = """
+        import json, fastpool, numpy as np
+        try:
+            fastpool.max_pool2d(np.ones((1, 1, 2, 2)), 2)
+        except fastpool.CudaUnavailableError as exc:
+            print(json.dumps(str(exc)))
+        else:
+            print(json.dumps("ran"))
+    """
+    message = _run_python(code, {"NUMBA_ENABLE_CUDASIM": "0", ENV_VAR: "cuda"},
+                          cwd=tmp_path)
+    assert "is_available() is False" in message and "NUMBA_ENABLE_CUDASIM" in message
 
 
 # ----------------------------------------------------------------------------- processes

@@ -27,7 +27,7 @@ import functools
 import numpy as np
 from numba import njit, prange
 
-from fastpool import _rng
+from fastpool import _params, _rng
 
 _JIT = dict(parallel=True, cache=True, boundscheck=False, error_model="numpy", nogil=True)
 _U = np.uint64
@@ -569,10 +569,7 @@ def _stochastic_infer_kernels(KH, KW, SH, SW, DH, DW):
 
 def _raise_if_invalid(flags):
     if flags.any():
-        raise ValueError(
-            "stochastic pooling needs finite, non-negative inputs (e.g. after ReLU); "
-            "x holds a negative, NaN or infinite value inside a pooling window, or a "
-            "window's sum (of squares, for inference) overflows")
+        raise _params.invalid_stochastic_input()
 
 
 def stochastic_pool2d_forward(x, geometry, training, seed, with_indices):

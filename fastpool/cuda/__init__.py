@@ -1,0 +1,34 @@
+"""CUDA backend: numba.cuda kernels mirroring ``fastpool.cpu``'s launcher names and
+signatures.
+
+The kernel modules (``conv.py``, ``pooling.py``) take and return Numba device arrays.
+The names exported here wrap them with ``fastpool._dispatch.on_device``: host inputs are
+copied to the GPU and results copied back to NumPy; GPU inputs (Numba device arrays,
+CuPy arrays, torch CUDA tensors) are used in place and results come back as the same
+kind of array, with no host round trip. Importing this package imports ``numba.cuda``;
+``fastpool._dispatch.backend`` does so only when a call asks for the GPU.
+"""
+
+from fastpool._dispatch import on_device
+from fastpool.cuda import conv as _conv
+from fastpool.cuda import pooling as _pooling
+
+conv2d_forward = on_device(_conv.conv2d_forward)
+conv2d_backward = on_device(_conv.conv2d_backward)
+max_pool2d_forward = on_device(_pooling.max_pool2d_forward)
+max_pool2d_backward = on_device(_pooling.max_pool2d_backward)
+avg_pool2d_forward = on_device(_pooling.avg_pool2d_forward)
+avg_pool2d_backward = on_device(_pooling.avg_pool2d_backward)
+stochastic_pool2d_forward = on_device(_pooling.stochastic_pool2d_forward)
+stochastic_pool2d_backward = on_device(_pooling.stochastic_pool2d_backward)
+
+__all__ = [
+    "conv2d_backward",
+    "conv2d_forward",
+    "avg_pool2d_backward",
+    "avg_pool2d_forward",
+    "max_pool2d_backward",
+    "max_pool2d_forward",
+    "stochastic_pool2d_backward",
+    "stochastic_pool2d_forward",
+]
