@@ -57,4 +57,12 @@ with fastpool.use_device("cpu"):
     fastpool.max_pool2d(x, 2)
 print(f"device: {fastpool.get_device()!r} (auto picks the GPU only for GPU arrays); "
       f"cuda available: {fastpool.cuda_available()}")
+if fastpool.cuda_available():
+    # The same calls on the GPU: NumPy in, NumPy out; the same picks for the same seed.
+    small = x[:2, :4]
+    assert np.array_equal(fastpool.max_pool2d(small, 2, device="cuda"),
+                          fastpool.max_pool2d(small, 2, device="cpu"))
+    assert np.array_equal(fastpool.stochastic_pool2d(small, 2, seed=7, device="cuda"),
+                          fastpool.stochastic_pool2d(small, 2, seed=7, device="cpu"))
+    print("GPU results match the CPU's")
 print("quickstart OK")

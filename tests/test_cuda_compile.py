@@ -1,0 +1,105 @@
+"""Every CUDA kernel compiles for a real GPU, checked without one.
+
+The simulator runs kernels as Python, so code that NVVM would reject (an untyped
+global, an unsupported call) can pass every simulator test. Here each kernel is compiled
+to PTX for compute capability 9.0 (H100) with NVIDIA's compiler, in a fresh process with
+the simulator off, for both dtypes and the argument types the launchers pass. That
+needs NVVM, which ``pip install ".[gpu]"`` provides (``numba-cuda[cu12]``); without it
+the test is skipped.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+_SCRIPT = """
+    import json
+    import numpy as np
+    from numba import cuda, types
+
+    try:
+        cuda.compile_ptx(lambda a: None, (types.float32[:],), cc=(9, 0))
+    except Exception as exc:
+        print(json.dumps({"skip": f"no NVVM: {type(exc).__name__}: {exc}"}))
+        raise SystemExit(0)
+
+    import fastpool.cuda._launch as launch
+    import fastpool.cuda.conv as conv
+    import fastpool.cuda.pooling as pooling
+
+    i64, u64, i32, boolean = types.int64, types.uint64, types.int32, types.boolean
+    flag = types.Array(i32, 1, "C")
+    window = (i64,) * 8
+
+    def array(dtype, ndim=4, layout="A"):
+        return types.Array(dtype, ndim, layout)
+
+    kernels = []
+    for np_dtype, dt in ((np.float32, types.float32), (np.float64, types.float64)):
+        x, out, f64 = array(dt), array(dt, layout="C"), array(types.float64, layout="C")
+        indices = array(i64, layout="C")
+        avg_forward, avg_backward = pooling._avg_kernels(np_dtype)
+        avg = (i64,) * 6 + (boolean, i64)
+        kernels += [
+            ("copy_3d", launch._copy_3d, (array(dt, 3), array(dt, 3, "C"))),
+            ("max_forward", pooling._max_forward, (x, out, indices, boolean) + window),
+            ("gather_to_indices", pooling._gather_to_indices_kernel(np_dtype),
+             (x, array(i64), out) + window),
+            ("avg_forward", avg_forward, (x, out) + avg),
+            ("avg_backward", avg_backward, (x, out) + avg),
+            ("stochastic_train", pooling._stochastic_train,
+             (x, out, indices, boolean, u64) + window + (flag,)),
+            ("stochastic_infer", pooling._stochastic_infer, (x, out) + window + (flag,)),
+            ("stochastic_infer_shares", pooling._stochastic_infer_shares,
+             (x, x, f64, f64) + window + (flag,)),
+            ("stochastic_infer_backward", pooling._stochastic_infer_backward,
+             (x, f64, f64, out) + window),
+        ]
+        direct_forward, input_grad, weight_grad, bias_grad, sum_partials = (
+            conv._simple_kernels(np_dtype))
+        matrix, table = array(dt, 2, "C"), array(i64, 2, "C")
+        flat = array(dt, 1, "C")
+        forward = (x, array(dt, 3, "C"), array(dt, 1, "C"), boolean, out, table) + (i64,) * 4
+        kernels += [
+            ("tiled_forward", conv._tiled_forward_kernel(np.dtype(np_dtype),
+                                                         conv.PRODUCTION_TILES),
+             (flat, i64, i64, i64, flat, array(dt, 1), boolean, out, table) + (i64,) * 5),
+            ("tiled_weight_grad", conv._tiled_weight_grad_kernel(
+                np.dtype(np_dtype), conv.PRODUCTION_TILES),
+             (flat, i64, i64, i64, flat, i64, i64, table, array(dt, 3, "C")) + (i64,) * 6),
+            ("copy_4d", conv._copy_4d, (x, out)),
+            ("direct_forward", direct_forward, forward),
+            ("direct_input_grad", input_grad, (x, x, out) + (i64,) * 7),
+            ("direct_weight_grad", weight_grad,
+             (x, x, table, array(dt, 3, "C")) + (i64,) * 5),
+            ("bias_grad", bias_grad, (x, matrix)),
+            ("sum_partials", sum_partials, (matrix, array(dt, 1, "C"))),
+            ("gemm_weights", conv._gemm_weights, (x, array(dt, 3, "C"), boolean)),
+        ]
+    kernels.append(("check_window_indices", pooling._check_window_indices,
+                    (array(i64), i64, i64) + window + (flag,)))
+
+    failures = []
+    for name, kernel, signature in kernels:
+        try:
+            cuda.compile_ptx(kernel.py_func, signature, cc=(9, 0))
+        except Exception as exc:
+            failures.append(f"{name}{signature}: {type(exc).__name__}: {exc}")
+    print(json.dumps({"compiled": len(kernels), "failures": failures}))
+"""
+
+
+def test_every_cuda_kernel_compiles_to_ptx(tmp_path):
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="0", NUMBA_CACHE_DIR=str(tmp_path))
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(_SCRIPT)], env=env,
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    if "skip" in result:
+        pytest.skip(result["skip"])
+    assert result["failures"] == []
+    assert result["compiled"] >= 37
