@@ -71,7 +71,7 @@ _SCRIPT = """
             ("tiled_weight_grad", conv._tiled_weight_grad_kernel(
                 np.dtype(np_dtype), conv.PRODUCTION_TILES),
              (flat, i64, i64, i64, flat, i64, i64, table, array(dt, 3, "C")) + (i64,) * 6),
-            ("copy_4d", conv._copy_4d, (x, out)),
+            ("copy_4d", launch._copy_4d, (x, out)),
             ("direct_forward", direct_forward, forward),
             ("direct_input_grad", input_grad, (x, x, out) + (i64,) * 7),
             ("direct_weight_grad", weight_grad,

@@ -102,14 +102,37 @@ def _copy_3d(source, target):
         i += grid_stride()
 
 
+@cuda.jit
+def _copy_4d(source, target):
+    _, C, H, W = source.shape
+    total = np.int64(source.shape[0]) * C * H * W
+    i = grid_start()
+    while i < total:
+        w = i % W
+        rest = i // W
+        h = rest % H
+        rest = rest // H
+        target[rest // C, rest % C, h, w] = source[rest // C, rest % C, h, w]
+        i += grid_stride()
+
+
+_COPY_KERNELS = {3: _copy_3d, 4: _copy_4d}
+
+
+def contiguous(array):
+    """A 3-D or 4-D device array itself when C-contiguous, else a C-contiguous copy
+    made on the device."""
+    if array.is_c_contiguous():
+        return array
+    copy = cuda.device_array(array.shape, array.dtype)
+    launch(_COPY_KERNELS[array.ndim], array.size, array, copy)
+    return copy
+
+
 def batched(array, shape):
     """``array`` as the 4-D ``shape`` (kernels index ``(N, C, H, W)``): 4-D arrays as
     they are, whatever their strides; 3-D ones (unbatched calls) get a leading axis,
     after a contiguous copy on the device when their strides cannot be reshaped."""
     if array.ndim == 4:
         return array
-    if not array.is_c_contiguous():
-        contiguous = cuda.device_array(array.shape, array.dtype)
-        launch(_copy_3d, array.size, array, contiguous)
-        array = contiguous
-    return array.reshape(shape)
+    return contiguous(array).reshape(shape)

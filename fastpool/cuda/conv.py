@@ -65,7 +65,7 @@ import numba
 import numpy as np
 from numba import config, cuda
 
-from fastpool.cuda._launch import batched, grid_start, grid_stride, launch
+from fastpool.cuda._launch import batched, contiguous, grid_start, grid_stride, launch
 
 TILED, DIRECT = "tiled", "direct"
 ALGORITHMS = (TILED, DIRECT)
@@ -606,27 +606,10 @@ def _taps(channels, kernel_h, kernel_w, dilation_h, dilation_w, in_h, in_w):
     return cuda.to_device(np.stack([c.ravel(), dh, dw, offset], axis=1).astype(np.int64))
 
 
-@cuda.jit
-def _copy_4d(source, target):
-    _, C, H, W = source.shape
-    total = np.int64(source.shape[0]) * C * H * W
-    e = grid_start()
-    while e < total:
-        w = e % W
-        rest = e // W
-        h = rest % H
-        rest = rest // H
-        target[rest // C, rest % C, h, w] = source[rest // C, rest % C, h, w]
-        e += grid_stride()
-
-
 def _flat(array):
     """A 4-D device array's elements as a flat C-ordered vector (copied when its
     strides are not C-contiguous): the tiled kernels index flat arrays."""
-    if not array.is_c_contiguous():
-        contiguous = cuda.device_array(array.shape, array.dtype)
-        launch(_copy_4d, array.size, array, contiguous)
-        array = contiguous
+    array = contiguous(array)
     return array.reshape(array.size)
 
 
