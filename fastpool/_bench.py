@@ -1,0 +1,503 @@
+"""``python -m fastpool bench``: every op against a peer, interleaved in one run.
+
+The peer is PyTorch on the same device when it is installed (CUDA tensors, so cuDNN,
+on the GPU; TF32 off), else plain NumPy (``fastpool._numpy_peer``) on small shapes.
+Each repeat times fastpool and then the peer on the same data, so both see the same
+machine state; the table reports medians. Kernels are called once before timing, so
+compile time is not timed. Thread pools are pinned: Numba and PyTorch to ``--threads``,
+BLAS libraries to one thread, and idle OpenMP workers sleep, so one pool runs at a time.
+
+Throughput is GB/s for pooling (bytes the op must read and write) and GFLOP/s for
+convolution; for pooling it is also given as a fraction of the copy bandwidth measured
+in the same run (a parallel Numba copy on the CPU, a device-to-device copy on the GPU;
+read + write bytes, like STREAM's Copy).
+"""
+
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+from typing import Callable, Optional
+
+import numpy as np
+from numba import njit, prange
+
+import fastpool
+
+# (shape, kernel, stride, padding): the standard pooling cases.
+POOL_SHAPES = {
+    "full": [((32, 64, 112, 112), 3, 2, 1), ((32, 128, 56, 56), 2, 2, 0),
+             ((8, 512, 14, 14), 3, 1, 1)],
+    "quick": [((8, 64, 56, 56), 3, 2, 1)],
+    "numpy": [((4, 16, 32, 32), 3, 2, 1)],
+    # A GPU needs far more work to be busy: issue 4's shapes.
+    "full-cuda": [((128, 64, 112, 112), 3, 2, 1), ((128, 128, 56, 56), 2, 2, 0),
+                  ((32, 512, 14, 14), 3, 1, 1)],
+}
+# (label, x shape, weight shape, stride, padding, groups): the standard conv cases.
+CONV_SHAPES = {
+    "full": [
+        ("3x3 64->64", (32, 64, 56, 56), (64, 64, 3, 3), 1, 1, 1),
+        ("7x7 s2 stem 3->64", (32, 3, 224, 224), (64, 3, 7, 7), 2, 3, 1),
+        ("3x3 256->256", (32, 256, 14, 14), (256, 256, 3, 3), 1, 1, 1),
+        ("1x1 256->512", (32, 256, 28, 28), (512, 256, 1, 1), 1, 0, 1),
+        ("depthwise 3x3", (32, 128, 56, 56), (128, 1, 3, 3), 1, 1, 128),
+    ],
+    "quick": [
+        ("3x3 64->64", (8, 64, 28, 28), (64, 64, 3, 3), 1, 1, 1),
+        ("depthwise 3x3", (8, 128, 28, 28), (128, 1, 3, 3), 1, 1, 128),
+    ],
+    "numpy": [
+        ("3x3 16->16", (4, 16, 16, 16), (16, 16, 3, 3), 1, 1, 1),
+        ("depthwise 3x3", (4, 16, 16, 16), (16, 1, 3, 3), 1, 1, 16),
+    ],
+    "full-cuda": [
+        ("3x3 64->64", (128, 64, 56, 56), (64, 64, 3, 3), 1, 1, 1),
+        ("7x7 s2 stem 3->64", (128, 3, 224, 224), (64, 3, 7, 7), 2, 3, 1),
+        ("3x3 256->256", (128, 256, 14, 14), (256, 256, 3, 3), 1, 1, 1),
+        ("1x1 256->512", (128, 256, 28, 28), (512, 256, 1, 1), 1, 0, 1),
+        ("depthwise 3x3", (128, 128, 56, 56), (128, 1, 3, 3), 1, 1, 128),
+    ],
+}
+
+
+@dataclasses.dataclass
+class Case:
+    op: str
+    where: str
+    ours: Callable
+    peer: Optional[Callable]  # None: the peer has no such op
+    amount: float  # bytes moved (unit GB/s) or floating-point operations (GFLOP/s)
+    unit: str
+
+
+@dataclasses.dataclass
+class Row:
+    device: str
+    op: str
+    where: str
+    fastpool_ms: float
+    peer_ms: Optional[float]
+    speedup: Optional[float]
+    rate: float
+    unit: str
+    bandwidth_fraction: Optional[float]
+
+
+class FastpoolSide:
+    """Where fastpool's arrays live and how to wait for its kernels."""
+
+    def __init__(self, device):
+        self.device = device
+        if device == "cuda":
+            from numba import cuda
+            self.put, self.sync = cuda.to_device, cuda.synchronize
+        else:
+            self.put, self.sync = (lambda a: a), (lambda: None)
+
+
+class TorchPeer:
+    """PyTorch on one device, with the calling conventions of ``fastpool._numpy_peer``."""
+
+    def __init__(self, device):
+        import torch
+        self.torch = torch
+        self.name = f"PyTorch {torch.__version__}"
+        self.device = device
+        if device == "cuda":
+            torch.backends.cudnn.allow_tf32 = False
+            torch.backends.cuda.matmul.allow_tf32 = False
+            self.name += " (cuDNN)"
+            self.sync = torch.cuda.synchronize
+        else:
+            self.sync = lambda: None
+        self.F = torch.nn.functional
+        self.aten = torch.ops.aten
+
+    def put(self, array):
+        return self.torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
+
+    def max_pool2d(self, x, k, s, p, return_indices=False):
+        return self.F.max_pool2d(x, k, s, p, return_indices=return_indices)
+
+    def max_pool2d_backward(self, grad, x, k, s, p, indices):
+        return self.aten.max_pool2d_with_indices_backward(grad, x, [k, k], [s, s], [p, p],
+                                                          [1, 1], False, indices)
+
+    def avg_pool2d(self, x, k, s, p):
+        return self.F.avg_pool2d(x, k, s, p)
+
+    def avg_pool2d_backward(self, grad, x, k, s, p):
+        return self.aten.avg_pool2d_backward(grad, x, [k, k], [s, s], [p, p], False, True,
+                                             None)
+
+    def conv2d(self, x, w, stride, padding, groups):
+        return self.F.conv2d(x, w, stride=stride, padding=padding, groups=groups)
+
+    def conv2d_backward(self, grad, x, w, stride, padding, groups):
+        return self.aten.convolution_backward(grad, x, w, None, [stride] * 2, [padding] * 2,
+                                              [1, 1], False, [0, 0], groups,
+                                              [True, True, False])
+
+
+def choose_peer(device):
+    """PyTorch on ``device`` when it can run there, else the NumPy peer on the host."""
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    if torch is not None and (device == "cpu" or torch.cuda.is_available()):
+        return TorchPeer(device)
+    from fastpool import _numpy_peer
+    return _numpy_peer
+
+
+def _timed(fn, sync):
+    def run():
+        fn()
+        sync()
+    return run
+
+
+def pool_cases(side, peer, shape, k, s, p, dtype):
+    rng = np.random.default_rng(0)
+    x_host = rng.random(shape, dtype=np.float64).astype(dtype)
+    y_host, idx_host = fastpool.max_pool2d(x_host, k, s, p, return_indices=True,
+                                           device="cpu")
+    grad_host = rng.standard_normal(y_host.shape).astype(dtype)
+    dev = side.device
+    x, grad, idx = side.put(x_host), side.put(grad_host), side.put(idx_host)
+    _, sidx = fastpool.stochastic_pool2d(x, k, s, p, seed=1, return_indices=True,
+                                         device=dev)
+    px, pgrad, pidx = peer.put(x_host), peer.put(grad_host), peer.put(idx_host)
+    xb, yb, ib = x_host.nbytes, y_host.nbytes, idx_host.nbytes
+    where = f"{shape} k{k} s{s} p{p}"
+    ours = [
+        ("max_pool2d forward", lambda: fastpool.max_pool2d(x, k, s, p, device=dev),
+         lambda: peer.max_pool2d(px, k, s, p), xb + yb),
+        ("max_pool2d forward+indices",
+         lambda: fastpool.max_pool2d(x, k, s, p, return_indices=True, device=dev),
+         lambda: peer.max_pool2d(px, k, s, p, return_indices=True), xb + yb + ib),
+        ("max_pool2d backward",
+         lambda: fastpool.max_pool2d_backward(grad, x, k, s, p, indices=idx, device=dev),
+         lambda: peer.max_pool2d_backward(pgrad, px, k, s, p, pidx), xb + yb + ib),
+        ("avg_pool2d forward", lambda: fastpool.avg_pool2d(x, k, s, p, device=dev),
+         lambda: peer.avg_pool2d(px, k, s, p), xb + yb),
+        ("avg_pool2d backward",
+         lambda: fastpool.avg_pool2d_backward(grad, x, k, s, p, device=dev),
+         lambda: peer.avg_pool2d_backward(pgrad, px, k, s, p), xb + yb),
+        # No framework has stochastic pooling: these rows have no peer.
+        ("stochastic_pool2d train forward+indices",
+         lambda: fastpool.stochastic_pool2d(x, k, s, p, seed=1, return_indices=True,
+                                            device=dev), None, xb + yb + ib),
+        ("stochastic_pool2d inference forward",
+         lambda: fastpool.stochastic_pool2d(x, k, s, p, training=False, device=dev),
+         None, xb + yb),
+        ("stochastic_pool2d train backward",
+         lambda: fastpool.stochastic_pool2d_backward(grad, x, k, s, p, indices=sidx,
+                                                     device=dev), None, xb + yb + ib),
+        ("stochastic_pool2d inference backward",
+         lambda: fastpool.stochastic_pool2d_backward(grad, x, k, s, p, training=False,
+                                                     device=dev), None, 2 * xb + yb),
+    ]
+    return [Case(op, where, _timed(mine, side.sync),
+                 None if theirs is None else _timed(theirs, peer.sync), amount, "GB/s")
+            for op, mine, theirs, amount in ours]
+
+
+def conv_cases(side, peer, label, x_shape, w_shape, stride, padding, groups, dtype):
+    rng = np.random.default_rng(1)
+    x_host = rng.standard_normal(x_shape).astype(dtype)
+    w_host = (rng.standard_normal(w_shape) * 0.1).astype(dtype)
+    dev = side.device
+    x, w = side.put(x_host), side.put(w_host)
+    y = fastpool.conv2d(x, w, stride=stride, padding=padding, groups=groups, device=dev)
+    grad_host = rng.standard_normal(y.shape).astype(dtype)
+    grad = side.put(grad_host)
+    px, pw, pgrad = peer.put(x_host), peer.put(w_host), peer.put(grad_host)
+    flop = 2.0 * np.prod(y.shape) * np.prod(w_shape[1:])
+    where = f"{label} {x_shape}"
+
+    def ours_forward():
+        fastpool.conv2d(x, w, stride=stride, padding=padding, groups=groups, device=dev)
+
+    def ours_backward():
+        fastpool.conv2d_backward(grad, x, w, stride=stride, padding=padding, groups=groups,
+                                 output_mask=(True, True, False), device=dev)
+
+    return [
+        Case("conv2d forward", where, _timed(ours_forward, side.sync),
+             _timed(lambda: peer.conv2d(px, pw, stride, padding, groups), peer.sync),
+             flop, "GFLOP/s"),
+        Case("conv2d backward (input+weight)", where, _timed(ours_backward, side.sync),
+             _timed(lambda: peer.conv2d_backward(pgrad, px, pw, stride, padding, groups),
+                    peer.sync), 2 * flop, "GFLOP/s"),
+    ]
+
+
+class Progress:
+    """A one-line progress bar on stderr (redrawn at most ten times a second)."""
+
+    def __init__(self, total, label, stream=None, width=30):
+        self.total, self.label, self.width = max(total, 1), label, width
+        self.stream = stream if stream is not None else sys.stderr
+        self.done, self._drawn = 0, 0.0
+
+    def step(self, note=""):
+        self.done += 1
+        now = time.monotonic()
+        finished = self.done == self.total
+        # Logs (not a terminal) get the finished bar only, not every redraw.
+        redraw = now - self._drawn >= 0.1 and self.stream.isatty()
+        if finished or redraw:
+            self._drawn = now
+            filled = self.width * self.done // self.total
+            bar = "#" * filled + "." * (self.width - filled)
+            self.stream.write(f"\r{self.label} [{bar}] {self.done}/{self.total} "
+                              f"{note[:40]:40s}")
+            if finished:
+                self.stream.write("\n")
+            self.stream.flush()
+
+
+def median_times(cases, repeats, progress):
+    """Interleaved: each repeat times every case's fastpool call and then its peer."""
+    samples = [([], []) for _ in cases]
+    for _ in range(repeats):
+        for case, (mine, theirs) in zip(cases, samples):
+            for fn, bucket in ((case.ours, mine), (case.peer, theirs)):
+                if fn is not None:
+                    start = time.perf_counter()
+                    fn()
+                    bucket.append(time.perf_counter() - start)
+            progress.step(case.op)
+    return [(float(np.median(mine)), float(np.median(theirs)) if theirs else None)
+            for mine, theirs in samples]
+
+
+def copy_bandwidth(device, quick):
+    """Copy bandwidth in GB/s (read + write bytes), best of several copies."""
+    n = (16 if quick else 64) << 20  # float32 elements: 64 or 256 MiB, far beyond caches
+    if device == "cuda":
+        from numba import cuda
+        src = cuda.to_device(np.ones(4 * n, np.float32))
+        dst = cuda.device_array_like(src)
+        nbytes = src.nbytes
+
+        def copy():
+            dst.copy_to_device(src)
+            cuda.synchronize()
+    else:
+        src = np.ones(n, np.float32)
+        dst = np.empty_like(src)
+        nbytes = src.nbytes
+        kernel = parallel_copy
+
+        def copy():
+            kernel(src, dst)
+    copy()
+    best = min(_seconds(copy) for _ in range(5 if quick else 10))
+    return 2 * nbytes / best / 1e9
+
+
+def _seconds(fn):
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+@njit(parallel=True, cache=True)
+def parallel_copy(src, dst):
+    for i in prange(src.size):
+        dst[i] = src[i]
+
+
+def pin_threads(threads):
+    """Numba and PyTorch to ``threads``, BLAS to one thread, idle OpenMP workers asleep."""
+    import numba
+    from threadpoolctl import threadpool_limits
+    numba.set_num_threads(threads)
+    threadpool_limits(1, user_api="blas")
+    try:
+        import torch
+    except ImportError:
+        pass
+    else:
+        torch.set_num_threads(threads)
+
+
+def run(devices, dtype, quick, threads, repeats, ops, stream=None):
+    """Benchmark ``ops`` ("pool", "conv") on ``devices``; returns (rows, meta)."""
+    pin_threads(threads)
+    rows, meta = [], dict(dtype=dtype, threads=threads, repeats=repeats, quick=quick,
+                          date=datetime.date.today().isoformat(), devices={})
+    for device in devices:
+        side, peer = FastpoolSide(device), choose_peer(device)
+        size = "numpy" if peer.name == "NumPy" else "quick" if quick else "full"
+        if size == "full" and device == "cuda":
+            size = "full-cuda"
+        cases = []
+        if "pool" in ops:
+            for shape, k, s, p in POOL_SHAPES[size]:
+                cases += pool_cases(side, peer, shape, k, s, p, dtype)
+        if "conv" in ops:
+            for spec in CONV_SHAPES[size]:
+                cases += conv_cases(side, peer, *spec, dtype)
+        warmup = Progress(len(cases), f"{device}: compile+warm-up", stream)
+        median_times(cases, 1, warmup)
+        bandwidth = copy_bandwidth(device, quick)
+        progress = Progress(len(cases) * repeats, f"{device}: timing", stream)
+        for case, (mine, theirs) in zip(cases, median_times(cases, repeats, progress)):
+            rate = case.amount / mine / 1e9
+            rows.append(Row(
+                device=device, op=case.op, where=case.where, fastpool_ms=mine * 1e3,
+                peer_ms=None if theirs is None else theirs * 1e3,
+                speedup=None if theirs is None else theirs / mine, rate=rate,
+                unit=case.unit,
+                bandwidth_fraction=rate / bandwidth if case.unit == "GB/s" else None))
+        meta["devices"][device] = dict(peer=peer.name, shapes=size,
+                                       copy_bandwidth_gbs=bandwidth)
+    return rows, meta
+
+
+def _cell(value, fmt):
+    return "-" if value is None else format(value, fmt)
+
+
+def format_table(rows, meta):
+    lines = []
+    for device, info in meta["devices"].items():
+        lines.append(f"\n{device}: fastpool {fastpool.__version__} vs {info['peer']}; "
+                     f"{meta['dtype']}; {meta['threads']} threads; median of "
+                     f"{meta['repeats']}; copy bandwidth {info['copy_bandwidth_gbs']:.1f} "
+                     f"GB/s")
+        table = [("op", "shape", "fastpool ms", "peer ms", "speedup", "throughput",
+                  "of bandwidth")]
+        for r in rows:
+            if r.device == device:
+                table.append((r.op, r.where, f"{r.fastpool_ms:.2f}",
+                              _cell(r.peer_ms, ".2f"),
+                              "-" if r.speedup is None else f"{r.speedup:.2f}x",
+                              f"{r.rate:.1f} {r.unit}",
+                              "-" if r.bandwidth_fraction is None
+                              else f"{100 * r.bandwidth_fraction:.0f}%"))
+        widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
+        for j, line in enumerate(table):
+            cells = [c.ljust(w) if i < 2 else c.rjust(w)
+                     for i, (c, w) in enumerate(zip(line, widths))]
+            lines.append("  ".join(cells).rstrip())
+            if j == 0:
+                lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def write_json(path, rows, meta):
+    with open(path, "w") as fh:
+        json.dump(dict(meta=dict(meta, versions=versions()),
+                       rows=[dataclasses.asdict(r) for r in rows]), fh, indent=1)
+
+
+def plot(path, rows, meta):
+    """Horizontal bars of the speed-ups (log scale), one panel per device."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise SystemExit("--plot needs matplotlib: pip install 'fastpool[bench]'") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    devices = [d for d in meta["devices"] if any(r.device == d and r.speedup for r in rows)]
+    if not devices:
+        raise SystemExit("--plot: no row has a peer to compare with")
+    panels = [[r for r in rows if r.device == d and r.speedup] for d in devices]
+    height = max(len(p) for p in panels) * 0.28 + 1.2
+    fig, axes = plt.subplots(1, len(devices), figsize=(9 * len(devices), height),
+                             squeeze=False)
+    for ax, device, panel in zip(axes[0], devices, panels):
+        labels = [f"{r.op}  {r.where}" for r in panel]
+        values = [r.speedup for r in panel]
+        colours = ["tab:green" if v >= 1 else "tab:red" for v in values]
+        # Bars grow from 1x, left for slower and right for faster.
+        ax.barh(range(len(panel)), [v - 1 for v in values], left=1, color=colours)
+        ax.set_xscale("log")
+        low, high = min(values + [1.0]), max(values + [1.0])
+        ax.set_xlim(low / 1.3, high * 1.5)
+        ax.set_xticks([2.0 ** e for e in range(-6, 8) if low / 1.3 <= 2.0 ** e <= high * 1.5])
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(
+            lambda v, _: f"{v:g}x"))
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        ax.axvline(1.0, color="black", linewidth=0.8)
+        ax.set_yticks(range(len(panel)), labels, fontsize=7)
+        ax.invert_yaxis()
+        for i, v in enumerate(values):
+            ax.text(v, i, f" {v:.2f}x " if v >= 1 else f"{v:.2f}x ", va="center",
+                    ha="left" if v >= 1 else "right", fontsize=7)
+        ax.set_xlabel(f"speed-up over {meta['devices'][device]['peer']} (log scale; "
+                      f"> 1: fastpool faster)")
+        ax.set_title(f"fastpool {fastpool.__version__}, {device}, {meta['dtype']}, "
+                     f"{meta['threads']} threads, {meta['date']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def versions():
+    import numba
+    found = dict(fastpool=fastpool.__version__, python=platform.python_version(),
+                 numpy=np.__version__, numba=numba.__version__)
+    from importlib import metadata
+    for dist in ("numba-cuda", "scipy", "threadpoolctl", "torch", "asv", "matplotlib"):
+        try:
+            found[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            found[dist] = None
+    return found
+
+
+def info_lines():
+    """What ``python -m fastpool info`` prints."""
+    import numba
+    from threadpoolctl import threadpool_info
+
+    lines = [f"fastpool {fastpool.__version__} ({os.path.dirname(fastpool.__file__)})",
+             f"platform {platform.platform()}, {os.cpu_count()} CPUs"]
+    for dist, version in versions().items():
+        if dist != "fastpool":
+            lines.append(f"  {dist:14s} {version or 'not installed'}")
+    parallel_copy(np.ones(8, np.float32), np.empty(8, np.float32))  # starts the pool
+    lines.append(f"numba threading layer: {numba.threading_layer()}; threads: "
+                 f"{numba.get_num_threads()} (NUMBA_NUM_THREADS={numba.config.NUMBA_NUM_THREADS})")
+    import scipy.linalg.cython_blas  # noqa: F401  the BLAS fastpool's conv kernels call
+    for pool in threadpool_info():
+        lines.append(f"  {pool['user_api']:6s} {pool['internal_api']} "
+                     f"({os.path.basename(pool['filepath'])}) "
+                     f"{pool.get('version') or ''} threads={pool['num_threads']}")
+    lines.append(f"kernel cache directory: {kernel_cache_dir()}")
+    lines += gpu_lines()
+    return lines
+
+
+def kernel_cache_dir():
+    """Where Numba caches fastpool's CPU kernels (``NUMBA_CACHE_DIR`` wins)."""
+    from fastpool.cpu import pooling
+    return pooling._scatter_to_indices._cache._cache_path
+
+
+def gpu_lines():
+    from numba import config
+    if config.ENABLE_CUDASIM:
+        return ["GPU: Numba's CUDA simulator (NUMBA_ENABLE_CUDASIM=1): kernels run "
+                "as Python on the CPU"]
+    if not fastpool.cuda_available():
+        return ["GPU: none usable (no CUDA driver or no device); device='cuda' raises "
+                "CudaUnavailableError"]
+    from numba import cuda
+    gpu = cuda.get_current_device()
+    free, total = cuda.current_context().get_memory_info()
+    return [f"GPU: {gpu.name.decode() if isinstance(gpu.name, bytes) else gpu.name}, "
+            f"compute capability {gpu.compute_capability[0]}.{gpu.compute_capability[1]}, "
+            f"{total / 2**30:.1f} GiB ({free / 2**30:.1f} GiB free)"]

@@ -1,0 +1,175 @@
+"""``python -m fastpool bench`` and ``info``: the NumPy peer computes the same results as
+fastpool, and the command runs end to end on tiny shapes (no timing is asserted)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import fastpool
+from fastpool import __main__ as cli
+from fastpool import _bench, _numpy_peer
+from conftest import assert_close, assert_close_to_sum
+
+POOL_CASES = [((2, 3, 9, 8), 3, 2, 1), ((2, 3, 8, 8), 2, 2, 0), ((1, 2, 6, 7), 3, 1, 1)]
+CONV_CASES = [((2, 4, 7, 6), (6, 4, 3, 3), 1, 1, 1), ((2, 4, 9, 9), (4, 1, 3, 3), 2, 1, 4),
+              ((2, 3, 11, 11), (5, 3, 5, 5), 2, 2, 1), ((1, 4, 5, 5), (8, 4, 1, 1), 1, 0, 1)]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape, k, s, p", POOL_CASES)
+def test_numpy_peer_pooling_matches_fastpool(shape, k, s, p, dtype):
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal(shape).astype(dtype)  # continuous: no ties
+    y, idx = fastpool.max_pool2d(x, k, s, p, return_indices=True, device="cpu")
+    peer_y, peer_idx = _numpy_peer.max_pool2d(x, k, s, p, return_indices=True)
+    np.testing.assert_array_equal(peer_y, y)
+    np.testing.assert_array_equal(peer_idx, idx)
+    np.testing.assert_array_equal(_numpy_peer.max_pool2d(x, k, s, p), y)
+    grad = rng.standard_normal(y.shape).astype(dtype)
+    assert_close(_numpy_peer.max_pool2d_backward(grad, x, k, s, p, idx),
+                 fastpool.max_pool2d_backward(grad, x, k, s, p, indices=idx), dtype)
+    assert_close(_numpy_peer.avg_pool2d(x, k, s, p), fastpool.avg_pool2d(x, k, s, p), dtype)
+    assert_close(_numpy_peer.avg_pool2d_backward(grad, x, k, s, p),
+                 fastpool.avg_pool2d_backward(grad, x, k, s, p), dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("x_shape, w_shape, stride, padding, groups", CONV_CASES)
+def test_numpy_peer_conv_matches_fastpool(x_shape, w_shape, stride, padding, groups, dtype):
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal(x_shape).astype(dtype)
+    w = rng.standard_normal(w_shape).astype(dtype)
+    y = fastpool.conv2d(x, w, stride=stride, padding=padding, groups=groups)
+    bound = fastpool.conv2d(np.abs(x), np.abs(w), stride=stride, padding=padding,
+                            groups=groups)
+    assert_close_to_sum(_numpy_peer.conv2d(x, w, stride, padding, groups), y, bound, dtype)
+    grad = rng.standard_normal(y.shape).astype(dtype)
+    expected = fastpool.conv2d_backward(grad, x, w, stride=stride, padding=padding,
+                                        groups=groups)
+    grad_input, grad_weight = _numpy_peer.conv2d_backward(grad, x, w, stride, padding,
+                                                          groups)
+    # Loose but meaningful bound: each gradient element sums at most grad.size terms.
+    scale = np.abs(grad).max() * max(np.abs(x).max(), np.abs(w).max()) * grad.size
+    np.testing.assert_allclose(grad_input, expected.grad_input,
+                               atol=scale * (1e-6 if dtype == np.float32 else 1e-14))
+    np.testing.assert_allclose(grad_weight, expected.grad_weight,
+                               atol=scale * (1e-6 if dtype == np.float32 else 1e-14))
+
+
+@pytest.fixture
+def tiny_shapes(monkeypatch):
+    """Every shape table entry shrunk, so a full bench run takes a second."""
+    pools = [((2, 4, 9, 9), 3, 2, 1)]
+    convs = [("3x3 4->4", (2, 4, 8, 8), (4, 4, 3, 3), 1, 1, 1)]
+    monkeypatch.setattr(_bench, "POOL_SHAPES", {k: pools for k in _bench.POOL_SHAPES})
+    monkeypatch.setattr(_bench, "CONV_SHAPES", {k: convs for k in _bench.CONV_SHAPES})
+    monkeypatch.setattr(_bench, "copy_bandwidth", lambda device, quick: 10.0)
+
+
+def test_bench_with_numpy_peer_writes_table_json_and_plot(tiny_shapes, monkeypatch,
+                                                          tmp_path, capsys):
+    monkeypatch.setattr(_bench, "choose_peer", lambda device: _numpy_peer)
+    out = tmp_path / "bench.json"
+    plot = tmp_path / "bench.png"
+    argv = ["bench", "--device", "cpu", "--repeats", "2", "--threads", "1",
+            "--json", str(out)]
+    try:  # the plot needs the bench extra
+        import matplotlib
+    except ImportError:
+        matplotlib = None
+    if matplotlib is not None:
+        argv += ["--plot", str(plot)]
+    assert cli.main(argv) == 0
+    table = capsys.readouterr().out
+    assert "vs NumPy" in table and "max_pool2d forward" in table
+    data = json.loads(out.read_text())
+    rows = data["rows"]
+    assert data["meta"]["devices"]["cpu"]["peer"] == "NumPy"
+    assert [r["op"] for r in rows] == [
+        "max_pool2d forward", "max_pool2d forward+indices", "max_pool2d backward",
+        "avg_pool2d forward", "avg_pool2d backward",
+        "stochastic_pool2d train forward+indices", "stochastic_pool2d inference forward",
+        "stochastic_pool2d train backward", "stochastic_pool2d inference backward",
+        "conv2d forward", "conv2d backward (input+weight)"]
+    for r in rows:
+        assert r["fastpool_ms"] > 0
+        if r["op"].startswith("stochastic"):
+            assert r["peer_ms"] is None and r["speedup"] is None
+        else:
+            assert r["speedup"] == pytest.approx(r["peer_ms"] / r["fastpool_ms"])
+        if r["unit"] == "GB/s":
+            assert r["bandwidth_fraction"] == pytest.approx(r["rate"] / 10.0)
+    x_bytes = 2 * 4 * 9 * 9 * 4
+    y_bytes = 2 * 4 * 5 * 5 * 4
+    first = rows[0]
+    assert first["rate"] == pytest.approx((x_bytes + y_bytes) / first["fastpool_ms"] / 1e6)
+    if matplotlib is not None:
+        assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_against_torch(tiny_shapes, capsys):
+    torch = pytest.importorskip("torch")
+    assert cli.main(["bench", "--device", "cpu", "--repeats", "1", "--ops", "conv",
+                     "--dtype", "float64"]) == 0
+    table = capsys.readouterr().out
+    assert f"PyTorch {torch.__version__}" in table and "float64" in table
+    assert "conv2d backward (input+weight)" in table and "max_pool2d" not in table
+
+
+def test_torch_peer_matches_fastpool():
+    pytest.importorskip("torch")
+    peer = _bench.TorchPeer("cpu")
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 3, 9, 8))
+    y, idx = fastpool.max_pool2d(x, 3, 2, 1, return_indices=True)
+    ty, tidx = peer.max_pool2d(peer.put(x), 3, 2, 1, return_indices=True)
+    np.testing.assert_array_equal(ty.numpy(), y)
+    np.testing.assert_array_equal(tidx.numpy(), idx)
+    grad = rng.standard_normal(y.shape)
+    np.testing.assert_allclose(
+        peer.avg_pool2d_backward(peer.put(grad), peer.put(x), 3, 2, 1).numpy(),
+        fastpool.avg_pool2d_backward(grad, x, 3, 2, 1), rtol=1e-12)
+
+
+def test_bench_refuses_a_missing_or_simulated_gpu(monkeypatch):
+    monkeypatch.setattr(cli, "_gpu_problem", lambda: "no usable GPU")
+    with pytest.raises(SystemExit, match="--device cuda: no usable GPU"):
+        cli.main(["bench", "--device", "cuda"])
+    assert cli._devices("auto") == ["cpu"]
+    if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
+        monkeypatch.undo()
+        assert "simulator" in cli._gpu_problem()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["bench", "--repeats", "0"], "--repeats"),
+    (["bench", "--threads", "0"], "--threads"),
+])
+def test_bench_rejects_bad_options(argv, message):
+    with pytest.raises(SystemExit, match=message):
+        cli.main(argv)
+
+
+def test_progress_bar_in_a_log_prints_the_finished_bar_once(tmp_path):
+    with open(tmp_path / "log", "w+", newline="") as log:
+        bar = _bench.Progress(4, "timing", stream=log, width=8)
+        for _ in range(4):
+            bar.step("op")
+        log.seek(0)
+        assert log.read() == "\rtiming [########] 4/4 op" + " " * 38 + "\n"
+
+
+def test_info_runs_in_a_fresh_process():
+    result = subprocess.run([sys.executable, "-m", "fastpool", "info"], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert out.startswith(f"fastpool {fastpool.__version__}")
+    assert "numba threading layer: " in out and "threads: " in out
+    assert "kernel cache directory: " in out
+    assert any(line.startswith("GPU: ") for line in out.splitlines())
+    assert f"numpy          {np.__version__}" in out
