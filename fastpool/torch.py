@@ -1,0 +1,647 @@
+"""PyTorch integration: autograd functions and ``torch.nn`` modules backed by fastpool.
+
+``import fastpool`` never imports PyTorch; ``import fastpool.torch`` does (it needs it).
+
+Functional API (signatures of ``torch.nn.functional``)::
+
+    conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1)
+    max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
+               return_indices=False)
+    avg_pool2d(input, kernel_size, stride=None, padding=0, ceil_mode=False,
+               count_include_pad=True, divisor_override=None)
+    stochastic_pool2d(input, kernel_size, stride=None, padding=0, dilation=1,
+                      ceil_mode=False, return_indices=False, *, training=True,
+                      generator=None, seed=None)
+
+Modules: :class:`Conv2d`, :class:`MaxPool2d`, :class:`AvgPool2d` (subclasses of their
+``torch.nn`` namesakes: same parameters, initialisation, attributes, ``repr`` and
+``state_dict``; only ``forward`` runs fastpool) and :class:`StochasticPool2d`.
+
+Each function is a ``torch.autograd.Function`` whose forward calls fastpool's forward
+kernel and whose backward calls the matching fastpool backward kernel.
+
+Devices
+-------
+Computation happens where the tensors live, as in PyTorch, whatever
+``fastpool.set_device``, ``fastpool.use_device`` or ``FASTPOOL_DEVICE`` say: CPU tensors
+run fastpool's CPU kernels (``device="cpu"``), CUDA tensors its GPU kernels
+(``device="cuda"``). All tensor arguments of a call must be on one device. Other
+devices (MPS, XLA, meta, ...) raise ``ValueError``. CUDA tensors are handed to fastpool
+as they are (through ``__cuda_array_interface__``) and results come back as CUDA
+tensors without a host round trip; the kernels run on Numba's current CUDA device and
+default stream, so keep the tensors on that device (normally ``cuda:0``). Without a
+usable GPU, CUDA tensors raise ``fastpool.CudaUnavailableError``.
+
+Memory
+------
+CPU tensors cross into fastpool without a copy (``tensor.detach().numpy()``, any
+strides) and results come back without a copy (``torch.from_numpy``). fastpool itself
+makes one contiguous copy of a non-contiguous input (and of expanded, stride-0
+gradients such as the ones ``y.sum().backward()`` produces).
+
+Dtypes
+------
+float32 and float64 only; other dtypes raise ``TypeError``. Conv needs ``input``,
+``weight`` and ``bias`` of one dtype.
+
+Autograd
+--------
+Gradients are available for every input that requires them (conv: ``input``,
+``weight``, ``bias``; pools: ``input``). Backward is not itself differentiable:
+double backward (``create_graph=True`` and differentiating the gradient again, e.g. for
+gradient penalties or Hessian-vector products) raises ``RuntimeError``
+("trying to differentiate twice a function that was marked with
+@once_differentiable"). Indices returned by the pools are int64 and
+non-differentiable.
+"""
+
+import torch
+
+import fastpool as _fp
+
+__all__ = [
+    "AvgPool2d",
+    "Conv2d",
+    "MaxPool2d",
+    "StochasticPool2d",
+    "avg_pool2d",
+    "conv2d",
+    "max_pool2d",
+    "stochastic_pool2d",
+]
+
+_FLOAT_DTYPES = (torch.float32, torch.float64)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def _check_tensor(name, tensor):
+    """Reject what fastpool's kernels cannot take, with a message naming ``name``."""
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.dtype not in _FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} must have dtype torch.float32 or torch.float64 (the dtypes "
+            f"fastpool's kernels support), got {tensor.dtype}")
+    if tensor.device.type not in ("cpu", "cuda"):
+        raise ValueError(
+            f"{name} is on device {tensor.device}; fastpool.torch supports CPU and CUDA "
+            f"tensors only")
+
+
+def _device_for(tensors):
+    """fastpool's ``device=`` for a call on ``tensors`` (non-None, already checked):
+    where they live, like PyTorch."""
+    devices = {t.device.type for t in tensors}
+    if len(devices) > 1:
+        listed = ", ".join(str(t.device) for t in tensors)
+        raise ValueError(
+            f"expected all tensors on one device, got tensors on {listed}")
+    return devices.pop()
+
+
+def _to_array(tensor):
+    """What fastpool receives for ``tensor``: a zero-copy NumPy view of a CPU tensor
+    (whatever its strides), the detached tensor itself for a CUDA tensor (fastpool reads
+    its ``__cuda_array_interface__``, which PyTorch refuses on tensors that require
+    grad)."""
+    if tensor is None:
+        return None
+    tensor = tensor.detach()
+    if tensor.device.type == "cuda":
+        return tensor
+    # resolve_neg is a no-op (returns the tensor itself) unless the lazy negation bit is
+    # set, which .numpy() refuses.
+    return tensor.resolve_neg().numpy()
+
+
+def _to_tensor(result):
+    """A tensor for what a fastpool kernel returned: ``torch.from_numpy`` (zero-copy)
+    for NumPy arrays; GPU results already are CUDA tensors (fastpool hands results back
+    in the kind of its input)."""
+    if result is None or isinstance(result, torch.Tensor):
+        return result
+    return torch.from_numpy(result)
+
+
+def _size_arg(value):
+    """Accept what ``torch.nn.functional`` accepts for a size argument: an int, a pair,
+    or a one-element sequence (meaning both axes)."""
+    if isinstance(value, (tuple, list, torch.Size)):
+        value = tuple(value)
+        if len(value) == 1:
+            return value[0], value[0]
+    return value
+
+
+def _stride_arg(stride):
+    """``None`` and an empty sequence both mean ``stride = kernel_size`` in PyTorch."""
+    if stride is None or (isinstance(stride, (tuple, list, torch.Size)) and not stride):
+        return None
+    return _size_arg(stride)
+
+
+def _draw_seed(generator):
+    """A 64-bit fastpool seed drawn from ``generator`` (None: PyTorch's default CPU
+    generator), so ``torch.manual_seed`` makes stochastic pooling reproducible."""
+    device = generator.device if generator is not None else "cpu"
+    value = torch.randint(-2**63, 2**63 - 1, (1,), dtype=torch.int64,
+                          generator=generator, device=device).item()
+    return value & (2**64 - 1)
+
+
+_POOL_SHAPE_DOC = """
+    Shape
+    -----
+    - Input: ``(N, C, H_in, W_in)`` or ``(C, H_in, W_in)``.
+    - Output: ``(N, C, H_out, W_out)`` or ``(C, H_out, W_out)``, per spatial axis
+
+      ``out = floor((in + 2p - d*(k-1) - 1 + (s-1 if ceil_mode else 0)) / s) + 1``
+
+      and with ``ceil_mode`` the last window is dropped when it would start at or
+      beyond ``in + p`` (PyTorch's rule; see :func:`fastpool.max_pool2d`).{extra}
+"""
+
+
+def _pool_shape_doc(extra=""):
+    def decorate(function):
+        function.__doc__ = function.__doc__.replace(
+            "    Shape-section\n", _POOL_SHAPE_DOC.format(extra=extra))
+        return function
+    return decorate
+
+
+# ----------------------------------------------------------------------------- autograd
+
+class _Conv2dFunction(torch.autograd.Function):
+    """``y = conv2d(x, weight, bias)`` with fastpool's forward and backward kernels."""
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, stride, padding, dilation, groups):
+        device = _device_for([t for t in (input, weight, bias) if t is not None])
+        y = _fp.conv2d(_to_array(input), _to_array(weight), _to_array(bias), stride,
+                       padding, dilation, groups, device=device)
+        ctx.save_for_backward(input, weight)
+        ctx.geometry = (stride, padding, dilation, groups)
+        ctx.has_bias = bias is not None
+        ctx.device = device
+        return _to_tensor(y)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output):
+        input, weight = ctx.saved_tensors
+        output_mask = (bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1]),
+                       bool(ctx.has_bias and ctx.needs_input_grad[2]))
+        grads = (None, None, None)
+        if any(output_mask):
+            grads = _fp.conv2d_backward(_to_array(grad_output), _to_array(input),
+                                        _to_array(weight), *ctx.geometry,
+                                        output_mask=output_mask, device=ctx.device)
+        return tuple(_to_tensor(g) for g in grads) + (None,) * 4
+
+
+class _MaxPool2dFunction(torch.autograd.Function):
+    """``(y, indices) = max_pool2d(x)``; backward sends each window's gradient to the
+    saved argmax (the forward always records it)."""
+
+    @staticmethod
+    def forward(ctx, input, kernel_size, stride, padding, dilation, ceil_mode):
+        device = _device_for([input])
+        y, indices = _fp.max_pool2d(_to_array(input), kernel_size, stride, padding,
+                                    dilation, ceil_mode, return_indices=True,
+                                    device=device)
+        y, indices = _to_tensor(y), _to_tensor(indices)
+        ctx.mark_non_differentiable(indices)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(input, indices)
+        ctx.geometry = (kernel_size, stride, padding, dilation, ceil_mode)
+        ctx.device = device
+        return y, indices
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output, _grad_indices):
+        input, indices = ctx.saved_tensors
+        if grad_output is None:
+            return (None,) * 6
+        grad_input = _fp.max_pool2d_backward(_to_array(grad_output), _to_array(input),
+                                             *ctx.geometry, indices=_to_array(indices),
+                                             device=ctx.device)
+        return (_to_tensor(grad_input),) + (None,) * 5
+
+
+class _AvgPool2dFunction(torch.autograd.Function):
+    """``y = avg_pool2d(x)`` with fastpool's forward and backward kernels."""
+
+    @staticmethod
+    def forward(ctx, input, kernel_size, stride, padding, ceil_mode, count_include_pad,
+                divisor_override):
+        device = _device_for([input])
+        y = _fp.avg_pool2d(_to_array(input), kernel_size, stride, padding, ceil_mode,
+                           count_include_pad, divisor_override, device=device)
+        ctx.save_for_backward(input)
+        ctx.geometry = (kernel_size, stride, padding, ceil_mode, count_include_pad,
+                        divisor_override)
+        ctx.device = device
+        return _to_tensor(y)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output):
+        (input,) = ctx.saved_tensors
+        grad_input = _fp.avg_pool2d_backward(_to_array(grad_output), _to_array(input),
+                                             *ctx.geometry, device=ctx.device)
+        return (_to_tensor(grad_input),) + (None,) * 6
+
+
+class _StochasticPool2dFunction(torch.autograd.Function):
+    """Stochastic pooling. Training: returns ``(y, indices)`` and backward sends each
+    window's gradient to the sampled element. Inference: returns ``y`` (the
+    probability-weighted average) and backward differentiates that average."""
+
+    @staticmethod
+    def forward(ctx, input, kernel_size, stride, padding, dilation, ceil_mode, training,
+                seed):
+        device = _device_for([input])
+        ctx.geometry = (kernel_size, stride, padding, dilation, ceil_mode)
+        ctx.training = training
+        ctx.device = device
+        ctx.set_materialize_grads(False)
+        if training:
+            y, indices = _fp.stochastic_pool2d(
+                _to_array(input), kernel_size, stride, padding, dilation, ceil_mode,
+                training=True, seed=seed, return_indices=True, device=device)
+            y, indices = _to_tensor(y), _to_tensor(indices)
+            ctx.mark_non_differentiable(indices)
+            ctx.save_for_backward(input, indices)
+            return y, indices
+        y = _fp.stochastic_pool2d(_to_array(input), kernel_size, stride, padding,
+                                  dilation, ceil_mode, training=False, seed=seed,
+                                  device=device)
+        ctx.save_for_backward(input)
+        return _to_tensor(y)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output, *_grad_indices):
+        saved = ctx.saved_tensors
+        if grad_output is None:
+            return (None,) * 8
+        if ctx.training:
+            input, indices = saved
+            grad_input = _fp.stochastic_pool2d_backward(
+                _to_array(grad_output), _to_array(input), *ctx.geometry, training=True,
+                indices=_to_array(indices), device=ctx.device)
+        else:
+            (input,) = saved
+            grad_input = _fp.stochastic_pool2d_backward(
+                _to_array(grad_output), _to_array(input), *ctx.geometry, training=False,
+                device=ctx.device)
+        return (_to_tensor(grad_input),) + (None,) * 7
+
+
+# ----------------------------------------------------------------------------- functions
+
+def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    """2-D convolution (cross-correlation), a drop-in for ``torch.nn.functional.conv2d``.
+
+    Runs :func:`fastpool.conv2d` forward and :func:`fastpool.conv2d_backward` backward
+    (computing only the gradients autograd asks for), on the device the tensors live on.
+
+    Parameters
+    ----------
+    input : Tensor
+        ``(N, C_in, H, W)`` or unbatched ``(C_in, H, W)``, float32 or float64, on the
+        CPU or a CUDA device; any strides.
+    weight : Tensor
+        ``(C_out, C_in / groups, kH, kW)``, ``input``'s dtype and device.
+    bias : Tensor, optional
+        ``(C_out,)``, ``input``'s dtype and device.
+    stride : int or (int, int), default 1
+    padding : int, (int, int), 'valid' or 'same', default 0
+        Zero padding. ``'same'`` needs stride 1; it pads ``d*(k-1)`` in total,
+        ``d*(k-1) // 2`` at the top/left and the rest at the bottom/right.
+    dilation : int or (int, int), default 1
+    groups : int, default 1
+        Must divide ``C_in`` and ``C_out``.
+
+    Returns
+    -------
+    Tensor
+        The output, ``input``'s dtype and device.
+
+    Raises
+    ------
+    TypeError
+        For dtypes other than float32/float64 or mixed dtypes.
+    ValueError
+        For bad shapes or arguments (from fastpool), tensors on different devices, or
+        devices other than CPU and CUDA.
+
+    Notes
+    -----
+    Backward is once differentiable: double backward raises ``RuntimeError``.
+
+    Shape
+    -----
+    - Input: ``(N, C_in, H_in, W_in)`` or ``(C_in, H_in, W_in)``.
+    - Output: ``(N, C_out, H_out, W_out)`` or ``(C_out, H_out, W_out)``, per spatial axis
+      ``out = floor((in + p_begin + p_end - d*(k-1) - 1) / s) + 1`` (see
+      :func:`fastpool.conv2d`).
+    """
+    _check_tensor("input", input)
+    _check_tensor("weight", weight)
+    if bias is not None:
+        _check_tensor("bias", bias)
+    return _Conv2dFunction.apply(input, weight, bias, _size_arg(stride),
+                                 _size_arg(padding), _size_arg(dilation), groups)
+
+
+@_pool_shape_doc()
+def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
+               return_indices=False):
+    """2-D max pooling, a drop-in for ``torch.nn.functional.max_pool2d``.
+
+    Runs :func:`fastpool.max_pool2d` forward (always recording the argmax) and
+    :func:`fastpool.max_pool2d_backward` with those indices backward.
+
+    Parameters
+    ----------
+    input : Tensor
+        ``(N, C, H, W)`` or ``(C, H, W)``, float32 or float64, CPU or CUDA; any strides.
+    kernel_size : int or (int, int)
+        Window size ``k``.
+    stride : int or (int, int), optional
+        Window step ``s``; None (default) means ``kernel_size``.
+    padding : int or (int, int), default 0
+        Implicit ``-inf`` padding ``p``, at most half the effective kernel
+        ``d*(k-1) + 1``.
+    dilation : int or (int, int), default 1
+        Spacing ``d`` between window elements.
+    ceil_mode : bool, default False
+        Use ceil instead of floor for the output size.
+    return_indices : bool, default False
+        Also return the argmax of each window.
+
+    Returns
+    -------
+    output : Tensor
+        Window maxima, ``input``'s dtype and device. Ties go to the first maximum in
+        row-major window order; NaN propagates.
+    indices : Tensor
+        Only with ``return_indices=True``: int64, non-differentiable, flat positions
+        ``h * W + w`` inside each ``(n, c)`` plane (PyTorch's convention).
+
+    Notes
+    -----
+    Backward is once differentiable: double backward raises ``RuntimeError``.
+
+    Shape-section
+    """
+    _check_tensor("input", input)
+    y, indices = _MaxPool2dFunction.apply(input, _size_arg(kernel_size),
+                                          _stride_arg(stride), _size_arg(padding),
+                                          _size_arg(dilation), ceil_mode)
+    return (y, indices) if return_indices else y
+
+
+@_pool_shape_doc(" Average pooling has ``d = 1``.")
+def avg_pool2d(input, kernel_size, stride=None, padding=0, ceil_mode=False,
+               count_include_pad=True, divisor_override=None):
+    """2-D average pooling, a drop-in for ``torch.nn.functional.avg_pool2d``.
+
+    Runs :func:`fastpool.avg_pool2d` forward and :func:`fastpool.avg_pool2d_backward`
+    backward.
+
+    Parameters
+    ----------
+    input : Tensor
+        ``(N, C, H, W)`` or ``(C, H, W)``, float32 or float64, CPU or CUDA; any strides.
+    kernel_size : int or (int, int)
+    stride : int or (int, int), optional
+        None (default) means ``kernel_size``.
+    padding : int or (int, int), default 0
+        Zero padding, at most ``k // 2``.
+    ceil_mode : bool, default False
+    count_include_pad : bool, default True
+        Divide by the window's area including padding cells; when False by the number
+        of input cells in the window.
+    divisor_override : int, optional
+        Divide every window's sum by this non-zero int instead.
+
+    Returns
+    -------
+    Tensor
+        Window averages, ``input``'s dtype and device (matches PyTorch's divisors
+        exactly).
+
+    Notes
+    -----
+    Backward is once differentiable: double backward raises ``RuntimeError``.
+
+    Shape-section
+    """
+    _check_tensor("input", input)
+    return _AvgPool2dFunction.apply(input, _size_arg(kernel_size), _stride_arg(stride),
+                                    _size_arg(padding), ceil_mode, count_include_pad,
+                                    divisor_override)
+
+
+@_pool_shape_doc()
+def stochastic_pool2d(input, kernel_size, stride=None, padding=0, dilation=1,
+                      ceil_mode=False, return_indices=False, *, training=True,
+                      generator=None, seed=None):
+    """2-D stochastic pooling (Zeiler & Fergus, ICLR 2013) with autograd.
+
+    Runs :func:`fastpool.stochastic_pool2d` forward and
+    :func:`fastpool.stochastic_pool2d_backward` backward.
+
+    Parameters
+    ----------
+    input : Tensor
+        ``(N, C, H, W)`` or ``(C, H, W)``, float32 or float64, CPU or CUDA, finite and
+        non-negative (e.g. after ReLU); a negative, NaN or infinite value inside a
+        window raises ``ValueError``.
+    kernel_size, stride, padding, dilation, ceil_mode
+        As for :func:`max_pool2d`; padding cells have weight 0 and are never chosen.
+    return_indices : bool, default False
+        Also return the sampled element of each window (training only; ``ValueError``
+        with ``training=False``).
+    training : bool, default True
+        True: in each window sample element ``i`` with probability ``a_i / sum(a)``
+        and output it; the gradient flows to the sampled element. False: output the
+        probability-weighted average ``sum(a_i**2) / sum(a_i)`` (0 when the sum is
+        0), deterministic, and differentiate that.
+    generator : torch.Generator, optional
+        Where the seed is drawn from when ``seed`` is None (one 64-bit draw per call);
+        None means PyTorch's default CPU generator, so ``torch.manual_seed(k)`` makes
+        runs reproducible. Ignored when ``seed`` is given, and in inference.
+    seed : int, optional
+        An explicit fastpool seed in ``[0, 2**64)``; it wins over ``generator``. The
+        same seed gives the same samples on the CPU and the GPU and at any thread
+        count.
+
+    Returns
+    -------
+    output : Tensor
+        ``input``'s dtype and device.
+    indices : Tensor
+        Only with ``return_indices=True``: int64, non-differentiable, flat positions
+        ``h * W + w`` inside each ``(n, c)`` plane.
+
+    Notes
+    -----
+    Backward is once differentiable: double backward raises ``RuntimeError``.
+
+    Shape-section
+    """
+    _check_tensor("input", input)
+    if not isinstance(training, bool):
+        raise TypeError(f"training must be a bool, got {training!r}")
+    if return_indices and not training:
+        raise ValueError(
+            "return_indices=True needs training=True: inference samples nothing")
+    if not training:
+        seed = 0  # inference draws nothing; do not advance the torch generator
+    elif seed is None:
+        seed = _draw_seed(generator)
+    outputs = _StochasticPool2dFunction.apply(
+        input, _size_arg(kernel_size), _stride_arg(stride), _size_arg(padding),
+        _size_arg(dilation), ceil_mode, training, seed)
+    if not training:
+        return outputs
+    y, indices = outputs
+    return (y, indices) if return_indices else y
+
+
+# ----------------------------------------------------------------------------- modules
+
+class Conv2d(torch.nn.Conv2d):
+    """``torch.nn.Conv2d`` whose forward runs fastpool's kernels.
+
+    Same constructor, parameters, initialisation, attributes, ``repr`` and
+    ``state_dict`` as ``torch.nn.Conv2d`` (it is a subclass; ``load_state_dict``
+    works both ways). ``padding_mode`` other than ``'zeros'`` pads with
+    ``torch.nn.functional.pad`` first, as PyTorch does. Dtypes and devices fastpool
+    cannot serve (anything but float32/float64 on CPU/CUDA) are rejected at forward
+    time.
+
+    Parameters
+    ----------
+    in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+    padding_mode, device, dtype
+        As for ``torch.nn.Conv2d``.
+
+    Shape
+    -----
+    See :func:`conv2d`.
+    """
+
+    def forward(self, input):
+        """Convolve ``input`` with :func:`fastpool.torch.conv2d`."""
+        return self._conv_forward(input, self.weight, self.bias)
+
+    def _conv_forward(self, input, weight, bias):
+        if self.padding_mode != "zeros":
+            padded = torch.nn.functional.pad(input, self._reversed_padding_repeated_twice,
+                                             mode=self.padding_mode)
+            return conv2d(padded, weight, bias, self.stride, 0, self.dilation,
+                          self.groups)
+        return conv2d(input, weight, bias, self.stride, self.padding, self.dilation,
+                      self.groups)
+
+
+class MaxPool2d(torch.nn.MaxPool2d):
+    """``torch.nn.MaxPool2d`` whose forward runs :func:`max_pool2d` (fastpool kernels).
+
+    Parameters
+    ----------
+    kernel_size, stride=None, padding=0, dilation=1, return_indices=False, ceil_mode=False
+        As for ``torch.nn.MaxPool2d``.
+
+    Shape
+    -----
+    See :func:`max_pool2d`.
+    """
+
+    def forward(self, input):
+        """Pool ``input``; returns ``(output, indices)`` when ``return_indices``."""
+        return max_pool2d(input, self.kernel_size, self.stride, self.padding,
+                          self.dilation, ceil_mode=self.ceil_mode,
+                          return_indices=self.return_indices)
+
+
+class AvgPool2d(torch.nn.AvgPool2d):
+    """``torch.nn.AvgPool2d`` whose forward runs :func:`avg_pool2d` (fastpool kernels).
+
+    Parameters
+    ----------
+    kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True,
+    divisor_override=None
+        As for ``torch.nn.AvgPool2d``.
+
+    Shape
+    -----
+    See :func:`avg_pool2d`.
+    """
+
+    def forward(self, input):
+        """Average-pool ``input``."""
+        return avg_pool2d(input, self.kernel_size, self.stride, self.padding,
+                          self.ceil_mode, self.count_include_pad, self.divisor_override)
+
+
+class StochasticPool2d(torch.nn.Module):
+    """Stochastic pooling layer (Zeiler & Fergus, ICLR 2013).
+
+    In training mode (``module.train()``, the default) each window outputs one of its
+    elements, sampled with probability proportional to its value; in eval mode
+    (``module.eval()``) it outputs the probability-weighted average
+    ``sum(a_i**2) / sum(a_i)``. Inputs must be non-negative (put it after a ReLU).
+
+    Parameters
+    ----------
+    kernel_size : int or (int, int)
+    stride : int or (int, int), optional
+        None (default) means ``kernel_size``.
+    padding : int or (int, int), default 0
+        At most half the effective kernel; padding cells are never chosen.
+    dilation : int or (int, int), default 1
+    ceil_mode : bool, default False
+    return_indices : bool, default False
+        In training mode also return the sampled indices (int64, flat ``h * W + w`` per
+        plane). In eval mode nothing is sampled and ``ValueError`` is raised.
+    generator : torch.Generator, optional
+        Source of the per-call 64-bit seed; None means PyTorch's default CPU generator,
+        so ``torch.manual_seed`` makes training reproducible.
+
+    Shape
+    -----
+    See :func:`stochastic_pool2d`.
+    """
+
+    def __init__(self, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
+                 return_indices=False, generator=None):
+        super().__init__()
+        self.kernel_size = kernel_size
+        self.stride = stride if stride is not None else kernel_size
+        self.padding = padding
+        self.dilation = dilation
+        self.ceil_mode = ceil_mode
+        self.return_indices = return_indices
+        self.generator = generator
+
+    def forward(self, input):
+        """Sample (training) or weight (eval) each window of ``input``."""
+        return stochastic_pool2d(input, self.kernel_size, self.stride, self.padding,
+                                 self.dilation, self.ceil_mode, self.return_indices,
+                                 training=self.training, generator=self.generator)
+
+    def extra_repr(self):
+        text = (f"kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, dilation={self.dilation}, "
+                f"ceil_mode={self.ceil_mode}")
+        if self.return_indices:
+            text += ", return_indices=True"
+        return text
