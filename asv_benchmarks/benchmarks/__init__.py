@@ -1,0 +1,1 @@
+"""asv benchmarks for fastpool (see asv_benchmarks/README.md)."""
