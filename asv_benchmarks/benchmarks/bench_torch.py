@@ -7,7 +7,7 @@ returns the ratio of the medians. Measuring both in one interleaved loop cancels
 of the machine's drift (PyTorch's own times vary by up to 30% between runs on a 2-core
 machine), so the ratio is steadier across commits than either time. Both libraries use
 ``common.THREADS`` threads. Skipped when torch is not installed. For a one-off table
-of every op, see ``asv_benchmarks/compare_torch.py``.
+of every op, see ``python -m fastpool bench``.
 """
 
 import time
