@@ -44,15 +44,19 @@ def warm(*pairs):
             peer()
 
 
-class PoolSpeedupVsTorch:
-    """Pooling on (32,64,112,112), k=3, s=2, p=1, float32, against
-    ``torch.nn.functional`` (forward) and ``torch.ops.aten`` (backward)."""
+class _SpeedupTrack:
+    """Base: a ``track_`` that times both libraries itself, once per process."""
 
     unit = "x"
     processes = 1
     repeat = 1
     number = 1
     timeout = 300
+
+
+class PoolSpeedupVsTorch(_SpeedupTrack):
+    """Pooling on (32,64,112,112), k=3, s=2, p=1, float32, against
+    ``torch.nn.functional`` (forward) and ``torch.ops.aten`` (backward)."""
 
     def setup(self):
         torch = import_torch()
@@ -100,17 +104,11 @@ class PoolSpeedupVsTorch:
         return self._ratio("avg_backward")
 
 
-class ConvSpeedupVsTorch:
+class ConvSpeedupVsTorch(_SpeedupTrack):
     """conv2d float32, no bias, against ``F.conv2d`` (forward) and
     ``aten.convolution_backward`` with output_mask (True, True, False) (backward):
     3x3 64->64 on (32,64,56,56) padding 1, and depthwise 3x3 on (32,128,56,56)
     padding 1, groups 128."""
-
-    unit = "x"
-    processes = 1
-    repeat = 1
-    number = 1
-    timeout = 300
 
     def setup(self):
         require_conv()
