@@ -13,6 +13,7 @@ in the same run (a parallel Numba copy on the CPU, a device-to-device copy on th
 read + write bytes, like STREAM's Copy).
 """
 
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -315,23 +316,37 @@ def parallel_copy(src, dst):
         dst[i] = src[i]
 
 
-def pin_threads(threads):
-    """Numba and PyTorch to ``threads``, BLAS to one thread, idle OpenMP workers asleep."""
+@contextlib.contextmanager
+def pinned_threads(threads):
+    """Numba and PyTorch at ``threads``, BLAS at one thread, for the block; restored
+    afterwards (the command may be called from a longer-lived process, e.g. the tests)."""
     import numba
     from threadpoolctl import threadpool_limits
-    numba.set_num_threads(threads)
-    threadpool_limits(1, user_api="blas")
     try:
         import torch
     except ImportError:
-        pass
-    else:
+        torch = None
+    numba_before = numba.get_num_threads()
+    torch_before = torch.get_num_threads() if torch is not None else None
+    numba.set_num_threads(threads)
+    if torch is not None:
         torch.set_num_threads(threads)
+    try:
+        with threadpool_limits(1, user_api="blas"):
+            yield
+    finally:
+        numba.set_num_threads(numba_before)
+        if torch is not None:
+            torch.set_num_threads(torch_before)
 
 
 def run(devices, dtype, quick, threads, repeats, ops, stream=None):
     """Benchmark ``ops`` ("pool", "conv") on ``devices``; returns (rows, meta)."""
-    pin_threads(threads)
+    with pinned_threads(threads):
+        return _run(devices, dtype, quick, threads, repeats, ops, stream)
+
+
+def _run(devices, dtype, quick, threads, repeats, ops, stream):
     rows, meta = [], dict(dtype=dtype, threads=threads, repeats=repeats, quick=quick,
                           date=datetime.date.today().isoformat(), devices={})
     for device in devices:

@@ -173,3 +173,16 @@ def test_info_runs_in_a_fresh_process():
     assert "kernel cache directory: " in out
     assert any(line.startswith("GPU: ") for line in out.splitlines())
     assert f"numpy          {np.__version__}" in out
+
+
+def test_bench_restores_thread_counts(tiny_shapes, monkeypatch):
+    import numba
+    from threadpoolctl import threadpool_info
+    monkeypatch.setattr(_bench, "choose_peer", lambda device: _numpy_peer)
+    before = numba.get_num_threads()
+    blas_before = [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
+    with open(os.devnull, "w") as sink:
+        _bench.run(["cpu"], "float32", True, 1, 1, ("pool",), stream=sink)
+    assert numba.get_num_threads() == before
+    assert [p["num_threads"] for p in threadpool_info()
+            if p["user_api"] == "blas"] == blas_before
