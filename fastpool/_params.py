@@ -54,6 +54,13 @@ def output_size(size, kernel, stride, padding, dilation, ceil_mode):
 
 def as_float_array(name, value):
     """Return ``value`` as a NumPy array of a supported float dtype (no copy if possible)."""
+    if getattr(value, "requires_grad", False) is True:
+        # Checked before anything reads the data: torch refuses both __array__ and
+        # __cuda_array_interface__ for such tensors, with errors that name neither
+        # the argument nor the way out.
+        raise TypeError(
+            f"{name} is a tensor that requires grad; fastpool's functions do not record "
+            f"autograd. Use fastpool.torch (autograd Functions) or pass {name}.detach()")
     if is_device_array(value):
         # GPU data stays where it is; only its metadata is validated here.
         array = _DeviceArrayInfo(value)

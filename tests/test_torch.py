@@ -618,6 +618,46 @@ def test_non_tensor_input_raises_type_error():
         ft.max_pool2d(np.ones(SHAPE), 2)
 
 
+def _plain_calls(x, gy, w, b):
+    """Every array argument of fastpool's plain (non-autograd) functions, by name."""
+    idx = np.zeros((2, 3, 3, 4), dtype=np.int64)
+    return {
+        "max.x": lambda: fastpool.max_pool2d(x, 2),
+        "max_backward.grad_output": lambda: fastpool.max_pool2d_backward(gy, x, 2),
+        "avg.x": lambda: fastpool.avg_pool2d(x, 2),
+        "avg_backward.grad_output": lambda: fastpool.avg_pool2d_backward(gy, x, 2),
+        "stochastic.x": lambda: fastpool.stochastic_pool2d(x.abs(), 2, seed=0),
+        "stochastic_backward.grad_output": lambda: fastpool.stochastic_pool2d_backward(
+            gy, x.abs(), 2, indices=idx),
+        "conv.weight": lambda: fastpool.conv2d(x, w),
+        "conv.bias": lambda: fastpool.conv2d(x, w, b),
+        "conv_backward.grad_output": lambda: fastpool.conv2d_backward(
+            torch.ones(2, 4, 5, 6, dtype=x.dtype, requires_grad=gy.requires_grad), x, w),
+    }
+
+
+@pytest.mark.parametrize("case", list(_plain_calls(*[None] * 4)))
+def test_plain_functions_refuse_tensors_that_require_grad(case):
+    """fastpool's NumPy-level functions take CPU tensors (as NumPy does), but not ones
+    that require grad: those get a TypeError naming the argument and the way out,
+    before any kernel runs, instead of torch's error from inside np.asarray."""
+    x, gy = randn(*SHAPE), torch.ones(2, 3, 3, 4, dtype=torch.float64)
+    w, b = randn(4, 3, 3, 3, seed=1), randn(4, seed=2)
+    name = case.partition(".")[2]
+    graded = {"x": x, "grad_output": gy, "weight": w, "bias": b}
+    graded[name] = graded[name].clone().requires_grad_()
+    with pytest.raises(TypeError, match=rf"{name} is a tensor that requires grad.*"
+                                        rf"{name}\.detach\(\)"):
+        _plain_calls(graded["x"], graded["grad_output"], graded["weight"],
+                     graded["bias"])[case]()
+    # The same call with the argument detached runs and returns NumPy.
+    graded[name] = graded[name].detach()
+    result = _plain_calls(graded["x"], graded["grad_output"], graded["weight"],
+                          graded["bias"])[case]()
+    first = result[0] if isinstance(result, tuple) else result
+    assert isinstance(first, np.ndarray)
+
+
 @pytest.mark.parametrize("name", ["conv", "max", "avg", "stochastic", "stochastic_eval"])
 def test_double_backward_raises(name):
     x = positive(SHAPE).requires_grad_()
