@@ -196,6 +196,36 @@ def _is_array(value):
     return isinstance(value, np.ndarray) or is_device_array(value)
 
 
+def gpu_ordinal(value):
+    """The ordinal of the GPU a CuPy array (``.device.id``) or torch CUDA tensor
+    (``.device.index``) lives on; None when the array does not say (Numba device
+    arrays, other ``__cuda_array_interface__`` objects, host arrays)."""
+    if array_kind(value) not in ("cupy", "torch"):
+        return None
+    device = getattr(value, "device", None)
+    for attribute in ("index", "id"):
+        ordinal = getattr(device, attribute, None)
+        if isinstance(ordinal, int):
+            return ordinal
+    return None
+
+
+def check_current_gpu(arrays):
+    """Raise ``ValueError`` when a GPU array lives on another GPU than Numba's current
+    device, where the kernels would run: the array interface carries no device, so
+    its pointer would be read in the wrong context. CuPy raises the same way."""
+    ordinals = {gpu_ordinal(a) for a in arrays} - {None}
+    if not ordinals:
+        return
+    from numba import cuda
+    current = getattr(cuda.get_current_device(), "id", 0)  # the simulator's has no id
+    if ordinals != {current}:
+        raise ValueError(
+            f"the GPU arrays live on device(s) {sorted(ordinals)} but Numba's current "
+            f"device is {current}; run the call inside `with numba.cuda.gpus[i]:` (or "
+            f"after numba.cuda.select_device(i)) for the device i the arrays are on")
+
+
 def on_device(launcher):
     """Wrap a CUDA launcher (which takes and returns Numba device arrays) so that it
     takes the arrays the public functions validated and returns results of the kind of
@@ -205,6 +235,7 @@ def on_device(launcher):
     def run(*args):
         like = next(a for a in args if _is_array(a))
         kind = array_kind(like)
+        check_current_gpu([a for a in args if _is_array(a)])
         result = launcher(*(to_device(a) if _is_array(a) else a for a in args))
         if isinstance(result, tuple):
             return tuple(from_device(r, kind, like) for r in result)
