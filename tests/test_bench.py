@@ -135,6 +135,21 @@ def test_torch_peer_matches_fastpool():
         fastpool.avg_pool2d_backward(grad, x, 3, 2, 1), rtol=1e-12)
 
 
+def test_bench_cuda_path_runs_end_to_end(tiny_shapes):
+    """The GPU half of the bench (device arrays, synchronisation, the GPU shape table)
+    on tiny shapes: under the simulator here (the command refuses it, so ``run`` is
+    called directly), on the GPU where there is one. Timings are not looked at."""
+    from numba import config
+    if not config.ENABLE_CUDASIM and not fastpool.cuda_available():
+        pytest.skip("neither a GPU nor the simulator")
+    rows, meta = _bench.run(["cuda"], "float32", quick=False, threads=1, repeats=1,
+                            ops=("pool", "conv"))
+    assert [r.device for r in rows] == ["cuda"] * 11
+    assert meta["devices"]["cuda"]["shapes"] in ("numpy", "full-cuda")
+    assert all(r.fastpool_ms > 0 for r in rows)
+    assert all((r.speedup is None) == r.op.startswith("stochastic") for r in rows)
+
+
 def test_bench_refuses_a_missing_or_simulated_gpu(monkeypatch):
     monkeypatch.setattr(cli, "_gpu_problem", lambda: "no usable GPU")
     with pytest.raises(SystemExit, match="--device cuda: no usable GPU"):
