@@ -307,6 +307,12 @@ def test_bad_algorithm_and_tiles_raise():
     with pytest.raises(ValueError, match="tile configuration"):
         with cuda_conv.use_tiles(cuda_conv.TileConfig(64, 64, 16, 4, 3)):
             pass
+    # Valid layouts beyond a GPU's limits, which the simulator would run anyway:
+    # 66 KiB and 50 KiB of shared memory in float64 (48 KiB allowed), 4096 threads.
+    for too_big in [(128, 128, 32, 4, 4), (128, 64, 32, 4, 4), (64, 64, 64, 1, 1)]:
+        with pytest.raises(ValueError, match="bytes of static shared memory"):
+            cuda_conv.TileConfig(*too_big).check()
+    assert cuda_conv.PRODUCTION_TILES.check() is cuda_conv.PRODUCTION_TILES  # within them
     with cuda_conv.use_tiles(SMALL_TILES):
         assert cuda_conv.current_tiles() == SMALL_TILES
     assert cuda_conv.current_tiles() == cuda_conv.PRODUCTION_TILES

@@ -83,6 +83,12 @@ _PARTIAL_BYTES = 64 << 20
 _ALIGN = None if config.ENABLE_CUDASIM else 16
 
 
+# Limits of every CUDA GPU Numba supports: threads per block, and static shared memory
+# per block (more needs dynamic shared memory and an opt-in).
+MAX_THREADS_PER_BLOCK = 1024
+MAX_STATIC_SHARED_BYTES = 48 * 1024
+
+
 class TileConfig(NamedTuple):
     """Shape of the tiled GEMMs' block tile.
 
@@ -103,12 +109,25 @@ class TileConfig(NamedTuple):
     def threads(self):
         return (self.block_m // self.thread_m) * (self.block_n // self.thread_n)
 
+    def shared_bytes(self, itemsize=8):
+        """Static shared memory of one block: the two stage tiles (``_tile_groups``)."""
+        groups_m, groups_n = _tile_groups(self)
+        return self.block_k * (groups_m * self.thread_m + groups_n * self.thread_n) * itemsize
+
     def check(self):
         bm, bn, bk, tm, tn = self
         t = self.threads
         if (tm not in (1, 2, 4) or tn not in (1, 2, 4) or bm % tm or bn % tn
                 or t % bm or t % bn or t % bk or (bk * bm) % t or (bk * bn) % t):
             raise ValueError(f"unsupported tile configuration {self}")
+        # The hardware's limits, which the simulator does not enforce: checked for
+        # float64, the larger dtype, so a configuration runs in both.
+        if t > MAX_THREADS_PER_BLOCK or self.shared_bytes() > MAX_STATIC_SHARED_BYTES:
+            raise ValueError(
+                f"tile configuration {self} needs {t} threads and "
+                f"{self.shared_bytes()} bytes of shared memory per block in float64; "
+                f"a GPU allows {MAX_THREADS_PER_BLOCK} threads and "
+                f"{MAX_STATIC_SHARED_BYTES} bytes of static shared memory")
         return self
 
 
@@ -664,8 +683,9 @@ def _splits(pixels, most, partial_size, itemsize):
 
 
 def _sum_partials(partial, out):
-    """``out = partial.sum(axis=0)``, adding the slices in order."""
-    if partial is not out:
+    """``out = partial.sum(axis=0)``, adding the slices in order; nothing when there is
+    one slice, which is ``out`` itself (reshaped)."""
+    if partial.shape[0] > 1:
         size = out.size
         launch(_simple_kernels(np.dtype(out.dtype)).sum_partials, size,
                partial.reshape(partial.shape[0], size), out.reshape(size))
