@@ -79,6 +79,16 @@ def grid_stride():
     return np.int64(cuda.gridDim.x) * np.int64(cuda.blockDim.x)
 
 
+@cuda.jit(device=True, inline=True)
+def split_nchw(i, C, H, W):
+    """Element ``i`` of a C-ordered ``(N, C, H, W)`` array -> ``(n, c, h, w)``."""
+    w = i % W
+    rest = i // W
+    h = rest % H
+    rest = rest // H
+    return rest // C, rest % C, h, w
+
+
 def error_flag():
     """A one-element int32 device array, 0; kernels store 1 in it on bad input (the same
     value from every thread that sees some, so the race is harmless)."""
@@ -108,11 +118,8 @@ def _copy_4d(source, target):
     total = np.int64(source.shape[0]) * C * H * W
     i = grid_start()
     while i < total:
-        w = i % W
-        rest = i // W
-        h = rest % H
-        rest = rest // H
-        target[rest // C, rest % C, h, w] = source[rest // C, rest % C, h, w]
+        n, c, h, w = split_nchw(i, C, H, W)
+        target[n, c, h, w] = source[n, c, h, w]
         i += grid_stride()
 
 

@@ -65,7 +65,8 @@ import numba
 import numpy as np
 from numba import config, cuda
 
-from fastpool.cuda._launch import batched, contiguous, grid_start, grid_stride, launch
+from fastpool.cuda._launch import (batched, contiguous, grid_start, grid_stride, launch,
+                                   split_nchw)
 
 TILED, DIRECT = "tiled", "direct"
 ALGORITHMS = (TILED, DIRECT)
@@ -458,12 +459,7 @@ def _simple_kernels(dtype):
         total = np.int64(y.shape[0]) * O * OH * OW
         e = grid_start()
         while e < total:
-            ow = e % OW
-            rest = e // OW
-            oh = rest % OH
-            rest = rest // OH
-            o = rest % O
-            n = rest // O
+            n, o, oh, ow = split_nchw(e, O, OH, OW)
             g = o // Mg
             m = o - g * Mg
             acc = zero
@@ -486,12 +482,7 @@ def _simple_kernels(dtype):
         total = np.int64(N) * C * H * W
         e = grid_start()
         while e < total:
-            iw = e % W
-            rest = e // W
-            ih = rest % H
-            rest = rest // H
-            c = rest % C
-            n = rest // C
+            n, c, ih, iw = split_nchw(e, C, H, W)
             g = c // Cg
             acc = zero
             for i in range(KH):  # taps in order, then the group's channels

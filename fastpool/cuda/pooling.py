@@ -32,6 +32,7 @@ from fastpool.cuda._launch import (
     grid_start,
     grid_stride,
     launch,
+    split_nchw,
 )
 
 _gpu_rng = _rng.compile_with(cuda.jit(device=True, inline=True),
@@ -61,16 +62,6 @@ def _dummy_indices():
 
 
 @cuda.jit(device=True, inline=True)
-def _split(i, C, H, W):
-    """Element ``i`` of a C-ordered ``(N, C, H, W)`` array -> ``(n, c, h, w)``."""
-    w = i % W
-    rest = i // W
-    h = rest % H
-    rest = rest // H
-    return rest // C, rest % C, h, w
-
-
-@cuda.jit(device=True, inline=True)
 def _covering(t, pad, k_index, dilation, stride, out_size):
     """The output position whose window puts tap ``k_index`` on input position ``t``
     along one axis, or -1 when none does."""
@@ -95,7 +86,7 @@ def _max_forward(x, out, indices, with_indices, ph, pw, KH, KW, SH, SW, DH, DW):
     total = np.int64(N) * C * OH * OW
     i = grid_start()
     while i < total:
-        n, c, oh, ow = _split(i, C, OH, OW)
+        n, c, oh, ow = split_nchw(i, C, OH, OW)
         h0 = oh * SH - ph
         w0 = ow * SW - pw
         best = x[n, c, 0, 0]
@@ -123,7 +114,7 @@ def _check_window_indices(indices, H, W, ph, pw, KH, KW, SH, SW, DH, DW, bad):
     total = np.int64(N) * C * OH * OW
     i = grid_start()
     while i < total:
-        n, c, oh, ow = _split(i, C, OH, OW)
+        n, c, oh, ow = split_nchw(i, C, OH, OW)
         target = indices[n, c, oh, ow]
         inside = 0 <= target < np.int64(H) * W
         if inside:
@@ -150,7 +141,7 @@ def _gather_to_indices_kernel(dtype):
         total = np.int64(N) * C * H * W
         i = grid_start()
         while i < total:
-            n, c, h, w = _split(i, C, H, W)
+            n, c, h, w = split_nchw(i, C, H, W)
             target = np.int64(h) * W + w
             acc = zero
             for a in range(KH - 1, -1, -1):  # descending taps: ascending output rows
@@ -235,7 +226,7 @@ def _avg_kernels(dtype):
         total = np.int64(N) * C * OH * OW
         i = grid_start()
         while i < total:
-            n, c, oh, ow = _split(i, C, OH, OW)
+            n, c, oh, ow = split_nchw(i, C, OH, OW)
             h0 = oh * SH - ph
             w0 = ow * SW - pw
             acc = zero
@@ -257,7 +248,7 @@ def _avg_kernels(dtype):
         total = np.int64(N) * C * H * W
         i = grid_start()
         while i < total:
-            n, c, h, w = _split(i, C, H, W)
+            n, c, h, w = split_nchw(i, C, H, W)
             acc = zero
             for a in range(KH):
                 oh = _covering(h, ph, a, 1, SH, OH)
@@ -338,7 +329,7 @@ def _stochastic_train(x, out, indices, with_indices, seed, ph, pw, KH, KW, SH, S
     total = np.int64(N) * C * OH * OW
     i = grid_start()
     while i < total:
-        n, c, oh, ow = _split(i, C, OH, OW)
+        n, c, oh, ow = split_nchw(i, C, OH, OW)
         h0 = oh * SH - ph
         w0 = ow * SW - pw
         s1, _, first, invalid = _window_sums(x, n, c, h0, w0, KH, KW, DH, DW)
@@ -377,7 +368,7 @@ def _stochastic_infer(x, out, ph, pw, KH, KW, SH, SW, DH, DW, bad):
     total = np.int64(N) * C * OH * OW
     i = grid_start()
     while i < total:
-        n, c, oh, ow = _split(i, C, OH, OW)
+        n, c, oh, ow = split_nchw(i, C, OH, OW)
         s1, s2, _, invalid = _window_sums(x, n, c, oh * SH - ph, ow * SW - pw, KH, KW,
                                           DH, DW)
         if invalid or not (s2 < _INF):
@@ -395,7 +386,7 @@ def _stochastic_infer_shares(x, grad_output, share_a, share_b, ph, pw, KH, KW, S
     total = np.int64(N) * C * OH * OW
     i = grid_start()
     while i < total:
-        n, c, oh, ow = _split(i, C, OH, OW)
+        n, c, oh, ow = split_nchw(i, C, OH, OW)
         s1, s2, _, invalid = _window_sums(x, n, c, oh * SH - ph, ow * SW - pw, KH, KW,
                                           DH, DW)
         if invalid or not (s2 < _INF):
@@ -416,7 +407,7 @@ def _stochastic_infer_backward(x, share_a, share_b, grad_input, ph, pw, KH, KW, 
     total = np.int64(N) * C * H * W
     i = grid_start()
     while i < total:
-        n, c, h, w = _split(i, C, H, W)
+        n, c, h, w = split_nchw(i, C, H, W)
         sum_a = 0.0
         sum_b = 0.0
         for a in range(KH):
