@@ -361,6 +361,16 @@ def _stochastic_train(x, out, indices, with_indices, seed, ph, pw, KH, KW, SH, S
         i += grid_stride()
 
 
+@cuda.jit(device=True, inline=True)
+def _checked_window_sums(x, n, c, oh, ow, ph, pw, KH, KW, SH, SW, DH, DW, bad):
+    """``(S1, S2)`` of output ``(oh, ow)``'s window, for stochastic inference; raises
+    the ``bad`` flag for a negative or NaN element or an infinite ``S2``."""
+    s1, s2, _, invalid = _window_sums(x, n, c, oh * SH - ph, ow * SW - pw, KH, KW, DH, DW)
+    if invalid or not (s2 < _INF):
+        bad[0] = 1
+    return s1, s2
+
+
 @cuda.jit
 def _stochastic_infer(x, out, ph, pw, KH, KW, SH, SW, DH, DW, bad):
     """``S2 / S1`` (0 when ``S1 == 0``), in float64."""
@@ -369,10 +379,7 @@ def _stochastic_infer(x, out, ph, pw, KH, KW, SH, SW, DH, DW, bad):
     i = grid_start()
     while i < total:
         n, c, oh, ow = split_nchw(i, C, OH, OW)
-        s1, s2, _, invalid = _window_sums(x, n, c, oh * SH - ph, ow * SW - pw, KH, KW,
-                                          DH, DW)
-        if invalid or not (s2 < _INF):
-            bad[0] = 1
+        s1, s2 = _checked_window_sums(x, n, c, oh, ow, ph, pw, KH, KW, SH, SW, DH, DW, bad)
         out[n, c, oh, ow] = s2 / s1 if s1 > 0.0 else 0.0
         i += grid_stride()
 
@@ -387,10 +394,7 @@ def _stochastic_infer_shares(x, grad_output, share_a, share_b, ph, pw, KH, KW, S
     i = grid_start()
     while i < total:
         n, c, oh, ow = split_nchw(i, C, OH, OW)
-        s1, s2, _, invalid = _window_sums(x, n, c, oh * SH - ph, ow * SW - pw, KH, KW,
-                                          DH, DW)
-        if invalid or not (s2 < _INF):
-            bad[0] = 1
+        s1, s2 = _checked_window_sums(x, n, c, oh, ow, ph, pw, KH, KW, SH, SW, DH, DW, bad)
         g = np.float64(grad_output[n, c, oh, ow])
         share_a[n, c, oh, ow] = 2.0 * g / s1 if s1 > 0.0 else 0.0
         share_b[n, c, oh, ow] = -g * s2 / (s1 * s1) if s1 > 0.0 else 0.0
