@@ -97,47 +97,6 @@ def numeric_gradient(f, x, grad_output, eps=1e-6):
 CUDA_SIMULATOR = os.environ.get("NUMBA_ENABLE_CUDASIM", "0") not in ("", "0")
 
 
-def _serialise_simulated_shared_arrays():
-    """Put numba-cuda's simulated ``cuda.shared.array`` under a lock.
-
-    The simulator runs a block's CUDA threads as Python threads, and its allocator
-    (``FakeCUDAShared.array``, numba-cuda 0.30) gives them one array per call site with
-    an unlocked check-then-set on a dict. Two threads that interleave between the check
-    and the set get different arrays, and each then misses the other's writes: a CI run
-    failed once that way, with garbage in the tiled conv's output (``test_cuda_conv``
-    switches threads every 0.1 ms, which makes it likelier). This keeps the simulator's
-    keys (the caller's file and line) and its dynamic-shared-memory path, and makes the
-    check and the set one step. ``test_simulator.py`` shows the race and the fix.
-    """
-    import threading
-
-    from numba.cuda.simulator import kernelapi
-
-    unlocked = kernelapi.FakeCUDAShared.array
-    lock = threading.Lock()
-
-    def array(self, shape, dtype, alignment=None):
-        if shape == 0 or alignment is not None:
-            # Dynamic shared memory (no allocation) and the simulator's alignment error.
-            return unlocked(self, shape, dtype, alignment)
-        caller = sys._getframe(1)
-        key = (caller.f_code.co_filename, caller.f_lineno)
-        if isinstance(dtype, kernelapi.types.Type):
-            dtype = kernelapi.numpy_support.as_dtype(dtype)
-        with lock:
-            allocation = self._allocations.get(key)
-            if allocation is None:
-                allocation = self._allocations[key] = np.empty(shape, dtype)
-        return allocation
-
-    array.unlocked = unlocked
-    kernelapi.FakeCUDAShared.array = array
-
-
-if CUDA_SIMULATOR:
-    _serialise_simulated_shared_arrays()
-
-
 @pytest.fixture
 def small_launches():
     """GPU launches of 32 threads and at most 3 blocks: several blocks run and the

@@ -1,5 +1,6 @@
-"""The test harness's repair of Numba's CUDA simulator (``conftest``): a block's threads
-get one ``cuda.shared.array`` per call site even when they race through the allocator.
+"""fastpool's repair of Numba's CUDA simulator (``fastpool.cuda._simulator``, applied
+when ``fastpool.cuda`` is imported under the simulator): a block's threads get one
+``cuda.shared.array`` per call site even when they race through the allocator.
 
 The race is forced: the allocator's dict pauses after each lookup, releasing the GIL, so
 every thread looks before any has stored. The simulator's own allocator then hands out
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 from numba import cuda
 
+import fastpool.cuda  # noqa: F401  (applies the repair)
 from conftest import CUDA_SIMULATOR
 
 pytestmark = pytest.mark.skipif(not CUDA_SIMULATOR, reason="tests the CUDA simulator")
