@@ -109,7 +109,7 @@ def train(pool, data, epochs, batch_size, lr, seed):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--pool", choices=list(POOLS),
                         help="train only this network (default: all three)")
     parser.add_argument("--epochs", type=int, default=20)

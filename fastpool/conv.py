@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import NamedTuple, Optional
 
-from fastpool import _dispatch, _params
+from fastpool import _dispatch, _docs, _params
 
 
 class Conv2dGrads(NamedTuple):
@@ -38,9 +38,7 @@ _SHAPE_DOC = """
 """
 
 
-def _with_shape_doc(function):
-    function.__doc__ = function.__doc__.replace("    Shape-section\n", _SHAPE_DOC)
-    return function
+_with_shape_doc = _docs.with_section(_SHAPE_DOC)
 
 
 @_with_shape_doc

@@ -58,6 +58,7 @@ non-differentiable.
 import torch
 
 import fastpool as _fp
+from fastpool import _docs
 
 __all__ = [
     "AvgPool2d",
@@ -164,11 +165,7 @@ _POOL_SHAPE_DOC = """
 
 
 def _pool_shape_doc(extra=""):
-    def decorate(function):
-        function.__doc__ = function.__doc__.replace(
-            "    Shape-section\n", _POOL_SHAPE_DOC.format(extra=extra))
-        return function
-    return decorate
+    return _docs.with_section(_POOL_SHAPE_DOC.format(extra=extra))
 
 
 # ----------------------------------------------------------------------------- autograd

@@ -1,0 +1,18 @@
+"""Docstring assembly shared by the public modules.
+
+Under ``python -OO`` (or ``PYTHONOPTIMIZE=2``) every ``__doc__`` is ``None``; the
+helpers here then leave it alone, so nothing at import time depends on docstrings.
+"""
+
+from __future__ import annotations
+
+MARKER = "    Shape-section\n"
+
+
+def with_section(text, marker=MARKER):
+    """Decorator: replace ``marker`` in the function's docstring by ``text``."""
+    def decorate(function):
+        if function.__doc__ is not None:
+            function.__doc__ = function.__doc__.replace(marker, text)
+        return function
+    return decorate
