@@ -1,8 +1,14 @@
 """fastpool: fast 2-D convolution and pooling kernels (max, average, stochastic) for CPU and GPU, in Numba.
 
 Importing fastpool compiles nothing and never touches the GPU; kernels are compiled
-(or loaded from Numba's on-disk cache) on first use.
+(or loaded from Numba's on-disk cache) on first use. It does pick Numba's threading
+layer (``fastpool._threading``: oneTBB, fork- and thread-safe, unless the user chose
+one), since that must happen before Numba starts its threads.
 """
+
+from fastpool import _threading
+
+_threading.configure()
 
 from fastpool._dispatch import (
     CudaUnavailableError,

@@ -1,14 +1,21 @@
-"""CPU backend: parallel Numba kernels. ``fastpool.cuda`` mirrors these names."""
+"""CPU backend: parallel Numba kernels. ``fastpool.cuda`` mirrors these names.
 
-from fastpool.cpu.conv import conv2d_backward, conv2d_forward
-from fastpool.cpu.pooling import (
-    avg_pool2d_backward,
-    avg_pool2d_forward,
-    max_pool2d_backward,
-    max_pool2d_forward,
-    stochastic_pool2d_backward,
-    stochastic_pool2d_forward,
-)
+Each launcher is wrapped by ``fastpool._threading.serialised``: on a threading layer
+that is not thread-safe (``workqueue``) one call at a time enters the kernels.
+"""
+
+from fastpool._threading import serialised
+from fastpool.cpu import conv as _conv
+from fastpool.cpu import pooling as _pooling
+
+conv2d_forward = serialised(_conv.conv2d_forward)
+conv2d_backward = serialised(_conv.conv2d_backward)
+max_pool2d_forward = serialised(_pooling.max_pool2d_forward)
+max_pool2d_backward = serialised(_pooling.max_pool2d_backward)
+avg_pool2d_forward = serialised(_pooling.avg_pool2d_forward)
+avg_pool2d_backward = serialised(_pooling.avg_pool2d_backward)
+stochastic_pool2d_forward = serialised(_pooling.stochastic_pool2d_forward)
+stochastic_pool2d_backward = serialised(_pooling.stochastic_pool2d_backward)
 
 __all__ = [
     "conv2d_backward",
