@@ -6,6 +6,7 @@ vary everything that is a runtime argument: shapes, padding, ceil_mode, flags, d
 """
 
 import ctypes
+import hashlib
 import os
 import sys
 
@@ -29,6 +30,11 @@ if "NUMBA_ENABLE_CUDASIM" not in os.environ and not _cuda_gpu_present():
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from hypothesis import settings  # noqa: E402
+
+# A failing hypothesis test prints its example and a @reproduce_failure blob.
+settings.register_profile("fastpool", print_blob=True)
+settings.load_profile("fastpool")
 
 sys.path.insert(0, os.path.dirname(__file__))
 
@@ -106,7 +112,28 @@ def small_launches():
         yield
 
 
+def seed_for(*parts):
+    """A 32-bit seed fixed by ``parts`` (their ``repr``) in every process. Python's
+    ``hash()`` of a string is salted per process, so it cannot seed a test."""
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:4], "little")
+
+
 @pytest.fixture
 def rng(request):
-    # A different, reproducible stream per test.
-    return np.random.default_rng(abs(hash(request.node.nodeid)) % 2**32)
+    """A different, reproducible stream per test, seeded from the test's id; a failing
+    test reports the seed."""
+    seed = seed_for(request.node.nodeid)
+    request.node.user_properties.append(("rng seed", seed))
+    return np.random.default_rng(seed)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed:
+        seeds = [value for key, value in item.user_properties if key == "rng seed"]
+        if seeds:
+            report.sections.append(
+                ("random streams", f"rng fixture seed: {seeds[0]} "
+                                   f"(conftest.seed_for({item.nodeid!r}))"))

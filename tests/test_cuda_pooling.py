@@ -18,7 +18,7 @@ from numba import cuda
 
 import fastpool
 import reference as ref
-from conftest import assert_close
+from conftest import assert_close, seed_for
 from fastpool import _dispatch
 from fastpool.cuda._launch import launch_limits
 from strategies import distinct_values, pool_cases
@@ -28,7 +28,7 @@ SETTINGS = settings(max_examples=12, deadline=None,
 
 
 def _rng_for(case):
-    return np.random.default_rng(abs(hash(repr(case))) % 2**32)
+    return np.random.default_rng(seed_for(case))
 
 
 def _small_launches():

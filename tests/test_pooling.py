@@ -6,7 +6,7 @@ from hypothesis import HealthCheck, given, settings
 
 import fastpool
 import reference as ref
-from conftest import assert_close, numeric_gradient
+from conftest import assert_close, numeric_gradient, seed_for
 from strategies import distinct_values, pool_cases
 
 try:
@@ -21,7 +21,7 @@ SETTINGS = settings(max_examples=60, deadline=None,
 
 
 def _rng_for(case):
-    return np.random.default_rng(abs(hash(repr(case))) % 2**32)
+    return np.random.default_rng(seed_for(case))
 
 
 # ----------------------------------------------------------------------------- max

@@ -274,3 +274,31 @@ def test_serialised_takes_the_lock_only_off_thread_safe_layers(monkeypatch):
     monkeypatch.setitem(_threading._state, "thread_safe", False)
     assert wrapped(2) == 2
     assert calls == [False, True]
+
+
+# ----------------------------------------------------------------------------- seeds
+
+def test_test_seeds_are_the_same_in_every_process():
+    from conftest import seed_for
+    here = seed_for("tests/test_x.py::test_y[case]", (3, 2, 1))
+    for hash_seed in ("0", "12345"):
+        out = run_python("""
+            import json
+            from conftest import seed_for
+            print(json.dumps(seed_for("tests/test_x.py::test_y[case]", (3, 2, 1))))
+        """, env={"PYTHONHASHSEED": hash_seed})
+        assert out == here
+
+
+def test_no_test_seeds_a_generator_with_hash():
+    """``hash()`` of a string is salted per process; a seed drawn from it cannot be
+    reproduced. No test module may call the builtin ``hash``."""
+    import ast
+    offenders = []
+    for name in sorted(os.listdir(TESTS)):
+        if name.endswith(".py"):
+            tree = ast.parse(open(os.path.join(TESTS, name)).read())
+            offenders += [f"{name}:{node.lineno}" for node in ast.walk(tree)
+                          if isinstance(node, ast.Call)
+                          and isinstance(node.func, ast.Name) and node.func.id == "hash"]
+    assert offenders == []
