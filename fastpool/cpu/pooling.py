@@ -28,6 +28,7 @@ import numpy as np
 from numba import njit, prange
 
 from fastpool import _params, _rng
+from fastpool.cpu._arrays import contiguous
 
 _JIT = dict(parallel=True, cache=True, boundscheck=False, error_model="numpy", nogil=True)
 _U = np.uint64
@@ -109,15 +110,17 @@ def _spread_along_w_py(srow, share, zero, pw, KW, SW, DW):
             srow[_U(q * SW + r - pw)] = acc
 
 
-def _gather_rows_py(dst, spread, h, ph, KH, SH, DH):
-    """``dst = sum of spread[oh]`` over the output rows ``oh`` whose window covers input
-    row ``h`` (in tap order, so the result is deterministic); zeros if none does."""
+def _gather_rows_py(dst, ring, OH, h, ph, KH, SH, DH):
+    """``dst = sum of spread row oh`` over the output rows ``oh < OH`` whose window
+    covers input row ``h`` (in tap order, so the result is deterministic); zeros if none
+    does. Spread row ``oh`` lives in ``ring[oh % R]`` (``R = ring.shape[0]``)."""
+    R = ring.shape[0]
     empty = True
     for i in range(KH):
         t = h + ph - i * DH
-        if t < 0 or t % SH != 0 or t // SH >= spread.shape[0]:
+        if t < 0 or t % SH != 0 or t // SH >= OH:
             continue
-        src = spread[t // SH]
+        src = ring[(t // SH) % R]
         if empty:
             for w in range(dst.shape[0]):
                 dst[w] = src[w]
@@ -128,6 +131,13 @@ def _gather_rows_py(dst, spread, h, ph, KH, SH, DH):
     if empty:
         dst[:] = 0
 
+
+def ring_rows(KH, SH, DH):
+    """Spread rows a backward kernel keeps at once: the most output rows whose windows
+    cover one input row. Input rows are visited in order and each spread row is made
+    just before the first input row that needs it, so ``R`` rows of ``W`` are the
+    whole per-thread scratch, however tall the plane."""
+    return (KH - 1) * DH // SH + 1
 
 
 # Inlined where speed matters (the constants fold in); called, and so compiled once for
@@ -213,7 +223,7 @@ def _scatter_to_indices(grad_output, indices, grad_input):
 
 
 def _as_planes(a, h, w):
-    return np.ascontiguousarray(a).reshape(-1, h, w)
+    return contiguous(a).reshape(-1, h, w)
 
 
 def max_pool2d_forward(x, geometry, with_indices):
@@ -237,8 +247,8 @@ def scatter_to_indices(grad_output, indices, geometry):
     if g.planes:
         plane_out = g.out_h * g.out_w
         bad = _scatter_to_indices(
-            np.ascontiguousarray(grad_output).reshape(-1, plane_out),
-            np.ascontiguousarray(indices).reshape(-1, plane_out),
+            contiguous(grad_output).reshape(-1, plane_out),
+            contiguous(indices).reshape(-1, plane_out),
             grad_input.reshape(-1, g.in_h * g.in_w))
         if bad:
             raise ValueError(
@@ -300,36 +310,42 @@ def _avg_forward_kernel(KH, KW, SH, SW):
 
 @functools.lru_cache(maxsize=None)
 def _avg_backward_kernel(KH, KW, SH, SW):
+    R = ring_rows(KH, SH, 1)
+
     @njit(**_JIT)
     def avg_backward(grad_output, grad_input, ph, pw, count_include_pad,
                      divisor_override, zero):
-        """Separable gather: the box sum is spread along w into one row per ``oh``
-        (``spread``), then each input row adds the ``spread`` rows covering it, so every
-        ``grad_input`` element is written once, with vector-friendly row additions."""
+        """Separable gather: the box sum is spread along w into one row per ``oh``,
+        then each input row adds the spread rows covering it, so every ``grad_input``
+        element is written once, with vector-friendly row additions. Spread rows are
+        made as the input rows reach them and kept in a ring of ``R`` rows."""
         planes, H, W = grad_input.shape
         OH, OW = grad_output.shape[1], grad_output.shape[2]
         for p in prange(planes):
             go = grad_output[p]
             gi = grad_input[p]
             share = np.empty(OW, dtype=grad_input.dtype)
-            spread = np.empty((OH, W), dtype=grad_input.dtype)
-            for oh in range(OH):
-                h0 = oh * SH - ph
-                h1 = min(h0 + KH, H + ph)
-                rows_in = min(h1, H) - max(h0, 0)
-                for ow in range(OW):
-                    w0 = ow * SW - pw
-                    w1 = min(w0 + KW, W + pw)
-                    if divisor_override != 0:
-                        divisor = divisor_override
-                    elif count_include_pad:
-                        divisor = (h1 - h0) * (w1 - w0)
-                    else:
-                        divisor = rows_in * (min(w1, W) - max(w0, 0))
-                    share[ow] = go[oh, ow] / divisor
-                _spread_along_w(spread[oh], share, zero, pw, KW, SW, 1)
+            ring = np.empty((R, W), dtype=grad_input.dtype)
+            next_oh = 0
             for h in range(H):
-                _gather_rows(gi[h], spread, h, ph, KH, SH, 1)
+                while next_oh <= min((h + ph) // SH, OH - 1):
+                    oh = next_oh
+                    h0 = oh * SH - ph
+                    h1 = min(h0 + KH, H + ph)
+                    rows_in = min(h1, H) - max(h0, 0)
+                    for ow in range(OW):
+                        w0 = ow * SW - pw
+                        w1 = min(w0 + KW, W + pw)
+                        if divisor_override != 0:
+                            divisor = divisor_override
+                        elif count_include_pad:
+                            divisor = (h1 - h0) * (w1 - w0)
+                        else:
+                            divisor = rows_in * (min(w1, W) - max(w0, 0))
+                        share[ow] = go[oh, ow] / divisor
+                    _spread_along_w(ring[oh % R], share, zero, pw, KW, SW, 1)
+                    next_oh += 1
+                _gather_rows(gi[h], ring, OH, h, ph, KH, SH, 1)
 
     return avg_backward
 
@@ -492,6 +508,7 @@ def _stochastic_train_kernel(KH, KW, SH, SW, DH, DW, WITH_INDICES):
 @functools.lru_cache(maxsize=None)
 def _stochastic_infer_kernels(KH, KW, SH, SW, DH, DW):
     """Inference forward and backward (probability-weighted average)."""
+    R = ring_rows(KH, SH, DH)
 
     @njit(**_JIT)
     def infer_forward(x, out, ph, pw, invalid_rows, ow_lo, ow_hi):
@@ -533,31 +550,34 @@ def _stochastic_infer_kernels(KH, KW, SH, SW, DH, DW):
             gi = grad_input[p]
             share_a = np.empty(OW)
             share_b = np.empty(OW)
-            spread_a = np.empty((OH, W))
-            spread_b = np.empty((OH, W))
+            ring_a = np.empty((R, W))
+            ring_b = np.empty((R, W))
             row_a = np.empty(W)
             row_b = np.empty(W)
             invalid = False
-            for oh in range(OH):
-                h0 = oh * SH - ph
-                rows_inside = h0 >= 0 and h0 + (KH - 1) * DH < H
-                for ow in range(OW):
-                    if rows_inside and ow_lo <= ow < ow_hi:
-                        s1, s2, nonnegative = _interior_sums(
-                            xf, h0 * W + ow * SW - pw, W, KH, KW, DH, DW)
-                        bad = not nonnegative
-                    else:
-                        s1, s2, _, bad = _window_sums(xf, 0, h0, ow * SW - pw, H, W,
-                                                      KH, KW, DH, DW)
-                    invalid |= bad or not (s1 < _INF and s2 < _INF)
-                    g = np.float64(go[oh, ow])
-                    share_a[ow] = 2.0 * g / s1 if s1 > 0.0 else 0.0
-                    share_b[ow] = -g * s2 / (s1 * s1) if s1 > 0.0 else 0.0
-                _spread_along_w_called(spread_a[oh], share_a, 0.0, pw, KW, SW, DW)
-                _spread_along_w_called(spread_b[oh], share_b, 0.0, pw, KW, SW, DW)
+            next_oh = 0
             for h in range(H):
-                _gather_rows_called(row_a, spread_a, h, ph, KH, SH, DH)
-                _gather_rows_called(row_b, spread_b, h, ph, KH, SH, DH)
+                while next_oh <= min((h + ph) // SH, OH - 1):
+                    oh = next_oh
+                    h0 = oh * SH - ph
+                    rows_inside = h0 >= 0 and h0 + (KH - 1) * DH < H
+                    for ow in range(OW):
+                        if rows_inside and ow_lo <= ow < ow_hi:
+                            s1, s2, nonnegative = _interior_sums(
+                                xf, h0 * W + ow * SW - pw, W, KH, KW, DH, DW)
+                            bad = not nonnegative
+                        else:
+                            s1, s2, _, bad = _window_sums(xf, 0, h0, ow * SW - pw, H, W,
+                                                          KH, KW, DH, DW)
+                        invalid |= bad or not (s1 < _INF and s2 < _INF)
+                        g = np.float64(go[oh, ow])
+                        share_a[ow] = 2.0 * g / s1 if s1 > 0.0 else 0.0
+                        share_b[ow] = -g * s2 / (s1 * s1) if s1 > 0.0 else 0.0
+                    _spread_along_w_called(ring_a[oh % R], share_a, 0.0, pw, KW, SW, DW)
+                    _spread_along_w_called(ring_b[oh % R], share_b, 0.0, pw, KW, SW, DW)
+                    next_oh += 1
+                _gather_rows_called(row_a, ring_a, OH, h, ph, KH, SH, DH)
+                _gather_rows_called(row_b, ring_b, OH, h, ph, KH, SH, DH)
                 xrow = xp[h]
                 girow = gi[h]
                 for w in range(W):
