@@ -1,7 +1,7 @@
 """Argument normalisation, validation and output-size rules: the one place for them.
 
 Every public function calls into this module before any kernel runs, and both devices
-use the geometry it returns, so the rules of DESIGN.md section 2 live here only.
+use the geometry it returns, so the rules of docs/design.md sections 2-3 live here only.
 Errors name the parameter and the rule it broke.
 """
 
@@ -66,6 +66,11 @@ def as_float_array(name, value):
         array = _DeviceArrayInfo(value)
     else:
         array = np.asarray(value)
+        if (array.dtype.kind == "f" and not array.dtype.isnative
+                and array.dtype.newbyteorder("=") in SUPPORTED_DTYPES):
+            # Byte-swapped (e.g. big-endian on a little-endian machine): one copy into
+            # native order, as NumPy's own ufuncs would convert it.
+            array = array.astype(array.dtype.newbyteorder("="))
     if array.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"{name} must have dtype float32 or float64, got {array.dtype}")
     return array
@@ -196,8 +201,9 @@ def pool_geometry(x, kernel_size, stride, padding, dilation, ceil_mode, *, x_nam
     out_w = output_size(in_w, kw, sw, pw, dw, bool(ceil_mode))
     if out_h < 1 or out_w < 1:
         raise ValueError(
-            f"kernel_size {(kh, kw)} (effective {(ekh, ekw)}) is larger than the padded "
-            f"input {(in_h + 2 * ph, in_w + 2 * pw)}: output size would be {(out_h, out_w)}")
+            f"kernel_size {(kh, kw)} with dilation {(dh, dw)} (effective kernel "
+            f"{(ekh, ekw)}) is larger than the padded input "
+            f"{(in_h + 2 * ph, in_w + 2 * pw)}: output size would be {(out_h, out_w)}")
     if not (_check_axis_covered(in_h, out_h, kh, sh, ph, dh)
             and _check_axis_covered(in_w, out_w, kw, sw, pw, dw)):
         raise ValueError(
@@ -215,8 +221,8 @@ def check_grad_output(grad_output, x, geometry):
     grad_output = as_float_array("grad_output", grad_output)
     if grad_output.shape != geometry.output_shape:
         raise ValueError(
-            f"grad_output must have the forward output's shape {geometry.output_shape}, "
-            f"got {grad_output.shape}")
+            f"grad_output must have the forward output's shape {geometry.output_shape} "
+            f"(what x's shape and the window arguments give), got {grad_output.shape}")
     if grad_output.dtype != _dtype_of(x):
         raise TypeError(
             f"grad_output dtype {grad_output.dtype} must match x dtype {_dtype_of(x)}")
@@ -233,8 +239,8 @@ def check_indices(indices, geometry):
         raise TypeError(f"indices must be an integer array (int64), got {indices.dtype}")
     if indices.shape != geometry.output_shape:
         raise ValueError(
-            f"indices must have the forward output's shape {geometry.output_shape}, "
-            f"got {indices.shape}")
+            f"indices must have the forward output's shape {geometry.output_shape} "
+            f"(what x's shape and the window arguments give), got {indices.shape}")
     if isinstance(indices, _DeviceArrayInfo):
         return indices.array
     return indices.astype(np.int64, copy=False)
@@ -266,18 +272,27 @@ def check_bool(name, value):
     return bool(value)
 
 
-def resolve_seed(seed):
-    """``None`` -> fresh entropy; ``numpy.random.Generator`` -> one draw; int in [0, 2**64)."""
-    if seed is None:
-        return int(np.random.SeedSequence().generate_state(1, dtype=np.uint64)[0])
-    if isinstance(seed, np.random.Generator):
-        return int(seed.integers(0, 2**64, dtype=np.uint64))
+def check_seed(seed):
+    """Validate a seed (None, a ``numpy.random.Generator`` or an int in [0, 2**64))
+    without drawing from it."""
+    if seed is None or isinstance(seed, np.random.Generator):
+        return seed
     if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, numbers.Integral):
         raise TypeError(
             f"seed must be None, an int or a numpy.random.Generator, got {seed!r}")
     if not 0 <= seed < 2**64:
         raise ValueError(f"seed must be in [0, 2**64), got {seed}")
     return int(seed)
+
+
+def resolve_seed(seed):
+    """``None`` -> fresh entropy; ``numpy.random.Generator`` -> one draw; int in [0, 2**64)."""
+    seed = check_seed(seed)
+    if seed is None:
+        return int(np.random.SeedSequence().generate_state(1, dtype=np.uint64)[0])
+    if isinstance(seed, np.random.Generator):
+        return int(seed.integers(0, 2**64, dtype=np.uint64))
+    return seed
 
 
 # ----------------------------------------------------------------------------- conv
@@ -387,7 +402,8 @@ def conv_geometry(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=
     ekh, ekw = dh * (kh - 1) + 1, dw * (kw - 1) + 1
     if in_h + pt + pb < ekh or in_w + pl + pr < ekw:
         raise ValueError(
-            f"kernel size {(kh, kw)} (effective {(ekh, ekw)}) is larger than the padded "
+            f"weight's kernel size {(kh, kw)} with dilation {(dh, dw)} (effective "
+            f"{(ekh, ekw)}) is larger than the padded "
             f"input {(in_h + pt + pb, in_w + pl + pr)}")
     out_h = (in_h + pt + pb - ekh) // sh + 1
     out_w = (in_w + pl + pr - ekw) // sw + 1

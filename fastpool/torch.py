@@ -58,7 +58,7 @@ non-differentiable.
 import torch
 
 import fastpool as _fp
-from fastpool import _docs
+from fastpool import _docs, _params
 
 __all__ = [
     "AvgPool2d",
@@ -397,6 +397,7 @@ def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode
     Shape-section
     """
     _check_tensor("input", input)
+    return_indices = _params.check_bool("return_indices", return_indices)
     y, indices = _MaxPool2dFunction.apply(input, _size_arg(kernel_size),
                                           _stride_arg(stride), _size_arg(padding),
                                           _size_arg(dilation), ceil_mode)
@@ -494,8 +495,9 @@ def stochastic_pool2d(input, kernel_size, stride=None, padding=0, dilation=1,
     Shape-section
     """
     _check_tensor("input", input)
-    if not isinstance(training, bool):
-        raise TypeError(f"training must be a bool, got {training!r}")
+    training = _params.check_bool("training", training)
+    return_indices = _params.check_bool("return_indices", return_indices)
+    _params.check_seed(seed)  # checked in inference too, as fastpool.stochastic_pool2d does
     if return_indices and not training:
         raise ValueError(
             "return_indices=True needs training=True: inference samples nothing")

@@ -40,6 +40,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
+from fastpool.cpu._arrays import contiguous
 from fastpool.cpu._blas import gemm, single_threaded_blas
 
 _JIT = dict(parallel=True, cache=True, boundscheck=False, error_model="numpy", nogil=True)
@@ -158,8 +159,8 @@ class _Problem:
         """The weight as the GEMMs read it: ``(O, C_g*KH*KW)``, or for ``"rows"``
         ``(KH, O, C_g*KW)`` so each kernel row is one matrix."""
         if algorithm == ROWS:
-            return np.ascontiguousarray(weight.transpose(2, 0, 1, 3)).reshape(-1)
-        return np.ascontiguousarray(weight).reshape(-1)
+            return contiguous(weight.transpose(2, 0, 1, 3)).reshape(-1)
+        return contiguous(weight).reshape(-1)
 
 
 def choose_algorithm(geometry):
@@ -869,7 +870,7 @@ def _flipped_transposed(weight, groups):
     """``wt[g*Cg + c, o, i, j] = weight[g*Og + o, c, KH-1-i, KW-1-j]``."""
     O, Cg, KH, KW = weight.shape
     per_group = weight.reshape(groups, O // groups, Cg, KH, KW)[:, :, :, ::-1, ::-1]
-    return np.ascontiguousarray(per_group.transpose(0, 2, 1, 3, 4)).reshape(
+    return contiguous(per_group.transpose(0, 2, 1, 3, 4)).reshape(
         groups * Cg, O // groups, KH, KW)
 
 
@@ -891,9 +892,9 @@ def _check(status):
 def _run_forward(problem, x, weight, bias, y, algorithm=None):
     algorithm = problem.algorithm() if algorithm is None else algorithm
     has_bias = bias is not None
-    bias = bias if has_bias else np.zeros(1, x.dtype)
+    bias = contiguous(bias) if has_bias else np.zeros(1, x.dtype)
     if algorithm == DIRECT:
-        weight = np.ascontiguousarray(weight)
+        weight = contiguous(weight)
         if problem.unit_stride_planes():
             p = problem
             _direct_forward_unit_stride(x, weight, bias, has_bias, y,
@@ -925,7 +926,7 @@ def conv2d_forward(x, weight, bias, geometry, algorithm=None):
     """``y`` of shape ``(N, C_out, OH, OW)``. ``algorithm`` (a name from
     ``ALGORITHMS``) overrides ``choose_algorithm``; tests use it to cover every path."""
     g = geometry
-    x = np.ascontiguousarray(x).reshape(g.batch, g.in_channels, g.in_h, g.in_w)
+    x = contiguous(x).reshape(g.batch, g.in_channels, g.in_h, g.in_w)
     y = np.empty((g.batch, g.out_channels, g.out_h, g.out_w), x.dtype)
     if g.batch > 0:
         _run_forward(_forward_problem(g), x, weight, bias, y, _algorithm_code(g, algorithm))
@@ -936,7 +937,7 @@ def _input_grad(grad_output, weight, g, algorithm):
     grad_input = np.empty((g.batch, g.in_channels, g.in_h, g.in_w), grad_output.dtype)
     problem = _forward_problem(g)
     if algorithm == DIRECT and not problem.unit_stride_planes():
-        _direct_backward_input(grad_output, np.ascontiguousarray(weight), grad_input,
+        _direct_backward_input(grad_output, contiguous(weight), grad_input,
                                *problem.args)
     elif algorithm != IM2COL and g.stride_h == g.stride_w == 1:
         transposed = _input_grad_problem(g)
@@ -946,7 +947,7 @@ def _input_grad(grad_output, weight, g, algorithm):
         status = np.zeros(1, np.int32)
         rows = problem.band_rows(IM2COL, grad_output.itemsize)
         with single_threaded_blas(grad_output.dtype):
-            _gemm_backward_input(grad_output, np.ascontiguousarray(weight).reshape(-1),
+            _gemm_backward_input(grad_output, contiguous(weight).reshape(-1),
                                  grad_input, rows, status, *problem.args)
         _check(status)
     return grad_input
@@ -990,26 +991,27 @@ def conv2d_backward(grad_output, x, weight, geometry, output_mask, algorithm=Non
     False."""
     g = geometry
     want_input, want_weight, want_bias = output_mask
-    grad_output = np.ascontiguousarray(grad_output).reshape(
+    grad_output = contiguous(grad_output).reshape(
         g.batch, g.out_channels, g.out_h, g.out_w)
-    x = np.ascontiguousarray(x).reshape(g.batch, g.in_channels, g.in_h, g.in_w)
+    if want_weight:  # only the weight gradient reads x: no copy of it otherwise
+        x = contiguous(x).reshape(g.batch, g.in_channels, g.in_h, g.in_w)
     code = _algorithm_code(g, algorithm)
     if code is None:
         code = _forward_problem(g).algorithm()
     grad_input = grad_weight = grad_bias = None
     if want_input:
         if g.batch == 0:
-            grad_input = np.zeros((0, g.in_channels, g.in_h, g.in_w), x.dtype)
+            grad_input = np.zeros((0, g.in_channels, g.in_h, g.in_w), grad_output.dtype)
         else:
             grad_input = _input_grad(grad_output, weight, g, code)
         grad_input = grad_input.reshape(g.input_shape)
     if want_weight:
         if g.batch == 0:
-            grad_weight = np.zeros(weight.shape, x.dtype)
+            grad_weight = np.zeros(weight.shape, grad_output.dtype)
         else:
             grad_weight = _weight_grad(x, grad_output, weight.shape, g, code)
     if want_bias:
-        grad_bias = np.empty(g.out_channels, x.dtype)
+        grad_bias = np.empty(g.out_channels, grad_output.dtype)
         if g.batch == 0:
             grad_bias[:] = 0
         else:
