@@ -1,6 +1,6 @@
 """Slow, obviously-correct reference implementations of fastpool's pooling ops.
 
-Written from the formulas in DESIGN.md section 2 (never from the kernels), as plain
+Written from the formulas in docs/design.md section 2 (never from the kernels), as plain
 Python loops over n, c, oh, ow and the window elements.  Inputs are NumPy arrays of
 shape (N, C, H, W); everything is computed in float64 and returned as float64
 (indices as int64, PyTorch's flat ``h * W + w`` convention inside each (n, c) plane).
@@ -29,7 +29,7 @@ def pair(v):
 
 
 def pool_output_size(size, k, s, p, d, ceil_mode):
-    """Output length along one axis (DESIGN.md section 2)."""
+    """Output length along one axis (docs/design.md section 2)."""
     ek = d * (k - 1) + 1
     out = (size + 2 * p - ek + ((s - 1) if ceil_mode else 0)) // s + 1
     if ceil_mode and (out - 1) * s >= size + p:
@@ -48,6 +48,25 @@ def _geometry(x_shape, kernel_size, stride, padding, dilation, ceil_mode):
     if OH < 1 or OW < 1:
         raise ValueError(f"output size ({OH}, {OW}) < 1")
     return N, C, H, W, OH, OW, (kh, kw, sh, sw, ph, pw, dh, dw)
+
+
+def pool_geometry(x_shape, kernel_size, stride=None, padding=0, dilation=1,
+                  ceil_mode=False):
+    """(OH, OW, g) of a pooling over ``x_shape`` (N, C, H, W); ``g`` is the tuple the
+    per-window functions take."""
+    *_, OH, OW, g = _geometry(x_shape, kernel_size, stride, padding, dilation, ceil_mode)
+    return OH, OW, g
+
+
+def windows_covering(h, w, OH, OW, g):
+    """The windows (oh, ow) that hold input element (h, w), in output order."""
+    kh, kw, sh, sw, ph, pw, dh, dw = g
+    # Window oh holds row h when oh * sh - ph + i * dh == h for a tap i < kh.
+    rows = sorted({(h + ph - i * dh) // sh for i in range(kh)
+                   if (h + ph - i * dh) % sh == 0 and 0 <= (h + ph - i * dh) // sh < OH})
+    cols = sorted({(w + pw - j * dw) // sw for j in range(kw)
+                   if (w + pw - j * dw) % sw == 0 and 0 <= (w + pw - j * dw) // sw < OW})
+    return [(oh, ow) for oh in rows for ow in cols]
 
 
 def _window(oh, ow, H, W, g):
@@ -83,6 +102,21 @@ def scatter_to_indices(grad_output, indices, input_shape):
 
 # ----------------------------------------------------------------------------- max
 
+def max_window(plane, oh, ow, g):
+    """(value, flat index) of window (oh, ow) of one (H, W) plane: the first maximum in
+    row-major order wins; the first NaN wins and propagates; (-inf, -1) if the window
+    holds no input element."""
+    H, W = plane.shape
+    best, best_idx = -math.inf, -1
+    for h, w in _window(oh, ow, H, W, g):
+        v = float(plane[h, w])
+        if math.isnan(v):
+            return v, h * W + w
+        if best_idx == -1 or v > best:
+            best, best_idx = v, h * W + w
+    return best, best_idx
+
+
 def max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False):
     """-> (y, indices). First maximum (row-major) wins; first NaN wins and propagates."""
     x = np.asarray(x, dtype=np.float64)
@@ -93,16 +127,7 @@ def max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=Fal
         for c in range(C):
             for oh in range(OH):
                 for ow in range(OW):
-                    best, best_idx = -math.inf, -1
-                    for h, w in _window(oh, ow, H, W, g):
-                        v = x[n, c, h, w]
-                        if math.isnan(v):
-                            best, best_idx = v, h * W + w
-                            break
-                        if best_idx == -1 or v > best:
-                            best, best_idx = v, h * W + w
-                    y[n, c, oh, ow] = best
-                    ind[n, c, oh, ow] = best_idx
+                    y[n, c, oh, ow], ind[n, c, oh, ow] = max_window(x[n, c], oh, ow, g)
     return y, ind
 
 
@@ -116,29 +141,37 @@ def max_pool2d_backward(grad_output, x, kernel_size, stride=None, padding=0, dil
 
 # ----------------------------------------------------------------------------- average
 
+def avg_window(H, W, oh, ow, g, count_include_pad, divisor_override):
+    """(h0, h1, w0, w1, divisor) of window (oh, ow): ``[h0, h1) x [w0, w1)`` clipped to
+    the input; the divisor counts padding cells up to ``H + p`` when
+    ``count_include_pad`` (PyTorch's rule)."""
+    kh, kw, sh, sw, ph, pw, _, _ = g
+    h0 = oh * sh - ph
+    w0 = ow * sw - pw
+    h1 = min(h0 + kh, H + ph)
+    w1 = min(w0 + kw, W + pw)
+    pool_area = (h1 - h0) * (w1 - w0)
+    h0, w0 = max(h0, 0), max(w0, 0)
+    h1, w1 = min(h1, H), min(w1, W)
+    if divisor_override is not None:
+        div = divisor_override
+    elif count_include_pad:
+        div = pool_area
+    else:
+        div = (h1 - h0) * (w1 - w0)
+    return h0, h1, w0, w1, float(div)
+
+
 def _avg_windows(x_shape, kernel_size, stride, padding, ceil_mode, count_include_pad,
                  divisor_override):
     """Yield (n, c, oh, ow, h0, h1, w0, w1, divisor) with [h0, h1) x [w0, w1) clipped."""
     N, C, H, W, OH, OW, g = _geometry(x_shape, kernel_size, stride, padding, 1, ceil_mode)
-    kh, kw, sh, sw, ph, pw, _, _ = g
     for n in range(N):
         for c in range(C):
             for oh in range(OH):
                 for ow in range(OW):
-                    h0 = oh * sh - ph
-                    w0 = ow * sw - pw
-                    h1 = min(h0 + kh, H + ph)
-                    w1 = min(w0 + kw, W + pw)
-                    pool_area = (h1 - h0) * (w1 - w0)
-                    h0, w0 = max(h0, 0), max(w0, 0)
-                    h1, w1 = min(h1, H), min(w1, W)
-                    if divisor_override is not None:
-                        div = divisor_override
-                    elif count_include_pad:
-                        div = pool_area
-                    else:
-                        div = (h1 - h0) * (w1 - w0)
-                    yield n, c, oh, ow, h0, h1, w0, w1, float(div)
+                    yield (n, c, oh, ow) + avg_window(H, W, oh, ow, g, count_include_pad,
+                                                      divisor_override)
 
 
 def avg_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False,
@@ -201,6 +234,49 @@ def _check_stochastic_input(x):
         raise ValueError("stochastic pooling input must be >= 0")
 
 
+def stochastic_window(plane, oh, ow, g, u, training=True):
+    """(value, flat index) of window (oh, ow) of one plane for the draw ``u``; index -1
+    at inference (nothing is picked) and for a window without input elements."""
+    H, W = plane.shape
+    win = _window(oh, ow, H, W, g)
+    vals = [float(plane[h, w]) for h, w in win]
+    flat = [h * W + w for h, w in win]
+    S = 0.0
+    for a in vals:
+        S += a
+    if not training:
+        S2 = 0.0
+        for a in vals:
+            S2 += a * a
+        return (S2 / S if S != 0 else 0.0), -1
+    if S == 0:
+        return 0.0, (flat[0] if flat else -1)
+    threshold = u * S
+    running = 0.0
+    for a, index in zip(vals, flat):
+        running += a
+        if running > threshold:
+            return a, index
+    # rounding: fall back to the last nonzero element
+    t = max(t for t, a in enumerate(vals) if a != 0)
+    return vals[t], flat[t]
+
+
+def stochastic_window_grad(plane, oh, ow, g):
+    """Inference backward of one window: [((h, w), d y / d a_hw)], with
+    ``d y / d a_i = (2 a_i S1 - S2) / S1**2``; empty when ``S1 == 0``."""
+    H, W = plane.shape
+    win = _window(oh, ow, H, W, g)
+    S1 = S2 = 0.0
+    for h, w in win:
+        a = float(plane[h, w])
+        S1 += a
+        S2 += a * a
+    if S1 == 0:
+        return []
+    return [((h, w), (2 * float(plane[h, w]) * S1 - S2) / S1**2) for h, w in win]
+
+
 def stochastic_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, *,
                       training=True, seed=0):
     """-> (y, indices); indices is None when training=False."""
@@ -213,34 +289,11 @@ def stochastic_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, ceil_m
         for c in range(C):
             for oh in range(OH):
                 for ow in range(OW):
-                    win = _window(oh, ow, H, W, g)
-                    vals = [x[n, c, h, w] for h, w in win]
-                    flat = [h * W + w for h, w in win]
-                    S = 0.0
-                    for a in vals:
-                        S += a
-                    if not training:
-                        S2 = 0.0
-                        for a in vals:
-                            S2 += a * a
-                        y[n, c, oh, ow] = S2 / S if S != 0 else 0.0
-                        continue
-                    if S == 0:
-                        y[n, c, oh, ow] = 0.0
-                        ind[n, c, oh, ow] = flat[0] if flat else -1
-                        continue
-                    threshold = stochastic_uniform(seed, n, c, oh, ow) * S
-                    pick = None
-                    running = 0.0
-                    for t, a in enumerate(vals):
-                        running += a
-                        if running > threshold:
-                            pick = t
-                            break
-                    if pick is None:  # rounding: fall back to the last nonzero element
-                        pick = max(t for t, a in enumerate(vals) if a != 0)
-                    y[n, c, oh, ow] = vals[pick]
-                    ind[n, c, oh, ow] = flat[pick]
+                    u = stochastic_uniform(seed, n, c, oh, ow) if training else 0.0
+                    value, index = stochastic_window(x[n, c], oh, ow, g, u, training)
+                    y[n, c, oh, ow] = value
+                    if training:
+                        ind[n, c, oh, ow] = index
     return y, ind
 
 
@@ -258,17 +311,8 @@ def stochastic_pool2d_backward(grad_output, x, kernel_size, stride=None, padding
         for c in range(C):
             for oh in range(OH):
                 for ow in range(OW):
-                    win = _window(oh, ow, H, W, g)
-                    S1 = S2 = 0.0
-                    for h, w in win:
-                        a = x[n, c, h, w]
-                        S1 += a
-                        S2 += a * a
-                    if S1 == 0:
-                        continue
-                    for h, w in win:
-                        a = x[n, c, h, w]
-                        gi[n, c, h, w] += go[n, c, oh, ow] * (2 * a * S1 - S2) / S1**2
+                    for (h, w), d in stochastic_window_grad(x[n, c], oh, ow, g):
+                        gi[n, c, h, w] += go[n, c, oh, ow] * d
     return gi
 
 

@@ -1,0 +1,91 @@
+"""Peak resident memory of one call, and the scratch each op may use beyond its outputs.
+
+``measure(call)`` resets the kernel's peak-RSS counter (``/proc/self/clear_refs``),
+runs ``call`` and returns ``(result, bytes)``: how far the process's peak resident set
+rose above its size before the call, i.e. what the call allocated and touched (outputs
+plus scratch). Linux only; ``available()`` tells.
+
+``scratch_bound(op, ...)`` is the documented bound on what an op allocates beyond its
+outputs (README, "Reliability"), read off the kernels' allocations:
+
+* pooling forwards: nothing beyond a flag per output row (stochastic);
+* max / stochastic-training backward: nothing (the scatter owns whole planes);
+* average backward: per thread, a ring of ``R`` spread rows of ``W`` plus one output row
+  (``R = (kH - 1) * dH // sH + 1``), in the input's dtype;
+* stochastic inference backward: per thread, two such rings, two input rows and two
+  output rows in float64;
+* convolution: per thread, the largest of a 2 MiB band of gathered columns, one row of
+  columns (``C_g * kH * kW * W``), one row of Winograd tiles (``16 * (C_g + O_g)`` per
+  tile column) and, for the direct stride-1 kernels, two padded planes (of at most
+  2**22 elements: larger planes take the row kernels); plus four
+  weight-sized copies (reordered, flipped, Winograd-transformed (16/9) and re-ordered
+  gradient) and the weight gradient's partial sums (at most 16 weight-sized chunks,
+  and at most 64 MiB unless one chunk is larger).
+
+Inputs that are not contiguous are copied once more (not counted here: the tests pass
+contiguous inputs).
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+
+MiB = 1 << 20
+# What a call may touch that is neither output nor scratch: page rounding of each
+# allocation, thread stacks and allocator bookkeeping.
+SLACK = 16 * MiB
+
+
+def available():
+    return sys.platform.startswith("linux")
+
+
+def _status(field):
+    with open("/proc/self/status") as f:
+        return int(re.search(rf"{field}:\s+(\d+) kB", f.read()).group(1)) * 1024
+
+
+def measure(call):
+    """``(call(), peak RSS during the call - RSS before it)`` in bytes."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current RSS
+    before = _status("VmRSS")
+    result = call()
+    return result, _status("VmHWM") - before
+
+
+def ring_rows(kernel, stride, dilation=1):
+    return (kernel - 1) * dilation // stride + 1
+
+
+def pool_scratch(op, threads, in_hw, out_hw, kernel, stride, dilation, itemsize, planes):
+    """Bytes beyond the outputs that a pooling op may allocate (module docstring)."""
+    (H, W), (OH, OW) = in_hw, out_hw
+    flags = planes * OH  # one bool per output row (stochastic forward)
+    if op in ("max_forward", "max_backward", "avg_forward", "stochastic_train_backward"):
+        return flags
+    if op in ("stochastic_train_forward", "stochastic_infer_forward"):
+        return flags
+    R = ring_rows(kernel[0], stride[0], dilation[0])
+    if op == "avg_backward":
+        return threads * itemsize * (R * W + OW)
+    if op == "stochastic_infer_backward":
+        return threads * 8 * (2 * R * W + 2 * W + 2 * OW) + planes
+    raise ValueError(op)
+
+
+def conv_scratch(threads, x_shape, weight_shape, out_hw, dilation, itemsize, groups):
+    """Bytes beyond the outputs a conv forward or backward may allocate."""
+    _, C, H, W = x_shape
+    O, Cg, KH, KW = weight_shape
+    OH, OW = out_hw
+    weight = O * Cg * KH * KW * itemsize
+    wide = max(OW, W)
+    row_columns = Cg * KH * KW * wide * itemsize
+    winograd_row = 16 * (Cg + O // groups) * ((wide + 1) // 2 + 2) * itemsize
+    padded = min((max(OH, H) + dilation[0] * (KH - 1)) * (wide + dilation[1] * (KW - 1)),
+                 1 << 22) * 8
+    per_thread = max(2 * MiB, row_columns, winograd_row, 2 * padded)
+    partials = max(min(16 * weight, 64 * MiB), weight)
+    return threads * per_thread + 4 * weight + partials
