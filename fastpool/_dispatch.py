@@ -1,4 +1,4 @@
-"""Device resolution and backend selection (DESIGN.md section 3).
+"""Device resolution and backend selection (docs/design.md section 4).
 
 Resolution order: the call's ``device=`` argument, then the innermost
 ``with use_device(...)`` block of the calling thread, then ``set_device(...)``, then the

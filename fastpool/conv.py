@@ -1,7 +1,7 @@
 """Public convolution functions: validate once, dispatch once, call one backend kernel.
 
 Argument names and meanings follow ``torch.nn.functional.conv2d``; the semantics are in
-DESIGN.md section 2 and the README's convolution section.
+docs/design.md section 2 and the README's convolution section.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Public pooling functions: validate once, dispatch once, call one backend kernel.
 
 Argument names and meanings follow ``torch.nn.functional``. The exact semantics are in
-DESIGN.md section 2 and the README's semantics table.
+docs/design.md section 2 and the README's semantics table.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """CUDA conv2d and conv2d_backward (``fastpool.cuda.conv``) against the loop references
 and the CPU kernels: both algorithms, production and small tiles, the geometries of
-DESIGN.md section 2, both dtypes, output_mask, empty batches, non-contiguous and GPU
+docs/design.md section 2, both dtypes, output_mask, empty batches, non-contiguous and GPU
 array inputs, split-K partial sums, determinism and launch limits.
 
 Without a GPU these run under Numba's CUDA simulator (see conftest), where every CUDA

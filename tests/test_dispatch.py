@@ -1,4 +1,4 @@
-"""Device selection (DESIGN.md section 3) and process-level guarantees.
+"""Device selection (docs/design.md section 4) and process-level guarantees.
 
 Resolution order: the call's ``device=`` argument, then ``with use_device(...)``
 (thread-local, nestable), then ``set_device(...)``, then ``FASTPOOL_DEVICE``, then

@@ -27,7 +27,7 @@ def _random_cases(n_cases, seed, with_dilation):
         kh, kw = (int(v) for v in rng.integers(1, 5, size=2))
         sh, sw = (int(v) for v in rng.integers(1, 4, size=2))
         dh, dw = (int(v) for v in rng.integers(1, 3, size=2)) if with_dilation else (1, 1)
-        # DESIGN.md allows p <= ek // 2; torch only accepts p <= k // 2 (<= ek // 2).
+        # docs/design.md section 2 allows p <= ek // 2; torch only accepts p <= k // 2.
         ph, pw = int(rng.integers(0, kh // 2 + 1)), int(rng.integers(0, kw // 2 + 1))
         H, W = (int(v) for v in rng.integers(1, 10, size=2))
         ceil_mode = bool(rng.integers(0, 2))

@@ -1,4 +1,4 @@
-"""Bad input to the public pooling functions (DESIGN.md sections 1-2).
+"""Bad input to the public pooling functions (docs/design.md sections 1-3).
 
 Every rule raises ``ValueError`` or ``TypeError`` whose message names the offending
 parameter. Argument errors must be raised before any kernel runs: the ``no_kernels``

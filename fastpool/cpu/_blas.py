@@ -10,7 +10,7 @@ so kernels that call it stay cacheable on disk.
 
 Parallelism comes from the Numba kernels, one BLAS call per thread, so BLAS itself must
 run single-threaded while they run: ``single_threaded_blas()``. Two thread pools on the
-same cores slow each other down (see DESIGN.md section 6), and OpenBLAS's pthreads
+same cores slow each other down (see docs/design.md section 9), and OpenBLAS's pthreads
 build warns that it may hang when called from inside an OpenMP loop.
 """
 
