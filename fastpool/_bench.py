@@ -484,7 +484,8 @@ def info_lines():
         if dist != "fastpool":
             lines.append(f"  {dist:14s} {version or 'not installed'}")
     parallel_copy(np.ones(8, np.float32), np.empty(8, np.float32))  # starts the pool
-    lines.append(f"numba threading layer: {numba.threading_layer()}; threads: "
+    from fastpool import _threading
+    lines.append(f"numba threading layer: {_threading.describe()}; threads: "
                  f"{numba.get_num_threads()} (NUMBA_NUM_THREADS={numba.config.NUMBA_NUM_THREADS})")
     import scipy.linalg.cython_blas  # noqa: F401  the BLAS fastpool's conv kernels call
     for pool in threadpool_info():
