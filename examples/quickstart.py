@@ -53,6 +53,25 @@ print(f"conv2d            {x.shape} * {weight.shape} -> {c.shape}; gradients "
 depthwise = fastpool.conv2d(x, weight[:16, :1], stride=2, padding=1, groups=16)
 print(f"depthwise conv2d  {x.shape} -> {depthwise.shape} (groups = channels)")
 
+# Every pool also exists for 1 and 3 spatial axes: sequences (N, C, L) and volumes
+# (N, C, D, H, W), with the same arguments.
+seq = rng.random((4, 8, 100), dtype=np.float32)
+p1 = fastpool.max_pool1d(seq, 4)
+assert np.array_equal(p1, seq.reshape(4, 8, 25, 4).max(axis=3))
+vol = rng.random((2, 4, 8, 16, 16), dtype=np.float32)
+p3 = fastpool.avg_pool3d(vol, 2)
+assert np.allclose(p3, vol.reshape(2, 4, 4, 2, 8, 2, 8, 2).mean(axis=(3, 5, 7)), rtol=1e-6)
+s3 = fastpool.stochastic_pool3d(vol, (1, 2, 2), seed=5)
+print(f"max_pool1d        {seq.shape} -> {p1.shape}; avg_pool3d {vol.shape} -> {p3.shape}; "
+      f"stochastic_pool3d -> {s3.shape}")
+
+# Memory format follows the input: channels-last (NHWC) data stays channels-last.
+nhwc = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
+y_last = fastpool.max_pool2d(nhwc.transpose(0, 3, 1, 2), 2)
+assert np.array_equal(y_last, fastpool.max_pool2d(x, 2))
+assert y_last.transpose(0, 2, 3, 1).flags.c_contiguous  # an NHWC buffer again
+print(f"channels-last in  -> channels-last out, strides {y_last.strides}")
+
 with fastpool.use_device("cpu"):
     fastpool.max_pool2d(x, 2)
 print(f"device: {fastpool.get_device()!r} (auto picks the GPU only for GPU arrays); "

@@ -499,8 +499,8 @@ def info_lines():
 
 def kernel_cache_dir():
     """Where Numba caches fastpool's CPU kernels (``NUMBA_CACHE_DIR`` wins)."""
-    from fastpool.cpu import pooling
-    return pooling._scatter_to_indices._cache._cache_path
+    from fastpool.cpu import pool_max
+    return pool_max.scatter_to_indices._cache._cache_path
 
 
 def gpu_lines():

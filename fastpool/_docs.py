@@ -9,6 +9,15 @@ from __future__ import annotations
 MARKER = "    Shape-section\n"
 
 
+def _probe():
+    """Present unless docstrings are stripped."""
+
+
+# Whether this interpreter keeps docstrings (False under -OO / PYTHONOPTIMIZE=2):
+# docstrings built from templates are then left out too.
+DOCSTRINGS = _probe.__doc__ is not None
+
+
 def with_section(text, marker=MARKER):
     """Decorator: replace ``marker`` in the function's docstring by ``text``."""
     def decorate(function):

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fastpool import _geometry
 from fastpool._dispatch import is_device_array
 
 SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
@@ -30,26 +31,23 @@ def _as_int(name, value):
 
 def pair(name, value):
     """Normalise an int or an ``(h, w)`` pair to a tuple of two Python ints."""
+    return ntuple(name, value, 2)
+
+
+_TUPLE_WORDS = {1: "a 1-tuple (l,)", 2: "a pair (h, w)", 3: "a triple (d, h, w)"}
+
+
+def ntuple(name, value, rank):
+    """Normalise an int or a ``rank``-tuple of ints to a tuple of ``rank`` Python ints."""
+    if type(value) is int and -_INT_LIMIT < value < _INT_LIMIT:  # the common case, fast
+        return (value,) * rank
     if isinstance(value, (tuple, list)):
-        if len(value) != 2:
-            raise ValueError(f"{name} must be an int or a pair (h, w), got {value!r}")
-        return _as_int(name, value[0]), _as_int(name, value[1])
+        if len(value) != rank:
+            raise ValueError(
+                f"{name} must be an int or {_TUPLE_WORDS[rank]}, got {value!r}")
+        return tuple(_as_int(name, v) for v in value)
     v = _as_int(name, value)
-    return v, v
-
-
-def output_size(size, kernel, stride, padding, dilation, ceil_mode):
-    """Pooling output length along one axis (PyTorch's rule).
-
-    ``out = floor((size + 2p - ek + (s - 1 if ceil_mode else 0)) / s) + 1`` with the
-    effective kernel ``ek = d * (k - 1) + 1``; in ``ceil_mode`` the last window must
-    start inside the input or the left padding, else it is dropped.
-    """
-    effective = dilation * (kernel - 1) + 1
-    out = (size + 2 * padding - effective + (stride - 1 if ceil_mode else 0)) // stride + 1
-    if ceil_mode and (out - 1) * stride >= size + padding:
-        out -= 1
-    return out
+    return (v,) * rank
 
 
 def as_float_array(name, value):
@@ -85,10 +83,13 @@ class _DeviceArrayInfo:
         if getattr(value, "__cuda_ndarray__", False):
             self.shape = tuple(int(s) for s in value.shape)
             self.dtype = np.dtype(value.dtype)
+            self.strides = tuple(int(s) for s in value.strides)
         else:
             interface = value.__cuda_array_interface__
             self.shape = tuple(interface["shape"])
             self.dtype = np.dtype(interface["typestr"])
+            strides = interface.get("strides")
+            self.strides = None if strides is None else tuple(strides)
         self.ndim = len(self.shape)
 
 
@@ -103,65 +104,33 @@ def _unwrap(array):
     return array.array if isinstance(array, _DeviceArrayInfo) else array
 
 
-def check_pool_input(name, x):
+_RANK_SHAPES = {1: "(N, C, L) or 2-D (C, L)", 2: "(N, C, H, W) or 3-D (C, H, W)",
+                3: "(N, C, D, H, W) or 4-D (C, D, H, W)"}
+
+
+def check_pool_input(name, x, rank=2):
     """Validate a pooling input's rank and sizes; return ``(array, batched)``."""
     x = as_float_array(name, x)
-    if x.ndim not in (3, 4):
+    if x.ndim not in (rank + 1, rank + 2):
         raise ValueError(
-            f"{name} must be 4-D (N, C, H, W) or 3-D (C, H, W), got shape {x.shape}")
-    if any(s == 0 for s in x.shape[-3:]):
+            f"{name} must be {rank + 2}-D {_RANK_SHAPES[rank]}, got shape {x.shape}")
+    if any(s == 0 for s in x.shape[-rank - 1:]):
         raise ValueError(
             f"{name} must have non-zero channel and spatial sizes (only the batch may be "
             f"empty), got shape {x.shape}")
-    return x, x.ndim == 4
+    return x, x.ndim == rank + 2
 
 
-@dataclass(frozen=True)
-class PoolGeometry:
-    """Everything a pooling kernel needs to know about the window placement.
-
-    ``kernel``, ``stride`` and ``dilation`` are the values kernels are specialised on
-    (compile-time constants); padding and sizes stay runtime arguments.
-    """
-
-    batch: int
-    channels: int
-    in_h: int
-    in_w: int
-    out_h: int
-    out_w: int
-    kernel_h: int
-    kernel_w: int
-    stride_h: int
-    stride_w: int
-    pad_h: int
-    pad_w: int
-    dilation_h: int
-    dilation_w: int
-    batched: bool
-
-    @property
-    def planes(self):
-        return self.batch * self.channels
-
-    @property
-    def constants(self):
-        """The compile-time constants of a specialised kernel."""
-        return (self.kernel_h, self.kernel_w, self.stride_h, self.stride_w,
-                self.dilation_h, self.dilation_w)
-
-    @property
-    def input_shape(self):
-        return self._shape(self.in_h, self.in_w)
-
-    @property
-    def output_shape(self):
-        return self._shape(self.out_h, self.out_w)
-
-    def _shape(self, h, w):
-        if self.batched:
-            return (self.batch, self.channels, h, w)
-        return (self.channels, h, w)
+def layout_of(array, batched):
+    """The memory format an input is computed in (``_geometry.memory_format``): from
+    its strides, for NumPy arrays and GPU arrays that state theirs."""
+    shape, strides = array.shape, array.strides
+    if strides is None:
+        return _geometry.CHANNELS_FIRST
+    if not batched:
+        shape = (1,) + tuple(shape)
+        strides = (int(np.prod(shape)) * array.dtype.itemsize,) + tuple(strides)
+    return _geometry.memory_format(tuple(shape), tuple(strides), array.dtype.itemsize)
 
 
 def _check_axis_covered(size, out, kernel, stride, padding, dilation):
@@ -176,44 +145,58 @@ def _check_axis_covered(size, out, kernel, stride, padding, dilation):
     return bool(np.all((first < size) & (first <= last)))
 
 
-def pool_geometry(x, kernel_size, stride, padding, dilation, ceil_mode, *, x_name="x"):
-    """Validate pooling arguments against input ``x``; return ``(x, PoolGeometry)``."""
-    x, batched = check_pool_input(x_name, x)
-    kh, kw = pair("kernel_size", kernel_size)
-    sh, sw = (kh, kw) if stride is None else pair("stride", stride)
-    ph, pw = pair("padding", padding)
-    dh, dw = pair("dilation", dilation)
+def pool_window(x, rank, kernel_size, stride, padding, dilation, ceil_mode, *,
+                x_name="x"):
+    """Validate pooling arguments against input ``x`` of spatial rank ``rank``; return
+    ``(x, Window)``."""
+    x, batched = check_pool_input(x_name, x, rank)
+    kernel = ntuple("kernel_size", kernel_size, rank)
+    stride = kernel if stride is None else ntuple("stride", stride, rank)
+    padding = ntuple("padding", padding, rank)
+    dilation = ntuple("dilation", dilation, rank)
     if not isinstance(ceil_mode, (bool, np.bool_)):
         raise TypeError(f"ceil_mode must be a bool, got {ceil_mode!r}")
-    if kh < 1 or kw < 1:
-        raise ValueError(f"kernel_size must be >= 1, got {(kh, kw)}")
-    if sh < 1 or sw < 1:
-        raise ValueError(f"stride must be >= 1, got {(sh, sw)}")
-    if dh < 1 or dw < 1:
-        raise ValueError(f"dilation must be >= 1, got {(dh, dw)}")
-    ekh, ekw = dh * (kh - 1) + 1, dw * (kw - 1) + 1
-    if not (0 <= ph <= ekh // 2 and 0 <= pw <= ekw // 2):
+    ceil_mode = bool(ceil_mode)
+    if min(kernel) < 1:
+        raise ValueError(f"kernel_size must be >= 1, got {kernel}")
+    if min(stride) < 1:
+        raise ValueError(f"stride must be >= 1, got {stride}")
+    if min(dilation) < 1:
+        raise ValueError(f"dilation must be >= 1, got {dilation}")
+    effective = tuple([d * (k - 1) + 1 for k, d in zip(kernel, dilation)])
+    if not all([0 <= p <= e // 2 for p, e in zip(padding, effective)]):
         raise ValueError(
             f"padding must satisfy 0 <= padding <= effective_kernel // 2 per axis "
-            f"(effective kernel {(ekh, ekw)}), got {(ph, pw)}")
-    in_h, in_w = x.shape[-2:]
-    out_h = output_size(in_h, kh, sh, ph, dh, bool(ceil_mode))
-    out_w = output_size(in_w, kw, sw, pw, dw, bool(ceil_mode))
-    if out_h < 1 or out_w < 1:
+            f"(effective kernel {effective}), got {padding}")
+    in_size = tuple(x.shape[-rank:])
+    out_size = tuple([_geometry.output_size(n, k, s, p, p, d, ceil_mode)
+                      for n, k, s, p, d in zip(in_size, kernel, stride, padding, dilation)])
+    if min(out_size) < 1:
         raise ValueError(
-            f"kernel_size {(kh, kw)} with dilation {(dh, dw)} (effective kernel "
-            f"{(ekh, ekw)}) is larger than the padded input "
-            f"{(in_h + 2 * ph, in_w + 2 * pw)}: output size would be {(out_h, out_w)}")
-    if not (_check_axis_covered(in_h, out_h, kh, sh, ph, dh)
-            and _check_axis_covered(in_w, out_w, kw, sw, pw, dw)):
+            f"kernel_size {kernel} with dilation {dilation} (effective kernel "
+            f"{effective}) is larger than the padded input "
+            f"{tuple(n + 2 * p for n, p in zip(in_size, padding))}: output size would be "
+            f"{out_size}")
+    if max(dilation) > 1 and not all(
+            _check_axis_covered(n, o, k, s, p, d) for n, o, k, s, p, d in
+            zip(in_size, out_size, kernel, stride, padding, dilation)):
         raise ValueError(
-            f"dilation {(dh, dw)} with padding {(ph, pw)} places a window entirely in the "
-            f"padding of an input of size {(in_h, in_w)}; every window must cover at "
-            f"least one input element")
-    batch = x.shape[0] if batched else 1
-    geometry = PoolGeometry(batch, x.shape[-3], in_h, in_w, out_h, out_w, kh, kw, sh, sw,
-                            ph, pw, dh, dw, batched)
-    return _unwrap(x), geometry
+            f"dilation {dilation} with padding {padding} places a window entirely in the "
+            f"padding of an input of size {in_size}; every window must cover at least "
+            f"one input element")
+    channels = int(x.shape[-rank - 1])
+    window = _geometry.Window(
+        rank=rank, batch=int(x.shape[0]) if batched else 1, channels=channels,
+        out_channels=channels, batched=batched, layout=layout_of(x, batched),
+        in_size=in_size, out_size=out_size, kernel=kernel, stride=stride, pad_lo=padding,
+        pad_hi=padding, dilation=dilation, ceil_mode=ceil_mode)
+    return _unwrap(x), window
+
+
+def pool_geometry(x, kernel_size, stride, padding, dilation, ceil_mode, *, x_name="x"):
+    """2-D ``pool_window``."""
+    return pool_window(x, 2, kernel_size, stride, padding, dilation, ceil_mode,
+                       x_name=x_name)
 
 
 def check_grad_output(grad_output, x, geometry):

@@ -1,57 +1,83 @@
-"""Public pooling functions: validate once, dispatch once, call one backend kernel.
+"""Public pooling functions for 1, 2 and 3 spatial axes: validate once, dispatch once,
+call one backend launcher.
 
-Argument names and meanings follow ``torch.nn.functional``. The exact semantics are in
-docs/design.md section 2 and the README's semantics table.
+Argument names and meanings follow ``torch.nn.functional``; the exact semantics are in
+docs/design.md section 2 and the README's semantics table. Each public function is
+made for its rank by one factory per op (``max_pool1d``, ``max_pool2d`` and
+``max_pool3d`` are one function, bound to ranks 1, 2 and 3), with its docstring
+written for that rank.
 """
 
 from __future__ import annotations
 
-import numpy as np
-
 from fastpool import _dispatch, _docs, _params
+
+_RANK = {
+    1: dict(spatial="L", shape_in="(N, C, L_in)", shape_in_u="(C, L_in)",
+            shape_out="(N, C, L_out)", shape_out_u="(C, L_out)", tuple="(int,)",
+            flat="``l``", axes="``L_out``", first="L"),
+    2: dict(spatial="H, W", shape_in="(N, C, H_in, W_in)", shape_in_u="(C, H_in, W_in)",
+            shape_out="(N, C, H_out, W_out)", shape_out_u="(C, H_out, W_out)",
+            tuple="(int, int)", flat="``h * W + w``", axes="``H_out``, ``W_out``",
+            first="H"),
+    3: dict(spatial="D, H, W", shape_in="(N, C, D_in, H_in, W_in)",
+            shape_in_u="(C, D_in, H_in, W_in)", shape_out="(N, C, D_out, H_out, W_out)",
+            shape_out_u="(C, D_out, H_out, W_out)", tuple="(int, int, int)",
+            flat="``(d * H + h) * W + w``", axes="``D_out``, ``H_out``, ``W_out``",
+            first="D"),
+}
 
 _SHAPE_DOC = """
     Shape
     -----
-    - Input: ``(N, C, H_in, W_in)`` or ``(C, H_in, W_in)``.
-    - Output: ``(N, C, H_out, W_out)`` or ``(C, H_out, W_out)``, where
+    - Input: ``{shape_in}`` or unbatched ``{shape_in_u}``, in either memory format:
+      an input with channels-last strides gives channels-last results.
+    - Output: ``{shape_out}`` or ``{shape_out_u}``; per spatial axis
 
       .. math::
-          H_{out} = \\left\\lfloor \\frac{H_{in} + 2p_h - d_h (k_h - 1) - 1
-                    + (s_h - 1 \\text{ if ceil\\_mode})}{s_h} \\right\\rfloor + 1
+          out = \\left\\lfloor \\frac{{in + 2p - d (k - 1) - 1
+                + (s - 1 \\text{{ if ceil\\_mode}})}}{{s}} \\right\\rfloor + 1
 
-      (``W_out`` likewise); with ``ceil_mode`` the last window is dropped when it would
-      start at or beyond ``H_in + p_h`` (PyTorch's rule). Average pooling has ``d = 1``.
+      and with ``ceil_mode`` the last window is dropped when it would start at or
+      beyond ``in + p`` (PyTorch's rule). Average pooling has ``d = 1``.
 """
 
 
-_with_shape_doc = _docs.with_section(_SHAPE_DOC)
+def _public(function, name, doc, rank):
+    """Bind the generic ``function`` to ``rank`` under its public ``name``."""
+    function.__name__ = function.__qualname__ = name
+    function.__module__ = "fastpool"
+    if _docs.DOCSTRINGS:  # python -OO strips docstrings; so do we
+        words = dict(_RANK[rank], rank=rank, name=name)
+        function.__doc__ = (doc.replace("    Shape-section\n", _SHAPE_DOC)
+                            .format(**words))
+    return function
 
 
-@_with_shape_doc
-def max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
-               return_indices=False, *, device=None):
-    """2-D max pooling over an ``(N, C, H, W)`` or ``(C, H, W)`` array.
+# ----------------------------------------------------------------------------- max
+
+_MAX_DOC = """{rank}-D max pooling over a ``{shape_in}`` or ``{shape_in_u}`` array.
 
     Parameters
     ----------
     x : array of float32 or float64
-        Input; any strides (non-contiguous input is copied once).
-    kernel_size : int or (int, int)
+        Input; any strides (channels-last strides are kept; other non-contiguous input
+        is copied once).
+    kernel_size : int or {tuple}
         Window size ``k``.
-    stride : int or (int, int), optional
+    stride : int or {tuple}, optional
         Window step ``s``; ``None`` (default) means ``kernel_size``.
-    padding : int or (int, int), default 0
+    padding : int or {tuple}, default 0
         Implicit ``-inf`` padding ``p`` on both sides; ``0 <= p <= ek // 2`` where
         ``ek = d * (k - 1) + 1``.
-    dilation : int or (int, int), default 1
+    dilation : int or {tuple}, default 1
         Spacing ``d`` between window elements.
     ceil_mode : bool, default False
         Use ceil instead of floor for the output size.
     return_indices : bool, default False
-        Also return the int64 argmax of each window as flat ``h * W + w`` positions
-        inside its ``(n, c)`` plane (PyTorch's convention).
-    device : {"cpu", "cuda", "auto"}, optional
+        Also return the int64 argmax of each window as flat {flat} positions inside
+        its ``(n, c)`` volume (PyTorch's convention).
+    device : {{"cpu", "cuda", "auto"}}, optional
         Overrides ``use_device``/``set_device``/``FASTPOOL_DEVICE`` for this call.
 
     Returns
@@ -64,18 +90,8 @@ def max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=Fal
 
     Shape-section
     """
-    x, geometry = _params.pool_geometry(x, kernel_size, stride, padding, dilation,
-                                        ceil_mode)
-    return_indices = _params.check_bool("return_indices", return_indices)
-    backend = _dispatch.backend(device, x)
-    y, indices = backend.max_pool2d_forward(x, geometry, return_indices)
-    return (y, indices) if return_indices else y
 
-
-@_with_shape_doc
-def max_pool2d_backward(grad_output, x, kernel_size, stride=None, padding=0, dilation=1,
-                        ceil_mode=False, *, indices=None, device=None):
-    """Gradient of :func:`max_pool2d` with respect to ``x``.
+_MAX_BACKWARD_DOC = """Gradient of :func:`{forward}` with respect to ``x``.
 
     Parameters
     ----------
@@ -88,9 +104,9 @@ def max_pool2d_backward(grad_output, x, kernel_size, stride=None, padding=0, dil
         The forward's arguments.
     indices : int array, optional
         The forward's ``indices``. When None they are recomputed from ``x``. Every value
-        must lie in ``[0, H * W)`` (``ValueError`` otherwise; nothing is written out of
-        bounds).
-    device : {"cpu", "cuda", "auto"}, optional
+        must be a flat position inside the ``(n, c)`` volume (``ValueError`` otherwise;
+        nothing is written out of bounds).
+    device : {{"cpu", "cuda", "auto"}}, optional
 
     Returns
     -------
@@ -100,44 +116,54 @@ def max_pool2d_backward(grad_output, x, kernel_size, stride=None, padding=0, dil
 
     Shape-section
     """
-    x, geometry = _params.pool_geometry(x, kernel_size, stride, padding, dilation,
+
+
+def _max_pool(rank):
+    def max_pool(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
+                 return_indices=False, *, device=None):
+        x, window = _params.pool_window(x, rank, kernel_size, stride, padding, dilation,
                                         ceil_mode)
-    grad_output = _params.check_grad_output(grad_output, x, geometry)
-    if indices is not None:
-        indices = _params.check_indices(indices, geometry)
-    backend = _dispatch.backend(device, grad_output, x, indices)
-    return backend.max_pool2d_backward(grad_output, x, geometry, indices)
+        return_indices = _params.check_bool("return_indices", return_indices)
+        backend = _dispatch.backend(device, x)
+        y, indices = backend.max_pool_forward(x, window, return_indices)
+        return (y, indices) if return_indices else y
+    return _public(max_pool, f"max_pool{rank}d", _MAX_DOC, rank)
 
 
-def _avg_arguments(x, kernel_size, stride, padding, ceil_mode, count_include_pad,
-                   divisor_override):
-    x, geometry = _params.pool_geometry(x, kernel_size, stride, padding, 1, ceil_mode)
-    count_include_pad = _params.check_bool("count_include_pad", count_include_pad)
-    divisor = _params.check_divisor_override(divisor_override)
-    return x, geometry, count_include_pad, divisor
+def _max_pool_backward(rank):
+    def max_pool_backward(grad_output, x, kernel_size, stride=None, padding=0,
+                          dilation=1, ceil_mode=False, *, indices=None, device=None):
+        x, window = _params.pool_window(x, rank, kernel_size, stride, padding, dilation,
+                                        ceil_mode)
+        grad_output = _params.check_grad_output(grad_output, x, window)
+        if indices is not None:
+            indices = _params.check_indices(indices, window)
+        backend = _dispatch.backend(device, grad_output, x, indices)
+        return backend.max_pool_backward(grad_output, x, window, indices)
+    return _public(max_pool_backward, f"max_pool{rank}d_backward",
+                   _MAX_BACKWARD_DOC.replace("{forward}", f"max_pool{rank}d"), rank)
 
 
-@_with_shape_doc
-def avg_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False,
-               count_include_pad=True, divisor_override=None, *, device=None):
-    """2-D average pooling over an ``(N, C, H, W)`` or ``(C, H, W)`` array.
+# ----------------------------------------------------------------------------- average
+
+_AVG_DOC = """{rank}-D average pooling over a ``{shape_in}`` or ``{shape_in_u}`` array.
 
     Parameters
     ----------
     x : array of float32 or float64
-    kernel_size : int or (int, int)
-    stride : int or (int, int), optional
+    kernel_size : int or {tuple}
+    stride : int or {tuple}, optional
         ``None`` (default) means ``kernel_size``.
-    padding : int or (int, int), default 0
+    padding : int or {tuple}, default 0
         Zero padding, ``0 <= p <= k // 2``.
     ceil_mode : bool, default False
     count_include_pad : bool, default True
-        Divide by the window's area including padding cells (the window is
-        ``[h0, min(h0 + k, H + p))`` with ``h0 = oh * s - p``); when False, by the
+        Divide by the window's size including padding cells (per axis the window is
+        ``[x0, min(x0 + k, X + p))`` with ``x0 = o * s - p``); when False, by the
         number of input cells in it.
     divisor_override : int, optional
         Divide every window's sum by this non-zero int instead.
-    device : {"cpu", "cuda", "auto"}, optional
+    device : {{"cpu", "cuda", "auto"}}, optional
 
     Returns
     -------
@@ -147,17 +173,8 @@ def avg_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False,
 
     Shape-section
     """
-    x, geometry, count_include_pad, divisor = _avg_arguments(
-        x, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override)
-    backend = _dispatch.backend(device, x)
-    return backend.avg_pool2d_forward(x, geometry, count_include_pad, divisor)
 
-
-@_with_shape_doc
-def avg_pool2d_backward(grad_output, x, kernel_size, stride=None, padding=0,
-                        ceil_mode=False, count_include_pad=True, divisor_override=None, *,
-                        device=None):
-    """Gradient of :func:`avg_pool2d` with respect to ``x``.
+_AVG_BACKWARD_DOC = """Gradient of :func:`{forward}` with respect to ``x``.
 
     Parameters
     ----------
@@ -167,7 +184,7 @@ def avg_pool2d_backward(grad_output, x, kernel_size, stride=None, padding=0,
         The forward input (only its shape and dtype are used).
     kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override
         The forward's arguments.
-    device : {"cpu", "cuda", "auto"}, optional
+    device : {{"cpu", "cuda", "auto"}}, optional
 
     Returns
     -------
@@ -176,17 +193,44 @@ def avg_pool2d_backward(grad_output, x, kernel_size, stride=None, padding=0,
 
     Shape-section
     """
-    x, geometry, count_include_pad, divisor = _avg_arguments(
-        x, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override)
-    grad_output = _params.check_grad_output(grad_output, x, geometry)
-    backend = _dispatch.backend(device, grad_output, x)
-    return backend.avg_pool2d_backward(grad_output, geometry, count_include_pad, divisor)
 
 
-@_with_shape_doc
-def stochastic_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
-                      *, training=True, seed=None, return_indices=False, device=None):
-    """2-D stochastic pooling (Zeiler & Fergus, ICLR 2013).
+def _avg_arguments(rank, x, kernel_size, stride, padding, ceil_mode, count_include_pad,
+                   divisor_override):
+    x, window = _params.pool_window(x, rank, kernel_size, stride, padding, 1, ceil_mode)
+    count_include_pad = _params.check_bool("count_include_pad", count_include_pad)
+    divisor = _params.check_divisor_override(divisor_override)
+    return x, window, count_include_pad, divisor
+
+
+def _avg_pool(rank):
+    def avg_pool(x, kernel_size, stride=None, padding=0, ceil_mode=False,
+                 count_include_pad=True, divisor_override=None, *, device=None):
+        x, window, count_include_pad, divisor = _avg_arguments(
+            rank, x, kernel_size, stride, padding, ceil_mode, count_include_pad,
+            divisor_override)
+        backend = _dispatch.backend(device, x)
+        return backend.avg_pool_forward(x, window, count_include_pad, divisor)
+    return _public(avg_pool, f"avg_pool{rank}d", _AVG_DOC, rank)
+
+
+def _avg_pool_backward(rank):
+    def avg_pool_backward(grad_output, x, kernel_size, stride=None, padding=0,
+                          ceil_mode=False, count_include_pad=True, divisor_override=None,
+                          *, device=None):
+        x, window, count_include_pad, divisor = _avg_arguments(
+            rank, x, kernel_size, stride, padding, ceil_mode, count_include_pad,
+            divisor_override)
+        grad_output = _params.check_grad_output(grad_output, x, window)
+        backend = _dispatch.backend(device, grad_output, x)
+        return backend.avg_pool_backward(grad_output, window, count_include_pad, divisor)
+    return _public(avg_pool_backward, f"avg_pool{rank}d_backward",
+                   _AVG_BACKWARD_DOC.replace("{forward}", f"avg_pool{rank}d"), rank)
+
+
+# ----------------------------------------------------------------------------- stochastic
+
+_STOCHASTIC_DOC = """{rank}-D stochastic pooling (Zeiler & Fergus, ICLR 2013).
 
     Parameters
     ----------
@@ -194,22 +238,24 @@ def stochastic_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, ceil_m
         Finite, non-negative activations (e.g. after ReLU). A negative, NaN or infinite
         value inside a window raises ``ValueError`` (detected by the kernel itself).
     kernel_size, stride, padding, dilation, ceil_mode
-        As for :func:`max_pool2d`; padding cells have weight 0 and are never chosen.
+        As for :func:`max_pool{rank}d`; padding cells have weight 0 and are never
+        chosen.
     training : bool, default True
         True: in each window pick element ``i`` with probability ``a_i / sum(a)`` and
         output it. False: output the probability-weighted average
         ``sum(a_i**2) / sum(a_i)`` (0 when the sum is 0).
     seed : int, numpy.random.Generator or None
-        Key of the counter-based generator: window ``(n, c, oh, ow)`` draws
-        ``u ~ U[0, 1)`` from ``(seed, n, c, oh, ow)`` alone, so a seed gives the same
-        choices at any thread count and on both devices. ``None`` draws a fresh seed
-        from the OS; a Generator is advanced by one draw. Pass a different seed each
-        training step.
+        Key of the counter-based generator: a window draws ``u ~ U[0, 1)`` from
+        ``(seed, n, c)`` and its output position alone, so a seed gives the same
+        choices at any thread count, on both devices and in either memory format
+        (2-D windows are keyed by ``(oh, ow)``, 3-D ones by ``(od * H_out + oh, ow)``,
+        1-D ones by ``(0, ol)``). ``None`` draws a fresh seed from the OS; a Generator
+        is advanced by one draw. Pass a different seed each training step.
     return_indices : bool, default False
-        Training only: also return the int64 flat index ``h * W + w`` of each chosen
-        element (needed by :func:`stochastic_pool2d_backward`). A window whose sum is 0
+        Training only: also return the int64 flat {flat} index of each chosen element
+        (needed by :func:`stochastic_pool{rank}d_backward`). A window whose sum is 0
         outputs 0 and records its first element inside the input.
-    device : {"cpu", "cuda", "auto"}, optional
+    device : {{"cpu", "cuda", "auto"}}, optional
 
     Returns
     -------
@@ -221,24 +267,8 @@ def stochastic_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, ceil_m
 
     Shape-section
     """
-    x, geometry = _params.pool_geometry(x, kernel_size, stride, padding, dilation,
-                                        ceil_mode)
-    training = _params.check_bool("training", training)
-    return_indices = _params.check_bool("return_indices", return_indices)
-    if return_indices and not training:
-        raise ValueError("return_indices=True needs training=True: inference picks nothing")
-    seed = _params.resolve_seed(seed)  # validated even when inference ignores it
-    backend = _dispatch.backend(device, x)
-    y, indices = backend.stochastic_pool2d_forward(x, geometry, training, seed,
-                                                   return_indices)
-    return (y, indices) if return_indices else y
 
-
-@_with_shape_doc
-def stochastic_pool2d_backward(grad_output, x, kernel_size, stride=None, padding=0,
-                               dilation=1, ceil_mode=False, *, training=True, indices=None,
-                               device=None):
-    """Gradient of :func:`stochastic_pool2d` with respect to ``x``.
+_STOCHASTIC_BACKWARD_DOC = """Gradient of :func:`{forward}` with respect to ``x``.
 
     Parameters
     ----------
@@ -254,7 +284,7 @@ def stochastic_pool2d_backward(grad_output, x, kernel_size, stride=None, padding
         ``S2 = sum(a**2)`` over the window, 0 where ``S1 == 0``.
     indices : int array
         The forward's ``indices`` (``return_indices=True``); required when training.
-    device : {"cpu", "cuda", "auto"}, optional
+    device : {{"cpu", "cuda", "auto"}}, optional
 
     Returns
     -------
@@ -263,17 +293,58 @@ def stochastic_pool2d_backward(grad_output, x, kernel_size, stride=None, padding
 
     Shape-section
     """
-    x, geometry = _params.pool_geometry(x, kernel_size, stride, padding, dilation,
+
+
+def _stochastic_pool(rank):
+    def stochastic_pool(x, kernel_size, stride=None, padding=0, dilation=1,
+                        ceil_mode=False, *, training=True, seed=None, return_indices=False,
+                        device=None):
+        x, window = _params.pool_window(x, rank, kernel_size, stride, padding, dilation,
                                         ceil_mode)
-    grad_output = _params.check_grad_output(grad_output, x, geometry)
-    training = _params.check_bool("training", training)
-    if training:
-        if indices is None:
+        training = _params.check_bool("training", training)
+        return_indices = _params.check_bool("return_indices", return_indices)
+        if return_indices and not training:
             raise ValueError(
-                "indices is required when training=True: pass the indices returned by "
-                "stochastic_pool2d(..., return_indices=True)")
-        indices = _params.check_indices(indices, geometry)
-    elif indices is not None:
-        raise ValueError("indices must be None when training=False")
-    backend = _dispatch.backend(device, grad_output, x, indices)
-    return backend.stochastic_pool2d_backward(grad_output, x, geometry, training, indices)
+                "return_indices=True needs training=True: inference picks nothing")
+        seed = _params.resolve_seed(seed)  # validated even when inference ignores it
+        backend = _dispatch.backend(device, x)
+        y, indices = backend.stochastic_pool_forward(x, window, training, seed,
+                                                     return_indices)
+        return (y, indices) if return_indices else y
+    return _public(stochastic_pool, f"stochastic_pool{rank}d", _STOCHASTIC_DOC, rank)
+
+
+def _stochastic_pool_backward(rank):
+    def stochastic_pool_backward(grad_output, x, kernel_size, stride=None, padding=0,
+                                 dilation=1, ceil_mode=False, *, training=True,
+                                 indices=None, device=None):
+        x, window = _params.pool_window(x, rank, kernel_size, stride, padding, dilation,
+                                        ceil_mode)
+        grad_output = _params.check_grad_output(grad_output, x, window)
+        training = _params.check_bool("training", training)
+        if training:
+            if indices is None:
+                raise ValueError(
+                    "indices is required when training=True: pass the indices returned "
+                    f"by stochastic_pool{rank}d(..., return_indices=True)")
+            indices = _params.check_indices(indices, window)
+        elif indices is not None:
+            raise ValueError("indices must be None when training=False")
+        backend = _dispatch.backend(device, grad_output, x, indices)
+        return backend.stochastic_pool_backward(grad_output, x, window, training,
+                                                indices)
+    return _public(stochastic_pool_backward, f"stochastic_pool{rank}d_backward",
+                   _STOCHASTIC_BACKWARD_DOC.replace("{forward}", f"stochastic_pool{rank}d"),
+                   rank)
+
+
+max_pool1d, max_pool2d, max_pool3d = (_max_pool(r) for r in (1, 2, 3))
+max_pool1d_backward, max_pool2d_backward, max_pool3d_backward = (
+    _max_pool_backward(r) for r in (1, 2, 3))
+avg_pool1d, avg_pool2d, avg_pool3d = (_avg_pool(r) for r in (1, 2, 3))
+avg_pool1d_backward, avg_pool2d_backward, avg_pool3d_backward = (
+    _avg_pool_backward(r) for r in (1, 2, 3))
+stochastic_pool1d, stochastic_pool2d, stochastic_pool3d = (
+    _stochastic_pool(r) for r in (1, 2, 3))
+stochastic_pool1d_backward, stochastic_pool2d_backward, stochastic_pool3d_backward = (
+    _stochastic_pool_backward(r) for r in (1, 2, 3))

@@ -13,9 +13,16 @@ Functional API (signatures of ``torch.nn.functional``)::
                       ceil_mode=False, return_indices=False, *, training=True,
                       generator=None, seed=None)
 
-Modules: :class:`Conv2d`, :class:`MaxPool2d`, :class:`AvgPool2d` (subclasses of their
+The pools also come as ``max_pool1d``/``max_pool3d``, ``avg_pool1d``/``avg_pool3d`` and
+``stochastic_pool1d``/``stochastic_pool3d`` with the same arguments.
+
+Modules: :class:`Conv2d`, :class:`MaxPool1d`/:class:`MaxPool2d`/:class:`MaxPool3d`,
+:class:`AvgPool1d`/:class:`AvgPool2d`/:class:`AvgPool3d` (subclasses of their
 ``torch.nn`` namesakes: same parameters, initialisation, attributes, ``repr`` and
-``state_dict``; only ``forward`` runs fastpool) and :class:`StochasticPool2d`.
+``state_dict``; only ``forward`` runs fastpool) and :class:`StochasticPool1d`,
+:class:`StochasticPool2d`, :class:`StochasticPool3d`. Channels-last tensors
+(``torch.channels_last``, ``torch.channels_last_3d``) go in and come out channels-last,
+without copies on the CPU.
 
 Each function is a ``torch.autograd.Function`` whose forward calls fastpool's forward
 kernel and whose backward calls the matching fastpool backward kernel.
@@ -55,20 +62,34 @@ gradient penalties or Hessian-vector products) raises ``RuntimeError``
 non-differentiable.
 """
 
+import functools
+
 import torch
 
 import fastpool as _fp
 from fastpool import _docs, _params
 
 __all__ = [
+    "AvgPool1d",
     "AvgPool2d",
+    "AvgPool3d",
     "Conv2d",
+    "MaxPool1d",
     "MaxPool2d",
+    "MaxPool3d",
+    "StochasticPool1d",
     "StochasticPool2d",
+    "StochasticPool3d",
+    "avg_pool1d",
     "avg_pool2d",
+    "avg_pool3d",
     "conv2d",
+    "max_pool1d",
     "max_pool2d",
+    "max_pool3d",
+    "stochastic_pool1d",
     "stochastic_pool2d",
+    "stochastic_pool3d",
 ]
 
 _FLOAT_DTYPES = (torch.float32, torch.float64)
@@ -125,21 +146,21 @@ def _to_tensor(result):
     return torch.from_numpy(result)
 
 
-def _size_arg(value):
-    """Accept what ``torch.nn.functional`` accepts for a size argument: an int, a pair,
-    or a one-element sequence (meaning both axes)."""
+def _size_arg(value, rank=2):
+    """Accept what ``torch.nn.functional`` accepts for a size argument: an int, a
+    ``rank``-tuple, or a one-element sequence (meaning every axis)."""
     if isinstance(value, (tuple, list, torch.Size)):
         value = tuple(value)
         if len(value) == 1:
-            return value[0], value[0]
+            return value * rank
     return value
 
 
-def _stride_arg(stride):
+def _stride_arg(stride, rank=2):
     """``None`` and an empty sequence both mean ``stride = kernel_size`` in PyTorch."""
     if stride is None or (isinstance(stride, (tuple, list, torch.Size)) and not stride):
         return None
-    return _size_arg(stride)
+    return _size_arg(stride, rank)
 
 
 def _draw_seed(generator):
@@ -198,20 +219,28 @@ class _Conv2dFunction(torch.autograd.Function):
         return tuple(_to_tensor(g) for g in grads) + (None,) * 4
 
 
-class _MaxPool2dFunction(torch.autograd.Function):
-    """``(y, indices) = max_pool2d(x)``; backward sends each window's gradient to the
-    saved argmax (the forward always records it)."""
+def _pool(name, rank):
+    """fastpool's NumPy-level pooling function ``name`` (``max``, ``avg``, ...) of
+    ``rank`` spatial axes, e.g. ``fastpool.max_pool3d_backward``."""
+    op, _, suffix = name.partition("_")
+    return getattr(_fp, f"{op}_pool{rank}d" + (f"_{suffix}" if suffix else ""))
+
+
+class _MaxPoolFunction(torch.autograd.Function):
+    """``(y, indices) = max_pool{rank}d(x)``; backward sends each window's gradient to
+    the saved argmax (the forward always records it)."""
 
     @staticmethod
-    def forward(ctx, input, kernel_size, stride, padding, dilation, ceil_mode):
+    def forward(ctx, input, rank, kernel_size, stride, padding, dilation, ceil_mode):
         device = _device_for([input])
-        y, indices = _fp.max_pool2d(_to_array(input), kernel_size, stride, padding,
-                                    dilation, ceil_mode, return_indices=True,
-                                    device=device)
+        y, indices = _pool("max", rank)(_to_array(input), kernel_size, stride, padding,
+                                        dilation, ceil_mode, return_indices=True,
+                                        device=device)
         y, indices = _to_tensor(y), _to_tensor(indices)
         ctx.mark_non_differentiable(indices)
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(input, indices)
+        ctx.rank = rank
         ctx.geometry = (kernel_size, stride, padding, dilation, ceil_mode)
         ctx.device = device
         return y, indices
@@ -221,23 +250,24 @@ class _MaxPool2dFunction(torch.autograd.Function):
     def backward(ctx, grad_output, _grad_indices):
         input, indices = ctx.saved_tensors
         if grad_output is None:
-            return (None,) * 6
-        grad_input = _fp.max_pool2d_backward(_to_array(grad_output), _to_array(input),
-                                             *ctx.geometry, indices=_to_array(indices),
-                                             device=ctx.device)
-        return (_to_tensor(grad_input),) + (None,) * 5
+            return (None,) * 7
+        grad_input = _pool("max_backward", ctx.rank)(
+            _to_array(grad_output), _to_array(input), *ctx.geometry,
+            indices=_to_array(indices), device=ctx.device)
+        return (_to_tensor(grad_input),) + (None,) * 6
 
 
-class _AvgPool2dFunction(torch.autograd.Function):
-    """``y = avg_pool2d(x)`` with fastpool's forward and backward kernels."""
+class _AvgPoolFunction(torch.autograd.Function):
+    """``y = avg_pool{rank}d(x)`` with fastpool's forward and backward kernels."""
 
     @staticmethod
-    def forward(ctx, input, kernel_size, stride, padding, ceil_mode, count_include_pad,
-                divisor_override):
+    def forward(ctx, input, rank, kernel_size, stride, padding, ceil_mode,
+                count_include_pad, divisor_override):
         device = _device_for([input])
-        y = _fp.avg_pool2d(_to_array(input), kernel_size, stride, padding, ceil_mode,
-                           count_include_pad, divisor_override, device=device)
+        y = _pool("avg", rank)(_to_array(input), kernel_size, stride, padding, ceil_mode,
+                               count_include_pad, divisor_override, device=device)
         ctx.save_for_backward(input)
+        ctx.rank = rank
         ctx.geometry = (kernel_size, stride, padding, ceil_mode, count_include_pad,
                         divisor_override)
         ctx.device = device
@@ -247,35 +277,36 @@ class _AvgPool2dFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
         (input,) = ctx.saved_tensors
-        grad_input = _fp.avg_pool2d_backward(_to_array(grad_output), _to_array(input),
-                                             *ctx.geometry, device=ctx.device)
-        return (_to_tensor(grad_input),) + (None,) * 6
+        grad_input = _pool("avg_backward", ctx.rank)(
+            _to_array(grad_output), _to_array(input), *ctx.geometry, device=ctx.device)
+        return (_to_tensor(grad_input),) + (None,) * 7
 
 
-class _StochasticPool2dFunction(torch.autograd.Function):
+class _StochasticPoolFunction(torch.autograd.Function):
     """Stochastic pooling. Training: returns ``(y, indices)`` and backward sends each
     window's gradient to the sampled element. Inference: returns ``y`` (the
     probability-weighted average) and backward differentiates that average."""
 
     @staticmethod
-    def forward(ctx, input, kernel_size, stride, padding, dilation, ceil_mode, training,
-                seed):
+    def forward(ctx, input, rank, kernel_size, stride, padding, dilation, ceil_mode,
+                training, seed):
         device = _device_for([input])
+        ctx.rank = rank
         ctx.geometry = (kernel_size, stride, padding, dilation, ceil_mode)
         ctx.training = training
         ctx.device = device
         ctx.set_materialize_grads(False)
+        forward = _pool("stochastic", rank)
         if training:
-            y, indices = _fp.stochastic_pool2d(
-                _to_array(input), kernel_size, stride, padding, dilation, ceil_mode,
-                training=True, seed=seed, return_indices=True, device=device)
+            y, indices = forward(_to_array(input), kernel_size, stride, padding, dilation,
+                                 ceil_mode, training=True, seed=seed, return_indices=True,
+                                 device=device)
             y, indices = _to_tensor(y), _to_tensor(indices)
             ctx.mark_non_differentiable(indices)
             ctx.save_for_backward(input, indices)
             return y, indices
-        y = _fp.stochastic_pool2d(_to_array(input), kernel_size, stride, padding,
-                                  dilation, ceil_mode, training=False, seed=seed,
-                                  device=device)
+        y = forward(_to_array(input), kernel_size, stride, padding, dilation, ceil_mode,
+                    training=False, seed=seed, device=device)
         ctx.save_for_backward(input)
         return _to_tensor(y)
 
@@ -284,18 +315,18 @@ class _StochasticPool2dFunction(torch.autograd.Function):
     def backward(ctx, grad_output, *_grad_indices):
         saved = ctx.saved_tensors
         if grad_output is None:
-            return (None,) * 8
+            return (None,) * 9
+        backward = _pool("stochastic_backward", ctx.rank)
         if ctx.training:
             input, indices = saved
-            grad_input = _fp.stochastic_pool2d_backward(
-                _to_array(grad_output), _to_array(input), *ctx.geometry, training=True,
-                indices=_to_array(indices), device=ctx.device)
+            grad_input = backward(_to_array(grad_output), _to_array(input), *ctx.geometry,
+                                  training=True, indices=_to_array(indices),
+                                  device=ctx.device)
         else:
             (input,) = saved
-            grad_input = _fp.stochastic_pool2d_backward(
-                _to_array(grad_output), _to_array(input), *ctx.geometry, training=False,
-                device=ctx.device)
-        return (_to_tensor(grad_input),) + (None,) * 7
+            grad_input = backward(_to_array(grad_output), _to_array(input), *ctx.geometry,
+                                  training=False, device=ctx.device)
+        return (_to_tensor(grad_input),) + (None,) * 8
 
 
 # ----------------------------------------------------------------------------- functions
@@ -396,12 +427,8 @@ def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode
 
     Shape-section
     """
-    _check_tensor("input", input)
-    return_indices = _params.check_bool("return_indices", return_indices)
-    y, indices = _MaxPool2dFunction.apply(input, _size_arg(kernel_size),
-                                          _stride_arg(stride), _size_arg(padding),
-                                          _size_arg(dilation), ceil_mode)
-    return (y, indices) if return_indices else y
+    return _max_pool(2, input, kernel_size, stride, padding, dilation, ceil_mode,
+                     return_indices)
 
 
 @_pool_shape_doc(" Average pooling has ``d = 1``.")
@@ -440,10 +467,8 @@ def avg_pool2d(input, kernel_size, stride=None, padding=0, ceil_mode=False,
 
     Shape-section
     """
-    _check_tensor("input", input)
-    return _AvgPool2dFunction.apply(input, _size_arg(kernel_size), _stride_arg(stride),
-                                    _size_arg(padding), ceil_mode, count_include_pad,
-                                    divisor_override)
+    return _avg_pool(2, input, kernel_size, stride, padding, ceil_mode,
+                     count_include_pad, divisor_override)
 
 
 @_pool_shape_doc()
@@ -494,10 +519,34 @@ def stochastic_pool2d(input, kernel_size, stride=None, padding=0, dilation=1,
 
     Shape-section
     """
+    return _stochastic_pool(2, input, kernel_size, stride, padding, dilation, ceil_mode,
+                            return_indices, training, generator, seed)
+
+
+def _max_pool(rank, input, kernel_size, stride, padding, dilation, ceil_mode,
+              return_indices):
+    _check_tensor("input", input)
+    return_indices = _params.check_bool("return_indices", return_indices)
+    y, indices = _MaxPoolFunction.apply(input, rank, _size_arg(kernel_size, rank),
+                                        _stride_arg(stride, rank), _size_arg(padding, rank),
+                                        _size_arg(dilation, rank), ceil_mode)
+    return (y, indices) if return_indices else y
+
+
+def _avg_pool(rank, input, kernel_size, stride, padding, ceil_mode, count_include_pad,
+              divisor_override):
+    _check_tensor("input", input)
+    return _AvgPoolFunction.apply(input, rank, _size_arg(kernel_size, rank),
+                                  _stride_arg(stride, rank), _size_arg(padding, rank),
+                                  ceil_mode, count_include_pad, divisor_override)
+
+
+def _stochastic_pool(rank, input, kernel_size, stride, padding, dilation, ceil_mode,
+                     return_indices, training, generator, seed):
     _check_tensor("input", input)
     training = _params.check_bool("training", training)
     return_indices = _params.check_bool("return_indices", return_indices)
-    _params.check_seed(seed)  # checked in inference too, as fastpool.stochastic_pool2d does
+    _params.check_seed(seed)  # checked in inference too, as fastpool does
     if return_indices and not training:
         raise ValueError(
             "return_indices=True needs training=True: inference samples nothing")
@@ -505,13 +554,81 @@ def stochastic_pool2d(input, kernel_size, stride=None, padding=0, dilation=1,
         seed = 0  # inference draws nothing; do not advance the torch generator
     elif seed is None:
         seed = _draw_seed(generator)
-    outputs = _StochasticPool2dFunction.apply(
-        input, _size_arg(kernel_size), _stride_arg(stride), _size_arg(padding),
-        _size_arg(dilation), ceil_mode, training, seed)
+    outputs = _StochasticPoolFunction.apply(
+        input, rank, _size_arg(kernel_size, rank), _stride_arg(stride, rank),
+        _size_arg(padding, rank), _size_arg(dilation, rank), ceil_mode, training, seed)
     if not training:
         return outputs
     y, indices = outputs
     return (y, indices) if return_indices else y
+
+
+_NOTE_ND = """
+
+    Same arguments, semantics and autograd as the 2-D version (:func:`{name2}`), on
+    ``{shape}`` or unbatched inputs; indices are flat positions ``{flat}`` inside each
+    ``(n, c)`` volume. Channels-last inputs give channels-last results.
+    """
+
+
+def _nd(function, name2, shape, flat):
+    if function.__doc__ is not None and _docs.DOCSTRINGS:
+        function.__doc__ += _NOTE_ND.format(name2=name2, shape=shape, flat=flat)
+    return function
+
+
+@functools.partial(_nd, name2="max_pool2d", shape="(N, C, L)", flat="l")
+def max_pool1d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
+               return_indices=False):
+    """1-D max pooling, a drop-in for ``torch.nn.functional.max_pool1d``."""
+    return _max_pool(1, input, kernel_size, stride, padding, dilation, ceil_mode,
+                     return_indices)
+
+
+@functools.partial(_nd, name2="max_pool2d", shape="(N, C, D, H, W)",
+                   flat="(d * H + h) * W + w")
+def max_pool3d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
+               return_indices=False):
+    """3-D max pooling, a drop-in for ``torch.nn.functional.max_pool3d``."""
+    return _max_pool(3, input, kernel_size, stride, padding, dilation, ceil_mode,
+                     return_indices)
+
+
+@functools.partial(_nd, name2="avg_pool2d", shape="(N, C, L)", flat="l")
+def avg_pool1d(input, kernel_size, stride=None, padding=0, ceil_mode=False,
+               count_include_pad=True, divisor_override=None):
+    """1-D average pooling, a drop-in for ``torch.nn.functional.avg_pool1d`` (which
+    has no ``divisor_override``; this one does)."""
+    return _avg_pool(1, input, kernel_size, stride, padding, ceil_mode, count_include_pad,
+                     divisor_override)
+
+
+@functools.partial(_nd, name2="avg_pool2d", shape="(N, C, D, H, W)",
+                   flat="(d * H + h) * W + w")
+def avg_pool3d(input, kernel_size, stride=None, padding=0, ceil_mode=False,
+               count_include_pad=True, divisor_override=None):
+    """3-D average pooling, a drop-in for ``torch.nn.functional.avg_pool3d``."""
+    return _avg_pool(3, input, kernel_size, stride, padding, ceil_mode, count_include_pad,
+                     divisor_override)
+
+
+@functools.partial(_nd, name2="stochastic_pool2d", shape="(N, C, L)", flat="l")
+def stochastic_pool1d(input, kernel_size, stride=None, padding=0, dilation=1,
+                      ceil_mode=False, return_indices=False, *, training=True,
+                      generator=None, seed=None):
+    """1-D stochastic pooling with autograd (no PyTorch counterpart)."""
+    return _stochastic_pool(1, input, kernel_size, stride, padding, dilation, ceil_mode,
+                            return_indices, training, generator, seed)
+
+
+@functools.partial(_nd, name2="stochastic_pool2d", shape="(N, C, D, H, W)",
+                   flat="(d * H + h) * W + w")
+def stochastic_pool3d(input, kernel_size, stride=None, padding=0, dilation=1,
+                      ceil_mode=False, return_indices=False, *, training=True,
+                      generator=None, seed=None):
+    """3-D stochastic pooling with autograd (no PyTorch counterpart)."""
+    return _stochastic_pool(3, input, kernel_size, stride, padding, dilation, ceil_mode,
+                            return_indices, training, generator, seed)
 
 
 # ----------------------------------------------------------------------------- modules
@@ -551,7 +668,25 @@ class Conv2d(torch.nn.Conv2d):
                       self.groups)
 
 
-class MaxPool2d(torch.nn.MaxPool2d):
+class _MaxPoolNd:
+    """``forward`` of the ``MaxPool*d`` modules (mixed into torch's classes)."""
+
+    _rank = 2
+
+    def forward(self, input):
+        """Pool ``input``; returns ``(output, indices)`` when ``return_indices``."""
+        return _max_pool(self._rank, input, self.kernel_size, self.stride, self.padding,
+                         self.dilation, self.ceil_mode, self.return_indices)
+
+
+class MaxPool1d(_MaxPoolNd, torch.nn.MaxPool1d):
+    """``torch.nn.MaxPool1d`` whose forward runs :func:`max_pool1d` (fastpool kernels);
+    constructor, attributes and ``repr`` are PyTorch's."""
+
+    _rank = 1
+
+
+class MaxPool2d(_MaxPoolNd, torch.nn.MaxPool2d):
     """``torch.nn.MaxPool2d`` whose forward runs :func:`max_pool2d` (fastpool kernels).
 
     Parameters
@@ -564,14 +699,36 @@ class MaxPool2d(torch.nn.MaxPool2d):
     See :func:`max_pool2d`.
     """
 
+    _rank = 2
+
+
+class MaxPool3d(_MaxPoolNd, torch.nn.MaxPool3d):
+    """``torch.nn.MaxPool3d`` whose forward runs :func:`max_pool3d` (fastpool kernels);
+    constructor, attributes and ``repr`` are PyTorch's."""
+
+    _rank = 3
+
+
+class _AvgPoolNd:
+    """``forward`` of the ``AvgPool*d`` modules (mixed into torch's classes)."""
+
+    _rank = 2
+
     def forward(self, input):
-        """Pool ``input``; returns ``(output, indices)`` when ``return_indices``."""
-        return max_pool2d(input, self.kernel_size, self.stride, self.padding,
-                          self.dilation, ceil_mode=self.ceil_mode,
-                          return_indices=self.return_indices)
+        """Average-pool ``input``."""
+        return _avg_pool(self._rank, input, self.kernel_size, self.stride, self.padding,
+                         self.ceil_mode, self.count_include_pad,
+                         getattr(self, "divisor_override", None))
 
 
-class AvgPool2d(torch.nn.AvgPool2d):
+class AvgPool1d(_AvgPoolNd, torch.nn.AvgPool1d):
+    """``torch.nn.AvgPool1d`` whose forward runs :func:`avg_pool1d` (fastpool kernels);
+    constructor, attributes and ``repr`` are PyTorch's."""
+
+    _rank = 1
+
+
+class AvgPool2d(_AvgPoolNd, torch.nn.AvgPool2d):
     """``torch.nn.AvgPool2d`` whose forward runs :func:`avg_pool2d` (fastpool kernels).
 
     Parameters
@@ -585,10 +742,14 @@ class AvgPool2d(torch.nn.AvgPool2d):
     See :func:`avg_pool2d`.
     """
 
-    def forward(self, input):
-        """Average-pool ``input``."""
-        return avg_pool2d(input, self.kernel_size, self.stride, self.padding,
-                          self.ceil_mode, self.count_include_pad, self.divisor_override)
+    _rank = 2
+
+
+class AvgPool3d(_AvgPoolNd, torch.nn.AvgPool3d):
+    """``torch.nn.AvgPool3d`` whose forward runs :func:`avg_pool3d` (fastpool kernels);
+    constructor, attributes and ``repr`` are PyTorch's."""
+
+    _rank = 3
 
 
 class StochasticPool2d(torch.nn.Module):
@@ -598,19 +759,21 @@ class StochasticPool2d(torch.nn.Module):
     elements, sampled with probability proportional to its value; in eval mode
     (``module.eval()``) it outputs the probability-weighted average
     ``sum(a_i**2) / sum(a_i)``. Inputs must be non-negative (put it after a ReLU).
+    ``StochasticPool1d`` and ``StochasticPool3d`` are the same for 1 and 3 spatial axes.
 
     Parameters
     ----------
-    kernel_size : int or (int, int)
-    stride : int or (int, int), optional
+    kernel_size : int or tuple
+    stride : int or tuple, optional
         None (default) means ``kernel_size``.
-    padding : int or (int, int), default 0
+    padding : int or tuple, default 0
         At most half the effective kernel; padding cells are never chosen.
-    dilation : int or (int, int), default 1
+    dilation : int or tuple, default 1
     ceil_mode : bool, default False
     return_indices : bool, default False
-        In training mode also return the sampled indices (int64, flat ``h * W + w`` per
-        plane). In eval mode nothing is sampled and ``ValueError`` is raised.
+        In training mode also return the sampled indices (int64, flat positions per
+        ``(n, c)`` volume). In eval mode nothing is sampled and ``ValueError`` is
+        raised.
     generator : torch.Generator, optional
         Source of the per-call 64-bit seed; None means PyTorch's default CPU generator,
         so ``torch.manual_seed`` makes training reproducible.
@@ -619,6 +782,8 @@ class StochasticPool2d(torch.nn.Module):
     -----
     See :func:`stochastic_pool2d`.
     """
+
+    _rank = 2
 
     def __init__(self, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
                  return_indices=False, generator=None):
@@ -633,9 +798,9 @@ class StochasticPool2d(torch.nn.Module):
 
     def forward(self, input):
         """Sample (training) or weight (eval) each window of ``input``."""
-        return stochastic_pool2d(input, self.kernel_size, self.stride, self.padding,
-                                 self.dilation, self.ceil_mode, self.return_indices,
-                                 training=self.training, generator=self.generator)
+        return _stochastic_pool(self._rank, input, self.kernel_size, self.stride,
+                                self.padding, self.dilation, self.ceil_mode,
+                                self.return_indices, self.training, self.generator, None)
 
     def extra_repr(self):
         text = (f"kernel_size={self.kernel_size}, stride={self.stride}, "
@@ -644,3 +809,16 @@ class StochasticPool2d(torch.nn.Module):
         if self.return_indices:
             text += ", return_indices=True"
         return text
+
+
+class StochasticPool1d(StochasticPool2d):
+    """Stochastic pooling over ``(N, C, L)`` inputs; see :class:`StochasticPool2d`."""
+
+    _rank = 1
+
+
+class StochasticPool3d(StochasticPool2d):
+    """Stochastic pooling over ``(N, C, D, H, W)`` inputs; see
+    :class:`StochasticPool2d`."""
+
+    _rank = 3

@@ -63,14 +63,20 @@ class Opaque:
         return "Opaque()"
 
 
-def _int_hostiles(base):
-    """Invalid replacements for an int-or-pair geometry argument whose valid value is
+def _same_spellings(base, rank):
+    """Valid spellings of the int ``base`` for an argument of ``rank`` axes."""
+    return [np.int64(base), np.uint8(base), (np.int32(base),) + (base,) * (rank - 1),
+            [base] * rank]
+
+
+def _int_hostiles(base, rank):
+    """Invalid replacements for an int-or-tuple geometry argument whose valid value is
     ``base``, and a few valid spellings of ``base`` itself."""
     return [None, "2", 2.5, True, False, -1, 0, 2**31, 2**63, -2**63, 10**30,
-            np.float64(2.0), np.bool_(True), [], [base], [base, base, base],
-            ((base, base), (base, base)), (base, -1), (0, base), Opaque(),
-            np.array([base, base]), float("nan"), 1 + 2j, b"2",
-            np.int64(base), np.uint8(base), (np.int32(base), base), [base, base]]
+            np.float64(2.0), np.bool_(True), [], [base] * (rank + 1),
+            ((base, base), (base, base)), (base,) * (rank - 1) + (-1,),
+            (0,) + (base,) * (rank - 1), Opaque(), np.array([base] * rank),
+            float("nan"), 1 + 2j, b"2"] + _same_spellings(base, rank)
 
 
 BOOL_HOSTILES = [None, 0, 1, "True", 1.0, [], np.bool_(True), Opaque()]
@@ -171,6 +177,10 @@ OUT = (2, 3, 4, 3)
 GO = RNG.standard_normal(OUT).astype(np.float32)
 IDX = fastpool.max_pool2d(X, **POOL, return_indices=True)[1]
 PICKS = fastpool.stochastic_pool2d(X, **POOL, seed=9, return_indices=True)[1]
+X1 = RNG.random((2, 3, 9)).astype(np.float32) + np.float32(0.01)
+X3 = RNG.random((2, 3, 4, 5, 6)).astype(np.float32) + np.float32(0.01)
+GO3 = RNG.standard_normal((2, 3, 2, 3, 3)).astype(np.float32)
+IDX3 = fastpool.max_pool3d(X3, **POOL, return_indices=True)[1]
 XC = RNG.standard_normal((2, 4, 7, 6)).astype(np.float32)
 WC = RNG.standard_normal((6, 2, 3, 3)).astype(np.float32)
 BC = RNG.standard_normal(6).astype(np.float32)
@@ -185,6 +195,8 @@ class Call:
                  implied=None):
         self.implied = implied or {}  # arguments the function fixes (for the reference)
         self.name = name
+        base = kwargs.get("x", kwargs.get("input"))
+        self.rank = len(base.shape) - 2  # spatial axes
         self.function = function
         self.kwargs = kwargs
         self.kinds = kinds  # argument name -> "array", "indices", "int", "bool", ...
@@ -232,6 +244,18 @@ def _numpy_calls():
              dict(grad_output=GO, x=X, **POOL, training=False),
              _pool_kinds({"grad_output": "array", "training": "bool"}),
              "stochastic_backward"),
+        Call("max_pool3d", fastpool.max_pool3d, dict(x=X3, **POOL, return_indices=True),
+             _pool_kinds({"return_indices": "bool"}), "max"),
+        Call("max_pool3d_backward", fastpool.max_pool3d_backward,
+             dict(grad_output=GO3, x=X3, **POOL, indices=IDX3),
+             _pool_kinds({"grad_output": "array", "indices": "indices"}), "max_backward"),
+        Call("avg_pool1d", fastpool.avg_pool1d, dict(x=X1, **avg, count_include_pad=False),
+             dict(x="array", kernel_size="int", stride="int", padding="int",
+                  ceil_mode="bool", count_include_pad="bool", divisor_override="int",
+                  device="device"), "avg"),
+        Call("stochastic_pool3d inference", fastpool.stochastic_pool3d,
+             dict(x=X3, **POOL, training=False), _pool_kinds({"training": "bool"}),
+             "stochastic"),
         Call("conv2d", fastpool.conv2d, dict(x=XC, weight=WC, bias=BC, **CONV),
              dict(x="array", weight="array", bias="array", stride="int",
                   padding="conv_padding", dilation="int", groups="int",
@@ -242,6 +266,25 @@ def _numpy_calls():
                   padding="conv_padding", dilation="int", groups="int",
                   output_mask="mask", device="device"), "conv_backward"),
     ]
+
+
+MODULE = [None]
+
+
+def _module(cls, input, kwargs, eval=False):
+    """Build the module (PyTorch's constructor converts some arguments itself, e.g.
+    bytes to a tuple of ints), remember it for the reference, and call it."""
+    module = cls(**kwargs)
+    MODULE[0] = module
+    return (module.eval() if eval else module)(input)
+
+
+def _module_arguments(kw):
+    """The geometry the last module built really holds."""
+    module = MODULE[0]
+    names = ("kernel_size", "stride", "padding", "dilation", "ceil_mode",
+             "count_include_pad", "divisor_override")
+    return {**kw, **{n: getattr(module, n) for n in names if hasattr(module, n)}}
 
 
 def _torch_calls():
@@ -266,14 +309,20 @@ def _torch_calls():
              dict(input="array", weight="array", bias="array", stride="int",
                   padding="conv_padding", dilation="int", groups="int"), "conv",
              torch_api=True),
-        Call("torch MaxPool2d", lambda input, **kw: fpt.MaxPool2d(**kw)(input),
+        Call("torch max_pool3d", fpt.max_pool3d, dict(input=t(X3), **POOL),
+             dict(input="array", return_indices="bool", **pool), "max", torch_api=True),
+        Call("torch AvgPool1d", lambda input, **kw: _module(fpt.AvgPool1d, input, kw),
+             dict(input=t(X1), kernel_size=3, stride=2, padding=1),
+             dict(input="array", kernel_size="int", stride="int", padding="int"), "avg",
+             torch_api=True),
+        Call("torch MaxPool2d", lambda input, **kw: _module(fpt.MaxPool2d, input, kw),
              dict(input=t(X), **POOL), dict(input="array", **pool), "max", torch_api=True),
-        Call("torch AvgPool2d", lambda input, **kw: fpt.AvgPool2d(**kw)(input),
+        Call("torch AvgPool2d", lambda input, **kw: _module(fpt.AvgPool2d, input, kw),
              dict(input=t(X), kernel_size=3, stride=2, padding=1),
              dict(input="array", kernel_size="int", stride="int", padding="int"), "avg",
              torch_api=True),
         Call("torch StochasticPool2d",
-             lambda input, **kw: fpt.StochasticPool2d(**kw).eval()(input),
+             lambda input, **kw: _module(fpt.StochasticPool2d, input, kw, eval=True),
              dict(input=t(X), **POOL), dict(input="array", **pool), "stochastic",
              torch_api=True, implied={"training": False}),
     ]
@@ -294,8 +343,9 @@ def hostiles_for(call, name):
             items = [(label, _as_tensor(v)) for label, v in items]
         return items
     if kind == "indices":
-        return list(_index_hostiles(value, X.shape[2] * X.shape[3]).items())
-    pools = {"int": _int_hostiles(value if isinstance(value, int) else 2),
+        x = call.kwargs["x"]
+        return list(_index_hostiles(value, int(np.prod(x.shape[2:]))).items())
+    pools = {"int": _int_hostiles(value if isinstance(value, int) else 2, call.rank),
              "bool": BOOL_HOSTILES, "device": DEVICE_HOSTILES, "seed": SEED_HOSTILES,
              "mask": MASK_HOSTILES, "conv_padding": CONV_PADDING_HOSTILES}[kind]
     return [(repr(v), v) for v in pools]
@@ -363,15 +413,15 @@ def _modest(*arrays):
     return True
 
 
-def _torch_size(name, value):
+def _torch_size(name, value, rank):
     """A size argument as torch.nn.functional reads it: a one-element sequence means
-    both axes, an empty stride means the kernel size."""
+    every axis, an empty stride means the kernel size."""
     if isinstance(value, (list, tuple, np.ndarray)):
         value = tuple(value)
         if name == "stride" and not value:
             return None
         if len(value) == 1:
-            return value[0], value[0]
+            return (value[0],) * rank
     return value
 
 
@@ -380,7 +430,7 @@ def _expected(call, kw):
     be compared (non-finite inputs, a seed drawn from a Generator)."""
     x = _as_numpy(kw.get("x", kw.get("input")))
     x = np.asarray(x, dtype=np.float64)
-    batched = x.ndim == 4
+    batched = x.ndim == call.rank + 2
     x4 = x if batched else x[None]
 
     def unbatch(a):
@@ -388,7 +438,7 @@ def _expected(call, kw):
 
     geo = {k: kw[k] for k in ("kernel_size", "stride", "padding", "dilation", "ceil_mode")
            if k in kw}
-    geo = {k: _torch_size(k, v) if call.torch_api else
+    geo = {k: _torch_size(k, v, call.rank) if call.torch_api else
            (tuple(v) if isinstance(v, (list, np.ndarray)) else v) for k, v in geo.items()}
     if call.reference == "max":
         y, i = ref.max_pool2d(x4, **geo)
@@ -422,7 +472,7 @@ def _expected(call, kw):
                                                   x4.shape))
         return unbatch(ref.stochastic_pool2d_backward(go4, x4, **geo, training=False))
     conv = {k: kw[k] for k in ("stride", "padding", "dilation", "groups") if k in kw}
-    conv = {k: _torch_size(k, v) if call.torch_api else
+    conv = {k: _torch_size(k, v, call.rank) if call.torch_api else
             (tuple(v) if isinstance(v, (list, np.ndarray)) else v) for k, v in conv.items()}
     w = np.asarray(_as_numpy(kw["weight"]), dtype=np.float64)
     if call.reference == "conv":
@@ -498,6 +548,8 @@ def judge(call, replaced, kw):
     dtype = np.dtype(dtype).newbyteorder("=")
     if call.torch_api:
         result = tuple(result) if isinstance(result, tuple) else result
+    if call.name.startswith("torch ") and call.name[6].isupper():
+        kw = _module_arguments(kw)
     expected = _expected(call, {**call.implied, **kw}) if _modest(*inputs) else None
     if expected is None:
         _check_shapes(result, dtype)
@@ -532,9 +584,8 @@ def _same_value(call, name, label):
         return label in ("int32", "big-endian", "list")
     if kind == "int":
         base = call.kwargs.get(name)
-        return isinstance(base, int) and label in (
-            repr(np.int64(base)), repr(np.uint8(base)), repr([base, base]),
-            repr((np.int32(base), base)))
+        return isinstance(base, int) and label in [
+            repr(v) for v in _same_spellings(base, call.rank)]
     return False
 
 

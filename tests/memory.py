@@ -11,9 +11,10 @@ outputs (README, "Reliability"), read off the kernels' allocations:
 * pooling forwards: nothing beyond a flag per output row (stochastic);
 * max / stochastic-training backward: nothing (the scatter owns whole planes);
 * average backward: per thread, a ring of ``R`` spread rows of ``W`` plus one output row
-  (``R = (kH - 1) * dH // sH + 1``), in the input's dtype;
+  (``R = (kH - 1) * dH // sH + 1``), in the input's dtype; 3-D pooling with a depth
+  kernel or stride above 1 adds a ring of ``R_D`` planes of ``H x W``;
 * stochastic inference backward: per thread, two such rings, two input rows and two
-  output rows in float64;
+  output rows in float64 (3-D: two rings of planes and two planes more);
 * convolution: per thread, the largest of a 2 MiB band of gathered columns, one row of
   columns (``C_g * kH * kW * W``), one row of Winograd tiles (``16 * (C_g + O_g)`` per
   tile column) and, for the direct stride-1 kernels, two padded planes (of at most
@@ -61,17 +62,21 @@ def ring_rows(kernel, stride, dilation=1):
 
 def pool_scratch(op, threads, in_hw, out_hw, kernel, stride, dilation, itemsize, planes):
     """Bytes beyond the outputs that a pooling op may allocate (module docstring)."""
-    (H, W), (OH, OW) = in_hw, out_hw
+    (H, W), (OH, OW) = in_hw[-2:], out_hw[-2:]
     flags = planes * OH  # one bool per output row (stochastic forward)
     if op in ("max_forward", "max_backward", "avg_forward", "stochastic_train_backward"):
         return flags
     if op in ("stochastic_train_forward", "stochastic_infer_forward"):
         return flags
-    R = ring_rows(kernel[0], stride[0], dilation[0])
+    R = ring_rows(kernel[-2], stride[-2], dilation[-2])
+    # 3-D pooling with a depth kernel or stride above 1 also keeps a ring of planes.
+    depth = 0
+    if len(kernel) == 3 and (kernel[0] > 1 or stride[0] > 1):
+        depth = ring_rows(kernel[0], stride[0], dilation[0]) * H * W
     if op == "avg_backward":
-        return threads * itemsize * (R * W + OW)
+        return threads * itemsize * (R * W + OW + depth)
     if op == "stochastic_infer_backward":
-        return threads * 8 * (2 * R * W + 2 * W + 2 * OW) + planes
+        return threads * 8 * (2 * R * W + 2 * W + 2 * OW + 2 * depth + 2 * H * W) + planes
     raise ValueError(op)
 
 

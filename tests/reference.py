@@ -1,16 +1,23 @@
-"""Slow, obviously-correct reference implementations of fastpool's pooling ops.
+"""Slow, obviously-correct reference implementations of fastpool's ops.
 
 Written from the formulas in docs/design.md section 2 (never from the kernels), as plain
-Python loops over n, c, oh, ow and the window elements.  Inputs are NumPy arrays of
-shape (N, C, H, W); everything is computed in float64 and returned as float64
-(indices as int64, PyTorch's flat ``h * W + w`` convention inside each (n, c) plane).
+Python loops over n, c, the output positions and the window elements. Pooling inputs are
+NumPy arrays of shape (N, C, *spatial) with 1, 2 or 3 spatial axes; everything is
+computed in float64 and returned as float64 (indices as int64, PyTorch's convention:
+flat positions inside each (n, c) volume, ``(d * H + h) * W + w`` in 3-D).
 
 A window element lying in the padding is skipped (max: -inf, stochastic: weight 0).
 Should a (dilated) window contain no in-input element at all, max pooling outputs -inf
 with index -1 and stochastic pooling outputs 0 with index -1; backward ignores index -1.
+
+The per-window functions (``max_window``, ``avg_window``, ``stochastic_window``,
+``stochastic_window_grad``, ``windows_covering``) take a position tuple and a
+``Geometry``; the whole-array functions loop over them.
 """
 
+import itertools
 import math
+from typing import NamedTuple
 
 import numpy as np
 
@@ -20,12 +27,17 @@ GAMMA = 0x9E3779B97F4A7C15
 
 # ----------------------------------------------------------------------------- geometry
 
+def ntuple(v, rank):
+    """int or rank-sequence -> tuple of rank ints."""
+    if isinstance(v, (tuple, list)):
+        assert len(v) == rank, (v, rank)
+        return tuple(int(e) for e in v)
+    return (int(v),) * rank
+
+
 def pair(v):
     """int or (h, w) pair -> (int, int)."""
-    if isinstance(v, (tuple, list)):
-        h, w = v
-        return int(h), int(w)
-    return int(v), int(v)
+    return ntuple(v, 2)
 
 
 def pool_output_size(size, k, s, p, d, ceil_mode):
@@ -37,170 +49,174 @@ def pool_output_size(size, k, s, p, d, ceil_mode):
     return out
 
 
-def _geometry(x_shape, kernel_size, stride, padding, dilation, ceil_mode):
-    N, C, H, W = x_shape
-    kh, kw = pair(kernel_size)
-    sh, sw = pair(kernel_size if stride is None else stride)
-    ph, pw = pair(padding)
-    dh, dw = pair(dilation)
-    OH = pool_output_size(H, kh, sh, ph, dh, ceil_mode)
-    OW = pool_output_size(W, kw, sw, pw, dw, ceil_mode)
-    if OH < 1 or OW < 1:
-        raise ValueError(f"output size ({OH}, {OW}) < 1")
-    return N, C, H, W, OH, OW, (kh, kw, sh, sw, ph, pw, dh, dw)
+class Geometry(NamedTuple):
+    kernel: tuple
+    stride: tuple
+    padding: tuple
+    dilation: tuple
+    in_size: tuple
+    out_size: tuple
 
 
 def pool_geometry(x_shape, kernel_size, stride=None, padding=0, dilation=1,
                   ceil_mode=False):
-    """(OH, OW, g) of a pooling over ``x_shape`` (N, C, H, W); ``g`` is the tuple the
-    per-window functions take."""
-    *_, OH, OW, g = _geometry(x_shape, kernel_size, stride, padding, dilation, ceil_mode)
-    return OH, OW, g
+    """The ``Geometry`` of a pooling over ``x_shape`` (N, C, *spatial)."""
+    rank = len(x_shape) - 2
+    k = ntuple(kernel_size, rank)
+    s = k if stride is None else ntuple(stride, rank)
+    p = ntuple(padding, rank)
+    d = ntuple(dilation, rank)
+    size = tuple(int(n) for n in x_shape[2:])
+    out = tuple(pool_output_size(*a, ceil_mode) for a in zip(size, k, s, p, d))
+    if min(out) < 1:
+        raise ValueError(f"output size {out} < 1")
+    return Geometry(k, s, p, d, size, out)
 
 
-def windows_covering(h, w, OH, OW, g):
-    """The windows (oh, ow) that hold input element (h, w), in output order."""
-    kh, kw, sh, sw, ph, pw, dh, dw = g
-    # Window oh holds row h when oh * sh - ph + i * dh == h for a tap i < kh.
-    rows = sorted({(h + ph - i * dh) // sh for i in range(kh)
-                   if (h + ph - i * dh) % sh == 0 and 0 <= (h + ph - i * dh) // sh < OH})
-    cols = sorted({(w + pw - j * dw) // sw for j in range(kw)
-                   if (w + pw - j * dw) % sw == 0 and 0 <= (w + pw - j * dw) // sw < OW})
-    return [(oh, ow) for oh in rows for ow in cols]
+def flat_index(pos, size):
+    """Row-major flat position of ``pos`` in a volume of ``size``."""
+    index = 0
+    for q, n in zip(pos, size):
+        index = index * n + q
+    return index
 
 
-def _window(oh, ow, H, W, g):
-    """In-input elements (h, w) of window (oh, ow), in row-major (i then j) order."""
-    kh, kw, sh, sw, ph, pw, dh, dw = g
+def window(pos, g):
+    """In-input elements of the window at output position ``pos``, row-major."""
+    taps = itertools.product(*(range(k) for k in g.kernel))
     out = []
-    for i in range(kh):
-        h = oh * sh - ph + i * dh
-        for j in range(kw):
-            w = ow * sw - pw + j * dw
-            if 0 <= h < H and 0 <= w < W:
-                out.append((h, w))
+    for tap in taps:
+        q = tuple(o * s - p + t * d for o, s, p, t, d in
+                  zip(pos, g.stride, g.padding, tap, g.dilation))
+        if all(0 <= e < n for e, n in zip(q, g.in_size)):
+            out.append(q)
     return out
 
 
+def windows_covering(q, g):
+    """The output positions whose window holds input element ``q``, in output order."""
+    per_axis = []
+    for e, k, s, p, d, n in zip(q, g.kernel, g.stride, g.padding, g.dilation,
+                                g.out_size):
+        # Window o holds e when o * s - p + t * d == e for a tap t < k.
+        per_axis.append(sorted({(e + p - t * d) // s for t in range(k)
+                                if (e + p - t * d) % s == 0 and 0 <= (e + p - t * d) // s < n}))
+    return list(itertools.product(*per_axis))
+
+
+def positions(size):
+    return itertools.product(*(range(n) for n in size))
+
+
 def scatter_to_indices(grad_output, indices, input_shape):
-    """grad_input[n, c].flat[indices[n, c, oh, ow]] += grad_output[n, c, oh, ow]."""
+    """grad_input[n, c].flat[indices[n, c, ...]] += grad_output[n, c, ...]."""
     go = np.asarray(grad_output, dtype=np.float64)
     indices = np.asarray(indices)
     gi = np.zeros(input_shape, dtype=np.float64)
-    N, C, OH, OW = go.shape
-    W = input_shape[3]
+    N, C = go.shape[:2]
     for n in range(N):
         for c in range(C):
-            for oh in range(OH):
-                for ow in range(OW):
-                    idx = int(indices[n, c, oh, ow])
-                    if idx < 0:
-                        continue
-                    gi[n, c, idx // W, idx % W] += go[n, c, oh, ow]
+            flat = gi[n, c].reshape(-1)
+            for index, g in zip(indices[n, c].reshape(-1), go[n, c].reshape(-1)):
+                if index >= 0:
+                    flat[int(index)] += g
     return gi
 
 
 # ----------------------------------------------------------------------------- max
 
-def max_window(plane, oh, ow, g):
-    """(value, flat index) of window (oh, ow) of one (H, W) plane: the first maximum in
-    row-major order wins; the first NaN wins and propagates; (-inf, -1) if the window
-    holds no input element."""
-    H, W = plane.shape
+def max_window(volume, pos, g):
+    """(value, flat index) of the window at ``pos`` of one (n, c) volume: the first
+    maximum in row-major order wins; the first NaN wins and propagates; (-inf, -1) if
+    the window holds no input element."""
     best, best_idx = -math.inf, -1
-    for h, w in _window(oh, ow, H, W, g):
-        v = float(plane[h, w])
+    for q in window(pos, g):
+        v = float(volume[q])
         if math.isnan(v):
-            return v, h * W + w
+            return v, flat_index(q, g.in_size)
         if best_idx == -1 or v > best:
-            best, best_idx = v, h * W + w
+            best, best_idx = v, flat_index(q, g.in_size)
     return best, best_idx
 
 
-def max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False):
-    """-> (y, indices). First maximum (row-major) wins; first NaN wins and propagates."""
+def max_pool(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False):
+    """-> (y, indices), any spatial rank."""
     x = np.asarray(x, dtype=np.float64)
-    N, C, H, W, OH, OW, g = _geometry(x.shape, kernel_size, stride, padding, dilation, ceil_mode)
-    y = np.empty((N, C, OH, OW), dtype=np.float64)
-    ind = np.empty((N, C, OH, OW), dtype=np.int64)
+    g = pool_geometry(x.shape, kernel_size, stride, padding, dilation, ceil_mode)
+    N, C = x.shape[:2]
+    y = np.empty((N, C) + g.out_size, dtype=np.float64)
+    ind = np.empty((N, C) + g.out_size, dtype=np.int64)
     for n in range(N):
         for c in range(C):
-            for oh in range(OH):
-                for ow in range(OW):
-                    y[n, c, oh, ow], ind[n, c, oh, ow] = max_window(x[n, c], oh, ow, g)
+            for pos in positions(g.out_size):
+                y[(n, c) + pos], ind[(n, c) + pos] = max_window(x[n, c], pos, g)
     return y, ind
 
 
-def max_pool2d_backward(grad_output, x, kernel_size, stride=None, padding=0, dilation=1,
-                        ceil_mode=False):
+def max_pool_backward(grad_output, x, kernel_size, stride=None, padding=0, dilation=1,
+                      ceil_mode=False):
     """Each output's gradient goes to its argmax (accumulating over overlapping windows)."""
     x = np.asarray(x, dtype=np.float64)
-    _, ind = max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode)
+    _, ind = max_pool(x, kernel_size, stride, padding, dilation, ceil_mode)
     return scatter_to_indices(grad_output, ind, x.shape)
 
 
 # ----------------------------------------------------------------------------- average
 
-def avg_window(H, W, oh, ow, g, count_include_pad, divisor_override):
-    """(h0, h1, w0, w1, divisor) of window (oh, ow): ``[h0, h1) x [w0, w1)`` clipped to
-    the input; the divisor counts padding cells up to ``H + p`` when
+def avg_window(pos, g, count_include_pad, divisor_override):
+    """(lo, hi, divisor) of the window at ``pos``: per axis ``[lo, hi)`` clipped to the
+    input; the divisor counts padding cells up to ``size + p`` when
     ``count_include_pad`` (PyTorch's rule)."""
-    kh, kw, sh, sw, ph, pw, _, _ = g
-    h0 = oh * sh - ph
-    w0 = ow * sw - pw
-    h1 = min(h0 + kh, H + ph)
-    w1 = min(w0 + kw, W + pw)
-    pool_area = (h1 - h0) * (w1 - w0)
-    h0, w0 = max(h0, 0), max(w0, 0)
-    h1, w1 = min(h1, H), min(w1, W)
+    lo, hi, padded, inside = [], [], 1, 1
+    for o, k, s, p, n in zip(pos, g.kernel, g.stride, g.padding, g.in_size):
+        a = o * s - p
+        b = min(a + k, n + p)
+        padded *= b - a
+        lo.append(max(a, 0))
+        hi.append(min(b, n))
+        inside *= hi[-1] - lo[-1]
     if divisor_override is not None:
         div = divisor_override
     elif count_include_pad:
-        div = pool_area
+        div = padded
     else:
-        div = (h1 - h0) * (w1 - w0)
-    return h0, h1, w0, w1, float(div)
+        div = inside
+    return tuple(lo), tuple(hi), float(div)
 
 
-def _avg_windows(x_shape, kernel_size, stride, padding, ceil_mode, count_include_pad,
-                 divisor_override):
-    """Yield (n, c, oh, ow, h0, h1, w0, w1, divisor) with [h0, h1) x [w0, w1) clipped."""
-    N, C, H, W, OH, OW, g = _geometry(x_shape, kernel_size, stride, padding, 1, ceil_mode)
+def _box(lo, hi):
+    return tuple(slice(a, b) for a, b in zip(lo, hi))
+
+
+def avg_pool(x, kernel_size, stride=None, padding=0, ceil_mode=False,
+             count_include_pad=True, divisor_override=None):
+    x = np.asarray(x, dtype=np.float64)
+    g = pool_geometry(x.shape, kernel_size, stride, padding, 1, ceil_mode)
+    N, C = x.shape[:2]
+    y = np.empty((N, C) + g.out_size, dtype=np.float64)
     for n in range(N):
         for c in range(C):
-            for oh in range(OH):
-                for ow in range(OW):
-                    yield (n, c, oh, ow) + avg_window(H, W, oh, ow, g, count_include_pad,
-                                                      divisor_override)
-
-
-def avg_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False,
-               count_include_pad=True, divisor_override=None):
-    x = np.asarray(x, dtype=np.float64)
-    N, C, _, _, OH, OW, _ = _geometry(x.shape, kernel_size, stride, padding, 1, ceil_mode)
-    y = np.empty((N, C, OH, OW), dtype=np.float64)
-    for n, c, oh, ow, h0, h1, w0, w1, div in _avg_windows(
-            x.shape, kernel_size, stride, padding, ceil_mode, count_include_pad,
-            divisor_override):
-        s = 0.0
-        for h in range(h0, h1):
-            for w in range(w0, w1):
-                s += x[n, c, h, w]
-        y[n, c, oh, ow] = s / div
+            for pos in positions(g.out_size):
+                lo, hi, div = avg_window(pos, g, count_include_pad, divisor_override)
+                total = 0.0
+                for q in positions(tuple(b - a for a, b in zip(lo, hi))):
+                    total += x[(n, c) + tuple(a + e for a, e in zip(lo, q))]
+                y[(n, c) + pos] = total / div
     return y
 
 
-def avg_pool2d_backward(grad_output, x, kernel_size, stride=None, padding=0, ceil_mode=False,
-                        count_include_pad=True, divisor_override=None):
+def avg_pool_backward(grad_output, x, kernel_size, stride=None, padding=0, ceil_mode=False,
+                      count_include_pad=True, divisor_override=None):
     go = np.asarray(grad_output, dtype=np.float64)
     x = np.asarray(x, dtype=np.float64)
+    g = pool_geometry(x.shape, kernel_size, stride, padding, 1, ceil_mode)
     gi = np.zeros(x.shape, dtype=np.float64)
-    for n, c, oh, ow, h0, h1, w0, w1, div in _avg_windows(
-            x.shape, kernel_size, stride, padding, ceil_mode, count_include_pad,
-            divisor_override):
-        for h in range(h0, h1):
-            for w in range(w0, w1):
-                gi[n, c, h, w] += go[n, c, oh, ow] / div
+    N, C = x.shape[:2]
+    for n in range(N):
+        for c in range(C):
+            for pos in positions(g.out_size):
+                lo, hi, div = avg_window(pos, g, count_include_pad, divisor_override)
+                gi[(n, c) + _box(lo, hi)] += go[(n, c) + pos] / div
     return gi
 
 
@@ -220,11 +236,22 @@ def plane_key(seed, n, c):
     return mix64(((k ^ c) + GAMMA) & MASK)
 
 
-def stochastic_uniform(seed, n, c, oh, ow):
-    """Counter-based U[0, 1) draw keyed by (seed, n, c, oh, ow); oh, ow < 2**32."""
-    counter = ((oh << 32) | ow) & MASK
+def stochastic_uniform(seed, n, c, row, col):
+    """Counter-based U[0, 1) draw keyed by (seed, n, c, row, col); row, col < 2**32."""
+    counter = ((row << 32) | col) & MASK
     z = mix64((plane_key(seed, n, c) + counter * GAMMA) & MASK)
     return (z >> 11) * 2.0**-53
+
+
+def window_counter(pos, out_size):
+    """(row, col) of the counter of output position ``pos``: ``col`` is the position
+    along the last axis, ``row`` the flat position along the others (``oh`` in 2-D,
+    ``od * H_out + oh`` in 3-D, 0 in 1-D)."""
+    return flat_index(pos[:-1], out_size[:-1]), pos[-1]
+
+
+def stochastic_position_uniform(seed, n, c, pos, out_size):
+    return stochastic_uniform(seed, n, c, *window_counter(pos, out_size))
 
 
 def _check_stochastic_input(x):
@@ -234,13 +261,13 @@ def _check_stochastic_input(x):
         raise ValueError("stochastic pooling input must be >= 0")
 
 
-def stochastic_window(plane, oh, ow, g, u, training=True):
-    """(value, flat index) of window (oh, ow) of one plane for the draw ``u``; index -1
-    at inference (nothing is picked) and for a window without input elements."""
-    H, W = plane.shape
-    win = _window(oh, ow, H, W, g)
-    vals = [float(plane[h, w]) for h, w in win]
-    flat = [h * W + w for h, w in win]
+def stochastic_window(volume, pos, g, u, training=True):
+    """(value, flat index) of the window at ``pos`` of one volume for the draw ``u``;
+    index -1 at inference (nothing is picked) and for a window without input
+    elements."""
+    win = window(pos, g)
+    vals = [float(volume[q]) for q in win]
+    flat = [flat_index(q, g.in_size) for q in win]
     S = 0.0
     for a in vals:
         S += a
@@ -262,58 +289,64 @@ def stochastic_window(plane, oh, ow, g, u, training=True):
     return vals[t], flat[t]
 
 
-def stochastic_window_grad(plane, oh, ow, g):
-    """Inference backward of one window: [((h, w), d y / d a_hw)], with
+def stochastic_window_grad(volume, pos, g):
+    """Inference backward of one window: [(q, d y / d a_q)], with
     ``d y / d a_i = (2 a_i S1 - S2) / S1**2``; empty when ``S1 == 0``."""
-    H, W = plane.shape
-    win = _window(oh, ow, H, W, g)
+    win = window(pos, g)
     S1 = S2 = 0.0
-    for h, w in win:
-        a = float(plane[h, w])
+    for q in win:
+        a = float(volume[q])
         S1 += a
         S2 += a * a
     if S1 == 0:
         return []
-    return [((h, w), (2 * float(plane[h, w]) * S1 - S2) / S1**2) for h, w in win]
+    return [(q, (2 * float(volume[q]) * S1 - S2) / S1**2) for q in win]
 
 
-def stochastic_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, *,
-                      training=True, seed=0):
-    """-> (y, indices); indices is None when training=False."""
+def stochastic_pool(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
+                    *, training=True, seed=0):
+    """-> (y, indices); indices is None when training=False. Any spatial rank."""
     x = np.asarray(x, dtype=np.float64)
     _check_stochastic_input(x)
-    N, C, H, W, OH, OW, g = _geometry(x.shape, kernel_size, stride, padding, dilation, ceil_mode)
-    y = np.empty((N, C, OH, OW), dtype=np.float64)
-    ind = np.empty((N, C, OH, OW), dtype=np.int64) if training else None
+    g = pool_geometry(x.shape, kernel_size, stride, padding, dilation, ceil_mode)
+    N, C = x.shape[:2]
+    y = np.empty((N, C) + g.out_size, dtype=np.float64)
+    ind = np.empty((N, C) + g.out_size, dtype=np.int64) if training else None
     for n in range(N):
         for c in range(C):
-            for oh in range(OH):
-                for ow in range(OW):
-                    u = stochastic_uniform(seed, n, c, oh, ow) if training else 0.0
-                    value, index = stochastic_window(x[n, c], oh, ow, g, u, training)
-                    y[n, c, oh, ow] = value
-                    if training:
-                        ind[n, c, oh, ow] = index
+            for pos in positions(g.out_size):
+                u = (stochastic_position_uniform(seed, n, c, pos, g.out_size)
+                     if training else 0.0)
+                value, index = stochastic_window(x[n, c], pos, g, u, training)
+                y[(n, c) + pos] = value
+                if training:
+                    ind[(n, c) + pos] = index
     return y, ind
 
 
-def stochastic_pool2d_backward(grad_output, x, kernel_size, stride=None, padding=0, dilation=1,
-                               ceil_mode=False, *, training=True, indices=None):
+def stochastic_pool_backward(grad_output, x, kernel_size, stride=None, padding=0,
+                             dilation=1, ceil_mode=False, *, training=True, indices=None):
     x = np.asarray(x, dtype=np.float64)
     if training:
         if indices is None:
             raise ValueError("training backward needs the forward's indices")
         return scatter_to_indices(grad_output, indices, x.shape)
     go = np.asarray(grad_output, dtype=np.float64)
-    N, C, H, W, OH, OW, g = _geometry(x.shape, kernel_size, stride, padding, dilation, ceil_mode)
+    g = pool_geometry(x.shape, kernel_size, stride, padding, dilation, ceil_mode)
     gi = np.zeros(x.shape, dtype=np.float64)
+    N, C = x.shape[:2]
     for n in range(N):
         for c in range(C):
-            for oh in range(OH):
-                for ow in range(OW):
-                    for (h, w), d in stochastic_window_grad(x[n, c], oh, ow, g):
-                        gi[n, c, h, w] += go[n, c, oh, ow] * d
+            for pos in positions(g.out_size):
+                for q, d in stochastic_window_grad(x[n, c], pos, g):
+                    gi[(n, c) + q] += go[(n, c) + pos] * d
     return gi
+
+
+# The 2-D names the tests use; every function above takes any spatial rank.
+max_pool2d, max_pool2d_backward = max_pool, max_pool_backward
+avg_pool2d, avg_pool2d_backward = avg_pool, avg_pool_backward
+stochastic_pool2d, stochastic_pool2d_backward = stochastic_pool, stochastic_pool_backward
 
 
 # ----------------------------------------------------------------------------- conv

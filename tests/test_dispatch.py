@@ -480,12 +480,12 @@ _CACHE_SCRIPT = """
     import json
     import numpy as np
     import fastpool
-    from fastpool.cpu import pooling
+    from fastpool.cpu import pool_max
 
     x = np.arange(36, dtype=np.float64).reshape(1, 1, 6, 6)
     y = fastpool.max_pool2d(x, 3, stride=2)
     assert y.shape == (1, 1, 2, 2) and y[0, 0, 1, 1] == 28.0, y
-    kernel = pooling._max_forward_kernel(3, 3, 2, 2, 1, 1, False)
+    kernel = pool_max.max_forward(1, 3, 3, 1, 2, 2, 1, 1, 1, False)
     stats = kernel.stats
     print(json.dumps({"hits": sum(stats.cache_hits.values()),
                       "misses": sum(stats.cache_misses.values()),

@@ -100,14 +100,9 @@ class Checks:
             self.failures.append(f"{what}: got {float(got)!r}, want {want!r}")
 
 
-def _window_bound(plane, oh, ow, g):
-    H, W = plane.shape
-    return sum(abs(float(plane[h, w])) for h, w in ref._window(oh, ow, H, W, g)) or 1.0
-
-
 def _check_max_everywhere(x, y, idx, OW, g, checks):
     """Every index lies in its own window and points at its output's value."""
-    kh, kw, sh, sw, ph, pw, dh, dw = g
+    (kh, kw), (sh, sw), (ph, pw) = g.kernel, g.stride, g.padding
     W = x.shape[-1]
     flat = x.reshape(-1)
     rows = idx.shape[2]
@@ -136,7 +131,8 @@ def child():
     checks = Checks()
     rows = []
     H, W = SHAPE[2:]
-    OH, OW, g = ref.pool_geometry(SHAPE, **POOL)
+    g = ref.pool_geometry(SHAPE, **POOL)
+    OH, OW = g.out_size
     planes = 1
 
     def run(op, call, scratch):
@@ -179,8 +175,8 @@ def child():
         go, x, **POOL, training=False), pool_scratch("stochastic_infer_backward"))
     for h, w_ in inputs:
         want, bound = 0.0, 0.0
-        for oh, ow in ref.windows_covering(h, w_, OH, OW, g):
-            for (hh, ww), d in ref.stochastic_window_grad(plane, oh, ow, g):
+        for oh, ow in ref.windows_covering((h, w_), g):
+            for (hh, ww), d in ref.stochastic_window_grad(plane, (oh, ow), g):
                 if (hh, ww) == (h, w_):
                     want += float(go[0, 0, oh, ow]) * d
                     bound += abs(float(go[0, 0, oh, ow]) * d)
@@ -191,7 +187,7 @@ def child():
     y, idx = run("max_forward", lambda: fastpool.max_pool2d(x, **POOL, return_indices=True),
                  pool_scratch("max_forward"))
     for oh, ow in outputs:
-        value, index = ref.max_window(plane, oh, ow, g)
+        value, index = ref.max_window(plane, (oh, ow), g)
         checks.equal(f"max_pool2d[{oh}, {ow}]", float(y[0, 0, oh, ow]), value)
         checks.equal(f"max_pool2d index[{oh}, {ow}]", int(idx[0, 0, oh, ow]), index)
     _check_max_everywhere(x, y, idx, OW, g, checks)
@@ -200,7 +196,7 @@ def child():
     y = run("avg_forward", lambda: fastpool.avg_pool2d(x, **POOL),
             pool_scratch("avg_forward"))
     for oh, ow in outputs:
-        h0, h1, w0, w1, div = ref.avg_window(H, W, oh, ow, g, True, None)
+        (h0, w0), (h1, w1), div = ref.avg_window((oh, ow), g, True, None)
         block = plane[h0:h1, w0:w1].astype(np.float64)
         checks.close(f"avg_pool2d[{oh}, {ow}]", y[0, 0, oh, ow], block.sum() / div,
                      np.abs(block).sum() / div)
@@ -211,7 +207,7 @@ def child():
         x, **POOL, seed=seed, return_indices=True), pool_scratch("stochastic_train_forward"))
     for oh, ow in outputs:
         u = ref.stochastic_uniform(seed, 0, 0, oh, ow)
-        value, index = ref.stochastic_window(plane, oh, ow, g, u)
+        value, index = ref.stochastic_window(plane, (oh, ow), g, u)
         checks.equal(f"stochastic_pool2d[{oh}, {ow}]", float(y[0, 0, oh, ow]), value)
         checks.equal(f"stochastic_pool2d index[{oh}, {ow}]", int(picks[0, 0, oh, ow]), index)
     del y
@@ -219,7 +215,7 @@ def child():
     y = run("stochastic_infer_forward", lambda: fastpool.stochastic_pool2d(
         x, **POOL, training=False), pool_scratch("stochastic_infer_forward"))
     for oh, ow in outputs:
-        value, _ = ref.stochastic_window(plane, oh, ow, g, 0.0, training=False)
+        value, _ = ref.stochastic_window(plane, (oh, ow), g, 0.0, training=False)
         checks.close(f"stochastic_pool2d inference[{oh}, {ow}]", y[0, 0, oh, ow], value,
                      abs(value), rtol=1e-6)
     del y
@@ -302,7 +298,7 @@ def child():
                 go, shape_only, **POOL, indices=indices)), pool_scratch(name))
         for h, w_ in scattered_at(indices, outputs):
             terms = [float(go[0, 0, oh, ow])
-                     for oh, ow in ref.windows_covering(h, w_, OH, OW, g)
+                     for oh, ow in ref.windows_covering((h, w_), g)
                      if int(indices[0, 0, oh, ow]) == h * W + w_]
             checks.close(f"{name}[{h}, {w_}]", gi[0, 0, h, w_], sum(terms),
                          sum(abs(t) for t in terms) or 1.0, rtol=1e-6)
@@ -316,8 +312,8 @@ def child():
              pool_scratch("avg_backward"))
     for h, w_ in inputs:
         terms = []
-        for oh, ow in ref.windows_covering(h, w_, OH, OW, g):
-            *_, div = ref.avg_window(H, W, oh, ow, g, True, None)
+        for oh, ow in ref.windows_covering((h, w_), g):
+            *_, div = ref.avg_window((oh, ow), g, True, None)
             terms.append(float(go[0, 0, oh, ow]) / div)
         checks.close(f"avg_backward[{h}, {w_}]", gi[0, 0, h, w_], sum(terms),
                      sum(abs(t) for t in terms) or 1.0, rtol=1e-6)

@@ -66,9 +66,9 @@ dilated_ops = pytest.mark.parametrize("op", list(DILATED_OPS.values()),
                                       ids=list(DILATED_OPS))
 avg_ops = pytest.mark.parametrize("op", list(AVG_OPS.values()), ids=list(AVG_OPS))
 
-_LAUNCHERS = ("max_pool2d_forward", "max_pool2d_backward", "avg_pool2d_forward",
-              "avg_pool2d_backward", "stochastic_pool2d_forward",
-              "stochastic_pool2d_backward")
+_LAUNCHERS = ("max_pool_forward", "max_pool_backward", "avg_pool_forward",
+              "avg_pool_backward", "stochastic_pool_forward",
+              "stochastic_pool_backward")
 
 
 @pytest.fixture

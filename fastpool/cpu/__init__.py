@@ -10,20 +10,20 @@ from fastpool.cpu import pooling as _pooling
 
 conv2d_forward = serialised(_conv.conv2d_forward)
 conv2d_backward = serialised(_conv.conv2d_backward)
-max_pool2d_forward = serialised(_pooling.max_pool2d_forward)
-max_pool2d_backward = serialised(_pooling.max_pool2d_backward)
-avg_pool2d_forward = serialised(_pooling.avg_pool2d_forward)
-avg_pool2d_backward = serialised(_pooling.avg_pool2d_backward)
-stochastic_pool2d_forward = serialised(_pooling.stochastic_pool2d_forward)
-stochastic_pool2d_backward = serialised(_pooling.stochastic_pool2d_backward)
+max_pool_forward = serialised(_pooling.max_pool_forward)
+max_pool_backward = serialised(_pooling.max_pool_backward)
+avg_pool_forward = serialised(_pooling.avg_pool_forward)
+avg_pool_backward = serialised(_pooling.avg_pool_backward)
+stochastic_pool_forward = serialised(_pooling.stochastic_pool_forward)
+stochastic_pool_backward = serialised(_pooling.stochastic_pool_backward)
 
 __all__ = [
     "conv2d_backward",
     "conv2d_forward",
-    "avg_pool2d_backward",
-    "avg_pool2d_forward",
-    "max_pool2d_backward",
-    "max_pool2d_forward",
-    "stochastic_pool2d_backward",
-    "stochastic_pool2d_forward",
+    "avg_pool_backward",
+    "avg_pool_forward",
+    "max_pool_backward",
+    "max_pool_forward",
+    "stochastic_pool_backward",
+    "stochastic_pool_forward",
 ]

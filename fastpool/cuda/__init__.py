@@ -23,20 +23,20 @@ if _numba_config.ENABLE_CUDASIM:
 
 conv2d_forward = on_device(_conv.conv2d_forward)
 conv2d_backward = on_device(_conv.conv2d_backward)
-max_pool2d_forward = on_device(_pooling.max_pool2d_forward)
-max_pool2d_backward = on_device(_pooling.max_pool2d_backward)
-avg_pool2d_forward = on_device(_pooling.avg_pool2d_forward)
-avg_pool2d_backward = on_device(_pooling.avg_pool2d_backward)
-stochastic_pool2d_forward = on_device(_pooling.stochastic_pool2d_forward)
-stochastic_pool2d_backward = on_device(_pooling.stochastic_pool2d_backward)
+max_pool_forward = on_device(_pooling.max_pool_forward)
+max_pool_backward = on_device(_pooling.max_pool_backward)
+avg_pool_forward = on_device(_pooling.avg_pool_forward)
+avg_pool_backward = on_device(_pooling.avg_pool_backward)
+stochastic_pool_forward = on_device(_pooling.stochastic_pool_forward)
+stochastic_pool_backward = on_device(_pooling.stochastic_pool_backward)
 
 __all__ = [
     "conv2d_backward",
     "conv2d_forward",
-    "avg_pool2d_backward",
-    "avg_pool2d_forward",
-    "max_pool2d_backward",
-    "max_pool2d_forward",
-    "stochastic_pool2d_backward",
-    "stochastic_pool2d_forward",
+    "avg_pool_backward",
+    "avg_pool_forward",
+    "max_pool_backward",
+    "max_pool_forward",
+    "stochastic_pool_backward",
+    "stochastic_pool_forward",
 ]

@@ -89,6 +89,18 @@ def split_nchw(i, C, H, W):
     return rest // C, rest % C, h, w
 
 
+@cuda.jit(device=True, inline=True)
+def split_ncdhw(i, C, D, H, W):
+    """Element ``i`` of a C-ordered ``(N, C, D, H, W)`` array -> ``(n, c, d, h, w)``."""
+    w = i % W
+    rest = i // W
+    h = rest % H
+    rest = rest // H
+    d = rest % D
+    rest = rest // D
+    return rest // C, rest % C, d, h, w
+
+
 def error_flag():
     """A one-element int32 device array, 0; kernels store 1 in it on bad input (the same
     value from every thread that sees some, so the race is harmless)."""
@@ -123,11 +135,32 @@ def _copy_4d(source, target):
         i += grid_stride()
 
 
-_COPY_KERNELS = {3: _copy_3d, 4: _copy_4d}
+@cuda.jit
+def _copy_2d(source, target):
+    _, W = source.shape
+    total = np.int64(source.shape[0]) * W
+    i = grid_start()
+    while i < total:
+        target[i // W, i % W] = source[i // W, i % W]
+        i += grid_stride()
+
+
+@cuda.jit
+def _copy_5d(source, target):
+    _, C, D, H, W = source.shape
+    total = np.int64(source.shape[0]) * C * D * H * W
+    i = grid_start()
+    while i < total:
+        n, c, d, h, w = split_ncdhw(i, C, D, H, W)
+        target[n, c, d, h, w] = source[n, c, d, h, w]
+        i += grid_stride()
+
+
+_COPY_KERNELS = {2: _copy_2d, 3: _copy_3d, 4: _copy_4d, 5: _copy_5d}
 
 
 def contiguous(array):
-    """A 3-D or 4-D device array itself when C-contiguous, else a C-contiguous copy
+    """A 2-D to 5-D device array itself when C-contiguous, else a C-contiguous copy
     made on the device."""
     if array.is_c_contiguous():
         return array

@@ -1,0 +1,159 @@
+"""One window geometry for every op: any spatial rank (1, 2, 3), either memory format.
+
+``Window`` holds what a kernel needs about where windows sit: per spatial axis the
+input and output sizes, kernel, stride, padding before and after, dilation; the batch,
+the channels, whether the call was batched, and the memory format. Every op (pooling
+and convolution, forward and backward) and both devices read it, and the output-size
+rule is written once (``output_size``). Kernels see every rank as three spatial axes:
+``volume3`` and friends pad the leading axes with a neutral one (size 1, kernel 1,
+stride 1, no padding), which compile-time constants fold away, so a 1-D or 2-D op runs
+the 3-D kernel with no cost and no copy of its code.
+
+Memory format follows the input's strides, as PyTorch's does (``memory_format``): an
+input whose strides are those of a channels-last buffer (NLC / NHWC / NDHWC viewed as
+``(N, C, *spatial)``) is computed in that layout and its results come back in it.
+"""
+
+from __future__ import annotations
+
+CHANNELS_FIRST = "channels_first"
+CHANNELS_LAST = "channels_last"
+RANK_NAMES = {1: ("L",), 2: ("H", "W"), 3: ("D", "H", "W")}
+
+
+def output_size(size, kernel, stride, pad_lo, pad_hi, dilation, ceil_mode=False):
+    """Output length along one axis (PyTorch's rule, docs/design.md section 2).
+
+    ``out = floor((size + pad_lo + pad_hi - ek + (stride - 1 if ceil_mode else 0))
+    / stride) + 1`` with the effective kernel ``ek = dilation * (kernel - 1) + 1``; in
+    ``ceil_mode`` the last window must start inside the input or the leading padding,
+    else it is dropped.
+    """
+    effective = dilation * (kernel - 1) + 1
+    out = (size + pad_lo + pad_hi - effective + (stride - 1 if ceil_mode else 0)) // stride + 1
+    if ceil_mode and (out - 1) * stride >= size + pad_lo:
+        out -= 1
+    return out
+
+
+def memory_format(shape, strides, itemsize):
+    """``CHANNELS_LAST`` when an ``(N, C, *spatial)`` array's strides are those of a
+    C-contiguous ``(N, *spatial, C)`` buffer, else ``CHANNELS_FIRST`` (also for a
+    C-contiguous array, and where both readings fit, as PyTorch decides: a single
+    channel or a single spatial element is channels-first).
+
+    ``shape`` and ``strides`` include the batch axis; byte strides.
+    """
+    n, c, *spatial = shape
+    if c == 1 or all(s == 1 for s in spatial):
+        return CHANNELS_FIRST
+    expected = itemsize
+    # Channels vary fastest, then the spatial axes from last to first, then the batch.
+    order = [1] + list(range(len(shape) - 1, 1, -1)) + [0]
+    for axis in order:
+        if shape[axis] != 1 and strides[axis] != expected:
+            return CHANNELS_FIRST
+        expected *= shape[axis]
+    return CHANNELS_LAST
+
+
+class Window:
+    """Where the windows of one op sit. Tuples have one entry per spatial axis, in the
+    user's order (``D, H, W`` / ``H, W`` / ``L``). Treat it as immutable; the
+    three-axis views the kernels read (``in3``, ``kernel3``, ...) are made once here,
+    since a call reads them several times."""
+
+    __slots__ = ("rank", "batch", "channels", "out_channels", "batched", "layout",
+                 "in_size", "out_size", "kernel", "stride", "pad_lo", "pad_hi",
+                 "dilation", "ceil_mode", "groups", "in3", "out3", "kernel3", "stride3",
+                 "dilation3", "pad_lo3", "pad_hi3", "constants")
+
+    def __init__(self, *, rank, batch, channels, out_channels, batched, layout, in_size,
+                 out_size, kernel, stride, pad_lo, pad_hi, dilation, ceil_mode=False,
+                 groups=1):
+        self.rank = rank
+        self.batch = batch
+        self.channels = channels
+        self.out_channels = out_channels
+        self.batched = batched
+        self.layout = layout
+        self.in_size = in_size
+        self.out_size = out_size
+        self.kernel = kernel
+        self.stride = stride
+        self.pad_lo = pad_lo
+        self.pad_hi = pad_hi
+        self.dilation = dilation
+        self.ceil_mode = ceil_mode
+        self.groups = groups
+        lead = 3 - rank
+        self.in3 = (1,) * lead + in_size
+        self.out3 = (1,) * lead + out_size
+        self.kernel3 = (1,) * lead + kernel
+        self.stride3 = (1,) * lead + stride
+        self.dilation3 = (1,) * lead + dilation
+        self.pad_lo3 = (0,) * lead + pad_lo
+        self.pad_hi3 = (0,) * lead + pad_hi
+        # What pooling kernels are specialised on: kernel, stride and dilation of the
+        # three axes (compile-time constants, so the loops unroll and vectorise).
+        self.constants = self.kernel3 + self.stride3 + self.dilation3
+
+    def __repr__(self):
+        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__[:15])
+        return f"Window({fields})"
+
+    # ------------------------------------------------------------------ shapes
+
+    def _shape(self, channels, spatial):
+        shape = (channels,) + tuple(spatial)
+        return (self.batch,) + shape if self.batched else shape
+
+    @property
+    def input_shape(self):
+        """The input's shape as the user passed it: ``(N, C, *spatial)`` or
+        unbatched ``(C, *spatial)``."""
+        return self._shape(self.channels, self.in_size)
+
+    @property
+    def output_shape(self):
+        return self._shape(self.out_channels, self.out_size)
+
+    @property
+    def planes(self):
+        return self.batch * self.channels
+
+    # ------------------------------------------------------------------ kernels
+
+    def volume_shape(self, spatial3, channels=None):
+        """Shape of a 5-D kernel view: ``(N, C, D, H, W)`` channels-first,
+        ``(N, D, H, W, C)`` channels-last."""
+        c = self.channels if channels is None else channels
+        if self.layout == CHANNELS_LAST:
+            return (self.batch,) + tuple(spatial3) + (c,)
+        return (self.batch, c) + tuple(spatial3)
+
+    @property
+    def in_volume(self):
+        return self.volume_shape(self.in3)
+
+    @property
+    def out_volume(self):
+        return self.volume_shape(self.out3, self.out_channels)
+
+    def axis_names(self):
+        return RANK_NAMES[self.rank]
+
+    # The last two spatial axes under 2-D names, for kernels that are still 2-D (the
+    # GPU pooling kernels see a 1-D op as 2-D with H = 1).
+    in_h = property(lambda self: self.in3[1])
+    in_w = property(lambda self: self.in3[2])
+    out_h = property(lambda self: self.out3[1])
+    out_w = property(lambda self: self.out3[2])
+    kernel_h = property(lambda self: self.kernel3[1])
+    kernel_w = property(lambda self: self.kernel3[2])
+    stride_h = property(lambda self: self.stride3[1])
+    stride_w = property(lambda self: self.stride3[2])
+    pad_h = property(lambda self: self.pad_lo3[1])
+    pad_w = property(lambda self: self.pad_lo3[2])
+    dilation_h = property(lambda self: self.dilation3[1])
+    dilation_w = property(lambda self: self.dilation3[2])

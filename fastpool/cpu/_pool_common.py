@@ -1,0 +1,157 @@
+"""What the CPU pooling kernels share: compile options, the max ordering, row splitting,
+and the separable box-spreading of the average and stochastic-inference backwards.
+
+Channels-first kernels see every input as ``(planes, D, H, W)`` (``planes = N * C``;
+1-D and 2-D ops have ``D = 1``, and ``H = 1`` for 1-D, with kernel, stride and dilation
+1 on those axes as compile-time constants, so the extra loops fold away). Forward
+kernels parallelise over output rows ``(plane, od, oh)``; the last axis is the inner,
+vectorised loop.
+
+Indexing uses ``uint64`` casts on offsets already known to be in range: Numba adds a
+negative-index wraparound select to every signed index, which blocks vectorisation.
+
+Helpers are module-level (not closures) so that the kernels inlining them stay
+cacheable on disk; callers pass their compile-time constants, which inlining folds in.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+JIT = dict(parallel=True, cache=True, boundscheck=False, error_model="numpy", nogil=True)
+U = np.uint64
+INF = np.inf
+JUST_BELOW_ONE = 1.0 - 2.0**-53
+
+
+@njit(inline="always")
+def replaces(value, best):
+    """Max-pool ordering: larger wins; the first NaN wins and then sticks."""
+    return (value > best) | ((value != value) & (best == best))
+
+
+@njit(inline="always")
+def output_row(row, OD, OH, D, H, W, pd, ph, KD, KH, SD, SH, DD, DH):
+    """For flat output row ``row = (p * OD + od) * OH + oh``: the plane ``p``, ``od``,
+    ``oh``, the window's first input depth ``d0`` and row ``h0``, the plane's offset,
+    and whether every window tap along D and H lies inside the input."""
+    if OD == 1:  # 1-D and 2-D: one division per row, as a 2-D kernel would do
+        p = row // OH
+        od = 0
+        oh = row - p * OH
+    else:
+        p = row // (OD * OH)
+        r = row - p * (OD * OH)
+        od = r // OH
+        oh = r - od * OH
+    d0 = od * SD - pd
+    h0 = oh * SH - ph
+    inside = (d0 >= 0 and d0 + (KD - 1) * DD < D and h0 >= 0 and h0 + (KH - 1) * DH < H)
+    return p, od, oh, d0, h0, p * D * H * W, inside
+
+
+def interior_columns(window):
+    """Output columns ``[lo, hi)`` whose window lies wholly inside the last axis."""
+    W, OW = window.in3[2], window.out3[2]
+    K, S, P, Dl = window.kernel3[2], window.stride3[2], window.pad_lo3[2], window.dilation3[2]
+    lo = min((P + S - 1) // S, OW)
+    hi = min((W - 1 - (K - 1) * Dl + P) // S + 1, OW)
+    return lo, max(hi, lo)
+
+
+@njit(inline="always")
+def worker_planes(worker, workers, planes):
+    """Planes ``[lo, hi)`` of one worker: backward kernels give each of ``workers``
+    threads a fixed run of whole planes and its own scratch, allocated once per
+    thread rather than once per plane (which dominated small planes)."""
+    return worker * planes // workers, (worker + 1) * planes // workers
+
+
+def ring_rows(K, S, Dl):
+    """Spread rows (or planes) a backward kernel keeps at once: the most output
+    positions whose windows cover one input position along an axis. Positions are
+    visited in order and each spread row is made just before the first input row that
+    needs it, so ``R`` rows are the whole per-thread scratch, however tall the plane."""
+    return (K - 1) * Dl // S + 1
+
+
+# ----------------------------------------------------------------------------- spreading
+
+def _spread_along_w_py(srow, share, zero, pw, KW, SW, DW):
+    """Write ``srow[w] = sum of share[ow]`` over the taps ``(ow, j)`` of every window
+    with ``ow*SW - pw + j*DW == w`` (0 where none), each cell written once.
+
+    Gather form, one residue class ``r = (w + pw) % SW`` at a time: the taps landing on
+    that class are the ``j`` with ``j*DW % SW == r``, each reading ``share`` at a fixed
+    offset ``q - c_j`` for ``w = q*SW + r - pw``. The sum runs over ``j`` in order, so
+    it is deterministic; interior ``q`` need no bounds checks and vectorise.
+    """
+    W = srow.shape[0]
+    OW = share.shape[0]
+    for r in range(SW):
+        q_lo = -((r - pw) // SW)  # ceil((pw - r) / SW): first q with w >= 0
+        q_hi = (W - 1 + pw - r) // SW + 1
+        if q_lo >= q_hi:
+            continue
+        c_min = OW + W  # offsets c_j = (j*DW - r) // SW of this class's taps
+        c_max = -1
+        for j in range(KW):
+            if (j * DW) % SW == r:
+                c = (j * DW - r) // SW
+                c_min = min(c_min, c)
+                c_max = max(c_max, c)
+        if c_max < 0:  # no tap lands on this class
+            for q in range(q_lo, q_hi):
+                srow[U(q * SW + r - pw)] = 0
+            continue
+        inner_lo = min(max(q_lo, c_max), q_hi)
+        inner_hi = max(min(q_hi, OW + c_min), inner_lo)
+        for q in range(inner_lo, inner_hi):
+            acc = zero
+            for j in range(KW):
+                if (j * DW) % SW == r:
+                    acc += share[U(q - (j * DW - r) // SW)]
+            srow[U(q * SW + r - pw)] = acc
+        for q in range(q_lo, q_hi):
+            if inner_lo <= q < inner_hi:
+                continue
+            acc = zero
+            for j in range(KW):
+                if (j * DW) % SW == r:
+                    o = q - (j * DW - r) // SW
+                    if 0 <= o < OW:
+                        acc += share[U(o)]
+            srow[U(q * SW + r - pw)] = acc
+
+
+def _gather_rows_py(dst, ring, OH, h, ph, KH, SH, DH):
+    """``dst = sum of spread row oh`` over the output positions ``oh < OH`` whose window
+    covers input position ``h`` (in tap order, so the result is deterministic); zeros
+    if none does. Spread row ``oh`` lives in ``ring[oh % R]`` (``R = ring.shape[0]``);
+    a row may be a flattened plane (the depth gather of 3-D pooling)."""
+    R = ring.shape[0]
+    empty = True
+    for i in range(KH):
+        t = h + ph - i * DH
+        if t < 0 or t % SH != 0 or t // SH >= OH:
+            continue
+        src = ring[(t // SH) % R]
+        if empty:
+            for w in range(dst.shape[0]):
+                dst[w] = src[w]
+            empty = False
+        else:
+            for w in range(dst.shape[0]):
+                dst[w] += src[w]
+    if empty:
+        dst[:] = 0
+
+
+
+# Inlined where speed matters (the constants fold in); called, and so compiled once for
+# all geometries, where compile time matters more (stochastic inference backward).
+spread_along_w = njit(inline="always")(_spread_along_w_py)
+gather_rows = njit(inline="always")(_gather_rows_py)
+spread_along_w_called = njit(cache=True)(_spread_along_w_py)
+gather_rows_called = njit(cache=True)(_gather_rows_py)

@@ -1,0 +1,159 @@
+"""Average pooling on the CPU, channels-first, forward and backward.
+
+Sums and divisions run in the input's dtype, row-major over the window, as PyTorch
+does. The divisor of window ``[x0, x1)`` per axis (``x0 = o*s - p``,
+``x1 = min(x0 + k, X + p)``) is ``divisor_override``, else the product of the
+``x1 - x0`` (``count_include_pad``), else of the extents clipped to the input.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+from numba import njit, prange
+
+from fastpool.cpu._pool_common import (
+    JIT,
+    U,
+    gather_rows,
+    output_row,
+    ring_rows,
+    spread_along_w,
+    worker_planes,
+)
+
+
+@functools.lru_cache(maxsize=None)
+def avg_forward(KD, KH, KW, SD, SH, SW):
+    """``kernel(x, out, pd, ph, pw, count_include_pad, divisor_override, ow_lo, ow_hi,
+    zero, interior_divisor)`` on ``(planes, D, H, W)`` views."""
+
+    @njit(**JIT)
+    def kernel(x, out, pd, ph, pw, count_include_pad, divisor_override, ow_lo, ow_hi,
+               zero, interior_divisor):
+        planes, D, H, W = x.shape
+        OD, OH, OW = out.shape[1], out.shape[2], out.shape[3]
+        HW = H * W
+        xf = x.reshape(-1)
+        of = out.reshape(-1)
+        for row in prange(planes * OD * OH):
+            _, _, _, d0, h0, base, inside = output_row(row, OD, OH, D, H, W, pd, ph,
+                                                       KD, KH, SD, SH, 1, 1)
+            orow = row * OW
+            if inside:
+                for ow in range(ow_lo, ow_hi):
+                    k0 = d0 * HW + h0 * W + ow * SW - pw
+                    total = zero
+                    for a in range(KD):
+                        for i in range(KH):
+                            for j in range(KW):
+                                total += xf[U(base + k0 + a * HW + i * W + j)]
+                    of[U(orow + ow)] = total / interior_divisor
+            d1 = min(d0 + KD, D + pd)
+            ds, de = max(d0, 0), min(d1, D)
+            h1 = min(h0 + KH, H + ph)
+            hs, he = max(h0, 0), min(h1, H)
+            for ow in range(OW):
+                if inside and ow_lo <= ow < ow_hi:
+                    continue
+                w0 = ow * SW - pw
+                w1 = min(w0 + KW, W + pw)
+                ws, we = max(w0, 0), min(w1, W)
+                total = zero
+                for d in range(ds, de):
+                    for h in range(hs, he):
+                        for w in range(ws, we):
+                            total += xf[base + d * HW + h * W + w]
+                if divisor_override != 0:
+                    divisor = divisor_override
+                elif count_include_pad:
+                    divisor = (d1 - d0) * (h1 - h0) * (w1 - w0)
+                else:
+                    divisor = (de - ds) * (he - hs) * (we - ws)
+                of[orow + ow] = total / divisor
+
+    return kernel
+
+
+@njit(inline="always")
+def _rows_into(target, go, rows, share, depth_padded, depth_in, H, W, OH, OW, ph, pw,
+               count_include_pad, divisor_override, zero, KH, KW, SH, SW, RH):
+    """The (H, W) plane of one output depth: ``target[h]`` = the spread rows covering
+    input row ``h``, in tap order; ``depth_padded`` and ``depth_in`` are the depth
+    factors of the divisors (1 in 1-D and 2-D)."""
+    next_oh = 0
+    for h in range(H):
+        while next_oh <= min((h + ph) // SH, OH - 1):
+            oh = next_oh
+            h0 = oh * SH - ph
+            h1 = min(h0 + KH, H + ph)
+            rows_in = min(h1, H) - max(h0, 0)
+            for ow in range(OW):
+                w0 = ow * SW - pw
+                w1 = min(w0 + KW, W + pw)
+                if divisor_override != 0:
+                    divisor = divisor_override
+                elif count_include_pad:
+                    divisor = depth_padded * (h1 - h0) * (w1 - w0)
+                else:
+                    divisor = depth_in * rows_in * (min(w1, W) - max(w0, 0))
+                share[ow] = go[oh, ow] / divisor
+            spread_along_w(rows[oh % RH], share, zero, pw, KW, SW, 1)
+            next_oh += 1
+        gather_rows(target[h], rows, OH, h, ph, KH, SH, 1)
+
+
+@functools.lru_cache(maxsize=None)
+def avg_backward(KD, KH, KW, SD, SH, SW):
+    """``kernel(grad_output, grad_input, pd, ph, pw, count_include_pad,
+    divisor_override, zero, workers)``.
+
+    Separable gather, so every ``grad_input`` element is written once with
+    vector-friendly row additions: each window's share ``g / divisor`` is spread along
+    W into one row per ``(od, oh)``; each input row ``h`` adds the rows covering it (in
+    tap order) into the plane of ``od``; each input depth ``d`` adds the planes
+    covering it (in tap order). Spread rows and planes are made as the input reaches
+    them and kept in rings of ``RH`` rows and ``RD`` planes per thread (allocated once
+    per thread: ``worker_planes``). With a depth
+    kernel and stride of 1 (every 1-D and 2-D pooling) the plane of ``od`` is the
+    input plane ``d = od`` itself, written in place.
+    """
+    RH = ring_rows(KH, SH, 1)
+    RD = ring_rows(KD, SD, 1)
+    DIRECT = KD == 1 and SD == 1
+
+    @njit(**JIT)
+    def kernel(grad_output, grad_input, pd, ph, pw, count_include_pad, divisor_override,
+               zero, workers):
+        planes, D, H, W = grad_input.shape
+        OD, OH, OW = grad_output.shape[1], grad_output.shape[2], grad_output.shape[3]
+        for worker in prange(workers):
+            share = np.empty(OW, dtype=grad_input.dtype)
+            rows = np.empty((RH, W), dtype=grad_input.dtype)
+            depth = np.empty((1, 1, 1) if DIRECT else (RD, H, W), dtype=grad_input.dtype)
+            first, last = worker_planes(worker, workers, planes)
+            for p in range(first, last):
+                go = grad_output[p]
+                gi = grad_input[p]
+                if DIRECT:  # 1-D and 2-D: each input depth slice is its output slice
+                    for d in range(D):
+                        _rows_into(gi[d], go[d], rows, share, 1, 1, H, W, OH, OW, ph,
+                                   pw, count_include_pad, divisor_override, zero, KH, KW,
+                                   SH, SW, RH)
+                else:
+                    next_od = 0
+                    for d in range(D):
+                        while next_od <= min((d + pd) // SD, OD - 1):
+                            od = next_od
+                            d0 = od * SD - pd
+                            d1 = min(d0 + KD, D + pd)
+                            _rows_into(depth[od % RD], go[od], rows, share, d1 - d0,
+                                       min(d1, D) - max(d0, 0), H, W, OH, OW, ph, pw,
+                                       count_include_pad, divisor_override, zero, KH, KW,
+                                       SH, SW, RH)
+                            next_od += 1
+                        gather_rows(gi[d].reshape(-1), depth.reshape(RD, H * W), OD, d,
+                                    pd, KD, SD, 1)
+
+    return kernel

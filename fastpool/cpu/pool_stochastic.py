@@ -1,0 +1,311 @@
+"""Stochastic pooling on the CPU, channels-first: training forward, inference forward
+and backward (training backward is ``pool_max.scatter_to_indices``).
+
+Window elements are visited in row-major order (depth, then row, then column); sums,
+the threshold and the running sum are float64 in that order, so the choice made for a
+window is exactly reproducible and matches the GPU kernel's. Window ``(n, c, od, oh,
+ow)`` draws ``u`` from ``fastpool._rng`` keyed by ``(seed, n, c)`` and the counter
+``(od * OH + oh, ow)``, so 2-D picks are those of ``(oh, ow)``. Kernels flag invalid
+input (negative, NaN, infinite, or a sum that overflows) per output row; the launchers
+turn a flag into ``ValueError``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+from numba import njit, prange
+
+from fastpool import _rng
+from fastpool.cpu._pool_common import (
+    INF,
+    JIT,
+    JUST_BELOW_ONE,
+    U,
+    gather_rows_called,
+    output_row,
+    ring_rows,
+    spread_along_w_called,
+    worker_planes,
+)
+
+
+@njit(inline="always")
+def tap(e, d0, h0, w0, D, H, W, KH, KW, DD, DH, DW):
+    """Flat in-plane offset of window element ``e`` (row-major), or -1 if padding."""
+    a = e // (KH * KW)
+    r = e - a * (KH * KW)
+    i = r // KW
+    d = d0 + a * DD
+    h = h0 + i * DH
+    w = w0 + (r - i * KW) * DW
+    if d < 0 or d >= D or h < 0 or h >= H or w < 0 or w >= W:
+        return -1
+    return (d * H + h) * W + w
+
+
+@njit(inline="always")
+def window_sums(xf, base, d0, h0, w0, D, H, W, KD, KH, KW, DD, DH, DW):
+    """``(S1, S2, first in-input offset, invalid)`` of one window (float64)."""
+    s1 = 0.0
+    s2 = 0.0
+    first = -1
+    invalid = False
+    for e in range(KD * KH * KW):
+        k = tap(e, d0, h0, w0, D, H, W, KH, KW, DD, DH, DW)
+        if k >= 0:
+            v = np.float64(xf[U(base + k)])
+            if not (0.0 <= v < INF):
+                invalid = True
+            if first < 0:
+                first = k
+            s1 += v
+            s2 += v * v
+    return s1, s2, first, invalid or not (s1 < INF)
+
+
+@njit(inline="always")
+def interior_sums(xf, k0, HW, W, KD, KH, KW, DD, DH, DW):
+    """``(S1, S2, all taps >= 0)`` of a window wholly inside the input, from flat offset
+    ``k0``: no bounds checks, so loops over ``ow`` vectorise (float64 sums)."""
+    s1 = 0.0
+    s2 = 0.0
+    nonnegative = True
+    for a in range(KD):
+        for i in range(KH):
+            for j in range(KW):
+                v = np.float64(xf[U(k0 + a * DD * HW + i * DH * W + j * DW)])
+                s1 += v
+                s2 += v * v
+                nonnegative &= v >= 0.0
+    return s1, s2, nonnegative
+
+
+@functools.lru_cache(maxsize=None)
+def train_forward(KD, KH, KW, SD, SH, SW, DD, DH, DW, WITH_INDICES):
+    """``kernel(x, out, indices, pd, ph, pw, seed, channels, invalid_rows, ow_lo,
+    ow_hi)``."""
+    taps = KD * KH * KW
+
+    @njit(**JIT)
+    def kernel(x, out, indices, pd, ph, pw, seed, channels, invalid_rows, ow_lo, ow_hi):
+        planes, D, H, W = x.shape
+        OD, OH, OW = out.shape[1], out.shape[2], out.shape[3]
+        HW = H * W
+        xf = x.reshape(-1)
+        of = out.reshape(-1)
+        jf = indices.reshape(-1)
+        for row in prange(planes * OD * OH):
+            p, od, oh, d0, h0, base, inside = output_row(row, OD, OH, D, H, W, pd, ph,
+                                                         KD, KH, SD, SH, DD, DH)
+            n = p // channels
+            key = _rng.plane_key(seed, n, p - n * channels)
+            counter_row = od * OH + oh
+            orow = row * OW
+            invalid = False
+            if inside:
+                # Branch-free form of the edge loop below, so LLVM vectorises across ow.
+                for ow in range(ow_lo, ow_hi):
+                    k0 = d0 * HW + h0 * W + ow * SW - pw
+                    total, _, nonnegative = interior_sums(xf, base + k0, HW, W, KD, KH,
+                                                          KW, DD, DH, DW)
+                    invalid |= not (nonnegative and total < INF)
+                    # u * total can round up to total; capping the threshold at the
+                    # double just below total (total * (1 - 2**-53) is exactly that for
+                    # any normal total) makes the last positive element the fallback
+                    # with no extra state, as the edge path does explicitly.
+                    threshold = min(_rng.uniform(key, counter_row, ow) * total,
+                                    total * JUST_BELOW_ONE)
+                    running = 0.0
+                    found = False
+                    chosen = k0
+                    value = xf[U(base + k0)]  # a zero-sum window: all zeros, keeps first
+                    for a in range(KD):
+                        for i in range(KH):
+                            for j in range(KW):
+                                k = k0 + a * DD * HW + i * DH * W + j * DW
+                                v = xf[U(base + k)]
+                                running += np.float64(v)
+                                hit = (running > threshold) & (not found)
+                                chosen = k if hit else chosen
+                                value = v if hit else value
+                                found |= hit
+                    of[U(orow + ow)] = value
+                    if WITH_INDICES:
+                        jf[U(orow + ow)] = chosen
+            for ow in range(OW):
+                if inside and ow_lo <= ow < ow_hi:
+                    continue
+                w0 = ow * SW - pw
+                total, _, first, bad = window_sums(xf, base, d0, h0, w0, D, H, W,
+                                                   KD, KH, KW, DD, DH, DW)
+                invalid |= bad
+                chosen = first
+                if total > 0.0:
+                    threshold = _rng.uniform(key, counter_row, ow) * total
+                    running = 0.0
+                    last_positive = first
+                    chosen = -1
+                    for e in range(taps):
+                        k = tap(e, d0, h0, w0, D, H, W, KH, KW, DD, DH, DW)
+                        if k >= 0:
+                            v = np.float64(xf[U(base + k)])
+                            running += v
+                            if v > 0.0:
+                                last_positive = k
+                            if running > threshold:
+                                chosen = k
+                                break
+                    if chosen < 0:
+                        chosen = last_positive
+                of[orow + ow] = xf[U(base + chosen)] if total > 0.0 else 0
+                if WITH_INDICES:
+                    jf[orow + ow] = chosen
+            invalid_rows[row] = invalid
+
+    return kernel
+
+
+@functools.lru_cache(maxsize=None)
+def infer_forward(KD, KH, KW, SD, SH, SW, DD, DH, DW):
+    """``kernel(x, out, pd, ph, pw, invalid_rows, ow_lo, ow_hi)``: the
+    probability-weighted average ``S2 / S1`` (0 when ``S1 == 0``)."""
+
+    @njit(**JIT)
+    def kernel(x, out, pd, ph, pw, invalid_rows, ow_lo, ow_hi):
+        planes, D, H, W = x.shape
+        OD, OH, OW = out.shape[1], out.shape[2], out.shape[3]
+        HW = H * W
+        xf = x.reshape(-1)
+        of = out.reshape(-1)
+        for row in prange(planes * OD * OH):
+            _, _, _, d0, h0, base, inside = output_row(row, OD, OH, D, H, W, pd, ph,
+                                                       KD, KH, SD, SH, DD, DH)
+            orow = row * OW
+            invalid = False
+            if inside:
+                for ow in range(ow_lo, ow_hi):
+                    s1, s2, nonnegative = interior_sums(
+                        xf, base + d0 * HW + h0 * W + ow * SW - pw, HW, W, KD, KH, KW,
+                        DD, DH, DW)
+                    invalid |= not (nonnegative and s1 < INF and s2 < INF)
+                    of[U(orow + ow)] = s2 / s1 if s1 > 0.0 else 0.0
+            for ow in range(OW):
+                if inside and ow_lo <= ow < ow_hi:
+                    continue
+                s1, s2, _, bad = window_sums(xf, base, d0, h0, ow * SW - pw, D, H, W,
+                                             KD, KH, KW, DD, DH, DW)
+                invalid |= bad or not (s2 < INF)
+                of[orow + ow] = s2 / s1 if s1 > 0.0 else 0.0
+            invalid_rows[row] = invalid
+
+    return kernel
+
+
+@njit(inline="always")
+def infer_backward_plane(go, xp, gi, share_a, share_b, rows_a, rows_b, depth_a, depth_b,
+                         sum_a, sum_b, invalid_planes, p, pd, ph, pw, ow_lo, ow_hi,
+                         KD, KH, KW, SD, SH, SW, DD, DH, DW, RH, RD, DIRECT):
+    """One plane of ``infer_backward``'s kernel (inlined: the constants fold in)."""
+    D, H, W = xp.shape
+    OD, OH, OW = go.shape
+    HW = H * W
+    xf = xp.reshape(-1)
+    invalid = False
+    next_od = 0
+    for d in range(D):
+        while next_od <= min((d + pd) // SD, OD - 1):
+            od = next_od
+            d0 = od * SD - pd
+            inside_d = d0 >= 0 and d0 + (KD - 1) * DD < D
+            next_oh = 0
+            for h in range(H):
+                while next_oh <= min((h + ph) // SH, OH - 1):
+                    oh = next_oh
+                    h0 = oh * SH - ph
+                    inside = inside_d and h0 >= 0 and h0 + (KH - 1) * DH < H
+                    for ow in range(OW):
+                        if inside and ow_lo <= ow < ow_hi:
+                            s1, s2, nonnegative = interior_sums(
+                                xf, d0 * HW + h0 * W + ow * SW - pw, HW, W,
+                                KD, KH, KW, DD, DH, DW)
+                            bad = not nonnegative
+                        else:
+                            s1, s2, _, bad = window_sums(
+                                xf, 0, d0, h0, ow * SW - pw, D, H, W, KD, KH, KW,
+                                DD, DH, DW)
+                        invalid |= bad or not (s1 < INF and s2 < INF)
+                        g = np.float64(go[od, oh, ow])
+                        share_a[ow] = 2.0 * g / s1 if s1 > 0.0 else 0.0
+                        share_b[ow] = -g * s2 / (s1 * s1) if s1 > 0.0 else 0.0
+                    spread_along_w_called(rows_a[oh % RH], share_a, 0.0, pw, KW,
+                                          SW, DW)
+                    spread_along_w_called(rows_b[oh % RH], share_b, 0.0, pw, KW,
+                                          SW, DW)
+                    next_oh += 1
+                if DIRECT:
+                    gather_rows_called(sum_a[0], rows_a, OH, h, ph, KH, SH, DH)
+                    gather_rows_called(sum_b[0], rows_b, OH, h, ph, KH, SH, DH)
+                    xrow = xp[od, h]
+                    girow = gi[od, h]
+                    for w in range(W):
+                        girow[w] = np.float64(xrow[w]) * sum_a[0, w] + sum_b[0, w]
+                else:
+                    gather_rows_called(depth_a[od % RD, h], rows_a, OH, h, ph,
+                                       KH, SH, DH)
+                    gather_rows_called(depth_b[od % RD, h], rows_b, OH, h, ph,
+                                       KH, SH, DH)
+            next_od += 1
+        if not DIRECT:
+            gather_rows_called(sum_a.reshape(-1), depth_a.reshape(RD, H * W), OD, d, pd,
+                               KD, SD, DD)
+            gather_rows_called(sum_b.reshape(-1), depth_b.reshape(RD, H * W), OD, d, pd,
+                               KD, SD, DD)
+            for h in range(H):
+                xrow = xp[d, h]
+                girow = gi[d, h]
+                for w in range(W):
+                    girow[w] = np.float64(xrow[w]) * sum_a[h, w] + sum_b[h, w]
+    invalid_planes[p] = invalid
+
+
+@functools.lru_cache(maxsize=None)
+def infer_backward(KD, KH, KW, SD, SH, SW, DD, DH, DW):
+    """``kernel(grad_output, x, grad_input, pd, ph, pw, invalid_planes, ow_lo, ow_hi,
+    workers)``.
+
+    Each window adds ``g * (2 a_i S1 - S2) / S1**2 = a_i * A + B`` to its taps, with
+    ``A = 2 g / S1`` and ``B = -g S2 / S1**2``; so the ``A`` and ``B`` of all windows
+    are box-spread as in average pooling's backward (rows along W, then rows over H in
+    tap order, then planes over D in tap order, all float64), and
+    ``grad = x * spread(A) + spread(B)`` writes every element once.
+    """
+    RH = ring_rows(KH, SH, DH)
+    RD = ring_rows(KD, SD, DD)
+    DIRECT = KD == 1 and SD == 1
+
+    @njit(**JIT)
+    def kernel(grad_output, x, grad_input, pd, ph, pw, invalid_planes, ow_lo, ow_hi,
+               workers):
+        planes, D, H, W = x.shape
+        OW = grad_output.shape[3]
+        for worker in prange(workers):
+            share_a = np.empty(OW)
+            share_b = np.empty(OW)
+            rows_a = np.empty((RH, W))
+            rows_b = np.empty((RH, W))
+            # DIRECT: per input row; else one plane per output depth, then the sums.
+            shape = (1, 1, W) if DIRECT else (RD, H, W)
+            depth_a = np.empty(shape)
+            depth_b = np.empty(shape)
+            sum_a = np.empty((1, W) if DIRECT else (H, W))
+            sum_b = np.empty((1, W) if DIRECT else (H, W))
+            first, last = worker_planes(worker, workers, planes)
+            for p in range(first, last):
+                infer_backward_plane(
+                    grad_output[p], x[p], grad_input[p], share_a, share_b, rows_a,
+                    rows_b, depth_a, depth_b, sum_a, sum_b, invalid_planes, p, pd, ph,
+                    pw, ow_lo, ow_hi, KD, KH, KW, SD, SH, SW, DD, DH, DW, RH, RD, DIRECT)
+
+    return kernel

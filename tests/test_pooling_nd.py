@@ -1,0 +1,435 @@
+"""1-D and 3-D pooling (every mode, forward and backward) and the channels-last memory
+format of every rank, against the N-D references, PyTorch and finite differences.
+
+2-D channels-first pooling has its own files (test_pooling.py, test_stochastic.py);
+here the same kernels run with a depth axis, a height axis of 1, and channels-last
+strides. Geometries come from short per-rank lists (each is a compiled kernel).
+"""
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+from scipy import stats
+
+import fastpool
+import reference as ref
+from conftest import DTYPES, assert_close, numeric_gradient, seed_for
+from strategies import distinct_values
+
+try:
+    import torch
+    import torch.nn.functional as F
+except ImportError:
+    torch = None
+
+needs_torch = pytest.mark.skipif(torch is None, reason="PyTorch is not installed")
+SETTINGS = settings(max_examples=25, deadline=None,
+                    suppress_health_check=[HealthCheck.too_slow])
+
+# (kernel_size, stride, dilation) per rank; stride None means kernel_size.
+GEOMETRIES = {
+    1: [(3, 2, 1), (2, None, 1), (3, 1, 2)],
+    2: [(3, 2, 1), (2, None, 1)],
+    3: [(3, 2, 1), ((1, 2, 3), (1, 2, 1), 1), (2, 1, (2, 1, 1))],
+}
+OPS = {rank: dict(max=getattr(fastpool, f"max_pool{rank}d"),
+                  max_backward=getattr(fastpool, f"max_pool{rank}d_backward"),
+                  avg=getattr(fastpool, f"avg_pool{rank}d"),
+                  avg_backward=getattr(fastpool, f"avg_pool{rank}d_backward"),
+                  stochastic=getattr(fastpool, f"stochastic_pool{rank}d"),
+                  stochastic_backward=getattr(fastpool, f"stochastic_pool{rank}d_backward"))
+       for rank in (1, 2, 3)}
+
+
+def _covers(size, k, s, p, d, ceil_mode):
+    out = ref.pool_output_size(size, k, s, p, d, ceil_mode)
+    return out >= 1 and all(any(0 <= o * s - p + i * d < size for i in range(k))
+                            for o in range(out))
+
+
+@st.composite
+def nd_cases(draw, rank, dilated=True):
+    kernel, stride, dilation = draw(st.sampled_from(GEOMETRIES[rank]))
+    if not dilated:
+        dilation = 1
+    k = ref.ntuple(kernel, rank)
+    s = k if stride is None else ref.ntuple(stride, rank)
+    d = ref.ntuple(dilation, rank)
+    p = tuple(draw(st.integers(0, (di * (ki - 1) + 1) // 2)) for ki, di in zip(k, d))
+    ceil_mode = draw(st.booleans())
+    size = tuple(draw(st.integers(max(1, di * (ki - 1) + 1 - 2 * pi), 6 + di * ki))
+                 for ki, di, pi in zip(k, d, p))
+    assume(all(_covers(*a, ceil_mode) for a in zip(size, k, s, p, d)))
+    shape = (draw(st.integers(1, 2)), draw(st.integers(1, 3))) + size
+    padding = p[0] if len(set(p)) == 1 and draw(st.booleans()) else p
+    args = dict(kernel_size=kernel, stride=stride, padding=padding, ceil_mode=ceil_mode)
+    if dilated:
+        args["dilation"] = dilation
+    return dict(rank=rank, shape=shape, dtype=draw(st.sampled_from(DTYPES)), args=args,
+                channels_last=draw(st.booleans()), unbatched=draw(st.booleans()))
+
+
+def channels_last(a):
+    """The same array with channels-last strides (N, *spatial, C) in memory."""
+    axis = 1 if a.ndim >= 3 else 0
+    return np.moveaxis(np.ascontiguousarray(np.moveaxis(a, axis, -1)), -1, axis)
+
+
+def is_channels_last(a):
+    return (not a.flags.c_contiguous) and np.moveaxis(a, 1, -1).flags.c_contiguous
+
+
+def _prepare(case, x):
+    """The input as the case asks (layout, batch axis) and a function that brings a
+    batched reference result into the same shape."""
+    if case["channels_last"]:
+        x = channels_last(x)
+    if case["unbatched"]:
+        return x[0], (lambda r: r[0])
+    return x, (lambda r: r)
+
+
+def _check_layout(case, result, x_shape):
+    if case["channels_last"] and not case["unbatched"] and x_shape[1] > 1 and \
+            np.prod(result.shape[2:]) > 1:
+        assert is_channels_last(result), result.strides
+
+
+def _rng(case):
+    return np.random.default_rng(seed_for(case["rank"], case["shape"], case["args"],
+                                          case["channels_last"], case["unbatched"],
+                                          np.dtype(case["dtype"]).name))
+
+
+rank_param = pytest.mark.parametrize("rank", [1, 3])
+all_ranks = pytest.mark.parametrize("rank", [1, 2, 3])
+
+
+# ----------------------------------------------------------------------------- max
+
+@all_ranks
+@SETTINGS
+@given(data=st.data())
+def test_max_pool_matches_reference(rank, data):
+    case = data.draw(nd_cases(rank))
+    rng = _rng(case)
+    x = distinct_values(rng, case["shape"], case["dtype"])
+    xin, shaped = _prepare(case, x)
+    ops = OPS[rank]
+    y, indices = ops["max"](xin, **case["args"], return_indices=True)
+    y_ref, i_ref = ref.max_pool(x, **case["args"])
+    np.testing.assert_array_equal(y, shaped(y_ref).astype(x.dtype))
+    np.testing.assert_array_equal(indices, shaped(i_ref))
+    _check_layout(case, y, case["shape"])
+    g = rng.standard_normal(y_ref.shape).astype(x.dtype)
+    gin = channels_last(g) if case["channels_last"] else g
+    gin = gin[0] if case["unbatched"] else gin
+    gi = ops["max_backward"](gin, xin, **case["args"], indices=indices)
+    assert_close(gi, shaped(ref.scatter_to_indices(g, i_ref, x.shape)), x.dtype)
+    _check_layout(case, gi, case["shape"])
+    gi2 = ops["max_backward"](gin, xin, **case["args"])  # indices recomputed
+    np.testing.assert_array_equal(gi2, gi)
+
+
+# ----------------------------------------------------------------------------- average
+
+@all_ranks
+@SETTINGS
+@given(data=st.data(), count_include_pad=st.booleans(),
+       divisor_override=st.sampled_from([None, 3]))
+def test_avg_pool_matches_reference(rank, data, count_include_pad, divisor_override):
+    case = data.draw(nd_cases(rank, dilated=False))
+    rng = _rng(case)
+    x = rng.standard_normal(case["shape"]).astype(case["dtype"])
+    xin, shaped = _prepare(case, x)
+    kw = dict(case["args"], count_include_pad=count_include_pad,
+              divisor_override=divisor_override)
+    ops = OPS[rank]
+    y = ops["avg"](xin, **kw)
+    y_ref = ref.avg_pool(x, **kw)
+    assert_close(y, shaped(y_ref), x.dtype)
+    _check_layout(case, y, case["shape"])
+    g = rng.standard_normal(y_ref.shape).astype(x.dtype)
+    gin = channels_last(g) if case["channels_last"] else g
+    gin = gin[0] if case["unbatched"] else gin
+    gi = ops["avg_backward"](gin, xin, **kw)
+    assert_close(gi, shaped(ref.avg_pool_backward(g, x, **kw)), x.dtype)
+    _check_layout(case, gi, case["shape"])
+
+
+# ----------------------------------------------------------------------------- stochastic
+
+@all_ranks
+@SETTINGS
+@given(data=st.data(), seed=st.integers(0, 2**64 - 1))
+def test_stochastic_pool_matches_reference(rank, data, seed):
+    case = data.draw(nd_cases(rank))
+    rng = _rng(case)
+    x = rng.random(case["shape"]).astype(case["dtype"])
+    x[x < 0.2] = 0  # zero windows happen
+    xin, shaped = _prepare(case, x)
+    ops = OPS[rank]
+    y, picks = ops["stochastic"](xin, **case["args"], seed=seed, return_indices=True)
+    y_ref, p_ref = ref.stochastic_pool(x, **case["args"], seed=seed)
+    np.testing.assert_array_equal(picks, shaped(p_ref))
+    np.testing.assert_array_equal(y, shaped(y_ref).astype(x.dtype))
+    _check_layout(case, y, case["shape"])
+    e = ops["stochastic"](xin, **case["args"], training=False)
+    e_ref, _ = ref.stochastic_pool(x, **case["args"], training=False)
+    assert_close(e, shaped(e_ref), x.dtype)
+    g = rng.standard_normal(y_ref.shape).astype(x.dtype)
+    gin = channels_last(g) if case["channels_last"] else g
+    gin = gin[0] if case["unbatched"] else gin
+    gi = ops["stochastic_backward"](gin, xin, **case["args"], indices=picks)
+    assert_close(gi, shaped(ref.scatter_to_indices(g, p_ref, x.shape)), x.dtype)
+    ge = ops["stochastic_backward"](gin, xin, **case["args"], training=False)
+    assert_close(ge, shaped(ref.stochastic_pool_backward(g, x, **case["args"],
+                                                         training=False)), x.dtype)
+    _check_layout(case, ge, case["shape"])
+
+
+@rank_param
+def test_stochastic_sampling_frequencies(rank):
+    """One window over many seeds: the picks follow a / sum(a) (chi-square)."""
+    rng = np.random.default_rng(11 + rank)
+    size = (5,) * rank
+    x = rng.random((1, 1) + size) + 0.05
+    args = dict(kernel_size=3, stride=2, padding=1)
+    draws = 3000
+    centre = (1,) * rank
+    picks = np.array([int(OPS[rank]["stochastic"](x, **args, seed=s, return_indices=True)
+                          [1][(0, 0) + centre]) for s in range(draws)])
+    g = ref.pool_geometry(x.shape, **args)
+    cells = ref.window(centre, g)
+    flat = [ref.flat_index(q, g.in_size) for q in cells]
+    weights = np.array([x[(0, 0) + q] for q in cells])
+    observed = np.array([(picks == f).sum() for f in flat])
+    assert observed.sum() == draws
+    assert stats.chisquare(observed, weights / weights.sum() * draws).pvalue > 1e-3
+
+
+def test_2d_picks_are_those_of_the_2d_key_and_3d_with_depth_1_matches_2d():
+    rng = np.random.default_rng(3)
+    x = rng.random((2, 3, 7, 8))
+    y2, p2 = fastpool.stochastic_pool2d(x, 3, 2, 1, seed=99, return_indices=True)
+    y3, p3 = fastpool.stochastic_pool3d(x[:, :, None], (1, 3, 3), (1, 2, 2), (0, 1, 1),
+                                        seed=99, return_indices=True)
+    np.testing.assert_array_equal(p3[:, :, 0], p2)
+    np.testing.assert_array_equal(y3[:, :, 0], y2)
+    y1, p1 = fastpool.stochastic_pool1d(x[:, :, 0], 3, 2, 1, seed=99, return_indices=True)
+    y2h, p2h = fastpool.stochastic_pool2d(x[:, :, :1], (1, 3), (1, 2), (0, 1), seed=99,
+                                          return_indices=True)
+    np.testing.assert_array_equal(p1, p2h[:, :, 0])
+
+
+# ----------------------------------------------------------------------------- gradients
+
+@rank_param
+@pytest.mark.parametrize("op", ["avg", "stochastic"])
+def test_gradients_match_finite_differences(rank, op):
+    rng = np.random.default_rng(40 + rank)
+    shape = (1, 2) + (5,) * rank
+    x = rng.random(shape) + 0.1
+    args = dict(kernel_size=3, stride=2, padding=1)
+    ops = OPS[rank]
+    if op == "avg":
+        def f(v):
+            return ops["avg"](v, **args, count_include_pad=False)
+        g = rng.standard_normal(f(x).shape)
+        analytic = ops["avg_backward"](g, x, **args, count_include_pad=False)
+    else:
+        def f(v):
+            return ops["stochastic"](v, **args, training=False)
+        g = rng.standard_normal(f(x).shape)
+        analytic = ops["stochastic_backward"](g, x, **args, training=False)
+    np.testing.assert_allclose(analytic, numeric_gradient(f, x, g), rtol=1e-6, atol=1e-8)
+
+
+# ----------------------------------------------------------------------------- torch
+
+@needs_torch
+@pytest.mark.parametrize("rank", [1, 2, 3])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_against_torch_in_both_layouts(rank, dtype):
+    rng = np.random.default_rng(7 * rank)
+    shape = (2, 4) + {1: (17,), 2: (9, 10), 3: (5, 7, 6)}[rank]
+    x = distinct_values(rng, shape, dtype)
+    args = dict(kernel_size=3, stride=2, padding=1, ceil_mode=True)
+    fmax = getattr(F, f"max_pool{rank}d")
+    favg = getattr(F, f"avg_pool{rank}d")
+    for layout in ("first", "last"):
+        xin = channels_last(x) if layout == "last" else x
+        xt = torch.from_numpy(np.array(x)).requires_grad_()
+        y, i = OPS[rank]["max"](xin, **args, return_indices=True)
+        yt, it = fmax(xt, **args, return_indices=True)
+        np.testing.assert_array_equal(y, yt.detach().numpy())
+        np.testing.assert_array_equal(i, it.numpy())
+        g = rng.standard_normal(y.shape).astype(dtype)
+        yt.backward(torch.from_numpy(g))
+        gi = OPS[rank]["max_backward"](channels_last(g) if layout == "last" else g, xin,
+                                       **args, indices=i)
+        np.testing.assert_allclose(gi, xt.grad.numpy(), rtol=1e-6, atol=1e-6)
+        xt.grad = None
+        a = OPS[rank]["avg"](xin, **args, count_include_pad=False)
+        at = favg(xt, **args, count_include_pad=False)
+        assert_close(a, at.detach().numpy(), dtype)
+        ga = rng.standard_normal(a.shape).astype(dtype)
+        at.backward(torch.from_numpy(ga))
+        gi = OPS[rank]["avg_backward"](channels_last(ga) if layout == "last" else ga, xin,
+                                       **args, count_include_pad=False)
+        assert_close(gi, xt.grad.numpy(), dtype)
+
+
+@needs_torch
+@pytest.mark.parametrize("rank", [1, 3])
+def test_avg_backward_against_torch(rank):
+    rng = np.random.default_rng(70 + rank)
+    shape = (2, 3) + {1: (11,), 3: (5, 6, 7)}[rank]
+    x = rng.standard_normal(shape)
+    favg = getattr(F, f"avg_pool{rank}d")
+    for kw in (dict(kernel_size=3, stride=2, padding=1),
+               dict(kernel_size=2, stride=1, padding=1, ceil_mode=True,
+                    count_include_pad=False),
+               dict(kernel_size=3, stride=2, padding=1, divisor_override=5)):
+        if rank == 1 and "divisor_override" in kw:
+            continue  # torch's avg_pool1d has no divisor_override (fastpool's has)
+        xt = torch.from_numpy(x.copy()).requires_grad_()
+        yt = favg(xt, **kw)
+        g = rng.standard_normal(tuple(yt.shape))
+        yt.backward(torch.from_numpy(g))
+        assert_close(OPS[rank]["avg"](x, **kw), yt.detach().numpy(), np.float64)
+        assert_close(OPS[rank]["avg_backward"](g, x, **kw), xt.grad.numpy(), np.float64)
+
+
+# ----------------------------------------------------------------------------- layouts
+
+@all_ranks
+def test_layouts_give_identical_results(rank):
+    """Channels-last in, channels-last out, bitwise the channels-first values."""
+    rng = np.random.default_rng(5 + rank)
+    x = rng.random((2, 5) + (6,) * rank).astype(np.float32)
+    xl = channels_last(x)
+    ops = OPS[rank]
+    for name, call in [
+        ("max", lambda v: ops["max"](v, 3, 2, 1, return_indices=True)),
+        ("avg", lambda v: ops["avg"](v, 2, 1, 1, ceil_mode=True)),
+        ("stochastic", lambda v: ops["stochastic"](v, 3, 2, 1, seed=4, return_indices=True)),
+        ("stochastic inference", lambda v: ops["stochastic"](v, 3, 2, 1, training=False)),
+    ]:
+        first, last = call(x), call(xl)
+        for f, l in zip(first if isinstance(first, tuple) else (first,),
+                        last if isinstance(last, tuple) else (last,)):
+            np.testing.assert_array_equal(f, l, err_msg=name)
+            assert is_channels_last(l), (name, l.strides)
+            assert f.flags.c_contiguous, name
+
+
+def test_memory_format_rules():
+    from fastpool._geometry import CHANNELS_FIRST, CHANNELS_LAST, memory_format
+    x = np.zeros((2, 3, 4, 5), np.float32)
+    assert memory_format(x.shape, x.strides, 4) == CHANNELS_FIRST
+    xl = channels_last(x)
+    assert memory_format(xl.shape, xl.strides, 4) == CHANNELS_LAST
+    one = np.zeros((2, 1, 4, 5), np.float32)  # one channel: both readings fit
+    assert memory_format(one.shape, channels_last(one).strides, 4) == CHANNELS_FIRST
+    odd = np.zeros((2, 3, 4, 5), np.float32).transpose(0, 1, 3, 2)
+    assert memory_format(odd.shape, odd.strides, 4) == CHANNELS_FIRST  # copied once
+    vol = channels_last(np.zeros((2, 3, 4, 5, 6), np.float32))
+    assert memory_format(vol.shape, vol.strides, 4) == CHANNELS_LAST
+    seq = channels_last(np.zeros((2, 3, 7), np.float32))
+    assert memory_format(seq.shape, seq.strides, 4) == CHANNELS_LAST
+
+
+# ----------------------------------------------------------------------------- validation
+
+@pytest.mark.parametrize("rank", [1, 3])
+def test_bad_input_names_the_argument(rank):
+    ops = OPS[rank]
+    x = np.ones((1, 2) + (6,) * rank, np.float32)
+    with pytest.raises(ValueError, match=rf"x must be {rank + 2}-D"):
+        ops["max"](np.ones((6,) * (rank + 3), np.float32), 2)
+    with pytest.raises(ValueError, match="kernel_size"):
+        ops["avg"](x, (2,) * (rank + 1))
+    with pytest.raises(ValueError, match="padding"):
+        ops["max"](x, 2, padding=2)
+    with pytest.raises(ValueError, match="stride"):
+        ops["stochastic"](x, 2, stride=0)
+    with pytest.raises(ValueError, match="grad_output"):
+        ops["avg_backward"](np.ones((1, 2) + (2,) * rank, np.float32), x, 2)
+    with pytest.raises(ValueError, match="indices"):
+        ops["max_backward"](np.ones((1, 2) + (3,) * rank, np.float32), x, 2,
+                            indices=np.full((1, 2) + (3,) * rank, 6**rank, np.int64))
+    with pytest.raises(ValueError, match="negative"):
+        ops["stochastic"](-x, 2)
+
+
+# ----------------------------------------------------------------------------- threads
+
+@pytest.mark.parametrize("rank", [1, 3])
+def test_results_do_not_depend_on_thread_count(rank):
+    import numba
+    rng = np.random.default_rng(rank)
+    x = rng.random((3, 4) + (9,) * rank)
+    ops = OPS[rank]
+
+    def everything():
+        y, i = ops["max"](x, 3, 2, 1, return_indices=True)
+        g = np.ones_like(y)
+        return (y, i, ops["avg_backward"](g, x, 3, 2, 1),
+                ops["stochastic"](x, 3, 2, 1, seed=8),
+                ops["stochastic_backward"](g, x, 3, 2, 1, training=False))
+
+    saved = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        one = everything()
+        numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+        many = everything()
+    finally:
+        numba.set_num_threads(saved)
+    for a, b in zip(one, many):
+        np.testing.assert_array_equal(a, b)
+
+
+# ----------------------------------------------------------------------------- GPU
+
+@pytest.mark.parametrize("rank", [1, 3])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["first", "last"])
+def test_gpu_kernels_match_cpu(rank, dtype, layout, small_launches):
+    """Every op of ranks 1 and 3 on the GPU (the simulator here) against the CPU: bit
+    for bit, but stochastic inference within the dtype's tolerance (the GPU may fuse
+    its multiply-adds)."""
+    rng = np.random.default_rng(90 + rank)
+    shape = (2, 3) + {1: (9,), 3: (4, 5, 4)}[rank]
+    x = distinct_values(rng, shape, dtype) + dtype(0.6)
+    x = channels_last(x) if layout == "last" else x
+    ops = OPS[rank]
+    args = dict(kernel_size=3, stride=2, padding=1, ceil_mode=True)
+
+    def everything(device):
+        y, i = ops["max"](x, **args, return_indices=True, device=device)
+        g = np.ascontiguousarray(np.cos(np.arange(y.size, dtype=dtype)).reshape(y.shape))
+        s, p = ops["stochastic"](x, **args, seed=12, return_indices=True, device=device)
+        avg_args = {k: v for k, v in args.items()}
+        return dict(
+            max=y, indices=i,
+            max_backward=ops["max_backward"](g, x, **args, indices=i, device=device),
+            avg=ops["avg"](x, **avg_args, count_include_pad=False, device=device),
+            avg_backward=ops["avg_backward"](g, x, **avg_args, divisor_override=2,
+                                             device=device),
+            stochastic=s, picks=p,
+            stochastic_backward=ops["stochastic_backward"](g, x, **args, indices=p,
+                                                           device=device),
+            inference=ops["stochastic"](x, **args, training=False, device=device),
+            inference_backward=ops["stochastic_backward"](g, x, **args, training=False,
+                                                          device=device))
+
+    cpu, gpu = everything("cpu"), everything("cuda")
+    for name in cpu:
+        assert type(gpu[name]) is np.ndarray and gpu[name].shape == cpu[name].shape, name
+        if name.startswith("inference"):
+            assert_close(gpu[name], cpu[name], dtype)
+        else:
+            np.testing.assert_array_equal(gpu[name], cpu[name], err_msg=name)

@@ -1,0 +1,95 @@
+"""fastpool.torch's 1-D and 3-D pools and the channels-last memory format:
+gradcheck, the modules against their torch.nn namesakes, values against
+torch.nn.functional."""
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+import fastpool.torch as fpt  # noqa: E402
+
+F = torch.nn.functional
+SHAPES = {1: (2, 3, 11), 2: (2, 3, 7, 6), 3: (2, 3, 5, 6, 4)}
+MEMORY_FORMATS = {2: torch.channels_last, 3: torch.channels_last_3d}
+
+
+def _input(rank, dtype=torch.float64, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.rand(SHAPES[rank], dtype=dtype, generator=generator) + 0.05
+
+
+@pytest.mark.parametrize("rank", [1, 3])
+@pytest.mark.parametrize("kind", ["max", "avg", "stochastic train", "stochastic eval"])
+def test_gradcheck(rank, kind):
+    x = _input(rank).requires_grad_()
+    args = dict(kernel_size=3, stride=2, padding=1)
+    if kind == "max":
+        f = getattr(fpt, f"max_pool{rank}d")
+        function = (lambda t: f(t, **args))
+    elif kind == "avg":
+        f = getattr(fpt, f"avg_pool{rank}d")
+        function = (lambda t: f(t, **args, ceil_mode=True, count_include_pad=False))
+    else:
+        f = getattr(fpt, f"stochastic_pool{rank}d")
+        training = kind.endswith("train")
+        function = (lambda t: f(t, **args, training=training, seed=7))
+    assert torch.autograd.gradcheck(function, (x,))
+
+
+@pytest.mark.parametrize("rank", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_functions_and_modules_match_torch(rank, dtype):
+    x = _input(rank, dtype)
+    args = dict(kernel_size=3, stride=2, padding=1)
+    y, i = getattr(fpt, f"max_pool{rank}d")(x, **args, return_indices=True)
+    yt, it = getattr(F, f"max_pool{rank}d")(x, **args, return_indices=True)
+    assert torch.equal(y, yt) and torch.equal(i, it)
+    torch.testing.assert_close(getattr(fpt, f"avg_pool{rank}d")(x, **args),
+                               getattr(F, f"avg_pool{rank}d")(x, **args))
+    for name in ("MaxPool", "AvgPool"):
+        ours = getattr(fpt, f"{name}{rank}d")(3, stride=2, padding=1)
+        theirs = getattr(torch.nn, f"{name}{rank}d")(3, stride=2, padding=1)
+        assert isinstance(ours, type(theirs)) and repr(ours) == repr(theirs)
+        torch.testing.assert_close(ours(x), theirs(x))
+    pool = getattr(fpt, f"StochasticPool{rank}d")(3, stride=2, padding=1)
+    torch.manual_seed(3)
+    sampled = pool(x)
+    torch.manual_seed(3)
+    assert torch.equal(pool(x), sampled)  # torch.manual_seed reproduces the picks
+    pool.eval()
+    weighted = pool(x)
+    expected = getattr(fpt, f"stochastic_pool{rank}d")(x, 3, 2, 1, training=False)
+    assert torch.equal(weighted, expected)
+
+
+@pytest.mark.parametrize("rank", [2, 3])
+def test_channels_last_tensors_stay_channels_last(rank):
+    memory_format = MEMORY_FORMATS[rank]
+    x = _input(rank).contiguous(memory_format=memory_format).requires_grad_()
+    reference = x.detach().contiguous().requires_grad_()
+    for name in ("max", "avg", "stochastic"):
+        f = getattr(fpt, f"{name}_pool{rank}d")
+        kwargs = dict(seed=5) if name == "stochastic" else {}
+        y = f(x, 3, 2, 1, **kwargs)
+        assert y.is_contiguous(memory_format=memory_format), name
+        y_ref = f(reference, 3, 2, 1, **kwargs)
+        assert torch.equal(y, y_ref), name
+        (grad,) = torch.autograd.grad(y.sum(), x)
+        (grad_ref,) = torch.autograd.grad(y_ref.sum(), reference)
+        torch.testing.assert_close(grad, grad_ref)
+    # And against PyTorch in the same memory format.
+    torch.testing.assert_close(getattr(fpt, f"max_pool{rank}d")(x, 3, 2, 1),
+                               getattr(F, f"max_pool{rank}d")(x, 3, 2, 1))
+
+
+def test_bad_input_names_the_argument():
+    x = _input(3)
+    with pytest.raises(ValueError, match="x must be 5-D"):
+        fpt.max_pool3d(x[0, 0], 2)
+    with pytest.raises(TypeError, match="input must have dtype"):
+        fpt.avg_pool1d(x.to(torch.int32)[0], 2)
+    with pytest.raises(TypeError, match="return_indices"):
+        fpt.max_pool1d(x[0], 2, return_indices="yes")
+    with pytest.raises(ValueError, match="padding"):
+        fpt.stochastic_pool3d(x, 2, padding=2)
+    assert np.isfinite(fpt.max_pool3d(x, 2).numpy()).all()
