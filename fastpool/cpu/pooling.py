@@ -9,8 +9,11 @@ window's compile-time constants (``Window.constants``) by the one memoised place
 backward kernels over planes; no two threads write the same element and nothing uses
 atomics, so results are identical at any thread count.
 
-Channels-last inputs are computed on a channels-first copy and their results are
-returned channels-last (the kernels that read them in place are planned: issue 14).
+Channels-last inputs of max and average pooling (and the scatter backward of max and
+stochastic training) run kernels that read the ``(N, D, H, W, C)`` buffer in place
+(``pool_channels_last``); stochastic pooling computes them on one channels-first copy.
+Either way results come back channels-last, with the channels-first values bit for
+bit.
 """
 
 from __future__ import annotations
@@ -20,12 +23,15 @@ import numpy as np
 
 from fastpool import _params
 from fastpool._geometry import CHANNELS_LAST
-from fastpool.cpu import pool_avg, pool_max, pool_stochastic
+from fastpool.cpu import pool_avg, pool_channels_last, pool_max, pool_stochastic
 from fastpool.cpu._arrays import contiguous
 from fastpool.cpu._pool_common import interior_columns
 
 _FACTORIES = {
     "max_forward": pool_max.max_forward,
+    "max_forward_cl": pool_channels_last.max_forward,
+    "avg_forward_cl": pool_channels_last.avg_forward,
+    "avg_backward_cl": pool_channels_last.avg_backward,
     "avg_forward": pool_avg.avg_forward,
     "avg_backward": pool_avg.avg_backward,
     "stochastic_train": pool_stochastic.train_forward,
@@ -33,7 +39,7 @@ _FACTORIES = {
     "stochastic_infer_backward": pool_stochastic.infer_backward,
 }
 # Average pooling has no dilation: its kernels take kernel and stride only.
-_NO_DILATION = {"avg_forward", "avg_backward"}
+_NO_DILATION = {"avg_forward", "avg_backward", "avg_forward_cl", "avg_backward_cl"}
 
 
 def kernel(op, window, *flags):
@@ -57,6 +63,24 @@ def _channels_last(result, window):
     return np.moveaxis(np.ascontiguousarray(np.moveaxis(result, axis, -1)), -1, axis)
 
 
+def _cl_buffer(a, window, spatial3):
+    """The ``(N, D, H, W, C)`` buffer behind a channels-last ``(N, C, *spatial)`` array
+    (a view; one copy only if it is not exactly that buffer)."""
+    axis = 1 if window.batched else 0
+    return contiguous(np.moveaxis(a, axis, -1)).reshape(
+        (window.batch,) + tuple(spatial3) + (a.shape[axis],))
+
+
+def _cl_empty(window, spatial, channels, dtype):
+    """A new ``(N, D, H, W, C)`` buffer and the caller's ``(N, C, *spatial)`` view of
+    it (channels-last strides)."""
+    lead = (window.batch,) if window.batched else ()
+    buffer = np.empty(lead + tuple(spatial) + (channels,), dtype=dtype)
+    view = np.moveaxis(buffer, -1, len(lead))
+    pad = (1,) * (3 - window.rank)
+    return buffer.reshape((window.batch,) + pad + tuple(spatial) + (channels,)), view
+
+
 def _pads(window):
     return window.pad_lo3
 
@@ -68,8 +92,20 @@ def _workers(window):
 
 # ----------------------------------------------------------------------------- max
 
+def _max_forward_channels_last(x, w, with_indices):
+    out, out_view = _cl_empty(w, w.out_size, w.channels, x.dtype)
+    indices, indices_view = (_cl_empty(w, w.out_size, w.channels, np.int64)
+                             if with_indices else (np.empty((1,) * 5, np.int64), None))
+    if w.planes:
+        kernel("max_forward_cl", w, bool(with_indices))(_cl_buffer(x, w, w.in3), out,
+                                                        indices, *_pads(w))
+    return out_view, indices_view
+
+
 def max_pool_forward(x, window, with_indices):
     w = window
+    if w.layout == CHANNELS_LAST:
+        return _max_forward_channels_last(x, w, with_indices)
     out = np.empty(w.output_shape, dtype=x.dtype)
     indices = np.empty(w.output_shape if with_indices else (1,), dtype=np.int64)
     if w.planes:
@@ -78,28 +114,43 @@ def max_pool_forward(x, window, with_indices):
             _volumes(x, w.in3), out.reshape((-1,) + w.out3),
             indices.reshape((-1,) + w.out3) if with_indices else indices.reshape(1, 1, 1, 1),
             *_pads(w), lo, hi)
-    return (_channels_last(out, w),
-            _channels_last(indices, w) if with_indices else None)
+    return out, (indices if with_indices else None)
 
 
 def scatter_to_indices(grad_output, indices, window):
     """Backward of a pooling that picked one element per window (max, stochastic
     training): ``grad_input.flat[index] += grad_output`` within each plane."""
     w = window
+    plane_in = int(np.prod(w.in_size))
+    plane_out = int(np.prod(w.out_size))
+    if w.layout == CHANNELS_LAST:
+        grad_input, view = _cl_empty(w, w.in_size, w.channels, grad_output.dtype)
+        bad = 0
+        if w.planes:
+            blocks = max(1, -(-w.channels // pool_channels_last.CHANNEL_BLOCK))
+            bad = pool_channels_last.scatter_to_indices(
+                _cl_buffer(grad_output, w, w.out3).reshape(w.batch, plane_out, -1),
+                _cl_buffer(indices, w, w.out3).reshape(
+                    w.batch, plane_out, -1),
+                grad_input.reshape(w.batch, plane_in, -1), blocks)
+        _raise_bad_indices(bad, plane_in, w)
+        return view
     grad_input = np.empty(w.input_shape, dtype=grad_output.dtype)
     if w.planes:
-        plane_in = int(np.prod(w.in_size))
-        plane_out = int(np.prod(w.out_size))
         bad = pool_max.scatter_to_indices(
             contiguous(grad_output).reshape(-1, plane_out),
             contiguous(indices).reshape(-1, plane_out),
             grad_input.reshape(-1, plane_in))
-        if bad:
-            raise ValueError(
-                f"indices holds {bad} value(s) outside [0, {plane_in}), the flat "
-                f"positions of an input plane of size {w.in_size}; indices must be flat "
-                "positions inside each (n, c) plane, as the forward returns them")
-    return _channels_last(grad_input, w)
+        _raise_bad_indices(bad, plane_in, w)
+    return grad_input
+
+
+def _raise_bad_indices(bad, plane_in, w):
+    if bad:
+        raise ValueError(
+            f"indices holds {bad} value(s) outside [0, {plane_in}), the flat positions "
+            f"of an input volume of size {w.in_size}; indices must be flat positions "
+            "inside each (n, c) volume, as the forward returns them")
 
 
 def max_pool_backward(grad_output, x, window, indices):
@@ -112,6 +163,13 @@ def max_pool_backward(grad_output, x, window, indices):
 
 def avg_pool_forward(x, window, count_include_pad, divisor_override):
     w = window
+    if w.layout == CHANNELS_LAST:
+        out, view = _cl_empty(w, w.out_size, w.channels, x.dtype)
+        if w.planes:
+            kernel("avg_forward_cl", w)(_cl_buffer(x, w, w.in3), out, *_pads(w),
+                                        count_include_pad, divisor_override,
+                                        x.dtype.type(0))
+        return view
     out = np.empty(w.output_shape, dtype=x.dtype)
     if w.planes:
         lo, hi = interior_columns(w)
@@ -121,17 +179,27 @@ def avg_pool_forward(x, window, count_include_pad, divisor_override):
             count_include_pad, divisor_override, lo, hi,
             # Sum and divide in the input's dtype, as PyTorch does.
             x.dtype.type(0), x.dtype.type(divisor_override or area))
-    return _channels_last(out, w)
+    return out
 
 
 def avg_pool_backward(grad_output, window, count_include_pad, divisor_override):
     w = window
+    if w.layout == CHANNELS_LAST:
+        grad_input, view = _cl_empty(w, w.in_size, w.channels, grad_output.dtype)
+        if w.planes:
+            go = _cl_buffer(grad_output, w, w.out3)
+            shares = np.empty_like(go)
+            pool_channels_last.avg_shares(go, shares, *_pads(w), *w.kernel3, *w.stride3,
+                                          *w.in3, count_include_pad, divisor_override)
+            kernel("avg_backward_cl", w)(shares, grad_input, *_pads(w),
+                                         grad_output.dtype.type(0))
+        return view
     grad_input = np.empty(w.input_shape, dtype=grad_output.dtype)
     if w.planes:
         kernel("avg_backward", w)(
             _volumes(grad_output, w.out3), grad_input.reshape((-1,) + w.in3), *_pads(w),
             count_include_pad, divisor_override, grad_output.dtype.type(0), _workers(w))
-    return _channels_last(grad_input, w)
+    return grad_input
 
 
 # ----------------------------------------------------------------------------- stochastic

@@ -1,0 +1,242 @@
+"""Channels-last pooling kernels on the CPU: max and average, forward and backward, and
+the scatter of max / stochastic training, on ``(N, D, H, W, C)`` buffers read in place.
+
+The channel axis is the inner, vectorised loop; windows are visited and sums taken in
+the channels-first kernels' order, so every result is bitwise the channels-first one.
+Forward kernels parallelise over output rows ``(n, od, oh)``; backward kernels over
+``(n, channel block)``, each thread owning whole ``(n, c)`` planes, so nothing races.
+1-D and 2-D inputs have ``D = 1`` (and ``H = 1``) with neutral compile-time constants.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+from numba import njit, prange
+
+from fastpool.cpu._pool_common import JIT, U, replaces
+
+# Channels per backward task: a thread owns this many (n, c) planes at a time.
+CHANNEL_BLOCK = 16
+
+
+@njit(inline="always")
+def _row(row, OD, OH):
+    n = row // (OD * OH)
+    r = row - n * (OD * OH)
+    od = r // OH
+    return n, od, r - od * OH
+
+
+@functools.lru_cache(maxsize=None)
+def max_forward(KD, KH, KW, SD, SH, SW, DD, DH, DW, WITH_INDICES):
+    """``kernel(x, out, indices, pd, ph, pw)`` on ``(N, D, H, W, C)`` buffers."""
+
+    @njit(**JIT)
+    def kernel(x, out, indices, pd, ph, pw):
+        N, D, H, W, C = x.shape
+        OD, OH, OW = out.shape[1], out.shape[2], out.shape[3]
+        xf = x.reshape(-1)
+        of = out.reshape(-1)
+        jf = indices.reshape(-1)
+        for row in prange(N * OD * OH):
+            n, od, oh = _row(row, OD, OH)
+            d0 = od * SD - pd
+            h0 = oh * SH - ph
+            xbase = n * D * H * W
+            for ow in range(OW):
+                w0 = ow * SW - pw
+                o = ((row * OW) + ow) * C
+                first = True
+                for a in range(KD):
+                    d = d0 + a * DD
+                    if 0 <= d < D:
+                        for i in range(KH):
+                            h = h0 + i * DH
+                            if 0 <= h < H:
+                                for j in range(KW):
+                                    w = w0 + j * DW
+                                    if 0 <= w < W:
+                                        k = (d * H + h) * W + w
+                                        src = (xbase + k) * C
+                                        if first:
+                                            for c in range(C):
+                                                of[U(o + c)] = xf[U(src + c)]
+                                                if WITH_INDICES:
+                                                    jf[U(o + c)] = k
+                                            first = False
+                                        else:
+                                            for c in range(C):
+                                                v = xf[U(src + c)]
+                                                take = replaces(v, of[U(o + c)])
+                                                of[U(o + c)] = v if take else of[U(o + c)]
+                                                if WITH_INDICES:
+                                                    jf[U(o + c)] = k if take else jf[U(o + c)]
+
+    return kernel
+
+
+@functools.lru_cache(maxsize=None)
+def avg_forward(KD, KH, KW, SD, SH, SW):
+    """``kernel(x, out, pd, ph, pw, count_include_pad, divisor_override, zero)``: sums
+    accumulate in the output row, in the input's dtype."""
+
+    @njit(**JIT)
+    def kernel(x, out, pd, ph, pw, count_include_pad, divisor_override, zero):
+        N, D, H, W, C = x.shape
+        OD, OH, OW = out.shape[1], out.shape[2], out.shape[3]
+        xf = x.reshape(-1)
+        of = out.reshape(-1)
+        for row in prange(N * OD * OH):
+            n, od, oh = _row(row, OD, OH)
+            acc = np.empty(C, dtype=x.dtype)
+            d0 = od * SD - pd
+            h0 = oh * SH - ph
+            d1 = min(d0 + KD, D + pd)
+            h1 = min(h0 + KH, H + ph)
+            ds, de = max(d0, 0), min(d1, D)
+            hs, he = max(h0, 0), min(h1, H)
+            xbase = n * D * H * W
+            for ow in range(OW):
+                w0 = ow * SW - pw
+                w1 = min(w0 + KW, W + pw)
+                ws, we = max(w0, 0), min(w1, W)
+                if divisor_override != 0:
+                    divisor = divisor_override
+                elif count_include_pad:
+                    divisor = (d1 - d0) * (h1 - h0) * (w1 - w0)
+                else:
+                    divisor = (de - ds) * (he - hs) * (we - ws)
+                o = ((row * OW) + ow) * C
+                for c in range(C):
+                    acc[U(c)] = zero
+                # Sum in the channels-first kernels' order: d, then h, then w.
+                for d in range(ds, de):
+                    for h in range(hs, he):
+                        for w in range(ws, we):
+                            src = (xbase + (d * H + h) * W + w) * C
+                            for c in range(C):
+                                acc[U(c)] += xf[U(src + c)]
+                for c in range(C):
+                    of[U(o + c)] = acc[U(c)] / divisor
+
+    return kernel
+
+
+@njit(**JIT)
+def scatter_to_indices(grad_output, indices, grad_input, blocks):
+    """``grad_input[n, ..., c].flat[indices[n, ..., c]] += grad_output[n, ..., c]`` on
+    ``(N, S_out, C)`` / ``(N, S_in, C)`` views, outputs in order; one task per
+    ``(n, channel block)``. Returns the number of indices outside the volume."""
+    N, S, C = grad_input.shape
+    outputs = grad_output.shape[1]
+    bad = 0
+    for task in prange(N * blocks):
+        n = task // blocks
+        block = task - n * blocks
+        c0 = block * C // blocks
+        c1 = (block + 1) * C // blocks
+        gi = grad_input[n]
+        for s in range(S):
+            for c in range(c0, c1):
+                gi[s, c] = 0
+        for k in range(outputs):
+            for c in range(c0, c1):
+                target = indices[n, k, c]
+                if 0 <= target < S:
+                    gi[U(target), c] += grad_output[n, k, c]
+                else:
+                    bad += 1
+    return bad
+
+
+@functools.lru_cache(maxsize=None)
+def avg_backward(KD, KH, KW, SD, SH, SW):
+    """``kernel(shares, grad_input, pd, ph, pw, zero)``: ``shares`` holds each window's
+    ``grad / divisor`` (rounded to the dtype, as the channels-first kernel rounds it);
+    each input element gathers the shares of its windows, along W first, then over H
+    in tap order, then over D in tap order (the channels-first kernel's order)."""
+
+    @njit(**JIT)
+    def kernel(shares, grad_input, pd, ph, pw, zero):
+        N, D, H, W, C = grad_input.shape
+        OD, OH, OW = shares.shape[1], shares.shape[2], shares.shape[3]
+        sf = shares.reshape(-1)
+        gf = grad_input.reshape(-1)
+        for in_row in prange(N * D * H):
+            n, d, h = _row(in_row, D, H)
+            row = np.empty(C, dtype=grad_input.dtype)
+            plane = np.empty(C, dtype=grad_input.dtype)
+            for w in range(W):
+                g = ((in_row * W) + w) * C
+                any_depth = False
+                for a in range(KD):
+                    t = d + pd - a
+                    if t < 0 or t % SD != 0 or t // SD >= OD:
+                        continue
+                    od = t // SD
+                    any_row = False
+                    for i in range(KH):
+                        u = h + ph - i
+                        if u < 0 or u % SH != 0 or u // SH >= OH:
+                            continue
+                        oh = u // SH
+                        for c in range(C):
+                            row[c] = zero
+                        for j in range(KW):
+                            v = w + pw - j
+                            if v < 0 or v % SW != 0 or v // SW >= OW:
+                                continue
+                            s = (((n * OD + od) * OH + oh) * OW + v // SW) * C
+                            for c in range(C):
+                                row[c] += sf[U(s + c)]
+                        if any_row:
+                            for c in range(C):
+                                plane[c] += row[c]
+                        else:
+                            for c in range(C):
+                                plane[c] = row[c]
+                            any_row = True
+                    if not any_row:
+                        continue
+                    if any_depth:
+                        for c in range(C):
+                            gf[U(g + c)] += plane[c]
+                    else:
+                        for c in range(C):
+                            gf[U(g + c)] = plane[c]
+                        any_depth = True
+                if not any_depth:
+                    for c in range(C):
+                        gf[U(g + c)] = zero
+
+    return kernel
+
+
+@njit(**JIT)
+def avg_shares(grad_output, shares, pd, ph, pw, KD, KH, KW, SD, SH, SW, D, H, W,
+               count_include_pad, divisor_override):
+    """``shares = grad_output / divisor`` per window, rounded to the dtype."""
+    N, OD, OH, OW, C = grad_output.shape
+    gf = grad_output.reshape(-1)
+    sf = shares.reshape(-1)
+    for row in prange(N * OD * OH):
+        n, od, oh = _row(row, OD, OH)
+        d0 = od * SD - pd
+        h0 = oh * SH - ph
+        d1 = min(d0 + KD, D + pd)
+        h1 = min(h0 + KH, H + ph)
+        for ow in range(OW):
+            w0 = ow * SW - pw
+            w1 = min(w0 + KW, W + pw)
+            if divisor_override != 0:
+                divisor = divisor_override
+            elif count_include_pad:
+                divisor = (d1 - d0) * (h1 - h0) * (w1 - w0)
+            else:
+                divisor = ((min(d1, D) - max(d0, 0)) * (min(h1, H) - max(h0, 0))
+                           * (min(w1, W) - max(w0, 0)))
+            o = ((row * OW) + ow) * C
+            for c in range(C):
+                sf[U(o + c)] = gf[U(o + c)] / divisor
