@@ -12,7 +12,8 @@ outputs (README, "Reliability"), read off the kernels' allocations:
 * max / stochastic-training backward: nothing (the scatter owns whole planes);
 * average backward: per thread, a ring of ``R`` spread rows of ``W`` plus one output row
   (``R = (kH - 1) * dH // sH + 1``), in the input's dtype; 3-D pooling with a depth
-  kernel or stride above 1 adds a ring of ``R_D`` planes of ``H x W``;
+  kernel or stride above 1 adds a ring of ``R_D`` planes of ``H x W``; channels-last
+  inputs use one output-sized buffer of shares instead;
 * stochastic inference backward: per thread, two such rings, two input rows and two
   output rows in float64 (3-D: two rings of planes and two planes more);
 * convolution: per thread, the largest of a 2 MiB band of gathered columns, one row of
