@@ -17,7 +17,7 @@ from fastpool._dispatch import (
     set_device,
     use_device,
 )
-from fastpool.conv import Conv2dGrads, conv2d, conv2d_backward
+from fastpool.conv import Conv2dGrads, conv1d, conv1d_backward, conv2d, conv2d_backward
 from fastpool.pooling import (
     avg_pool1d,
     avg_pool1d_backward,
@@ -50,6 +50,8 @@ __all__ = [
     "avg_pool2d_backward",
     "avg_pool3d",
     "avg_pool3d_backward",
+    "conv1d",
+    "conv1d_backward",
     "conv2d",
     "conv2d_backward",
     "cuda_available",

@@ -226,6 +226,43 @@ def check_current_gpu(arrays):
             f"after numba.cuda.select_device(i)) for the device i the arrays are on")
 
 
+def _inserted(shape, axis):
+    shape = list(shape)
+    shape.insert(axis % (len(shape) + 1), 1)
+    return tuple(shape)
+
+
+def unsqueeze(value, axis):
+    """``value`` (any array kind fastpool takes) with a new axis of size 1 at ``axis``:
+    a view where the kind allows one (NumPy, torch, CuPy, contiguous Numba arrays),
+    else a contiguous copy on the device."""
+    kind = array_kind(value)
+    if kind is None:
+        return None
+    if kind == "host":
+        return np.expand_dims(np.asarray(value), axis)
+    if kind == "torch":
+        return value.unsqueeze(axis)
+    if kind == "cupy":
+        return value.reshape(_inserted(value.shape, axis))
+    from fastpool.cuda._launch import contiguous
+    value = to_device(value)
+    return contiguous(value).reshape(_inserted(value.shape, axis))
+
+
+def squeeze(value, axis):
+    """Remove the size-1 ``axis`` that ``unsqueeze`` added (results keep their kind)."""
+    if value is None:
+        return None
+    if isinstance(value, np.ndarray):
+        return np.squeeze(value, axis)
+    if array_kind(value) == "torch":
+        return value.squeeze(axis)
+    shape = list(value.shape)
+    del shape[axis]
+    return value.reshape(tuple(shape))
+
+
 def on_device(launcher):
     """Wrap a CUDA launcher (which takes and returns Numba device arrays) so that it
     takes the arrays the public functions validated and returns results of the kind of

@@ -125,3 +125,80 @@ def conv2d_backward(grad_output, x, weight, stride=1, padding=0, dilation=1, gro
     backend = _dispatch.backend(device, grad_output, x, weight)
     return Conv2dGrads(*backend.conv2d_backward(grad_output, x, weight, geometry,
                                                 output_mask))
+
+
+# ----------------------------------------------------------------------------- 1-D
+
+def _conv1d_as_2d(x, weight, stride, padding, dilation):
+    """Check what is particular to a 1-D convolution, then view it as the 2-D one
+    with a height of 1 (the same kernels, no copy of host arrays): ``(x, weight,
+    stride, padding, dilation)`` of the 2-D call."""
+    info = _params.as_float_array("x", x)
+    if info.ndim not in (2, 3):
+        raise ValueError(f"x must be 3-D (N, C, L) or 2-D (C, L), got shape {info.shape}")
+    info = _params.as_float_array("weight", weight)
+    if info.ndim != 3:
+        raise ValueError(
+            f"weight must be 3-D (C_out, C_in // groups, k), got shape {info.shape}")
+    (s,) = _params.ntuple("stride", stride, 1)
+    (d,) = _params.ntuple("dilation", dilation, 1)
+    if isinstance(padding, str):
+        padding2 = padding
+    else:
+        (p,) = _params.ntuple("padding", padding, 1)
+        padding2 = (0, p)
+    return (_dispatch.unsqueeze(x, -2), _dispatch.unsqueeze(weight, -2), (1, s), padding2,
+            (1, d))
+
+
+def conv1d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
+           device=None):
+    """1-D convolution (cross-correlation) with zero padding, as
+    ``torch.nn.functional.conv1d``.
+
+    ``y[n, o, ol] = bias[o] + sum over c, j of weight[o, c, j] *
+    x[n, g*C_in/groups + c, ol*s - p_left + j*d]``; cells outside the input are zero.
+    It runs the 2-D kernels on the input viewed with a height of 1 (no copy).
+
+    Parameters
+    ----------
+    x : array of float32 or float64
+        ``(N, C_in, L)`` or unbatched ``(C_in, L)``.
+    weight : array
+        ``(C_out, C_in / groups, k)``, ``x``'s dtype.
+    bias : array, optional
+        ``(C_out,)``.
+    stride, dilation : int or (int,), default 1
+    padding : int, (int,), 'valid' or 'same', default 0
+        ``'same'`` (stride 1 only) pads ``d (k - 1)`` in all, the odd one on the right.
+    groups : int, default 1
+    device : {"cpu", "cuda", "auto"}, optional
+
+    Returns
+    -------
+    y : array
+        ``(N, C_out, L_out)`` (or unbatched), ``L_out = floor((L + p_left + p_right -
+        d (k - 1) - 1) / s) + 1``, ``x``'s dtype.
+    """
+    x2, w2, stride2, padding2, dilation2 = _conv1d_as_2d(x, weight, stride, padding,
+                                                         dilation)
+    return _dispatch.squeeze(conv2d(x2, w2, bias, stride2, padding2, dilation2, groups,
+                                    device=device), -2)
+
+
+def conv1d_backward(grad_output, x, weight, stride=1, padding=0, dilation=1, groups=1, *,
+                    output_mask=(True, True, True), device=None):
+    """Gradients of :func:`conv1d` with respect to ``x``, ``weight`` and the bias, as a
+    ``Conv2dGrads`` named tuple of ``x``'s, ``weight``'s and ``(C_out,)`` shapes (None
+    where ``output_mask`` did not ask). Arguments as for :func:`conv2d_backward`."""
+    x2, w2, stride2, padding2, dilation2 = _conv1d_as_2d(x, weight, stride, padding,
+                                                         dilation)
+    info = _params.as_float_array("grad_output", grad_output)
+    if info.ndim not in (2, 3):
+        raise ValueError(
+            f"grad_output must be 3-D (N, C_out, L_out) or 2-D, got shape {info.shape}")
+    grads = conv2d_backward(_dispatch.unsqueeze(grad_output, -2), x2, w2, stride2,
+                            padding2, dilation2, groups, output_mask=output_mask,
+                            device=device)
+    return Conv2dGrads(_dispatch.squeeze(grads.grad_input, -2),
+                       _dispatch.squeeze(grads.grad_weight, -2), grads.grad_bias)

@@ -73,6 +73,7 @@ __all__ = [
     "AvgPool1d",
     "AvgPool2d",
     "AvgPool3d",
+    "Conv1d",
     "Conv2d",
     "MaxPool1d",
     "MaxPool2d",
@@ -83,6 +84,7 @@ __all__ = [
     "avg_pool1d",
     "avg_pool2d",
     "avg_pool3d",
+    "conv1d",
     "conv2d",
     "max_pool1d",
     "max_pool2d",
@@ -191,15 +193,18 @@ def _pool_shape_doc(extra=""):
 
 # ----------------------------------------------------------------------------- autograd
 
-class _Conv2dFunction(torch.autograd.Function):
-    """``y = conv2d(x, weight, bias)`` with fastpool's forward and backward kernels."""
+class _ConvFunction(torch.autograd.Function):
+    """``y = conv{rank}d(x, weight, bias)`` with fastpool's forward and backward
+    kernels."""
 
     @staticmethod
-    def forward(ctx, input, weight, bias, stride, padding, dilation, groups):
+    def forward(ctx, input, weight, bias, rank, stride, padding, dilation, groups):
         device = _device_for([t for t in (input, weight, bias) if t is not None])
-        y = _fp.conv2d(_to_array(input), _to_array(weight), _to_array(bias), stride,
-                       padding, dilation, groups, device=device)
+        y = getattr(_fp, f"conv{rank}d")(_to_array(input), _to_array(weight),
+                                         _to_array(bias), stride, padding, dilation,
+                                         groups, device=device)
         ctx.save_for_backward(input, weight)
+        ctx.rank = rank
         ctx.geometry = (stride, padding, dilation, groups)
         ctx.has_bias = bias is not None
         ctx.device = device
@@ -213,10 +218,10 @@ class _Conv2dFunction(torch.autograd.Function):
                        bool(ctx.has_bias and ctx.needs_input_grad[2]))
         grads = (None, None, None)
         if any(output_mask):
-            grads = _fp.conv2d_backward(_to_array(grad_output), _to_array(input),
-                                        _to_array(weight), *ctx.geometry,
-                                        output_mask=output_mask, device=ctx.device)
-        return tuple(_to_tensor(g) for g in grads) + (None,) * 4
+            grads = getattr(_fp, f"conv{ctx.rank}d_backward")(
+                _to_array(grad_output), _to_array(input), _to_array(weight),
+                *ctx.geometry, output_mask=output_mask, device=ctx.device)
+        return tuple(_to_tensor(g) for g in grads) + (None,) * 5
 
 
 def _pool(name, rank):
@@ -378,12 +383,23 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
       ``out = floor((in + p_begin + p_end - d*(k-1) - 1) / s) + 1`` (see
       :func:`fastpool.conv2d`).
     """
+    return _conv(2, input, weight, bias, stride, padding, dilation, groups)
+
+
+def _conv(rank, input, weight, bias, stride, padding, dilation, groups):
     _check_tensor("input", input)
     _check_tensor("weight", weight)
     if bias is not None:
         _check_tensor("bias", bias)
-    return _Conv2dFunction.apply(input, weight, bias, _size_arg(stride),
-                                 _size_arg(padding), _size_arg(dilation), groups)
+    return _ConvFunction.apply(input, weight, bias, rank, _size_arg(stride, rank),
+                               _size_arg(padding, rank), _size_arg(dilation, rank), groups)
+
+
+def conv1d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    """1-D convolution, a drop-in for ``torch.nn.functional.conv1d``: the same
+    arguments, semantics and autograd as :func:`conv2d` on ``(N, C_in, L)`` input and
+    ``(C_out, C_in / groups, k)`` weight (fastpool runs it on its 2-D kernels)."""
+    return _conv(1, input, weight, bias, stride, padding, dilation, groups)
 
 
 @_pool_shape_doc()
@@ -665,6 +681,25 @@ class Conv2d(torch.nn.Conv2d):
             return conv2d(padded, weight, bias, self.stride, 0, self.dilation,
                           self.groups)
         return conv2d(input, weight, bias, self.stride, self.padding, self.dilation,
+                      self.groups)
+
+
+class Conv1d(torch.nn.Conv1d):
+    """``torch.nn.Conv1d`` whose forward runs :func:`conv1d` (fastpool kernels); the
+    constructor, parameters, initialisation, ``repr`` and ``state_dict`` are PyTorch's,
+    ``padding_mode`` other than ``'zeros'`` pads with ``torch.nn.functional.pad``."""
+
+    def forward(self, input):
+        """Convolve ``input`` with :func:`fastpool.torch.conv1d`."""
+        return self._conv_forward(input, self.weight, self.bias)
+
+    def _conv_forward(self, input, weight, bias):
+        if self.padding_mode != "zeros":
+            padded = torch.nn.functional.pad(input, self._reversed_padding_repeated_twice,
+                                             mode=self.padding_mode)
+            return conv1d(padded, weight, bias, self.stride, 0, self.dilation,
+                          self.groups)
+        return conv1d(input, weight, bias, self.stride, self.padding, self.dilation,
                       self.groups)
 
 

@@ -186,6 +186,8 @@ WC = RNG.standard_normal((6, 2, 3, 3)).astype(np.float32)
 BC = RNG.standard_normal(6).astype(np.float32)
 GOC = RNG.standard_normal((2, 6, 7, 6)).astype(np.float32)
 CONV = dict(stride=1, padding=1, dilation=1, groups=2)
+XC1 = RNG.standard_normal((2, 4, 9)).astype(np.float32)
+WC1 = RNG.standard_normal((6, 2, 3)).astype(np.float32)
 
 
 class Call:
@@ -257,6 +259,10 @@ def _numpy_calls():
              dict(x=X3, **POOL, training=False), _pool_kinds({"training": "bool"}),
              "stochastic"),
         Call("conv2d", fastpool.conv2d, dict(x=XC, weight=WC, bias=BC, **CONV),
+             dict(x="array", weight="array", bias="array", stride="int",
+                  padding="conv_padding", dilation="int", groups="int",
+                  device="device"), "conv"),
+        Call("conv1d", fastpool.conv1d, dict(x=XC1, weight=WC1, bias=BC, **CONV),
              dict(x="array", weight="array", bias="array", stride="int",
                   padding="conv_padding", dilation="int", groups="int",
                   device="device"), "conv"),
@@ -478,8 +484,8 @@ def _expected(call, kw):
     if call.reference == "conv":
         b = kw.get("bias")
         b = None if b is None else np.asarray(_as_numpy(b), dtype=np.float64)
-        return unbatch(ref.conv2d(x4, w, b, **conv))
-    gx, gw, gb = ref.conv2d_backward(go4, x4, w, **conv)
+        return unbatch(ref.conv(x4, w, b, **conv))
+    gx, gw, gb = ref.conv_backward(go4, x4, w, **conv)
     mask = kw.get("output_mask", (True, True, True))
     return tuple(v if m else None for v, m in zip((unbatch(gx), gw, gb), mask))
 

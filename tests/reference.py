@@ -431,3 +431,77 @@ def conv2d_backward(grad_output, x, weight, stride=1, padding=0, dilation=1, gro
                                     gx[n, g * Cg + c, h, w] += d * weight[o, c, i, j]
                                     gw[o, c, i, j] += d * x[n, g * Cg + c, h, w]
     return gx, gw, go.sum(axis=(0, 2, 3))
+
+
+# ----------------------------------------------------------------------------- conv, any rank
+
+def conv_pads(padding, kernel, dilation):
+    """Per-axis (before, after) padding of an int / tuple / 'valid' / 'same' conv
+    padding, any rank ('same': total d*(k-1), the odd cell after)."""
+    if padding == "valid":
+        return [(0, 0)] * len(kernel)
+    if padding == "same":
+        return [(d * (k - 1) // 2, d * (k - 1) - d * (k - 1) // 2)
+                for k, d in zip(kernel, dilation)]
+    return [(p, p) for p in ntuple(padding, len(kernel))]
+
+
+def conv(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    """Cross-correlation of any spatial rank: y[n, o, *q] = bias[o] + sum over the input
+    channels c of o's group and the taps t of weight[o, c - g*Cg, *t] * x[n, c, *(q*s -
+    p_before + t*d)], cells outside the input being zero."""
+    x = np.asarray(x, dtype=np.float64)
+    weight = np.asarray(weight, dtype=np.float64)
+    rank = x.ndim - 2
+    N, C = x.shape[:2]
+    O, Cg = weight.shape[:2]
+    kernel = weight.shape[2:]
+    s, d = ntuple(stride, rank), ntuple(dilation, rank)
+    pads = conv_pads(padding, kernel, d)
+    out = tuple((n + a + b - e * (k - 1) - 1) // st + 1 for n, (a, b), k, st, e in
+                zip(x.shape[2:], pads, kernel, s, d))
+    Og = O // groups
+    y = np.zeros((N, O) + out)
+    for n in range(N):
+        for o in range(O):
+            g = o // Og
+            for q in positions(out):
+                total = 0.0 if bias is None else float(bias[o])
+                for c in range(Cg):
+                    for t in positions(kernel):
+                        pos = tuple(qi * si - a + ti * di for qi, si, (a, _), ti, di in
+                                    zip(q, s, pads, t, d))
+                        if all(0 <= e < n_ for e, n_ in zip(pos, x.shape[2:])):
+                            total += weight[(o, c) + t] * x[(n, g * Cg + c) + pos]
+                y[(n, o) + q] = total
+    return y
+
+
+def conv_backward(grad_output, x, weight, stride=1, padding=0, dilation=1, groups=1):
+    """(grad_input, grad_weight, grad_bias) of ``conv``, any rank, by the chain rule on
+    the same loops."""
+    go = np.asarray(grad_output, dtype=np.float64)
+    x = np.asarray(x, dtype=np.float64)
+    weight = np.asarray(weight, dtype=np.float64)
+    rank = x.ndim - 2
+    N = x.shape[0]
+    O, Cg = weight.shape[:2]
+    kernel = weight.shape[2:]
+    s, d = ntuple(stride, rank), ntuple(dilation, rank)
+    pads = conv_pads(padding, kernel, d)
+    Og = O // groups
+    gx = np.zeros_like(x)
+    gw = np.zeros_like(weight)
+    for n in range(N):
+        for o in range(O):
+            g = o // Og
+            for q in positions(go.shape[2:]):
+                v = go[(n, o) + q]
+                for c in range(Cg):
+                    for t in positions(kernel):
+                        pos = tuple(qi * si - a + ti * di for qi, si, (a, _), ti, di in
+                                    zip(q, s, pads, t, d))
+                        if all(0 <= e < n_ for e, n_ in zip(pos, x.shape[2:])):
+                            gx[(n, g * Cg + c) + pos] += v * weight[(o, c) + t]
+                            gw[(o, c) + t] += v * x[(n, g * Cg + c) + pos]
+    return gx, gw, go.sum(axis=(0,) + tuple(range(2, go.ndim)))

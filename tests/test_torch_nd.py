@@ -93,3 +93,20 @@ def test_bad_input_names_the_argument():
     with pytest.raises(ValueError, match="padding"):
         fpt.stochastic_pool3d(x, 2, padding=2)
     assert np.isfinite(fpt.max_pool3d(x, 2).numpy()).all()
+
+
+def test_conv1d_gradcheck_and_module():
+    generator = torch.Generator().manual_seed(2)
+    x = torch.rand(2, 4, 13, dtype=torch.float64, generator=generator).requires_grad_()
+    w = torch.rand(6, 2, 3, dtype=torch.float64, generator=generator).requires_grad_()
+    b = torch.rand(6, dtype=torch.float64, generator=generator).requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda a, c, d: fpt.conv1d(a, c, d, stride=2, padding=1, groups=2), (x, w, b))
+    ours = fpt.Conv1d(4, 6, 3, padding=2, dilation=2, padding_mode="reflect").double()
+    theirs = torch.nn.Conv1d(4, 6, 3, padding=2, dilation=2,
+                             padding_mode="reflect").double()
+    theirs.load_state_dict(ours.state_dict())
+    assert repr(ours) == repr(theirs)
+    torch.testing.assert_close(ours(x), theirs(x))
+    torch.testing.assert_close(fpt.conv1d(x, w, b, padding="same", groups=2),
+                               F.conv1d(x, w, b, padding="same", groups=2))

@@ -1,0 +1,134 @@
+"""conv1d (and its backward) against the any-rank loop reference, PyTorch, finite
+differences and the GPU (simulator here)."""
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import fastpool
+import reference as ref
+from conftest import DTYPES, assert_close_to_sum, numeric_gradient, seed_for
+
+try:
+    import torch
+    import torch.nn.functional as F
+except ImportError:
+    torch = None
+
+SETTINGS = settings(max_examples=40, deadline=None,
+                    suppress_health_check=[HealthCheck.too_slow])
+
+
+@st.composite
+def conv1d_cases(draw):
+    groups = draw(st.integers(1, 3))
+    cin, cout = groups * draw(st.integers(1, 3)), groups * draw(st.integers(1, 2))
+    k, d, s = draw(st.integers(1, 4)), draw(st.integers(1, 2)), draw(st.integers(1, 3))
+    kind = draw(st.sampled_from(["int", "tuple", "valid", "same"]))
+    if kind == "same":
+        s, padding, total = 1, "same", d * (k - 1)
+    elif kind == "valid":
+        padding, total = "valid", 0
+    else:
+        p = draw(st.integers(0, 3))
+        padding, total = (p if kind == "int" else (p,)), 2 * p
+    length = draw(st.integers(max(1, d * (k - 1) + 1 - total), 12))
+    return dict(x_shape=(draw(st.integers(1, 2)), cin, length),
+                weight_shape=(cout, cin // groups, k), bias=draw(st.booleans()),
+                unbatched=draw(st.booleans()), dtype=draw(st.sampled_from(DTYPES)),
+                args=dict(stride=s, padding=padding, dilation=d, groups=groups))
+
+
+def _bound(x, w, **args):
+    return ref.conv(np.abs(x), np.abs(w), **args)
+
+
+@SETTINGS
+@given(case=conv1d_cases())
+def test_conv1d_matches_reference(case):
+    rng = np.random.default_rng(seed_for(case))
+    dtype = case["dtype"]
+    x = rng.standard_normal(case["x_shape"]).astype(dtype)
+    if case["unbatched"]:
+        x = x[:1]  # the call sees x[0]; the references see that one image
+    w = rng.standard_normal(case["weight_shape"]).astype(dtype)
+    b = rng.standard_normal(case["weight_shape"][0]).astype(dtype) if case["bias"] else None
+    xin = x[0] if case["unbatched"] else x
+    y = fastpool.conv1d(xin, w, b, **case["args"])
+    y_ref = ref.conv(x, w, b, **case["args"])
+    bound = _bound(x, w, **case["args"]) + (0 if b is None else np.abs(b)[:, None])
+    assert y.dtype == dtype
+    assert_close_to_sum(y, y_ref[0] if case["unbatched"] else y_ref,
+                        bound[0] if case["unbatched"] else bound, dtype)
+    g = rng.standard_normal(y_ref.shape).astype(dtype)
+    gx, gw, gb = fastpool.conv1d_backward(g[0] if case["unbatched"] else g, xin, w,
+                                          **case["args"])
+    gx_ref, gw_ref, gb_ref = ref.conv_backward(g, x, w, **case["args"])
+    gx_bound, gw_bound, _ = ref.conv_backward(np.abs(g), np.abs(x), np.abs(w),
+                                              **case["args"])
+    assert_close_to_sum(gx, gx_ref[0] if case["unbatched"] else gx_ref,
+                        gx_bound[0] if case["unbatched"] else gx_bound, dtype)
+    assert_close_to_sum(gw, gw_ref, gw_bound, dtype)
+    assert_close_to_sum(gb, gb_ref, np.abs(g).sum(axis=(0, 2)), dtype)
+
+
+def test_conv1d_gradients_match_finite_differences():
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 4, 9))
+    w = rng.standard_normal((6, 2, 3))
+    args = dict(stride=2, padding=1, dilation=1, groups=2)
+    g = rng.standard_normal(fastpool.conv1d(x, w, **args).shape)
+    gx, gw, _ = fastpool.conv1d_backward(g, x, w, **args)
+    np.testing.assert_allclose(gx, numeric_gradient(lambda v: fastpool.conv1d(v, w, **args),
+                                                    x, g), rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(gw, numeric_gradient(lambda v: fastpool.conv1d(x, v, **args),
+                                                    w, g), rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.skipif(torch is None, reason="PyTorch is not installed")
+@pytest.mark.parametrize("args", [dict(stride=1, padding=1), dict(stride=3, dilation=2),
+                                  dict(padding="same", groups=2), dict(padding="valid")])
+def test_conv1d_matches_torch(args):
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((3, 4, 4096 // 64))
+    w = rng.standard_normal((6, 4 // args.get("groups", 1), 3))
+    b = rng.standard_normal(6)
+    xt, wt, bt = (torch.from_numpy(a.copy()).requires_grad_() for a in (x, w, b))
+    yt = F.conv1d(xt, wt, bt, **args)
+    g = rng.standard_normal(tuple(yt.shape))
+    yt.backward(torch.from_numpy(g))
+    np.testing.assert_allclose(fastpool.conv1d(x, w, b, **args), yt.detach().numpy(),
+                               rtol=1e-10, atol=1e-10)
+    for ours, theirs in zip(fastpool.conv1d_backward(g, x, w, **args),
+                            (xt.grad, wt.grad, bt.grad)):
+        np.testing.assert_allclose(ours, theirs.numpy(), rtol=1e-10, atol=1e-10)
+
+
+def test_conv1d_on_the_gpu_matches_cpu(small_launches):
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((2, 4, 11)).astype(np.float32)
+    w = rng.standard_normal((4, 2, 3)).astype(np.float32)
+    args = dict(stride=1, padding=1, groups=2)
+    y_cpu = fastpool.conv1d(x, w, **args, device="cpu")
+    y_gpu = fastpool.conv1d(x, w, **args, device="cuda")
+    np.testing.assert_allclose(y_gpu, y_cpu, rtol=1e-5, atol=1e-5)
+    g = np.ones_like(y_cpu)
+    for a, b in zip(fastpool.conv1d_backward(g, x, w, **args, device="cpu"),
+                    fastpool.conv1d_backward(g, x, w, **args, device="cuda")):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
+
+
+def test_conv1d_bad_input_names_the_argument():
+    x = np.ones((1, 2, 8), np.float32)
+    w = np.ones((2, 2, 3), np.float32)
+    with pytest.raises(ValueError, match=r"x must be 3-D \(N, C, L\)"):
+        fastpool.conv1d(x[None], w)
+    with pytest.raises(ValueError, match=r"weight must be 3-D"):
+        fastpool.conv1d(x, w[..., None])
+    with pytest.raises(ValueError, match="stride"):
+        fastpool.conv1d(x, w, stride=(1, 1))
+    with pytest.raises(ValueError, match="padding"):
+        fastpool.conv1d(x, w, padding=(1, 1))
+    with pytest.raises(ValueError, match="grad_output"):
+        fastpool.conv1d_backward(np.ones((6,), np.float32), x, w)
