@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from typing import NamedTuple, Optional
 
-from fastpool import _dispatch, _docs, _params
+import numpy as np
+
+from fastpool import _dispatch, _docs, _geometry, _params
 
 
 class Conv2dGrads(NamedTuple):
@@ -87,7 +89,18 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
     x, weight, bias, geometry = _params.conv_geometry(x, weight, bias, stride, padding,
                                                       dilation, groups)
     backend = _dispatch.backend(device, x, weight, bias)
-    return backend.conv2d_forward(x, weight, bias, geometry)
+    y = backend.conv2d_forward(x, weight, bias, geometry)
+    return _like_input(y, x, geometry)
+
+
+def _like_input(result, x, geometry):
+    """``result`` in ``x``'s memory format: a channels-last host input gives a
+    channels-last result (the kernels compute channels-first; one copy)."""
+    if (result is None or not isinstance(result, np.ndarray)
+            or _params.layout_of(x, geometry.batched) != _geometry.CHANNELS_LAST):
+        return result
+    axis = 1 if geometry.batched else 0
+    return np.moveaxis(np.ascontiguousarray(np.moveaxis(result, axis, -1)), -1, axis)
 
 
 @_with_shape_doc
@@ -123,8 +136,9 @@ def conv2d_backward(grad_output, x, weight, stride=1, padding=0, dilation=1, gro
     grad_output = _params.check_grad_output(grad_output, x, geometry)
     output_mask = _params.check_output_mask(output_mask)
     backend = _dispatch.backend(device, grad_output, x, weight)
-    return Conv2dGrads(*backend.conv2d_backward(grad_output, x, weight, geometry,
-                                                output_mask))
+    grad_input, grad_weight, grad_bias = backend.conv2d_backward(grad_output, x, weight,
+                                                                 geometry, output_mask)
+    return Conv2dGrads(_like_input(grad_input, x, geometry), grad_weight, grad_bias)
 
 
 # ----------------------------------------------------------------------------- 1-D
