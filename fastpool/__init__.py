@@ -17,7 +17,15 @@ from fastpool._dispatch import (
     set_device,
     use_device,
 )
-from fastpool.conv import Conv2dGrads, conv1d, conv1d_backward, conv2d, conv2d_backward
+from fastpool.conv import (
+    Conv2dGrads,
+    conv1d,
+    conv1d_backward,
+    conv2d,
+    conv2d_backward,
+    conv3d,
+    conv3d_backward,
+)
 from fastpool.pooling import (
     avg_pool1d,
     avg_pool1d_backward,
@@ -54,6 +62,8 @@ __all__ = [
     "conv1d_backward",
     "conv2d",
     "conv2d_backward",
+    "conv3d",
+    "conv3d_backward",
     "cuda_available",
     "get_device",
     "max_pool1d",

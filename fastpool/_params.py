@@ -403,3 +403,84 @@ def check_output_mask(output_mask):
             f"output_mask must be three bools (grad_input, grad_weight, grad_bias), got "
             f"{output_mask!r}")
     return tuple(bool(m) for m in output_mask)
+
+
+def conv_window(x, weight, bias, rank, stride=1, padding=0, dilation=1, groups=1):
+    """Validate the arguments of a convolution of ``rank`` spatial axes (the N-D rules
+    of conv2d); return ``(x, weight, bias, Window)``."""
+    x = as_float_array("x", x)
+    if x.ndim not in (rank + 1, rank + 2):
+        raise ValueError(
+            f"x must be {rank + 2}-D {_RANK_SHAPES[rank]}, got shape {x.shape}")
+    if any(s == 0 for s in x.shape[-rank - 1:]):
+        raise ValueError(
+            f"x must have non-zero channel and spatial sizes (only the batch may be "
+            f"empty), got shape {x.shape}")
+    weight = as_float_array("weight", weight)
+    if weight.ndim != rank + 2:
+        raise ValueError(
+            f"weight must be {rank + 2}-D (C_out, C_in // groups, *kernel), got shape "
+            f"{weight.shape}")
+    if weight.dtype != x.dtype:
+        raise TypeError(f"weight dtype {weight.dtype} must match x dtype {x.dtype}")
+    groups = _as_int("groups", groups)
+    if groups < 1:
+        raise ValueError(f"groups must be >= 1, got {groups}")
+    batched = x.ndim == rank + 2
+    c_in = int(x.shape[-rank - 1])
+    c_out, c_in_per_group = int(weight.shape[0]), int(weight.shape[1])
+    kernel = tuple(int(k) for k in weight.shape[2:])
+    if c_out == 0 or min(kernel) == 0:
+        raise ValueError(f"weight must have non-zero sizes, got shape {weight.shape}")
+    if c_in % groups or c_out % groups:
+        raise ValueError(
+            f"groups={groups} must divide both in_channels={c_in} and "
+            f"out_channels={c_out}")
+    if c_in_per_group != c_in // groups:
+        raise ValueError(
+            f"weight shape {weight.shape} needs dim 1 = in_channels // groups = "
+            f"{c_in // groups}")
+    if bias is not None:
+        bias = as_float_array("bias", bias)
+        if bias.shape != (c_out,):
+            raise ValueError(f"bias must have shape ({c_out},), got {bias.shape}")
+        if bias.dtype != x.dtype:
+            raise TypeError(f"bias dtype {bias.dtype} must match x dtype {x.dtype}")
+    stride = ntuple("stride", stride, rank)
+    dilation = ntuple("dilation", dilation, rank)
+    if min(stride) < 1:
+        raise ValueError(f"stride must be >= 1, got {stride}")
+    if min(dilation) < 1:
+        raise ValueError(f"dilation must be >= 1, got {dilation}")
+    if isinstance(padding, str):
+        if padding == "valid":
+            lo = hi = (0,) * rank
+        elif padding == "same":
+            if max(stride) != 1:
+                raise ValueError(
+                    f"padding='same' is only supported with stride 1, got stride {stride}")
+            totals = [d * (k - 1) for k, d in zip(kernel, dilation)]
+            lo = tuple(t // 2 for t in totals)
+            hi = tuple(t - t // 2 for t in totals)
+        else:
+            raise ValueError(
+                f"padding must be an int, a tuple, 'valid' or 'same', got {padding!r}")
+    else:
+        lo = hi = ntuple("padding", padding, rank)
+        if min(lo) < 0:
+            raise ValueError(f"padding must be >= 0, got {lo}")
+    in_size = tuple(int(s) for s in x.shape[-rank:])
+    effective = tuple(d * (k - 1) + 1 for k, d in zip(kernel, dilation))
+    padded = tuple(n + a + b for n, a, b in zip(in_size, lo, hi))
+    if any(p < e for p, e in zip(padded, effective)):
+        raise ValueError(
+            f"weight's kernel size {kernel} with dilation {dilation} (effective "
+            f"{effective}) is larger than the padded input {padded}")
+    out_size = tuple(_geometry.output_size(n, k, s, a, b, d) for n, k, s, a, b, d in
+                     zip(in_size, kernel, stride, lo, hi, dilation))
+    window = _geometry.Window(
+        rank=rank, batch=int(x.shape[0]) if batched else 1, channels=c_in,
+        out_channels=c_out, batched=batched, layout=layout_of(x, batched),
+        in_size=in_size, out_size=out_size, kernel=kernel, stride=stride, pad_lo=lo,
+        pad_hi=hi, dilation=dilation, groups=groups)
+    return _unwrap(x), _unwrap(weight), _unwrap(bias) if bias is not None else None, window

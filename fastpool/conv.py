@@ -216,3 +216,58 @@ def conv1d_backward(grad_output, x, weight, stride=1, padding=0, dilation=1, gro
                             device=device)
     return Conv2dGrads(_dispatch.squeeze(grads.grad_input, -2),
                        _dispatch.squeeze(grads.grad_weight, -2), grads.grad_bias)
+
+
+# ----------------------------------------------------------------------------- 3-D
+
+def conv3d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
+           device=None):
+    """3-D convolution (cross-correlation) with zero padding, as
+    ``torch.nn.functional.conv3d``.
+
+    ``y[n, o, od, oh, ow] = bias[o] + sum over c, a, i, j of weight[o, c, a, i, j] *
+    x[n, g*C_in/groups + c, od*s_d - p_front + a*d_d, oh*s_h - p_top + i*d_h,
+    ow*s_w - p_left + j*d_w]``; cells outside the input are zero. It runs as a sum of
+    2-D convolutions over the depth taps (``fastpool._conv3d``), each on the 2-D
+    algorithms.
+
+    Parameters
+    ----------
+    x : array of float32 or float64
+        ``(N, C_in, D, H, W)`` or unbatched ``(C_in, D, H, W)``; channels-last strides
+        give channels-last results.
+    weight : array
+        ``(C_out, C_in / groups, k_d, k_h, k_w)``, ``x``'s dtype.
+    bias : array, optional
+        ``(C_out,)``.
+    stride, dilation : int or (int, int, int), default 1
+    padding : int, (int, int, int), 'valid' or 'same', default 0
+        ``'same'`` (stride 1 only) pads ``d (k - 1)`` per axis, the odd one after.
+    groups : int, default 1
+    device : {"cpu", "cuda", "auto"}, optional
+
+    Returns
+    -------
+    y : array
+        ``(N, C_out, D_out, H_out, W_out)`` (or unbatched), each axis
+        ``floor((in + p_before + p_after - d (k - 1) - 1) / s) + 1``, ``x``'s dtype.
+    """
+    x, weight, bias, window = _params.conv_window(x, weight, bias, 3, stride, padding,
+                                                  dilation, groups)
+    backend = _dispatch.backend(device, x, weight, bias)
+    return _like_input(backend.conv3d_forward(x, weight, bias, window), x, window)
+
+
+def conv3d_backward(grad_output, x, weight, stride=1, padding=0, dilation=1, groups=1, *,
+                    output_mask=(True, True, True), device=None):
+    """Gradients of :func:`conv3d` with respect to ``x``, ``weight`` and the bias, as a
+    ``Conv2dGrads`` named tuple of ``x``'s, ``weight``'s and ``(C_out,)`` shapes (None
+    where ``output_mask`` did not ask). Arguments as for :func:`conv2d_backward`."""
+    x, weight, _, window = _params.conv_window(x, weight, None, 3, stride, padding,
+                                               dilation, groups)
+    grad_output = _params.check_grad_output(grad_output, x, window)
+    output_mask = _params.check_output_mask(output_mask)
+    backend = _dispatch.backend(device, grad_output, x, weight)
+    grad_input, grad_weight, grad_bias = backend.conv3d_backward(grad_output, x, weight,
+                                                                 window, output_mask)
+    return Conv2dGrads(_like_input(grad_input, x, window), grad_weight, grad_bias)

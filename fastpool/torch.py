@@ -75,6 +75,7 @@ __all__ = [
     "AvgPool3d",
     "Conv1d",
     "Conv2d",
+    "Conv3d",
     "MaxPool1d",
     "MaxPool2d",
     "MaxPool3d",
@@ -86,6 +87,7 @@ __all__ = [
     "avg_pool3d",
     "conv1d",
     "conv2d",
+    "conv3d",
     "max_pool1d",
     "max_pool2d",
     "max_pool3d",
@@ -395,6 +397,14 @@ def _conv(rank, input, weight, bias, stride, padding, dilation, groups):
                                _size_arg(padding, rank), _size_arg(dilation, rank), groups)
 
 
+def conv3d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    """3-D convolution, a drop-in for ``torch.nn.functional.conv3d``: the same
+    arguments, semantics and autograd as :func:`conv2d` on ``(N, C_in, D, H, W)`` input
+    and ``(C_out, C_in / groups, k_d, k_h, k_w)`` weight (a sum of fastpool's 2-D
+    convolutions over the depth taps)."""
+    return _conv(3, input, weight, bias, stride, padding, dilation, groups)
+
+
 def conv1d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     """1-D convolution, a drop-in for ``torch.nn.functional.conv1d``: the same
     arguments, semantics and autograd as :func:`conv2d` on ``(N, C_in, L)`` input and
@@ -700,6 +710,25 @@ class Conv1d(torch.nn.Conv1d):
             return conv1d(padded, weight, bias, self.stride, 0, self.dilation,
                           self.groups)
         return conv1d(input, weight, bias, self.stride, self.padding, self.dilation,
+                      self.groups)
+
+
+class Conv3d(torch.nn.Conv3d):
+    """``torch.nn.Conv3d`` whose forward runs :func:`conv3d` (fastpool kernels); the
+    constructor, parameters, initialisation, ``repr`` and ``state_dict`` are PyTorch's,
+    ``padding_mode`` other than ``'zeros'`` pads with ``torch.nn.functional.pad``."""
+
+    def forward(self, input):
+        """Convolve ``input`` with :func:`fastpool.torch.conv3d`."""
+        return self._conv_forward(input, self.weight, self.bias)
+
+    def _conv_forward(self, input, weight, bias):
+        if self.padding_mode != "zeros":
+            padded = torch.nn.functional.pad(input, self._reversed_padding_repeated_twice,
+                                             mode=self.padding_mode)
+            return conv3d(padded, weight, bias, self.stride, 0, self.dilation,
+                          self.groups)
+        return conv3d(input, weight, bias, self.stride, self.padding, self.dilation,
                       self.groups)
 
 

@@ -187,6 +187,8 @@ BC = RNG.standard_normal(6).astype(np.float32)
 GOC = RNG.standard_normal((2, 6, 7, 6)).astype(np.float32)
 CONV = dict(stride=1, padding=1, dilation=1, groups=2)
 XC1 = RNG.standard_normal((2, 4, 9)).astype(np.float32)
+XC3 = RNG.standard_normal((1, 4, 3, 4, 3)).astype(np.float32)
+WC3 = RNG.standard_normal((6, 2, 2, 3, 3)).astype(np.float32)
 WC1 = RNG.standard_normal((6, 2, 3)).astype(np.float32)
 
 
@@ -263,6 +265,10 @@ def _numpy_calls():
                   padding="conv_padding", dilation="int", groups="int",
                   device="device"), "conv"),
         Call("conv1d", fastpool.conv1d, dict(x=XC1, weight=WC1, bias=BC, **CONV),
+             dict(x="array", weight="array", bias="array", stride="int",
+                  padding="conv_padding", dilation="int", groups="int",
+                  device="device"), "conv"),
+        Call("conv3d", fastpool.conv3d, dict(x=XC3, weight=WC3, bias=BC, **CONV),
              dict(x="array", weight="array", bias="array", stride="int",
                   padding="conv_padding", dilation="int", groups="int",
                   device="device"), "conv"),

@@ -24,6 +24,10 @@ outputs (README, "Reliability"), read off the kernels' allocations:
   gradient) and the weight gradient's partial sums (at most 16 weight-sized chunks,
   and at most 64 MiB unless one chunk is larger).
 
+* 3-D convolution: one gathered batch of depth slices and one 2-D result at a time
+  (at most the input's and the output's size; the backward gathers grad_output slices
+  too), plus the 2-D convolution's scratch.
+
 Inputs that are not contiguous are copied once more (not counted here: the tests pass
 contiguous inputs).
 """
@@ -95,3 +99,18 @@ def conv_scratch(threads, x_shape, weight_shape, out_hw, dilation, itemsize, gro
     per_thread = max(2 * MiB, row_columns, winograd_row, 2 * padded)
     partials = max(min(16 * weight, 64 * MiB), weight)
     return threads * per_thread + 4 * weight + partials
+
+
+def conv3d_scratch(threads, x_shape, weight_shape, out_size, itemsize, groups):
+    """Bytes beyond the outputs a conv3d forward or backward may allocate: per depth tap
+    a gathered batch of input depth slices (and, backward, of grad_output slices) and
+    one 2-D result (input- or output-sized), the 2-D convolution's own scratch, and one
+    weight tap."""
+    N, C, D, H, W = x_shape
+    O, Cg, KD, KH, KW = weight_shape
+    OD, OH, OW = out_size
+    inputs = N * C * D * H * W * itemsize
+    outputs = N * O * OD * OH * OW * itemsize
+    plane = conv_scratch(threads, (N * OD, C, H, W), (O, Cg, KH, KW), (OH, OW), (1, 1),
+                         itemsize, groups)
+    return 2 * (inputs + outputs) + plane + O * Cg * KH * KW * itemsize

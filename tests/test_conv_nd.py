@@ -150,3 +150,106 @@ def test_channels_last_input_gives_channels_last_results(rank):
     for a, b in zip(grads, grads_l):
         np.testing.assert_array_equal(b, a)
     assert np.moveaxis(grads_l.grad_input, 1, -1).flags.c_contiguous
+
+
+# ----------------------------------------------------------------------------- 3-D
+
+CONV3D_CASES = [
+    ((2, 4, 4, 5, 4), (6, 4, 3, 3, 3), dict(stride=1, padding=1)),
+    ((1, 4, 5, 4, 6), (4, 2, 2, 3, 1), dict(stride=(2, 1, 2), padding=(1, 0, 0),
+                                             groups=2)),
+    ((2, 3, 5, 5, 5), (3, 1, 3, 3, 3), dict(padding="same", dilation=(2, 1, 1),
+                                             groups=3)),
+    ((1, 2, 6, 4, 4), (2, 2, 1, 3, 3), dict(padding="valid", stride=(3, 1, 1))),
+    ((2, 8, 3, 6, 6), (8, 8, 3, 3, 3), dict(padding=(0, 1, 1))),  # Winograd planes
+]
+
+
+@pytest.mark.parametrize("x_shape, w_shape, args", CONV3D_CASES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_conv3d_matches_reference(x_shape, w_shape, args, dtype):
+    rng = np.random.default_rng(seed_for(x_shape, w_shape, str(args)))
+    x = rng.standard_normal(x_shape).astype(dtype)
+    w = rng.standard_normal(w_shape).astype(dtype)
+    b = rng.standard_normal(w_shape[0]).astype(dtype)
+    y = fastpool.conv3d(x, w, b, **args)
+    assert y.dtype == dtype
+    assert_close_to_sum(y, ref.conv(x, w, b, **args),
+                        _bound(x, w, **args) + np.abs(b)[:, None, None, None], dtype)
+    g = rng.standard_normal(y.shape).astype(dtype)
+    gx, gw, gb = fastpool.conv3d_backward(g, x, w, **args)
+    refs = ref.conv_backward(g, x, w, **args)
+    bounds = ref.conv_backward(np.abs(g), np.abs(x), np.abs(w), **args)
+    assert_close_to_sum(gx, refs[0], bounds[0], dtype)
+    assert_close_to_sum(gw, refs[1], bounds[1], dtype)
+    assert_close_to_sum(gb, refs[2], np.abs(g).sum(axis=(0, 2, 3, 4)), dtype)
+    only_input = fastpool.conv3d_backward(g, x, w, **args, output_mask=(True, False, False))
+    np.testing.assert_array_equal(only_input.grad_input, gx)
+    assert only_input.grad_weight is None and only_input.grad_bias is None
+    np.testing.assert_array_equal(fastpool.conv3d(x[0], w, b, **args), y[0])
+
+
+def test_conv3d_gradients_match_finite_differences():
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((1, 2, 4, 3, 4))
+    w = rng.standard_normal((2, 2, 2, 2, 3))
+    args = dict(stride=(2, 1, 1), padding=1)
+    g = rng.standard_normal(fastpool.conv3d(x, w, **args).shape)
+    gx, gw, _ = fastpool.conv3d_backward(g, x, w, **args)
+    np.testing.assert_allclose(gx, numeric_gradient(lambda v: fastpool.conv3d(v, w, **args),
+                                                    x, g), rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(gw, numeric_gradient(lambda v: fastpool.conv3d(x, v, **args),
+                                                    w, g), rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.skipif(torch is None, reason="PyTorch is not installed")
+@pytest.mark.parametrize("x_shape, w_shape, args", CONV3D_CASES)
+def test_conv3d_matches_torch(x_shape, w_shape, args):
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal(x_shape)
+    w = rng.standard_normal(w_shape)
+    b = rng.standard_normal(w_shape[0])
+    xt, wt, bt = (torch.from_numpy(a.copy()).requires_grad_() for a in (x, w, b))
+    yt = F.conv3d(xt, wt, bt, **args)
+    g = rng.standard_normal(tuple(yt.shape))
+    yt.backward(torch.from_numpy(g))
+    np.testing.assert_allclose(fastpool.conv3d(x, w, b, **args), yt.detach().numpy(),
+                               rtol=1e-10, atol=1e-10)
+    for ours, theirs in zip(fastpool.conv3d_backward(g, x, w, **args),
+                            (xt.grad, wt.grad, bt.grad)):
+        np.testing.assert_allclose(ours, theirs.numpy(), rtol=1e-10, atol=1e-10)
+
+
+def test_conv3d_on_the_gpu_matches_cpu(small_launches):
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((2, 4, 3, 4, 4)).astype(np.float32)
+    w = rng.standard_normal((4, 2, 2, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(4).astype(np.float32)
+    args = dict(stride=(2, 1, 1), padding=1, groups=2)
+    y_cpu = fastpool.conv3d(x, w, b, **args, device="cpu")
+    np.testing.assert_allclose(fastpool.conv3d(x, w, b, **args, device="cuda"), y_cpu,
+                               rtol=1e-5, atol=1e-5)
+    g = np.cos(np.arange(y_cpu.size, dtype=np.float32)).reshape(y_cpu.shape)
+    for a, c in zip(fastpool.conv3d_backward(g, x, w, **args, device="cpu"),
+                    fastpool.conv3d_backward(g, x, w, **args, device="cuda")):
+        np.testing.assert_allclose(c, a, rtol=1e-4, atol=1e-4)
+
+
+def test_conv3d_channels_last_and_bad_input():
+    rng = np.random.default_rng(10)
+    x = rng.standard_normal((2, 3, 4, 5, 4)).astype(np.float32)
+    w = rng.standard_normal((2, 3, 3, 3, 3)).astype(np.float32)
+    xl = np.moveaxis(np.ascontiguousarray(np.moveaxis(x, 1, -1)), -1, 1)
+    yl = fastpool.conv3d(xl, w, padding=1)
+    np.testing.assert_array_equal(yl, fastpool.conv3d(x, w, padding=1))
+    assert np.moveaxis(yl, 1, -1).flags.c_contiguous
+    with pytest.raises(ValueError, match=r"x must be 5-D \(N, C, D, H, W\)"):
+        fastpool.conv3d(x[0, 0], w)
+    with pytest.raises(ValueError, match=r"weight must be 5-D"):
+        fastpool.conv3d(x, w[0])
+    with pytest.raises(ValueError, match="padding='same'"):
+        fastpool.conv3d(x, w, stride=2, padding="same")
+    with pytest.raises(ValueError, match="kernel size"):
+        fastpool.conv3d(x, w, dilation=3)
+    with pytest.raises(ValueError, match="grad_output"):
+        fastpool.conv3d_backward(np.ones((2, 2, 2, 3, 3), np.float32), x, w)

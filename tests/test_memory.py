@@ -131,6 +131,19 @@ def child(dtype_name):
             go[:1] if small else go, arg(small), w, **geo)),
             x.nbytes + w.nbytes + go.nbytes, bound)
         del x, go
+
+    x = rng.standard_normal((4, 32, 16, 32, 32)).astype(dtype)
+    w = rng.standard_normal((32, 32, 3, 3, 3)).astype(dtype)
+    y = fastpool.conv3d(x[:1, :, :4], w, padding=1)
+    bound = memory.conv3d_scratch(threads, x.shape, w.shape, x.shape[2:], dtype.itemsize, 1)
+    y = record("conv_forward", "conv3d 3x3x3", lambda small=False: fastpool.conv3d(
+        x[:1, :, :4] if small else x, w, padding=1), x.nbytes + w.nbytes, bound)
+    go = rng.standard_normal(y.shape).astype(dtype)
+    del y
+    record("conv_backward", "conv3d 3x3x3", lambda small=False: tuple(
+        fastpool.conv3d_backward(go[:1, :, :4] if small else go,
+                                 x[:1, :, :4] if small else x, w, padding=1)),
+        x.nbytes + w.nbytes + go.nbytes, bound)
     print(json.dumps(rows))
 
 

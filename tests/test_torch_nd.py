@@ -110,3 +110,22 @@ def test_conv1d_gradcheck_and_module():
     torch.testing.assert_close(ours(x), theirs(x))
     torch.testing.assert_close(fpt.conv1d(x, w, b, padding="same", groups=2),
                                F.conv1d(x, w, b, padding="same", groups=2))
+
+
+def test_conv3d_gradcheck_and_module():
+    generator = torch.Generator().manual_seed(4)
+    x = torch.rand(1, 4, 4, 3, 4, dtype=torch.float64, generator=generator).requires_grad_()
+    w = torch.rand(2, 2, 2, 2, 3, dtype=torch.float64, generator=generator).requires_grad_()
+    b = torch.rand(2, dtype=torch.float64, generator=generator).requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda a, c, d: fpt.conv3d(a, c, d, stride=(2, 1, 1), padding=1, groups=2),
+        (x, w, b))
+    ours = fpt.Conv3d(4, 2, 3, padding=1, padding_mode="replicate").double()
+    theirs = torch.nn.Conv3d(4, 2, 3, padding=1, padding_mode="replicate").double()
+    theirs.load_state_dict(ours.state_dict())
+    assert repr(ours) == repr(theirs)
+    torch.testing.assert_close(ours(x), theirs(x))
+    xl = x.detach().contiguous(memory_format=torch.channels_last_3d)
+    yl = fpt.conv3d(xl, w.detach(), padding=1, groups=2)
+    assert yl.is_contiguous(memory_format=torch.channels_last_3d)
+    torch.testing.assert_close(yl, F.conv3d(xl, w.detach(), padding=1, groups=2))

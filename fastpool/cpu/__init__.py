@@ -6,10 +6,13 @@ that is not thread-safe (``workqueue``) one call at a time enters the kernels.
 
 from fastpool._threading import serialised
 from fastpool.cpu import conv as _conv
+from fastpool.cpu import conv3d as _conv3d
 from fastpool.cpu import pooling as _pooling
 
 conv2d_forward = serialised(_conv.conv2d_forward)
 conv2d_backward = serialised(_conv.conv2d_backward)
+conv3d_forward = serialised(_conv3d.conv3d_forward)
+conv3d_backward = serialised(_conv3d.conv3d_backward)
 max_pool_forward = serialised(_pooling.max_pool_forward)
 max_pool_backward = serialised(_pooling.max_pool_backward)
 avg_pool_forward = serialised(_pooling.avg_pool_forward)
@@ -20,6 +23,8 @@ stochastic_pool_backward = serialised(_pooling.stochastic_pool_backward)
 __all__ = [
     "conv2d_backward",
     "conv2d_forward",
+    "conv3d_backward",
+    "conv3d_forward",
     "avg_pool_backward",
     "avg_pool_forward",
     "max_pool_backward",

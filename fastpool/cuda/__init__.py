@@ -14,6 +14,7 @@ from numba import config as _numba_config
 
 from fastpool._dispatch import on_device
 from fastpool.cuda import conv as _conv
+from fastpool.cuda import conv3d as _conv3d
 from fastpool.cuda import pooling as _pooling
 
 if _numba_config.ENABLE_CUDASIM:
@@ -23,6 +24,8 @@ if _numba_config.ENABLE_CUDASIM:
 
 conv2d_forward = on_device(_conv.conv2d_forward)
 conv2d_backward = on_device(_conv.conv2d_backward)
+conv3d_forward = on_device(_conv3d.conv3d_forward)
+conv3d_backward = on_device(_conv3d.conv3d_backward)
 max_pool_forward = on_device(_pooling.max_pool_forward)
 max_pool_backward = on_device(_pooling.max_pool_backward)
 avg_pool_forward = on_device(_pooling.avg_pool_forward)
@@ -33,6 +36,8 @@ stochastic_pool_backward = on_device(_pooling.stochastic_pool_backward)
 __all__ = [
     "conv2d_backward",
     "conv2d_forward",
+    "conv3d_backward",
+    "conv3d_forward",
     "avg_pool_backward",
     "avg_pool_forward",
     "max_pool_backward",

@@ -1,0 +1,87 @@
+"""3-D convolution as a sum of 2-D ones over the depth taps, on either device.
+
+``y[:, :, od] = bias + sum over depth taps a of conv2d(x[:, :, od*sD - pD + a*dD],
+weight[:, :, a])``: for each tap ``a`` the input depth slices it reads (one per output
+depth that stays inside the input) are gathered into one batch of 2-D images, the 2-D
+convolution runs on that batch with the tap's 2-D weight (the 2-D algorithms: GEMMs,
+Winograd, direct), and the result is added into those output depths. The backward is
+the same decomposition: the input gradient scatters each tap's 2-D input gradient back
+to its depth slices, and the weight gradient of tap ``a`` is the 2-D weight gradient of
+its batch. Taps are taken in order and each addition covers whole slices, so every
+result is deterministic. Scratch: one gathered batch (at most the input's size) and one
+2-D result (at most the output's size) at a time.
+
+The device's ``slabs`` module (``fastpool.cpu.slabs`` / ``fastpool.cuda.slabs``,
+mirrored names) supplies the gather, accumulate and scatter steps and the device's 2-D
+launchers.
+"""
+
+from __future__ import annotations
+
+from fastpool import _params
+
+
+def _plane_geometry(w, batch):
+    """The 2-D convolution one depth tap runs, over ``batch`` images."""
+    return _params.ConvGeometry(
+        batch, w.channels, w.out_channels, w.groups, w.in_size[1], w.in_size[2],
+        w.out_size[1], w.out_size[2], w.kernel[1], w.kernel[2], w.stride[1], w.stride[2],
+        w.pad_lo[1], w.pad_hi[1], w.pad_lo[2], w.pad_hi[2], w.dilation[1],
+        w.dilation[2], True)
+
+
+def depth_taps(w):
+    """``(a, lo, hi, first)`` per depth tap ``a`` that reads the input: output depths
+    ``[lo, hi)`` read input depths ``first, first + sD, ...``."""
+    D, OD = w.in_size[0], w.out_size[0]
+    KD, SD, PD, DD = w.kernel[0], w.stride[0], w.pad_lo[0], w.dilation[0]
+    for a in range(KD):
+        lo = max(0, -(-(PD - a * DD) // SD))
+        hi = min(OD, (D - 1 + PD - a * DD) // SD + 1)
+        if lo < hi:
+            yield a, lo, hi, lo * SD - PD + a * DD
+
+
+def forward(slabs, x, weight, bias, w):
+    """``y`` of shape ``(N, C_out, OD, OH, OW)`` for a batched 5-D ``x``."""
+    N = w.batch
+    y = slabs.filled((N, w.out_channels) + w.out_size, x.dtype, bias)
+    if N == 0:
+        return y
+    for a, lo, hi, first in depth_taps(w):
+        count = hi - lo
+        images = slabs.gather(x, first, w.stride[0], count)
+        part = slabs.conv2d_forward(images, slabs.weight_tap(weight, a), None,
+                                    _plane_geometry(w, N * count))
+        del images  # before the next tap allocates its own
+        slabs.accumulate(y, part, lo)
+        del part
+    return y
+
+
+def backward(slabs, grad_output, x, weight, w, output_mask):
+    """``(grad_input, grad_weight, grad_bias)``, None where not asked for."""
+    want_input, want_weight, want_bias = output_mask
+    N = w.batch
+    grad_input = (slabs.filled((N, w.channels) + w.in_size, grad_output.dtype, None)
+                  if want_input else None)
+    grad_weight = (slabs.filled(tuple(weight.shape), grad_output.dtype, None)
+                   if want_weight else None)
+    grad_bias = slabs.bias_grad(grad_output, w) if want_bias else None
+    if N == 0 or not (want_input or want_weight):
+        return grad_input, grad_weight, grad_bias
+    for a, lo, hi, first in depth_taps(w):
+        count = hi - lo
+        geometry = _plane_geometry(w, N * count)
+        grads = slabs.gather(grad_output, lo, 1, count)
+        images = slabs.gather(x, first, w.stride[0], count) if want_weight else None
+        part_input, part_weight, _ = slabs.conv2d_backward(
+            grads, images if want_weight else slabs.shape_only(x, geometry),
+            slabs.weight_tap(weight, a), geometry, (want_input, want_weight, False))
+        del grads, images
+        if want_input:
+            slabs.scatter_add(grad_input, part_input, first, w.stride[0])
+        if want_weight:
+            slabs.put_weight_tap(grad_weight, a, part_weight)
+        del part_input, part_weight
+    return grad_input, grad_weight, grad_bias

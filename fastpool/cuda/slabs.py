@@ -1,0 +1,110 @@
+"""The depth-slab steps of ``fastpool._conv3d`` on the GPU (Numba device arrays);
+mirrors ``fastpool.cpu.slabs``. Each step is one grid-stride kernel over whole
+slices, so nothing races and results are deterministic."""
+
+from __future__ import annotations
+
+import types
+
+import numpy as np
+from numba import cuda
+
+from fastpool.cuda._launch import contiguous, grid_start, grid_stride, launch, split_nchw
+from fastpool.cuda.conv import _bias_grad, conv2d_backward, conv2d_forward  # noqa: F401
+
+
+@cuda.jit
+def _fill(out, bias, has_bias):
+    N, C = out.shape[0], out.shape[1]
+    P = out.shape[2]
+    total = np.int64(N) * C * P
+    i = grid_start()
+    while i < total:
+        p = i % P
+        c = (i // P) % C
+        n = i // (np.int64(P) * C)
+        out[n, c, p] = bias[c] if has_bias else 0
+        i += grid_stride()
+
+
+@cuda.jit
+def _gather(a, out, first, step):
+    """``out[n * count + k, c, h, w] = a[n, c, first + k * step, h, w]``."""
+    M, C, H, W = out.shape
+    count = M // a.shape[0]
+    total = np.int64(M) * C * H * W
+    i = grid_start()
+    while i < total:
+        m, c, h, w = split_nchw(i, C, H, W)
+        out[m, c, h, w] = a[m // count, c, first + (m % count) * step, h, w]
+        i += grid_stride()
+
+
+@cuda.jit
+def _add_slabs(target, part, first, step):
+    """``target[n, c, first + k * step, h, w] += part[n * count + k, c, h, w]``."""
+    M, C, H, W = part.shape
+    count = M // target.shape[0]
+    total = np.int64(M) * C * H * W
+    i = grid_start()
+    while i < total:
+        m, c, h, w = split_nchw(i, C, H, W)
+        target[m // count, c, first + (m % count) * step, h, w] += part[m, c, h, w]
+        i += grid_stride()
+
+
+@cuda.jit
+def _put_tap(grad_weight, a, part):
+    O, C, H, W = part.shape
+    total = np.int64(O) * C * H * W
+    i = grid_start()
+    while i < total:
+        o, c, h, w = split_nchw(i, C, H, W)
+        grad_weight[o, c, a, h, w] = part[o, c, h, w]
+        i += grid_stride()
+
+
+def filled(shape, dtype, bias):
+    out = cuda.device_array(shape, dtype)
+    flat = out.reshape(shape[0], shape[1], -1)
+    has_bias = bias is not None
+    launch(_fill, out.size, flat, bias if has_bias else cuda.device_array(1, dtype),
+           has_bias)
+    return out
+
+
+def gather(a, first, step, count):
+    N, C, _, H, W = a.shape
+    out = cuda.device_array((N * count, C, H, W), a.dtype)
+    launch(_gather, out.size, a, out, first, step)
+    return out
+
+
+def accumulate(y, part, lo):
+    launch(_add_slabs, part.size, y, part, lo, 1)
+
+
+def scatter_add(g, part, first, step):
+    launch(_add_slabs, part.size, g, part, first, step)
+
+
+def weight_tap(weight, a):
+    return contiguous(weight[:, :, a])
+
+
+def put_weight_tap(grad_weight, a, part):
+    launch(_put_tap, part.size, grad_weight, a, part)
+
+
+def shape_only(x, geometry):
+    """A device array of the 2-D batch's input shape, never read."""
+    return cuda.device_array((geometry.batch, geometry.in_channels, geometry.in_h,
+                              geometry.in_w), x.dtype)
+
+
+def bias_grad(grad_output, w):
+    N, O = grad_output.shape[0], grad_output.shape[1]
+    OD, OH, OW = grad_output.shape[2], grad_output.shape[3], grad_output.shape[4]
+    flat = contiguous(grad_output).reshape(N, O, OD * OH, OW)
+    return _bias_grad(flat, types.SimpleNamespace(batch=N, out_channels=O, out_h=OD * OH,
+                                                  out_w=OW))
