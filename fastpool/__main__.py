@@ -24,7 +24,9 @@ def _parser():
     bench.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     bench.add_argument("--quick", action="store_true",
                        help="small shapes and 5 repeats: a smoke run of well under a minute")
-    bench.add_argument("--ops", default="all", choices=["all", "pool", "conv"])
+    bench.add_argument("--ops", default="all", choices=["all", "pool", "conv", "nd"],
+                       help="nd: 1-D and 3-D ops and channels-last pooling (issue 14's "
+                            "shapes), against PyTorch in the same rank and layout")
     bench.add_argument("--repeats", type=int, help="timed repeats (default 11, quick 5)")
     bench.add_argument("--threads", type=int,
                        help="Numba and PyTorch threads (default: Numba's NUMBA_NUM_THREADS)")
@@ -72,7 +74,7 @@ def main(argv=None):
     devices = _devices(args.device)
     repeats = args.repeats or (5 if args.quick else 11)
     threads = args.threads or numba.config.NUMBA_NUM_THREADS
-    ops = ("pool", "conv") if args.ops == "all" else (args.ops,)
+    ops = ("pool", "conv", "nd") if args.ops == "all" else (args.ops,)
     rows, meta = _bench.run(devices, args.dtype, args.quick, threads, repeats, ops)
     print(_bench.format_table(rows, meta))
     if args.json:

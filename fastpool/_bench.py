@@ -65,6 +65,24 @@ CONV_SHAPES = {
 }
 
 
+# The N-D engine's cases (issue 14's benchmark shapes): (op, x shape, argument), each
+# against PyTorch in the same rank and memory format.
+ND_SHAPES = {
+    "full": [("conv1d", (32, 64, 4096), (64, 64, 3)),
+             ("max_pool3d", (8, 32, 32, 64, 64), (3, 2, 1)),
+             ("avg_pool3d", (8, 32, 32, 64, 64), (3, 2, 1)),
+             ("conv3d", (4, 32, 16, 56, 56), (32, 32, 3, 3, 3)),
+             ("max_pool2d channels_last", (32, 64, 112, 112), (3, 2, 1)),
+             ("avg_pool2d channels_last", (32, 64, 112, 112), (3, 2, 1))],
+    "quick": [("conv1d", (8, 32, 512), (32, 32, 3)),
+              ("max_pool3d", (2, 8, 16, 32, 32), (3, 2, 1)),
+              ("avg_pool3d", (2, 8, 16, 32, 32), (3, 2, 1)),
+              ("conv3d", (2, 8, 8, 16, 16), (8, 8, 3, 3, 3)),
+              ("max_pool2d channels_last", (8, 64, 56, 56), (3, 2, 1)),
+              ("avg_pool2d channels_last", (8, 64, 56, 56), (3, 2, 1))],
+}
+
+
 @dataclasses.dataclass
 class Case:
     op: str
@@ -239,6 +257,51 @@ def conv_cases(side, peer, label, x_shape, w_shape, stride, padding, groups, dty
     ]
 
 
+def _channels_last(a):
+    return np.moveaxis(np.ascontiguousarray(np.moveaxis(a, 1, -1)), -1, 1)
+
+
+def nd_cases(side, peer, op, shape, arg, dtype):
+    """One N-D case: fastpool and PyTorch (same rank, same memory format) on the same
+    data. Host memory formats only: the GPU computes channels-first."""
+    rng = np.random.default_rng(2)
+    x_host = rng.random(shape, dtype=np.float64).astype(dtype)
+    torch = getattr(peer, "torch", None)
+    dev = side.device
+    layout_last = op.endswith("channels_last")
+    name = op.split()[0]
+    if layout_last:
+        if dev != "cpu":
+            return []
+        x_host = _channels_last(x_host)
+    x = side.put(x_host)
+    where = f"{shape}" + (f" k{arg[0]} s{arg[1]} p{arg[2]}" if "pool" in name else
+                          f" w{arg}")
+    if "pool" in name:
+        k, st, p = arg
+        mine = (lambda: getattr(fastpool, name)(x, k, st, p, device=dev))
+        y = getattr(fastpool, name)(x_host, k, st, p, device="cpu")
+        amount, unit = x_host.nbytes + y.nbytes, "GB/s"
+        theirs = None
+        if torch is not None:
+            px = torch.from_numpy(x_host).to(peer.device)
+            theirs = (lambda: getattr(peer.F, name)(px, k, st, p))
+    else:
+        w_host = (rng.standard_normal(arg) * 0.1).astype(dtype)
+        w = side.put(w_host)
+        padding = 1
+        mine = (lambda: getattr(fastpool, name)(x, w, padding=padding, device=dev))
+        y = getattr(fastpool, name)(x_host, w_host, padding=padding, device="cpu")
+        amount, unit = 2.0 * np.prod(y.shape) * np.prod(arg[1:]), "GFLOP/s"
+        theirs = None
+        if torch is not None:
+            px, pw = (torch.from_numpy(np.ascontiguousarray(a)).to(peer.device)
+                      for a in (x_host, w_host))
+            theirs = (lambda: getattr(peer.F, name)(px, pw, padding=padding))
+    return [Case(f"{op} forward", where, _timed(mine, side.sync),
+                 None if theirs is None else _timed(theirs, peer.sync), amount, unit)]
+
+
 class Progress:
     """A one-line progress bar on stderr (redrawn at most ten times a second)."""
 
@@ -341,7 +404,7 @@ def pinned_threads(threads):
 
 
 def run(devices, dtype, quick, threads, repeats, ops, stream=None):
-    """Benchmark ``ops`` ("pool", "conv") on ``devices``; returns (rows, meta)."""
+    """Benchmark ``ops`` ("pool", "conv", "nd") on ``devices``; returns (rows, meta)."""
     with pinned_threads(threads):
         return _run(devices, dtype, quick, threads, repeats, ops, stream)
 
@@ -361,6 +424,10 @@ def _run(devices, dtype, quick, threads, repeats, ops, stream):
         if "conv" in ops:
             for spec in CONV_SHAPES[size]:
                 cases += conv_cases(side, peer, *spec, dtype)
+        if "nd" in ops and size != "numpy":
+            for op, shape, arg in ND_SHAPES["quick" if quick or size == "numpy"
+                                            else "full"]:
+                cases += nd_cases(side, peer, op, shape, arg, dtype)
         warmup = Progress(len(cases), f"{device}: compile+warm-up", stream)
         median_times(cases, 1, warmup)
         bandwidth = copy_bandwidth(device, quick)
