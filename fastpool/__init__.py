@@ -1,4 +1,5 @@
-"""fastpool: fast 2-D convolution and pooling kernels (max, average, stochastic) for CPU and GPU, in Numba.
+"""fastpool: fast 1-D, 2-D and 3-D convolution and pooling kernels (max, average,
+stochastic) for CPU and GPU, in Numba.
 
 Importing fastpool compiles nothing and never touches the GPU; kernels are compiled
 (or loaded from Numba's on-disk cache) on first use. It does pick Numba's threading
