@@ -18,7 +18,6 @@ from __future__ import annotations
 
 CHANNELS_FIRST = "channels_first"
 CHANNELS_LAST = "channels_last"
-RANK_NAMES = {1: ("L",), 2: ("H", "W"), 3: ("D", "H", "W")}
 
 
 def output_size(size, kernel, stride, pad_lo, pad_hi, dilation, ceil_mode=False):
@@ -121,27 +120,6 @@ class Window:
     @property
     def planes(self):
         return self.batch * self.channels
-
-    # ------------------------------------------------------------------ kernels
-
-    def volume_shape(self, spatial3, channels=None):
-        """Shape of a 5-D kernel view: ``(N, C, D, H, W)`` channels-first,
-        ``(N, D, H, W, C)`` channels-last."""
-        c = self.channels if channels is None else channels
-        if self.layout == CHANNELS_LAST:
-            return (self.batch,) + tuple(spatial3) + (c,)
-        return (self.batch, c) + tuple(spatial3)
-
-    @property
-    def in_volume(self):
-        return self.volume_shape(self.in3)
-
-    @property
-    def out_volume(self):
-        return self.volume_shape(self.out3, self.out_channels)
-
-    def axis_names(self):
-        return RANK_NAMES[self.rank]
 
     # The last two spatial axes under 2-D names, for kernels that are still 2-D (the
     # GPU pooling kernels see a 1-D op as 2-D with H = 1).
