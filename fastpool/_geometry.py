@@ -120,18 +120,3 @@ class Window:
     @property
     def planes(self):
         return self.batch * self.channels
-
-    # The last two spatial axes under 2-D names, for kernels that are still 2-D (the
-    # GPU pooling kernels see a 1-D op as 2-D with H = 1).
-    in_h = property(lambda self: self.in3[1])
-    in_w = property(lambda self: self.in3[2])
-    out_h = property(lambda self: self.out3[1])
-    out_w = property(lambda self: self.out3[2])
-    kernel_h = property(lambda self: self.kernel3[1])
-    kernel_w = property(lambda self: self.kernel3[2])
-    stride_h = property(lambda self: self.stride3[1])
-    stride_w = property(lambda self: self.stride3[2])
-    pad_h = property(lambda self: self.pad_lo3[1])
-    pad_w = property(lambda self: self.pad_lo3[2])
-    dilation_h = property(lambda self: self.dilation3[1])
-    dilation_w = property(lambda self: self.dilation3[2])

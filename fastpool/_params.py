@@ -193,12 +193,6 @@ def pool_window(x, rank, kernel_size, stride, padding, dilation, ceil_mode, *,
     return _unwrap(x), window
 
 
-def pool_geometry(x, kernel_size, stride, padding, dilation, ceil_mode, *, x_name="x"):
-    """2-D ``pool_window``."""
-    return pool_window(x, 2, kernel_size, stride, padding, dilation, ceil_mode,
-                       x_name=x_name)
-
-
 def check_grad_output(grad_output, x, geometry):
     """Validate ``grad_output`` of a pooling backward against the forward geometry."""
     grad_output = as_float_array("grad_output", grad_output)
