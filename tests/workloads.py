@@ -4,7 +4,8 @@
 of NumPy arrays. ``digest()`` turns the results into bytes, so results computed in a
 forked child, a DataLoader worker or another thread can be compared bitwise with the
 parent's. Geometries are among ``conftest.GEOMETRIES`` (already compiled and cached);
-the convolutions cover the direct, rows, im2col and Winograd algorithms.
+the convolutions cover the direct, rows, im2col and Winograd algorithms, conv1d and
+conv3d; the pools include 1-D, 3-D and channels-last calls.
 """
 
 from __future__ import annotations
@@ -36,6 +37,10 @@ def every_op(dtype=np.float32, seed=2026):
     go_conv = rng.standard_normal((2, 8, 9, 10)).astype(dtype)
     go_strided = rng.standard_normal((2, 6, 4, 4)).astype(dtype)
     go_depthwise = rng.standard_normal((2, 8, 9, 10)).astype(dtype)
+    v = rng.random((2, 3, 4, 5, 6)).astype(dtype)  # 1-D and 3-D ops, channels-last
+    v_last = np.moveaxis(np.ascontiguousarray(np.moveaxis(v, 1, -1)), -1, 1)
+    w3 = rng.standard_normal((4, 3, 2, 3, 3)).astype(dtype)
+    w1 = rng.standard_normal((4, 3, 3)).astype(dtype)
     ops = {
         "conv2d winograd": lambda: fastpool.conv2d(x, w, b, padding=1),
         "conv2d im2col": lambda: fastpool.conv2d(x, w_small, stride=2),
@@ -60,6 +65,14 @@ def every_op(dtype=np.float32, seed=2026):
             x, **pool, training=False),
         "stochastic_pool2d_backward infer": lambda: fastpool.stochastic_pool2d_backward(
             go_pool, x, **pool, training=False),
+        "max_pool3d channels-last": lambda: fastpool.max_pool3d(v_last, **pool,
+                                                                return_indices=True),
+        "avg_pool1d": lambda: fastpool.avg_pool1d(v[:, :, 0, 0], **pool),
+        "stochastic_pool3d": lambda: fastpool.stochastic_pool3d(v, **pool, seed=3),
+        "conv1d": lambda: fastpool.conv1d(v[:, :, 0, 0], w1, padding=1),
+        "conv3d": lambda: fastpool.conv3d(v, w3, padding=1),
+        "conv3d_backward": lambda: fastpool.conv3d_backward(
+            fastpool.conv3d(v, w3, padding=1), v, w3, padding=1),
     }
     return {name: (lambda op=op: _arrays(op())) for name, op in ops.items()}
 
