@@ -27,6 +27,7 @@ import numpy as np
 from numba import njit, prange
 
 import fastpool
+from fastpool._geometry import channels_last_copy
 
 # (shape, kernel, stride, padding): the standard pooling cases.
 POOL_SHAPES = {
@@ -257,10 +258,6 @@ def conv_cases(side, peer, label, x_shape, w_shape, stride, padding, groups, dty
     ]
 
 
-def _channels_last(a):
-    return np.moveaxis(np.ascontiguousarray(np.moveaxis(a, 1, -1)), -1, 1)
-
-
 def nd_cases(side, peer, op, shape, arg, dtype):
     """One N-D case: fastpool and PyTorch (same rank, same memory format) on the same
     data. Host memory formats only: the GPU computes channels-first."""
@@ -273,7 +270,7 @@ def nd_cases(side, peer, op, shape, arg, dtype):
     if layout_last:
         if dev != "cpu":
             return []
-        x_host = _channels_last(x_host)
+        x_host = channels_last_copy(x_host, 1)
     x = side.put(x_host)
     where = f"{shape}" + (f" k{arg[0]} s{arg[1]} p{arg[2]}" if "pool" in name else
                           f" w{arg}")

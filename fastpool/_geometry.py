@@ -16,6 +16,8 @@ input whose strides are those of a channels-last buffer (NLC / NHWC / NDHWC view
 
 from __future__ import annotations
 
+import numpy as np
+
 CHANNELS_FIRST = "channels_first"
 CHANNELS_LAST = "channels_last"
 
@@ -54,6 +56,13 @@ def memory_format(shape, strides, itemsize):
             return CHANNELS_FIRST
         expected *= shape[axis]
     return CHANNELS_LAST
+
+
+def channels_last_copy(array, channel_axis):
+    """``array`` (NumPy) with the same shape and values and channels-last strides: one
+    copy into an ``(N, *spatial, C)`` buffer, viewed back in the caller's axis order."""
+    moved = np.ascontiguousarray(np.moveaxis(array, channel_axis, -1))
+    return np.moveaxis(moved, -1, channel_axis)
 
 
 class Window:

@@ -99,8 +99,7 @@ def _like_input(result, x, geometry):
     if (result is None or not isinstance(result, np.ndarray)
             or _params.layout_of(x, geometry.batched) != _geometry.CHANNELS_LAST):
         return result
-    axis = 1 if geometry.batched else 0
-    return np.moveaxis(np.ascontiguousarray(np.moveaxis(result, axis, -1)), -1, axis)
+    return _geometry.channels_last_copy(result, 1 if geometry.batched else 0)
 
 
 @_with_shape_doc

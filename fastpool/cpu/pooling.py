@@ -22,7 +22,7 @@ import numba
 import numpy as np
 
 from fastpool import _params
-from fastpool._geometry import CHANNELS_LAST
+from fastpool._geometry import CHANNELS_LAST, channels_last_copy
 from fastpool.cpu import pool_avg, pool_channels_last, pool_max, pool_stochastic
 from fastpool.cpu._arrays import contiguous
 from fastpool.cpu._pool_common import interior_columns
@@ -59,8 +59,7 @@ def _channels_last(result, window):
     shape and values, channels-last strides (one copy)."""
     if result is None or window.layout != CHANNELS_LAST:
         return result
-    axis = 1 if window.batched else 0
-    return np.moveaxis(np.ascontiguousarray(np.moveaxis(result, axis, -1)), -1, axis)
+    return channels_last_copy(result, 1 if window.batched else 0)
 
 
 def _cl_buffer(a, window, spatial3):
