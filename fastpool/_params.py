@@ -310,84 +310,15 @@ class ConvGeometry:
         return (self.batch,) + shape if self.batched else shape
 
 
-def _conv_padding(padding, kernel, stride, dilation):
-    """``padding`` -> ((top, bottom), (left, right))."""
-    if isinstance(padding, str):
-        if padding == "valid":
-            return (0, 0), (0, 0)
-        if padding == "same":
-            if stride != (1, 1):
-                raise ValueError(
-                    f"padding='same' is only supported with stride 1, got stride {stride}")
-            pads = []
-            for k, d in zip(kernel, dilation):
-                total = d * (k - 1)
-                pads.append((total // 2, total - total // 2))
-            return tuple(pads)
-        raise ValueError(f"padding must be an int, a pair, 'valid' or 'same', got {padding!r}")
-    ph, pw = pair("padding", padding)
-    if ph < 0 or pw < 0:
-        raise ValueError(f"padding must be >= 0, got {(ph, pw)}")
-    return (ph, ph), (pw, pw)
-
-
 def conv_geometry(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
-    """Validate conv2d arguments; return ``(x, weight, bias, ConvGeometry)``."""
-    x = as_float_array("x", x)
-    if x.ndim not in (3, 4):
-        raise ValueError(
-            f"x must be 4-D (N, C, H, W) or 3-D (C, H, W), got shape {x.shape}")
-    if any(s == 0 for s in x.shape[-3:]):
-        raise ValueError(
-            f"x must have non-zero channel and spatial sizes (only the batch may be "
-            f"empty), got shape {x.shape}")
-    weight = as_float_array("weight", weight)
-    if weight.ndim != 4:
-        raise ValueError(
-            f"weight must be 4-D (C_out, C_in // groups, kH, kW), got shape {weight.shape}")
-    if weight.dtype != x.dtype:
-        raise TypeError(f"weight dtype {weight.dtype} must match x dtype {x.dtype}")
-    groups = _as_int("groups", groups)
-    if groups < 1:
-        raise ValueError(f"groups must be >= 1, got {groups}")
-    c_in = x.shape[-3]
-    c_out, c_in_per_group, kh, kw = weight.shape
-    if c_out == 0 or kh == 0 or kw == 0:
-        raise ValueError(f"weight must have non-zero sizes, got shape {weight.shape}")
-    if c_in % groups or c_out % groups:
-        raise ValueError(
-            f"groups={groups} must divide both in_channels={c_in} and "
-            f"out_channels={c_out}")
-    if c_in_per_group != c_in // groups:
-        raise ValueError(
-            f"weight shape {weight.shape} needs dim 1 = in_channels // groups = "
-            f"{c_in // groups}")
-    if bias is not None:
-        bias = as_float_array("bias", bias)
-        if bias.shape != (c_out,):
-            raise ValueError(f"bias must have shape ({c_out},), got {bias.shape}")
-        if bias.dtype != x.dtype:
-            raise TypeError(f"bias dtype {bias.dtype} must match x dtype {x.dtype}")
-    sh, sw = pair("stride", stride)
-    dh, dw = pair("dilation", dilation)
-    if sh < 1 or sw < 1:
-        raise ValueError(f"stride must be >= 1, got {(sh, sw)}")
-    if dh < 1 or dw < 1:
-        raise ValueError(f"dilation must be >= 1, got {(dh, dw)}")
-    (pt, pb), (pl, pr) = _conv_padding(padding, (kh, kw), (sh, sw), (dh, dw))
-    in_h, in_w = x.shape[-2:]
-    ekh, ekw = dh * (kh - 1) + 1, dw * (kw - 1) + 1
-    if in_h + pt + pb < ekh or in_w + pl + pr < ekw:
-        raise ValueError(
-            f"weight's kernel size {(kh, kw)} with dilation {(dh, dw)} (effective "
-            f"{(ekh, ekw)}) is larger than the padded "
-            f"input {(in_h + pt + pb, in_w + pl + pr)}")
-    out_h = (in_h + pt + pb - ekh) // sh + 1
-    out_w = (in_w + pl + pr - ekw) // sw + 1
-    batched = x.ndim == 4
-    geometry = ConvGeometry(x.shape[0] if batched else 1, c_in, c_out, groups, in_h, in_w,
-                            out_h, out_w, kh, kw, sh, sw, pt, pb, pl, pr, dh, dw, batched)
-    return _unwrap(x), _unwrap(weight), _unwrap(bias) if bias is not None else None, geometry
+    """Validate conv2d arguments (``conv_window``'s rules, rank 2); return ``(x,
+    weight, bias, ConvGeometry)``, the form the 2-D convolution kernels read."""
+    x, weight, bias, w = conv_window(x, weight, bias, 2, stride, padding, dilation, groups)
+    geometry = ConvGeometry(
+        w.batch, w.channels, w.out_channels, w.groups, *w.in_size, *w.out_size, *w.kernel,
+        *w.stride, w.pad_lo[0], w.pad_hi[0], w.pad_lo[1], w.pad_hi[1], *w.dilation,
+        w.batched)
+    return x, weight, bias, geometry
 
 
 def check_output_mask(output_mask):

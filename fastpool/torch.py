@@ -659,7 +659,28 @@ def stochastic_pool3d(input, kernel_size, stride=None, padding=0, dilation=1,
 
 # ----------------------------------------------------------------------------- modules
 
-class Conv2d(torch.nn.Conv2d):
+class _ConvNd:
+    """``forward`` of the ``Conv*d`` modules (mixed into torch's classes):
+    ``padding_mode`` other than ``'zeros'`` pads with ``torch.nn.functional.pad``
+    first, as PyTorch does."""
+
+    _rank = 2
+
+    def forward(self, input):
+        """Convolve ``input`` with fastpool's kernels."""
+        return self._conv_forward(input, self.weight, self.bias)
+
+    def _conv_forward(self, input, weight, bias):
+        if self.padding_mode != "zeros":
+            padded = torch.nn.functional.pad(input, self._reversed_padding_repeated_twice,
+                                             mode=self.padding_mode)
+            return _conv(self._rank, padded, weight, bias, self.stride, 0, self.dilation,
+                         self.groups)
+        return _conv(self._rank, input, weight, bias, self.stride, self.padding,
+                     self.dilation, self.groups)
+
+
+class Conv2d(_ConvNd, torch.nn.Conv2d):
     """``torch.nn.Conv2d`` whose forward runs fastpool's kernels.
 
     Same constructor, parameters, initialisation, attributes, ``repr`` and
@@ -680,56 +701,23 @@ class Conv2d(torch.nn.Conv2d):
     See :func:`conv2d`.
     """
 
-    def forward(self, input):
-        """Convolve ``input`` with :func:`fastpool.torch.conv2d`."""
-        return self._conv_forward(input, self.weight, self.bias)
-
-    def _conv_forward(self, input, weight, bias):
-        if self.padding_mode != "zeros":
-            padded = torch.nn.functional.pad(input, self._reversed_padding_repeated_twice,
-                                             mode=self.padding_mode)
-            return conv2d(padded, weight, bias, self.stride, 0, self.dilation,
-                          self.groups)
-        return conv2d(input, weight, bias, self.stride, self.padding, self.dilation,
-                      self.groups)
+    _rank = 2
 
 
-class Conv1d(torch.nn.Conv1d):
+class Conv1d(_ConvNd, torch.nn.Conv1d):
     """``torch.nn.Conv1d`` whose forward runs :func:`conv1d` (fastpool kernels); the
-    constructor, parameters, initialisation, ``repr`` and ``state_dict`` are PyTorch's,
-    ``padding_mode`` other than ``'zeros'`` pads with ``torch.nn.functional.pad``."""
+    constructor, parameters, initialisation, ``repr`` and ``state_dict`` are
+    PyTorch's."""
 
-    def forward(self, input):
-        """Convolve ``input`` with :func:`fastpool.torch.conv1d`."""
-        return self._conv_forward(input, self.weight, self.bias)
-
-    def _conv_forward(self, input, weight, bias):
-        if self.padding_mode != "zeros":
-            padded = torch.nn.functional.pad(input, self._reversed_padding_repeated_twice,
-                                             mode=self.padding_mode)
-            return conv1d(padded, weight, bias, self.stride, 0, self.dilation,
-                          self.groups)
-        return conv1d(input, weight, bias, self.stride, self.padding, self.dilation,
-                      self.groups)
+    _rank = 1
 
 
-class Conv3d(torch.nn.Conv3d):
+class Conv3d(_ConvNd, torch.nn.Conv3d):
     """``torch.nn.Conv3d`` whose forward runs :func:`conv3d` (fastpool kernels); the
-    constructor, parameters, initialisation, ``repr`` and ``state_dict`` are PyTorch's,
-    ``padding_mode`` other than ``'zeros'`` pads with ``torch.nn.functional.pad``."""
+    constructor, parameters, initialisation, ``repr`` and ``state_dict`` are
+    PyTorch's."""
 
-    def forward(self, input):
-        """Convolve ``input`` with :func:`fastpool.torch.conv3d`."""
-        return self._conv_forward(input, self.weight, self.bias)
-
-    def _conv_forward(self, input, weight, bias):
-        if self.padding_mode != "zeros":
-            padded = torch.nn.functional.pad(input, self._reversed_padding_repeated_twice,
-                                             mode=self.padding_mode)
-            return conv3d(padded, weight, bias, self.stride, 0, self.dilation,
-                          self.groups)
-        return conv3d(input, weight, bias, self.stride, self.padding, self.dilation,
-                      self.groups)
+    _rank = 3
 
 
 class _MaxPoolNd:
