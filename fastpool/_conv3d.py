@@ -85,3 +85,28 @@ def backward(slabs, grad_output, x, weight, w, output_mask):
             slabs.put_weight_tap(grad_weight, a, part_weight)
         del part_input, part_weight
     return grad_input, grad_weight, grad_bias
+
+
+def _volumes(slabs, a, w, channels, spatial):
+    return slabs.contiguous(a).reshape((w.batch, channels) + tuple(spatial))
+
+
+def launch_forward(slabs, x, weight, bias, window):
+    """A device's ``conv3d_forward`` launcher: any-rank-validated arrays in, the
+    caller's shape out."""
+    w = window
+    y = forward(slabs, _volumes(slabs, x, w, w.channels, w.in_size),
+                slabs.contiguous(weight), bias, w)
+    return y.reshape(w.output_shape)
+
+
+def launch_backward(slabs, grad_output, x, weight, window, output_mask):
+    """A device's ``conv3d_backward`` launcher."""
+    w = window
+    grad_input, grad_weight, grad_bias = backward(
+        slabs, _volumes(slabs, grad_output, w, w.out_channels, w.out_size),
+        _volumes(slabs, x, w, w.channels, w.in_size), slabs.contiguous(weight), w,
+        output_mask)
+    if grad_input is not None:
+        grad_input = grad_input.reshape(w.input_shape)
+    return grad_input, grad_weight, grad_bias

@@ -1,29 +1,12 @@
-"""CPU launchers of 3-D convolution: the depth decomposition of ``fastpool._conv3d``
-over the 2-D kernels, with ``fastpool.cpu.slabs`` for the depth steps."""
+"""CPU launchers of 3-D convolution: ``fastpool._conv3d``'s depth decomposition
+with ``fastpool.cpu.slabs`` for the depth steps (``fastpool.cuda.conv3d`` mirrors it)."""
 
 from __future__ import annotations
 
+import functools
+
 from fastpool import _conv3d
 from fastpool.cpu import slabs
-from fastpool.cpu._arrays import contiguous
 
-
-def _volumes(a, w, channels, spatial):
-    return contiguous(a).reshape((w.batch, channels) + tuple(spatial))
-
-
-def conv3d_forward(x, weight, bias, window):
-    w = window
-    y = _conv3d.forward(slabs, _volumes(x, w, w.channels, w.in_size), contiguous(weight),
-                        None if bias is None else contiguous(bias), w)
-    return y.reshape(w.output_shape)
-
-
-def conv3d_backward(grad_output, x, weight, window, output_mask):
-    w = window
-    grad_input, grad_weight, grad_bias = _conv3d.backward(
-        slabs, _volumes(grad_output, w, w.out_channels, w.out_size),
-        _volumes(x, w, w.channels, w.in_size), contiguous(weight), w, output_mask)
-    if grad_input is not None:
-        grad_input = grad_input.reshape(w.input_shape)
-    return grad_input, grad_weight, grad_bias
+conv3d_forward = functools.partial(_conv3d.launch_forward, slabs)
+conv3d_backward = functools.partial(_conv3d.launch_backward, slabs)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from fastpool.cpu._arrays import contiguous  # noqa: F401 (the launchers' copy step)
 from fastpool.cpu.conv import conv2d_backward, conv2d_forward  # noqa: F401 (the 2-D steps)
 
 
