@@ -171,8 +171,24 @@ def to_device(value):
     if kind is None or kind == "numba":
         return value
     if kind == "host":
-        return cuda.to_device(np.ascontiguousarray(value))
+        return _host_to_device(np.asarray(value))
     return cuda.as_cuda_array(value)
+
+
+def _host_to_device(array):
+    """One copy to the GPU that keeps a channels-last (any dense permuted) layout, so
+    the kernels see the memory format the call was validated in; other strides are
+    made C-contiguous."""
+    from numba import cuda
+
+    from fastpool.cuda._launch import dense_order, unpermuted
+    order = None
+    if not array.flags.c_contiguous and array.size:
+        order = dense_order(array.shape, array.strides, array.itemsize)
+    if order is None:
+        return cuda.to_device(np.ascontiguousarray(array))
+    # array.transpose(order) is C-contiguous: no host copy
+    return unpermuted(cuda.to_device(np.ascontiguousarray(array.transpose(order))), order)
 
 
 def from_device(result, kind, like):

@@ -33,19 +33,21 @@ _SCRIPT = """
 
     i64, u64, i32, boolean = types.int64, types.uint64, types.int32, types.boolean
     flag = types.Array(i32, 1, "C")
-    window = (i64,) * 12  # padding, kernel, stride, dilation of (D, H, W)
+    # channels-last flag, then padding, kernel, stride, dilation of (D, H, W)
+    window = (boolean,) + (i64,) * 12
 
     def array(dtype, ndim=4, layout="A"):
         return types.Array(dtype, ndim, layout)
 
     kernels = []
     for np_dtype, dt in ((np.float32, types.float32), (np.float64, types.float64)):
-        # Pooling kernels index 5-D (N, C, D, H, W) arrays; convolution 4-D ones.
-        x, out = array(dt, 5), array(dt, 5, layout="C")
-        f64 = array(types.float64, 5, layout="C")
-        indices = array(i64, 5, layout="C")
+        # Pooling kernels index 5-D (N, C, D, H, W) arrays of any strides (results are
+        # channels-last views for channels-last calls); convolution 4-D ones.
+        x, out = array(dt, 5), array(dt, 5)
+        f64 = array(types.float64, 5)
+        indices = array(i64, 5)
         avg_forward, avg_backward = pooling._avg_kernels(np_dtype)
-        avg = (i64,) * 9 + (boolean, i64)
+        avg = (boolean,) + (i64,) * 9 + (boolean, i64)
         kernels += [
             ("copy_2d", launch._copy_2d, (array(dt, 2), array(dt, 2, "C"))),
             ("copy_3d", launch._copy_3d, (array(dt, 3), array(dt, 3, "C"))),

@@ -250,3 +250,55 @@ def test_results_are_deterministic():
                                                       device="cuda")]
     for a, b in zip(first, second):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("unbatched", [False, True])
+def test_channels_last_device_arrays_stay_channels_last(unbatched):
+    """An NHWC buffer on the GPU viewed as (N, C, H, W) is computed where it lies, and
+    every result comes back a device array with channels-last strides."""
+    from fastpool.cuda._launch import strided_view
+    rng = np.random.default_rng(8)
+    x = rng.random((2, 4, 5, 6)).astype(np.float32)
+    nhwc = cuda.to_device(np.ascontiguousarray(x.transpose(0, 2, 3, 1)))
+    n, h, w, c = nhwc.shape
+    view = strided_view(nhwc, (n, c, h, w), (h * w * c * 4, 4, w * c * 4, c * 4))
+    if unbatched:
+        x, view = x[1], strided_view(nhwc[1], (c, h, w), (4, w * c * 4, c * 4))
+    channel = 0 if unbatched else 1
+    with _small_launches():
+        y, indices = fastpool.max_pool2d(view, 3, 2, 1, return_indices=True)
+        grad = fastpool.max_pool2d(x, 3, 2, 1)  # any values of the output's shape
+        grad_device = cuda.to_device(grad)  # channels-first: gradients may differ
+        results = {
+            "max": (y, fastpool.max_pool2d(x, 3, 2, 1)),
+            "indices": (indices, fastpool.max_pool2d(x, 3, 2, 1, return_indices=True)[1]),
+            "max_backward": (fastpool.max_pool2d_backward(grad_device, view, 3, 2, 1),
+                             fastpool.max_pool2d_backward(grad, x, 3, 2, 1)),
+            "avg": (fastpool.avg_pool2d(view, 2), fastpool.avg_pool2d(x, 2)),
+            "stochastic": (fastpool.stochastic_pool2d(view, 3, 2, seed=5),
+                           fastpool.stochastic_pool2d(x, 3, 2, seed=5)),
+            "inference_backward": (
+                fastpool.stochastic_pool2d_backward(grad_device, view, 3, 2, 1,
+                                                    training=False),
+                fastpool.stochastic_pool2d_backward(grad, x, 3, 2, 1, training=False)),
+        }
+    for name, (got, want) in results.items():
+        assert _dispatch.array_kind(got) == "numba", name
+        assert got.strides[channel] == got.dtype.itemsize, (name, got.strides)
+        host = got.copy_to_host()
+        assert np.moveaxis(host, channel, -1).flags.c_contiguous, name
+        if name == "inference_backward":
+            assert_close(host, want, np.float32)
+        else:
+            np.testing.assert_array_equal(host, want, err_msg=name)
+
+
+def test_host_channels_last_input_is_copied_to_the_gpu_in_its_layout():
+    x = np.random.default_rng(9).random((2, 3, 4, 5)).astype(np.float64)
+    nhwc = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+    device = _dispatch.to_device(nhwc)
+    assert device.strides == nhwc.strides
+    np.testing.assert_array_equal(device.copy_to_host(), x)
+    gaps = x[:, :, :, ::2]  # not dense: copied C-contiguous
+    assert _dispatch.to_device(gaps).is_c_contiguous()
+    np.testing.assert_array_equal(_dispatch.to_device(gaps).copy_to_host(), gaps)

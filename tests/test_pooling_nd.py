@@ -394,15 +394,15 @@ def test_results_do_not_depend_on_thread_count(rank):
 
 # ----------------------------------------------------------------------------- GPU
 
-@pytest.mark.parametrize("rank", [1, 3])
+@pytest.mark.parametrize("rank", [1, 2, 3])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("layout", ["first", "last"])
 def test_gpu_kernels_match_cpu(rank, dtype, layout, small_launches):
-    """Every op of ranks 1 and 3 on the GPU (the simulator here) against the CPU: bit
-    for bit, but stochastic inference within the dtype's tolerance (the GPU may fuse
-    its multiply-adds)."""
+    """Every op of every rank on the GPU (the simulator here) against the CPU: bit for
+    bit, but stochastic inference within the dtype's tolerance (the GPU may fuse its
+    multiply-adds); results in the input's memory format on both devices."""
     rng = np.random.default_rng(90 + rank)
-    shape = (2, 3) + {1: (9,), 3: (4, 5, 4)}[rank]
+    shape = (2, 3) + {1: (9,), 2: (5, 6), 3: (4, 5, 4)}[rank]
     x = distinct_values(rng, shape, dtype) + dtype(0.6)
     x = channels_last(x) if layout == "last" else x
     ops = OPS[rank]
@@ -410,7 +410,8 @@ def test_gpu_kernels_match_cpu(rank, dtype, layout, small_launches):
 
     def everything(device):
         y, i = ops["max"](x, **args, return_indices=True, device=device)
-        g = np.ascontiguousarray(np.cos(np.arange(y.size, dtype=dtype)).reshape(y.shape))
+        g = np.cos(np.arange(y.size, dtype=dtype)).reshape(y.shape)
+        g = channels_last(g) if layout == "last" else g
         s, p = ops["stochastic"](x, **args, seed=12, return_indices=True, device=device)
         avg_args = {k: v for k, v in args.items()}
         return dict(
@@ -429,6 +430,8 @@ def test_gpu_kernels_match_cpu(rank, dtype, layout, small_launches):
     cpu, gpu = everything("cpu"), everything("cuda")
     for name in cpu:
         assert type(gpu[name]) is np.ndarray and gpu[name].shape == cpu[name].shape, name
+        assert is_channels_last(gpu[name]) == (layout == "last"), (name, gpu[name].strides)
+        assert is_channels_last(cpu[name]) == (layout == "last"), (name, cpu[name].strides)
         if name.startswith("inference"):
             assert_close(gpu[name], cpu[name], dtype)
         else:

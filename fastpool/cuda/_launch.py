@@ -14,7 +14,7 @@ import contextlib
 import threading
 
 import numpy as np
-from numba import cuda
+from numba import config, cuda
 
 THREADS_PER_BLOCK = 256
 # Enough blocks to fill any current GPU several times over; the grid-stride loop does
@@ -101,6 +101,17 @@ def split_ncdhw(i, C, D, H, W):
     return rest // C, rest % C, d, h, w
 
 
+@cuda.jit(device=True, inline=True)
+def split_position(i, C, D, H, W, channels_last):
+    """Item ``i`` of a walk over an ``(N, C, D, H, W)`` array -> ``(n, c, d, h, w)``: in
+    C order, or with the channel fastest for channels-last arrays, so that consecutive
+    threads touch consecutive addresses in either layout."""
+    if channels_last:  # the C-order split of an (N, D, H, W, C) array
+        n, d, h, w, c = split_ncdhw(i, D, H, W, C)
+        return n, c, d, h, w
+    return split_ncdhw(i, C, D, H, W)
+
+
 def error_flag():
     """A one-element int32 device array, 0; kernels store 1 in it on bad input (the same
     value from every thread that sees some, so the race is harmless)."""
@@ -176,3 +187,68 @@ def batched(array, shape):
     if array.ndim == 4:
         return array
     return contiguous(array).reshape(shape)
+
+
+# ----------------------------------------------------------------------------- views
+
+def strided_view(array, shape, strides):
+    """A view of ``array``'s memory with ``shape`` and byte ``strides``, no copy (Numba
+    device arrays only transpose in 2-D and reshape only contiguous arrays)."""
+    shape, strides = tuple(int(s) for s in shape), tuple(int(s) for s in strides)
+    if config.ENABLE_CUDASIM:
+        from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
+        return FakeCUDAArray(np.lib.stride_tricks.as_strided(array._ary, shape, strides))
+    from numba.cuda.cudadrv.devicearray import DeviceNDArray
+    return DeviceNDArray(shape, strides, array.dtype, stream=array.stream,
+                         gpu_data=array.gpu_data)
+
+
+def volume(array, batched, rank):
+    """``array`` (``(N, C, *spatial)``, or ``(C, *spatial)`` when not ``batched``) as the
+    5-D ``(N, C, D, H, W)`` view the pooling kernels index: unit axes inserted, whatever
+    the strides, so no layout ever needs a copy. An inserted axis gets the stride a
+    C-contiguous array would give it, so contiguous arrays stay contiguous views."""
+    shape, strides = list(array.shape), list(array.strides)
+    if not batched:
+        shape.insert(0, 1)
+        strides.insert(0, strides[0] * shape[1])
+    for _ in range(3 - rank):
+        shape.insert(2, 1)
+        strides.insert(2, strides[2] * shape[3])
+    if len(shape) == array.ndim:
+        return array
+    return strided_view(array, shape, strides)
+
+
+def empty(shape, dtype, channels_last, channel_axis):
+    """An uninitialised device array of ``shape`` with C-contiguous strides, or with
+    channels-last ones (``channel_axis`` varies fastest: one ``(N, *spatial, C)``
+    allocation viewed in the caller's axis order)."""
+    if not channels_last:
+        return cuda.device_array(shape, dtype)
+    order = [a for a in range(len(shape)) if a != channel_axis] + [channel_axis]
+    return unpermuted(cuda.device_array(tuple(shape[a] for a in order), dtype), order)
+
+
+def unpermuted(memory, order):
+    """A C-contiguous ``memory`` whose axes are the caller's axes ``order`` (slowest
+    first), viewed in the caller's axis order."""
+    shape, strides = [0] * len(order), [0] * len(order)
+    for axis, size, stride in zip(order, memory.shape, memory.strides):
+        shape[axis], strides[axis] = size, stride
+    return strided_view(memory, shape, strides)
+
+
+def dense_order(shape, strides, itemsize):
+    """Axes from slowest to fastest when an array of ``shape`` with these byte
+    ``strides`` is a dense permutation of a C-contiguous buffer (channels-last arrays
+    are), else None."""
+    order = sorted(range(len(shape)), key=lambda a: -strides[a])
+    expected = itemsize
+    for axis in reversed(order):
+        if shape[axis] == 1:
+            continue
+        if strides[axis] != expected:
+            return None
+        expected *= shape[axis]
+    return order

@@ -2,8 +2,8 @@
 
 Launchers take Numba device arrays already validated by ``fastpool._params`` plus the
 ``Window`` and return Numba device arrays (``fastpool.cuda`` adds the transfers).
-Kernels index 5-D ``(N, C, D, H, W)`` arrays (1-D and 2-D inputs are viewed with unit
-depth and height, ``volumes``); 5-D inputs may have any strides.
+Kernels index 5-D ``(N, C, D, H, W)`` arrays of any strides (1-D and 2-D arrays are
+viewed with unit depth and height, unbatched ones with a unit batch: ``_volume``).
 
 Every kernel is a grid-stride loop over int64 element numbers, one element per turn:
 forward kernels over outputs, backward kernels over ``grad_input`` elements. Backward
@@ -16,8 +16,11 @@ draws from ``fastpool._rng`` compiled for the GPU with the CPU's counter
 
 Geometry (kernel, stride, padding, dilation) is runtime data here: one compile per
 dtype serves every shape. Kernels that cast to the array's dtype are built per dtype.
-Channels-last inputs are computed from a channels-first copy on the device and the
-results come back channels-first (following the memory format on the GPU is planned).
+Every array is read and written through a 5-D view of its own strides (``volume``), so
+channels-last inputs are computed in place, results (outputs, indices, gradients) are
+allocated in the call's memory format (``Window.layout``), and a channels-last call walks
+its elements channel-fastest (``split_position``) so that neighbouring threads touch
+neighbouring addresses in either layout.
 """
 
 from __future__ import annotations
@@ -28,14 +31,16 @@ import numpy as np
 from numba import config, cuda
 
 from fastpool import _params, _rng
+from fastpool._geometry import CHANNELS_LAST
 from fastpool.cuda._launch import (
-    contiguous,
+    empty,
     error_flag,
     flag_raised,
     grid_start,
     grid_stride,
     launch,
-    split_ncdhw,
+    split_position,
+    volume,
 )
 
 _gpu_rng = _rng.compile_with(cuda.jit(device=True, inline=True),
@@ -47,26 +52,24 @@ _INF = np.inf
 
 
 def _window_args(w):
-    """Geometry arguments shared by every kernel: padding, kernel, stride and dilation
-    of the three axes ``(D, H, W)``."""
-    return w.pad_lo3 + w.kernel3 + w.stride3 + w.dilation3
+    """Geometry arguments shared by every kernel: the memory format (walk order), then
+    padding, kernel, stride and dilation of the three axes ``(D, H, W)``."""
+    return (_channels_last(w),) + w.pad_lo3 + w.kernel3 + w.stride3 + w.dilation3
 
 
-def _volume_shape(w, spatial3):
-    return (w.batch, w.channels) + tuple(spatial3)
+def _channels_last(w):
+    return w.layout == CHANNELS_LAST
 
 
-def volumes(array, w, spatial3):
-    """``array`` as the 5-D ``(N, C, D, H, W)`` the kernels index: 5-D arrays as they
-    are, whatever their strides; lower ranks reshaped, after a contiguous copy on the
-    device when their strides cannot be."""
-    if array.ndim == 5:
-        return array
-    return contiguous(array).reshape(_volume_shape(w, spatial3))
+def _volume(array, w):
+    """``array`` (an input, output or gradient of the call) as the 5-D ``(N, C, D, H,
+    W)`` view the kernels index, whatever its strides: no copy."""
+    return volume(array, w.batched, w.rank)
 
 
-def _output(w, dtype):
-    return cuda.device_array(_volume_shape(w, w.out3), dtype)
+def _allocate(w, shape, dtype):
+    """A result of the user's ``shape`` in the call's memory format."""
+    return empty(shape, dtype, _channels_last(w), 1 if w.batched else 0)
 
 
 def _dummy_indices():
@@ -92,14 +95,14 @@ def _replaces(value, best):
 # ----------------------------------------------------------------------------- max
 
 @cuda.jit
-def _max_forward(x, out, indices, with_indices, pd, ph, pw, KD, KH, KW, SD, SH, SW, DD, DH,
+def _max_forward(x, out, indices, with_indices, cl, pd, ph, pw, KD, KH, KW, SD, SH, SW, DD, DH,
                  DW):
     N, C, OD, OH, OW = out.shape
     D, H, W = x.shape[2], x.shape[3], x.shape[4]
     total = np.int64(N) * C * OD * OH * OW
     i = grid_start()
     while i < total:
-        n, c, od, oh, ow = split_ncdhw(i, C, OD, OH, OW)
+        n, c, od, oh, ow = split_position(i, C, OD, OH, OW, cl)
         d0 = od * SD - pd
         h0 = oh * SH - ph
         w0 = ow * SW - pw
@@ -125,14 +128,14 @@ def _max_forward(x, out, indices, with_indices, pd, ph, pw, KD, KH, KW, SD, SH, 
 
 
 @cuda.jit
-def _check_window_indices(indices, D, H, W, pd, ph, pw, KD, KH, KW, SD, SH, SW, DD, DH, DW,
+def _check_window_indices(indices, D, H, W, cl, pd, ph, pw, KD, KH, KW, SD, SH, SW, DD, DH, DW,
                           bad):
     """Set ``bad[0]`` if an index is not a position inside its own window."""
     N, C, OD, OH, OW = indices.shape
     total = np.int64(N) * C * OD * OH * OW
     i = grid_start()
     while i < total:
-        n, c, od, oh, ow = split_ncdhw(i, C, OD, OH, OW)
+        n, c, od, oh, ow = split_position(i, C, OD, OH, OW, cl)
         target = indices[n, c, od, oh, ow]
         inside = 0 <= target < np.int64(D) * H * W
         if inside:
@@ -152,7 +155,7 @@ def _gather_to_indices_kernel(dtype):
     zero = np.dtype(dtype).type(0)
 
     @cuda.jit
-    def gather_to_indices(grad_output, indices, grad_input, pd, ph, pw, KD, KH, KW, SD, SH,
+    def gather_to_indices(grad_output, indices, grad_input, cl, pd, ph, pw, KD, KH, KW, SD, SH,
                           SW, DD, DH, DW):
         """``grad_input[d, h, w]`` = the sum of ``grad_output`` over the windows whose
         index is ``(d * H + h) * W + w``, in output order (the CPU scatter's order)."""
@@ -161,7 +164,7 @@ def _gather_to_indices_kernel(dtype):
         total = np.int64(N) * C * D * H * W
         i = grid_start()
         while i < total:
-            n, c, d, h, w = split_ncdhw(i, C, D, H, W)
+            n, c, d, h, w = split_position(i, C, D, H, W, cl)
             target = (np.int64(d) * H + h) * W + w
             acc = zero
             for a in range(KD - 1, -1, -1):  # descending taps: ascending outputs
@@ -182,21 +185,19 @@ def _gather_to_indices_kernel(dtype):
 
 def max_pool_forward(x, window, with_indices):
     w = window
-    x = volumes(x, w, w.in3)
-    out = _output(w, x.dtype)
-    indices = (cuda.device_array(out.shape, np.int64) if with_indices
-               else _dummy_indices())
-    launch(_max_forward, out.size, x, out, indices, bool(with_indices), *_window_args(w))
-    return (out.reshape(w.output_shape),
-            indices.reshape(w.output_shape) if with_indices else None)
+    out = _allocate(w, w.output_shape, x.dtype)
+    indices = _allocate(w, w.output_shape, np.int64) if with_indices else None
+    launch(_max_forward, out.size, _volume(x, w), _volume(out, w),
+           _volume(indices, w) if with_indices else _dummy_indices(), bool(with_indices),
+           *_window_args(w))
+    return out, indices
 
 
 def scatter_to_indices(grad_output, indices, window, checked=True):
     """Backward of a pooling that picked one element per window (max, stochastic
     training). ``checked=False`` skips the index check (indices this module made)."""
     w = window
-    grad_output = volumes(grad_output, w, w.out3)
-    indices = volumes(indices, w, w.out3)
+    indices = _volume(indices, w)
     if checked and indices.size:
         bad = error_flag()
         launch(_check_window_indices, indices.size, indices, *w.in3, *_window_args(w),
@@ -206,10 +207,10 @@ def scatter_to_indices(grad_output, indices, window, checked=True):
                 "indices holds value(s) that are not a position inside their own window; "
                 "indices must be the flat positions (inside each (n, c) volume) returned "
                 "by the forward pass")
-    grad_input = cuda.device_array(_volume_shape(w, w.in3), grad_output.dtype)
-    launch(_gather_to_indices_kernel(grad_output.dtype), grad_input.size, grad_output,
-           indices, grad_input, *_window_args(w))
-    return grad_input.reshape(w.input_shape)
+    grad_input = _allocate(w, w.input_shape, grad_output.dtype)
+    launch(_gather_to_indices_kernel(grad_output.dtype), grad_input.size,
+           _volume(grad_output, w), indices, _volume(grad_input, w), *_window_args(w))
+    return grad_input
 
 
 def max_pool_backward(grad_output, x, window, indices):
@@ -247,7 +248,7 @@ def _avg_kernels(dtype):
     zero = scalar(0)
 
     @cuda.jit
-    def avg_forward(x, out, pd, ph, pw, KD, KH, KW, SD, SH, SW, count_include_pad,
+    def avg_forward(x, out, cl, pd, ph, pw, KD, KH, KW, SD, SH, SW, count_include_pad,
                     divisor_override):
         """Sum in the input's dtype, row-major, as the CPU and PyTorch do."""
         N, C, OD, OH, OW = out.shape
@@ -255,7 +256,7 @@ def _avg_kernels(dtype):
         total = np.int64(N) * C * OD * OH * OW
         i = grid_start()
         while i < total:
-            n, c, od, oh, ow = split_ncdhw(i, C, OD, OH, OW)
+            n, c, od, oh, ow = split_position(i, C, OD, OH, OW, cl)
             d0 = od * SD - pd
             h0 = oh * SH - ph
             w0 = ow * SW - pw
@@ -270,7 +271,7 @@ def _avg_kernels(dtype):
             i += grid_stride()
 
     @cuda.jit
-    def avg_backward(grad_output, grad_input, pd, ph, pw, KD, KH, KW, SD, SH, SW,
+    def avg_backward(grad_output, grad_input, cl, pd, ph, pw, KD, KH, KW, SD, SH, SW,
                      count_include_pad, divisor_override):
         """Each element sums ``grad / divisor`` (rounded to the dtype) of its windows:
         along a window row first, then over rows in tap order, then over depths in tap
@@ -280,7 +281,7 @@ def _avg_kernels(dtype):
         total = np.int64(N) * C * D * H * W
         i = grid_start()
         while i < total:
-            n, c, d, h, w = split_ncdhw(i, C, D, H, W)
+            n, c, d, h, w = split_position(i, C, D, H, W, cl)
             acc = zero
             for a in range(KD):
                 od = _covering(d, pd, a, 1, SD, OD)
@@ -307,27 +308,26 @@ def _avg_kernels(dtype):
 
 
 def _avg_args(w, count_include_pad, divisor_override):
-    return (w.pad_lo3 + w.kernel3 + w.stride3
+    return ((_channels_last(w),) + w.pad_lo3 + w.kernel3 + w.stride3
             + (bool(count_include_pad), int(divisor_override)))
 
 
 def avg_pool_forward(x, window, count_include_pad, divisor_override):
     w = window
-    x = volumes(x, w, w.in3)
-    out = _output(w, x.dtype)
+    out = _allocate(w, w.output_shape, x.dtype)
     forward, _ = _avg_kernels(x.dtype)
-    launch(forward, out.size, x, out, *_avg_args(w, count_include_pad, divisor_override))
-    return out.reshape(w.output_shape)
+    launch(forward, out.size, _volume(x, w), _volume(out, w),
+           *_avg_args(w, count_include_pad, divisor_override))
+    return out
 
 
 def avg_pool_backward(grad_output, window, count_include_pad, divisor_override):
     w = window
-    grad_output = volumes(grad_output, w, w.out3)
-    grad_input = cuda.device_array(_volume_shape(w, w.in3), grad_output.dtype)
+    grad_input = _allocate(w, w.input_shape, grad_output.dtype)
     _, backward = _avg_kernels(grad_output.dtype)
-    launch(backward, grad_input.size, grad_output, grad_input,
+    launch(backward, grad_input.size, _volume(grad_output, w), _volume(grad_input, w),
            *_avg_args(w, count_include_pad, divisor_override))
-    return grad_input.reshape(w.input_shape)
+    return grad_input
 
 
 # ----------------------------------------------------------------------------- stochastic
@@ -361,7 +361,7 @@ def _window_sums(x, n, c, d0, h0, w0, KD, KH, KW, DD, DH, DW):
 
 
 @cuda.jit
-def _stochastic_train(x, out, indices, with_indices, seed, pd, ph, pw, KD, KH, KW, SD, SH,
+def _stochastic_train(x, out, indices, with_indices, seed, cl, pd, ph, pw, KD, KH, KW, SD, SH,
                       SW, DD, DH, DW, bad):
     """Pick the first element (row-major) whose running float64 sum exceeds
     ``u * S1``; when rounding lets none exceed it, the last positive element (the CPU's
@@ -371,7 +371,7 @@ def _stochastic_train(x, out, indices, with_indices, seed, pd, ph, pw, KD, KH, K
     total = np.int64(N) * C * OD * OH * OW
     i = grid_start()
     while i < total:
-        n, c, od, oh, ow = split_ncdhw(i, C, OD, OH, OW)
+        n, c, od, oh, ow = split_position(i, C, OD, OH, OW, cl)
         d0 = od * SD - pd
         h0 = oh * SH - ph
         w0 = ow * SW - pw
@@ -419,13 +419,13 @@ def _checked_window_sums(x, n, c, od, oh, ow, pd, ph, pw, KD, KH, KW, SD, SH, SW
 
 
 @cuda.jit
-def _stochastic_infer(x, out, pd, ph, pw, KD, KH, KW, SD, SH, SW, DD, DH, DW, bad):
+def _stochastic_infer(x, out, cl, pd, ph, pw, KD, KH, KW, SD, SH, SW, DD, DH, DW, bad):
     """``S2 / S1`` (0 when ``S1 == 0``), in float64."""
     N, C, OD, OH, OW = out.shape
     total = np.int64(N) * C * OD * OH * OW
     i = grid_start()
     while i < total:
-        n, c, od, oh, ow = split_ncdhw(i, C, OD, OH, OW)
+        n, c, od, oh, ow = split_position(i, C, OD, OH, OW, cl)
         s1, s2 = _checked_window_sums(x, n, c, od, oh, ow, pd, ph, pw, KD, KH, KW, SD, SH,
                                       SW, DD, DH, DW, bad)
         out[n, c, od, oh, ow] = s2 / s1 if s1 > 0.0 else 0.0
@@ -433,7 +433,7 @@ def _stochastic_infer(x, out, pd, ph, pw, KD, KH, KW, SD, SH, SW, DD, DH, DW, ba
 
 
 @cuda.jit
-def _stochastic_infer_shares(x, grad_output, share_a, share_b, pd, ph, pw, KD, KH, KW, SD,
+def _stochastic_infer_shares(x, grad_output, share_a, share_b, cl, pd, ph, pw, KD, KH, KW, SD,
                              SH, SW, DD, DH, DW, bad):
     """Per window: ``A = 2 g / S1`` and ``B = -g S2 / S1**2`` (0 when ``S1 == 0``), so
     that its contribution to element ``a_i`` is ``a_i * A + B``."""
@@ -441,7 +441,7 @@ def _stochastic_infer_shares(x, grad_output, share_a, share_b, pd, ph, pw, KD, K
     total = np.int64(N) * C * OD * OH * OW
     i = grid_start()
     while i < total:
-        n, c, od, oh, ow = split_ncdhw(i, C, OD, OH, OW)
+        n, c, od, oh, ow = split_position(i, C, OD, OH, OW, cl)
         s1, s2 = _checked_window_sums(x, n, c, od, oh, ow, pd, ph, pw, KD, KH, KW, SD, SH,
                                       SW, DD, DH, DW, bad)
         g = np.float64(grad_output[n, c, od, oh, ow])
@@ -451,7 +451,7 @@ def _stochastic_infer_shares(x, grad_output, share_a, share_b, pd, ph, pw, KD, K
 
 
 @cuda.jit
-def _stochastic_infer_backward(x, share_a, share_b, grad_input, pd, ph, pw, KD, KH, KW, SD,
+def _stochastic_infer_backward(x, share_a, share_b, grad_input, cl, pd, ph, pw, KD, KH, KW, SD,
                                SH, SW, DD, DH, DW):
     """``grad = x * sum(A) + sum(B)`` over the windows covering each element, summed
     along window rows first, then over rows in tap order, then over depths in tap order
@@ -461,7 +461,7 @@ def _stochastic_infer_backward(x, share_a, share_b, grad_input, pd, ph, pw, KD, 
     total = np.int64(N) * C * D * H * W
     i = grid_start()
     while i < total:
-        n, c, d, h, w = split_ncdhw(i, C, D, H, W)
+        n, c, d, h, w = split_position(i, C, D, H, W, cl)
         sum_a = 0.0
         sum_b = 0.0
         for a in range(KD):
@@ -495,35 +495,32 @@ def _raise_if_invalid(bad):
 def stochastic_pool_forward(x, window, training, seed, with_indices):
     w = window
     with_indices = bool(training and with_indices)
-    x = volumes(x, w, w.in3)
-    out = _output(w, x.dtype)
-    indices = (cuda.device_array(out.shape, np.int64) if with_indices
-               else _dummy_indices())
+    out = _allocate(w, w.output_shape, x.dtype)
+    indices = _allocate(w, w.output_shape, np.int64) if with_indices else None
     bad = error_flag()
     if training:
-        launch(_stochastic_train, out.size, x, out, indices, with_indices, np.uint64(seed),
-               *_window_args(w), bad)
+        launch(_stochastic_train, out.size, _volume(x, w), _volume(out, w),
+               _volume(indices, w) if with_indices else _dummy_indices(), with_indices,
+               np.uint64(seed), *_window_args(w), bad)
     else:
-        launch(_stochastic_infer, out.size, x, out, *_window_args(w), bad)
+        launch(_stochastic_infer, out.size, _volume(x, w), _volume(out, w),
+               *_window_args(w), bad)
     _raise_if_invalid(bad)
-    return (out.reshape(w.output_shape),
-            indices.reshape(w.output_shape) if with_indices else None)
+    return out, indices
 
 
 def stochastic_pool_backward(grad_output, x, window, training, indices):
     w = window
     if training:
         return scatter_to_indices(grad_output, indices, window)
-    out_shape = _volume_shape(w, w.out3)
-    x = volumes(x, w, w.in3)
-    grad_output = volumes(grad_output, w, w.out3)
-    share_a = cuda.device_array(out_shape, np.float64)
-    share_b = cuda.device_array(out_shape, np.float64)
+    x = _volume(x, w)
+    share_a = _volume(_allocate(w, w.output_shape, np.float64), w)
+    share_b = _volume(_allocate(w, w.output_shape, np.float64), w)
     bad = error_flag()
-    launch(_stochastic_infer_shares, share_a.size, x, grad_output, share_a, share_b,
-           *_window_args(w), bad)
+    launch(_stochastic_infer_shares, share_a.size, x, _volume(grad_output, w), share_a,
+           share_b, *_window_args(w), bad)
     _raise_if_invalid(bad)
-    grad_input = cuda.device_array(x.shape, grad_output.dtype)
-    launch(_stochastic_infer_backward, grad_input.size, x, share_a, share_b, grad_input,
-           *_window_args(w))
-    return grad_input.reshape(w.input_shape)
+    grad_input = _allocate(w, w.input_shape, grad_output.dtype)
+    launch(_stochastic_infer_backward, grad_input.size, x, share_a, share_b,
+           _volume(grad_input, w), *_window_args(w))
+    return grad_input
