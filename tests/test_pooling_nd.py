@@ -325,6 +325,72 @@ def test_layouts_give_identical_results(rank):
             assert f.flags.c_contiguous, name
 
 
+def _bits(a):
+    return np.ascontiguousarray(a).view(np.uint8)
+
+
+def _assert_bitwise_same(first, last, channels):
+    for name in first:
+        assert np.array_equal(_bits(first[name]), _bits(last[name])), name
+        if channels > 1 and np.prod(last[name].shape[2:]) > 1:
+            assert is_channels_last(last[name]), name
+
+
+@all_ranks
+@SETTINGS
+@given(data=st.data(), seed=st.integers(0, 2**64 - 1))
+def test_channels_last_kernels_are_bitwise_channels_first(rank, data, seed):
+    """Every op's channels-last kernels (read in place) against its channels-first ones,
+    byte for byte, over random geometries: edge and interior windows, dilation,
+    ceil_mode, zero windows."""
+    ops = OPS[rank]
+    case = data.draw(nd_cases(rank))
+    rng = _rng(case)
+    x = rng.random(case["shape"]).astype(case["dtype"])
+    x[x < 0.2] = 0
+    args = case["args"]
+    g = rng.standard_normal(ops["max"](x, **args).shape).astype(x.dtype)
+
+    def picking(v, grad):
+        out, picks = ops["stochastic"](v, **args, seed=seed, return_indices=True)
+        return dict(
+            max=ops["max"](v, **args), max_backward=ops["max_backward"](grad, v, **args),
+            stochastic=out, picks=picks,
+            stochastic_backward=ops["stochastic_backward"](grad, v, **args, indices=picks),
+            inference=ops["stochastic"](v, **args, training=False),
+            inference_backward=ops["stochastic_backward"](grad, v, **args,
+                                                          training=False))
+
+    _assert_bitwise_same(picking(x, g), picking(channels_last(x), channels_last(g)),
+                         x.shape[1])
+    case = data.draw(nd_cases(rank, dilated=False))
+    x = rng.standard_normal(case["shape"]).astype(case["dtype"])
+    args = case["args"]
+    g = rng.standard_normal(ops["avg"](x, **args).shape).astype(x.dtype)
+
+    def averaging(v, grad):
+        return dict(avg=ops["avg"](v, **args),
+                    avg_backward=ops["avg_backward"](grad, v, **args))
+
+    _assert_bitwise_same(averaging(x, g), averaging(channels_last(x), channels_last(g)),
+                         x.shape[1])
+
+
+@all_ranks
+def test_channels_last_stochastic_pooling_rejects_bad_input(rank):
+    x = channels_last(np.random.default_rng(rank).random((2, 3) + (5,) * rank))
+    g = channels_last(np.ones((2, 3) + (3,) * rank))
+    ops = OPS[rank]
+    for bad in (-1.0, np.nan, np.inf):
+        x[1, 2, ...] = bad
+        with pytest.raises(ValueError, match="non-negative"):
+            ops["stochastic"](x, 3, 2, 1, seed=1)
+        with pytest.raises(ValueError, match="non-negative"):
+            ops["stochastic"](x, 3, 2, 1, training=False)
+        with pytest.raises(ValueError, match="non-negative"):
+            ops["stochastic_backward"](g, x, 3, 2, 1, training=False)
+
+
 def test_memory_format_rules():
     from fastpool._geometry import CHANNELS_FIRST, CHANNELS_LAST, memory_format
     x = np.zeros((2, 3, 4, 5), np.float32)

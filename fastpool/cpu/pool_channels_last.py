@@ -151,12 +151,57 @@ def scatter_to_indices(grad_output, indices, grad_input, blocks):
     return bad
 
 
+@njit(inline="always")
+def gather_shares(sf, dst, g, n, d, h, w, OD, OH, OW, C, pd, ph, pw, KD, KH, KW, SD, SH,
+                  SW, DD, DH, DW, row, plane, zero):
+    """``dst[g:g + C]`` = the sum of the per-window shares ``sf`` (an ``(N, OD, OH, OW,
+    C)`` buffer, flat) of the windows whose taps land on input ``(n, d, h, w)``: along
+    W first (from ``zero``, taps in order), then over H in tap order, then over D in tap
+    order, as the channels-first spreading adds them (``_pool_common``). ``row`` and
+    ``plane`` are ``C``-long scratch."""
+    any_depth = False
+    for a in range(KD):
+        t = d + pd - a * DD
+        if t >= 0 and t % SD == 0 and t // SD < OD:
+            od = t // SD
+            any_row = False
+            for i in range(KH):
+                u = h + ph - i * DH
+                if u >= 0 and u % SH == 0 and u // SH < OH:
+                    oh = u // SH
+                    for c in range(C):
+                        row[c] = zero
+                    for j in range(KW):
+                        v = w + pw - j * DW
+                        if v >= 0 and v % SW == 0 and v // SW < OW:
+                            s = (((n * OD + od) * OH + oh) * OW + v // SW) * C
+                            for c in range(C):
+                                row[c] += sf[U(s + c)]
+                    if any_row:
+                        for c in range(C):
+                            plane[c] += row[c]
+                    else:
+                        for c in range(C):
+                            plane[c] = row[c]
+                        any_row = True
+            if any_row:
+                if any_depth:
+                    for c in range(C):
+                        dst[U(g + c)] += plane[c]
+                else:
+                    for c in range(C):
+                        dst[U(g + c)] = plane[c]
+                    any_depth = True
+    if not any_depth:
+        for c in range(C):
+            dst[U(g + c)] = zero
+
+
 @functools.lru_cache(maxsize=None)
 def avg_backward(KD, KH, KW, SD, SH, SW):
     """``kernel(shares, grad_input, pd, ph, pw, zero)``: ``shares`` holds each window's
     ``grad / divisor`` (rounded to the dtype, as the channels-first kernel rounds it);
-    each input element gathers the shares of its windows, along W first, then over H
-    in tap order, then over D in tap order (the channels-first kernel's order)."""
+    each input element gathers the shares of its windows (``gather_shares``)."""
 
     @njit(**JIT)
     def kernel(shares, grad_input, pd, ph, pw, zero):
@@ -169,47 +214,9 @@ def avg_backward(KD, KH, KW, SD, SH, SW):
             row = np.empty(C, dtype=grad_input.dtype)
             plane = np.empty(C, dtype=grad_input.dtype)
             for w in range(W):
-                g = ((in_row * W) + w) * C
-                any_depth = False
-                for a in range(KD):
-                    t = d + pd - a
-                    if t < 0 or t % SD != 0 or t // SD >= OD:
-                        continue
-                    od = t // SD
-                    any_row = False
-                    for i in range(KH):
-                        u = h + ph - i
-                        if u < 0 or u % SH != 0 or u // SH >= OH:
-                            continue
-                        oh = u // SH
-                        for c in range(C):
-                            row[c] = zero
-                        for j in range(KW):
-                            v = w + pw - j
-                            if v < 0 or v % SW != 0 or v // SW >= OW:
-                                continue
-                            s = (((n * OD + od) * OH + oh) * OW + v // SW) * C
-                            for c in range(C):
-                                row[c] += sf[U(s + c)]
-                        if any_row:
-                            for c in range(C):
-                                plane[c] += row[c]
-                        else:
-                            for c in range(C):
-                                plane[c] = row[c]
-                            any_row = True
-                    if not any_row:
-                        continue
-                    if any_depth:
-                        for c in range(C):
-                            gf[U(g + c)] += plane[c]
-                    else:
-                        for c in range(C):
-                            gf[U(g + c)] = plane[c]
-                        any_depth = True
-                if not any_depth:
-                    for c in range(C):
-                        gf[U(g + c)] = zero
+                gather_shares(sf, gf, ((in_row * W) + w) * C, n, d, h, w, OD, OH, OW, C,
+                              pd, ph, pw, KD, KH, KW, SD, SH, SW, 1, 1, 1, row, plane,
+                              zero)
 
     return kernel
 

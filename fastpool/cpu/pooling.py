@@ -9,11 +9,9 @@ window's compile-time constants (``Window.constants``) by the one memoised place
 backward kernels over planes; no two threads write the same element and nothing uses
 atomics, so results are identical at any thread count.
 
-Channels-last inputs of max and average pooling (and the scatter backward of max and
-stochastic training) run kernels that read the ``(N, D, H, W, C)`` buffer in place
-(``pool_channels_last``); stochastic pooling computes them on one channels-first copy.
-Either way results come back channels-last, with the channels-first values bit for
-bit.
+Channels-last inputs run kernels that read the ``(N, D, H, W, C)`` buffer in place
+(``pool_channels_last``, ``pool_stochastic_channels_last``) and write channels-last
+results, with the channels-first values bit for bit.
 """
 
 from __future__ import annotations
@@ -22,8 +20,14 @@ import numba
 import numpy as np
 
 from fastpool import _params
-from fastpool._geometry import CHANNELS_LAST, channels_last_copy
-from fastpool.cpu import pool_avg, pool_channels_last, pool_max, pool_stochastic
+from fastpool._geometry import CHANNELS_LAST
+from fastpool.cpu import (
+    pool_avg,
+    pool_channels_last,
+    pool_max,
+    pool_stochastic,
+    pool_stochastic_channels_last,
+)
 from fastpool.cpu._arrays import contiguous
 from fastpool.cpu._pool_common import interior_columns
 
@@ -37,6 +41,10 @@ _FACTORIES = {
     "stochastic_train": pool_stochastic.train_forward,
     "stochastic_infer_forward": pool_stochastic.infer_forward,
     "stochastic_infer_backward": pool_stochastic.infer_backward,
+    "stochastic_train_cl": pool_stochastic_channels_last.train_forward,
+    "stochastic_infer_forward_cl": pool_stochastic_channels_last.infer_forward,
+    "stochastic_infer_shares_cl": pool_stochastic_channels_last.infer_shares,
+    "stochastic_infer_backward_cl": pool_stochastic_channels_last.infer_backward,
 }
 # Average pooling has no dilation: its kernels take kernel and stride only.
 _NO_DILATION = {"avg_forward", "avg_backward", "avg_forward_cl", "avg_backward_cl"}
@@ -52,14 +60,6 @@ def kernel(op, window, *flags):
 def _volumes(a, spatial3):
     """``a`` as a C-contiguous ``(planes, D, H, W)`` kernel view (one copy at most)."""
     return contiguous(a).reshape((-1,) + tuple(spatial3))
-
-
-def _channels_last(result, window):
-    """A channels-first result in the caller's channels-last memory format: the same
-    shape and values, channels-last strides (one copy)."""
-    if result is None or window.layout != CHANNELS_LAST:
-        return result
-    return channels_last_copy(result, 1 if window.batched else 0)
 
 
 def _cl_buffer(a, window, spatial3):
@@ -208,9 +208,28 @@ def _raise_if_invalid(flags):
         raise _params.invalid_stochastic_input()
 
 
+def _stochastic_forward_channels_last(x, w, training, seed, with_indices):
+    out, out_view = _cl_empty(w, w.out_size, w.channels, x.dtype)
+    indices, indices_view = (_cl_empty(w, w.out_size, w.channels, np.int64)
+                             if with_indices else (np.empty((1,) * 5, np.int64), None))
+    if w.planes:
+        invalid = np.zeros(w.batch * w.out3[0] * w.out3[1], dtype=np.bool_)
+        volume = _cl_buffer(x, w, w.in3)
+        if training:
+            kernel("stochastic_train_cl", w, with_indices)(
+                volume, out, indices, *_pads(w), np.uint64(seed), invalid,
+                *interior_columns(w))
+        else:
+            kernel("stochastic_infer_forward_cl", w)(volume, out, *_pads(w), invalid)
+        _raise_if_invalid(invalid)
+    return out_view, indices_view
+
+
 def stochastic_pool_forward(x, window, training, seed, with_indices):
     w = window
     with_indices = bool(training and with_indices)
+    if w.layout == CHANNELS_LAST:
+        return _stochastic_forward_channels_last(x, w, training, seed, with_indices)
     out = np.empty(w.output_shape, dtype=x.dtype)
     indices = np.empty(w.output_shape if with_indices else (1,), dtype=np.int64)
     if w.planes:
@@ -229,14 +248,31 @@ def stochastic_pool_forward(x, window, training, seed, with_indices):
             kernel("stochastic_infer_forward", w)(volumes_x, volumes_out, *_pads(w),
                                                   invalid, lo, hi)
         _raise_if_invalid(invalid)
-    return (_channels_last(out, w),
-            _channels_last(indices, w) if with_indices else None)
+    return out, (indices if with_indices else None)
+
+
+def _stochastic_backward_channels_last(grad_output, x, w):
+    grad_input, view = _cl_empty(w, w.in_size, w.channels, grad_output.dtype)
+    if w.planes:
+        volume = _cl_buffer(x, w, w.in3)
+        go = _cl_buffer(grad_output, w, w.out3)
+        share_a = np.empty(go.shape)
+        share_b = np.empty(go.shape)
+        invalid = np.zeros(w.batch * w.out3[0] * w.out3[1], dtype=np.bool_)
+        kernel("stochastic_infer_shares_cl", w)(volume, go, share_a, share_b, *_pads(w),
+                                                invalid)
+        _raise_if_invalid(invalid)
+        kernel("stochastic_infer_backward_cl", w)(volume, share_a, share_b, grad_input,
+                                                  *_pads(w))
+    return view
 
 
 def stochastic_pool_backward(grad_output, x, window, training, indices):
     w = window
     if training:
         return scatter_to_indices(grad_output, indices, window)
+    if w.layout == CHANNELS_LAST:
+        return _stochastic_backward_channels_last(grad_output, x, w)
     grad_input = np.empty(w.input_shape, dtype=grad_output.dtype)
     if w.planes:
         invalid = np.zeros(w.planes, dtype=np.bool_)
@@ -245,4 +281,4 @@ def stochastic_pool_backward(grad_output, x, window, training, indices):
             _volumes(grad_output, w.out3), _volumes(x, w.in3),
             grad_input.reshape((-1,) + w.in3), *_pads(w), invalid, lo, hi, _workers(w))
         _raise_if_invalid(invalid)
-    return _channels_last(grad_input, w)
+    return grad_input

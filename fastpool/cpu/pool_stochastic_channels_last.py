@@ -1,0 +1,244 @@
+"""Stochastic pooling on channels-last ``(N, D, H, W, C)`` buffers read in place: training
+forward, inference forward and backward (training backward is
+``pool_channels_last.scatter_to_indices``).
+
+Each window is the channels-first kernels' window (``pool_stochastic``) with the channel
+as the inner loop: the same taps in the same order, the same float64 sums, the same
+draw ``u`` keyed by ``(seed, n, c)`` and the counter ``(od * OH + oh, ow)``, and the
+same two paths (windows wholly inside the input cap the threshold just below the sum;
+edge windows fall back to the last positive element), so every pick, output and
+gradient is bitwise the channels-first one. Forward kernels parallelise over output
+rows ``(n, od, oh)``; the inference backward computes each window's ``A`` and ``B``
+shares (``pool_stochastic.infer_backward``) per output row, then gathers them per input
+row (``gather_shares``), so nothing races.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+from numba import njit, prange
+
+from fastpool import _rng
+from fastpool.cpu._pool_common import INF, JIT, JUST_BELOW_ONE, U
+from fastpool.cpu.pool_channels_last import _row, gather_shares
+from fastpool.cpu.pool_stochastic import tap
+
+
+@njit(inline="always")
+def _window_sums(xf, base, d0, h0, w0, D, H, W, C, KD, KH, KW, DD, DH, DW, s1, s2):
+    """``s1[c]``, ``s2[c]`` = the float64 sums (of squares) of window channel ``c``, in
+    row-major tap order; returns the first in-input tap (-1 if none) and whether an
+    element is negative, NaN or infinite (callers add the overflow checks of their
+    sums)."""
+    for c in range(C):
+        s1[c] = 0.0
+        s2[c] = 0.0
+    first = -1
+    invalid = False
+    for e in range(KD * KH * KW):
+        k = tap(e, d0, h0, w0, D, H, W, KH, KW, DD, DH, DW)
+        if k >= 0:
+            if first < 0:
+                first = k
+            src = (base + k) * C
+            for c in range(C):
+                v = np.float64(xf[U(src + c)])
+                invalid |= not (0.0 <= v < INF)
+                s1[c] += v
+                s2[c] += v * v
+    return first, invalid
+
+
+@functools.lru_cache(maxsize=None)
+def train_forward(KD, KH, KW, SD, SH, SW, DD, DH, DW, WITH_INDICES):
+    """``kernel(x, out, indices, pd, ph, pw, seed, invalid_rows, ow_lo, ow_hi)``;
+    ``[ow_lo, ow_hi)`` are the output columns whose windows lie inside the last axis."""
+    taps = KD * KH * KW
+
+    @njit(**JIT)
+    def kernel(x, out, indices, pd, ph, pw, seed, invalid_rows, ow_lo, ow_hi):
+        N, D, H, W, C = x.shape
+        OD, OH, OW = out.shape[1], out.shape[2], out.shape[3]
+        HW = H * W
+        xf = x.reshape(-1)
+        of = out.reshape(-1)
+        jf = indices.reshape(-1)
+        for row in prange(N * OD * OH):
+            n, od, oh = _row(row, OD, OH)
+            d0 = od * SD - pd
+            h0 = oh * SH - ph
+            inside = d0 >= 0 and d0 + (KD - 1) * DD < D and h0 >= 0 and h0 + (KH - 1) * DH < H
+            base = n * D * HW
+            counter_row = od * OH + oh
+            keys = np.empty(C, np.uint64)
+            for c in range(C):
+                keys[c] = _rng.plane_key(seed, n, c)
+            total = np.empty(C)
+            squares = np.empty(C)
+            threshold = np.empty(C)
+            running = np.empty(C)
+            found = np.empty(C, np.bool_)
+            chosen = np.empty(C, np.int64)
+            last_positive = np.empty(C, np.int64)
+            invalid = False
+            for ow in range(OW):
+                w0 = ow * SW - pw
+                o = (row * OW + ow) * C
+                first, bad = _window_sums(xf, base, d0, h0, w0, D, H, W, C, KD, KH, KW,
+                                          DD, DH, DW, total, squares)
+                for c in range(C):  # training needs the sums only, not the squares
+                    bad |= not (total[c] < INF)
+                invalid |= bad
+                if inside and ow_lo <= ow < ow_hi:
+                    # The interior path of pool_stochastic.train_forward.
+                    for c in range(C):
+                        u = _rng.uniform(keys[c], counter_row, ow)
+                        threshold[c] = min(u * total[c], total[c] * JUST_BELOW_ONE)
+                        running[c] = 0.0
+                        found[c] = False
+                        chosen[c] = first
+                        of[U(o + c)] = xf[U((base + first) * C + c)]
+                    for e in range(taps):
+                        k = tap(e, d0, h0, w0, D, H, W, KH, KW, DD, DH, DW)
+                        src = (base + k) * C
+                        for c in range(C):
+                            v = xf[U(src + c)]
+                            running[c] += np.float64(v)
+                            if running[c] > threshold[c] and not found[c]:
+                                chosen[c] = k
+                                of[U(o + c)] = v
+                                found[c] = True
+                else:
+                    # The edge path: the last positive element when rounding lets no
+                    # running sum exceed the threshold; a zero-sum window outputs 0.
+                    for c in range(C):
+                        chosen[c] = first
+                        if total[c] > 0.0:
+                            threshold[c] = _rng.uniform(keys[c], counter_row, ow) * total[c]
+                            running[c] = 0.0
+                            last_positive[c] = first
+                            chosen[c] = -1
+                    for e in range(taps):
+                        k = tap(e, d0, h0, w0, D, H, W, KH, KW, DD, DH, DW)
+                        if k >= 0:
+                            src = (base + k) * C
+                            for c in range(C):
+                                if total[c] > 0.0 and chosen[c] < 0:
+                                    v = np.float64(xf[U(src + c)])
+                                    running[c] += v
+                                    if v > 0.0:
+                                        last_positive[c] = k
+                                    if running[c] > threshold[c]:
+                                        chosen[c] = k
+                    for c in range(C):
+                        if total[c] > 0.0:
+                            if chosen[c] < 0:
+                                chosen[c] = last_positive[c]
+                            of[U(o + c)] = xf[U((base + chosen[c]) * C + c)]
+                        else:
+                            of[U(o + c)] = 0
+                if WITH_INDICES:
+                    for c in range(C):
+                        jf[U(o + c)] = chosen[c]
+            invalid_rows[row] = invalid
+
+    return kernel
+
+
+@functools.lru_cache(maxsize=None)
+def infer_forward(KD, KH, KW, SD, SH, SW, DD, DH, DW):
+    """``kernel(x, out, pd, ph, pw, invalid_rows)``: ``S2 / S1`` per window and channel
+    (0 when ``S1 == 0``)."""
+
+    @njit(**JIT)
+    def kernel(x, out, pd, ph, pw, invalid_rows):
+        N, D, H, W, C = x.shape
+        OD, OH, OW = out.shape[1], out.shape[2], out.shape[3]
+        xf = x.reshape(-1)
+        of = out.reshape(-1)
+        for row in prange(N * OD * OH):
+            n, od, oh = _row(row, OD, OH)
+            s1 = np.empty(C)
+            s2 = np.empty(C)
+            invalid = False
+            for ow in range(OW):
+                _, bad = _window_sums(xf, n * D * H * W, od * SD - pd, oh * SH - ph,
+                                      ow * SW - pw, D, H, W, C, KD, KH, KW, DD, DH, DW,
+                                      s1, s2)
+                o = (row * OW + ow) * C
+                for c in range(C):
+                    bad |= not (s1[c] < INF and s2[c] < INF)
+                    of[U(o + c)] = s2[c] / s1[c] if s1[c] > 0.0 else 0.0
+                invalid |= bad
+            invalid_rows[row] = invalid
+
+    return kernel
+
+
+@functools.lru_cache(maxsize=None)
+def infer_shares(KD, KH, KW, SD, SH, SW, DD, DH, DW):
+    """``kernel(x, grad_output, share_a, share_b, pd, ph, pw, invalid_rows)``: per
+    window and channel ``A = 2 g / S1`` and ``B = -g S2 / S1**2`` (0 when ``S1 ==
+    0``), float64."""
+
+    @njit(**JIT)
+    def kernel(x, grad_output, share_a, share_b, pd, ph, pw, invalid_rows):
+        N, D, H, W, C = x.shape
+        OD, OH, OW = grad_output.shape[1], grad_output.shape[2], grad_output.shape[3]
+        xf = x.reshape(-1)
+        gf = grad_output.reshape(-1)
+        af = share_a.reshape(-1)
+        bf = share_b.reshape(-1)
+        for row in prange(N * OD * OH):
+            n, od, oh = _row(row, OD, OH)
+            s1 = np.empty(C)
+            s2 = np.empty(C)
+            invalid = False
+            for ow in range(OW):
+                _, bad = _window_sums(xf, n * D * H * W, od * SD - pd, oh * SH - ph,
+                                      ow * SW - pw, D, H, W, C, KD, KH, KW, DD, DH, DW,
+                                      s1, s2)
+                o = (row * OW + ow) * C
+                for c in range(C):
+                    bad |= not (s1[c] < INF and s2[c] < INF)
+                    g = np.float64(gf[U(o + c)])
+                    af[U(o + c)] = 2.0 * g / s1[c] if s1[c] > 0.0 else 0.0
+                    bf[U(o + c)] = -g * s2[c] / (s1[c] * s1[c]) if s1[c] > 0.0 else 0.0
+                invalid |= bad
+            invalid_rows[row] = invalid
+
+    return kernel
+
+
+@functools.lru_cache(maxsize=None)
+def infer_backward(KD, KH, KW, SD, SH, SW, DD, DH, DW):
+    """``kernel(x, share_a, share_b, grad_input, pd, ph, pw)``: ``grad = x * sum(A) +
+    sum(B)`` over the windows covering each element, gathered as the channels-first
+    kernel spreads them."""
+
+    @njit(**JIT)
+    def kernel(x, share_a, share_b, grad_input, pd, ph, pw):
+        N, D, H, W, C = x.shape
+        OD, OH, OW = share_a.shape[1], share_a.shape[2], share_a.shape[3]
+        xf = x.reshape(-1)
+        af = share_a.reshape(-1)
+        bf = share_b.reshape(-1)
+        gif = grad_input.reshape(-1)
+        for in_row in prange(N * D * H):
+            n, d, h = _row(in_row, D, H)
+            row = np.empty(C)
+            plane = np.empty(C)
+            sum_a = np.empty(C)
+            sum_b = np.empty(C)
+            for w in range(W):
+                gather_shares(af, sum_a, 0, n, d, h, w, OD, OH, OW, C, pd, ph, pw, KD,
+                              KH, KW, SD, SH, SW, DD, DH, DW, row, plane, 0.0)
+                gather_shares(bf, sum_b, 0, n, d, h, w, OD, OH, OW, C, pd, ph, pw, KD,
+                              KH, KW, SD, SH, SW, DD, DH, DW, row, plane, 0.0)
+                g = ((in_row * W) + w) * C
+                for c in range(C):
+                    gif[U(g + c)] = np.float64(xf[U(g + c)]) * sum_a[c] + sum_b[c]
+
+    return kernel
