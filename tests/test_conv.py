@@ -190,10 +190,11 @@ def test_backward_finite_differences(x_shape, w_shape, args):
 def small_bands(monkeypatch):
     """Tiny column buffers, so every GEMM kernel runs many bands (and partial last
     bands) and the weight gradient runs several chunks, on small test shapes."""
-    monkeypatch.setattr(cpu_conv, "_COLUMN_BYTES", 1024)
-    monkeypatch.setattr(cpu_conv, "_WINOGRAD_BYTES", 1024)
-    monkeypatch.setattr(cpu_conv, "_POINTWISE_BYTES", 1024)
-    monkeypatch.setattr(cpu_conv, "_MAX_CHUNKS", 3)
+    planner = cpu_conv._planner  # the sizes live, and are read, there
+    monkeypatch.setattr(planner, "_COLUMN_BYTES", 1024)
+    monkeypatch.setattr(planner, "_WINOGRAD_BYTES", 1024)
+    monkeypatch.setattr(planner, "_POINTWISE_BYTES", 1024)
+    monkeypatch.setattr(planner, "_MAX_CHUNKS", 3)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
