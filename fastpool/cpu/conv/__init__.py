@@ -1,8 +1,8 @@
 """Parallel CPU convolution kernels (Numba + BLAS) and their launchers.
 
-Launchers take host arrays already validated by ``fastpool._params.conv_geometry`` and
-the ``ConvGeometry``; arrays are ``(N, C, H, W)`` (the public layer adds and removes the
-batch axis of unbatched input).
+Launchers take host arrays already validated by ``fastpool._params.conv_window`` and
+its rank-2 ``Window``; arrays are ``(N, C, H, W)`` (the public layer adds and removes the
+batch axis of unbatched input, and converts channels-last input and results).
 
 Algorithms, chosen per problem by ``choose_algorithm`` (the README lists them):
 
@@ -54,15 +54,15 @@ from fastpool.cpu.conv._planner import (_NAMES, ALGORITHMS, DIRECT, IM2COL, ROWS
 from fastpool.cpu.conv._winograd import _winograd_forward, winograd_weight
 
 
-def choose_algorithm(geometry):
-    """Name of the algorithm ``conv2d_forward``/``conv2d_backward`` use for
-    ``geometry``."""
-    return _NAMES[_Problem.forward(geometry).algorithm()]
+def choose_algorithm(window):
+    """Name of the algorithm ``conv2d_forward``/``conv2d_backward`` use for ``window``
+    (a rank-2 ``Window``)."""
+    return _NAMES[_Problem.forward(window).algorithm()]
 
 
-def valid_algorithms(geometry):
-    """Names of every algorithm that can run ``geometry`` (tests run them all)."""
-    return _Problem.forward(geometry).valid_names()
+def valid_algorithms(window):
+    """Names of every algorithm that can run ``window`` (tests run them all)."""
+    return _Problem.forward(window).valid_names()
 
 
 def _flipped_transposed(weight, groups):
@@ -73,13 +73,13 @@ def _flipped_transposed(weight, groups):
         groups * Cg, O // groups, KH, KW)
 
 
-def _algorithm_code(geometry, algorithm):
+def _algorithm_code(window, algorithm):
     """``None`` (choose per problem) or the code of a named algorithm valid here."""
     if algorithm is None:
         return None
-    if algorithm not in valid_algorithms(geometry):
+    if algorithm not in valid_algorithms(window):
         raise ValueError(f"algorithm {algorithm!r} cannot run this convolution; valid: "
-                         f"{valid_algorithms(geometry)}")
+                         f"{valid_algorithms(window)}")
     return ALGORITHMS[algorithm]
 
 
@@ -121,26 +121,26 @@ def _run_forward(problem, x, weight, bias, y, algorithm=None):
     return y
 
 
-def conv2d_forward(x, weight, bias, geometry, algorithm=None):
-    """``y`` of shape ``(N, C_out, OH, OW)``. ``algorithm`` (a name from
+def conv2d_forward(x, weight, bias, window, algorithm=None):
+    """``y`` of shape ``window.output_shape``. ``algorithm`` (a name from
     ``ALGORITHMS``) overrides ``choose_algorithm``; tests use it to cover every path."""
-    g = geometry
-    x = contiguous(x).reshape(g.batch, g.in_channels, g.in_h, g.in_w)
-    y = np.empty((g.batch, g.out_channels, g.out_h, g.out_w), x.dtype)
-    if g.batch > 0:
-        _run_forward(_Problem.forward(g), x, weight, bias, y, _algorithm_code(g, algorithm))
-    return y.reshape(g.output_shape)
+    w = window
+    x = contiguous(x).reshape((w.batch, w.channels) + w.in_size)
+    y = np.empty((w.batch, w.out_channels) + w.out_size, x.dtype)
+    if w.batch > 0:
+        _run_forward(_Problem.forward(w), x, weight, bias, y, _algorithm_code(w, algorithm))
+    return y.reshape(w.output_shape)
 
 
-def _input_grad(grad_output, weight, g, algorithm):
-    grad_input = np.empty((g.batch, g.in_channels, g.in_h, g.in_w), grad_output.dtype)
-    problem = _Problem.forward(g)
+def _input_grad(grad_output, weight, w, algorithm):
+    grad_input = np.empty((w.batch, w.channels) + w.in_size, grad_output.dtype)
+    problem = _Problem.forward(w)
     if algorithm == DIRECT and not problem.unit_stride_planes():
         _direct_backward_input(grad_output, contiguous(weight), grad_input,
                                *problem.args)
-    elif algorithm != IM2COL and g.stride_h == g.stride_w == 1:
-        transposed = _Problem.input_grad(g)
-        _run_forward(transposed, grad_output, _flipped_transposed(weight, g.groups), None,
+    elif algorithm != IM2COL and w.stride == (1, 1):
+        transposed = _Problem.input_grad(w)
+        _run_forward(transposed, grad_output, _flipped_transposed(weight, w.groups), None,
                      grad_input, DIRECT if algorithm == DIRECT else None)
     else:
         status = np.zeros(1, np.int32)
@@ -152,11 +152,11 @@ def _input_grad(grad_output, weight, g, algorithm):
     return grad_input
 
 
-def _weight_grad(x, grad_output, weight_shape, g, algorithm):
+def _weight_grad(x, grad_output, weight_shape, w, algorithm):
     if algorithm == WINOGRAD:
         algorithm = ROWS  # the weight gradient's GEMMs reduce over pixels; no tiles
     grad_weight = np.empty(weight_shape, x.dtype)
-    problem = _Problem.forward(g)
+    problem = _Problem.forward(w)
     if algorithm == DIRECT:
         p = problem
         if p.unit_stride_planes():
@@ -184,33 +184,32 @@ def _weight_grad(x, grad_output, weight_shape, g, algorithm):
     return grad_weight
 
 
-def conv2d_backward(grad_output, x, weight, geometry, output_mask, algorithm=None):
+def conv2d_backward(grad_output, x, weight, window, output_mask, algorithm=None):
     """``(grad_input, grad_weight, grad_bias)``, ``None`` where ``output_mask`` is
     False."""
-    g = geometry
+    w = window
     want_input, want_weight, want_bias = output_mask
-    grad_output = contiguous(grad_output).reshape(
-        g.batch, g.out_channels, g.out_h, g.out_w)
+    grad_output = contiguous(grad_output).reshape((w.batch, w.out_channels) + w.out_size)
     if want_weight:  # only the weight gradient reads x: no copy of it otherwise
-        x = contiguous(x).reshape(g.batch, g.in_channels, g.in_h, g.in_w)
-    code = _algorithm_code(g, algorithm)
+        x = contiguous(x).reshape((w.batch, w.channels) + w.in_size)
+    code = _algorithm_code(w, algorithm)
     if code is None:
-        code = _Problem.forward(g).algorithm()
+        code = _Problem.forward(w).algorithm()
     grad_input = grad_weight = grad_bias = None
     if want_input:
-        if g.batch == 0:
-            grad_input = np.zeros((0, g.in_channels, g.in_h, g.in_w), grad_output.dtype)
+        if w.batch == 0:
+            grad_input = np.zeros((0, w.channels) + w.in_size, grad_output.dtype)
         else:
-            grad_input = _input_grad(grad_output, weight, g, code)
-        grad_input = grad_input.reshape(g.input_shape)
+            grad_input = _input_grad(grad_output, weight, w, code)
+        grad_input = grad_input.reshape(w.input_shape)
     if want_weight:
-        if g.batch == 0:
+        if w.batch == 0:
             grad_weight = np.zeros(weight.shape, grad_output.dtype)
         else:
-            grad_weight = _weight_grad(x, grad_output, weight.shape, g, code)
+            grad_weight = _weight_grad(x, grad_output, weight.shape, w, code)
     if want_bias:
-        grad_bias = np.empty(g.out_channels, grad_output.dtype)
-        if g.batch == 0:
+        grad_bias = np.empty(w.out_channels, grad_output.dtype)
+        if w.batch == 0:
             grad_bias[:] = 0
         else:
             _bias_grad(grad_output, grad_bias)

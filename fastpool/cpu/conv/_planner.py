@@ -57,22 +57,21 @@ class _Problem:
         self.dilation_h, self.dilation_w = dilation
 
     @classmethod
-    def forward(cls, g):
-        """The convolution of ``geometry`` itself."""
-        return cls((g.batch, g.in_channels, g.in_h, g.in_w), (g.out_h, g.out_w),
-                   (g.out_channels, g.in_channels // g.groups, g.kernel_h, g.kernel_w),
-                   g.groups, (g.stride_h, g.stride_w), (g.pad_top, g.pad_left),
-                   (g.dilation_h, g.dilation_w))
+    def forward(cls, w):
+        """The convolution of the rank-2 ``Window`` ``w`` itself."""
+        return cls((w.batch, w.channels) + w.in_size, w.out_size,
+                   (w.out_channels, w.channels // w.groups) + w.kernel, w.groups,
+                   w.stride, w.pad_lo, w.dilation)
 
     @classmethod
-    def input_grad(cls, g):
-        """Stride-1 input gradient as a forward convolution of ``grad_output``."""
-        return cls((g.batch, g.out_channels, g.out_h, g.out_w), (g.in_h, g.in_w),
-                   (g.in_channels, g.out_channels // g.groups, g.kernel_h, g.kernel_w),
-                   g.groups, (1, 1),
-                   (g.dilation_h * (g.kernel_h - 1) - g.pad_top,
-                    g.dilation_w * (g.kernel_w - 1) - g.pad_left),
-                   (g.dilation_h, g.dilation_w))
+    def input_grad(cls, w):
+        """Stride-1 input gradient of ``w`` as a forward convolution of ``grad_output``
+        (padding ``d*(k-1) - pad``, a crop where negative)."""
+        return cls((w.batch, w.out_channels) + w.out_size, w.in_size,
+                   (w.channels, w.out_channels // w.groups) + w.kernel, w.groups, (1, 1),
+                   tuple(d * (k - 1) - p
+                         for k, d, p in zip(w.kernel, w.dilation, w.pad_lo)),
+                   w.dilation)
 
     @property
     def outputs_per_group(self):

@@ -1,8 +1,9 @@
 """numba.cuda convolution kernels and their launchers, mirroring ``fastpool.cpu.conv``.
 
 Launchers take Numba device arrays already validated by ``fastpool._params`` plus the
-``ConvGeometry`` and return Numba device arrays (``fastpool.cuda`` adds the transfers).
-Kernels index ``(N, C, H, W)`` arrays of any strides.
+rank-2 ``Window`` of ``_params.conv_window`` and return Numba device arrays
+(``fastpool.cuda`` adds the transfers). Kernels index ``(N, C, H, W)`` arrays of any
+strides.
 
 Algorithms
 ----------
@@ -167,20 +168,19 @@ def _sum_partials(partial, out):
                partial.reshape(partial.shape[0], size), out.reshape(size))
 
 
-def _weight_grad(x, grad_output, weight_shape, g, algorithm):
+def _weight_grad(x, grad_output, weight_shape, w, algorithm):
     out_channels, in_per_group, kernel_h, kernel_w = weight_shape
     depth = in_per_group * kernel_h * kernel_w
-    out_per_group = out_channels // g.groups
+    out_per_group = out_channels // w.groups
     grad_weight = cuda.device_array(weight_shape, x.dtype)
-    taps = _taps(in_per_group, kernel_h, kernel_w, g.dilation_h, g.dilation_w, g.in_h,
-                 g.in_w)
-    pixels = g.batch * g.out_h * g.out_w
-    geometry = (g.groups, g.stride_h, g.stride_w, g.pad_top, g.pad_left)
+    taps = _taps(in_per_group, kernel_h, kernel_w, *w.dilation, *w.in_size)
+    pixels = w.batch * w.out_size[0] * w.out_size[1]
+    placement = (w.groups, *w.stride, *w.pad_lo)
     size = out_channels * depth
     if _pick(algorithm, out_per_group, depth) == TILED:
         tiles = current_tiles()
         stages = _ceil_div(pixels, tiles.block_k)
-        tiles_per_slice = (g.groups * _ceil_div(out_per_group, tiles.block_m)
+        tiles_per_slice = (w.groups * _ceil_div(out_per_group, tiles.block_m)
                            * _ceil_div(depth, tiles.block_n))
         splits = _splits(stages, _ceil_div(_TARGET_BLOCKS, tiles_per_slice), size,
                          x.dtype.itemsize)
@@ -189,85 +189,85 @@ def _weight_grad(x, grad_output, weight_shape, g, algorithm):
         partial = (grad_weight.reshape(1, out_channels, depth) if splits == 1 else
                    cuda.device_array((splits, out_channels, depth), x.dtype))
         _launch_tiles(_tiled_weight_grad_kernel(np.dtype(x.dtype), tiles), tiles,
-                      splits * tiles_per_slice, _flat(x), g.in_channels, g.in_h, g.in_w,
-                      _flat(grad_output), g.out_h, g.out_w, taps, partial, *geometry,
+                      splits * tiles_per_slice, _flat(x), w.channels, *w.in_size,
+                      _flat(grad_output), *w.out_size, taps, partial, *placement,
                       stages_per_slice * tiles.block_k)
     else:
         splits = _splits(pixels, _ceil_div(_TARGET_THREADS, size), size, x.dtype.itemsize)
         partial = (grad_weight.reshape(1, out_channels, depth) if splits == 1 else
                    cuda.device_array((splits, out_channels, depth), x.dtype))
         launch(_simple_kernels(np.dtype(x.dtype)).direct_weight_grad, splits * size, x,
-               grad_output, taps, partial, *geometry)
+               grad_output, taps, partial, *placement)
     _sum_partials(partial, grad_weight)
     return grad_weight
 
 
-def _bias_grad(grad_output, g):
-    grad_bias = cuda.device_array(g.out_channels, grad_output.dtype)
-    pixels = g.batch * g.out_h * g.out_w
-    splits = _splits(pixels, _ceil_div(_TARGET_THREADS, g.out_channels), g.out_channels,
+def _bias_grad(grad_output):
+    """``grad_output`` (``(N, C_out, OH, OW)``) summed over N, OH and OW."""
+    batch, out_channels, out_h, out_w = grad_output.shape
+    grad_bias = cuda.device_array(out_channels, grad_output.dtype)
+    pixels = batch * out_h * out_w
+    splits = _splits(pixels, _ceil_div(_TARGET_THREADS, out_channels), out_channels,
                      grad_output.dtype.itemsize)
-    partial = (grad_bias.reshape(1, g.out_channels) if splits == 1 else
-               cuda.device_array((splits, g.out_channels), grad_output.dtype))
-    launch(_simple_kernels(np.dtype(grad_output.dtype)).bias_grad, splits * g.out_channels,
+    partial = (grad_bias.reshape(1, out_channels) if splits == 1 else
+               cuda.device_array((splits, out_channels), grad_output.dtype))
+    launch(_simple_kernels(np.dtype(grad_output.dtype)).bias_grad, splits * out_channels,
            grad_output, partial)
     _sum_partials(partial, grad_bias)
     return grad_bias
 
 
-def _input_grad(grad_output, weight, g, algorithm):
-    grad_input = cuda.device_array((g.batch, g.in_channels, g.in_h, g.in_w),
-                                   grad_output.dtype)
-    dilation = (g.dilation_h, g.dilation_w)
-    if g.stride_h == g.stride_w == 1:
-        pad = (g.dilation_h * (g.kernel_h - 1) - g.pad_top,
-               g.dilation_w * (g.kernel_w - 1) - g.pad_left)
-        _convolve(grad_output, weight, None, grad_input, g.groups, (1, 1), pad, dilation,
-                  True, algorithm)
+def _input_grad(grad_output, weight, w, algorithm):
+    grad_input = cuda.device_array((w.batch, w.channels) + w.in_size, grad_output.dtype)
+    if w.stride == (1, 1):
+        pad = tuple(d * (k - 1) - p for k, d, p in zip(w.kernel, w.dilation, w.pad_lo))
+        _convolve(grad_output, weight, None, grad_input, w.groups, (1, 1), pad,
+                  w.dilation, True, algorithm)
     else:
         _pick(algorithm, 0, 0)  # checks the name; strided input gradients gather
         launch(_simple_kernels(np.dtype(grad_output.dtype)).direct_input_grad,
-               grad_input.size, grad_output, weight, grad_input, g.groups, g.stride_h,
-               g.stride_w, *dilation, g.pad_top, g.pad_left)
+               grad_input.size, grad_output, weight, grad_input, w.groups, *w.stride,
+               *w.dilation, *w.pad_lo)
     return grad_input
 
 
-def choose_algorithm(geometry):
-    """Name of the algorithm ``conv2d_forward`` uses for ``geometry``."""
-    g = geometry
-    return _pick(None, g.out_channels // g.groups,
-                 g.in_channels // g.groups * g.kernel_h * g.kernel_w)
+def choose_algorithm(window):
+    """Name of the algorithm ``conv2d_forward`` uses for ``window`` (a rank-2
+    ``Window``)."""
+    w = window
+    return _pick(None, w.out_channels // w.groups,
+                 w.channels // w.groups * w.kernel[0] * w.kernel[1])
 
 
-def conv2d_forward(x, weight, bias, geometry, algorithm=None):
-    """``y`` of shape ``geometry.output_shape``. ``algorithm`` (``"tiled"`` or
+def conv2d_forward(x, weight, bias, window, algorithm=None):
+    """``y`` of shape ``window.output_shape``. ``algorithm`` (``"tiled"`` or
     ``"direct"``) overrides ``choose_algorithm``; tests use it to cover both paths."""
-    g = geometry
-    x = batched(x, (g.batch, g.in_channels, g.in_h, g.in_w))
-    y = cuda.device_array((g.batch, g.out_channels, g.out_h, g.out_w), x.dtype)
-    if g.batch > 0:
-        _convolve(x, weight, bias, y, g.groups, (g.stride_h, g.stride_w),
-                  (g.pad_top, g.pad_left), (g.dilation_h, g.dilation_w), False, algorithm)
-    return y.reshape(g.output_shape)
+    w = window
+    x = batched(x, (w.batch, w.channels) + w.in_size)
+    y = cuda.device_array((w.batch, w.out_channels) + w.out_size, x.dtype)
+    if w.batch > 0:
+        _convolve(x, weight, bias, y, w.groups, w.stride, w.pad_lo, w.dilation, False,
+                  algorithm)
+    return y.reshape(w.output_shape)
 
 
-def conv2d_backward(grad_output, x, weight, geometry, output_mask, algorithm=None):
+def conv2d_backward(grad_output, x, weight, window, output_mask, algorithm=None):
     """``(grad_input, grad_weight, grad_bias)``, None where ``output_mask`` is False.
     ``algorithm`` forces the GEMMs' algorithm, as in ``conv2d_forward``."""
-    g = geometry
+    w = window
     want_input, want_weight, want_bias = output_mask
-    grad_output = batched(grad_output, (g.batch, g.out_channels, g.out_h, g.out_w))
-    x = batched(x, (g.batch, g.in_channels, g.in_h, g.in_w))
-    empty = g.batch == 0
+    grad_output = batched(grad_output, (w.batch, w.out_channels) + w.out_size)
+    x = batched(x, (w.batch, w.channels) + w.in_size)
+    empty = w.batch == 0
     grad_input = grad_weight = grad_bias = None
     if want_input:
         grad_input = (cuda.device_array(x.shape, x.dtype) if empty
-                      else _input_grad(grad_output, weight, g, algorithm))
-        grad_input = grad_input.reshape(g.input_shape)
+                      else _input_grad(grad_output, weight, w, algorithm))
+        grad_input = grad_input.reshape(w.input_shape)
     if want_weight:
         grad_weight = (cuda.to_device(np.zeros(weight.shape, x.dtype)) if empty
-                       else _weight_grad(x, grad_output, weight.shape, g, algorithm))
+                       else _weight_grad(x, grad_output, weight.shape, w, algorithm))
     if want_bias:
-        grad_bias = (cuda.to_device(np.zeros(g.out_channels, x.dtype)) if empty
-                     else _bias_grad(grad_output, g))
+        grad_bias = (cuda.to_device(np.zeros(w.out_channels, x.dtype)) if empty
+                     else _bias_grad(grad_output))
     return grad_input, grad_weight, grad_bias
