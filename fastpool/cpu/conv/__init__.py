@@ -2,7 +2,7 @@
 
 Launchers take host arrays already validated by ``fastpool._params.conv_window`` and
 its rank-2 ``Window``; arrays are ``(N, C, H, W)`` (the public layer adds and removes the
-batch axis of unbatched input, and converts channels-last input and results).
+batch axis of unbatched input).
 
 Algorithms, chosen per problem by ``choose_algorithm`` (the README lists them):
 

@@ -76,7 +76,8 @@ def _stage_product(tiles):
 
 @functools.lru_cache(maxsize=None)
 def _tiled_forward_kernel(dtype, tiles):
-    """Implicit-GEMM forward for one dtype and tile configuration (see ``fastpool.cuda.conv``)."""
+    """Implicit-GEMM forward for one dtype and tile configuration (see
+    ``fastpool.cuda.conv``)."""
     BM, BN, BK, TM, TN = tiles
     THREADS = tiles.threads
     COLS = BN // TN                          # threads along a tile row
