@@ -18,16 +18,18 @@ launchers.
 
 from __future__ import annotations
 
-from fastpool import _params
+from fastpool import _geometry
 
 
-def _plane_geometry(w, batch):
-    """The 2-D convolution one depth tap runs, over ``batch`` images."""
-    return _params.ConvGeometry(
-        batch, w.channels, w.out_channels, w.groups, w.in_size[1], w.in_size[2],
-        w.out_size[1], w.out_size[2], w.kernel[1], w.kernel[2], w.stride[1], w.stride[2],
-        w.pad_lo[1], w.pad_hi[1], w.pad_lo[2], w.pad_hi[2], w.dilation[1],
-        w.dilation[2], True)
+def _plane_window(w, batch):
+    """The rank-2 ``Window`` of the 2-D convolution one depth tap runs, over ``batch``
+    gathered images (batched, channels-first)."""
+    return _geometry.Window(
+        rank=2, batch=batch, channels=w.channels, out_channels=w.out_channels,
+        batched=True, layout=_geometry.CHANNELS_FIRST, in_size=w.in_size[1:],
+        out_size=w.out_size[1:], kernel=w.kernel[1:], stride=w.stride[1:],
+        pad_lo=w.pad_lo[1:], pad_hi=w.pad_hi[1:], dilation=w.dilation[1:],
+        groups=w.groups)
 
 
 def depth_taps(w):
@@ -52,7 +54,7 @@ def forward(slabs, x, weight, bias, w):
         count = hi - lo
         images = slabs.gather(x, first, w.stride[0], count)
         part = slabs.conv2d_forward(images, slabs.weight_tap(weight, a), None,
-                                    _plane_geometry(w, N * count))
+                                    _plane_window(w, N * count))
         del images  # before the next tap allocates its own
         slabs.accumulate(y, part, lo)
         del part
@@ -72,12 +74,12 @@ def backward(slabs, grad_output, x, weight, w, output_mask):
         return grad_input, grad_weight, grad_bias
     for a, lo, hi, first in depth_taps(w):
         count = hi - lo
-        geometry = _plane_geometry(w, N * count)
+        plane = _plane_window(w, N * count)
         grads = slabs.gather(grad_output, lo, 1, count)
         images = slabs.gather(x, first, w.stride[0], count) if want_weight else None
         part_input, part_weight, _ = slabs.conv2d_backward(
-            grads, images if want_weight else slabs.shape_only(x, geometry),
-            slabs.weight_tap(weight, a), geometry, (want_input, want_weight, False))
+            grads, images if want_weight else slabs.shape_only(x, plane),
+            slabs.weight_tap(weight, a), plane, (want_input, want_weight, False))
         del grads, images
         if want_input:
             slabs.scatter_add(grad_input, part_input, first, w.stride[0])

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import numbers
 import operator
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -273,53 +272,6 @@ def resolve_seed(seed):
 
 
 # ----------------------------------------------------------------------------- conv
-
-@dataclass(frozen=True)
-class ConvGeometry:
-    """Shapes and window placement of one 2-D convolution (padding may be asymmetric:
-    ``padding='same'`` puts the odd extra cell at the bottom/right, as PyTorch does)."""
-
-    batch: int
-    in_channels: int
-    out_channels: int
-    groups: int
-    in_h: int
-    in_w: int
-    out_h: int
-    out_w: int
-    kernel_h: int
-    kernel_w: int
-    stride_h: int
-    stride_w: int
-    pad_top: int
-    pad_bottom: int
-    pad_left: int
-    pad_right: int
-    dilation_h: int
-    dilation_w: int
-    batched: bool
-
-    @property
-    def input_shape(self):
-        shape = (self.in_channels, self.in_h, self.in_w)
-        return (self.batch,) + shape if self.batched else shape
-
-    @property
-    def output_shape(self):
-        shape = (self.out_channels, self.out_h, self.out_w)
-        return (self.batch,) + shape if self.batched else shape
-
-
-def conv_geometry(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
-    """Validate conv2d arguments (``conv_window``'s rules, rank 2); return ``(x,
-    weight, bias, ConvGeometry)``, the form the 2-D convolution kernels read."""
-    x, weight, bias, w = conv_window(x, weight, bias, 2, stride, padding, dilation, groups)
-    geometry = ConvGeometry(
-        w.batch, w.channels, w.out_channels, w.groups, *w.in_size, *w.out_size, *w.kernel,
-        *w.stride, w.pad_lo[0], w.pad_hi[0], w.pad_lo[1], w.pad_hi[1], *w.dilation,
-        w.batched)
-    return x, weight, bias, geometry
-
 
 def check_output_mask(output_mask):
     if (not isinstance(output_mask, (tuple, list)) or len(output_mask) != 3

@@ -86,20 +86,20 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
 
     Shape-section
     """
-    x, weight, bias, geometry = _params.conv_geometry(x, weight, bias, stride, padding,
-                                                      dilation, groups)
+    x, weight, bias, window = _params.conv_window(x, weight, bias, 2, stride, padding,
+                                                  dilation, groups)
     backend = _dispatch.backend(device, x, weight, bias)
-    y = backend.conv2d_forward(x, weight, bias, geometry)
-    return _like_input(y, x, geometry)
+    y = backend.conv2d_forward(x, weight, bias, window)
+    return _like_input(y, x, window)
 
 
-def _like_input(result, x, geometry):
+def _like_input(result, x, window):
     """``result`` in ``x``'s memory format: a channels-last host input gives a
     channels-last result (the kernels compute channels-first; one copy)."""
     if (result is None or not isinstance(result, np.ndarray)
-            or _params.layout_of(x, geometry.batched) != _geometry.CHANNELS_LAST):
+            or _params.layout_of(x, window.batched) != _geometry.CHANNELS_LAST):
         return result
-    return _geometry.channels_last_copy(result, 1 if geometry.batched else 0)
+    return _geometry.channels_last_copy(result, 1 if window.batched else 0)
 
 
 @_with_shape_doc
@@ -130,14 +130,14 @@ def conv2d_backward(grad_output, x, weight, stride=1, padding=0, dilation=1, gro
 
     Shape-section
     """
-    x, weight, _, geometry = _params.conv_geometry(x, weight, None, stride, padding,
-                                                   dilation, groups)
-    grad_output = _params.check_grad_output(grad_output, x, geometry)
+    x, weight, _, window = _params.conv_window(x, weight, None, 2, stride, padding,
+                                               dilation, groups)
+    grad_output = _params.check_grad_output(grad_output, x, window)
     output_mask = _params.check_output_mask(output_mask)
     backend = _dispatch.backend(device, grad_output, x, weight)
     grad_input, grad_weight, grad_bias = backend.conv2d_backward(grad_output, x, weight,
-                                                                 geometry, output_mask)
-    return Conv2dGrads(_like_input(grad_input, x, geometry), grad_weight, grad_bias)
+                                                                 window, output_mask)
+    return Conv2dGrads(_like_input(grad_input, x, window), grad_weight, grad_bias)
 
 
 # ----------------------------------------------------------------------------- 1-D

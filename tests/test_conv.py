@@ -89,7 +89,7 @@ def test_conv_matches_reference(case):
 def test_every_algorithm_matches_reference(case):
     rng, x, w, b = _arrays(case)
     args = case["args"]
-    x, w, b, geometry = _params.conv_geometry(x, w, b, **args)
+    x, w, b, geometry = _params.conv_window(x, w, b, 2, **args)
     gy = rng.standard_normal(geometry.output_shape).astype(x.dtype)
     expected, bounds = _reference(x, w, b, gy, args)
     algorithms = cpu_conv.valid_algorithms(geometry)
@@ -103,7 +103,7 @@ def test_every_algorithm_matches_reference(case):
 def test_choose_algorithm_per_shape():
     def chosen(x_shape, w_shape, **args):
         x, w = np.zeros(x_shape, np.float32), np.zeros(w_shape, np.float32)
-        return cpu_conv.choose_algorithm(_params.conv_geometry(x, w, None, **args)[3])
+        return cpu_conv.choose_algorithm(_params.conv_window(x, w, None, 2, **args)[3])
 
     assert chosen((2, 8, 9, 9), (8, 1, 3, 3), padding=1, groups=8) == "direct"
     assert chosen((2, 8, 9, 9), (16, 1, 3, 3), stride=2, groups=8) == "direct"
@@ -190,10 +190,11 @@ def test_backward_finite_differences(x_shape, w_shape, args):
 def small_bands(monkeypatch):
     """Tiny column buffers, so every GEMM kernel runs many bands (and partial last
     bands) and the weight gradient runs several chunks, on small test shapes."""
-    monkeypatch.setattr(cpu_conv, "_COLUMN_BYTES", 1024)
-    monkeypatch.setattr(cpu_conv, "_WINOGRAD_BYTES", 1024)
-    monkeypatch.setattr(cpu_conv, "_POINTWISE_BYTES", 1024)
-    monkeypatch.setattr(cpu_conv, "_MAX_CHUNKS", 3)
+    planner = cpu_conv._planner  # the sizes live, and are read, there
+    monkeypatch.setattr(planner, "_COLUMN_BYTES", 1024)
+    monkeypatch.setattr(planner, "_WINOGRAD_BYTES", 1024)
+    monkeypatch.setattr(planner, "_POINTWISE_BYTES", 1024)
+    monkeypatch.setattr(planner, "_MAX_CHUNKS", 3)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -208,7 +209,7 @@ def test_results_identical_at_any_thread_count(small_bands, dtype, w_shape, args
     x = rng.standard_normal((5, 4, 11, 10)).astype(dtype)
     w = rng.standard_normal(w_shape).astype(dtype)
     b = rng.standard_normal(w_shape[0]).astype(dtype)
-    x, w, b, geometry = _params.conv_geometry(x, w, b, **args)
+    x, w, b, geometry = _params.conv_window(x, w, b, 2, **args)
     gy = rng.standard_normal(geometry.output_shape).astype(dtype)
     expected, bounds = _reference(x, w, b, gy, args)
     saved = numba.get_num_threads()
@@ -242,7 +243,7 @@ def test_winograd_matches_reference(dtype, x_shape, w_shape, padding, groups):
     w = rng.standard_normal(w_shape).astype(dtype)
     b = rng.standard_normal(w_shape[0]).astype(dtype)
     args = dict(padding=padding, groups=groups)
-    x, w, b, geometry = _params.conv_geometry(x, w, b, **args)
+    x, w, b, geometry = _params.conv_window(x, w, b, 2, **args)
     gy = rng.standard_normal(geometry.output_shape).astype(dtype)
     expected, bounds = _reference(x, w, b, gy, args)
     y = cpu_conv.conv2d_forward(x, w, b, geometry, "winograd")
@@ -252,7 +253,7 @@ def test_winograd_matches_reference(dtype, x_shape, w_shape, padding, groups):
 
 def test_forcing_an_algorithm_that_cannot_run_is_an_error():
     x, w = np.ones((1, 4, 6, 6)), np.ones((2, 4, 3, 3))
-    geometry = _params.conv_geometry(x, w, None, stride=2)[3]
+    geometry = _params.conv_window(x, w, None, 2, stride=2)[3]
     for algorithm in ("winograd", "rows", "pointwise", "fft"):
         with pytest.raises(ValueError, match="algorithm"):
             cpu_conv.conv2d_forward(x, w, None, geometry, algorithm)

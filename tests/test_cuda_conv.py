@@ -76,7 +76,7 @@ def _arrays(case, dtype, seed=0):
     x = rng.standard_normal(x_shape).astype(dtype)
     w = rng.standard_normal(w_shape).astype(dtype)
     b = rng.standard_normal(w_shape[0]).astype(dtype) if has_bias else None
-    geometry = _params.conv_geometry(x, w, b, **args)[3]
+    geometry = _params.conv_window(x, w, b, 2, **args)[3]
     gy = rng.standard_normal(geometry.output_shape).astype(dtype)
     return x, w, b, gy, args, geometry
 
@@ -182,7 +182,7 @@ def test_weight_grad_slices(target, monkeypatch, small_tiles, small_launches):
     monkeypatch.setattr(cuda_conv, "_TARGET_THREADS", target * 40)
     x, w, b, gy, args, geometry = _arrays(((3, 4, 4, 2), (6, 2, 2, 2), True,
                                            dict(padding=(0, 1), groups=2)), np.float64)
-    assert geometry.out_w < SMALL_TILES.block_k
+    assert geometry.out_size[1] < SMALL_TILES.block_k
     expected, bounds = _reference(x, w, b, gy, args)
     for algorithm in cuda_conv.ALGORITHMS:
         grads = fastpool_cuda.conv2d_backward(gy, x, w, geometry, (False, True, True),
@@ -281,7 +281,7 @@ def test_non_contiguous_device_inputs(algorithm, small_tiles, small_launches):
 
     # Unbatched: the 3-D view is copied to a contiguous array before the kernels.
     x0 = x[0]
-    geometry0 = _params.conv_geometry(x0, w, b, **args)[3]
+    geometry0 = _params.conv_window(x0, w, b, 2, **args)[3]
     y0 = fastpool_cuda.conv2d_forward(d_x[0], d_w, d_b, geometry0, algorithm)
     _check([y0.copy_to_host()], [expected[0][0]], [bounds[0][0]], np.float64)
 
@@ -291,7 +291,7 @@ def test_non_contiguous_device_inputs(algorithm, small_tiles, small_launches):
 def test_choose_algorithm():
     def chosen(x_shape, w_shape, **args):
         x, w = np.zeros(x_shape, np.float32), np.zeros(w_shape, np.float32)
-        return cuda_conv.choose_algorithm(_params.conv_geometry(x, w, None, **args)[3])
+        return cuda_conv.choose_algorithm(_params.conv_window(x, w, None, 2, **args)[3])
 
     assert chosen((1, 64, 9, 9), (64, 64, 3, 3), padding=1) == "tiled"
     assert chosen((1, 8, 9, 9), (8, 8, 1, 1)) == "tiled"

@@ -49,12 +49,11 @@ def put_weight_tap(grad_weight, a, part):
     grad_weight[:, :, a] = part
 
 
-def shape_only(x, geometry):
-    """An array of the 2-D batch's input shape that is never read (the input gradient
-    needs the shape only)."""
+def shape_only(x, window):
+    """An array of the 2-D batch's input shape (``window``, rank 2) that is never read
+    (the input gradient needs the shape only)."""
     return np.broadcast_to(np.zeros((), x.dtype),
-                           (geometry.batch, geometry.in_channels, geometry.in_h,
-                            geometry.in_w))
+                           (window.batch, window.channels) + window.in_size)
 
 
 def bias_grad(grad_output, w):

@@ -1,7 +1,7 @@
 """CUDA backend: numba.cuda kernels mirroring ``fastpool.cpu``'s launcher names and
 signatures.
 
-The kernel modules (``conv.py``, ``pooling.py``) take and return Numba device arrays.
+The kernel modules (``conv``, ``pooling``) take and return Numba device arrays.
 The names exported here wrap them with ``fastpool._dispatch.on_device``: host inputs are
 copied to the GPU and results copied back to NumPy; GPU inputs (Numba device arrays,
 CuPy arrays, torch CUDA tensors) are used in place and results come back as the same

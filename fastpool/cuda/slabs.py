@@ -4,8 +4,6 @@ slices, so nothing races and results are deterministic."""
 
 from __future__ import annotations
 
-import types
-
 import numpy as np
 from numba import cuda
 
@@ -96,15 +94,13 @@ def put_weight_tap(grad_weight, a, part):
     launch(_put_tap, part.size, grad_weight, a, part)
 
 
-def shape_only(x, geometry):
-    """A device array of the 2-D batch's input shape, never read."""
-    return cuda.device_array((geometry.batch, geometry.in_channels, geometry.in_h,
-                              geometry.in_w), x.dtype)
+def shape_only(x, window):
+    """A device array of the 2-D batch's input shape (``window``, rank 2), never
+    read."""
+    return cuda.device_array((window.batch, window.channels) + window.in_size, x.dtype)
 
 
 def bias_grad(grad_output, w):
     N, O = grad_output.shape[0], grad_output.shape[1]
     OD, OH, OW = grad_output.shape[2], grad_output.shape[3], grad_output.shape[4]
-    flat = contiguous(grad_output).reshape(N, O, OD * OH, OW)
-    return _bias_grad(flat, types.SimpleNamespace(batch=N, out_channels=O, out_h=OD * OH,
-                                                  out_w=OW))
+    return _bias_grad(contiguous(grad_output).reshape(N, O, OD * OH, OW))

@@ -1,0 +1,216 @@
+"""Parallel CPU convolution kernels (Numba + BLAS) and their launchers.
+
+Launchers take host arrays already validated by ``fastpool._params.conv_window`` and
+its rank-2 ``Window``; arrays are ``(N, C, H, W)`` (the public layer adds and removes the
+batch axis of unbatched input).
+
+Algorithms, chosen per problem by ``choose_algorithm`` (the README lists them):
+
+``"pointwise"``  1x1 kernel, stride 1, no padding: one GEMM per (image, group, band of
+                 rows) straight on the input, ``y = W_g @ x[n, g]``; no copies.
+``"rows"``       stride 1 along H: gather the ``KW`` column shifts of a band of input
+                 rows once (``C_g * KW`` rows), then one accumulating GEMM per kernel
+                 row ``i``, whose operand is the same buffer offset by ``i * DH`` rows.
+                 A third of im2col's copying for a 3x3 kernel.
+``"im2col"``     anything else: gather the whole ``C_g * KH * KW`` column matrix of a
+                 band, one GEMM.
+``"winograd"``   3x3 kernel, stride 1, no dilation, at least 8 channels per group:
+                 Winograd F(2x2, 3x3), 16 GEMMs over channels x tiles.
+``"direct"``     one input channel per group (depthwise and channel multipliers), or
+                 planes too big for BLAS's 32-bit sizes: plain loops vectorised along
+                 output columns. A GEMM with ``K = KH * KW`` would be all overhead.
+
+One module per concern: ``_planner`` (the problem as the kernels see it, the choice of
+algorithm, band and chunk sizes), ``_gemm`` (pointwise, rows, im2col: column gathering
+and the GEMM kernels), ``_winograd``, ``_direct`` (row kernels and padded-plane
+unit-stride kernels); this module holds the launchers.
+
+Backward: with stride 1 the input gradient is the forward convolution of
+``grad_output`` with the flipped, channel-transposed kernel, so it runs on the forward
+algorithms; with a stride it is ``W_g^T @ grad_output`` scattered back (col2im) by one
+thread per (image, group). The weight gradient sums per-chunk partial products over
+fixed chunks of images (the chunking depends only on the shapes), added in chunk order.
+Every result is therefore identical at any thread count; nothing uses atomics.
+
+Geometry is runtime data: one compiled kernel per dtype serves every shape, kernel
+size, stride, padding and dilation (they are memory- or BLAS-bound, so constant
+folding buys little here, unlike the pooling kernels).
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+from fastpool.cpu._arrays import contiguous
+from fastpool.cpu._blas import single_threaded_blas
+from fastpool.cpu.conv._direct import (_direct_backward_input, _direct_backward_weight,
+                                       _direct_backward_weight_unit_stride,
+                                       _direct_forward, _direct_forward_unit_stride)
+from fastpool.cpu.conv._gemm import (_bias_grad, _gemm_backward_input,
+                                     _gemm_backward_weight, _gemm_forward, _sum_partials)
+from fastpool.cpu.conv._planner import (_NAMES, ALGORITHMS, DIRECT, IM2COL, ROWS, WINOGRAD,
+                                        _Problem)
+from fastpool.cpu.conv._winograd import _winograd_forward, winograd_weight
+
+
+def choose_algorithm(window):
+    """Name of the algorithm ``conv2d_forward``/``conv2d_backward`` use for ``window``
+    (a rank-2 ``Window``)."""
+    return _NAMES[_Problem.forward(window).algorithm()]
+
+
+def valid_algorithms(window):
+    """Names of every algorithm that can run ``window`` (tests run them all)."""
+    return _Problem.forward(window).valid_names()
+
+
+def _flipped_transposed(weight, groups):
+    """``wt[g*Cg + c, o, i, j] = weight[g*Og + o, c, KH-1-i, KW-1-j]``."""
+    O, Cg, KH, KW = weight.shape
+    per_group = weight.reshape(groups, O // groups, Cg, KH, KW)[:, :, :, ::-1, ::-1]
+    return contiguous(per_group.transpose(0, 2, 1, 3, 4)).reshape(
+        groups * Cg, O // groups, KH, KW)
+
+
+def _algorithm_code(window, algorithm):
+    """``None`` (choose per problem) or the code of a named algorithm valid here."""
+    if algorithm is None:
+        return None
+    if algorithm not in valid_algorithms(window):
+        raise ValueError(f"algorithm {algorithm!r} cannot run this convolution; valid: "
+                         f"{valid_algorithms(window)}")
+    return ALGORITHMS[algorithm]
+
+
+def _check(status):
+    if status[0] != 0:
+        raise RuntimeError(f"BLAS gemm failed with status {status[0]}")
+
+
+def _run_forward(problem, x, weight, bias, y, algorithm=None):
+    algorithm = problem.algorithm() if algorithm is None else algorithm
+    has_bias = bias is not None
+    bias = contiguous(bias) if has_bias else np.zeros(1, x.dtype)
+    if algorithm == DIRECT:
+        weight = contiguous(weight)
+        if problem.unit_stride_planes():
+            p = problem
+            _direct_forward_unit_stride(x, weight, bias, has_bias, y,
+                                        numba.get_num_threads(), p.groups, p.kernel_h,
+                                        p.kernel_w, p.dilation_h, p.dilation_w,
+                                        p.pad_top, p.pad_left)
+        else:
+            _direct_forward(x, weight, bias, has_bias, y, *problem.args)
+        return y
+    status = np.zeros(1, np.int32)
+    if algorithm == WINOGRAD:
+        with single_threaded_blas(x.dtype):
+            _winograd_forward(x, winograd_weight(weight),
+                              bias if has_bias else np.zeros(y.shape[1], x.dtype), y,
+                              problem.winograd_band_tile_rows(x.itemsize),
+                              numba.get_num_threads(), status, problem.groups,
+                              problem.pad_top, problem.pad_left)
+        _check(status)
+        return y
+    with single_threaded_blas(x.dtype):
+        _gemm_forward(x, problem.gemm_weight(weight, algorithm), bias, has_bias, y,
+                      algorithm, problem.band_rows(algorithm, x.itemsize),
+                      numba.get_num_threads(), status, *problem.args)
+    _check(status)
+    return y
+
+
+def conv2d_forward(x, weight, bias, window, algorithm=None):
+    """``y`` of shape ``window.output_shape``. ``algorithm`` (a name from
+    ``ALGORITHMS``) overrides ``choose_algorithm``; tests use it to cover every path."""
+    w = window
+    x = contiguous(x).reshape((w.batch, w.channels) + w.in_size)
+    y = np.empty((w.batch, w.out_channels) + w.out_size, x.dtype)
+    if w.batch > 0:
+        _run_forward(_Problem.forward(w), x, weight, bias, y, _algorithm_code(w, algorithm))
+    return y.reshape(w.output_shape)
+
+
+def _input_grad(grad_output, weight, w, algorithm):
+    grad_input = np.empty((w.batch, w.channels) + w.in_size, grad_output.dtype)
+    problem = _Problem.forward(w)
+    if algorithm == DIRECT and not problem.unit_stride_planes():
+        _direct_backward_input(grad_output, contiguous(weight), grad_input,
+                               *problem.args)
+    elif algorithm != IM2COL and w.stride == (1, 1):
+        transposed = _Problem.input_grad(w)
+        _run_forward(transposed, grad_output, _flipped_transposed(weight, w.groups), None,
+                     grad_input, DIRECT if algorithm == DIRECT else None)
+    else:
+        status = np.zeros(1, np.int32)
+        rows = problem.band_rows(IM2COL, grad_output.itemsize)
+        with single_threaded_blas(grad_output.dtype):
+            _gemm_backward_input(grad_output, contiguous(weight).reshape(-1),
+                                 grad_input, rows, status, *problem.args)
+        _check(status)
+    return grad_input
+
+
+def _weight_grad(x, grad_output, weight_shape, w, algorithm):
+    if algorithm == WINOGRAD:
+        algorithm = ROWS  # the weight gradient's GEMMs reduce over pixels; no tiles
+    grad_weight = np.empty(weight_shape, x.dtype)
+    problem = _Problem.forward(w)
+    if algorithm == DIRECT:
+        p = problem
+        if p.unit_stride_planes():
+            _direct_backward_weight_unit_stride(x, grad_output, grad_weight, p.groups,
+                                                p.kernel_h, p.kernel_w, p.dilation_h,
+                                                p.dilation_w, p.pad_top, p.pad_left)
+        else:
+            _direct_backward_weight(x, grad_output, grad_weight, *problem.args)
+        return grad_weight
+    chunks = problem.weight_grad_chunks(grad_weight.nbytes)
+    partial = np.empty((chunks, grad_weight.size), x.dtype)
+    status = np.zeros(1, np.int32)
+    with single_threaded_blas(x.dtype):
+        _gemm_backward_weight(x, grad_output, partial, algorithm,
+                              problem.band_rows(algorithm, x.itemsize), status,
+                              *problem.args)
+    _check(status)
+    if algorithm == ROWS:
+        O, Cg, KH, KW = weight_shape
+        summed = np.empty((KH, O, Cg, KW), x.dtype)
+        _sum_partials(partial, summed)
+        grad_weight[...] = summed.transpose(1, 2, 0, 3)
+    else:
+        _sum_partials(partial, grad_weight)
+    return grad_weight
+
+
+def conv2d_backward(grad_output, x, weight, window, output_mask, algorithm=None):
+    """``(grad_input, grad_weight, grad_bias)``, ``None`` where ``output_mask`` is
+    False."""
+    w = window
+    want_input, want_weight, want_bias = output_mask
+    grad_output = contiguous(grad_output).reshape((w.batch, w.out_channels) + w.out_size)
+    if want_weight:  # only the weight gradient reads x: no copy of it otherwise
+        x = contiguous(x).reshape((w.batch, w.channels) + w.in_size)
+    code = _algorithm_code(w, algorithm)
+    if code is None:
+        code = _Problem.forward(w).algorithm()
+    grad_input = grad_weight = grad_bias = None
+    if want_input:
+        if w.batch == 0:
+            grad_input = np.zeros((0, w.channels) + w.in_size, grad_output.dtype)
+        else:
+            grad_input = _input_grad(grad_output, weight, w, code)
+        grad_input = grad_input.reshape(w.input_shape)
+    if want_weight:
+        if w.batch == 0:
+            grad_weight = np.zeros(weight.shape, grad_output.dtype)
+        else:
+            grad_weight = _weight_grad(x, grad_output, weight.shape, w, code)
+    if want_bias:
+        grad_bias = np.empty(w.out_channels, grad_output.dtype)
+        if w.batch == 0:
+            grad_bias[:] = 0
+        else:
+            _bias_grad(grad_output, grad_bias)
+    return grad_input, grad_weight, grad_bias

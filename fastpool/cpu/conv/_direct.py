@@ -1,0 +1,261 @@
+"""Direct CPU convolution kernels (``"direct"``): plain loops vectorised along output
+columns, for one input channel per group (depthwise, channel multipliers) and planes too
+big for BLAS's 32-bit sizes, where a GEMM with ``K = KH * KW`` would be all overhead.
+
+Two families: row kernels (any stride; one output or input row at a time, taps clipped
+to the input by ``col_lo``/``col_hi``) and, for stride 1, padded-plane kernels (below).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from fastpool.cpu.conv._planner import _JIT, _U
+
+
+@njit(**_JIT)
+def _direct_forward(x, w, bias, has_bias, y, G, KH, KW, SH, SW, DH, DW, PT, PL, col_lo,
+                    col_hi):
+    """``y`` one output row at a time, accumulated along the row (vectorised)."""
+    N, C, H, W = x.shape
+    O, OH, OW = y.shape[1], y.shape[2], y.shape[3]
+    Cg = C // G
+    Og = O // G
+    for t in prange(N * O):
+        n = t // O
+        o = t % O
+        g = o // Og
+        b = bias[o] if has_bias else 0.0
+        for oh in range(OH):
+            acc = y[n, o, oh]
+            for ow in range(OW):
+                acc[_U(ow)] = b
+            for c in range(Cg):
+                plane = x[n, g * Cg + c]
+                for i in range(KH):
+                    h = oh * SH - PT + i * DH
+                    if h < 0 or h >= H:
+                        continue
+                    src = plane[h]
+                    for j in range(KW):
+                        weight = w[o, c, i, j]
+                        offset = j * DW - PL
+                        if SW == 1:
+                            for ow in range(col_lo[j], col_hi[j]):
+                                acc[_U(ow)] += weight * src[_U(ow + offset)]
+                        else:
+                            for ow in range(col_lo[j], col_hi[j]):
+                                acc[_U(ow)] += weight * src[_U(ow * SW + offset)]
+
+
+@njit(**_JIT)
+def _direct_backward_input(grad_output, w, grad_input, G, KH, KW, SH, SW, DH, DW, PT, PL,
+                           col_lo, col_hi):
+    """Each input plane is owned by one thread, which adds every tap that read it."""
+    N, C, H, W = grad_input.shape
+    O, OH, OW = grad_output.shape[1], grad_output.shape[2], grad_output.shape[3]
+    Cg = C // G
+    Og = O // G
+    for t in prange(N * C):
+        n = t // C
+        c = t % C
+        g = c // Cg
+        cl = c - g * Cg
+        plane = grad_input[n, c]
+        plane[:] = 0
+        for o in range(g * Og, (g + 1) * Og):
+            for oh in range(OH):
+                src = grad_output[n, o, oh]
+                for i in range(KH):
+                    h = oh * SH - PT + i * DH
+                    if h < 0 or h >= H:
+                        continue
+                    dst = plane[h]
+                    for j in range(KW):
+                        weight = w[o, cl, i, j]
+                        offset = j * DW - PL
+                        if SW == 1:
+                            for ow in range(col_lo[j], col_hi[j]):
+                                dst[_U(ow + offset)] += weight * src[_U(ow)]
+                        else:
+                            for ow in range(col_lo[j], col_hi[j]):
+                                dst[_U(ow * SW + offset)] += weight * src[_U(ow)]
+
+
+@njit(**_JIT)
+def _direct_backward_weight(x, grad_output, grad_weight, G, KH, KW, SH, SW, DH, DW, PT,
+                            PL, col_lo, col_hi):
+    """One thread per output channel. Each tap keeps one running sum per output column
+    (vectorised, fixed order), added up at the end in float64."""
+    N, C, H, W = x.shape
+    O, OH, OW = grad_output.shape[1], grad_output.shape[2], grad_output.shape[3]
+    Cg = C // G
+    Og = O // G
+    taps = Cg * KH * KW
+    for o in prange(O):
+        g = o // Og
+        lanes = np.zeros((taps, OW), x.dtype)
+        for n in range(N):
+            for oh in range(OH):
+                dy = grad_output[n, o, oh]
+                for c in range(Cg):
+                    plane = x[n, g * Cg + c]
+                    for i in range(KH):
+                        h = oh * SH - PT + i * DH
+                        if h < 0 or h >= H:
+                            continue
+                        src = plane[h]
+                        for j in range(KW):
+                            lane = lanes[(c * KH + i) * KW + j]
+                            offset = j * DW - PL
+                            if SW == 1:
+                                for ow in range(col_lo[j], col_hi[j]):
+                                    lane[_U(ow)] += dy[_U(ow)] * src[_U(ow + offset)]
+                            else:
+                                for ow in range(col_lo[j], col_hi[j]):
+                                    lane[_U(ow)] += dy[_U(ow)] * src[_U(ow * SW + offset)]
+        flat = grad_weight[o].reshape(-1)
+        for k in range(taps):
+            total = 0.0
+            for ow in range(OW):
+                total += lanes[k, ow]
+            flat[k] = total
+
+
+# Stride-1 direct kernels work on zero-padded copies of whole planes laid out with the
+# padded width ``Wp``: every tap is then one long unit-stride loop over the flat plane
+# (``OH * Wp`` elements, the ``Wp - OW`` extra columns of each row are discarded), with
+# no bounds checks and no short-row remainders to hold back vectorisation. Planes of
+# more than ``_planner._PADDED_PLANE_LIMIT`` elements use the row kernels above.
+
+
+@njit(inline="always")
+def _pad_plane(src, dst, PT, PL, Hp, Wp):
+    """``dst[r*Wp + c] = src[r - PT, c - PL]``, 0 outside ``src``; the slack after
+    ``Hp * Wp`` is zeroed too."""
+    H, W = src.shape
+    lo = min(max(PL, 0), Wp)
+    hi = min(max(PL + W, lo), Wp)
+    for r in range(Hp):
+        h = r - PT
+        base = r * Wp
+        if h < 0 or h >= H:
+            for c in range(Wp):
+                dst[_U(base + c)] = 0
+            continue
+        row = src[h]
+        for c in range(lo):
+            dst[_U(base + c)] = 0
+        for c in range(lo, hi):
+            dst[_U(base + c)] = row[_U(c - PL)]
+        for c in range(hi, Wp):
+            dst[_U(base + c)] = 0
+    for e in range(Hp * Wp, dst.shape[0]):
+        dst[e] = 0
+
+
+@njit(inline="always")
+def _accumulate_taps(acc, padded, weights, offsets, Q):
+    """``acc[q] += sum over taps k of weights[k] * padded[q + offsets[k]]``, four taps
+    per pass over ``acc`` (a pass is bound by its loads and stores, not by the FMAs)."""
+    taps = weights.shape[0]
+    k = 0
+    while k + 4 <= taps:
+        w0, w1, w2, w3 = weights[k], weights[k + 1], weights[k + 2], weights[k + 3]
+        o0, o1, o2, o3 = offsets[k], offsets[k + 1], offsets[k + 2], offsets[k + 3]
+        for q in range(Q):
+            acc[_U(q)] += ((w0 * padded[_U(q + o0)] + w1 * padded[_U(q + o1)])
+                           + (w2 * padded[_U(q + o2)] + w3 * padded[_U(q + o3)]))
+        k += 4
+    while k < taps:
+        w0 = weights[k]
+        o0 = offsets[k]
+        for q in range(Q):
+            acc[_U(q)] += w0 * padded[_U(q + o0)]
+        k += 1
+
+
+@njit(inline="always")
+def _tap_offsets(KH, KW, DH, DW, Wp):
+    offsets = np.empty(KH * KW, np.int64)
+    for i in range(KH):
+        for j in range(KW):
+            offsets[i * KW + j] = i * DH * Wp + j * DW
+    return offsets
+
+
+@njit(**_JIT)
+def _direct_forward_unit_stride(x, w, bias, has_bias, y, workers, G, KH, KW, DH, DW, PT,
+                                PL):
+    N, C, H, W = x.shape
+    O, OH, OW = y.shape[1], y.shape[2], y.shape[3]
+    Cg = C // G
+    Og = O // G
+    Hp = OH + DH * (KH - 1)
+    Wp = OW + DW * (KW - 1)
+    Q = OH * Wp
+    tasks = N * O
+    offsets = _tap_offsets(KH, KW, DH, DW, Wp)
+    for worker in prange(workers):
+        padded = np.empty(Hp * Wp + DW * (KW - 1), x.dtype)
+        acc = np.empty(Q, x.dtype)
+        for t in range(worker * tasks // workers, (worker + 1) * tasks // workers):
+            n = t // O
+            o = t % O
+            g = o // Og
+            b = bias[o] if has_bias else 0.0
+            for q in range(Q):
+                acc[q] = b
+            for c in range(Cg):
+                _pad_plane(x[n, g * Cg + c], padded, PT, PL, Hp, Wp)
+                _accumulate_taps(acc, padded, w[o, c].reshape(-1), offsets, Q)
+            out = y[n, o]
+            for oh in range(OH):
+                row = out[oh]
+                for ow in range(OW):
+                    row[_U(ow)] = acc[_U(oh * Wp + ow)]
+
+
+@njit(cache=True, boundscheck=False, nogil=True, fastmath={"reassoc"})
+def _dot(a, b, b_offset, length):
+    """``sum a[q] * b[q + b_offset]`` over ``q < length``. Reassociation lets LLVM keep
+    vector partial sums; the order depends only on ``length``, so it is fixed."""
+    total = a.dtype.type(0)
+    for q in range(length):
+        total += a[_U(q)] * b[_U(q + b_offset)]
+    return total
+
+
+@njit(**_JIT)
+def _direct_backward_weight_unit_stride(x, grad_output, grad_weight, G, KH, KW, DH, DW,
+                                        PT, PL):
+    """One thread per output channel: per image, one dot product per tap over the flat
+    padded plane, summed over images in float64."""
+    N, C, H, W = x.shape
+    O, OH, OW = grad_output.shape[1], grad_output.shape[2], grad_output.shape[3]
+    Cg = C // G
+    Og = O // G
+    Hp = OH + DH * (KH - 1)
+    Wp = OW + DW * (KW - 1)
+    Q = OH * Wp
+    offsets = _tap_offsets(KH, KW, DH, DW, Wp)
+    for o in prange(O):
+        g = o // Og
+        totals = np.zeros((Cg, KH * KW), np.float64)
+        padded = np.empty(Hp * Wp + DW * (KW - 1), x.dtype)
+        dy = np.zeros(Q, x.dtype)  # grad_output rows at stride Wp, zero beyond OW
+        for n in range(N):
+            plane = grad_output[n, o]
+            for oh in range(OH):
+                row = plane[oh]
+                for ow in range(OW):
+                    dy[_U(oh * Wp + ow)] = row[_U(ow)]
+            for c in range(Cg):
+                _pad_plane(x[n, g * Cg + c], padded, PT, PL, Hp, Wp)
+                for k in range(KH * KW):
+                    totals[c, k] += _dot(dy, padded, offsets[k], Q)
+        flat = grad_weight[o].reshape(-1)
+        for c in range(Cg):
+            for k in range(KH * KW):
+                flat[c * KH * KW + k] = totals[c, k]

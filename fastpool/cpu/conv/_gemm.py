@@ -1,0 +1,250 @@
+"""The GEMM family of CPU convolution kernels (``"pointwise"``, ``"rows"``,
+``"im2col"``): gathering a band's input columns (im2col) and scattering them back
+(col2im), the forward, input-gradient and weight-gradient GEMM kernels, and the
+reductions the weight and bias gradients end with.
+
+GEMMs write straight into the output (``ldc``), run single-threaded BLAS, one call per
+Numba thread (``fastpool.cpu._blas``). Bands of output rows are sized
+(``_planner._Problem.band_rows``) so the gathered columns stay in the core's L2 cache.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from fastpool.cpu._blas import gemm
+from fastpool.cpu.conv._planner import _JIT, _U, IM2COL, POINTWISE, ROWS
+
+
+# ----------------------------------------------------------------------------- gather
+
+@njit(inline="always")
+def _gather_columns(x, n, c0, channels, h0, h_step, n_rows, taps_h, DH, KW, SW, DW, PL,
+                    OW, col_lo, col_hi, cols):
+    """``cols[((c*taps_h + i)*KW + j)*L + r*OW + ow] = x[n, c0+c, h, ow*SW + j*DW - PL]``
+    with ``h = h0 + r*h_step + i*DH`` and ``L = n_rows * OW``; 0 outside the input."""
+    H = x.shape[2]
+    L = n_rows * OW
+    for c in range(channels):
+        plane = x[n, c0 + c]
+        for i in range(taps_h):
+            for j in range(KW):
+                dst = ((c * taps_h + i) * KW + j) * L
+                offset = j * DW - PL
+                lo = col_lo[j]
+                hi = col_hi[j]
+                for r in range(n_rows):
+                    h = h0 + r * h_step + i * DH
+                    base = dst + r * OW
+                    if h < 0 or h >= H:
+                        for ow in range(OW):
+                            cols[_U(base + ow)] = 0
+                        continue
+                    src = plane[h]
+                    for ow in range(lo):
+                        cols[_U(base + ow)] = 0
+                    if SW == 1:
+                        for ow in range(lo, hi):
+                            cols[_U(base + ow)] = src[_U(ow + offset)]
+                    else:
+                        for ow in range(lo, hi):
+                            cols[_U(base + ow)] = src[_U(ow * SW + offset)]
+                    for ow in range(hi, OW):
+                        cols[_U(base + ow)] = 0
+
+
+@njit(inline="always")
+def _scatter_columns(cols, gx, n, c0, channels, h0, h_step, n_rows, KH, DH, KW, SW, DW,
+                     PL, OW, col_lo, col_hi):
+    """Inverse of ``_gather_columns`` with ``taps_h = KH``: add every column entry back
+    onto the input cell it was read from (cells outside the input are dropped)."""
+    H = gx.shape[2]
+    L = n_rows * OW
+    for c in range(channels):
+        plane = gx[n, c0 + c]
+        for i in range(KH):
+            for j in range(KW):
+                src = ((c * KH + i) * KW + j) * L
+                offset = j * DW - PL
+                lo = col_lo[j]
+                hi = col_hi[j]
+                for r in range(n_rows):
+                    h = h0 + r * h_step + i * DH
+                    if h < 0 or h >= H:
+                        continue
+                    dst = plane[h]
+                    base = src + r * OW
+                    if SW == 1:
+                        for ow in range(lo, hi):
+                            dst[_U(ow + offset)] += cols[_U(base + ow)]
+                    else:
+                        for ow in range(lo, hi):
+                            dst[_U(ow * SW + offset)] += cols[_U(base + ow)]
+
+
+# ----------------------------------------------------------------------------- GEMM kernels
+
+@njit(inline="always")
+def _gemm_sizes(algorithm, Cg, KH, KW, DH, OW, rows_per_band):
+    """The GEMMs' inner dimension and the gathered-column buffer size of one band."""
+    if algorithm == ROWS:
+        k_gemm = Cg * KW
+        return k_gemm, k_gemm * (rows_per_band + DH * (KH - 1)) * OW
+    if algorithm == IM2COL:
+        k_gemm = Cg * KH * KW
+        return k_gemm, k_gemm * rows_per_band * OW
+    return Cg, 0  # pointwise reads the input in place
+
+
+@njit(**_JIT)
+def _gemm_forward(x, w, bias, has_bias, y, algorithm, rows_per_band, workers, status,
+                  G, KH, KW, SH, SW, DH, DW, PT, PL, col_lo, col_hi):
+    """``y = conv(x, w) (+ bias)`` by GEMMs over (image, group, band of output rows)."""
+    N, C, H, W = x.shape
+    O, OH, OW = y.shape[1], y.shape[2], y.shape[3]
+    Cg = C // G
+    Og = O // G
+    bands = (OH + rows_per_band - 1) // rows_per_band
+    tasks = N * G * bands
+    k_gemm, col_size = _gemm_sizes(algorithm, Cg, KH, KW, DH, OW, rows_per_band)
+    xf = x.reshape(-1)
+    yf = y.reshape(-1)
+    for worker in prange(workers):
+        cols = np.empty(col_size, x.dtype)
+        for t in range(worker * tasks // workers, (worker + 1) * tasks // workers):
+            n = t // (G * bands)
+            g = (t // bands) % G
+            oh0 = (t % bands) * rows_per_band
+            rows = min(rows_per_band, OH - oh0)
+            pixels = rows * OW
+            out = ((n * O + g * Og) * OH + oh0) * OW
+            beta = 0.0
+            if has_bias:
+                beta = 1.0
+                for o in range(Og):
+                    b = bias[g * Og + o]
+                    start = out + o * OH * OW
+                    for p in range(pixels):
+                        yf[_U(start + p)] = b
+            if algorithm == POINTWISE:
+                s = gemm(False, False, Og, pixels, Cg, w, g * Og * Cg, Cg,
+                         xf, (n * C + g * Cg) * H * W + oh0 * W, H * W,
+                         beta, yf, out, OH * OW)
+            elif algorithm == ROWS:
+                n_rows = rows + DH * (KH - 1)
+                _gather_columns(x, n, g * Cg, Cg, oh0 - PT, 1, n_rows, 1, DH, KW, SW, DW,
+                                PL, OW, col_lo, col_hi, cols)
+                s = 0
+                for i in range(KH):
+                    s |= gemm(False, False, Og, pixels, k_gemm, w, (i * O + g * Og) * k_gemm,
+                              k_gemm, cols, i * DH * OW, n_rows * OW,
+                              beta if i == 0 else 1.0, yf, out, OH * OW)
+            else:
+                _gather_columns(x, n, g * Cg, Cg, oh0 * SH - PT, SH, rows, KH, DH, KW, SW,
+                                DW, PL, OW, col_lo, col_hi, cols)
+                s = gemm(False, False, Og, pixels, k_gemm, w, g * Og * k_gemm, k_gemm,
+                         cols, 0, pixels, beta, yf, out, OH * OW)
+            if s != 0:
+                status[0] = s
+
+
+@njit(**_JIT)
+def _gemm_backward_input(grad_output, w, grad_input, rows_per_band, status,
+                         G, KH, KW, SH, SW, DH, DW, PT, PL, col_lo, col_hi):
+    """``grad_input = col2im(W_g^T @ grad_output)``, one thread per (image, group)."""
+    N, C, H, W = grad_input.shape
+    O, OH, OW = grad_output.shape[1], grad_output.shape[2], grad_output.shape[3]
+    Cg = C // G
+    Og = O // G
+    K = Cg * KH * KW
+    bands = (OH + rows_per_band - 1) // rows_per_band
+    gf = grad_output.reshape(-1)
+    for t in prange(N * G):
+        n = t // G
+        g = t % G
+        cols = np.empty(K * rows_per_band * OW, grad_input.dtype)
+        for c in range(Cg):
+            grad_input[n, g * Cg + c] = 0
+        for b in range(bands):
+            oh0 = b * rows_per_band
+            rows = min(rows_per_band, OH - oh0)
+            s = gemm(True, False, K, rows * OW, Og, w, g * Og * K, K,
+                     gf, ((n * O + g * Og) * OH + oh0) * OW, OH * OW,
+                     0.0, cols, 0, rows * OW)
+            if s != 0:
+                status[0] = s
+            _scatter_columns(cols, grad_input, n, g * Cg, Cg, oh0 * SH - PT, SH, rows, KH,
+                             DH, KW, SW, DW, PL, OW, col_lo, col_hi)
+
+
+@njit(**_JIT)
+def _gemm_backward_weight(x, grad_output, partial, algorithm, rows_per_band, status,
+                          G, KH, KW, SH, SW, DH, DW, PT, PL, col_lo, col_hi):
+    """``partial[chunk] = sum over the chunk's images of grad_output @ columns^T``, in
+    the weight layout ``_Problem.gemm_weight`` gives for ``algorithm``."""
+    N, C, H, W = x.shape
+    O, OH, OW = grad_output.shape[1], grad_output.shape[2], grad_output.shape[3]
+    Cg = C // G
+    Og = O // G
+    chunks = partial.shape[0]
+    bands = (OH + rows_per_band - 1) // rows_per_band
+    k_gemm, col_size = _gemm_sizes(algorithm, Cg, KH, KW, DH, OW, rows_per_band)
+    xf = x.reshape(-1)
+    gf = grad_output.reshape(-1)
+    for chunk in prange(chunks):
+        acc = partial[chunk]
+        acc[:] = 0
+        cols = np.empty(col_size, x.dtype)
+        for n in range(chunk * N // chunks, (chunk + 1) * N // chunks):
+            for g in range(G):
+                for b in range(bands):
+                    oh0 = b * rows_per_band
+                    rows = min(rows_per_band, OH - oh0)
+                    pixels = rows * OW
+                    dy = ((n * O + g * Og) * OH + oh0) * OW
+                    if algorithm == POINTWISE:
+                        s = gemm(False, True, Og, Cg, pixels, gf, dy, OH * OW,
+                                 xf, (n * C + g * Cg) * H * W + oh0 * W, H * W,
+                                 1.0, acc, g * Og * Cg, Cg)
+                    elif algorithm == ROWS:
+                        n_rows = rows + DH * (KH - 1)
+                        _gather_columns(x, n, g * Cg, Cg, oh0 - PT, 1, n_rows, 1, DH, KW,
+                                        SW, DW, PL, OW, col_lo, col_hi, cols)
+                        s = 0
+                        for i in range(KH):
+                            s |= gemm(False, True, Og, k_gemm, pixels, gf, dy, OH * OW,
+                                      cols, i * DH * OW, n_rows * OW,
+                                      1.0, acc, (i * O + g * Og) * k_gemm, k_gemm)
+                    else:
+                        _gather_columns(x, n, g * Cg, Cg, oh0 * SH - PT, SH, rows, KH, DH,
+                                        KW, SW, DW, PL, OW, col_lo, col_hi, cols)
+                        s = gemm(False, True, Og, k_gemm, pixels, gf, dy, OH * OW,
+                                 cols, 0, pixels, 1.0, acc, g * Og * k_gemm, k_gemm)
+                    if s != 0:
+                        status[0] = s
+
+
+@njit(**_JIT)
+def _sum_partials(partial, out):
+    """``out = partial[0] + partial[1] + ...`` in chunk order."""
+    flat = out.reshape(-1)
+    for e in prange(flat.shape[0]):
+        total = partial[0, e]
+        for chunk in range(1, partial.shape[0]):
+            total += partial[chunk, e]
+        flat[e] = total
+
+
+@njit(**_JIT)
+def _bias_grad(grad_output, out):
+    """``out[o] = sum of grad_output[:, o]``, accumulated in float64."""
+    N, O = grad_output.shape[0], grad_output.shape[1]
+    P = grad_output.shape[2] * grad_output.shape[3]
+    gf = grad_output.reshape(N, O, P)
+    for o in prange(O):
+        total = 0.0
+        for n in range(N):
+            for p in range(P):
+                total += gf[n, o, p]
+        out[o] = total

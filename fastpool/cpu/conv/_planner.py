@@ -1,0 +1,174 @@
+"""How one CPU convolution runs: the problem as the kernels see it, the algorithm codes
+and their choice, and the sizes of the bands of work (``fastpool.cpu.conv`` has the
+overview of the algorithms).
+
+The kernels freeze the algorithm codes and read ``_JIT``/``_U`` at compile time, and
+Numba's disk cache only watches the file that defines a kernel: after changing them
+here, clear ``fastpool/cpu/conv/__pycache__``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fastpool.cpu._arrays import contiguous
+
+# What every kernel module of the package compiles with; ``_U`` casts flat indices known
+# to be >= 0 (Numba's negative-index wraparound code would block vectorisation).
+_JIT = dict(parallel=True, cache=True, boundscheck=False, error_model="numpy", nogil=True)
+_U = np.uint64
+
+POINTWISE, ROWS, IM2COL, DIRECT, WINOGRAD = 0, 1, 2, 3, 4
+ALGORITHMS = {"pointwise": POINTWISE, "rows": ROWS, "im2col": IM2COL, "direct": DIRECT,
+              "winograd": WINOGRAD}
+_NAMES = {code: name for name, code in ALGORITHMS.items()}
+
+# Winograd F(2x2, 3x3) needs enough channels per group for its 16 GEMMs (K = C_g) to pay.
+_WINOGRAD_MIN_CHANNELS = 8
+# Transformed input + output per Winograd band: more than L2, as the 16 GEMMs (K = C_g)
+# run faster on more tiles.
+_WINOGRAD_BYTES = 1 << 21
+# Gathered columns per band: half of a 2 MiB L2, leaving room for the GEMM's panels.
+_COLUMN_BYTES = 1 << 20
+# Pointwise GEMMs read the input in place (no gathering): larger bands run faster.
+_POINTWISE_BYTES = 4 << 20
+# BLAS sizes are 32-bit ints.
+_BLAS_LIMIT = 2**31 - 1
+# Weight-gradient partial sums: at most this many chunks of images, and this many bytes.
+_MAX_CHUNKS = 16
+_PARTIAL_BYTES = 64 << 20
+# Stride-1 direct kernels (``_direct``) work on zero-padded copies of whole planes up to
+# this many elements; larger planes use the row kernels.
+_PADDED_PLANE_LIMIT = 1 << 22
+
+
+class _Problem:
+    """One convolution as the kernels see it. ``pad_top``/``pad_left`` may be negative
+    (the input-gradient problem of a heavily padded convolution crops instead)."""
+
+    def __init__(self, in_shape, out_hw, weight_shape, groups, stride, pad, dilation):
+        self.batch, self.in_channels, self.in_h, self.in_w = in_shape
+        self.out_h, self.out_w = out_hw
+        self.out_channels, self.channels_per_group, self.kernel_h, self.kernel_w = \
+            weight_shape
+        self.groups = groups
+        self.stride_h, self.stride_w = stride
+        self.pad_top, self.pad_left = pad
+        self.dilation_h, self.dilation_w = dilation
+
+    @classmethod
+    def forward(cls, w):
+        """The convolution of the rank-2 ``Window`` ``w`` itself."""
+        return cls((w.batch, w.channels) + w.in_size, w.out_size,
+                   (w.out_channels, w.channels // w.groups) + w.kernel, w.groups,
+                   w.stride, w.pad_lo, w.dilation)
+
+    @classmethod
+    def input_grad(cls, w):
+        """Stride-1 input gradient of ``w`` as a forward convolution of ``grad_output``
+        (padding ``d*(k-1) - pad``, a crop where negative)."""
+        return cls((w.batch, w.out_channels) + w.out_size, w.in_size,
+                   (w.channels, w.out_channels // w.groups) + w.kernel, w.groups, (1, 1),
+                   tuple(d * (k - 1) - p
+                         for k, d, p in zip(w.kernel, w.dilation, w.pad_lo)),
+                   w.dilation)
+
+    @property
+    def outputs_per_group(self):
+        return self.out_channels // self.groups
+
+    @property
+    def args(self):
+        """Geometry arguments shared by every kernel."""
+        return (self.groups, self.kernel_h, self.kernel_w, self.stride_h, self.stride_w,
+                self.dilation_h, self.dilation_w, self.pad_top, self.pad_left,
+                *self.column_range())
+
+    def column_range(self):
+        """Per kernel column ``j``: output columns ``[lo[j], hi[j])`` whose tap
+        ``ow*SW + j*DW - pad_left`` lies inside the input row."""
+        lo = np.empty(self.kernel_w, np.int64)
+        hi = np.empty(self.kernel_w, np.int64)
+        for j in range(self.kernel_w):
+            offset = j * self.dilation_w - self.pad_left
+            first = min(max(-(offset // self.stride_w), 0), self.out_w)  # ceil(-off/SW)
+            last = -((offset - self.in_w) // self.stride_w)            # ceil((W-off)/SW)
+            lo[j], hi[j] = first, min(max(last, first), self.out_w)
+        return lo, hi
+
+    def algorithm(self):
+        if (self.channels_per_group == 1
+                or max(self.in_h * self.in_w, self.out_h * self.out_w,
+                       self.channels_per_group * self.kernel_h * self.kernel_w)
+                > _BLAS_LIMIT):
+            return DIRECT
+        if (self.kernel_h == self.kernel_w == 1 and self.stride_h == self.stride_w == 1
+                and self.pad_top == self.pad_left == 0):
+            return POINTWISE
+        if self.winograd_applies() and self.channels_per_group >= _WINOGRAD_MIN_CHANNELS:
+            return WINOGRAD
+        return ROWS if self.stride_h == 1 else IM2COL
+
+    def valid_names(self):
+        """Names of every algorithm that can run this problem (tests run them all)."""
+        names = ["direct"]
+        if max(self.in_h * self.in_w, self.out_h * self.out_w) <= _BLAS_LIMIT:
+            names.append("im2col")
+            if self.stride_h == 1:
+                names.append("rows")
+            if self.winograd_applies():
+                names.append("winograd")
+            if (self.kernel_h == self.kernel_w == 1 and self.stride_h == 1
+                    and self.stride_w == 1 and self.pad_top == self.pad_left == 0):
+                names.append("pointwise")
+        return names
+
+    def winograd_applies(self):
+        return (self.kernel_h == self.kernel_w == 3 and self.stride_h == self.stride_w == 1
+                and self.dilation_h == self.dilation_w == 1)
+
+    def winograd_band_tile_rows(self, itemsize):
+        """Tile rows per band: the transformed input and output of a band fit in
+        ``_WINOGRAD_BYTES``, and the bands are of equal size."""
+        tiles_w = (self.out_w + 1) // 2
+        tiles_h = (self.out_h + 1) // 2
+        per_row = 16 * (self.channels_per_group + self.outputs_per_group) * tiles_w * itemsize
+        most = max(1, min(_WINOGRAD_BYTES // per_row, tiles_h))
+        bands = -(-tiles_h // most)
+        return -(-tiles_h // bands)  # equal bands: no short last band
+
+    def unit_stride_planes(self):
+        """Whether the padded-plane direct kernels apply: stride 1 and a padded plane
+        of at most ``_PADDED_PLANE_LIMIT`` elements."""
+        padded = ((self.out_h + self.dilation_h * (self.kernel_h - 1))
+                  * (self.out_w + self.dilation_w * (self.kernel_w - 1)))
+        return self.stride_h == self.stride_w == 1 and padded <= _PADDED_PLANE_LIMIT
+
+    def band_rows(self, algorithm, itemsize):
+        """Output rows per band: the gathered columns fit in ``_COLUMN_BYTES`` (the
+        input rows a pointwise GEMM reads, in ``_POINTWISE_BYTES``)."""
+        row_bytes = self.out_w * itemsize * self.channels_per_group * self.kernel_w
+        if algorithm == POINTWISE:
+            rows = _POINTWISE_BYTES // row_bytes
+        elif algorithm == ROWS:
+            rows = _COLUMN_BYTES // row_bytes - self.dilation_h * (self.kernel_h - 1)
+        else:
+            rows = _COLUMN_BYTES // (row_bytes * self.kernel_h)
+        rows = max(1, min(rows, self.out_h))
+        if rows * self.out_w * max(self.channels_per_group * self.kernel_h
+                                   * self.kernel_w, 1) > _BLAS_LIMIT:
+            rows = max(1, _BLAS_LIMIT // (self.out_w * self.channels_per_group
+                                          * self.kernel_h * self.kernel_w))
+        return rows
+
+    def weight_grad_chunks(self, weight_bytes):
+        """Chunks of images whose weight-gradient partial sums are added in order: at
+        most ``_MAX_CHUNKS``, one per image, and ``_PARTIAL_BYTES`` of partial sums."""
+        return max(1, min(self.batch, _MAX_CHUNKS, _PARTIAL_BYTES // weight_bytes))
+
+    def gemm_weight(self, weight, algorithm):
+        """The weight as the GEMMs read it: ``(O, C_g*KH*KW)``, or for ``"rows"``
+        ``(KH, O, C_g*KW)`` so each kernel row is one matrix."""
+        if algorithm == ROWS:
+            return contiguous(weight.transpose(2, 0, 1, 3)).reshape(-1)
+        return contiguous(weight).reshape(-1)

@@ -1,0 +1,189 @@
+"""Winograd F(2x2, 3x3) CPU convolution kernels (``"winograd"``): 3x3 kernels, stride 1,
+no dilation; the forward only (the weight gradient runs on ``"rows"``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from fastpool.cpu._blas import gemm
+from fastpool.cpu.conv._planner import _JIT, _U
+
+# F(2x2, 3x3) (Lavin & Gray, 2016): each 2x2 output tile is A^T [(G g G^T) * (B^T d B)] A
+# for its 4x4 input tile d, so the 36 multiplications of four outputs become 16, done as
+# 16 GEMMs (one per transform-domain position) over channels x tiles.
+
+# The 16 transform-domain planes are this many elements further apart than their size,
+# so the 16 streams a tile reads or writes do not all fall in one L1 cache set (a plane
+# size that is a multiple of 4 KiB made them collide and ran 2x slower).
+_SKEW = 16
+
+
+def winograd_weight(weight):
+    """``U[xi*4 + nu, o, c] = (G w[o, c] G^T)[xi, nu]``, computed in float64."""
+    G = np.array([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]])
+    U = np.einsum("ai,ocij,bj->aboc", G, weight.astype(np.float64), G)
+    return np.ascontiguousarray(U.reshape(16, weight.shape[0], weight.shape[1]),
+                                dtype=weight.dtype).reshape(-1)
+
+
+@njit(inline="always")
+def _winograd_input(x, n, c, th0, tile_rows, TW, PT, PL, rows, V, v_base, stride):
+    """Transform the 4x4 input tiles of channel ``c`` for tile rows ``th0 ..``:
+    ``V[v_base + (xi*4 + nu)*stride + t] = (B^T d B)[xi, nu]``, ``t`` the tile's index
+    in the band. ``rows`` is a scratch
+    ``(4, 2*TW + 2)`` array holding the tile row's input rows, zero-padded."""
+    H, W = x.shape[2], x.shape[3]
+    plane = x[n, c]
+    width = rows.shape[1]
+    lo = min(max(PL, 0), width)
+    hi = min(max(PL + W, lo), width)
+    for tr in range(tile_rows):
+        h0 = 2 * (th0 + tr) - PT
+        for r in range(4):
+            dst = rows[r]
+            h = h0 + r
+            if h < 0 or h >= H:
+                for col in range(width):
+                    dst[_U(col)] = 0
+                continue
+            src = plane[h]
+            for col in range(lo):
+                dst[_U(col)] = 0
+            for col in range(lo, hi):
+                dst[_U(col)] = src[_U(col - PL)]
+            for col in range(hi, width):
+                dst[_U(col)] = 0
+        r0, r1, r2, r3 = rows[0], rows[1], rows[2], rows[3]
+        base = v_base + tr * TW
+        for tw in range(TW):
+            s = 2 * tw
+            # t_r = (B^T d) rows, then each row times B.
+            a0 = r0[_U(s)] - r2[_U(s)]
+            a1 = r0[_U(s + 1)] - r2[_U(s + 1)]
+            a2 = r0[_U(s + 2)] - r2[_U(s + 2)]
+            a3 = r0[_U(s + 3)] - r2[_U(s + 3)]
+            b0 = r1[_U(s)] + r2[_U(s)]
+            b1 = r1[_U(s + 1)] + r2[_U(s + 1)]
+            b2 = r1[_U(s + 2)] + r2[_U(s + 2)]
+            b3 = r1[_U(s + 3)] + r2[_U(s + 3)]
+            c0 = r2[_U(s)] - r1[_U(s)]
+            c1 = r2[_U(s + 1)] - r1[_U(s + 1)]
+            c2 = r2[_U(s + 2)] - r1[_U(s + 2)]
+            c3 = r2[_U(s + 3)] - r1[_U(s + 3)]
+            d0 = r1[_U(s)] - r3[_U(s)]
+            d1 = r1[_U(s + 1)] - r3[_U(s + 1)]
+            d2 = r1[_U(s + 2)] - r3[_U(s + 2)]
+            d3 = r1[_U(s + 3)] - r3[_U(s + 3)]
+            t = _U(base + tw)
+            V[t] = a0 - a2
+            V[t + _U(stride)] = a1 + a2
+            V[t + _U(2 * stride)] = a2 - a1
+            V[t + _U(3 * stride)] = a1 - a3
+            V[t + _U(4 * stride)] = b0 - b2
+            V[t + _U(5 * stride)] = b1 + b2
+            V[t + _U(6 * stride)] = b2 - b1
+            V[t + _U(7 * stride)] = b1 - b3
+            V[t + _U(8 * stride)] = c0 - c2
+            V[t + _U(9 * stride)] = c1 + c2
+            V[t + _U(10 * stride)] = c2 - c1
+            V[t + _U(11 * stride)] = c1 - c3
+            V[t + _U(12 * stride)] = d0 - d2
+            V[t + _U(13 * stride)] = d1 + d2
+            V[t + _U(14 * stride)] = d2 - d1
+            V[t + _U(15 * stride)] = d1 - d3
+
+
+@njit(inline="always")
+def _winograd_output(M, m_base, stride, y, n, o, th0, tile_rows, TW, b):
+    """``y[n, o]`` 2x2 tiles ``A^T m A + b`` from ``m[xi, nu] = M[m_base +
+    (xi*4 + nu)*stride + t]``; tiles past the edge are clipped."""
+    OH, OW = y.shape[2], y.shape[3]
+    out = y[n, o]
+    full_w = OW // 2
+    for tr in range(tile_rows):
+        oh = 2 * (th0 + tr)
+        row0 = out[oh]
+        second = oh + 1 < OH
+        row1 = out[oh + 1] if second else out[oh]
+        base = m_base + tr * TW
+        for tw in range(TW):
+            t = _U(base + tw)
+            m0 = M[t]
+            m1 = M[t + _U(stride)]
+            m2 = M[t + _U(2 * stride)]
+            m3 = M[t + _U(3 * stride)]
+            m4 = M[t + _U(4 * stride)]
+            m5 = M[t + _U(5 * stride)]
+            m6 = M[t + _U(6 * stride)]
+            m7 = M[t + _U(7 * stride)]
+            m8 = M[t + _U(8 * stride)]
+            m9 = M[t + _U(9 * stride)]
+            m10 = M[t + _U(10 * stride)]
+            m11 = M[t + _U(11 * stride)]
+            m12 = M[t + _U(12 * stride)]
+            m13 = M[t + _U(13 * stride)]
+            m14 = M[t + _U(14 * stride)]
+            m15 = M[t + _U(15 * stride)]
+            # s = A^T m (two rows of four), then each row times A.
+            s0 = m0 + m4 + m8
+            s1 = m1 + m5 + m9
+            s2 = m2 + m6 + m10
+            s3 = m3 + m7 + m11
+            u0 = m4 - m8 - m12
+            u1 = m5 - m9 - m13
+            u2 = m6 - m10 - m14
+            u3 = m7 - m11 - m15
+            w = 2 * tw
+            if tw < full_w:
+                row0[_U(w)] = s0 + s1 + s2 + b
+                row0[_U(w + 1)] = s1 - s2 - s3 + b
+                if second:
+                    row1[_U(w)] = u0 + u1 + u2 + b
+                    row1[_U(w + 1)] = u1 - u2 - u3 + b
+            else:
+                row0[_U(w)] = s0 + s1 + s2 + b
+                if second:
+                    row1[_U(w)] = u0 + u1 + u2 + b
+
+
+@njit(**_JIT)
+def _winograd_forward(x, U, bias, y, band_tile_rows, workers, status, G, PT,
+                      PL):
+    """``y = conv3x3(x) (+ bias)``, stride 1, by Winograd F(2x2, 3x3) over (image,
+    group, band of tile rows)."""
+    N, C = x.shape[0], x.shape[1]
+    O, OH, OW = y.shape[1], y.shape[2], y.shape[3]
+    Cg = C // G
+    Og = O // G
+    TH = (OH + 1) // 2
+    TW = (OW + 1) // 2
+    bands = (TH + band_tile_rows - 1) // band_tile_rows
+    tasks = N * G * bands
+    T_max = band_tile_rows * TW
+    for worker in prange(workers):
+        V = np.empty(16 * (Cg * T_max + _SKEW), x.dtype)
+        M = np.empty(16 * (Og * T_max + _SKEW), x.dtype)
+        rows = np.empty((4, 2 * TW + 2), x.dtype)
+        for t in range(worker * tasks // workers, (worker + 1) * tasks // workers):
+            n = t // (G * bands)
+            g = (t // bands) % G
+            th0 = (t % bands) * band_tile_rows
+            tile_rows = min(band_tile_rows, TH - th0)
+            T = tile_rows * TW
+            v_stride = Cg * T + _SKEW
+            m_stride = Og * T + _SKEW
+            for c in range(Cg):
+                _winograd_input(x, n, g * Cg + c, th0, tile_rows, TW, PT, PL, rows, V,
+                                c * T, v_stride)
+            s = 0
+            for e in range(16):
+                s |= gemm(False, False, Og, T, Cg, U, (e * O + g * Og) * Cg, Cg,
+                          V, e * v_stride, T, 0.0, M, e * m_stride, T)
+            if s != 0:
+                status[0] = s
+            for o in range(Og):
+                b = bias[g * Og + o]
+                _winograd_output(M, o * T, m_stride, y, n, g * Og + o, th0, tile_rows, TW,
+                                 b)
