@@ -250,8 +250,7 @@ def _inserted(shape, axis):
 
 def unsqueeze(value, axis):
     """``value`` (any array kind fastpool takes) with a new axis of size 1 at ``axis``:
-    a view where the kind allows one (NumPy, torch, CuPy, contiguous Numba arrays),
-    else a contiguous copy on the device."""
+    a view, whatever its strides."""
     kind = array_kind(value)
     if kind is None:
         return None
@@ -261,9 +260,14 @@ def unsqueeze(value, axis):
         return value.unsqueeze(axis)
     if kind == "cupy":
         return value.reshape(_inserted(value.shape, axis))
-    from fastpool.cuda._launch import contiguous
+    from fastpool.cuda._launch import strided_view
     value = to_device(value)
-    return contiguous(value).reshape(_inserted(value.shape, axis))
+    axis = axis % (value.ndim + 1)
+    strides = list(value.strides)
+    # The stride a C-contiguous array would give the new axis: contiguous stays so.
+    strides.insert(axis, strides[axis] * value.shape[axis] if axis < value.ndim
+                   else value.dtype.itemsize)
+    return strided_view(value, _inserted(value.shape, axis), strides)
 
 
 def squeeze(value, axis):
@@ -272,11 +276,12 @@ def squeeze(value, axis):
         return None
     if isinstance(value, np.ndarray):
         return np.squeeze(value, axis)
-    if array_kind(value) == "torch":
+    if array_kind(value) in ("torch", "cupy"):
         return value.squeeze(axis)
-    shape = list(value.shape)
-    del shape[axis]
-    return value.reshape(tuple(shape))
+    from fastpool.cuda._launch import strided_view
+    shape, strides = list(value.shape), list(value.strides)
+    del shape[axis], strides[axis]
+    return strided_view(value, shape, strides)
 
 
 def on_device(launcher):

@@ -94,10 +94,12 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
 
 
 def _like_input(result, x, window):
-    """``result`` in ``x``'s memory format: a channels-last host input gives a
-    channels-last result (the kernels compute channels-first; one copy)."""
+    """``result`` in the call's memory format: the CPU kernels compute channels-first,
+    so a channels-last call gets one copy (the GPU launchers return results in the
+    call's layout already)."""
     if (result is None or not isinstance(result, np.ndarray)
-            or _params.layout_of(x, window.batched) != _geometry.CHANNELS_LAST):
+            or window.layout != _geometry.CHANNELS_LAST
+            or _params.layout_of(result, window.batched) == _geometry.CHANNELS_LAST):
         return result
     return _geometry.channels_last_copy(result, 1 if window.batched else 0)
 

@@ -152,6 +152,36 @@ def test_channels_last_input_gives_channels_last_results(rank):
     assert np.moveaxis(grads_l.grad_input, 1, -1).flags.c_contiguous
 
 
+@pytest.mark.parametrize("rank", [1, 2, 3])
+def test_channels_last_gpu_arrays_give_channels_last_results(rank, small_launches):
+    """A channels-last Numba device array in (one copy of an NHWC-style buffer to the
+    GPU, viewed as (N, C, *spatial)); the output and the input gradient come back as
+    channels-last device arrays with the CPU's values."""
+    from fastpool import _dispatch
+    rng = np.random.default_rng(20 + rank)
+    x = rng.standard_normal((2, 4) + (5,) * rank).astype(np.float32)
+    w = rng.standard_normal((6, 2) + (3,) * rank).astype(np.float32)
+    xl = np.moveaxis(np.ascontiguousarray(np.moveaxis(x, 1, -1)), -1, 1)
+    device = _dispatch.to_device(xl)
+    assert device.strides == xl.strides  # the layout survived the copy
+    w_host, w = w, _dispatch.to_device(w)
+    conv = getattr(fastpool, f"conv{rank}d")
+    backward = getattr(fastpool, f"conv{rank}d_backward")
+    args = dict(padding=1, groups=2)
+    y = conv(device, w, **args)
+    y_cpu = conv(x, w_host, **args)
+    assert _dispatch.array_kind(y) == "numba" and y.strides[1] == 4, y.strides
+    np.testing.assert_allclose(y.copy_to_host(), y_cpu, rtol=1e-5, atol=1e-5)
+    g = np.cos(np.arange(y_cpu.size, dtype=np.float32)).reshape(y_cpu.shape)
+    grads = backward(_dispatch.to_device(g), device, w, **args)
+    assert grads.grad_input.strides[1] == 4, grads.grad_input.strides
+    for got, want in zip(grads, backward(g, x, w_host, **args)):
+        np.testing.assert_allclose(got.copy_to_host(), want, rtol=1e-4, atol=1e-4)
+    host = conv(xl, w_host, **args, device="cuda")  # NumPy in and out through the GPU
+    assert np.moveaxis(host, 1, -1).flags.c_contiguous
+    np.testing.assert_allclose(host, y_cpu, rtol=1e-5, atol=1e-5)
+
+
 # ----------------------------------------------------------------------------- 3-D
 
 CONV3D_CASES = [

@@ -10,9 +10,14 @@ kind of array, with no host round trip. Importing this package imports ``numba.c
 CUDA simulator it also repairs the simulator's shared-array allocator (``_simulator``).
 """
 
+import functools as _functools
+
 from numba import config as _numba_config
 
 from fastpool._dispatch import on_device
+from fastpool._geometry import CHANNELS_LAST as _CHANNELS_LAST
+from fastpool._geometry import Window as _Window
+from fastpool.cuda._launch import in_layout as _in_layout
 from fastpool.cuda import conv as _conv
 from fastpool.cuda import conv3d as _conv3d
 from fastpool.cuda import pooling as _pooling
@@ -22,10 +27,30 @@ if _numba_config.ENABLE_CUDASIM:
 
     serialise_shared_arrays()
 
-conv2d_forward = on_device(_conv.conv2d_forward)
-conv2d_backward = on_device(_conv.conv2d_backward)
-conv3d_forward = on_device(_conv3d.conv3d_forward)
-conv3d_backward = on_device(_conv3d.conv3d_backward)
+
+
+def _following_layout(launcher):
+    """A convolution launcher (which computes channels-first) whose result shaped like
+    an input or output of the call (the forward's ``y``, the backward's ``grad_input``)
+    comes back in the call's memory format (``Window.layout``), converted on the GPU."""
+    @_functools.wraps(launcher)
+    def run(*args):
+        window = next(a for a in args if isinstance(a, _Window))
+        result = launcher(*args)
+        if window.layout != _CHANNELS_LAST:
+            return result
+        first = result[0] if isinstance(result, tuple) else result
+        if first is not None:
+            first = _in_layout(first, True, 1 if window.batched else 0)
+        return (first,) + tuple(result[1:]) if isinstance(result, tuple) else first
+
+    return run
+
+
+conv2d_forward = on_device(_following_layout(_conv.conv2d_forward))
+conv2d_backward = on_device(_following_layout(_conv.conv2d_backward))
+conv3d_forward = on_device(_following_layout(_conv3d.conv3d_forward))
+conv3d_backward = on_device(_following_layout(_conv3d.conv3d_backward))
 max_pool_forward = on_device(_pooling.max_pool_forward)
 max_pool_backward = on_device(_pooling.max_pool_backward)
 avg_pool_forward = on_device(_pooling.avg_pool_forward)

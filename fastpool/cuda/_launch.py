@@ -252,3 +252,13 @@ def dense_order(shape, strides, itemsize):
             return None
         expected *= shape[axis]
     return order
+
+
+def in_layout(array, channels_last, channel_axis):
+    """``array`` itself, or, for ``channels_last``, a channels-last copy made on the
+    device (for launchers that compute channels-first: convolution)."""
+    if not channels_last:
+        return array
+    copy = empty(array.shape, array.dtype, True, channel_axis)
+    launch(_COPY_KERNELS[array.ndim], array.size, array, copy)
+    return copy
