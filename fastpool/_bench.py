@@ -553,12 +553,46 @@ def info_lines():
                  f"{numba.get_num_threads()} (NUMBA_NUM_THREADS={numba.config.NUMBA_NUM_THREADS})")
     import scipy.linalg.cython_blas  # noqa: F401  the BLAS fastpool's conv kernels call
     for pool in threadpool_info():
+        kernels = pool.get("architecture")
         lines.append(f"  {pool['user_api']:6s} {pool['internal_api']} "
                      f"({os.path.basename(pool['filepath'])}) "
-                     f"{pool.get('version') or ''} threads={pool['num_threads']}")
+                     f"{pool.get('version') or ''} threads={pool['num_threads']}"
+                     + (f" kernels={kernels}" if kernels else ""))
+    note = blas_note(threadpool_info())
+    if note:
+        lines.append(note)
     lines.append(f"kernel cache directory: {kernel_cache_dir()}")
     lines += gpu_lines()
     return lines
+
+
+# OpenBLAS core types whose GEMM kernels use 256-bit vectors at most.
+_NARROW_OPENBLAS = {"haswell", "zen", "sandybridge", "nehalem", "core2", "prescott",
+                    "atom", "barcelona", "bulldozer", "piledriver", "steamroller",
+                    "excavator"}
+
+
+def blas_note(pools):
+    """A warning line when ``OPENBLAS_CORETYPE`` makes OpenBLAS run narrower GEMM
+    kernels than this CPU has (AVX-512): fastpool's GEMM-based convolutions then run at
+    about half speed (measured 2x on a Zen 5 core; README "Performance"). None
+    otherwise."""
+    forced = os.environ.get("OPENBLAS_CORETYPE")
+    if not forced:
+        return None
+    from llvmlite import binding
+    features = binding.get_host_cpu_features()
+    if not all(features.get(f, False) for f in ("avx512f", "avx512bw", "avx512dq",
+                                                 "avx512vl")):
+        return None
+    narrow = [p for p in pools if p.get("internal_api") == "openblas"
+              and str(p.get("architecture", "")).lower() in _NARROW_OPENBLAS]
+    if not narrow:
+        return None
+    return (f"note: OPENBLAS_CORETYPE={forced} is set, so OpenBLAS runs "
+            f"{narrow[0]['architecture']} (AVX2) GEMM kernels on a CPU with AVX-512; "
+            "convolutions run up to 2x faster without it (it is read when OpenBLAS "
+            "loads, so unset it before starting Python)")
 
 
 def kernel_cache_dir():

@@ -201,3 +201,20 @@ def test_bench_restores_thread_counts(tiny_shapes, monkeypatch):
     assert numba.get_num_threads() == before
     assert [p["num_threads"] for p in threadpool_info()
             if p["user_api"] == "blas"] == blas_before
+
+
+def test_blas_note_names_a_forced_narrow_openblas(monkeypatch):
+    from llvmlite import binding
+
+    from fastpool import _bench
+    wide = {"avx512f": True, "avx512bw": True, "avx512dq": True, "avx512vl": True}
+    pools = [{"internal_api": "openblas", "architecture": "Haswell"}]
+    monkeypatch.setattr(binding, "get_host_cpu_features", lambda: wide)
+    monkeypatch.setenv("OPENBLAS_CORETYPE", "Haswell")
+    assert "OPENBLAS_CORETYPE=Haswell" in _bench.blas_note(pools)
+    assert _bench.blas_note([{"internal_api": "openblas", "architecture": "SkylakeX"}]) is None
+    monkeypatch.setattr(binding, "get_host_cpu_features", lambda: {"avx2": True})
+    assert _bench.blas_note(pools) is None  # the CPU has nothing wider: nothing to say
+    monkeypatch.setattr(binding, "get_host_cpu_features", lambda: wide)
+    monkeypatch.delenv("OPENBLAS_CORETYPE")
+    assert _bench.blas_note(pools) is None  # OpenBLAS chose by itself
