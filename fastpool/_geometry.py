@@ -65,20 +65,17 @@ def channels_last_copy(array, channel_axis):
     return np.moveaxis(moved, -1, channel_axis)
 
 
-class Window:
-    """Where the windows of one op sit. Tuples have one entry per spatial axis, in the
-    user's order (``D, H, W`` / ``H, W`` / ``L``). Treat it as immutable; the
-    three-axis views the kernels read (``in3``, ``kernel3``, ...) are made once here,
-    since a call reads them several times."""
+class Volume:
+    """The shapes of one op's input and output: any spatial rank, either memory format.
+    Tuples have one entry per spatial axis, in the user's order (``D, H, W`` / ``H, W``
+    / ``L``); ``in3``/``out3`` pad them to three axes with leading 1s (the kernels' view).
+    Treat it as immutable."""
 
     __slots__ = ("rank", "batch", "channels", "out_channels", "batched", "layout",
-                 "in_size", "out_size", "kernel", "stride", "pad_lo", "pad_hi",
-                 "dilation", "ceil_mode", "groups", "in3", "out3", "kernel3", "stride3",
-                 "dilation3", "pad_lo3", "pad_hi3", "constants")
+                 "in_size", "out_size", "in3", "out3")
 
     def __init__(self, *, rank, batch, channels, out_channels, batched, layout, in_size,
-                 out_size, kernel, stride, pad_lo, pad_hi, dilation, ceil_mode=False,
-                 groups=1):
+                 out_size):
         self.rank = rank
         self.batch = batch
         self.channels = channels
@@ -87,30 +84,15 @@ class Window:
         self.layout = layout
         self.in_size = in_size
         self.out_size = out_size
-        self.kernel = kernel
-        self.stride = stride
-        self.pad_lo = pad_lo
-        self.pad_hi = pad_hi
-        self.dilation = dilation
-        self.ceil_mode = ceil_mode
-        self.groups = groups
         lead = 3 - rank
         self.in3 = (1,) * lead + in_size
         self.out3 = (1,) * lead + out_size
-        self.kernel3 = (1,) * lead + kernel
-        self.stride3 = (1,) * lead + stride
-        self.dilation3 = (1,) * lead + dilation
-        self.pad_lo3 = (0,) * lead + pad_lo
-        self.pad_hi3 = (0,) * lead + pad_hi
-        # What pooling kernels are specialised on: kernel, stride and dilation of the
-        # three axes (compile-time constants, so the loops unroll and vectorise).
-        self.constants = self.kernel3 + self.stride3 + self.dilation3
 
     def __repr__(self):
-        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__[:15])
-        return f"Window({fields})"
-
-    # ------------------------------------------------------------------ shapes
+        names = [n for c in type(self).__mro__ for n in getattr(c, "__slots__", ())]
+        fields = ", ".join(f"{n}={getattr(self, n)!r}" for n in names
+                           if not n.endswith("3") and n != "constants")
+        return f"{type(self).__name__}({fields})"
 
     def _shape(self, channels, spatial):
         shape = (channels,) + tuple(spatial)
@@ -129,3 +111,76 @@ class Window:
     @property
     def planes(self):
         return self.batch * self.channels
+
+
+class Window(Volume):
+    """Where the windows of one op sit (pooling and convolution): per spatial axis the
+    kernel, stride, padding before and after, dilation; ``ceil_mode`` and ``groups``.
+    The three-axis views the kernels read (``kernel3``, ...) are made once here, since
+    a call reads them several times."""
+
+    __slots__ = ("kernel", "stride", "pad_lo", "pad_hi", "dilation", "ceil_mode", "groups",
+                 "kernel3", "stride3", "dilation3", "pad_lo3", "pad_hi3", "constants")
+
+    def __init__(self, *, rank, batch, channels, out_channels, batched, layout, in_size,
+                 out_size, kernel, stride, pad_lo, pad_hi, dilation, ceil_mode=False,
+                 groups=1):
+        super().__init__(rank=rank, batch=batch, channels=channels,
+                         out_channels=out_channels, batched=batched, layout=layout,
+                         in_size=in_size, out_size=out_size)
+        self.kernel = kernel
+        self.stride = stride
+        self.pad_lo = pad_lo
+        self.pad_hi = pad_hi
+        self.dilation = dilation
+        self.ceil_mode = ceil_mode
+        self.groups = groups
+        lead = 3 - rank
+        self.kernel3 = (1,) * lead + kernel
+        self.stride3 = (1,) * lead + stride
+        self.dilation3 = (1,) * lead + dilation
+        self.pad_lo3 = (0,) * lead + pad_lo
+        self.pad_hi3 = (0,) * lead + pad_hi
+        # What pooling kernels are specialised on: kernel, stride and dilation of the
+        # three axes (compile-time constants, so the loops unroll and vectorise).
+        self.constants = self.kernel3 + self.stride3 + self.dilation3
+
+
+def adaptive_bounds(size, out):
+    """PyTorch's adaptive windows along one axis: output ``i`` pools input positions
+    ``[floor(i * size / out), ceil((i + 1) * size / out))`` (never empty)."""
+    i = np.arange(out, dtype=np.int64)
+    return (i * size) // out, -((-(i + 1) * size) // out)
+
+
+def adaptive_cover(size, out):
+    """For each input position, the outputs ``[first, last)`` whose adaptive windows
+    hold it (consecutive, as the windows' starts and ends both grow with ``i``)."""
+    starts, ends = adaptive_bounds(size, out)
+    t = np.arange(size, dtype=np.int64)
+    first = np.searchsorted(ends, t, side="right")   # first window ending after t
+    last = np.searchsorted(starts, t, side="right")  # windows starting at or before t
+    return first.astype(np.int64), last.astype(np.int64)
+
+
+class AdaptiveWindow(Volume):
+    """Adaptive pooling's windows (``adaptive_bounds`` per axis): ``starts3[a]`` and
+    ``ends3[a]`` for the three axes ``(D, H, W)`` (neutral leading axes: one window of
+    the whole size-1 axis), and for the backward ``first3[a]``/``last3[a]``, the
+    outputs covering each input position. Arrays are int64, made once per call."""
+
+    __slots__ = ("starts3", "ends3", "first3", "last3")
+
+    def __init__(self, **shapes):
+        super().__init__(**shapes)
+        bounds = [adaptive_bounds(n, o) for n, o in zip(self.in3, self.out3)]
+        cover = [adaptive_cover(n, o) for n, o in zip(self.in3, self.out3)]
+        self.starts3 = tuple(b[0] for b in bounds)
+        self.ends3 = tuple(b[1] for b in bounds)
+        self.first3 = tuple(c[0] for c in cover)
+        self.last3 = tuple(c[1] for c in cover)
+
+    @property
+    def is_global(self):
+        """One window over the whole input (``output_size = 1``): a plain reduction."""
+        return self.out3 == (1, 1, 1)

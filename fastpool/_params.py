@@ -192,6 +192,35 @@ def pool_window(x, rank, kernel_size, stride, padding, dilation, ceil_mode, *,
     return _unwrap(x), window
 
 
+_ADAPTIVE_LIMIT = 2**31 - 1
+
+
+def adaptive_window(x, rank, output_size, *, x_name="x"):
+    """Validate adaptive pooling's arguments against input ``x`` of spatial rank
+    ``rank``; return ``(x, AdaptiveWindow)``. ``output_size``: an int, or one int or
+    None (keep that axis's size) per spatial axis; sizes >= 1 (larger than the input
+    is allowed: windows then overlap, as PyTorch's do)."""
+    x, batched = check_pool_input(x_name, x, rank)
+    in_size = tuple(int(n) for n in x.shape[-rank:])
+    if isinstance(output_size, (tuple, list)):
+        if len(output_size) != rank:
+            raise ValueError(
+                f"output_size must be an int or {_TUPLE_WORDS[rank]} (entries may be "
+                f"None), got {output_size!r}")
+        out_size = tuple(n if o is None else _as_int("output_size", o)
+                         for n, o in zip(in_size, output_size))
+    else:
+        out_size = (_as_int("output_size", output_size),) * rank
+    if min(out_size) < 1 or max(out_size) > _ADAPTIVE_LIMIT:
+        raise ValueError(f"output_size must be in [1, 2**31) per axis, got {output_size!r}")
+    channels = int(x.shape[-rank - 1])
+    window = _geometry.AdaptiveWindow(
+        rank=rank, batch=int(x.shape[0]) if batched else 1, channels=channels,
+        out_channels=channels, batched=batched, layout=layout_of(x, batched),
+        in_size=in_size, out_size=out_size)
+    return _unwrap(x), window
+
+
 def check_grad_output(grad_output, x, geometry):
     """Validate ``grad_output`` of a pooling backward against the forward geometry."""
     grad_output = as_float_array("grad_output", grad_output)
@@ -207,19 +236,65 @@ def check_grad_output(grad_output, x, geometry):
 
 def check_indices(indices, geometry):
     """Validate the ``indices`` of a forward pass; values are range-checked in the kernel."""
+    return check_index_array(
+        indices, geometry.output_shape,
+        "the forward output's shape {shape} (what x's shape and the window arguments give)")
+
+
+def check_index_array(indices, shape, what="shape {shape}"):
+    """``indices`` as an int64 array of ``shape`` (GPU arrays as they are: their values
+    are range-checked in the kernels)."""
     if is_device_array(indices):
         indices = _DeviceArrayInfo(indices)
     else:
         indices = np.asarray(indices)
     if indices.dtype.kind not in "iu" or indices.dtype == np.bool_:
         raise TypeError(f"indices must be an integer array (int64), got {indices.dtype}")
-    if indices.shape != geometry.output_shape:
-        raise ValueError(
-            f"indices must have the forward output's shape {geometry.output_shape} "
-            f"(what x's shape and the window arguments give), got {indices.shape}")
+    if indices.shape != tuple(shape):
+        raise ValueError(f"indices must have {what.format(shape=tuple(shape))}, got "
+                         f"{indices.shape}")
     if isinstance(indices, _DeviceArrayInfo):
         return indices.array
     return indices.astype(np.int64, copy=False)
+
+
+def unpool_volume(x, indices, rank, kernel_size, stride, padding, output_size):
+    """Validate max unpooling's arguments (``torch.nn.functional.max_unpool{rank}d``'s);
+    return ``(x, indices, Volume)``: ``in_size`` is ``x``'s, ``out_size`` the
+    unpooled one, by default ``(in - 1) * stride - 2 * padding + kernel_size``."""
+    x, batched = check_pool_input("x", x, rank)
+    indices = check_index_array(indices, x.shape, "x's shape {shape}")
+    kernel = ntuple("kernel_size", kernel_size, rank)
+    stride = kernel if stride is None else ntuple("stride", stride, rank)
+    padding = ntuple("padding", padding, rank)
+    if min(kernel) < 1 or min(stride) < 1 or min(padding) < 0:
+        raise ValueError(f"kernel_size and stride must be >= 1 and padding >= 0, got "
+                         f"{kernel}, {stride}, {padding}")
+    in_size = tuple(int(n) for n in x.shape[-rank:])
+    default = tuple((n - 1) * s - 2 * p + k
+                    for n, k, s, p in zip(in_size, kernel, stride, padding))
+    if output_size is None:
+        out_size = default
+    else:
+        if not isinstance(output_size, (tuple, list)) or len(output_size) not in (
+                rank, rank + 1, rank + 2):
+            raise ValueError(f"output_size must be a sequence of {rank} spatial sizes "
+                             f"(or a whole shape), got {output_size!r}")
+        out_size = tuple(_as_int("output_size", o) for o in output_size[-rank:])
+        lo = tuple(d - s for d, s in zip(default, stride))
+        hi = tuple(d + s for d, s in zip(default, stride))
+        if not all(a < o < b for a, o, b in zip(lo, out_size, hi)):
+            raise ValueError(
+                f"output_size {out_size} must lie strictly between {lo} and {hi} (the "
+                f"default {default} -/+ stride), as in PyTorch")
+    if min(out_size) < 1:
+        raise ValueError(f"the unpooled size {out_size} must be >= 1 per axis")
+    channels = int(x.shape[-rank - 1])
+    volume = _geometry.Volume(
+        rank=rank, batch=int(x.shape[0]) if batched else 1, channels=channels,
+        out_channels=channels, batched=batched, layout=layout_of(x, batched),
+        in_size=in_size, out_size=out_size)
+    return _unwrap(x), indices, volume
 
 
 def invalid_stochastic_input():

@@ -70,6 +70,24 @@ import fastpool as _fp
 from fastpool import _docs, _params
 
 __all__ = [
+    "MaxUnpool1d",
+    "MaxUnpool2d",
+    "MaxUnpool3d",
+    "max_unpool1d",
+    "max_unpool2d",
+    "max_unpool3d",
+    "AdaptiveAvgPool1d",
+    "AdaptiveAvgPool2d",
+    "AdaptiveAvgPool3d",
+    "AdaptiveMaxPool1d",
+    "AdaptiveMaxPool2d",
+    "AdaptiveMaxPool3d",
+    "adaptive_avg_pool1d",
+    "adaptive_avg_pool2d",
+    "adaptive_avg_pool3d",
+    "adaptive_max_pool1d",
+    "adaptive_max_pool2d",
+    "adaptive_max_pool3d",
     "AvgPool1d",
     "AvgPool2d",
     "AvgPool3d",
@@ -874,3 +892,29 @@ class StochasticPool3d(StochasticPool2d):
     :class:`StochasticPool2d`."""
 
     _rank = 3
+
+
+# Adaptive pooling and unpooling live in their own modules; their names are this
+# module's.
+from fastpool._torch_adaptive import (  # noqa: E402  (needs the helpers above)
+    AdaptiveAvgPool1d,
+    AdaptiveAvgPool2d,
+    AdaptiveAvgPool3d,
+    AdaptiveMaxPool1d,
+    AdaptiveMaxPool2d,
+    AdaptiveMaxPool3d,
+    adaptive_avg_pool1d,
+    adaptive_avg_pool2d,
+    adaptive_avg_pool3d,
+    adaptive_max_pool1d,
+    adaptive_max_pool2d,
+    adaptive_max_pool3d,
+)
+from fastpool._torch_unpool import (  # noqa: E402
+    MaxUnpool1d,
+    MaxUnpool2d,
+    MaxUnpool3d,
+    max_unpool1d,
+    max_unpool2d,
+    max_unpool3d,
+)

@@ -343,6 +343,97 @@ def stochastic_pool_backward(grad_output, x, kernel_size, stride=None, padding=0
     return gi
 
 
+# ----------------------------------------------------------------------------- adaptive
+
+def adaptive_output_size(in_size, output_size):
+    rank = len(in_size)
+    sizes = output_size if isinstance(output_size, (tuple, list)) else (output_size,) * rank
+    return tuple(n if o is None else o for n, o in zip(in_size, sizes))
+
+
+def adaptive_window(pos, in_size, out_size):
+    """The input positions of adaptive window ``pos``: along each axis
+    ``[floor(o * n / m), ceil((o + 1) * n / m))`` (PyTorch's rule)."""
+    ranges = [range(math.floor(o * n / m), math.ceil((o + 1) * n / m))
+              for o, n, m in zip(pos, in_size, out_size)]
+    return list(itertools.product(*ranges))
+
+
+def adaptive_pool(x, output_size, mode):
+    """``mode`` "avg" -> y; "max" -> (y, indices), any spatial rank, float64."""
+    x = np.asarray(x, dtype=np.float64)
+    in_size = x.shape[2:]
+    out_size = adaptive_output_size(in_size, output_size)
+    N, C = x.shape[:2]
+    y = np.empty((N, C) + out_size)
+    ind = np.empty((N, C) + out_size, dtype=np.int64)
+    for n in range(N):
+        for c in range(C):
+            for pos in positions(out_size):
+                cells = adaptive_window(pos, in_size, out_size)
+                if mode == "avg":
+                    y[(n, c) + pos] = sum(x[(n, c) + q] for q in cells) / len(cells)
+                    continue
+                best, best_idx = None, None
+                for q in cells:
+                    v = x[(n, c) + q]
+                    if best is None or v > best or (math.isnan(v) and not math.isnan(best)):
+                        best, best_idx = v, flat_index(q, in_size)
+                y[(n, c) + pos], ind[(n, c) + pos] = best, best_idx
+    return y if mode == "avg" else (y, ind)
+
+
+def adaptive_avg_pool_backward(grad_output, x_shape, output_size):
+    go = np.asarray(grad_output, dtype=np.float64)
+    in_size = tuple(x_shape[2:])
+    out_size = adaptive_output_size(in_size, output_size)
+    gi = np.zeros(x_shape)
+    N, C = x_shape[:2]
+    for n in range(N):
+        for c in range(C):
+            for pos in positions(out_size):
+                cells = adaptive_window(pos, in_size, out_size)
+                for q in cells:
+                    gi[(n, c) + q] += go[(n, c) + pos] / len(cells)
+    return gi
+
+
+# ----------------------------------------------------------------------------- unpooling
+
+def unpool_output_size(in_size, kernel_size, stride=None, padding=0):
+    rank = len(in_size)
+    k = ntuple(kernel_size, rank)
+    s = k if stride is None else ntuple(stride, rank)
+    p = ntuple(padding, rank)
+    return tuple((n - 1) * si - 2 * pi + ki for n, ki, si, pi in zip(in_size, k, s, p))
+
+
+def max_unpool(x, indices, out_size):
+    """y[n, c].flat[indices[n, c, ...]] = x[n, c, ...], later inputs (row-major) winning."""
+    x = np.asarray(x, dtype=np.float64)
+    N, C = x.shape[:2]
+    y = np.zeros((N, C) + tuple(out_size))
+    for n in range(N):
+        for c in range(C):
+            flat = y[n, c].reshape(-1)
+            for index, v in zip(np.asarray(indices)[n, c].reshape(-1), x[n, c].reshape(-1)):
+                flat[int(index)] = v
+    return y
+
+
+def max_unpool_backward(grad_output, indices):
+    go = np.asarray(grad_output, dtype=np.float64)
+    indices = np.asarray(indices)
+    N, C = indices.shape[:2]
+    gi = np.zeros(indices.shape)
+    for n in range(N):
+        for c in range(C):
+            flat = go[n, c].reshape(-1)
+            for pos in positions(indices.shape[2:]):
+                gi[(n, c) + pos] = flat[int(indices[(n, c) + pos])]
+    return gi
+
+
 # The 2-D names the tests use; every function above takes any spatial rank.
 max_pool2d, max_pool2d_backward = max_pool, max_pool_backward
 avg_pool2d, avg_pool2d_backward = avg_pool, avg_pool_backward

@@ -129,3 +129,77 @@ def test_conv3d_gradcheck_and_module():
     yl = fpt.conv3d(xl, w.detach(), padding=1, groups=2)
     assert yl.is_contiguous(memory_format=torch.channels_last_3d)
     torch.testing.assert_close(yl, F.conv3d(xl, w.detach(), padding=1, groups=2))
+
+
+# ----------------------------------------------------------------------------- adaptive
+
+ADAPTIVE_SIZES = {1: 4, 2: (3, None), 3: (2, 5, 3)}
+
+
+@pytest.mark.parametrize("rank", [1, 2, 3])
+@pytest.mark.parametrize("op", ["avg", "max"])
+def test_adaptive_gradcheck(rank, op):
+    x = _input(rank).requires_grad_()
+    f = getattr(fpt, f"adaptive_{op}_pool{rank}d")
+    assert torch.autograd.gradcheck(lambda t: f(t, ADAPTIVE_SIZES[rank]), (x,))
+    assert torch.autograd.gradcheck(lambda t: f(t, 1), (x,))  # global pooling
+
+
+@pytest.mark.parametrize("rank", [1, 2, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_adaptive_functions_and_modules_match_torch(rank, dtype):
+    x = _input(rank, dtype)
+    size = ADAPTIVE_SIZES[rank]
+    torch.testing.assert_close(getattr(fpt, f"adaptive_avg_pool{rank}d")(x, size),
+                               getattr(F, f"adaptive_avg_pool{rank}d")(x, size))
+    y, i = getattr(fpt, f"adaptive_max_pool{rank}d")(x, size, return_indices=True)
+    yt, it = getattr(F, f"adaptive_max_pool{rank}d")(x, size, return_indices=True)
+    assert torch.equal(y, yt) and torch.equal(i, it)
+    for name, kwargs in (("AdaptiveAvgPool", {}), ("AdaptiveMaxPool", {}),
+                         ("AdaptiveMaxPool", dict(return_indices=True))):
+        ours = getattr(fpt, f"{name}{rank}d")(size, **kwargs)
+        theirs = getattr(torch.nn, f"{name}{rank}d")(size, **kwargs)
+        assert isinstance(ours, type(theirs)) and repr(ours) == repr(theirs)
+        got, want = ours(x), theirs(x)
+        for a, b in zip(got if isinstance(got, tuple) else (got,),
+                        want if isinstance(want, tuple) else (want,)):
+            torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("rank", [2, 3])
+def test_adaptive_channels_last_tensors_stay_channels_last(rank):
+    x = _input(rank).contiguous(memory_format=MEMORY_FORMATS[rank]).requires_grad_()
+    for op in ("avg", "max"):
+        y = getattr(fpt, f"adaptive_{op}_pool{rank}d")(x, ADAPTIVE_SIZES[rank])
+        assert y.is_contiguous(memory_format=MEMORY_FORMATS[rank])
+        y.sum().backward()
+        assert x.grad.is_contiguous(memory_format=MEMORY_FORMATS[rank])
+        x.grad = None
+
+
+# ----------------------------------------------------------------------------- unpooling
+
+@pytest.mark.parametrize("rank", [1, 2, 3])
+def test_max_unpool_gradcheck_module_and_torch(rank):
+    x = _input(rank)
+    y, indices = getattr(F, f"max_pool{rank}d")(x, 2, return_indices=True)
+    y = y.detach().requires_grad_()
+    f = getattr(fpt, f"max_unpool{rank}d")
+    assert torch.autograd.gradcheck(lambda t: f(t, indices, 2, output_size=x.shape), (y,))
+    ours, theirs = getattr(fpt, f"MaxUnpool{rank}d")(2), getattr(torch.nn,
+                                                                 f"MaxUnpool{rank}d")(2)
+    assert isinstance(ours, type(theirs)) and repr(ours) == repr(theirs)
+    assert torch.equal(ours(y, indices, output_size=x.shape[2:]),
+                       theirs(y, indices, output_size=x.shape[2:]))
+    assert torch.equal(ours(y, indices), theirs(y, indices))
+
+
+@pytest.mark.parametrize("rank", [2, 3])
+def test_max_unpool_channels_last_stays_channels_last(rank):
+    x = _input(rank).contiguous(memory_format=MEMORY_FORMATS[rank])
+    y, indices = fpt.__dict__[f"max_pool{rank}d"](x, 2, return_indices=True)
+    assert y.is_contiguous(memory_format=MEMORY_FORMATS[rank])
+    u = getattr(fpt, f"max_unpool{rank}d")(y.requires_grad_(), indices, 2)
+    assert u.is_contiguous(memory_format=MEMORY_FORMATS[rank])
+    u.sum().backward()
+    assert y.grad.is_contiguous(memory_format=MEMORY_FORMATS[rank])

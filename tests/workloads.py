@@ -5,7 +5,7 @@ of NumPy arrays. ``digest()`` turns the results into bytes, so results computed 
 forked child, a DataLoader worker or another thread can be compared bitwise with the
 parent's. Geometries are among ``conftest.GEOMETRIES`` (already compiled and cached);
 the convolutions cover the direct, rows, im2col and Winograd algorithms, conv1d and
-conv3d; the pools include 1-D, 3-D and channels-last calls.
+conv3d; the pools include 1-D, 3-D, channels-last and adaptive calls.
 """
 
 from __future__ import annotations
@@ -73,6 +73,14 @@ def every_op(dtype=np.float32, seed=2026):
         "conv3d": lambda: fastpool.conv3d(v, w3, padding=1),
         "conv3d_backward": lambda: fastpool.conv3d_backward(
             fastpool.conv3d(v, w3, padding=1), v, w3, padding=1),
+        "adaptive_avg_pool2d": lambda: fastpool.adaptive_avg_pool2d(x, (4, 3)),
+        "adaptive_avg_pool3d_backward channels-last": lambda: (
+            fastpool.adaptive_avg_pool3d_backward(
+                fastpool.adaptive_avg_pool3d(v_last, (3, 2, 4)), v_last, (3, 2, 4))),
+        "adaptive_max_pool1d": lambda: fastpool.adaptive_max_pool1d(
+            v[:, :, 0, 0], 4, return_indices=True),
+        "adaptive_max_pool2d_backward": lambda: fastpool.adaptive_max_pool2d_backward(
+            go_pool[:, :, :3, :4], x, (3, 4)),
     }
     return {name: (lambda op=op: _arrays(op())) for name, op in ops.items()}
 

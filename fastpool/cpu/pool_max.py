@@ -34,8 +34,9 @@ def max_forward(KD, KH, KW, SD, SH, SW, DD, DH, DW, WITH_INDICES):
                                                        KD, KH, SD, SH, DD, DH)
             orow = row * OW
             if inside:
+                start = d0 * HW + h0 * W - pw  # the row's first window, hoisted
                 for ow in range(ow_lo, ow_hi):
-                    k0 = d0 * HW + h0 * W + ow * SW - pw
+                    k0 = start + ow * SW
                     best = xf[U(base + k0)]
                     arg = k0
                     for a in range(KD):

@@ -22,11 +22,13 @@ import numpy as np
 from fastpool import _params
 from fastpool._geometry import CHANNELS_LAST
 from fastpool.cpu import (
+    pool_adaptive,
     pool_avg,
     pool_channels_last,
     pool_max,
     pool_stochastic,
     pool_stochastic_channels_last,
+    pool_unpool,
 )
 from fastpool.cpu._arrays import contiguous
 from fastpool.cpu._pool_common import interior_columns
@@ -282,3 +284,125 @@ def stochastic_pool_backward(grad_output, x, window, training, indices):
             grad_input.reshape((-1,) + w.in3), *_pads(w), invalid, lo, hi, _workers(w))
         _raise_if_invalid(invalid)
     return grad_input
+
+
+# ----------------------------------------------------------------------------- adaptive
+
+def _bounds(w):
+    return (w.starts3[0], w.ends3[0], w.starts3[1], w.ends3[1], w.starts3[2], w.ends3[2])
+
+
+def _cover(w):
+    return (w.first3[0], w.last3[0], w.first3[1], w.last3[1], w.first3[2], w.last3[2])
+
+
+def _adaptive_view(a, w, spatial3):
+    """``a`` as the ``(B, D, H, W, C)`` buffer the adaptive kernels read: channels-last
+    in place, channels-first as ``(planes, D, H, W, 1)``."""
+    if w.layout == CHANNELS_LAST:
+        return _cl_buffer(a, w, spatial3)
+    return contiguous(a).reshape((-1,) + tuple(spatial3) + (1,))
+
+
+def _adaptive_empty(w, shape, spatial, dtype):
+    """A new result of the user's ``shape`` in the call's layout: ``(kernel buffer,
+    the user's view)``."""
+    if w.layout == CHANNELS_LAST:
+        return _cl_empty(w, spatial, w.channels, dtype)
+    out = np.empty(shape, dtype=dtype)
+    pad = (1,) * (3 - w.rank)
+    return out.reshape((-1,) + pad + tuple(spatial) + (1,)), out
+
+
+def adaptive_avg_pool_forward(x, window):
+    w = window
+    out, view = _adaptive_empty(w, w.output_shape, w.out_size, x.dtype)
+    if w.planes:
+        zero = x.dtype.type(0)
+        if w.is_global and w.layout != CHANNELS_LAST:
+            pool_adaptive.global_avg_channels_first(
+                contiguous(x).reshape(w.planes, -1), out.reshape(-1), zero)
+        else:
+            pool_adaptive.avg_forward(w.layout == CHANNELS_LAST)(
+                _adaptive_view(x, w, w.in3), out, *_bounds(w), zero)
+    return view
+
+
+def adaptive_avg_pool_backward(grad_output, window):
+    w = window
+    grad_input, view = _adaptive_empty(w, w.input_shape, w.in_size, grad_output.dtype)
+    if w.planes:
+        pool_adaptive.avg_backward(w.layout == CHANNELS_LAST)(
+            _adaptive_view(grad_output, w, w.out3), grad_input, *_bounds(w), *_cover(w),
+            grad_output.dtype.type(0))
+    return view
+
+
+def adaptive_max_pool_forward(x, window, with_indices):
+    w = window
+    out, view = _adaptive_empty(w, w.output_shape, w.out_size, x.dtype)
+    indices, indices_view = (_adaptive_empty(w, w.output_shape, w.out_size, np.int64)
+                             if with_indices else (np.empty((1,) * 5, np.int64), None))
+    if w.planes:
+        pool_adaptive.max_forward(w.layout == CHANNELS_LAST, bool(with_indices))(
+            _adaptive_view(x, w, w.in3), out, indices, *_bounds(w))
+    return view, indices_view
+
+
+def adaptive_max_pool_backward(grad_output, x, window, indices):
+    if indices is None:
+        _, indices = adaptive_max_pool_forward(x, window, with_indices=True)
+    return scatter_to_indices(grad_output, indices, window)
+
+
+# ----------------------------------------------------------------------------- unpooling
+
+def _unpool_raise(bad, v):
+    if bad:
+        raise ValueError(
+            f"indices holds {bad} value(s) outside [0, {int(np.prod(v.out_size))}), the "
+            f"flat positions of an unpooled volume of size {v.out_size}")
+
+
+def _planes_view(a, v, spatial):
+    """``a`` as ``(planes, S)`` (channels-first) or ``(N, S, C)`` (channels-last)."""
+    if v.layout == CHANNELS_LAST:
+        return _cl_buffer(a, v, (1,) * (3 - v.rank) + tuple(spatial)).reshape(
+            v.batch, -1, v.channels)
+    return contiguous(a).reshape(v.planes, -1)
+
+
+def _planes_empty(v, shape, spatial, dtype):
+    """A new result of the user's ``shape`` in the call's layout: ``(its _planes_view,
+    the user's view)``."""
+    if v.layout == CHANNELS_LAST:
+        buffer, view = _cl_empty(v, spatial, v.channels, dtype)
+        return buffer.reshape(v.batch, -1, v.channels), view
+    out = np.empty(shape, dtype=dtype)
+    return out.reshape(v.planes, -1), out
+
+
+def max_unpool_forward(x, indices, volume):
+    v = volume
+    y, view = _planes_empty(v, v.output_shape, v.out_size, x.dtype)
+    if v.planes:
+        xs, js = _planes_view(x, v, v.in_size), _planes_view(indices, v, v.in_size)
+        if v.layout == CHANNELS_LAST:
+            blocks = max(1, -(-v.channels // pool_channels_last.CHANNEL_BLOCK))
+            bad = pool_unpool.unpool_channels_last(xs, js, y, blocks)
+        else:
+            bad = pool_unpool.unpool_channels_first(xs, js, y)
+        _unpool_raise(bad, v)
+    return view
+
+
+def max_unpool_backward(grad_output, indices, volume):
+    v = volume
+    grad_input, view = _planes_empty(v, v.input_shape, v.in_size, grad_output.dtype)
+    if v.planes:
+        go, js = _planes_view(grad_output, v, v.out_size), _planes_view(indices, v,
+                                                                        v.in_size)
+        gather = (pool_unpool.gather_channels_last if v.layout == CHANNELS_LAST
+                  else pool_unpool.gather_channels_first)
+        _unpool_raise(gather(go, js, grad_input), v)
+    return view

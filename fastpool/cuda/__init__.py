@@ -57,8 +57,18 @@ avg_pool_forward = on_device(_pooling.avg_pool_forward)
 avg_pool_backward = on_device(_pooling.avg_pool_backward)
 stochastic_pool_forward = on_device(_pooling.stochastic_pool_forward)
 stochastic_pool_backward = on_device(_pooling.stochastic_pool_backward)
+adaptive_avg_pool_forward = on_device(_pooling.adaptive_avg_pool_forward)
+adaptive_avg_pool_backward = on_device(_pooling.adaptive_avg_pool_backward)
+adaptive_max_pool_forward = on_device(_pooling.adaptive_max_pool_forward)
+adaptive_max_pool_backward = on_device(_pooling.adaptive_max_pool_backward)
+max_unpool_forward = on_device(_pooling.max_unpool_forward)
+max_unpool_backward = on_device(_pooling.max_unpool_backward)
 
 __all__ = [
+    "adaptive_avg_pool_backward",
+    "adaptive_avg_pool_forward",
+    "adaptive_max_pool_backward",
+    "adaptive_max_pool_forward",
     "conv2d_backward",
     "conv2d_forward",
     "conv3d_backward",
@@ -67,6 +77,8 @@ __all__ = [
     "avg_pool_forward",
     "max_pool_backward",
     "max_pool_forward",
+    "max_unpool_backward",
+    "max_unpool_forward",
     "stochastic_pool_backward",
     "stochastic_pool_forward",
 ]

@@ -31,6 +31,7 @@ import numpy as np
 from numba import config, cuda
 
 from fastpool import _params, _rng
+from fastpool.cuda import pool_adaptive, pool_unpool
 from fastpool._geometry import CHANNELS_LAST
 from fastpool.cuda._launch import (
     empty,
@@ -523,4 +524,105 @@ def stochastic_pool_backward(grad_output, x, window, training, indices):
     grad_input = _allocate(w, w.input_shape, grad_output.dtype)
     launch(_stochastic_infer_backward, grad_input.size, x, share_a, share_b,
            _volume(grad_input, w), *_window_args(w))
+    return grad_input
+
+
+# ----------------------------------------------------------------------------- adaptive
+
+def _tables(arrays):
+    """Per-axis window tables of an ``AdaptiveWindow``, on the device."""
+    return tuple(cuda.to_device(a) for a in arrays)
+
+
+def _bounds(w):
+    return _tables((w.starts3[0], w.ends3[0], w.starts3[1], w.ends3[1], w.starts3[2],
+                    w.ends3[2]))
+
+
+def _cover(w):
+    return _tables((w.first3[0], w.last3[0], w.first3[1], w.last3[1], w.first3[2],
+                    w.last3[2]))
+
+
+def adaptive_avg_pool_forward(x, window):
+    w = window
+    out = _allocate(w, w.output_shape, x.dtype)
+    forward, _ = pool_adaptive.avg_kernels(x.dtype)
+    launch(forward, out.size, _volume(x, w), _volume(out, w), *_bounds(w),
+           _channels_last(w))
+    return out
+
+
+def adaptive_avg_pool_backward(grad_output, window):
+    w = window
+    grad_input = _allocate(w, w.input_shape, grad_output.dtype)
+    _, backward = pool_adaptive.avg_kernels(grad_output.dtype)
+    launch(backward, grad_input.size, _volume(grad_output, w), _volume(grad_input, w),
+           *_bounds(w), *_cover(w), _channels_last(w))
+    return grad_input
+
+
+def adaptive_max_pool_forward(x, window, with_indices):
+    w = window
+    out = _allocate(w, w.output_shape, x.dtype)
+    indices = _allocate(w, w.output_shape, np.int64) if with_indices else None
+    launch(pool_adaptive.max_forward, out.size, _volume(x, w), _volume(out, w),
+           _volume(indices, w) if with_indices else _dummy_indices(), bool(with_indices),
+           *_bounds(w), _channels_last(w))
+    return out, indices
+
+
+def adaptive_max_pool_backward(grad_output, x, window, indices):
+    w = window
+    checked = indices is not None
+    if indices is None:
+        _, indices = adaptive_max_pool_forward(x, window, with_indices=True)
+    indices = _volume(indices, w)
+    if checked and indices.size:
+        bad = error_flag()
+        launch(pool_adaptive.check_indices, indices.size, indices, *w.in3[1:],
+               *_bounds(w), _channels_last(w), bad)
+        if flag_raised(bad):
+            raise ValueError(
+                "indices holds value(s) that are not a position inside their own "
+                "adaptive window; indices must be the flat positions (inside each (n, c) "
+                "volume) returned by the forward pass")
+    grad_input = _allocate(w, w.input_shape, grad_output.dtype)
+    launch(pool_adaptive.max_backward_kernel(grad_output.dtype), grad_input.size,
+           _volume(grad_output, w), indices, _volume(grad_input, w), *_cover(w),
+           _channels_last(w))
+    return grad_input
+
+
+# ----------------------------------------------------------------------------- unpooling
+
+def _raise_bad_unpool_indices(bad, v):
+    if flag_raised(bad):
+        raise ValueError(
+            f"indices holds value(s) outside [0, {int(np.prod(v.out_size))}), the flat "
+            f"positions of an unpooled volume of size {v.out_size}")
+
+
+def max_unpool_forward(x, indices, volume):
+    v = volume
+    y = _allocate(v, v.output_shape, x.dtype)
+    winner = cuda.device_array((v.batch, v.channels, int(np.prod(v.out_size))), np.int64)
+    launch(pool_unpool.reset, winner.size, winner)
+    bad = error_flag()
+    launch(pool_unpool.claim, indices.size, _volume(indices, v), winner,
+           _channels_last(v), bad)
+    _raise_bad_unpool_indices(bad, v)
+    launch(pool_unpool.fill_kernel(x.dtype), y.size, _volume(x, v), winner, _volume(y, v),
+           _channels_last(v))
+    return y
+
+
+def max_unpool_backward(grad_output, indices, volume):
+    v = volume
+    grad_input = _allocate(v, v.input_shape, grad_output.dtype)
+    bad = error_flag()
+    launch(pool_unpool.gather_kernel(grad_output.dtype), grad_input.size,
+           _volume(grad_output, v), _volume(indices, v), _volume(grad_input, v),
+           _channels_last(v), bad)
+    _raise_bad_unpool_indices(bad, v)
     return grad_input

@@ -1,0 +1,168 @@
+"""Adaptive pooling on the CPU (average and max), either memory format.
+
+Windows follow PyTorch's rule (``fastpool._geometry.adaptive_bounds``), passed as
+per-axis ``starts``/``ends`` tables. Kernels see a ``(B, D, H, W, C)`` buffer: a
+channels-last input's ``(N, D, H, W, C)`` buffer in place, or a channels-first one as
+``(planes, D, H, W, 1)`` (the factories' ``CHANNELS_LAST=False`` fixes ``C = 1`` at
+compile time, so the channel loop folds away). Forward kernels parallelise over output
+rows ``(b, od, oh)``; the average backward gathers, per input row ``(b, d, h)``, the
+shares of the windows covering each element (``first``/``last`` tables) in output
+order, so nothing races and sums run in one fixed order. Sums are in the input's dtype,
+row-major, divided by the window's size in float64 and rounded once to the dtype, as on
+the GPU; max pooling keeps the first maximum in row-major order and lets the first NaN
+win, as the other max kernels do.
+
+Global pooling (``output_size = 1``, every window the whole input) is a plain
+reduction: ``global_avg_channels_first`` sums many planes at once, vectorised across
+planes, each plane's elements still added in order.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+from numba import njit, prange
+
+from fastpool.cpu._pool_common import JIT, U, replaces
+from fastpool.cpu.pool_channels_last import _row
+
+
+@functools.lru_cache(maxsize=None)
+def avg_forward(CHANNELS_LAST):
+    """``kernel(x, out, sd, ed, sh, eh, sw, ew, zero)``."""
+
+    @njit(**JIT)
+    def kernel(x, out, sd, ed, sh, eh, sw, ew, zero):
+        B, D, H, W = x.shape[0], x.shape[1], x.shape[2], x.shape[3]
+        C = x.shape[4] if CHANNELS_LAST else 1
+        OD, OH, OW = out.shape[1], out.shape[2], out.shape[3]
+        xf = x.reshape(-1)
+        of = out.reshape(-1)
+        for row in prange(B * OD * OH):
+            b, od, oh = _row(row, OD, OH)
+            acc = np.empty(C, dtype=x.dtype)
+            d0, d1, h0, h1 = sd[od], ed[od], sh[oh], eh[oh]
+            for ow in range(OW):
+                w0, w1 = sw[ow], ew[ow]
+                count = (d1 - d0) * (h1 - h0) * (w1 - w0)
+                for c in range(C):
+                    acc[c] = zero
+                for d in range(d0, d1):
+                    for h in range(h0, h1):
+                        src = ((b * D + d) * H + h) * W
+                        for w in range(w0, w1):
+                            s = (src + w) * C
+                            for c in range(C):
+                                acc[c] += xf[U(s + c)]
+                o = (row * OW + ow) * C
+                for c in range(C):
+                    of[U(o + c)] = np.float64(acc[c]) / count
+
+    return kernel
+
+
+@functools.lru_cache(maxsize=None)
+def max_forward(CHANNELS_LAST, WITH_INDICES):
+    """``kernel(x, out, indices, sd, ed, sh, eh, sw, ew)``; indices are flat positions
+    ``(d * H + h) * W + w`` inside each ``(n, c)`` volume."""
+
+    @njit(**JIT)
+    def kernel(x, out, indices, sd, ed, sh, eh, sw, ew):
+        B, D, H, W = x.shape[0], x.shape[1], x.shape[2], x.shape[3]
+        C = x.shape[4] if CHANNELS_LAST else 1
+        OD, OH, OW = out.shape[1], out.shape[2], out.shape[3]
+        xf = x.reshape(-1)
+        of = out.reshape(-1)
+        jf = indices.reshape(-1)
+        for row in prange(B * OD * OH):
+            b, od, oh = _row(row, OD, OH)
+            d0, d1, h0, h1 = sd[od], ed[od], sh[oh], eh[oh]
+            for ow in range(OW):
+                w0, w1 = sw[ow], ew[ow]
+                o = (row * OW + ow) * C
+                first = (d0 * H + h0) * W + w0
+                for c in range(C):
+                    of[U(o + c)] = xf[U((b * D * H * W + first) * C + c)]
+                    if WITH_INDICES:
+                        jf[U(o + c)] = first
+                for d in range(d0, d1):
+                    for h in range(h0, h1):
+                        for w in range(w0, w1):
+                            k = (d * H + h) * W + w
+                            s = (b * D * H * W + k) * C
+                            for c in range(C):
+                                v = xf[U(s + c)]
+                                take = replaces(v, of[U(o + c)])
+                                of[U(o + c)] = v if take else of[U(o + c)]
+                                if WITH_INDICES:
+                                    jf[U(o + c)] = k if take else jf[U(o + c)]
+
+    return kernel
+
+
+@functools.lru_cache(maxsize=None)
+def avg_backward(CHANNELS_LAST):
+    """``kernel(grad_output, grad_input, sd, ed, sh, eh, sw, ew, fd, ld, fh, lh, fw, lw,
+    zero)``: each element sums ``grad / window size`` (rounded to the dtype) over the
+    windows ``[f, l)`` covering it along each axis, in output order."""
+
+    @njit(**JIT)
+    def kernel(grad_output, grad_input, sd, ed, sh, eh, sw, ew, fd, ld, fh, lh, fw, lw,
+               zero):
+        B, D, H, W = (grad_input.shape[0], grad_input.shape[1], grad_input.shape[2],
+                      grad_input.shape[3])
+        C = grad_input.shape[4] if CHANNELS_LAST else 1
+        OD, OH, OW = grad_output.shape[1], grad_output.shape[2], grad_output.shape[3]
+        gf = grad_output.reshape(-1)
+        gif = grad_input.reshape(-1)
+        for in_row in prange(B * D * H):
+            b, d, h = _row(in_row, D, H)
+            acc = np.empty(C, dtype=grad_input.dtype)
+            share = np.empty(C, dtype=grad_input.dtype)
+            for w in range(W):
+                for c in range(C):
+                    acc[c] = zero
+                for od in range(fd[d], ld[d]):
+                    for oh in range(fh[h], lh[h]):
+                        for ow in range(fw[w], lw[w]):
+                            count = ((ed[od] - sd[od]) * (eh[oh] - sh[oh])
+                                     * (ew[ow] - sw[ow]))
+                            s = (((b * OD + od) * OH + oh) * OW + ow) * C
+                            for c in range(C):
+                                share[c] = np.float64(gf[U(s + c)]) / count
+                                acc[c] += share[c]
+                g = (in_row * W + w) * C
+                for c in range(C):
+                    gif[U(g + c)] = acc[c]
+
+    return kernel
+
+
+# Planes summed side by side by the global reduction (one vector of float32s).
+_PLANE_BLOCK = 16
+
+
+@njit(**JIT)
+def global_avg_channels_first(x, out, zero):
+    """``out[p] = sum(x[p]) / size`` for ``x`` of shape ``(planes, size)``: blocks of
+    planes side by side (vectorised across planes), each plane's elements in order, so
+    the sums are those of ``avg_forward``."""
+    planes, size = x.shape
+    blocks = -(-planes // _PLANE_BLOCK)
+    for block in prange(blocks):
+        p0 = block * _PLANE_BLOCK
+        n = min(_PLANE_BLOCK, planes - p0)
+        acc = np.empty(_PLANE_BLOCK, dtype=x.dtype)
+        for j in range(_PLANE_BLOCK):
+            acc[j] = zero
+        if n == _PLANE_BLOCK:
+            for k in range(size):
+                for j in range(_PLANE_BLOCK):
+                    acc[j] += x[U(p0 + j), U(k)]
+        else:
+            for k in range(size):
+                for j in range(n):
+                    acc[j] += x[U(p0 + j), U(k)]
+        for j in range(n):
+            out[U(p0 + j)] = np.float64(acc[j]) / size
