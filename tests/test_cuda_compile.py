@@ -95,6 +95,31 @@ _SCRIPT = """
             ("slabs_add", slabs._add_slabs, (array(dt, 5), array(dt, 4, "C"), i64, i64)),
             ("slabs_put_tap", slabs._put_tap, (array(dt, 5, "C"), i64, array(dt, 4, "C"))),
         ]
+    import fastpool.cuda.pool_adaptive as adaptive
+    import fastpool.cuda.pool_unpool as unpool
+    table = array(i64, 1)
+    tables = (table,) * 6
+    for np_dtype, dt in ((np.float32, types.float32), (np.float64, types.float64)):
+        x5 = array(dt, 5)
+        forward, backward = adaptive.avg_kernels(np_dtype)
+        kernels += [
+            ("adaptive_avg_forward", forward, (x5, x5) + tables + (boolean,)),
+            ("adaptive_avg_backward", backward, (x5, x5) + tables * 2 + (boolean,)),
+            ("adaptive_max_forward", adaptive.max_forward,
+             (x5, x5, array(i64, 5), boolean) + tables + (boolean,)),
+            ("adaptive_max_backward", adaptive.max_backward_kernel(np_dtype),
+             (x5, array(i64, 5), x5) + tables + (boolean,)),
+            ("unpool_fill", unpool.fill_kernel(np_dtype),
+             (x5, array(i64, 3, "C"), x5, boolean)),
+            ("unpool_gather", unpool.gather_kernel(np_dtype),
+             (x5, array(i64, 5), x5, boolean, flag)),
+        ]
+    kernels += [
+        ("adaptive_check_indices", adaptive.check_indices,
+         (array(i64, 5), i64, i64) + tables + (boolean, flag)),
+        ("unpool_claim", unpool.claim, (array(i64, 5), array(i64, 3, "C"), boolean, flag)),
+        ("unpool_reset", unpool.reset, (array(i64, 3, "C"),)),
+    ]
     kernels.append(("check_window_indices", pooling._check_window_indices,
                     (array(i64, 5), i64, i64, i64) + window + (flag,)))
 
