@@ -40,6 +40,14 @@ from fastpool.unpooling import (
     max_unpool3d,
     max_unpool3d_backward,
 )
+from fastpool.transposed import (
+    conv_transpose1d,
+    conv_transpose1d_backward,
+    conv_transpose2d,
+    conv_transpose2d_backward,
+    conv_transpose3d,
+    conv_transpose3d_backward,
+)
 from fastpool.conv import (
     Conv2dGrads,
     conv1d,
@@ -73,6 +81,12 @@ from fastpool.pooling import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "conv_transpose1d",
+    "conv_transpose1d_backward",
+    "conv_transpose2d",
+    "conv_transpose2d_backward",
+    "conv_transpose3d",
+    "conv_transpose3d_backward",
     "max_unpool1d",
     "max_unpool1d_backward",
     "max_unpool2d",

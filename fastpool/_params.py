@@ -357,9 +357,11 @@ def check_output_mask(output_mask):
     return tuple(bool(m) for m in output_mask)
 
 
-def conv_window(x, weight, bias, rank, stride=1, padding=0, dilation=1, groups=1):
-    """Validate the arguments of a convolution of ``rank`` spatial axes (the N-D rules
-    of conv2d); return ``(x, weight, bias, Window)``."""
+def _conv_arrays(x, weight, bias, rank, groups, transposed=False):
+    """Validate the arrays of a convolution (``transposed``: weight ``(C_in, C_out //
+    groups, *kernel)``, else ``(C_out, C_in // groups, *kernel)``); return ``(x,
+    weight, bias, batched, c_in, c_out, kernel, groups)`` with ``c_in``/``c_out`` the
+    channels of ``x`` and of the result."""
     x = as_float_array("x", x)
     if x.ndim not in (rank + 1, rank + 2):
         raise ValueError(
@@ -369,26 +371,31 @@ def conv_window(x, weight, bias, rank, stride=1, padding=0, dilation=1, groups=1
             f"x must have non-zero channel and spatial sizes (only the batch may be "
             f"empty), got shape {x.shape}")
     weight = as_float_array("weight", weight)
+    layout = ("(C_in, C_out // groups, *kernel)" if transposed
+              else "(C_out, C_in // groups, *kernel)")
     if weight.ndim != rank + 2:
-        raise ValueError(
-            f"weight must be {rank + 2}-D (C_out, C_in // groups, *kernel), got shape "
-            f"{weight.shape}")
+        raise ValueError(f"weight must be {rank + 2}-D {layout}, got shape {weight.shape}")
     if weight.dtype != x.dtype:
         raise TypeError(f"weight dtype {weight.dtype} must match x dtype {x.dtype}")
     groups = _as_int("groups", groups)
     if groups < 1:
         raise ValueError(f"groups must be >= 1, got {groups}")
-    batched = x.ndim == rank + 2
     c_in = int(x.shape[-rank - 1])
-    c_out, c_in_per_group = int(weight.shape[0]), int(weight.shape[1])
     kernel = tuple(int(k) for k in weight.shape[2:])
-    if c_out == 0 or min(kernel) == 0:
+    if int(weight.shape[0]) == 0 or int(weight.shape[1]) == 0 or min(kernel) == 0:
         raise ValueError(f"weight must have non-zero sizes, got shape {weight.shape}")
+    if transposed:
+        if int(weight.shape[0]) != c_in:
+            raise ValueError(f"weight shape {weight.shape} needs dim 0 = in_channels = "
+                             f"{c_in} (a transposed convolution's weight is {layout})")
+        c_out = int(weight.shape[1]) * groups
+    else:
+        c_out = int(weight.shape[0])
     if c_in % groups or c_out % groups:
         raise ValueError(
             f"groups={groups} must divide both in_channels={c_in} and "
             f"out_channels={c_out}")
-    if c_in_per_group != c_in // groups:
+    if not transposed and int(weight.shape[1]) != c_in // groups:
         raise ValueError(
             f"weight shape {weight.shape} needs dim 1 = in_channels // groups = "
             f"{c_in // groups}")
@@ -398,6 +405,14 @@ def conv_window(x, weight, bias, rank, stride=1, padding=0, dilation=1, groups=1
             raise ValueError(f"bias must have shape ({c_out},), got {bias.shape}")
         if bias.dtype != x.dtype:
             raise TypeError(f"bias dtype {bias.dtype} must match x dtype {x.dtype}")
+    return x, weight, bias, x.ndim == rank + 2, c_in, c_out, kernel, groups
+
+
+def conv_window(x, weight, bias, rank, stride=1, padding=0, dilation=1, groups=1):
+    """Validate the arguments of a convolution of ``rank`` spatial axes (the N-D rules
+    of conv2d); return ``(x, weight, bias, Window)``."""
+    x, weight, bias, batched, c_in, c_out, kernel, groups = _conv_arrays(
+        x, weight, bias, rank, groups)
     stride = ntuple("stride", stride, rank)
     dilation = ntuple("dilation", dilation, rank)
     if min(stride) < 1:
@@ -435,4 +450,43 @@ def conv_window(x, weight, bias, rank, stride=1, padding=0, dilation=1, groups=1
         out_channels=c_out, batched=batched, layout=layout_of(x, batched),
         in_size=in_size, out_size=out_size, kernel=kernel, stride=stride, pad_lo=lo,
         pad_hi=hi, dilation=dilation, groups=groups)
+    return _unwrap(x), _unwrap(weight), _unwrap(bias) if bias is not None else None, window
+
+
+def conv_transpose_window(x, weight, bias, rank, stride=1, padding=0, output_padding=0,
+                          groups=1, dilation=1):
+    """Validate the arguments of a transposed convolution
+    (``torch.nn.functional.conv_transpose{rank}d``'s); return ``(x, weight, bias,
+    Window)`` where the ``Window`` is that of the convolution it transposes: from the
+    result (``in_size``, ``channels``) to ``x`` (``out_size``, ``out_channels``), whose
+    input gradient the forward is. Per axis the result has ``(in - 1) * stride - 2 *
+    padding + dilation * (kernel - 1) + output_padding + 1`` elements."""
+    x, weight, bias, batched, c_in, c_out, kernel, groups = _conv_arrays(
+        x, weight, bias, rank, groups, transposed=True)
+    stride = ntuple("stride", stride, rank)
+    dilation = ntuple("dilation", dilation, rank)
+    padding = ntuple("padding", padding, rank)
+    output_padding = ntuple("output_padding", output_padding, rank)
+    if min(stride) < 1 or min(dilation) < 1:
+        raise ValueError(f"stride and dilation must be >= 1, got {stride}, {dilation}")
+    if min(padding) < 0:
+        raise ValueError(f"padding must be >= 0, got {padding}")
+    if not all(0 <= o < max(s, d) for o, s, d in zip(output_padding, stride, dilation)):
+        raise ValueError(
+            f"output_padding {output_padding} must be >= 0 and smaller than stride "
+            f"{stride} or dilation {dilation} per axis (PyTorch's rule)")
+    in_size = tuple(int(n) for n in x.shape[-rank:])
+    size = tuple((n - 1) * s - 2 * p + d * (k - 1) + o + 1 for n, s, p, d, k, o in
+                 zip(in_size, stride, padding, dilation, kernel, output_padding))
+    if min(size) < 1:
+        raise ValueError(
+            f"the transposed convolution's output size {size} must be >= 1 per axis "
+            f"(input {in_size}, stride {stride}, padding {padding}, dilation "
+            f"{dilation}, kernel {kernel}, output_padding {output_padding})")
+    window = _geometry.Window(
+        rank=rank, batch=int(x.shape[0]) if batched else 1, channels=c_out,
+        out_channels=c_in, batched=batched, layout=layout_of(x, batched), in_size=size,
+        out_size=in_size, kernel=kernel, stride=stride, pad_lo=padding,
+        pad_hi=tuple(p - o for p, o in zip(padding, output_padding)), dilation=dilation,
+        groups=groups)
     return _unwrap(x), _unwrap(weight), _unwrap(bias) if bias is not None else None, window

@@ -70,6 +70,12 @@ import fastpool as _fp
 from fastpool import _docs, _params
 
 __all__ = [
+    "ConvTranspose1d",
+    "ConvTranspose2d",
+    "ConvTranspose3d",
+    "conv_transpose1d",
+    "conv_transpose2d",
+    "conv_transpose3d",
     "MaxUnpool1d",
     "MaxUnpool2d",
     "MaxUnpool3d",
@@ -894,8 +900,8 @@ class StochasticPool3d(StochasticPool2d):
     _rank = 3
 
 
-# Adaptive pooling and unpooling live in their own modules; their names are this
-# module's.
+# Adaptive pooling, unpooling and transposed convolution live in their own modules;
+# their names are this module's.
 from fastpool._torch_adaptive import (  # noqa: E402  (needs the helpers above)
     AdaptiveAvgPool1d,
     AdaptiveAvgPool2d,
@@ -917,4 +923,12 @@ from fastpool._torch_unpool import (  # noqa: E402
     max_unpool1d,
     max_unpool2d,
     max_unpool3d,
+)
+from fastpool._torch_transposed import (  # noqa: E402
+    ConvTranspose1d,
+    ConvTranspose2d,
+    ConvTranspose3d,
+    conv_transpose1d,
+    conv_transpose2d,
+    conv_transpose3d,
 )

@@ -596,3 +596,68 @@ def conv_backward(grad_output, x, weight, stride=1, padding=0, dilation=1, group
                             gx[(n, g * Cg + c) + pos] += v * weight[(o, c) + t]
                             gw[(o, c) + t] += v * x[(n, g * Cg + c) + pos]
     return gx, gw, go.sum(axis=(0,) + tuple(range(2, go.ndim)))
+
+
+# ----------------------------------------------------------------------------- transposed conv
+
+def conv_transpose(x, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1,
+                   dilation=1):
+    """Plain loops from the definition, any spatial rank, float64: every input element
+    spreads ``x[n, ci, p] * weight[ci, o, k]`` to position ``p * s - pad + k * d`` of
+    output channel ``g * C_out_g + o`` (``g`` the group of ``ci``)."""
+    x = np.asarray(x, dtype=np.float64)
+    weight = np.asarray(weight, dtype=np.float64)
+    rank = x.ndim - 2
+    s, p, o, d = (ntuple(v, rank) for v in (stride, padding, output_padding, dilation))
+    kernel = weight.shape[2:]
+    N, C_in = x.shape[:2]
+    C_out_g = weight.shape[1]
+    C_in_g = C_in // groups
+    size = tuple((n - 1) * si - 2 * pi + di * (k - 1) + oi + 1 for n, si, pi, di, k, oi in
+                 zip(x.shape[2:], s, p, d, kernel, o))
+    y = np.zeros((N, C_out_g * groups) + size)
+    for n in range(N):
+        for ci in range(C_in):
+            g = ci // C_in_g
+            for pos in positions(x.shape[2:]):
+                v = x[(n, ci) + pos]
+                for tap in positions(kernel):
+                    q = tuple(a * si - pi + t * di for a, si, pi, t, di in
+                              zip(pos, s, p, tap, d))
+                    if all(0 <= qi < n_ for qi, n_ in zip(q, size)):
+                        for oc in range(C_out_g):
+                            y[(n, g * C_out_g + oc) + q] += v * weight[(ci, oc) + tap]
+    if bias is not None:
+        y += np.asarray(bias, dtype=np.float64).reshape((1, -1) + (1,) * rank)
+    return y
+
+
+def conv_transpose_backward(grad_output, x, weight, stride=1, padding=0, output_padding=0,
+                            groups=1, dilation=1):
+    """``(grad_x, grad_weight, grad_bias)`` of ``conv_transpose`` by the chain rule over
+    the same loops."""
+    go = np.asarray(grad_output, dtype=np.float64)
+    x = np.asarray(x, dtype=np.float64)
+    weight = np.asarray(weight, dtype=np.float64)
+    rank = x.ndim - 2
+    s, p, d = (ntuple(v, rank) for v in (stride, padding, dilation))
+    kernel = weight.shape[2:]
+    N, C_in = x.shape[:2]
+    C_out_g = weight.shape[1]
+    C_in_g = C_in // groups
+    size = go.shape[2:]
+    gx = np.zeros(x.shape)
+    gw = np.zeros(weight.shape)
+    for n in range(N):
+        for ci in range(C_in):
+            g = ci // C_in_g
+            for pos in positions(x.shape[2:]):
+                for tap in positions(kernel):
+                    q = tuple(a * si - pi + t * di for a, si, pi, t, di in
+                              zip(pos, s, p, tap, d))
+                    if all(0 <= qi < n_ for qi, n_ in zip(q, size)):
+                        for oc in range(C_out_g):
+                            gy = go[(n, g * C_out_g + oc) + q]
+                            gx[(n, ci) + pos] += gy * weight[(ci, oc) + tap]
+                            gw[(ci, oc) + tap] += gy * x[(n, ci) + pos]
+    return gx, gw, go.sum(axis=(0,) + tuple(range(2, go.ndim)))

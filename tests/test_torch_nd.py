@@ -203,3 +203,36 @@ def test_max_unpool_channels_last_stays_channels_last(rank):
     assert u.is_contiguous(memory_format=MEMORY_FORMATS[rank])
     u.sum().backward()
     assert y.grad.is_contiguous(memory_format=MEMORY_FORMATS[rank])
+
+
+# ----------------------------------------------------------------------------- transposed conv
+
+@pytest.mark.parametrize("rank", [1, 2, 3])
+def test_conv_transpose_gradcheck_module_and_output_size(rank):
+    x = _input(rank).requires_grad_()
+    generator = torch.Generator().manual_seed(rank)
+    w = torch.randn((3, 2) + (3,) * rank, dtype=torch.float64,
+                    generator=generator).requires_grad_()
+    b = torch.randn(2, dtype=torch.float64, generator=generator).requires_grad_()
+    f = getattr(fpt, f"conv_transpose{rank}d")
+    assert torch.autograd.gradcheck(
+        lambda *t: f(*t, stride=2, padding=1, output_padding=1), (x, w, b))
+    torch.manual_seed(0)
+    ours = getattr(fpt, f"ConvTranspose{rank}d")(3, 4, 3, stride=2, padding=1).double()
+    torch.manual_seed(0)
+    theirs = getattr(torch.nn, f"ConvTranspose{rank}d")(3, 4, 3, stride=2, padding=1).double()
+    assert isinstance(ours, type(theirs)) and repr(ours) == repr(theirs)
+    torch.testing.assert_close(ours(x), theirs(x))
+    size = tuple(2 * n for n in x.shape[2:])  # needs output_padding 1 on every axis
+    torch.testing.assert_close(ours(x, output_size=size), theirs(x, output_size=size))
+    assert ours(x, output_size=size).shape[2:] == size
+
+
+@pytest.mark.parametrize("rank", [2, 3])
+def test_conv_transpose_channels_last_stays_channels_last(rank):
+    x = _input(rank).contiguous(memory_format=MEMORY_FORMATS[rank]).requires_grad_()
+    module = getattr(fpt, f"ConvTranspose{rank}d")(3, 4, 2, stride=2).double()
+    y = module(x)
+    assert y.is_contiguous(memory_format=MEMORY_FORMATS[rank])
+    y.sum().backward()
+    assert x.grad.is_contiguous(memory_format=MEMORY_FORMATS[rank])

@@ -5,7 +5,8 @@ of NumPy arrays. ``digest()`` turns the results into bytes, so results computed 
 forked child, a DataLoader worker or another thread can be compared bitwise with the
 parent's. Geometries are among ``conftest.GEOMETRIES`` (already compiled and cached);
 the convolutions cover the direct, rows, im2col and Winograd algorithms, conv1d and
-conv3d; the pools include 1-D, 3-D, channels-last and adaptive calls.
+conv3d and a transposed convolution; the pools include 1-D, 3-D, channels-last and
+adaptive calls and unpooling.
 """
 
 from __future__ import annotations
@@ -81,6 +82,11 @@ def every_op(dtype=np.float32, seed=2026):
             v[:, :, 0, 0], 4, return_indices=True),
         "adaptive_max_pool2d_backward": lambda: fastpool.adaptive_max_pool2d_backward(
             go_pool[:, :, :3, :4], x, (3, 4)),
+        "max_unpool2d": lambda: fastpool.max_unpool2d(
+            fastpool.max_pool2d(x, **pool), max_indices, **pool, output_size=x.shape[2:]),
+        "conv_transpose2d_backward": lambda: fastpool.conv_transpose2d_backward(
+            fastpool.conv_transpose2d(x, w, stride=2, padding=1), x, w, stride=2,
+            padding=1),
     }
     return {name: (lambda op=op: _arrays(op())) for name, op in ops.items()}
 

@@ -7,12 +7,15 @@ that is not thread-safe (``workqueue``) one call at a time enters the kernels.
 from fastpool._threading import serialised
 from fastpool.cpu import conv as _conv
 from fastpool.cpu import conv3d as _conv3d
+from fastpool.cpu import conv_transpose as _conv_transpose
 from fastpool.cpu import pooling as _pooling
 
 conv2d_forward = serialised(_conv.conv2d_forward)
 conv2d_backward = serialised(_conv.conv2d_backward)
 conv3d_forward = serialised(_conv3d.conv3d_forward)
 conv3d_backward = serialised(_conv3d.conv3d_backward)
+conv_transpose_forward = serialised(_conv_transpose.conv_transpose_forward)
+conv_transpose_backward = serialised(_conv_transpose.conv_transpose_backward)
 max_pool_forward = serialised(_pooling.max_pool_forward)
 max_pool_backward = serialised(_pooling.max_pool_backward)
 avg_pool_forward = serialised(_pooling.avg_pool_forward)
@@ -35,6 +38,8 @@ __all__ = [
     "conv2d_forward",
     "conv3d_backward",
     "conv3d_forward",
+    "conv_transpose_backward",
+    "conv_transpose_forward",
     "avg_pool_backward",
     "avg_pool_forward",
     "max_pool_backward",

@@ -59,3 +59,8 @@ def shape_only(x, window):
 def bias_grad(grad_output, w):
     """``grad_output`` summed over N and the spatial axes, in float64."""
     return grad_output.sum(axis=(0, 2, 3, 4), dtype=np.float64).astype(grad_output.dtype)
+
+
+def add_bias(y, bias):
+    """``y[:, c] += bias[c]`` in place (``y`` batched, channels-first)."""
+    y += np.asarray(bias, y.dtype).reshape((1, -1) + (1,) * (y.ndim - 2))

@@ -20,6 +20,7 @@ from fastpool._geometry import Window as _Window
 from fastpool.cuda._launch import in_layout as _in_layout
 from fastpool.cuda import conv as _conv
 from fastpool.cuda import conv3d as _conv3d
+from fastpool.cuda import conv_transpose as _conv_transpose
 from fastpool.cuda import pooling as _pooling
 
 if _numba_config.ENABLE_CUDASIM:
@@ -51,6 +52,8 @@ conv2d_forward = on_device(_following_layout(_conv.conv2d_forward))
 conv2d_backward = on_device(_following_layout(_conv.conv2d_backward))
 conv3d_forward = on_device(_following_layout(_conv3d.conv3d_forward))
 conv3d_backward = on_device(_following_layout(_conv3d.conv3d_backward))
+conv_transpose_forward = on_device(_following_layout(_conv_transpose.conv_transpose_forward))
+conv_transpose_backward = on_device(_following_layout(_conv_transpose.conv_transpose_backward))
 max_pool_forward = on_device(_pooling.max_pool_forward)
 max_pool_backward = on_device(_pooling.max_pool_backward)
 avg_pool_forward = on_device(_pooling.avg_pool_forward)
@@ -73,6 +76,8 @@ __all__ = [
     "conv2d_forward",
     "conv3d_backward",
     "conv3d_forward",
+    "conv_transpose_backward",
+    "conv_transpose_forward",
     "avg_pool_backward",
     "avg_pool_forward",
     "max_pool_backward",

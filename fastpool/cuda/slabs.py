@@ -62,6 +62,24 @@ def _put_tap(grad_weight, a, part):
         i += grid_stride()
 
 
+@cuda.jit
+def _add_bias(out, bias):
+    N, C, P = out.shape
+    total = np.int64(N) * C * P
+    i = grid_start()
+    while i < total:
+        p = i % P
+        c = (i // P) % C
+        n = i // (np.int64(P) * C)
+        out[n, c, p] += bias[c]
+        i += grid_stride()
+
+
+def add_bias(y, bias):
+    """``y[:, c] += bias[c]`` in place (``y`` batched, C-contiguous)."""
+    launch(_add_bias, y.size, y.reshape(y.shape[0], y.shape[1], -1), bias)
+
+
 def filled(shape, dtype, bias):
     out = cuda.device_array(shape, dtype)
     flat = out.reshape(shape[0], shape[1], -1)

@@ -1,0 +1,109 @@
+"""Transposed convolutions for ``fastpool.torch``: an autograd Function, drop-ins for
+``torch.nn.functional.conv_transpose{1,2,3}d`` and ``ConvTranspose*d`` modules
+(subclasses of PyTorch's, ``output_size=`` in ``forward`` as theirs).
+``fastpool.torch`` re-exports the public names."""
+
+import torch
+
+import fastpool as _fp
+from fastpool.torch import _check_tensor, _device_for, _size_arg, _to_array, _to_tensor
+
+
+class _ConvTransposeFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, input, weight, bias, rank, stride, padding, output_padding, groups,
+                dilation):
+        device = _device_for([t for t in (input, weight, bias) if t is not None])
+        geometry = (stride, padding, output_padding, groups, dilation)
+        y = getattr(_fp, f"conv_transpose{rank}d")(_to_array(input), _to_array(weight),
+                                                   _to_array(bias), *geometry,
+                                                   device=device)
+        ctx.save_for_backward(input, weight)
+        ctx.rank, ctx.geometry, ctx.device = rank, geometry, device
+        ctx.has_bias = bias is not None
+        return _to_tensor(y)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output):
+        input, weight = ctx.saved_tensors
+        output_mask = (bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1]),
+                       bool(ctx.has_bias and ctx.needs_input_grad[2]))
+        grads = (None, None, None)
+        if any(output_mask):
+            grads = getattr(_fp, f"conv_transpose{ctx.rank}d_backward")(
+                _to_array(grad_output), _to_array(input), _to_array(weight),
+                *ctx.geometry, output_mask=output_mask, device=ctx.device)
+        return tuple(_to_tensor(g) for g in grads) + (None,) * 6
+
+
+def _conv_transpose(rank, input, weight, bias, stride, padding, output_padding, groups,
+                    dilation):
+    _check_tensor("input", input)
+    _check_tensor("weight", weight)
+    if bias is not None:
+        _check_tensor("bias", bias)
+    return _ConvTransposeFunction.apply(
+        input, weight, bias, rank, _size_arg(stride, rank), _size_arg(padding, rank),
+        _size_arg(output_padding, rank), groups, _size_arg(dilation, rank))
+
+
+def conv_transpose1d(input, weight, bias=None, stride=1, padding=0, output_padding=0,
+                     groups=1, dilation=1):
+    """Drop-in for ``torch.nn.functional.conv_transpose1d``
+    (:func:`fastpool.conv_transpose1d`, with autograd)."""
+    return _conv_transpose(1, input, weight, bias, stride, padding, output_padding,
+                           groups, dilation)
+
+
+def conv_transpose2d(input, weight, bias=None, stride=1, padding=0, output_padding=0,
+                     groups=1, dilation=1):
+    """Drop-in for ``torch.nn.functional.conv_transpose2d``
+    (:func:`fastpool.conv_transpose2d`, with autograd)."""
+    return _conv_transpose(2, input, weight, bias, stride, padding, output_padding,
+                           groups, dilation)
+
+
+def conv_transpose3d(input, weight, bias=None, stride=1, padding=0, output_padding=0,
+                     groups=1, dilation=1):
+    """Drop-in for ``torch.nn.functional.conv_transpose3d``
+    (:func:`fastpool.conv_transpose3d`, with autograd)."""
+    return _conv_transpose(3, input, weight, bias, stride, padding, output_padding,
+                           groups, dilation)
+
+
+class _ConvTransposeNd:
+    """``forward`` of the ``ConvTranspose*d`` modules (mixed into torch's classes)."""
+
+    _rank = 2
+
+    def forward(self, input, output_size=None):
+        """Transposed convolution of ``input``; ``output_size`` picks the
+        ``output_padding`` that gives that size, as PyTorch's modules do."""
+        if self.padding_mode != "zeros":
+            raise ValueError(f"Only `zeros` padding mode is supported for "
+                             f"{type(self).__name__}")
+        output_padding = self._output_padding(input, output_size, self.stride,
+                                              self.padding, self.kernel_size, self._rank,
+                                              self.dilation)
+        return _conv_transpose(self._rank, input, self.weight, self.bias, self.stride,
+                               self.padding, output_padding, self.groups, self.dilation)
+
+
+class ConvTranspose1d(_ConvTransposeNd, torch.nn.ConvTranspose1d):
+    """``torch.nn.ConvTranspose1d`` whose forward runs fastpool's kernels."""
+
+    _rank = 1
+
+
+class ConvTranspose2d(_ConvTransposeNd, torch.nn.ConvTranspose2d):
+    """``torch.nn.ConvTranspose2d`` whose forward runs fastpool's kernels (same
+    constructor, parameters, initialisation and ``state_dict``)."""
+
+    _rank = 2
+
+
+class ConvTranspose3d(_ConvTransposeNd, torch.nn.ConvTranspose3d):
+    """``torch.nn.ConvTranspose3d`` whose forward runs fastpool's kernels."""
+
+    _rank = 3
