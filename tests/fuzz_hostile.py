@@ -190,6 +190,13 @@ XC1 = RNG.standard_normal((2, 4, 9)).astype(np.float32)
 XC3 = RNG.standard_normal((1, 4, 3, 4, 3)).astype(np.float32)
 WC3 = RNG.standard_normal((6, 2, 2, 3, 3)).astype(np.float32)
 WC1 = RNG.standard_normal((6, 2, 3)).astype(np.float32)
+ADAPT = (3, 2)  # adaptive output size on X
+GA = RNG.standard_normal((2, 3) + ADAPT).astype(np.float32)
+IA = fastpool.adaptive_max_pool2d(X, ADAPT, return_indices=True)[1]
+Y_POOL = fastpool.max_pool2d(X, **POOL)  # what max_unpool2d takes, with IDX
+WT = RNG.standard_normal((4, 3, 3, 3)).astype(np.float32)  # transposed: (C_in, C_out/g, k)
+BT = RNG.standard_normal(6).astype(np.float32)
+TRANSPOSE = dict(stride=2, padding=1, output_padding=1, groups=2, dilation=1)
 
 
 class Call:
@@ -272,6 +279,22 @@ def _numpy_calls():
              dict(x="array", weight="array", bias="array", stride="int",
                   padding="conv_padding", dilation="int", groups="int",
                   device="device"), "conv"),
+        Call("adaptive_avg_pool2d", fastpool.adaptive_avg_pool2d,
+             dict(x=X, output_size=ADAPT), dict(x="array", output_size="int",
+                                                device="device"), "adaptive_avg"),
+        Call("adaptive_max_pool2d_backward", fastpool.adaptive_max_pool2d_backward,
+             dict(grad_output=GA, x=X, output_size=ADAPT, indices=IA),
+             dict(grad_output="array", x="array", output_size="int", indices="indices",
+                  device="device"), "adaptive_max_backward"),
+        Call("max_unpool2d", fastpool.max_unpool2d,
+             dict(x=Y_POOL, indices=IDX, **POOL, output_size=X.shape[2:]),
+             dict(x="array", indices="indices", kernel_size="int", stride="int",
+                  padding="int", output_size="int", device="device"), "unpool"),
+        Call("conv_transpose2d", fastpool.conv_transpose2d,
+             dict(x=XC, weight=WT, bias=BT, **TRANSPOSE),
+             dict(x="array", weight="array", bias="array", stride="int", padding="int",
+                  output_padding="int", groups="int", dilation="int", device="device"),
+             "conv_transpose"),
         Call("conv2d_backward", fastpool.conv2d_backward,
              dict(grad_output=GOC, x=XC, weight=WC, **CONV, output_mask=(True, True, True)),
              dict(grad_output="array", x="array", weight="array", stride="int",
@@ -448,6 +471,34 @@ def _expected(call, kw):
     def unbatch(a):
         return a if batched or a is None else a[0]
 
+    def spelled(v):
+        return tuple(v) if isinstance(v, (list, np.ndarray)) else v
+
+    if call.reference.startswith("adaptive"):
+        size = spelled(kw["output_size"])
+        if call.reference == "adaptive_avg":
+            return unbatch(ref.adaptive_pool(x4, size, "avg"))
+        go = np.asarray(_as_numpy(kw["grad_output"]), dtype=np.float64)
+        idx = kw.get("indices")
+        idx = (ref.adaptive_pool(x4, size, "max")[1] if idx is None
+               else np.asarray(idx).astype(np.int64))
+        return unbatch(ref.scatter_to_indices(go if batched else go[None],
+                                              idx if batched or idx.ndim == 4 else idx[None],
+                                              x4.shape))
+    if call.reference == "unpool":
+        idx = np.asarray(kw["indices"]).astype(np.int64)
+        size = kw.get("output_size")
+        size = (ref.unpool_output_size(x4.shape[2:], spelled(kw["kernel_size"]),
+                                       spelled(kw.get("stride")), spelled(kw.get("padding", 0)))
+                if size is None else tuple(int(v) for v in spelled(size))[-call.rank:])
+        return unbatch(ref.max_unpool(x4, idx if batched else idx[None], size))
+    if call.reference == "conv_transpose":
+        b = kw.get("bias")
+        b = None if b is None else np.asarray(_as_numpy(b), dtype=np.float64)
+        args = {k: spelled(kw[k]) for k in ("stride", "padding", "output_padding", "groups",
+                                           "dilation") if k in kw}
+        return unbatch(ref.conv_transpose(x4, np.asarray(_as_numpy(kw["weight"]),
+                                                         dtype=np.float64), b, **args))
     geo = {k: kw[k] for k in ("kernel_size", "stride", "padding", "dilation", "ceil_mode")
            if k in kw}
     geo = {k: _torch_size(k, v, call.rank) if call.torch_api else
