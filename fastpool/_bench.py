@@ -74,13 +74,22 @@ ND_SHAPES = {
              ("avg_pool3d", (8, 32, 32, 64, 64), (3, 2, 1)),
              ("conv3d", (4, 32, 16, 56, 56), (32, 32, 3, 3, 3)),
              ("max_pool2d channels_last", (32, 64, 112, 112), (3, 2, 1)),
-             ("avg_pool2d channels_last", (32, 64, 112, 112), (3, 2, 1))],
+             ("avg_pool2d channels_last", (32, 64, 112, 112), (3, 2, 1)),
+             # issue 15's ops and shapes
+             ("adaptive_avg_pool2d", (32, 2048, 7, 7), 1),
+             ("adaptive_avg_pool2d channels_last", (32, 2048, 7, 7), 1),
+             ("conv_transpose2d", (16, 64, 64, 64), (64, 32, 4, 4)),
+             ("max_unpool2d", (32, 64, 56, 56), 2)],
     "quick": [("conv1d", (8, 32, 512), (32, 32, 3)),
               ("max_pool3d", (2, 8, 16, 32, 32), (3, 2, 1)),
               ("avg_pool3d", (2, 8, 16, 32, 32), (3, 2, 1)),
               ("conv3d", (2, 8, 8, 16, 16), (8, 8, 3, 3, 3)),
               ("max_pool2d channels_last", (8, 64, 56, 56), (3, 2, 1)),
-              ("avg_pool2d channels_last", (8, 64, 56, 56), (3, 2, 1))],
+              ("avg_pool2d channels_last", (8, 64, 56, 56), (3, 2, 1)),
+              ("adaptive_avg_pool2d", (8, 256, 7, 7), 1),
+              ("adaptive_avg_pool2d channels_last", (8, 256, 7, 7), 1),
+              ("conv_transpose2d", (2, 16, 16, 16), (16, 8, 4, 4)),
+              ("max_unpool2d", (4, 16, 14, 14), 2)],
 }
 
 
@@ -258,6 +267,51 @@ def conv_cases(side, peer, label, x_shape, w_shape, stride, padding, groups, dty
     ]
 
 
+def _new_op_case(side, peer, name, x_host, x, shape, arg, dtype):
+    """The ops of issue 15 (adaptive pooling, transposed convolution, unpooling) as a
+    ``Case``, or None for the other N-D ops."""
+    torch = getattr(peer, "torch", None)
+    dev = side.device
+    if name.startswith("adaptive"):
+        mine = (lambda: getattr(fastpool, name)(x, arg, device=dev))
+        y = getattr(fastpool, name)(x_host, arg, device="cpu")
+        theirs = None
+        if torch is not None:
+            px = torch.from_numpy(x_host).to(peer.device)
+            theirs = (lambda: getattr(peer.F, name)(px, arg))
+        return Case(f"{name}{' channels_last' if x_host.strides[1] == x_host.itemsize else ''}"
+                    " forward", f"{shape} -> {arg}", _timed(mine, side.sync),
+                    None if theirs is None else _timed(theirs, peer.sync),
+                    x_host.nbytes + y.nbytes, "GB/s")
+    if name == "max_unpool2d":
+        rng = np.random.default_rng(3)
+        big = rng.random(shape[:2] + tuple(n * arg for n in shape[2:])).astype(dtype)
+        pooled, indices = fastpool.max_pool2d(big, arg, return_indices=True, device="cpu")
+        xs, js = side.put(pooled), side.put(indices)
+        mine = (lambda: fastpool.max_unpool2d(xs, js, arg, device=dev))
+        theirs = None
+        if torch is not None:
+            px, pj = (torch.from_numpy(a).to(peer.device) for a in (pooled, indices))
+            theirs = (lambda: peer.F.max_unpool2d(px, pj, arg))
+        return Case("max_unpool2d forward", f"{shape} k{arg}", _timed(mine, side.sync),
+                    None if theirs is None else _timed(theirs, peer.sync),
+                    pooled.nbytes + indices.nbytes + big.nbytes, "GB/s")
+    if name == "conv_transpose2d":
+        rng = np.random.default_rng(4)
+        w_host = (rng.standard_normal(arg) * 0.1).astype(dtype)
+        w = side.put(w_host)
+        mine = (lambda: fastpool.conv_transpose2d(x, w, stride=2, padding=1, device=dev))
+        theirs = None
+        if torch is not None:
+            px, pw = (torch.from_numpy(a).to(peer.device) for a in (x_host, w_host))
+            theirs = (lambda: peer.F.conv_transpose2d(px, pw, stride=2, padding=1))
+        flop = 2.0 * np.prod(shape) * np.prod(arg[1:])
+        return Case("conv_transpose2d forward", f"{shape} w{arg} s2 p1",
+                    _timed(mine, side.sync),
+                    None if theirs is None else _timed(theirs, peer.sync), flop, "GFLOP/s")
+    return None
+
+
 def nd_cases(side, peer, op, shape, arg, dtype):
     """One N-D case: fastpool and PyTorch (same rank, same memory format) on the same
     data. Host memory formats only: the GPU computes channels-first."""
@@ -272,6 +326,9 @@ def nd_cases(side, peer, op, shape, arg, dtype):
             return []
         x_host = channels_last_copy(x_host, 1)
     x = side.put(x_host)
+    extra = _new_op_case(side, peer, name, x_host, x, shape, arg, dtype)
+    if extra is not None:
+        return [extra]
     where = f"{shape}" + (f" k{arg[0]} s{arg[1]} p{arg[2]}" if "pool" in name else
                           f" w{arg}")
     if "pool" in name:

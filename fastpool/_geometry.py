@@ -16,6 +16,8 @@ input whose strides are those of a channels-last buffer (NLC / NHWC / NDHWC view
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 CHANNELS_FIRST = "channels_first"
@@ -146,39 +148,53 @@ class Window(Volume):
         self.constants = self.kernel3 + self.stride3 + self.dilation3
 
 
+@functools.lru_cache(maxsize=256)
 def adaptive_bounds(size, out):
     """PyTorch's adaptive windows along one axis: output ``i`` pools input positions
-    ``[floor(i * size / out), ceil((i + 1) * size / out))`` (never empty)."""
+    ``[floor(i * size / out), ceil((i + 1) * size / out))`` (never empty). Memoised
+    (read-only arrays): a network calls the same sizes over and over."""
     i = np.arange(out, dtype=np.int64)
-    return (i * size) // out, -((-(i + 1) * size) // out)
+    starts, ends = (i * size) // out, -((-(i + 1) * size) // out)
+    starts.flags.writeable = ends.flags.writeable = False
+    return starts, ends
 
 
+@functools.lru_cache(maxsize=256)
 def adaptive_cover(size, out):
     """For each input position, the outputs ``[first, last)`` whose adaptive windows
     hold it (consecutive, as the windows' starts and ends both grow with ``i``)."""
     starts, ends = adaptive_bounds(size, out)
     t = np.arange(size, dtype=np.int64)
-    first = np.searchsorted(ends, t, side="right")   # first window ending after t
-    last = np.searchsorted(starts, t, side="right")  # windows starting at or before t
-    return first.astype(np.int64), last.astype(np.int64)
+    first = np.searchsorted(ends, t, side="right").astype(np.int64)
+    last = np.searchsorted(starts, t, side="right").astype(np.int64)
+    first.flags.writeable = last.flags.writeable = False
+    return first, last
 
 
 class AdaptiveWindow(Volume):
     """Adaptive pooling's windows (``adaptive_bounds`` per axis): ``starts3[a]`` and
     ``ends3[a]`` for the three axes ``(D, H, W)`` (neutral leading axes: one window of
     the whole size-1 axis), and for the backward ``first3[a]``/``last3[a]``, the
-    outputs covering each input position. Arrays are int64, made once per call."""
+    outputs covering each input position. Arrays are int64 and read-only, shared by
+    every call of the same sizes."""
 
-    __slots__ = ("starts3", "ends3", "first3", "last3")
+    __slots__ = ()
 
-    def __init__(self, **shapes):
-        super().__init__(**shapes)
-        bounds = [adaptive_bounds(n, o) for n, o in zip(self.in3, self.out3)]
-        cover = [adaptive_cover(n, o) for n, o in zip(self.in3, self.out3)]
-        self.starts3 = tuple(b[0] for b in bounds)
-        self.ends3 = tuple(b[1] for b in bounds)
-        self.first3 = tuple(c[0] for c in cover)
-        self.last3 = tuple(c[1] for c in cover)
+    @property
+    def starts3(self):
+        return tuple(adaptive_bounds(n, o)[0] for n, o in zip(self.in3, self.out3))
+
+    @property
+    def ends3(self):
+        return tuple(adaptive_bounds(n, o)[1] for n, o in zip(self.in3, self.out3))
+
+    @property
+    def first3(self):
+        return tuple(adaptive_cover(n, o)[0] for n, o in zip(self.in3, self.out3))
+
+    @property
+    def last3(self):
+        return tuple(adaptive_cover(n, o)[1] for n, o in zip(self.in3, self.out3))
 
     @property
     def is_global(self):

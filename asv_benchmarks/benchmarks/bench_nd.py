@@ -1,10 +1,11 @@
-"""The N-D engine: time of one call of the 1-D and 3-D ops and of channels-last pooling.
+"""The N-D engine: time of one call of the 1-D and 3-D ops, of channels-last pooling and
+of the ops on the engine (adaptive pooling, transposed convolution, unpooling).
 
 Over device ("cpu", "cuda") x case x dtype. A case is an op on one shape: a small one
 (which the CI smoke run times) and issue 14's benchmark shapes. Channels-last cases
 pass an array whose strides are those of an ``(N, H, W, C)`` buffer, as image data
-usually comes; their results are channels-last too. On "cuda" the arrays live on the
-GPU and the timed body waits for it. ``setup`` makes the data and calls the op once,
+usually comes; their results are channels-last too, on either device. On "cuda" the
+arrays live on the GPU (copied in their layout) and the timed body waits for it. ``setup`` makes the data and calls the op once,
 so compile (or cache load) time is not timed.
 """
 
@@ -29,6 +30,14 @@ ND_CASES = {
         "max_pool2d channels_last", (32, 64, 112, 112), (3, 2, 1)),
     "avg_pool2d channels_last (32,64,112,112) k3s2p1": (
         "avg_pool2d channels_last", (32, 64, 112, 112), (3, 2, 1)),
+    # issue 15's ops
+    "small adaptive_avg_pool2d (8,64,7,7) -> 1": ("adaptive_avg_pool2d", (8, 64, 7, 7), 1),
+    "adaptive_avg_pool2d (32,2048,7,7) -> 1": ("adaptive_avg_pool2d", (32, 2048, 7, 7), 1),
+    "adaptive_avg_pool2d channels_last (32,2048,7,7) -> 1": (
+        "adaptive_avg_pool2d channels_last", (32, 2048, 7, 7), 1),
+    "conv_transpose2d 64->32 k4 s2 p1 (16,64,64,64)": (
+        "conv_transpose2d", (16, 64, 64, 64), (64, 32, 4, 4)),
+    "max_unpool2d k2 (32,64,56,56)": ("max_unpool2d", (32, 64, 56, 56), 2),
 }
 
 
@@ -48,8 +57,6 @@ class NdForward:
     def setup(self, device, case, dtype):
         require_device(device)
         op, shape, arg = ND_CASES[case]
-        if op.endswith("channels_last") and device != "cpu":
-            raise NotImplementedError("channels-last results are host-only for now")
         pin_threads()
         self.device = device
         self.sync = synchronizer(device)
@@ -61,7 +68,24 @@ class NdForward:
         x = uniform(shape, dtype, rng())
         if op.endswith("channels_last"):
             x = _channels_last(x)
-        if "pool" in name:
+        if name.startswith("adaptive"):
+            (x,) = to_device(self.device, x)
+
+            def call():
+                getattr(fastpool, name)(x, arg, device=self.device)
+        elif name == "max_unpool2d":
+            big = uniform(shape[:2] + tuple(n * arg for n in shape[2:]), dtype, rng(2))
+            pooled, indices = to_device(self.device, *fastpool.max_pool2d(
+                big, arg, return_indices=True, device="cpu"))
+
+            def call():
+                fastpool.max_unpool2d(pooled, indices, arg, device=self.device)
+        elif name == "conv_transpose2d":
+            x, w = to_device(self.device, x, normal(arg, dtype, rng(1), scale=0.1))
+
+            def call():
+                fastpool.conv_transpose2d(x, w, stride=2, padding=1, device=self.device)
+        elif "pool" in name:
             (x,) = to_device(self.device, x)
             k, s, p = arg
 

@@ -115,9 +115,9 @@ def to_device(device, *arrays):
     arrays for ``"cuda"`` (so no host transfer is timed). ``None`` stays ``None``."""
     if device != "cuda":
         return arrays
-    from numba import cuda
+    from fastpool._dispatch import to_device as copy_to_gpu  # keeps channels-last strides
 
-    return tuple(None if a is None else cuda.to_device(a) for a in arrays)
+    return tuple(None if a is None else copy_to_gpu(a) for a in arrays)
 
 
 def synchronizer(device):

@@ -144,25 +144,28 @@ _PLANE_BLOCK = 16
 
 
 @njit(**JIT)
-def global_avg_channels_first(x, out, zero):
+def global_avg_channels_first(x, out, zero, workers):
     """``out[p] = sum(x[p]) / size`` for ``x`` of shape ``(planes, size)``: blocks of
     planes side by side (vectorised across planes), each plane's elements in order, so
-    the sums are those of ``avg_forward``."""
+    the sums are those of ``avg_forward``. Each of ``workers`` threads takes a fixed
+    run of blocks and one accumulator (allocating it per block cost more than the sums
+    on small planes)."""
     planes, size = x.shape
     blocks = -(-planes // _PLANE_BLOCK)
-    for block in prange(blocks):
-        p0 = block * _PLANE_BLOCK
-        n = min(_PLANE_BLOCK, planes - p0)
+    for worker in prange(workers):
         acc = np.empty(_PLANE_BLOCK, dtype=x.dtype)
-        for j in range(_PLANE_BLOCK):
-            acc[j] = zero
-        if n == _PLANE_BLOCK:
-            for k in range(size):
-                for j in range(_PLANE_BLOCK):
-                    acc[j] += x[U(p0 + j), U(k)]
-        else:
-            for k in range(size):
-                for j in range(n):
-                    acc[j] += x[U(p0 + j), U(k)]
-        for j in range(n):
-            out[U(p0 + j)] = np.float64(acc[j]) / size
+        for block in range(worker * blocks // workers, (worker + 1) * blocks // workers):
+            p0 = block * _PLANE_BLOCK
+            n = min(_PLANE_BLOCK, planes - p0)
+            for j in range(_PLANE_BLOCK):
+                acc[j] = zero
+            if n == _PLANE_BLOCK:
+                for k in range(size):
+                    for j in range(_PLANE_BLOCK):
+                        acc[j] += x[U(p0 + j), U(k)]
+            else:
+                for k in range(size):
+                    for j in range(n):
+                        acc[j] += x[U(p0 + j), U(k)]
+            for j in range(n):
+                out[U(p0 + j)] = np.float64(acc[j]) / size

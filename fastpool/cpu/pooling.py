@@ -321,7 +321,8 @@ def adaptive_avg_pool_forward(x, window):
         zero = x.dtype.type(0)
         if w.is_global and w.layout != CHANNELS_LAST:
             pool_adaptive.global_avg_channels_first(
-                contiguous(x).reshape(w.planes, -1), out.reshape(-1), zero)
+                contiguous(x).reshape(w.planes, -1), out.reshape(-1), zero,
+                max(1, min(numba.get_num_threads(), w.planes // 16)))
         else:
             pool_adaptive.avg_forward(w.layout == CHANNELS_LAST)(
                 _adaptive_view(x, w, w.in3), out, *_bounds(w), zero)
