@@ -151,3 +151,22 @@ def test_unbatched_empty_batch_and_bad_input():
         fastpool.conv_transpose2d_backward(np.ones((3, 5, 5), np.float32), x, w)
     with pytest.raises(TypeError, match="weight dtype"):
         fastpool.conv_transpose2d(x, w.astype(np.float64))
+
+
+@pytest.mark.parametrize("rank", [2, 3])
+def test_output_padding_beyond_the_stride_on_both_devices(rank, small_launches):
+    """output_padding < dilation with stride 1 crops the far end of the convolution it
+    transposes (a 1x1 kernel once took the plain-GEMM path that assumes no cropping)."""
+    rng = np.random.default_rng(20 + rank)
+    x = rng.standard_normal((1, 2) + (3,) * rank)
+    for kernel in (1, 2):
+        w = rng.standard_normal((2, 3) + (kernel,) * rank)
+        args = dict(stride=1, output_padding=1, dilation=2)
+        forward, backward = OPS[rank]
+        y = forward(x, w, **args)
+        assert_close(y, ref.conv_transpose(x, w, **args), np.float64)
+        g = rng.standard_normal(y.shape)
+        want = ref.conv_transpose_backward(g, x, w, **args)
+        for device in ("cpu", "cuda"):
+            for got, expected in zip(backward(g, x, w, **args, device=device), want):
+                assert_close(got, expected, np.float64)

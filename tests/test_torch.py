@@ -696,8 +696,12 @@ def test_import_fastpool_does_not_import_torch():
 def test_public_names():
     pools = [f"{op}_pool{r}d" for op in ("max", "avg", "stochastic") for r in (1, 2, 3)]
     modules = [f"{op}Pool{r}d" for op in ("Max", "Avg", "Stochastic") for r in (1, 2, 3)]
-    convs = [f"{name}{r}d" for name in ("conv", "Conv") for r in (1, 2, 3)]
-    assert sorted(ft.__all__) == sorted(convs + pools + modules)
+    convs = [f"{name}{r}d" for name in ("conv", "Conv", "conv_transpose", "ConvTranspose")
+             for r in (1, 2, 3)]
+    adaptive = [f"{name}{r}d" for name in ("adaptive_avg_pool", "adaptive_max_pool",
+                                           "AdaptiveAvgPool", "AdaptiveMaxPool",
+                                           "max_unpool", "MaxUnpool") for r in (1, 2, 3)]
+    assert sorted(ft.__all__) == sorted(convs + pools + modules + adaptive)
     for name in ft.__all__:
         assert getattr(ft, name).__doc__
 

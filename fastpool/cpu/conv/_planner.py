@@ -102,8 +102,7 @@ class _Problem:
                        self.channels_per_group * self.kernel_h * self.kernel_w)
                 > _BLAS_LIMIT):
             return DIRECT
-        if (self.kernel_h == self.kernel_w == 1 and self.stride_h == self.stride_w == 1
-                and self.pad_top == self.pad_left == 0):
+        if self.pointwise_applies():
             return POINTWISE
         if self.winograd_applies() and self.channels_per_group >= _WINOGRAD_MIN_CHANNELS:
             return WINOGRAD
@@ -118,10 +117,16 @@ class _Problem:
                 names.append("rows")
             if self.winograd_applies():
                 names.append("winograd")
-            if (self.kernel_h == self.kernel_w == 1 and self.stride_h == 1
-                    and self.stride_w == 1 and self.pad_top == self.pad_left == 0):
+            if self.pointwise_applies():
                 names.append("pointwise")
         return names
+
+    def pointwise_applies(self):
+        """A 1x1 kernel, stride 1, no padding and the output the input's size (a
+        transposed convolution's problem can crop its far end: no plain GEMM then)."""
+        return (self.kernel_h == self.kernel_w == 1 and self.stride_h == self.stride_w == 1
+                and self.pad_top == self.pad_left == 0
+                and (self.out_h, self.out_w) == (self.in_h, self.in_w))
 
     def winograd_applies(self):
         return (self.kernel_h == self.kernel_w == 3 and self.stride_h == self.stride_w == 1
