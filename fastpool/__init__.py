@@ -19,6 +19,12 @@ from fastpool._dispatch import (
     use_device,
 )
 from fastpool.adaptive import (
+    adaptive_stochastic_pool1d,
+    adaptive_stochastic_pool1d_backward,
+    adaptive_stochastic_pool2d,
+    adaptive_stochastic_pool2d_backward,
+    adaptive_stochastic_pool3d,
+    adaptive_stochastic_pool3d_backward,
     adaptive_avg_pool1d,
     adaptive_avg_pool1d_backward,
     adaptive_avg_pool2d,
@@ -81,6 +87,12 @@ from fastpool.pooling import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "adaptive_stochastic_pool1d",
+    "adaptive_stochastic_pool1d_backward",
+    "adaptive_stochastic_pool2d",
+    "adaptive_stochastic_pool2d_backward",
+    "adaptive_stochastic_pool3d",
+    "adaptive_stochastic_pool3d_backward",
     "conv_transpose1d",
     "conv_transpose1d_backward",
     "conv_transpose2d",

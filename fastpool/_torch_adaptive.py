@@ -7,7 +7,7 @@ import torch
 
 import fastpool as _fp
 from fastpool import _params
-from fastpool.torch import _check_tensor, _device_for, _to_array, _to_tensor
+from fastpool.torch import _check_tensor, _device_for, _draw_seed, _to_array, _to_tensor
 
 
 def _op(op, rank, backward=False):
@@ -64,6 +64,82 @@ class _AdaptiveMaxPoolFunction(torch.autograd.Function):
             _to_array(grad_output), _to_array(input), ctx.output_size,
             indices=_to_array(indices), device=ctx.device)
         return _to_tensor(grad_input), None, None
+
+
+class _AdaptiveStochasticPoolFunction(torch.autograd.Function):
+    """Adaptive stochastic pooling: training returns ``(y, picks)`` and sends each
+    window's gradient to its pick; inference returns ``y`` and differentiates it."""
+
+    @staticmethod
+    def forward(ctx, input, rank, output_size, training, seed):
+        device = _device_for([input])
+        ctx.rank, ctx.output_size, ctx.training, ctx.device = (rank, output_size,
+                                                               training, device)
+        ctx.set_materialize_grads(False)
+        forward = _op("stochastic", rank)
+        if training:
+            y, picks = forward(_to_array(input), output_size, training=True, seed=seed,
+                               return_indices=True, device=device)
+            y, picks = _to_tensor(y), _to_tensor(picks)
+            ctx.mark_non_differentiable(picks)
+            ctx.save_for_backward(input, picks)
+            return y, picks
+        ctx.save_for_backward(input)
+        return _to_tensor(forward(_to_array(input), output_size, training=False,
+                                  device=device))
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output, *_grad_picks):
+        if grad_output is None:
+            return (None,) * 5
+        backward = _op("stochastic", ctx.rank, backward=True)
+        saved = ctx.saved_tensors
+        picks = {"indices": _to_array(saved[1])} if ctx.training else {}
+        grad_input = backward(_to_array(grad_output), _to_array(saved[0]), ctx.output_size,
+                              training=ctx.training, device=ctx.device, **picks)
+        return (_to_tensor(grad_input),) + (None,) * 4
+
+
+def _adaptive_stochastic(rank, input, output_size, return_indices, training, generator,
+                         seed):
+    _check_tensor("input", input)
+    training = _params.check_bool("training", training)
+    return_indices = _params.check_bool("return_indices", return_indices)
+    _params.check_seed(seed)
+    if return_indices and not training:
+        raise ValueError("return_indices=True needs training=True: inference samples nothing")
+    if training and seed is None:
+        seed = _draw_seed(generator)
+    outputs = _AdaptiveStochasticPoolFunction.apply(
+        input, rank, _output_size(output_size, rank), training, seed if training else 0)
+    if not training:
+        return outputs
+    return outputs if return_indices else outputs[0]
+
+
+def adaptive_stochastic_pool1d(input, output_size, return_indices=False, *, training=True,
+                               generator=None, seed=None):
+    """Adaptive stochastic pooling (:func:`fastpool.adaptive_stochastic_pool1d`) with
+    autograd; seeds as for :func:`stochastic_pool2d`."""
+    return _adaptive_stochastic(1, input, output_size, return_indices, training, generator,
+                                seed)
+
+
+def adaptive_stochastic_pool2d(input, output_size, return_indices=False, *, training=True,
+                               generator=None, seed=None):
+    """Adaptive stochastic pooling (:func:`fastpool.adaptive_stochastic_pool2d`) with
+    autograd; seeds as for :func:`stochastic_pool2d`."""
+    return _adaptive_stochastic(2, input, output_size, return_indices, training, generator,
+                                seed)
+
+
+def adaptive_stochastic_pool3d(input, output_size, return_indices=False, *, training=True,
+                               generator=None, seed=None):
+    """Adaptive stochastic pooling (:func:`fastpool.adaptive_stochastic_pool3d`) with
+    autograd; seeds as for :func:`stochastic_pool2d`."""
+    return _adaptive_stochastic(3, input, output_size, return_indices, training, generator,
+                                seed)
 
 
 def _adaptive_avg(rank, input, output_size):
@@ -163,5 +239,50 @@ class AdaptiveMaxPool2d(_AdaptiveMaxPoolNd, torch.nn.AdaptiveMaxPool2d):
 
 class AdaptiveMaxPool3d(_AdaptiveMaxPoolNd, torch.nn.AdaptiveMaxPool3d):
     """``torch.nn.AdaptiveMaxPool3d`` whose forward runs fastpool's kernels."""
+
+    _rank = 3
+
+
+class AdaptiveStochasticPool2d(torch.nn.Module):
+    """Adaptive stochastic pooling layer: samples inside adaptive windows in training
+    mode, outputs the probability-weighted average in eval mode (as
+    :class:`StochasticPool2d`). ``AdaptiveStochasticPool1d``/``3d`` likewise.
+
+    Parameters
+    ----------
+    output_size : int or tuple (entries may be None)
+    return_indices : bool, default False
+    generator : torch.Generator, optional
+        Source of the per-call seed (None: PyTorch's default generator).
+    """
+
+    _rank = 2
+
+    def __init__(self, output_size, return_indices=False, generator=None):
+        super().__init__()
+        self.output_size = output_size
+        self.return_indices = return_indices
+        self.generator = generator
+
+    def forward(self, input):
+        return _adaptive_stochastic(self._rank, input, self.output_size,
+                                    self.return_indices, self.training, self.generator,
+                                    None)
+
+    def extra_repr(self):
+        return f"output_size={self.output_size}" + (
+            ", return_indices=True" if self.return_indices else "")
+
+
+class AdaptiveStochasticPool1d(AdaptiveStochasticPool2d):
+    """Adaptive stochastic pooling over ``(N, C, L)``; see
+    :class:`AdaptiveStochasticPool2d`."""
+
+    _rank = 1
+
+
+class AdaptiveStochasticPool3d(AdaptiveStochasticPool2d):
+    """Adaptive stochastic pooling over ``(N, C, D, H, W)``; see
+    :class:`AdaptiveStochasticPool2d`."""
 
     _rank = 3

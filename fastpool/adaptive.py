@@ -109,6 +109,98 @@ _MAX_BACKWARD_DOC = """Gradient of :func:`{forward}` with respect to ``x``.
 """ + _SHAPE
 
 
+_STOCHASTIC_DOC = """{rank}-D adaptive stochastic pooling: stochastic pooling's sampling
+    (Zeiler & Fergus) inside adaptive pooling's windows, which no framework has.
+
+    Parameters
+    ----------
+    x : array of float32 or float64
+        Finite, non-negative input (e.g. after ReLU); a negative, NaN or infinite value
+        in a window raises ``ValueError``. Any strides (channels-last kept).
+    """ + _OUTPUT_SIZE + """
+    training : bool, default True
+        True: sample one element per window with probability ``a_i / sum(a)``; False:
+        output the probability-weighted average ``sum(a_i**2) / sum(a_i)``.
+    seed : int, numpy.random.Generator or None
+        As for :func:`stochastic_pool{rank}d`: window ``(n, c, *o)`` draws from the
+        counter-based generator keyed by ``(seed, n, c)`` and its output position, so a
+        seed gives the same picks at any thread count and on both devices.
+    return_indices : bool, default False
+        Also return the picks (training only) as flat {flat} positions.
+    device : {{"cpu", "cuda", "auto"}}, optional
+
+    Returns
+    -------
+    y : array
+        Same dtype as ``x``. A zero-sum window outputs 0 (its index: its first element).
+    indices : int64 array
+        Only with ``return_indices=True``.
+""" + _SHAPE
+
+_STOCHASTIC_BACKWARD_DOC = """Gradient of :func:`{forward}` with respect to ``x``.
+
+    Parameters
+    ----------
+    grad_output : array
+        The forward output's shape and ``x``'s dtype.
+    x : array
+        The forward input.
+    output_size
+        The forward's argument.
+    training : bool, default True
+        Training: each window's gradient goes to its pick (``indices`` required).
+        Inference: the derivative of ``S2 / S1``, ``(2 a_i S1 - S2) / S1**2``.
+    indices : int array, optional
+        The forward's picks (training only).
+    device : {{"cpu", "cuda", "auto"}}, optional
+
+    Returns
+    -------
+    grad_input : array
+        ``x``'s shape, dtype and memory format.
+""" + _SHAPE
+
+
+def _adaptive_stochastic_pool(rank):
+    def adaptive_stochastic_pool(x, output_size, *, training=True, seed=None,
+                                 return_indices=False, device=None):
+        x, window = _params.adaptive_window(x, rank, output_size)
+        training = _params.check_bool("training", training)
+        return_indices = _params.check_bool("return_indices", return_indices)
+        if return_indices and not training:
+            raise ValueError(
+                "return_indices=True needs training=True: inference picks nothing")
+        seed = _params.resolve_seed(seed)
+        y, indices = _dispatch.backend(device, x).adaptive_stochastic_pool_forward(
+            x, window, training, seed, return_indices)
+        return (y, indices) if return_indices else y
+    return _public(adaptive_stochastic_pool, f"adaptive_stochastic_pool{rank}d",
+                   _STOCHASTIC_DOC, rank)
+
+
+def _adaptive_stochastic_pool_backward(rank):
+    def adaptive_stochastic_pool_backward(grad_output, x, output_size, *, training=True,
+                                          indices=None, device=None):
+        x, window = _params.adaptive_window(x, rank, output_size)
+        grad_output = _params.check_grad_output(grad_output, x, window)
+        training = _params.check_bool("training", training)
+        if training:
+            if indices is None:
+                raise ValueError(
+                    "indices is required when training=True: pass the indices returned "
+                    f"by adaptive_stochastic_pool{rank}d(..., return_indices=True)")
+            indices = _params.check_indices(indices, window)
+        elif indices is not None:
+            raise ValueError("indices must be None when training=False")
+        backend = _dispatch.backend(device, grad_output, x, indices)
+        return backend.adaptive_stochastic_pool_backward(grad_output, x, window, training,
+                                                         indices)
+    return _public(adaptive_stochastic_pool_backward,
+                   f"adaptive_stochastic_pool{rank}d_backward",
+                   _STOCHASTIC_BACKWARD_DOC.replace(
+                       "{forward}", f"adaptive_stochastic_pool{rank}d"), rank)
+
+
 def _adaptive_avg_pool(rank):
     def adaptive_avg_pool(x, output_size, *, device=None):
         x, window = _params.adaptive_window(x, rank, output_size)
@@ -159,3 +251,8 @@ adaptive_max_pool1d, adaptive_max_pool2d, adaptive_max_pool3d = (
     _adaptive_max_pool(r) for r in (1, 2, 3))
 adaptive_max_pool1d_backward, adaptive_max_pool2d_backward, adaptive_max_pool3d_backward = (
     _adaptive_max_pool_backward(r) for r in (1, 2, 3))
+adaptive_stochastic_pool1d, adaptive_stochastic_pool2d, adaptive_stochastic_pool3d = (
+    _adaptive_stochastic_pool(r) for r in (1, 2, 3))
+(adaptive_stochastic_pool1d_backward, adaptive_stochastic_pool2d_backward,
+ adaptive_stochastic_pool3d_backward) = (_adaptive_stochastic_pool_backward(r)
+                                         for r in (1, 2, 3))

@@ -70,6 +70,12 @@ import fastpool as _fp
 from fastpool import _docs, _params
 
 __all__ = [
+    "AdaptiveStochasticPool1d",
+    "AdaptiveStochasticPool2d",
+    "AdaptiveStochasticPool3d",
+    "adaptive_stochastic_pool1d",
+    "adaptive_stochastic_pool2d",
+    "adaptive_stochastic_pool3d",
     "ConvTranspose1d",
     "ConvTranspose2d",
     "ConvTranspose3d",
@@ -903,6 +909,12 @@ class StochasticPool3d(StochasticPool2d):
 # Adaptive pooling, unpooling and transposed convolution live in their own modules;
 # their names are this module's.
 from fastpool._torch_adaptive import (  # noqa: E402  (needs the helpers above)
+    AdaptiveStochasticPool1d,
+    AdaptiveStochasticPool2d,
+    AdaptiveStochasticPool3d,
+    adaptive_stochastic_pool1d,
+    adaptive_stochastic_pool2d,
+    adaptive_stochastic_pool3d,
     AdaptiveAvgPool1d,
     AdaptiveAvgPool2d,
     AdaptiveAvgPool3d,

@@ -265,9 +265,13 @@ def stochastic_window(volume, pos, g, u, training=True):
     """(value, flat index) of the window at ``pos`` of one volume for the draw ``u``;
     index -1 at inference (nothing is picked) and for a window without input
     elements."""
-    win = window(pos, g)
+    return stochastic_cells(volume, window(pos, g), g.in_size, u, training)
+
+
+def stochastic_cells(volume, win, in_size, u, training=True):
+    """``stochastic_window`` on the list of input positions ``win`` (row-major)."""
     vals = [float(volume[q]) for q in win]
-    flat = [flat_index(q, g.in_size) for q in win]
+    flat = [flat_index(q, in_size) for q in win]
     S = 0.0
     for a in vals:
         S += a
@@ -292,7 +296,11 @@ def stochastic_window(volume, pos, g, u, training=True):
 def stochastic_window_grad(volume, pos, g):
     """Inference backward of one window: [(q, d y / d a_q)], with
     ``d y / d a_i = (2 a_i S1 - S2) / S1**2``; empty when ``S1 == 0``."""
-    win = window(pos, g)
+    return stochastic_cells_grad(volume, window(pos, g))
+
+
+def stochastic_cells_grad(volume, win):
+    """``stochastic_window_grad`` on the list of input positions ``win``."""
     S1 = S2 = 0.0
     for q in win:
         a = float(volume[q])
@@ -381,6 +389,46 @@ def adaptive_pool(x, output_size, mode):
                         best, best_idx = v, flat_index(q, in_size)
                 y[(n, c) + pos], ind[(n, c) + pos] = best, best_idx
     return y if mode == "avg" else (y, ind)
+
+
+def adaptive_stochastic_pool(x, output_size, *, training=True, seed=0):
+    """-> (y, indices): stochastic pooling inside adaptive windows, the draw of window
+    ``pos`` that of stochastic pooling's output ``pos``; indices None at inference."""
+    x = np.asarray(x, dtype=np.float64)
+    _check_stochastic_input(x)
+    in_size = x.shape[2:]
+    out_size = adaptive_output_size(in_size, output_size)
+    N, C = x.shape[:2]
+    y = np.empty((N, C) + out_size)
+    ind = np.empty((N, C) + out_size, dtype=np.int64) if training else None
+    for n in range(N):
+        for c in range(C):
+            for pos in positions(out_size):
+                u = stochastic_position_uniform(seed, n, c, pos, out_size) if training else 0
+                value, index = stochastic_cells(x[n, c], adaptive_window(pos, in_size,
+                                                                         out_size),
+                                                in_size, u, training)
+                y[(n, c) + pos] = value
+                if training:
+                    ind[(n, c) + pos] = index
+    return y, ind
+
+
+def adaptive_stochastic_pool_backward(grad_output, x, output_size):
+    """Inference backward: each window's ``d y / d a_i`` times its gradient."""
+    x = np.asarray(x, dtype=np.float64)
+    go = np.asarray(grad_output, dtype=np.float64)
+    in_size = x.shape[2:]
+    out_size = adaptive_output_size(in_size, output_size)
+    gi = np.zeros(x.shape)
+    N, C = x.shape[:2]
+    for n in range(N):
+        for c in range(C):
+            for pos in positions(out_size):
+                for q, d in stochastic_cells_grad(x[n, c], adaptive_window(pos, in_size,
+                                                                           out_size)):
+                    gi[(n, c) + q] += go[(n, c) + pos] * d
+    return gi
 
 
 def adaptive_avg_pool_backward(grad_output, x_shape, output_size):

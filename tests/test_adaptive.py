@@ -205,3 +205,107 @@ def test_bad_input_names_the_argument():
     with pytest.raises(ValueError, match="own adaptive window"):
         fastpool.adaptive_max_pool2d_backward(grad, x, 2, indices=inside_another_window,
                                               device="cuda")
+
+
+# ----------------------------------------------------------------------------- stochastic
+
+STOCHASTIC = {rank: (getattr(fastpool, f"adaptive_stochastic_pool{rank}d"),
+                     getattr(fastpool, f"adaptive_stochastic_pool{rank}d_backward"))
+              for rank in (1, 2, 3)}
+
+
+@pytest.mark.parametrize("rank", [1, 2, 3])
+@SETTINGS
+@given(data=st.data(), seed=st.integers(0, 2**64 - 1))
+def test_adaptive_stochastic_matches_reference(rank, data, seed):
+    case = data.draw(cases(rank))
+    rng = np.random.default_rng(seed_for("stochastic", rank, case["shape"],
+                                         case["output_size"], case["channels_last"]))
+    x = rng.random(case["shape"]).astype(case["dtype"])
+    x[x < 0.2] = 0  # zero windows happen
+    xin = _prepare(case, x)
+    size = case["output_size"]
+    forward, backward = STOCHASTIC[rank]
+    shaped = (lambda r: r[0]) if case["unbatched"] else (lambda r: r)
+    y, picks = forward(xin, size, seed=seed, return_indices=True)
+    y_ref, p_ref = ref.adaptive_stochastic_pool(x, size, seed=seed)
+    np.testing.assert_array_equal(picks, shaped(p_ref))
+    np.testing.assert_array_equal(y, shaped(y_ref).astype(x.dtype))
+    e = forward(xin, size, training=False)
+    assert_close(e, shaped(ref.adaptive_stochastic_pool(x, size, training=False)[0]),
+                 x.dtype)
+    g = rng.standard_normal(y_ref.shape).astype(x.dtype)
+    gin = _prepare(case, g)
+    assert_close(backward(gin, xin, size, indices=picks),
+                 shaped(ref.scatter_to_indices(g, p_ref, x.shape)), x.dtype)
+    assert_close(backward(gin, xin, size, training=False),
+                 shaped(ref.adaptive_stochastic_pool_backward(g, x, size)), x.dtype)
+
+
+def test_adaptive_stochastic_sampling_frequencies():
+    """One 3x3 window (7 -> 3 along both axes, output (1, 1)) over many seeds: picks
+    follow a / sum(a) (chi-square)."""
+    from scipy import stats
+    rng = np.random.default_rng(12)
+    x = rng.random((1, 1, 7, 7)) + 0.05
+    draws = 3000
+    picks = np.array([int(fastpool.adaptive_stochastic_pool2d(
+        x, 3, seed=s, return_indices=True)[1][0, 0, 1, 1]) for s in range(draws)])
+    cells = ref.adaptive_window((1, 1), (7, 7), (3, 3))
+    weights = np.array([x[(0, 0) + q] for q in cells])
+    observed = np.array([(picks == ref.flat_index(q, (7, 7))).sum() for q in cells])
+    assert observed.sum() == draws
+    assert stats.chisquare(observed, weights / weights.sum() * draws).pvalue > 1e-3
+
+
+@pytest.mark.parametrize("rank", [1, 2, 3])
+@pytest.mark.parametrize("layout", ["first", "last"])
+def test_adaptive_stochastic_gpu_matches_cpu(rank, layout, small_launches):
+    rng = np.random.default_rng(70 + rank)
+    shape = (2, 3) + {1: (9,), 2: (5, 7), 3: (4, 5, 3)}[rank]
+    size = {1: 4, 2: (3, 9), 3: (2, None, 5)}[rank]
+    forward, backward = STOCHASTIC[rank]
+    for dtype in DTYPES:
+        x = rng.random(shape).astype(dtype)
+        x[x < 0.2] = 0
+        x = channels_last(x) if layout == "last" else x
+
+        def everything(device):
+            y, picks = forward(x, size, seed=77, return_indices=True, device=device)
+            g = np.cos(np.arange(y.size, dtype=dtype)).reshape(y.shape)
+            g = channels_last(g) if layout == "last" else g
+            return dict(y=y, picks=picks,
+                        train_backward=backward(g, x, size, indices=picks, device=device),
+                        inference=forward(x, size, training=False, device=device),
+                        inference_backward=backward(g, x, size, training=False,
+                                                    device=device))
+
+        cpu, gpu = everything("cpu"), everything("cuda")
+        for name in cpu:
+            if name.startswith("inference"):
+                assert_close(gpu[name], cpu[name], dtype)
+            else:
+                np.testing.assert_array_equal(gpu[name], cpu[name], err_msg=name)
+            assert _strides(gpu[name]) == _strides(cpu[name]), name
+
+
+def test_adaptive_stochastic_bad_input():
+    x = np.random.default_rng(1).random((1, 2, 6, 6))
+    g = np.ones((1, 2, 3, 3))
+    for device in ("cpu", "cuda"):
+        for bad in (-1.0, np.nan, np.inf):
+            y = x.copy()
+            y[0, 1, 5, 5] = bad
+            with pytest.raises(ValueError, match="non-negative"):
+                fastpool.adaptive_stochastic_pool2d(y, 3, seed=1, device=device)
+            with pytest.raises(ValueError, match="non-negative"):
+                fastpool.adaptive_stochastic_pool2d(y, 3, training=False, device=device)
+            with pytest.raises(ValueError, match="non-negative"):
+                fastpool.adaptive_stochastic_pool2d_backward(g, y, 3, training=False,
+                                                             device=device)
+    with pytest.raises(ValueError, match="indices is required"):
+        fastpool.adaptive_stochastic_pool2d_backward(g, x, 3)
+    with pytest.raises(ValueError, match="return_indices"):
+        fastpool.adaptive_stochastic_pool2d(x, 3, training=False, return_indices=True)
+    with pytest.raises(ValueError, match="seed"):
+        fastpool.adaptive_stochastic_pool2d(x, 3, seed=-1)

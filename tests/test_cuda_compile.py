@@ -114,6 +114,19 @@ _SCRIPT = """
             ("unpool_gather", unpool.gather_kernel(np_dtype),
              (x5, array(i64, 5), x5, boolean, flag)),
         ]
+    import fastpool.cuda.pool_adaptive_stochastic as sampled
+    for dt in (types.float32, types.float64):
+        x5, f5 = array(dt, 5), array(types.float64, 5)
+        kernels += [
+            ("adaptive_stochastic_train", sampled.train_forward,
+             (x5, x5, array(i64, 5), boolean, u64) + tables + (boolean, flag)),
+            ("adaptive_stochastic_infer", sampled.infer_forward,
+             (x5, x5) + tables + (boolean, flag)),
+            ("adaptive_stochastic_shares", sampled.infer_shares,
+             (x5, x5, f5, f5) + tables + (boolean, flag)),
+            ("adaptive_stochastic_backward", sampled.infer_backward,
+             (x5, f5, f5, x5) + tables + (boolean,)),
+        ]
     kernels += [
         ("adaptive_check_indices", adaptive.check_indices,
          (array(i64, 5), i64, i64) + tables + (boolean, flag)),

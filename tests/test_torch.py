@@ -699,7 +699,8 @@ def test_public_names():
     convs = [f"{name}{r}d" for name in ("conv", "Conv", "conv_transpose", "ConvTranspose")
              for r in (1, 2, 3)]
     adaptive = [f"{name}{r}d" for name in ("adaptive_avg_pool", "adaptive_max_pool",
-                                           "AdaptiveAvgPool", "AdaptiveMaxPool",
+                                           "adaptive_stochastic_pool", "AdaptiveAvgPool",
+                                           "AdaptiveMaxPool", "AdaptiveStochasticPool",
                                            "max_unpool", "MaxUnpool") for r in (1, 2, 3)]
     assert sorted(ft.__all__) == sorted(convs + pools + modules + adaptive)
     for name in ft.__all__:

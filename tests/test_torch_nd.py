@@ -236,3 +236,21 @@ def test_conv_transpose_channels_last_stays_channels_last(rank):
     assert y.is_contiguous(memory_format=MEMORY_FORMATS[rank])
     y.sum().backward()
     assert x.grad.is_contiguous(memory_format=MEMORY_FORMATS[rank])
+
+
+@pytest.mark.parametrize("rank", [1, 2, 3])
+def test_adaptive_stochastic_gradcheck_and_module(rank):
+    x = _input(rank).requires_grad_()
+    f = getattr(fpt, f"adaptive_stochastic_pool{rank}d")
+    size = ADAPTIVE_SIZES[rank]
+    assert torch.autograd.gradcheck(lambda t: f(t, size, seed=3), (x,))
+    assert torch.autograd.gradcheck(lambda t: f(t, size, training=False), (x,))
+    pool = getattr(fpt, f"AdaptiveStochasticPool{rank}d")(size, return_indices=True)
+    torch.manual_seed(5)
+    y, picks = pool(x)
+    torch.manual_seed(5)
+    assert torch.equal(pool(x)[1], picks)  # torch.manual_seed reproduces the picks
+    expected = getattr(__import__("fastpool"), f"adaptive_stochastic_pool{rank}d")(
+        x.detach().numpy(), size, training=False)
+    weighted = getattr(fpt, f"AdaptiveStochasticPool{rank}d")(size).eval()
+    torch.testing.assert_close(weighted(x), torch.from_numpy(expected))

@@ -26,6 +26,8 @@ adaptive_avg_pool_forward = serialised(_pooling.adaptive_avg_pool_forward)
 adaptive_avg_pool_backward = serialised(_pooling.adaptive_avg_pool_backward)
 adaptive_max_pool_forward = serialised(_pooling.adaptive_max_pool_forward)
 adaptive_max_pool_backward = serialised(_pooling.adaptive_max_pool_backward)
+adaptive_stochastic_pool_forward = serialised(_pooling.adaptive_stochastic_pool_forward)
+adaptive_stochastic_pool_backward = serialised(_pooling.adaptive_stochastic_pool_backward)
 max_unpool_forward = serialised(_pooling.max_unpool_forward)
 max_unpool_backward = serialised(_pooling.max_unpool_backward)
 
@@ -34,6 +36,8 @@ __all__ = [
     "adaptive_avg_pool_forward",
     "adaptive_max_pool_backward",
     "adaptive_max_pool_forward",
+    "adaptive_stochastic_pool_backward",
+    "adaptive_stochastic_pool_forward",
     "conv2d_backward",
     "conv2d_forward",
     "conv3d_backward",

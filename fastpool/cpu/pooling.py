@@ -23,6 +23,7 @@ from fastpool import _params
 from fastpool._geometry import CHANNELS_LAST
 from fastpool.cpu import (
     pool_adaptive,
+    pool_adaptive_stochastic,
     pool_avg,
     pool_channels_last,
     pool_max,
@@ -354,6 +355,44 @@ def adaptive_max_pool_backward(grad_output, x, window, indices):
     if indices is None:
         _, indices = adaptive_max_pool_forward(x, window, with_indices=True)
     return scatter_to_indices(grad_output, indices, window)
+
+
+def adaptive_stochastic_pool_forward(x, window, training, seed, with_indices):
+    w = window
+    with_indices = bool(training and with_indices)
+    cl = w.layout == CHANNELS_LAST
+    out, view = _adaptive_empty(w, w.output_shape, w.out_size, x.dtype)
+    indices, indices_view = (_adaptive_empty(w, w.output_shape, w.out_size, np.int64)
+                             if with_indices else (np.empty((1,) * 5, np.int64), None))
+    if w.planes:
+        invalid = np.zeros(out.shape[0] * out.shape[1] * out.shape[2], dtype=np.bool_)
+        volume = _adaptive_view(x, w, w.in3)
+        if training:
+            pool_adaptive_stochastic.train_forward(cl, with_indices)(
+                volume, out, indices, *_bounds(w), np.uint64(seed), w.channels, invalid)
+        else:
+            pool_adaptive_stochastic.infer_forward(cl)(volume, out, *_bounds(w), invalid)
+        _raise_if_invalid(invalid)
+    return view, indices_view
+
+
+def adaptive_stochastic_pool_backward(grad_output, x, window, training, indices):
+    w = window
+    if training:
+        return scatter_to_indices(grad_output, indices, window)
+    cl = w.layout == CHANNELS_LAST
+    grad_input, view = _adaptive_empty(w, w.input_shape, w.in_size, grad_output.dtype)
+    if w.planes:
+        volume = _adaptive_view(x, w, w.in3)
+        go = _adaptive_view(grad_output, w, w.out3)
+        share_a, share_b = np.empty(go.shape), np.empty(go.shape)
+        invalid = np.zeros(go.shape[0] * go.shape[1] * go.shape[2], dtype=np.bool_)
+        pool_adaptive_stochastic.infer_shares(cl)(volume, go, share_a, share_b,
+                                                  *_bounds(w), invalid)
+        _raise_if_invalid(invalid)
+        pool_adaptive_stochastic.infer_backward(cl)(volume, share_a, share_b, grad_input,
+                                                    *_cover(w))
+    return view
 
 
 # ----------------------------------------------------------------------------- unpooling

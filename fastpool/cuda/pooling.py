@@ -31,7 +31,7 @@ import numpy as np
 from numba import config, cuda
 
 from fastpool import _params, _rng
-from fastpool.cuda import pool_adaptive, pool_unpool
+from fastpool.cuda import pool_adaptive, pool_adaptive_stochastic, pool_unpool
 from fastpool._geometry import CHANNELS_LAST
 from fastpool.cuda._launch import (
     empty,
@@ -591,6 +591,38 @@ def adaptive_max_pool_backward(grad_output, x, window, indices):
     launch(pool_adaptive.max_backward_kernel(grad_output.dtype), grad_input.size,
            _volume(grad_output, w), indices, _volume(grad_input, w), *_cover(w),
            _channels_last(w))
+    return grad_input
+
+
+def adaptive_stochastic_pool_forward(x, window, training, seed, with_indices):
+    w = window
+    with_indices = bool(training and with_indices)
+    out = _allocate(w, w.output_shape, x.dtype)
+    indices = _allocate(w, w.output_shape, np.int64) if with_indices else None
+    bad = error_flag()
+    if training:
+        launch(pool_adaptive_stochastic.train_forward, out.size, _volume(x, w),
+               _volume(out, w), _volume(indices, w) if with_indices else _dummy_indices(),
+               with_indices, np.uint64(seed), *_bounds(w), _channels_last(w), bad)
+    else:
+        launch(pool_adaptive_stochastic.infer_forward, out.size, _volume(x, w),
+               _volume(out, w), *_bounds(w), _channels_last(w), bad)
+    _raise_if_invalid(bad)
+    return out, indices
+
+
+def adaptive_stochastic_pool_backward(grad_output, x, window, training, indices):
+    w = window
+    if training:
+        return adaptive_max_pool_backward(grad_output, x, window, indices)
+    shares = [_volume(_allocate(w, w.output_shape, np.float64), w) for _ in range(2)]
+    bad = error_flag()
+    launch(pool_adaptive_stochastic.infer_shares, shares[0].size, _volume(x, w),
+           _volume(grad_output, w), *shares, *_bounds(w), _channels_last(w), bad)
+    _raise_if_invalid(bad)
+    grad_input = _allocate(w, w.input_shape, grad_output.dtype)
+    launch(pool_adaptive_stochastic.infer_backward, grad_input.size, _volume(x, w),
+           *shares, _volume(grad_input, w), *_cover(w), _channels_last(w))
     return grad_input
 
 

@@ -1,0 +1,215 @@
+"""Adaptive stochastic pooling on the CPU, either memory format: stochastic pooling's
+sampling inside PyTorch's adaptive windows (``fastpool._geometry.adaptive_bounds``).
+
+Buffers are those of ``pool_adaptive`` (``(B, D, H, W, C)``: channels-last in place,
+channels-first as ``(planes, D, H, W, 1)``). Window elements are visited in row-major
+order with float64 sums; window ``(n, c, od, oh, ow)`` draws ``u`` from
+``fastpool._rng`` keyed by ``(seed, n, c)`` and the counter ``(od * OH + oh, ow)``, as
+stochastic pooling does, and picks the first element whose running sum exceeds
+``u * S1`` (the last positive one when rounding lets none; a zero-sum window outputs 0
+and records its first element). Inference outputs ``S2 / S1``; its backward spreads
+``A = 2 g / S1`` and ``B = -g S2 / S1**2`` over each window's elements, gathered in
+output order. ``fastpool.cuda.pool_adaptive_stochastic`` makes the same picks.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+from numba import njit, prange
+
+from fastpool import _rng
+from fastpool.cpu._pool_common import INF, JIT, U
+from fastpool.cpu.pool_channels_last import _row
+
+
+@njit(inline="always")
+def _sums(xf, b, d0, d1, h0, h1, w0, w1, D, H, W, C, s1, s2):
+    """Float64 sums (of squares) of one window per channel, row-major; returns whether
+    an element is negative, NaN or infinite or a sum overflows."""
+    for c in range(C):
+        s1[c] = 0.0
+        s2[c] = 0.0
+    bad = False
+    for d in range(d0, d1):
+        for h in range(h0, h1):
+            for w in range(w0, w1):
+                src = (((b * D + d) * H + h) * W + w) * C
+                for c in range(C):
+                    v = np.float64(xf[U(src + c)])
+                    bad |= not (0.0 <= v < INF)
+                    s1[c] += v
+                    s2[c] += v * v
+    for c in range(C):
+        bad |= not (s1[c] < INF)
+    return bad
+
+
+@njit(inline="always")
+def _plane(b, c, channels, CHANNELS_LAST):
+    """``(n, c)`` of buffer row ``b`` and channel lane ``c``."""
+    if CHANNELS_LAST:
+        return b, c
+    return b // channels, b - (b // channels) * channels
+
+
+@functools.lru_cache(maxsize=None)
+def train_forward(CHANNELS_LAST, WITH_INDICES):
+    """``kernel(x, out, indices, sd, ed, sh, eh, sw, ew, seed, channels, invalid_rows)``."""
+
+    @njit(**JIT)
+    def kernel(x, out, indices, sd, ed, sh, eh, sw, ew, seed, channels, invalid_rows):
+        B, D, H, W = x.shape[0], x.shape[1], x.shape[2], x.shape[3]
+        C = x.shape[4] if CHANNELS_LAST else 1
+        OD, OH, OW = out.shape[1], out.shape[2], out.shape[3]
+        xf = x.reshape(-1)
+        of = out.reshape(-1)
+        jf = indices.reshape(-1)
+        for row in prange(B * OD * OH):
+            b, od, oh = _row(row, OD, OH)
+            d0, d1, h0, h1 = sd[od], ed[od], sh[oh], eh[oh]
+            s1 = np.empty(C)
+            s2 = np.empty(C)
+            threshold = np.empty(C)
+            running = np.empty(C)
+            chosen = np.empty(C, np.int64)
+            last_positive = np.empty(C, np.int64)
+            invalid = False
+            for ow in range(OW):
+                w0, w1 = sw[ow], ew[ow]
+                invalid |= _sums(xf, b, d0, d1, h0, h1, w0, w1, D, H, W, C, s1, s2)
+                first = (d0 * H + h0) * W + w0
+                for c in range(C):
+                    chosen[c] = first
+                    if s1[c] > 0.0:
+                        n, pc = _plane(b, c, channels, CHANNELS_LAST)
+                        threshold[c] = _rng.uniform(_rng.plane_key(seed, n, pc),
+                                                    od * OH + oh, ow) * s1[c]
+                        running[c] = 0.0
+                        last_positive[c] = first
+                        chosen[c] = -1
+                for d in range(d0, d1):
+                    for h in range(h0, h1):
+                        for w in range(w0, w1):
+                            k = (d * H + h) * W + w
+                            src = (b * D * H * W + k) * C
+                            for c in range(C):
+                                if s1[c] > 0.0 and chosen[c] < 0:
+                                    v = np.float64(xf[U(src + c)])
+                                    running[c] += v
+                                    if v > 0.0:
+                                        last_positive[c] = k
+                                    if running[c] > threshold[c]:
+                                        chosen[c] = k
+                o = (row * OW + ow) * C
+                for c in range(C):
+                    if s1[c] > 0.0:
+                        if chosen[c] < 0:
+                            chosen[c] = last_positive[c]
+                        of[U(o + c)] = xf[U((b * D * H * W + chosen[c]) * C + c)]
+                    else:
+                        of[U(o + c)] = 0
+                    if WITH_INDICES:
+                        jf[U(o + c)] = chosen[c]
+            invalid_rows[row] = invalid
+
+    return kernel
+
+
+@functools.lru_cache(maxsize=None)
+def infer_forward(CHANNELS_LAST):
+    """``kernel(x, out, sd, ed, sh, eh, sw, ew, invalid_rows)``: ``S2 / S1``."""
+
+    @njit(**JIT)
+    def kernel(x, out, sd, ed, sh, eh, sw, ew, invalid_rows):
+        B, D, H, W = x.shape[0], x.shape[1], x.shape[2], x.shape[3]
+        C = x.shape[4] if CHANNELS_LAST else 1
+        OD, OH, OW = out.shape[1], out.shape[2], out.shape[3]
+        xf = x.reshape(-1)
+        of = out.reshape(-1)
+        for row in prange(B * OD * OH):
+            b, od, oh = _row(row, OD, OH)
+            s1 = np.empty(C)
+            s2 = np.empty(C)
+            invalid = False
+            for ow in range(OW):
+                invalid |= _sums(xf, b, sd[od], ed[od], sh[oh], eh[oh], sw[ow], ew[ow], D,
+                                 H, W, C, s1, s2)
+                o = (row * OW + ow) * C
+                for c in range(C):
+                    invalid |= not (s2[c] < INF)
+                    of[U(o + c)] = s2[c] / s1[c] if s1[c] > 0.0 else 0.0
+            invalid_rows[row] = invalid
+
+    return kernel
+
+
+@functools.lru_cache(maxsize=None)
+def infer_shares(CHANNELS_LAST):
+    """``kernel(x, grad_output, share_a, share_b, sd, ed, sh, eh, sw, ew,
+    invalid_rows)``: per window ``A = 2 g / S1``, ``B = -g S2 / S1**2`` (float64)."""
+
+    @njit(**JIT)
+    def kernel(x, grad_output, share_a, share_b, sd, ed, sh, eh, sw, ew, invalid_rows):
+        B, D, H, W = x.shape[0], x.shape[1], x.shape[2], x.shape[3]
+        C = x.shape[4] if CHANNELS_LAST else 1
+        OD, OH, OW = (grad_output.shape[1], grad_output.shape[2],
+                      grad_output.shape[3])
+        xf = x.reshape(-1)
+        gf = grad_output.reshape(-1)
+        af = share_a.reshape(-1)
+        bf = share_b.reshape(-1)
+        for row in prange(B * OD * OH):
+            b, od, oh = _row(row, OD, OH)
+            s1 = np.empty(C)
+            s2 = np.empty(C)
+            invalid = False
+            for ow in range(OW):
+                invalid |= _sums(xf, b, sd[od], ed[od], sh[oh], eh[oh], sw[ow], ew[ow], D,
+                                 H, W, C, s1, s2)
+                o = (row * OW + ow) * C
+                for c in range(C):
+                    invalid |= not (s2[c] < INF)
+                    g = np.float64(gf[U(o + c)])
+                    af[U(o + c)] = 2.0 * g / s1[c] if s1[c] > 0.0 else 0.0
+                    bf[U(o + c)] = -g * s2[c] / (s1[c] * s1[c]) if s1[c] > 0.0 else 0.0
+            invalid_rows[row] = invalid
+
+    return kernel
+
+
+@functools.lru_cache(maxsize=None)
+def infer_backward(CHANNELS_LAST):
+    """``kernel(x, share_a, share_b, grad_input, fd, ld, fh, lh, fw, lw)``: ``grad = x
+    * sum(A) + sum(B)`` over the windows covering each element, in output order."""
+
+    @njit(**JIT)
+    def kernel(x, share_a, share_b, grad_input, fd, ld, fh, lh, fw, lw):
+        B, D, H, W = x.shape[0], x.shape[1], x.shape[2], x.shape[3]
+        C = x.shape[4] if CHANNELS_LAST else 1
+        OD, OH, OW = share_a.shape[1], share_a.shape[2], share_a.shape[3]
+        xf = x.reshape(-1)
+        af = share_a.reshape(-1)
+        bf = share_b.reshape(-1)
+        gif = grad_input.reshape(-1)
+        for in_row in prange(B * D * H):
+            b, d, h = _row(in_row, D, H)
+            sum_a = np.empty(C)
+            sum_b = np.empty(C)
+            for w in range(W):
+                for c in range(C):
+                    sum_a[c] = 0.0
+                    sum_b[c] = 0.0
+                for od in range(fd[d], ld[d]):
+                    for oh in range(fh[h], lh[h]):
+                        for ow in range(fw[w], lw[w]):
+                            s = (((b * OD + od) * OH + oh) * OW + ow) * C
+                            for c in range(C):
+                                sum_a[c] += af[U(s + c)]
+                                sum_b[c] += bf[U(s + c)]
+                g = (in_row * W + w) * C
+                for c in range(C):
+                    gif[U(g + c)] = np.float64(xf[U(g + c)]) * sum_a[c] + sum_b[c]
+
+    return kernel
