@@ -297,6 +297,32 @@ def unpool_volume(x, indices, rank, kernel_size, stride, padding, output_size):
     return _unwrap(x), indices, volume
 
 
+def stochastic_forward_flags(training, return_indices, seed):
+    """Validate a stochastic pooling forward's flags; return ``(training,
+    return_indices, seed)`` with the seed resolved (validated even when inference
+    ignores it)."""
+    training = check_bool("training", training)
+    return_indices = check_bool("return_indices", return_indices)
+    if return_indices and not training:
+        raise ValueError("return_indices=True needs training=True: inference picks nothing")
+    return training, return_indices, resolve_seed(seed)
+
+
+def stochastic_backward_indices(training, indices, geometry, forward_name):
+    """Validate a stochastic pooling backward's ``training`` and ``indices`` (required
+    in training, refused in inference); return ``(training, indices)``."""
+    training = check_bool("training", training)
+    if training:
+        if indices is None:
+            raise ValueError(
+                "indices is required when training=True: pass the indices returned by "
+                f"{forward_name}(..., return_indices=True)")
+        return training, check_indices(indices, geometry)
+    if indices is not None:
+        raise ValueError("indices must be None when training=False")
+    return training, None
+
+
 def invalid_stochastic_input():
     """The error both devices raise when a stochastic-pooling kernel flags its input."""
     return ValueError(

@@ -165,12 +165,8 @@ def _adaptive_stochastic_pool(rank):
     def adaptive_stochastic_pool(x, output_size, *, training=True, seed=None,
                                  return_indices=False, device=None):
         x, window = _params.adaptive_window(x, rank, output_size)
-        training = _params.check_bool("training", training)
-        return_indices = _params.check_bool("return_indices", return_indices)
-        if return_indices and not training:
-            raise ValueError(
-                "return_indices=True needs training=True: inference picks nothing")
-        seed = _params.resolve_seed(seed)
+        training, return_indices, seed = _params.stochastic_forward_flags(
+            training, return_indices, seed)
         y, indices = _dispatch.backend(device, x).adaptive_stochastic_pool_forward(
             x, window, training, seed, return_indices)
         return (y, indices) if return_indices else y
@@ -183,15 +179,8 @@ def _adaptive_stochastic_pool_backward(rank):
                                           indices=None, device=None):
         x, window = _params.adaptive_window(x, rank, output_size)
         grad_output = _params.check_grad_output(grad_output, x, window)
-        training = _params.check_bool("training", training)
-        if training:
-            if indices is None:
-                raise ValueError(
-                    "indices is required when training=True: pass the indices returned "
-                    f"by adaptive_stochastic_pool{rank}d(..., return_indices=True)")
-            indices = _params.check_indices(indices, window)
-        elif indices is not None:
-            raise ValueError("indices must be None when training=False")
+        training, indices = _params.stochastic_backward_indices(
+            training, indices, window, f"adaptive_stochastic_pool{rank}d")
         backend = _dispatch.backend(device, grad_output, x, indices)
         return backend.adaptive_stochastic_pool_backward(grad_output, x, window, training,
                                                          indices)

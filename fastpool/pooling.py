@@ -301,12 +301,8 @@ def _stochastic_pool(rank):
                         device=None):
         x, window = _params.pool_window(x, rank, kernel_size, stride, padding, dilation,
                                         ceil_mode)
-        training = _params.check_bool("training", training)
-        return_indices = _params.check_bool("return_indices", return_indices)
-        if return_indices and not training:
-            raise ValueError(
-                "return_indices=True needs training=True: inference picks nothing")
-        seed = _params.resolve_seed(seed)  # validated even when inference ignores it
+        training, return_indices, seed = _params.stochastic_forward_flags(
+            training, return_indices, seed)
         backend = _dispatch.backend(device, x)
         y, indices = backend.stochastic_pool_forward(x, window, training, seed,
                                                      return_indices)
@@ -321,15 +317,8 @@ def _stochastic_pool_backward(rank):
         x, window = _params.pool_window(x, rank, kernel_size, stride, padding, dilation,
                                         ceil_mode)
         grad_output = _params.check_grad_output(grad_output, x, window)
-        training = _params.check_bool("training", training)
-        if training:
-            if indices is None:
-                raise ValueError(
-                    "indices is required when training=True: pass the indices returned "
-                    f"by stochastic_pool{rank}d(..., return_indices=True)")
-            indices = _params.check_indices(indices, window)
-        elif indices is not None:
-            raise ValueError("indices must be None when training=False")
+        training, indices = _params.stochastic_backward_indices(
+            training, indices, window, f"stochastic_pool{rank}d")
         backend = _dispatch.backend(device, grad_output, x, indices)
         return backend.stochastic_pool_backward(grad_output, x, window, training,
                                                 indices)
