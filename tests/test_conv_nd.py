@@ -182,6 +182,42 @@ def test_channels_last_gpu_arrays_give_channels_last_results(rank, small_launche
     np.testing.assert_allclose(host, y_cpu, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize("unbatched", [False, True])
+def test_channels_last_pointwise_runs_in_place(groups, unbatched, monkeypatch):
+    """A 1x1 convolution of a channels-last input is GEMMs on its pixel matrix: the
+    channels-first copy never happens, results match the reference and stay
+    channels-last; a channels-first grad_output is copied once."""
+    from fastpool.cpu import conv as cpu_conv
+    rng = np.random.default_rng(30 + groups)
+    x = rng.standard_normal((3, 6, 5, 7))
+    w = rng.standard_normal((4, 6 // groups, 1, 1))
+    b = rng.standard_normal(4)
+    xl = np.moveaxis(np.ascontiguousarray(np.moveaxis(x, 1, -1)), -1, 1)
+    g = rng.standard_normal((3, 4, 5, 7))
+    y_ref = ref.conv2d(x, w, b, groups=groups)
+    grads_ref = ref.conv2d_backward(g, x, w, groups=groups)
+    if unbatched:
+        x, xl, g, y_ref = x[1], xl[1], g[1], y_ref[1]
+        grads_ref = (grads_ref[0][1],) + tuple(ref.conv2d_backward(
+            g[None], x[None], w, groups=groups)[1:])
+
+    def no_copies(a):
+        raise AssertionError("the channels-first path ran")
+
+    monkeypatch.setattr(cpu_conv, "contiguous", no_copies)
+    y = fastpool.conv2d(xl, w, b, groups=groups)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-10, atol=1e-10)
+    axis = 0 if unbatched else 1
+    assert np.moveaxis(y, axis, -1).flags.c_contiguous
+    for grad_output in (g, np.moveaxis(np.ascontiguousarray(np.moveaxis(g, axis, -1)),
+                                       -1, axis)):
+        grads = fastpool.conv2d_backward(grad_output, xl, w, groups=groups)
+        for got, want in zip(grads, grads_ref):
+            np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10)
+        assert np.moveaxis(grads.grad_input, axis, -1).flags.c_contiguous
+
+
 # ----------------------------------------------------------------------------- 3-D
 
 CONV3D_CASES = [

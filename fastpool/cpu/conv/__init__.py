@@ -23,7 +23,8 @@ Algorithms, chosen per problem by ``choose_algorithm`` (the README lists them):
 One module per concern: ``_planner`` (the problem as the kernels see it, the choice of
 algorithm, band and chunk sizes), ``_gemm`` (pointwise, rows, im2col: column gathering
 and the GEMM kernels), ``_winograd``, ``_direct`` (row kernels and padded-plane
-unit-stride kernels); this module holds the launchers.
+unit-stride kernels), ``_channels_last`` (pointwise convolutions of channels-last
+buffers, in place); this module holds the launchers.
 
 Backward: with stride 1 the input gradient is the forward convolution of
 ``grad_output`` with the flipped, channel-transposed kernel, so it runs on the forward
@@ -43,7 +44,9 @@ import numba
 import numpy as np
 
 from fastpool.cpu._arrays import contiguous
+from fastpool._geometry import CHANNELS_LAST
 from fastpool.cpu._blas import single_threaded_blas
+from fastpool.cpu.conv import _channels_last
 from fastpool.cpu.conv._direct import (_direct_backward_input, _direct_backward_weight,
                                        _direct_backward_weight_unit_stride,
                                        _direct_forward, _direct_forward_unit_stride)
@@ -81,6 +84,17 @@ def _algorithm_code(window, algorithm):
         raise ValueError(f"algorithm {algorithm!r} cannot run this convolution; valid: "
                          f"{valid_algorithms(window)}")
     return ALGORITHMS[algorithm]
+
+
+def _pointwise_pixels(x, w, algorithm):
+    """The ``(M, C)`` pixel matrix of a channels-last input whose pointwise convolution
+    runs in place (``_channels_last``), or None: another algorithm, another layout, an
+    empty batch, or an array that is not exactly a channels-last buffer (conv3d's and
+    the transposed convolutions' inner calls pass channels-first ones)."""
+    if (algorithm is not None or w.layout != CHANNELS_LAST or w.batch == 0
+            or not _Problem.forward(w).pointwise_applies()):
+        return None
+    return _channels_last.pixels(x if w.batched else x[None])
 
 
 def _check(status):
@@ -125,6 +139,12 @@ def conv2d_forward(x, weight, bias, window, algorithm=None):
     """``y`` of shape ``window.output_shape``. ``algorithm`` (a name from
     ``ALGORITHMS``) overrides ``choose_algorithm``; tests use it to cover every path."""
     w = window
+    x2d = _pointwise_pixels(x, w, algorithm)
+    if x2d is not None:
+        with single_threaded_blas(x2d.dtype):
+            y = _channels_last.forward(x2d, weight, bias, w, numba.get_num_threads(),
+                                       _check)
+        return y if w.batched else y[0]
     x = contiguous(x).reshape((w.batch, w.channels) + w.in_size)
     y = np.empty((w.batch, w.out_channels) + w.out_size, x.dtype)
     if w.batch > 0:
@@ -188,6 +208,19 @@ def conv2d_backward(grad_output, x, weight, window, output_mask, algorithm=None)
     """``(grad_input, grad_weight, grad_bias)``, ``None`` where ``output_mask`` is
     False."""
     w = window
+    x2d = _pointwise_pixels(x, w, algorithm)
+    if x2d is not None:
+        batched = grad_output if w.batched else grad_output[None]
+        grad_y2d = _channels_last.pixels(batched)
+        if grad_y2d is None:  # one copy into the layout of the call
+            grad_y2d = np.ascontiguousarray(np.moveaxis(batched, 1, -1)).reshape(
+                -1, w.out_channels)
+        with single_threaded_blas(x2d.dtype):
+            grads = _channels_last.backward(grad_y2d, x2d, weight, w, output_mask,
+                                            numba.get_num_threads(), _check)
+        if grads[0] is not None and not w.batched:
+            grads = (grads[0][0],) + grads[1:]
+        return grads
     want_input, want_weight, want_bias = output_mask
     grad_output = contiguous(grad_output).reshape((w.batch, w.out_channels) + w.out_size)
     if want_weight:  # only the weight gradient reads x: no copy of it otherwise

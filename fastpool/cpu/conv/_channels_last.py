@@ -1,0 +1,140 @@
+"""Pointwise (1x1, stride 1, no padding) convolution on channels-last buffers, in place.
+
+A channels-last ``(N, H, W, C)`` buffer is an ``(M, C)`` matrix with ``M = N * H * W``
+pixels, so per group ``g`` the convolution is one GEMM on it, ``Y_g (M x O_g) = X_g (M
+x C_g) @ W_g^T``, written straight into the ``(M, O)`` output buffer (no copy in or
+out, where the channels-first kernels would need one each way). The backward is two
+more GEMMs: ``grad_X_g = grad_Y_g @ W_g`` and ``grad_W_g = grad_Y_g^T @ X_g``, the
+latter over fixed chunks of pixels (the chunking depends on the shapes only) summed in
+chunk order, so every result is identical at any thread count. Rows are split between
+the Numba threads, one single-threaded BLAS call each (``fastpool.cpu._blas``). The
+sums run in BLAS's order for this orientation, so they equal the channels-first
+kernels' within rounding, not bit for bit.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from fastpool.cpu._blas import gemm
+from fastpool.cpu.conv._gemm import _sum_partials
+from fastpool.cpu.conv._planner import _JIT, _MAX_CHUNKS, _PARTIAL_BYTES
+
+
+@njit(**_JIT)
+def _forward(x, w, bias, has_bias, y, groups, workers, status):
+    """``y[m, g*Og + o] = bias[o] + sum_c x[m, g*Cg + c] * w[g*Og + o, c]``."""
+    M, C = x.shape
+    O = y.shape[1]
+    Cg, Og = C // groups, O // groups
+    xf, wf, yf = x.reshape(-1), w.reshape(-1), y.reshape(-1)
+    for t in prange(workers):
+        m0, m1 = t * M // workers, (t + 1) * M // workers
+        if m1 > m0:
+            s = 0
+            for g in range(groups):
+                s |= gemm(False, True, m1 - m0, Og, Cg, xf, m0 * C + g * Cg, C, wf,
+                          g * Og * Cg, Cg, 0.0, yf, m0 * O + g * Og, O)
+            if has_bias:
+                for m in range(m0, m1):
+                    for o in range(O):
+                        y[m, o] += bias[o]
+            if s != 0:
+                status[0] = s
+
+
+@njit(**_JIT)
+def _input_grad(grad_y, w, grad_x, groups, workers, status):
+    """``grad_x[m, g*Cg + c] = sum_o grad_y[m, g*Og + o] * w[g*Og + o, c]``."""
+    M, O = grad_y.shape
+    C = grad_x.shape[1]
+    Cg, Og = C // groups, O // groups
+    gyf, wf, gxf = grad_y.reshape(-1), w.reshape(-1), grad_x.reshape(-1)
+    for t in prange(workers):
+        m0, m1 = t * M // workers, (t + 1) * M // workers
+        if m1 > m0:
+            s = 0
+            for g in range(groups):
+                s |= gemm(False, False, m1 - m0, Cg, Og, gyf, m0 * O + g * Og, O, wf,
+                          g * Og * Cg, Cg, 0.0, gxf, m0 * C + g * Cg, C)
+            if s != 0:
+                status[0] = s
+
+
+@njit(**_JIT)
+def _weight_grad(grad_y, x, partial, groups, status):
+    """``partial[k]`` = chunk ``k``'s ``grad_Y_g^T @ X_g`` for every group, as the
+    ``(O, C_g)`` weight; chunks are fixed runs of pixels."""
+    M, O = grad_y.shape
+    C = x.shape[1]
+    Cg, Og = C // groups, O // groups
+    chunks = partial.shape[0]
+    gyf, xf = grad_y.reshape(-1), x.reshape(-1)
+    for k in prange(chunks):
+        m0, m1 = k * M // chunks, (k + 1) * M // chunks
+        pf = partial[k]
+        s = 0
+        for g in range(groups):
+            if m1 > m0:
+                s |= gemm(True, False, Og, Cg, m1 - m0, gyf, m0 * O + g * Og, O, xf,
+                          m0 * C + g * Cg, C, 0.0, pf, g * Og * Cg, Cg)
+            else:
+                for i in range(g * Og * Cg, (g + 1) * Og * Cg):
+                    pf[i] = 0
+        if s != 0:
+            status[0] = s
+
+
+def pixels(a, channel_axis=1):
+    """The ``(M, C)`` matrix behind a channels-last ``(N, C, H, W)`` array (a view), or
+    None when its buffer is not exactly that."""
+    moved = np.moveaxis(a, channel_axis, -1)
+    if not moved.flags.c_contiguous:
+        return None
+    return moved.reshape(-1, moved.shape[-1])
+
+
+def _channels_last_empty(shape, dtype):
+    """A new channels-last ``(N, C, H, W)`` array and its ``(M, C)`` matrix."""
+    n, c, h, w = shape
+    buffer = np.empty((n, h, w, c), dtype)
+    return np.moveaxis(buffer, -1, 1), buffer.reshape(-1, c)
+
+
+def forward(x2d, weight, bias, w, workers, check):
+    """``y`` (channels-last, ``(N, C_out, H, W)``) of the pointwise convolution of the
+    pixel matrix ``x2d``."""
+    y, y2d = _channels_last_empty((w.batch, w.out_channels) + w.out_size, x2d.dtype)
+    status = np.zeros(1, np.int32)
+    has_bias = bias is not None
+    _forward(x2d, np.ascontiguousarray(weight).reshape(w.out_channels, -1),
+             np.ascontiguousarray(bias) if has_bias else np.zeros(1, x2d.dtype), has_bias,
+             y2d, w.groups, workers, status)
+    check(status)
+    return y
+
+
+def backward(grad_y2d, x2d, weight, w, output_mask, workers, check):
+    """``(grad_input, grad_weight, grad_bias)`` from pixel matrices; None where
+    ``output_mask`` is False."""
+    want_input, want_weight, want_bias = output_mask
+    w2d = np.ascontiguousarray(weight).reshape(w.out_channels, -1)
+    status = np.zeros(1, np.int32)
+    grad_input = grad_weight = grad_bias = None
+    if want_input:
+        grad_input, gx2d = _channels_last_empty((w.batch, w.channels) + w.in_size,
+                                                grad_y2d.dtype)
+        _input_grad(grad_y2d, w2d, gx2d, w.groups, workers, status)
+    if want_weight:
+        chunks = max(1, min(grad_y2d.shape[0], _MAX_CHUNKS,
+                            _PARTIAL_BYTES // max(1, w2d.nbytes)))
+        partial = np.empty((chunks, w2d.size), grad_y2d.dtype)
+        _weight_grad(grad_y2d, x2d, partial, w.groups, status)
+        grad_weight = np.empty(w2d.size, grad_y2d.dtype)
+        _sum_partials(partial, grad_weight)
+        grad_weight = grad_weight.reshape(weight.shape)
+    if want_bias:
+        grad_bias = grad_y2d.sum(axis=0, dtype=np.float64).astype(grad_y2d.dtype)
+    check(status)
+    return grad_input, grad_weight, grad_bias
