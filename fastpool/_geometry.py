@@ -180,21 +180,13 @@ class AdaptiveWindow(Volume):
 
     __slots__ = ()
 
-    @property
-    def starts3(self):
-        return tuple(adaptive_bounds(n, o)[0] for n, o in zip(self.in3, self.out3))
+    def _tables(self, table, which):
+        return tuple(table(n, o)[which] for n, o in zip(self.in3, self.out3))
 
-    @property
-    def ends3(self):
-        return tuple(adaptive_bounds(n, o)[1] for n, o in zip(self.in3, self.out3))
-
-    @property
-    def first3(self):
-        return tuple(adaptive_cover(n, o)[0] for n, o in zip(self.in3, self.out3))
-
-    @property
-    def last3(self):
-        return tuple(adaptive_cover(n, o)[1] for n, o in zip(self.in3, self.out3))
+    starts3 = property(lambda self: self._tables(adaptive_bounds, 0))
+    ends3 = property(lambda self: self._tables(adaptive_bounds, 1))
+    first3 = property(lambda self: self._tables(adaptive_cover, 0))
+    last3 = property(lambda self: self._tables(adaptive_cover, 1))
 
     @property
     def is_global(self):

@@ -118,48 +118,21 @@ def train_forward(CHANNELS_LAST, WITH_INDICES):
 
 
 @functools.lru_cache(maxsize=None)
-def infer_forward(CHANNELS_LAST):
-    """``kernel(x, out, sd, ed, sh, eh, sw, ew, invalid_rows)``: ``S2 / S1``."""
+def infer(CHANNELS_LAST, SHARES):
+    """``kernel(x, grad_output, out_a, out_b, sd, ed, sh, eh, sw, ew, invalid_rows)``.
+    Forward (``SHARES=False``): ``out_a = S2 / S1`` (``grad_output`` and ``out_b`` are
+    not read). Backward: per window ``out_a = A = 2 g / S1`` and ``out_b = B = -g S2 /
+    S1**2`` (float64). Both 0 where ``S1 == 0``."""
 
     @njit(**JIT)
-    def kernel(x, out, sd, ed, sh, eh, sw, ew, invalid_rows):
+    def kernel(x, grad_output, out_a, out_b, sd, ed, sh, eh, sw, ew, invalid_rows):
         B, D, H, W = x.shape[0], x.shape[1], x.shape[2], x.shape[3]
         C = x.shape[4] if CHANNELS_LAST else 1
-        OD, OH, OW = out.shape[1], out.shape[2], out.shape[3]
-        xf = x.reshape(-1)
-        of = out.reshape(-1)
-        for row in prange(B * OD * OH):
-            b, od, oh = _row(row, OD, OH)
-            s1 = np.empty(C)
-            s2 = np.empty(C)
-            invalid = False
-            for ow in range(OW):
-                invalid |= _sums(xf, b, sd[od], ed[od], sh[oh], eh[oh], sw[ow], ew[ow], D,
-                                 H, W, C, s1, s2)
-                o = (row * OW + ow) * C
-                for c in range(C):
-                    invalid |= not (s2[c] < INF)
-                    of[U(o + c)] = s2[c] / s1[c] if s1[c] > 0.0 else 0.0
-            invalid_rows[row] = invalid
-
-    return kernel
-
-
-@functools.lru_cache(maxsize=None)
-def infer_shares(CHANNELS_LAST):
-    """``kernel(x, grad_output, share_a, share_b, sd, ed, sh, eh, sw, ew,
-    invalid_rows)``: per window ``A = 2 g / S1``, ``B = -g S2 / S1**2`` (float64)."""
-
-    @njit(**JIT)
-    def kernel(x, grad_output, share_a, share_b, sd, ed, sh, eh, sw, ew, invalid_rows):
-        B, D, H, W = x.shape[0], x.shape[1], x.shape[2], x.shape[3]
-        C = x.shape[4] if CHANNELS_LAST else 1
-        OD, OH, OW = (grad_output.shape[1], grad_output.shape[2],
-                      grad_output.shape[3])
+        OD, OH, OW = out_a.shape[1], out_a.shape[2], out_a.shape[3]
         xf = x.reshape(-1)
         gf = grad_output.reshape(-1)
-        af = share_a.reshape(-1)
-        bf = share_b.reshape(-1)
+        af = out_a.reshape(-1)
+        bf = out_b.reshape(-1)
         for row in prange(B * OD * OH):
             b, od, oh = _row(row, OD, OH)
             s1 = np.empty(C)
@@ -171,9 +144,12 @@ def infer_shares(CHANNELS_LAST):
                 o = (row * OW + ow) * C
                 for c in range(C):
                     invalid |= not (s2[c] < INF)
-                    g = np.float64(gf[U(o + c)])
-                    af[U(o + c)] = 2.0 * g / s1[c] if s1[c] > 0.0 else 0.0
-                    bf[U(o + c)] = -g * s2[c] / (s1[c] * s1[c]) if s1[c] > 0.0 else 0.0
+                    if SHARES:
+                        g = np.float64(gf[U(o + c)])
+                        af[U(o + c)] = 2.0 * g / s1[c] if s1[c] > 0.0 else 0.0
+                        bf[U(o + c)] = -g * s2[c] / (s1[c] * s1[c]) if s1[c] > 0.0 else 0.0
+                    else:
+                        af[U(o + c)] = s2[c] / s1[c] if s1[c] > 0.0 else 0.0
             invalid_rows[row] = invalid
 
     return kernel

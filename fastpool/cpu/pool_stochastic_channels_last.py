@@ -148,49 +148,20 @@ def train_forward(KD, KH, KW, SD, SH, SW, DD, DH, DW, WITH_INDICES):
 
 
 @functools.lru_cache(maxsize=None)
-def infer_forward(KD, KH, KW, SD, SH, SW, DD, DH, DW):
-    """``kernel(x, out, pd, ph, pw, invalid_rows)``: ``S2 / S1`` per window and channel
-    (0 when ``S1 == 0``)."""
+def infer(KD, KH, KW, SD, SH, SW, DD, DH, DW, SHARES):
+    """``kernel(x, grad_output, out_a, out_b, pd, ph, pw, invalid_rows)``. Forward
+    (``SHARES=False``): ``out_a = S2 / S1`` per window and channel (``grad_output`` and
+    ``out_b`` are not read). Backward: ``out_a = A = 2 g / S1`` and ``out_b = B = -g S2
+    / S1**2`` (float64). Both 0 where ``S1 == 0``."""
 
     @njit(**JIT)
-    def kernel(x, out, pd, ph, pw, invalid_rows):
+    def kernel(x, grad_output, out_a, out_b, pd, ph, pw, invalid_rows):
         N, D, H, W, C = x.shape
-        OD, OH, OW = out.shape[1], out.shape[2], out.shape[3]
-        xf = x.reshape(-1)
-        of = out.reshape(-1)
-        for row in prange(N * OD * OH):
-            n, od, oh = _row(row, OD, OH)
-            s1 = np.empty(C)
-            s2 = np.empty(C)
-            invalid = False
-            for ow in range(OW):
-                _, bad = _window_sums(xf, n * D * H * W, od * SD - pd, oh * SH - ph,
-                                      ow * SW - pw, D, H, W, C, KD, KH, KW, DD, DH, DW,
-                                      s1, s2)
-                o = (row * OW + ow) * C
-                for c in range(C):
-                    bad |= not (s1[c] < INF and s2[c] < INF)
-                    of[U(o + c)] = s2[c] / s1[c] if s1[c] > 0.0 else 0.0
-                invalid |= bad
-            invalid_rows[row] = invalid
-
-    return kernel
-
-
-@functools.lru_cache(maxsize=None)
-def infer_shares(KD, KH, KW, SD, SH, SW, DD, DH, DW):
-    """``kernel(x, grad_output, share_a, share_b, pd, ph, pw, invalid_rows)``: per
-    window and channel ``A = 2 g / S1`` and ``B = -g S2 / S1**2`` (0 when ``S1 ==
-    0``), float64."""
-
-    @njit(**JIT)
-    def kernel(x, grad_output, share_a, share_b, pd, ph, pw, invalid_rows):
-        N, D, H, W, C = x.shape
-        OD, OH, OW = grad_output.shape[1], grad_output.shape[2], grad_output.shape[3]
+        OD, OH, OW = out_a.shape[1], out_a.shape[2], out_a.shape[3]
         xf = x.reshape(-1)
         gf = grad_output.reshape(-1)
-        af = share_a.reshape(-1)
-        bf = share_b.reshape(-1)
+        af = out_a.reshape(-1)
+        bf = out_b.reshape(-1)
         for row in prange(N * OD * OH):
             n, od, oh = _row(row, OD, OH)
             s1 = np.empty(C)
@@ -203,9 +174,12 @@ def infer_shares(KD, KH, KW, SD, SH, SW, DD, DH, DW):
                 o = (row * OW + ow) * C
                 for c in range(C):
                     bad |= not (s1[c] < INF and s2[c] < INF)
-                    g = np.float64(gf[U(o + c)])
-                    af[U(o + c)] = 2.0 * g / s1[c] if s1[c] > 0.0 else 0.0
-                    bf[U(o + c)] = -g * s2[c] / (s1[c] * s1[c]) if s1[c] > 0.0 else 0.0
+                    if SHARES:
+                        g = np.float64(gf[U(o + c)])
+                        af[U(o + c)] = 2.0 * g / s1[c] if s1[c] > 0.0 else 0.0
+                        bf[U(o + c)] = -g * s2[c] / (s1[c] * s1[c]) if s1[c] > 0.0 else 0.0
+                    else:
+                        af[U(o + c)] = s2[c] / s1[c] if s1[c] > 0.0 else 0.0
                 invalid |= bad
             invalid_rows[row] = invalid
 

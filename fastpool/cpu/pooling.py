@@ -45,8 +45,7 @@ _FACTORIES = {
     "stochastic_infer_forward": pool_stochastic.infer_forward,
     "stochastic_infer_backward": pool_stochastic.infer_backward,
     "stochastic_train_cl": pool_stochastic_channels_last.train_forward,
-    "stochastic_infer_forward_cl": pool_stochastic_channels_last.infer_forward,
-    "stochastic_infer_shares_cl": pool_stochastic_channels_last.infer_shares,
+    "stochastic_infer_cl": pool_stochastic_channels_last.infer,
     "stochastic_infer_backward_cl": pool_stochastic_channels_last.infer_backward,
 }
 # Average pooling has no dilation: its kernels take kernel and stride only.
@@ -223,7 +222,8 @@ def _stochastic_forward_channels_last(x, w, training, seed, with_indices):
                 volume, out, indices, *_pads(w), np.uint64(seed), invalid,
                 *interior_columns(w))
         else:
-            kernel("stochastic_infer_forward_cl", w)(volume, out, *_pads(w), invalid)
+            kernel("stochastic_infer_cl", w, False)(volume, out, out, out, *_pads(w),
+                                                    invalid)
         _raise_if_invalid(invalid)
     return out_view, indices_view
 
@@ -262,8 +262,8 @@ def _stochastic_backward_channels_last(grad_output, x, w):
         share_a = np.empty(go.shape)
         share_b = np.empty(go.shape)
         invalid = np.zeros(w.batch * w.out3[0] * w.out3[1], dtype=np.bool_)
-        kernel("stochastic_infer_shares_cl", w)(volume, go, share_a, share_b, *_pads(w),
-                                                invalid)
+        kernel("stochastic_infer_cl", w, True)(volume, go, share_a, share_b, *_pads(w),
+                                               invalid)
         _raise_if_invalid(invalid)
         kernel("stochastic_infer_backward_cl", w)(volume, share_a, share_b, grad_input,
                                                   *_pads(w))
@@ -371,7 +371,8 @@ def adaptive_stochastic_pool_forward(x, window, training, seed, with_indices):
             pool_adaptive_stochastic.train_forward(cl, with_indices)(
                 volume, out, indices, *_bounds(w), np.uint64(seed), w.channels, invalid)
         else:
-            pool_adaptive_stochastic.infer_forward(cl)(volume, out, *_bounds(w), invalid)
+            pool_adaptive_stochastic.infer(cl, False)(volume, out, out, out, *_bounds(w),
+                                                      invalid)
         _raise_if_invalid(invalid)
     return view, indices_view
 
@@ -387,8 +388,8 @@ def adaptive_stochastic_pool_backward(grad_output, x, window, training, indices)
         go = _adaptive_view(grad_output, w, w.out3)
         share_a, share_b = np.empty(go.shape), np.empty(go.shape)
         invalid = np.zeros(go.shape[0] * go.shape[1] * go.shape[2], dtype=np.bool_)
-        pool_adaptive_stochastic.infer_shares(cl)(volume, go, share_a, share_b,
-                                                  *_bounds(w), invalid)
+        pool_adaptive_stochastic.infer(cl, True)(volume, go, share_a, share_b,
+                                                 *_bounds(w), invalid)
         _raise_if_invalid(invalid)
         pool_adaptive_stochastic.infer_backward(cl)(volume, share_a, share_b, grad_input,
                                                     *_cover(w))
