@@ -77,7 +77,7 @@ def test_adaptive_pooling_matches_reference(rank, data):
     assert_close(gm, shaped(ref.scatter_to_indices(g, i_ref, x.shape)), x.dtype)
     np.testing.assert_array_equal(ops["max_backward"](_prepare(case, g), xin, size), gm)
 
-    big = x.shape[1] > 1 and not case["unbatched"]
+    big = x.shape[1] > 1 and np.prod(x.shape[2:]) > 1 and not case["unbatched"]
     if case["channels_last"] and big:
         for result, spatial in ((y, y.shape[2:]), (indices, m.shape[2:]), (gi, x.shape[2:]),
                                 (gm, x.shape[2:])):
