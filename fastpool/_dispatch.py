@@ -147,13 +147,26 @@ def resolve(device, *arrays):
     return configured
 
 
+_HOST_TYPES = (np.ndarray, type(None))
+_backends = {}
+
+
+def _cpu_backend():
+    found = _backends.get("cpu")
+    if found is None:
+        from fastpool import cpu
+        found = _backends["cpu"] = cpu
+    return found
+
+
 def backend(device, *arrays):
     """Resolve the device and return the kernel module for it: ``fastpool.cpu``, or
     ``fastpool.cuda`` (whose launchers move host arrays to the GPU and back)."""
+    if all(type(a) in _HOST_TYPES for a in arrays) and get_device(device) != "cuda":
+        return _cpu_backend()  # the common case (NumPy arrays, no GPU asked for)
     resolved = resolve(device, *arrays)
     if resolved == "cpu":
-        from fastpool import cpu
-        return cpu
+        return _cpu_backend()
     available, reason = _probe_cuda()
     if not available:
         raise CudaUnavailableError(f"device='cuda' was asked for but {reason}")

@@ -74,7 +74,7 @@ class Volume:
     Treat it as immutable."""
 
     __slots__ = ("rank", "batch", "channels", "out_channels", "batched", "layout",
-                 "in_size", "out_size", "in3", "out3")
+                 "in_size", "out_size", "in3", "out3", "_derived")
 
     def __init__(self, *, rank, batch, channels, out_channels, batched, layout, in_size,
                  out_size):
@@ -89,11 +89,21 @@ class Volume:
         lead = 3 - rank
         self.in3 = (1,) * lead + in_size
         self.out3 = (1,) * lead + out_size
+        self._derived = {}
+
+    def derived(self, key, make):
+        """``make(self)``, computed once per geometry: validation hands the same object
+        to every call of the same geometry (``fastpool._params.memoised``), so launchers
+        keep what they derive from it (interior ranges, divisors) here."""
+        found = self._derived.get(key)
+        if found is None:
+            found = self._derived[key] = make(self)
+        return found
 
     def __repr__(self):
         names = [n for c in type(self).__mro__ for n in getattr(c, "__slots__", ())]
         fields = ", ".join(f"{n}={getattr(self, n)!r}" for n in names
-                           if not n.endswith("3") and n != "constants")
+                           if not n.endswith("3") and n not in ("constants", "_derived"))
         return f"{type(self).__name__}({fields})"
 
     def _shape(self, channels, spatial):

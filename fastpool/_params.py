@@ -144,6 +144,49 @@ def _check_axis_covered(size, out, kernel, stride, padding, dilation):
     return bool(np.all((first < size) & (first <= last)))
 
 
+_MEMO_SIZE = 1024
+
+
+def _types(value):
+    """The type of ``value``, and of its items for a tuple: ``(True, 2) == (1, 2)``, but
+    only one of them is valid."""
+    return tuple(map(type, value)) if type(value) is tuple else type(value)
+
+
+def memoised(n_arrays):
+    """Decorate a validator ``f(*arrays, *arguments, **keywords)`` returning
+    ``(*arrays, geometry)``: a call repeating an earlier one's argument values and
+    types, with NumPy arrays of the same shapes, strides and dtypes, returns the
+    earlier geometry without validating again (a network calls each layer's geometry
+    over and over; validating costs several microseconds). Only calls whose arrays came
+    back unchanged (no conversion or copy) are remembered; anything else, GPU arrays
+    and unhashable arguments included, is validated in full every time."""
+    def decorate(validate):
+        memo = {}
+
+        def run(*args, **keywords):
+            arrays, rest = args[:n_arrays], args[n_arrays:]
+            try:
+                key = (tuple(None if a is None else (a.shape, a.strides, a.dtype)
+                             for a in arrays if a is None or type(a) is np.ndarray),
+                       rest, tuple(map(_types, rest)), tuple(keywords.items()))
+                found = len(key[0]) == n_arrays and memo.get(key)
+            except TypeError:  # an unhashable argument (a list): no memo
+                return validate(*args, **keywords)
+            if found:
+                return (*arrays, found)
+            result = validate(*args, **keywords)
+            if len(key[0]) == n_arrays and all(r is a for r, a in zip(result, arrays)):
+                if len(memo) >= _MEMO_SIZE:
+                    memo.clear()
+                memo[key] = result[-1]
+            return result
+        run.__wrapped__ = validate
+        return run
+    return decorate
+
+
+@memoised(1)
 def pool_window(x, rank, kernel_size, stride, padding, dilation, ceil_mode, *,
                 x_name="x"):
     """Validate pooling arguments against input ``x`` of spatial rank ``rank``; return
@@ -195,6 +238,7 @@ def pool_window(x, rank, kernel_size, stride, padding, dilation, ceil_mode, *,
 _ADAPTIVE_LIMIT = 2**31 - 1
 
 
+@memoised(1)
 def adaptive_window(x, rank, output_size, *, x_name="x"):
     """Validate adaptive pooling's arguments against input ``x`` of spatial rank
     ``rank``; return ``(x, AdaptiveWindow)``. ``output_size``: an int, or one int or
@@ -434,6 +478,7 @@ def _conv_arrays(x, weight, bias, rank, groups, transposed=False):
     return x, weight, bias, x.ndim == rank + 2, c_in, c_out, kernel, groups
 
 
+@memoised(3)
 def conv_window(x, weight, bias, rank, stride=1, padding=0, dilation=1, groups=1):
     """Validate the arguments of a convolution of ``rank`` spatial axes (the N-D rules
     of conv2d); return ``(x, weight, bias, Window)``."""

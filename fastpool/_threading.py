@@ -113,15 +113,68 @@ def _thread_safe():
     return known
 
 
-def serialised(launcher):
+# Work (estimated single-thread nanoseconds, ``cost`` of ``serialised``) below which a
+# call runs on the calling thread alone: waking a second thread costs about 10 us on
+# an idle machine (measured: avg_pool2d on (1, 6, 28, 28), 17.5 us on one thread, 26 us
+# on two), and far more when another process holds that thread's core.
+SMALL_WORK_NS = 20_000
+
+
+def _thread_count_functions():
+    """Numba's per-thread ``(get, set)`` of the thread count, without the argument
+    checks of ``numba.get_num_threads``/``set_num_threads`` (0.5 us per call pair instead
+    of 2 us); the public functions where Numba's internals differ."""
+    import numba
+    from numba.np.ufunc import parallel
+    numba.get_num_threads()  # starts the pool, which binds the internal functions
+    get, set_ = (getattr(parallel, "_get_num_threads", None),
+                 getattr(parallel, "_set_num_threads", None))
+    if callable(get) and callable(set_):
+        return get, set_
+    return numba.get_num_threads, numba.set_num_threads
+
+
+_counts = []
+
+
+def _one_thread(launcher, args, kwargs):
+    """Run ``launcher`` with this thread's Numba thread count at 1, then restore it
+    (the count is per calling thread, so other threads' calls are unaffected)."""
+    if not _counts:
+        _counts.append(_thread_count_functions())
+    get, set_ = _counts[0]
+    before = get()
+    if before == 1:
+        return launcher(*args, **kwargs)
+    set_(1)
+    try:
+        return launcher(*args, **kwargs)
+    finally:
+        set_(before)
+
+
+def serialised(launcher, cost=None):
     """Wrap a CPU launcher so that, on a layer that is not thread-safe (``workqueue``),
-    one call at a time runs its kernels; on ``tbb`` and ``omp`` it adds one check."""
+    one call at a time runs its kernels; on ``tbb`` and ``omp`` it adds one check.
+
+    ``cost(volume)`` estimates the call's single-thread work in nanoseconds from the
+    ``fastpool._geometry.Volume`` among its arguments; work under ``SMALL_WORK_NS``
+    runs on one thread (docs/design.md section 5)."""
+    from fastpool._geometry import Volume
+
+    def run_sized(*args, **kwargs):
+        if cost is not None:
+            volume = next((a for a in args if isinstance(a, Volume)), None)
+            if volume is not None and cost(volume) < SMALL_WORK_NS:
+                return _one_thread(launcher, args, kwargs)
+        return launcher(*args, **kwargs)
+
     @functools.wraps(launcher)
     def run(*args, **kwargs):
         if _thread_safe():
-            return launcher(*args, **kwargs)
+            return run_sized(*args, **kwargs)
         with _lock:
-            return launcher(*args, **kwargs)
+            return run_sized(*args, **kwargs)
     return run
 
 

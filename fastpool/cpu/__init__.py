@@ -1,35 +1,74 @@
 """CPU backend: parallel Numba kernels. ``fastpool.cuda`` mirrors these names.
 
 Each launcher is wrapped by ``fastpool._threading.serialised``: on a threading layer
-that is not thread-safe (``workqueue``) one call at a time enters the kernels.
+that is not thread-safe (``workqueue``) one call at a time enters the kernels, and a
+call whose estimated work is too small to split runs on one thread.
 """
 
-from fastpool._threading import serialised
+import math
+
+from fastpool import _threading
 from fastpool.cpu import conv as _conv
 from fastpool.cpu import conv3d as _conv3d
 from fastpool.cpu import conv_transpose as _conv_transpose
 from fastpool.cpu import pooling as _pooling
 
-conv2d_forward = serialised(_conv.conv2d_forward)
-conv2d_backward = serialised(_conv.conv2d_backward)
-conv3d_forward = serialised(_conv3d.conv3d_forward)
-conv3d_backward = serialised(_conv3d.conv3d_backward)
-conv_transpose_forward = serialised(_conv_transpose.conv_transpose_forward)
-conv_transpose_backward = serialised(_conv_transpose.conv_transpose_backward)
-max_pool_forward = serialised(_pooling.max_pool_forward)
-max_pool_backward = serialised(_pooling.max_pool_backward)
-avg_pool_forward = serialised(_pooling.avg_pool_forward)
-avg_pool_backward = serialised(_pooling.avg_pool_backward)
-stochastic_pool_forward = serialised(_pooling.stochastic_pool_forward)
-stochastic_pool_backward = serialised(_pooling.stochastic_pool_backward)
-adaptive_avg_pool_forward = serialised(_pooling.adaptive_avg_pool_forward)
-adaptive_avg_pool_backward = serialised(_pooling.adaptive_avg_pool_backward)
-adaptive_max_pool_forward = serialised(_pooling.adaptive_max_pool_forward)
-adaptive_max_pool_backward = serialised(_pooling.adaptive_max_pool_backward)
-adaptive_stochastic_pool_forward = serialised(_pooling.adaptive_stochastic_pool_forward)
-adaptive_stochastic_pool_backward = serialised(_pooling.adaptive_stochastic_pool_backward)
-max_unpool_forward = serialised(_pooling.max_unpool_forward)
-max_unpool_backward = serialised(_pooling.max_unpool_backward)
+# Single-thread nanoseconds per unit of work, measured roughly on this project's
+# machine (README "Performance"): a window tap of pooling, a multiply-add of
+# convolution (GEMM-vectorised), an element read or written.
+_NS_PER_TAP, _NS_PER_MAC, _NS_PER_ELEMENT = 0.5, 0.05, 0.25
+
+
+def _elements(volume):
+    return volume.batch * (volume.channels * math.prod(volume.in_size)
+                           + volume.out_channels * math.prod(volume.out_size))
+
+
+def _outputs(volume):
+    return volume.batch * volume.out_channels * math.prod(volume.out_size)
+
+
+def _memory_cost(volume):
+    return _NS_PER_ELEMENT * _elements(volume)
+
+
+def _pool_cost(window):
+    return (_NS_PER_TAP * _outputs(window) * math.prod(window.kernel)
+            + _memory_cost(window))
+
+
+def _conv_cost(window):
+    macs = _outputs(window) * math.prod(window.kernel) * (window.channels // window.groups)
+    return _NS_PER_MAC * macs + _memory_cost(window)
+
+
+def _sized(cost):
+    return lambda launcher: _threading.serialised(launcher, cost)
+
+
+_conv_launcher, _pool_launcher, _memory_launcher = (
+    _sized(_conv_cost), _sized(_pool_cost), _sized(_memory_cost))
+
+conv2d_forward = _conv_launcher(_conv.conv2d_forward)
+conv2d_backward = _conv_launcher(_conv.conv2d_backward)
+conv3d_forward = _conv_launcher(_conv3d.conv3d_forward)
+conv3d_backward = _conv_launcher(_conv3d.conv3d_backward)
+conv_transpose_forward = _conv_launcher(_conv_transpose.conv_transpose_forward)
+conv_transpose_backward = _conv_launcher(_conv_transpose.conv_transpose_backward)
+max_pool_forward = _pool_launcher(_pooling.max_pool_forward)
+max_pool_backward = _pool_launcher(_pooling.max_pool_backward)
+avg_pool_forward = _pool_launcher(_pooling.avg_pool_forward)
+avg_pool_backward = _pool_launcher(_pooling.avg_pool_backward)
+stochastic_pool_forward = _pool_launcher(_pooling.stochastic_pool_forward)
+stochastic_pool_backward = _pool_launcher(_pooling.stochastic_pool_backward)
+adaptive_avg_pool_forward = _memory_launcher(_pooling.adaptive_avg_pool_forward)
+adaptive_avg_pool_backward = _memory_launcher(_pooling.adaptive_avg_pool_backward)
+adaptive_max_pool_forward = _memory_launcher(_pooling.adaptive_max_pool_forward)
+adaptive_max_pool_backward = _memory_launcher(_pooling.adaptive_max_pool_backward)
+adaptive_stochastic_pool_forward = _memory_launcher(_pooling.adaptive_stochastic_pool_forward)
+adaptive_stochastic_pool_backward = _memory_launcher(_pooling.adaptive_stochastic_pool_backward)
+max_unpool_forward = _memory_launcher(_pooling.max_unpool_forward)
+max_unpool_backward = _memory_launcher(_pooling.max_unpool_backward)
 
 __all__ = [
     "adaptive_avg_pool_backward",

@@ -16,6 +16,8 @@ results, with the channels-first values bit for bit.
 
 from __future__ import annotations
 
+import math
+
 import numba
 import numpy as np
 
@@ -110,7 +112,7 @@ def max_pool_forward(x, window, with_indices):
     out = np.empty(w.output_shape, dtype=x.dtype)
     indices = np.empty(w.output_shape if with_indices else (1,), dtype=np.int64)
     if w.planes:
-        lo, hi = interior_columns(w)
+        lo, hi = w.derived("interior", interior_columns)
         kernel("max_forward", w, bool(with_indices))(
             _volumes(x, w.in3), out.reshape((-1,) + w.out3),
             indices.reshape((-1,) + w.out3) if with_indices else indices.reshape(1, 1, 1, 1),
@@ -122,8 +124,8 @@ def scatter_to_indices(grad_output, indices, window):
     """Backward of a pooling that picked one element per window (max, stochastic
     training): ``grad_input.flat[index] += grad_output`` within each plane."""
     w = window
-    plane_in = int(np.prod(w.in_size))
-    plane_out = int(np.prod(w.out_size))
+    plane_in = math.prod(w.in_size)
+    plane_out = math.prod(w.out_size)
     if w.layout == CHANNELS_LAST:
         grad_input, view = _cl_empty(w, w.in_size, w.channels, grad_output.dtype)
         bad = 0
@@ -173,8 +175,8 @@ def avg_pool_forward(x, window, count_include_pad, divisor_override):
         return view
     out = np.empty(w.output_shape, dtype=x.dtype)
     if w.planes:
-        lo, hi = interior_columns(w)
-        area = int(np.prod(w.kernel))
+        lo, hi = w.derived("interior", interior_columns)
+        area = math.prod(w.kernel)
         kernel("avg_forward", w)(
             _volumes(x, w.in3), out.reshape((-1,) + w.out3), *_pads(w),
             count_include_pad, divisor_override, lo, hi,
@@ -238,7 +240,7 @@ def stochastic_pool_forward(x, window, training, seed, with_indices):
     if w.planes:
         OD, OH, _ = w.out3
         invalid = np.zeros(w.planes * OD * OH, dtype=np.bool_)
-        lo, hi = interior_columns(w)
+        lo, hi = w.derived("interior", interior_columns)
         volumes_x = _volumes(x, w.in3)
         volumes_out = out.reshape((-1,) + w.out3)
         if training:
@@ -279,7 +281,7 @@ def stochastic_pool_backward(grad_output, x, window, training, indices):
     grad_input = np.empty(w.input_shape, dtype=grad_output.dtype)
     if w.planes:
         invalid = np.zeros(w.planes, dtype=np.bool_)
-        lo, hi = interior_columns(w)
+        lo, hi = w.derived("interior", interior_columns)
         kernel("stochastic_infer_backward", w)(
             _volumes(grad_output, w.out3), _volumes(x, w.in3),
             grad_input.reshape((-1,) + w.in3), *_pads(w), invalid, lo, hi, _workers(w))

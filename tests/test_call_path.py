@@ -1,0 +1,121 @@
+"""The per-call path (issue 16): validation memoised per geometry, and work too small to
+split run on the calling thread alone. Neither may change a result or let bad input
+through."""
+
+import numba
+import numpy as np
+import pytest
+
+import fastpool
+import reference as ref
+from conftest import assert_close
+from fastpool import _geometry, _params, _threading
+
+
+def _fresh_memo():
+    """A separate memo for the test: the validator undecorated, decorated again."""
+    return _params.memoised(1)(_params.pool_window.__wrapped__)
+
+
+def test_a_repeated_call_returns_the_remembered_geometry():
+    validate = _fresh_memo()
+    x = np.zeros((2, 3, 9, 8), np.float32)
+    x1, w1 = validate(x, 2, 3, 2, 1, 1, False)
+    x2, w2 = validate(np.ones_like(x), 2, 3, 2, 1, 1, False)
+    assert x1 is x and w2 is w1  # same shapes, strides, dtype, arguments
+    # any difference in shape, strides, dtype or an argument is a new geometry
+    assert validate(x[:, :, :8], 2, 3, 2, 1, 1, False)[1] is not w1
+    assert validate(x.astype(np.float64), 2, 3, 2, 1, 1, False)[1] is not w1
+    cl = _geometry.channels_last_copy(x, 1)
+    w_cl = validate(cl, 2, 3, 2, 1, 1, False)[1]
+    assert w_cl is not w1 and w_cl.layout == _geometry.CHANNELS_LAST
+    assert validate(x, 2, 3, 2, 0, 1, False)[1].out_size == (4, 3)
+    assert validate(x, 2, (3, 3), 2, 1, 1, False)[1] is not w1
+
+
+@pytest.mark.parametrize("good, bad, error", [
+    # (a call that is valid and remembered, an equal-comparing call that is not valid)
+    (dict(kernel_size=1), dict(kernel_size=True), TypeError),
+    (dict(kernel_size=(1, 2)), dict(kernel_size=(True, 2)), TypeError),
+    (dict(ceil_mode=True), dict(ceil_mode=1), TypeError),
+    (dict(stride=2), dict(stride=2.0), TypeError),
+])
+def test_a_remembered_geometry_never_lets_an_invalid_argument_through(good, bad, error):
+    x = np.zeros((1, 2, 6, 6), np.float32)
+    args = dict(kernel_size=2, stride=None, padding=0, dilation=1, ceil_mode=False)
+    fastpool.max_pool2d(x, **dict(args, **good))
+    fastpool.max_pool2d(x, **dict(args, **good))
+    with pytest.raises(error):
+        fastpool.max_pool2d(x, **dict(args, **bad))
+
+
+def test_converted_inputs_are_validated_every_time():
+    validate = _fresh_memo()
+    x = np.zeros((1, 2, 6, 6), np.dtype(">f4"))  # byte-swapped: converted, not kept
+    y1, w1 = validate(x, 2, 2, None, 0, 1, False)
+    y2, w2 = validate(x, 2, 2, None, 0, 1, False)
+    assert y1 is not x and w2 is not w1
+    listed = validate(np.zeros((1, 1, 4, 4)), 2, [2, 2], None, 0, 1, False)[1]
+    assert listed.kernel == (2, 2)  # an unhashable argument: validated in full
+
+
+def test_memoised_calls_compute_the_reference():
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 3, 7, 9))
+    w = rng.standard_normal((4, 3, 3, 3))
+    for _ in range(3):
+        assert_close(fastpool.max_pool2d(x, 3, 2, 1), ref.max_pool(x, 3, 2, 1)[0], x.dtype)
+        assert_close(fastpool.conv2d(x, w, padding=1), ref.conv2d(x, w, padding=1),
+                     x.dtype)
+    # the same shapes with other strides (a view): not the remembered geometry
+    wide = rng.standard_normal((2, 3, 7, 18))[..., ::2]
+    assert_close(fastpool.max_pool2d(wide, 3, 2, 1), ref.max_pool(wide, 3, 2, 1)[0],
+                 wide.dtype)
+
+
+def _volume(outputs):
+    return _geometry.Volume(rank=1, batch=1, channels=1, out_channels=1, batched=True,
+                            layout=_geometry.CHANNELS_FIRST, in_size=(outputs,),
+                            out_size=(outputs,))
+
+
+@pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="needs 2 Numba threads")
+def test_small_work_runs_on_one_thread_and_the_count_is_restored():
+    seen = []
+
+    def launcher(x, volume):
+        seen.append(numba.get_num_threads())
+        return x
+
+    cost = (lambda volume: volume.in_size[0])  # nanoseconds: the test's own rule
+    wrapped = _threading.serialised(launcher, cost)
+    before = numba.get_num_threads()
+    numba.set_num_threads(2)
+    try:
+        wrapped(None, _volume(_threading.SMALL_WORK_NS - 1))
+        wrapped(None, _volume(_threading.SMALL_WORK_NS))
+        assert seen == [1, 2]
+        assert numba.get_num_threads() == 2
+
+        def failing(x, volume):
+            raise ValueError("kernel failed")
+        with pytest.raises(ValueError):
+            _threading.serialised(failing, cost)(None, _volume(1))
+        assert numba.get_num_threads() == 2  # restored on errors too
+    finally:
+        numba.set_num_threads(before)
+
+
+def test_small_and_large_work_estimates_of_the_cpu_launchers():
+    from fastpool import cpu
+    x = np.zeros((1, 6, 28, 28), np.float32)
+    _, small = _params.pool_window(x, 2, 2, None, 0, 1, False)
+    assert cpu._pool_cost(small) < _threading.SMALL_WORK_NS
+    _, large = _params.pool_window(np.zeros((32, 64, 112, 112), np.float32), 2, 3, 2, 1,
+                                   1, False)
+    assert cpu._pool_cost(large) > 100 * _threading.SMALL_WORK_NS
+    w = np.zeros((64, 64, 3, 3), np.float32)
+    *_, conv = _params.conv_window(np.zeros((1, 64, 56, 56), np.float32), w, None, 2,
+                                   1, 1, 1, 1)
+    # 116 M multiply-adds: far too much for one thread
+    assert cpu._conv_cost(conv) > 100 * _threading.SMALL_WORK_NS
