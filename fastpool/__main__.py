@@ -27,7 +27,20 @@ def _parser():
     bench.add_argument("--ops", default="all", choices=["all", "pool", "conv", "nd"],
                        help="nd: 1-D and 3-D ops and channels-last pooling (issue 14's "
                             "shapes), against PyTorch in the same rank and layout")
-    bench.add_argument("--repeats", type=int, help="timed repeats (default 11, quick 5)")
+    bench.add_argument("--suite", default="ops", choices=["ops", "layers"],
+                       help="ops (default): every op on standard shapes against PyTorch; "
+                            "layers: the conv and pooling layers of LeNet-5, ResNet-18/50, "
+                            "MobileNetV2 and VGG-16 against PyTorch NCHW, PyTorch "
+                            "channels_last and ONNX Runtime (CPU)")
+    bench.add_argument("--networks", default=None,
+                       help="layers suite: comma-separated networks (default all: "
+                            "lenet5,resnet18,resnet50,mobilenet_v2,vgg16; quick: lenet5,"
+                            "resnet18)")
+    bench.add_argument("--batches", default=None,
+                       help="layers suite: comma-separated batch sizes (default 1,32; "
+                            "quick: 1); backward rows for batches >= 32")
+    bench.add_argument("--repeats", type=int,
+                       help="timed repeats (default 11, quick 5; layers suite 5, quick 3)")
     bench.add_argument("--threads", type=int,
                        help="Numba and PyTorch threads (default: Numba's NUMBA_NUM_THREADS)")
     bench.add_argument("--json", metavar="PATH", help="also write the rows to this file")
@@ -71,6 +84,8 @@ def main(argv=None):
         raise SystemExit("--repeats must be at least 1")
     if args.threads is not None and not 1 <= args.threads <= numba.config.NUMBA_NUM_THREADS:
         raise SystemExit(f"--threads must be in [1, {numba.config.NUMBA_NUM_THREADS}]")
+    if args.suite == "layers":
+        return _layers(args, threads_default=numba.config.NUMBA_NUM_THREADS)
     devices = _devices(args.device)
     repeats = args.repeats or (5 if args.quick else 11)
     threads = args.threads or numba.config.NUMBA_NUM_THREADS
@@ -81,6 +96,38 @@ def main(argv=None):
         _bench.write_json(args.json, rows, meta)
     if args.plot:
         _bench.plot(args.plot, rows, meta)
+    return 0
+
+
+def _layers(args, threads_default):
+    from fastpool import _bench, _bench_layers
+    if args.device not in ("auto", "cpu"):
+        raise SystemExit("--suite layers runs on the CPU only (--device cpu or auto)")
+    networks = (args.networks.split(",") if args.networks
+                else ["lenet5", "resnet18"] if args.quick else list(_bench_layers.NETWORKS))
+    unknown = [n for n in networks if n not in _bench_layers.NETWORKS]
+    if unknown:
+        raise SystemExit(f"--networks: unknown {unknown}; choose from "
+                         f"{','.join(_bench_layers.NETWORKS)}")
+    try:
+        batches = ([int(b) for b in args.batches.split(",")] if args.batches
+                   else [1] if args.quick else [1, 32])
+    except ValueError:
+        raise SystemExit(f"--batches must be comma-separated ints, got {args.batches!r}")
+    if min(batches) < 1:
+        raise SystemExit("--batches must be at least 1")
+    repeats = args.repeats or (3 if args.quick else 5)
+    threads = args.threads or threads_default
+    rows, meta = _bench_layers.run(networks, batches, args.dtype, threads, repeats)
+    print(_bench_layers.format_table(rows, meta))
+    if args.json:
+        import json
+        with open(args.json, "w") as fh:
+            json.dump(dict(_bench_layers.to_json(rows, meta),
+                           versions=_bench.versions()), fh, indent=1)
+    if args.plot:
+        _bench.plot(args.plot, _bench_layers.as_bench_rows(rows),
+                    dict(meta, devices={"cpu": dict(peer="the fastest peer per row")}))
     return 0
 
 
