@@ -109,12 +109,18 @@ def test_choose_algorithm_per_shape():
     assert chosen((2, 8, 9, 9), (16, 1, 3, 3), stride=2, groups=8) == "direct"
     assert chosen((2, 8, 9, 9), (4, 8, 1, 1)) == "pointwise"
     assert chosen((2, 8, 9, 9), (4, 8, 1, 1), stride=2) == "im2col"
-    assert chosen((2, 8, 9, 9), (4, 8, 1, 1), padding=1) == "rows"
-    assert chosen((2, 8, 9, 9), (4, 8, 3, 3), padding=1) == "winograd"
-    assert chosen((2, 8, 9, 9), (4, 8, 3, 3), padding=1, dilation=(1, 2)) == "rows"
-    assert chosen((2, 8, 9, 9), (4, 4, 3, 3), padding=1, groups=2) == "rows"  # C_g < 8
-    assert chosen((2, 8, 9, 9), (4, 8, 3, 2), padding=1) == "rows"
-    assert chosen((2, 8, 9, 9), (4, 4, 3, 3), stride=(1, 2), groups=2) == "rows"
+    # "rows" on outputs at least 56 wide (_ROWS_MIN_WIDTH), im2col on narrower ones
+    assert chosen((2, 8, 9, 60), (4, 8, 1, 1), padding=1) == "rows"
+    assert chosen((2, 8, 9, 9), (4, 8, 1, 1), padding=1) == "im2col"
+    # Winograd once the images hold 256 output pixels (_WINOGRAD_MIN_PIXELS)
+    assert chosen((4, 8, 8, 8), (4, 8, 3, 3), padding=1) == "winograd"
+    assert chosen((3, 8, 9, 9), (4, 8, 3, 3), padding=1) == "im2col"  # 243 pixels: below
+    assert chosen((1, 8, 9, 9), (4, 8, 3, 3), padding=1) == "im2col"
+    assert chosen((1, 8, 9, 60), (4, 8, 3, 3), padding=1, dilation=(1, 2)) == "rows"
+    assert chosen((1, 8, 9, 60), (4, 4, 3, 3), padding=1, groups=2) == "rows"  # C_g < 8
+    assert chosen((1, 8, 9, 60), (4, 8, 3, 2), padding=1) == "rows"
+    assert chosen((1, 8, 9, 120), (4, 4, 3, 3), stride=(1, 2), groups=2) == "rows"
+    assert chosen((1, 8, 9, 60), (4, 4, 3, 3), stride=(1, 2), groups=2) == "im2col"
     assert chosen((2, 8, 9, 9), (4, 8, 3, 3), stride=(2, 1)) == "im2col"
 
 
@@ -172,7 +178,10 @@ def test_backward_finite_differences(x_shape, w_shape, args):
     b = rng.standard_normal(w_shape[0])
     gy = rng.standard_normal(fastpool.conv2d(x, w, b, **args).shape)
     gi, gw, gb = fastpool.conv2d_backward(gy, x, w, **args)
-    tolerance = dict(rtol=1e-6, atol=1e-8)
+    # conv is linear, so central differences are exact up to the rounding of the two
+    # sums they subtract: a few ulps of sum(|y * gy|), divided by 2 * eps (1e-6).
+    rounding = np.sum(np.abs(fastpool.conv2d(x, w, b, **args) * gy))
+    tolerance = dict(rtol=1e-6, atol=8 * np.finfo(np.float64).eps * rounding / 2e-6)
     np.testing.assert_allclose(
         gi, numeric_gradient(lambda a: fastpool.conv2d(a, w, b, **args), x, gy),
         **tolerance)

@@ -25,6 +25,14 @@ _NAMES = {code: name for name, code in ALGORITHMS.items()}
 
 # Winograd F(2x2, 3x3) needs enough channels per group for its 16 GEMMs (K = C_g) to pay.
 _WINOGRAD_MIN_CHANNELS = 8
+# ... and enough output pixels (all images) to pay for transforming the weight
+# (16 * C_out * C_g values): measured on 2 threads, batch 1, 3x3 256->256 on 14x14 ran at
+# 158 GFLOP/s with Winograd and 185 with im2col; on 28x28 at 337 and 191.
+_WINOGRAD_MIN_PIXELS = 256
+# "rows" gathers a third of im2col's columns, but its GEMMs (K = C_g * KW, N = band
+# pixels) are too thin on narrow outputs: measured at batch 1, 3x3 256->256, im2col ran
+# at 185 GFLOP/s on 14x14 against 85 for rows, 208 against 194 on 56x56, equal on 112.
+_ROWS_MIN_WIDTH = 56
 # Transformed input + output per Winograd band: more than L2, as the 16 GEMMs (K = C_g)
 # run faster on more tiles.
 _WINOGRAD_BYTES = 1 << 21
@@ -104,9 +112,10 @@ class _Problem:
             return DIRECT
         if self.pointwise_applies():
             return POINTWISE
-        if self.winograd_applies() and self.channels_per_group >= _WINOGRAD_MIN_CHANNELS:
+        if (self.winograd_applies() and self.channels_per_group >= _WINOGRAD_MIN_CHANNELS
+                and self.batch * self.out_h * self.out_w >= _WINOGRAD_MIN_PIXELS):
             return WINOGRAD
-        return ROWS if self.stride_h == 1 else IM2COL
+        return ROWS if self.stride_h == 1 and self.out_w >= _ROWS_MIN_WIDTH else IM2COL
 
     def valid_names(self):
         """Names of every algorithm that can run this problem (tests run them all)."""
