@@ -208,6 +208,40 @@ def small_bands(monkeypatch):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("w_shape, args", [
+    ((48, 4, 1, 1), dict()),
+    ((48, 4, 3, 3), dict(padding=1)),
+    ((64, 8, 3, 3), dict(stride=2, padding=1, groups=2)),
+], ids=["1x1", "3x3", "strided-grouped"])
+def test_batch_one_splits_bands_and_channel_blocks(dtype, w_shape, args):
+    """At batch 1 the forward splits output rows and then output channels into tasks
+    (``forward_band_rows``, ``forward_channel_blocks``) from the shapes alone: results
+    match the reference and are identical at 1 and 2 threads."""
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((1, w_shape[1] * args.get("groups", 1), 7, 9)).astype(dtype)
+    w = rng.standard_normal(w_shape).astype(dtype)
+    b = rng.standard_normal(w_shape[0]).astype(dtype)
+    x, w, b, geometry = _params.conv_window(x, w, b, 2, **args)
+    problem = cpu_conv._Problem.forward(geometry)
+    gy = rng.standard_normal(geometry.output_shape).astype(dtype)
+    expected, bounds = _reference(x, w, b, gy, args)
+    saved = numba.get_num_threads()
+    try:
+        for algorithm in set(cpu_conv.valid_algorithms(geometry)) - {"direct", "winograd"}:
+            code = cpu_conv.ALGORITHMS[algorithm]
+            rows = problem.forward_band_rows(code, x.itemsize)
+            assert problem.forward_channel_blocks(rows) > 1  # the case under test
+            runs = []
+            for threads in (1, 2):
+                numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+                runs.append(cpu_conv.conv2d_forward(x, w, b, geometry, algorithm))
+            np.testing.assert_array_equal(runs[0], runs[1])
+            _check_all(runs[:1], expected[:1], bounds[:1], dtype)
+    finally:
+        numba.set_num_threads(saved)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("w_shape, args", [
     ((6, 4, 3, 3), dict(padding=1)),
     ((6, 2, 3, 2), dict(stride=(2, 3), padding=(2, 0), dilation=(1, 2), groups=2)),
     ((6, 4, 1, 1), dict()),

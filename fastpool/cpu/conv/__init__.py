@@ -127,9 +127,10 @@ def _run_forward(problem, x, weight, bias, y, algorithm=None):
                               problem.pad_top, problem.pad_left)
         _check(status)
         return y
+    rows = problem.forward_band_rows(algorithm, x.itemsize)
     with single_threaded_blas(x.dtype):
         _gemm_forward(x, problem.gemm_weight(weight, algorithm), bias, has_bias, y,
-                      algorithm, problem.band_rows(algorithm, x.itemsize),
+                      algorithm, rows, problem.forward_channel_blocks(rows),
                       numba.get_num_threads(), status, *problem.args)
     _check(status)
     return y

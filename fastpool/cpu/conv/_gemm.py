@@ -98,37 +98,43 @@ def _gemm_sizes(algorithm, Cg, KH, KW, DH, OW, rows_per_band):
 
 
 @njit(**_JIT)
-def _gemm_forward(x, w, bias, has_bias, y, algorithm, rows_per_band, workers, status,
-                  G, KH, KW, SH, SW, DH, DW, PT, PL, col_lo, col_hi):
-    """``y = conv(x, w) (+ bias)`` by GEMMs over (image, group, band of output rows)."""
+def _gemm_forward(x, w, bias, has_bias, y, algorithm, rows_per_band, m_blocks, workers,
+                  status, G, KH, KW, SH, SW, DH, DW, PT, PL, col_lo, col_hi):
+    """``y = conv(x, w) (+ bias)`` by GEMMs over (image, group, band of output rows,
+    block of output channels)."""
     N, C, H, W = x.shape
     O, OH, OW = y.shape[1], y.shape[2], y.shape[3]
     Cg = C // G
     Og = O // G
     bands = (OH + rows_per_band - 1) // rows_per_band
-    tasks = N * G * bands
+    tasks = N * G * bands * m_blocks
     k_gemm, col_size = _gemm_sizes(algorithm, Cg, KH, KW, DH, OW, rows_per_band)
     xf = x.reshape(-1)
     yf = y.reshape(-1)
     for worker in prange(workers):
         cols = np.empty(col_size, x.dtype)
         for t in range(worker * tasks // workers, (worker + 1) * tasks // workers):
-            n = t // (G * bands)
-            g = (t // bands) % G
-            oh0 = (t % bands) * rows_per_band
+            mb = t % m_blocks
+            band = t // m_blocks
+            n = band // (G * bands)
+            g = (band // bands) % G
+            oh0 = (band % bands) * rows_per_band
             rows = min(rows_per_band, OH - oh0)
             pixels = rows * OW
-            out = ((n * O + g * Og) * OH + oh0) * OW
+            m0 = mb * Og // m_blocks
+            m = (mb + 1) * Og // m_blocks - m0
+            o0 = g * Og + m0  # first output channel of the task
+            out = ((n * O + o0) * OH + oh0) * OW
             beta = 0.0
             if has_bias:
                 beta = 1.0
-                for o in range(Og):
-                    b = bias[g * Og + o]
+                for o in range(m):
+                    b = bias[o0 + o]
                     start = out + o * OH * OW
                     for p in range(pixels):
                         yf[_U(start + p)] = b
             if algorithm == POINTWISE:
-                s = gemm(False, False, Og, pixels, Cg, w, g * Og * Cg, Cg,
+                s = gemm(False, False, m, pixels, Cg, w, o0 * Cg, Cg,
                          xf, (n * C + g * Cg) * H * W + oh0 * W, H * W,
                          beta, yf, out, OH * OW)
             elif algorithm == ROWS:
@@ -137,13 +143,13 @@ def _gemm_forward(x, w, bias, has_bias, y, algorithm, rows_per_band, workers, st
                                 PL, OW, col_lo, col_hi, cols)
                 s = 0
                 for i in range(KH):
-                    s |= gemm(False, False, Og, pixels, k_gemm, w, (i * O + g * Og) * k_gemm,
+                    s |= gemm(False, False, m, pixels, k_gemm, w, (i * O + o0) * k_gemm,
                               k_gemm, cols, i * DH * OW, n_rows * OW,
                               beta if i == 0 else 1.0, yf, out, OH * OW)
             else:
                 _gather_columns(x, n, g * Cg, Cg, oh0 * SH - PT, SH, rows, KH, DH, KW, SW,
                                 DW, PL, OW, col_lo, col_hi, cols)
-                s = gemm(False, False, Og, pixels, k_gemm, w, g * Og * k_gemm, k_gemm,
+                s = gemm(False, False, m, pixels, k_gemm, w, o0 * k_gemm, k_gemm,
                          cols, 0, pixels, beta, yf, out, OH * OW)
             if s != 0:
                 status[0] = s
