@@ -101,7 +101,8 @@ def _like_input(result, x, window):
             or window.layout != _geometry.CHANNELS_LAST
             or _params.layout_of(result, window.batched) == _geometry.CHANNELS_LAST):
         return result
-    return _geometry.channels_last_copy(result, 1 if window.batched else 0)
+    from fastpool.cpu._arrays import channels_last  # host arrays: the CPU's copy
+    return channels_last(result, 1 if window.batched else 0)
 
 
 @_with_shape_doc

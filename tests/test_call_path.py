@@ -119,3 +119,20 @@ def test_small_and_large_work_estimates_of_the_cpu_launchers():
                                    1, 1, 1, 1)
     # 116 M multiply-adds: far too much for one thread
     assert cpu._conv_cost(conv) > 100 * _threading.SMALL_WORK_NS
+
+
+@pytest.mark.parametrize("shape", [(1, 33, 45, 47), (2, 70, 9, 13, 7), (3, 200, 130),
+                                   (1, 3, 4, 5)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_copies_between_memory_formats(shape, dtype):
+    """The tiled parallel copies (large arrays; sizes not a multiple of the tile) and
+    NumPy's (small ones) give the same array."""
+    from fastpool.cpu._arrays import channels_last, contiguous
+    x = np.random.default_rng(6).standard_normal(shape).astype(dtype)
+    cl = _geometry.channels_last_copy(x, 1)
+    back = contiguous(cl)
+    assert back.flags.c_contiguous and back.dtype == x.dtype
+    np.testing.assert_array_equal(back, x)
+    again = channels_last(x, 1)
+    np.testing.assert_array_equal(again, x)
+    assert again.strides == cl.strides

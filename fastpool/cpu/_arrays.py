@@ -1,16 +1,73 @@
-"""What a Numba CPU kernel is given for an input array."""
+"""What a Numba CPU kernel is given for an input array, and the copies between the two
+memory formats."""
 
 from __future__ import annotations
 
 import numpy as np
+from numba import njit, prange
+
+# Below this many elements NumPy's copy is as fast as waking the kernel's threads.
+_PARALLEL_COPY_ELEMENTS = 1 << 15
+_TILE = 32
 
 
 def contiguous(a):
     """``a`` as a C-contiguous, writeable array in native byte order: ``a`` itself when
-    it already is one, else one copy. Kernels never write their inputs, but Numba
-    compiles a separate kernel for read-only arrays (a second compile per kernel), so
-    read-only inputs are copied like non-contiguous ones."""
+    it already is one, else one copy (parallel, for large channels-last arrays). Kernels
+    never write their inputs, but Numba compiles a separate kernel for read-only arrays
+    (a second compile per kernel), so read-only inputs are copied like non-contiguous
+    ones."""
     a = np.asarray(a)
     if a.flags.c_contiguous and a.flags.writeable and a.dtype.isnative:
         return a
+    if _channels_last_dense(a):
+        return channels_first(a)
     return np.array(a, dtype=a.dtype.newbyteorder("="), order="C", copy=True)
+
+
+def _channels_last_dense(a):
+    """Whether ``a`` (``(N, C, *spatial)``) is a large native array whose memory is an
+    ``(N, *spatial, C)`` buffer."""
+    return (a.ndim >= 3 and a.size >= _PARALLEL_COPY_ELEMENTS and a.dtype.isnative
+            and np.moveaxis(a, 1, -1).flags.c_contiguous)
+
+
+def channels_first(a):
+    """A C-contiguous copy of the channels-last dense ``a`` (``_channels_last_dense``)."""
+    n, c = a.shape[0], a.shape[1]
+    out = np.empty(a.shape, a.dtype)
+    _transpose_planes(np.moveaxis(a, 1, -1).reshape(n, -1, c),
+                      out.reshape(n, c, -1))
+    return out
+
+
+def channels_last(a, channel_axis):
+    """``a`` with the same shape and values and channels-last strides (one copy into an
+    ``(N, *spatial, C)`` buffer, parallel for large C-contiguous arrays), as
+    ``fastpool._geometry.channels_last_copy``."""
+    if (channel_axis == 1 and a.ndim >= 3 and a.flags.c_contiguous and a.dtype.isnative
+            and a.size >= _PARALLEL_COPY_ELEMENTS):
+        n, c = a.shape[0], a.shape[1]
+        buffer = np.empty((n,) + a.shape[2:] + (c,), a.dtype)
+        _transpose_planes(a.reshape(n, c, -1), buffer.reshape(n, -1, c))
+        return np.moveaxis(buffer, -1, 1)
+    moved = np.ascontiguousarray(np.moveaxis(a, channel_axis, -1))
+    return np.moveaxis(moved, -1, channel_axis)
+
+
+@njit(parallel=True, cache=True, boundscheck=False, nogil=True)
+def _transpose_planes(src, dst):
+    """``dst[n, b, a] = src[n, a, b]`` in 32x32 tiles, one task per tile: NumPy's
+    one-thread strided copy ran at half this speed (96x112x112 float32: 0.84 ms
+    against 0.42 ms on 2 threads)."""
+    N, A, B = src.shape
+    ta = (A + _TILE - 1) // _TILE
+    tb = (B + _TILE - 1) // _TILE
+    for t in prange(N * ta * tb):
+        n = t // (ta * tb)
+        r = t - n * (ta * tb)
+        a0 = (r // tb) * _TILE
+        b0 = (r - (r // tb) * tb) * _TILE
+        for b in range(b0, min(B, b0 + _TILE)):
+            for a in range(a0, min(A, a0 + _TILE)):
+                dst[n, b, a] = src[n, a, b]
