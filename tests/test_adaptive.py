@@ -144,6 +144,31 @@ def test_global_pooling_is_the_mean_and_max(rank):
 
 
 @pytest.mark.parametrize("rank", [1, 2, 3])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_global_backward_is_the_general_kernel_bit_for_bit(rank, dtype):
+    """Global average backward broadcasts each share (its own kernel): the general
+    adaptive kernel's values bit for bit, signed zeros of underflowing shares included,
+    in both layouts; and grad / size against the reference."""
+    from fastpool import _params
+    from fastpool.cpu import pool_adaptive, pooling
+    rng = np.random.default_rng(20 + rank)
+    x = rng.standard_normal((2, 5) + (3,) * rank).astype(dtype)
+    g = rng.standard_normal((2, 5) + (1,) * rank).astype(dtype)
+    g.flat[0] = -np.finfo(dtype).smallest_subnormal  # / size rounds to -0.0
+    for xin, gin in ((x, g), (channels_last(x), channels_last(g))):
+        got = OPS[rank]["avg_backward"](gin, xin, 1)
+        _, w = _params.adaptive_window(xin, rank, 1)
+        buffer, general = pooling._adaptive_empty(w, w.input_shape, w.in_size, g.dtype)
+        pool_adaptive.avg_backward(xin is not x)(
+            pooling._adaptive_view(gin, w, w.out3), buffer, *pooling._bounds(w),
+            *pooling._cover(w), g.dtype.type(0))
+        assert got.strides == general.strides
+        np.testing.assert_array_equal(got.view(f"i{g.itemsize}"),
+                                      general.view(f"i{g.itemsize}"))
+        assert_close(got, np.broadcast_to(g / 3 ** rank, x.shape), dtype)
+
+
+@pytest.mark.parametrize("rank", [1, 2, 3])
 @pytest.mark.parametrize("layout", ["first", "last"])
 def test_gpu_kernels_match_cpu(rank, layout, small_launches):
     """Bit for bit, every op, both dtypes; NumPy in and out through the GPU."""

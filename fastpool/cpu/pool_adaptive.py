@@ -14,7 +14,8 @@ win, as the other max kernels do.
 
 Global pooling (``output_size = 1``, every window the whole input) is a plain
 reduction: ``global_avg_channels_first`` sums many planes at once, vectorised across
-planes, each plane's elements still added in order.
+planes, each plane's elements still added in order; ``global_avg_backward`` broadcasts
+each share.
 """
 
 from __future__ import annotations
@@ -135,6 +136,35 @@ def avg_backward(CHANNELS_LAST):
                 g = (in_row * W + w) * C
                 for c in range(C):
                     gif[U(g + c)] = acc[c]
+
+    return kernel
+
+
+@functools.lru_cache(maxsize=None)
+def global_avg_backward(CHANNELS_LAST):
+    """``kernel(grad_output, grad_input, zero, workers)`` for global pooling: every
+    element of ``(b, c)`` gets ``grad / size`` (rounded to the dtype, then added to
+    ``zero`` as ``avg_backward``'s accumulator does, so results are those of the
+    general kernel bit for bit). The general kernel made two scratch arrays per input
+    row, which on 7x7 planes cost 25x the stores."""
+
+    @njit(**JIT)
+    def kernel(grad_output, grad_input, zero, workers):
+        B = grad_input.shape[0]
+        C = grad_input.shape[4] if CHANNELS_LAST else 1
+        size = grad_input.shape[1] * grad_input.shape[2] * grad_input.shape[3]
+        gf = grad_output.reshape(-1)
+        gif = grad_input.reshape(-1)
+        for worker in prange(workers):
+            share = np.empty(C, dtype=grad_input.dtype)
+            for b in range(worker * B // workers, (worker + 1) * B // workers):
+                for c in range(C):
+                    share[c] = np.float64(gf[U(b * C + c)]) / size
+                    share[c] = zero + share[c]
+                base = b * size * C
+                for k in range(size):
+                    for c in range(C):
+                        gif[U(base + k * C + c)] = share[c]
 
     return kernel
 

@@ -335,7 +335,11 @@ def adaptive_avg_pool_forward(x, window):
 def adaptive_avg_pool_backward(grad_output, window):
     w = window
     grad_input, view = _adaptive_empty(w, w.input_shape, w.in_size, grad_output.dtype)
-    if w.planes:
+    if w.planes and w.is_global:
+        pool_adaptive.global_avg_backward(w.layout == CHANNELS_LAST)(
+            _adaptive_view(grad_output, w, w.out3), grad_input, grad_output.dtype.type(0),
+            max(1, min(numba.get_num_threads(), grad_input.shape[0])))
+    elif w.planes:
         pool_adaptive.avg_backward(w.layout == CHANNELS_LAST)(
             _adaptive_view(grad_output, w, w.out3), grad_input, *_bounds(w), *_cover(w),
             grad_output.dtype.type(0))
