@@ -502,3 +502,28 @@ def test_gpu_kernels_match_cpu(rank, dtype, layout, small_launches):
             assert_close(gpu[name], cpu[name], dtype)
         else:
             np.testing.assert_array_equal(gpu[name], cpu[name], err_msg=name)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape, args", [
+    ((2, 3, 9, 11), dict(kernel_size=3, stride=2, padding=1)),
+    ((1, 2, 10, 13), dict(kernel_size=(2, 3), stride=(3, 2), padding=(1, 1), dilation=(2, 2))),
+    ((1, 2, 7, 12), dict(kernel_size=4, stride=3, padding=2, ceil_mode=True)),
+    ((1, 2, 5, 6, 9), dict(kernel_size=3, stride=2, padding=1)),
+], ids=["3x3s2", "dilated", "s3-ceil", "3-D"])
+def test_strided_max_pooling_edges_ties_nan_and_infinities(shape, args, dtype):
+    """Column strides above 1 read each row's column phases, with -inf standing in for
+    rows outside the input: a window whose inside values are all -inf (or equal, or
+    NaN) must still report the reference's value and first index, zeros' signs kept."""
+    rng = np.random.default_rng(17)
+    x = rng.choice(np.array([-np.inf, -1.0, 0.0, -0.0, 2.0], dtype), size=shape)
+    x.flat[rng.choice(x.size, size=max(1, x.size // 40), replace=False)] = np.nan
+    x[..., :2, :] = -np.inf  # top rows: windows that hang over the padding see only -inf
+    rank = len(shape) - 2
+    pool = {2: fastpool.max_pool2d, 3: fastpool.max_pool3d}[rank]
+    y, idx = pool(x, return_indices=True, **args)
+    ry, ridx = ref.max_pool(x, **args)
+    np.testing.assert_array_equal(idx, ridx)
+    np.testing.assert_array_equal(np.signbit(y), np.signbit(ry.astype(dtype)))
+    np.testing.assert_array_equal(y, ry.astype(dtype))
+    np.testing.assert_array_equal(pool(x, **args), y)  # the kernel without indices

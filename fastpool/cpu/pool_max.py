@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 
+import numpy as np
 from numba import njit, prange
 
 from fastpool.cpu._pool_common import INF, JIT, U, output_row, replaces
@@ -18,68 +19,163 @@ from fastpool.cpu._pool_common import INF, JIT, U, output_row, replaces
 
 @functools.lru_cache(maxsize=None)
 def max_forward(KD, KH, KW, SD, SH, SW, DD, DH, DW, WITH_INDICES):
-    """``kernel(x, out, indices, pd, ph, pw, ow_lo, ow_hi)`` on ``(planes, D, H, W)``
-    views; ``indices`` receives flat positions ``(d * H + h) * W + w`` in the plane."""
+    """``kernel(x, out, indices, pd, ph, pw, ow_lo, ow_hi, workers)`` on ``(planes, D,
+    H, W)`` views; ``indices`` receives flat positions ``(d * H + h) * W + w`` in the
+    plane.
+
+    With a column stride ``SW > 1`` the taps of neighbouring outputs are ``SW`` apart and
+    overlap (3x3 stride 2), which LLVM compiles to gathers, one per tap; so each output
+    row's input rows are first split into their ``SW`` column phases (``phases``), and the
+    taps read the phases contiguously, still in row-major window order. ``workers``
+    threads take fixed runs of rows and one phase buffer each."""
 
     @njit(**JIT)
-    def kernel(x, out, indices, pd, ph, pw, ow_lo, ow_hi):
+    def kernel(x, out, indices, pd, ph, pw, ow_lo, ow_hi, workers):
         planes, D, H, W = x.shape
         OD, OH, OW = out.shape[1], out.shape[2], out.shape[3]
-        HW = H * W
+        rows = planes * OD * OH
+        L = (W + SW - 1) // SW  # length of one column phase
         xf = x.reshape(-1)
         of = out.reshape(-1)
         jf = indices.reshape(-1)
-        for row in prange(planes * OD * OH):
-            _, _, _, d0, h0, base, inside = output_row(row, OD, OH, D, H, W, pd, ph,
-                                                       KD, KH, SD, SH, DD, DH)
-            orow = row * OW
-            if inside:
-                start = d0 * HW + h0 * W - pw  # the row's first window, hoisted
-                for ow in range(ow_lo, ow_hi):
-                    k0 = start + ow * SW
-                    best = xf[U(base + k0)]
-                    arg = k0
-                    for a in range(KD):
-                        for i in range(KH):
-                            for j in range(KW):
-                                if a + i + j > 0:
-                                    k = k0 + a * DD * HW + i * DH * W + j * DW
-                                    v = xf[U(base + k)]
-                                    take = replaces(v, best)
-                                    best = v if take else best
-                                    if WITH_INDICES:
-                                        arg = k if take else arg
-                    of[U(orow + ow)] = best
-                    if WITH_INDICES:
-                        jf[U(orow + ow)] = arg
-            for ow in range(OW):
-                if inside and ow_lo <= ow < ow_hi:
-                    continue
-                w0 = ow * SW - pw
-                best = -INF
-                arg = -1
-                for a in range(KD):
-                    d = d0 + a * DD
-                    if d < 0 or d >= D:
-                        continue
-                    for i in range(KH):
-                        h = h0 + i * DH
-                        if h < 0 or h >= H:
-                            continue
-                        for j in range(KW):
-                            w = w0 + j * DW
-                            if w < 0 or w >= W:
-                                continue
-                            k = d * HW + h * W + w
-                            v = xf[base + k]
-                            if arg < 0 or replaces(v, best):
-                                best = v
-                                arg = k
-                of[orow + ow] = best
-                if WITH_INDICES:
-                    jf[orow + ow] = arg
+        for worker in prange(workers):
+            buffer = np.empty(KD * KH * SW * L if SW > 1 else 1, x.dtype)
+            for row in range(worker * rows // workers, (worker + 1) * rows // workers):
+                _max_row(xf, of, jf, row, buffer, D, H, W, OD, OH, OW, pd, ph, pw, ow_lo,
+                         ow_hi, L, KD, KH, KW, SD, SH, SW, DD, DH, DW, WITH_INDICES)
 
     return kernel
+
+
+@njit(inline="always")
+def phases(xf, start, W, L, SW, buffer, slot):
+    """Split the input row at ``xf[start:start + W]`` into its ``SW`` column phases:
+    ``buffer[(slot * SW + r) * L + q] = row[q * SW + r]`` (whole groups first, so the
+    copy vectorises as one interleaved load)."""
+    whole = W // SW
+    for q in range(whole):
+        for r in range(SW):
+            buffer[U((slot * SW + r) * L + q)] = xf[U(start + q * SW + r)]
+    for w in range(whole * SW, W):
+        buffer[U((slot * SW + w - whole * SW) * L + whole)] = xf[U(start + w)]
+
+
+@njit(inline="always")
+def _max_row(xf, of, jf, row, buffer, D, H, W, OD, OH, OW, pd, ph, pw, ow_lo, ow_hi, L,
+             KD, KH, KW, SD, SH, SW, DD, DH, DW, WITH_INDICES):
+    """One output row ``row = (plane, od, oh)`` of ``max_forward``: interior columns
+    ``[ow_lo, ow_hi)`` with every tap inside the input, then the edges with checks."""
+    HW = H * W
+    _, _, _, d0, h0, base, inside = output_row(row, OD, OH, D, H, W, pd, ph,
+                                               KD, KH, SD, SH, DD, DH)
+    orow = row * OW
+    if SW > 1:
+        # Column phases of every tap row; rows outside the input (top and bottom
+        # windows) hold -inf, which never replaces a maximum, so those rows run here
+        # too. The running maximum starts at the first row inside the input (every
+        # window has one): it and -inf rows before it are then visited without effect.
+        first = -1
+        for a in range(KD):
+            d = d0 + a * DD
+            for i in range(KH):
+                h = h0 + i * DH
+                slot = a * KH + i
+                if 0 <= d < D and 0 <= h < H:
+                    phases(xf, base + d * HW + h * W, W, L, SW, buffer, slot)
+                    if first < 0:
+                        first = slot
+                else:
+                    for e in range(slot * SW * L, (slot + 1) * SW * L):
+                        buffer[U(e)] = -INF
+        a0 = first // KH
+        i0 = first - a0 * KH
+        first_row = (d0 + a0 * DD) * HW + (h0 + i0 * DH) * W
+        start = d0 * HW + h0 * W - pw
+        q0 = (-pw) // SW
+        for ow in range(ow_lo, ow_hi):
+            best = buffer[U((first * SW - pw - q0 * SW) * L + ow + q0)]
+            arg = first_row + ow * SW - pw
+            k0 = start + ow * SW
+            for a in range(KD):
+                for i in range(KH):
+                    for j in range(KW):
+                        # tap (a, i, j) is column ow*SW + j*DW - pw: phase r, index ow + q
+                        c = j * DW - pw
+                        q = c // SW
+                        v = buffer[U(((a * KH + i) * SW + c - q * SW) * L + ow + q)]
+                        take = replaces(v, best)
+                        best = v if take else best
+                        if WITH_INDICES:
+                            arg = (k0 + a * DD * HW + i * DH * W + j * DW) if take else arg
+            of[U(orow + ow)] = best
+            if WITH_INDICES:
+                jf[U(orow + ow)] = arg
+        _max_edges(xf, of, jf, base, orow, d0, h0, 0, ow_lo, D, H, W, pw,
+                   KD, KH, KW, SW, DD, DH, DW, WITH_INDICES)
+        _max_edges(xf, of, jf, base, orow, d0, h0, ow_hi, OW, D, H, W, pw,
+                   KD, KH, KW, SW, DD, DH, DW, WITH_INDICES)
+        return
+    if inside:
+        start = d0 * HW + h0 * W - pw  # the row's first window, hoisted
+        for ow in range(ow_lo, ow_hi):
+            k0 = start + ow * SW
+            best = xf[U(base + k0)]
+            arg = k0
+            for a in range(KD):
+                for i in range(KH):
+                    for j in range(KW):
+                        if a + i + j > 0:
+                            k = k0 + a * DD * HW + i * DH * W + j * DW
+                            v = xf[U(base + k)]
+                            take = replaces(v, best)
+                            best = v if take else best
+                            if WITH_INDICES:
+                                arg = k if take else arg
+            of[U(orow + ow)] = best
+            if WITH_INDICES:
+                jf[U(orow + ow)] = arg
+    # Edge columns (all of them in rows whose window leaves the input along D or H),
+    # each tap checked. Only these columns are visited: a loop over every column that
+    # skipped the interior cost as much as the interior itself.
+    if inside:
+        _max_edges(xf, of, jf, base, orow, d0, h0, 0, ow_lo, D, H, W, pw,
+                   KD, KH, KW, SW, DD, DH, DW, WITH_INDICES)
+        _max_edges(xf, of, jf, base, orow, d0, h0, ow_hi, OW, D, H, W, pw,
+                   KD, KH, KW, SW, DD, DH, DW, WITH_INDICES)
+    else:
+        _max_edges(xf, of, jf, base, orow, d0, h0, 0, OW, D, H, W, pw,
+                   KD, KH, KW, SW, DD, DH, DW, WITH_INDICES)
+
+
+@njit(inline="always")
+def _max_edges(xf, of, jf, base, orow, d0, h0, ow_from, ow_to, D, H, W, pw,
+               KD, KH, KW, SW, DD, DH, DW, WITH_INDICES):
+    """Output columns ``[ow_from, ow_to)`` of one row, every tap bounds-checked."""
+    HW = H * W
+    for ow in range(ow_from, ow_to):
+        w0 = ow * SW - pw
+        best = -INF
+        arg = -1
+        for a in range(KD):
+            d = d0 + a * DD
+            if d < 0 or d >= D:
+                continue
+            for i in range(KH):
+                h = h0 + i * DH
+                if h < 0 or h >= H:
+                    continue
+                for j in range(KW):
+                    w = w0 + j * DW
+                    if w < 0 or w >= W:
+                        continue
+                    k = d * HW + h * W + w
+                    v = xf[base + k]
+                    if arg < 0 or replaces(v, best):
+                        best = v
+                        arg = k
+        of[orow + ow] = best
+        if WITH_INDICES:
+            jf[orow + ow] = arg
 
 
 @njit(**JIT)

@@ -88,6 +88,12 @@ def _pads(window):
     return window.pad_lo3
 
 
+def _row_workers(window):
+    """Threads a forward kernel splits its output rows between."""
+    rows = window.planes * math.prod(window.out3[:2])
+    return max(1, min(numba.get_num_threads(), rows))
+
+
 def _workers(window):
     """Threads a backward kernel splits its planes between."""
     return max(1, min(numba.get_num_threads(), window.planes))
@@ -116,7 +122,7 @@ def max_pool_forward(x, window, with_indices):
         kernel("max_forward", w, bool(with_indices))(
             _volumes(x, w.in3), out.reshape((-1,) + w.out3),
             indices.reshape((-1,) + w.out3) if with_indices else indices.reshape(1, 1, 1, 1),
-            *_pads(w), lo, hi)
+            *_pads(w), lo, hi, _row_workers(w))
     return out, (indices if with_indices else None)
 
 
