@@ -9,7 +9,7 @@ plus scratch). Linux only; ``available()`` tells.
 outputs (README, "Reliability"), read off the kernels' allocations:
 
 * pooling forwards: nothing beyond a flag per output row (stochastic); channels-first
-  max pooling with a column stride above 1 keeps, per thread, the column phases of its
+  max and average pooling with a column stride above 1 keep, per thread, the column phases of its
   ``kD * kH`` input rows (``kD * kH * (W + sW)`` elements);
 * max / stochastic-training backward: nothing (the scatter owns whole planes);
 * average backward: per thread, a ring of ``R`` spread rows of ``W`` plus one output row
@@ -71,11 +71,11 @@ def pool_scratch(op, threads, in_hw, out_hw, kernel, stride, dilation, itemsize,
     """Bytes beyond the outputs that a pooling op may allocate (module docstring)."""
     (H, W), (OH, OW) = in_hw[-2:], out_hw[-2:]
     flags = planes * OH  # one bool per output row (stochastic forward)
-    if op == "max_forward":
+    if op in ("max_forward", "avg_forward"):
         depth = kernel[0] if len(kernel) == 3 else 1
         phases = threads * itemsize * depth * kernel[-2] * (W + stride[-1])
         return flags + (phases if stride[-1] > 1 else 0)
-    if op in ("max_backward", "avg_forward", "stochastic_train_backward"):
+    if op in ("max_backward", "stochastic_train_backward"):
         return flags
     if op in ("stochastic_train_forward", "stochastic_infer_forward"):
         return flags

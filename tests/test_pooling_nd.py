@@ -527,3 +527,27 @@ def test_strided_max_pooling_edges_ties_nan_and_infinities(shape, args, dtype):
     np.testing.assert_array_equal(np.signbit(y), np.signbit(ry.astype(dtype)))
     np.testing.assert_array_equal(y, ry.astype(dtype))
     np.testing.assert_array_equal(pool(x, **args), y)  # the kernel without indices
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape, args", [
+    ((2, 3, 9, 11), dict(kernel_size=3, stride=2, padding=1, count_include_pad=False)),
+    ((1, 2, 7, 12), dict(kernel_size=4, stride=3, padding=2, ceil_mode=True)),
+    ((1, 2, 7, 12), dict(kernel_size=4, stride=3, padding=2, ceil_mode=True,
+                         count_include_pad=False)),
+    ((1, 2, 8, 10), dict(kernel_size=3, stride=2, padding=1, divisor_override=5)),
+    ((1, 2, 5, 6, 9), dict(kernel_size=3, stride=2, padding=1, count_include_pad=False)),
+], ids=["s2-exclude-pad", "s3-ceil", "s3-ceil-exclude-pad", "divisor", "3-D"])
+def test_strided_avg_pooling_matches_reference_and_channels_last(shape, args, dtype):
+    """Column strides above 1 read each row's column phases, rows outside the input as
+    zeros: the reference's means, and bit for bit the channels-last kernel's values
+    (top and bottom rows, clipped divisors, ceil_mode's last windows included)."""
+    rng = np.random.default_rng(19)
+    x = rng.standard_normal(shape).astype(dtype)
+    x[..., 0, :] = -0.0
+    rank = len(shape) - 2
+    pool = {2: fastpool.avg_pool2d, 3: fastpool.avg_pool3d}[rank]
+    y = pool(x, **args)
+    assert_close(y, ref.avg_pool(x, **args), dtype)
+    from fastpool._geometry import channels_last_copy
+    np.testing.assert_array_equal(pool(channels_last_copy(x, 1), **args), y)

@@ -61,6 +61,19 @@ def interior_columns(window):
 
 
 @njit(inline="always")
+def phases(xf, start, W, L, SW, buffer, slot):
+    """Split the input row at ``xf[start:start + W]`` into its ``SW`` column phases:
+    ``buffer[(slot * SW + r) * L + q] = row[q * SW + r]`` (whole groups first, so the
+    copy vectorises as one interleaved load)."""
+    whole = W // SW
+    for q in range(whole):
+        for r in range(SW):
+            buffer[U((slot * SW + r) * L + q)] = xf[U(start + q * SW + r)]
+    for w in range(whole * SW, W):
+        buffer[U((slot * SW + w - whole * SW) * L + whole)] = xf[U(start + w)]
+
+
+@njit(inline="always")
 def worker_planes(worker, workers, planes):
     """Planes ``[lo, hi)`` of one worker: backward kernels give each of ``workers``
     threads a fixed run of whole planes and its own scratch, allocated once per

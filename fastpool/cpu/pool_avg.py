@@ -18,6 +18,7 @@ from fastpool.cpu._pool_common import (
     U,
     gather_rows,
     output_row,
+    phases,
     ring_rows,
     spread_along_w,
     worker_planes,
@@ -27,53 +28,147 @@ from fastpool.cpu._pool_common import (
 @functools.lru_cache(maxsize=None)
 def avg_forward(KD, KH, KW, SD, SH, SW):
     """``kernel(x, out, pd, ph, pw, count_include_pad, divisor_override, ow_lo, ow_hi,
-    zero, interior_divisor)`` on ``(planes, D, H, W)`` views."""
+    zero, interior_divisor, workers)`` on ``(planes, D, H, W)`` views.
+
+    Interior columns (every tap inside the row) add their taps in row-major order; with
+    a column stride ``SW > 1`` they read each input row's column phases (``phases``:
+    overlapping strided taps compiled to gathers), rows outside the input as zeros,
+    which leave every sum as it was (``total`` starts at +0, so no sum is -0). Edge
+    columns clip their windows. ``workers`` threads take fixed runs of rows and one
+    phase buffer each."""
+
+    row_kernel = _avg_row_phases if SW > 1 else _avg_row_direct  # one compiled per kernel
 
     @njit(**JIT)
     def kernel(x, out, pd, ph, pw, count_include_pad, divisor_override, ow_lo, ow_hi,
-               zero, interior_divisor):
+               zero, interior_divisor, workers):
         planes, D, H, W = x.shape
         OD, OH, OW = out.shape[1], out.shape[2], out.shape[3]
-        HW = H * W
+        L = (W + SW - 1) // SW
+        rows = planes * OD * OH
         xf = x.reshape(-1)
         of = out.reshape(-1)
-        for row in prange(planes * OD * OH):
-            _, _, _, d0, h0, base, inside = output_row(row, OD, OH, D, H, W, pd, ph,
-                                                       KD, KH, SD, SH, 1, 1)
-            orow = row * OW
-            if inside:
-                for ow in range(ow_lo, ow_hi):
-                    k0 = d0 * HW + h0 * W + ow * SW - pw
-                    total = zero
-                    for a in range(KD):
-                        for i in range(KH):
-                            for j in range(KW):
-                                total += xf[U(base + k0 + a * HW + i * W + j)]
-                    of[U(orow + ow)] = total / interior_divisor
-            d1 = min(d0 + KD, D + pd)
-            ds, de = max(d0, 0), min(d1, D)
-            h1 = min(h0 + KH, H + ph)
-            hs, he = max(h0, 0), min(h1, H)
-            for ow in range(OW):
-                if inside and ow_lo <= ow < ow_hi:
-                    continue
-                w0 = ow * SW - pw
-                w1 = min(w0 + KW, W + pw)
-                ws, we = max(w0, 0), min(w1, W)
-                total = zero
-                for d in range(ds, de):
-                    for h in range(hs, he):
-                        for w in range(ws, we):
-                            total += xf[base + d * HW + h * W + w]
-                if divisor_override != 0:
-                    divisor = divisor_override
-                elif count_include_pad:
-                    divisor = (d1 - d0) * (h1 - h0) * (w1 - w0)
-                else:
-                    divisor = (de - ds) * (he - hs) * (we - ws)
-                of[orow + ow] = total / divisor
+        for worker in prange(workers):
+            buffer = np.empty(KD * KH * SW * L if SW > 1 else 1, x.dtype)
+            for row in range(worker * rows // workers, (worker + 1) * rows // workers):
+                row_kernel(xf, of, row, buffer, D, H, W, OD, OH, OW, pd, ph, pw,
+                           count_include_pad, divisor_override, ow_lo, ow_hi, zero,
+                           interior_divisor, L, KD, KH, KW, SD, SH, SW)
 
     return kernel
+
+
+@njit(inline="always")
+def _avg_row_phases(xf, of, row, buffer, D, H, W, OD, OH, OW, pd, ph, pw,
+                    count_include_pad, divisor_override, ow_lo, ow_hi, zero,
+                    interior_divisor, L, KD, KH, KW, SD, SH, SW):
+    """One output row of ``avg_forward`` with ``SW > 1``: interior columns from the
+    column phases (rows outside the input as zeros), then the edges."""
+    HW = H * W
+    _, _, _, d0, h0, base, inside = output_row(row, OD, OH, D, H, W, pd, ph,
+                                               KD, KH, SD, SH, 1, 1)
+    orow = row * OW
+    d1 = min(d0 + KD, D + pd)
+    ds, de = max(d0, 0), min(d1, D)
+    h1 = min(h0 + KH, H + ph)
+    hs, he = max(h0, 0), min(h1, H)
+    for a in range(KD):
+        for i in range(KH):
+            d = d0 + a
+            h = h0 + i
+            slot = a * KH + i
+            if 0 <= d < D and 0 <= h < H:
+                phases(xf, base + d * HW + h * W, W, L, SW, buffer, slot)
+            else:
+                for e in range(slot * SW * L, (slot + 1) * SW * L):
+                    buffer[U(e)] = zero
+    if inside:
+        _avg_phase_columns(buffer, of, orow, ow_lo, ow_hi, pw, L, zero,
+                           interior_divisor, KD, KH, KW, SW)
+    else:
+        # the row's interior-column divisor, as the edge loop computes it
+        if divisor_override != 0:
+            divisor = divisor_override
+        elif count_include_pad:
+            divisor = (d1 - d0) * (h1 - h0) * KW
+        else:
+            divisor = (de - ds) * (he - hs) * KW
+        _avg_phase_columns(buffer, of, orow, ow_lo, ow_hi, pw, L, zero, divisor,
+                           KD, KH, KW, SW)
+    for part in range(2):  # the edge columns on either side (one inlined copy)
+        _avg_edges(xf, of, base, orow, 0 if part == 0 else ow_hi,
+                   ow_lo if part == 0 else OW, W, HW, pw, d0, d1, ds, de, h0, h1, hs, he,
+                   count_include_pad, divisor_override, zero, KW, SW)
+
+
+@njit(inline="always")
+def _avg_row_direct(xf, of, row, buffer, D, H, W, OD, OH, OW, pd, ph, pw,
+                    count_include_pad, divisor_override, ow_lo, ow_hi, zero,
+                    interior_divisor, L, KD, KH, KW, SD, SH, SW):
+    """One output row of ``avg_forward`` with ``SW = 1``: interior columns read the
+    input in place when the window's rows are inside it, then the edges."""
+    HW = H * W
+    _, _, _, d0, h0, base, inside = output_row(row, OD, OH, D, H, W, pd, ph,
+                                               KD, KH, SD, SH, 1, 1)
+    orow = row * OW
+    d1 = min(d0 + KD, D + pd)
+    ds, de = max(d0, 0), min(d1, D)
+    h1 = min(h0 + KH, H + ph)
+    hs, he = max(h0, 0), min(h1, H)
+    if inside:
+        for ow in range(ow_lo, ow_hi):
+            k0 = d0 * HW + h0 * W + ow * SW - pw
+            total = zero
+            for a in range(KD):
+                for i in range(KH):
+                    for j in range(KW):
+                        total += xf[U(base + k0 + a * HW + i * W + j)]
+            of[U(orow + ow)] = total / interior_divisor
+    # Edge columns: both sides of the interior, or the whole row when its window leaves
+    # the input along D or H (one inlined copy of the edge loop).
+    first_end = ow_lo if inside else OW
+    second_start = ow_hi if inside else OW
+    for part in range(2):
+        _avg_edges(xf, of, base, orow, 0 if part == 0 else second_start,
+                   first_end if part == 0 else OW, W, HW, pw, d0, d1, ds, de, h0, h1, hs,
+                   he, count_include_pad, divisor_override, zero, KW, SW)
+
+
+@njit(inline="always")
+def _avg_phase_columns(buffer, of, orow, ow_lo, ow_hi, pw, L, zero, divisor,
+                       KD, KH, KW, SW):
+    """Interior columns ``[ow_lo, ow_hi)`` of one row from its rows' column phases."""
+    for ow in range(ow_lo, ow_hi):
+        total = zero
+        for a in range(KD):
+            for i in range(KH):
+                for j in range(KW):
+                    c = j - pw
+                    q = c // SW
+                    total += buffer[U(((a * KH + i) * SW + c - q * SW) * L + ow + q)]
+        of[U(orow + ow)] = total / divisor
+
+
+@njit(inline="always")
+def _avg_edges(xf, of, base, orow, ow_from, ow_to, W, HW, pw, d0, d1, ds, de, h0, h1,
+               hs, he, count_include_pad, divisor_override, zero, KW, SW):
+    """Columns ``[ow_from, ow_to)`` of one row, windows clipped to the input."""
+    for ow in range(ow_from, ow_to):
+        w0 = ow * SW - pw
+        w1 = min(w0 + KW, W + pw)
+        ws, we = max(w0, 0), min(w1, W)
+        total = zero
+        for d in range(ds, de):
+            for h in range(hs, he):
+                for w in range(ws, we):
+                    total += xf[base + d * HW + h * W + w]
+        if divisor_override != 0:
+            divisor = divisor_override
+        elif count_include_pad:
+            divisor = (d1 - d0) * (h1 - h0) * (w1 - w0)
+        else:
+            divisor = (de - ds) * (he - hs) * (we - ws)
+        of[orow + ow] = total / divisor
 
 
 @njit(inline="always")

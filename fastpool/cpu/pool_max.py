@@ -14,7 +14,7 @@ import functools
 import numpy as np
 from numba import njit, prange
 
-from fastpool.cpu._pool_common import INF, JIT, U, output_row, replaces
+from fastpool.cpu._pool_common import INF, JIT, U, output_row, phases, replaces
 
 
 @functools.lru_cache(maxsize=None)
@@ -29,6 +29,8 @@ def max_forward(KD, KH, KW, SD, SH, SW, DD, DH, DW, WITH_INDICES):
     taps read the phases contiguously, still in row-major window order. ``workers``
     threads take fixed runs of rows and one phase buffer each."""
 
+    row_kernel = _max_row_phases if SW > 1 else _max_row_direct  # one compiled per kernel
+
     @njit(**JIT)
     def kernel(x, out, indices, pd, ph, pw, ow_lo, ow_hi, workers):
         planes, D, H, W = x.shape
@@ -41,80 +43,76 @@ def max_forward(KD, KH, KW, SD, SH, SW, DD, DH, DW, WITH_INDICES):
         for worker in prange(workers):
             buffer = np.empty(KD * KH * SW * L if SW > 1 else 1, x.dtype)
             for row in range(worker * rows // workers, (worker + 1) * rows // workers):
-                _max_row(xf, of, jf, row, buffer, D, H, W, OD, OH, OW, pd, ph, pw, ow_lo,
-                         ow_hi, L, KD, KH, KW, SD, SH, SW, DD, DH, DW, WITH_INDICES)
+                row_kernel(xf, of, jf, row, buffer, D, H, W, OD, OH, OW, pd, ph, pw, ow_lo,
+                           ow_hi, L, KD, KH, KW, SD, SH, SW, DD, DH, DW, WITH_INDICES)
 
     return kernel
 
 
 @njit(inline="always")
-def phases(xf, start, W, L, SW, buffer, slot):
-    """Split the input row at ``xf[start:start + W]`` into its ``SW`` column phases:
-    ``buffer[(slot * SW + r) * L + q] = row[q * SW + r]`` (whole groups first, so the
-    copy vectorises as one interleaved load)."""
-    whole = W // SW
-    for q in range(whole):
-        for r in range(SW):
-            buffer[U((slot * SW + r) * L + q)] = xf[U(start + q * SW + r)]
-    for w in range(whole * SW, W):
-        buffer[U((slot * SW + w - whole * SW) * L + whole)] = xf[U(start + w)]
+def _max_row_phases(xf, of, jf, row, buffer, D, H, W, OD, OH, OW, pd, ph, pw, ow_lo,
+                    ow_hi, L, KD, KH, KW, SD, SH, SW, DD, DH, DW, WITH_INDICES):
+    """One output row ``row = (plane, od, oh)`` of ``max_forward`` with ``SW > 1``:
+    interior columns from the column phases, then the edges with checks."""
+    HW = H * W
+    _, _, _, d0, h0, base, inside = output_row(row, OD, OH, D, H, W, pd, ph,
+                                               KD, KH, SD, SH, DD, DH)
+    orow = row * OW
+    # Column phases of every tap row; rows outside the input (top and bottom
+    # windows) hold -inf, which never replaces a maximum, so those rows run here
+    # too. The running maximum starts at the first row inside the input (every
+    # window has one): it and -inf rows before it are then visited without effect.
+    first = -1
+    for a in range(KD):
+        d = d0 + a * DD
+        for i in range(KH):
+            h = h0 + i * DH
+            slot = a * KH + i
+            if 0 <= d < D and 0 <= h < H:
+                phases(xf, base + d * HW + h * W, W, L, SW, buffer, slot)
+                if first < 0:
+                    first = slot
+            else:
+                for e in range(slot * SW * L, (slot + 1) * SW * L):
+                    buffer[U(e)] = -INF
+    a0 = first // KH
+    i0 = first - a0 * KH
+    first_row = (d0 + a0 * DD) * HW + (h0 + i0 * DH) * W
+    start = d0 * HW + h0 * W - pw
+    q0 = (-pw) // SW
+    for ow in range(ow_lo, ow_hi):
+        best = buffer[U((first * SW - pw - q0 * SW) * L + ow + q0)]
+        arg = first_row + ow * SW - pw
+        k0 = start + ow * SW
+        for a in range(KD):
+            for i in range(KH):
+                for j in range(KW):
+                    # tap (a, i, j) is column ow*SW + j*DW - pw: phase r, index ow + q
+                    c = j * DW - pw
+                    q = c // SW
+                    v = buffer[U(((a * KH + i) * SW + c - q * SW) * L + ow + q)]
+                    take = replaces(v, best)
+                    best = v if take else best
+                    if WITH_INDICES:
+                        arg = (k0 + a * DD * HW + i * DH * W + j * DW) if take else arg
+        of[U(orow + ow)] = best
+        if WITH_INDICES:
+            jf[U(orow + ow)] = arg
+    for part in range(2):  # the edge columns on either side (one inlined copy)
+        _max_edges(xf, of, jf, base, orow, d0, h0, 0 if part == 0 else ow_hi,
+                   ow_lo if part == 0 else OW, D, H, W, pw, KD, KH, KW, SW, DD, DH, DW,
+                   WITH_INDICES)
 
 
 @njit(inline="always")
-def _max_row(xf, of, jf, row, buffer, D, H, W, OD, OH, OW, pd, ph, pw, ow_lo, ow_hi, L,
-             KD, KH, KW, SD, SH, SW, DD, DH, DW, WITH_INDICES):
+def _max_row_direct(xf, of, jf, row, buffer, D, H, W, OD, OH, OW, pd, ph, pw, ow_lo,
+                    ow_hi, L, KD, KH, KW, SD, SH, SW, DD, DH, DW, WITH_INDICES):
     """One output row ``row = (plane, od, oh)`` of ``max_forward``: interior columns
     ``[ow_lo, ow_hi)`` with every tap inside the input, then the edges with checks."""
     HW = H * W
     _, _, _, d0, h0, base, inside = output_row(row, OD, OH, D, H, W, pd, ph,
                                                KD, KH, SD, SH, DD, DH)
     orow = row * OW
-    if SW > 1:
-        # Column phases of every tap row; rows outside the input (top and bottom
-        # windows) hold -inf, which never replaces a maximum, so those rows run here
-        # too. The running maximum starts at the first row inside the input (every
-        # window has one): it and -inf rows before it are then visited without effect.
-        first = -1
-        for a in range(KD):
-            d = d0 + a * DD
-            for i in range(KH):
-                h = h0 + i * DH
-                slot = a * KH + i
-                if 0 <= d < D and 0 <= h < H:
-                    phases(xf, base + d * HW + h * W, W, L, SW, buffer, slot)
-                    if first < 0:
-                        first = slot
-                else:
-                    for e in range(slot * SW * L, (slot + 1) * SW * L):
-                        buffer[U(e)] = -INF
-        a0 = first // KH
-        i0 = first - a0 * KH
-        first_row = (d0 + a0 * DD) * HW + (h0 + i0 * DH) * W
-        start = d0 * HW + h0 * W - pw
-        q0 = (-pw) // SW
-        for ow in range(ow_lo, ow_hi):
-            best = buffer[U((first * SW - pw - q0 * SW) * L + ow + q0)]
-            arg = first_row + ow * SW - pw
-            k0 = start + ow * SW
-            for a in range(KD):
-                for i in range(KH):
-                    for j in range(KW):
-                        # tap (a, i, j) is column ow*SW + j*DW - pw: phase r, index ow + q
-                        c = j * DW - pw
-                        q = c // SW
-                        v = buffer[U(((a * KH + i) * SW + c - q * SW) * L + ow + q)]
-                        take = replaces(v, best)
-                        best = v if take else best
-                        if WITH_INDICES:
-                            arg = (k0 + a * DD * HW + i * DH * W + j * DW) if take else arg
-            of[U(orow + ow)] = best
-            if WITH_INDICES:
-                jf[U(orow + ow)] = arg
-        _max_edges(xf, of, jf, base, orow, d0, h0, 0, ow_lo, D, H, W, pw,
-                   KD, KH, KW, SW, DD, DH, DW, WITH_INDICES)
-        _max_edges(xf, of, jf, base, orow, d0, h0, ow_hi, OW, D, H, W, pw,
-                   KD, KH, KW, SW, DD, DH, DW, WITH_INDICES)
-        return
     if inside:
         start = d0 * HW + h0 * W - pw  # the row's first window, hoisted
         for ow in range(ow_lo, ow_hi):
@@ -137,14 +135,12 @@ def _max_row(xf, of, jf, row, buffer, D, H, W, OD, OH, OW, pd, ph, pw, ow_lo, ow
     # Edge columns (all of them in rows whose window leaves the input along D or H),
     # each tap checked. Only these columns are visited: a loop over every column that
     # skipped the interior cost as much as the interior itself.
-    if inside:
-        _max_edges(xf, of, jf, base, orow, d0, h0, 0, ow_lo, D, H, W, pw,
-                   KD, KH, KW, SW, DD, DH, DW, WITH_INDICES)
-        _max_edges(xf, of, jf, base, orow, d0, h0, ow_hi, OW, D, H, W, pw,
-                   KD, KH, KW, SW, DD, DH, DW, WITH_INDICES)
-    else:
-        _max_edges(xf, of, jf, base, orow, d0, h0, 0, OW, D, H, W, pw,
-                   KD, KH, KW, SW, DD, DH, DW, WITH_INDICES)
+    first_end = ow_lo if inside else OW
+    second_start = ow_hi if inside else OW
+    for part in range(2):
+        _max_edges(xf, of, jf, base, orow, d0, h0, 0 if part == 0 else second_start,
+                   first_end if part == 0 else OW, D, H, W, pw, KD, KH, KW, SW, DD, DH,
+                   DW, WITH_INDICES)
 
 
 @njit(inline="always")

@@ -187,7 +187,7 @@ def avg_pool_forward(x, window, count_include_pad, divisor_override):
             _volumes(x, w.in3), out.reshape((-1,) + w.out3), *_pads(w),
             count_include_pad, divisor_override, lo, hi,
             # Sum and divide in the input's dtype, as PyTorch does.
-            x.dtype.type(0), x.dtype.type(divisor_override or area))
+            x.dtype.type(0), x.dtype.type(divisor_override or area), _row_workers(w))
     return out
 
 
