@@ -9,8 +9,11 @@ plus scratch). Linux only; ``available()`` tells.
 outputs (README, "Reliability"), read off the kernels' allocations:
 
 * pooling forwards: nothing beyond a flag per output row (stochastic); channels-first
-  max and average pooling with a column stride above 1 keep, per thread, the column phases of its
-  ``kD * kH`` input rows (``kD * kH * (W + sW)`` elements);
+  max and average pooling with a column stride from 2 to 8 keep, per thread, the column phases of its
+  ``kD * kH`` input rows (``kD * kH * (W + sW)`` elements); channels-first planes
+  narrower than 32 columns with at least 16 channels, overlapping windows along W and
+  at most 2**21 input elements go through the channels-last kernels: a channels-last
+  copy of the input and of the results;
 * max / stochastic-training backward: nothing (the scatter owns whole planes);
 * average backward: per thread, a ring of ``R`` spread rows of ``W`` plus one output row
   (``R = (kH - 1) * dH // sH + 1``), in the input's dtype; 3-D pooling with a depth
@@ -67,14 +70,19 @@ def ring_rows(kernel, stride, dilation=1):
     return (kernel - 1) * dilation // stride + 1
 
 
-def pool_scratch(op, threads, in_hw, out_hw, kernel, stride, dilation, itemsize, planes):
+def pool_scratch(op, threads, in_hw, out_hw, kernel, stride, dilation, itemsize, planes,
+                 channels=1):
     """Bytes beyond the outputs that a pooling op may allocate (module docstring)."""
     (H, W), (OH, OW) = in_hw[-2:], out_hw[-2:]
     flags = planes * OH  # one bool per output row (stochastic forward)
     if op in ("max_forward", "avg_forward"):
+        if (W < 32 and channels >= 16 and kernel[-1] > stride[-1]
+                and planes * H * W <= 1 << 21):  # narrow: through the channels-last kernels
+            results = planes * OH * OW * (itemsize + (8 if op == "max_forward" else 0))
+            return planes * H * W * itemsize + results
         depth = kernel[0] if len(kernel) == 3 else 1
         phases = threads * itemsize * depth * kernel[-2] * (W + stride[-1])
-        return flags + (phases if stride[-1] > 1 else 0)
+        return flags + (phases if 1 < stride[-1] <= 8 else 0)
     if op in ("max_backward", "stochastic_train_backward"):
         return flags
     if op in ("stochastic_train_forward", "stochastic_infer_forward"):

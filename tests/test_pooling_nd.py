@@ -551,3 +551,37 @@ def test_strided_avg_pooling_matches_reference_and_channels_last(shape, args, dt
     assert_close(y, ref.avg_pool(x, **args), dtype)
     from fastpool._geometry import channels_last_copy
     np.testing.assert_array_equal(pool(channels_last_copy(x, 1), **args), y)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(2, 16, 14, 14), (20, 9, 7), (1, 32, 3, 5, 6)],
+                         ids=["batched", "unbatched", "3-D"])
+def test_narrow_channels_first_planes_through_channels_last_kernels(shape, dtype,
+                                                                   monkeypatch):
+    """Channels-first planes narrower than 32 columns (16 channels or more) are pooled
+    by the channels-last kernels between two copies: the channels-first kernels' values
+    and indices bit for bit, results channels-first."""
+    from fastpool import _params
+    from fastpool.cpu import pooling
+    rng = np.random.default_rng(23)
+    x = rng.choice(np.array([-1.0, 0.0, -0.0, 1.5, np.nan], dtype), size=shape)
+    rank = len(shape) - 1 if len(shape) == 3 else len(shape) - 2
+    ops = {2: (fastpool.max_pool2d, fastpool.avg_pool2d),
+           3: (fastpool.max_pool3d, fastpool.avg_pool3d)}[rank]
+    assert pooling._narrow(_params.pool_window(x, rank, 3, 2, 1, 1, False)[1])
+    narrow = [ops[0](x, 3, 2, 1, return_indices=True), ops[1](x, 3, 2, 1),
+              ops[1](x, 2, 1, 0, count_include_pad=False)]
+    monkeypatch.setattr(pooling, "_NARROW_COLUMNS", 0)  # the channels-first kernels
+    direct = [ops[0](x, 3, 2, 1, return_indices=True), ops[1](x, 3, 2, 1),
+              ops[1](x, 2, 1, 0, count_include_pad=False)]
+    for got, want in zip(_flatten(narrow), _flatten(direct)):
+        assert got.flags.c_contiguous
+        np.testing.assert_array_equal(got.view(f"i{got.itemsize}"),
+                                      want.view(f"i{want.itemsize}"))
+
+
+def _flatten(results):
+    out = []
+    for r in results:
+        out += list(r) if isinstance(r, tuple) else [r]
+    return out

@@ -60,6 +60,12 @@ def interior_columns(window):
     return lo, max(hi, lo)
 
 
+# Column strides up to this many read column phases (``phases``); larger ones (windows
+# far apart: few outputs per row) read the input directly, so that the phase buffer,
+# ``SW`` phases per row, stays small.
+PHASE_STRIDE_LIMIT = 8
+
+
 @njit(inline="always")
 def phases(xf, start, W, L, SW, buffer, slot):
     """Split the input row at ``xf[start:start + W]`` into its ``SW`` column phases:
@@ -71,6 +77,19 @@ def phases(xf, start, W, L, SW, buffer, slot):
             buffer[U((slot * SW + r) * L + q)] = xf[U(start + q * SW + r)]
     for w in range(whole * SW, W):
         buffer[U((slot * SW + w - whole * SW) * L + whole)] = xf[U(start + w)]
+
+
+@njit(inline="always")
+def window_divisor(divisor_override, count_include_pad, d0, d1, ds, de, h0, h1, hs, he,
+                   w0, w1, ws, we):
+    """Average pooling's divisor of a window ``[x0, x1)`` per axis (``x1`` clipped to the
+    padding) and ``[xs, xe)`` its part inside the input: ``divisor_override``, else the
+    product of the ``x1 - x0`` (``count_include_pad``), else of the ``xe - xs``."""
+    if divisor_override != 0:
+        return divisor_override
+    if count_include_pad:
+        return (d1 - d0) * (h1 - h0) * (w1 - w0)
+    return (de - ds) * (he - hs) * (we - ws)
 
 
 @njit(inline="always")

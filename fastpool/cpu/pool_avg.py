@@ -15,10 +15,12 @@ from numba import njit, prange
 
 from fastpool.cpu._pool_common import (
     JIT,
+    PHASE_STRIDE_LIMIT,
     U,
     gather_rows,
     output_row,
     phases,
+    window_divisor,
     ring_rows,
     spread_along_w,
     worker_planes,
@@ -31,13 +33,13 @@ def avg_forward(KD, KH, KW, SD, SH, SW):
     zero, interior_divisor, workers)`` on ``(planes, D, H, W)`` views.
 
     Interior columns (every tap inside the row) add their taps in row-major order; with
-    a column stride ``SW > 1`` they read each input row's column phases (``phases``:
+    a column stride ``1 < SW <= PHASE_STRIDE_LIMIT`` they read each input row's column phases (``phases``:
     overlapping strided taps compiled to gathers), rows outside the input as zeros,
     which leave every sum as it was (``total`` starts at +0, so no sum is -0). Edge
     columns clip their windows. ``workers`` threads take fixed runs of rows and one
     phase buffer each."""
 
-    row_kernel = _avg_row_phases if SW > 1 else _avg_row_direct  # one compiled per kernel
+    PHASES = 1 < SW <= PHASE_STRIDE_LIMIT  # a constant of the kernel
 
     @njit(**JIT)
     def kernel(x, out, pd, ph, pw, count_include_pad, divisor_override, ow_lo, ow_hi,
@@ -49,29 +51,44 @@ def avg_forward(KD, KH, KW, SD, SH, SW):
         xf = x.reshape(-1)
         of = out.reshape(-1)
         for worker in prange(workers):
-            buffer = np.empty(KD * KH * SW * L if SW > 1 else 1, x.dtype)
+            buffer = np.empty(KD * KH * SW * L if PHASES else 1, x.dtype)
             for row in range(worker * rows // workers, (worker + 1) * rows // workers):
-                row_kernel(xf, of, row, buffer, D, H, W, OD, OH, OW, pd, ph, pw,
-                           count_include_pad, divisor_override, ow_lo, ow_hi, zero,
-                           interior_divisor, L, KD, KH, KW, SD, SH, SW)
+                # PHASES is a constant: one row code per kernel (see max_forward)
+                if PHASES:
+                    _avg_row_phases(xf, of, row, buffer, D, H, W, OD, OH, OW, pd, ph, pw,
+                                    count_include_pad, divisor_override, ow_lo, ow_hi,
+                                    zero, interior_divisor, L, KD, KH, KW, SD, SH, SW)
+                else:
+                    _avg_row_direct(xf, of, row, buffer, D, H, W, OD, OH, OW, pd, ph, pw,
+                                    count_include_pad, divisor_override, ow_lo, ow_hi,
+                                    zero, interior_divisor, L, KD, KH, KW, SD, SH, SW)
 
     return kernel
+
+
+@njit(inline="always")
+def _row_window(row, D, H, W, OD, OH, pd, ph, KD, KH, SD, SH):
+    """Output row ``row``'s window along D and H: start ``d0``/``h0``, end clipped to the
+    padding ``d1``/``h1`` and to the input ``[ds, de)``/``[hs, he)``; the plane's
+    offset; whether the window lies inside the input along both."""
+    _, _, _, d0, h0, base, inside = output_row(row, OD, OH, D, H, W, pd, ph,
+                                               KD, KH, SD, SH, 1, 1)
+    d1 = min(d0 + KD, D + pd)
+    h1 = min(h0 + KH, H + ph)
+    return (d0, h0, base, inside, d1, max(d0, 0), min(d1, D), h1, max(h0, 0),
+            min(h1, H))
 
 
 @njit(inline="always")
 def _avg_row_phases(xf, of, row, buffer, D, H, W, OD, OH, OW, pd, ph, pw,
                     count_include_pad, divisor_override, ow_lo, ow_hi, zero,
                     interior_divisor, L, KD, KH, KW, SD, SH, SW):
-    """One output row of ``avg_forward`` with ``SW > 1``: interior columns from the
+    """One output row of ``avg_forward`` with ``PHASES``: interior columns from the
     column phases (rows outside the input as zeros), then the edges."""
     HW = H * W
-    _, _, _, d0, h0, base, inside = output_row(row, OD, OH, D, H, W, pd, ph,
-                                               KD, KH, SD, SH, 1, 1)
+    d0, h0, base, inside, d1, ds, de, h1, hs, he = _row_window(row, D, H, W, OD, OH, pd,
+                                                               ph, KD, KH, SD, SH)
     orow = row * OW
-    d1 = min(d0 + KD, D + pd)
-    ds, de = max(d0, 0), min(d1, D)
-    h1 = min(h0 + KH, H + ph)
-    hs, he = max(h0, 0), min(h1, H)
     for a in range(KD):
         for i in range(KH):
             d = d0 + a
@@ -87,12 +104,8 @@ def _avg_row_phases(xf, of, row, buffer, D, H, W, OD, OH, OW, pd, ph, pw,
                            interior_divisor, KD, KH, KW, SW)
     else:
         # the row's interior-column divisor, as the edge loop computes it
-        if divisor_override != 0:
-            divisor = divisor_override
-        elif count_include_pad:
-            divisor = (d1 - d0) * (h1 - h0) * KW
-        else:
-            divisor = (de - ds) * (he - hs) * KW
+        divisor = window_divisor(divisor_override, count_include_pad, d0, d1, ds, de,
+                                 h0, h1, hs, he, 0, KW, 0, KW)
         _avg_phase_columns(buffer, of, orow, ow_lo, ow_hi, pw, L, zero, divisor,
                            KD, KH, KW, SW)
     for part in range(2):  # the edge columns on either side (one inlined copy)
@@ -105,16 +118,12 @@ def _avg_row_phases(xf, of, row, buffer, D, H, W, OD, OH, OW, pd, ph, pw,
 def _avg_row_direct(xf, of, row, buffer, D, H, W, OD, OH, OW, pd, ph, pw,
                     count_include_pad, divisor_override, ow_lo, ow_hi, zero,
                     interior_divisor, L, KD, KH, KW, SD, SH, SW):
-    """One output row of ``avg_forward`` with ``SW = 1``: interior columns read the
+    """One output row of ``avg_forward`` without ``PHASES``: interior columns read the
     input in place when the window's rows are inside it, then the edges."""
     HW = H * W
-    _, _, _, d0, h0, base, inside = output_row(row, OD, OH, D, H, W, pd, ph,
-                                               KD, KH, SD, SH, 1, 1)
+    d0, h0, base, inside, d1, ds, de, h1, hs, he = _row_window(row, D, H, W, OD, OH, pd,
+                                                               ph, KD, KH, SD, SH)
     orow = row * OW
-    d1 = min(d0 + KD, D + pd)
-    ds, de = max(d0, 0), min(d1, D)
-    h1 = min(h0 + KH, H + ph)
-    hs, he = max(h0, 0), min(h1, H)
     if inside:
         for ow in range(ow_lo, ow_hi):
             k0 = d0 * HW + h0 * W + ow * SW - pw
@@ -162,13 +171,8 @@ def _avg_edges(xf, of, base, orow, ow_from, ow_to, W, HW, pw, d0, d1, ds, de, h0
             for h in range(hs, he):
                 for w in range(ws, we):
                     total += xf[base + d * HW + h * W + w]
-        if divisor_override != 0:
-            divisor = divisor_override
-        elif count_include_pad:
-            divisor = (d1 - d0) * (h1 - h0) * (w1 - w0)
-        else:
-            divisor = (de - ds) * (he - hs) * (we - ws)
-        of[orow + ow] = total / divisor
+        of[orow + ow] = total / window_divisor(divisor_override, count_include_pad, d0, d1,
+                                               ds, de, h0, h1, hs, he, w0, w1, ws, we)
 
 
 @njit(inline="always")

@@ -15,7 +15,7 @@ import functools
 import numpy as np
 from numba import njit, prange
 
-from fastpool.cpu._pool_common import JIT, U, replaces
+from fastpool.cpu._pool_common import JIT, U, replaces, window_divisor
 
 # Channels per backward task: a thread owns this many (n, c) planes at a time.
 CHANNEL_BLOCK = 16
@@ -102,12 +102,8 @@ def avg_forward(KD, KH, KW, SD, SH, SW):
                 w0 = ow * SW - pw
                 w1 = min(w0 + KW, W + pw)
                 ws, we = max(w0, 0), min(w1, W)
-                if divisor_override != 0:
-                    divisor = divisor_override
-                elif count_include_pad:
-                    divisor = (d1 - d0) * (h1 - h0) * (w1 - w0)
-                else:
-                    divisor = (de - ds) * (he - hs) * (we - ws)
+                divisor = window_divisor(divisor_override, count_include_pad, d0, d1, ds,
+                                         de, h0, h1, hs, he, w0, w1, ws, we)
                 o = ((row * OW) + ow) * C
                 for c in range(C):
                     acc[U(c)] = zero
@@ -237,13 +233,9 @@ def avg_shares(grad_output, shares, pd, ph, pw, KD, KH, KW, SD, SH, SW, D, H, W,
         for ow in range(OW):
             w0 = ow * SW - pw
             w1 = min(w0 + KW, W + pw)
-            if divisor_override != 0:
-                divisor = divisor_override
-            elif count_include_pad:
-                divisor = (d1 - d0) * (h1 - h0) * (w1 - w0)
-            else:
-                divisor = ((min(d1, D) - max(d0, 0)) * (min(h1, H) - max(h0, 0))
-                           * (min(w1, W) - max(w0, 0)))
+            divisor = window_divisor(divisor_override, count_include_pad, d0, d1,
+                                     max(d0, 0), min(d1, D), h0, h1, max(h0, 0),
+                                     min(h1, H), w0, w1, max(w0, 0), min(w1, W))
             o = ((row * OW) + ow) * C
             for c in range(C):
                 sf[U(o + c)] = gf[U(o + c)] / divisor

@@ -14,7 +14,15 @@ import functools
 import numpy as np
 from numba import njit, prange
 
-from fastpool.cpu._pool_common import INF, JIT, U, output_row, phases, replaces
+from fastpool.cpu._pool_common import (
+    INF,
+    JIT,
+    PHASE_STRIDE_LIMIT,
+    U,
+    output_row,
+    phases,
+    replaces,
+)
 
 
 @functools.lru_cache(maxsize=None)
@@ -23,13 +31,13 @@ def max_forward(KD, KH, KW, SD, SH, SW, DD, DH, DW, WITH_INDICES):
     H, W)`` views; ``indices`` receives flat positions ``(d * H + h) * W + w`` in the
     plane.
 
-    With a column stride ``SW > 1`` the taps of neighbouring outputs are ``SW`` apart and
+    With a column stride ``1 < SW <= PHASE_STRIDE_LIMIT`` the taps of neighbouring outputs are ``SW`` apart and
     overlap (3x3 stride 2), which LLVM compiles to gathers, one per tap; so each output
     row's input rows are first split into their ``SW`` column phases (``phases``), and the
     taps read the phases contiguously, still in row-major window order. ``workers``
     threads take fixed runs of rows and one phase buffer each."""
 
-    row_kernel = _max_row_phases if SW > 1 else _max_row_direct  # one compiled per kernel
+    PHASES = 1 < SW <= PHASE_STRIDE_LIMIT  # a constant of the kernel
 
     @njit(**JIT)
     def kernel(x, out, indices, pd, ph, pw, ow_lo, ow_hi, workers):
@@ -41,10 +49,19 @@ def max_forward(KD, KH, KW, SD, SH, SW, DD, DH, DW, WITH_INDICES):
         of = out.reshape(-1)
         jf = indices.reshape(-1)
         for worker in prange(workers):
-            buffer = np.empty(KD * KH * SW * L if SW > 1 else 1, x.dtype)
+            buffer = np.empty(KD * KH * SW * L if PHASES else 1, x.dtype)
             for row in range(worker * rows // workers, (worker + 1) * rows // workers):
-                row_kernel(xf, of, jf, row, buffer, D, H, W, OD, OH, OW, pd, ph, pw, ow_lo,
-                           ow_hi, L, KD, KH, KW, SD, SH, SW, DD, DH, DW, WITH_INDICES)
+                # PHASES is a constant here: Numba drops the other branch before inlining,
+                # so a kernel compiles one row code. (A dispatcher held in the closure
+                # instead would keep the kernel out of Numba's disk cache.)
+                if PHASES:
+                    _max_row_phases(xf, of, jf, row, buffer, D, H, W, OD, OH, OW, pd, ph,
+                                    pw, ow_lo, ow_hi, L, KD, KH, KW, SD, SH, SW, DD, DH,
+                                    DW, WITH_INDICES)
+                else:
+                    _max_row_direct(xf, of, jf, row, buffer, D, H, W, OD, OH, OW, pd, ph,
+                                    pw, ow_lo, ow_hi, L, KD, KH, KW, SD, SH, SW, DD, DH,
+                                    DW, WITH_INDICES)
 
     return kernel
 
@@ -52,7 +69,7 @@ def max_forward(KD, KH, KW, SD, SH, SW, DD, DH, DW, WITH_INDICES):
 @njit(inline="always")
 def _max_row_phases(xf, of, jf, row, buffer, D, H, W, OD, OH, OW, pd, ph, pw, ow_lo,
                     ow_hi, L, KD, KH, KW, SD, SH, SW, DD, DH, DW, WITH_INDICES):
-    """One output row ``row = (plane, od, oh)`` of ``max_forward`` with ``SW > 1``:
+    """One output row ``row = (plane, od, oh)`` of ``max_forward`` with ``PHASES``:
     interior columns from the column phases, then the edges with checks."""
     HW = H * W
     _, _, _, d0, h0, base, inside = output_row(row, OD, OH, D, H, W, pd, ph,

@@ -33,7 +33,7 @@ from fastpool.cpu import (
     pool_stochastic_channels_last,
     pool_unpool,
 )
-from fastpool.cpu._arrays import contiguous
+from fastpool.cpu._arrays import channels_last, contiguous
 from fastpool.cpu._pool_common import interior_columns
 
 _FACTORIES = {
@@ -99,6 +99,30 @@ def _workers(window):
     return max(1, min(numba.get_num_threads(), window.planes))
 
 
+# Channels-first planes narrower than this many columns (with at least
+# ``_NARROW_CHANNELS`` channels, overlapping windows along W and at most
+# ``_NARROW_ELEMENTS`` input elements) are pooled forward by the channels-last kernels,
+# which vectorise across channels, between two transposing copies: a 14-column row
+# leaves too few interior columns for one vector. Same values bit for bit. Measured on
+# 2 threads, float32: 3x3 s1 on (8,256,14,14) max 1.01 -> 0.37 ms, avg 0.67 -> 0.38 ms;
+# 3x3 s2 max 0.46 -> 0.21 ms. Not taken where it lost: 2x2 s2 (the direct kernel reads
+# column phases; (1,512,28,28) 0.12 ms direct, 0.20 through the copies) and large
+# inputs ((32,512,14,14) 2x2 s2: 1.2 ms direct, 3.0 through the copies).
+_NARROW_COLUMNS = 32
+_NARROW_CHANNELS = 16
+_NARROW_ELEMENTS = 1 << 21
+
+
+def _narrow(w):
+    return (w.layout != CHANNELS_LAST and w.in3[2] < _NARROW_COLUMNS
+            and w.channels >= _NARROW_CHANNELS and w.kernel3[2] > w.stride3[2]
+            and 0 < w.planes * math.prod(w.in3) <= _NARROW_ELEMENTS)
+
+
+def _as_channels_last(x, w):
+    return channels_last(x, 1 if w.batched else 0)
+
+
 # ----------------------------------------------------------------------------- max
 
 def _max_forward_channels_last(x, w, with_indices):
@@ -115,6 +139,9 @@ def max_pool_forward(x, window, with_indices):
     w = window
     if w.layout == CHANNELS_LAST:
         return _max_forward_channels_last(x, w, with_indices)
+    if _narrow(w):
+        y, indices = _max_forward_channels_last(_as_channels_last(x, w), w, with_indices)
+        return contiguous(y), (contiguous(indices) if with_indices else None)
     out = np.empty(w.output_shape, dtype=x.dtype)
     indices = np.empty(w.output_shape if with_indices else (1,), dtype=np.int64)
     if w.planes:
@@ -170,15 +197,21 @@ def max_pool_backward(grad_output, x, window, indices):
 
 # ----------------------------------------------------------------------------- average
 
+def _avg_forward_channels_last(x, w, count_include_pad, divisor_override):
+    out, view = _cl_empty(w, w.out_size, w.channels, x.dtype)
+    if w.planes:
+        kernel("avg_forward_cl", w)(_cl_buffer(x, w, w.in3), out, *_pads(w),
+                                    count_include_pad, divisor_override, x.dtype.type(0))
+    return view
+
+
 def avg_pool_forward(x, window, count_include_pad, divisor_override):
     w = window
+    if _narrow(w):
+        return contiguous(_avg_forward_channels_last(_as_channels_last(x, w), w,
+                                                     count_include_pad, divisor_override))
     if w.layout == CHANNELS_LAST:
-        out, view = _cl_empty(w, w.out_size, w.channels, x.dtype)
-        if w.planes:
-            kernel("avg_forward_cl", w)(_cl_buffer(x, w, w.in3), out, *_pads(w),
-                                        count_include_pad, divisor_override,
-                                        x.dtype.type(0))
-        return view
+        return _avg_forward_channels_last(x, w, count_include_pad, divisor_override)
     out = np.empty(w.output_shape, dtype=x.dtype)
     if w.planes:
         lo, hi = w.derived("interior", interior_columns)
