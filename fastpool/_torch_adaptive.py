@@ -1,104 +1,27 @@
-"""Adaptive pooling for ``fastpool.torch``: autograd Functions, the functional drop-ins
+"""Adaptive pooling for ``fastpool.torch``: the functional drop-ins
 for ``torch.nn.functional.adaptive_{avg,max}_pool{1,2,3}d`` and the
 ``AdaptiveAvgPool*d``/``AdaptiveMaxPool*d`` modules (PyTorch's classes with fastpool's
 forward). ``fastpool.torch`` re-exports every public name here."""
 
 import torch
 
-import fastpool as _fp
 from fastpool import _params
-from fastpool.torch import _check_tensor, _device_for, _draw_seed, _to_array, _to_tensor
+from fastpool._torch_ops_pool import CALLS as OPS
+from fastpool.torch import _check_tensor, _draw_seed, _seed_tensor
 
 
-def _op(op, rank, backward=False):
-    """``fastpool.adaptive_{op}_pool{rank}d`` (or its ``_backward``)."""
-    return getattr(_fp, f"adaptive_{op}_pool{rank}d" + ("_backward" if backward else ""))
-
-
-def _output_size(output_size, rank):
-    """``output_size`` as a hashable value fastpool accepts (torch.Size and lists are
-    tuples; entries may be None)."""
+def _output_size(input, output_size, rank):
+    """``output_size`` as the operators take it: one int per spatial axis, ``None``
+    entries (keep that axis) resolved against ``input``; torch.Size and lists are
+    sequences; an int means every axis."""
     if isinstance(output_size, (tuple, list, torch.Size)):
-        return tuple(None if o is None else int(o) for o in output_size)
-    return output_size
-
-
-class _AdaptiveAvgPoolFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, input, rank, output_size):
-        device = _device_for([input])
-        y = _op("avg", rank)(_to_array(input), output_size, device=device)
-        ctx.save_for_backward(input)
-        ctx.rank, ctx.output_size, ctx.device = rank, output_size, device
-        return _to_tensor(y)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_output):
-        (input,) = ctx.saved_tensors
-        grad_input = _op("avg", ctx.rank, backward=True)(
-            _to_array(grad_output), _to_array(input), ctx.output_size, device=ctx.device)
-        return _to_tensor(grad_input), None, None
-
-
-class _AdaptiveMaxPoolFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, input, rank, output_size):
-        device = _device_for([input])
-        y, indices = _op("max", rank)(_to_array(input), output_size, return_indices=True,
-                                      device=device)
-        y, indices = _to_tensor(y), _to_tensor(indices)
-        ctx.mark_non_differentiable(indices)
-        ctx.set_materialize_grads(False)
-        ctx.save_for_backward(input, indices)
-        ctx.rank, ctx.output_size, ctx.device = rank, output_size, device
-        return y, indices
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_output, _grad_indices):
-        if grad_output is None:
-            return None, None, None
-        input, indices = ctx.saved_tensors
-        grad_input = _op("max", ctx.rank, backward=True)(
-            _to_array(grad_output), _to_array(input), ctx.output_size,
-            indices=_to_array(indices), device=ctx.device)
-        return _to_tensor(grad_input), None, None
-
-
-class _AdaptiveStochasticPoolFunction(torch.autograd.Function):
-    """Adaptive stochastic pooling: training returns ``(y, picks)`` and sends each
-    window's gradient to its pick; inference returns ``y`` and differentiates it."""
-
-    @staticmethod
-    def forward(ctx, input, rank, output_size, training, seed):
-        device = _device_for([input])
-        ctx.rank, ctx.output_size, ctx.training, ctx.device = (rank, output_size,
-                                                               training, device)
-        ctx.set_materialize_grads(False)
-        forward = _op("stochastic", rank)
-        if training:
-            y, picks = forward(_to_array(input), output_size, training=True, seed=seed,
-                               return_indices=True, device=device)
-            y, picks = _to_tensor(y), _to_tensor(picks)
-            ctx.mark_non_differentiable(picks)
-            ctx.save_for_backward(input, picks)
-            return y, picks
-        ctx.save_for_backward(input)
-        return _to_tensor(forward(_to_array(input), output_size, training=False,
-                                  device=device))
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_output, *_grad_picks):
-        if grad_output is None:
-            return (None,) * 5
-        backward = _op("stochastic", ctx.rank, backward=True)
-        saved = ctx.saved_tensors
-        picks = {"indices": _to_array(saved[1])} if ctx.training else {}
-        grad_input = backward(_to_array(grad_output), _to_array(saved[0]), ctx.output_size,
-                              training=ctx.training, device=ctx.device, **picks)
-        return (_to_tensor(grad_input),) + (None,) * 4
+        if len(output_size) != rank:
+            raise ValueError(
+                f"output_size must be an int or {rank} sizes (entries may be None), got "
+                f"{output_size!r}")
+        return [n if o is None else _params.ntuple("output_size", o, 1)[0]
+                for n, o in zip(input.shape[-rank:], output_size)]
+    return list(_params.ntuple("output_size", output_size, rank))
 
 
 def _adaptive_stochastic(rank, input, output_size, return_indices, training, generator,
@@ -110,12 +33,12 @@ def _adaptive_stochastic(rank, input, output_size, return_indices, training, gen
     if return_indices and not training:
         raise ValueError("return_indices=True needs training=True: inference samples nothing")
     if training and seed is None:
-        seed = _draw_seed(generator)
-    outputs = _AdaptiveStochasticPoolFunction.apply(
-        input, rank, _output_size(output_size, rank), training, seed if training else 0)
-    if not training:
-        return outputs
-    return outputs if return_indices else outputs[0]
+        seed = _draw_seed(generator)  # a tensor
+    seed = _seed_tensor(seed) if isinstance(seed, int) else seed
+    y, picks = OPS[f"adaptive_stochastic_pool{rank}d"](
+        input, _output_size(input, output_size, rank), training,
+        seed if training else _seed_tensor(0))
+    return (y, picks) if return_indices else y
 
 
 def adaptive_stochastic_pool1d(input, output_size, return_indices=False, *, training=True,
@@ -144,14 +67,14 @@ def adaptive_stochastic_pool3d(input, output_size, return_indices=False, *, trai
 
 def _adaptive_avg(rank, input, output_size):
     _check_tensor("input", input)
-    return _AdaptiveAvgPoolFunction.apply(input, rank, _output_size(output_size, rank))
+    return OPS[f"adaptive_avg_pool{rank}d"](input, _output_size(input, output_size, rank))
 
 
 def _adaptive_max(rank, input, output_size, return_indices):
     _check_tensor("input", input)
     return_indices = _params.check_bool("return_indices", return_indices)
-    y, indices = _AdaptiveMaxPoolFunction.apply(input, rank,
-                                                _output_size(output_size, rank))
+    y, indices = OPS[f"adaptive_max_pool{rank}d"](input,
+                                                  _output_size(input, output_size, rank))
     return (y, indices) if return_indices else y
 
 

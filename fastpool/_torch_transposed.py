@@ -1,40 +1,13 @@
-"""Transposed convolutions for ``fastpool.torch``: an autograd Function, drop-ins for
+"""Transposed convolutions for ``fastpool.torch``: drop-ins for
 ``torch.nn.functional.conv_transpose{1,2,3}d`` and ``ConvTranspose*d`` modules
 (subclasses of PyTorch's, ``output_size=`` in ``forward`` as theirs).
 ``fastpool.torch`` re-exports the public names."""
 
 import torch
 
-import fastpool as _fp
-from fastpool.torch import _check_tensor, _device_for, _size_arg, _to_array, _to_tensor
-
-
-class _ConvTransposeFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, input, weight, bias, rank, stride, padding, output_padding, groups,
-                dilation):
-        device = _device_for([t for t in (input, weight, bias) if t is not None])
-        geometry = (stride, padding, output_padding, groups, dilation)
-        y = getattr(_fp, f"conv_transpose{rank}d")(_to_array(input), _to_array(weight),
-                                                   _to_array(bias), *geometry,
-                                                   device=device)
-        ctx.save_for_backward(input, weight)
-        ctx.rank, ctx.geometry, ctx.device = rank, geometry, device
-        ctx.has_bias = bias is not None
-        return _to_tensor(y)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_output):
-        input, weight = ctx.saved_tensors
-        output_mask = (bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1]),
-                       bool(ctx.has_bias and ctx.needs_input_grad[2]))
-        grads = (None, None, None)
-        if any(output_mask):
-            grads = getattr(_fp, f"conv_transpose{ctx.rank}d_backward")(
-                _to_array(grad_output), _to_array(input), _to_array(weight),
-                *ctx.geometry, output_mask=output_mask, device=ctx.device)
-        return tuple(_to_tensor(g) for g in grads) + (None,) * 6
+from fastpool import _params
+from fastpool._torch_ops_conv import CALLS as OPS
+from fastpool.torch import _check_tensor, _ints
 
 
 def _conv_transpose(rank, input, weight, bias, stride, padding, output_padding, groups,
@@ -43,9 +16,10 @@ def _conv_transpose(rank, input, weight, bias, stride, padding, output_padding, 
     _check_tensor("weight", weight)
     if bias is not None:
         _check_tensor("bias", bias)
-    return _ConvTransposeFunction.apply(
-        input, weight, bias, rank, _size_arg(stride, rank), _size_arg(padding, rank),
-        _size_arg(output_padding, rank), groups, _size_arg(dilation, rank))
+    return OPS[f"conv_transpose{rank}d"](
+        input, weight, bias, _ints("stride", stride, rank), _ints("padding", padding, rank),
+        _ints("output_padding", output_padding, rank), _params.ntuple("groups", groups, 1)[0],
+        _ints("dilation", dilation, rank))
 
 
 def conv_transpose1d(input, weight, bias=None, stride=1, padding=0, output_padding=0,

@@ -4,53 +4,32 @@ classes with fastpool's forward). ``fastpool.torch`` re-exports the public names
 
 import torch
 
-import fastpool as _fp
-from fastpool.torch import (
-    _check_tensor,
-    _device_for,
-    _size_arg,
-    _stride_arg,
-    _to_array,
-    _to_tensor,
-)
+from fastpool import _params
+from fastpool._torch_ops_pool import CALLS as OPS
+from fastpool.torch import _check_tensor, _window
 
 
-def _spatial(output_size, rank):
-    """PyTorch accepts a whole shape or the spatial sizes; fastpool takes either."""
+def _output_size(rank, output_size):
+    """The unpooled spatial sizes as the operator takes them: PyTorch accepts a whole
+    shape or the spatial sizes; None (the default size, ``(in - 1) * stride - 2 *
+    padding + kernel_size``) stays None, so no size computed from the input's shape
+    crosses into the operator (a traced graph keeps it symbolic)."""
     if output_size is None:
         return None
-    return tuple(int(o) for o in output_size)[-rank:]
-
-
-class _MaxUnpoolFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, input, indices, rank, kernel_size, stride, padding, output_size):
-        device = _device_for([input, indices])
-        geometry = (kernel_size, stride, padding, output_size)
-        y = getattr(_fp, f"max_unpool{rank}d")(_to_array(input), _to_array(indices),
-                                              *geometry, device=device)
-        ctx.save_for_backward(input, indices)
-        ctx.rank, ctx.geometry, ctx.device = rank, geometry, device
-        ctx.mark_non_differentiable(indices)
-        return _to_tensor(y)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_output):
-        input, indices = ctx.saved_tensors
-        grad_input = getattr(_fp, f"max_unpool{ctx.rank}d_backward")(
-            _to_array(grad_output), _to_array(input), _to_array(indices), *ctx.geometry,
-            device=ctx.device)
-        return (_to_tensor(grad_input),) + (None,) * 6
+    if not isinstance(output_size, (tuple, list, torch.Size)) or len(output_size) not in (
+            rank, rank + 1, rank + 2):
+        raise ValueError(f"output_size must be a sequence of {rank} spatial sizes "
+                         f"(or a whole shape), got {output_size!r}")
+    return [_params.ntuple("output_size", o, 1)[0] for o in output_size[-rank:]]
 
 
 def _max_unpool(rank, input, indices, kernel_size, stride, padding, output_size):
     _check_tensor("input", input)
     if not isinstance(indices, torch.Tensor):
         raise TypeError(f"indices must be a torch.Tensor, got {type(indices).__name__}")
-    return _MaxUnpoolFunction.apply(input, indices, rank, _size_arg(kernel_size, rank),
-                                    _stride_arg(stride, rank), _size_arg(padding, rank),
-                                    _spatial(output_size, rank))
+    kernel, stride, padding = _window(rank, kernel_size, stride, padding)
+    return OPS[f"max_unpool{rank}d"](
+        input, indices, kernel, stride, padding, _output_size(rank, output_size))
 
 
 def max_unpool1d(input, indices, kernel_size, stride=None, padding=0, output_size=None):

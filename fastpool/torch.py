@@ -24,8 +24,10 @@ Modules: :class:`Conv2d`, :class:`MaxPool1d`/:class:`MaxPool2d`/:class:`MaxPool3
 (``torch.channels_last``, ``torch.channels_last_3d``) go in and come out channels-last,
 without copies on the CPU.
 
-Each function is a ``torch.autograd.Function`` whose forward calls fastpool's forward
-kernel and whose backward calls the matching fastpool backward kernel.
+Each function runs a PyTorch custom operator, ``torch.ops.fastpool.<name>`` (with a
+``<name>_backward`` operator for its gradient): ``torch.compile(fullgraph=True)``,
+``torch.export``, ``torch.jit.trace``, ``torch.func.vmap`` and ``torch.func.grad`` see
+real operators with fakes, autograd formulas and vmap rules.
 
 Devices
 -------
@@ -54,20 +56,20 @@ float32 and float64 only; other dtypes raise ``TypeError``. Conv needs ``input``
 Autograd
 --------
 Gradients are available for every input that requires them (conv: ``input``,
-``weight``, ``bias``; pools: ``input``). Backward is not itself differentiable:
-double backward (``create_graph=True`` and differentiating the gradient again, e.g. for
-gradient penalties or Hessian-vector products) raises ``RuntimeError``
-("trying to differentiate twice a function that was marked with
-@once_differentiable"). Indices returned by the pools are int64 and
-non-differentiable.
+``weight``, ``bias``; pools: ``input``), and backward is itself differentiable (double
+backward: gradient penalties, Hessian-vector products), except stochastic pooling in
+inference. Indices returned by the pools are int64 and non-differentiable.
 """
 
 import functools
 
 import torch
 
-import fastpool as _fp
 from fastpool import _docs, _params
+from fastpool._torch_library import draw_seed as _draw_seed
+from fastpool._torch_library import seed_tensor as _seed_tensor
+from fastpool._torch_ops_conv import CALLS as _CONV_OPS
+from fastpool._torch_ops_pool import CALLS as _POOL_OPS
 
 __all__ = [
     "AdaptiveStochasticPool1d",
@@ -145,41 +147,6 @@ def _check_tensor(name, tensor):
             f"tensors only")
 
 
-def _device_for(tensors):
-    """fastpool's ``device=`` for a call on ``tensors`` (non-None, already checked):
-    where they live, like PyTorch."""
-    devices = {t.device.type for t in tensors}
-    if len(devices) > 1:
-        listed = ", ".join(str(t.device) for t in tensors)
-        raise ValueError(
-            f"expected all tensors on one device, got tensors on {listed}")
-    return devices.pop()
-
-
-def _to_array(tensor):
-    """What fastpool receives for ``tensor``: a zero-copy NumPy view of a CPU tensor
-    (whatever its strides), the detached tensor itself for a CUDA tensor (fastpool reads
-    its ``__cuda_array_interface__``, which PyTorch refuses on tensors that require
-    grad)."""
-    if tensor is None:
-        return None
-    tensor = tensor.detach()
-    if tensor.device.type == "cuda":
-        return tensor
-    # resolve_neg is a no-op (returns the tensor itself) unless the lazy negation bit is
-    # set, which .numpy() refuses.
-    return tensor.resolve_neg().numpy()
-
-
-def _to_tensor(result):
-    """A tensor for what a fastpool kernel returned: ``torch.from_numpy`` (zero-copy)
-    for NumPy arrays; GPU results already are CUDA tensors (fastpool hands results back
-    in the kind of its input)."""
-    if result is None or isinstance(result, torch.Tensor):
-        return result
-    return torch.from_numpy(result)
-
-
 def _size_arg(value, rank=2):
     """Accept what ``torch.nn.functional`` accepts for a size argument: an int, a
     ``rank``-tuple, or a one-element sequence (meaning every axis)."""
@@ -197,13 +164,18 @@ def _stride_arg(stride, rank=2):
     return _size_arg(stride, rank)
 
 
-def _draw_seed(generator):
-    """A 64-bit fastpool seed drawn from ``generator`` (None: PyTorch's default CPU
-    generator), so ``torch.manual_seed`` makes stochastic pooling reproducible."""
-    device = generator.device if generator is not None else "cpu"
-    value = torch.randint(-2**63, 2**63 - 1, (1,), dtype=torch.int64,
-                          generator=generator, device=device).item()
-    return value & (2**64 - 1)
+def _ints(name, value, rank):
+    """A size argument as the per-axis list of ints fastpool's operators take."""
+    return list(_params.ntuple(name, _size_arg(value, rank), rank))
+
+
+def _window(rank, kernel_size, stride, padding):
+    """``(kernel_size, stride, padding)`` as operator arguments; no stride means the
+    kernel size."""
+    kernel = _ints("kernel_size", kernel_size, rank)
+    stride = _stride_arg(stride, rank)
+    return kernel, kernel if stride is None else _ints("stride", stride, rank), _ints(
+        "padding", padding, rank)
 
 
 _POOL_SHAPE_DOC = """
@@ -221,149 +193,6 @@ _POOL_SHAPE_DOC = """
 
 def _pool_shape_doc(extra=""):
     return _docs.with_section(_POOL_SHAPE_DOC.format(extra=extra))
-
-
-# ----------------------------------------------------------------------------- autograd
-
-class _ConvFunction(torch.autograd.Function):
-    """``y = conv{rank}d(x, weight, bias)`` with fastpool's forward and backward
-    kernels."""
-
-    @staticmethod
-    def forward(ctx, input, weight, bias, rank, stride, padding, dilation, groups):
-        device = _device_for([t for t in (input, weight, bias) if t is not None])
-        y = getattr(_fp, f"conv{rank}d")(_to_array(input), _to_array(weight),
-                                         _to_array(bias), stride, padding, dilation,
-                                         groups, device=device)
-        ctx.save_for_backward(input, weight)
-        ctx.rank = rank
-        ctx.geometry = (stride, padding, dilation, groups)
-        ctx.has_bias = bias is not None
-        ctx.device = device
-        return _to_tensor(y)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_output):
-        input, weight = ctx.saved_tensors
-        output_mask = (bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1]),
-                       bool(ctx.has_bias and ctx.needs_input_grad[2]))
-        grads = (None, None, None)
-        if any(output_mask):
-            grads = getattr(_fp, f"conv{ctx.rank}d_backward")(
-                _to_array(grad_output), _to_array(input), _to_array(weight),
-                *ctx.geometry, output_mask=output_mask, device=ctx.device)
-        return tuple(_to_tensor(g) for g in grads) + (None,) * 5
-
-
-def _pool(name, rank):
-    """fastpool's NumPy-level pooling function ``name`` (``max``, ``avg``, ...) of
-    ``rank`` spatial axes, e.g. ``fastpool.max_pool3d_backward``."""
-    op, _, suffix = name.partition("_")
-    return getattr(_fp, f"{op}_pool{rank}d" + (f"_{suffix}" if suffix else ""))
-
-
-class _MaxPoolFunction(torch.autograd.Function):
-    """``(y, indices) = max_pool{rank}d(x)``; backward sends each window's gradient to
-    the saved argmax (the forward always records it)."""
-
-    @staticmethod
-    def forward(ctx, input, rank, kernel_size, stride, padding, dilation, ceil_mode):
-        device = _device_for([input])
-        y, indices = _pool("max", rank)(_to_array(input), kernel_size, stride, padding,
-                                        dilation, ceil_mode, return_indices=True,
-                                        device=device)
-        y, indices = _to_tensor(y), _to_tensor(indices)
-        ctx.mark_non_differentiable(indices)
-        ctx.set_materialize_grads(False)
-        ctx.save_for_backward(input, indices)
-        ctx.rank = rank
-        ctx.geometry = (kernel_size, stride, padding, dilation, ceil_mode)
-        ctx.device = device
-        return y, indices
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_output, _grad_indices):
-        input, indices = ctx.saved_tensors
-        if grad_output is None:
-            return (None,) * 7
-        grad_input = _pool("max_backward", ctx.rank)(
-            _to_array(grad_output), _to_array(input), *ctx.geometry,
-            indices=_to_array(indices), device=ctx.device)
-        return (_to_tensor(grad_input),) + (None,) * 6
-
-
-class _AvgPoolFunction(torch.autograd.Function):
-    """``y = avg_pool{rank}d(x)`` with fastpool's forward and backward kernels."""
-
-    @staticmethod
-    def forward(ctx, input, rank, kernel_size, stride, padding, ceil_mode,
-                count_include_pad, divisor_override):
-        device = _device_for([input])
-        y = _pool("avg", rank)(_to_array(input), kernel_size, stride, padding, ceil_mode,
-                               count_include_pad, divisor_override, device=device)
-        ctx.save_for_backward(input)
-        ctx.rank = rank
-        ctx.geometry = (kernel_size, stride, padding, ceil_mode, count_include_pad,
-                        divisor_override)
-        ctx.device = device
-        return _to_tensor(y)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_output):
-        (input,) = ctx.saved_tensors
-        grad_input = _pool("avg_backward", ctx.rank)(
-            _to_array(grad_output), _to_array(input), *ctx.geometry, device=ctx.device)
-        return (_to_tensor(grad_input),) + (None,) * 7
-
-
-class _StochasticPoolFunction(torch.autograd.Function):
-    """Stochastic pooling. Training: returns ``(y, indices)`` and backward sends each
-    window's gradient to the sampled element. Inference: returns ``y`` (the
-    probability-weighted average) and backward differentiates that average."""
-
-    @staticmethod
-    def forward(ctx, input, rank, kernel_size, stride, padding, dilation, ceil_mode,
-                training, seed):
-        device = _device_for([input])
-        ctx.rank = rank
-        ctx.geometry = (kernel_size, stride, padding, dilation, ceil_mode)
-        ctx.training = training
-        ctx.device = device
-        ctx.set_materialize_grads(False)
-        forward = _pool("stochastic", rank)
-        if training:
-            y, indices = forward(_to_array(input), kernel_size, stride, padding, dilation,
-                                 ceil_mode, training=True, seed=seed, return_indices=True,
-                                 device=device)
-            y, indices = _to_tensor(y), _to_tensor(indices)
-            ctx.mark_non_differentiable(indices)
-            ctx.save_for_backward(input, indices)
-            return y, indices
-        y = forward(_to_array(input), kernel_size, stride, padding, dilation, ceil_mode,
-                    training=False, seed=seed, device=device)
-        ctx.save_for_backward(input)
-        return _to_tensor(y)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_output, *_grad_indices):
-        saved = ctx.saved_tensors
-        if grad_output is None:
-            return (None,) * 9
-        backward = _pool("stochastic_backward", ctx.rank)
-        if ctx.training:
-            input, indices = saved
-            grad_input = backward(_to_array(grad_output), _to_array(input), *ctx.geometry,
-                                  training=True, indices=_to_array(indices),
-                                  device=ctx.device)
-        else:
-            (input,) = saved
-            grad_input = backward(_to_array(grad_output), _to_array(input), *ctx.geometry,
-                                  training=False, device=ctx.device)
-        return (_to_tensor(grad_input),) + (None,) * 8
 
 
 # ----------------------------------------------------------------------------- functions
@@ -406,7 +235,7 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
 
     Notes
     -----
-    Backward is once differentiable: double backward raises ``RuntimeError``.
+    Backward is differentiable again (double backward).
 
     Shape
     -----
@@ -423,8 +252,15 @@ def _conv(rank, input, weight, bias, stride, padding, dilation, groups):
     _check_tensor("weight", weight)
     if bias is not None:
         _check_tensor("bias", bias)
-    return _ConvFunction.apply(input, weight, bias, rank, _size_arg(stride, rank),
-                               _size_arg(padding, rank), _size_arg(dilation, rank), groups)
+    same = isinstance(padding, str) and padding == "same"
+    if isinstance(padding, str):
+        if padding not in ("same", "valid"):
+            raise ValueError(
+                f"padding must be an int, a tuple, 'valid' or 'same', got {padding!r}")
+        padding = 0
+    return _CONV_OPS[f"conv{rank}d"](
+        input, weight, bias, _ints("stride", stride, rank), _ints("padding", padding, rank),
+        _ints("dilation", dilation, rank), _params.ntuple("groups", groups, 1)[0], same)
 
 
 def conv3d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
@@ -479,7 +315,7 @@ def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode
 
     Notes
     -----
-    Backward is once differentiable: double backward raises ``RuntimeError``.
+    Backward is differentiable again (double backward).
 
     Shape-section
     """
@@ -519,7 +355,7 @@ def avg_pool2d(input, kernel_size, stride=None, padding=0, ceil_mode=False,
 
     Notes
     -----
-    Backward is once differentiable: double backward raises ``RuntimeError``.
+    Backward is differentiable again (double backward).
 
     Shape-section
     """
@@ -571,7 +407,7 @@ def stochastic_pool2d(input, kernel_size, stride=None, padding=0, dilation=1,
 
     Notes
     -----
-    Backward is once differentiable: double backward raises ``RuntimeError``.
+    Backward is differentiable again (double backward).
 
     Shape-section
     """
@@ -583,18 +419,21 @@ def _max_pool(rank, input, kernel_size, stride, padding, dilation, ceil_mode,
               return_indices):
     _check_tensor("input", input)
     return_indices = _params.check_bool("return_indices", return_indices)
-    y, indices = _MaxPoolFunction.apply(input, rank, _size_arg(kernel_size, rank),
-                                        _stride_arg(stride, rank), _size_arg(padding, rank),
-                                        _size_arg(dilation, rank), ceil_mode)
+    y, indices = _POOL_OPS[f"max_pool{rank}d"](
+        input, *_window(rank, kernel_size, stride, padding), _ints("dilation", dilation, rank),
+        _params.check_bool("ceil_mode", ceil_mode))
     return (y, indices) if return_indices else y
 
 
 def _avg_pool(rank, input, kernel_size, stride, padding, ceil_mode, count_include_pad,
               divisor_override):
     _check_tensor("input", input)
-    return _AvgPoolFunction.apply(input, rank, _size_arg(kernel_size, rank),
-                                  _stride_arg(stride, rank), _size_arg(padding, rank),
-                                  ceil_mode, count_include_pad, divisor_override)
+    if divisor_override is not None:
+        divisor_override = _params.check_divisor_override(divisor_override)
+    return _POOL_OPS[f"avg_pool{rank}d"](
+        input, *_window(rank, kernel_size, stride, padding),
+        _params.check_bool("ceil_mode", ceil_mode),
+        _params.check_bool("count_include_pad", count_include_pad), divisor_override)
 
 
 def _stochastic_pool(rank, input, kernel_size, stride, padding, dilation, ceil_mode,
@@ -607,15 +446,16 @@ def _stochastic_pool(rank, input, kernel_size, stride, padding, dilation, ceil_m
         raise ValueError(
             "return_indices=True needs training=True: inference samples nothing")
     if not training:
-        seed = 0  # inference draws nothing; do not advance the torch generator
+        seed = _seed_tensor(0)  # inference draws nothing; do not advance the generator
     elif seed is None:
         seed = _draw_seed(generator)
-    outputs = _StochasticPoolFunction.apply(
-        input, rank, _size_arg(kernel_size, rank), _stride_arg(stride, rank),
-        _size_arg(padding, rank), _size_arg(dilation, rank), ceil_mode, training, seed)
+    else:
+        seed = _seed_tensor(seed)
+    y, indices = _POOL_OPS[f"stochastic_pool{rank}d"](
+        input, *_window(rank, kernel_size, stride, padding), _ints("dilation", dilation, rank),
+        _params.check_bool("ceil_mode", ceil_mode), training, seed)
     if not training:
-        return outputs
-    y, indices = outputs
+        return y
     return (y, indices) if return_indices else y
 
 

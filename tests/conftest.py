@@ -137,3 +137,18 @@ def pytest_runtest_makereport(item, call):
             report.sections.append(
                 ("random streams", f"rng fixture seed: {seeds[0]} "
                                    f"(conftest.seed_for({item.nodeid!r}))"))
+
+
+@pytest.fixture(scope="module")
+def one_numba_thread():
+    """Run the kernels on one Numba thread in this module. These tests make thousands
+    of calls on tiny tensors (gradcheck perturbs one element at a time); on a small,
+    busy machine every parallel region can then wait milliseconds for a descheduled
+    worker, which made this file take minutes. The torch layer does not depend on the
+    thread count; the kernels' thread-count independence is tested elsewhere."""
+    import numba
+
+    saved = numba.get_num_threads()
+    numba.set_num_threads(1)
+    yield
+    numba.set_num_threads(saved)

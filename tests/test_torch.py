@@ -14,7 +14,6 @@ import pytest
 torch = pytest.importorskip("torch")
 import torch.nn.functional as F  # noqa: E402
 
-import numba  # noqa: E402
 
 import fastpool  # noqa: E402
 import fastpool.torch as ft  # noqa: E402
@@ -28,17 +27,8 @@ TOL = {
 SHAPE = (2, 3, 7, 8)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_numba_thread():
-    """Run the kernels on one Numba thread in this module. These tests make thousands
-    of calls on tiny tensors (gradcheck perturbs one element at a time); on a small,
-    busy machine every parallel region can then wait milliseconds for a descheduled
-    worker, which made this file take minutes. The torch layer does not depend on the
-    thread count; the kernels' thread-count independence is tested elsewhere."""
-    saved = numba.get_num_threads()
-    numba.set_num_threads(1)
-    yield
-    numba.set_num_threads(saved)
+# One Numba thread in this module (conftest.one_numba_thread says why).
+pytestmark = pytest.mark.usefixtures("one_numba_thread")
 
 
 def assert_close(actual, expected, dtype=None):
@@ -658,28 +648,7 @@ def test_plain_functions_refuse_tensors_that_require_grad(case):
     assert isinstance(first, np.ndarray)
 
 
-@pytest.mark.parametrize("name", ["conv", "max", "avg", "stochastic", "stochastic_eval"])
-def test_double_backward_raises(name):
-    x = positive(SHAPE).requires_grad_()
-    w = randn(4, 3, 3, 3, seed=1).requires_grad_()
-    f = {
-        "conv": lambda: ft.conv2d(x, w, padding=1),
-        "max": lambda: ft.max_pool2d(x, 3, 2, 1),
-        "avg": lambda: ft.avg_pool2d(x, 3, 2, 1),
-        "stochastic": lambda: ft.stochastic_pool2d(x, 3, 2, seed=1),
-        "stochastic_eval": lambda: ft.stochastic_pool2d(x, 3, 2, training=False),
-    }[name]
-    # a grad_output that itself requires grad: the first backward works ...
-    (g,) = torch.autograd.grad(f().pow(2).sum(), x, create_graph=True)
-    assert g.shape == x.shape
-    # ... differentiating its result again does not
-    assert g.requires_grad
-    with pytest.raises(RuntimeError, match="differentiate twice"):
-        g.sum().backward()
-    # with a constant grad_output (y.sum()) the gradient has no graph at all
-    (g,) = torch.autograd.grad(f().sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="does not require grad"):
-        g.sum().backward()
+# Double backward: tests/test_torch_ops.py (gradgradcheck for every op family).
 
 
 # ----------------------------------------------------------------------------- process
