@@ -418,6 +418,19 @@ def resolve_seed(seed):
 
 # ----------------------------------------------------------------------------- conv
 
+def check_backward_geometry(function, stride):
+    """A conv backward called like its forward (``f(grad_output, x, weight, bias,
+    ...)``) puts the bias where ``stride`` goes: say what the backward takes instead of
+    rejecting the bias as a stride."""
+    if hasattr(stride, "shape") or hasattr(stride, "__array_interface__") or hasattr(
+            stride, "__cuda_array_interface__"):
+        raise TypeError(
+            f"{function}(grad_output, x, weight, stride, padding, ...) takes no bias: its "
+            f"4th argument is stride, got an array of shape {tuple(stride.shape)}; the "
+            f"bias gradient comes back as grads.grad_bias (grad_output summed over every "
+            f"axis but the channels)")
+
+
 def check_output_mask(output_mask):
     if (not isinstance(output_mask, (tuple, list)) or len(output_mask) != 3
             or not all(isinstance(m, (bool, np.bool_)) for m in output_mask)):

@@ -162,8 +162,8 @@ _STOCHASTIC_BACKWARD_DOC = """Gradient of :func:`{forward}` with respect to ``x`
 
 
 def _adaptive_stochastic_pool(rank):
-    def adaptive_stochastic_pool(x, output_size, *, training=True, seed=None,
-                                 return_indices=False, device=None):
+    def adaptive_stochastic_pool(x, output_size, return_indices=False, *, training=True,
+                                 seed=None, device=None):
         x, window = _params.adaptive_window(x, rank, output_size)
         training, return_indices, seed = _params.stochastic_forward_flags(
             training, return_indices, seed)

@@ -133,6 +133,7 @@ def conv2d_backward(grad_output, x, weight, stride=1, padding=0, dilation=1, gro
 
     Shape-section
     """
+    _params.check_backward_geometry("conv2d_backward", stride)
     x, weight, _, window = _params.conv_window(x, weight, None, 2, stride, padding,
                                                dilation, groups)
     grad_output = _params.check_grad_output(grad_output, x, window)
@@ -207,6 +208,7 @@ def conv1d_backward(grad_output, x, weight, stride=1, padding=0, dilation=1, gro
     """Gradients of :func:`conv1d` with respect to ``x``, ``weight`` and the bias, as a
     ``Conv2dGrads`` named tuple of ``x``'s, ``weight``'s and ``(C_out,)`` shapes (None
     where ``output_mask`` did not ask). Arguments as for :func:`conv2d_backward`."""
+    _params.check_backward_geometry("conv1d_backward", stride)
     x2, w2, stride2, padding2, dilation2 = _conv1d_as_2d(x, weight, stride, padding,
                                                          dilation)
     info = _params.as_float_array("grad_output", grad_output)
@@ -265,6 +267,7 @@ def conv3d_backward(grad_output, x, weight, stride=1, padding=0, dilation=1, gro
     """Gradients of :func:`conv3d` with respect to ``x``, ``weight`` and the bias, as a
     ``Conv2dGrads`` named tuple of ``x``'s, ``weight``'s and ``(C_out,)`` shapes (None
     where ``output_mask`` did not ask). Arguments as for :func:`conv2d_backward`."""
+    _params.check_backward_geometry("conv3d_backward", stride)
     x, weight, _, window = _params.conv_window(x, weight, None, 3, stride, padding,
                                                dilation, groups)
     grad_output = _params.check_grad_output(grad_output, x, window)

@@ -297,7 +297,7 @@ _STOCHASTIC_BACKWARD_DOC = """Gradient of :func:`{forward}` with respect to ``x`
 
 def _stochastic_pool(rank):
     def stochastic_pool(x, kernel_size, stride=None, padding=0, dilation=1,
-                        ceil_mode=False, *, training=True, seed=None, return_indices=False,
+                        ceil_mode=False, return_indices=False, *, training=True, seed=None,
                         device=None):
         x, window = _params.pool_window(x, rank, kernel_size, stride, padding, dilation,
                                         ceil_mode)

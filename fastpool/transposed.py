@@ -87,6 +87,7 @@ def _backward(rank):
     def conv_transpose_backward(grad_output, x, weight, stride=1, padding=0,
                                 output_padding=0, groups=1, dilation=1, *,
                                 output_mask=(True, True, True), device=None):
+        _params.check_backward_geometry(f"conv_transpose{rank}d_backward", stride)
         x, weight, _, window = _params.conv_transpose_window(
             x, weight, None, rank, stride, padding, output_padding, groups, dilation)
         grad_output = _params.check_grad_output(grad_output, x, _ResultShape(window))

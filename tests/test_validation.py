@@ -798,3 +798,30 @@ def test_conv_output_mask_must_be_three_bools(no_conv_kernels, mask):
 def test_conv_device_checked_before_kernels(no_conv_kernels):
     with pytest.raises(ValueError, match="device"):
         fastpool.conv2d(X_CONV, W_CONV, groups=2, device="tpu")
+
+
+@pytest.mark.parametrize("rank", [1, 2, 3])
+@pytest.mark.parametrize("name", ["conv", "conv_transpose"])
+def test_conv_backward_called_like_the_forward_says_what_it_takes(no_conv_kernels, name,
+                                                                  rank):
+    """``conv2d_backward(g, x, w, b, padding=1)``: the bias lands on ``stride``; the
+    error names the backward's arguments rather than calling the bias a bad stride."""
+    x, w = np.ones((1, 4) + (5,) * rank), np.ones((4, 4) + (3,) * rank)
+    backward = getattr(fastpool, f"{name}{rank}d_backward")
+    with pytest.raises(TypeError, match=rf"{name}{rank}d_backward\(grad_output, x, "
+                                        rf"weight, stride.*takes no bias.*\(4,\)"):
+        backward(np.ones((1, 4) + (3,) * rank), x, w, np.ones(4), padding=1)
+
+
+def test_return_indices_is_positional_in_every_pooling_function():
+    """After the geometry, as PyTorch places it (and as ``fastpool.torch`` does)."""
+    import inspect
+    names = [f"{mode}_pool{r}d" for mode in ("max", "stochastic", "adaptive_max",
+                                             "adaptive_stochastic") for r in (1, 2, 3)]
+    for name in names:
+        parameter = inspect.signature(getattr(fastpool, name)).parameters["return_indices"]
+        assert parameter.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD, name
+    x = np.random.default_rng(0).random((1, 2, 4, 4))
+    y, picks = fastpool.stochastic_pool2d(x, 2, 2, 0, 1, False, True, seed=3)
+    assert np.array_equal(picks, fastpool.stochastic_pool2d(x, 2, seed=3,
+                                                            return_indices=True)[1])
