@@ -16,6 +16,7 @@ import contextlib
 import functools
 import os
 import threading
+from typing import Iterator, Optional
 
 import numpy as np
 
@@ -37,7 +38,7 @@ def _check_device(device, source):
     return device.lower()
 
 
-def set_device(device):
+def set_device(device: Optional[str]) -> None:
     """Set the process-wide default device (``"cpu"``, ``"cuda"``, ``"auto"`` or ``None``).
 
     ``None`` clears it, so ``FASTPOOL_DEVICE`` and then ``"auto"`` apply again.
@@ -47,7 +48,7 @@ def set_device(device):
 
 
 @contextlib.contextmanager
-def use_device(device):
+def use_device(device: Optional[str]) -> Iterator[None]:
     """Context manager: use ``device`` for calls made by this thread inside the block."""
     device = _check_device(device, "device")
     stack = _local.__dict__.setdefault("stack", [])
@@ -58,7 +59,7 @@ def use_device(device):
         stack.pop()
 
 
-def get_device(device=None):
+def get_device(device: Optional[str] = None) -> str:
     """The device a call with ``device=device`` would be configured for, before ``"auto"``
     looks at the inputs: one of ``"cpu"``, ``"cuda"``, ``"auto"``."""
     if device is not None:
@@ -120,7 +121,7 @@ def _probe_cuda():
                    "(and NUMBA_ENABLE_CUDASIM is not set)")
 
 
-def cuda_available():
+def cuda_available() -> bool:
     """Whether a usable CUDA GPU (or Numba's CUDA simulator) is available."""
     return _probe_cuda()[0]
 

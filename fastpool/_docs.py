@@ -6,6 +6,10 @@ helpers here then leave it alone, so nothing at import time depends on docstring
 
 from __future__ import annotations
 
+from typing import Callable, TypeVar
+
+F = TypeVar("F", bound=Callable[..., object])
+
 MARKER = "    Shape-section\n"
 
 
@@ -18,9 +22,9 @@ def _probe():
 DOCSTRINGS = _probe.__doc__ is not None
 
 
-def with_section(text, marker=MARKER):
+def with_section(text: str, marker: str = MARKER) -> Callable[[F], F]:
     """Decorator: replace ``marker`` in the function's docstring by ``text``."""
-    def decorate(function):
+    def decorate(function: F) -> F:
         if function.__doc__ is not None:
             function.__doc__ = function.__doc__.replace(marker, text)
         return function

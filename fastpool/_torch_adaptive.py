@@ -3,9 +3,12 @@ for ``torch.nn.functional.adaptive_{avg,max}_pool{1,2,3}d`` and the
 ``AdaptiveAvgPool*d``/``AdaptiveMaxPool*d`` modules (PyTorch's classes with fastpool's
 forward). ``fastpool.torch`` re-exports every public name here."""
 
+from typing import Any, Optional
+
 import torch
 
 from fastpool import _params
+from fastpool._types import AdaptiveSize
 from fastpool._torch_ops_pool import CALLS as OPS
 from fastpool.torch import _check_tensor, _draw_seed, _seed_tensor
 
@@ -41,24 +44,30 @@ def _adaptive_stochastic(rank, input, output_size, return_indices, training, gen
     return (y, picks) if return_indices else y
 
 
-def adaptive_stochastic_pool1d(input, output_size, return_indices=False, *, training=True,
-                               generator=None, seed=None):
+def adaptive_stochastic_pool1d(input: torch.Tensor, output_size: AdaptiveSize,
+                               return_indices: bool = False, *, training: bool = True,
+                               generator: Optional[torch.Generator] = None,
+                               seed: Optional[int] = None) -> Any:
     """Adaptive stochastic pooling (:func:`fastpool.adaptive_stochastic_pool1d`) with
     autograd; seeds as for :func:`stochastic_pool2d`."""
     return _adaptive_stochastic(1, input, output_size, return_indices, training, generator,
                                 seed)
 
 
-def adaptive_stochastic_pool2d(input, output_size, return_indices=False, *, training=True,
-                               generator=None, seed=None):
+def adaptive_stochastic_pool2d(input: torch.Tensor, output_size: AdaptiveSize,
+                               return_indices: bool = False, *, training: bool = True,
+                               generator: Optional[torch.Generator] = None,
+                               seed: Optional[int] = None) -> Any:
     """Adaptive stochastic pooling (:func:`fastpool.adaptive_stochastic_pool2d`) with
     autograd; seeds as for :func:`stochastic_pool2d`."""
     return _adaptive_stochastic(2, input, output_size, return_indices, training, generator,
                                 seed)
 
 
-def adaptive_stochastic_pool3d(input, output_size, return_indices=False, *, training=True,
-                               generator=None, seed=None):
+def adaptive_stochastic_pool3d(input: torch.Tensor, output_size: AdaptiveSize,
+                               return_indices: bool = False, *, training: bool = True,
+                               generator: Optional[torch.Generator] = None,
+                               seed: Optional[int] = None) -> Any:
     """Adaptive stochastic pooling (:func:`fastpool.adaptive_stochastic_pool3d`) with
     autograd; seeds as for :func:`stochastic_pool2d`."""
     return _adaptive_stochastic(3, input, output_size, return_indices, training, generator,
@@ -78,37 +87,40 @@ def _adaptive_max(rank, input, output_size, return_indices):
     return (y, indices) if return_indices else y
 
 
-def adaptive_avg_pool1d(input, output_size):
+def adaptive_avg_pool1d(input: torch.Tensor, output_size: AdaptiveSize) -> torch.Tensor:
     """Drop-in for ``torch.nn.functional.adaptive_avg_pool1d`` (fastpool kernels,
     :func:`fastpool.adaptive_avg_pool1d`; autograd; channels-last kept)."""
     return _adaptive_avg(1, input, output_size)
 
 
-def adaptive_avg_pool2d(input, output_size):
+def adaptive_avg_pool2d(input: torch.Tensor, output_size: AdaptiveSize) -> torch.Tensor:
     """Drop-in for ``torch.nn.functional.adaptive_avg_pool2d`` (fastpool kernels,
     :func:`fastpool.adaptive_avg_pool2d`; autograd; channels-last kept)."""
     return _adaptive_avg(2, input, output_size)
 
 
-def adaptive_avg_pool3d(input, output_size):
+def adaptive_avg_pool3d(input: torch.Tensor, output_size: AdaptiveSize) -> torch.Tensor:
     """Drop-in for ``torch.nn.functional.adaptive_avg_pool3d`` (fastpool kernels,
     :func:`fastpool.adaptive_avg_pool3d`; autograd; channels-last kept)."""
     return _adaptive_avg(3, input, output_size)
 
 
-def adaptive_max_pool1d(input, output_size, return_indices=False):
+def adaptive_max_pool1d(input: torch.Tensor, output_size: AdaptiveSize,
+                        return_indices: bool = False) -> Any:
     """Drop-in for ``torch.nn.functional.adaptive_max_pool1d`` (fastpool kernels,
     :func:`fastpool.adaptive_max_pool1d`); indices are int64 and non-differentiable."""
     return _adaptive_max(1, input, output_size, return_indices)
 
 
-def adaptive_max_pool2d(input, output_size, return_indices=False):
+def adaptive_max_pool2d(input: torch.Tensor, output_size: AdaptiveSize,
+                        return_indices: bool = False) -> Any:
     """Drop-in for ``torch.nn.functional.adaptive_max_pool2d`` (fastpool kernels,
     :func:`fastpool.adaptive_max_pool2d`); indices are int64 and non-differentiable."""
     return _adaptive_max(2, input, output_size, return_indices)
 
 
-def adaptive_max_pool3d(input, output_size, return_indices=False):
+def adaptive_max_pool3d(input: torch.Tensor, output_size: AdaptiveSize,
+                        return_indices: bool = False) -> Any:
     """Drop-in for ``torch.nn.functional.adaptive_max_pool3d`` (fastpool kernels,
     :func:`fastpool.adaptive_max_pool3d`); indices are int64 and non-differentiable."""
     return _adaptive_max(3, input, output_size, return_indices)
@@ -117,14 +129,14 @@ def adaptive_max_pool3d(input, output_size, return_indices=False):
 class _AdaptiveAvgPoolNd:
     _rank = 2
 
-    def forward(self, input):
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
         return _adaptive_avg(self._rank, input, self.output_size)
 
 
 class _AdaptiveMaxPoolNd:
     _rank = 2
 
-    def forward(self, input):
+    def forward(self, input: torch.Tensor) -> Any:
         """Pool ``input``; returns ``(output, indices)`` when ``return_indices``."""
         return _adaptive_max(self._rank, input, self.output_size, self.return_indices)
 
@@ -181,13 +193,14 @@ class AdaptiveStochasticPool2d(torch.nn.Module):
 
     _rank = 2
 
-    def __init__(self, output_size, return_indices=False, generator=None):
+    def __init__(self, output_size: AdaptiveSize, return_indices: bool = False,
+                 generator: Optional[torch.Generator] = None) -> None:
         super().__init__()
         self.output_size = output_size
         self.return_indices = return_indices
         self.generator = generator
 
-    def forward(self, input):
+    def forward(self, input: torch.Tensor) -> Any:
         return _adaptive_stochastic(self._rank, input, self.output_size,
                                     self.return_indices, self.training, self.generator,
                                     None)

@@ -3,9 +3,12 @@
 (subclasses of PyTorch's, ``output_size=`` in ``forward`` as theirs).
 ``fastpool.torch`` re-exports the public names."""
 
+from typing import Optional, Sequence
+
 import torch
 
 from fastpool import _params
+from fastpool._types import Size
 from fastpool._torch_ops_conv import CALLS as OPS
 from fastpool.torch import _check_tensor, _ints
 
@@ -22,24 +25,30 @@ def _conv_transpose(rank, input, weight, bias, stride, padding, output_padding, 
         _ints("dilation", dilation, rank))
 
 
-def conv_transpose1d(input, weight, bias=None, stride=1, padding=0, output_padding=0,
-                     groups=1, dilation=1):
+def conv_transpose1d(input: torch.Tensor, weight: torch.Tensor,
+                     bias: Optional[torch.Tensor] = None, stride: Size = 1,
+                     padding: Size = 0, output_padding: Size = 0, groups: int = 1,
+                     dilation: Size = 1) -> torch.Tensor:
     """Drop-in for ``torch.nn.functional.conv_transpose1d``
     (:func:`fastpool.conv_transpose1d`, with autograd)."""
     return _conv_transpose(1, input, weight, bias, stride, padding, output_padding,
                            groups, dilation)
 
 
-def conv_transpose2d(input, weight, bias=None, stride=1, padding=0, output_padding=0,
-                     groups=1, dilation=1):
+def conv_transpose2d(input: torch.Tensor, weight: torch.Tensor,
+                     bias: Optional[torch.Tensor] = None, stride: Size = 1,
+                     padding: Size = 0, output_padding: Size = 0, groups: int = 1,
+                     dilation: Size = 1) -> torch.Tensor:
     """Drop-in for ``torch.nn.functional.conv_transpose2d``
     (:func:`fastpool.conv_transpose2d`, with autograd)."""
     return _conv_transpose(2, input, weight, bias, stride, padding, output_padding,
                            groups, dilation)
 
 
-def conv_transpose3d(input, weight, bias=None, stride=1, padding=0, output_padding=0,
-                     groups=1, dilation=1):
+def conv_transpose3d(input: torch.Tensor, weight: torch.Tensor,
+                     bias: Optional[torch.Tensor] = None, stride: Size = 1,
+                     padding: Size = 0, output_padding: Size = 0, groups: int = 1,
+                     dilation: Size = 1) -> torch.Tensor:
     """Drop-in for ``torch.nn.functional.conv_transpose3d``
     (:func:`fastpool.conv_transpose3d`, with autograd)."""
     return _conv_transpose(3, input, weight, bias, stride, padding, output_padding,
@@ -51,7 +60,8 @@ class _ConvTransposeNd:
 
     _rank = 2
 
-    def forward(self, input, output_size=None):
+    def forward(self, input: torch.Tensor,
+                output_size: Optional[Sequence[int]] = None) -> torch.Tensor:
         """Transposed convolution of ``input``; ``output_size`` picks the
         ``output_padding`` that gives that size, as PyTorch's modules do."""
         if self.padding_mode != "zeros":

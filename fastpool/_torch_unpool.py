@@ -2,9 +2,12 @@
 ``torch.nn.functional.max_unpool{1,2,3}d`` and the ``MaxUnpool*d`` modules (PyTorch's
 classes with fastpool's forward). ``fastpool.torch`` re-exports the public names."""
 
+from typing import Optional, Sequence
+
 import torch
 
 from fastpool import _params
+from fastpool._types import Size
 from fastpool._torch_ops_pool import CALLS as OPS
 from fastpool.torch import _check_tensor, _window
 
@@ -32,19 +35,25 @@ def _max_unpool(rank, input, indices, kernel_size, stride, padding, output_size)
         input, indices, kernel, stride, padding, _output_size(rank, output_size))
 
 
-def max_unpool1d(input, indices, kernel_size, stride=None, padding=0, output_size=None):
+def max_unpool1d(input: torch.Tensor, indices: torch.Tensor, kernel_size: Size,
+                 stride: Optional[Size] = None, padding: Size = 0,
+                 output_size: Optional[Sequence[int]] = None) -> torch.Tensor:
     """Drop-in for ``torch.nn.functional.max_unpool1d`` (:func:`fastpool.max_unpool1d`;
     repeated indices: the last input wins, on every device)."""
     return _max_unpool(1, input, indices, kernel_size, stride, padding, output_size)
 
 
-def max_unpool2d(input, indices, kernel_size, stride=None, padding=0, output_size=None):
+def max_unpool2d(input: torch.Tensor, indices: torch.Tensor, kernel_size: Size,
+                 stride: Optional[Size] = None, padding: Size = 0,
+                 output_size: Optional[Sequence[int]] = None) -> torch.Tensor:
     """Drop-in for ``torch.nn.functional.max_unpool2d`` (:func:`fastpool.max_unpool2d`;
     repeated indices: the last input wins, on every device)."""
     return _max_unpool(2, input, indices, kernel_size, stride, padding, output_size)
 
 
-def max_unpool3d(input, indices, kernel_size, stride=None, padding=0, output_size=None):
+def max_unpool3d(input: torch.Tensor, indices: torch.Tensor, kernel_size: Size,
+                 stride: Optional[Size] = None, padding: Size = 0,
+                 output_size: Optional[Sequence[int]] = None) -> torch.Tensor:
     """Drop-in for ``torch.nn.functional.max_unpool3d`` (:func:`fastpool.max_unpool3d`;
     repeated indices: the last input wins, on every device)."""
     return _max_unpool(3, input, indices, kernel_size, stride, padding, output_size)
@@ -53,7 +62,8 @@ def max_unpool3d(input, indices, kernel_size, stride=None, padding=0, output_siz
 class _MaxUnpoolNd:
     _rank = 2
 
-    def forward(self, input, indices, output_size=None):
+    def forward(self, input: torch.Tensor, indices: torch.Tensor,
+                output_size: Optional[Sequence[int]] = None) -> torch.Tensor:
         return _max_unpool(self._rank, input, indices, self.kernel_size, self.stride,
                            self.padding, output_size)
 

@@ -9,7 +9,10 @@ rank by one factory per op, as in ``fastpool.pooling``.
 
 from __future__ import annotations
 
-from fastpool import _dispatch, _params
+from typing import Any, Optional
+
+from fastpool import _dispatch, _params, _types
+from fastpool._types import AdaptiveSize, ArrayLike, Device
 from fastpool.pooling import _public
 
 _SHAPE = """
@@ -161,9 +164,11 @@ _STOCHASTIC_BACKWARD_DOC = """Gradient of :func:`{forward}` with respect to ``x`
 """ + _SHAPE
 
 
-def _adaptive_stochastic_pool(rank):
-    def adaptive_stochastic_pool(x, output_size, return_indices=False, *, training=True,
-                                 seed=None, device=None):
+def _adaptive_stochastic_pool(rank: int) -> _types.AdaptiveStochasticPool:
+    def adaptive_stochastic_pool(x: ArrayLike, output_size: AdaptiveSize,
+                                 return_indices: bool = False, *, training: bool = True,
+                                 seed: Optional[int] = None,
+                                 device: Device = None) -> Any:
         x, window = _params.adaptive_window(x, rank, output_size)
         training, return_indices, seed = _params.stochastic_forward_flags(
             training, return_indices, seed)
@@ -174,9 +179,12 @@ def _adaptive_stochastic_pool(rank):
                    _STOCHASTIC_DOC, rank)
 
 
-def _adaptive_stochastic_pool_backward(rank):
-    def adaptive_stochastic_pool_backward(grad_output, x, output_size, *, training=True,
-                                          indices=None, device=None):
+def _adaptive_stochastic_pool_backward(rank: int) -> _types.AdaptiveStochasticPoolBackward:
+    def adaptive_stochastic_pool_backward(grad_output: ArrayLike, x: ArrayLike,
+                                          output_size: AdaptiveSize, *,
+                                          training: bool = True,
+                                          indices: Optional[ArrayLike] = None,
+                                          device: Device = None) -> Any:
         x, window = _params.adaptive_window(x, rank, output_size)
         grad_output = _params.check_grad_output(grad_output, x, window)
         training, indices = _params.stochastic_backward_indices(
@@ -190,15 +198,18 @@ def _adaptive_stochastic_pool_backward(rank):
                        "{forward}", f"adaptive_stochastic_pool{rank}d"), rank)
 
 
-def _adaptive_avg_pool(rank):
-    def adaptive_avg_pool(x, output_size, *, device=None):
+def _adaptive_avg_pool(rank: int) -> _types.AdaptiveAvgPool:
+    def adaptive_avg_pool(x: ArrayLike, output_size: AdaptiveSize, *,
+                          device: Device = None) -> Any:
         x, window = _params.adaptive_window(x, rank, output_size)
         return _dispatch.backend(device, x).adaptive_avg_pool_forward(x, window)
     return _public(adaptive_avg_pool, f"adaptive_avg_pool{rank}d", _AVG_DOC, rank)
 
 
-def _adaptive_avg_pool_backward(rank):
-    def adaptive_avg_pool_backward(grad_output, x, output_size, *, device=None):
+def _adaptive_avg_pool_backward(rank: int) -> _types.AdaptiveAvgPoolBackward:
+    def adaptive_avg_pool_backward(grad_output: ArrayLike, x: ArrayLike,
+                                   output_size: AdaptiveSize, *,
+                                   device: Device = None) -> Any:
         x, window = _params.adaptive_window(x, rank, output_size)
         grad_output = _params.check_grad_output(grad_output, x, window)
         backend = _dispatch.backend(device, grad_output, x)
@@ -208,8 +219,10 @@ def _adaptive_avg_pool_backward(rank):
                    rank)
 
 
-def _adaptive_max_pool(rank):
-    def adaptive_max_pool(x, output_size, return_indices=False, *, device=None):
+def _adaptive_max_pool(rank: int) -> _types.AdaptiveMaxPool:
+    def adaptive_max_pool(x: ArrayLike, output_size: AdaptiveSize,
+                          return_indices: bool = False, *,
+                          device: Device = None) -> Any:
         x, window = _params.adaptive_window(x, rank, output_size)
         return_indices = _params.check_bool("return_indices", return_indices)
         y, indices = _dispatch.backend(device, x).adaptive_max_pool_forward(
@@ -218,9 +231,11 @@ def _adaptive_max_pool(rank):
     return _public(adaptive_max_pool, f"adaptive_max_pool{rank}d", _MAX_DOC, rank)
 
 
-def _adaptive_max_pool_backward(rank):
-    def adaptive_max_pool_backward(grad_output, x, output_size, *, indices=None,
-                                   device=None):
+def _adaptive_max_pool_backward(rank: int) -> _types.AdaptiveMaxPoolBackward:
+    def adaptive_max_pool_backward(grad_output: ArrayLike, x: ArrayLike,
+                                   output_size: AdaptiveSize, *,
+                                   indices: Optional[ArrayLike] = None,
+                                   device: Device = None) -> Any:
         x, window = _params.adaptive_window(x, rank, output_size)
         grad_output = _params.check_grad_output(grad_output, x, window)
         if indices is not None:

@@ -6,20 +6,21 @@ docs/design.md section 2 and the README's convolution section.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import Any, NamedTuple, Optional, Tuple
 
 import numpy as np
 
 from fastpool import _dispatch, _docs, _geometry, _params
+from fastpool._types import ArrayLike, Device, Padding, Size
 
 
 class Conv2dGrads(NamedTuple):
     """Gradients of :func:`conv2d`; a field is None when ``output_mask`` did not ask
     for it."""
 
-    grad_input: Optional[object]
-    grad_weight: Optional[object]
-    grad_bias: Optional[object]
+    grad_input: Optional[Any]
+    grad_weight: Optional[Any]
+    grad_bias: Optional[Any]
 
 
 _SHAPE_DOC = """
@@ -44,8 +45,9 @@ _with_shape_doc = _docs.with_section(_SHAPE_DOC)
 
 
 @_with_shape_doc
-def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
-           device=None):
+def conv2d(x: ArrayLike, weight: ArrayLike, bias: Optional[ArrayLike] = None,
+           stride: Size = 1, padding: Padding = 0, dilation: Size = 1, groups: int = 1,
+           *, device: Device = None) -> Any:
     """2-D convolution (cross-correlation, like every framework) with zero padding.
 
     ``y[n, o, oh, ow] = bias[o] + sum over c, i, j of
@@ -106,8 +108,11 @@ def _like_input(result, x, window):
 
 
 @_with_shape_doc
-def conv2d_backward(grad_output, x, weight, stride=1, padding=0, dilation=1, groups=1, *,
-                    output_mask=(True, True, True), device=None):
+def conv2d_backward(grad_output: ArrayLike, x: ArrayLike, weight: ArrayLike,
+                    stride: Size = 1, padding: Padding = 0, dilation: Size = 1,
+                    groups: int = 1, *,
+                    output_mask: Tuple[bool, bool, bool] = (True, True, True),
+                    device: Device = None) -> Conv2dGrads:
     """Gradients of :func:`conv2d` with respect to ``x``, ``weight`` and the bias.
 
     Parameters
@@ -168,8 +173,9 @@ def _conv1d_as_2d(x, weight, stride, padding, dilation):
             (1, d))
 
 
-def conv1d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
-           device=None):
+def conv1d(x: ArrayLike, weight: ArrayLike, bias: Optional[ArrayLike] = None,
+           stride: Size = 1, padding: Padding = 0, dilation: Size = 1, groups: int = 1,
+           *, device: Device = None) -> Any:
     """1-D convolution (cross-correlation) with zero padding, as
     ``torch.nn.functional.conv1d``.
 
@@ -203,8 +209,11 @@ def conv1d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
                                     device=device), -2)
 
 
-def conv1d_backward(grad_output, x, weight, stride=1, padding=0, dilation=1, groups=1, *,
-                    output_mask=(True, True, True), device=None):
+def conv1d_backward(grad_output: ArrayLike, x: ArrayLike, weight: ArrayLike,
+                    stride: Size = 1, padding: Padding = 0, dilation: Size = 1,
+                    groups: int = 1, *,
+                    output_mask: Tuple[bool, bool, bool] = (True, True, True),
+                    device: Device = None) -> Conv2dGrads:
     """Gradients of :func:`conv1d` with respect to ``x``, ``weight`` and the bias, as a
     ``Conv2dGrads`` named tuple of ``x``'s, ``weight``'s and ``(C_out,)`` shapes (None
     where ``output_mask`` did not ask). Arguments as for :func:`conv2d_backward`."""
@@ -224,8 +233,9 @@ def conv1d_backward(grad_output, x, weight, stride=1, padding=0, dilation=1, gro
 
 # ----------------------------------------------------------------------------- 3-D
 
-def conv3d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
-           device=None):
+def conv3d(x: ArrayLike, weight: ArrayLike, bias: Optional[ArrayLike] = None,
+           stride: Size = 1, padding: Padding = 0, dilation: Size = 1, groups: int = 1,
+           *, device: Device = None) -> Any:
     """3-D convolution (cross-correlation) with zero padding, as
     ``torch.nn.functional.conv3d``.
 
@@ -262,8 +272,11 @@ def conv3d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
     return _like_input(backend.conv3d_forward(x, weight, bias, window), x, window)
 
 
-def conv3d_backward(grad_output, x, weight, stride=1, padding=0, dilation=1, groups=1, *,
-                    output_mask=(True, True, True), device=None):
+def conv3d_backward(grad_output: ArrayLike, x: ArrayLike, weight: ArrayLike,
+                    stride: Size = 1, padding: Padding = 0, dilation: Size = 1,
+                    groups: int = 1, *,
+                    output_mask: Tuple[bool, bool, bool] = (True, True, True),
+                    device: Device = None) -> Conv2dGrads:
     """Gradients of :func:`conv3d` with respect to ``x``, ``weight`` and the bias, as a
     ``Conv2dGrads`` named tuple of ``x``'s, ``weight``'s and ``(C_out,)`` shapes (None
     where ``output_mask`` did not ask). Arguments as for :func:`conv2d_backward`."""

@@ -10,7 +10,10 @@ written for that rank.
 
 from __future__ import annotations
 
-from fastpool import _dispatch, _docs, _params
+from typing import Any, Optional
+
+from fastpool import _dispatch, _docs, _params, _types
+from fastpool._types import ArrayLike, Device, Size
 
 _RANK = {
     1: dict(spatial="L", shape_in="(N, C, L_in)", shape_in_u="(C, L_in)",
@@ -43,7 +46,7 @@ _SHAPE_DOC = """
 """
 
 
-def _public(function, name, doc, rank):
+def _public(function: _docs.F, name: str, doc: str, rank: int) -> _docs.F:
     """Bind the generic ``function`` to ``rank`` under its public ``name``."""
     function.__name__ = function.__qualname__ = name
     function.__module__ = "fastpool"
@@ -118,9 +121,10 @@ _MAX_BACKWARD_DOC = """Gradient of :func:`{forward}` with respect to ``x``.
     """
 
 
-def _max_pool(rank):
-    def max_pool(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
-                 return_indices=False, *, device=None):
+def _max_pool(rank: int) -> _types.MaxPool:
+    def max_pool(x: ArrayLike, kernel_size: Size, stride: Optional[Size] = None,
+                 padding: Size = 0, dilation: Size = 1, ceil_mode: bool = False,
+                 return_indices: bool = False, *, device: Device = None) -> Any:
         x, window = _params.pool_window(x, rank, kernel_size, stride, padding, dilation,
                                         ceil_mode)
         return_indices = _params.check_bool("return_indices", return_indices)
@@ -130,9 +134,12 @@ def _max_pool(rank):
     return _public(max_pool, f"max_pool{rank}d", _MAX_DOC, rank)
 
 
-def _max_pool_backward(rank):
-    def max_pool_backward(grad_output, x, kernel_size, stride=None, padding=0,
-                          dilation=1, ceil_mode=False, *, indices=None, device=None):
+def _max_pool_backward(rank: int) -> _types.MaxPoolBackward:
+    def max_pool_backward(grad_output: ArrayLike, x: ArrayLike, kernel_size: Size,
+                          stride: Optional[Size] = None, padding: Size = 0,
+                          dilation: Size = 1, ceil_mode: bool = False, *,
+                          indices: Optional[ArrayLike] = None,
+                          device: Device = None) -> Any:
         x, window = _params.pool_window(x, rank, kernel_size, stride, padding, dilation,
                                         ceil_mode)
         grad_output = _params.check_grad_output(grad_output, x, window)
@@ -203,9 +210,11 @@ def _avg_arguments(rank, x, kernel_size, stride, padding, ceil_mode, count_inclu
     return x, window, count_include_pad, divisor
 
 
-def _avg_pool(rank):
-    def avg_pool(x, kernel_size, stride=None, padding=0, ceil_mode=False,
-                 count_include_pad=True, divisor_override=None, *, device=None):
+def _avg_pool(rank: int) -> _types.AvgPool:
+    def avg_pool(x: ArrayLike, kernel_size: Size, stride: Optional[Size] = None,
+                 padding: Size = 0, ceil_mode: bool = False,
+                 count_include_pad: bool = True, divisor_override: Optional[int] = None,
+                 *, device: Device = None) -> Any:
         x, window, count_include_pad, divisor = _avg_arguments(
             rank, x, kernel_size, stride, padding, ceil_mode, count_include_pad,
             divisor_override)
@@ -214,10 +223,12 @@ def _avg_pool(rank):
     return _public(avg_pool, f"avg_pool{rank}d", _AVG_DOC, rank)
 
 
-def _avg_pool_backward(rank):
-    def avg_pool_backward(grad_output, x, kernel_size, stride=None, padding=0,
-                          ceil_mode=False, count_include_pad=True, divisor_override=None,
-                          *, device=None):
+def _avg_pool_backward(rank: int) -> _types.AvgPoolBackward:
+    def avg_pool_backward(grad_output: ArrayLike, x: ArrayLike, kernel_size: Size,
+                          stride: Optional[Size] = None, padding: Size = 0,
+                          ceil_mode: bool = False, count_include_pad: bool = True,
+                          divisor_override: Optional[int] = None, *,
+                          device: Device = None) -> Any:
         x, window, count_include_pad, divisor = _avg_arguments(
             rank, x, kernel_size, stride, padding, ceil_mode, count_include_pad,
             divisor_override)
@@ -295,10 +306,11 @@ _STOCHASTIC_BACKWARD_DOC = """Gradient of :func:`{forward}` with respect to ``x`
     """
 
 
-def _stochastic_pool(rank):
-    def stochastic_pool(x, kernel_size, stride=None, padding=0, dilation=1,
-                        ceil_mode=False, return_indices=False, *, training=True, seed=None,
-                        device=None):
+def _stochastic_pool(rank: int) -> _types.StochasticPool:
+    def stochastic_pool(x: ArrayLike, kernel_size: Size, stride: Optional[Size] = None,
+                        padding: Size = 0, dilation: Size = 1, ceil_mode: bool = False,
+                        return_indices: bool = False, *, training: bool = True,
+                        seed: Optional[int] = None, device: Device = None) -> Any:
         x, window = _params.pool_window(x, rank, kernel_size, stride, padding, dilation,
                                         ceil_mode)
         training, return_indices, seed = _params.stochastic_forward_flags(
@@ -310,10 +322,13 @@ def _stochastic_pool(rank):
     return _public(stochastic_pool, f"stochastic_pool{rank}d", _STOCHASTIC_DOC, rank)
 
 
-def _stochastic_pool_backward(rank):
-    def stochastic_pool_backward(grad_output, x, kernel_size, stride=None, padding=0,
-                                 dilation=1, ceil_mode=False, *, training=True,
-                                 indices=None, device=None):
+def _stochastic_pool_backward(rank: int) -> _types.StochasticPoolBackward:
+    def stochastic_pool_backward(grad_output: ArrayLike, x: ArrayLike,
+                                 kernel_size: Size, stride: Optional[Size] = None,
+                                 padding: Size = 0, dilation: Size = 1,
+                                 ceil_mode: bool = False, *, training: bool = True,
+                                 indices: Optional[ArrayLike] = None,
+                                 device: Device = None) -> Any:
         x, window = _params.pool_window(x, rank, kernel_size, stride, padding, dilation,
                                         ceil_mode)
         grad_output = _params.check_grad_output(grad_output, x, window)

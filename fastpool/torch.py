@@ -63,9 +63,12 @@ inference. Indices returned by the pools are int64 and non-differentiable.
 
 import functools
 
+from typing import Any, Callable, Optional
+
 import torch
 
 from fastpool import _docs, _params
+from fastpool._types import Padding, Size
 from fastpool._torch_library import draw_seed as _draw_seed
 from fastpool._torch_library import seed_tensor as _seed_tensor
 from fastpool._torch_ops_conv import CALLS as _CONV_OPS
@@ -191,13 +194,15 @@ _POOL_SHAPE_DOC = """
 """
 
 
-def _pool_shape_doc(extra=""):
+def _pool_shape_doc(extra: str = "") -> Callable[[_docs.F], _docs.F]:
     return _docs.with_section(_POOL_SHAPE_DOC.format(extra=extra))
 
 
 # ----------------------------------------------------------------------------- functions
 
-def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+def conv2d(input: torch.Tensor, weight: torch.Tensor,
+           bias: Optional[torch.Tensor] = None, stride: Size = 1, padding: Padding = 0,
+           dilation: Size = 1, groups: int = 1) -> torch.Tensor:
     """2-D convolution (cross-correlation), a drop-in for ``torch.nn.functional.conv2d``.
 
     Runs :func:`fastpool.conv2d` forward and :func:`fastpool.conv2d_backward` backward
@@ -263,7 +268,9 @@ def _conv(rank, input, weight, bias, stride, padding, dilation, groups):
         _ints("dilation", dilation, rank), _params.ntuple("groups", groups, 1)[0], same)
 
 
-def conv3d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+def conv3d(input: torch.Tensor, weight: torch.Tensor,
+           bias: Optional[torch.Tensor] = None, stride: Size = 1, padding: Padding = 0,
+           dilation: Size = 1, groups: int = 1) -> torch.Tensor:
     """3-D convolution, a drop-in for ``torch.nn.functional.conv3d``: the same
     arguments, semantics and autograd as :func:`conv2d` on ``(N, C_in, D, H, W)`` input
     and ``(C_out, C_in / groups, k_d, k_h, k_w)`` weight (a sum of fastpool's 2-D
@@ -271,7 +278,9 @@ def conv3d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     return _conv(3, input, weight, bias, stride, padding, dilation, groups)
 
 
-def conv1d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+def conv1d(input: torch.Tensor, weight: torch.Tensor,
+           bias: Optional[torch.Tensor] = None, stride: Size = 1, padding: Padding = 0,
+           dilation: Size = 1, groups: int = 1) -> torch.Tensor:
     """1-D convolution, a drop-in for ``torch.nn.functional.conv1d``: the same
     arguments, semantics and autograd as :func:`conv2d` on ``(N, C_in, L)`` input and
     ``(C_out, C_in / groups, k)`` weight (fastpool runs it on its 2-D kernels)."""
@@ -279,8 +288,9 @@ def conv1d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
 
 
 @_pool_shape_doc()
-def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
-               return_indices=False):
+def max_pool2d(input: torch.Tensor, kernel_size: Size, stride: Optional[Size] = None,
+               padding: Size = 0, dilation: Size = 1, ceil_mode: bool = False,
+               return_indices: bool = False) -> Any:
     """2-D max pooling, a drop-in for ``torch.nn.functional.max_pool2d``.
 
     Runs :func:`fastpool.max_pool2d` forward (always recording the argmax) and
@@ -324,8 +334,10 @@ def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode
 
 
 @_pool_shape_doc(" Average pooling has ``d = 1``.")
-def avg_pool2d(input, kernel_size, stride=None, padding=0, ceil_mode=False,
-               count_include_pad=True, divisor_override=None):
+def avg_pool2d(input: torch.Tensor, kernel_size: Size, stride: Optional[Size] = None,
+               padding: Size = 0, ceil_mode: bool = False,
+               count_include_pad: bool = True,
+               divisor_override: Optional[int] = None) -> torch.Tensor:
     """2-D average pooling, a drop-in for ``torch.nn.functional.avg_pool2d``.
 
     Runs :func:`fastpool.avg_pool2d` forward and :func:`fastpool.avg_pool2d_backward`
@@ -364,9 +376,12 @@ def avg_pool2d(input, kernel_size, stride=None, padding=0, ceil_mode=False,
 
 
 @_pool_shape_doc()
-def stochastic_pool2d(input, kernel_size, stride=None, padding=0, dilation=1,
-                      ceil_mode=False, return_indices=False, *, training=True,
-                      generator=None, seed=None):
+def stochastic_pool2d(input: torch.Tensor, kernel_size: Size,
+                      stride: Optional[Size] = None, padding: Size = 0,
+                      dilation: Size = 1, ceil_mode: bool = False,
+                      return_indices: bool = False, *, training: bool = True,
+                      generator: Optional[torch.Generator] = None,
+                      seed: Optional[int] = None) -> Any:
     """2-D stochastic pooling (Zeiler & Fergus, ICLR 2013) with autograd.
 
     Runs :func:`fastpool.stochastic_pool2d` forward and
@@ -467,15 +482,16 @@ _NOTE_ND = """
     """
 
 
-def _nd(function, name2, shape, flat):
+def _nd(function: _docs.F, name2: str, shape: str, flat: str) -> _docs.F:
     if function.__doc__ is not None and _docs.DOCSTRINGS:
         function.__doc__ += _NOTE_ND.format(name2=name2, shape=shape, flat=flat)
     return function
 
 
 @functools.partial(_nd, name2="max_pool2d", shape="(N, C, L)", flat="l")
-def max_pool1d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
-               return_indices=False):
+def max_pool1d(input: torch.Tensor, kernel_size: Size, stride: Optional[Size] = None,
+               padding: Size = 0, dilation: Size = 1, ceil_mode: bool = False,
+               return_indices: bool = False) -> Any:
     """1-D max pooling, a drop-in for ``torch.nn.functional.max_pool1d``."""
     return _max_pool(1, input, kernel_size, stride, padding, dilation, ceil_mode,
                      return_indices)
@@ -483,16 +499,19 @@ def max_pool1d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode
 
 @functools.partial(_nd, name2="max_pool2d", shape="(N, C, D, H, W)",
                    flat="(d * H + h) * W + w")
-def max_pool3d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
-               return_indices=False):
+def max_pool3d(input: torch.Tensor, kernel_size: Size, stride: Optional[Size] = None,
+               padding: Size = 0, dilation: Size = 1, ceil_mode: bool = False,
+               return_indices: bool = False) -> Any:
     """3-D max pooling, a drop-in for ``torch.nn.functional.max_pool3d``."""
     return _max_pool(3, input, kernel_size, stride, padding, dilation, ceil_mode,
                      return_indices)
 
 
 @functools.partial(_nd, name2="avg_pool2d", shape="(N, C, L)", flat="l")
-def avg_pool1d(input, kernel_size, stride=None, padding=0, ceil_mode=False,
-               count_include_pad=True, divisor_override=None):
+def avg_pool1d(input: torch.Tensor, kernel_size: Size, stride: Optional[Size] = None,
+               padding: Size = 0, ceil_mode: bool = False,
+               count_include_pad: bool = True,
+               divisor_override: Optional[int] = None) -> torch.Tensor:
     """1-D average pooling, a drop-in for ``torch.nn.functional.avg_pool1d`` (which
     has no ``divisor_override``; this one does)."""
     return _avg_pool(1, input, kernel_size, stride, padding, ceil_mode, count_include_pad,
@@ -501,17 +520,22 @@ def avg_pool1d(input, kernel_size, stride=None, padding=0, ceil_mode=False,
 
 @functools.partial(_nd, name2="avg_pool2d", shape="(N, C, D, H, W)",
                    flat="(d * H + h) * W + w")
-def avg_pool3d(input, kernel_size, stride=None, padding=0, ceil_mode=False,
-               count_include_pad=True, divisor_override=None):
+def avg_pool3d(input: torch.Tensor, kernel_size: Size, stride: Optional[Size] = None,
+               padding: Size = 0, ceil_mode: bool = False,
+               count_include_pad: bool = True,
+               divisor_override: Optional[int] = None) -> torch.Tensor:
     """3-D average pooling, a drop-in for ``torch.nn.functional.avg_pool3d``."""
     return _avg_pool(3, input, kernel_size, stride, padding, ceil_mode, count_include_pad,
                      divisor_override)
 
 
 @functools.partial(_nd, name2="stochastic_pool2d", shape="(N, C, L)", flat="l")
-def stochastic_pool1d(input, kernel_size, stride=None, padding=0, dilation=1,
-                      ceil_mode=False, return_indices=False, *, training=True,
-                      generator=None, seed=None):
+def stochastic_pool1d(input: torch.Tensor, kernel_size: Size,
+                      stride: Optional[Size] = None, padding: Size = 0,
+                      dilation: Size = 1, ceil_mode: bool = False,
+                      return_indices: bool = False, *, training: bool = True,
+                      generator: Optional[torch.Generator] = None,
+                      seed: Optional[int] = None) -> Any:
     """1-D stochastic pooling with autograd (no PyTorch counterpart)."""
     return _stochastic_pool(1, input, kernel_size, stride, padding, dilation, ceil_mode,
                             return_indices, training, generator, seed)
@@ -519,9 +543,12 @@ def stochastic_pool1d(input, kernel_size, stride=None, padding=0, dilation=1,
 
 @functools.partial(_nd, name2="stochastic_pool2d", shape="(N, C, D, H, W)",
                    flat="(d * H + h) * W + w")
-def stochastic_pool3d(input, kernel_size, stride=None, padding=0, dilation=1,
-                      ceil_mode=False, return_indices=False, *, training=True,
-                      generator=None, seed=None):
+def stochastic_pool3d(input: torch.Tensor, kernel_size: Size,
+                      stride: Optional[Size] = None, padding: Size = 0,
+                      dilation: Size = 1, ceil_mode: bool = False,
+                      return_indices: bool = False, *, training: bool = True,
+                      generator: Optional[torch.Generator] = None,
+                      seed: Optional[int] = None) -> Any:
     """3-D stochastic pooling with autograd (no PyTorch counterpart)."""
     return _stochastic_pool(3, input, kernel_size, stride, padding, dilation, ceil_mode,
                             return_indices, training, generator, seed)
@@ -536,7 +563,7 @@ class _ConvNd:
 
     _rank = 2
 
-    def forward(self, input):
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
         """Convolve ``input`` with fastpool's kernels."""
         return self._conv_forward(input, self.weight, self.bias)
 
@@ -595,7 +622,7 @@ class _MaxPoolNd:
 
     _rank = 2
 
-    def forward(self, input):
+    def forward(self, input: torch.Tensor) -> Any:
         """Pool ``input``; returns ``(output, indices)`` when ``return_indices``."""
         return _max_pool(self._rank, input, self.kernel_size, self.stride, self.padding,
                          self.dilation, self.ceil_mode, self.return_indices)
@@ -636,7 +663,7 @@ class _AvgPoolNd:
 
     _rank = 2
 
-    def forward(self, input):
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
         """Average-pool ``input``."""
         return _avg_pool(self._rank, input, self.kernel_size, self.stride, self.padding,
                          self.ceil_mode, self.count_include_pad,
@@ -707,8 +734,10 @@ class StochasticPool2d(torch.nn.Module):
 
     _rank = 2
 
-    def __init__(self, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
-                 return_indices=False, generator=None):
+    def __init__(self, kernel_size: Size, stride: Optional[Size] = None,
+                 padding: Size = 0, dilation: Size = 1, ceil_mode: bool = False,
+                 return_indices: bool = False,
+                 generator: Optional[torch.Generator] = None) -> None:
         super().__init__()
         self.kernel_size = kernel_size
         self.stride = stride if stride is not None else kernel_size
@@ -718,7 +747,7 @@ class StochasticPool2d(torch.nn.Module):
         self.return_indices = return_indices
         self.generator = generator
 
-    def forward(self, input):
+    def forward(self, input: torch.Tensor) -> Any:
         """Sample (training) or weight (eval) each window of ``input``."""
         return _stochastic_pool(self._rank, input, self.kernel_size, self.stride,
                                 self.padding, self.dilation, self.ceil_mode,

@@ -5,7 +5,10 @@
 
 from __future__ import annotations
 
-from fastpool import _dispatch, _params
+from typing import Any, Optional, Tuple
+
+from fastpool import _dispatch, _docs, _params, _types
+from fastpool._types import ArrayLike, Device, Size
 from fastpool.conv import Conv2dGrads, _like_input
 
 _SHAPES = {1: ("(N, C_in, L_in)", "(C_in, C_out / groups, k)", "(N, C_out, L_out)"),
@@ -63,7 +66,7 @@ _BACKWARD_DOC = """Gradients of :func:`conv_transpose{rank}d` with respect to ``
 """
 
 
-def _named(function, name, doc, rank):
+def _named(function: _docs.F, name: str, doc: Optional[str], rank: int) -> _docs.F:
     function.__name__ = function.__qualname__ = name
     function.__module__ = "fastpool"
     if function.__doc__ is None and doc is not None:
@@ -72,9 +75,11 @@ def _named(function, name, doc, rank):
     return function
 
 
-def _forward(rank):
-    def conv_transpose(x, weight, bias=None, stride=1, padding=0, output_padding=0,
-                       groups=1, dilation=1, *, device=None):
+def _forward(rank: int) -> _types.ConvTranspose:
+    def conv_transpose(x: ArrayLike, weight: ArrayLike,
+                       bias: Optional[ArrayLike] = None, stride: Size = 1,
+                       padding: Size = 0, output_padding: Size = 0, groups: int = 1,
+                       dilation: Size = 1, *, device: Device = None) -> Any:
         x, weight, bias, window = _params.conv_transpose_window(
             x, weight, bias, rank, stride, padding, output_padding, groups, dilation)
         backend = _dispatch.backend(device, x, weight, bias)
@@ -83,10 +88,13 @@ def _forward(rank):
     return conv_transpose
 
 
-def _backward(rank):
-    def conv_transpose_backward(grad_output, x, weight, stride=1, padding=0,
-                                output_padding=0, groups=1, dilation=1, *,
-                                output_mask=(True, True, True), device=None):
+def _backward(rank: int) -> _types.ConvTransposeBackward:
+    def conv_transpose_backward(grad_output: ArrayLike, x: ArrayLike, weight: ArrayLike,
+                                stride: Size = 1, padding: Size = 0,
+                                output_padding: Size = 0, groups: int = 1,
+                                dilation: Size = 1, *,
+                                output_mask: Tuple[bool, bool, bool] = (True, True, True),
+                                device: Device = None) -> Conv2dGrads:
         _params.check_backward_geometry(f"conv_transpose{rank}d_backward", stride)
         x, weight, _, window = _params.conv_transpose_window(
             x, weight, None, rank, stride, padding, output_padding, groups, dilation)

@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
-from fastpool import _dispatch, _params
+from typing import Any, Optional, Sequence
+
+from fastpool import _dispatch, _params, _types
+from fastpool._types import ArrayLike, Device, Size
 from fastpool.pooling import _public
 
 _SHAPE = """
@@ -62,18 +65,23 @@ _BACKWARD_DOC = """Gradient of :func:`max_unpool{rank}d` with respect to ``x``:
 """ + _SHAPE
 
 
-def _max_unpool(rank):
-    def max_unpool(x, indices, kernel_size, stride=None, padding=0, output_size=None, *,
-                   device=None):
+def _max_unpool(rank: int) -> _types.MaxUnpool:
+    def max_unpool(x: ArrayLike, indices: ArrayLike, kernel_size: Size,
+                   stride: Optional[Size] = None, padding: Size = 0,
+                   output_size: Optional[Sequence[int]] = None, *,
+                   device: Device = None) -> Any:
         x, indices, volume = _params.unpool_volume(x, indices, rank, kernel_size, stride,
                                                    padding, output_size)
         return _dispatch.backend(device, x, indices).max_unpool_forward(x, indices, volume)
     return _public(max_unpool, f"max_unpool{rank}d", _DOC, rank)
 
 
-def _max_unpool_backward(rank):
-    def max_unpool_backward(grad_output, x, indices, kernel_size, stride=None, padding=0,
-                            output_size=None, *, device=None):
+def _max_unpool_backward(rank: int) -> _types.MaxUnpoolBackward:
+    def max_unpool_backward(grad_output: ArrayLike, x: ArrayLike, indices: ArrayLike,
+                            kernel_size: Size, stride: Optional[Size] = None,
+                            padding: Size = 0,
+                            output_size: Optional[Sequence[int]] = None, *,
+                            device: Device = None) -> Any:
         x, indices, volume = _params.unpool_volume(x, indices, rank, kernel_size, stride,
                                                    padding, output_size)
         grad_output = _params.check_grad_output(grad_output, x, volume)
