@@ -632,7 +632,7 @@ _NARROW_OPENBLAS = {"haswell", "zen", "sandybridge", "nehalem", "core2", "presco
 def blas_note(pools):
     """A warning line when ``OPENBLAS_CORETYPE`` makes OpenBLAS run narrower GEMM
     kernels than this CPU has (AVX-512): fastpool's GEMM-based convolutions then run at
-    about half speed (measured 2x on a Zen 5 core; README "Performance"). None
+    about half speed (measured 2x on a Zen 5 core; docs/site/performance.md). None
     otherwise."""
     forced = os.environ.get("OPENBLAS_CORETYPE")
     if not forced:

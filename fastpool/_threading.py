@@ -18,8 +18,8 @@ fastpool picks the layer itself, once, when it is imported:
 
 If Numba's threads were already started before fastpool was imported, the layer
 cannot change any more and fastpool uses whatever runs. ``python -m fastpool info``
-prints the layer in use. The costs measured for each layer are in the README
-("Reliability").
+prints the layer in use. The costs measured for each layer are in
+docs/site/reliability.md.
 """
 
 from __future__ import annotations

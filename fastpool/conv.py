@@ -1,7 +1,7 @@
 """Public convolution functions: validate once, dispatch once, call one backend kernel.
 
 Argument names and meanings follow ``torch.nn.functional.conv2d``; the semantics are in
-docs/design.md section 2 and the README's convolution section.
+docs/design.md section 2 and docs/site/semantics.md (Convolution).
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def conv2d(x: ArrayLike, weight: ArrayLike, bias: Optional[ArrayLike] = None,
 
     Notes
     -----
-    On the CPU the algorithm is chosen per problem (README, "Convolution"): GEMMs on
+    On the CPU the algorithm is chosen per problem (docs/site/semantics.md, "Convolution"): GEMMs on
     gathered columns for ordinary convolutions, direct loops for depthwise ones.
     Results are identical at any thread count.
 

@@ -2,7 +2,7 @@
 call one backend launcher.
 
 Argument names and meanings follow ``torch.nn.functional``; the exact semantics are in
-docs/design.md section 2 and the README's semantics table. Each public function is
+docs/design.md section 2 and the semantics table in docs/site/semantics.md. Each public function is
 made for its rank by one factory per op (``max_pool1d``, ``max_pool2d`` and
 ``max_pool3d`` are one function, bound to ranks 1, 2 and 3), with its docstring
 written for that rank.

@@ -589,8 +589,9 @@ class Conv2d(_ConvNd, torch.nn.Conv2d):
 
     Parameters
     ----------
-    in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
-    padding_mode, device, dtype
+    in_channels, out_channels, kernel_size, stride, padding, dilation, groups
+        As for ``torch.nn.Conv2d``.
+    bias, padding_mode, device, dtype
         As for ``torch.nn.Conv2d``.
 
     Shape
@@ -682,8 +683,7 @@ class AvgPool2d(_AvgPoolNd, torch.nn.AvgPool2d):
 
     Parameters
     ----------
-    kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True,
-    divisor_override=None
+    kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override
         As for ``torch.nn.AvgPool2d``.
 
     Shape

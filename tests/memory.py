@@ -6,7 +6,7 @@ rose above its size before the call, i.e. what the call allocated and touched (o
 plus scratch). Linux only; ``available()`` tells.
 
 ``scratch_bound(op, ...)`` is the documented bound on what an op allocates beyond its
-outputs (README, "Reliability"), read off the kernels' allocations:
+outputs (docs/site/reliability.md), read off the kernels' allocations:
 
 * pooling forwards: nothing beyond a flag per output row (stochastic); channels-first
   max and average pooling with a column stride from 2 to 8 keep, per thread, the column phases of its

@@ -1,7 +1,7 @@
 """Peak memory of every op, forward and backward, on large calls in a child process.
 
 Each op's peak resident memory during the call must stay within its outputs plus the
-documented scratch bound (``memory.py``; README, "Reliability") plus a fixed slack.
+documented scratch bound (``memory.py``; docs/site/reliability.md) plus a fixed slack.
 The child forces glibc to map every large allocation afresh
 (``MALLOC_MMAP_THRESHOLD_``), so the rise of the peak is what the call allocated, and
 the test also checks that the meter sees at least the outputs.

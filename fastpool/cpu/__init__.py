@@ -14,7 +14,7 @@ from fastpool.cpu import conv_transpose as _conv_transpose
 from fastpool.cpu import pooling as _pooling
 
 # Single-thread nanoseconds per unit of work, measured roughly on this project's
-# machine (README "Performance"): a window tap of pooling, a multiply-add of
+# machine (docs/site/performance.md): a window tap of pooling, a multiply-add of
 # convolution (GEMM-vectorised), an element read or written.
 _NS_PER_TAP, _NS_PER_MAC, _NS_PER_ELEMENT = 0.5, 0.05, 0.25
 
