@@ -21,7 +21,10 @@ def _parser():
     bench.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "all"],
                        help="auto (default): the CPU, and the GPU too when one is usable; "
                             "all: both, failing without a GPU")
-    bench.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    bench.add_argument("--dtype", default="float32",
+                       choices=["float16", "float32", "float64"],
+                       help="float16: fastpool computes in float32 and rounds; the peer "
+                            "runs its own float16 kernels (ops suite)")
     bench.add_argument("--quick", action="store_true",
                        help="small shapes and 5 repeats: a smoke run of well under a minute")
     bench.add_argument("--ops", default="all", choices=["all", "pool", "conv", "nd"],
@@ -103,6 +106,8 @@ def _layers(args, threads_default):
     from fastpool import _bench, _bench_layers
     if args.device not in ("auto", "cpu"):
         raise SystemExit("--suite layers runs on the CPU only (--device cpu or auto)")
+    if args.dtype == "float16":
+        raise SystemExit("--dtype float16 is for the ops suite (--suite ops)")
     networks = (args.networks.split(",") if args.networks
                 else ["lenet5", "resnet18"] if args.quick else list(_bench_layers.NETWORKS))
     unknown = [n for n in networks if n not in _bench_layers.NETWORKS]

@@ -162,7 +162,18 @@ def _cpu_backend():
 
 def backend(device, *arrays):
     """Resolve the device and return the kernel module for it: ``fastpool.cpu``, or
-    ``fastpool.cuda`` (whose launchers move host arrays to the GPU and back)."""
+    ``fastpool.cuda`` (whose launchers move host arrays to the GPU and back); for
+    half-precision arrays, that module seen through float32 (``fastpool._half``)."""
+    module = _device_backend(device, arrays)
+    if any(getattr(getattr(a, "dtype", None), "itemsize", 0) == 2 for a in arrays):
+        from fastpool import _half
+        like = _half.half_array(arrays)
+        if like is not None:
+            return _half.HalfPrecision(module, like)
+    return module
+
+
+def _device_backend(device, arrays):
     if all(type(a) in _HOST_TYPES for a in arrays) and get_device(device) != "cuda":
         return _cpu_backend()  # the common case (NumPy arrays, no GPU asked for)
     resolved = resolve(device, *arrays)

@@ -12,7 +12,7 @@ import operator
 
 import numpy as np
 
-from fastpool import _geometry
+from fastpool import _geometry, _half
 from fastpool._dispatch import is_device_array
 
 SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
@@ -68,8 +68,9 @@ def as_float_array(name, value):
             # Byte-swapped (e.g. big-endian on a little-endian machine): one copy into
             # native order, as NumPy's own ufuncs would convert it.
             array = array.astype(array.dtype.newbyteorder("="))
-    if array.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"{name} must have dtype float32 or float64, got {array.dtype}")
+    if array.dtype not in SUPPORTED_DTYPES and array.dtype.name not in _half.HALF_NAMES:
+        raise TypeError(f"{name} must have dtype float16, bfloat16, float32 or float64, "
+                        f"got {array.dtype}")
     return array
 
 

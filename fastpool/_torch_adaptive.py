@@ -14,17 +14,22 @@ from fastpool.torch import _check_tensor, _draw_seed, _seed_tensor
 
 
 def _output_size(input, output_size, rank):
-    """``output_size`` as the operators take it: one int per spatial axis, ``None``
-    entries (keep that axis) resolved against ``input``; torch.Size and lists are
+    """``output_size`` as the operators take it: one int per spatial axis, ``-1`` for
+    a ``None`` entry (keep that axis; the operator reads the size off its input, so no
+    size computed from a traced shape crosses into it); torch.Size and lists are
     sequences; an int means every axis."""
     if isinstance(output_size, (tuple, list, torch.Size)):
         if len(output_size) != rank:
             raise ValueError(
                 f"output_size must be an int or {rank} sizes (entries may be None), got "
                 f"{output_size!r}")
-        return [n if o is None else _params.ntuple("output_size", o, 1)[0]
-                for n, o in zip(input.shape[-rank:], output_size)]
-    return list(_params.ntuple("output_size", output_size, rank))
+        given = [None if o is None else _params.ntuple("output_size", o, 1)[0]
+                 for o in output_size]
+    else:
+        given = list(_params.ntuple("output_size", output_size, rank))
+    if any(o is not None and o < 1 for o in given):
+        raise ValueError(f"output_size must be in [1, 2**31) per axis, got {output_size!r}")
+    return [-1 if o is None else o for o in given]
 
 
 def _adaptive_stochastic(rank, input, output_size, return_indices, training, generator,
@@ -132,6 +137,11 @@ class _AdaptiveAvgPoolNd:
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return _adaptive_avg(self._rank, input, self.output_size)
 
+    def __prepare_scriptable__(self):
+        """What ``torch.jit.script`` compiles instead (``fastpool._torch_script``)."""
+        from fastpool import _torch_script
+        return _torch_script.adaptive_pool(self, self._rank, "avg")
+
 
 class _AdaptiveMaxPoolNd:
     _rank = 2
@@ -139,6 +149,11 @@ class _AdaptiveMaxPoolNd:
     def forward(self, input: torch.Tensor) -> Any:
         """Pool ``input``; returns ``(output, indices)`` when ``return_indices``."""
         return _adaptive_max(self._rank, input, self.output_size, self.return_indices)
+
+    def __prepare_scriptable__(self):
+        """What ``torch.jit.script`` compiles instead (``fastpool._torch_script``)."""
+        from fastpool import _torch_script
+        return _torch_script.adaptive_pool(self, self._rank, "max")
 
 
 class AdaptiveAvgPool1d(_AdaptiveAvgPoolNd, torch.nn.AdaptiveAvgPool1d):
@@ -204,6 +219,11 @@ class AdaptiveStochasticPool2d(torch.nn.Module):
         return _adaptive_stochastic(self._rank, input, self.output_size,
                                     self.return_indices, self.training, self.generator,
                                     None)
+
+    def __prepare_scriptable__(self):
+        """What ``torch.jit.script`` compiles instead (``fastpool._torch_script``)."""
+        from fastpool import _torch_script
+        return _torch_script.adaptive_pool(self, self._rank, "stochastic").train(self.training)
 
     def extra_repr(self):
         return f"output_size={self.output_size}" + (

@@ -184,6 +184,62 @@ def _loop_rule(op):
     return rule
 
 
+# ----------------------------------------------------------------------------- half precision
+
+HALF = (torch.float16, torch.bfloat16)
+
+
+def _in_float32(impl):
+    """``impl`` for half-precision tensors: fastpool's kernels compute in float32
+    (``fastpool._half``), so float16/bfloat16 tensor arguments are widened (exact), the
+    operator runs, and its floating results are rounded once to the input's dtype, as
+    PyTorch's CPU kernels accumulate these dtypes in float32. Strides are kept."""
+
+    def run(*args):
+        half = next((a.dtype for a in args
+                     if isinstance(a, torch.Tensor) and a.dtype in HALF), None)
+        if half is None:
+            return impl(*args)
+        out = impl(*[a.float() if isinstance(a, torch.Tensor) and a.dtype in HALF else a
+                     for a in args])
+        if isinstance(out, torch.Tensor):
+            return out.to(half) if out.dtype == torch.float32 else out
+        return tuple(o.to(half) if o.dtype == torch.float32 else o for o in out)
+    return run
+
+
+# PyTorch's autocast policy for the ops fastpool has (read off torch 2.13's autocast
+# tables and checked against them by tests/test_torch_half.py): convolutions run in the
+# autocast dtype, these pooling ops in float32 on the CPU; every other pooling op runs
+# in its input's dtype. Stochastic pooling follows max pooling.
+_LOWER_PRECISION = ("conv", "conv_transpose")
+_FLOAT32_ON_CPU = {"max_pool3d", "avg_pool3d", "stochastic_pool3d",
+                   "adaptive_max_pool3d", "adaptive_avg_pool3d",
+                   "adaptive_stochastic_pool3d",
+                   "max_unpool1d", "max_unpool2d", "max_unpool3d"}
+
+
+def autocast_policy(name):
+    """For a forward operator ``name``: a function casting its tensor arguments as
+    ``torch.autocast`` would cast a PyTorch op's (None: the op runs as it is called).
+    As in PyTorch, only float32/float16/bfloat16 tensors are cast; float64 stays."""
+    lower = name[:-2] in _LOWER_PRECISION  # conv2d -> conv
+    if not lower and name not in _FLOAT32_ON_CPU:
+        return None
+
+    def cast(args):
+        device = args[0].device.type
+        if lower:
+            dtype = torch.get_autocast_dtype(device)
+        elif device == "cpu":
+            dtype = torch.float32
+        else:
+            return args
+        return tuple(a.to(dtype) if isinstance(a, torch.Tensor) and a.dtype in
+                     (torch.float32,) + HALF else a for a in args)
+    return cast
+
+
 # ----------------------------------------------------------------------------- autograd
 
 _IMPLS = {}  # operator name -> the Python function that runs it
@@ -234,7 +290,11 @@ def differentiable(op, backward, setup_context):
     # transform active, its C++ base does the same work without that.
     direct = super(torch.autograd.Function, function).apply
 
+    policy = None if name.endswith("_backward") else autocast_policy(name)
+
     def call(*args):
+        if policy is not None and torch.is_autocast_enabled(args[0].device.type):
+            args = policy(args)
         if plain(args[0]):
             return direct(*args)
         return function.apply(*args)
@@ -250,6 +310,7 @@ def define(name, schema, impl, fake, *, rank, batch_args=None):
     ``fake`` gives its outputs' metadata. vmap folds the arguments at ``batch_args``
     into the batch (None: a loop over the vmapped axis). Returns the operator; autograd
     is registered by the caller, which knows the backward operators."""
+    impl = _in_float32(impl)
     op = torch.library.custom_op(f"{NAMESPACE}::{name}", impl, mutates_args=(),
                                  schema=schema)
     _IMPLS[name] = impl

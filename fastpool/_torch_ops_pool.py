@@ -198,6 +198,12 @@ def _window_pool(mode, rank):
 
 # ----------------------------------------------------------------------------- adaptive
 
+def _kept(output_size):
+    """An adaptive operator's ``output_size`` as fastpool's functions take it: ``-1``
+    (keep that axis's size) is ``None``."""
+    return tuple(None if o == -1 else o for o in output_size)
+
+
 def _adaptive_pool(mode, rank):
     name = f"adaptive_{mode}_pool{rank}d"
     forward = fastpool_function(name)
@@ -208,7 +214,7 @@ def _adaptive_pool(mode, rank):
 
     def impl(input, output_size, *args):
         device = device_for([input])
-        x, size = to_array(input), tuple(output_size)
+        x, size = to_array(input), _kept(output_size)
         if mode == "avg":
             return to_tensor(forward(x, size, device=device))
         if mode == "max":
@@ -223,12 +229,13 @@ def _adaptive_pool(mode, rank):
         return to_tensor(y), to_tensor(indices)
 
     def fake(input, output_size, *args):
-        y = _pooled(input, rank, output_size)
+        size = [n if o == -1 else o for n, o in zip(input.shape[-rank:], output_size)]
+        y = _pooled(input, rank, size)
         if not with_indices:
             return y
         if stochastic and not args[0]:
             return y, nothing(input, torch.int64)
-        return y, _pooled(input, rank, output_size, torch.int64)
+        return y, _pooled(input, rank, size, torch.int64)
 
     op = define(name, f"(Tensor input, SymInt[] output_size{extra}) -> "
                 + ("(Tensor, Tensor)" if with_indices else "Tensor"),
@@ -242,13 +249,13 @@ def _adaptive_pool(mode, rank):
         g, x = to_array(grad_output), to_array(input)
         if mode == "avg":
             (output_size,) = args
-            return to_tensor(backward(g, x, tuple(output_size), device=device))
+            return to_tensor(backward(g, x, _kept(output_size), device=device))
         indices, output_size, *training = args
         if mode == "max":
-            return to_tensor(backward(g, x, tuple(output_size),
+            return to_tensor(backward(g, x, _kept(output_size),
                                       indices=to_array(indices), device=device))
         picks = {"indices": to_array(indices)} if training[0] else {}
-        return to_tensor(backward(g, x, tuple(output_size), training=training[0],
+        return to_tensor(backward(g, x, _kept(output_size), training=training[0],
                                   device=device, **picks))
 
     def back_fake(grad_output, input, *args):

@@ -73,6 +73,11 @@ class _ConvTransposeNd:
         return _conv_transpose(self._rank, input, self.weight, self.bias, self.stride,
                                self.padding, output_padding, self.groups, self.dilation)
 
+    def __prepare_scriptable__(self):
+        """What ``torch.jit.script`` compiles instead (``fastpool._torch_script``)."""
+        from fastpool import _torch_script
+        return _torch_script.ScriptedConv(self, self._rank, transposed=True)
+
 
 class ConvTranspose1d(_ConvTransposeNd, torch.nn.ConvTranspose1d):
     """``torch.nn.ConvTranspose1d`` whose forward runs fastpool's kernels."""

@@ -67,6 +67,11 @@ class _MaxUnpoolNd:
         return _max_unpool(self._rank, input, indices, self.kernel_size, self.stride,
                            self.padding, output_size)
 
+    def __prepare_scriptable__(self):
+        """What ``torch.jit.script`` compiles instead (``fastpool._torch_script``)."""
+        from fastpool import _torch_script
+        return _torch_script.ScriptedUnpool(self, self._rank)
+
 
 class MaxUnpool1d(_MaxUnpoolNd, torch.nn.MaxUnpool1d):
     """``torch.nn.MaxUnpool1d`` whose forward runs fastpool's kernels."""

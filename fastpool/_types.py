@@ -35,7 +35,9 @@ if TYPE_CHECKING:
 # What the functions take as arrays: NumPy arrays (and what np.asarray takes), CPU
 # torch tensors, and GPU arrays with ``__cuda_array_interface__`` (CuPy, torch, Numba).
 ArrayLike = Any
-Float = TypeVar("Float", np.float32, np.float64)
+# float16 arrays keep their dtype too (computed in float32; ml_dtypes.bfloat16 is not
+# a NumPy scalar type mypy knows, so bfloat16 arrays take the ArrayLike overloads).
+Float = TypeVar("Float", np.float16, np.float32, np.float64)
 Size = Union[int, Sequence[int]]
 Padding = Union[int, Sequence[int], Literal["valid", "same"]]
 AdaptiveSize = Union[int, Sequence[Optional[int]]]

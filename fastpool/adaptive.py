@@ -33,7 +33,7 @@ _AVG_DOC = """{rank}-D adaptive average pooling: ``output_size`` windows per axi
 
     Parameters
     ----------
-    x : array of float32 or float64
+    x : array of float16, bfloat16, float32 or float64
         Input; any strides (channels-last strides are kept).
     """ + _OUTPUT_SIZE + """
     device : {{"cpu", "cuda", "auto"}}, optional
@@ -71,7 +71,7 @@ _MAX_DOC = """{rank}-D adaptive max pooling: ``output_size`` windows per axis th
 
     Parameters
     ----------
-    x : array of float32 or float64
+    x : array of float16, bfloat16, float32 or float64
         Input; any strides (channels-last strides are kept).
     """ + _OUTPUT_SIZE + """
     return_indices : bool, default False
@@ -117,7 +117,7 @@ _STOCHASTIC_DOC = """{rank}-D adaptive stochastic pooling: stochastic pooling's 
 
     Parameters
     ----------
-    x : array of float32 or float64
+    x : array of float16, bfloat16, float32 or float64
         Finite, non-negative input (e.g. after ReLU); a negative, NaN or infinite value
         in a window raises ``ValueError``. Any strides (channels-last kept).
     """ + _OUTPUT_SIZE + """

@@ -57,7 +57,7 @@ def conv2d(x: ArrayLike, weight: ArrayLike, bias: Optional[ArrayLike] = None,
 
     Parameters
     ----------
-    x : array of float32 or float64
+    x : array of float16, bfloat16, float32 or float64
         Input; any strides (non-contiguous input is copied once). The batch may be
         empty.
     weight : array
@@ -185,7 +185,7 @@ def conv1d(x: ArrayLike, weight: ArrayLike, bias: Optional[ArrayLike] = None,
 
     Parameters
     ----------
-    x : array of float32 or float64
+    x : array of float16, bfloat16, float32 or float64
         ``(N, C_in, L)`` or unbatched ``(C_in, L)``.
     weight : array
         ``(C_out, C_in / groups, k)``, ``x``'s dtype.
@@ -247,7 +247,7 @@ def conv3d(x: ArrayLike, weight: ArrayLike, bias: Optional[ArrayLike] = None,
 
     Parameters
     ----------
-    x : array of float32 or float64
+    x : array of float16, bfloat16, float32 or float64
         ``(N, C_in, D, H, W)`` or unbatched ``(C_in, D, H, W)``; channels-last strides
         give channels-last results.
     weight : array

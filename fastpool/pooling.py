@@ -63,7 +63,7 @@ _MAX_DOC = """{rank}-D max pooling over a ``{shape_in}`` or ``{shape_in_u}`` arr
 
     Parameters
     ----------
-    x : array of float32 or float64
+    x : array of float16, bfloat16, float32 or float64
         Input; any strides (channels-last strides are kept; other non-contiguous input
         is copied once).
     kernel_size : int or {tuple}
@@ -157,7 +157,7 @@ _AVG_DOC = """{rank}-D average pooling over a ``{shape_in}`` or ``{shape_in_u}``
 
     Parameters
     ----------
-    x : array of float32 or float64
+    x : array of float16, bfloat16, float32 or float64
     kernel_size : int or {tuple}
     stride : int or {tuple}, optional
         ``None`` (default) means ``kernel_size``.
@@ -245,7 +245,7 @@ _STOCHASTIC_DOC = """{rank}-D stochastic pooling (Zeiler & Fergus, ICLR 2013).
 
     Parameters
     ----------
-    x : array of float32 or float64
+    x : array of float16, bfloat16, float32 or float64
         Finite, non-negative activations (e.g. after ReLU). A negative, NaN or infinite
         value inside a window raises ``ValueError`` (detected by the kernel itself).
     kernel_size, stride, padding, dilation, ceil_mode

@@ -131,7 +131,7 @@ __all__ = [
     "stochastic_pool3d",
 ]
 
-_FLOAT_DTYPES = (torch.float32, torch.float64)
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -142,8 +142,8 @@ def _check_tensor(name, tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
     if tensor.dtype not in _FLOAT_DTYPES:
         raise TypeError(
-            f"{name} must have dtype torch.float32 or torch.float64 (the dtypes "
-            f"fastpool's kernels support), got {tensor.dtype}")
+            f"{name} must have a floating dtype fastpool supports (torch.float16, "
+            f"torch.bfloat16, torch.float32 or torch.float64), got {tensor.dtype}")
     if tensor.device.type not in ("cpu", "cuda"):
         raise ValueError(
             f"{name} is on device {tensor.device}; fastpool.torch supports CPU and CUDA "
@@ -211,8 +211,9 @@ def conv2d(input: torch.Tensor, weight: torch.Tensor,
     Parameters
     ----------
     input : Tensor
-        ``(N, C_in, H, W)`` or unbatched ``(C_in, H, W)``, float32 or float64, on the
-        CPU or a CUDA device; any strides.
+        ``(N, C_in, H, W)`` or unbatched ``(C_in, H, W)``, float16, bfloat16, float32
+        or float64 (half precision is computed in float32), on the CPU or a CUDA
+        device; any strides.
     weight : Tensor
         ``(C_out, C_in / groups, kH, kW)``, ``input``'s dtype and device.
     bias : Tensor, optional
@@ -299,7 +300,8 @@ def max_pool2d(input: torch.Tensor, kernel_size: Size, stride: Optional[Size] = 
     Parameters
     ----------
     input : Tensor
-        ``(N, C, H, W)`` or ``(C, H, W)``, float32 or float64, CPU or CUDA; any strides.
+        ``(N, C, H, W)`` or ``(C, H, W)``, float16, bfloat16, float32 or float64, CPU
+        or CUDA; any strides.
     kernel_size : int or (int, int)
         Window size ``k``.
     stride : int or (int, int), optional
@@ -346,7 +348,8 @@ def avg_pool2d(input: torch.Tensor, kernel_size: Size, stride: Optional[Size] = 
     Parameters
     ----------
     input : Tensor
-        ``(N, C, H, W)`` or ``(C, H, W)``, float32 or float64, CPU or CUDA; any strides.
+        ``(N, C, H, W)`` or ``(C, H, W)``, float16, bfloat16, float32 or float64, CPU
+        or CUDA; any strides.
     kernel_size : int or (int, int)
     stride : int or (int, int), optional
         None (default) means ``kernel_size``.
@@ -390,8 +393,8 @@ def stochastic_pool2d(input: torch.Tensor, kernel_size: Size,
     Parameters
     ----------
     input : Tensor
-        ``(N, C, H, W)`` or ``(C, H, W)``, float32 or float64, CPU or CUDA, finite and
-        non-negative (e.g. after ReLU); a negative, NaN or infinite value inside a
+        ``(N, C, H, W)`` or ``(C, H, W)``, float16, bfloat16, float32 or float64, CPU
+        or CUDA, finite and non-negative (e.g. after ReLU); a negative, NaN or infinite value inside a
         window raises ``ValueError``.
     kernel_size, stride, padding, dilation, ceil_mode
         As for :func:`max_pool2d`; padding cells have weight 0 and are never chosen.
@@ -567,6 +570,11 @@ class _ConvNd:
         """Convolve ``input`` with fastpool's kernels."""
         return self._conv_forward(input, self.weight, self.bias)
 
+    def __prepare_scriptable__(self):
+        """What ``torch.jit.script`` compiles instead (``fastpool._torch_script``)."""
+        from fastpool import _torch_script
+        return _torch_script.ScriptedConv(self, self._rank, transposed=False)
+
     def _conv_forward(self, input, weight, bias):
         if self.padding_mode != "zeros":
             padded = torch.nn.functional.pad(input, self._reversed_padding_repeated_twice,
@@ -628,6 +636,11 @@ class _MaxPoolNd:
         return _max_pool(self._rank, input, self.kernel_size, self.stride, self.padding,
                          self.dilation, self.ceil_mode, self.return_indices)
 
+    def __prepare_scriptable__(self):
+        """What ``torch.jit.script`` compiles instead (``fastpool._torch_script``)."""
+        from fastpool import _torch_script
+        return _torch_script.window_pool(self, self._rank, "max")
+
 
 class MaxPool1d(_MaxPoolNd, torch.nn.MaxPool1d):
     """``torch.nn.MaxPool1d`` whose forward runs :func:`max_pool1d` (fastpool kernels);
@@ -669,6 +682,11 @@ class _AvgPoolNd:
         return _avg_pool(self._rank, input, self.kernel_size, self.stride, self.padding,
                          self.ceil_mode, self.count_include_pad,
                          getattr(self, "divisor_override", None))
+
+    def __prepare_scriptable__(self):
+        """What ``torch.jit.script`` compiles instead (``fastpool._torch_script``)."""
+        from fastpool import _torch_script
+        return _torch_script.window_pool(self, self._rank, "avg")
 
 
 class AvgPool1d(_AvgPoolNd, torch.nn.AvgPool1d):
@@ -752,6 +770,11 @@ class StochasticPool2d(torch.nn.Module):
         return _stochastic_pool(self._rank, input, self.kernel_size, self.stride,
                                 self.padding, self.dilation, self.ceil_mode,
                                 self.return_indices, self.training, self.generator, None)
+
+    def __prepare_scriptable__(self):
+        """What ``torch.jit.script`` compiles instead (``fastpool._torch_script``)."""
+        from fastpool import _torch_script
+        return _torch_script.window_pool(self, self._rank, "stochastic").train(self.training)
 
     def extra_repr(self):
         text = (f"kernel_size={self.kernel_size}, stride={self.stride}, "

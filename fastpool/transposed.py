@@ -24,7 +24,7 @@ _DOC = """{rank}-D transposed convolution ("deconvolution"), as
 
     Parameters
     ----------
-    x : array of float32 or float64
+    x : array of float16, bfloat16, float32 or float64
         ``{x}`` or unbatched; channels-last strides give channels-last results.
     weight : array
         ``{w}``, ``x``'s dtype (PyTorch's layout for transposed convolutions).

@@ -23,7 +23,7 @@ _DOC = """Partial inverse of :func:`max_pool{rank}d`: every input value goes to 
 
     Parameters
     ----------
-    x : array of float32 or float64
+    x : array of float16, bfloat16, float32 or float64
         The pooled values.
     indices : int array
         ``x``'s shape: flat {flat} positions inside each ``(n, c)`` volume of the

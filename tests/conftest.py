@@ -42,7 +42,16 @@ sys.path.insert(0, os.path.dirname(__file__))
 TOLERANCES = {
     np.dtype(np.float32): dict(rtol=2e-5, atol=2e-6),
     np.dtype(np.float64): dict(rtol=1e-12, atol=1e-12),
+    # Half precision is computed in float32 and rounded once: half an ulp (2**-11 for
+    # float16, 2**-8 for bfloat16) relative, with room for the float32 sum before it.
+    np.dtype(np.float16): dict(rtol=1e-3, atol=1e-5),
 }
+try:
+    import ml_dtypes
+
+    TOLERANCES[np.dtype(ml_dtypes.bfloat16)] = dict(rtol=8e-3, atol=1e-5)
+except ImportError:  # the test extra installs it; without it bfloat16 tests skip
+    ml_dtypes = None
 
 # Sums of many products (convolution) are compared against a bound: the same sum over
 # absolute values. Its error is at most about (terms * eps) * bound; these are that
@@ -65,6 +74,15 @@ GEOMETRIES = (
     ((3, 2), (2, 1), (1, 2)),
     (4, 3, 1),
 )
+
+
+def dtypes_for(index, common=2):
+    """The dtypes a test draws with geometry number ``index`` of its list: both for the
+    first ``common`` (the shapes networks use), then one each, alternating. dtype and
+    geometry are separate specialisations of a kernel, so this covers each of them, and
+    both together on the common geometries, without compiling every pair (each pair is
+    seconds of Numba compilation on a cold run)."""
+    return DTYPES if index < common else (DTYPES[index % 2],)
 
 
 def assert_close(actual, expected, dtype):

@@ -313,3 +313,75 @@ def test_stochastic_inference_double_backward_says_so():
                                create_graph=True)
     with pytest.raises(RuntimeError, match="training=False.*once differentiable"):
         g.sum().backward()
+
+
+# ----------------------------------------------------------------------------- TorchScript
+
+def _scriptable_models():
+    """Every module family, in the forms their arguments take (tuples, None entries,
+    'same', a padding mode, indices, a 1-D and a 3-D rank)."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        ft.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(), ft.MaxPool2d(2, ceil_mode=True),
+        ft.AvgPool2d((3, 1), 1, (1, 0), count_include_pad=False),
+        ft.StochasticPool2d(2, 1), ft.ConvTranspose2d(4, 2, 2, stride=2, output_padding=1),
+        ft.AdaptiveMaxPool2d((3, None)), ft.AdaptiveAvgPool2d(2), torch.nn.ReLU(),
+        ft.AdaptiveStochasticPool2d((2, None)),
+        ft.Conv2d(2, 2, 3, padding="same", padding_mode="reflect", bias=False))
+    seq = torch.nn.Sequential(ft.Conv1d(3, 2, 3, stride=2), ft.AvgPool1d(2),
+                              ft.MaxPool1d(2, 1))
+    vol = torch.nn.Sequential(ft.Conv3d(3, 2, 2), ft.MaxPool3d(2, 1),
+                              ft.AdaptiveAvgPool3d((None, 1, 2)))
+    return [(net, (2, 3, 8, 8)), (seq, (2, 3, 12)), (vol, (1, 3, 4, 5, 5))]
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_jit_script_matches_eager_and_saves(mode, tmp_path):
+    """``torch.jit.script`` compiles fastpool modules (through their TorchScript
+    twins): the same outputs and gradients as eager, stochastic layers drawing the same
+    seeds from PyTorch's generator, and a saved module that loads and runs."""
+    for i, (model, shape) in enumerate(_scriptable_models()):
+        model = model.double().train(mode == "train")
+        scripted = torch.jit.script(model)
+        x = rand(*shape, seed=i, low=0.0)
+        outputs = []
+        for m in (model, scripted):
+            xi = x.clone().requires_grad_()
+            torch.manual_seed(5)
+            y = m(xi)
+            y.pow(2).sum().backward()
+            outputs.append((y, xi.grad))
+        assert torch.equal(outputs[0][0], outputs[1][0])
+        assert torch.equal(outputs[0][1], outputs[1][1])
+        path = tmp_path / f"model{i}.pt"
+        torch.jit.save(scripted, str(path))
+        torch.manual_seed(5)
+        assert torch.equal(torch.jit.load(str(path))(x), outputs[0][0])
+    graph = str(torch.jit.script(_scriptable_models()[0][0]).inlined_graph)
+    assert "fastpool::conv2d" in graph and "fastpool::stochastic_pool2d" in graph
+
+
+def test_jit_script_indices_and_unpooling():
+    x = distinct(2, 3, 6, 6)
+    pool, unpool = ft.MaxPool2d(2, return_indices=True), ft.MaxUnpool2d(2)
+    y, idx = torch.jit.script(pool)(x)
+    ey, eidx = pool(x)
+    assert torch.equal(y, ey) and torch.equal(idx, eidx)
+    scripted = torch.jit.script(unpool)
+    assert torch.equal(scripted(y, idx), unpool(y, idx))
+    assert torch.equal(scripted(y, idx, [2, 3, 7, 7]), unpool(y, idx, (2, 3, 7, 7)))
+
+
+def test_jit_trace_and_script_warn_only_of_their_own_deprecation():
+    """No TracerWarning (nothing data-dependent leaks into the trace) and nothing from
+    fastpool; PyTorch 2.13 deprecates torch.jit itself, which is PyTorch's warning."""
+    import warnings
+    model = _scriptable_models()[0][0].double().eval()
+    x = rand(2, 3, 8, 8, low=0.0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.jit.trace(model, (x,))
+        torch.jit.script(model)
+    others = [w for w in caught if "is deprecated. Please switch to `torch.compile`"
+              not in str(w.message)]
+    assert not others, [str(w.message) for w in others]

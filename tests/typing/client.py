@@ -15,8 +15,9 @@ x32: NDArray[np.float32] = np.zeros((2, 3, 8, 8), np.float32)
 x64: NDArray[np.float64] = np.zeros((2, 3, 8, 8))
 seq64: NDArray[np.float64] = np.zeros((3, 8))
 
-# A float32 array in, float32 out; indices int64.
+# A float32 array in, float32 out; indices int64. float16 keeps its dtype too.
 assert_type(fastpool.max_pool2d(x32, 2), NDArray[np.float32])
+assert_type(fastpool.avg_pool2d(x32.astype(np.float16), 2), NDArray[np.float16])
 assert_type(fastpool.avg_pool3d(x64, 2, ceil_mode=True), NDArray[np.float64])
 assert_type(fastpool.max_pool2d(x32, 3, 2, 1, return_indices=True),
             Tuple[NDArray[np.float32], NDArray[np.int64]])

@@ -1,0 +1,308 @@
+"""Half precision: float16 and bfloat16 (``ml_dtypes``) NumPy arrays and torch tensors.
+
+fastpool computes them in float32 and rounds each result once to the input's dtype
+(docs/design.md section 2): every function is checked for exactly that (the float32
+call on the widened arrays, rounded), against the float64 references within the
+half-precision tolerances, against ``torch.nn.functional`` in the same dtype, and
+under ``torch.autocast`` against the dtype PyTorch's own op gives.
+"""
+
+import numpy as np
+import pytest
+
+import fastpool
+import reference as ref
+from conftest import assert_close, ml_dtypes
+
+HALF = [np.float16] + ([ml_dtypes.bfloat16] if ml_dtypes is not None else [])
+HALF_IDS = [np.dtype(d).name for d in HALF]
+
+try:
+    import torch
+    import torch.nn.functional as F
+except ImportError:
+    torch = None
+needs_torch = pytest.mark.skipif(torch is None, reason="PyTorch is not installed")
+
+
+def _data(seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((2, 3, 7, 6))
+    return dict(x=x, xp=rng.random((2, 3, 7, 6)) + 0.1,
+                w=rng.standard_normal((4, 3, 3, 3)) / 3, b=rng.standard_normal(4),
+                wt=rng.standard_normal((3, 2, 2, 2)) / 3,
+                g_pool=rng.standard_normal((2, 3, 4, 3)),
+                g_conv=rng.standard_normal((2, 4, 7, 6)),
+                x1=rng.standard_normal((2, 3, 9)), x3=rng.standard_normal((1, 2, 5, 6, 5)))
+
+
+def _calls(a):
+    """Every kind of function on the arrays ``a`` (all of one dtype): name -> result."""
+    x, xp, g = a["x"], a["xp"], a["g_pool"]
+    y, i = fastpool.max_pool2d(x, 3, 2, 1, return_indices=True)
+    up = fastpool.max_unpool2d(y, i, 3, 2, 1, output_size=(7, 6))
+    s, picks = fastpool.stochastic_pool2d(xp, 3, 2, 1, seed=5, return_indices=True)
+    return {
+        "max": y, "max_indices": i,
+        "max_backward": fastpool.max_pool2d_backward(g, x, 3, 2, 1, indices=i),
+        "avg": fastpool.avg_pool2d(x, 3, 2, 1, count_include_pad=False),
+        "avg_backward": fastpool.avg_pool2d_backward(g, x, 3, 2, 1),
+        "stochastic": s, "picks": picks,
+        "stochastic_inference": fastpool.stochastic_pool2d(xp, 3, 2, 1, training=False),
+        "stochastic_backward": fastpool.stochastic_pool2d_backward(
+            g, xp, 3, 2, 1, training=False),
+        "adaptive_avg": fastpool.adaptive_avg_pool2d(x, (4, 3)),
+        "adaptive_max": fastpool.adaptive_max_pool2d(x, (4, 3)),
+        "adaptive_avg_backward": fastpool.adaptive_avg_pool2d_backward(g, x, (4, 3)),
+        "unpool": up,
+        "conv": fastpool.conv2d(x, a["w"], a["b"], padding=1),
+        "conv_backward": fastpool.conv2d_backward(a["g_conv"], x, a["w"], padding=1),
+        "conv_transpose": fastpool.conv_transpose2d(x, a["wt"], stride=2),
+        "max1d": fastpool.max_pool1d(a["x1"], 3, 2),
+        "avg3d": fastpool.avg_pool3d(a["x3"], 3, 2, 1),
+        "conv1d": fastpool.conv1d(a["x1"], a["w"][:, :, 1], padding=1),
+    }
+
+
+def _cast(arrays, dtype):
+    return {k: v.astype(dtype) for k, v in arrays.items()}
+
+
+def _flat(result):
+    return [r for r in result if r is not None] if isinstance(result, tuple) else [result]
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=HALF_IDS)
+def test_half_is_float32_rounded_once(dtype):
+    """Each function's half-precision result is its float32 result on the same
+    (widened) values, rounded to the input's dtype; integer results are identical."""
+    half = _cast(_data(), dtype)
+    ours = _calls(half)
+    wide = _calls(_cast(half, np.float32))
+    for name, result in ours.items():
+        for got, f32 in zip(_flat(result), _flat(wide[name])):
+            if f32.dtype == np.float32:
+                assert got.dtype == np.dtype(dtype), name
+                np.testing.assert_array_equal(got, f32.astype(dtype), err_msg=name)
+            else:
+                assert got.dtype == f32.dtype, name
+                np.testing.assert_array_equal(got, f32, err_msg=name)
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=HALF_IDS)
+def test_half_against_the_references(dtype):
+    a = _data(1)
+    half = _cast(a, dtype)
+    x = half["x"].astype(np.float64)  # the values the half-precision call sees
+    w = half["w"].astype(np.float64)
+    y, i = fastpool.max_pool2d(half["x"], 3, 2, 1, return_indices=True)
+    y_ref, i_ref = ref.max_pool(x, 3, 2, 1)
+    np.testing.assert_array_equal(i, i_ref)
+    np.testing.assert_array_equal(y.astype(np.float64), y_ref)
+    assert_close(fastpool.avg_pool2d(half["x"], 3, 2, 1).astype(np.float64),
+                 ref.avg_pool(x, 3, 2, 1), dtype)
+    conv = fastpool.conv2d(half["x"], half["w"], padding=1).astype(np.float64)
+    expected = ref.conv(x, w, padding=1)
+    bound = ref.conv(np.abs(x), np.abs(w), padding=1)
+    # one rounding of a float32 sum: half an ulp of the bound, relative
+    assert np.all(np.abs(conv - expected) <= TOL[np.dtype(dtype)] * bound)
+
+
+TOL = {np.dtype(np.float16): 2**-11 * 1.01 + 1e-5}
+if ml_dtypes is not None:
+    TOL[np.dtype(ml_dtypes.bfloat16)] = 2**-8 * 1.01 + 1e-5
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=HALF_IDS)
+def test_half_keeps_channels_last(dtype):
+    x = _data()["x"].astype(dtype)
+    nhwc = np.ascontiguousarray(np.moveaxis(x, 1, -1))
+    view = np.moveaxis(nhwc, -1, 1)
+    y = fastpool.avg_pool2d(view, 2)
+    assert y.dtype == np.dtype(dtype)
+    assert np.moveaxis(y, 1, -1).flags.c_contiguous and not y.flags.c_contiguous
+    np.testing.assert_array_equal(y, fastpool.avg_pool2d(x, 2))
+
+
+def test_mixed_half_and_float32_raise():
+    a = _data()
+    with pytest.raises(TypeError, match="weight dtype float32 must match x dtype float16"):
+        fastpool.conv2d(a["x"].astype(np.float16), a["w"].astype(np.float32))
+    with pytest.raises(TypeError, match="grad_output dtype"):
+        fastpool.max_pool2d_backward(a["g_pool"].astype(np.float32),
+                                     a["x"].astype(np.float16), 3, 2, 1)
+    with pytest.raises(TypeError, match="float16, bfloat16, float32 or float64"):
+        fastpool.max_pool2d(a["x"].astype(np.int16), 2)
+
+
+def test_half_on_the_gpu_path():
+    """Under the CUDA simulator (or on a GPU) half-precision Numba device arrays run the
+    float32 GPU kernels and come back in their dtype."""
+    from numba import cuda
+    x = _data()["x"].astype(np.float16)
+    y = fastpool.max_pool2d(cuda.to_device(x), 3, 2, 1, device="cuda")
+    assert y.dtype == np.float16
+    np.testing.assert_array_equal(y.copy_to_host(), fastpool.max_pool2d(x, 3, 2, 1))
+
+
+# ----------------------------------------------------------------------------- torch
+
+TORCH_HALF = ["float16", "bfloat16"]
+
+
+def _torch_cases():
+    """name -> (fastpool.torch call, torch.nn.functional call), each taking (x, w)."""
+    import fastpool.torch as ft
+    return {
+        "conv2d": (lambda x, w: ft.conv2d(x, w, padding=1),
+                   lambda x, w: F.conv2d(x, w, padding=1)),
+        "conv_transpose2d": (lambda x, w: ft.conv_transpose2d(x, w[:3, :2], stride=2),
+                             lambda x, w: F.conv_transpose2d(x, w[:3, :2], stride=2)),
+        "max_pool2d": (lambda x, w: ft.max_pool2d(x, 3, 2, 1),
+                       lambda x, w: F.max_pool2d(x, 3, 2, 1)),
+        "avg_pool2d": (lambda x, w: ft.avg_pool2d(x, 3, 2, 1),
+                       lambda x, w: F.avg_pool2d(x, 3, 2, 1)),
+        "adaptive_avg_pool2d": (lambda x, w: ft.adaptive_avg_pool2d(x, (4, 3)),
+                                lambda x, w: F.adaptive_avg_pool2d(x, (4, 3))),
+        "adaptive_max_pool2d": (lambda x, w: ft.adaptive_max_pool2d(x, (4, 3)),
+                                lambda x, w: F.adaptive_max_pool2d(x, (4, 3))),
+    }
+
+
+@needs_torch
+@pytest.mark.usefixtures("one_numba_thread")
+@pytest.mark.parametrize("layout", ["channels_first", "channels_last"])
+@pytest.mark.parametrize("dtype", TORCH_HALF)
+def test_torch_half_matches_pytorch(dtype, layout):
+    """Forward and input/weight gradients in float16 and bfloat16 against PyTorch's
+    own kernels in the same dtype (which also accumulate in float32)."""
+    dtype = getattr(torch, dtype)
+    a = _data(2)
+    # Two ulps of the largest value: each side rounds its float32 sums once, and its
+    # gradient sums the other side's differently rounded half-precision values.
+    ulps = 2 * (2**-7 if dtype == torch.bfloat16 else 2**-10)
+
+    def close(got, expected, name):
+        scale = expected.double().abs().max()
+        assert (got.double() - expected.double()).abs().max() <= ulps * scale, name
+
+    for name, (ours, theirs) in _torch_cases().items():
+        results = []
+        for f in (ours, theirs):
+            x = torch.tensor(a["x"], dtype=dtype)
+            if layout == "channels_last":
+                x = x.contiguous(memory_format=torch.channels_last)
+            w = torch.tensor(a["w"], dtype=dtype)
+            x.requires_grad_(), w.requires_grad_()
+            y = f(x, w)
+            y.float().pow(2).sum().backward()
+            results.append((y, x.grad, w.grad))
+        (y, gx, gw), (ty, tgx, tgw) = results
+        assert y.dtype == dtype and gx.dtype == dtype, name
+        close(y, ty, name)
+        close(gx, tgx, name)
+        if tgw is not None:
+            close(gw, tgw, name)
+        if layout == "channels_last":
+            assert y.is_contiguous(memory_format=torch.channels_last), name
+
+
+def _autocast_pairs():
+    """(name, fastpool.torch call, the PyTorch op whose autocast dtype it follows) for
+    every forward op family and rank; stochastic pooling follows max pooling."""
+    import fastpool.torch as ft
+    pairs = []
+    for r in (1, 2, 3):
+        w = torch.ones((2, 2) + (2,) * r)
+        pool = dict(kernel_size=3, stride=2, padding=1)
+
+        def fp(name):
+            return getattr(ft, name.format(r=r))
+
+        def tf(name):
+            return getattr(F, name.format(r=r))
+
+        unpool = lambda f, p, r=r: (  # noqa: E731
+            lambda x: f(*p(x, 2, return_indices=True), 2))
+        pairs += [
+            (f"conv{r}d", lambda x, f=fp("conv{r}d"), w=w: f(x, w),
+             lambda x, f=tf("conv{r}d"), w=w: f(x, w)),
+            (f"conv_transpose{r}d", lambda x, f=fp("conv_transpose{r}d"), w=w: f(x, w),
+             lambda x, f=tf("conv_transpose{r}d"), w=w: f(x, w)),
+            (f"max_pool{r}d", lambda x, f=fp("max_pool{r}d"): f(x, **pool),
+             lambda x, f=tf("max_pool{r}d"): f(x, **pool)),
+            (f"avg_pool{r}d", lambda x, f=fp("avg_pool{r}d"): f(x, **pool),
+             lambda x, f=tf("avg_pool{r}d"): f(x, **pool)),
+            (f"stochastic_pool{r}d",
+             lambda x, f=fp("stochastic_pool{r}d"): f(x.abs(), **pool, seed=1),
+             lambda x, f=tf("max_pool{r}d"): f(x, **pool)),
+            (f"adaptive_avg_pool{r}d", lambda x, f=fp("adaptive_avg_pool{r}d"): f(x, 2),
+             lambda x, f=tf("adaptive_avg_pool{r}d"): f(x, 2)),
+            (f"adaptive_max_pool{r}d", lambda x, f=fp("adaptive_max_pool{r}d"): f(x, 2),
+             lambda x, f=tf("adaptive_max_pool{r}d"): f(x, 2)),
+            (f"adaptive_stochastic_pool{r}d",
+             lambda x, f=fp("adaptive_stochastic_pool{r}d"): f(x.abs(), 2, seed=1),
+             lambda x, f=tf("adaptive_max_pool{r}d"): f(x, 2)),
+            (f"max_unpool{r}d", unpool(fp("max_unpool{r}d"), fp("max_pool{r}d")),
+             unpool(tf("max_unpool{r}d"), tf("max_pool{r}d"))),
+        ]
+    return pairs
+
+
+@needs_torch
+@pytest.mark.usefixtures("one_numba_thread")
+@pytest.mark.parametrize("source", ["float32", "same"])
+@pytest.mark.parametrize("dtype", TORCH_HALF)
+def test_autocast_follows_pytorch(dtype, source):
+    """Under ``torch.autocast("cpu", dtype)`` each fastpool op returns the dtype the
+    PyTorch op it mirrors returns, for float32 inputs and for inputs already in
+    ``dtype``; outside autocast nothing is cast."""
+    dtype = getattr(torch, dtype)
+    for name, ours, theirs in _autocast_pairs():
+        rank = int(name[-2])
+        x = torch.rand((1, 2) + (4,) * rank)
+        x = x.to(dtype) if source == "same" else x
+        with torch.autocast("cpu", dtype=dtype):
+            expected = theirs(x).dtype
+            got = ours(x).dtype
+        assert got == expected, name
+        assert ours(x).dtype == x.dtype, name
+
+
+@needs_torch
+@pytest.mark.usefixtures("one_numba_thread")
+def test_compile_under_autocast_matches_eager():
+    import fastpool.torch as ft
+
+    def f(x, w):
+        y = ft.conv2d(x, w, padding=1)  # bfloat16 under autocast
+        return ft.max_pool3d(y.unsqueeze(0), 3, 2, 1) , ft.avg_pool2d(y, 3, 2, 1)
+
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(2, 3, 7, 6, generator=g), torch.randn(4, 3, 3, 3, generator=g)
+    torch._dynamo.reset()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        eager = f(x, w)
+        compiled = torch.compile(f, fullgraph=True)(x, w)
+    assert [t.dtype for t in eager] == [torch.float32, torch.bfloat16]
+    for c, e in zip(compiled, eager):
+        assert c.dtype == e.dtype and torch.equal(c, e)
+
+
+@needs_torch
+@pytest.mark.usefixtures("one_numba_thread")
+@pytest.mark.parametrize("dtype", TORCH_HALF)
+def test_opcheck_in_half_precision(dtype):
+    """The operators' fakes, autograd and dispatch agree with the real half-precision
+    results (dtype and strides included)."""
+    from fastpool._torch_ops_conv import OPS as CONV
+    from fastpool._torch_ops_pool import OPS as POOL
+    dtype = getattr(torch, dtype)
+    a = _data(3)
+    x = torch.tensor(a["x"], dtype=dtype).contiguous(
+        memory_format=torch.channels_last).requires_grad_()
+    w = torch.tensor(a["w"], dtype=dtype).requires_grad_()
+    torch.library.opcheck(POOL["max_pool2d"], (x, [3, 3], [2, 2], [1, 1], [1, 1], False))
+    torch.library.opcheck(POOL["avg_pool2d"],
+                          (x, [3, 3], [2, 2], [1, 1], False, True, None))
+    torch.library.opcheck(CONV["conv2d"], (x, w, None, [1, 1], [1, 1], [1, 1], 1, False))
