@@ -170,3 +170,28 @@ def one_numba_thread():
     numba.set_num_threads(1)
     yield
     numba.set_num_threads(saved)
+
+
+# ----------------------------------------------------------------------------- warm-up
+
+_WARMING = []
+
+
+def pytest_collection_finish(session):
+    """On a full run (a first one is almost all Numba compilation, on one core), start
+    tests/warm_kernels.py beside the suite: it compiles the kernels the later files
+    need into the disk cache on the other core. FASTPOOL_TEST_WARMUP=0 turns it off."""
+    if (len(session.items) < 1000 or os.environ.get("FASTPOOL_TEST_WARMUP") == "0"
+            or getattr(session.config, "workerinput", None) is not None):
+        return
+    import subprocess
+    script = os.path.join(os.path.dirname(__file__), "warm_kernels.py")
+    _WARMING.append(subprocess.Popen([sys.executable, script], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL))
+
+
+def pytest_sessionfinish(session):
+    for process in _WARMING:
+        if process.poll() is None:
+            process.kill()
+        process.wait()

@@ -306,3 +306,30 @@ def test_opcheck_in_half_precision(dtype):
     torch.library.opcheck(POOL["avg_pool2d"],
                           (x, [3, 3], [2, 2], [1, 1], False, True, None))
     torch.library.opcheck(CONV["conv2d"], (x, w, None, [1, 1], [1, 1], [1, 1], 1, False))
+
+
+@needs_torch
+@pytest.mark.usefixtures("one_numba_thread")
+@pytest.mark.parametrize("dtype", TORCH_HALF)
+def test_half_model_through_every_torch_transform(dtype):
+    """A half-precision model of fastpool layers compiles (fullgraph, bitwise eager),
+    exports, scripts, vmaps and differentiates twice, all in its dtype."""
+    import fastpool.torch as ft
+    dtype = getattr(torch, dtype)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(ft.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(),
+                                ft.MaxPool2d(3, 2, 1), ft.AvgPool2d(3, 2, 1),
+                                ft.AdaptiveAvgPool2d(2)).to(dtype).eval()
+    x = torch.rand(2, 3, 7, 6).to(dtype)
+    expected = model(x)
+    assert expected.dtype == dtype
+    torch._dynamo.reset()
+    assert torch.equal(torch.compile(model, fullgraph=True)(x), expected)
+    assert torch.equal(torch.export.export(model, (x,)).module()(x), expected)
+    assert torch.equal(torch.jit.script(model)(x), expected)
+    assert torch.equal(torch.func.vmap(model)(x[:, None]), expected[:, None])
+    xi = x.clone().requires_grad_()
+    (g,) = torch.autograd.grad(model(xi).float().pow(2).sum(), xi, create_graph=True)
+    assert g.dtype == dtype
+    (gg,) = torch.autograd.grad(g.float().pow(2).sum(), model[0].weight)
+    assert gg.dtype == dtype and torch.isfinite(gg.float()).all()

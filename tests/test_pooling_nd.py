@@ -14,7 +14,7 @@ from scipy import stats
 
 import fastpool
 import reference as ref
-from conftest import DTYPES, assert_close, numeric_gradient, seed_for
+from conftest import DTYPES, assert_close, dtypes_for, numeric_gradient, seed_for
 from strategies import distinct_values
 
 try:
@@ -27,11 +27,13 @@ needs_torch = pytest.mark.skipif(torch is None, reason="PyTorch is not installed
 SETTINGS = settings(max_examples=25, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow])
 
-# (kernel_size, stride, dilation) per rank; stride None means kernel_size.
+# (kernel_size, stride, dilation) per rank; stride None means kernel_size. Two per rank
+# (each is a set of compiled kernels per op, dtype and layout): the common one, and one
+# covering what it does not (stride None, dilation, a different size per axis).
 GEOMETRIES = {
-    1: [(3, 2, 1), (2, None, 1), (3, 1, 2)],
+    1: [(3, 2, 1), (2, None, 2)],
     2: [(3, 2, 1), (2, None, 1)],
-    3: [(3, 2, 1), ((1, 2, 3), (1, 2, 1), 1), (2, 1, (2, 1, 1))],
+    3: [(3, 2, 1), ((1, 2, 3), (1, 2, 1), (1, 2, 1))],
 }
 OPS = {rank: dict(max=getattr(fastpool, f"max_pool{rank}d"),
                   max_backward=getattr(fastpool, f"max_pool{rank}d_backward"),
@@ -50,7 +52,8 @@ def _covers(size, k, s, p, d, ceil_mode):
 
 @st.composite
 def nd_cases(draw, rank, dilated=True):
-    kernel, stride, dilation = draw(st.sampled_from(GEOMETRIES[rank]))
+    index = draw(st.integers(0, len(GEOMETRIES[rank]) - 1))
+    kernel, stride, dilation = GEOMETRIES[rank][index]
     if not dilated:
         dilation = 1
     k = ref.ntuple(kernel, rank)
@@ -66,7 +69,8 @@ def nd_cases(draw, rank, dilated=True):
     args = dict(kernel_size=kernel, stride=stride, padding=padding, ceil_mode=ceil_mode)
     if dilated:
         args["dilation"] = dilation
-    return dict(rank=rank, shape=shape, dtype=draw(st.sampled_from(DTYPES)), args=args,
+    return dict(rank=rank, shape=shape, dtype=draw(st.sampled_from(dtypes_for(index, 1))),
+                args=args,
                 channels_last=draw(st.booleans()), unbatched=draw(st.booleans()))
 
 

@@ -86,7 +86,7 @@ def test_bad_input_names_the_argument():
     x = _input(3)
     with pytest.raises(ValueError, match="x must be 5-D"):
         fpt.max_pool3d(x[0, 0], 2)
-    with pytest.raises(TypeError, match="input must have dtype"):
+    with pytest.raises(TypeError, match="input must have a floating dtype"):
         fpt.avg_pool1d(x.to(torch.int32)[0], 2)
     with pytest.raises(TypeError, match="return_indices"):
         fpt.max_pool1d(x[0], 2, return_indices="yes")

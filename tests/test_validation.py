@@ -106,8 +106,8 @@ def test_zero_sizes(no_kernels, op, shape):
 
 
 @all_ops
-@pytest.mark.parametrize("dtype", [np.int64, np.int32, np.uint8, np.float16, np.bool_,
-                                   np.complex128])
+@pytest.mark.parametrize("dtype", [np.int64, np.int32, np.int16, np.uint8, np.bool_,
+                                   np.complex128])  # float16: test_half.py
 def test_unsupported_dtype(no_kernels, op, dtype):
     with pytest.raises(TypeError, match=r"\bx\b.*dtype"):
         op(np.ones(SHAPE, dtype=dtype), 2)

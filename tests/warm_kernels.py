@@ -1,0 +1,77 @@
+"""Compile the pooling kernels the test suite uses, in a second process, into Numba's
+disk cache, while the suite itself runs (conftest.py starts this at the beginning of a
+full run).
+
+Nearly all of a first test run's time is Numba compiling kernel specialisations, one at
+a time on one core. This process compiles the ones the suite's later files need (the
+N-D pooling geometries of test_pooling_nd.py in both layouts, then the 2-D geometries
+of ``conftest.GEOMETRIES``), in the order those files reach them, so that by then the
+suite loads them from the disk cache instead. It checks nothing: if it is slower than
+the suite, or not running at all, the suite compiles what it needs itself, as before.
+"""
+
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from conftest import GEOMETRIES, dtypes_for  # noqa: E402  (first: it sets up Numba)
+import fastpool  # noqa: E402
+from test_pooling_nd import GEOMETRIES as ND_GEOMETRIES  # noqa: E402
+
+
+def channels_last(a):
+    return np.moveaxis(np.ascontiguousarray(np.moveaxis(a, 1, -1)), -1, 1)
+
+
+def pool_calls(rank, kernel, stride, dilation, dtype, layout):
+    """Every pooling kernel of one geometry, dtype and layout (run once each)."""
+    k = np.broadcast_to(kernel, (rank,))
+    d = np.broadcast_to(dilation, (rank,))
+    size = tuple(int(di * (ki - 1) + 1 + 4) for ki, di in zip(k, d))
+    x = np.random.default_rng(0).random((2, 3) + size).astype(dtype)
+    x = channels_last(x) if layout == "last" else x
+    ops = {m: getattr(fastpool, f"{m}_pool{rank}d") for m in ("max", "avg", "stochastic")}
+    back = {m: getattr(fastpool, f"{m}_pool{rank}d_backward") for m in ops}
+    window = dict(kernel_size=kernel, stride=stride, dilation=dilation)
+    y, indices = ops["max"](x, **window, return_indices=True)
+    ops["max"](x, **window)
+    g = np.ones_like(y)
+    g = channels_last(g) if layout == "last" else g
+    back["max"](g, x, **window, indices=indices)
+    back["max"](g, x, **window)
+    s, picks = ops["stochastic"](x, **window, seed=1, return_indices=True)
+    back["stochastic"](g, x, **window, indices=picks)
+    ops["stochastic"](x, **window, training=False)
+    back["stochastic"](g, x, **window, training=False)
+    a = ops["avg"](x, kernel, stride)  # average pooling has no dilation
+    ga = np.ones_like(a)
+    back["avg"](channels_last(ga) if layout == "last" else ga, x, kernel, stride)
+
+
+def plan():
+    """(rank, kernel, stride, dilation, dtype, layout), latest-needed first."""
+    out = []
+    for rank in (3, 1, 2):
+        for i, (kernel, stride, dilation) in enumerate(ND_GEOMETRIES[rank]):
+            for dtype in dtypes_for(i, 1):
+                for layout in ("last", "first"):
+                    out.append((rank, kernel, stride, dilation, dtype, layout))
+    for i, (kernel, stride, dilation) in enumerate(GEOMETRIES):
+        for dtype in dtypes_for(i):
+            out.append((2, kernel, stride, dilation, dtype, "first"))
+    return out
+
+
+def main():
+    for case in plan():
+        try:
+            pool_calls(*case)
+        except Exception as exc:  # the suite reports real failures; this only warms
+            print(f"warm_kernels: {case}: {exc!r}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
