@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fastpool._dispatch import _host_to_device, array_kind
+from fastpool._dispatch import _host_to_device, array_kind, to_device
 
 HALF_NAMES = ("float16", "bfloat16")
 
@@ -32,8 +32,11 @@ def is_half(dtype):
 def _dtype(array):
     if isinstance(array, np.ndarray):
         return array.dtype
-    if getattr(array, "__cuda_ndarray__", False) or array_kind(array) in ("cupy", "torch"):
+    kind = array_kind(array)
+    if kind in ("cupy", "torch", "numba"):
         return array.dtype
+    if kind is not None and kind != "host":  # another __cuda_array_interface__ object
+        return np.dtype(array.__cuda_array_interface__["typestr"])
     return None
 
 
@@ -56,8 +59,9 @@ def _widen(array):
     if kind == "cupy":
         import cupy
         return array.astype(cupy.float32)
-    # A Numba device array: through the host (Numba arrays have no dtype conversion).
-    return _host_to_device(array.copy_to_host().astype(np.float32, order="K"))
+    # Numba device arrays (and other interface objects, viewed as one): through the
+    # host, as Numba arrays have no dtype conversion.
+    return _host_to_device(to_device(array).copy_to_host().astype(np.float32, order="K"))
 
 
 def _narrow(result, like):

@@ -64,7 +64,8 @@ def as_float_array(name, value):
     else:
         array = np.asarray(value)
         if (array.dtype.kind == "f" and not array.dtype.isnative
-                and array.dtype.newbyteorder("=") in SUPPORTED_DTYPES):
+                and (array.dtype.newbyteorder("=") in SUPPORTED_DTYPES
+                     or array.dtype.newbyteorder("=") == np.float16)):
             # Byte-swapped (e.g. big-endian on a little-endian machine): one copy into
             # native order, as NumPy's own ufuncs would convert it.
             array = array.astype(array.dtype.newbyteorder("="))

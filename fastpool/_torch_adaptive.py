@@ -223,7 +223,7 @@ class AdaptiveStochasticPool2d(torch.nn.Module):
     def __prepare_scriptable__(self):
         """What ``torch.jit.script`` compiles instead (``fastpool._torch_script``)."""
         from fastpool import _torch_script
-        return _torch_script.adaptive_pool(self, self._rank, "stochastic").train(self.training)
+        return _torch_script.adaptive_pool(self, self._rank, "stochastic")
 
     def extra_repr(self):
         return f"output_size={self.output_size}" + (

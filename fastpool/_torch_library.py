@@ -10,6 +10,8 @@ holds what every operator shares; the operators live in ``_torch_ops_pool`` and
 ``_torch_ops_conv``.
 """
 
+import inspect
+
 import torch
 
 from fastpool import _geometry
@@ -193,14 +195,25 @@ def _in_float32(impl):
     """``impl`` for half-precision tensors: fastpool's kernels compute in float32
     (``fastpool._half``), so float16/bfloat16 tensor arguments are widened (exact), the
     operator runs, and its floating results are rounded once to the input's dtype, as
-    PyTorch's CPU kernels accumulate these dtypes in float32. Strides are kept."""
+    PyTorch's CPU kernels accumulate these dtypes in float32. The widened copies keep
+    the originals' strides, so fastpool picks the same memory format for them. Floating
+    tensors of different dtypes raise ``TypeError``, as PyTorch's ops do."""
+    names = [p.name for p in inspect.signature(impl).parameters.values()
+             if p.kind is p.POSITIONAL_OR_KEYWORD]
 
     def run(*args):
         half = next((a.dtype for a in args
                      if isinstance(a, torch.Tensor) and a.dtype in HALF), None)
         if half is None:
             return impl(*args)
-        out = impl(*[a.float() if isinstance(a, torch.Tensor) and a.dtype in HALF else a
+        for i, a in enumerate(args):
+            if isinstance(a, torch.Tensor) and a.is_floating_point() and a.dtype != half:
+                first = next(j for j, b in enumerate(args) if isinstance(b, torch.Tensor)
+                             and b.dtype == half)
+                raise TypeError(
+                    f"{_name(names, i)} has dtype {a.dtype} but {_name(names, first)} has "
+                    f"{half}; pass tensors of one dtype")
+        out = impl(*[_widened(a) if isinstance(a, torch.Tensor) and a.dtype in HALF else a
                      for a in args])
         if isinstance(out, torch.Tensor):
             return out.to(half) if out.dtype == torch.float32 else out
@@ -208,8 +221,23 @@ def _in_float32(impl):
     return run
 
 
+def _name(names, i):
+    return names[i] if i < len(names) else f"argument {i}"
+
+
+def _widened(tensor):
+    """``tensor`` in float32 with the same strides, so fastpool reads the same memory
+    format from them (``.float()`` would make a non-dense tensor dense, in whichever
+    layout its strides are nearest to)."""
+    if any(st == 0 and n > 1 for st, n in zip(tensor.stride(), tensor.shape)):
+        return tensor.float().contiguous()  # broadcast: fastpool copies it anyway
+    wide = torch.empty_strided(tensor.shape, tensor.stride(), dtype=torch.float32,
+                               device=tensor.device)
+    return wide.copy_(tensor)
+
+
 # PyTorch's autocast policy for the ops fastpool has (read off torch 2.13's autocast
-# tables and checked against them by tests/test_torch_half.py): convolutions run in the
+# tables and checked against them by tests/test_half.py): convolutions run in the
 # autocast dtype, these pooling ops in float32 on the CPU; every other pooling op runs
 # in its input's dtype. Stochastic pooling follows max pooling.
 _LOWER_PRECISION = ("conv", "conv_transpose")

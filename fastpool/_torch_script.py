@@ -8,6 +8,9 @@ operators take, and a forward that calls ``torch.ops.fastpool.*`` directly, so t
 scripted graph holds the custom operators, their autograd included, and can be saved
 and loaded wherever ``fastpool.torch`` is imported (docs/design.md section 1).
 
+PyTorch's protocol also puts the twins in place of the modules inside the module
+being scripted (they compute the same results in eager mode too).
+
 What a scripted module does not do: seeds come from PyTorch's default generator (a
 module's ``generator`` is not scriptable), ``ConvTranspose*d.forward`` takes no
 ``output_size``, and autocast casts are not applied (TorchScript has no autocast
@@ -28,9 +31,23 @@ def _ints(value, rank):
     return list(_params.ntuple("size", value, rank))
 
 
-def _seed() -> torch.Tensor:
-    return torch.randint(-9223372036854775807 - 1, 9223372036854775807, [1],
-                         dtype=torch.int64)
+class _Stochastic(torch.nn.Module):
+    """The seed of a stochastic call, as the eager modules draw it: from PyTorch's
+    default generator in training, none in inference (which samples nothing)."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.return_indices = bool(getattr(module, "return_indices", False))
+        self.train(module.training)
+
+    def seed(self) -> torch.Tensor:
+        if not self.training:
+            if self.return_indices:
+                raise ValueError("return_indices=True needs training=True: inference "
+                                 "samples nothing")
+            return torch.zeros([1], dtype=torch.int64)
+        return torch.randint(-9223372036854775807 - 1, 9223372036854775807, [1],
+                             dtype=torch.int64)
 
 
 # ----------------------------------------------------------------------------- conv
@@ -53,7 +70,9 @@ class ScriptedConv(torch.nn.Module):
         self.pad: List[int] = [int(p) for p in getattr(
             module, "_reversed_padding_repeated_twice", [])]
         padding = module.padding
-        self.same = padding == "same"
+        # 'same' with another padding mode: F.pad above already pads (as the eager
+        # module does), and the convolution itself pads nothing.
+        self.same = padding == "same" and self.padding_mode == "zeros"
         if isinstance(padding, str) or self.padding_mode != "zeros":
             padding = 0
         self.padding = _ints(padding, rank)
@@ -87,9 +106,9 @@ class ScriptedConv(torch.nn.Module):
 
 # ----------------------------------------------------------------------------- window pools
 
-class _Pool(torch.nn.Module):
+class _Pool(_Stochastic):
     def __init__(self, module, rank, kind):
-        super().__init__()
+        super().__init__(module)
         self.rank = rank
         self.kind = kind
         self.kernel_size = _ints(module.kernel_size, rank)
@@ -125,7 +144,7 @@ class _Pool(torch.nn.Module):
             if self.rank == 2:
                 return torch.ops.fastpool.max_pool2d(input, k, s, p, d, self.ceil_mode)
             return torch.ops.fastpool.max_pool3d(input, k, s, p, d, self.ceil_mode)
-        seed = _seed()
+        seed = self.seed()
         if self.rank == 1:
             return torch.ops.fastpool.stochastic_pool1d(input, k, s, p, d, self.ceil_mode,
                                                         self.training, seed)
@@ -153,14 +172,13 @@ def window_pool(module, rank, kind):
 
 # ----------------------------------------------------------------------------- adaptive
 
-class _Adaptive(torch.nn.Module):
+class _Adaptive(_Stochastic):
     def __init__(self, module, rank, kind):
-        super().__init__()
+        super().__init__(module)
+        from fastpool._torch_adaptive import _output_size
         self.rank = rank
         self.kind = kind
-        size = module.output_size
-        size = tuple(size) if isinstance(size, (tuple, list)) else (size,) * rank
-        self.output_size = [-1 if o is None else int(o) for o in size]  # -1: keep
+        self.output_size = _output_size(None, module.output_size, rank)  # -1: keep
 
     def pool(self, input: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         size = self.output_size
@@ -178,7 +196,7 @@ class _Adaptive(torch.nn.Module):
             if self.rank == 2:
                 return torch.ops.fastpool.adaptive_max_pool2d(input, size)
             return torch.ops.fastpool.adaptive_max_pool3d(input, size)
-        seed = _seed()
+        seed = self.seed()
         if self.rank == 1:
             return torch.ops.fastpool.adaptive_stochastic_pool1d(input, size,
                                                                  self.training, seed)

@@ -50,8 +50,10 @@ gradients such as the ones ``y.sum().backward()`` produces).
 
 Dtypes
 ------
-float32 and float64 only; other dtypes raise ``TypeError``. Conv needs ``input``,
-``weight`` and ``bias`` of one dtype.
+float32 and float64, and float16 and bfloat16 (computed in float32, rounded once to
+the input's dtype); other dtypes raise ``TypeError``. Conv needs ``input``, ``weight``
+and ``bias`` of one dtype. Under ``torch.autocast`` each function casts as the PyTorch
+op it mirrors.
 
 Autograd
 --------
@@ -234,7 +236,7 @@ def conv2d(input: torch.Tensor, weight: torch.Tensor,
     Raises
     ------
     TypeError
-        For dtypes other than float32/float64 or mixed dtypes.
+        For non-floating dtypes or mixed dtypes.
     ValueError
         For bad shapes or arguments (from fastpool), tensors on different devices, or
         devices other than CPU and CUDA.
@@ -592,8 +594,8 @@ class Conv2d(_ConvNd, torch.nn.Conv2d):
     ``state_dict`` as ``torch.nn.Conv2d`` (it is a subclass; ``load_state_dict``
     works both ways). ``padding_mode`` other than ``'zeros'`` pads with
     ``torch.nn.functional.pad`` first, as PyTorch does. Dtypes and devices fastpool
-    cannot serve (anything but float32/float64 on CPU/CUDA) are rejected at forward
-    time.
+    cannot serve (anything but float16/bfloat16/float32/float64 on CPU/CUDA) are
+    rejected at forward time.
 
     Parameters
     ----------
@@ -774,7 +776,7 @@ class StochasticPool2d(torch.nn.Module):
     def __prepare_scriptable__(self):
         """What ``torch.jit.script`` compiles instead (``fastpool._torch_script``)."""
         from fastpool import _torch_script
-        return _torch_script.window_pool(self, self._rank, "stochastic").train(self.training)
+        return _torch_script.window_pool(self, self._rank, "stochastic")
 
     def extra_repr(self):
         text = (f"kernel_size={self.kernel_size}, stride={self.stride}, "

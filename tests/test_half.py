@@ -7,6 +7,8 @@ half-precision tolerances, against ``torch.nn.functional`` in the same dtype, an
 under ``torch.autocast`` against the dtype PyTorch's own op gives.
 """
 
+import copy
+
 import numpy as np
 import pytest
 
@@ -225,10 +227,11 @@ def _autocast_pairs():
         unpool = lambda f, p, r=r: (  # noqa: E731
             lambda x: f(*p(x, 2, return_indices=True), 2))
         pairs += [
-            (f"conv{r}d", lambda x, f=fp("conv{r}d"), w=w: f(x, w),
-             lambda x, f=tf("conv{r}d"), w=w: f(x, w)),
-            (f"conv_transpose{r}d", lambda x, f=fp("conv_transpose{r}d"), w=w: f(x, w),
-             lambda x, f=tf("conv_transpose{r}d"), w=w: f(x, w)),
+            (f"conv{r}d", lambda x, f=fp("conv{r}d"), w=w: f(x, w.to(x.dtype)),
+             lambda x, f=tf("conv{r}d"), w=w: f(x, w.to(x.dtype))),
+            (f"conv_transpose{r}d",
+             lambda x, f=fp("conv_transpose{r}d"), w=w: f(x, w.to(x.dtype)),
+             lambda x, f=tf("conv_transpose{r}d"), w=w: f(x, w.to(x.dtype))),
             (f"max_pool{r}d", lambda x, f=fp("max_pool{r}d"): f(x, **pool),
              lambda x, f=tf("max_pool{r}d"): f(x, **pool)),
             (f"avg_pool{r}d", lambda x, f=fp("avg_pool{r}d"): f(x, **pool),
@@ -326,10 +329,37 @@ def test_half_model_through_every_torch_transform(dtype):
     torch._dynamo.reset()
     assert torch.equal(torch.compile(model, fullgraph=True)(x), expected)
     assert torch.equal(torch.export.export(model, (x,)).module()(x), expected)
-    assert torch.equal(torch.jit.script(model)(x), expected)
+    assert torch.equal(torch.jit.script(copy.deepcopy(model))(x), expected)
     assert torch.equal(torch.func.vmap(model)(x[:, None]), expected[:, None])
     xi = x.clone().requires_grad_()
     (g,) = torch.autograd.grad(model(xi).float().pow(2).sum(), xi, create_graph=True)
     assert g.dtype == dtype
     (gg,) = torch.autograd.grad(g.float().pow(2).sum(), model[0].weight)
     assert gg.dtype == dtype and torch.isfinite(gg.float()).all()
+
+
+@needs_torch
+@pytest.mark.usefixtures("one_numba_thread")
+def test_torch_half_edges():
+    """Mixed floating dtypes raise naming the arguments (PyTorch raises too); a
+    non-dense half-precision tensor is computed in the memory format its strides give,
+    as a float32 one is; scripted stochastic layers in eval draw no seed."""
+    import fastpool.torch as ft
+    x = torch.rand(2, 3, 6, 6)
+    with pytest.raises(TypeError, match="weight has dtype torch.float32 but input has "
+                                        "torch.bfloat16"):
+        ft.conv2d(x.bfloat16(), torch.ones(4, 3, 3, 3))
+    with pytest.raises(TypeError, match="dtype"):
+        ft.conv2d(x.half(), torch.ones(4, 3, 3, 3, dtype=torch.bfloat16))
+    last = torch.channels_last
+    sliced = x.contiguous(memory_format=last)[..., ::2]  # not dense: channels-first
+    half = x.half().contiguous(memory_format=last)[..., ::2]
+    assert half.stride() == sliced.stride()
+    expected = ft.max_pool2d(sliced, 2)
+    got = ft.max_pool2d(half, 2)
+    assert got.stride() == expected.stride() and got.is_contiguous()
+    assert torch.equal(got, ft.max_pool2d(half.float(), 2).half())
+    pool = torch.jit.script(ft.StochasticPool2d(2).eval())
+    state = torch.random.get_rng_state()
+    pool(x)
+    assert torch.equal(torch.random.get_rng_state(), state)

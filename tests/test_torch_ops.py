@@ -7,6 +7,8 @@ matching eager bitwise, ``torch.export``, ``torch.jit.trace``, ``torch.func.vmap
 ``gradgradcheck`` (finite differences of the backward) for every op family.
 """
 
+import copy
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -342,7 +344,11 @@ def test_jit_script_matches_eager_and_saves(mode, tmp_path):
     seeds from PyTorch's generator, and a saved module that loads and runs."""
     for i, (model, shape) in enumerate(_scriptable_models()):
         model = model.double().train(mode == "train")
-        scripted = torch.jit.script(model)
+        # Scripting replaces the fastpool modules inside what it is given by their
+        # twins (PyTorch's __prepare_scriptable__ protocol): script a copy, so that
+        # `model` keeps the eager modules to compare with.
+        scripted = torch.jit.script(copy.deepcopy(model))
+        assert any(type(m).__module__ == "fastpool.torch" for m in model.modules())
         x = rand(*shape, seed=i, low=0.0)
         outputs = []
         for m in (model, scripted):
@@ -364,10 +370,10 @@ def test_jit_script_matches_eager_and_saves(mode, tmp_path):
 def test_jit_script_indices_and_unpooling():
     x = distinct(2, 3, 6, 6)
     pool, unpool = ft.MaxPool2d(2, return_indices=True), ft.MaxUnpool2d(2)
-    y, idx = torch.jit.script(pool)(x)
+    y, idx = torch.jit.script(copy.deepcopy(pool))(x)
     ey, eidx = pool(x)
     assert torch.equal(y, ey) and torch.equal(idx, eidx)
-    scripted = torch.jit.script(unpool)
+    scripted = torch.jit.script(copy.deepcopy(unpool))
     assert torch.equal(scripted(y, idx), unpool(y, idx))
     assert torch.equal(scripted(y, idx, [2, 3, 7, 7]), unpool(y, idx, (2, 3, 7, 7)))
 
