@@ -62,6 +62,10 @@ def plan():
     for i, (kernel, stride, dilation) in enumerate(GEOMETRIES):
         for dtype in dtypes_for(i):
             out.append((2, kernel, stride, dilation, dtype, "first"))
+    # test_torch_ops.py's stochastic operators: 2-wide windows in float64, every rank.
+    for rank in (1, 3):
+        for layout in ("last", "first"):
+            out.append((rank, 2, None, 1, np.float64, layout))
     return out
 
 
