@@ -161,7 +161,7 @@ def test_global_backward_is_the_general_kernel_bit_for_bit(rank, dtype):
         buffer, general = pooling._adaptive_empty(w, w.input_shape, w.in_size, g.dtype)
         pool_adaptive.avg_backward(xin is not x)(
             pooling._adaptive_view(gin, w, w.out3), buffer, *pooling._bounds(w),
-            *pooling._cover(w), g.dtype.type(0))
+            *pooling._cover(w), g.dtype.type(0), pooling._rows_of(buffer))
         assert got.strides == general.strides
         np.testing.assert_array_equal(got.view(f"i{g.itemsize}"),
                                       general.view(f"i{g.itemsize}"))

@@ -480,28 +480,38 @@ _CACHE_SCRIPT = """
     import json
     import numpy as np
     import fastpool
-    from fastpool.cpu import pool_max
+    import numba
+    from fastpool.cpu import _parallel, pool_max
 
     x = np.arange(36, dtype=np.float64).reshape(1, 1, 6, 6)
     y = fastpool.max_pool2d(x, 3, stride=2)
     assert y.shape == (1, 1, 2, 2) and y[0, 0, 1, 1] == 28.0, y
-    kernel = pool_max.max_forward(1, 3, 3, 1, 2, 2, 1, 1, 1, False)
-    stats = kernel.stats
-    print(json.dumps({"hits": sum(stats.cache_hits.values()),
-                      "misses": sum(stats.cache_misses.values()),
-                      "cache_path": stats.cache_path,
-                      "signatures": len(kernel.signatures)}))
+    # Large enough for two threads (NUMBA_NUM_THREADS=2): the parallel loop too.
+    assert numba.get_num_threads() == 2
+    fastpool.max_pool2d(np.zeros((2, 16, 64, 64)), 3, stride=2)
+    result = {}
+    for name, dispatcher in (("kernel", pool_max.max_forward(1, 3, 3, 1, 2, 2, 1, 1, 1,
+                                                              False).body),
+                             ("loop", _parallel._run)):
+        stats = dispatcher.stats
+        result[name] = {"hits": sum(stats.cache_hits.values()),
+                        "misses": sum(stats.cache_misses.values()),
+                        "cache_path": stats.cache_path,
+                        "signatures": len(dispatcher.signatures)}
+    print(json.dumps(result))
 """
 
 
 def test_numba_disk_cache_is_used_by_a_second_process(tmp_path):
     cache_dir = tmp_path / "numba-cache"
     cache_dir.mkdir()
-    env = {"NUMBA_CACHE_DIR": str(cache_dir)}
+    env = {"NUMBA_CACHE_DIR": str(cache_dir), "NUMBA_NUM_THREADS": "2"}
     first = _run_python(_CACHE_SCRIPT, env, cwd=tmp_path)
     second = _run_python(_CACHE_SCRIPT, env, cwd=tmp_path)
-    assert first["signatures"] == second["signatures"] == 1
-    assert first["misses"] >= 1 and first["hits"] == 0, first
-    assert second["hits"] >= 1 and second["misses"] == 0, second
-    assert os.path.commonpath([second["cache_path"], str(cache_dir)]) == str(cache_dir)
+    for name in ("kernel", "loop"):
+        assert first[name]["signatures"] == second[name]["signatures"] == 1, name
+        assert first[name]["misses"] >= 1 and first[name]["hits"] == 0, first
+        assert second[name]["hits"] >= 1 and second[name]["misses"] == 0, second
+        assert os.path.commonpath([second[name]["cache_path"],
+                                   str(cache_dir)]) == str(cache_dir)
     assert any(p.suffix == ".nbi" for p in cache_dir.rglob("*"))

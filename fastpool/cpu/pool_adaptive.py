@@ -25,22 +25,26 @@ import functools
 import numpy as np
 from numba import njit, prange
 
+from fastpool.cpu._parallel import BODY_JIT, parallel_kernel
 from fastpool.cpu._pool_common import JIT, U, replaces
 from fastpool.cpu.pool_channels_last import _row
 
 
 @functools.lru_cache(maxsize=None)
 def avg_forward(CHANNELS_LAST):
-    """``kernel(x, out, sd, ed, sh, eh, sw, ew, zero)``."""
+    """``kernel(x, out, sd, ed, sh, eh, sw, ew, zero, workers)``."""
 
-    @njit(**JIT)
-    def kernel(x, out, sd, ed, sh, eh, sw, ew, zero):
+    @parallel_kernel
+    @njit(**BODY_JIT)
+    def kernel(x, out, sd, ed, sh, eh, sw, ew, zero, worker, workers):
         B, D, H, W = x.shape[0], x.shape[1], x.shape[2], x.shape[3]
         C = x.shape[4] if CHANNELS_LAST else 1
         OD, OH, OW = out.shape[1], out.shape[2], out.shape[3]
         xf = x.reshape(-1)
         of = out.reshape(-1)
-        for row in prange(B * OD * OH):
+        total_rows = B * OD * OH
+        for row in range(worker * total_rows // workers,
+                         (worker + 1) * total_rows // workers):
             b, od, oh = _row(row, OD, OH)
             acc = np.empty(C, dtype=x.dtype)
             d0, d1, h0, h1 = sd[od], ed[od], sh[oh], eh[oh]
@@ -65,18 +69,21 @@ def avg_forward(CHANNELS_LAST):
 
 @functools.lru_cache(maxsize=None)
 def max_forward(CHANNELS_LAST, WITH_INDICES):
-    """``kernel(x, out, indices, sd, ed, sh, eh, sw, ew)``; indices are flat positions
+    """``kernel(x, out, indices, sd, ed, sh, eh, sw, ew, workers)``; indices are flat positions
     ``(d * H + h) * W + w`` inside each ``(n, c)`` volume."""
 
-    @njit(**JIT)
-    def kernel(x, out, indices, sd, ed, sh, eh, sw, ew):
+    @parallel_kernel
+    @njit(**BODY_JIT)
+    def kernel(x, out, indices, sd, ed, sh, eh, sw, ew, worker, workers):
         B, D, H, W = x.shape[0], x.shape[1], x.shape[2], x.shape[3]
         C = x.shape[4] if CHANNELS_LAST else 1
         OD, OH, OW = out.shape[1], out.shape[2], out.shape[3]
         xf = x.reshape(-1)
         of = out.reshape(-1)
         jf = indices.reshape(-1)
-        for row in prange(B * OD * OH):
+        total_rows = B * OD * OH
+        for row in range(worker * total_rows // workers,
+                         (worker + 1) * total_rows // workers):
             b, od, oh = _row(row, OD, OH)
             d0, d1, h0, h1 = sd[od], ed[od], sh[oh], eh[oh]
             for ow in range(OW):
@@ -105,19 +112,22 @@ def max_forward(CHANNELS_LAST, WITH_INDICES):
 @functools.lru_cache(maxsize=None)
 def avg_backward(CHANNELS_LAST):
     """``kernel(grad_output, grad_input, sd, ed, sh, eh, sw, ew, fd, ld, fh, lh, fw, lw,
-    zero)``: each element sums ``grad / window size`` (rounded to the dtype) over the
+    zero, workers)``: each element sums ``grad / window size`` (rounded to the dtype) over the
     windows ``[f, l)`` covering it along each axis, in output order."""
 
-    @njit(**JIT)
+    @parallel_kernel
+    @njit(**BODY_JIT)
     def kernel(grad_output, grad_input, sd, ed, sh, eh, sw, ew, fd, ld, fh, lh, fw, lw,
-               zero):
+               zero, worker, workers):
         B, D, H, W = (grad_input.shape[0], grad_input.shape[1], grad_input.shape[2],
                       grad_input.shape[3])
         C = grad_input.shape[4] if CHANNELS_LAST else 1
         OD, OH, OW = grad_output.shape[1], grad_output.shape[2], grad_output.shape[3]
         gf = grad_output.reshape(-1)
         gif = grad_input.reshape(-1)
-        for in_row in prange(B * D * H):
+        total_in_rows = B * D * H
+        for in_row in range(worker * total_in_rows // workers,
+                            (worker + 1) * total_in_rows // workers):
             b, d, h = _row(in_row, D, H)
             acc = np.empty(C, dtype=grad_input.dtype)
             share = np.empty(C, dtype=grad_input.dtype)
@@ -148,23 +158,23 @@ def global_avg_backward(CHANNELS_LAST):
     general kernel bit for bit). The general kernel made two scratch arrays per input
     row, which on 7x7 planes cost 25x the stores."""
 
-    @njit(**JIT)
-    def kernel(grad_output, grad_input, zero, workers):
+    @parallel_kernel
+    @njit(**BODY_JIT)
+    def kernel(grad_output, grad_input, zero, worker, workers):
         B = grad_input.shape[0]
         C = grad_input.shape[4] if CHANNELS_LAST else 1
         size = grad_input.shape[1] * grad_input.shape[2] * grad_input.shape[3]
         gf = grad_output.reshape(-1)
         gif = grad_input.reshape(-1)
-        for worker in prange(workers):
-            share = np.empty(C, dtype=grad_input.dtype)
-            for b in range(worker * B // workers, (worker + 1) * B // workers):
+        share = np.empty(C, dtype=grad_input.dtype)
+        for b in range(worker * B // workers, (worker + 1) * B // workers):
+            for c in range(C):
+                share[c] = np.float64(gf[U(b * C + c)]) / size
+                share[c] = zero + share[c]
+            base = b * size * C
+            for k in range(size):
                 for c in range(C):
-                    share[c] = np.float64(gf[U(b * C + c)]) / size
-                    share[c] = zero + share[c]
-                base = b * size * C
-                for k in range(size):
-                    for c in range(C):
-                        gif[U(base + k * C + c)] = share[c]
+                    gif[U(base + k * C + c)] = share[c]
 
     return kernel
 

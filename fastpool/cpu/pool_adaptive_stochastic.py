@@ -17,10 +17,11 @@ from __future__ import annotations
 import functools
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from fastpool import _rng
-from fastpool.cpu._pool_common import INF, JIT, U
+from fastpool.cpu._parallel import BODY_JIT, parallel_kernel
+from fastpool.cpu._pool_common import INF, U
 from fastpool.cpu.pool_channels_last import _row
 
 
@@ -56,17 +57,21 @@ def _plane(b, c, channels, CHANNELS_LAST):
 
 @functools.lru_cache(maxsize=None)
 def train_forward(CHANNELS_LAST, WITH_INDICES):
-    """``kernel(x, out, indices, sd, ed, sh, eh, sw, ew, seed, channels, invalid_rows)``."""
+    """``kernel(x, out, indices, sd, ed, sh, eh, sw, ew, seed, channels, invalid_rows, workers)``."""
 
-    @njit(**JIT)
-    def kernel(x, out, indices, sd, ed, sh, eh, sw, ew, seed, channels, invalid_rows):
+    @parallel_kernel
+    @njit(**BODY_JIT)
+    def kernel(x, out, indices, sd, ed, sh, eh, sw, ew, seed, channels, invalid_rows,
+               worker, workers):
         B, D, H, W = x.shape[0], x.shape[1], x.shape[2], x.shape[3]
         C = x.shape[4] if CHANNELS_LAST else 1
         OD, OH, OW = out.shape[1], out.shape[2], out.shape[3]
         xf = x.reshape(-1)
         of = out.reshape(-1)
         jf = indices.reshape(-1)
-        for row in prange(B * OD * OH):
+        total_rows = B * OD * OH
+        for row in range(worker * total_rows // workers,
+                         (worker + 1) * total_rows // workers):
             b, od, oh = _row(row, OD, OH)
             d0, d1, h0, h1 = sd[od], ed[od], sh[oh], eh[oh]
             s1 = np.empty(C)
@@ -119,13 +124,15 @@ def train_forward(CHANNELS_LAST, WITH_INDICES):
 
 @functools.lru_cache(maxsize=None)
 def infer(CHANNELS_LAST, SHARES):
-    """``kernel(x, grad_output, out_a, out_b, sd, ed, sh, eh, sw, ew, invalid_rows)``.
+    """``kernel(x, grad_output, out_a, out_b, sd, ed, sh, eh, sw, ew, invalid_rows, workers)``.
     Forward (``SHARES=False``): ``out_a = S2 / S1`` (``grad_output`` and ``out_b`` are
     not read). Backward: per window ``out_a = A = 2 g / S1`` and ``out_b = B = -g S2 /
     S1**2`` (float64). Both 0 where ``S1 == 0``."""
 
-    @njit(**JIT)
-    def kernel(x, grad_output, out_a, out_b, sd, ed, sh, eh, sw, ew, invalid_rows):
+    @parallel_kernel
+    @njit(**BODY_JIT)
+    def kernel(x, grad_output, out_a, out_b, sd, ed, sh, eh, sw, ew, invalid_rows, worker,
+               workers):
         B, D, H, W = x.shape[0], x.shape[1], x.shape[2], x.shape[3]
         C = x.shape[4] if CHANNELS_LAST else 1
         OD, OH, OW = out_a.shape[1], out_a.shape[2], out_a.shape[3]
@@ -133,7 +140,9 @@ def infer(CHANNELS_LAST, SHARES):
         gf = grad_output.reshape(-1)
         af = out_a.reshape(-1)
         bf = out_b.reshape(-1)
-        for row in prange(B * OD * OH):
+        total_rows = B * OD * OH
+        for row in range(worker * total_rows // workers,
+                         (worker + 1) * total_rows // workers):
             b, od, oh = _row(row, OD, OH)
             s1 = np.empty(C)
             s2 = np.empty(C)
@@ -157,11 +166,12 @@ def infer(CHANNELS_LAST, SHARES):
 
 @functools.lru_cache(maxsize=None)
 def infer_backward(CHANNELS_LAST):
-    """``kernel(x, share_a, share_b, grad_input, fd, ld, fh, lh, fw, lw)``: ``grad = x
+    """``kernel(x, share_a, share_b, grad_input, fd, ld, fh, lh, fw, lw, workers)``: ``grad = x
     * sum(A) + sum(B)`` over the windows covering each element, in output order."""
 
-    @njit(**JIT)
-    def kernel(x, share_a, share_b, grad_input, fd, ld, fh, lh, fw, lw):
+    @parallel_kernel
+    @njit(**BODY_JIT)
+    def kernel(x, share_a, share_b, grad_input, fd, ld, fh, lh, fw, lw, worker, workers):
         B, D, H, W = x.shape[0], x.shape[1], x.shape[2], x.shape[3]
         C = x.shape[4] if CHANNELS_LAST else 1
         OD, OH, OW = share_a.shape[1], share_a.shape[2], share_a.shape[3]
@@ -169,7 +179,9 @@ def infer_backward(CHANNELS_LAST):
         af = share_a.reshape(-1)
         bf = share_b.reshape(-1)
         gif = grad_input.reshape(-1)
-        for in_row in prange(B * D * H):
+        total_in_rows = B * D * H
+        for in_row in range(worker * total_in_rows // workers,
+                            (worker + 1) * total_in_rows // workers):
             b, d, h = _row(in_row, D, H)
             sum_a = np.empty(C)
             sum_b = np.empty(C)

@@ -11,10 +11,10 @@ from __future__ import annotations
 import functools
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
+from fastpool.cpu._parallel import BODY_JIT, parallel_kernel
 from fastpool.cpu._pool_common import (
-    JIT,
     PHASE_STRIDE_LIMIT,
     U,
     gather_rows,
@@ -41,27 +41,27 @@ def avg_forward(KD, KH, KW, SD, SH, SW):
 
     PHASES = 1 < SW <= PHASE_STRIDE_LIMIT  # a constant of the kernel
 
-    @njit(**JIT)
+    @parallel_kernel
+    @njit(**BODY_JIT)
     def kernel(x, out, pd, ph, pw, count_include_pad, divisor_override, ow_lo, ow_hi,
-               zero, interior_divisor, workers):
+               zero, interior_divisor, worker, workers):
         planes, D, H, W = x.shape
         OD, OH, OW = out.shape[1], out.shape[2], out.shape[3]
         L = (W + SW - 1) // SW
         rows = planes * OD * OH
         xf = x.reshape(-1)
         of = out.reshape(-1)
-        for worker in prange(workers):
-            buffer = np.empty(KD * KH * SW * L if PHASES else 1, x.dtype)
-            for row in range(worker * rows // workers, (worker + 1) * rows // workers):
-                # PHASES is a constant: one row code per kernel (see max_forward)
-                if PHASES:
-                    _avg_row_phases(xf, of, row, buffer, D, H, W, OD, OH, OW, pd, ph, pw,
-                                    count_include_pad, divisor_override, ow_lo, ow_hi,
-                                    zero, interior_divisor, L, KD, KH, KW, SD, SH, SW)
-                else:
-                    _avg_row_direct(xf, of, row, buffer, D, H, W, OD, OH, OW, pd, ph, pw,
-                                    count_include_pad, divisor_override, ow_lo, ow_hi,
-                                    zero, interior_divisor, L, KD, KH, KW, SD, SH, SW)
+        buffer = np.empty(KD * KH * SW * L if PHASES else 1, x.dtype)
+        for row in range(worker * rows // workers, (worker + 1) * rows // workers):
+            # PHASES is a constant: one row code per kernel (see max_forward)
+            if PHASES:
+                _avg_row_phases(xf, of, row, buffer, D, H, W, OD, OH, OW, pd, ph, pw,
+                                count_include_pad, divisor_override, ow_lo, ow_hi,
+                                zero, interior_divisor, L, KD, KH, KW, SD, SH, SW)
+            else:
+                _avg_row_direct(xf, of, row, buffer, D, H, W, OD, OH, OW, pd, ph, pw,
+                                count_include_pad, divisor_override, ow_lo, ow_hi,
+                                zero, interior_divisor, L, KD, KH, KW, SD, SH, SW)
 
     return kernel
 
@@ -222,37 +222,37 @@ def avg_backward(KD, KH, KW, SD, SH, SW):
     RD = ring_rows(KD, SD, 1)
     DIRECT = KD == 1 and SD == 1
 
-    @njit(**JIT)
+    @parallel_kernel
+    @njit(**BODY_JIT)
     def kernel(grad_output, grad_input, pd, ph, pw, count_include_pad, divisor_override,
-               zero, workers):
+               zero, worker, workers):
         planes, D, H, W = grad_input.shape
         OD, OH, OW = grad_output.shape[1], grad_output.shape[2], grad_output.shape[3]
-        for worker in prange(workers):
-            share = np.empty(OW, dtype=grad_input.dtype)
-            rows = np.empty((RH, W), dtype=grad_input.dtype)
-            depth = np.empty((1, 1, 1) if DIRECT else (RD, H, W), dtype=grad_input.dtype)
-            first, last = worker_planes(worker, workers, planes)
-            for p in range(first, last):
-                go = grad_output[p]
-                gi = grad_input[p]
-                if DIRECT:  # 1-D and 2-D: each input depth slice is its output slice
-                    for d in range(D):
-                        _rows_into(gi[d], go[d], rows, share, 1, 1, H, W, OH, OW, ph,
-                                   pw, count_include_pad, divisor_override, zero, KH, KW,
+        share = np.empty(OW, dtype=grad_input.dtype)
+        rows = np.empty((RH, W), dtype=grad_input.dtype)
+        depth = np.empty((1, 1, 1) if DIRECT else (RD, H, W), dtype=grad_input.dtype)
+        first, last = worker_planes(worker, workers, planes)
+        for p in range(first, last):
+            go = grad_output[p]
+            gi = grad_input[p]
+            if DIRECT:  # 1-D and 2-D: each input depth slice is its output slice
+                for d in range(D):
+                    _rows_into(gi[d], go[d], rows, share, 1, 1, H, W, OH, OW, ph,
+                               pw, count_include_pad, divisor_override, zero, KH, KW,
+                               SH, SW, RH)
+            else:
+                next_od = 0
+                for d in range(D):
+                    while next_od <= min((d + pd) // SD, OD - 1):
+                        od = next_od
+                        d0 = od * SD - pd
+                        d1 = min(d0 + KD, D + pd)
+                        _rows_into(depth[od % RD], go[od], rows, share, d1 - d0,
+                                   min(d1, D) - max(d0, 0), H, W, OH, OW, ph, pw,
+                                   count_include_pad, divisor_override, zero, KH, KW,
                                    SH, SW, RH)
-                else:
-                    next_od = 0
-                    for d in range(D):
-                        while next_od <= min((d + pd) // SD, OD - 1):
-                            od = next_od
-                            d0 = od * SD - pd
-                            d1 = min(d0 + KD, D + pd)
-                            _rows_into(depth[od % RD], go[od], rows, share, d1 - d0,
-                                       min(d1, D) - max(d0, 0), H, W, OH, OW, ph, pw,
-                                       count_include_pad, divisor_override, zero, KH, KW,
-                                       SH, SW, RH)
-                            next_od += 1
-                        gather_rows(gi[d].reshape(-1), depth.reshape(RD, H * W), OD, d,
-                                    pd, KD, SD, 1)
+                        next_od += 1
+                    gather_rows(gi[d].reshape(-1), depth.reshape(RD, H * W), OD, d,
+                                pd, KD, SD, 1)
 
     return kernel

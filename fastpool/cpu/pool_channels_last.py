@@ -15,6 +15,7 @@ import functools
 import numpy as np
 from numba import njit, prange
 
+from fastpool.cpu._parallel import BODY_JIT, parallel_kernel
 from fastpool.cpu._pool_common import JIT, U, replaces, window_divisor
 
 # Channels per backward task: a thread owns this many (n, c) planes at a time.
@@ -31,16 +32,19 @@ def _row(row, OD, OH):
 
 @functools.lru_cache(maxsize=None)
 def max_forward(KD, KH, KW, SD, SH, SW, DD, DH, DW, WITH_INDICES):
-    """``kernel(x, out, indices, pd, ph, pw)`` on ``(N, D, H, W, C)`` buffers."""
+    """``kernel(x, out, indices, pd, ph, pw, workers)`` on ``(N, D, H, W, C)`` buffers."""
 
-    @njit(**JIT)
-    def kernel(x, out, indices, pd, ph, pw):
+    @parallel_kernel
+    @njit(**BODY_JIT)
+    def kernel(x, out, indices, pd, ph, pw, worker, workers):
         N, D, H, W, C = x.shape
         OD, OH, OW = out.shape[1], out.shape[2], out.shape[3]
         xf = x.reshape(-1)
         of = out.reshape(-1)
         jf = indices.reshape(-1)
-        for row in prange(N * OD * OH):
+        total_rows = N * OD * OH
+        for row in range(worker * total_rows // workers,
+                         (worker + 1) * total_rows // workers):
             n, od, oh = _row(row, OD, OH)
             d0 = od * SD - pd
             h0 = oh * SH - ph
@@ -79,16 +83,20 @@ def max_forward(KD, KH, KW, SD, SH, SW, DD, DH, DW, WITH_INDICES):
 
 @functools.lru_cache(maxsize=None)
 def avg_forward(KD, KH, KW, SD, SH, SW):
-    """``kernel(x, out, pd, ph, pw, count_include_pad, divisor_override, zero)``: sums
+    """``kernel(x, out, pd, ph, pw, count_include_pad, divisor_override, zero, workers)``: sums
     accumulate in the output row, in the input's dtype."""
 
-    @njit(**JIT)
-    def kernel(x, out, pd, ph, pw, count_include_pad, divisor_override, zero):
+    @parallel_kernel
+    @njit(**BODY_JIT)
+    def kernel(x, out, pd, ph, pw, count_include_pad, divisor_override, zero, worker,
+               workers):
         N, D, H, W, C = x.shape
         OD, OH, OW = out.shape[1], out.shape[2], out.shape[3]
         xf = x.reshape(-1)
         of = out.reshape(-1)
-        for row in prange(N * OD * OH):
+        total_rows = N * OD * OH
+        for row in range(worker * total_rows // workers,
+                         (worker + 1) * total_rows // workers):
             n, od, oh = _row(row, OD, OH)
             acc = np.empty(C, dtype=x.dtype)
             d0 = od * SD - pd
@@ -195,17 +203,20 @@ def gather_shares(sf, dst, g, n, d, h, w, OD, OH, OW, C, pd, ph, pw, KD, KH, KW,
 
 @functools.lru_cache(maxsize=None)
 def avg_backward(KD, KH, KW, SD, SH, SW):
-    """``kernel(shares, grad_input, pd, ph, pw, zero)``: ``shares`` holds each window's
+    """``kernel(shares, grad_input, pd, ph, pw, zero, workers)``: ``shares`` holds each window's
     ``grad / divisor`` (rounded to the dtype, as the channels-first kernel rounds it);
     each input element gathers the shares of its windows (``gather_shares``)."""
 
-    @njit(**JIT)
-    def kernel(shares, grad_input, pd, ph, pw, zero):
+    @parallel_kernel
+    @njit(**BODY_JIT)
+    def kernel(shares, grad_input, pd, ph, pw, zero, worker, workers):
         N, D, H, W, C = grad_input.shape
         OD, OH, OW = shares.shape[1], shares.shape[2], shares.shape[3]
         sf = shares.reshape(-1)
         gf = grad_input.reshape(-1)
-        for in_row in prange(N * D * H):
+        total_in_rows = N * D * H
+        for in_row in range(worker * total_in_rows // workers,
+                            (worker + 1) * total_in_rows // workers):
             n, d, h = _row(in_row, D, H)
             row = np.empty(C, dtype=grad_input.dtype)
             plane = np.empty(C, dtype=grad_input.dtype)

@@ -14,6 +14,7 @@ import functools
 import numpy as np
 from numba import njit, prange
 
+from fastpool.cpu._parallel import BODY_JIT, parallel_kernel
 from fastpool.cpu._pool_common import (
     INF,
     JIT,
@@ -39,8 +40,9 @@ def max_forward(KD, KH, KW, SD, SH, SW, DD, DH, DW, WITH_INDICES):
 
     PHASES = 1 < SW <= PHASE_STRIDE_LIMIT  # a constant of the kernel
 
-    @njit(**JIT)
-    def kernel(x, out, indices, pd, ph, pw, ow_lo, ow_hi, workers):
+    @parallel_kernel
+    @njit(**BODY_JIT)
+    def kernel(x, out, indices, pd, ph, pw, ow_lo, ow_hi, worker, workers):
         planes, D, H, W = x.shape
         OD, OH, OW = out.shape[1], out.shape[2], out.shape[3]
         rows = planes * OD * OH
@@ -48,20 +50,19 @@ def max_forward(KD, KH, KW, SD, SH, SW, DD, DH, DW, WITH_INDICES):
         xf = x.reshape(-1)
         of = out.reshape(-1)
         jf = indices.reshape(-1)
-        for worker in prange(workers):
-            buffer = np.empty(KD * KH * SW * L if PHASES else 1, x.dtype)
-            for row in range(worker * rows // workers, (worker + 1) * rows // workers):
-                # PHASES is a constant here: Numba drops the other branch before inlining,
-                # so a kernel compiles one row code. (A dispatcher held in the closure
-                # instead would keep the kernel out of Numba's disk cache.)
-                if PHASES:
-                    _max_row_phases(xf, of, jf, row, buffer, D, H, W, OD, OH, OW, pd, ph,
-                                    pw, ow_lo, ow_hi, L, KD, KH, KW, SD, SH, SW, DD, DH,
-                                    DW, WITH_INDICES)
-                else:
-                    _max_row_direct(xf, of, jf, row, buffer, D, H, W, OD, OH, OW, pd, ph,
-                                    pw, ow_lo, ow_hi, L, KD, KH, KW, SD, SH, SW, DD, DH,
-                                    DW, WITH_INDICES)
+        buffer = np.empty(KD * KH * SW * L if PHASES else 1, x.dtype)
+        for row in range(worker * rows // workers, (worker + 1) * rows // workers):
+            # PHASES is a constant here: Numba drops the other branch before inlining,
+            # so a kernel compiles one row code. (A dispatcher held in the closure
+            # instead would keep the kernel out of Numba's disk cache.)
+            if PHASES:
+                _max_row_phases(xf, of, jf, row, buffer, D, H, W, OD, OH, OW, pd, ph,
+                                pw, ow_lo, ow_hi, L, KD, KH, KW, SD, SH, SW, DD, DH,
+                                DW, WITH_INDICES)
+            else:
+                _max_row_direct(xf, of, jf, row, buffer, D, H, W, OD, OH, OW, pd, ph,
+                                pw, ow_lo, ow_hi, L, KD, KH, KW, SD, SH, SW, DD, DH,
+                                DW, WITH_INDICES)
 
     return kernel
 

@@ -15,12 +15,12 @@ from __future__ import annotations
 import functools
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from fastpool import _rng
+from fastpool.cpu._parallel import BODY_JIT, parallel_kernel
 from fastpool.cpu._pool_common import (
     INF,
-    JIT,
     JUST_BELOW_ONE,
     U,
     gather_rows_called,
@@ -85,18 +85,21 @@ def interior_sums(xf, k0, HW, W, KD, KH, KW, DD, DH, DW):
 @functools.lru_cache(maxsize=None)
 def train_forward(KD, KH, KW, SD, SH, SW, DD, DH, DW, WITH_INDICES):
     """``kernel(x, out, indices, pd, ph, pw, seed, channels, invalid_rows, ow_lo,
-    ow_hi)``."""
+    ow_hi, workers)``."""
     taps = KD * KH * KW
 
-    @njit(**JIT)
-    def kernel(x, out, indices, pd, ph, pw, seed, channels, invalid_rows, ow_lo, ow_hi):
+    @parallel_kernel
+    @njit(**BODY_JIT)
+    def kernel(x, out, indices, pd, ph, pw, seed, channels, invalid_rows, ow_lo, ow_hi, worker, workers):
         planes, D, H, W = x.shape
         OD, OH, OW = out.shape[1], out.shape[2], out.shape[3]
         HW = H * W
         xf = x.reshape(-1)
         of = out.reshape(-1)
         jf = indices.reshape(-1)
-        for row in prange(planes * OD * OH):
+        total_rows = planes * OD * OH
+        for row in range(worker * total_rows // workers,
+                         (worker + 1) * total_rows // workers):
             p, od, oh, d0, h0, base, inside = output_row(row, OD, OH, D, H, W, pd, ph,
                                                          KD, KH, SD, SH, DD, DH)
             n = p // channels
@@ -169,17 +172,20 @@ def train_forward(KD, KH, KW, SD, SH, SW, DD, DH, DW, WITH_INDICES):
 
 @functools.lru_cache(maxsize=None)
 def infer_forward(KD, KH, KW, SD, SH, SW, DD, DH, DW):
-    """``kernel(x, out, pd, ph, pw, invalid_rows, ow_lo, ow_hi)``: the
+    """``kernel(x, out, pd, ph, pw, invalid_rows, ow_lo, ow_hi, workers)``: the
     probability-weighted average ``S2 / S1`` (0 when ``S1 == 0``)."""
 
-    @njit(**JIT)
-    def kernel(x, out, pd, ph, pw, invalid_rows, ow_lo, ow_hi):
+    @parallel_kernel
+    @njit(**BODY_JIT)
+    def kernel(x, out, pd, ph, pw, invalid_rows, ow_lo, ow_hi, worker, workers):
         planes, D, H, W = x.shape
         OD, OH, OW = out.shape[1], out.shape[2], out.shape[3]
         HW = H * W
         xf = x.reshape(-1)
         of = out.reshape(-1)
-        for row in prange(planes * OD * OH):
+        total_rows = planes * OD * OH
+        for row in range(worker * total_rows // workers,
+                         (worker + 1) * total_rows // workers):
             _, _, _, d0, h0, base, inside = output_row(row, OD, OH, D, H, W, pd, ph,
                                                        KD, KH, SD, SH, DD, DH)
             orow = row * OW
@@ -285,27 +291,27 @@ def infer_backward(KD, KH, KW, SD, SH, SW, DD, DH, DW):
     RD = ring_rows(KD, SD, DD)
     DIRECT = KD == 1 and SD == 1
 
-    @njit(**JIT)
+    @parallel_kernel
+    @njit(**BODY_JIT)
     def kernel(grad_output, x, grad_input, pd, ph, pw, invalid_planes, ow_lo, ow_hi,
-               workers):
+               worker, workers):
         planes, D, H, W = x.shape
         OW = grad_output.shape[3]
-        for worker in prange(workers):
-            share_a = np.empty(OW)
-            share_b = np.empty(OW)
-            rows_a = np.empty((RH, W))
-            rows_b = np.empty((RH, W))
-            # DIRECT: per input row; else one plane per output depth, then the sums.
-            shape = (1, 1, W) if DIRECT else (RD, H, W)
-            depth_a = np.empty(shape)
-            depth_b = np.empty(shape)
-            sum_a = np.empty((1, W) if DIRECT else (H, W))
-            sum_b = np.empty((1, W) if DIRECT else (H, W))
-            first, last = worker_planes(worker, workers, planes)
-            for p in range(first, last):
-                infer_backward_plane(
-                    grad_output[p], x[p], grad_input[p], share_a, share_b, rows_a,
-                    rows_b, depth_a, depth_b, sum_a, sum_b, invalid_planes, p, pd, ph,
-                    pw, ow_lo, ow_hi, KD, KH, KW, SD, SH, SW, DD, DH, DW, RH, RD, DIRECT)
+        share_a = np.empty(OW)
+        share_b = np.empty(OW)
+        rows_a = np.empty((RH, W))
+        rows_b = np.empty((RH, W))
+        # DIRECT: per input row; else one plane per output depth, then the sums.
+        shape = (1, 1, W) if DIRECT else (RD, H, W)
+        depth_a = np.empty(shape)
+        depth_b = np.empty(shape)
+        sum_a = np.empty((1, W) if DIRECT else (H, W))
+        sum_b = np.empty((1, W) if DIRECT else (H, W))
+        first, last = worker_planes(worker, workers, planes)
+        for p in range(first, last):
+            infer_backward_plane(
+                grad_output[p], x[p], grad_input[p], share_a, share_b, rows_a,
+                rows_b, depth_a, depth_b, sum_a, sum_b, invalid_planes, p, pd, ph,
+                pw, ow_lo, ow_hi, KD, KH, KW, SD, SH, SW, DD, DH, DW, RH, RD, DIRECT)
 
     return kernel

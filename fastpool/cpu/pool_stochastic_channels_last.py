@@ -18,10 +18,11 @@ from __future__ import annotations
 import functools
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from fastpool import _rng
-from fastpool.cpu._pool_common import INF, JIT, JUST_BELOW_ONE, U
+from fastpool.cpu._parallel import BODY_JIT, parallel_kernel
+from fastpool.cpu._pool_common import INF, JUST_BELOW_ONE, U
 from fastpool.cpu.pool_channels_last import _row, gather_shares
 from fastpool.cpu.pool_stochastic import tap
 
@@ -53,19 +54,22 @@ def _window_sums(xf, base, d0, h0, w0, D, H, W, C, KD, KH, KW, DD, DH, DW, s1, s
 
 @functools.lru_cache(maxsize=None)
 def train_forward(KD, KH, KW, SD, SH, SW, DD, DH, DW, WITH_INDICES):
-    """``kernel(x, out, indices, pd, ph, pw, seed, invalid_rows, ow_lo, ow_hi)``;
+    """``kernel(x, out, indices, pd, ph, pw, seed, invalid_rows, ow_lo, ow_hi, workers)``;
     ``[ow_lo, ow_hi)`` are the output columns whose windows lie inside the last axis."""
     taps = KD * KH * KW
 
-    @njit(**JIT)
-    def kernel(x, out, indices, pd, ph, pw, seed, invalid_rows, ow_lo, ow_hi):
+    @parallel_kernel
+    @njit(**BODY_JIT)
+    def kernel(x, out, indices, pd, ph, pw, seed, invalid_rows, ow_lo, ow_hi, worker, workers):
         N, D, H, W, C = x.shape
         OD, OH, OW = out.shape[1], out.shape[2], out.shape[3]
         HW = H * W
         xf = x.reshape(-1)
         of = out.reshape(-1)
         jf = indices.reshape(-1)
-        for row in prange(N * OD * OH):
+        total_rows = N * OD * OH
+        for row in range(worker * total_rows // workers,
+                         (worker + 1) * total_rows // workers):
             n, od, oh = _row(row, OD, OH)
             d0 = od * SD - pd
             h0 = oh * SH - ph
@@ -149,20 +153,23 @@ def train_forward(KD, KH, KW, SD, SH, SW, DD, DH, DW, WITH_INDICES):
 
 @functools.lru_cache(maxsize=None)
 def infer(KD, KH, KW, SD, SH, SW, DD, DH, DW, SHARES):
-    """``kernel(x, grad_output, out_a, out_b, pd, ph, pw, invalid_rows)``. Forward
+    """``kernel(x, grad_output, out_a, out_b, pd, ph, pw, invalid_rows, workers)``. Forward
     (``SHARES=False``): ``out_a = S2 / S1`` per window and channel (``grad_output`` and
     ``out_b`` are not read). Backward: ``out_a = A = 2 g / S1`` and ``out_b = B = -g S2
     / S1**2`` (float64). Both 0 where ``S1 == 0``."""
 
-    @njit(**JIT)
-    def kernel(x, grad_output, out_a, out_b, pd, ph, pw, invalid_rows):
+    @parallel_kernel
+    @njit(**BODY_JIT)
+    def kernel(x, grad_output, out_a, out_b, pd, ph, pw, invalid_rows, worker, workers):
         N, D, H, W, C = x.shape
         OD, OH, OW = out_a.shape[1], out_a.shape[2], out_a.shape[3]
         xf = x.reshape(-1)
         gf = grad_output.reshape(-1)
         af = out_a.reshape(-1)
         bf = out_b.reshape(-1)
-        for row in prange(N * OD * OH):
+        total_rows = N * OD * OH
+        for row in range(worker * total_rows // workers,
+                         (worker + 1) * total_rows // workers):
             n, od, oh = _row(row, OD, OH)
             s1 = np.empty(C)
             s2 = np.empty(C)
@@ -188,19 +195,22 @@ def infer(KD, KH, KW, SD, SH, SW, DD, DH, DW, SHARES):
 
 @functools.lru_cache(maxsize=None)
 def infer_backward(KD, KH, KW, SD, SH, SW, DD, DH, DW):
-    """``kernel(x, share_a, share_b, grad_input, pd, ph, pw)``: ``grad = x * sum(A) +
+    """``kernel(x, share_a, share_b, grad_input, pd, ph, pw, workers)``: ``grad = x * sum(A) +
     sum(B)`` over the windows covering each element, gathered as the channels-first
     kernel spreads them."""
 
-    @njit(**JIT)
-    def kernel(x, share_a, share_b, grad_input, pd, ph, pw):
+    @parallel_kernel
+    @njit(**BODY_JIT)
+    def kernel(x, share_a, share_b, grad_input, pd, ph, pw, worker, workers):
         N, D, H, W, C = x.shape
         OD, OH, OW = share_a.shape[1], share_a.shape[2], share_a.shape[3]
         xf = x.reshape(-1)
         af = share_a.reshape(-1)
         bf = share_b.reshape(-1)
         gif = grad_input.reshape(-1)
-        for in_row in prange(N * D * H):
+        total_in_rows = N * D * H
+        for in_row in range(worker * total_in_rows // workers,
+                            (worker + 1) * total_in_rows // workers):
             n, d, h = _row(in_row, D, H)
             row = np.empty(C)
             plane = np.empty(C)

@@ -88,10 +88,24 @@ def _pads(window):
     return window.pad_lo3
 
 
+def _split(tasks):
+    """Threads a kernel splits ``tasks`` equal tasks between."""
+    return max(1, min(numba.get_num_threads(), tasks))
+
+
 def _row_workers(window):
-    """Threads a forward kernel splits its output rows between."""
-    rows = window.planes * math.prod(window.out3[:2])
-    return max(1, min(numba.get_num_threads(), rows))
+    """Threads a channels-first forward kernel splits its output rows between."""
+    return _split(window.planes * math.prod(window.out3[:2]))
+
+
+def _cl_row_workers(window):
+    """Threads a channels-last forward kernel splits its output rows between."""
+    return _split(window.batch * math.prod(window.out3[:2]))
+
+
+def _cl_input_row_workers(window):
+    """Threads a channels-last backward kernel splits its input rows between."""
+    return _split(window.batch * math.prod(window.in3[:2]))
 
 
 def _workers(window):
@@ -131,7 +145,8 @@ def _max_forward_channels_last(x, w, with_indices):
                              if with_indices else (np.empty((1,) * 5, np.int64), None))
     if w.planes:
         kernel("max_forward_cl", w, bool(with_indices))(_cl_buffer(x, w, w.in3), out,
-                                                        indices, *_pads(w))
+                                                        indices, *_pads(w),
+                                                        _cl_row_workers(w))
     return out_view, indices_view
 
 
@@ -201,7 +216,8 @@ def _avg_forward_channels_last(x, w, count_include_pad, divisor_override):
     out, view = _cl_empty(w, w.out_size, w.channels, x.dtype)
     if w.planes:
         kernel("avg_forward_cl", w)(_cl_buffer(x, w, w.in3), out, *_pads(w),
-                                    count_include_pad, divisor_override, x.dtype.type(0))
+                                    count_include_pad, divisor_override, x.dtype.type(0),
+                                    _cl_row_workers(w))
     return view
 
 
@@ -234,7 +250,8 @@ def avg_pool_backward(grad_output, window, count_include_pad, divisor_override):
             pool_channels_last.avg_shares(go, shares, *_pads(w), *w.kernel3, *w.stride3,
                                           *w.in3, count_include_pad, divisor_override)
             kernel("avg_backward_cl", w)(shares, grad_input, *_pads(w),
-                                         grad_output.dtype.type(0))
+                                         grad_output.dtype.type(0),
+                                         _cl_input_row_workers(w))
         return view
     grad_input = np.empty(w.input_shape, dtype=grad_output.dtype)
     if w.planes:
@@ -261,10 +278,10 @@ def _stochastic_forward_channels_last(x, w, training, seed, with_indices):
         if training:
             kernel("stochastic_train_cl", w, with_indices)(
                 volume, out, indices, *_pads(w), np.uint64(seed), invalid,
-                *interior_columns(w))
+                *interior_columns(w), _cl_row_workers(w))
         else:
             kernel("stochastic_infer_cl", w, False)(volume, out, out, out, *_pads(w),
-                                                    invalid)
+                                                    invalid, _cl_row_workers(w))
         _raise_if_invalid(invalid)
     return out_view, indices_view
 
@@ -287,10 +304,11 @@ def stochastic_pool_forward(x, window, training, seed, with_indices):
                 volumes_x, volumes_out,
                 indices.reshape((-1,) + w.out3) if with_indices
                 else indices.reshape(1, 1, 1, 1),
-                *_pads(w), np.uint64(seed), w.channels, invalid, lo, hi)
+                *_pads(w), np.uint64(seed), w.channels, invalid, lo, hi,
+                _row_workers(w))
         else:
             kernel("stochastic_infer_forward", w)(volumes_x, volumes_out, *_pads(w),
-                                                  invalid, lo, hi)
+                                                  invalid, lo, hi, _row_workers(w))
         _raise_if_invalid(invalid)
     return out, (indices if with_indices else None)
 
@@ -304,10 +322,10 @@ def _stochastic_backward_channels_last(grad_output, x, w):
         share_b = np.empty(go.shape)
         invalid = np.zeros(w.batch * w.out3[0] * w.out3[1], dtype=np.bool_)
         kernel("stochastic_infer_cl", w, True)(volume, go, share_a, share_b, *_pads(w),
-                                               invalid)
+                                               invalid, _cl_row_workers(w))
         _raise_if_invalid(invalid)
         kernel("stochastic_infer_backward_cl", w)(volume, share_a, share_b, grad_input,
-                                                  *_pads(w))
+                                                  *_pads(w), _cl_input_row_workers(w))
     return view
 
 
@@ -336,6 +354,12 @@ def _bounds(w):
 
 def _cover(w):
     return (w.first3[0], w.last3[0], w.first3[1], w.last3[1], w.first3[2], w.last3[2])
+
+
+def _rows_of(buffer):
+    """Threads an adaptive kernel splits the rows ``(b, d, h)`` of ``buffer`` (a
+    ``(B, D, H, W, C)`` kernel buffer) between."""
+    return _split(math.prod(buffer.shape[:3]))
 
 
 def _adaptive_view(a, w, spatial3):
@@ -367,7 +391,7 @@ def adaptive_avg_pool_forward(x, window):
                 max(1, min(numba.get_num_threads(), w.planes // 16)))
         else:
             pool_adaptive.avg_forward(w.layout == CHANNELS_LAST)(
-                _adaptive_view(x, w, w.in3), out, *_bounds(w), zero)
+                _adaptive_view(x, w, w.in3), out, *_bounds(w), zero, _rows_of(out))
     return view
 
 
@@ -381,7 +405,7 @@ def adaptive_avg_pool_backward(grad_output, window):
     elif w.planes:
         pool_adaptive.avg_backward(w.layout == CHANNELS_LAST)(
             _adaptive_view(grad_output, w, w.out3), grad_input, *_bounds(w), *_cover(w),
-            grad_output.dtype.type(0))
+            grad_output.dtype.type(0), _rows_of(grad_input))
     return view
 
 
@@ -392,7 +416,7 @@ def adaptive_max_pool_forward(x, window, with_indices):
                              if with_indices else (np.empty((1,) * 5, np.int64), None))
     if w.planes:
         pool_adaptive.max_forward(w.layout == CHANNELS_LAST, bool(with_indices))(
-            _adaptive_view(x, w, w.in3), out, indices, *_bounds(w))
+            _adaptive_view(x, w, w.in3), out, indices, *_bounds(w), _rows_of(out))
     return view, indices_view
 
 
@@ -414,10 +438,11 @@ def adaptive_stochastic_pool_forward(x, window, training, seed, with_indices):
         volume = _adaptive_view(x, w, w.in3)
         if training:
             pool_adaptive_stochastic.train_forward(cl, with_indices)(
-                volume, out, indices, *_bounds(w), np.uint64(seed), w.channels, invalid)
+                volume, out, indices, *_bounds(w), np.uint64(seed), w.channels, invalid,
+                _rows_of(out))
         else:
             pool_adaptive_stochastic.infer(cl, False)(volume, out, out, out, *_bounds(w),
-                                                      invalid)
+                                                      invalid, _rows_of(out))
         _raise_if_invalid(invalid)
     return view, indices_view
 
@@ -434,10 +459,10 @@ def adaptive_stochastic_pool_backward(grad_output, x, window, training, indices)
         share_a, share_b = np.empty(go.shape), np.empty(go.shape)
         invalid = np.zeros(go.shape[0] * go.shape[1] * go.shape[2], dtype=np.bool_)
         pool_adaptive_stochastic.infer(cl, True)(volume, go, share_a, share_b,
-                                                 *_bounds(w), invalid)
+                                                 *_bounds(w), invalid, _rows_of(go))
         _raise_if_invalid(invalid)
         pool_adaptive_stochastic.infer_backward(cl)(volume, share_a, share_b, grad_input,
-                                                    *_cover(w))
+                                                    *_cover(w), _rows_of(grad_input))
     return view
 
 

@@ -1,0 +1,103 @@
+"""Parallel launches of serial kernel bodies, through one compiled parallel loop.
+
+The pooling kernels are specialised on their window's constants (one compile per
+geometry, ``Window.constants``). Compiled with ``parallel=True``, each of them went
+through Numba's parfor passes and had its loop body compiled a second time as a gufunc:
+about four times the cost of the same code compiled serially (measured: 10-13 s against
+2.7-3.4 s for one max or average forward on this 2-core machine), and almost all of a
+first test run's time.
+
+So each specialised kernel is compiled serially, as a *body* ``body(*args, worker,
+workers)`` that does worker ``worker``'s fixed share of the work, and a single parallel
+loop, ``_run``, compiled once per tuple of argument *types* (not per geometry), calls
+the body through its address on ``workers`` threads of Numba's threading layer. The
+values and the order of every operation are the body's own, so results are the same as
+before and identical at any thread count. Launch cost is that of any parallel region
+(a few microseconds); a single worker calls the body directly.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+# Compile options of a kernel body: the kernels' own (``_pool_common.JIT``), serial.
+BODY_JIT = dict(cache=True, boundscheck=False, error_model="numpy", nogil=True)
+
+
+@intrinsic
+def _call(typingctx, address, args):
+    """Call the compiled Numba function at ``address`` (Numba's calling convention,
+    returning None) with the values of the tuple ``args``; 1 if it raised, else 0."""
+    signature = types.int64(address, args)
+
+    def codegen(context, builder, sig, values):
+        argtypes = list(args.types)
+        function_type = context.call_conv.get_function_type(types.none, argtypes)
+        pointer = builder.inttoptr(values[0], function_type.as_pointer())
+        members = cgutils.unpack_tuple(builder, values[1], len(argtypes))
+        status, _ = context.call_conv.call_function(builder, pointer, types.none,
+                                                    argtypes, members)
+        return builder.select(status.is_ok, context.get_constant(types.int64, 0),
+                              context.get_constant(types.int64, 1))
+
+    return signature, codegen
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def _run(address, workers, args):
+    failed = 0
+    for worker in prange(workers):
+        failed += _call(address, args + (np.int64(worker), np.int64(workers)))
+    return failed
+
+
+def _type_key(value):
+    if isinstance(value, np.ndarray):
+        return value.dtype, value.ndim, value.flags.num
+    return type(value)
+
+
+class Kernel:
+    """``kernel(*args, workers)``: ``body(*args, worker, workers)`` for every ``worker``
+    in ``range(workers)``, in parallel. ``body`` is a serial ``njit`` function returning
+    nothing; its address is looked up once per tuple of argument types."""
+
+    __slots__ = ("body", "_addresses")
+
+    def __init__(self, body):
+        self.body = body
+        self._addresses = {}
+
+    def __call__(self, *args):
+        workers = args[-1]
+        args = args[:-1]
+        if workers <= 1:
+            self.body(*args, 0, 1)
+            return
+        key = tuple(map(_type_key, args))
+        address = self._addresses.get(key)
+        if address is None:
+            address = self._addresses[key] = self._address(args)
+        failed = _run(address, workers, args)
+        if failed:
+            # The kernels' bodies raise nothing but a failed scratch allocation.
+            raise MemoryError(f"{failed} of {workers} workers of kernel "
+                              f"{self.body.py_func.__qualname__} could not allocate "
+                              "their scratch buffers")
+
+    def _address(self, args):
+        argtypes = tuple(numba.typeof(a) for a in args) + (types.int64, types.int64)
+        self.body.compile(argtypes)
+        result = self.body.overloads[argtypes]
+        if result.signature.return_type != types.none:
+            raise TypeError(f"kernel body {self.body.py_func.__qualname__} must return None")
+        return result.library.get_pointer_to_function(result.fndesc.llvm_func_name)
+
+
+def parallel_kernel(body):
+    """The ``Kernel`` running ``body`` (decorate a body's ``njit`` function with it)."""
+    return Kernel(body)
