@@ -97,6 +97,11 @@ def _pointwise_pixels(x, w, algorithm):
     return _channels_last.pixels(x if w.batched else x[None])
 
 
+def _threads_for(tasks):
+    """Workers for a kernel body with ``tasks`` equal tasks."""
+    return max(1, min(numba.get_num_threads(), tasks))
+
+
 def _check(status):
     if status[0] != 0:
         raise RuntimeError(f"BLAS gemm failed with status {status[0]}")
@@ -122,16 +127,16 @@ def _run_forward(problem, x, weight, bias, y, algorithm=None):
         with single_threaded_blas(x.dtype):
             _winograd_forward(x, winograd_weight(weight),
                               bias if has_bias else np.zeros(y.shape[1], x.dtype), y,
-                              problem.winograd_band_tile_rows(x.itemsize),
-                              numba.get_num_threads(), status, problem.groups,
-                              problem.pad_top, problem.pad_left)
+                              problem.winograd_band_tile_rows(x.itemsize), status,
+                              problem.groups, problem.pad_top, problem.pad_left,
+                              numba.get_num_threads())
         _check(status)
         return y
     rows = problem.forward_band_rows(algorithm, x.itemsize)
     with single_threaded_blas(x.dtype):
         _gemm_forward(x, problem.gemm_weight(weight, algorithm), bias, has_bias, y,
-                      algorithm, rows, problem.forward_channel_blocks(rows),
-                      numba.get_num_threads(), status, *problem.args)
+                      algorithm, rows, problem.forward_channel_blocks(rows), status,
+                      *problem.args, numba.get_num_threads())
     _check(status)
     return y
 
@@ -168,7 +173,8 @@ def _input_grad(grad_output, weight, w, algorithm):
         rows = problem.band_rows(IM2COL, grad_output.itemsize)
         with single_threaded_blas(grad_output.dtype):
             _gemm_backward_input(grad_output, contiguous(weight).reshape(-1),
-                                 grad_input, rows, status, *problem.args)
+                                 grad_input, rows, status, *problem.args,
+                                 _threads_for(grad_input.shape[0] * problem.groups))
         _check(status)
     return grad_input
 
@@ -193,7 +199,7 @@ def _weight_grad(x, grad_output, weight_shape, w, algorithm):
     with single_threaded_blas(x.dtype):
         _gemm_backward_weight(x, grad_output, partial, algorithm,
                               problem.band_rows(algorithm, x.itemsize), status,
-                              *problem.args)
+                              *problem.args, _threads_for(chunks))
     _check(status)
     if algorithm == ROWS:
         O, Cg, KH, KW = weight_shape

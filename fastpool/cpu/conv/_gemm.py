@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from fastpool.cpu._parallel import BODY_JIT, parallel_kernel
 from fastpool.cpu._blas import gemm
 from fastpool.cpu.conv._planner import _JIT, _U, IM2COL, POINTWISE, ROWS
 
@@ -97,9 +98,10 @@ def _gemm_sizes(algorithm, Cg, KH, KW, DH, OW, rows_per_band):
     return Cg, 0  # pointwise reads the input in place
 
 
-@njit(**_JIT)
-def _gemm_forward(x, w, bias, has_bias, y, algorithm, rows_per_band, m_blocks, workers,
-                  status, G, KH, KW, SH, SW, DH, DW, PT, PL, col_lo, col_hi):
+@parallel_kernel
+@njit(**BODY_JIT)
+def _gemm_forward(x, w, bias, has_bias, y, algorithm, rows_per_band, m_blocks, status,
+                  G, KH, KW, SH, SW, DH, DW, PT, PL, col_lo, col_hi, worker, workers):
     """``y = conv(x, w) (+ bias)`` by GEMMs over (image, group, band of output rows,
     block of output channels)."""
     N, C, H, W = x.shape
@@ -111,53 +113,54 @@ def _gemm_forward(x, w, bias, has_bias, y, algorithm, rows_per_band, m_blocks, w
     k_gemm, col_size = _gemm_sizes(algorithm, Cg, KH, KW, DH, OW, rows_per_band)
     xf = x.reshape(-1)
     yf = y.reshape(-1)
-    for worker in prange(workers):
-        cols = np.empty(col_size, x.dtype)
-        for t in range(worker * tasks // workers, (worker + 1) * tasks // workers):
-            mb = t % m_blocks
-            band = t // m_blocks
-            n = band // (G * bands)
-            g = (band // bands) % G
-            oh0 = (band % bands) * rows_per_band
-            rows = min(rows_per_band, OH - oh0)
-            pixels = rows * OW
-            m0 = mb * Og // m_blocks
-            m = (mb + 1) * Og // m_blocks - m0
-            o0 = g * Og + m0  # first output channel of the task
-            out = ((n * O + o0) * OH + oh0) * OW
-            beta = 0.0
-            if has_bias:
-                beta = 1.0
-                for o in range(m):
-                    b = bias[o0 + o]
-                    start = out + o * OH * OW
-                    for p in range(pixels):
-                        yf[_U(start + p)] = b
-            if algorithm == POINTWISE:
-                s = gemm(False, False, m, pixels, Cg, w, o0 * Cg, Cg,
-                         xf, (n * C + g * Cg) * H * W + oh0 * W, H * W,
-                         beta, yf, out, OH * OW)
-            elif algorithm == ROWS:
-                n_rows = rows + DH * (KH - 1)
-                _gather_columns(x, n, g * Cg, Cg, oh0 - PT, 1, n_rows, 1, DH, KW, SW, DW,
-                                PL, OW, col_lo, col_hi, cols)
-                s = 0
-                for i in range(KH):
-                    s |= gemm(False, False, m, pixels, k_gemm, w, (i * O + o0) * k_gemm,
-                              k_gemm, cols, i * DH * OW, n_rows * OW,
-                              beta if i == 0 else 1.0, yf, out, OH * OW)
-            else:
-                _gather_columns(x, n, g * Cg, Cg, oh0 * SH - PT, SH, rows, KH, DH, KW, SW,
-                                DW, PL, OW, col_lo, col_hi, cols)
-                s = gemm(False, False, m, pixels, k_gemm, w, o0 * k_gemm, k_gemm,
-                         cols, 0, pixels, beta, yf, out, OH * OW)
-            if s != 0:
-                status[0] = s
+    cols = np.empty(col_size, x.dtype)
+    for t in range(worker * tasks // workers, (worker + 1) * tasks // workers):
+        mb = t % m_blocks
+        band = t // m_blocks
+        n = band // (G * bands)
+        g = (band // bands) % G
+        oh0 = (band % bands) * rows_per_band
+        rows = min(rows_per_band, OH - oh0)
+        pixels = rows * OW
+        m0 = mb * Og // m_blocks
+        m = (mb + 1) * Og // m_blocks - m0
+        o0 = g * Og + m0  # first output channel of the task
+        out = ((n * O + o0) * OH + oh0) * OW
+        beta = 0.0
+        if has_bias:
+            beta = 1.0
+            for o in range(m):
+                b = bias[o0 + o]
+                start = out + o * OH * OW
+                for p in range(pixels):
+                    yf[_U(start + p)] = b
+        if algorithm == POINTWISE:
+            s = gemm(False, False, m, pixels, Cg, w, o0 * Cg, Cg,
+                     xf, (n * C + g * Cg) * H * W + oh0 * W, H * W,
+                     beta, yf, out, OH * OW)
+        elif algorithm == ROWS:
+            n_rows = rows + DH * (KH - 1)
+            _gather_columns(x, n, g * Cg, Cg, oh0 - PT, 1, n_rows, 1, DH, KW, SW, DW,
+                            PL, OW, col_lo, col_hi, cols)
+            s = 0
+            for i in range(KH):
+                s |= gemm(False, False, m, pixels, k_gemm, w, (i * O + o0) * k_gemm,
+                          k_gemm, cols, i * DH * OW, n_rows * OW,
+                          beta if i == 0 else 1.0, yf, out, OH * OW)
+        else:
+            _gather_columns(x, n, g * Cg, Cg, oh0 * SH - PT, SH, rows, KH, DH, KW, SW,
+                            DW, PL, OW, col_lo, col_hi, cols)
+            s = gemm(False, False, m, pixels, k_gemm, w, o0 * k_gemm, k_gemm,
+                     cols, 0, pixels, beta, yf, out, OH * OW)
+        if s != 0:
+            status[0] = s
 
 
-@njit(**_JIT)
+@parallel_kernel
+@njit(**BODY_JIT)
 def _gemm_backward_input(grad_output, w, grad_input, rows_per_band, status,
-                         G, KH, KW, SH, SW, DH, DW, PT, PL, col_lo, col_hi):
+                         G, KH, KW, SH, SW, DH, DW, PT, PL, col_lo, col_hi, worker,
+                         workers):
     """``grad_input = col2im(W_g^T @ grad_output)``, one thread per (image, group)."""
     N, C, H, W = grad_input.shape
     O, OH, OW = grad_output.shape[1], grad_output.shape[2], grad_output.shape[3]
@@ -166,7 +169,8 @@ def _gemm_backward_input(grad_output, w, grad_input, rows_per_band, status,
     K = Cg * KH * KW
     bands = (OH + rows_per_band - 1) // rows_per_band
     gf = grad_output.reshape(-1)
-    for t in prange(N * G):
+    tasks = N * G
+    for t in range(worker * tasks // workers, (worker + 1) * tasks // workers):
         n = t // G
         g = t % G
         cols = np.empty(K * rows_per_band * OW, grad_input.dtype)
@@ -184,9 +188,11 @@ def _gemm_backward_input(grad_output, w, grad_input, rows_per_band, status,
                              DH, KW, SW, DW, PL, OW, col_lo, col_hi)
 
 
-@njit(**_JIT)
+@parallel_kernel
+@njit(**BODY_JIT)
 def _gemm_backward_weight(x, grad_output, partial, algorithm, rows_per_band, status,
-                          G, KH, KW, SH, SW, DH, DW, PT, PL, col_lo, col_hi):
+                          G, KH, KW, SH, SW, DH, DW, PT, PL, col_lo, col_hi, worker,
+                         workers):
     """``partial[chunk] = sum over the chunk's images of grad_output @ columns^T``, in
     the weight layout ``_Problem.gemm_weight`` gives for ``algorithm``."""
     N, C, H, W = x.shape
@@ -198,7 +204,7 @@ def _gemm_backward_weight(x, grad_output, partial, algorithm, rows_per_band, sta
     k_gemm, col_size = _gemm_sizes(algorithm, Cg, KH, KW, DH, OW, rows_per_band)
     xf = x.reshape(-1)
     gf = grad_output.reshape(-1)
-    for chunk in prange(chunks):
+    for chunk in range(worker * chunks // workers, (worker + 1) * chunks // workers):
         acc = partial[chunk]
         acc[:] = 0
         cols = np.empty(col_size, x.dtype)

@@ -4,11 +4,13 @@ no dilation; the forward only (the weight gradient runs on ``"rows"``).
 
 from __future__ import annotations
 
+import numba
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
+from fastpool.cpu._parallel import BODY_JIT, parallel_kernel
 from fastpool.cpu._blas import gemm
-from fastpool.cpu.conv._planner import _JIT, _U
+from fastpool.cpu.conv._planner import _U
 
 # F(2x2, 3x3) (Lavin & Gray, 2016): each 2x2 output tile is A^T [(G g G^T) * (B^T d B)] A
 # for its 4x4 input tile d, so the 36 multiplications of four outputs become 16, done as
@@ -24,18 +26,20 @@ def winograd_weight(weight):
     """``U[xi*4 + nu, o, c] = (G w[o, c] G^T)[xi, nu]``, computed in float64."""
     O, Cg = weight.shape[0], weight.shape[1]
     U = np.empty(16 * O * Cg, weight.dtype)
-    _weight_transform(np.ascontiguousarray(weight), U)
+    _weight_transform(np.ascontiguousarray(weight), U,
+                      max(1, min(numba.get_num_threads(), O)))
     return U
 
 
-@njit(**_JIT)
-def _weight_transform(weight, U):
+@parallel_kernel
+@njit(**BODY_JIT)
+def _weight_transform(weight, U, worker, workers):
     """``winograd_weight``'s kernel: ``G = [[1, 0, 0], [.5, .5, .5], [.5, -.5, .5],
     [0, 0, 1]]`` applied to both sides by hand (a NumPy einsum took 40 ms for a
     512x512 weight, more than the convolution it served at batch 1)."""
     O, Cg = weight.shape[0], weight.shape[1]
     plane = O * Cg
-    for o in prange(O):
+    for o in range(worker * O // workers, (worker + 1) * O // workers):
         t = np.empty((4, 3))
         # One output channel's 16 values per c, then 16 contiguous runs: written straight
         # to U, the 16 streams (planes 4 MiB apart) fell in one L1 set and ran 10x slower.
@@ -180,9 +184,9 @@ def _winograd_output(M, m_base, stride, y, n, o, th0, tile_rows, TW, b):
                     row1[_U(w)] = u0 + u1 + u2 + b
 
 
-@njit(**_JIT)
-def _winograd_forward(x, U, bias, y, band_tile_rows, workers, status, G, PT,
-                      PL):
+@parallel_kernel
+@njit(**BODY_JIT)
+def _winograd_forward(x, U, bias, y, band_tile_rows, status, G, PT, PL, worker, workers):
     """``y = conv3x3(x) (+ bias)``, stride 1, by Winograd F(2x2, 3x3) over (image,
     group, band of tile rows)."""
     N, C = x.shape[0], x.shape[1]
@@ -194,28 +198,27 @@ def _winograd_forward(x, U, bias, y, band_tile_rows, workers, status, G, PT,
     bands = (TH + band_tile_rows - 1) // band_tile_rows
     tasks = N * G * bands
     T_max = band_tile_rows * TW
-    for worker in prange(workers):
-        V = np.empty(16 * (Cg * T_max + _SKEW), x.dtype)
-        M = np.empty(16 * (Og * T_max + _SKEW), x.dtype)
-        rows = np.empty((4, 2 * TW + 2), x.dtype)
-        for t in range(worker * tasks // workers, (worker + 1) * tasks // workers):
-            n = t // (G * bands)
-            g = (t // bands) % G
-            th0 = (t % bands) * band_tile_rows
-            tile_rows = min(band_tile_rows, TH - th0)
-            T = tile_rows * TW
-            v_stride = Cg * T + _SKEW
-            m_stride = Og * T + _SKEW
-            for c in range(Cg):
-                _winograd_input(x, n, g * Cg + c, th0, tile_rows, TW, PT, PL, rows, V,
-                                c * T, v_stride)
-            s = 0
-            for e in range(16):
-                s |= gemm(False, False, Og, T, Cg, U, (e * O + g * Og) * Cg, Cg,
-                          V, e * v_stride, T, 0.0, M, e * m_stride, T)
-            if s != 0:
-                status[0] = s
-            for o in range(Og):
-                b = bias[g * Og + o]
-                _winograd_output(M, o * T, m_stride, y, n, g * Og + o, th0, tile_rows, TW,
-                                 b)
+    V = np.empty(16 * (Cg * T_max + _SKEW), x.dtype)
+    M = np.empty(16 * (Og * T_max + _SKEW), x.dtype)
+    rows = np.empty((4, 2 * TW + 2), x.dtype)
+    for t in range(worker * tasks // workers, (worker + 1) * tasks // workers):
+        n = t // (G * bands)
+        g = (t // bands) % G
+        th0 = (t % bands) * band_tile_rows
+        tile_rows = min(band_tile_rows, TH - th0)
+        T = tile_rows * TW
+        v_stride = Cg * T + _SKEW
+        m_stride = Og * T + _SKEW
+        for c in range(Cg):
+            _winograd_input(x, n, g * Cg + c, th0, tile_rows, TW, PT, PL, rows, V,
+                            c * T, v_stride)
+        s = 0
+        for e in range(16):
+            s |= gemm(False, False, Og, T, Cg, U, (e * O + g * Og) * Cg, Cg,
+                      V, e * v_stride, T, 0.0, M, e * m_stride, T)
+        if s != 0:
+            status[0] = s
+        for o in range(Og):
+            b = bias[g * Og + o]
+            _winograd_output(M, o * T, m_stride, y, n, g * Og + o, th0, tile_rows, TW,
+                             b)
