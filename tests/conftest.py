@@ -185,9 +185,25 @@ def pytest_collection_finish(session):
             or getattr(session.config, "workerinput", None) is not None):
         return
     import subprocess
-    script = os.path.join(os.path.dirname(__file__), "warm_kernels.py")
-    _WARMING.append(subprocess.Popen([sys.executable, script], stdout=subprocess.DEVNULL,
+    command, env = warmup_command()
+    _WARMING.append(subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL))
+
+
+def warmup_command(*extra):
+    """The warm-up process's command line and environment. It must import the same
+    fastpool files as the suite, or it fills a disk cache the suite never reads: Numba
+    keys the cache by the kernel's source file. ``python -m pytest`` puts the working
+    directory first on ``sys.path`` (a source checkout) while a script run gets only its
+    own directory, which found the installed copy in site-packages instead (CI: the
+    warm-up compiled for nothing)."""
+    import importlib.util
+    package = os.path.dirname(importlib.util.find_spec("fastpool").origin)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [os.path.dirname(package)] + [p for p in [env.get("PYTHONPATH")] if p])
+    script = os.path.join(os.path.dirname(__file__), "warm_kernels.py")
+    return [sys.executable, script, *extra], env
 
 
 def pytest_sessionfinish(session):

@@ -515,3 +515,17 @@ def test_numba_disk_cache_is_used_by_a_second_process(tmp_path):
         assert os.path.commonpath([second[name]["cache_path"],
                                    str(cache_dir)]) == str(cache_dir)
     assert any(p.suffix == ".nbi" for p in cache_dir.rglob("*"))
+
+
+def test_the_warm_up_process_compiles_for_the_suites_fastpool(tmp_path):
+    """tests/warm_kernels.py fills the disk cache of the very fastpool files this suite
+    runs (Numba keys its cache by source file). Started as a plain script next to a
+    source checkout with an installed copy, it once imported the copy in site-packages
+    and compiled for nothing."""
+    import conftest
+    command, env = conftest.warmup_command("--which")
+    proc = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    warmed = proc.stdout.strip().splitlines()[-1]
+    assert os.path.realpath(warmed) == os.path.realpath(fastpool.__file__)

@@ -78,4 +78,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:] == ["--which"]:  # the fastpool this process compiles for
+        print(fastpool.__file__)
+    else:
+        main()
