@@ -15,6 +15,7 @@ under Numba's typing rules, hence the explicit casts.
 
 import functools
 import types
+from typing import NamedTuple
 
 import numpy as np
 from numba import njit
@@ -50,7 +51,50 @@ def _uniform(key, oh, ow):
     return np.float64(np.int64(bits >> _S11)) * _TWO_POW_MINUS_53
 
 
-_PYTHON_FUNCTIONS = (("mix64", _mix64), ("plane_key", _plane_key), ("uniform", _uniform))
+def _keyed_plane(key, n, c):
+    """``plane_key`` of local plane ``(n, c)`` under a kernel key (``kernel_key``)."""
+    return plane_key(key[0], np.uint64(n) + key[1], np.uint64(c) + key[2])
+
+
+def _keyed_uniform(plane, key, od, oh, ow):
+    """``uniform`` of local output position ``(od, oh, ow)`` under a kernel key: the
+    counter of the global position ``((od + od0) * OH + oh + oh0, ow + ow0)``."""
+    row = (np.uint64(od) + key[3]) * key[6] + np.uint64(oh) + key[4]
+    return uniform(plane, row, np.uint64(ow) + key[5])
+
+
+_PYTHON_FUNCTIONS = (("mix64", _mix64), ("plane_key", _plane_key), ("uniform", _uniform),
+                     ("keyed_plane", _keyed_plane), ("keyed_uniform", _keyed_uniform))
+
+
+class Origin(NamedTuple):
+    """A seed and where a piece of a larger array sits in it: ``(n, c, od, oh, ow)``
+    offsets of the piece's first output and the whole output's height ``out_h``.
+
+    Stochastic kernels given an ``Origin`` instead of a plain seed draw what the whole
+    array's call draws at those global positions (``fastpool.dask`` runs each chunk
+    so)."""
+
+    seed: int
+    n: int = 0
+    c: int = 0
+    od: int = 0
+    oh: int = 0
+    ow: int = 0
+    out_h: int = 0
+
+
+def kernel_key(seed, out_h):
+    """The seven uint64 a stochastic kernel draws with: ``(seed, n0, c0, od0, oh0, ow0,
+    OH)``; ``seed`` an int (a whole array of output height ``out_h``) or an ``Origin``."""
+    if not isinstance(seed, Origin):
+        seed = Origin(seed, out_h=out_h)
+    return tuple(np.uint64(v) for v in seed)
+
+
+def kernel_key_array(seed, out_h):
+    """``kernel_key`` as the uint64 array the CPU kernels take."""
+    return np.array(kernel_key(seed, out_h), dtype=np.uint64)
 
 
 def _wrapping_quietly(function):
@@ -86,6 +130,8 @@ def compile_with(decorator, interpreted=False):
 mix64 = njit(inline="always", cache=True)(_mix64)
 plane_key = njit(inline="always", cache=True)(_plane_key)
 uniform = njit(inline="always", cache=True)(_uniform)
+keyed_plane = njit(inline="always", cache=True)(_keyed_plane)
+keyed_uniform = njit(inline="always", cache=True)(_keyed_uniform)
 
 
 def uniform_host(seed, n, c, oh, ow):

@@ -32,6 +32,7 @@ _SCRIPT = """
     import fastpool.cuda.pooling as pooling
 
     i64, u64, i32, boolean = types.int64, types.uint64, types.int32, types.boolean
+    key = types.UniTuple(u64, 7)  # _rng.kernel_key
     flag = types.Array(i32, 1, "C")
     # channels-last flag, then padding, kernel, stride, dilation of (D, H, W)
     window = (boolean,) + (i64,) * 12
@@ -58,7 +59,7 @@ _SCRIPT = """
             ("avg_forward", avg_forward, (x, out) + avg),
             ("avg_backward", avg_backward, (x, out) + avg),
             ("stochastic_train", pooling._stochastic_train,
-             (x, out, indices, boolean, u64) + window + (flag,)),
+             (x, out, indices, boolean, key) + window + (flag,)),
             ("stochastic_infer", pooling._stochastic_infer, (x, out) + window + (flag,)),
             ("stochastic_infer_shares", pooling._stochastic_infer_shares,
              (x, x, f64, f64) + window + (flag,)),
@@ -119,7 +120,7 @@ _SCRIPT = """
         x5, f5 = array(dt, 5), array(types.float64, 5)
         kernels += [
             ("adaptive_stochastic_train", sampled.train_forward,
-             (x5, x5, array(i64, 5), boolean, u64) + tables + (boolean, flag)),
+             (x5, x5, array(i64, 5), boolean, key) + tables + (boolean, flag)),
             ("adaptive_stochastic_infer", sampled.infer_forward,
              (x5, x5) + tables + (boolean, flag)),
             ("adaptive_stochastic_shares", sampled.infer_shares,

@@ -57,11 +57,12 @@ def _plane(b, c, channels, CHANNELS_LAST):
 
 @functools.lru_cache(maxsize=None)
 def train_forward(CHANNELS_LAST, WITH_INDICES):
-    """``kernel(x, out, indices, sd, ed, sh, eh, sw, ew, seed, channels, invalid_rows, workers)``."""
+    """``kernel(x, out, indices, sd, ed, sh, eh, sw, ew, key, channels, invalid_rows, workers)``;
+    ``key`` is ``_rng.kernel_key_array``."""
 
     @parallel_kernel
     @njit(**BODY_JIT)
-    def kernel(x, out, indices, sd, ed, sh, eh, sw, ew, seed, channels, invalid_rows,
+    def kernel(x, out, indices, sd, ed, sh, eh, sw, ew, key, channels, invalid_rows,
                worker, workers):
         B, D, H, W = x.shape[0], x.shape[1], x.shape[2], x.shape[3]
         C = x.shape[4] if CHANNELS_LAST else 1
@@ -89,8 +90,8 @@ def train_forward(CHANNELS_LAST, WITH_INDICES):
                     chosen[c] = first
                     if s1[c] > 0.0:
                         n, pc = _plane(b, c, channels, CHANNELS_LAST)
-                        threshold[c] = _rng.uniform(_rng.plane_key(seed, n, pc),
-                                                    od * OH + oh, ow) * s1[c]
+                        threshold[c] = _rng.keyed_uniform(_rng.keyed_plane(key, n, pc),
+                                                          key, od, oh, ow) * s1[c]
                         running[c] = 0.0
                         last_positive[c] = first
                         chosen[c] = -1

@@ -84,13 +84,13 @@ def interior_sums(xf, k0, HW, W, KD, KH, KW, DD, DH, DW):
 
 @functools.lru_cache(maxsize=None)
 def train_forward(KD, KH, KW, SD, SH, SW, DD, DH, DW, WITH_INDICES):
-    """``kernel(x, out, indices, pd, ph, pw, seed, channels, invalid_rows, ow_lo,
-    ow_hi, workers)``."""
+    """``kernel(x, out, indices, pd, ph, pw, key, channels, invalid_rows, ow_lo,
+    ow_hi, workers)``; ``key`` is ``_rng.kernel_key_array``."""
     taps = KD * KH * KW
 
     @parallel_kernel
     @njit(**BODY_JIT)
-    def kernel(x, out, indices, pd, ph, pw, seed, channels, invalid_rows, ow_lo, ow_hi, worker, workers):
+    def kernel(x, out, indices, pd, ph, pw, key, channels, invalid_rows, ow_lo, ow_hi, worker, workers):
         planes, D, H, W = x.shape
         OD, OH, OW = out.shape[1], out.shape[2], out.shape[3]
         HW = H * W
@@ -103,8 +103,7 @@ def train_forward(KD, KH, KW, SD, SH, SW, DD, DH, DW, WITH_INDICES):
             p, od, oh, d0, h0, base, inside = output_row(row, OD, OH, D, H, W, pd, ph,
                                                          KD, KH, SD, SH, DD, DH)
             n = p // channels
-            key = _rng.plane_key(seed, n, p - n * channels)
-            counter_row = od * OH + oh
+            plane = _rng.keyed_plane(key, n, p - n * channels)
             orow = row * OW
             invalid = False
             if inside:
@@ -118,7 +117,7 @@ def train_forward(KD, KH, KW, SD, SH, SW, DD, DH, DW, WITH_INDICES):
                     # double just below total (total * (1 - 2**-53) is exactly that for
                     # any normal total) makes the last positive element the fallback
                     # with no extra state, as the edge path does explicitly.
-                    threshold = min(_rng.uniform(key, counter_row, ow) * total,
+                    threshold = min(_rng.keyed_uniform(plane, key, od, oh, ow) * total,
                                     total * JUST_BELOW_ONE)
                     running = 0.0
                     found = False
@@ -146,7 +145,7 @@ def train_forward(KD, KH, KW, SD, SH, SW, DD, DH, DW, WITH_INDICES):
                 invalid |= bad
                 chosen = first
                 if total > 0.0:
-                    threshold = _rng.uniform(key, counter_row, ow) * total
+                    threshold = _rng.keyed_uniform(plane, key, od, oh, ow) * total
                     running = 0.0
                     last_positive = first
                     chosen = -1

@@ -54,13 +54,13 @@ def _window_sums(xf, base, d0, h0, w0, D, H, W, C, KD, KH, KW, DD, DH, DW, s1, s
 
 @functools.lru_cache(maxsize=None)
 def train_forward(KD, KH, KW, SD, SH, SW, DD, DH, DW, WITH_INDICES):
-    """``kernel(x, out, indices, pd, ph, pw, seed, invalid_rows, ow_lo, ow_hi, workers)``;
+    """``kernel(x, out, indices, pd, ph, pw, key, invalid_rows, ow_lo, ow_hi, workers)``;
     ``[ow_lo, ow_hi)`` are the output columns whose windows lie inside the last axis."""
     taps = KD * KH * KW
 
     @parallel_kernel
     @njit(**BODY_JIT)
-    def kernel(x, out, indices, pd, ph, pw, seed, invalid_rows, ow_lo, ow_hi, worker, workers):
+    def kernel(x, out, indices, pd, ph, pw, key, invalid_rows, ow_lo, ow_hi, worker, workers):
         N, D, H, W, C = x.shape
         OD, OH, OW = out.shape[1], out.shape[2], out.shape[3]
         HW = H * W
@@ -75,10 +75,9 @@ def train_forward(KD, KH, KW, SD, SH, SW, DD, DH, DW, WITH_INDICES):
             h0 = oh * SH - ph
             inside = d0 >= 0 and d0 + (KD - 1) * DD < D and h0 >= 0 and h0 + (KH - 1) * DH < H
             base = n * D * HW
-            counter_row = od * OH + oh
             keys = np.empty(C, np.uint64)
             for c in range(C):
-                keys[c] = _rng.plane_key(seed, n, c)
+                keys[c] = _rng.keyed_plane(key, n, c)
             total = np.empty(C)
             squares = np.empty(C)
             threshold = np.empty(C)
@@ -98,7 +97,7 @@ def train_forward(KD, KH, KW, SD, SH, SW, DD, DH, DW, WITH_INDICES):
                 if inside and ow_lo <= ow < ow_hi:
                     # The interior path of pool_stochastic.train_forward.
                     for c in range(C):
-                        u = _rng.uniform(keys[c], counter_row, ow)
+                        u = _rng.keyed_uniform(keys[c], key, od, oh, ow)
                         threshold[c] = min(u * total[c], total[c] * JUST_BELOW_ONE)
                         running[c] = 0.0
                         found[c] = False
@@ -120,7 +119,7 @@ def train_forward(KD, KH, KW, SD, SH, SW, DD, DH, DW, WITH_INDICES):
                     for c in range(C):
                         chosen[c] = first
                         if total[c] > 0.0:
-                            threshold[c] = _rng.uniform(keys[c], counter_row, ow) * total[c]
+                            threshold[c] = _rng.keyed_uniform(keys[c], key, od, oh, ow) * total[c]
                             running[c] = 0.0
                             last_positive[c] = first
                             chosen[c] = -1

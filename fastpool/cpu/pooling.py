@@ -21,7 +21,7 @@ import math
 import numba
 import numpy as np
 
-from fastpool import _params
+from fastpool import _params, _rng
 from fastpool._geometry import CHANNELS_LAST
 from fastpool.cpu import (
     pool_adaptive,
@@ -277,8 +277,8 @@ def _stochastic_forward_channels_last(x, w, training, seed, with_indices):
         volume = _cl_buffer(x, w, w.in3)
         if training:
             kernel("stochastic_train_cl", w, with_indices)(
-                volume, out, indices, *_pads(w), np.uint64(seed), invalid,
-                *interior_columns(w), _cl_row_workers(w))
+                volume, out, indices, *_pads(w), _rng.kernel_key_array(seed, w.out3[1]),
+                invalid, *interior_columns(w), _cl_row_workers(w))
         else:
             kernel("stochastic_infer_cl", w, False)(volume, out, out, out, *_pads(w),
                                                     invalid, _cl_row_workers(w))
@@ -304,7 +304,8 @@ def stochastic_pool_forward(x, window, training, seed, with_indices):
                 volumes_x, volumes_out,
                 indices.reshape((-1,) + w.out3) if with_indices
                 else indices.reshape(1, 1, 1, 1),
-                *_pads(w), np.uint64(seed), w.channels, invalid, lo, hi,
+                *_pads(w), _rng.kernel_key_array(seed, w.out3[1]), w.channels, invalid,
+                lo, hi,
                 _row_workers(w))
         else:
             kernel("stochastic_infer_forward", w)(volumes_x, volumes_out, *_pads(w),
@@ -438,7 +439,8 @@ def adaptive_stochastic_pool_forward(x, window, training, seed, with_indices):
         volume = _adaptive_view(x, w, w.in3)
         if training:
             pool_adaptive_stochastic.train_forward(cl, with_indices)(
-                volume, out, indices, *_bounds(w), np.uint64(seed), w.channels, invalid,
+                volume, out, indices, *_bounds(w), _rng.kernel_key_array(seed, w.out3[1]), w.channels,
+                invalid,
                 _rows_of(out))
         else:
             pool_adaptive_stochastic.infer(cl, False)(volume, out, out, out, *_bounds(w),

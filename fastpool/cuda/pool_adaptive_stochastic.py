@@ -13,8 +13,8 @@ from fastpool.cuda._launch import grid_start, grid_stride, split_position
 
 _gpu_rng = _rng.compile_with(cuda.jit(device=True, inline=True),
                              interpreted=bool(config.ENABLE_CUDASIM))
-_plane_key = _gpu_rng.plane_key
-_uniform = _gpu_rng.uniform
+_keyed_plane = _gpu_rng.keyed_plane
+_keyed_uniform = _gpu_rng.keyed_uniform
 _INF = np.inf
 
 
@@ -37,7 +37,7 @@ def _sums(x, n, c, d0, d1, h0, h1, w0, w1):
 
 
 @cuda.jit
-def train_forward(x, out, indices, with_indices, seed, sd, ed, sh, eh, sw, ew, cl, bad):
+def train_forward(x, out, indices, with_indices, key, sd, ed, sh, eh, sw, ew, cl, bad):
     N, C, OD, OH, OW = out.shape
     H, W = x.shape[3], x.shape[4]
     total = np.int64(N) * C * OD * OH * OW
@@ -51,7 +51,7 @@ def train_forward(x, out, indices, with_indices, seed, sd, ed, sh, eh, sw, ew, c
         first = (np.int64(d0) * H + h0) * W + w0
         chosen = first
         if s1 > 0.0:
-            threshold = _uniform(_plane_key(seed, n, c), np.int64(od) * OH + oh, ow) * s1
+            threshold = _keyed_uniform(_keyed_plane(key, n, c), key, od, oh, ow) * s1
             running = 0.0
             last_positive = first
             chosen = np.int64(-1)

@@ -47,8 +47,8 @@ from fastpool.cuda._launch import (
 _gpu_rng = _rng.compile_with(cuda.jit(device=True, inline=True),
                              interpreted=bool(config.ENABLE_CUDASIM))
 # Module globals: kernels can call a device function global, not a namespace attribute.
-_plane_key = _gpu_rng.plane_key
-_uniform = _gpu_rng.uniform
+_keyed_plane = _gpu_rng.keyed_plane
+_keyed_uniform = _gpu_rng.keyed_uniform
 _INF = np.inf
 
 
@@ -362,7 +362,7 @@ def _window_sums(x, n, c, d0, h0, w0, KD, KH, KW, DD, DH, DW):
 
 
 @cuda.jit
-def _stochastic_train(x, out, indices, with_indices, seed, cl, pd, ph, pw, KD, KH, KW, SD, SH,
+def _stochastic_train(x, out, indices, with_indices, key, cl, pd, ph, pw, KD, KH, KW, SD, SH,
                       SW, DD, DH, DW, bad):
     """Pick the first element (row-major) whose running float64 sum exceeds
     ``u * S1``; when rounding lets none exceed it, the last positive element (the CPU's
@@ -381,7 +381,7 @@ def _stochastic_train(x, out, indices, with_indices, seed, cl, pd, ph, pw, KD, K
             bad[0] = 1
         chosen = first
         if s1 > 0.0:
-            threshold = _uniform(_plane_key(seed, n, c), np.int64(od) * OH + oh, ow) * s1
+            threshold = _keyed_uniform(_keyed_plane(key, n, c), key, od, oh, ow) * s1
             running = 0.0
             last_positive = first
             chosen = np.int64(-1)
@@ -502,7 +502,7 @@ def stochastic_pool_forward(x, window, training, seed, with_indices):
     if training:
         launch(_stochastic_train, out.size, _volume(x, w), _volume(out, w),
                _volume(indices, w) if with_indices else _dummy_indices(), with_indices,
-               np.uint64(seed), *_window_args(w), bad)
+               _rng.kernel_key(seed, w.out3[1]), *_window_args(w), bad)
     else:
         launch(_stochastic_infer, out.size, _volume(x, w), _volume(out, w),
                *_window_args(w), bad)
@@ -603,7 +603,8 @@ def adaptive_stochastic_pool_forward(x, window, training, seed, with_indices):
     if training:
         launch(pool_adaptive_stochastic.train_forward, out.size, _volume(x, w),
                _volume(out, w), _volume(indices, w) if with_indices else _dummy_indices(),
-               with_indices, np.uint64(seed), *_bounds(w), _channels_last(w), bad)
+               with_indices, _rng.kernel_key(seed, w.out3[1]), *_bounds(w),
+               _channels_last(w), bad)
     else:
         launch(pool_adaptive_stochastic.infer_forward, out.size, _volume(x, w),
                _volume(out, w), *_bounds(w), _channels_last(w), bad)

@@ -9,6 +9,9 @@ here, clear ``fastpool/cpu/conv/__pycache__``.
 
 from __future__ import annotations
 
+import contextlib
+import threading
+
 import numpy as np
 
 from fastpool.cpu._arrays import contiguous
@@ -70,22 +73,28 @@ class _Problem:
         self.pad_top, self.pad_left = pad
         self.dilation_h, self.dilation_w = dilation
 
+    kind = None
+
     @classmethod
     def forward(cls, w):
         """The convolution of the rank-2 ``Window`` ``w`` itself."""
-        return cls((w.batch, w.channels) + w.in_size, w.out_size,
-                   (w.out_channels, w.channels // w.groups) + w.kernel, w.groups,
-                   w.stride, w.pad_lo, w.dilation)
+        problem = cls((w.batch, w.channels) + w.in_size, w.out_size,
+                      (w.out_channels, w.channels // w.groups) + w.kernel, w.groups,
+                      w.stride, w.pad_lo, w.dilation)
+        problem.kind = "forward"
+        return problem
 
     @classmethod
     def input_grad(cls, w):
         """Stride-1 input gradient of ``w`` as a forward convolution of ``grad_output``
         (padding ``d*(k-1) - pad``, a crop where negative)."""
-        return cls((w.batch, w.out_channels) + w.out_size, w.in_size,
-                   (w.channels, w.out_channels // w.groups) + w.kernel, w.groups, (1, 1),
-                   tuple(d * (k - 1) - p
-                         for k, d, p in zip(w.kernel, w.dilation, w.pad_lo)),
-                   w.dilation)
+        problem = cls((w.batch, w.out_channels) + w.out_size, w.in_size,
+                      (w.channels, w.out_channels // w.groups) + w.kernel, w.groups,
+                      (1, 1), tuple(d * (k - 1) - p
+                                    for k, d, p in zip(w.kernel, w.dilation, w.pad_lo)),
+                      w.dilation)
+        problem.kind = "input_grad"
+        return problem
 
     @property
     def outputs_per_group(self):
@@ -111,6 +120,14 @@ class _Problem:
         return lo, hi
 
     def algorithm(self):
+        """The algorithm code for this problem, or, inside ``planned_as``, the one the
+        whole call's problem of the same kind gets."""
+        pinned = getattr(_PINNED, "codes", None)
+        if pinned is not None and self.kind in pinned:
+            return pinned[self.kind]
+        return self.choose()
+
+    def choose(self):
         if (self.channels_per_group == 1
                 or max(self.in_h * self.in_w, self.out_h * self.out_w,
                        self.channels_per_group * self.kernel_h * self.kernel_w)
@@ -150,6 +167,9 @@ class _Problem:
     def winograd_band_tile_rows(self, itemsize):
         """Tile rows per band: the transformed input and output of a band fit in
         ``_WINOGRAD_BYTES``, and the bands are of equal size."""
+        whole = self._whole()
+        if whole is not self:
+            return whole.winograd_band_tile_rows(itemsize)
         tiles_w = (self.out_w + 1) // 2
         tiles_h = (self.out_h + 1) // 2
         per_row = 16 * (self.channels_per_group + self.outputs_per_group) * tiles_w * itemsize
@@ -181,11 +201,25 @@ class _Problem:
                                           * self.kernel_h * self.kernel_w))
         return rows
 
+    def _whole(self):
+        """Inside ``planned_as``, the whole call's problem of this kind when this one
+        is a batch chunk of it (same planes): bands are then sized as for the whole
+        call, so the chunk's GEMMs are the whole call's, and round as they do."""
+        pinned = getattr(_PINNED, "problems", None)
+        whole = pinned.get(self.kind) if pinned is not None else None
+        if whole is not None and (whole.in_h, whole.in_w, whole.out_h, whole.out_w) == (
+                self.in_h, self.in_w, self.out_h, self.out_w):
+            return whole
+        return self
+
     def forward_band_rows(self, algorithm, itemsize):
         """``band_rows``, made smaller when the images and groups alone make fewer than
         ``_MIN_FORWARD_TASKS`` tasks (batch 1), so every thread gets a band. Shapes
         alone decide it, and each output element is one GEMM dot product whatever the
         band, so results do not depend on the thread count."""
+        whole = self._whole()
+        if whole is not self:
+            return whole.forward_band_rows(algorithm, itemsize)
         rows = self.band_rows(algorithm, itemsize)
         per_image = -(-_MIN_FORWARD_TASKS // max(1, self.batch * self.groups))
         split = max(-(-self.out_h // per_image), -(-_MIN_BAND_PIXELS // self.out_w))
@@ -196,6 +230,9 @@ class _Problem:
         groups and bands make fewer than ``_MIN_FORWARD_TASKS`` tasks (small planes at
         batch 1), enough blocks of at least ``_MIN_BLOCK_CHANNELS`` channels to make
         them up. Shapes alone decide it."""
+        whole = self._whole()
+        if whole is not self:
+            return whole.forward_channel_blocks(rows_per_band)
         tasks = self.batch * self.groups * -(-self.out_h // rows_per_band)
         if tasks >= _MIN_FORWARD_TASKS:
             return 1
@@ -213,3 +250,25 @@ class _Problem:
         if algorithm == ROWS:
             return contiguous(weight.transpose(2, 0, 1, 3)).reshape(-1)
         return contiguous(weight).reshape(-1)
+
+
+_PINNED = threading.local()
+
+
+@contextlib.contextmanager
+def planned_as(window):
+    """In this thread, choose every algorithm as for the rank-2 ``window``'s own
+    problems (its forward, and its stride-1 input gradient), and size the bands of
+    problems with its planes as for it.
+
+    ``fastpool.dask`` computes a convolution chunk by chunk, each chunk a call on a
+    slice of the whole input; sizes decide the algorithm, and two algorithms round
+    differently, so each chunk runs the whole call's algorithms to give its bits."""
+    previous = getattr(_PINNED, "codes", None), getattr(_PINNED, "problems", None)
+    _PINNED.problems = {"forward": _Problem.forward(window),
+                        "input_grad": _Problem.input_grad(window)}
+    _PINNED.codes = {kind: problem.choose() for kind, problem in _PINNED.problems.items()}
+    try:
+        yield
+    finally:
+        _PINNED.codes, _PINNED.problems = previous
