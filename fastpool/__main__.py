@@ -30,11 +30,14 @@ def _parser():
     bench.add_argument("--ops", default="all", choices=["all", "pool", "conv", "nd"],
                        help="nd: 1-D and 3-D ops and channels-last pooling (issue 14's "
                             "shapes), against PyTorch in the same rank and layout")
-    bench.add_argument("--suite", default="ops", choices=["ops", "layers"],
+    bench.add_argument("--suite", default="ops", choices=["ops", "layers", "dask"],
                        help="ops (default): every op on standard shapes against PyTorch; "
                             "layers: the conv and pooling layers of LeNet-5, ResNet-18/50, "
                             "MobileNetV2 and VGG-16 against PyTorch NCHW, PyTorch "
-                            "channels_last and ONNX Runtime (CPU)")
+                            "channels_last and ONNX Runtime (CPU); dask: "
+                            "examples/large_image.py's pipeline through fastpool.dask, "
+                            "its overhead against the in-memory calls and its "
+                            "throughput on a LocalCluster of 1 and 2 worker processes")
     bench.add_argument("--networks", default=None,
                        help="layers suite: comma-separated networks (default all: "
                             "lenet5,resnet18,resnet50,mobilenet_v2,vgg16; quick: lenet5,"
@@ -89,6 +92,8 @@ def main(argv=None):
         raise SystemExit(f"--threads must be in [1, {numba.config.NUMBA_NUM_THREADS}]")
     if args.suite == "layers":
         return _layers(args, threads_default=numba.config.NUMBA_NUM_THREADS)
+    if args.suite == "dask":
+        return _dask(args)
     devices = _devices(args.device)
     repeats = args.repeats or (5 if args.quick else 11)
     threads = args.threads or numba.config.NUMBA_NUM_THREADS
@@ -133,6 +138,21 @@ def _layers(args, threads_default):
     if args.plot:
         _bench.plot(args.plot, _bench_layers.as_bench_rows(rows),
                     dict(meta, devices={"cpu": dict(peer="the fastest peer per row")}))
+    return 0
+
+
+def _dask(args):
+    from fastpool import _bench, _bench_dask
+    if args.device not in ("auto", "cpu"):
+        raise SystemExit("--suite dask runs on the CPU only (--device cpu or auto)")
+    if args.dtype != "float32" or args.threads is not None or args.plot:
+        raise SystemExit("--suite dask is float32 on all cores, without --threads/--plot")
+    rows = _bench_dask.run(args.quick, args.repeats or (3 if args.quick else 5))
+    print(_bench_dask.format_table(rows))
+    if args.json:
+        import json
+        with open(args.json, "w") as fh:
+            json.dump(dict(rows=rows, versions=_bench.versions()), fh, indent=1)
     return 0
 
 

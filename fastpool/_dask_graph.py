@@ -187,9 +187,8 @@ def _run_backward(run, go_blocks, go_region, x_blocks, x_region, ix_blocks, bloc
 
 
 def place(grads, block_shape, context):
-    """The cells of a block (``block_shape``; its start is ``context.in_size``'s
-    block origin) from the gradient of its call's slice: zero where no window
-    reached."""
+    """The cells of a block (``block_shape``, starting at ``context.block_lo``) from
+    the gradient of its call's slice: zero where no window reached."""
     lo = context.block_lo
     pieces = context.pieces
     if all(p.lo == a and p.hi == a + s
@@ -236,10 +235,19 @@ def local_indices(indices, context, call_out, keep):
     local = xp.zeros(indices.shape, dtype=np.int64)
     rest = indices.astype(np.int64, copy=True)
     scale = 1
+    if indices.size and (int(indices.min()) < 0
+                         or int(indices.max()) >= int(np.prod(context.in_size))):
+        raise ValueError("indices holds value(s) outside the (n, c) volume; indices must "
+                         "be the flat positions returned by the forward pass")
     for p, size in zip(reversed(pieces), reversed(context.in_size)):
-        coordinate = rest % size
+        coordinate = rest % size - p.lo
         rest //= size
-        local += (coordinate - p.lo) * scale
+        if indices.size and (int(coordinate.min()) < 0
+                             or int(coordinate.max()) >= p.hi - p.lo):
+            raise ValueError("indices holds value(s) that are not a position inside "
+                             "their own window; indices must be the flat positions "
+                             "returned by the forward pass")
+        local += coordinate * scale
         scale *= p.hi - p.lo
     full = xp.empty(call_out, dtype=np.int64)
     full[...] = first_taps(pieces, context.axes, xp)
@@ -248,8 +256,9 @@ def local_indices(indices, context, call_out, keep):
 
 
 class BackwardContext(NamedTuple):
-    n0: int
-    c0: int
+    """A backward task's call: per spatial axis its piece, the whole input's spatial
+    size and axes, and where the task's block starts."""
+
     pieces: Tuple[Piece, ...]
     in_size: Tuple[int, ...]
     axes: Tuple[Axis, ...]
@@ -271,11 +280,11 @@ def backward(grad_output: Array, x: Array, window, run: Callable, name: str, *,
     grad_output = grad_output.rechunk((x.chunks[0], go_channels) + grad_output.chunks[2:])
     if indices is not None:
         indices = indices.rechunk(grad_output.chunks)
-    token = tokenize(grad_output, x if read_x else x.shape, indices, name, window.in_size,
+    token = tokenize(grad_output, x if read_x else (x.shape, x.chunks, x.dtype), indices,
+                     name, window.in_size,
                      window.kernel, window.stride, window.pad_lo, window.pad_hi,
                      window.dilation, window.ceil_mode, run, [e.name for e in extra])
     out = f"{name}-{token}"
-    n_starts, c_starts = starts(x.chunks[0]), starts(x.chunks[1])
     extra_keys = tuple((e.name,) + (0,) * e.ndim for e in extra)
     meta = grad_output._meta
     tasks = {}
@@ -300,8 +309,7 @@ def backward(grad_output: Array, x: Array, window, run: Callable, name: str, *,
         ix_blocks = (None if indices is None
                      else _nested(indices.name, go_lead, go_spans))
         block_lo = tuple(starts(x.chunks[2 + i])[b] for i, b in enumerate(bi))
-        context = BackwardContext(n_starts[bn], c_starts[bc], pieces, window.in_size,
-                                  axes, block_lo)
+        context = BackwardContext(pieces, window.in_size, axes, block_lo)
         tasks[(out,) + index] = (
             _run_backward, run, _nested(grad_output.name, go_lead, go_spans), go_region,
             x_blocks, x_region, ix_blocks, shape, context, x.dtype) + extra_keys
@@ -336,12 +344,12 @@ def _sum_parameters(*partials):
 
 
 def parameter_grads(grad_output: Array, x: Array, weight: Array, window, run: Callable,
-                    name: str, tile: int = 1) -> Tuple[Array, Array]:
+                    name: str) -> Tuple[Array, Array]:
     """A convolution's ``(grad_weight, grad_bias)``: ``run(grad_output, x, weight)`` per
     output chunk (the forward's pieces), summed. Reductions over the batch and the
     plane, so not in the in-memory kernels' order (equal to rounding)."""
     rank = x.ndim - 2
-    plans = [Axis.of(window, i).forward(x.chunks[2 + i], tile) for i in range(rank)]
+    plans = [Axis.of(window, i).forward(x.chunks[2 + i]) for i in range(rank)]
     chunks = (x.chunks[0], (grad_output.shape[1],)) + tuple(p[0] for p in plans)
     grad_output = grad_output.rechunk(chunks)
     token = tokenize(grad_output, x, weight.name, name, run, window.in_size,

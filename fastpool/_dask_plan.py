@@ -76,9 +76,14 @@ class Axis(NamedTuple):
         s, p = self.stride, self.pad_lo
         lead = -(-(-(-p // s)) // tile) * tile  # skip * s >= p, on the tile grid
         skip = min(first, lead + (first - lead) % tile)
+        if (first - skip) * s >= self.size:
+            # Kept outputs read trailing padding only (a convolution's padding may
+            # exceed its kernel): start at the last cell's grid point instead.
+            skip = first - (self.size - 1) // s // tile * tile
         lo = (first - skip) * s
         last = first - skip + -(-(stop - first + skip) // tile) * tile
-        hi = min(self.size, (last - 1) * s - p + self.extent)
+        # At least one cell: kept outputs may read leading padding only.
+        hi = min(self.size, max(lo + 1, (last - 1) * s - p + self.extent))
         return Piece(lo, hi, skip, first, stop - first, self.outputs(hi - lo))
 
     def forward(self, chunks: Sequence[int], tile: int = 1

@@ -89,6 +89,9 @@ def kernel_key(seed, out_h):
     OH)``; ``seed`` an int (a whole array of output height ``out_h``) or an ``Origin``."""
     if not isinstance(seed, Origin):
         seed = Origin(seed, out_h=out_h)
+    elif seed.out_h < 1:
+        # 0 would key every depth of a 3-D output alike.
+        raise ValueError(f"Origin.out_h must be the whole output's height, got {seed.out_h}")
     return tuple(np.uint64(v) for v in seed)
 
 

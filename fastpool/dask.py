@@ -1,15 +1,17 @@
 """fastpool on Dask arrays: the in-memory functions, lazily, chunk by chunk.
 
 Every function takes ``dask.array.Array`` inputs (NumPy or CuPy chunks) and returns
-lazy Dask arrays equal, bit for bit, to what the ``fastpool`` function of the same
-name returns for the whole array (docs/site/dask.md; the exceptions are the weight
-and bias gradients of a convolution, reductions over the whole batch and plane, whose
-chunk sums are added in a fixed order but not in the in-memory kernels' order).
+lazy Dask arrays equal to what the ``fastpool`` function of the same name returns for
+the whole array: bit for bit for pooling under any chunking and for 1-D and 2-D
+convolutions chunked along the batch; to rounding for convolutions chunked across
+space, 3-D convolutions, and weight and bias gradients (docs/site/dask.md says why).
 
 - Chunked along the batch (and the channels, for pooling): each chunk is one call.
 - Chunked across spatial axes: each output chunk is one call on the input slice its
-  windows read (``fastpool._dask_plan``), whatever the chunk boundaries; nothing is
-  rechunked and no halo is computed twice more than the windows overlap.
+  windows read (``fastpool._dask_plan``), whatever the input's spatial chunk
+  boundaries: they are never rechunked to a stride grid. (A convolution's channels
+  are joined into one chunk; gradients and indices are rechunked to the input's
+  batch and channel chunks.)
 - Stochastic pooling draws, for a seed, exactly the picks of the whole-array call
   under any chunking: each chunk's kernel is keyed by the global position of its
   outputs (``fastpool._rng.Origin``).
@@ -55,9 +57,9 @@ _POOL_DOC = """Lazy :func:`fastpool.{name}` of Dask arrays, chunk by chunk.
     Shape
     -----
     As :func:`fastpool.{name}`. Results are chunked as the input along the batch and
-    channels (a convolution's channels are one chunk); per spatial axis, output
-    chunk ``i`` holds the outputs ``o`` whose cell ``o * stride`` lies in input chunk
-    ``i``. Gradients are chunked as ``x``.
+    channels (a convolution's channels are one chunk); per spatial axis, an output
+    chunk holds the outputs ``o`` whose cell ``o * stride`` lies in one input chunk
+    (input chunks holding no such cell give none). Gradients are chunked as ``x``.
     """
 
 
@@ -199,18 +201,25 @@ def _pool_geometry(x, rank, kernel_size, stride, padding, dilation, ceil_mode):
     return x, batched, window
 
 
-def _backward_inputs(grad_output, x, indices, rank, window, name):
+def _backward_inputs(grad_output, x, indices, rank, window):
     x, batched = _as_dask("x", x, rank)
-    grad_output, _ = _as_dask("grad_output", grad_output, rank)
-    grad_output = grad_output if grad_output.ndim == x.ndim else grad_output[None]
+    grad_output = _like_x("grad_output", grad_output, rank, batched)
     _params.check_grad_output(_stand_in(grad_output), _stand_in(x), window)
     if indices is not None:
-        indices, _ = _as_dask("indices", indices, rank)
-        indices = indices if indices.ndim == x.ndim else indices[None]
+        indices = _like_x("indices", indices, rank, batched)
         if indices.shape != grad_output.shape:
             raise ValueError(f"indices must have grad_output's shape {grad_output.shape}, "
                              f"got {indices.shape}")
     return grad_output, x, batched, indices
+
+
+def _like_x(name, value, rank, batched):
+    """``value`` (batched) after checking it is batched as ``x`` is."""
+    value, value_batched = _as_dask(name, value, rank)
+    if value_batched != batched:
+        raise ValueError(f"{name} must be {'batched' if batched else 'unbatched'} as x is, "
+                         f"got shape {value.shape if value_batched else value.shape[1:]}")
+    return value
 
 
 def _max_pool(rank):
@@ -237,7 +246,7 @@ def _max_pool_backward(rank):
         _, _, window = _pool_geometry(x, rank, kernel_size, stride, padding, dilation,
                                       ceil_mode)
         grad_output, x, batched, indices = _backward_inputs(grad_output, x, indices, rank,
-                                                            window, "max")
+                                                            window)
         args = (window.kernel, window.stride, window.pad_lo, window.dilation, ceil_mode)
         run = functools.partial(_max_backward_run, rank=rank, args=args, device=device)
         return _unbatch(_dask_graph.backward(grad_output, x, window, run,
@@ -274,8 +283,7 @@ def _avg_pool_backward(rank):
                           divisor_override: Optional[int] = None, *,
                           device: Device = None):
         _, _, window = _pool_geometry(x, rank, kernel_size, stride, padding, 1, ceil_mode)
-        grad_output, x, batched, _ = _backward_inputs(grad_output, x, None, rank, window,
-                                                      "avg")
+        grad_output, x, batched, _ = _backward_inputs(grad_output, x, None, rank, window)
         args = _avg_args(window, ceil_mode, count_include_pad, divisor_override)
         run = functools.partial(_avg_backward_run, rank=rank, args=args, device=device)
         return _unbatch(_dask_graph.backward(grad_output, x, window, run,
@@ -305,6 +313,17 @@ def _stochastic_pool(rank):
     return _public(stochastic_pool, f"stochastic_pool{rank}d")
 
 
+def _stochastic_training(training, indices, forward):
+    """Validate a stochastic backward's ``training`` against ``indices``."""
+    training = _params.check_bool("training", training)
+    if training and indices is None:
+        raise ValueError("indices is required when training=True: pass the indices "
+                         f"returned by {forward}(..., return_indices=True)")
+    if not training and indices is not None:
+        raise ValueError("indices must be None when training=False")
+    return training
+
+
 def _stochastic_pool_backward(rank):
     def stochastic_pool_backward(grad_output, x, kernel_size: Size,
                                  stride: Optional[Size] = None, padding: Size = 0,
@@ -313,14 +332,9 @@ def _stochastic_pool_backward(rank):
                                  device: Device = None):
         _, _, window = _pool_geometry(x, rank, kernel_size, stride, padding, dilation,
                                       ceil_mode)
-        training = _params.check_bool("training", training)
-        if training and indices is None:
-            raise ValueError("indices is required when training=True: pass the indices "
-                             f"returned by stochastic_pool{rank}d(..., return_indices=True)")
-        if not training and indices is not None:
-            raise ValueError("indices must be None when training=False")
+        training = _stochastic_training(training, indices, f"stochastic_pool{rank}d")
         grad_output, x, batched, indices = _backward_inputs(grad_output, x, indices, rank,
-                                                            window, "stochastic")
+                                                            window)
         args = (window.kernel, window.stride, window.pad_lo, window.dilation, ceil_mode)
         run = functools.partial(_stochastic_backward_run, rank=rank, args=args,
                                 training=training, device=device)
@@ -390,8 +404,7 @@ def _conv_backward(rank):
         x, batched, weight, _, window = _conv_geometry(x, weight, None, rank, stride,
                                                        padding, dilation, groups)
         output_mask = _params.check_output_mask(output_mask)
-        grad_output, _ = _as_dask("grad_output", grad_output, rank)
-        grad_output = grad_output if grad_output.ndim == x.ndim else grad_output[None]
+        grad_output = _like_x("grad_output", grad_output, rank, batched)
         _params.check_grad_output(_stand_in(grad_output), _stand_in(x), window)
         args = (stride, padding, dilation, groups)
         plane, tile = _conv_plan(window, rank, x, weight, stride, padding, dilation, groups)
@@ -427,51 +440,21 @@ def _whole_planes(x, rank, name):
     if any(len(c) > 1 for c in x.chunks[2:]):
         warnings.warn(f"{name}: rechunking the spatial axes of {x.shape} into one chunk "
                       f"(adaptive windows do not follow a stride grid); chunk along the "
-                      f"batch or channels instead", stacklevel=3)
+                      f"batch or channels instead", stacklevel=4)
         x = x.rechunk({a: -1 for a in range(2, 2 + rank)})
     return x
 
 
-def _offsets(block_info):
-    (n0, _), (c0, _) = block_info[0]["array-location"][:2]
-    return n0, c0
-
-
-def _adaptive(rank, name):
-    def adaptive(x, output_size, return_indices: bool = False, *, training: bool = True,
-                 seed: Optional[int] = None, device: Device = None):
-        x, batched = _as_dask("x", x, rank)
-        _, window = _params.adaptive_window(_stand_in(x), rank, output_size)
-        if name == "adaptive_stochastic_pool":
-            training, return_indices, seed = _params.stochastic_forward_flags(
-                training, return_indices, seed)
-        else:
-            return_indices = _params.check_bool("return_indices", return_indices)
-        x = _whole_planes(x, rank, f"{name}{rank}d")
-        chunks = x.chunks[:2] + tuple((o,) for o in window.out_size)
-        run = functools.partial(_adaptive_run, name=name, rank=rank,
-                                output_size=window.out_size, return_indices=return_indices,
-                                training=training, seed=seed, device=device)
-        metas = [x._meta] + ([_index_meta(x)] if return_indices else [])
-        pair = da.map_blocks(run, x, chunks=chunks, meta=np.empty((0,) * x.ndim,
-                                                                 dtype=object),
-                             name=f"{name}{rank}d-{da.core.tokenize(x, run)}")
-        results = [pair.map_blocks(_dask_graph._item, i, meta=meta, dtype=meta.dtype)
-                   for i, meta in enumerate(metas)]
-        return _unbatch(tuple(results) if return_indices else results[0], batched)
-    adaptive.__name__ = f"{name}{rank}d"
-    return adaptive
-
-
 def _adaptive_run(x, *, name, rank, output_size, return_indices, training, seed, device,
                   block_info=None):
+    """A tuple of the adaptive op's results on one chunk."""
     function = fastpool.adaptive.__dict__[f"{name}{rank}d"]
     if name == "adaptive_avg_pool":
         return (function(x, output_size, device=device),)
     if name == "adaptive_max_pool":
         result = function(x, output_size, return_indices, device=device)
         return result if return_indices else (result,)
-    n0, c0 = _offsets(block_info)
+    (n0, _), (c0, _) = block_info[0]["array-location"][:2]
     x, window = _params.adaptive_window(x, rank, output_size)
     y, indices = _dispatch.backend(device, x).adaptive_stochastic_pool_forward(
         x, window, training, _rng.Origin(seed, n0, c0, out_h=window.out3[1]),
@@ -479,32 +462,40 @@ def _adaptive_run(x, *, name, rank, output_size, return_indices, training, seed,
     return (y, indices) if return_indices else (y,)
 
 
-def _adaptive_backward(rank, name):
-    def adaptive_backward(grad_output, x, output_size, *, training: bool = True,
-                          indices=None, device: Device = None):
-        x, batched = _as_dask("x", x, rank)
-        _, window = _params.adaptive_window(_stand_in(x), rank, output_size)
-        grad_output, _ = _as_dask("grad_output", grad_output, rank)
-        grad_output = grad_output if grad_output.ndim == x.ndim else grad_output[None]
-        _params.check_grad_output(_stand_in(grad_output), _stand_in(x), window)
-        x = _whole_planes(x, rank, f"{name}{rank}d_backward")
-        grad_output = grad_output.rechunk(x.chunks[:2] + tuple((o,) for o in
-                                                               window.out_size))
-        function = fastpool.adaptive.__dict__[f"{name}{rank}d_backward"]
-        keywords = dict(device=device)
-        if name == "adaptive_stochastic_pool":
-            keywords["training"] = _params.check_bool("training", training)
-        arrays = [grad_output, x]
-        if indices is not None:
-            indices, _ = _as_dask("indices", indices, rank)
-            indices = indices if indices.ndim == x.ndim else indices[None]
-            arrays.append(indices.rechunk(grad_output.chunks))
-        run = functools.partial(_adaptive_backward_run, function=function,
-                                output_size=window.out_size, keywords=keywords)
-        grad = da.map_blocks(run, *arrays, chunks=x.chunks, meta=grad_output._meta)
-        return _unbatch(grad, batched)
-    adaptive_backward.__name__ = f"{name}{rank}d_backward"
-    return adaptive_backward
+def _adaptive_forward(x, rank, name, output_size, return_indices=False, training=True,
+                      seed=None, device=None):
+    x, batched = _as_dask("x", x, rank)
+    _, window = _params.adaptive_window(_stand_in(x), rank, output_size)
+    x = _whole_planes(x, rank, f"{name}{rank}d")
+    chunks = x.chunks[:2] + tuple((o,) for o in window.out_size)
+    run = functools.partial(_adaptive_run, name=name, rank=rank,
+                            output_size=window.out_size, return_indices=return_indices,
+                            training=training, seed=seed, device=device)
+    metas = [x._meta] + ([_index_meta(x)] if return_indices else [])
+    pair = da.map_blocks(run, x, chunks=chunks,
+                         meta=np.empty((0,) * x.ndim, dtype=object),
+                         name=f"{name}{rank}d-{da.core.tokenize(x, run)}")
+    results = [pair.map_blocks(_dask_graph._item, i, meta=meta, dtype=meta.dtype)
+               for i, meta in enumerate(metas)]
+    return _unbatch(tuple(results) if return_indices else results[0], batched)
+
+
+def _adaptive_backward(grad_output, x, rank, name, output_size, indices=None,
+                       **keywords):
+    _, window = _params.adaptive_window(_stand_in(_as_dask("x", x, rank)[0]), rank,
+                                        output_size)
+    grad_output, x, batched, indices = _backward_inputs(grad_output, x, indices, rank,
+                                                        window)
+    x = _whole_planes(x, rank, f"{name}{rank}d_backward")
+    grad_output = grad_output.rechunk(x.chunks[:2] + tuple((o,) for o in window.out_size))
+    arrays = [grad_output, x]
+    if indices is not None:
+        arrays.append(indices.rechunk(grad_output.chunks))
+    run = functools.partial(_adaptive_backward_run,
+                            function=fastpool.adaptive.__dict__[f"{name}{rank}d_backward"],
+                            output_size=window.out_size, keywords=keywords)
+    return _unbatch(da.map_blocks(run, *arrays, chunks=x.chunks, meta=grad_output._meta),
+                    batched)
 
 
 def _adaptive_backward_run(grad_output, x, indices=None, *, function, output_size,
@@ -512,6 +503,51 @@ def _adaptive_backward_run(grad_output, x, indices=None, *, function, output_siz
     if indices is not None:
         keywords = dict(keywords, indices=indices)
     return function(grad_output, x, output_size, **keywords)
+
+
+def _adaptive_avg(rank):
+    def adaptive_avg_pool(x, output_size, *, device: Device = None):
+        return _adaptive_forward(x, rank, "adaptive_avg_pool", output_size, device=device)
+
+    def adaptive_avg_pool_backward(grad_output, x, output_size, *,
+                                   device: Device = None):
+        return _adaptive_backward(grad_output, x, rank, "adaptive_avg_pool", output_size,
+                                  device=device)
+    return adaptive_avg_pool, adaptive_avg_pool_backward
+
+
+def _adaptive_max(rank):
+    def adaptive_max_pool(x, output_size, return_indices: bool = False, *,
+                          device: Device = None):
+        return_indices = _params.check_bool("return_indices", return_indices)
+        return _adaptive_forward(x, rank, "adaptive_max_pool", output_size,
+                                 return_indices, device=device)
+
+    def adaptive_max_pool_backward(grad_output, x, output_size, *, indices=None,
+                                   device: Device = None):
+        return _adaptive_backward(grad_output, x, rank, "adaptive_max_pool", output_size,
+                                  indices, device=device)
+    return adaptive_max_pool, adaptive_max_pool_backward
+
+
+def _adaptive_stochastic(rank):
+    def adaptive_stochastic_pool(x, output_size, return_indices: bool = False, *,
+                                 training: bool = True, seed: Optional[int] = None,
+                                 device: Device = None):
+        # One seed for the whole array, drawn now (as the in-memory call draws it).
+        training, return_indices, seed = _params.stochastic_forward_flags(
+            training, return_indices, seed)
+        return _adaptive_forward(x, rank, "adaptive_stochastic_pool", output_size,
+                                 return_indices, training, seed, device)
+
+    def adaptive_stochastic_pool_backward(grad_output, x, output_size, *,
+                                          training: bool = True, indices=None,
+                                          device: Device = None):
+        training = _stochastic_training(training, indices,
+                                        f"adaptive_stochastic_pool{rank}d")
+        return _adaptive_backward(grad_output, x, rank, "adaptive_stochastic_pool",
+                                  output_size, indices, training=training, device=device)
+    return adaptive_stochastic_pool, adaptive_stochastic_pool_backward
 
 
 def _define(namespace):
@@ -524,10 +560,13 @@ def _define(namespace):
                               ("stochastic_pool", _stochastic_pool_backward),
                               ("conv", _conv_backward)):
             namespace[f"{name}{rank}d_backward"] = factory(rank)
-        for name in ("adaptive_avg_pool", "adaptive_max_pool", "adaptive_stochastic_pool"):
-            namespace[f"{name}{rank}d"] = _public(_adaptive(rank, name), f"{name}{rank}d")
-            namespace[f"{name}{rank}d_backward"] = _public(
-                _adaptive_backward(rank, name), f"{name}{rank}d_backward")
+        for name, factory in (("adaptive_avg_pool", _adaptive_avg),
+                              ("adaptive_max_pool", _adaptive_max),
+                              ("adaptive_stochastic_pool", _adaptive_stochastic)):
+            forward, backward = factory(rank)
+            namespace[f"{name}{rank}d"] = _public(forward, f"{name}{rank}d")
+            namespace[f"{name}{rank}d_backward"] = _public(backward,
+                                                           f"{name}{rank}d_backward")
 
 
 _define(globals())

@@ -32,11 +32,18 @@ CHUNKINGS = {
     2: ((2, 3, 13, 11), [(1, 3, 13, 11), (2, 3, 4, 11), (1, 2, 5, 4), (2, 3, 1, 2)]),
     3: ((2, 2, 7, 6, 9), [(1, 2, 7, 6, 9), (2, 2, 3, 6, 9), (2, 1, 2, 4, 4)]),
 }
-# Per rank: (kernel_size, stride, padding, dilation, ceil_mode).
+# Per rank: ((kernel_size, stride, padding, dilation, ceil_mode), dtypes). Kernels are
+# compiled per kernel size, stride, dilation and dtype (padding and ceil_mode are
+# arguments): these are test_pooling_nd's and conftest's geometries and dtypes, which
+# warm_kernels.py compiles for the suite, so these tests compile nothing of their own.
 POOL_GEOMETRIES = {
-    1: [(3, 2, 1, 1, False), (4, 3, 1, 2, True)],
-    2: [(3, 2, 1, 1, False), (2, None, 0, 1, True), ((3, 2), (1, 2), (1, 0), (2, 1), False)],
-    3: [(3, 2, 1, 1, False), (2, 1, 0, 1, True)],
+    1: [((3, 2, 1, 1, False), (np.float32, np.float64)),
+        ((2, None, 1, 2, True), (np.float64,))],
+    2: [((3, 2, 1, 1, False), (np.float32, np.float64)),
+        ((2, None, 0, 1, True), (np.float64,)),
+        (((3, 2), (2, 1), (1, 0), (1, 2), False), (np.float32,))],
+    3: [((3, 2, 1, 1, False), (np.float32, np.float64)),
+        (((1, 2, 3), (1, 2, 1), (0, 1, 1), (1, 2, 1), True), (np.float64,))],
 }
 
 
@@ -47,30 +54,27 @@ def synchronous():
 
 
 def _equal(lazy, expected):
-    """Bitwise equal, and the lazy array's chunks, dtype and meta are right."""
+    """Every task's block is bitwise the matching block of ``expected``, with the
+    shape the lazy array's ``chunks`` declare and the dtype and type of its meta."""
     assert lazy.dtype == expected.dtype
     assert lazy.shape == expected.shape
     assert isinstance(lazy._meta, np.ndarray)
-    blocks = [b for b in lazy.to_delayed().ravel()]
-    assert len(blocks) == np.prod(lazy.numblocks)
-    computed = lazy.compute()
-    assert computed.shape == expected.shape
-    np.testing.assert_array_equal(computed, expected)
-    # Chunk metadata matches what the tasks return.
-    for index in np.ndindex(*lazy.numblocks):
-        shape = tuple(lazy.chunks[a][i] for a, i in enumerate(index))
-        region = tuple(slice(sum(lazy.chunks[a][:i]), sum(lazy.chunks[a][:i]) + s)
-                       for a, (i, s) in enumerate(zip(index, shape)))
-        assert expected[region].shape == shape
-    return computed
+    indices = list(np.ndindex(*lazy.numblocks))
+    blocks = dask.get(dict(lazy.__dask_graph__()), [(lazy.name,) + i for i in indices])
+    for index, block in zip(indices, blocks):
+        region = tuple(slice(sum(lazy.chunks[a][:i]), sum(lazy.chunks[a][:i + 1]))
+                       for a, i in enumerate(index))
+        assert type(block) is np.ndarray and block.dtype == lazy.dtype, index
+        assert block.shape == expected[region].shape, (index, block.shape)
+        np.testing.assert_array_equal(block, expected[region], err_msg=str(index))
 
 
 def _cases(rank):
     shape, chunkings = CHUNKINGS[rank]
-    for g, geometry in enumerate(POOL_GEOMETRIES[rank]):
+    for g, (geometry, dtypes) in enumerate(POOL_GEOMETRIES[rank]):
         for c, chunks in enumerate(chunkings):
-            yield pytest.param(rank, shape, chunks, geometry, np.float64 if (g + c) % 2 else
-                               np.float32, id=f"{rank}d-g{g}-c{c}")
+            yield pytest.param(rank, shape, chunks, geometry, dtypes[c % len(dtypes)],
+                               id=f"{rank}d-g{g}-c{c}")
 
 
 ALL_CASES = [case for rank in (1, 2, 3) for case in _cases(rank)]
@@ -213,6 +217,50 @@ def test_convolution_forward_and_backward_match_the_in_memory_call(rank, shape, 
     assert lazy.grad_weight.numblocks == (1,) * (rank + 2)
 
 
+@pytest.mark.parametrize("chunks", [(1, 9), (2, 8), (9, 1), (1, 1, 1, 7)])
+@pytest.mark.parametrize("padding", [3, 5])
+def test_convolution_padding_wider_than_the_kernel(chunks, padding, rng):
+    """Outputs that read padding only, at either end, in chunks of one or two cells."""
+    x = rng.standard_normal((2, 2, 10))
+    weight = rng.standard_normal((3, 2, 3))
+    dx = da.from_array(x, chunks=(2, 2, chunks))
+    y = fastpool.conv1d(x, weight, padding=padding)
+    assert_close_to_sum(fd.conv1d(dx, weight, padding=padding).compute(), y,
+                        fastpool.conv1d(abs(x), abs(weight), padding=padding), np.float64)
+    g = rng.standard_normal(y.shape)
+    grads = fastpool.conv1d_backward(g, x, weight, padding=padding)
+    lazy = fd.conv1d_backward(da.from_array(g, chunks=(1, 3, 4)), dx, weight,
+                              padding=padding)
+    bound = fastpool.conv1d_backward(abs(g), abs(x), abs(weight), padding=padding)
+    assert_close_to_sum(lazy.grad_input.compute(), grads.grad_input, bound.grad_input,
+                        np.float64)
+    assert_close_to_sum(lazy.grad_weight.compute(), grads.grad_weight, bound.grad_weight,
+                        np.float64)
+
+
+def test_zero_size_chunks(rng):
+    x = rng.standard_normal((2, 3, 20))
+    dx = da.from_array(x, chunks=((1, 0, 1), (3,), (5, 0, 0, 11, 4)))
+    y, indices = fastpool.max_pool1d(x, 3, 2, 1, return_indices=True)
+    dy, dindices = fd.max_pool1d(dx, 3, 2, 1, return_indices=True)
+    _equal(dy, y)
+    _equal(dindices, indices)
+    g = rng.standard_normal(y.shape)
+    _equal(fd.max_pool1d_backward(da.from_array(g, chunks=((2, 0), (3,), (0, 4, 6))), dx,
+                                  3, 2, 1, indices=dindices),
+           fastpool.max_pool1d_backward(g, x, 3, 2, 1, indices=indices))
+
+
+def test_bad_indices_are_refused(rng):
+    x = rng.standard_normal((1, 2, 12))
+    dx = da.from_array(x, chunks=(1, 2, 5))
+    y, indices = fastpool.max_pool1d(x, 2, return_indices=True)
+    g = da.from_array(np.ones_like(y), chunks=(1, 2, 2))
+    for bad in (indices + 3, indices - indices.max() - 1, indices * 0 + 12):
+        with pytest.raises(ValueError, match="indices"):
+            fd.max_pool1d_backward(g, dx, 2, indices=da.from_array(bad, chunks=2)).compute()
+
+
 def test_convolution_weight_is_one_key_shared_by_every_task(rng):
     x = rng.standard_normal((4, 3, 10, 10))
     weight = rng.standard_normal((2, 3, 3, 3))
@@ -302,6 +350,12 @@ def test_bad_input_is_refused_before_any_task_runs(rng):
         fd.stochastic_pool2d_backward(dx[..., ::2, ::2], dx, 2)
     with pytest.raises(ValueError, match="grad_output"):
         fd.avg_pool2d_backward(dx, dx, 2)
+    with pytest.raises(ValueError, match="grad_output must be unbatched"):
+        fd.avg_pool2d_backward(dx[:1, :, :4, :4], dx[0], 2)
+    with pytest.raises(TypeError):
+        fd.adaptive_avg_pool2d(dx, 2, True)
+    with pytest.raises(ValueError, match="indices is required"):
+        fd.adaptive_stochastic_pool2d_backward(dx[..., :2, :2], dx, 2)
 
 
 @pytest.mark.parametrize("size, kernel, stride, pad, dilation, ceil_mode", [
@@ -332,9 +386,20 @@ def test_pieces_read_only_real_cells_for_the_outputs_they_keep(size, kernel, str
                     assert start >= piece.lo or piece.lo == 0
                     assert start + axis.extent <= piece.hi or piece.hi == size
             assert first == total
+            start = 0
             for chunk, piece in zip(chunks, axis.backward(chunks, tile)):
-                if piece is not None:
-                    assert piece.first + piece.count <= total
+                taps = {o: [t for t in range(o * stride - pad,
+                                             o * stride - pad + axis.extent, dilation)
+                            if 0 <= t < size] for o in range(total)}
+                touching = [o for o, ts in taps.items()
+                            if any(start <= t < start + chunk for t in ts)]
+                if piece is None:
+                    assert not touching
+                else:
+                    kept = range(piece.first, piece.first + piece.count)
+                    assert set(touching) <= set(kept)
+                    assert all(piece.lo <= t < piece.hi for o in kept for t in taps[o])
+                start += chunk
 
 
 # ----------------------------------------------------------------------------- a real cluster
@@ -355,30 +420,97 @@ def cluster_client():
         cluster.close()
 
 
-def test_on_a_local_cluster_every_op_matches_the_in_memory_call(cluster_client, rng):
-    x = rng.random((4, 3, 17, 15)).astype(np.float32)
-    weight = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
-    dx = da.from_array(x, chunks=(2, 3, 6, 8))
+def _every_function(rank, dtype, rng):
+    """``{name: (lazy, expected)}`` for every fastpool.dask function of ``rank``, on
+    the rank's hardest chunking (every axis split, uneven, chunks under the halo)."""
+    shape, chunkings = CHUNKINGS[rank]
+    chunks = chunkings[-1]
+    x = rng.random(shape).astype(dtype)
+    dx = da.from_array(x, chunks=chunks)
+    geometry = POOL_GEOMETRIES[rank][0][0]
+    args = _pool_args(geometry)
+    avg = dict(kernel_size=args["kernel_size"], stride=args["stride"],
+               padding=args["padding"], ceil_mode=True)
     seed = 12345
-    y, picks = fastpool.stochastic_pool2d(x, 3, 2, 1, seed=seed, return_indices=True)
-    lazy = {
-        "max": (fd.max_pool2d(dx, 3, 2, 1), fastpool.max_pool2d(x, 3, 2, 1)),
-        "avg": (fd.avg_pool2d(dx, 3, 2, 1, ceil_mode=True),
-                fastpool.avg_pool2d(x, 3, 2, 1, ceil_mode=True)),
-        "stochastic": (fd.stochastic_pool2d(dx, 3, 2, 1, seed=seed), y),
-        "conv batch": (fd.conv2d(da.from_array(x, chunks=(1, 3, 17, 15)), weight,
-                                 padding=1), fastpool.conv2d(x, weight, padding=1)),
+    y, indices = getattr(fastpool, f"max_pool{rank}d")(x, **args, return_indices=True)
+    s, picks = getattr(fastpool, f"stochastic_pool{rank}d")(x, **args, seed=seed,
+                                                            return_indices=True)
+    g = rng.random(y.shape).astype(dtype)
+    dg = da.from_array(g, chunks=tuple(max(1, n // 2) for n in g.shape))
+    di = da.from_array(indices, chunks=dg.chunks)
+    dp = da.from_array(picks, chunks=dg.chunks)
+    weight = rng.standard_normal((4, shape[1]) + (3,) * rank).astype(dtype)
+    def f(name):  # "max_pool" -> fastpool.max_pool2d, "max_pool_backward" -> ..._backward
+        op, backward, _ = name.partition("_backward")
+        return getattr(fastpool, f"{op}{rank}d{backward}")
+
+    def m(name):
+        op, backward, _ = name.partition("_backward")
+        return getattr(fd, f"{op}{rank}d{backward}")
+
+    ga_ = rng.random(f("avg_pool")(x, **avg).shape).astype(dtype)
+    dga = da.from_array(ga_, chunks=tuple(max(1, n // 3) for n in ga_.shape))
+    cases = {
+        "max": (m("max_pool")(dx, **args), y),
+        "max indices": (m("max_pool")(dx, **args, return_indices=True)[1], indices),
+        "max backward": (m("max_pool_backward")(dg, dx, **args, indices=di),
+                         f("max_pool_backward")(g, x, **args, indices=indices)),
+        "avg": (m("avg_pool")(dx, **avg), f("avg_pool")(x, **avg)),
+        "avg backward": (m("avg_pool_backward")(dga, dx, **avg),
+                         f("avg_pool_backward")(ga_, x, **avg)),
+        "stochastic": (m("stochastic_pool")(dx, **args, seed=seed), s),
+        "stochastic backward": (m("stochastic_pool_backward")(dg, dx, **args, indices=dp),
+                                f("stochastic_pool_backward")(g, x, **args,
+                                                              indices=picks)),
+        "stochastic inference backward": (
+            m("stochastic_pool_backward")(dg, dx, **args, training=False),
+            f("stochastic_pool_backward")(g, x, **args, training=False)),
     }
-    g = rng.random(y.shape).astype(np.float32)
-    lazy["stochastic backward"] = (
-        fd.stochastic_pool2d_backward(da.from_array(g, chunks=(1, 3, 4, 4)), dx, 3, 2, 1,
-                                      indices=da.from_array(picks, chunks=(1, 3, 4, 4))),
-        fastpool.stochastic_pool2d_backward(g, x, 3, 2, 1, indices=picks))
-    computed = cluster_client.compute([v[0] for v in lazy.values()], sync=True)
-    for (name, (_, expected)), result in zip(lazy.items(), computed):
+    if rank < 3:  # 3-D convolution chunks are equal to rounding (test above)
+        batch = da.from_array(x, chunks=(1,) + x.shape[1:])
+        yc = f("conv")(x, weight, padding=1)
+        gc = rng.random(yc.shape).astype(dtype)
+        cases["conv batch chunks"] = (m("conv")(batch, weight, padding=1), yc)
+        cases["conv backward batch chunks"] = (
+            m("conv_backward")(da.from_array(gc, chunks=(1,) + gc.shape[1:]), batch,
+                               weight, padding=1).grad_input,
+            f("conv_backward")(gc, x, weight, padding=1).grad_input)
+    out = (2,) * rank
+    ya, ia = f("adaptive_max_pool")(x, out, True)
+    ga = rng.random(ya.shape).astype(dtype)
+    by_channel = da.from_array(x, chunks=(1, 1) + x.shape[2:])
+    cases["adaptive avg"] = (m("adaptive_avg_pool")(by_channel, out),
+                             f("adaptive_avg_pool")(x, out))
+    cases["adaptive max backward"] = (
+        m("adaptive_max_pool_backward")(da.from_array(ga, chunks=(1, 1) + ga.shape[2:]),
+                                        by_channel, out,
+                                        indices=da.from_array(ia, chunks=(1, 1) + out)),
+        f("adaptive_max_pool_backward")(ga, x, out, indices=ia))
+    cases["adaptive stochastic"] = (m("adaptive_stochastic_pool")(by_channel, out, seed=seed),
+                                    f("adaptive_stochastic_pool")(x, out, seed=seed))
+    return cases
+
+
+def test_on_a_local_cluster_every_function_matches_the_in_memory_call(cluster_client,
+                                                                     rng):
+    """Every function of every rank, both dtypes, computed by two worker processes
+    (which compile or load their kernels themselves)."""
+    cases = {}
+    for rank in (1, 2, 3):
+        for dtype in (np.float32, np.float64):
+            for name, case in _every_function(rank, dtype, rng).items():
+                cases[f"{rank}-D {np.dtype(dtype).name} {name}"] = case
+    computed = cluster_client.compute([lazy for lazy, _ in cases.values()], sync=True)
+    for (name, (_, expected)), result in zip(cases.items(), computed):
         np.testing.assert_array_equal(result, expected, err_msg=name)
     pids = cluster_client.run(os.getpid)
     assert len(set(pids.values())) == 2 and os.getpid() not in pids.values()
+    # Both workers ran tasks.
+    assert all(count > 0 for count in cluster_client.run(_tasks_run).values())
+
+
+def _tasks_run(dask_worker):
+    return dask_worker.state.executed_count
 
 
 def test_a_worker_killed_mid_computation_does_not_change_the_result(cluster_client, rng):
