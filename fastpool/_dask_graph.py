@@ -375,3 +375,38 @@ def parameter_grads(grad_output: Array, x: Array, weight: Array, window, run: Ca
         graph = HighLevelGraph.from_collections(key, layer, dependencies=[pair])
         grads.append(Array(graph, key, tuple((s,) for s in shape), meta=weight._meta))
     return tuple(grads)
+
+
+# ----------------------------------------------------------------------------- whole planes
+
+def per_block(arrays: Sequence[Array], run: Callable, name: str, chunks, meta,
+              extra: Sequence[Array] = ()) -> Array:
+    """``run(*blocks, *extra)`` for each block index of ``arrays`` (block grids
+    aligned), a block of ``chunks``: for ops whose every output reads its whole
+    plane (transposed convolution, unpooling)."""
+    token = tokenize(*arrays, name, run, [e.name for e in extra], chunks)
+    out = f"{name}-{token}"
+    extra_keys = tuple((e.name,) + (0,) * e.ndim for e in extra)
+    tasks = {(out,) + index: (run,) + tuple((a.name,) + index for a in arrays) + extra_keys
+             for index in itertools.product(*(range(n) for n in arrays[0].numblocks))}
+    graph = HighLevelGraph.from_collections(out, tasks,
+                                            dependencies=[*arrays, *extra])
+    return Array(graph, out, chunks, meta=meta)
+
+
+def sum_item(pairs: Array, item: int, shape, meta, name: str) -> Array:
+    """One-chunk array of ``shape``: the sum of item ``item`` of ``pairs``' blocks
+    (tuples of partial sums of ``shape``), added in block order."""
+    from dask.core import flatten
+    keys = tuple(flatten(pairs.__dask_keys__()))
+    out = f"{name}-{item}-{tokenize(pairs, name, item)}"
+    tasks = {(out,) + (0,) * len(shape): (_sum_in_order, item) + keys}
+    graph = HighLevelGraph.from_collections(out, tasks, dependencies=[pairs])
+    return Array(graph, out, tuple((s,) for s in shape), meta=meta)
+
+
+def _sum_in_order(item, *pairs):
+    total = pairs[0][item].copy()
+    for pair in pairs[1:]:
+        total += pair[item]
+    return total

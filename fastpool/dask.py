@@ -17,8 +17,9 @@ space, 3-D convolutions, and weight and bias gradients (docs/site/dask.md says w
   outputs (``fastpool._rng.Origin``).
 - A convolution's weight and bias become one-chunk arrays: one key each, sent once to
   each worker.
-- Adaptive pooling chunks along the batch and channels; its spatial axes are
-  rechunked to one chunk (with a warning) since its windows are not a stride grid.
+- Adaptive pooling, transposed convolution and max-unpooling chunk along the batch
+  (and channels); their spatial axes are rechunked to one chunk (with a warning) since
+  their windows are not a stride grid or their outputs come from the whole plane.
 
 Unbatched inputs (``(C, *spatial)``) work as in ``fastpool``. ``device`` is passed to
 every chunk's call (``"auto"`` follows each chunk: CuPy chunks run on the GPU).
@@ -435,12 +436,11 @@ def _conv_parameter_run(grad_output, x, weight, *, rank, args, mask, device):
 
 # ----------------------------------------------------------------------------- adaptive
 
-def _whole_planes(x, rank, name):
-    """``x`` with its spatial axes in one chunk (adaptive windows are not a grid)."""
+def _whole_planes(x, rank, name, why="adaptive windows do not follow a stride grid"):
+    """``x`` with its spatial axes in one chunk, with a warning if they were not."""
     if any(len(c) > 1 for c in x.chunks[2:]):
         warnings.warn(f"{name}: rechunking the spatial axes of {x.shape} into one chunk "
-                      f"(adaptive windows do not follow a stride grid); chunk along the "
-                      f"batch or channels instead", stacklevel=4)
+                      f"({why}); chunk along the batch or channels instead", stacklevel=4)
         x = x.rechunk({a: -1 for a in range(2, 2 + rank)})
     return x
 
@@ -550,6 +550,129 @@ def _adaptive_stochastic(rank):
     return adaptive_stochastic_pool, adaptive_stochastic_pool_backward
 
 
+# ----------------------------------------------------------------------------- transposed, unpool
+
+_SCATTERS = "its outputs are scattered from every input cell"
+
+
+def _conv_transpose_run(x, weight, bias=None, *, rank, args, device):
+    return fastpool.transposed.__dict__[f"conv_transpose{rank}d"](x, weight, bias, *args,
+                                                                  device=device)
+
+
+def _conv_transpose_backward_run(grad_output, x, weight, *, rank, args, mask, device):
+    grads = fastpool.transposed.__dict__[f"conv_transpose{rank}d_backward"](
+        grad_output, x, weight, *args, output_mask=mask, device=device)
+    return grads.grad_input if mask == (True, False, False) else grads[1:]
+
+
+def _conv_transpose_inputs(x, weight, bias, rank, args):
+    x, batched = _as_dask("x", x, rank)
+    weight, bias = _one_chunk("weight", weight), _one_chunk("bias", bias)
+    _, _, _, window = _params.conv_transpose_window(
+        _stand_in(x), _stand_in(weight), None if bias is None else _stand_in(bias), rank,
+        *args)
+    name = f"conv_transpose{rank}d"
+    x = _whole_planes(x, rank, name, _SCATTERS).rechunk({1: -1})
+    return x, batched, weight, bias, window
+
+
+def _conv_transpose(rank):
+    def conv_transpose(x, weight, bias=None, stride: Size = 1, padding: Size = 0,
+                       output_padding: Size = 0, groups: int = 1, dilation: Size = 1, *,
+                       device: Device = None):
+        args = (stride, padding, output_padding, groups, dilation)
+        x, batched, weight, bias, window = _conv_transpose_inputs(x, weight, bias, rank,
+                                                                  args)
+        run = functools.partial(_conv_transpose_run, rank=rank, args=args, device=device)
+        chunks = (x.chunks[0], (window.channels,)) + tuple((s,) for s in window.in_size)
+        extra = [weight] + ([bias] if bias is not None else [])
+        return _unbatch(_dask_graph.per_block([x], run, f"conv_transpose{rank}d", chunks,
+                                              x._meta, extra), batched)
+
+    def conv_transpose_backward(grad_output, x, weight, stride: Size = 1,
+                                padding: Size = 0, output_padding: Size = 0,
+                                groups: int = 1, dilation: Size = 1, *,
+                                output_mask: Tuple[bool, bool, bool] = (True, True, True),
+                                device: Device = None) -> Conv2dGrads:
+        args = (stride, padding, output_padding, groups, dilation)
+        x, batched, weight, _, window = _conv_transpose_inputs(x, weight, None, rank, args)
+        output_mask = _params.check_output_mask(output_mask)
+        grad_output = _like_x("grad_output", grad_output, rank, batched)
+        expected = (x.shape[0], window.channels) + tuple(window.in_size)
+        if grad_output.shape != expected:
+            raise ValueError(f"grad_output must have the forward result's shape "
+                             f"{expected}, got {grad_output.shape}")
+        grad_output = grad_output.rechunk((x.chunks[0],) + tuple(
+            (s,) for s in grad_output.shape[1:]))
+        name = f"conv_transpose{rank}d_backward"
+        grads = [None, None, None]
+        if output_mask[0]:
+            run = functools.partial(_conv_transpose_backward_run, rank=rank, args=args,
+                                    mask=(True, False, False), device=device)
+            grads[0] = _unbatch(_dask_graph.per_block([grad_output, x], run, name,
+                                                      x.chunks, x._meta, [weight]),
+                                batched)
+        if output_mask[1] or output_mask[2]:
+            run = functools.partial(_conv_transpose_backward_run, rank=rank, args=args,
+                                    mask=(False, True, True), device=device)
+            pairs = _dask_graph.per_block([grad_output, x], run, f"{name}-parameters",
+                                          x.chunks, np.empty((0,) * x.ndim, object),
+                                          [weight])
+            shapes = (weight.shape, (window.channels,))
+            for i in (1, 2):
+                if output_mask[i]:
+                    grads[i] = _dask_graph.sum_item(pairs, i - 1, shapes[i - 1],
+                                                    weight._meta, name)
+        return Conv2dGrads(*grads)
+    return conv_transpose, conv_transpose_backward
+
+
+def _unpool_run(*arrays, rank, function, args, device):
+    return fastpool.unpooling.__dict__[f"max_unpool{rank}d{function}"](
+        *arrays, *args, device=device)
+
+
+def _max_unpool(rank):
+    def inputs(x, indices, kernel_size, stride, padding, output_size):
+        x, batched = _as_dask("x", x, rank)
+        indices = _like_x("indices", indices, rank, batched)
+        _, _, volume = _params.unpool_volume(_stand_in(x), _stand_in(indices), rank,
+                                             kernel_size, stride, padding, output_size)
+        x = _whole_planes(x, rank, f"max_unpool{rank}d", "indices point anywhere in a plane")
+        return x, indices.rechunk(x.chunks), batched, volume
+
+    def max_unpool(x, indices, kernel_size: Size, stride: Optional[Size] = None,
+                   padding: Size = 0, output_size=None, *, device: Device = None):
+        x, indices, batched, volume = inputs(x, indices, kernel_size, stride, padding,
+                                             output_size)
+        args = (kernel_size, stride, padding, volume.out_size)
+        run = functools.partial(_unpool_run, rank=rank, function="", args=args,
+                                device=device)
+        chunks = x.chunks[:2] + tuple((s,) for s in volume.out_size)
+        return _unbatch(_dask_graph.per_block([x, indices], run, f"max_unpool{rank}d",
+                                              chunks, x._meta), batched)
+
+    def max_unpool_backward(grad_output, x, indices, kernel_size: Size,
+                            stride: Optional[Size] = None, padding: Size = 0,
+                            output_size=None, *, device: Device = None):
+        x, indices, batched, volume = inputs(x, indices, kernel_size, stride, padding,
+                                             output_size)
+        grad_output = _like_x("grad_output", grad_output, rank, batched)
+        expected = x.shape[:2] + tuple(volume.out_size)
+        if grad_output.shape != expected:
+            raise ValueError(f"grad_output must have the forward result's shape "
+                             f"{expected}, got {grad_output.shape}")
+        grad_output = grad_output.rechunk(x.chunks[:2] + tuple((s,) for s in expected[2:]))
+        args = (kernel_size, stride, padding, volume.out_size)
+        run = functools.partial(_unpool_run, rank=rank, function="_backward", args=args,
+                                device=device)
+        return _unbatch(_dask_graph.per_block([grad_output, x, indices], run,
+                                              f"max_unpool{rank}d_backward", x.chunks,
+                                              x._meta), batched)
+    return max_unpool, max_unpool_backward
+
+
 def _define(namespace):
     for rank in (1, 2, 3):
         for name, factory in (("max_pool", _max_pool), ("avg_pool", _avg_pool),
@@ -562,7 +685,9 @@ def _define(namespace):
             namespace[f"{name}{rank}d_backward"] = factory(rank)
         for name, factory in (("adaptive_avg_pool", _adaptive_avg),
                               ("adaptive_max_pool", _adaptive_max),
-                              ("adaptive_stochastic_pool", _adaptive_stochastic)):
+                              ("adaptive_stochastic_pool", _adaptive_stochastic),
+                              ("conv_transpose", _conv_transpose),
+                              ("max_unpool", _max_unpool)):
             forward, backward = factory(rank)
             namespace[f"{name}{rank}d"] = _public(forward, f"{name}{rank}d")
             namespace[f"{name}{rank}d_backward"] = _public(backward,

@@ -306,11 +306,57 @@ def test_adaptive_pooling_chunked_along_batch_and_channels(rank, rng):
                getattr(fastpool, f"{name}{rank}d_backward")(g, x, out, **keywords))
 
 
+@pytest.mark.parametrize("rank", [1, 2, 3])
+def test_transposed_convolution_and_unpooling_chunked_along_the_batch(rank, rng):
+    """Every output of these reads its whole plane, so they chunk along the batch (and
+    the channels, for unpooling). Unpooling is bitwise the in-memory call; transposed
+    convolution equal to rounding (its chunks choose their algorithms)."""
+    shape = (3, 4) + (6, 5, 4)[:rank]
+    x = rng.standard_normal(shape)
+    dx = da.from_array(x, chunks=(1, 2) + shape[2:])
+    weight = rng.standard_normal((4, 3) + (3,) * rank)
+    bias = rng.standard_normal(3)
+    args = dict(stride=2, padding=1, output_padding=1)
+    f = getattr(fastpool, f"conv_transpose{rank}d")
+    y = f(x, weight, bias, **args)
+    dy = getattr(fd, f"conv_transpose{rank}d")(dx, weight, bias, **args)
+    assert dy.chunks[:2] == ((1, 1, 1), (3,))
+    assert_close_to_sum(dy.compute(), y, f(abs(x), abs(weight), abs(bias), **args),
+                        np.float64)
+    g = rng.standard_normal(y.shape)
+    backward = getattr(fastpool, f"conv_transpose{rank}d_backward")
+    grads = backward(g, x, weight, **args)
+    bound = backward(abs(g), abs(x), abs(weight), **args)
+    lazy = getattr(fd, f"conv_transpose{rank}d_backward")(
+        da.from_array(g, chunks=(2,) + g.shape[1:]), dx, weight, **args)
+    for name in ("grad_input", "grad_weight", "grad_bias"):
+        assert_close_to_sum(getattr(lazy, name).compute(), getattr(grads, name),
+                            getattr(bound, name), np.float64)
+
+    pooled, indices = getattr(fastpool, f"max_pool{rank}d")(x, 2, return_indices=True)
+    unpool = getattr(fastpool, f"max_unpool{rank}d")
+    lazy_pooled = da.from_array(pooled, chunks=(2, 1) + pooled.shape[2:])
+    lazy_indices = da.from_array(indices, chunks=(1, 3) + pooled.shape[2:])
+    expected = unpool(pooled, indices, 2, output_size=x.shape[2:])
+    _equal(getattr(fd, f"max_unpool{rank}d")(lazy_pooled, lazy_indices, 2,
+                                             output_size=x.shape[2:]), expected)
+    g = rng.standard_normal(expected.shape)
+    _equal(getattr(fd, f"max_unpool{rank}d_backward")(
+        da.from_array(g, chunks=(1, 1) + g.shape[2:]), lazy_pooled, lazy_indices, 2,
+        output_size=x.shape[2:]),
+        getattr(fastpool, f"max_unpool{rank}d_backward")(g, pooled, indices, 2,
+                                                         output_size=x.shape[2:]))
+
+
 def test_adaptive_pooling_rechunks_space_with_a_warning(rng):
     x = rng.random((2, 3, 8, 8))
     with pytest.warns(UserWarning, match="rechunking the spatial axes"):
         dy = fd.adaptive_avg_pool2d(da.from_array(x, chunks=(1, 3, 4, 8)), 1)
     _equal(dy, fastpool.adaptive_avg_pool2d(x, 1))
+    pooled, indices = fastpool.max_pool2d(x, 2, return_indices=True)
+    with pytest.warns(UserWarning, match="indices point anywhere"):
+        dy = fd.max_unpool2d(da.from_array(pooled, chunks=(1, 3, 2, 4)), indices, 2)
+    _equal(dy, fastpool.max_unpool2d(pooled, indices, 2))
 
 
 def test_unbatched_and_channels_last_inputs(rng):
