@@ -151,6 +151,25 @@ def test_stochastic_pool_draws_the_same_picks_under_any_chunking(rank, shape, ch
            backward(g, x, **args, training=False))
 
 
+def test_chunks_on_the_gpu_kernels_give_the_whole_cpu_call(small_launches, rng):
+    """``device="cuda"``: every chunk runs the GPU kernels (the real GPU, else Numba's
+    CUDA simulator), which key their stochastic draws by global position too. The
+    picks under chunking are the CPU's whole-array picks; max and average pooling are
+    bitwise too (the GPU kernels add in the CPU's order)."""
+    x = rng.random((2, 2, 7, 6))
+    dx = da.from_array(x, chunks=(1, 1, 3, 4))
+    y, picks = fastpool.stochastic_pool2d(x, 3, 2, 1, seed=5, return_indices=True)
+    dy, dpicks = fd.stochastic_pool2d(dx, 3, 2, 1, seed=5, return_indices=True,
+                                      device="cuda")
+    _equal(dy, y)
+    _equal(dpicks, picks)
+    _equal(fd.max_pool2d(dx, 3, 2, 1, device="cuda"), fastpool.max_pool2d(x, 3, 2, 1))
+    g = rng.standard_normal(y.shape)
+    _equal(fd.avg_pool2d_backward(da.from_array(g, chunks=(2, 1, 2, 2)), dx, 3, 2, 1,
+                                  device="cuda"),
+           fastpool.avg_pool2d_backward(g, x, 3, 2, 1))
+
+
 def test_a_seed_picks_differently_per_chunk_position_not_per_chunk(rng):
     """Two chunks holding equal data draw different picks (the key is the global
     position, not the chunk), and a different seed changes the picks."""
