@@ -23,8 +23,9 @@ def _parser():
                             "all: both, failing without a GPU")
     bench.add_argument("--dtype", default="float32",
                        choices=["float16", "float32", "float64"],
-                       help="float16: fastpool computes in float32 and rounds; the peer "
-                            "runs its own float16 kernels (ops suite)")
+                       help="float16: fastpool's pooling reads and writes float16 "
+                            "(computing in float32), convolution runs on float32 copies; "
+                            "the peer runs its own float16 kernels (ops suite)")
     bench.add_argument("--quick", action="store_true",
                        help="small shapes and 5 repeats: a smoke run of well under a minute")
     bench.add_argument("--ops", default="all", choices=["all", "pool", "conv", "nd"],

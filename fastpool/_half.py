@@ -9,8 +9,12 @@ do for these dtypes (they accumulate in float32 too). Integer arguments and resu
 (indices) pass through. Memory formats are kept: the widened copies and the rounded
 results have the strides of the arrays they come from (docs/design.md section 2).
 
-This costs a float32 copy of each half-precision input and output; pooling kernels
-that read and write 16-bit values directly are open work (docs/design.md section 9).
+This costs a float32 copy of each half-precision input and output. The launchers a
+backend names in its ``HALF_NATIVE`` (per dtype) skip it: their kernels read and write
+the 16-bit arrays themselves with the same results, so ``HalfPrecision`` hands them the
+arrays unchanged. On the CPU: max, average and stochastic pooling in float16 and
+bfloat16 (``fastpool.cpu._half_bits``); on the GPU: the same in float16 (Numba's CUDA
+target has float16, not bfloat16).
 """
 
 from __future__ import annotations
@@ -95,8 +99,9 @@ class HalfPrecision:
 
     def __getattr__(self, name):
         kernel = getattr(self._module, name)
-        if not callable(kernel):
-            return kernel
+        native = getattr(self._module, "HALF_NATIVE", {}).get(str(_dtype(self._like)), ())
+        if not callable(kernel) or name in native:
+            return kernel  # a launcher that reads and writes 16-bit floats itself
         like = self._like
 
         def run(*args, **kwargs):

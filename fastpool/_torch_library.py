@@ -12,6 +12,7 @@ holds what every operator shares; the operators live in ``_torch_ops_pool`` and
 
 import inspect
 
+import numpy as np
 import torch
 
 from fastpool import _geometry
@@ -44,7 +45,10 @@ def to_array(tensor):
         return tensor
     # resolve_neg is a no-op (returns the tensor itself) unless the lazy negation bit is
     # set, which .numpy() refuses.
-    return tensor.resolve_neg().numpy()
+    tensor = tensor.resolve_neg()
+    if tensor.dtype == torch.bfloat16:  # NumPy has no bfloat16: ml_dtypes' (_native_half)
+        return tensor.view(torch.int16).numpy().view(_ml_dtypes().bfloat16)
+    return tensor.numpy()
 
 
 def to_tensor(result):
@@ -52,6 +56,8 @@ def to_tensor(result):
     for NumPy arrays; GPU results already are CUDA tensors."""
     if result is None or isinstance(result, torch.Tensor):
         return result
+    if result.dtype.name == "bfloat16":
+        return torch.from_numpy(result.view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(result)
 
 
@@ -189,15 +195,39 @@ def _loop_rule(op):
 # ----------------------------------------------------------------------------- half precision
 
 HALF = (torch.float16, torch.bfloat16)
+# The operators whose CPU kernels read and write half precision (fastpool.cpu.HALF_NATIVE).
+NATIVE_HALF = frozenset(f"{mode}_pool{rank}d{part}" for mode in ("max", "avg", "stochastic")
+                        for rank in (1, 2, 3) for part in ("", "_backward"))
 
 
-def _in_float32(impl):
+def _ml_dtypes():
+    import ml_dtypes
+    return ml_dtypes
+
+
+def _native_half(dtype, tensors):
+    """Whether the CPU kernels take ``dtype`` tensors as they are (``HALF_NATIVE``
+    operators): CPU tensors, and for bfloat16 ``ml_dtypes`` importable (NumPy's view of
+    a bfloat16 tensor)."""
+    if any(t.device.type != "cpu" for t in tensors):
+        return False
+    if dtype == torch.bfloat16:
+        try:
+            _ml_dtypes()
+        except ImportError:
+            return False
+    return True
+
+
+def _in_float32(impl, native=False):
     """``impl`` for half-precision tensors: fastpool's kernels compute in float32
     (``fastpool._half``), so float16/bfloat16 tensor arguments are widened (exact), the
     operator runs, and its floating results are rounded once to the input's dtype, as
     PyTorch's CPU kernels accumulate these dtypes in float32. The widened copies keep
     the originals' strides, so fastpool picks the same memory format for them. Floating
-    tensors of different dtypes raise ``TypeError``, as PyTorch's ops do."""
+    tensors of different dtypes raise ``TypeError``, as PyTorch's ops do. ``native``
+    operators get CPU half-precision tensors as they are (``_native_half``): their
+    kernels read and write 16-bit floats, with the same results."""
     names = [p.name for p in inspect.signature(impl).parameters.values()
              if p.kind is p.POSITIONAL_OR_KEYWORD]
 
@@ -213,6 +243,8 @@ def _in_float32(impl):
                 raise TypeError(
                     f"{_name(names, i)} has dtype {a.dtype} but {_name(names, first)} has "
                     f"{half}; pass tensors of one dtype")
+        if native and _native_half(half, [a for a in args if isinstance(a, torch.Tensor)]):
+            return impl(*args)
         out = impl(*[_widened(a) if isinstance(a, torch.Tensor) and a.dtype in HALF else a
                      for a in args])
         if isinstance(out, torch.Tensor):
@@ -338,7 +370,7 @@ def define(name, schema, impl, fake, *, rank, batch_args=None):
     ``fake`` gives its outputs' metadata. vmap folds the arguments at ``batch_args``
     into the batch (None: a loop over the vmapped axis). Returns the operator; autograd
     is registered by the caller, which knows the backward operators."""
-    impl = _in_float32(impl)
+    impl = _in_float32(impl, native=name in NATIVE_HALF)
     op = torch.library.custom_op(f"{NAMESPACE}::{name}", impl, mutates_args=(),
                                  schema=schema)
     _IMPLS[name] = impl

@@ -1,8 +1,9 @@
 """Half precision: float16 and bfloat16 (``ml_dtypes``) NumPy arrays and torch tensors.
 
 fastpool computes them in float32 and rounds each result once to the input's dtype
-(docs/design.md section 2): every function is checked for exactly that (the float32
-call on the widened arrays, rounded), against the float64 references within the
+(docs/design.md section 3): every function is checked for exactly that (the float32
+call on the widened arrays, rounded; the pooling kernels that read 16-bit arrays
+themselves in every rank and layout, and that they allocate no float32 copy), against the float64 references within the
 half-precision tolerances, against ``torch.nn.functional`` in the same dtype, and
 under ``torch.autocast`` against the dtype PyTorch's own op gives.
 """
@@ -91,6 +92,139 @@ def test_half_is_float32_rounded_once(dtype):
                 np.testing.assert_array_equal(got, f32, err_msg=name)
 
 
+def _pool_calls(x, g, rank):
+    """Every pooling function the CPU computes in 16-bit arrays (``fastpool.cpu.
+    HALF_NATIVE``), on ``x`` (positive) and ``g`` (its gradients): name -> result."""
+    max_pool, avg_pool, stochastic_pool = (
+        getattr(fastpool, f"{mode}_pool{rank}d") for mode in ("max", "avg", "stochastic"))
+    back = {mode: getattr(fastpool, f"{mode}_pool{rank}d_backward")
+            for mode in ("max", "avg", "stochastic")}
+    y, i = max_pool(x, 3, 2, 1, return_indices=True)
+    s, picks = stochastic_pool(x, 3, 2, 1, seed=11, return_indices=True)
+    return {
+        "max": y, "max_indices": i,
+        "max_backward": back["max"](g, x, 3, 2, 1, indices=i),
+        "max_backward_recomputed": back["max"](g, x, 3, 2, 1),
+        "max_k2s2": max_pool(x, 2, 2),
+        "avg": avg_pool(x, 3, 2, 1, count_include_pad=False),
+        "avg_override": avg_pool(x, 3, 2, 1, divisor_override=7),
+        "avg_backward": back["avg"](g, x, 3, 2, 1),
+        "stochastic": s, "picks": picks,
+        "stochastic_inference": stochastic_pool(x, 3, 2, 1, training=False),
+        "stochastic_backward": back["stochastic"](g, x, 3, 2, 1, indices=picks),
+        "stochastic_inference_backward": back["stochastic"](g, x, 3, 2, 1,
+                                                            training=False),
+    }
+
+
+def _channels_last(a):
+    """``a`` (N, C, *spatial) with channels-last strides (same values)."""
+    return np.moveaxis(np.ascontiguousarray(np.moveaxis(a, 1, -1)), -1, 1)
+
+
+# Every rank and layout once, the two dtypes alternating (each case compiles a dozen
+# kernels; the conversions themselves are checked exhaustively below).
+NATIVE_CASES = [(HALF[(rank + (layout == "channels_last")) % len(HALF)], rank, layout)
+                for rank in (1, 2, 3) for layout in ("channels_first", "channels_last")]
+
+
+@pytest.mark.parametrize("dtype, rank, layout", NATIVE_CASES,
+                         ids=[f"{np.dtype(d).name}-{r}d-{lay}" for d, r, lay in NATIVE_CASES])
+def test_native_half_pooling_is_float32_rounded_once(dtype, rank, layout):
+    """The pooling kernels that read and write float16/bfloat16 themselves give the
+    float32 call's result rounded once, bit for bit, in every rank and layout (both
+    layouts run their own kernels), with infinities and a NaN among the inputs of max
+    pooling."""
+    rng = np.random.default_rng(20 + rank)
+    shape = {1: (2, 3, 11), 2: (2, 3, 7, 6), 3: (1, 2, 5, 6, 5)}[rank]
+    x = (rng.random(shape) + 0.05).astype(dtype)
+    g = rng.standard_normal(shape[:2] + tuple((n + 2 - 3) // 2 + 1 for n in shape[2:]))
+    g = g.astype(dtype)
+    special = x.copy()
+    special.reshape(-1)[[1, 4, 9]] = [np.inf, -np.inf, np.nan]
+    if layout == "channels_last":
+        x, g, special = _channels_last(x), _channels_last(g), _channels_last(special)
+    ours = _pool_calls(x, g, rank)
+    ours["max_special"] = getattr(fastpool, f"max_pool{rank}d")(special, 3, 2, 1)
+    wide = _pool_calls(x.astype(np.float32), g.astype(np.float32), rank)
+    wide["max_special"] = getattr(fastpool, f"max_pool{rank}d")(
+        special.astype(np.float32), 3, 2, 1)
+    for name, got in ours.items():
+        f32 = wide[name]
+        if f32.dtype == np.float32:
+            assert got.dtype == np.dtype(dtype), name
+            np.testing.assert_array_equal(got, f32.astype(dtype), err_msg=name)
+            assert got.strides == np.empty_like(f32, dtype=dtype).strides, name
+        else:
+            np.testing.assert_array_equal(got, f32, err_msg=name)
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=HALF_IDS)
+def test_kernel_conversions_round_to_nearest_even(dtype):
+    """``wide`` and ``narrow`` (the kernels' loads and stores of 16-bit values) against
+    NumPy's and ml_dtypes' casts: every one of the 65536 bit patterns widened, and
+    float32 values of every bit pattern class (random bits: normals, subnormals,
+    overflow, NaN) and float64 values rounded."""
+    from numba import njit
+
+    from fastpool.cpu._half_bits import bits, narrow, wide
+
+    @njit
+    def widen(a, out):
+        for k in range(a.size):
+            out[k] = wide(a[k])
+
+    @njit
+    def round_into(v, out):
+        for k in range(v.size):
+            out[k] = narrow(v[k], out)
+
+    every = np.arange(1 << 16, dtype=np.uint16).view(dtype)
+    out = np.empty(every.size, np.float32)
+    widen(bits(every), out)
+    np.testing.assert_array_equal(out, every.astype(np.float32))
+    rng = np.random.default_rng(3)
+    for values in (rng.integers(0, 1 << 32, 1 << 20, dtype=np.uint32).view(np.float32),
+                   rng.standard_normal(1 << 16) * 1e3):
+        got = bits(np.empty(values.size, dtype))
+        round_into(values, got)
+        with np.errstate(over="ignore", invalid="ignore"):
+            expected = values.astype(np.float32).astype(dtype)
+        nan = np.isnan(expected.astype(np.float32))
+        np.testing.assert_array_equal(got[~nan], bits(expected)[~nan])
+        assert np.isnan(got.view(dtype)[nan].astype(np.float32)).all()
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=HALF_IDS)
+def test_native_half_pooling_moves_16_bit_values(dtype):
+    """Pooling a half-precision array allocates no float32 copy of it: the largest
+    allocation during a call stays below the size of the input itself (a float32 copy
+    would be twice that)."""
+    import tracemalloc
+    rng = np.random.default_rng(7)
+    x = (rng.random((4, 16, 64, 64)) + 0.1).astype(dtype)
+    y, i = fastpool.max_pool2d(x, 3, 2, 1, return_indices=True)
+    g = np.ones_like(y)
+    calls = {
+        "max": lambda: fastpool.max_pool2d(x, 3, 2, 1),
+        "avg": lambda: fastpool.avg_pool2d(x, 3, 2, 1),
+        "stochastic": lambda: fastpool.stochastic_pool2d(x, 3, 2, 1, training=False),
+        "max_backward": lambda: fastpool.max_pool2d_backward(g, x, 3, 2, 1, indices=i),
+        "avg_backward": lambda: fastpool.avg_pool2d_backward(g, x, 3, 2, 1),
+    }
+    for name, call in calls.items():
+        call()  # compiled and loaded before measuring
+        tracemalloc.start()
+        try:
+            result = call()
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert result.dtype == np.dtype(dtype), name
+        # the result itself (input-sized for the backwards) plus small scratch
+        assert peak < result.nbytes + x.nbytes // 4, (name, peak, x.nbytes)
+
+
 @pytest.mark.parametrize("dtype", HALF, ids=HALF_IDS)
 def test_half_against_the_references(dtype):
     a = _data(1)
@@ -137,14 +271,51 @@ def test_mixed_half_and_float32_raise():
         fastpool.max_pool2d(a["x"].astype(np.int16), 2)
 
 
-def test_half_on_the_gpu_path():
-    """Under the CUDA simulator (or on a GPU) half-precision Numba device arrays run the
-    float32 GPU kernels and come back in their dtype."""
+@pytest.mark.parametrize("layout", ["channels_first", "channels_last"])
+def test_half_on_the_gpu_path(layout):
+    """Under the CUDA simulator (or on a GPU) float16 device arrays run the GPU kernels
+    and come back in their dtype with the CPU's values bit for bit: max, average and
+    stochastic pooling read and write float16 themselves (``fastpool.cuda.HALF_NATIVE``),
+    the others (adaptive pooling here) through float32 copies."""
     from numba import cuda
-    x = _data()["x"].astype(np.float16)
-    y = fastpool.max_pool2d(cuda.to_device(x), 3, 2, 1, device="cuda")
-    assert y.dtype == np.float16
-    np.testing.assert_array_equal(y.copy_to_host(), fastpool.max_pool2d(x, 3, 2, 1))
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((2, 3, 7, 6)).astype(np.float16)
+    x.reshape(-1)[[2, 5, 11]] = [np.nan, np.inf, -np.inf]
+    xp = (rng.random((2, 3, 7, 6)) + 0.1).astype(np.float16)
+    g = rng.standard_normal((2, 3, 4, 3)).astype(np.float16)
+    if layout == "channels_last":
+        x, xp, g = _channels_last(x), _channels_last(xp), _channels_last(g)
+    _, i = fastpool.max_pool2d(x, 3, 2, 1, return_indices=True)
+    calls = {
+        "max": lambda d, **k: fastpool.max_pool2d(d(x), 3, 2, 1, return_indices=True,
+                                                  **k),
+        "max_backward": lambda d, **k: fastpool.max_pool2d_backward(
+            d(g), d(x), 3, 2, 1, indices=d(i), **k),
+        "avg": lambda d, **k: fastpool.avg_pool2d(d(x), 3, 2, 1, count_include_pad=False,
+                                                  **k),
+        "avg_override": lambda d, **k: fastpool.avg_pool2d(d(x), 3, 2, 1,
+                                                           divisor_override=7, **k),
+        "avg_backward": lambda d, **k: fastpool.avg_pool2d_backward(d(g), d(x), 3, 2, 1,
+                                                                    **k),
+        "stochastic": lambda d, **k: fastpool.stochastic_pool2d(
+            d(xp), 3, 2, 1, seed=2, return_indices=True, **k),
+        "stochastic_inference": lambda d, **k: fastpool.stochastic_pool2d(
+            d(xp), 3, 2, 1, training=False, **k),
+        "stochastic_backward": lambda d, **k: fastpool.stochastic_pool2d_backward(
+            d(g), d(xp), 3, 2, 1, training=False, **k),
+        "adaptive_avg": lambda d, **k: fastpool.adaptive_avg_pool2d(d(x), (4, 3), **k),
+    }
+    for name, call in calls.items():
+        cpu = call(lambda a: a)
+        # channels-first calls take device arrays; channels-last views go as host
+        # arrays (the launcher moves them, keeping their strides)
+        gpu = call(cuda.to_device if layout == "channels_first" else (lambda a: a),
+                   device="cuda")
+        for c, r in zip(_flat(cpu), _flat(gpu)):
+            assert r.dtype == c.dtype, name
+            r = r if isinstance(r, np.ndarray) else r.copy_to_host()
+            assert r.strides == c.strides, name
+            np.testing.assert_array_equal(r, c, err_msg=name)
 
 
 # ----------------------------------------------------------------------------- torch
@@ -336,6 +507,47 @@ def test_half_model_through_every_torch_transform(dtype):
     assert g.dtype == dtype
     (gg,) = torch.autograd.grad(g.float().pow(2).sum(), model[0].weight)
     assert gg.dtype == dtype and torch.isfinite(gg.float()).all()
+
+
+@needs_torch
+@pytest.mark.usefixtures("one_numba_thread")
+@pytest.mark.parametrize("dtype", TORCH_HALF)
+def test_torch_half_pooling_reaches_the_16_bit_kernels(dtype, monkeypatch):
+    """CPU float16/bfloat16 tensors reach max, average and stochastic pooling's 16-bit
+    kernels as they are (bfloat16 through ml_dtypes): with both float32-copy paths made
+    to fail, forward and backward still run and give the float32 results rounded once."""
+    import fastpool._half
+    import fastpool._torch_library
+    import fastpool.torch as ft
+    dtype = getattr(torch, dtype)
+    if dtype == torch.bfloat16 and ml_dtypes is None:
+        pytest.skip("ml_dtypes is not installed")
+    base = torch.rand(2, 3, 7, 6, dtype=torch.float64,
+                      generator=torch.Generator().manual_seed(3)) + 0.1
+
+    def run(compute):
+        """Every call on ``base`` rounded to ``dtype``, computed in ``compute``."""
+        results = []
+        for layout in (torch.contiguous_format, torch.channels_last):
+            for f in (lambda x: ft.max_pool2d(x, 3, 2, 1),
+                      lambda x: ft.avg_pool2d(x, 3, 2, 1),
+                      lambda x: ft.stochastic_pool2d(x, 3, 2, 1, seed=1),
+                      lambda x: ft.stochastic_pool2d(x, 3, 2, 1, training=False)):
+                x = base.to(dtype).to(compute).contiguous(memory_format=layout)
+                y = f(x.requires_grad_())
+                y.backward(torch.ones_like(y))
+                assert y.dtype == compute and x.grad.dtype == compute
+                results += [y.detach(), x.grad]
+        return results
+
+    in_float32 = run(torch.float32)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a float32 copy was made")
+    monkeypatch.setattr(fastpool._torch_library, "_widened", refuse)
+    monkeypatch.setattr(fastpool._half, "_widen", refuse)
+    for got, expected in zip(run(dtype), in_float32):
+        assert torch.equal(got, expected.to(dtype))
 
 
 @needs_torch

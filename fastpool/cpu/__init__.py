@@ -70,6 +70,14 @@ adaptive_stochastic_pool_backward = _memory_launcher(_pooling.adaptive_stochasti
 max_unpool_forward = _memory_launcher(_pooling.max_unpool_forward)
 max_unpool_backward = _memory_launcher(_pooling.max_unpool_backward)
 
+# Per half-precision dtype, the launchers whose kernels read and write arrays of it
+# themselves (``cpu/_half_bits.py``: half the bytes of a float32 copy); the others are
+# given float32 copies (``fastpool._half``). ``fastpool.cuda`` has its own.
+_POOLING = frozenset({"max_pool_forward", "max_pool_backward", "avg_pool_forward",
+                      "avg_pool_backward", "stochastic_pool_forward",
+                      "stochastic_pool_backward"})
+HALF_NATIVE = {"float16": _POOLING, "bfloat16": _POOLING}
+
 __all__ = [
     "adaptive_avg_pool_backward",
     "adaptive_avg_pool_forward",

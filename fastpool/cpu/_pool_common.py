@@ -19,6 +19,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from fastpool.cpu import _half_bits as hb
+
 JIT = dict(parallel=True, cache=True, boundscheck=False, error_model="numpy", nogil=True)
 U = np.uint64
 INF = np.inf
@@ -70,13 +72,13 @@ PHASE_STRIDE_LIMIT = 8
 def phases(xf, start, W, L, SW, buffer, slot):
     """Split the input row at ``xf[start:start + W]`` into its ``SW`` column phases:
     ``buffer[(slot * SW + r) * L + q] = row[q * SW + r]`` (whole groups first, so the
-    copy vectorises as one interleaved load)."""
+    copy vectorises as one interleaved load), widened to the dtype computed in."""
     whole = W // SW
     for q in range(whole):
         for r in range(SW):
-            buffer[U((slot * SW + r) * L + q)] = xf[U(start + q * SW + r)]
+            buffer[U((slot * SW + r) * L + q)] = hb.wide(xf[U(start + q * SW + r)])
     for w in range(whole * SW, W):
-        buffer[U((slot * SW + w - whole * SW) * L + whole)] = xf[U(start + w)]
+        buffer[U((slot * SW + w - whole * SW) * L + whole)] = hb.wide(xf[U(start + w)])
 
 
 @njit(inline="always")

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import functools
 
-import numpy as np
 from numba import njit
 
+from fastpool.cpu import _half_bits as hb
 from fastpool.cpu._parallel import BODY_JIT, parallel_kernel
 from fastpool.cpu._pool_common import (
     PHASE_STRIDE_LIMIT,
@@ -51,7 +51,7 @@ def avg_forward(KD, KH, KW, SD, SH, SW):
         rows = planes * OD * OH
         xf = x.reshape(-1)
         of = out.reshape(-1)
-        buffer = np.empty(KD * KH * SW * L if PHASES else 1, x.dtype)
+        buffer = hb.wide_empty(KD * KH * SW * L if PHASES else 1, x)
         for row in range(worker * rows // workers, (worker + 1) * rows // workers):
             # PHASES is a constant: one row code per kernel (see max_forward)
             if PHASES:
@@ -131,8 +131,8 @@ def _avg_row_direct(xf, of, row, buffer, D, H, W, OD, OH, OW, pd, ph, pw,
             for a in range(KD):
                 for i in range(KH):
                     for j in range(KW):
-                        total += xf[U(base + k0 + a * HW + i * W + j)]
-            of[U(orow + ow)] = total / interior_divisor
+                        total += hb.wide(xf[U(base + k0 + a * HW + i * W + j)])
+            of[U(orow + ow)] = hb.narrow(total / interior_divisor, of)
     # Edge columns: both sides of the interior, or the whole row when its window leaves
     # the input along D or H (one inlined copy of the edge loop).
     first_end = ow_lo if inside else OW
@@ -155,7 +155,7 @@ def _avg_phase_columns(buffer, of, orow, ow_lo, ow_hi, pw, L, zero, divisor,
                     c = j - pw
                     q = c // SW
                     total += buffer[U(((a * KH + i) * SW + c - q * SW) * L + ow + q)]
-        of[U(orow + ow)] = total / divisor
+        of[U(orow + ow)] = hb.narrow(total / divisor, of)
 
 
 @njit(inline="always")
@@ -170,9 +170,10 @@ def _avg_edges(xf, of, base, orow, ow_from, ow_to, W, HW, pw, d0, d1, ds, de, h0
         for d in range(ds, de):
             for h in range(hs, he):
                 for w in range(ws, we):
-                    total += xf[base + d * HW + h * W + w]
-        of[orow + ow] = total / window_divisor(divisor_override, count_include_pad, d0, d1,
-                                               ds, de, h0, h1, hs, he, w0, w1, ws, we)
+                    total += hb.wide(xf[base + d * HW + h * W + w])
+        divisor = window_divisor(divisor_override, count_include_pad, d0, d1, ds, de, h0,
+                                 h1, hs, he, w0, w1, ws, we)
+        of[orow + ow] = hb.narrow(total / divisor, of)
 
 
 @njit(inline="always")
@@ -197,7 +198,7 @@ def _rows_into(target, go, rows, share, depth_padded, depth_in, H, W, OH, OW, ph
                     divisor = depth_padded * (h1 - h0) * (w1 - w0)
                 else:
                     divisor = depth_in * rows_in * (min(w1, W) - max(w0, 0))
-                share[ow] = go[oh, ow] / divisor
+                share[ow] = hb.wide(go[oh, ow]) / divisor
             spread_along_w(rows[oh % RH], share, zero, pw, KW, SW, 1)
             next_oh += 1
         gather_rows(target[h], rows, OH, h, ph, KH, SH, 1)
@@ -228,18 +229,23 @@ def avg_backward(KD, KH, KW, SD, SH, SW):
                zero, worker, workers):
         planes, D, H, W = grad_input.shape
         OD, OH, OW = grad_output.shape[1], grad_output.shape[2], grad_output.shape[3]
-        share = np.empty(OW, dtype=grad_input.dtype)
-        rows = np.empty((RH, W), dtype=grad_input.dtype)
-        depth = np.empty((1, 1, 1) if DIRECT else (RD, H, W), dtype=grad_input.dtype)
+        share = hb.wide_empty(OW, grad_input)
+        rows = hb.wide_empty(RH * W, grad_input).reshape(RH, W)
+        depth = hb.wide_empty(1 if DIRECT else RD * H * W, grad_input).reshape(
+            (1, 1, 1) if DIRECT else (RD, H, W))
+        # half precision: each (H, W) slice is summed in float32 here and rounded once
+        buffer = hb.scratch(grad_input, H * W)
         first, last = worker_planes(worker, workers, planes)
         for p in range(first, last):
             go = grad_output[p]
             gi = grad_input[p]
             if DIRECT:  # 1-D and 2-D: each input depth slice is its output slice
                 for d in range(D):
-                    _rows_into(gi[d], go[d], rows, share, 1, 1, H, W, OH, OW, ph,
+                    target = hb.target(gi[d], buffer)
+                    _rows_into(target, go[d], rows, share, 1, 1, H, W, OH, OW, ph,
                                pw, count_include_pad, divisor_override, zero, KH, KW,
                                SH, SW, RH)
+                    hb.flush(gi[d], target)
             else:
                 next_od = 0
                 for d in range(D):
@@ -252,7 +258,8 @@ def avg_backward(KD, KH, KW, SD, SH, SW):
                                    count_include_pad, divisor_override, zero, KH, KW,
                                    SH, SW, RH)
                         next_od += 1
-                    gather_rows(gi[d].reshape(-1), depth.reshape(RD, H * W), OD, d,
-                                pd, KD, SD, 1)
+                    target = hb.target(gi[d].reshape(-1), buffer)
+                    gather_rows(target, depth.reshape(RD, H * W), OD, d, pd, KD, SD, 1)
+                    hb.flush(gi[d].reshape(-1), target)
 
     return kernel

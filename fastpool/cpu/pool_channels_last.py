@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import functools
 
-import numpy as np
 from numba import njit, prange
 
+from fastpool.cpu import _half_bits as hb
 from fastpool.cpu._parallel import BODY_JIT, parallel_kernel
 from fastpool.cpu._pool_common import JIT, U, replaces, window_divisor
 
@@ -72,9 +72,12 @@ def max_forward(KD, KH, KW, SD, SH, SW, DD, DH, DW, WITH_INDICES):
                                             first = False
                                         else:
                                             for c in range(C):
-                                                v = xf[U(src + c)]
-                                                take = replaces(v, of[U(o + c)])
-                                                of[U(o + c)] = v if take else of[U(o + c)]
+                                                take = replaces(hb.wide(xf[U(src + c)]),
+                                                                hb.wide(of[U(o + c)]))
+                                                # the stored element, not the widened
+                                                # value: no rounding for half precision
+                                                of[U(o + c)] = (xf[U(src + c)] if take
+                                                                else of[U(o + c)])
                                                 if WITH_INDICES:
                                                     jf[U(o + c)] = k if take else jf[U(o + c)]
 
@@ -98,7 +101,7 @@ def avg_forward(KD, KH, KW, SD, SH, SW):
         for row in range(worker * total_rows // workers,
                          (worker + 1) * total_rows // workers):
             n, od, oh = _row(row, OD, OH)
-            acc = np.empty(C, dtype=x.dtype)
+            acc = hb.wide_empty(C, x)
             d0 = od * SD - pd
             h0 = oh * SH - ph
             d1 = min(d0 + KD, D + pd)
@@ -121,9 +124,9 @@ def avg_forward(KD, KH, KW, SD, SH, SW):
                         for w in range(ws, we):
                             src = (xbase + (d * H + h) * W + w) * C
                             for c in range(C):
-                                acc[U(c)] += xf[U(src + c)]
+                                acc[U(c)] += hb.wide(xf[U(src + c)])
                 for c in range(C):
-                    of[U(o + c)] = acc[U(c)] / divisor
+                    of[U(o + c)] = hb.narrow(acc[U(c)] / divisor, of)
 
     return kernel
 
@@ -141,28 +144,32 @@ def scatter_to_indices(grad_output, indices, grad_input, blocks):
         block = task - n * blocks
         c0 = block * C // blocks
         c1 = (block + 1) * C // blocks
-        gi = grad_input[n]
+        block_in = grad_input[n, :, c0:c1]
+        # half precision: sums in float32, rounded once (float arrays: in place)
+        gi = hb.accumulator(block_in)
         for s in range(S):
-            for c in range(c0, c1):
+            for c in range(c1 - c0):
                 gi[s, c] = 0
         for k in range(outputs):
-            for c in range(c0, c1):
-                target = indices[n, k, c]
+            for c in range(c1 - c0):
+                target = indices[n, k, c0 + c]
                 if 0 <= target < S:
-                    gi[U(target), c] += grad_output[n, k, c]
+                    gi[U(target), c] += hb.wide(grad_output[n, k, c0 + c])
                 else:
                     bad += 1
+        hb.flush(block_in, gi)
     return bad
 
 
 @njit(inline="always")
 def gather_shares(sf, dst, g, n, d, h, w, OD, OH, OW, C, pd, ph, pw, KD, KH, KW, SD, SH,
-                  SW, DD, DH, DW, row, plane, zero):
+                  SW, DD, DH, DW, row, plane, total, zero):
     """``dst[g:g + C]`` = the sum of the per-window shares ``sf`` (an ``(N, OD, OH, OW,
     C)`` buffer, flat) of the windows whose taps land on input ``(n, d, h, w)``: along
     W first (from ``zero``, taps in order), then over H in tap order, then over D in tap
-    order, as the channels-first spreading adds them (``_pool_common``). ``row`` and
-    ``plane`` are ``C``-long scratch."""
+    order, as the channels-first spreading adds them (``_pool_common``). ``row``,
+    ``plane`` and ``total`` are ``C``-long scratch of the dtype computed in; ``dst``
+    receives ``total`` rounded once (half precision)."""
     any_depth = False
     for a in range(KD):
         t = d + pd - a * DD
@@ -191,14 +198,16 @@ def gather_shares(sf, dst, g, n, d, h, w, OD, OH, OW, C, pd, ph, pw, KD, KH, KW,
             if any_row:
                 if any_depth:
                     for c in range(C):
-                        dst[U(g + c)] += plane[c]
+                        total[c] += plane[c]
                 else:
                     for c in range(C):
-                        dst[U(g + c)] = plane[c]
+                        total[c] = plane[c]
                     any_depth = True
     if not any_depth:
         for c in range(C):
-            dst[U(g + c)] = zero
+            total[c] = zero
+    for c in range(C):
+        dst[U(g + c)] = hb.narrow(total[c], dst)
 
 
 @functools.lru_cache(maxsize=None)
@@ -218,12 +227,13 @@ def avg_backward(KD, KH, KW, SD, SH, SW):
         for in_row in range(worker * total_in_rows // workers,
                             (worker + 1) * total_in_rows // workers):
             n, d, h = _row(in_row, D, H)
-            row = np.empty(C, dtype=grad_input.dtype)
-            plane = np.empty(C, dtype=grad_input.dtype)
+            row = hb.wide_empty(C, grad_input)
+            plane = hb.wide_empty(C, grad_input)
+            total = hb.wide_empty(C, grad_input)
             for w in range(W):
                 gather_shares(sf, gf, ((in_row * W) + w) * C, n, d, h, w, OD, OH, OW, C,
                               pd, ph, pw, KD, KH, KW, SD, SH, SW, 1, 1, 1, row, plane,
-                              zero)
+                              total, zero)
 
     return kernel
 
@@ -249,4 +259,4 @@ def avg_shares(grad_output, shares, pd, ph, pw, KD, KH, KW, SD, SH, SW, D, H, W,
                                      min(h1, H), w0, w1, max(w0, 0), min(w1, W))
             o = ((row * OW) + ow) * C
             for c in range(C):
-                sf[U(o + c)] = gf[U(o + c)] / divisor
+                sf[U(o + c)] = hb.wide(gf[U(o + c)]) / divisor

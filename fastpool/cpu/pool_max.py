@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import functools
 
-import numpy as np
 from numba import njit, prange
 
+from fastpool.cpu import _half_bits as hb
 from fastpool.cpu._parallel import BODY_JIT, parallel_kernel
 from fastpool.cpu._pool_common import (
     INF,
@@ -50,7 +50,7 @@ def max_forward(KD, KH, KW, SD, SH, SW, DD, DH, DW, WITH_INDICES):
         xf = x.reshape(-1)
         of = out.reshape(-1)
         jf = indices.reshape(-1)
-        buffer = np.empty(KD * KH * SW * L if PHASES else 1, x.dtype)
+        buffer = hb.wide_empty(KD * KH * SW * L if PHASES else 1, x)
         for row in range(worker * rows // workers, (worker + 1) * rows // workers):
             # PHASES is a constant here: Numba drops the other branch before inlining,
             # so a kernel compiles one row code. (A dispatcher held in the closure
@@ -113,7 +113,7 @@ def _max_row_phases(xf, of, jf, row, buffer, D, H, W, OD, OH, OW, pd, ph, pw, ow
                     best = v if take else best
                     if WITH_INDICES:
                         arg = (k0 + a * DD * HW + i * DH * W + j * DW) if take else arg
-        of[U(orow + ow)] = best
+        of[U(orow + ow)] = hb.narrow(best, of)
         if WITH_INDICES:
             jf[U(orow + ow)] = arg
     for part in range(2):  # the edge columns on either side (one inlined copy)
@@ -135,19 +135,19 @@ def _max_row_direct(xf, of, jf, row, buffer, D, H, W, OD, OH, OW, pd, ph, pw, ow
         start = d0 * HW + h0 * W - pw  # the row's first window, hoisted
         for ow in range(ow_lo, ow_hi):
             k0 = start + ow * SW
-            best = xf[U(base + k0)]
+            best = hb.wide(xf[U(base + k0)])
             arg = k0
             for a in range(KD):
                 for i in range(KH):
                     for j in range(KW):
                         if a + i + j > 0:
                             k = k0 + a * DD * HW + i * DH * W + j * DW
-                            v = xf[U(base + k)]
+                            v = hb.wide(xf[U(base + k)])
                             take = replaces(v, best)
                             best = v if take else best
                             if WITH_INDICES:
                                 arg = k if take else arg
-            of[U(orow + ow)] = best
+            of[U(orow + ow)] = hb.narrow(best, of)
             if WITH_INDICES:
                 jf[U(orow + ow)] = arg
     # Edge columns (all of them in rows whose window leaves the input along D or H),
@@ -183,11 +183,11 @@ def _max_edges(xf, of, jf, base, orow, d0, h0, ow_from, ow_to, D, H, W, pw,
                     if w < 0 or w >= W:
                         continue
                     k = d * HW + h * W + w
-                    v = xf[base + k]
+                    v = hb.wide(xf[base + k])
                     if arg < 0 or replaces(v, best):
                         best = v
                         arg = k
-        of[orow + ow] = best
+        of[orow + ow] = hb.narrow(best, of)
         if WITH_INDICES:
             jf[orow + ow] = arg
 
@@ -201,13 +201,17 @@ def scatter_to_indices(grad_output, indices, grad_input):
     outputs = grad_output.shape[1]
     bad = 0
     for p in prange(planes):
-        g = grad_input[p]
+        plane = grad_input[p]
+        # half precision: sums in a float32 plane, rounded once (for float arrays g
+        # is the plane itself)
+        g = hb.accumulator(plane)
         for k in range(plane_size):
             g[k] = 0
         for k in range(outputs):
             target = indices[p, k]
             if 0 <= target < plane_size:
-                g[U(target)] += grad_output[p, k]
+                g[U(target)] += hb.wide(grad_output[p, k])
             else:
                 bad += 1
+        hb.flush(plane, g)
     return bad

@@ -18,6 +18,7 @@ import numpy as np
 from numba import njit
 
 from fastpool import _rng
+from fastpool.cpu import _half_bits as hb
 from fastpool.cpu._parallel import BODY_JIT, parallel_kernel
 from fastpool.cpu._pool_common import (
     INF,
@@ -55,7 +56,7 @@ def window_sums(xf, base, d0, h0, w0, D, H, W, KD, KH, KW, DD, DH, DW):
     for e in range(KD * KH * KW):
         k = tap(e, d0, h0, w0, D, H, W, KH, KW, DD, DH, DW)
         if k >= 0:
-            v = np.float64(xf[U(base + k)])
+            v = np.float64(hb.wide(xf[U(base + k)]))
             if not (0.0 <= v < INF):
                 invalid = True
             if first < 0:
@@ -75,7 +76,7 @@ def interior_sums(xf, k0, HW, W, KD, KH, KW, DD, DH, DW):
     for a in range(KD):
         for i in range(KH):
             for j in range(KW):
-                v = np.float64(xf[U(k0 + a * DD * HW + i * DH * W + j * DW)])
+                v = np.float64(hb.wide(xf[U(k0 + a * DD * HW + i * DH * W + j * DW)]))
                 s1 += v
                 s2 += v * v
                 nonnegative &= v >= 0.0
@@ -128,7 +129,7 @@ def train_forward(KD, KH, KW, SD, SH, SW, DD, DH, DW, WITH_INDICES):
                             for j in range(KW):
                                 k = k0 + a * DD * HW + i * DH * W + j * DW
                                 v = xf[U(base + k)]
-                                running += np.float64(v)
+                                running += np.float64(hb.wide(v))
                                 hit = (running > threshold) & (not found)
                                 chosen = k if hit else chosen
                                 value = v if hit else value
@@ -152,7 +153,7 @@ def train_forward(KD, KH, KW, SD, SH, SW, DD, DH, DW, WITH_INDICES):
                     for e in range(taps):
                         k = tap(e, d0, h0, w0, D, H, W, KH, KW, DD, DH, DW)
                         if k >= 0:
-                            v = np.float64(xf[U(base + k)])
+                            v = np.float64(hb.wide(xf[U(base + k)]))
                             running += v
                             if v > 0.0:
                                 last_positive = k
@@ -195,14 +196,14 @@ def infer_forward(KD, KH, KW, SD, SH, SW, DD, DH, DW):
                         xf, base + d0 * HW + h0 * W + ow * SW - pw, HW, W, KD, KH, KW,
                         DD, DH, DW)
                     invalid |= not (nonnegative and s1 < INF and s2 < INF)
-                    of[U(orow + ow)] = s2 / s1 if s1 > 0.0 else 0.0
+                    of[U(orow + ow)] = hb.narrow(s2 / s1 if s1 > 0.0 else 0.0, of)
             for ow in range(OW):
                 if inside and ow_lo <= ow < ow_hi:
                     continue
                 s1, s2, _, bad = window_sums(xf, base, d0, h0, ow * SW - pw, D, H, W,
                                              KD, KH, KW, DD, DH, DW)
                 invalid |= bad or not (s2 < INF)
-                of[orow + ow] = s2 / s1 if s1 > 0.0 else 0.0
+                of[orow + ow] = hb.narrow(s2 / s1 if s1 > 0.0 else 0.0, of)
             invalid_rows[row] = invalid
 
     return kernel
@@ -241,7 +242,7 @@ def infer_backward_plane(go, xp, gi, share_a, share_b, rows_a, rows_b, depth_a, 
                                 xf, 0, d0, h0, ow * SW - pw, D, H, W, KD, KH, KW,
                                 DD, DH, DW)
                         invalid |= bad or not (s1 < INF and s2 < INF)
-                        g = np.float64(go[od, oh, ow])
+                        g = np.float64(hb.wide(go[od, oh, ow]))
                         share_a[ow] = 2.0 * g / s1 if s1 > 0.0 else 0.0
                         share_b[ow] = -g * s2 / (s1 * s1) if s1 > 0.0 else 0.0
                     spread_along_w_called(rows_a[oh % RH], share_a, 0.0, pw, KW,
@@ -255,7 +256,8 @@ def infer_backward_plane(go, xp, gi, share_a, share_b, rows_a, rows_b, depth_a, 
                     xrow = xp[od, h]
                     girow = gi[od, h]
                     for w in range(W):
-                        girow[w] = np.float64(xrow[w]) * sum_a[0, w] + sum_b[0, w]
+                        girow[w] = hb.narrow(np.float64(hb.wide(xrow[w])) * sum_a[0, w]
+                                             + sum_b[0, w], girow)
                 else:
                     gather_rows_called(depth_a[od % RD, h], rows_a, OH, h, ph,
                                        KH, SH, DH)
@@ -271,7 +273,8 @@ def infer_backward_plane(go, xp, gi, share_a, share_b, rows_a, rows_b, depth_a, 
                 xrow = xp[d, h]
                 girow = gi[d, h]
                 for w in range(W):
-                    girow[w] = np.float64(xrow[w]) * sum_a[h, w] + sum_b[h, w]
+                    girow[w] = hb.narrow(np.float64(hb.wide(xrow[w])) * sum_a[h, w]
+                                         + sum_b[h, w], girow)
     invalid_planes[p] = invalid
 
 

@@ -21,6 +21,7 @@ import numpy as np
 from numba import njit
 
 from fastpool import _rng
+from fastpool.cpu import _half_bits as hb
 from fastpool.cpu._parallel import BODY_JIT, parallel_kernel
 from fastpool.cpu._pool_common import INF, JUST_BELOW_ONE, U
 from fastpool.cpu.pool_channels_last import _row, gather_shares
@@ -45,7 +46,7 @@ def _window_sums(xf, base, d0, h0, w0, D, H, W, C, KD, KH, KW, DD, DH, DW, s1, s
                 first = k
             src = (base + k) * C
             for c in range(C):
-                v = np.float64(xf[U(src + c)])
+                v = np.float64(hb.wide(xf[U(src + c)]))
                 invalid |= not (0.0 <= v < INF)
                 s1[c] += v
                 s2[c] += v * v
@@ -108,7 +109,7 @@ def train_forward(KD, KH, KW, SD, SH, SW, DD, DH, DW, WITH_INDICES):
                         src = (base + k) * C
                         for c in range(C):
                             v = xf[U(src + c)]
-                            running[c] += np.float64(v)
+                            running[c] += np.float64(hb.wide(v))
                             if running[c] > threshold[c] and not found[c]:
                                 chosen[c] = k
                                 of[U(o + c)] = v
@@ -129,7 +130,7 @@ def train_forward(KD, KH, KW, SD, SH, SW, DD, DH, DW, WITH_INDICES):
                             src = (base + k) * C
                             for c in range(C):
                                 if total[c] > 0.0 and chosen[c] < 0:
-                                    v = np.float64(xf[U(src + c)])
+                                    v = np.float64(hb.wide(xf[U(src + c)]))
                                     running[c] += v
                                     if v > 0.0:
                                         last_positive[c] = k
@@ -181,11 +182,11 @@ def infer(KD, KH, KW, SD, SH, SW, DD, DH, DW, SHARES):
                 for c in range(C):
                     bad |= not (s1[c] < INF and s2[c] < INF)
                     if SHARES:
-                        g = np.float64(gf[U(o + c)])
+                        g = np.float64(hb.wide(gf[U(o + c)]))
                         af[U(o + c)] = 2.0 * g / s1[c] if s1[c] > 0.0 else 0.0
                         bf[U(o + c)] = -g * s2[c] / (s1[c] * s1[c]) if s1[c] > 0.0 else 0.0
                     else:
-                        af[U(o + c)] = s2[c] / s1[c] if s1[c] > 0.0 else 0.0
+                        af[U(o + c)] = hb.narrow(s2[c] / s1[c] if s1[c] > 0.0 else 0.0, af)
                 invalid |= bad
             invalid_rows[row] = invalid
 
@@ -215,13 +216,15 @@ def infer_backward(KD, KH, KW, SD, SH, SW, DD, DH, DW):
             plane = np.empty(C)
             sum_a = np.empty(C)
             sum_b = np.empty(C)
+            total = np.empty(C)
             for w in range(W):
                 gather_shares(af, sum_a, 0, n, d, h, w, OD, OH, OW, C, pd, ph, pw, KD,
-                              KH, KW, SD, SH, SW, DD, DH, DW, row, plane, 0.0)
+                              KH, KW, SD, SH, SW, DD, DH, DW, row, plane, total, 0.0)
                 gather_shares(bf, sum_b, 0, n, d, h, w, OD, OH, OW, C, pd, ph, pw, KD,
-                              KH, KW, SD, SH, SW, DD, DH, DW, row, plane, 0.0)
+                              KH, KW, SD, SH, SW, DD, DH, DW, row, plane, total, 0.0)
                 g = ((in_row * W) + w) * C
                 for c in range(C):
-                    gif[U(g + c)] = np.float64(xf[U(g + c)]) * sum_a[c] + sum_b[c]
+                    gif[U(g + c)] = hb.narrow(np.float64(hb.wide(xf[U(g + c)])) * sum_a[c]
+                                              + sum_b[c], gif)
 
     return kernel

@@ -23,6 +23,7 @@ import numpy as np
 
 from fastpool import _params, _rng
 from fastpool._geometry import CHANNELS_LAST
+from fastpool.cpu import _half_bits as hb
 from fastpool.cpu import (
     pool_adaptive,
     pool_adaptive_stochastic,
@@ -144,9 +145,9 @@ def _max_forward_channels_last(x, w, with_indices):
     indices, indices_view = (_cl_empty(w, w.out_size, w.channels, np.int64)
                              if with_indices else (np.empty((1,) * 5, np.int64), None))
     if w.planes:
-        kernel("max_forward_cl", w, bool(with_indices))(_cl_buffer(x, w, w.in3), out,
-                                                        indices, *_pads(w),
-                                                        _cl_row_workers(w))
+        kernel("max_forward_cl", w, bool(with_indices))(
+            hb.bits(_cl_buffer(x, w, w.in3)), hb.bits(out), indices, *_pads(w),
+            _cl_row_workers(w))
     return out_view, indices_view
 
 
@@ -162,7 +163,7 @@ def max_pool_forward(x, window, with_indices):
     if w.planes:
         lo, hi = w.derived("interior", interior_columns)
         kernel("max_forward", w, bool(with_indices))(
-            _volumes(x, w.in3), out.reshape((-1,) + w.out3),
+            hb.bits(_volumes(x, w.in3)), hb.bits(out.reshape((-1,) + w.out3)),
             indices.reshape((-1,) + w.out3) if with_indices else indices.reshape(1, 1, 1, 1),
             *_pads(w), lo, hi, _row_workers(w))
     return out, (indices if with_indices else None)
@@ -180,18 +181,17 @@ def scatter_to_indices(grad_output, indices, window):
         if w.planes:
             blocks = max(1, -(-w.channels // pool_channels_last.CHANNEL_BLOCK))
             bad = pool_channels_last.scatter_to_indices(
-                _cl_buffer(grad_output, w, w.out3).reshape(w.batch, plane_out, -1),
-                _cl_buffer(indices, w, w.out3).reshape(
-                    w.batch, plane_out, -1),
-                grad_input.reshape(w.batch, plane_in, -1), blocks)
+                hb.bits(_cl_buffer(grad_output, w, w.out3).reshape(w.batch, plane_out, -1)),
+                _cl_buffer(indices, w, w.out3).reshape(w.batch, plane_out, -1),
+                hb.bits(grad_input.reshape(w.batch, plane_in, -1)), blocks)
         _raise_bad_indices(bad, plane_in, w)
         return view
     grad_input = np.empty(w.input_shape, dtype=grad_output.dtype)
     if w.planes:
         bad = pool_max.scatter_to_indices(
-            contiguous(grad_output).reshape(-1, plane_out),
+            hb.bits(contiguous(grad_output).reshape(-1, plane_out)),
             contiguous(indices).reshape(-1, plane_out),
-            grad_input.reshape(-1, plane_in))
+            hb.bits(grad_input.reshape(-1, plane_in)))
         _raise_bad_indices(bad, plane_in, w)
     return grad_input
 
@@ -215,9 +215,9 @@ def max_pool_backward(grad_output, x, window, indices):
 def _avg_forward_channels_last(x, w, count_include_pad, divisor_override):
     out, view = _cl_empty(w, w.out_size, w.channels, x.dtype)
     if w.planes:
-        kernel("avg_forward_cl", w)(_cl_buffer(x, w, w.in3), out, *_pads(w),
-                                    count_include_pad, divisor_override, x.dtype.type(0),
-                                    _cl_row_workers(w))
+        kernel("avg_forward_cl", w)(hb.bits(_cl_buffer(x, w, w.in3)), hb.bits(out),
+                                    *_pads(w), count_include_pad, divisor_override,
+                                    hb.scalar(x.dtype, 0), _cl_row_workers(w))
     return view
 
 
@@ -233,10 +233,11 @@ def avg_pool_forward(x, window, count_include_pad, divisor_override):
         lo, hi = w.derived("interior", interior_columns)
         area = math.prod(w.kernel)
         kernel("avg_forward", w)(
-            _volumes(x, w.in3), out.reshape((-1,) + w.out3), *_pads(w),
+            hb.bits(_volumes(x, w.in3)), hb.bits(out.reshape((-1,) + w.out3)), *_pads(w),
             count_include_pad, divisor_override, lo, hi,
-            # Sum and divide in the input's dtype, as PyTorch does.
-            x.dtype.type(0), x.dtype.type(divisor_override or area), _row_workers(w))
+            # Sum and divide in the input's dtype (float32 for half), as PyTorch does.
+            hb.scalar(x.dtype, 0), hb.scalar(x.dtype, divisor_override or area),
+            _row_workers(w))
     return out
 
 
@@ -246,18 +247,20 @@ def avg_pool_backward(grad_output, window, count_include_pad, divisor_override):
         grad_input, view = _cl_empty(w, w.in_size, w.channels, grad_output.dtype)
         if w.planes:
             go = _cl_buffer(grad_output, w, w.out3)
-            shares = np.empty_like(go)
-            pool_channels_last.avg_shares(go, shares, *_pads(w), *w.kernel3, *w.stride3,
-                                          *w.in3, count_include_pad, divisor_override)
-            kernel("avg_backward_cl", w)(shares, grad_input, *_pads(w),
-                                         grad_output.dtype.type(0),
+            shares = np.empty(go.shape, hb.compute_dtype(go.dtype))
+            pool_channels_last.avg_shares(hb.bits(go), shares, *_pads(w), *w.kernel3,
+                                          *w.stride3, *w.in3, count_include_pad,
+                                          divisor_override)
+            kernel("avg_backward_cl", w)(shares, hb.bits(grad_input), *_pads(w),
+                                         hb.scalar(grad_output.dtype, 0),
                                          _cl_input_row_workers(w))
         return view
     grad_input = np.empty(w.input_shape, dtype=grad_output.dtype)
     if w.planes:
         kernel("avg_backward", w)(
-            _volumes(grad_output, w.out3), grad_input.reshape((-1,) + w.in3), *_pads(w),
-            count_include_pad, divisor_override, grad_output.dtype.type(0), _workers(w))
+            hb.bits(_volumes(grad_output, w.out3)),
+            hb.bits(grad_input.reshape((-1,) + w.in3)), *_pads(w), count_include_pad,
+            divisor_override, hb.scalar(grad_output.dtype, 0), _workers(w))
     return grad_input
 
 
@@ -274,14 +277,15 @@ def _stochastic_forward_channels_last(x, w, training, seed, with_indices):
                              if with_indices else (np.empty((1,) * 5, np.int64), None))
     if w.planes:
         invalid = np.zeros(w.batch * w.out3[0] * w.out3[1], dtype=np.bool_)
-        volume = _cl_buffer(x, w, w.in3)
+        volume = hb.bits(_cl_buffer(x, w, w.in3))
+        out_bits = hb.bits(out)
         if training:
             kernel("stochastic_train_cl", w, with_indices)(
-                volume, out, indices, *_pads(w), _rng.kernel_key_array(seed, w.out3[1]),
+                volume, out_bits, indices, *_pads(w), _rng.kernel_key_array(seed, w.out3[1]),
                 invalid, *interior_columns(w), _cl_row_workers(w))
         else:
-            kernel("stochastic_infer_cl", w, False)(volume, out, out, out, *_pads(w),
-                                                    invalid, _cl_row_workers(w))
+            kernel("stochastic_infer_cl", w, False)(volume, out_bits, out_bits, out_bits,
+                                                    *_pads(w), invalid, _cl_row_workers(w))
         _raise_if_invalid(invalid)
     return out_view, indices_view
 
@@ -297,8 +301,8 @@ def stochastic_pool_forward(x, window, training, seed, with_indices):
         OD, OH, _ = w.out3
         invalid = np.zeros(w.planes * OD * OH, dtype=np.bool_)
         lo, hi = w.derived("interior", interior_columns)
-        volumes_x = _volumes(x, w.in3)
-        volumes_out = out.reshape((-1,) + w.out3)
+        volumes_x = hb.bits(_volumes(x, w.in3))
+        volumes_out = hb.bits(out.reshape((-1,) + w.out3))
         if training:
             kernel("stochastic_train", w, with_indices)(
                 volumes_x, volumes_out,
@@ -317,16 +321,17 @@ def stochastic_pool_forward(x, window, training, seed, with_indices):
 def _stochastic_backward_channels_last(grad_output, x, w):
     grad_input, view = _cl_empty(w, w.in_size, w.channels, grad_output.dtype)
     if w.planes:
-        volume = _cl_buffer(x, w, w.in3)
-        go = _cl_buffer(grad_output, w, w.out3)
+        volume = hb.bits(_cl_buffer(x, w, w.in3))
+        go = hb.bits(_cl_buffer(grad_output, w, w.out3))
         share_a = np.empty(go.shape)
         share_b = np.empty(go.shape)
         invalid = np.zeros(w.batch * w.out3[0] * w.out3[1], dtype=np.bool_)
         kernel("stochastic_infer_cl", w, True)(volume, go, share_a, share_b, *_pads(w),
                                                invalid, _cl_row_workers(w))
         _raise_if_invalid(invalid)
-        kernel("stochastic_infer_backward_cl", w)(volume, share_a, share_b, grad_input,
-                                                  *_pads(w), _cl_input_row_workers(w))
+        kernel("stochastic_infer_backward_cl", w)(volume, share_a, share_b,
+                                                  hb.bits(grad_input), *_pads(w),
+                                                  _cl_input_row_workers(w))
     return view
 
 
@@ -341,8 +346,9 @@ def stochastic_pool_backward(grad_output, x, window, training, indices):
         invalid = np.zeros(w.planes, dtype=np.bool_)
         lo, hi = w.derived("interior", interior_columns)
         kernel("stochastic_infer_backward", w)(
-            _volumes(grad_output, w.out3), _volumes(x, w.in3),
-            grad_input.reshape((-1,) + w.in3), *_pads(w), invalid, lo, hi, _workers(w))
+            hb.bits(_volumes(grad_output, w.out3)), hb.bits(_volumes(x, w.in3)),
+            hb.bits(grad_input.reshape((-1,) + w.in3)), *_pads(w), invalid, lo, hi,
+            _workers(w))
         _raise_if_invalid(invalid)
     return grad_input
 
