@@ -3,7 +3,8 @@
 The simulator runs kernels as Python, so code that NVVM would reject (an untyped
 global, an unsupported call) can pass every simulator test. Here each kernel is compiled
 to PTX for compute capability 9.0 (H100) with NVIDIA's compiler, in a fresh process with
-the simulator off, for both dtypes and the argument types the launchers pass. That
+the simulator off, for both dtypes (and float16 where the kernels read it) and the
+argument types the launchers pass. That
 needs NVVM, which ``pip install ".[gpu]"`` provides (``numba-cuda[cu12]``); without it
 the test is skipped.
 """
@@ -60,10 +61,12 @@ _SCRIPT = """
             ("avg_backward", avg_backward, (x, out) + avg),
             ("stochastic_train", pooling._stochastic_train,
              (x, out, indices, boolean, key) + window + (flag,)),
-            ("stochastic_infer", pooling._stochastic_infer, (x, out) + window + (flag,)),
+            ("stochastic_infer", pooling._stochastic_infer_kernel(np_dtype),
+             (x, out) + window + (flag,)),
             ("stochastic_infer_shares", pooling._stochastic_infer_shares,
              (x, x, f64, f64) + window + (flag,)),
-            ("stochastic_infer_backward", pooling._stochastic_infer_backward,
+            ("stochastic_infer_backward",
+             pooling._stochastic_infer_backward_kernel(np_dtype),
              (x, f64, f64, out) + window),
         ]
         x, out = array(dt), array(dt, layout="C")
@@ -88,6 +91,27 @@ _SCRIPT = """
             ("sum_partials", sum_partials, (matrix, array(dt, 1, "C"))),
             ("gemm_weights", conv._gemm_weights, (x, array(dt, 3, "C"), boolean)),
         ]
+    # float16: the pooling kernels read and write it as it is (fastpool.cuda.HALF_NATIVE),
+    # summing in float32 (stochastic pooling in float64, as for every dtype).
+    x, out, indices = array(types.float16, 5), array(types.float16, 5), array(i64, 5)
+    f64 = array(types.float64, 5)
+    avg_forward, avg_backward = pooling._avg_kernels(np.float16)
+    avg = (boolean,) + (i64,) * 9 + (boolean, i64)
+    kernels += [
+        ("max_forward_f16", pooling._max_forward, (x, out, indices, boolean) + window),
+        ("gather_to_indices_f16", pooling._gather_to_indices_kernel(np.float16),
+         (x, indices, out) + window),
+        ("avg_forward_f16", avg_forward, (x, out) + avg),
+        ("avg_backward_f16", avg_backward, (x, out) + avg),
+        ("stochastic_train_f16", pooling._stochastic_train,
+         (x, out, indices, boolean, key) + window + (flag,)),
+        ("stochastic_infer_f16", pooling._stochastic_infer_kernel(np.float16),
+         (x, out) + window + (flag,)),
+        ("stochastic_infer_shares_f16", pooling._stochastic_infer_shares,
+         (x, x, f64, f64) + window + (flag,)),
+        ("stochastic_infer_backward_f16",
+         pooling._stochastic_infer_backward_kernel(np.float16), (x, f64, f64, out) + window),
+    ]
     import fastpool.cuda.slabs as slabs
     for dt in (types.float32, types.float64):
         kernels += [

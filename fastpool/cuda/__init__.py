@@ -69,6 +69,15 @@ adaptive_stochastic_pool_backward = on_device(_pooling.adaptive_stochastic_pool_
 max_unpool_forward = on_device(_pooling.max_unpool_forward)
 max_unpool_backward = on_device(_pooling.max_unpool_backward)
 
+# Launchers whose kernels read and write float16 arrays themselves (widening each load,
+# rounding each store once, through float32 as the CPU does): ``fastpool._half`` gives
+# the others float32 copies, and every launcher float32 copies of bfloat16 (Numba's CUDA
+# target has no bfloat16 array type).
+HALF_NATIVE = {"float16": frozenset({"max_pool_forward", "max_pool_backward",
+                                     "avg_pool_forward", "avg_pool_backward",
+                                     "stochastic_pool_forward",
+                                     "stochastic_pool_backward"})}
+
 __all__ = [
     "adaptive_avg_pool_backward",
     "adaptive_avg_pool_forward",

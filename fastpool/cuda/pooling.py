@@ -151,9 +151,16 @@ def _check_window_indices(indices, D, H, W, cl, pd, ph, pw, KD, KH, KW, SD, SH, 
         i += grid_stride()
 
 
+def _compute_type(dtype):
+    """The scalar type a kernel for arrays of ``dtype`` sums in: float32 for float16
+    (whose arrays the max and average kernels read and write as they are: loads widen,
+    stores round once), else the dtype itself."""
+    return np.float32 if np.dtype(dtype) == np.float16 else np.dtype(dtype).type
+
+
 @functools.lru_cache(maxsize=None)
 def _gather_to_indices_kernel(dtype):
-    zero = np.dtype(dtype).type(0)
+    zero = _compute_type(dtype)(0)
 
     @cuda.jit
     def gather_to_indices(grad_output, indices, grad_input, cl, pd, ph, pw, KD, KH, KW, SD, SH,
@@ -245,13 +252,14 @@ def _avg_divisor(od, oh, ow, D, H, W, pd, ph, pw, KD, KH, KW, SD, SH, SW,
 
 @functools.lru_cache(maxsize=None)
 def _avg_kernels(dtype):
-    scalar = np.dtype(dtype).type
+    scalar = _compute_type(dtype)
     zero = scalar(0)
 
     @cuda.jit
     def avg_forward(x, out, cl, pd, ph, pw, KD, KH, KW, SD, SH, SW, count_include_pad,
                     divisor_override):
-        """Sum in the input's dtype, row-major, as the CPU and PyTorch do."""
+        """Sum in the input's dtype (float32 for float16), row-major, as the CPU and
+        PyTorch do; the quotient is rounded to that type, then stored."""
         N, C, OD, OH, OW = out.shape
         D, H, W = x.shape[2], x.shape[3], x.shape[4]
         total = np.int64(N) * C * OD * OH * OW
@@ -266,9 +274,9 @@ def _avg_kernels(dtype):
                 for h in range(max(h0, 0), min(h0 + KH, H)):
                     for w in range(max(w0, 0), min(w0 + KW, W)):
                         acc += x[n, c, d, h, w]
-            out[n, c, od, oh, ow] = acc / _avg_divisor(
+            out[n, c, od, oh, ow] = scalar(acc / _avg_divisor(
                 od, oh, ow, D, H, W, pd, ph, pw, KD, KH, KW, SD, SH, SW, count_include_pad,
-                divisor_override)
+                divisor_override))
             i += grid_stride()
 
     @cuda.jit
@@ -419,18 +427,25 @@ def _checked_window_sums(x, n, c, od, oh, ow, pd, ph, pw, KD, KH, KW, SD, SH, SW
     return s1, s2
 
 
-@cuda.jit
-def _stochastic_infer(x, out, cl, pd, ph, pw, KD, KH, KW, SD, SH, SW, DD, DH, DW, bad):
-    """``S2 / S1`` (0 when ``S1 == 0``), in float64."""
-    N, C, OD, OH, OW = out.shape
-    total = np.int64(N) * C * OD * OH * OW
-    i = grid_start()
-    while i < total:
-        n, c, od, oh, ow = split_position(i, C, OD, OH, OW, cl)
-        s1, s2 = _checked_window_sums(x, n, c, od, oh, ow, pd, ph, pw, KD, KH, KW, SD, SH,
-                                      SW, DD, DH, DW, bad)
-        out[n, c, od, oh, ow] = s2 / s1 if s1 > 0.0 else 0.0
-        i += grid_stride()
+@functools.lru_cache(maxsize=None)
+def _stochastic_infer_kernel(dtype):
+    scalar = _compute_type(dtype)
+
+    @cuda.jit
+    def stochastic_infer(x, out, cl, pd, ph, pw, KD, KH, KW, SD, SH, SW, DD, DH, DW, bad):
+        """``S2 / S1`` (0 when ``S1 == 0``), in float64, rounded to the compute type
+        (float32 for float16, as the CPU stores it) before the store."""
+        N, C, OD, OH, OW = out.shape
+        total = np.int64(N) * C * OD * OH * OW
+        i = grid_start()
+        while i < total:
+            n, c, od, oh, ow = split_position(i, C, OD, OH, OW, cl)
+            s1, s2 = _checked_window_sums(x, n, c, od, oh, ow, pd, ph, pw, KD, KH, KW, SD,
+                                          SH, SW, DD, DH, DW, bad)
+            out[n, c, od, oh, ow] = scalar(s2 / s1 if s1 > 0.0 else 0.0)
+            i += grid_stride()
+
+    return stochastic_infer
 
 
 @cuda.jit
@@ -451,41 +466,58 @@ def _stochastic_infer_shares(x, grad_output, share_a, share_b, cl, pd, ph, pw, K
         i += grid_stride()
 
 
-@cuda.jit
-def _stochastic_infer_backward(x, share_a, share_b, grad_input, cl, pd, ph, pw, KD, KH, KW, SD,
-                               SH, SW, DD, DH, DW):
-    """``grad = x * sum(A) + sum(B)`` over the windows covering each element, summed
-    along window rows first, then over rows in tap order, then over depths in tap order
-    (the CPU's order)."""
-    N, C, D, H, W = grad_input.shape
+@cuda.jit(device=True, inline=True)
+def _shares_covering(share_a, share_b, n, c, d, h, w, pd, ph, pw, KD, KH, KW, SD, SH, SW,
+                     DD, DH, DW):
+    """``(sum(A), sum(B))`` over the windows covering ``(d, h, w)``, summed along window
+    rows first, then over rows in tap order, then over depths in tap order (the CPU's
+    order)."""
     OD, OH, OW = share_a.shape[2], share_a.shape[3], share_a.shape[4]
-    total = np.int64(N) * C * D * H * W
-    i = grid_start()
-    while i < total:
-        n, c, d, h, w = split_position(i, C, D, H, W, cl)
-        sum_a = 0.0
-        sum_b = 0.0
-        for a in range(KD):
-            od = _covering(d, pd, a, DD, SD, OD)
-            if od >= 0:
-                plane_a = 0.0
-                plane_b = 0.0
-                for b in range(KH):
-                    oh = _covering(h, ph, b, DH, SH, OH)
-                    if oh >= 0:
-                        row_a = 0.0
-                        row_b = 0.0
-                        for e in range(KW):
-                            ow = _covering(w, pw, e, DW, SW, OW)
-                            if ow >= 0:
-                                row_a += share_a[n, c, od, oh, ow]
-                                row_b += share_b[n, c, od, oh, ow]
-                        plane_a += row_a
-                        plane_b += row_b
-                sum_a += plane_a
-                sum_b += plane_b
-        grad_input[n, c, d, h, w] = np.float64(x[n, c, d, h, w]) * sum_a + sum_b
-        i += grid_stride()
+    sum_a = 0.0
+    sum_b = 0.0
+    for a in range(KD):
+        od = _covering(d, pd, a, DD, SD, OD)
+        if od >= 0:
+            plane_a = 0.0
+            plane_b = 0.0
+            for b in range(KH):
+                oh = _covering(h, ph, b, DH, SH, OH)
+                if oh >= 0:
+                    row_a = 0.0
+                    row_b = 0.0
+                    for e in range(KW):
+                        ow = _covering(w, pw, e, DW, SW, OW)
+                        if ow >= 0:
+                            row_a += share_a[n, c, od, oh, ow]
+                            row_b += share_b[n, c, od, oh, ow]
+                    plane_a += row_a
+                    plane_b += row_b
+            sum_a += plane_a
+            sum_b += plane_b
+    return sum_a, sum_b
+
+
+@functools.lru_cache(maxsize=None)
+def _stochastic_infer_backward_kernel(dtype):
+    scalar = _compute_type(dtype)
+
+    @cuda.jit
+    def stochastic_infer_backward(x, share_a, share_b, grad_input, cl, pd, ph, pw, KD, KH,
+                                  KW, SD, SH, SW, DD, DH, DW):
+        """``grad = x * sum(A) + sum(B)`` over the windows covering each element
+        (``_shares_covering``), rounded to the compute type before the store."""
+        N, C, D, H, W = grad_input.shape
+        total = np.int64(N) * C * D * H * W
+        i = grid_start()
+        while i < total:
+            n, c, d, h, w = split_position(i, C, D, H, W, cl)
+            sum_a, sum_b = _shares_covering(share_a, share_b, n, c, d, h, w, pd, ph, pw,
+                                            KD, KH, KW, SD, SH, SW, DD, DH, DW)
+            grad_input[n, c, d, h, w] = scalar(np.float64(x[n, c, d, h, w]) * sum_a
+                                               + sum_b)
+            i += grid_stride()
+
+    return stochastic_infer_backward
 
 
 def _raise_if_invalid(bad):
@@ -504,7 +536,7 @@ def stochastic_pool_forward(x, window, training, seed, with_indices):
                _volume(indices, w) if with_indices else _dummy_indices(), with_indices,
                _rng.kernel_key(seed, w.out3[1]), *_window_args(w), bad)
     else:
-        launch(_stochastic_infer, out.size, _volume(x, w), _volume(out, w),
+        launch(_stochastic_infer_kernel(x.dtype), out.size, _volume(x, w), _volume(out, w),
                *_window_args(w), bad)
     _raise_if_invalid(bad)
     return out, indices
@@ -522,8 +554,8 @@ def stochastic_pool_backward(grad_output, x, window, training, indices):
            share_b, *_window_args(w), bad)
     _raise_if_invalid(bad)
     grad_input = _allocate(w, w.input_shape, grad_output.dtype)
-    launch(_stochastic_infer_backward, grad_input.size, x, share_a, share_b,
-           _volume(grad_input, w), *_window_args(w))
+    launch(_stochastic_infer_backward_kernel(grad_output.dtype), grad_input.size, x,
+           share_a, share_b, _volume(grad_input, w), *_window_args(w))
     return grad_input
 
 
