@@ -13,7 +13,7 @@ checkout = os.path.abspath(sys.argv[1])
 import fastpool  # noqa: E402
 
 installed = os.path.dirname(os.path.abspath(fastpool.__file__))
-if installed.startswith(checkout + os.sep):
+if installed == os.path.join(checkout, "fastpool"):
     sys.exit(f"fastpool was imported from the checkout ({installed}), not the install")
 tracked = subprocess.run(["git", "ls-files", "fastpool"], cwd=checkout, check=True,
                          capture_output=True, text=True).stdout.split()

@@ -48,7 +48,9 @@ def test_argument_types_pick_their_own_compiled_body(rng):
             kernel(x, out, 0, 0, 0, True, 0, 0, 4, dtype(0), dtype(4), 2)  # no override
             expected = x.reshape(3, 4, 2, 4, 2).mean(axis=(2, 4), dtype=np.float64)
             np.testing.assert_allclose(out[:, 0], expected, rtol=1e-6)
-    assert len(kernel.body.overloads) == 4
+    # (other tests may have compiled this geometry for other types too: half precision)
+    compiled = {(str(sig[0].dtype), sig[0].mutable) for sig in kernel.body.overloads}
+    assert {(d, w) for d in ("float32", "float64") for w in (True, False)} <= compiled
 
 
 @njit
