@@ -431,6 +431,32 @@ def adaptive_stochastic_pool_backward(grad_output, x, output_size):
     return gi
 
 
+def global_avg_pool_in_order(x, lanes=16):
+    """Global average pooling in fastpool's documented summation order, in ``x``'s own
+    dtype (docs/design.md): per ``(n, c)``, partial ``j`` adds the row-major flattened
+    elements ``j, j + lanes, ...`` one by one from +0; then ``p[j] += p[j + width]``
+    for ``width = lanes / 2, ..., 1``; the mean is ``float64(p[0]) / size`` rounded to
+    the dtype."""
+    x = np.asarray(x)
+    dtype = x.dtype.type
+    N, C = x.shape[:2]
+    flat = x.reshape(N, C, -1)
+    size = flat.shape[2]
+    y = np.empty((N, C) + (1,) * (x.ndim - 2), dtype=x.dtype)
+    for n in range(N):
+        for c in range(C):
+            partial = [dtype(0)] * lanes
+            for k in range(size):
+                partial[k % lanes] = dtype(partial[k % lanes] + flat[n, c, k])
+            width = lanes // 2
+            while width:
+                for j in range(width):
+                    partial[j] = dtype(partial[j] + partial[j + width])
+                width //= 2
+            y[n, c] = np.float64(partial[0]) / size
+    return y
+
+
 def adaptive_avg_pool_backward(grad_output, x_shape, output_size):
     go = np.asarray(grad_output, dtype=np.float64)
     in_size = tuple(x_shape[2:])

@@ -139,8 +139,26 @@ def test_global_pooling_is_the_mean_and_max(rank):
                                    atol=1e-6)
         np.testing.assert_array_equal(OPS[rank]["max"](xin, 1),
                                       x.max(axis=axes, keepdims=True))
-    # The reduction kernel of channels-first inputs adds in the general kernel's order.
     np.testing.assert_array_equal(OPS[rank]["avg"](x, 1), OPS[rank]["avg"](channels_last(x), 1))
+
+
+@pytest.mark.parametrize("rank", [1, 2, 3])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_global_average_adds_in_the_documented_order(rank, dtype):
+    """Both layouts' reduction kernels sum in the documented order of interleaved
+    partials, bit for bit: volumes shorter than one vector, one vector exactly, and
+    with every tail length; values spread over 12 decades so that another order
+    rounds differently (checked: an in-order sum fails)."""
+    rng = np.random.default_rng(30 + rank)
+    for size in (1, 3, 16, 17, 31, 49, 64, 70):
+        spatial = {1: (size,), 2: (1, size), 3: (1, size, 1)}[rank]
+        x = (rng.standard_normal((2, 19) + spatial)
+             * 10.0 ** rng.integers(-6, 6, (2, 19) + spatial)).astype(dtype)
+        want = ref.global_avg_pool_in_order(x)
+        for xin in (x, channels_last(x)):
+            got = OPS[rank]["avg"](xin, 1)
+            np.testing.assert_array_equal(got.view(f"i{x.itemsize}"),
+                                          want.view(f"i{x.itemsize}"), err_msg=str(size))
 
 
 @pytest.mark.parametrize("rank", [1, 2, 3])

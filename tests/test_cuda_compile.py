@@ -130,6 +130,7 @@ _SCRIPT = """
         kernels += [
             ("adaptive_avg_forward", forward, (x5, x5) + tables + (boolean,)),
             ("adaptive_avg_backward", backward, (x5, x5) + tables * 2 + (boolean,)),
+            ("global_avg_forward", adaptive.global_avg_kernel(np_dtype), (x5, x5, boolean)),
             ("adaptive_max_forward", adaptive.max_forward,
              (x5, x5, array(i64, 5), boolean) + tables + (boolean,)),
             ("adaptive_max_backward", adaptive.max_backward_kernel(np_dtype),

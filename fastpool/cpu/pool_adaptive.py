@@ -13,9 +13,10 @@ the GPU; max pooling keeps the first maximum in row-major order and lets the fir
 win, as the other max kernels do.
 
 Global pooling (``output_size = 1``, every window the whole input) is a plain
-reduction: ``global_avg_channels_first`` sums many planes at once, vectorised across
-planes, each plane's elements still added in order; ``global_avg_backward`` broadcasts
-each share.
+reduction in an order of its own (``_lanes``: interleaved partial sums folded
+pairwise), the same on every path of both devices: ``global_avg_channels_first`` sums
+each contiguous plane in vector registers, ``global_avg_channels_last`` vectorises
+across channels; ``global_avg_backward`` broadcasts each share.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import functools
 import numpy as np
 from numba import njit, prange
 
+from fastpool.cpu._lanes import LANES, interleaved_sum
 from fastpool.cpu._parallel import BODY_JIT, parallel_kernel
 from fastpool.cpu._pool_common import JIT, U, replaces
 from fastpool.cpu.pool_channels_last import _row
@@ -179,33 +181,54 @@ def global_avg_backward(CHANNELS_LAST):
     return kernel
 
 
-# Planes summed side by side by the global reduction (one vector of float32s).
-_PLANE_BLOCK = 16
+@njit(**BODY_JIT)
+def _fold(acc, n):
+    """Add the ``LANES`` partials ``acc[:, c]`` of each column ``c < n`` pairwise into
+    ``acc[0, c]``, as ``_lanes.interleaved_sum`` does."""
+    width = LANES // 2
+    while width:
+        for j in range(width):
+            for c in range(n):
+                acc[j, c] += acc[j + width, c]
+        width //= 2
 
 
 @njit(**JIT)
-def global_avg_channels_first(x, out, zero, workers):
-    """``out[p] = sum(x[p]) / size`` for ``x`` of shape ``(planes, size)``: blocks of
-    planes side by side (vectorised across planes), each plane's elements in order, so
-    the sums are those of ``avg_forward``. Each of ``workers`` threads takes a fixed
-    run of blocks and one accumulator (allocating it per block cost more than the sums
-    on small planes)."""
+def global_avg_channels_first(x, out, workers):
+    """``out[p] = sum(x[p]) / size`` for ``x`` of shape ``(planes, size)``, summed by
+    ``_lanes.interleaved_sum``; each of ``workers`` threads takes a fixed run of planes."""
     planes, size = x.shape
-    blocks = -(-planes // _PLANE_BLOCK)
+    xf = x.reshape(-1)
     for worker in prange(workers):
-        acc = np.empty(_PLANE_BLOCK, dtype=x.dtype)
-        for block in range(worker * blocks // workers, (worker + 1) * blocks // workers):
-            p0 = block * _PLANE_BLOCK
-            n = min(_PLANE_BLOCK, planes - p0)
-            for j in range(_PLANE_BLOCK):
-                acc[j] = zero
-            if n == _PLANE_BLOCK:
-                for k in range(size):
-                    for j in range(_PLANE_BLOCK):
-                        acc[j] += x[U(p0 + j), U(k)]
-            else:
-                for k in range(size):
-                    for j in range(n):
-                        acc[j] += x[U(p0 + j), U(k)]
-            for j in range(n):
-                out[U(p0 + j)] = np.float64(acc[j]) / size
+        for p in range(worker * planes // workers, (worker + 1) * planes // workers):
+            out[U(p)] = np.float64(interleaved_sum(xf, p * size, size)) / size
+
+
+# Channels per block of the channels-last global sum: LANES x 256 accumulators of
+# float64 are 32 KiB, an L1 cache.
+_CHANNEL_BLOCK = 256
+
+
+@njit(**JIT)
+def global_avg_channels_last(x, out, zero, workers):
+    """``out[b, c] = sum(x[b, :, c]) / size`` for ``x`` of shape ``(B, size, C)``, in
+    ``global_avg_channels_first``'s order, vectorised across channels."""
+    B, size, C = x.shape
+    blocks = -(-C // _CHANNEL_BLOCK)
+    units = B * blocks
+    for worker in prange(workers):
+        acc = np.empty((LANES, _CHANNEL_BLOCK), dtype=x.dtype)
+        for unit in range(worker * units // workers, (worker + 1) * units // workers):
+            b = unit // blocks
+            c0 = (unit - b * blocks) * _CHANNEL_BLOCK
+            n = min(_CHANNEL_BLOCK, C - c0)
+            for j in range(LANES):
+                for c in range(n):
+                    acc[j, c] = zero
+            for k in range(size):
+                j = k % LANES
+                for c in range(n):
+                    acc[j, c] += x[U(b), U(k), U(c0 + c)]
+            _fold(acc, n)
+            for c in range(n):
+                out[U(b), U(c0 + c)] = np.float64(acc[0, c]) / size

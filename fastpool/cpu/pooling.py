@@ -392,14 +392,25 @@ def adaptive_avg_pool_forward(x, window):
     out, view = _adaptive_empty(w, w.output_shape, w.out_size, x.dtype)
     if w.planes:
         zero = x.dtype.type(0)
-        if w.is_global and w.layout != CHANNELS_LAST:
+        if w.is_global and w.layout == CHANNELS_LAST:
+            buffer = _adaptive_view(x, w, w.in3)
+            pool_adaptive.global_avg_channels_last(
+                buffer.reshape(buffer.shape[0], -1, buffer.shape[4]),
+                out.reshape(out.shape[0], -1), zero, _global_workers(x.size))
+        elif w.is_global:
             pool_adaptive.global_avg_channels_first(
-                contiguous(x).reshape(w.planes, -1), out.reshape(-1), zero,
-                max(1, min(numba.get_num_threads(), w.planes // 16)))
+                contiguous(x).reshape(w.planes, -1), out.reshape(-1),
+                _global_workers(x.size))
         else:
             pool_adaptive.avg_forward(w.layout == CHANNELS_LAST)(
                 _adaptive_view(x, w, w.in3), out, *_bounds(w), zero, _rows_of(out))
     return view
+
+
+def _global_workers(elements):
+    """Threads for a global reduction: one per 16 Ki elements at most (a thread's
+    start-up costs about as much as summing that many)."""
+    return max(1, min(numba.get_num_threads(), elements >> 14))
 
 
 def adaptive_avg_pool_backward(grad_output, window):

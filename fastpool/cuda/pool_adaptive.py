@@ -1,9 +1,10 @@
 """numba.cuda adaptive pooling kernels (average and max), mirroring
 ``fastpool.cpu.pool_adaptive``: the same windows (per-axis ``starts``/``ends`` tables),
-the same sums in the same order, the same rounding, so results are the CPU's bit for
-bit. One thread per output (forward) or per input element (backward, gather form over
-the ``first``/``last`` tables of the windows covering it), 5-D views of any strides,
-walked channel-fastest for channels-last calls (``fastpool.cuda._launch``).
+the same sums in the same order (global average pooling: the CPU's ``_lanes`` order),
+the same rounding, so results are the CPU's bit for bit. One thread per output
+(forward) or per input element (backward, gather form over the ``first``/``last``
+tables of the windows covering it), 5-D views of any strides, walked channel-fastest
+for channels-last calls (``fastpool.cuda._launch``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import functools
 import numpy as np
 from numba import cuda
 
+from fastpool.cpu._lanes import LANES
 from fastpool.cuda._launch import grid_start, grid_stride, split_position
 
 
@@ -62,6 +64,42 @@ def avg_kernels(dtype):
             i += grid_stride()
 
     return forward, backward
+
+
+@functools.lru_cache(maxsize=None)
+def global_avg_kernel(dtype):
+    """Global average pooling (every window the whole input), one thread per output, in
+    the CPU's order (``fastpool.cpu._lanes``): ``LANES`` interleaved partial sums of the
+    row-major flattened volume, folded pairwise."""
+    scalar = np.dtype(dtype).type
+    zero = scalar(0)
+
+    @cuda.jit
+    def forward(x, out, cl):
+        N, C = out.shape[0], out.shape[1]
+        D, H, W = x.shape[2], x.shape[3], x.shape[4]
+        total = np.int64(N) * C
+        i = grid_start()
+        while i < total:
+            n, c, _, _, _ = split_position(i, C, 1, 1, 1, cl)
+            partials = cuda.local.array(LANES, dtype)
+            for j in range(LANES):
+                partials[j] = zero
+            k = 0
+            for d in range(D):
+                for h in range(H):
+                    for w in range(W):
+                        partials[k % LANES] += x[n, c, d, h, w]
+                        k += 1
+            width = LANES // 2
+            while width:
+                for j in range(width):
+                    partials[j] += partials[j + width]
+                width //= 2
+            out[n, c, 0, 0, 0] = np.float64(partials[0]) / (D * H * W)
+            i += grid_stride()
+
+    return forward
 
 
 @cuda.jit

@@ -579,6 +579,10 @@ def _cover(w):
 def adaptive_avg_pool_forward(x, window):
     w = window
     out = _allocate(w, w.output_shape, x.dtype)
+    if w.is_global:
+        launch(pool_adaptive.global_avg_kernel(x.dtype), out.size, _volume(x, w),
+               _volume(out, w), _channels_last(w))
+        return out
     forward, _ = pool_adaptive.avg_kernels(x.dtype)
     launch(forward, out.size, _volume(x, w), _volume(out, w), *_bounds(w),
            _channels_last(w))
