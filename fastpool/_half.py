@@ -29,6 +29,8 @@ HALF_NAMES = ("float16", "bfloat16")
 def is_half(dtype):
     """Whether ``dtype`` (a NumPy dtype, or anything with a ``dtype`` name) is one of the
     16-bit float types fastpool computes in float32."""
+    if isinstance(dtype, np.dtype) and dtype.itemsize != 2:
+        return False  # every call asks: dtype.name and str(dtype) are Python code
     return getattr(dtype, "name", None) in HALF_NAMES or str(dtype) in (
         "torch.float16", "torch.bfloat16")
 

@@ -137,6 +137,14 @@ def _thread_count_functions():
 _counts = []
 
 
+def thread_count():
+    """This thread's Numba thread count (``numba.get_num_threads()`` without its lock
+    and checks: kernels ask it on every call)."""
+    if not _counts:
+        _counts.append(_thread_count_functions())
+    return _counts[0][0]()
+
+
 def _one_thread(launcher, args, kwargs):
     """Run ``launcher`` with this thread's Numba thread count at 1, then restore it
     (the count is per calling thread, so other threads' calls are unaffected)."""

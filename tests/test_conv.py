@@ -11,7 +11,7 @@ import numba
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
-from threadpoolctl import threadpool_info
+from threadpoolctl import threadpool_info, threadpool_limits
 
 import fastpool
 import fastpool.cpu.conv as cpu_conv
@@ -391,3 +391,20 @@ def test_blas_thread_limit_is_restored():
              if i["user_api"] == "blas"}
     for path, threads in before:
         assert after[path] == threads
+
+
+def test_blas_runs_one_thread_inside_the_kernels_and_nests():
+    from fastpool.cpu._blas import single_threaded_blas
+
+    def blas_threads():
+        return {i["filepath"]: i["num_threads"] for i in threadpool_info()
+                if i["user_api"] == "blas"}
+
+    before = blas_threads()
+    with threadpool_limits(limits=2, user_api="blas"):
+        with single_threaded_blas(np.float64):
+            with single_threaded_blas(np.float32):
+                assert set(blas_threads().values()) == {1}
+            assert set(blas_threads().values()) == {1}
+        assert set(blas_threads().values()) == {2}
+    assert blas_threads() == before

@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import math
 
-import numba
 import numpy as np
 
 from fastpool import _params, _rng
 from fastpool._geometry import CHANNELS_LAST
+from fastpool._threading import thread_count
 from fastpool.cpu import _half_bits as hb
 from fastpool.cpu import (
     pool_adaptive,
@@ -91,7 +91,7 @@ def _pads(window):
 
 def _split(tasks):
     """Threads a kernel splits ``tasks`` equal tasks between."""
-    return max(1, min(numba.get_num_threads(), tasks))
+    return max(1, min(thread_count(), tasks))
 
 
 def _row_workers(window):
@@ -111,7 +111,7 @@ def _cl_input_row_workers(window):
 
 def _workers(window):
     """Threads a backward kernel splits its planes between."""
-    return max(1, min(numba.get_num_threads(), window.planes))
+    return max(1, min(thread_count(), window.planes))
 
 
 # Channels-first planes narrower than this many columns (with at least
@@ -410,7 +410,7 @@ def adaptive_avg_pool_forward(x, window):
 def _global_workers(elements):
     """Threads for a global reduction: one per 16 Ki elements at most (a thread's
     start-up costs about as much as summing that many)."""
-    return max(1, min(numba.get_num_threads(), elements >> 14))
+    return max(1, min(thread_count(), elements >> 14))
 
 
 def adaptive_avg_pool_backward(grad_output, window):
@@ -419,7 +419,7 @@ def adaptive_avg_pool_backward(grad_output, window):
     if w.planes and w.is_global:
         pool_adaptive.global_avg_backward(w.layout == CHANNELS_LAST)(
             _adaptive_view(grad_output, w, w.out3), grad_input, grad_output.dtype.type(0),
-            max(1, min(numba.get_num_threads(), grad_input.shape[0])))
+            max(1, min(thread_count(), grad_input.shape[0])))
     elif w.planes:
         pool_adaptive.avg_backward(w.layout == CHANNELS_LAST)(
             _adaptive_view(grad_output, w, w.out3), grad_input, *_bounds(w), *_cover(w),

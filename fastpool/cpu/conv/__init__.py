@@ -40,9 +40,9 @@ folding buys little here, unlike the pooling kernels).
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 
+from fastpool._threading import thread_count
 from fastpool.cpu._arrays import contiguous
 from fastpool._geometry import CHANNELS_LAST
 from fastpool.cpu._blas import single_threaded_blas
@@ -99,7 +99,7 @@ def _pointwise_pixels(x, w, algorithm):
 
 def _threads_for(tasks):
     """Workers for a kernel body with ``tasks`` equal tasks."""
-    return max(1, min(numba.get_num_threads(), tasks))
+    return max(1, min(thread_count(), tasks))
 
 
 def _check(status):
@@ -116,7 +116,7 @@ def _run_forward(problem, x, weight, bias, y, algorithm=None):
         if problem.unit_stride_planes():
             p = problem
             _direct_forward_unit_stride(x, weight, bias, has_bias, y,
-                                        numba.get_num_threads(), p.groups, p.kernel_h,
+                                        thread_count(), p.groups, p.kernel_h,
                                         p.kernel_w, p.dilation_h, p.dilation_w,
                                         p.pad_top, p.pad_left)
         else:
@@ -129,14 +129,14 @@ def _run_forward(problem, x, weight, bias, y, algorithm=None):
                               bias if has_bias else np.zeros(y.shape[1], x.dtype), y,
                               problem.winograd_band_tile_rows(x.itemsize), status,
                               problem.groups, problem.pad_top, problem.pad_left,
-                              numba.get_num_threads())
+                              thread_count())
         _check(status)
         return y
     rows = problem.forward_band_rows(algorithm, x.itemsize)
     with single_threaded_blas(x.dtype):
         _gemm_forward(x, problem.gemm_weight(weight, algorithm), bias, has_bias, y,
                       algorithm, rows, problem.forward_channel_blocks(rows), status,
-                      *problem.args, numba.get_num_threads())
+                      *problem.args, thread_count())
     _check(status)
     return y
 
@@ -148,7 +148,7 @@ def conv2d_forward(x, weight, bias, window, algorithm=None):
     x2d = _pointwise_pixels(x, w, algorithm)
     if x2d is not None:
         with single_threaded_blas(x2d.dtype):
-            y = _channels_last.forward(x2d, weight, bias, w, numba.get_num_threads(),
+            y = _channels_last.forward(x2d, weight, bias, w, thread_count(),
                                        _check)
         return y if w.batched else y[0]
     x = contiguous(x).reshape((w.batch, w.channels) + w.in_size)
@@ -224,7 +224,7 @@ def conv2d_backward(grad_output, x, weight, window, output_mask, algorithm=None)
                 -1, w.out_channels)
         with single_threaded_blas(x2d.dtype):
             grads = _channels_last.backward(grad_y2d, x2d, weight, w, output_mask,
-                                            numba.get_num_threads(), _check)
+                                            thread_count(), _check)
         if grads[0] is not None and not w.batched:
             grads = (grads[0][0],) + grads[1:]
         return grads

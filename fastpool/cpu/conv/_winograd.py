@@ -4,10 +4,10 @@ no dilation; the forward only (the weight gradient runs on ``"rows"``).
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 from numba import njit
 
+from fastpool._threading import thread_count
 from fastpool.cpu._parallel import BODY_JIT, parallel_kernel
 from fastpool.cpu._blas import gemm
 from fastpool.cpu.conv._planner import _U
@@ -27,7 +27,7 @@ def winograd_weight(weight):
     O, Cg = weight.shape[0], weight.shape[1]
     U = np.empty(16 * O * Cg, weight.dtype)
     _weight_transform(np.ascontiguousarray(weight), U,
-                      max(1, min(numba.get_num_threads(), O)))
+                      max(1, min(thread_count(), O)))
     return U
 
 
