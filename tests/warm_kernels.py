@@ -3,9 +3,9 @@ disk cache, while the suite itself runs (conftest.py starts this at the beginnin
 full run).
 
 Nearly all of a first test run's time is Numba compiling kernel specialisations, one at
-a time on one core. This process compiles the ones the suite's later files need (the
-N-D pooling geometries of test_pooling_nd.py in both layouts, then the 2-D geometries
-of ``conftest.GEOMETRIES``), in the order those files reach them, so that by then the
+a time on one core. This process compiles the ones the suite's later files need (test_half.py's
+16-bit kernels, the N-D pooling geometries of test_pooling_nd.py in both layouts, then
+the 2-D geometries of ``conftest.GEOMETRIES``), in the order those files reach them, so that by then the
 suite loads them from the disk cache instead. It checks nothing: if it is slower than
 the suite, or not running at all, the suite compiles what it needs itself, as before.
 """
@@ -69,12 +69,32 @@ def plan():
     return out
 
 
+def half_calls():
+    """test_half.py's calls of the 16-bit pooling kernels (about 90 specialisations of
+    larger kernels: 6 of a cold run's 25 minutes went to compiling them in that file),
+    in the file's order: its own test functions with their parameters, run here only
+    for what they compile (their assertions are the suite's business)."""
+    import test_half as th
+    calls = [(th.test_half_is_float32_rounded_once, (d,)) for d in th.HALF]
+    calls += [(th.test_native_half_pooling_is_float32_rounded_once, case)
+              for case in th.NATIVE_CASES]
+    calls += [(th.test_native_half_pooling_moves_16_bit_values, (d,)) for d in th.HALF]
+    calls += [(th.test_half_keeps_channels_last, (d,)) for d in th.HALF]
+    if th.torch is not None:
+        calls += [(th.test_torch_half_matches_pytorch, (d, layout))
+                  for d in th.TORCH_HALF for layout in ("channels_first", "channels_last")]
+        calls += [(th.test_autocast_follows_pytorch, (d, "same")) for d in th.TORCH_HALF]
+    return calls
+
+
 def main():
-    for case in plan():
+    # test_half.py comes before the pooling files in the suite: its kernels first.
+    work = half_calls() + [(pool_calls, case) for case in plan()]
+    for function, args in work:
         try:
-            pool_calls(*case)
+            function(*args)
         except Exception as exc:  # the suite reports real failures; this only warms
-            print(f"warm_kernels: {case}: {exc!r}", file=sys.stderr)
+            print(f"warm_kernels: {function.__name__}{args}: {exc!r}", file=sys.stderr)
 
 
 if __name__ == "__main__":

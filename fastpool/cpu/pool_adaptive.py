@@ -204,24 +204,22 @@ def global_avg_channels_first(x, out, workers):
             out[U(p)] = np.float64(interleaved_sum(xf, p * size, size)) / size
 
 
-# Channels per block of the channels-last global sum: LANES x 256 accumulators of
-# float64 are 32 KiB, an L1 cache.
-_CHANNEL_BLOCK = 256
-
-
 @njit(**JIT)
-def global_avg_channels_last(x, out, zero, workers):
+def global_avg_channels_last(x, out, zero, block, workers):
     """``out[b, c] = sum(x[b, :, c]) / size`` for ``x`` of shape ``(B, size, C)``, in
-    ``global_avg_channels_first``'s order, vectorised across channels."""
+    ``global_avg_channels_first``'s order, vectorised across channels. A task is one
+    image's ``block`` channels: whole images (``block = C``) read their memory in
+    one sequential stream, which the hardware prefetches (256-channel blocks read
+    1 KiB pieces 8 KiB apart and ran at 0.9x PyTorch from DRAM)."""
     B, size, C = x.shape
-    blocks = -(-C // _CHANNEL_BLOCK)
+    blocks = -(-C // block)
     units = B * blocks
     for worker in prange(workers):
-        acc = np.empty((LANES, _CHANNEL_BLOCK), dtype=x.dtype)
+        acc = np.empty((LANES, block), dtype=x.dtype)
         for unit in range(worker * units // workers, (worker + 1) * units // workers):
             b = unit // blocks
-            c0 = (unit - b * blocks) * _CHANNEL_BLOCK
-            n = min(_CHANNEL_BLOCK, C - c0)
+            c0 = (unit - b * blocks) * block
+            n = min(block, C - c0)
             for j in range(LANES):
                 for c in range(n):
                     acc[j, c] = zero

@@ -394,9 +394,11 @@ def adaptive_avg_pool_forward(x, window):
         zero = x.dtype.type(0)
         if w.is_global and w.layout == CHANNELS_LAST:
             buffer = _adaptive_view(x, w, w.in3)
+            workers = _global_workers(x.size)
             pool_adaptive.global_avg_channels_last(
                 buffer.reshape(buffer.shape[0], -1, buffer.shape[4]),
-                out.reshape(out.shape[0], -1), zero, _global_workers(x.size))
+                out.reshape(out.shape[0], -1), zero,
+                _channel_block(w.batch, w.channels, workers), workers)
         elif w.is_global:
             pool_adaptive.global_avg_channels_first(
                 contiguous(x).reshape(w.planes, -1), out.reshape(-1),
@@ -405,6 +407,16 @@ def adaptive_avg_pool_forward(x, window):
             pool_adaptive.avg_forward(w.layout == CHANNELS_LAST)(
                 _adaptive_view(x, w, w.in3), out, *_bounds(w), zero, _rows_of(out))
     return view
+
+
+def _channel_block(images, channels, workers):
+    """Channels per task of the channels-last global reduction: whole images when
+    there are at least two per thread, else blocks (multiples of 16) that make about
+    two tasks per thread."""
+    if images >= 2 * workers:
+        return channels
+    per_piece = -(-channels // -(-2 * workers // images))
+    return min(channels, -(-per_piece // 16) * 16)
 
 
 def _global_workers(elements):
