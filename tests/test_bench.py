@@ -178,6 +178,21 @@ def test_progress_bar_in_a_log_prints_the_finished_bar_once(tmp_path):
         assert log.read() == "\rtiming [########] 4/4 op" + " " * 38 + "\n"
 
 
+def test_each_side_is_timed_right_after_its_own_untimed_call(tmp_path):
+    """Neither side is timed on the cache state the other one left (the peer reads
+    the same buffers as fastpool)."""
+    calls = []
+
+    def side(name):
+        return lambda: calls.append(name)
+
+    cases = [_bench.Case("a", "", side("ours a"), side("peer a"), 1.0, "GB/s"),
+             _bench.Case("b", "", side("ours b"), None, 1.0, "GB/s")]
+    with open(tmp_path / "log", "w") as log:
+        _bench.median_times(cases, 2, _bench.Progress(4, "t", stream=log))
+    assert calls == ["ours a", "ours a", "peer a", "peer a", "ours b", "ours b"] * 2
+
+
 def test_info_runs_in_a_fresh_process():
     result = subprocess.run([sys.executable, "-m", "fastpool", "info"], capture_output=True,
                             text=True, timeout=120)
