@@ -24,11 +24,11 @@ from __future__ import annotations
 import functools
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from fastpool.cpu._lanes import LANES, interleaved_sum
 from fastpool.cpu._parallel import BODY_JIT, parallel_kernel
-from fastpool.cpu._pool_common import JIT, U, replaces
+from fastpool.cpu._pool_common import U, replaces
 from fastpool.cpu.pool_channels_last import _row
 
 
@@ -193,20 +193,23 @@ def _fold(acc, n):
         width //= 2
 
 
-@njit(**JIT)
-def global_avg_channels_first(x, out, workers):
-    """``out[p] = sum(x[p]) / size`` for ``x`` of shape ``(planes, size)``, summed by
-    ``_lanes.interleaved_sum``; each of ``workers`` threads takes a fixed run of planes."""
+@parallel_kernel
+@njit(**BODY_JIT)
+def global_avg_channels_first(x, out, worker, workers):
+    """``kernel(x, out, workers)``: ``out[p] = sum(x[p]) / size`` for ``x`` of shape
+    ``(planes, size)``, summed by ``_lanes.interleaved_sum``; each worker takes a fixed
+    run of planes. (Serial bodies through the shared loop: one worker calls the body
+    directly, without a parallel region's 5 us.)"""
     planes, size = x.shape
     xf = x.reshape(-1)
-    for worker in prange(workers):
-        for p in range(worker * planes // workers, (worker + 1) * planes // workers):
-            out[U(p)] = np.float64(interleaved_sum(xf, p * size, size)) / size
+    for p in range(worker * planes // workers, (worker + 1) * planes // workers):
+        out[U(p)] = np.float64(interleaved_sum(xf, p * size, size)) / size
 
 
-@njit(**JIT)
-def global_avg_channels_last(x, out, zero, block, workers):
-    """``out[b, c] = sum(x[b, :, c]) / size`` for ``x`` of shape ``(B, size, C)``, in
+@parallel_kernel
+@njit(**BODY_JIT)
+def global_avg_channels_last(x, out, zero, block, worker, workers):
+    """``kernel(x, out, zero, block, workers)``: ``out[b, c] = sum(x[b, :, c]) / size`` for ``x`` of shape ``(B, size, C)``, in
     ``global_avg_channels_first``'s order, vectorised across channels. A task is one
     image's ``block`` channels: whole images (``block = C``) read their memory in
     one sequential stream, which the hardware prefetches (256-channel blocks read
@@ -214,19 +217,18 @@ def global_avg_channels_last(x, out, zero, block, workers):
     B, size, C = x.shape
     blocks = -(-C // block)
     units = B * blocks
-    for worker in prange(workers):
-        acc = np.empty((LANES, block), dtype=x.dtype)
-        for unit in range(worker * units // workers, (worker + 1) * units // workers):
-            b = unit // blocks
-            c0 = (unit - b * blocks) * block
-            n = min(block, C - c0)
-            for j in range(LANES):
-                for c in range(n):
-                    acc[j, c] = zero
-            for k in range(size):
-                j = k % LANES
-                for c in range(n):
-                    acc[j, c] += x[U(b), U(k), U(c0 + c)]
-            _fold(acc, n)
+    acc = np.empty((LANES, block), dtype=x.dtype)
+    for unit in range(worker * units // workers, (worker + 1) * units // workers):
+        b = unit // blocks
+        c0 = (unit - b * blocks) * block
+        n = min(block, C - c0)
+        for j in range(LANES):
             for c in range(n):
-                out[U(b), U(c0 + c)] = np.float64(acc[0, c]) / size
+                acc[j, c] = zero
+        for k in range(size):
+            j = k % LANES
+            for c in range(n):
+                acc[j, c] += x[U(b), U(k), U(c0 + c)]
+        _fold(acc, n)
+        for c in range(n):
+            out[U(b), U(c0 + c)] = np.float64(acc[0, c]) / size
