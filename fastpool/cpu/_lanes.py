@@ -31,7 +31,10 @@ LANES = 16
 def interleaved_sum(typingctx, x, start, count):
     """``x[start:start + count]`` (``x`` 1-D, contiguous) summed in the order above,
     in ``x``'s dtype."""
-    if not isinstance(x, types.Array) or not isinstance(x.dtype, types.Float):
+    # Typed for C-contiguous 1-D float arrays only: the loads read ``x.data`` by
+    # element offset, ignoring strides.
+    if not (isinstance(x, types.Array) and isinstance(x.dtype, types.Float)
+            and x.ndim == 1 and x.layout == "C"):
         return None
 
     def codegen(context, builder, signature, args):
