@@ -218,6 +218,81 @@ def test_channels_last_pointwise_runs_in_place(groups, unbatched, monkeypatch):
         assert np.moveaxis(grads.grad_input, axis, -1).flags.c_contiguous
 
 
+DEPTHWISE_LAST_CASES = [  # (x_shape, kernel, args): each path of the kernels
+    ((2, 5, 9, 8), (3, 3), dict(padding=1)),  # 3x3 one pass, column pairs + one left
+    ((1, 16, 7, 7), (3, 3), dict(stride=2, padding=1)),  # one tap at a time
+    ((2, 3, 10, 9), (5, 3), dict(stride=(2, 3), padding=(2, 1), dilation=(1, 2))),
+    ((2, 4, 8, 8), (3, 3), dict(padding="same", dilation=2)),  # 3x3 without pairs
+    ((1, 8, 6, 6), (2, 2), dict()),  # one group of four taps, no padding
+    ((1, 9, 5, 11), (1, 4), dict(stride=(1, 2))),
+    ((1, 7, 12, 12), (7, 7), dict(padding=3)),  # 12 groups of four and one tap
+    ((3, 6, 4, 5), (3, 3), dict(padding=2)),  # windows leaving the input on all sides
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("x_shape, kernel, args", DEPTHWISE_LAST_CASES)
+def test_channels_last_depthwise_runs_in_place(x_shape, kernel, args, dtype,
+                                               monkeypatch):
+    """A depthwise convolution of a channels-last input runs on its buffer: no
+    channels-first copy, results channels-last, the output, input gradient and bias
+    gradient bitwise the channels-first call's, the weight gradient close to the
+    reference, every result identical at 1 and 2 threads."""
+    import numba
+
+    from fastpool import _params
+    from fastpool.cpu import conv as cpu_conv
+    rng = np.random.default_rng(seed_for(x_shape, kernel))
+    channels = x_shape[1]
+    x = rng.standard_normal(x_shape).astype(dtype)
+    w = rng.standard_normal((channels, 1) + kernel).astype(dtype)
+    b = rng.standard_normal(channels).astype(dtype)
+    args = dict(args, groups=channels)
+    xl = np.moveaxis(np.ascontiguousarray(np.moveaxis(x, 1, -1)), -1, 1)
+    y = fastpool.conv2d(x, w, b, **args)
+    g = rng.standard_normal(y.shape).astype(dtype)
+    gl = np.moveaxis(np.ascontiguousarray(np.moveaxis(g, 1, -1)), -1, 1)
+    grads = fastpool.conv2d_backward(g, x, w, **args)
+    expected = ref.conv2d_backward(g, x, w, **args)
+    bound = ref.conv2d_backward(np.abs(g), np.abs(x), np.abs(w), **args)[1]
+
+    def no_copies(a):
+        raise AssertionError("the channels-first path ran")
+
+    monkeypatch.setattr(cpu_conv, "contiguous", no_copies)
+    _, _, _, window = _params.conv_window(xl, w, b, 2, **args)
+    saved = numba.get_num_threads()
+    try:
+        runs = []
+        for threads in (1, 2):
+            numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+            runs.append((cpu_conv.conv2d_forward(xl, w, b, window),
+                         *cpu_conv.conv2d_backward(gl, xl, w, window, (True, True, True))))
+        for one, two in zip(*runs):
+            np.testing.assert_array_equal(one, two)
+    finally:
+        numba.set_num_threads(saved)
+    yl, gi, gw, gb = runs[0]
+    np.testing.assert_array_equal(yl, y)
+    np.testing.assert_array_equal(gi, grads.grad_input)
+    np.testing.assert_array_equal(gb, grads.grad_bias)
+    assert_close_to_sum(gw, expected[1], bound, dtype)
+    for result in (yl, gi):
+        assert np.moveaxis(result, 1, -1).flags.c_contiguous
+    # The public functions, unbatched and with a channels-first grad_output (one copy).
+    monkeypatch.undo()
+    np.testing.assert_array_equal(fastpool.conv2d(xl[1 % len(x)], w, b, **args),
+                                  y[1 % len(x)])
+    unbatched = fastpool.conv2d_backward(g[0], xl[0], w, **args)
+    np.testing.assert_array_equal(unbatched.grad_input,
+                                  fastpool.conv2d_backward(g[:1], x[:1], w,
+                                                           **args).grad_input[0])
+    assert np.moveaxis(unbatched.grad_input, 0, -1).flags.c_contiguous
+    mixed = fastpool.conv2d_backward(g, xl, w, **args)
+    np.testing.assert_array_equal(mixed.grad_input, grads.grad_input)
+    np.testing.assert_array_equal(mixed.grad_weight, gw)
+
+
 # ----------------------------------------------------------------------------- 3-D
 
 CONV3D_CASES = [

@@ -19,11 +19,14 @@ Algorithms, chosen per problem by ``choose_algorithm`` (the README lists them):
 ``"direct"``     one input channel per group (depthwise and channel multipliers), or
                  planes too big for BLAS's 32-bit sizes: plain loops vectorised along
                  output columns. A GEMM with ``K = KH * KW`` would be all overhead.
+                 Depthwise convolutions of channels-last buffers run in place, their
+                 loops vectorised across channels (``_channels_last_direct``).
 
 One module per concern: ``_planner`` (the problem as the kernels see it, the choice of
 algorithm, band and chunk sizes), ``_gemm`` (pointwise, rows, im2col: column gathering
 and the GEMM kernels), ``_winograd``, ``_direct`` (row kernels and padded-plane
 unit-stride kernels), ``_channels_last`` (pointwise convolutions of channels-last
+buffers, in place), ``_channels_last_direct`` (depthwise convolutions of channels-last
 buffers, in place); this module holds the launchers.
 
 Backward: with stride 1 the input gradient is the forward convolution of
@@ -46,7 +49,7 @@ from fastpool._threading import thread_count
 from fastpool.cpu._arrays import contiguous
 from fastpool._geometry import CHANNELS_LAST
 from fastpool.cpu._blas import single_threaded_blas
-from fastpool.cpu.conv import _channels_last
+from fastpool.cpu.conv import _channels_last, _channels_last_direct
 from fastpool.cpu.conv._direct import (_direct_backward_input, _direct_backward_weight,
                                        _direct_backward_weight_unit_stride,
                                        _direct_forward, _direct_forward_unit_stride)
@@ -95,6 +98,16 @@ def _pointwise_pixels(x, w, algorithm):
             or not _Problem.forward(w).pointwise_applies()):
         return None
     return _channels_last.pixels(x if w.batched else x[None])
+
+
+def _depthwise_pixels(x, w, algorithm):
+    """The ``(N, H, W, C)`` buffer of a channels-last input whose depthwise convolution
+    (one channel per group, as many outputs as inputs) runs in place
+    (``_channels_last_direct``), or None, as ``_pointwise_pixels``."""
+    if (algorithm is not None or w.layout != CHANNELS_LAST or w.batch == 0
+            or not w.groups == w.channels == w.out_channels):
+        return None
+    return _channels_last_direct.pixels(x, w.batched)
 
 
 def _threads_for(tasks):
@@ -150,6 +163,11 @@ def conv2d_forward(x, weight, bias, window, algorithm=None):
         with single_threaded_blas(x2d.dtype):
             y = _channels_last.forward(x2d, weight, bias, w, thread_count(),
                                        _check)
+        return y if w.batched else y[0]
+    x4 = _depthwise_pixels(x, w, algorithm)
+    if x4 is not None:
+        y = _channels_last_direct.forward(x4, weight, bias, _Problem.forward(w),
+                                          thread_count())
         return y if w.batched else y[0]
     x = contiguous(x).reshape((w.batch, w.channels) + w.in_size)
     y = np.empty((w.batch, w.out_channels) + w.out_size, x.dtype)
@@ -225,6 +243,18 @@ def conv2d_backward(grad_output, x, weight, window, output_mask, algorithm=None)
         with single_threaded_blas(x2d.dtype):
             grads = _channels_last.backward(grad_y2d, x2d, weight, w, output_mask,
                                             thread_count(), _check)
+        if grads[0] is not None and not w.batched:
+            grads = (grads[0][0],) + grads[1:]
+        return grads
+    x4 = _depthwise_pixels(x, w, algorithm)
+    if x4 is not None:
+        gy4 = _channels_last_direct.pixels(grad_output, w.batched)
+        if gy4 is None:  # one copy into the layout of the call
+            gy4 = np.ascontiguousarray(np.moveaxis(
+                grad_output if w.batched else grad_output[None], 1, -1))
+        grads = _channels_last_direct.backward(gy4, x4, weight, _Problem.forward(w),
+                                               _Problem.input_grad(w), output_mask,
+                                               thread_count())
         if grads[0] is not None and not w.batched:
             grads = (grads[0][0],) + grads[1:]
         return grads

@@ -1,0 +1,355 @@
+"""Depthwise convolution (``groups == C_in == C_out``) on channels-last buffers, in place.
+
+In an ``(N, H, W, C)`` buffer the ``C`` values of one pixel are contiguous and every
+channel has its own one-channel kernel, so each kernel here runs its innermost loop
+across channels (unit stride, vectorised) and needs no copy of the input, where the
+channels-first kernels (``_direct``) would need one copy in and one out.
+
+The sums are added in the order of the channels-first direct kernels, so the output and
+the input gradient are bitwise those of a channels-first call: the bias first, then the
+taps in row-major order, four at a time as ``(a + b) + (c + d)`` with cells outside the
+input as zeros where the channels-first call uses its padded-plane kernels
+(``_Problem.unit_stride_planes``), one at a time skipping outside cells otherwise. The
+strided input gradient gathers, per input cell, the terms the channels-first kernel
+scatters, in its order (output rows ascending, kernel columns ascending). The weight
+gradient sums fixed chunks of output rows (the chunking depends on the shapes only)
+added in chunk order: identical at any thread count, equal to the channels-first one
+within rounding. The bias gradient adds every pixel in order in float64, as the
+channels-first kernel does, per block of channels.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from fastpool.cpu.conv._gemm import _sum_partials
+from fastpool.cpu.conv._planner import _JIT, _MAX_CHUNKS, _PARTIAL_BYTES, _U
+
+
+# Kernels index flat views by element offsets: a view per pixel or tap (``x[n, h, w]``)
+# would take and drop a reference to the buffer each time, atomic operations on one
+# shared counter that cost more than a pixel's arithmetic.
+
+
+@njit(inline="always")
+def _add_taps(yf, yo, src, o0, o1, o2, o3, wtf, w0, length, C, four):
+    """``yf[yo + q] += wtf[w0 + q % C] * src[o0 + q]`` for ``q < length`` (``length`` a
+    multiple of ``C``); with ``four``, taps ``w0 + C``... read ``o1``, ``o2``, ``o3`` too,
+    added as ``(a + b) + (c + d)``."""
+    if four:
+        w1, w2, w3 = w0 + C, w0 + 2 * C, w0 + 3 * C
+        for p in range(0, length, C):
+            for c in range(C):
+                q = p + c
+                yf[_U(yo + q)] += ((wtf[_U(w0 + c)] * src[_U(o0 + q)]
+                                    + wtf[_U(w1 + c)] * src[_U(o1 + q)])
+                                   + (wtf[_U(w2 + c)] * src[_U(o2 + q)]
+                                      + wtf[_U(w3 + c)] * src[_U(o3 + q)]))
+    else:
+        for p in range(0, length, C):
+            for c in range(C):
+                yf[_U(yo + p + c)] += wtf[_U(w0 + c)] * src[_U(o0 + p + c)]
+
+
+@njit(inline="always")
+def _columns(xf, yf, wtf, bias, has_bias, stage, n, oh, ow_a, ow_b, H, W, C, OH, OW, KH,
+             KW, SH, SW, DH, DW, PT, PL, col_lo, col_hi, grouped):
+    """Output columns ``[ow_a, ow_b)`` of row ``oh``: the bias, then each group of taps
+    over the columns where it lies inside the input, then, with ``grouped``, the other
+    columns with zeros staged for the missing cells."""
+    row = (n * OH + oh) * OW * C
+    for ow in range(ow_a, ow_b):
+        for c in range(C):
+            yf[_U(row + ow * C + c)] = bias[_U(c)] if has_bias else 0.0
+    taps = KH * KW
+    k = 0
+    while k < taps:
+        g = 4 if grouped and k + 4 <= taps else 1
+        lo, hi = ow_a, ow_b
+        for kk in range(k, k + g):
+            h = oh * SH - PT + (kk // KW) * DH
+            if h < 0 or h >= H:
+                hi = ow_a
+            lo = max(lo, col_lo[kk % KW])
+            hi = min(hi, col_hi[kk % KW])
+        hi = max(hi, lo)
+        o = np.empty(4, np.int64)  # the group's source at output column 0
+        o[:] = 0
+        for kk in range(g):
+            h = oh * SH - PT + ((k + kk) // KW) * DH
+            o[kk] = ((n * H + h) * W + ((k + kk) % KW) * DW - PL) * C
+        if SW == 1:
+            _add_taps(yf, row + lo * C, xf, o[0] + lo * C, o[1] + lo * C, o[2] + lo * C,
+                      o[3] + lo * C, wtf, k * C, (hi - lo) * C, C, g == 4)
+        else:
+            for ow in range(lo, hi):
+                _add_taps(yf, row + ow * C, xf, o[0] + ow * SW * C, 0, 0, 0, wtf, k * C,
+                          C, C, False)
+        if grouped:
+            for ow in range(ow_a, ow_b):
+                if lo <= ow < hi:
+                    continue
+                for kk in range(g):
+                    h = oh - PT + ((k + kk) // KW) * DH
+                    wc = ow - PL + ((k + kk) % KW) * DW
+                    inside = 0 <= h < H and 0 <= wc < W
+                    src = ((n * H + h) * W + wc) * C
+                    for c in range(C):
+                        stage[_U(kk * C + c)] = xf[_U(src + c)] if inside else 0.0
+                _add_taps(yf, row + ow * C, stage, 0, C, 2 * C, 3 * C, wtf, k * C, C, C,
+                          g == 4)
+        k += g
+
+
+@njit(inline="always")
+def _sum9(a, w0, w1, w2, w3, w4, w5, w6, w7, w8, x0, x1, x2, x3, x4, x5, x6, x7, x8,
+          grouped):
+    """``a`` plus the nine products in ``_columns``'s order."""
+    if grouped:
+        a += (w0 * x0 + w1 * x1) + (w2 * x2 + w3 * x3)
+        a += (w4 * x4 + w5 * x5) + (w6 * x6 + w7 * x7)
+        a += w8 * x8
+    else:
+        a += w0 * x0
+        a += w1 * x1
+        a += w2 * x2
+        a += w3 * x3
+        a += w4 * x4
+        a += w5 * x5
+        a += w6 * x6
+        a += w7 * x7
+        a += w8 * x8
+    return a
+
+
+@njit(inline="always")
+def _nine_taps(xf, yf, wtf, bias, has_bias, row, src, lo, hi, C, SW, DW, r1, r2,
+               grouped):
+    """A 3x3 kernel on columns ``[lo, hi)`` whose windows lie inside the input, every tap
+    in one pass (the sums kept in registers, in the order of ``_columns``): ``src`` is
+    tap (0, 0)'s cell for column 0, ``r1``/``r2`` the offsets of the kernel's rows. With
+    unit stride and dilation along W, two neighbouring columns share their loads."""
+    zero = wtf.dtype.type(0)
+    c1, c2 = DW * C, 2 * DW * C
+    ow = lo
+    if SW == 1 and DW == 1:
+        while ow + 2 <= hi:
+            y0 = row + ow * C
+            s = src + ow * C
+            for c in range(C):
+                b = bias[_U(c)] if has_bias else zero  # not 0.0: a float64 sum
+                w0, w1, w2 = wtf[_U(c)], wtf[_U(C + c)], wtf[_U(2 * C + c)]
+                w3, w4, w5 = wtf[_U(3 * C + c)], wtf[_U(4 * C + c)], wtf[_U(5 * C + c)]
+                w6, w7, w8 = wtf[_U(6 * C + c)], wtf[_U(7 * C + c)], wtf[_U(8 * C + c)]
+                x0, x1 = xf[_U(s + c)], xf[_U(s + C + c)]
+                x2, x3 = xf[_U(s + 2 * C + c)], xf[_U(s + 3 * C + c)]
+                x4, x5 = xf[_U(s + r1 + c)], xf[_U(s + r1 + C + c)]
+                x6, x7 = xf[_U(s + r1 + 2 * C + c)], xf[_U(s + r1 + 3 * C + c)]
+                x8, x9 = xf[_U(s + r2 + c)], xf[_U(s + r2 + C + c)]
+                x10, x11 = xf[_U(s + r2 + 2 * C + c)], xf[_U(s + r2 + 3 * C + c)]
+                yf[_U(y0 + c)] = _sum9(b, w0, w1, w2, w3, w4, w5, w6, w7, w8, x0, x1,
+                                       x2, x4, x5, x6, x8, x9, x10, grouped)
+                yf[_U(y0 + C + c)] = _sum9(b, w0, w1, w2, w3, w4, w5, w6, w7, w8, x1,
+                                           x2, x3, x5, x6, x7, x9, x10, x11, grouped)
+            ow += 2
+    while ow < hi:
+        y0 = row + ow * C
+        s = src + ow * SW * C
+        for c in range(C):
+            b = bias[_U(c)] if has_bias else zero
+            yf[_U(y0 + c)] = _sum9(
+                b, wtf[_U(c)], wtf[_U(C + c)], wtf[_U(2 * C + c)], wtf[_U(3 * C + c)],
+                wtf[_U(4 * C + c)], wtf[_U(5 * C + c)], wtf[_U(6 * C + c)],
+                wtf[_U(7 * C + c)], wtf[_U(8 * C + c)], xf[_U(s + c)], xf[_U(s + c1 + c)],
+                xf[_U(s + c2 + c)], xf[_U(s + r1 + c)], xf[_U(s + r1 + c1 + c)],
+                xf[_U(s + r1 + c2 + c)], xf[_U(s + r2 + c)], xf[_U(s + r2 + c1 + c)],
+                xf[_U(s + r2 + c2 + c)], grouped)
+        ow += 1
+
+
+@njit(**_JIT)
+def _forward(x, wt, bias, has_bias, y, KH, KW, SH, SW, DH, DW, PT, PL, col_lo, col_hi,
+             grouped, workers):
+    """``y[n, oh, ow, c] = bias[c] + sum over taps k = (i, j) of wt[k, c] *
+    x[n, oh*SH - PT + i*DH, ow*SW - PL + j*DW, c]``, one task per output row
+    (``col_lo``/``col_hi``: per kernel column, the output columns whose tap lies inside
+    the input row). ``grouped`` needs stride 1."""
+    N, H, W, C = x.shape
+    OH, OW = y.shape[1], y.shape[2]
+    rows = N * OH
+    xf, yf, wtf = x.reshape(-1), y.reshape(-1), wt.reshape(-1)
+    lo, hi = 0, OW  # columns whose whole window lies inside the input row
+    for j in range(KW):
+        lo = max(lo, col_lo[j])
+        hi = min(hi, col_hi[j])
+    hi = max(hi, lo)
+    for worker in prange(workers):
+        stage = np.empty(4 * C, x.dtype)
+        for t in range(worker * rows // workers, (worker + 1) * rows // workers):
+            n = t // OH
+            oh = t - n * OH
+            h0 = oh * SH - PT
+            if KH == 3 and KW == 3 and h0 >= 0 and h0 + 2 * DH < H and hi > lo:
+                _nine_taps(xf, yf, wtf, bias, has_bias, (n * OH + oh) * OW * C,
+                           ((n * H + h0) * W - PL) * C, lo, hi, C, SW, DW, DH * W * C,
+                           2 * DH * W * C, grouped)
+                _columns(xf, yf, wtf, bias, has_bias, stage, n, oh, 0, lo, H, W, C, OH,
+                         OW, KH, KW, SH, SW, DH, DW, PT, PL, col_lo, col_hi, grouped)
+                _columns(xf, yf, wtf, bias, has_bias, stage, n, oh, hi, OW, H, W, C, OH,
+                         OW, KH, KW, SH, SW, DH, DW, PT, PL, col_lo, col_hi, grouped)
+            else:
+                _columns(xf, yf, wtf, bias, has_bias, stage, n, oh, 0, OW, H, W, C, OH,
+                         OW, KH, KW, SH, SW, DH, DW, PT, PL, col_lo, col_hi, grouped)
+
+
+@njit(**_JIT)
+def _input_grad_strided(gy, wt, gx, KH, KW, SH, SW, DH, DW, PT, PL, workers):
+    """``gx[n, h, wc, c]``: every output cell whose window read ``(h, wc)``, in the
+    channels-first scatter's order (output rows ascending, then kernel columns)."""
+    N, OH, OW, C = gy.shape
+    H, W = gx.shape[1], gx.shape[2]
+    rows = N * H
+    gyf, gxf, wtf = gy.reshape(-1), gx.reshape(-1), wt.reshape(-1)
+    for worker in prange(workers):
+        for t in range(worker * rows // workers, (worker + 1) * rows // workers):
+            n = t // H
+            h = t - n * H
+            for wc in range(W):
+                xo = ((n * H + h) * W + wc) * C
+                for c in range(C):
+                    gxf[_U(xo + c)] = 0.0
+                for i in range(KH - 1, -1, -1):  # output rows ascending
+                    rh = h + PT - i * DH
+                    if rh < 0 or rh % SH != 0 or rh // SH >= OH:
+                        continue
+                    oh = rh // SH
+                    for j in range(KW):
+                        rw = wc + PL - j * DW
+                        if rw < 0 or rw % SW != 0 or rw // SW >= OW:
+                            continue
+                        yo = ((n * OH + oh) * OW + rw // SW) * C
+                        wo = (i * KW + j) * C
+                        for c in range(C):
+                            gxf[_U(xo + c)] += wtf[_U(wo + c)] * gyf[_U(yo + c)]
+
+
+@njit(**_JIT)
+def _weight_grad(x, gy, partial, KH, KW, SH, SW, DH, DW, PT, PL):
+    """``partial[k, tap, c]``: chunk ``k``'s sum over its output rows of
+    ``gy[n, oh, ow, c] * x[n, h, wc, c]`` for each tap."""
+    N, H, W, C = x.shape
+    OH, OW = gy.shape[1], gy.shape[2]
+    rows = N * OH
+    chunks = partial.shape[0]
+    xf, gyf = x.reshape(-1), gy.reshape(-1)
+    for k in prange(chunks):
+        lanes = partial[k].reshape(-1)
+        lanes[:] = 0
+        for t in range(k * rows // chunks, (k + 1) * rows // chunks):
+            n = t // OH
+            oh = t - n * OH
+            for i in range(KH):
+                h = oh * SH - PT + i * DH
+                if h < 0 or h >= H:
+                    continue
+                for ow in range(OW):
+                    yo = ((n * OH + oh) * OW + ow) * C
+                    for j in range(KW):
+                        wc = ow * SW - PL + j * DW
+                        if wc < 0 or wc >= W:
+                            continue
+                        xo = ((n * H + h) * W + wc) * C
+                        lo = (i * KW + j) * C
+                        for c in range(C):
+                            lanes[_U(lo + c)] += gyf[_U(yo + c)] * xf[_U(xo + c)]
+
+
+@njit(**_JIT)
+def _bias_grad(gy, out):
+    """``out[c] = sum of gy[m, c]`` over pixels ``m`` in order, in float64, one block of
+    channels per task."""
+    M, C = gy.shape
+    gyf = gy.reshape(-1)
+    block = 16
+    for b in prange((C + block - 1) // block):
+        c0 = b * block
+        c1 = min(c0 + block, C)
+        totals = np.zeros(block, np.float64)
+        for m in range(M):
+            for c in range(c0, c1):
+                totals[c - c0] += gyf[_U(m * C + c)]
+        for c in range(c0, c1):
+            out[c] = totals[c - c0]
+
+
+def pixels(a, batched):
+    """The ``(N, H, W, C)`` buffer behind a channels-last ``(N, C, H, W)`` array (or
+    unbatched ``(C, H, W)``) as a view, or None when its buffer is not exactly that."""
+    moved = np.moveaxis(a if batched else a[None], 1, -1)
+    if not (moved.flags.c_contiguous and moved.flags.writeable and moved.dtype.isnative):
+        return None
+    return moved
+
+
+def _taps(weight):
+    """``(C, 1, KH, KW)`` -> ``(KH * KW, C)``."""
+    return np.ascontiguousarray(weight.reshape(weight.shape[0], -1).T)
+
+
+def _empty_like_last(batch, size, channels, dtype):
+    """A new ``(N, *size, C)`` buffer and its ``(N, C, *size)`` view."""
+    buffer = np.empty((batch,) + size + (channels,), dtype)
+    return buffer, np.moveaxis(buffer, -1, 1)
+
+
+def _run_forward(problem, x4, wt, bias, y4, workers):
+    p = problem
+    has_bias = bias is not None
+    _forward(x4, wt, np.ascontiguousarray(bias) if has_bias else np.zeros(1, x4.dtype),
+             has_bias, y4, p.kernel_h, p.kernel_w, p.stride_h, p.stride_w, p.dilation_h,
+             p.dilation_w, p.pad_top, p.pad_left, *p.column_range(),
+             p.unit_stride_planes(), workers)
+
+
+def forward(x4, weight, bias, problem, workers):
+    """The channels-last ``(N, C, OH, OW)`` output of the depthwise convolution of the
+    ``(N, H, W, C)`` buffer ``x4``."""
+    y4, y = _empty_like_last(problem.batch, (problem.out_h, problem.out_w),
+                             problem.out_channels, x4.dtype)
+    _run_forward(problem, x4, _taps(weight), bias, y4, workers)
+    return y
+
+
+def backward(gy4, x4, weight, problem, transposed, output_mask, workers):
+    """``(grad_input, grad_weight, grad_bias)`` from ``(N, OH, OW, C)`` / ``(N, H, W, C)``
+    buffers, None where ``output_mask`` is False; ``transposed`` is the stride-1 input
+    gradient's problem (``_Problem.input_grad``)."""
+    want_input, want_weight, want_bias = output_mask
+    p = problem
+    wt = _taps(weight)
+    grad_input = grad_weight = grad_bias = None
+    if want_input:
+        gx4, grad_input = _empty_like_last(p.batch, (p.in_h, p.in_w), p.in_channels,
+                                           gy4.dtype)
+        if p.stride_h == p.stride_w == 1 and p.unit_stride_planes():
+            _run_forward(transposed, gy4, np.ascontiguousarray(wt[::-1]), None, gx4,
+                         workers)
+        else:
+            _input_grad_strided(gy4, wt, gx4, p.kernel_h, p.kernel_w, p.stride_h,
+                                p.stride_w, p.dilation_h, p.dilation_w, p.pad_top,
+                                p.pad_left, workers)
+    if want_weight:
+        rows = p.batch * p.out_h
+        chunks = max(1, min(rows, _MAX_CHUNKS, _PARTIAL_BYTES // max(1, wt.nbytes)))
+        partial = np.empty((chunks,) + wt.shape, gy4.dtype)
+        _weight_grad(x4, gy4, partial, p.kernel_h, p.kernel_w, p.stride_h, p.stride_w,
+                     p.dilation_h, p.dilation_w, p.pad_top, p.pad_left)
+        summed = np.empty(wt.shape, gy4.dtype)
+        _sum_partials(partial.reshape(chunks, -1), summed)
+        grad_weight = np.ascontiguousarray(summed.T).reshape(weight.shape)
+    if want_bias:
+        grad_bias = np.empty(p.out_channels, gy4.dtype)
+        _bias_grad(gy4.reshape(-1, p.out_channels), grad_bias)
+    return grad_input, grad_weight, grad_bias
+
