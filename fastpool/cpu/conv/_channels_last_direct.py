@@ -123,6 +123,11 @@ def _sum9(a, w0, w1, w2, w3, w4, w5, w6, w7, w8, x0, x1, x2, x3, x4, x5, x6, x7,
     return a
 
 
+# Channels per block of ``_nine_taps``: a block's input rows and weights stay in L1
+# while its columns go by (measured: 960 channels on 7x7, 29 -> 33 GFLOP/s).
+_CHANNEL_BLOCK = 128
+
+
 @njit(inline="always")
 def _nine_taps(xf, yf, wtf, bias, has_bias, row, src, lo, hi, C, SW, DW, r1, r2,
                grouped):
@@ -132,40 +137,62 @@ def _nine_taps(xf, yf, wtf, bias, has_bias, row, src, lo, hi, C, SW, DW, r1, r2,
     unit stride and dilation along W, two neighbouring columns share their loads."""
     zero = wtf.dtype.type(0)
     c1, c2 = DW * C, 2 * DW * C
-    ow = lo
-    if SW == 1 and DW == 1:
-        while ow + 2 <= hi:
+    for c0 in range(0, C, _CHANNEL_BLOCK):
+        c_end = min(C, c0 + _CHANNEL_BLOCK)
+        ow = lo
+        if SW == 1 and DW == 1:
+            while ow + 2 <= hi:
+                y0 = row + ow * C
+                s = src + ow * C
+                for c in range(c0, c_end):
+                    b = bias[_U(c)] if has_bias else zero  # not 0.0: a float64 sum
+                    w0, w1, w2 = wtf[_U(c)], wtf[_U(C + c)], wtf[_U(2 * C + c)]
+                    w3, w4 = wtf[_U(3 * C + c)], wtf[_U(4 * C + c)]
+                    w5, w6 = wtf[_U(5 * C + c)], wtf[_U(6 * C + c)]
+                    w7, w8 = wtf[_U(7 * C + c)], wtf[_U(8 * C + c)]
+                    x0, x1 = xf[_U(s + c)], xf[_U(s + C + c)]
+                    x2, x3 = xf[_U(s + 2 * C + c)], xf[_U(s + 3 * C + c)]
+                    x4, x5 = xf[_U(s + r1 + c)], xf[_U(s + r1 + C + c)]
+                    x6, x7 = xf[_U(s + r1 + 2 * C + c)], xf[_U(s + r1 + 3 * C + c)]
+                    x8, x9 = xf[_U(s + r2 + c)], xf[_U(s + r2 + C + c)]
+                    x10, x11 = xf[_U(s + r2 + 2 * C + c)], xf[_U(s + r2 + 3 * C + c)]
+                    yf[_U(y0 + c)] = _sum9(b, w0, w1, w2, w3, w4, w5, w6, w7, w8, x0,
+                                           x1, x2, x4, x5, x6, x8, x9, x10, grouped)
+                    yf[_U(y0 + C + c)] = _sum9(b, w0, w1, w2, w3, w4, w5, w6, w7, w8,
+                                               x1, x2, x3, x5, x6, x7, x9, x10, x11,
+                                               grouped)
+                ow += 2
+        while ow < hi:
             y0 = row + ow * C
-            s = src + ow * C
-            for c in range(C):
-                b = bias[_U(c)] if has_bias else zero  # not 0.0: a float64 sum
-                w0, w1, w2 = wtf[_U(c)], wtf[_U(C + c)], wtf[_U(2 * C + c)]
-                w3, w4, w5 = wtf[_U(3 * C + c)], wtf[_U(4 * C + c)], wtf[_U(5 * C + c)]
-                w6, w7, w8 = wtf[_U(6 * C + c)], wtf[_U(7 * C + c)], wtf[_U(8 * C + c)]
-                x0, x1 = xf[_U(s + c)], xf[_U(s + C + c)]
-                x2, x3 = xf[_U(s + 2 * C + c)], xf[_U(s + 3 * C + c)]
-                x4, x5 = xf[_U(s + r1 + c)], xf[_U(s + r1 + C + c)]
-                x6, x7 = xf[_U(s + r1 + 2 * C + c)], xf[_U(s + r1 + 3 * C + c)]
-                x8, x9 = xf[_U(s + r2 + c)], xf[_U(s + r2 + C + c)]
-                x10, x11 = xf[_U(s + r2 + 2 * C + c)], xf[_U(s + r2 + 3 * C + c)]
-                yf[_U(y0 + c)] = _sum9(b, w0, w1, w2, w3, w4, w5, w6, w7, w8, x0, x1,
-                                       x2, x4, x5, x6, x8, x9, x10, grouped)
-                yf[_U(y0 + C + c)] = _sum9(b, w0, w1, w2, w3, w4, w5, w6, w7, w8, x1,
-                                           x2, x3, x5, x6, x7, x9, x10, x11, grouped)
-            ow += 2
-    while ow < hi:
-        y0 = row + ow * C
-        s = src + ow * SW * C
-        for c in range(C):
-            b = bias[_U(c)] if has_bias else zero
-            yf[_U(y0 + c)] = _sum9(
-                b, wtf[_U(c)], wtf[_U(C + c)], wtf[_U(2 * C + c)], wtf[_U(3 * C + c)],
-                wtf[_U(4 * C + c)], wtf[_U(5 * C + c)], wtf[_U(6 * C + c)],
-                wtf[_U(7 * C + c)], wtf[_U(8 * C + c)], xf[_U(s + c)], xf[_U(s + c1 + c)],
-                xf[_U(s + c2 + c)], xf[_U(s + r1 + c)], xf[_U(s + r1 + c1 + c)],
-                xf[_U(s + r1 + c2 + c)], xf[_U(s + r2 + c)], xf[_U(s + r2 + c1 + c)],
-                xf[_U(s + r2 + c2 + c)], grouped)
-        ow += 1
+            s = src + ow * SW * C
+            for c in range(c0, c_end):
+                b = bias[_U(c)] if has_bias else zero
+                yf[_U(y0 + c)] = _sum9(
+                    b, wtf[_U(c)], wtf[_U(C + c)], wtf[_U(2 * C + c)], wtf[_U(3 * C + c)],
+                    wtf[_U(4 * C + c)], wtf[_U(5 * C + c)], wtf[_U(6 * C + c)],
+                    wtf[_U(7 * C + c)], wtf[_U(8 * C + c)], xf[_U(s + c)],
+                    xf[_U(s + c1 + c)], xf[_U(s + c2 + c)], xf[_U(s + r1 + c)],
+                    xf[_U(s + r1 + c1 + c)], xf[_U(s + r1 + c2 + c)], xf[_U(s + r2 + c)],
+                    xf[_U(s + r2 + c1 + c)], xf[_U(s + r2 + c2 + c)], grouped)
+            ow += 1
+
+
+@njit(inline="always")
+def _fill_band(xf, band, n, h0, DH, w0, width, H, W, C):
+    """``band[i, q, c] = x[n, h0 + i*DH, w0 + q, c]`` for ``i < 3``, ``q < width``;
+    zeros outside the input."""
+    for i in range(3):
+        h = h0 + i * DH
+        for q in range(width):
+            wc = w0 + q
+            dst = (i * width + q) * C
+            if 0 <= h < H and 0 <= wc < W:
+                src = ((n * H + h) * W + wc) * C
+                for c in range(C):
+                    band[_U(dst + c)] = xf[_U(src + c)]
+            else:
+                for c in range(C):
+                    band[_U(dst + c)] = 0.0
 
 
 @njit(**_JIT)
@@ -174,7 +201,8 @@ def _forward(x, wt, bias, has_bias, y, KH, KW, SH, SW, DH, DW, PT, PL, col_lo, c
     """``y[n, oh, ow, c] = bias[c] + sum over taps k = (i, j) of wt[k, c] *
     x[n, oh*SH - PT + i*DH, ow*SW - PL + j*DW, c]``, one task per output row
     (``col_lo``/``col_hi``: per kernel column, the output columns whose tap lies inside
-    the input row). ``grouped`` needs stride 1."""
+    the input row). ``grouped`` needs stride 1; there a 3x3 kernel reads the columns
+    whose window leaves the input from a zero-padded copy of them (``_fill_band``)."""
     N, H, W, C = x.shape
     OH, OW = y.shape[1], y.shape[2]
     rows = N * OH
@@ -184,16 +212,34 @@ def _forward(x, wt, bias, has_bias, y, KH, KW, SH, SW, DH, DW, PT, PL, col_lo, c
         lo = max(lo, col_lo[j])
         hi = min(hi, col_hi[j])
     hi = max(hi, lo)
+    nine = KH == 3 and KW == 3
     for worker in prange(workers):
         stage = np.empty(4 * C, x.dtype)
+        band = np.empty(3 * (OW + 2 * DW) * C if nine and grouped else 1, x.dtype)
         for t in range(worker * rows // workers, (worker + 1) * rows // workers):
             n = t // OH
             oh = t - n * OH
             h0 = oh * SH - PT
-            if KH == 3 and KW == 3 and h0 >= 0 and h0 + 2 * DH < H and hi > lo:
-                _nine_taps(xf, yf, wtf, bias, has_bias, (n * OH + oh) * OW * C,
-                           ((n * H + h0) * W - PL) * C, lo, hi, C, SW, DW, DH * W * C,
-                           2 * DH * W * C, grouped)
+            row = (n * OH + oh) * OW * C
+            inside = h0 >= 0 and h0 + 2 * DH < H
+            if nine and grouped:
+                a, b = (lo, hi) if inside else (0, 0)
+                _nine_taps(xf, yf, wtf, bias, has_bias, row, ((n * H + h0) * W - PL) * C,
+                           a, b, C, 1, DW, DH * W * C, 2 * DH * W * C, True)
+                if b == a:  # the whole row from the band
+                    a = b = OW
+                width = a + 2 * DW
+                _fill_band(xf, band, n, h0, DH, -PL, width, H, W, C)
+                _nine_taps(band, yf, wtf, bias, has_bias, row, 0, 0, a, C, 1, DW,
+                           width * C, 2 * width * C, True)
+                if b < OW:
+                    width = OW - b + 2 * DW
+                    _fill_band(xf, band, n, h0, DH, b - PL, width, H, W, C)
+                    _nine_taps(band, yf, wtf, bias, has_bias, row, -b * C, b, OW, C, 1,
+                               DW, width * C, 2 * width * C, True)
+            elif nine and inside and hi > lo:
+                _nine_taps(xf, yf, wtf, bias, has_bias, row, ((n * H + h0) * W - PL) * C,
+                           lo, hi, C, SW, DW, DH * W * C, 2 * DH * W * C, grouped)
                 _columns(xf, yf, wtf, bias, has_bias, stage, n, oh, 0, lo, H, W, C, OH,
                          OW, KH, KW, SH, SW, DH, DW, PT, PL, col_lo, col_hi, grouped)
                 _columns(xf, yf, wtf, bias, has_bias, stage, n, oh, hi, OW, H, W, C, OH,
