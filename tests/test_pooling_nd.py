@@ -518,19 +518,21 @@ def test_gpu_kernels_match_cpu(rank, dtype, layout, small_launches):
 def test_strided_max_pooling_edges_ties_nan_and_infinities(shape, args, dtype):
     """Column strides above 1 read each row's column phases, with -inf standing in for
     rows outside the input: a window whose inside values are all -inf (or equal, or
-    NaN) must still report the reference's value and first index, zeros' signs kept."""
+    NaN) must still report the reference's value and first index, zeros' signs kept;
+    in both layouts."""
     rng = np.random.default_rng(17)
     x = rng.choice(np.array([-np.inf, -1.0, 0.0, -0.0, 2.0], dtype), size=shape)
     x.flat[rng.choice(x.size, size=max(1, x.size // 40), replace=False)] = np.nan
     x[..., :2, :] = -np.inf  # top rows: windows that hang over the padding see only -inf
     rank = len(shape) - 2
     pool = {2: fastpool.max_pool2d, 3: fastpool.max_pool3d}[rank]
-    y, idx = pool(x, return_indices=True, **args)
     ry, ridx = ref.max_pool(x, **args)
-    np.testing.assert_array_equal(idx, ridx)
-    np.testing.assert_array_equal(np.signbit(y), np.signbit(ry.astype(dtype)))
-    np.testing.assert_array_equal(y, ry.astype(dtype))
-    np.testing.assert_array_equal(pool(x, **args), y)  # the kernel without indices
+    for layout in (x, channels_last(x)):  # channels-last: interior windows in registers
+        y, idx = pool(layout, return_indices=True, **args)
+        np.testing.assert_array_equal(idx, ridx)
+        np.testing.assert_array_equal(np.signbit(y), np.signbit(ry.astype(dtype)))
+        np.testing.assert_array_equal(y, ry.astype(dtype))
+        np.testing.assert_array_equal(pool(layout, **args), y)  # without indices
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

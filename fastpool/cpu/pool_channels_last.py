@@ -49,9 +49,31 @@ def max_forward(KD, KH, KW, SD, SH, SW, DD, DH, DW, WITH_INDICES):
             d0 = od * SD - pd
             h0 = oh * SH - ph
             xbase = n * D * H * W
+            rows_inside = (d0 >= 0 and d0 + (KD - 1) * DD < D and h0 >= 0
+                           and h0 + (KH - 1) * DH < H)
             for ow in range(OW):
                 w0 = ow * SW - pw
                 o = ((row * OW) + ow) * C
+                if rows_inside and w0 >= 0 and w0 + (KW - 1) * DW < W:
+                    # The whole window inside: every tap per channel in registers (the
+                    # tap loops have constant trip counts and unroll). Starting from
+                    # the first tap and comparing it with itself changes nothing.
+                    k0 = (d0 * H + h0) * W + w0
+                    for c in range(C):
+                        best = xf[U((xbase + k0) * C + c)]
+                        at = k0
+                        for a in range(KD):
+                            for i in range(KH):
+                                for j in range(KW):
+                                    k = k0 + (a * DD * H + i * DH) * W + j * DW
+                                    value = xf[U((xbase + k) * C + c)]
+                                    take = replaces(hb.wide(value), hb.wide(best))
+                                    best = value if take else best
+                                    at = k if take else at
+                        of[U(o + c)] = best
+                        if WITH_INDICES:
+                            jf[U(o + c)] = at
+                    continue
                 first = True
                 for a in range(KD):
                     d = d0 + a * DD
