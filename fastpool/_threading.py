@@ -172,9 +172,13 @@ def serialised(launcher, cost=None):
 
     def run_sized(*args, **kwargs):
         if cost is not None:
-            volume = next((a for a in args if isinstance(a, Volume)), None)
-            if volume is not None and cost(volume) < SMALL_WORK_NS:
-                return _one_thread(launcher, args, kwargs)
+            for a in args:
+                if isinstance(a, Volume):
+                    # once per geometry: validation hands every call of it the same
+                    # object (1 us a call otherwise)
+                    if a.derived(cost, cost) < SMALL_WORK_NS:
+                        return _one_thread(launcher, args, kwargs)
+                    break
         return launcher(*args, **kwargs)
 
     @functools.wraps(launcher)

@@ -166,7 +166,8 @@ def conv2d_forward(x, weight, bias, window, algorithm=None):
         return y if w.batched else y[0]
     x4 = _depthwise_pixels(x, w, algorithm)
     if x4 is not None:
-        y = _channels_last_direct.forward(x4, weight, bias, _Problem.forward(w),
+        y = _channels_last_direct.forward(x4, weight, bias,
+                                          w.derived("conv", _Problem.forward),
                                           thread_count())
         return y if w.batched else y[0]
     x = contiguous(x).reshape((w.batch, w.channels) + w.in_size)
@@ -252,9 +253,11 @@ def conv2d_backward(grad_output, x, weight, window, output_mask, algorithm=None)
         if gy4 is None:  # one copy into the layout of the call
             gy4 = np.ascontiguousarray(np.moveaxis(
                 grad_output if w.batched else grad_output[None], 1, -1))
-        grads = _channels_last_direct.backward(gy4, x4, weight, _Problem.forward(w),
-                                               _Problem.input_grad(w), output_mask,
-                                               thread_count())
+        grads = _channels_last_direct.backward(gy4, x4, weight,
+                                               w.derived("conv", _Problem.forward),
+                                               w.derived("conv_input_grad",
+                                                         _Problem.input_grad),
+                                               output_mask, thread_count())
         if grads[0] is not None and not w.batched:
             grads = (grads[0][0],) + grads[1:]
         return grads

@@ -332,7 +332,7 @@ def _bias_grad(gy, out):
 def pixels(a, batched):
     """The ``(N, H, W, C)`` buffer behind a channels-last ``(N, C, H, W)`` array (or
     unbatched ``(C, H, W)``) as a view, or None when its buffer is not exactly that."""
-    moved = np.moveaxis(a if batched else a[None], 1, -1)
+    moved = (a if batched else a[None]).transpose(0, 2, 3, 1)  # np.moveaxis: 2.5 us
     if not (moved.flags.c_contiguous and moved.flags.writeable and moved.dtype.isnative):
         return None
     return moved
@@ -346,7 +346,7 @@ def _taps(weight):
 def _empty_like_last(batch, size, channels, dtype):
     """A new ``(N, *size, C)`` buffer and its ``(N, C, *size)`` view."""
     buffer = np.empty((batch,) + size + (channels,), dtype)
-    return buffer, np.moveaxis(buffer, -1, 1)
+    return buffer, buffer.transpose(0, 3, 1, 2)
 
 
 def _run_forward(problem, x4, wt, bias, y4, workers):

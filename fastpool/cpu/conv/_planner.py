@@ -109,7 +109,14 @@ class _Problem:
 
     def column_range(self):
         """Per kernel column ``j``: output columns ``[lo[j], hi[j])`` whose tap
-        ``ow*SW + j*DW - pad_left`` lies inside the input row."""
+        ``ow*SW + j*DW - pad_left`` lies inside the input row (computed once per
+        problem; kernels only read them)."""
+        found = getattr(self, "_columns", None)
+        if found is None:
+            found = self._columns = self._column_range()
+        return found
+
+    def _column_range(self):
         lo = np.empty(self.kernel_w, np.int64)
         hi = np.empty(self.kernel_w, np.int64)
         for j in range(self.kernel_w):
