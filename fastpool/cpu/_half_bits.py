@@ -160,6 +160,14 @@ def accumulator(array):
     raise NotImplementedError("used inside Numba kernels only")
 
 
+def widen_into(array, buffer):
+    """The elements of the 1-D ``array`` as computed with: converted into the float32
+    ``buffer`` (from ``scratch``) for half precision, in one pass that vectorises
+    (converting element by element inside a scatter loop, which cannot vectorise, cost
+    as much as the scatter itself); ``array`` itself otherwise."""
+    raise NotImplementedError("used inside Numba kernels only")
+
+
 def flush(array, result):
     """Round the accumulated ``result`` (from ``target``) into ``array`` (nothing to
     do for float arrays: ``result`` is ``array``)."""
@@ -198,6 +206,17 @@ def _accumulator(array):
     return lambda array: array
 
 
+@overload(widen_into)
+def _widen_into(array, buffer):
+    if _is_half(array):
+        def widen(array, buffer):
+            for k in range(array.size):
+                buffer[k] = wide(array[k])
+            return buffer
+        return widen
+    return lambda array, buffer: array
+
+
 @overload(flush)
 def _flush(array, result):
     if _is_half(array) and array.layout == "C":
@@ -207,7 +226,13 @@ def _flush(array, result):
             for k in range(a.size):
                 a[k] = narrow(r[k], a)
         return flush_half
-    if _is_half(array):  # a strided block (channels-last scatter: a channel range)
+    if _is_half(array) and array.ndim == 2:  # channels-last scatter: a channel range
+        def flush_rows(array, result):
+            for i in range(array.shape[0]):
+                for j in range(array.shape[1]):
+                    array[i, j] = narrow(result[i, j], array)
+        return flush_rows
+    if _is_half(array):
         def flush_strided(array, result):
             for index in np.ndindex(array.shape):
                 array[index] = narrow(result[index], array)

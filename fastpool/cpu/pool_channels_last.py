@@ -16,10 +16,24 @@ from numba import njit, prange
 
 from fastpool.cpu import _half_bits as hb
 from fastpool.cpu._parallel import BODY_JIT, parallel_kernel
+from fastpool._threading import thread_count
 from fastpool.cpu._pool_common import JIT, U, replaces, window_divisor
 
-# Channels per backward task: a thread owns this many (n, c) planes at a time.
+# Fewest channels per task of the channels-last scatters (``scatter_blocks``).
 CHANNEL_BLOCK = 16
+
+
+def scatter_blocks(batch, channels):
+    """Channel blocks per image of the channels-last scatters: one (whole pixel rows)
+    when the batch alone gives every thread work, else enough for the threads, of at
+    least ``CHANNEL_BLOCK`` channels. Narrow blocks make each task fetch cache lines
+    that its neighbours fetch again: 16-channel blocks of 64 channels ran 5x slower
+    than whole rows ((8, 64, 112, 112) 3x3 s2 max backward: 12.6 ms against PyTorch's
+    3.2). Every ``(n, c)`` belongs to one task either way, so results do not change."""
+    threads = thread_count()
+    if batch >= threads:
+        return 1
+    return max(1, min(-(-threads // max(batch, 1)), channels // CHANNEL_BLOCK))
 
 
 @njit(inline="always")
@@ -186,11 +200,13 @@ def scatter_to_indices(grad_output, indices, grad_input, blocks):
         for s in range(S):
             for c in range(c1 - c0):
                 gi[s, c] = 0
+        buffer = hb.scratch(grad_output, c1 - c0)
         for k in range(outputs):
+            values = hb.widen_into(grad_output[n, k, c0:c1], buffer)
             for c in range(c1 - c0):
                 target = indices[n, k, c0 + c]
                 if 0 <= target < S:
-                    gi[U(target), c] += hb.wide(grad_output[n, k, c0 + c])
+                    gi[U(target), c] += values[c]
                 else:
                     bad += 1
         hb.flush(block_in, gi)

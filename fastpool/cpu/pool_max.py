@@ -210,10 +210,11 @@ def scatter_to_indices(grad_output, indices, grad_input):
         g = hb.accumulator(plane)
         for k in range(plane_size):
             g[k] = 0
+        values = hb.widen_into(grad_output[p], hb.scratch(grad_output, outputs))
         for k in range(outputs):
             target = indices[p, k]
             if 0 <= target < plane_size:
-                g[U(target)] += hb.wide(grad_output[p, k])
+                g[U(target)] += values[k]
             else:
                 bad += 1
         hb.flush(plane, g)

@@ -189,7 +189,7 @@ def scatter_to_indices(grad_output, indices, window):
         grad_input, view = _cl_empty(w, w.in_size, w.channels, grad_output.dtype)
         bad = 0
         if w.planes:
-            blocks = max(1, -(-w.channels // pool_channels_last.CHANNEL_BLOCK))
+            blocks = pool_channels_last.scatter_blocks(w.batch, w.channels)
             bad = pool_channels_last.scatter_to_indices(
                 hb.bits(_cl_buffer(grad_output, w, w.out3).reshape(w.batch, plane_out, -1)),
                 _cl_buffer(indices, w, w.out3).reshape(w.batch, plane_out, -1),
@@ -540,7 +540,7 @@ def max_unpool_forward(x, indices, volume):
     if v.planes:
         xs, js = _planes_view(x, v, v.in_size), _planes_view(indices, v, v.in_size)
         if v.layout == CHANNELS_LAST:
-            blocks = max(1, -(-v.channels // pool_channels_last.CHANNEL_BLOCK))
+            blocks = pool_channels_last.scatter_blocks(v.batch, v.channels)
             bad = pool_unpool.unpool_channels_last(xs, js, y, blocks)
         else:
             bad = pool_unpool.unpool_channels_first(xs, js, y)
