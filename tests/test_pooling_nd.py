@@ -462,6 +462,32 @@ def test_results_do_not_depend_on_thread_count(rank):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("blocks", [1, 2, 5])
+def test_channels_last_scatters_do_not_depend_on_channel_blocks(blocks, monkeypatch):
+    """Whatever ``scatter_blocks`` splits the channels into, every (n, c) is scattered
+    by one task in output order: max backward, stochastic training backward and
+    max_unpool give the one-block results bitwise (float16 too: widened rows)."""
+    from fastpool.cpu import pool_channels_last
+    rng = np.random.default_rng(40)
+    x = channels_last(rng.random((2, 10, 9, 8)))
+    g = channels_last(rng.standard_normal((2, 10, 5, 4)))
+
+    def everything():
+        y, i = fastpool.max_pool2d(x, 3, 2, 1, return_indices=True)
+        _, picks = fastpool.stochastic_pool2d(x, 3, 2, 1, seed=3, return_indices=True)
+        half = fastpool.max_pool2d_backward(g.astype(np.float16), x.astype(np.float16),
+                                            3, 2, 1)
+        return (fastpool.max_pool2d_backward(g, x, 3, 2, 1, indices=i),
+                fastpool.stochastic_pool2d_backward(g, x, 3, 2, 1, indices=picks),
+                fastpool.max_unpool2d(g, i, 3, 2, 1, output_size=x.shape[2:]), half)
+
+    expected = everything()
+    monkeypatch.setattr(pool_channels_last, "scatter_blocks", lambda batch, c: blocks)
+    for got, want in zip(everything(), expected):
+        assert is_channels_last(got)
+        np.testing.assert_array_equal(got, want)
+
+
 # ----------------------------------------------------------------------------- GPU
 
 @pytest.mark.parametrize("rank", [1, 2, 3])
