@@ -235,6 +235,9 @@ DEPTHWISE_LAST_CASES = [  # (x_shape, kernel, args): each path of the kernels
     ((1, 9, 5, 11), (1, 4), dict(stride=(1, 2))),
     ((1, 7, 12, 12), (7, 7), dict(padding=3)),  # 12 groups of four and one tap
     ((3, 6, 4, 5), (3, 3), dict(padding=2)),  # windows leaving the input on all sides
+    ((1, 5, 9, 8), (3, 3), dict(stride=(2, 1), padding=1)),  # one at a time, pairs
+    ((1, 3, 5, 6), (3, 3), dict(padding=3)),  # input gradient: a crop (negative pad)
+    ((2, 4, 5, 5), (1, 1), dict(padding=1)),
 ]
 
 
@@ -258,6 +261,7 @@ def test_channels_last_depthwise_runs_in_place(x_shape, kernel, args, dtype,
     args = dict(args, groups=channels)
     xl = np.moveaxis(np.ascontiguousarray(np.moveaxis(x, 1, -1)), -1, 1)
     y = fastpool.conv2d(x, w, b, **args)
+    y_no_bias = fastpool.conv2d(x, w, **args)
     g = rng.standard_normal(y.shape).astype(dtype)
     gl = np.moveaxis(np.ascontiguousarray(np.moveaxis(g, 1, -1)), -1, 1)
     grads = fastpool.conv2d_backward(g, x, w, **args)
@@ -282,6 +286,8 @@ def test_channels_last_depthwise_runs_in_place(x_shape, kernel, args, dtype,
         numba.set_num_threads(saved)
     yl, gi, gw, gb = runs[0]
     np.testing.assert_array_equal(yl, y)
+    np.testing.assert_array_equal(cpu_conv.conv2d_forward(xl, w, None, window),
+                                  y_no_bias)
     np.testing.assert_array_equal(gi, grads.grad_input)
     np.testing.assert_array_equal(gb, grads.grad_bias)
     assert_close_to_sum(gw, expected[1], bound, dtype)

@@ -130,6 +130,30 @@ def test_gpu_matches_cpu(rank, layout, small_launches):
         np.testing.assert_allclose(c, a, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("weight_shape, groups, padding", [
+    ((4, 2, 1, 1), 1, 0),  # the inner calls' pointwise path
+    ((4, 1, 3, 3), 4, 1),  # the inner calls' depthwise path
+], ids=["1x1", "depthwise"])
+def test_unbatched_channels_last_runs_as_channels_first(weight_shape, groups, padding):
+    """An unbatched channels-last (C, H, W) input: the launchers hand batched
+    channels-first arrays to the 2-D kernels with the unbatched call's window, which
+    once crashed the depthwise path and corrupted memory in the pointwise one."""
+    rng = np.random.default_rng(seed_for(weight_shape))
+    x = rng.standard_normal((4, 6, 7))
+    w = rng.standard_normal(weight_shape)
+    xl = np.moveaxis(np.ascontiguousarray(np.moveaxis(x, 0, -1)), -1, 0)
+    args = dict(groups=groups, padding=padding)
+    y = fastpool.conv_transpose2d(x, w, **args)
+    np.testing.assert_array_equal(fastpool.conv_transpose2d(xl, w, **args), y)
+    g = rng.standard_normal(y.shape)
+    gl = np.moveaxis(np.ascontiguousarray(np.moveaxis(g, 0, -1)), -1, 0)
+    expected = ref.conv2d(g[None], w, groups=groups, padding=padding)[0]
+    grads = fastpool.conv_transpose2d_backward(gl, xl, w, **args)
+    assert_close(grads.grad_input, expected, np.float64)
+    for got, want in zip(grads, fastpool.conv_transpose2d_backward(g, x, w, **args)):
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
 def test_unbatched_empty_batch_and_bad_input():
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2, 4, 5)).astype(np.float32)

@@ -540,12 +540,13 @@ def test_gpu_kernels_match_cpu(rank, dtype, layout, small_launches):
     ((1, 2, 10, 13), dict(kernel_size=(2, 3), stride=(3, 2), padding=(1, 1), dilation=(2, 2))),
     ((1, 2, 7, 12), dict(kernel_size=4, stride=3, padding=2, ceil_mode=True)),
     ((1, 2, 5, 6, 9), dict(kernel_size=3, stride=2, padding=1)),
-], ids=["3x3s2", "dilated", "s3-ceil", "3-D"])
+    ((2, 3, 8, 11), dict(kernel_size=2, stride=2, ceil_mode=True)),
+], ids=["3x3s2", "dilated", "s3-ceil", "3-D", "2x2s2"])
 def test_strided_max_pooling_edges_ties_nan_and_infinities(shape, args, dtype):
-    """Column strides above 1 read each row's column phases, with -inf standing in for
-    rows outside the input: a window whose inside values are all -inf (or equal, or
-    NaN) must still report the reference's value and first index, zeros' signs kept;
-    in both layouts."""
+    """Column strides above 1 read each row's column phases (2x2 stride 2: the input
+    directly), with -inf standing in for rows outside the input: a window whose inside
+    values are all -inf (or equal, or NaN) must still report the reference's value and
+    first index, zeros' signs kept; in both layouts."""
     rng = np.random.default_rng(17)
     x = rng.choice(np.array([-np.inf, -1.0, 0.0, -0.0, 2.0], dtype), size=shape)
     x.flat[rng.choice(x.size, size=max(1, x.size // 40), replace=False)] = np.nan

@@ -33,13 +33,14 @@ def avg_forward(KD, KH, KW, SD, SH, SW):
     zero, interior_divisor, workers)`` on ``(planes, D, H, W)`` views.
 
     Interior columns (every tap inside the row) add their taps in row-major order; with
-    a column stride ``1 < SW <= PHASE_STRIDE_LIMIT`` they read each input row's column phases (``phases``:
+    a column stride ``1 < SW <= PHASE_STRIDE_LIMIT`` (except 2x2 windows of stride 2, below)
+    they read each input row's column phases (``phases``:
     overlapping strided taps compiled to gathers), rows outside the input as zeros,
     which leave every sum as it was (``total`` starts at +0, so no sum is -0). Edge
     columns clip their windows. ``workers`` threads take fixed runs of rows and one
     phase buffer each."""
 
-    # 2x2 stride 2 (no dilation) reads the input directly: its two taps per row are
+    # 2x2 stride 2 reads the input directly: its two taps per row are
     # one interleaved pair, which LLVM loads as vectors and shuffles, and the
     # phase copies cost more than that (measured: (1, 512, 14, 14) 0.11 -> 0.07 ms).
     PHASES = 1 < SW <= PHASE_STRIDE_LIMIT and not (KW == SW == 2)

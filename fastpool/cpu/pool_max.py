@@ -32,7 +32,8 @@ def max_forward(KD, KH, KW, SD, SH, SW, DD, DH, DW, WITH_INDICES):
     H, W)`` views; ``indices`` receives flat positions ``(d * H + h) * W + w`` in the
     plane.
 
-    With a column stride ``1 < SW <= PHASE_STRIDE_LIMIT`` the taps of neighbouring outputs are ``SW`` apart and
+    With a column stride ``1 < SW <= PHASE_STRIDE_LIMIT`` (except 2x2 windows of stride 2,
+    below) the taps of neighbouring outputs are ``SW`` apart and
     overlap (3x3 stride 2), which LLVM compiles to gathers, one per tap; so each output
     row's input rows are first split into their ``SW`` column phases (``phases``), and the
     taps read the phases contiguously, still in row-major window order. ``workers``

@@ -43,6 +43,8 @@ folding buys little here, unlike the pooling kernels).
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from fastpool._threading import thread_count
@@ -97,7 +99,10 @@ def _pointwise_pixels(x, w, algorithm):
     if (algorithm is not None or w.layout != CHANNELS_LAST or w.batch == 0
             or not _Problem.forward(w).pointwise_applies()):
         return None
-    return _channels_last.pixels(x if w.batched else x[None])
+    x2d = _channels_last.pixels(x if _batched(x) else x[None])
+    # The kernels trust these shapes: never hand them a matrix of another geometry.
+    return x2d if x2d is not None and x2d.shape == (w.batch * math.prod(w.in_size),
+                                                     w.channels) else None
 
 
 def _depthwise_pixels(x, w, algorithm):
@@ -107,7 +112,16 @@ def _depthwise_pixels(x, w, algorithm):
     if (algorithm is not None or w.layout != CHANNELS_LAST or w.batch == 0
             or not w.groups == w.channels == w.out_channels):
         return None
-    return _channels_last_direct.pixels(x, w.batched)
+    x4 = _channels_last_direct.pixels(x, _batched(x))
+    return x4 if x4 is not None and x4.shape == ((w.batch,) + w.in_size
+                                                 + (w.channels,)) else None
+
+
+def _batched(a):
+    """Whether ``a`` has a batch axis. Read from the array, not from the window: the
+    transposed convolutions' launchers pass batched (N, C, H, W) arrays with the
+    window of an unbatched call."""
+    return a.ndim == 4
 
 
 def _threads_for(tasks):
@@ -163,13 +177,13 @@ def conv2d_forward(x, weight, bias, window, algorithm=None):
         with single_threaded_blas(x2d.dtype):
             y = _channels_last.forward(x2d, weight, bias, w, thread_count(),
                                        _check)
-        return y if w.batched else y[0]
+        return y if _batched(x) else y[0]
     x4 = _depthwise_pixels(x, w, algorithm)
     if x4 is not None:
         y = _channels_last_direct.forward(x4, weight, bias,
                                           w.derived("conv", _Problem.forward),
                                           thread_count())
-        return y if w.batched else y[0]
+        return y if _batched(x) else y[0]
     x = contiguous(x).reshape((w.batch, w.channels) + w.in_size)
     y = np.empty((w.batch, w.out_channels) + w.out_size, x.dtype)
     if w.batch > 0:
@@ -236,7 +250,7 @@ def conv2d_backward(grad_output, x, weight, window, output_mask, algorithm=None)
     w = window
     x2d = _pointwise_pixels(x, w, algorithm)
     if x2d is not None:
-        batched = grad_output if w.batched else grad_output[None]
+        batched = grad_output if _batched(grad_output) else grad_output[None]
         grad_y2d = _channels_last.pixels(batched)
         if grad_y2d is None:  # one copy into the layout of the call
             grad_y2d = np.ascontiguousarray(np.moveaxis(batched, 1, -1)).reshape(
@@ -244,21 +258,22 @@ def conv2d_backward(grad_output, x, weight, window, output_mask, algorithm=None)
         with single_threaded_blas(x2d.dtype):
             grads = _channels_last.backward(grad_y2d, x2d, weight, w, output_mask,
                                             thread_count(), _check)
-        if grads[0] is not None and not w.batched:
+        if grads[0] is not None and not _batched(x):
             grads = (grads[0][0],) + grads[1:]
         return grads
     x4 = _depthwise_pixels(x, w, algorithm)
     if x4 is not None:
-        gy4 = _channels_last_direct.pixels(grad_output, w.batched)
-        if gy4 is None:  # one copy into the layout of the call
-            gy4 = np.ascontiguousarray(np.moveaxis(
-                grad_output if w.batched else grad_output[None], 1, -1))
+        gy4 = _channels_last_direct.pixels(grad_output, _batched(grad_output))
+        shape = (w.batch, w.out_channels) + w.out_size
+        if gy4 is None or gy4.shape != (shape[:1] + shape[2:] + shape[1:2]):
+            # one copy into the layout of the call
+            gy4 = np.ascontiguousarray(np.moveaxis(grad_output.reshape(shape), 1, -1))
         grads = _channels_last_direct.backward(gy4, x4, weight,
                                                w.derived("conv", _Problem.forward),
                                                w.derived("conv_input_grad",
                                                          _Problem.input_grad),
                                                output_mask, thread_count())
-        if grads[0] is not None and not w.batched:
+        if grads[0] is not None and not _batched(x):
             grads = (grads[0][0],) + grads[1:]
         return grads
     want_input, want_weight, want_bias = output_mask

@@ -53,11 +53,12 @@ def _add_taps(yf, yo, src, o0, o1, o2, o3, wtf, w0, length, C, four):
 
 
 @njit(inline="always")
-def _columns(xf, yf, wtf, bias, has_bias, stage, n, oh, ow_a, ow_b, H, W, C, OH, OW, KH,
-             KW, SH, SW, DH, DW, PT, PL, col_lo, col_hi, grouped):
+def _columns(xf, yf, wtf, bias, has_bias, stage, o, n, oh, ow_a, ow_b, H, W, C, OH, OW,
+             KH, KW, SH, SW, DH, DW, PT, PL, col_lo, col_hi, grouped):
     """Output columns ``[ow_a, ow_b)`` of row ``oh``: the bias, then each group of taps
     over the columns where it lies inside the input, then, with ``grouped``, the other
-    columns with zeros staged for the missing cells."""
+    columns with zeros staged for the missing cells (``stage``: ``4 * C`` scratch;
+    ``o``: four offsets of scratch)."""
     row = (n * OH + oh) * OW * C
     for ow in range(ow_a, ow_b):
         for c in range(C):
@@ -74,8 +75,7 @@ def _columns(xf, yf, wtf, bias, has_bias, stage, n, oh, ow_a, ow_b, H, W, C, OH,
             lo = max(lo, col_lo[kk % KW])
             hi = min(hi, col_hi[kk % KW])
         hi = max(hi, lo)
-        o = np.empty(4, np.int64)  # the group's source at output column 0
-        o[:] = 0
+        o[:] = 0  # the group's source cells at output column 0
         for kk in range(g):
             h = oh * SH - PT + ((k + kk) // KW) * DH
             o[kk] = ((n * H + h) * W + ((k + kk) % KW) * DW - PL) * C
@@ -215,6 +215,7 @@ def _forward(x, wt, bias, has_bias, y, KH, KW, SH, SW, DH, DW, PT, PL, col_lo, c
     nine = KH == 3 and KW == 3
     for worker in prange(workers):
         stage = np.empty(4 * C, x.dtype)
+        o = np.empty(4, np.int64)
         band = np.empty(3 * (OW + 2 * DW) * C if nine and grouped else 1, x.dtype)
         for t in range(worker * rows // workers, (worker + 1) * rows // workers):
             n = t // OH
@@ -240,12 +241,12 @@ def _forward(x, wt, bias, has_bias, y, KH, KW, SH, SW, DH, DW, PT, PL, col_lo, c
             elif nine and inside and hi > lo:
                 _nine_taps(xf, yf, wtf, bias, has_bias, row, ((n * H + h0) * W - PL) * C,
                            lo, hi, C, SW, DW, DH * W * C, 2 * DH * W * C, grouped)
-                _columns(xf, yf, wtf, bias, has_bias, stage, n, oh, 0, lo, H, W, C, OH,
+                _columns(xf, yf, wtf, bias, has_bias, stage, o, n, oh, 0, lo, H, W, C, OH,
                          OW, KH, KW, SH, SW, DH, DW, PT, PL, col_lo, col_hi, grouped)
-                _columns(xf, yf, wtf, bias, has_bias, stage, n, oh, hi, OW, H, W, C, OH,
+                _columns(xf, yf, wtf, bias, has_bias, stage, o, n, oh, hi, OW, H, W, C, OH,
                          OW, KH, KW, SH, SW, DH, DW, PT, PL, col_lo, col_hi, grouped)
             else:
-                _columns(xf, yf, wtf, bias, has_bias, stage, n, oh, 0, OW, H, W, C, OH,
+                _columns(xf, yf, wtf, bias, has_bias, stage, o, n, oh, 0, OW, H, W, C, OH,
                          OW, KH, KW, SH, SW, DH, DW, PT, PL, col_lo, col_hi, grouped)
 
 
