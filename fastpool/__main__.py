@@ -31,14 +31,16 @@ def _parser():
     bench.add_argument("--ops", default="all", choices=["all", "pool", "conv", "nd"],
                        help="nd: 1-D and 3-D ops and channels-last pooling (issue 14's "
                             "shapes), against PyTorch in the same rank and layout")
-    bench.add_argument("--suite", default="ops", choices=["ops", "layers", "dask"],
+    bench.add_argument("--suite", default="ops", choices=["ops", "layers", "dask", "calls"],
                        help="ops (default): every op on standard shapes against PyTorch; "
                             "layers: the conv and pooling layers of LeNet-5, ResNet-18/50, "
                             "MobileNetV2 and VGG-16 against PyTorch NCHW, PyTorch "
                             "channels_last and ONNX Runtime (CPU); dask: "
                             "examples/large_image.py's pipeline through fastpool.dask, "
                             "its overhead against the in-memory calls and its "
-                            "throughput on a LocalCluster of 1 and 2 worker processes")
+                            "throughput on a LocalCluster of 1 and 2 worker processes; "
+                            "calls: the fixed cost of a call on a tiny input against "
+                            "PyTorch's (CPU)")
     bench.add_argument("--networks", default=None,
                        help="layers suite: comma-separated networks (default all: "
                             "lenet5,resnet18,resnet50,mobilenet_v2,vgg16; quick: lenet5,"
@@ -95,6 +97,8 @@ def main(argv=None):
         return _layers(args, threads_default=numba.config.NUMBA_NUM_THREADS)
     if args.suite == "dask":
         return _dask(args)
+    if args.suite == "calls":
+        return _calls(args, threads_default=numba.config.NUMBA_NUM_THREADS)
     devices = _devices(args.device)
     repeats = args.repeats or (5 if args.quick else 11)
     threads = args.threads or numba.config.NUMBA_NUM_THREADS
@@ -139,6 +143,24 @@ def _layers(args, threads_default):
     if args.plot:
         _bench.plot(args.plot, _bench_layers.as_bench_rows(rows),
                     dict(meta, devices={"cpu": dict(peer="the fastest peer per row")}))
+    return 0
+
+
+def _calls(args, threads_default):
+    from fastpool import _bench, _bench_calls
+    if args.device not in ("auto", "cpu"):
+        raise SystemExit("--suite calls runs on the CPU only (--device cpu or auto)")
+    if args.dtype != "float32" or args.plot:
+        raise SystemExit("--suite calls is float32, without --plot")
+    threads = args.threads or threads_default
+    repeats = args.repeats or (3 if args.quick else 11)
+    rows = _bench_calls.run(repeats, 200 if args.quick else 2000, threads)
+    print(_bench_calls.format_table(rows, threads))
+    if args.json:
+        import json
+        with open(args.json, "w") as fh:
+            json.dump(dict(rows=rows, threads=threads, versions=_bench.versions()), fh,
+                      indent=1)
     return 0
 
 

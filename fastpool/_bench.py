@@ -663,7 +663,7 @@ def blas_note(pools):
 def kernel_cache_dir():
     """Where Numba caches fastpool's CPU kernels (``NUMBA_CACHE_DIR`` wins)."""
     from fastpool.cpu import pool_max
-    return pool_max.scatter_to_indices._cache._cache_path
+    return pool_max._scatter_to_indices.body._cache._cache_path
 
 
 def gpu_lines():

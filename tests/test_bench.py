@@ -233,3 +233,35 @@ def test_blas_note_names_a_forced_narrow_openblas(monkeypatch):
     monkeypatch.setattr(binding, "get_host_cpu_features", lambda: wide)
     monkeypatch.delenv("OPENBLAS_CORETYPE")
     assert _bench.blas_note(pools) is None  # OpenBLAS chose by itself
+
+
+def test_calls_suite_runs_and_writes_json(tmp_path, capsys):
+    path = tmp_path / "calls.json"
+    assert cli.main(["bench", "--suite", "calls", "--quick", "--repeats", "1",
+                     "--threads", "1", "--json", str(path)]) == 0
+    table = capsys.readouterr().out
+    rows = json.loads(path.read_text())["rows"]
+    names = [r["name"] for r in rows]
+    assert names[0] == "max_pool2d" and "conv2d_backward 3x3" in names
+    for r in rows:
+        assert r["name"] in table and r["fastpool_us"] > 0
+        assert (r["target_us"] is None) == ("backward" in r["name"])
+        if r["peer_us"] is not None:
+            assert r["ratio"] == pytest.approx(r["peer_us"] / r["fastpool_us"])
+    with pytest.raises(SystemExit, match="float32"):
+        cli.main(["bench", "--suite", "calls", "--dtype", "float64"])
+
+
+def test_calls_suite_peers_compute_what_fastpool_computes():
+    """The timed PyTorch calls are the same computations as fastpool's (a cheaper peer
+    op would make the ratio meaningless)."""
+    pytest.importorskip("torch")
+    from fastpool import _bench_calls
+    for name, _, ours, peer in _bench_calls.cases():
+        got, want = ours(), peer()
+        if isinstance(want, tuple):  # conv backward: (input, weight, None) grads
+            got, want = got[:2], want[:2]
+        else:
+            got, want = [got], [want]
+        for a, b in zip(got, want):
+            np.testing.assert_allclose(a, b.numpy(), rtol=1e-5, atol=1e-6, err_msg=name)

@@ -136,3 +136,20 @@ def test_copies_between_memory_formats(shape, dtype):
     again = channels_last(x, 1)
     np.testing.assert_array_equal(again, x)
     assert again.strides == cl.strides
+
+
+def test_the_shared_zero_bias_is_never_written():
+    """Calls without a bias share one zero array per dtype (``_no_bias``): no algorithm
+    may write into it, or later calls would add what it wrote."""
+    from fastpool.cpu import conv as cpu_conv
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((2, 8, 9, 9))
+    w = rng.standard_normal((8, 8, 3, 3))
+    *_, window = _params.conv_window(x, w, None, 2, 1, 1, 1, 1)
+    want = ref.conv2d(x, w, padding=1)
+    for name in cpu_conv.valid_algorithms(window):
+        for _ in range(2):
+            y = cpu_conv.conv2d_forward(x, w, None, window, algorithm=name)
+            assert_close(y, want, x.dtype)
+    assert not any(zero.any() for zero in cpu_conv._NO_BIAS.values())
+    assert cpu_conv._NO_BIAS[np.dtype(np.float64)].shape == (1,)

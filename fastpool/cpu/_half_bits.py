@@ -46,8 +46,18 @@ def compute_dtype(dtype):
 
 
 def scalar(dtype, value):
-    """``value`` as a scalar of ``compute_dtype(dtype)`` (a kernel's ``zero``, divisor)."""
-    return compute_dtype(dtype).type(value)
+    """``value`` as a scalar of ``compute_dtype(dtype)`` (a kernel's ``zero``, divisor),
+    remembered: calls ask for the same few, and building one costs half a microsecond."""
+    key = (dtype, value)
+    found = _SCALARS.get(key)
+    if found is None:
+        if len(_SCALARS) >= 1024:
+            _SCALARS.clear()
+        found = _SCALARS[key] = compute_dtype(dtype).type(value)
+    return found
+
+
+_SCALARS = {}
 
 
 # ----------------------------------------------------------------------------- scalars

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import functools
 
-from numba import njit, prange
+import numpy as np
+from numba import njit
 
+from fastpool._threading import thread_count
 from fastpool.cpu import _half_bits as hb
 from fastpool.cpu._parallel import BODY_JIT, parallel_kernel
 from fastpool.cpu._pool_common import (
     INF,
-    JIT,
     PHASE_STRIDE_LIMIT,
     U,
     output_row,
@@ -196,15 +197,15 @@ def _max_edges(xf, of, jf, base, orow, d0, h0, ow_from, ow_to, D, H, W, pw,
             jf[orow + ow] = arg
 
 
-@njit(**JIT)
-def scatter_to_indices(grad_output, indices, grad_input):
-    """``grad_input[p].flat[indices[p, k]] += grad_output[p, k]``, in output order, one
-    thread per plane (so nothing races); returns the number of indices outside the
-    plane, which are skipped."""
+@parallel_kernel
+@njit(**BODY_JIT)
+def _scatter_to_indices(grad_output, indices, grad_input, bad, worker, workers):
+    """Worker ``worker``'s share of the planes of ``scatter_to_indices``; it counts the
+    indices outside the plane in ``bad[worker]``."""
     planes, plane_size = grad_input.shape
     outputs = grad_output.shape[1]
-    bad = 0
-    for p in prange(planes):
+    count = 0
+    for p in range(worker * planes // workers, (worker + 1) * planes // workers):
         plane = grad_input[p]
         # half precision: sums in a float32 plane, rounded once (for float arrays g
         # is the plane itself)
@@ -217,6 +218,17 @@ def scatter_to_indices(grad_output, indices, grad_input):
             if 0 <= target < plane_size:
                 g[U(target)] += values[k]
             else:
-                bad += 1
+                count += 1
         hb.flush(plane, g)
-    return bad
+    bad[worker] = count
+
+
+def scatter_to_indices(grad_output, indices, grad_input):
+    """``grad_input[p].flat[indices[p, k]] += grad_output[p, k]``, in output order, one
+    thread per plane (so nothing races); returns the number of indices outside the
+    plane, which are skipped. A serial body with explicit workers: a single worker
+    (small calls) runs without a parallel region."""
+    workers = max(1, min(thread_count(), grad_input.shape[0]))
+    bad = np.zeros(workers, np.int64)
+    _scatter_to_indices(grad_output, indices, grad_input, bad, workers)
+    return sum(bad.tolist())  # not bad.sum(): NumPy's reduction costs 2 us

@@ -161,22 +161,41 @@ def _max_forward_channels_last(x, w, with_indices):
     return out_view, indices_view
 
 
+def _forward_launch(op, *flags):
+    """``make(window)``: what every channels-first forward call of ``op`` on a
+    geometry passes its kernel besides the arrays, derived once per geometry (the
+    per-call path of a small call costs more than its kernel: docs/site/performance.md).
+    """
+    def make(w):
+        rows = w.planes * math.prod(w.out3[:2])
+        return (kernel(op, w, *flags) if rows else None, w.output_shape,
+                (-1,) + w.in3, (-1,) + w.out3,
+                (*_pads(w), *w.derived("interior", interior_columns)), rows, _narrow(w))
+    return make
+
+
+_MAX_LAUNCH = {flag: _forward_launch("max_forward", flag) for flag in (False, True)}
+_AVG_LAUNCH = _forward_launch("avg_forward")
+# The kernels compiled without indices never touch their ``indices`` argument.
+_NO_INDICES = np.empty((1, 1, 1, 1), np.int64)
+
+
 def max_pool_forward(x, window, with_indices):
     w = window
     if w.layout == CHANNELS_LAST:
         return _max_forward_channels_last(x, w, with_indices)
-    if _narrow(w):
+    make = _MAX_LAUNCH[bool(with_indices)]
+    run, shape, in_view, out_view, constants, rows, narrow = w.derived(make, make)
+    if narrow:
         y, indices = _max_forward_channels_last(_as_channels_last(x, w), w, with_indices)
         return contiguous(y), (contiguous(indices) if with_indices else None)
-    out = np.empty(w.output_shape, dtype=x.dtype)
-    indices = np.empty(w.output_shape if with_indices else (1,), dtype=np.int64)
-    if w.planes:
-        lo, hi = w.derived("interior", interior_columns)
-        kernel("max_forward", w, bool(with_indices))(
-            hb.bits(_volumes(x, w.in3)), hb.bits(out.reshape((-1,) + w.out3)),
-            indices.reshape((-1,) + w.out3) if with_indices else indices.reshape(1, 1, 1, 1),
-            *_pads(w), lo, hi, _row_workers(w))
-    return out, (indices if with_indices else None)
+    out = np.empty(shape, dtype=x.dtype)
+    indices = np.empty(shape, dtype=np.int64) if with_indices else None
+    if rows:
+        run(hb.bits(contiguous(x).reshape(in_view)), hb.bits(out.reshape(out_view)),
+            _NO_INDICES if indices is None else indices.reshape(out_view), *constants,
+            _split(rows))
+    return out, indices
 
 
 def scatter_to_indices(grad_output, indices, window):
@@ -233,21 +252,21 @@ def _avg_forward_channels_last(x, w, count_include_pad, divisor_override):
 
 def avg_pool_forward(x, window, count_include_pad, divisor_override):
     w = window
-    if _narrow(w):
-        return contiguous(_avg_forward_channels_last(_as_channels_last(x, w), w,
-                                                     count_include_pad, divisor_override))
     if w.layout == CHANNELS_LAST:
         return _avg_forward_channels_last(x, w, count_include_pad, divisor_override)
-    out = np.empty(w.output_shape, dtype=x.dtype)
-    if w.planes:
-        lo, hi = w.derived("interior", interior_columns)
-        area = math.prod(w.kernel)
-        kernel("avg_forward", w)(
-            hb.bits(_volumes(x, w.in3)), hb.bits(out.reshape((-1,) + w.out3)), *_pads(w),
-            count_include_pad, divisor_override, lo, hi,
+    run, shape, in_view, out_view, constants, rows, narrow = w.derived(_AVG_LAUNCH,
+                                                                       _AVG_LAUNCH)
+    if narrow:
+        return contiguous(_avg_forward_channels_last(_as_channels_last(x, w), w,
+                                                     count_include_pad, divisor_override))
+    out = np.empty(shape, dtype=x.dtype)
+    if rows:
+        pads, columns = constants[:3], constants[3:]
+        run(hb.bits(contiguous(x).reshape(in_view)), hb.bits(out.reshape(out_view)), *pads,
+            count_include_pad, divisor_override, *columns,
             # Sum and divide in the input's dtype (float32 for half), as PyTorch does.
-            hb.scalar(x.dtype, 0), hb.scalar(x.dtype, divisor_override or area),
-            _row_workers(w))
+            hb.scalar(x.dtype, 0),
+            hb.scalar(x.dtype, divisor_override or math.prod(w.kernel)), _split(rows))
     return out
 
 

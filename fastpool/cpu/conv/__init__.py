@@ -62,15 +62,42 @@ from fastpool.cpu.conv._planner import (_NAMES, ALGORITHMS, DIRECT, IM2COL, ROWS
 from fastpool.cpu.conv._winograd import _winograd_forward, winograd_weight
 
 
+def _batched_output_shape(window):
+    return (window.batch, window.out_channels) + window.out_size
+
+
+def _no_bias(dtype):
+    """A zero bias of one element for kernels told ``has_bias=False`` (they never read
+    or write it then); shared, so a small call allocates nothing for it. Writeable:
+    Numba compiles read-only arrays as another type, another specialisation."""
+    found = _NO_BIAS.get(dtype)
+    if found is None:
+        found = _NO_BIAS[dtype] = np.zeros(1, dtype)
+    return found
+
+
+_NO_BIAS = {}
+
+
+def _forward_problem(window):
+    """``window``'s forward problem, built once per geometry."""
+    return window.derived("conv", _Problem.forward)
+
+
+def _input_grad_problem(window):
+    """``window``'s stride-1 input-gradient problem, built once per geometry."""
+    return window.derived("conv_input_grad", _Problem.input_grad)
+
+
 def choose_algorithm(window):
     """Name of the algorithm ``conv2d_forward``/``conv2d_backward`` use for ``window``
     (a rank-2 ``Window``)."""
-    return _NAMES[_Problem.forward(window).algorithm()]
+    return _NAMES[_forward_problem(window).algorithm()]
 
 
 def valid_algorithms(window):
     """Names of every algorithm that can run ``window`` (tests run them all)."""
-    return _Problem.forward(window).valid_names()
+    return _forward_problem(window).valid_names()
 
 
 def _flipped_transposed(weight, groups):
@@ -97,7 +124,7 @@ def _pointwise_pixels(x, w, algorithm):
     empty batch, or an array that is not exactly a channels-last buffer (conv3d's and
     the transposed convolutions' inner calls pass channels-first ones)."""
     if (algorithm is not None or w.layout != CHANNELS_LAST or w.batch == 0
-            or not _Problem.forward(w).pointwise_applies()):
+            or not _forward_problem(w).pointwise_applies()):
         return None
     x2d = _channels_last.pixels(x if _batched(x) else x[None])
     # The kernels trust these shapes: never hand them a matrix of another geometry.
@@ -137,15 +164,13 @@ def _check(status):
 def _run_forward(problem, x, weight, bias, y, algorithm=None):
     algorithm = problem.algorithm() if algorithm is None else algorithm
     has_bias = bias is not None
-    bias = contiguous(bias) if has_bias else np.zeros(1, x.dtype)
+    bias = contiguous(bias) if has_bias else _no_bias(x.dtype)
     if algorithm == DIRECT:
         weight = contiguous(weight)
-        if problem.unit_stride_planes():
-            p = problem
-            _direct_forward_unit_stride(x, weight, bias, has_bias, y,
-                                        thread_count(), p.groups, p.kernel_h,
-                                        p.kernel_w, p.dilation_h, p.dilation_w,
-                                        p.pad_top, p.pad_left)
+        unit = problem.unit_stride_args
+        if unit is not None:
+            _direct_forward_unit_stride(x, weight, bias, has_bias, y, *unit,
+                                        _threads_for(x.shape[0] * y.shape[1]))
         else:
             _direct_forward(x, weight, bias, has_bias, y, *problem.args)
         return y
@@ -181,24 +206,27 @@ def conv2d_forward(x, weight, bias, window, algorithm=None):
     x4 = _depthwise_pixels(x, w, algorithm)
     if x4 is not None:
         y = _channels_last_direct.forward(x4, weight, bias,
-                                          w.derived("conv", _Problem.forward),
+                                          _forward_problem(w),
                                           thread_count())
         return y if _batched(x) else y[0]
-    x = contiguous(x).reshape((w.batch, w.channels) + w.in_size)
-    y = np.empty((w.batch, w.out_channels) + w.out_size, x.dtype)
+    x = contiguous(x)
+    if not _batched(x):  # the array's batching, not the window's (``_batched``)
+        x = x[None]
+    y = np.empty(w.derived("conv_output", _batched_output_shape), x.dtype)
     if w.batch > 0:
-        _run_forward(_Problem.forward(w), x, weight, bias, y, _algorithm_code(w, algorithm))
-    return y.reshape(w.output_shape)
+        _run_forward(_forward_problem(w), x, weight, bias, y,
+                     _algorithm_code(w, algorithm))
+    return y if w.batched else y[0]
 
 
 def _input_grad(grad_output, weight, w, algorithm):
     grad_input = np.empty((w.batch, w.channels) + w.in_size, grad_output.dtype)
-    problem = _Problem.forward(w)
+    problem = _forward_problem(w)
     if algorithm == DIRECT and not problem.unit_stride_planes():
         _direct_backward_input(grad_output, contiguous(weight), grad_input,
                                *problem.args)
     elif algorithm != IM2COL and w.stride == (1, 1):
-        transposed = _Problem.input_grad(w)
+        transposed = _input_grad_problem(w)
         _run_forward(transposed, grad_output, _flipped_transposed(weight, w.groups), None,
                      grad_input, DIRECT if algorithm == DIRECT else None)
     else:
@@ -216,13 +244,14 @@ def _weight_grad(x, grad_output, weight_shape, w, algorithm):
     if algorithm == WINOGRAD:
         algorithm = ROWS  # the weight gradient's GEMMs reduce over pixels; no tiles
     grad_weight = np.empty(weight_shape, x.dtype)
-    problem = _Problem.forward(w)
+    problem = _forward_problem(w)
     if algorithm == DIRECT:
         p = problem
         if p.unit_stride_planes():
             _direct_backward_weight_unit_stride(x, grad_output, grad_weight, p.groups,
                                                 p.kernel_h, p.kernel_w, p.dilation_h,
-                                                p.dilation_w, p.pad_top, p.pad_left)
+                                                p.dilation_w, p.pad_top, p.pad_left,
+                                                _threads_for(p.out_channels))
         else:
             _direct_backward_weight(x, grad_output, grad_weight, *problem.args)
         return grad_weight
@@ -269,9 +298,8 @@ def conv2d_backward(grad_output, x, weight, window, output_mask, algorithm=None)
             # one copy into the layout of the call
             gy4 = np.ascontiguousarray(np.moveaxis(grad_output.reshape(shape), 1, -1))
         grads = _channels_last_direct.backward(gy4, x4, weight,
-                                               w.derived("conv", _Problem.forward),
-                                               w.derived("conv_input_grad",
-                                                         _Problem.input_grad),
+                                               _forward_problem(w),
+                                               _input_grad_problem(w),
                                                output_mask, thread_count())
         if grads[0] is not None and not _batched(x):
             grads = (grads[0][0],) + grads[1:]
@@ -282,7 +310,7 @@ def conv2d_backward(grad_output, x, weight, window, output_mask, algorithm=None)
         x = contiguous(x).reshape((w.batch, w.channels) + w.in_size)
     code = _algorithm_code(w, algorithm)
     if code is None:
-        code = _Problem.forward(w).algorithm()
+        code = _forward_problem(w).algorithm()
     grad_input = grad_weight = grad_bias = None
     if want_input:
         if w.batch == 0:
@@ -300,5 +328,5 @@ def conv2d_backward(grad_output, x, weight, window, output_mask, algorithm=None)
         if w.batch == 0:
             grad_bias[:] = 0
         else:
-            _bias_grad(grad_output, grad_bias)
+            _bias_grad(grad_output, grad_bias, _threads_for(w.out_channels))
     return grad_input, grad_weight, grad_bias

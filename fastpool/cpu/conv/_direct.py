@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from fastpool.cpu._parallel import BODY_JIT, parallel_kernel
 from fastpool.cpu.conv._planner import _JIT, _U
 
 
@@ -185,9 +186,13 @@ def _tap_offsets(KH, KW, DH, DW, Wp):
     return offsets
 
 
-@njit(**_JIT)
-def _direct_forward_unit_stride(x, w, bias, has_bias, y, workers, G, KH, KW, DH, DW, PT,
-                                PL):
+@parallel_kernel
+@njit(**BODY_JIT)
+def _direct_forward_unit_stride(x, w, bias, has_bias, y, G, KH, KW, DH, DW, PT, PL,
+                                worker, workers):
+    """Worker ``worker``'s share of the (image, output channel) planes (a serial body:
+    a single worker runs without a parallel region, which costs more than a small
+    convolution)."""
     N, C, H, W = x.shape
     O, OH, OW = y.shape[1], y.shape[2], y.shape[3]
     Cg = C // G
@@ -197,24 +202,23 @@ def _direct_forward_unit_stride(x, w, bias, has_bias, y, workers, G, KH, KW, DH,
     Q = OH * Wp
     tasks = N * O
     offsets = _tap_offsets(KH, KW, DH, DW, Wp)
-    for worker in prange(workers):
-        padded = np.empty(Hp * Wp + DW * (KW - 1), x.dtype)
-        acc = np.empty(Q, x.dtype)
-        for t in range(worker * tasks // workers, (worker + 1) * tasks // workers):
-            n = t // O
-            o = t % O
-            g = o // Og
-            b = bias[o] if has_bias else 0.0
-            for q in range(Q):
-                acc[q] = b
-            for c in range(Cg):
-                _pad_plane(x[n, g * Cg + c], padded, PT, PL, Hp, Wp)
-                _accumulate_taps(acc, padded, w[o, c].reshape(-1), offsets, Q)
-            out = y[n, o]
-            for oh in range(OH):
-                row = out[oh]
-                for ow in range(OW):
-                    row[_U(ow)] = acc[_U(oh * Wp + ow)]
+    padded = np.empty(Hp * Wp + DW * (KW - 1), x.dtype)
+    acc = np.empty(Q, x.dtype)
+    for t in range(worker * tasks // workers, (worker + 1) * tasks // workers):
+        n = t // O
+        o = t % O
+        g = o // Og
+        b = bias[o] if has_bias else 0.0
+        for q in range(Q):
+            acc[q] = b
+        for c in range(Cg):
+            _pad_plane(x[n, g * Cg + c], padded, PT, PL, Hp, Wp)
+            _accumulate_taps(acc, padded, w[o, c].reshape(-1), offsets, Q)
+        out = y[n, o]
+        for oh in range(OH):
+            row = out[oh]
+            for ow in range(OW):
+                row[_U(ow)] = acc[_U(oh * Wp + ow)]
 
 
 @njit(cache=True, boundscheck=False, nogil=True, fastmath={"reassoc"})
@@ -227,11 +231,12 @@ def _dot(a, b, b_offset, length):
     return total
 
 
-@njit(**_JIT)
+@parallel_kernel
+@njit(**BODY_JIT)
 def _direct_backward_weight_unit_stride(x, grad_output, grad_weight, G, KH, KW, DH, DW,
-                                        PT, PL):
-    """One thread per output channel: per image, one dot product per tap over the flat
-    padded plane, summed over images in float64."""
+                                        PT, PL, worker, workers):
+    """Worker ``worker``'s share of the output channels: per image, one dot product per
+    tap over the flat padded plane, summed over images in float64."""
     N, C, H, W = x.shape
     O, OH, OW = grad_output.shape[1], grad_output.shape[2], grad_output.shape[3]
     Cg = C // G
@@ -240,7 +245,7 @@ def _direct_backward_weight_unit_stride(x, grad_output, grad_weight, G, KH, KW, 
     Wp = OW + DW * (KW - 1)
     Q = OH * Wp
     offsets = _tap_offsets(KH, KW, DH, DW, Wp)
-    for o in prange(O):
+    for o in range(worker * O // workers, (worker + 1) * O // workers):
         g = o // Og
         totals = np.zeros((Cg, KH * KW), np.float64)
         padded = np.empty(Hp * Wp + DW * (KW - 1), x.dtype)

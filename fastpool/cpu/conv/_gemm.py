@@ -248,13 +248,15 @@ def _sum_partials(partial, out):
         flat[e] = total
 
 
-@njit(**_JIT)
-def _bias_grad(grad_output, out):
-    """``out[o] = sum of grad_output[:, o]``, accumulated in float64."""
+@parallel_kernel
+@njit(**BODY_JIT)
+def _bias_grad(grad_output, out, worker, workers):
+    """``out[o] = sum of grad_output[:, o]``, accumulated in float64 (worker
+    ``worker``'s share of the channels)."""
     N, O = grad_output.shape[0], grad_output.shape[1]
     P = grad_output.shape[2] * grad_output.shape[3]
     gf = grad_output.reshape(N, O, P)
-    for o in prange(O):
+    for o in range(worker * O // workers, (worker + 1) * O // workers):
         total = 0.0
         for n in range(N):
             for p in range(P):
