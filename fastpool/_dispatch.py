@@ -188,6 +188,12 @@ def backend(device, *arrays):
     """Resolve the device and return the kernel module for it: ``fastpool.cpu``, or
     ``fastpool.cuda`` (whose launchers move host arrays to the GPU and back); for
     half-precision arrays, that module seen through float32 (``fastpool._half``)."""
+    for a in arrays:  # the common case first: NumPy arrays of float32/float64, the CPU
+        if a is not None and (type(a) is not np.ndarray or a.dtype.itemsize == 2):
+            break
+    else:
+        if get_device(device) != "cuda":
+            return _cpu_backend()
     module = _device_backend(device, arrays)
     for a in arrays:  # a loop, not any(...): a generator costs a microsecond a call
         if getattr(getattr(a, "dtype", None), "itemsize", 0) == 2:

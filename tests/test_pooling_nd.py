@@ -618,3 +618,34 @@ def _flatten(results):
     for r in results:
         out += list(r) if isinstance(r, tuple) else [r]
     return out
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+@pytest.mark.parametrize("shape, kernel, ceil_mode", [
+    ((2, 6, 9, 11), 2, False), ((3, 5, 10), 3, False), ((1, 4, 5, 7, 6), (2, 3, 2), False),
+    ((2, 6, 8, 8), 2, False), ((2, 6, 9, 11), 2, True)],
+    ids=["2-D-leftover", "1-D", "3-D", "2-D-exact", "ceil-partial"])
+def test_tiled_channels_last_avg_backward(shape, kernel, ceil_mode, dtype, monkeypatch):
+    """Windows that tile the input (stride = kernel, no padding) take the channels-last
+    backward's one-share-per-element kernel: bit for bit the channels-first values,
+    signed zeros and the rows and columns past the last window included; ceil_mode's
+    partial windows take the general kernel."""
+    from fastpool.cpu import pooling as cpu_pooling
+    made = []
+    tiled = cpu_pooling._FACTORIES["avg_backward_cl_tiled"]
+    monkeypatch.setitem(cpu_pooling._FACTORIES, "avg_backward_cl_tiled",
+                        lambda *c: made.append(c) or tiled(*c))
+    rank = len(shape) - 2
+    rng = np.random.default_rng(23)
+    x = rng.standard_normal(shape).astype(dtype)
+    args = dict(kernel_size=kernel, ceil_mode=ceil_mode)
+    g = rng.standard_normal(OPS[rank]["avg"](x, **args).shape).astype(dtype)
+    g[..., 0] = -0.0
+    backward = OPS[rank]["avg_backward"]
+    want = backward(g, x, **args)
+    got = backward(channels_last(g), channels_last(x), **args)
+    assert is_channels_last(got)
+    assert np.array_equal(_bits(got), _bits(want))
+    assert bool(made) != ceil_mode
+    if dtype != np.float16:
+        assert_close(got, ref.avg_pool_backward(g, x, **args), dtype)

@@ -43,6 +43,7 @@ _FACTORIES = {
     "max_forward_cl": pool_channels_last.max_forward,
     "avg_forward_cl": pool_channels_last.avg_forward,
     "avg_backward_cl": pool_channels_last.avg_backward,
+    "avg_backward_cl_tiled": pool_channels_last.avg_backward_tiled,
     "avg_forward": pool_avg.avg_forward,
     "avg_backward": pool_avg.avg_backward,
     "stochastic_train": pool_stochastic.train_forward,
@@ -53,7 +54,8 @@ _FACTORIES = {
     "stochastic_infer_backward_cl": pool_stochastic_channels_last.infer_backward,
 }
 # Average pooling has no dilation: its kernels take kernel and stride only.
-_NO_DILATION = {"avg_forward", "avg_backward", "avg_forward_cl", "avg_backward_cl"}
+_NO_DILATION = {"avg_forward", "avg_backward", "avg_forward_cl", "avg_backward_cl",
+                "avg_backward_cl_tiled"}
 
 
 def kernel(op, window, *flags):
@@ -270,6 +272,13 @@ def avg_pool_forward(x, window, count_include_pad, divisor_override):
     return out
 
 
+def _tiled(w):
+    """Whether the windows tile the input: stride = kernel, no padding, and every
+    window inside the input (no partial windows of ``ceil_mode``)."""
+    return (w.stride3 == w.kernel3 and not any(w.pad_lo3)
+            and all(o * k <= i for o, k, i in zip(w.out3, w.kernel3, w.in3)))
+
+
 def avg_pool_backward(grad_output, window, count_include_pad, divisor_override):
     w = window
     if w.layout == CHANNELS_LAST:
@@ -279,10 +288,14 @@ def avg_pool_backward(grad_output, window, count_include_pad, divisor_override):
             shares = np.empty(go.shape, hb.compute_dtype(go.dtype))
             pool_channels_last.avg_shares(hb.bits(go), shares, *_pads(w), *w.kernel3,
                                           *w.stride3, *w.in3, count_include_pad,
-                                          divisor_override)
-            kernel("avg_backward_cl", w)(shares, hb.bits(grad_input), *_pads(w),
-                                         hb.scalar(grad_output.dtype, 0),
-                                         _cl_input_row_workers(w))
+                                          divisor_override, _cl_row_workers(w))
+            zero = hb.scalar(grad_output.dtype, 0)
+            if w.derived("tiled", _tiled):
+                kernel("avg_backward_cl_tiled", w)(shares, hb.bits(grad_input), zero,
+                                                   _cl_input_row_workers(w))
+            else:
+                kernel("avg_backward_cl", w)(shares, hb.bits(grad_input), *_pads(w),
+                                             zero, _cl_input_row_workers(w))
         return view
     grad_input = np.empty(w.input_shape, dtype=grad_output.dtype)
     if w.planes:
