@@ -649,3 +649,75 @@ def test_tiled_channels_last_avg_backward(shape, kernel, ceil_mode, dtype, monke
     assert bool(made) != ceil_mode
     if dtype != np.float16:
         assert_close(got, ref.avg_pool_backward(g, x, **args), dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+@pytest.mark.parametrize("shape, kernel, divisor, tiled", [
+    ((4, 6, 28, 28), 2, None, True), ((2, 3, 9, 12), 3, None, True),
+    ((3, 4, 10), 5, 3, True), ((2, 3, 4, 6, 8), (1, 2, 4), None, True),
+    ((2, 3, 4, 6, 8), (2, 2, 2), None, False), ((2, 3, 9, 11), 2, None, False)],
+    ids=["2x2", "3x3", "1-D-divisor", "3-D-flat", "3-D-deep", "leftover"])
+def test_exactly_tiled_avg_forward(shape, kernel, divisor, tiled, dtype, monkeypatch):
+    """Windows that tile the input exactly (stride = kernel, no padding, no leftover,
+    depth kernel 1) take the whole-row kernel: the general kernel's bits, signed zeros
+    included; other geometries keep the general kernel."""
+    from fastpool.cpu import pooling as cpu_pooling
+    made = []
+    factory = cpu_pooling._FACTORIES["avg_forward_tiled"]
+    monkeypatch.setitem(cpu_pooling._FACTORIES, "avg_forward_tiled",
+                        lambda *c: made.append(c) or factory(*c))
+    rank = len(shape) - 2
+    x = np.random.default_rng(29).standard_normal(shape).astype(dtype)
+    x[..., 0] = -0.0
+    args = dict(kernel_size=kernel, divisor_override=divisor)
+    # the geometry the call will be handed (remembered per geometry): forget its
+    # launch plan, so this call builds it and the factory is seen
+    from fastpool import _params
+    window = _params.pool_window(x, rank, kernel, None, 0, 1, False)[1]
+    window._derived.pop(cpu_pooling._AVG_TILED, None)
+    got = OPS[rank]["avg"](x, **args)
+    assert bool(made) == tiled
+    monkeypatch.setattr(cpu_pooling, "_AVG_TILED", lambda w: None)  # the general kernel
+    want = OPS[rank]["avg"](x, **args)
+    assert np.array_equal(_bits(got), _bits(want))
+    if dtype != np.float16:
+        assert_close(got, ref.avg_pool(x, **args), dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+@pytest.mark.parametrize("shape, kernel, tiled", [
+    ((4, 6, 28, 28), 2, True), ((2, 3, 9, 12), 3, True), ((3, 4, 10), 5, True),
+    ((2, 3, 4, 6, 8), (1, 2, 4), True), ((2, 3, 4, 6, 8), (2, 2, 2), False),
+    ((2, 3, 9, 11), 2, False)],
+    ids=["2x2", "3x3", "1-D", "3-D-flat", "3-D-deep", "leftover"])
+def test_exactly_tiled_max_forward(shape, kernel, tiled, dtype, monkeypatch):
+    """Max pooling's whole-row kernel for exactly tiling windows: the general kernel's
+    values and indices, bit for bit, with NaNs (the first one wins), ties (the first
+    one wins), infinities and signed zeros."""
+    from fastpool import _params
+    from fastpool.cpu import pooling as cpu_pooling
+    made = []
+    factory = cpu_pooling._FACTORIES["max_forward_tiled"]
+    monkeypatch.setitem(cpu_pooling._FACTORIES, "max_forward_tiled",
+                        lambda *c: made.append(c) or factory(*c))
+    rank = len(shape) - 2
+    rng = np.random.default_rng(31)
+    x = rng.integers(-3, 3, shape).astype(dtype)  # many ties
+    flat = x.reshape(-1)
+    picks = rng.choice(flat.size, flat.size // 10, replace=False)
+    flat[picks[0::4]] = np.nan
+    flat[picks[1::4]] = -np.inf
+    flat[picks[2::4]] = np.inf
+    flat[picks[3::4]] = -0.0
+    window = _params.pool_window(x, rank, kernel, None, 0, 1, False)[1]
+    for make in cpu_pooling._MAX_TILED.values():
+        window._derived.pop(make, None)  # this call builds its plan: the factory is seen
+    got, got_indices = OPS[rank]["max"](x, kernel, return_indices=True)
+    got_plain = OPS[rank]["max"](x, kernel)
+    assert bool(made) == tiled
+    monkeypatch.setattr(cpu_pooling, "_MAX_TILED", {False: lambda w: None,
+                                                   True: lambda w: None})
+    want, want_indices = OPS[rank]["max"](x, kernel, return_indices=True)
+    assert np.array_equal(_bits(got), _bits(want))
+    assert np.array_equal(_bits(got_plain), _bits(want))
+    np.testing.assert_array_equal(got_indices, want_indices)

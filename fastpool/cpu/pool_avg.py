@@ -70,6 +70,35 @@ def avg_forward(KD, KH, KW, SD, SH, SW):
     return kernel
 
 
+@functools.lru_cache(maxsize=None)
+def avg_forward_tiled(KD, KH, KW, SD, SH, SW):
+    """``kernel(x, out, zero, divisor, workers)`` on flat arrays, for windows that
+    tile the input exactly (stride = kernel, no padding, no leftover rows or columns,
+    ``KD == 1``): output row ``r`` (over all planes and depths) reads input rows ``r *
+    KH`` to ``r * KH + KH - 1``, so the rows need no window arithmetic and no edge
+    columns, and the taps sit at constant distances. Taps are added in ``avg_forward``'s
+    order (from ``zero``, row by row), so the bits are its bits."""
+
+    @parallel_kernel
+    @njit(**BODY_JIT)
+    def kernel(x, out, zero, divisor, worker, workers):
+        OW = out.shape[1]
+        rows = out.shape[0]
+        W = OW * KW
+        xf = x.reshape(-1)
+        for r in range(worker * rows // workers, (worker + 1) * rows // workers):
+            base = r * KH * W
+            dst = out[r]
+            for ow in range(OW):
+                total = zero
+                for i in range(KH):
+                    for j in range(KW):
+                        total += hb.wide(xf[U(base + i * W + ow * KW + j)])
+                dst[U(ow)] = hb.narrow(total / divisor, out)
+
+    return kernel
+
+
 @njit(inline="always")
 def _row_window(row, D, H, W, OD, OH, pd, ph, KD, KH, SD, SH):
     """Output row ``row``'s window along D and H: start ``d0``/``h0``, end clipped to the

@@ -127,6 +127,45 @@ def _max_row_phases(xf, of, jf, row, buffer, D, H, W, OD, OH, OW, pd, ph, pw, ow
                    WITH_INDICES)
 
 
+@functools.lru_cache(maxsize=None)
+def max_forward_tiled(KD, KH, KW, SD, SH, SW, DD, DH, DW, WITH_INDICES):
+    """``kernel(x, out, indices, plane_rows, workers)`` on a flat ``x`` and ``(rows,
+    OW)`` views, for windows that tile the input exactly (stride = kernel, no padding,
+    no dilation, no leftover rows or columns, ``KD == 1``): output row ``r`` reads input
+    rows ``r * KH`` to ``r * KH + KH - 1`` (``plane_rows`` output rows per plane), with
+    no window arithmetic and no edge columns. Taps are visited in ``max_forward``'s
+    order with its rule (``replaces``), so values and indices are its own."""
+
+    @parallel_kernel
+    @njit(**BODY_JIT)
+    def kernel(x, out, indices, plane_rows, worker, workers):
+        rows, OW = out.shape
+        W = OW * KW
+        xf = x.reshape(-1)
+        for r in range(worker * rows // workers, (worker + 1) * rows // workers):
+            base = r * KH * W
+            first = (r % plane_rows) * KH * W  # the row's offset inside its plane
+            dst = out[r]
+            for ow in range(OW):
+                k0 = ow * KW
+                best = hb.wide(xf[U(base + k0)])
+                arg = k0
+                for i in range(KH):
+                    for j in range(KW):
+                        if i + j > 0:
+                            k = k0 + i * W + j
+                            v = hb.wide(xf[U(base + k)])
+                            take = replaces(v, best)
+                            best = v if take else best
+                            if WITH_INDICES:
+                                arg = k if take else arg
+                dst[U(ow)] = hb.narrow(best, out)
+                if WITH_INDICES:
+                    indices[r, ow] = first + arg
+
+    return kernel
+
+
 @njit(inline="always")
 def _max_row_direct(xf, of, jf, row, buffer, D, H, W, OD, OH, OW, pd, ph, pw, ow_lo,
                     ow_hi, L, KD, KH, KW, SD, SH, SW, DD, DH, DW, WITH_INDICES):
