@@ -50,8 +50,8 @@ except AttributeError:  # pragma: no cover - not CPython's os._Environ
 
 def _environment():
     """``FASTPOOL_DEVICE``'s value, or None when it is unset."""
-    if _ENV_DATA is None or os.environ._data is not _ENV_DATA:  # pragma: no cover
-        return os.environ.get(ENV_VAR)
+    if _ENV_DATA is None or getattr(os.environ, "_data", None) is not _ENV_DATA:
+        return os.environ.get(ENV_VAR)  # os.environ replaced (a test's dict, say)
     raw = _ENV_DATA.get(_ENV_KEY)
     return None if raw is None else os.environ.decodevalue(raw)
 

@@ -172,6 +172,8 @@ def memoised(n_arrays):
 
         def run(*args, **keywords):
             arrays = args[:n_arrays]
+            if len(arrays) < n_arrays:  # an array passed by keyword: no memo
+                return validate(*args, **keywords)
             if n_arrays == 1:  # spelt out: a generator costs half a microsecond
                 a = arrays[0]
                 if type(a) is not np.ndarray:

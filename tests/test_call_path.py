@@ -153,3 +153,25 @@ def test_the_shared_zero_bias_is_never_written():
             assert_close(y, want, x.dtype)
     assert not any(zero.any() for zero in cpu_conv._NO_BIAS.values())
     assert cpu_conv._NO_BIAS[np.dtype(np.float64)].shape == (1,)
+
+
+def test_an_array_passed_by_keyword_is_validated_without_the_memo():
+    validate = _fresh_memo()
+    x = np.zeros((1, 2, 6, 6), np.float32)
+    got, window = validate(x=x, rank=2, kernel_size=3, stride=2, padding=1, dilation=1,
+                           ceil_mode=False)
+    assert got is x and window.out_size == (3, 3)
+    with pytest.raises(TypeError):
+        validate(x=x, rank=2, kernel_size=3, stride=True, padding=1, dilation=1,
+                 ceil_mode=False)
+
+
+def test_the_device_variable_is_read_from_a_replaced_environment(monkeypatch):
+    """``FASTPOOL_DEVICE`` is read from the environment's own dict for speed; an
+    ``os.environ`` replaced by another mapping is still honoured."""
+    import os
+    from fastpool import _dispatch
+    monkeypatch.setattr(os, "environ", {"FASTPOOL_DEVICE": "CPU"})
+    assert _dispatch.get_device() == "cpu"
+    monkeypatch.setattr(os, "environ", {})
+    assert _dispatch.get_device() == "auto"

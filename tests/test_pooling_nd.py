@@ -677,7 +677,7 @@ def test_exactly_tiled_avg_forward(shape, kernel, divisor, tiled, dtype, monkeyp
     window._derived.pop(cpu_pooling._AVG_TILED, None)
     got = OPS[rank]["avg"](x, **args)
     assert bool(made) == tiled
-    monkeypatch.setattr(cpu_pooling, "_AVG_TILED", lambda w: None)  # the general kernel
+    monkeypatch.setattr(cpu_pooling, "_AVG_TILED", lambda w: False)  # the general kernel
     want = OPS[rank]["avg"](x, **args)
     assert np.array_equal(_bits(got), _bits(want))
     if dtype != np.float16:
@@ -715,8 +715,8 @@ def test_exactly_tiled_max_forward(shape, kernel, tiled, dtype, monkeypatch):
     got, got_indices = OPS[rank]["max"](x, kernel, return_indices=True)
     got_plain = OPS[rank]["max"](x, kernel)
     assert bool(made) == tiled
-    monkeypatch.setattr(cpu_pooling, "_MAX_TILED", {False: lambda w: None,
-                                                   True: lambda w: None})
+    monkeypatch.setattr(cpu_pooling, "_MAX_TILED", {False: lambda w: False,
+                                                   True: lambda w: False})
     want, want_indices = OPS[rank]["max"](x, kernel, return_indices=True)
     assert np.array_equal(_bits(got), _bits(want))
     assert np.array_equal(_bits(got_plain), _bits(want))
