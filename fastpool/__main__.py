@@ -1,6 +1,7 @@
-"""Command line: ``python -m fastpool bench`` and ``python -m fastpool info``."""
+"""Command line: ``python -m fastpool bench``, ``info`` and ``gpu-check``."""
 
 import argparse
+import json
 import os
 import sys
 
@@ -56,6 +57,30 @@ def _parser():
     bench.add_argument("--plot", metavar="PATH",
                        help="also draw the speed-ups as a PNG bar chart (needs matplotlib)")
     commands.add_parser("info", help="versions, threads, kernel cache and GPU status")
+    check = commands.add_parser(
+        "gpu-check", help="on a CUDA machine: the GPU tests, the device's ceilings and "
+                          "the GPU benchmark, into one JSON",
+        description="Run the test suite's GPU tests on the real GPU, measure the copy "
+                    "bandwidth and float32 peak, and benchmark every op against "
+                    "PyTorch/cuDNN (TF32 off), within --budget seconds; installs "
+                    "nothing and skips what is missing. Run it from a source checkout.")
+    check.add_argument("--json", metavar="PATH", help="write the report here (rewritten "
+                                                     "after every stage)")
+    check.add_argument("--log", metavar="PATH", help="the stages' output (default: a "
+                                                    "temporary file)")
+    check.add_argument("--budget", type=float, default=450,
+                       help="seconds for the whole check (default 450)")
+    check.add_argument("--repeats", type=int, default=5,
+                       help="benchmark repeats (default 5)")
+    check.add_argument("-k", dest="select", metavar="EXPRESSION",
+                       help="pytest -k expression for the tests (default: cuda or gpu or "
+                            "simulator)")
+    check.add_argument("--workers", type=int, help="pytest-xdist workers (default: "
+                                                  "min(8, CPUs))")
+    check.add_argument("--no-bench", action="store_true", help="the tests only")
+    check.add_argument("--simulator", action="store_true",
+                       help="run the tests under Numba's CUDA simulator, no benchmarks "
+                            "(to check the command itself without a GPU)")
     return parser
 
 
@@ -88,6 +113,8 @@ def main(argv=None):
     if args.command == "info":
         print("\n".join(_bench.info_lines()))
         return 0
+    if args.command == "gpu-check":
+        return _gpu_check(args)
     import numba
     if args.repeats is not None and args.repeats < 1:
         raise SystemExit("--repeats must be at least 1")
@@ -110,6 +137,24 @@ def main(argv=None):
     if args.plot:
         _bench.plot(args.plot, rows, meta)
     return 0
+
+
+def _gpu_check(args):
+    from numba import config
+
+    from fastpool import _gpu_check
+    if args.simulator != bool(config.ENABLE_CUDASIM):
+        raise SystemExit("gpu-check: --simulator needs NUMBA_ENABLE_CUDASIM=1 set before "
+                         "Python starts, and a real-GPU check needs it unset")
+    if not args.simulator:
+        problem = _gpu_problem()
+        if problem:
+            raise SystemExit(f"gpu-check: {problem}")
+    report = _gpu_check.main(args.json, args.budget, args.log, simulator=args.simulator,
+                             select=args.select, bench=not args.no_bench,
+                             repeats=args.repeats, workers=args.workers)
+    print(json.dumps(report.get("summary"), indent=1))
+    return 0 if report["tests"].get("outcome") in ("passed", "skipped") else 1
 
 
 def _layers(args, threads_default):

@@ -170,6 +170,74 @@ def test_chunks_on_the_gpu_kernels_give_the_whole_cpu_call(small_launches, rng):
            fastpool.avg_pool2d_backward(g, x, 3, 2, 1))
 
 
+def _cupy_on_a_gpu():
+    """CuPy with a real GPU (CuPy cannot run under Numba's simulator), else skip."""
+    from conftest import CUDA_SIMULATOR
+    if CUDA_SIMULATOR:
+        pytest.skip("CuPy chunks need a real GPU (Numba's simulator cannot run CuPy)")
+    cupy = pytest.importorskip("cupy")
+    try:
+        cupy.zeros(1).sum().item()
+    except Exception as exc:  # no driver or no device
+        pytest.skip(f"CuPy cannot use a GPU here: {exc}")
+    return cupy
+
+
+def _equal_on_gpu(cupy, lazy, expected, bound=None):
+    """Every block of ``lazy`` is a CuPy array (so is its meta) and, brought to the
+    host, the matching block of ``expected``: bitwise, or within the sum tolerance of
+    ``bound`` where one is given."""
+    assert isinstance(lazy._meta, cupy.ndarray), type(lazy._meta)
+    assert lazy.dtype == expected.dtype and lazy.shape == expected.shape
+    indices = list(np.ndindex(*lazy.numblocks))
+    blocks = dask.get(dict(lazy.__dask_graph__()), [(lazy.name,) + i for i in indices])
+    for index, block in zip(indices, blocks):
+        region = tuple(slice(sum(lazy.chunks[a][:i]), sum(lazy.chunks[a][:i + 1]))
+                       for a, i in enumerate(index))
+        assert isinstance(block, cupy.ndarray), (index, type(block))
+        host = cupy.asnumpy(block)
+        if bound is None:
+            np.testing.assert_array_equal(host, expected[region], err_msg=str(index))
+        else:
+            assert_close_to_sum(host, expected[region], bound[region], expected.dtype)
+
+
+@pytest.mark.parametrize("chunks", [(1, 2, 7, 6), (2, 1, 3, 4), (1, 1, 2, 2)])
+def test_cupy_chunks_run_the_gpu_kernels_and_stay_on_the_gpu(chunks, rng):
+    """dask-cuda's case: CuPy chunks (``device="auto"``) run the GPU kernels, every
+    task returns a CuPy array, and the result is the whole-array CPU call's: pooling
+    and stochastic picks bitwise under batch and spatial chunks, convolutions and
+    their gradients to rounding (the GPU sums in another order than the CPU's GEMM)."""
+    cupy = _cupy_on_a_gpu()
+    x = rng.random((2, 2, 7, 6))
+    dx = da.from_array(cupy.asarray(x), chunks=chunks, asarray=False)
+    _equal_on_gpu(cupy, fd.max_pool2d(dx, 3, 2, 1), fastpool.max_pool2d(x, 3, 2, 1))
+    y, picks = fastpool.stochastic_pool2d(x, 3, 2, 1, seed=5, return_indices=True)
+    dy, dpicks = fd.stochastic_pool2d(dx, 3, 2, 1, seed=5, return_indices=True)
+    _equal_on_gpu(cupy, dy, y)
+    _equal_on_gpu(cupy, dpicks, picks)
+    g = rng.standard_normal(fastpool.avg_pool2d(x, 3, 2, 1).shape)
+    dg = da.from_array(cupy.asarray(g), chunks=(1, 1, 2, 2), asarray=False)
+    _equal_on_gpu(cupy, fd.avg_pool2d_backward(dg, dx, 3, 2, 1),
+                  fastpool.avg_pool2d_backward(g, x, 3, 2, 1))
+    weight, bias = rng.standard_normal((3, 2, 3, 3)), rng.standard_normal(3)
+    bound = fastpool.conv2d(abs(x), abs(weight), abs(bias), padding=1)
+    _equal_on_gpu(cupy, fd.conv2d(dx, cupy.asarray(weight), cupy.asarray(bias), padding=1),
+                  fastpool.conv2d(x, weight, bias, padding=1), bound)
+    gy = rng.standard_normal(bound.shape)
+    dgy = da.from_array(cupy.asarray(gy), chunks=(1, 3, 4, 3), asarray=False)
+    lazy = fd.conv2d_backward(dgy, dx, cupy.asarray(weight), padding=1)
+    grads = fastpool.conv2d_backward(gy, x, weight, padding=1)
+    input_bound = fastpool.conv2d_backward(abs(gy), x, abs(weight), padding=1,
+                                           output_mask=(True, False, False)).grad_input
+    _equal_on_gpu(cupy, lazy.grad_input, grads.grad_input, input_bound)
+    weight_bound = fastpool.conv2d_backward(abs(gy), abs(x), weight, padding=1)
+    assert_close_to_sum(cupy.asnumpy(lazy.grad_weight.compute()), grads.grad_weight,
+                        weight_bound.grad_weight, np.float64)
+    assert_close_to_sum(cupy.asnumpy(lazy.grad_bias.compute()), grads.grad_bias,
+                        weight_bound.grad_bias, np.float64)
+
+
 def test_a_seed_picks_differently_per_chunk_position_not_per_chunk(rng):
     """Two chunks holding equal data draw different picks (the key is the global
     position, not the chunk), and a different seed changes the picks."""

@@ -1,0 +1,281 @@
+"""``python -m fastpool gpu-check``: the GPU half proven and measured in one short run.
+
+Written for a borrowed GPU machine with a few minutes on it, no package registry and its
+own Python: it installs nothing, runs fastpool from wherever it is imported (a source
+checkout: ``cd fastpool && python -m fastpool gpu-check``), and skips what that Python
+lacks instead of failing. Three stages, each in its own process under its own time
+limit, so a hang or a broken CUDA context in one still leaves a report:
+
+1. the test suite's GPU tests (those whose id names ``cuda``, ``gpu`` or
+   ``simulator``: ``tests/test_cuda_*.py`` and every device-parametrised test) on the
+   real GPU (``NUMBA_ENABLE_CUDASIM=0``), in parallel with pytest-xdist where installed;
+2. the device's ceilings: device-to-device copy bandwidth (read + write bytes) and
+   float32 matrix-product rate with TF32 off (PyTorch, else CuPy);
+3. ``python -m fastpool bench --device cuda`` (every op on the standard GPU shapes
+   against PyTorch/cuDNN with TF32 off), then in float16 if time is left.
+
+The JSON (``--json``) is rewritten after every stage: device, driver, versions, date,
+each stage's outcome and time, the failed tests with their messages, the benchmark rows
+with ratios, fractions of the copy bandwidth and of the float32 peak, and a summary
+against issue 17's targets (pooling >= 70% of the copy bandwidth and >= 1.0x cuDNN,
+convolution >= 0.5x cuDNN).
+"""
+
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ElementTree
+from importlib import metadata, util
+from pathlib import Path
+
+_DISTRIBUTIONS = ("numpy", "numba", "numba-cuda", "llvmlite", "torch", "cupy-cuda13x",
+                  "cupy-cuda12x", "dask", "distributed", "pytest", "pytest-xdist",
+                  "pytest-timeout", "hypothesis")
+TEST_SELECTION = "cuda or gpu or simulator"
+
+
+def _versions():
+    found = {"python": platform.python_version()}
+    for dist in _DISTRIBUTIONS:
+        try:
+            found[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return found
+
+
+def environment(simulator):
+    """Device, driver and library versions (without touching the GPU under the
+    simulator)."""
+    import fastpool
+    info = dict(fastpool=fastpool.__version__, source=str(Path(fastpool.__file__).parent),
+                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                host=platform.node(), cpus=os.cpu_count(), versions=_versions(),
+                commit=_git_commit(Path(fastpool.__file__).parent.parent))
+    if simulator:
+        info["device"] = "Numba's CUDA simulator"
+        return info
+    from numba import cuda
+    gpu = cuda.get_current_device()
+    free, total = cuda.current_context().get_memory_info()
+    name = gpu.name.decode() if isinstance(gpu.name, bytes) else gpu.name
+    info.update(device=name, compute_capability=".".join(map(str, gpu.compute_capability)),
+                multiprocessors=gpu.MULTIPROCESSOR_COUNT, memory_gib=round(total / 2**30, 1),
+                driver=".".join(map(str, cuda.cudadrv.driver.driver.get_version())))
+    try:
+        from numba.cuda.cudadrv import nvvm
+        info["nvvm"] = ".".join(map(str, nvvm.NVVM().get_version()))
+    except Exception as exc:  # reported, not fatal: the tests will say what fails
+        info["nvvm"] = f"unavailable ({type(exc).__name__}: {exc})"[:300]
+    try:
+        info["runtime"] = ".".join(map(str, cuda.runtime.get_version()))
+    except Exception as exc:  # the runtime library is optional for Numba
+        info["runtime"] = f"unknown ({type(exc).__name__})"
+    try:
+        import torch
+        info["torch_cuda"], info["cudnn"] = torch.version.cuda, torch.backends.cudnn.version()
+    except ImportError:
+        pass
+    return info
+
+
+def _git_commit(root):
+    try:
+        return subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"],
+                              capture_output=True, text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _run(command, timeout, log, env=None):
+    """Run ``command`` with its output appended to ``log``; (return code or "timeout",
+    seconds)."""
+    start = time.monotonic()
+    with open(log, "a") as out:
+        out.write(f"\n$ {' '.join(command)}\n")
+        out.flush()
+        try:
+            code = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT,
+                                  timeout=max(timeout, 1), env=env).returncode
+        except subprocess.TimeoutExpired:
+            code = "timeout"
+    return code, round(time.monotonic() - start, 1)
+
+
+def run_tests(tests_dir, timeout, log, simulator, select=None, workers=None):
+    """The GPU tests; a dict of counts, failures and the stage's outcome."""
+    if not (tests_dir / "conftest.py").exists():
+        return dict(outcome="skipped", reason=f"no test suite at {tests_dir} (run from a "
+                                              "source checkout)")
+    if util.find_spec("pytest") is None:
+        return dict(outcome="skipped", reason="pytest is not installed")
+    xml = Path(tempfile.mkdtemp()) / "junit.xml"
+    command = [sys.executable, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider",
+               f"--junitxml={xml}", "-k", select or TEST_SELECTION, str(tests_dir)]
+    workers = workers if workers is not None else min(8, os.cpu_count() or 1)
+    if util.find_spec("xdist") is not None and workers > 1:
+        command[3:3] = ["-n", str(workers)]
+    if util.find_spec("pytest_timeout") is not None:
+        command[3:3] = ["--timeout", "240"]
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1" if simulator else "0",
+               FASTPOOL_TEST_WARMUP="0")
+    code, seconds = _run(command, timeout, log, env)
+    result = dict(outcome="passed" if code == 0 else "timeout" if code == "timeout"
+                  else "failed", return_code=code, seconds=seconds, selection=command[-2])
+    if xml.exists():
+        result.update(junit_summary(xml))
+    return result
+
+
+def junit_summary(path):
+    """Counts and failed tests (id and the first lines of the message) from a JUnit
+    XML report."""
+    root = ElementTree.parse(path).getroot()
+    counts = dict(tests=0, failures=0, errors=0, skipped=0)
+    failed = []
+    for suite in root.iter("testsuite"):
+        for key in counts:
+            counts[key] += int(suite.get(key, 0))
+    for case in root.iter("testcase"):
+        for child in case:
+            if child.tag in ("failure", "error"):
+                text = (child.get("message") or "") + "\n" + (child.text or "")
+                failed.append(dict(test=f"{case.get('classname')}::{case.get('name')}",
+                                   kind=child.tag, message=text.strip()[-1500:]))
+    counts["passed"] = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
+    return dict(counts=counts, failed=failed)
+
+
+_PEAKS = r"""
+import json, time
+import numpy as np
+from numba import cuda
+n = 64 << 20
+src = cuda.to_device(np.ones(4 * n, np.float32)); dst = cuda.device_array_like(src)
+def best(fn, k=10):
+    fn(); cuda.synchronize(); times = []
+    for _ in range(k):
+        t = time.perf_counter(); fn(); cuda.synchronize(); times.append(time.perf_counter() - t)
+    return min(times)
+out = dict(copy_gbs=2 * src.nbytes / best(lambda: dst.copy_to_device(src)) / 1e9)
+m = 8192
+try:
+    import torch
+    torch.backends.cuda.matmul.allow_tf32 = False
+    a = torch.rand(m, m, device="cuda"); b = torch.rand(m, m, device="cuda")
+    seconds = best(lambda: (torch.mm(a, b), torch.cuda.synchronize()))
+    out.update(fp32_tflops=2 * m**3 / seconds / 1e12, fp32_by="torch.mm, TF32 off")
+except ImportError:
+    try:
+        import cupy
+        a = cupy.random.rand(m, m, dtype=cupy.float32); b = cupy.random.rand(m, m, dtype=cupy.float32)
+        seconds = best(lambda: (a @ b, cupy.cuda.Device().synchronize()))
+        out.update(fp32_tflops=2 * m**3 / seconds / 1e12, fp32_by="cupy matmul")
+    except ImportError:
+        pass
+print("PEAKS", json.dumps(out))
+"""
+
+
+def measure_peaks(timeout, log):
+    """Copy bandwidth and float32 matrix-product rate, in a child process."""
+    start = time.monotonic()
+    try:
+        done = subprocess.run([sys.executable, "-c", _PEAKS], capture_output=True,
+                              text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return dict(outcome="timeout")
+    with open(log, "a") as out:
+        out.write(done.stdout + done.stderr)
+    for line in done.stdout.splitlines():
+        if line.startswith("PEAKS "):
+            return dict(json.loads(line[6:]), outcome="passed",
+                        seconds=round(time.monotonic() - start, 1))
+    return dict(outcome="failed", error=done.stderr[-1500:])
+
+
+def run_bench(dtype, repeats, timeout, log, ops="all"):
+    """``python -m fastpool bench --device cuda`` in a child; its rows."""
+    path = Path(tempfile.mkdtemp()) / "bench.json"
+    command = [sys.executable, "-m", "fastpool", "bench", "--device", "cuda", "--dtype",
+               dtype, "--ops", ops, "--repeats", str(repeats), "--json", str(path)]
+    code, seconds = _run(command, timeout, log)
+    result = dict(outcome="passed" if code == 0 else "timeout" if code == "timeout"
+                  else "failed", return_code=code, seconds=seconds, dtype=dtype)
+    if path.exists():
+        with open(path) as fh:
+            result.update(json.load(fh))
+    return result
+
+
+def summarise(report):
+    """Issue 17's targets against the float32 benchmark rows."""
+    rows = [r for group in report.get("bench_float32", {}).values()
+            for r in group.get("rows", []) if r.get("device") == "cuda"]
+    peak = report.get("peaks", {}).get("fp32_tflops")
+    pool, conv = [], []
+    for row in rows:
+        if peak and row.get("unit") == "GFLOP/s":
+            row["fp32_peak_fraction"] = row["rate"] / (peak * 1e3)
+        (pool if row.get("unit") == "GB/s" else conv).append(row)
+    tests = report.get("tests", {})
+
+    def count(rows, ok):
+        return dict(rows=len(rows), meeting=sum(1 for r in rows if ok(r)))
+    return dict(
+        tests=tests.get("outcome"), test_counts=tests.get("counts"),
+        pooling_at_least_70pct_of_copy_bandwidth=count(
+            pool, lambda r: (r.get("bandwidth_fraction") or 0) >= 0.7),
+        pooling_at_least_cudnn=count(pool, lambda r: (r.get("speedup") or 0) >= 1.0),
+        conv_at_least_half_cudnn=count(conv, lambda r: (r.get("speedup") or 0) >= 0.5))
+
+
+def main(json_path, budget, log_path, simulator=False, select=None, bench=True,
+         repeats=5, workers=None):
+    """Run the stages within ``budget`` seconds; returns the report."""
+    start = time.monotonic()
+    deadline = start + budget
+    log = Path(log_path or Path(tempfile.mkdtemp()) / "gpu_check.log")
+    report = dict(command=sys.argv, budget_seconds=budget, log=str(log))
+
+    def save():
+        report["seconds"] = round(time.monotonic() - start, 1)
+        if json_path:
+            with open(json_path, "w") as fh:
+                json.dump(report, fh, indent=1, default=str)
+
+    def left(share=1.0, reserve=0.0):
+        return (deadline - time.monotonic() - reserve) * share
+
+    report["environment"] = environment(simulator)
+    save()
+    tests_dir = Path(__file__).resolve().parent.parent / "tests"
+    # The tests get most of the budget but leave the benchmarks at least 3 minutes.
+    report["tests"] = run_tests(tests_dir, left(reserve=180 if bench else 0), log,
+                                simulator, select, workers)
+    save()
+    if bench and not simulator:
+        report["peaks"] = measure_peaks(min(45, left()), log)
+        save()
+        # One child per group, so a group that runs out of time loses only its rows.
+        groups = ("pool", "conv", "nd")
+        report["bench_float32"] = {}
+        for i, ops in enumerate(groups):
+            share = 1.0 / (len(groups) - i)
+            report["bench_float32"][ops] = run_bench("float32", repeats,
+                                                     left(share, reserve=30), log, ops)
+            save()
+        if left() > 45:
+            report["bench_float16"] = run_bench("float16", repeats, left(reserve=5), log,
+                                                ops="pool")
+            save()
+    elif simulator:
+        report["bench"] = "skipped under the simulator (its timings mean nothing)"
+    report["summary"] = summarise(report)
+    save()
+    return report
