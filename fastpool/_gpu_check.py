@@ -25,6 +25,7 @@ import datetime
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
@@ -99,10 +100,18 @@ def _run(command, timeout, log, env=None):
     with open(log, "a") as out:
         out.write(f"\n$ {' '.join(command)}\n")
         out.flush()
+        child = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
         try:
-            code = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT,
-                                  timeout=max(timeout, 1), env=env).returncode
+            code = child.wait(timeout=max(timeout, 1))
         except subprocess.TimeoutExpired:
+            # An interrupt first: pytest then still writes its JUnit report of the
+            # tests that ran.
+            child.send_signal(signal.SIGINT)
+            try:
+                child.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
             code = "timeout"
     return code, round(time.monotonic() - start, 1)
 

@@ -12,7 +12,16 @@ CUDA simulator it also repairs the simulator's shared-array allocator (``_simula
 
 import functools as _functools
 
+import numpy as _np
 from numba import config as _numba_config
+
+if not hasattr(_np, "row_stack"):
+    # numba-cuda up to at least 0.30.4 registers an overload for np.row_stack when it
+    # compiles its first kernel; NumPy 2.5 removed that alias of np.vstack, so every GPU
+    # kernel then failed to compile with "module 'numpy' has no attribute 'row_stack'"
+    # (seen on an H200 machine with NumPy 2.5.2, 2026-12-04). The alias is put back
+    # before any kernel compiles; it is NumPy's own vstack.
+    _np.row_stack = _np.vstack
 
 from fastpool._dispatch import on_device
 from fastpool._geometry import CHANNELS_LAST as _CHANNELS_LAST
