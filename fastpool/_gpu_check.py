@@ -86,9 +86,15 @@ def environment(simulator):
 
 
 def _git_commit(root):
+    """HEAD, with " (modified)" when the tree differs from it (a copied tree can carry
+    an older .git)."""
     try:
-        return subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"],
-                              capture_output=True, text=True, timeout=10).stdout.strip() or None
+        def git(*args):
+            return subprocess.run(["git", "-C", str(root), *args], capture_output=True,
+                                  text=True, timeout=10).stdout.strip()
+        head = git("rev-parse", "HEAD")
+        return (head + (" (modified)" if git("status", "--porcelain", "-uno") else "")
+                if head else None)
     except (OSError, subprocess.SubprocessError):
         return None
 
