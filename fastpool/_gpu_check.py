@@ -10,7 +10,9 @@ limit, so a hang or a broken CUDA context in one still leaves a report:
    ``simulator``: ``tests/test_cuda_*.py`` and every device-parametrised test) on the
    real GPU (``NUMBA_ENABLE_CUDASIM=0``), in parallel with pytest-xdist where installed;
 2. the device's ceilings: device-to-device copy bandwidth (read + write bytes) and
-   float32 matrix-product rate with TF32 off (PyTorch, else CuPy);
+   float32 matrix-product rate with TF32 off (PyTorch, else CuPy); and the host cost
+   of a call (microseconds per max_pool2d call on a tiny input, from a Numba device
+   array, a torch tensor and a CuPy array, beside PyTorch's own);
 3. ``python -m fastpool bench --device cuda`` (every op on the standard GPU shapes
    against PyTorch/cuDNN with TF32 off), then in float16 if time is left.
 
@@ -197,21 +199,75 @@ print("PEAKS", json.dumps(out))
 """
 
 
-def measure_peaks(timeout, log):
-    """Copy bandwidth and float32 matrix-product rate, in a child process."""
+_CALLS = r"""
+import json, sys, time
+import numpy as np
+from numba import cuda
+import fastpool
+shapes, n = json.loads(sys.argv[1])
+def per_call(fn):
+    fn(); cuda.synchronize()
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        for _ in range(n):
+            fn()
+        cuda.synchronize()
+        best = min(best, (time.perf_counter() - start) / n)
+    return best * 1e6
+rows = []
+for shape in map(tuple, shapes):
+    host = np.random.default_rng(0).random(shape, dtype=np.float32)
+    x = cuda.to_device(host)
+    row = dict(shape=shape, fastpool_numba_us=per_call(lambda: fastpool.max_pool2d(x, 3, 1, 1)))
+    try:
+        import torch
+        t = torch.from_numpy(host).cuda()
+        row["fastpool_torch_us"] = per_call(lambda: fastpool.max_pool2d(t, 3, 1, 1))
+        row["torch_us"] = per_call(lambda: torch.nn.functional.max_pool2d(t, 3, 1, 1))
+    except Exception as exc:  # missing, or without CUDA: the other rows still count
+        row["torch"] = f"{type(exc).__name__}: {exc}"[:200]
+    try:
+        import cupy
+        c = cupy.asarray(host)
+        row["fastpool_cupy_us"] = per_call(lambda: fastpool.max_pool2d(c, 3, 1, 1))
+    except Exception as exc:
+        row["cupy"] = f"{type(exc).__name__}: {exc}"[:200]
+    rows.append(row)
+print("CALLS", json.dumps(rows))
+"""
+
+
+def measure_calls(timeout, log, shapes=((1, 1, 8, 8), (32, 512, 14, 14)), calls=300):
+    """The host cost of a call: microseconds per max_pool2d call in a loop of
+    asynchronous calls (a tiny input, where only the overhead counts, and a (32, 512,
+    14, 14) one), given a Numba device array, a torch tensor and a CuPy array, beside
+    PyTorch's own call; in a child process."""
+    return _child_json(_CALLS, "CALLS", timeout, log, "rows",
+                       [json.dumps([shapes, calls])])
+
+
+def _child_json(script, tag, timeout, log, key=None, args=()):
+    """Run ``script`` in a child; the JSON it printed after ``tag``."""
     start = time.monotonic()
     try:
-        done = subprocess.run([sys.executable, "-c", _PEAKS], capture_output=True,
+        done = subprocess.run([sys.executable, "-c", script, *args], capture_output=True,
                               text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return dict(outcome="timeout")
     with open(log, "a") as out:
         out.write(done.stdout + done.stderr)
     for line in done.stdout.splitlines():
-        if line.startswith("PEAKS "):
-            return dict(json.loads(line[6:]), outcome="passed",
+        if line.startswith(tag + " "):
+            found = json.loads(line[len(tag) + 1:])
+            return dict({key: found} if key else found, outcome="passed",
                         seconds=round(time.monotonic() - start, 1))
     return dict(outcome="failed", error=done.stderr[-1500:])
+
+
+def measure_peaks(timeout, log):
+    """Copy bandwidth and float32 matrix-product rate, in a child process."""
+    return _child_json(_PEAKS, "PEAKS", timeout, log)
 
 
 def run_bench(dtype, repeats, timeout, log, ops="all"):
@@ -242,8 +298,11 @@ def summarise(report):
 
     def count(rows, ok):
         return dict(rows=len(rows), meeting=sum(1 for r in rows if ok(r)))
+    calls = report.get("calls", {}).get("rows") or [{}]
     return dict(
         tests=tests.get("outcome"), test_counts=tests.get("counts"),
+        host_cost_of_a_tiny_call_us={k: v for k, v in calls[0].items()
+                                     if k.endswith("_us")},
         pooling_at_least_70pct_of_copy_bandwidth=count(
             pool, lambda r: (r.get("bandwidth_fraction") or 0) >= 0.7),
         # Rows without a peer (stochastic pooling: cuDNN has none) count for the
@@ -280,6 +339,8 @@ def main(json_path, budget, log_path, simulator=False, select=None, bench=True,
     save()
     if bench and not simulator:
         report["peaks"] = measure_peaks(min(45, left()), log)
+        save()
+        report["calls"] = measure_calls(min(45, left()), log)
         save()
         # One child per group, so a group that runs out of time loses only its rows.
         groups = ("pool", "conv", "nd")
