@@ -721,3 +721,45 @@ def test_exactly_tiled_max_forward(shape, kernel, tiled, dtype, monkeypatch):
     assert np.array_equal(_bits(got), _bits(want))
     assert np.array_equal(_bits(got_plain), _bits(want))
     np.testing.assert_array_equal(got_indices, want_indices)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+@pytest.mark.parametrize("shape, kernel, stride, padding, ceil_mode", [
+    ((2, 3, 40, 37), 3, 2, 1, False),             # the ResNet stem's geometry
+    ((1, 2, 33, 35), 3, 1, 1, False),
+    ((2, 3, 34, 41), 5, 2, 2, False),
+    ((1, 3, 35, 36), 3, 2, 0, True),              # a last window hanging over
+    ((2, 2, 36, 40), (3, 5), (2, 3), (1, 2), False),
+    ((1, 2, 37, 33), 4, 3, 1, True),
+    ((2, 2, 5, 33, 34), (1, 3, 3), (2, 2, 2), (0, 1, 1), False)],  # 3-D, one slab deep
+    ids=["stem", "3x3s1", "5x5s2", "ceil", "rect", "4x4s3-ceil", "3-D-flat"])
+def test_max_forward_sharing_row_maxima(shape, kernel, stride, padding, ceil_mode, dtype):
+    """Max pooling without indices over windows whose rows overlap takes each input
+    row's maxima once and shares them between output rows (``pool_max.shares_rows``):
+    the values of the call with indices (the row-major walk over each window) bit for
+    bit, with NaNs (the first one wins), ties, infinities and signed zeros, and the
+    reference's. (Planes of at least 32 columns and 3 channels: no channels-last
+    detour.)"""
+    from fastpool import _params
+    from fastpool.cpu import pool_max
+    rank = len(shape) - 2
+    window = _params.pool_window(np.zeros(shape, dtype), rank, kernel, stride, padding, 1,
+                                 ceil_mode)[1]
+    assert pool_max.shares_rows(window.kernel3[0], window.kernel3[1], window.stride3[1],
+                                window.stride3[2], 1, 1, False)
+    assert not pool_max.shares_rows(window.kernel3[0], window.kernel3[1],
+                                    window.stride3[1], window.stride3[2], 1, 1, True)
+    rng = np.random.default_rng(37)
+    x = rng.integers(-3, 3, shape).astype(dtype)  # many ties
+    flat = x.reshape(-1)
+    picks = rng.choice(flat.size, flat.size // 10, replace=False)
+    flat[picks[0::4]] = np.nan
+    flat[picks[1::4]] = -np.inf
+    flat[picks[2::4]] = np.inf
+    flat[picks[3::4]] = -0.0
+    args = (kernel, stride, padding)
+    got = OPS[rank]["max"](x, *args, ceil_mode=ceil_mode)
+    want, _ = OPS[rank]["max"](x, *args, ceil_mode=ceil_mode, return_indices=True)
+    assert np.array_equal(_bits(got), _bits(want))
+    np.testing.assert_array_equal(
+        got, ref.max_pool(x, *args, ceil_mode=ceil_mode)[0].astype(dtype))
