@@ -236,7 +236,24 @@ def to_device(value):
         return value
     if kind == "host":
         return _host_to_device(np.asarray(value))
-    return cuda.as_cuda_array(value)
+    return cuda.as_cuda_array(value, sync=needs_stream_sync(value))
+
+
+# The CUDA Array Interface's (v3) names for the legacy and the per-thread default
+# stream. fastpool launches on Numba's default stream, the legacy one, which is ordered
+# with both (neither is a non-blocking stream): work queued there on the array needs no
+# wait on the host.
+_DEFAULT_STREAMS = (1, 2)
+
+
+def needs_stream_sync(value):
+    """Whether the host must wait for the stream that ``value``'s
+    ``__cuda_array_interface__`` names before fastpool's kernels read it: yes for a
+    stream the default stream is not ordered with (a side stream of PyTorch or CuPy);
+    no for none or a default stream. Numba's ``as_cuda_array`` waited in every case,
+    so each call with a torch tensor or CuPy array waited for all queued GPU work."""
+    stream = value.__cuda_array_interface__.get("stream")
+    return stream is not None and stream not in _DEFAULT_STREAMS
 
 
 def _host_to_device(array):

@@ -317,3 +317,29 @@ def test_bad_algorithm_and_tiles_raise():
     with cuda_conv.use_tiles(SMALL_TILES):
         assert cuda_conv.current_tiles() == SMALL_TILES
     assert cuda_conv.current_tiles() == cuda_conv.PRODUCTION_TILES
+
+
+def test_taps_are_uploaded_once_per_geometry(monkeypatch):
+    """The taps table goes to the GPU once per geometry (and context), not on every
+    call: each upload was a synchronous copy that made the host wait for all queued
+    GPU work. Results are unchanged by the reuse."""
+    from fastpool.cuda import conv as cuda_conv
+    cuda_conv._taps_on.cache_clear()
+    rng = np.random.default_rng(5)
+    host_x, host_w = rng.random((1, 2, 6, 5)), rng.standard_normal((3, 2, 3, 3))
+    x, w = cuda.to_device(host_x), cuda.to_device(host_w)
+    uploads = []
+    real = cuda.to_device
+    monkeypatch.setattr(cuda_conv.cuda, "to_device",
+                        lambda a, *args, **kw: uploads.append(a.shape) or real(a, *args,
+                                                                                **kw))
+    first = fastpool.conv2d(x, w, padding=1).copy_to_host()
+    assert uploads == [(2 * 3 * 3, 4)]
+    again = fastpool.conv2d(x, w, padding=1).copy_to_host()
+    assert uploads == [(2 * 3 * 3, 4)]
+    np.testing.assert_array_equal(again, first)
+    np.testing.assert_allclose(first, fastpool.conv2d(host_x, host_w, padding=1,
+                                                      device="cpu"), rtol=1e-12)
+    fastpool.conv2d(x, w, padding=2)  # padding is not part of the table
+    fastpool.conv2d(x, w, dilation=2, padding=2)
+    assert uploads.count((2 * 3 * 3, 4)) == 2

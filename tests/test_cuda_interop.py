@@ -31,15 +31,16 @@ class _HostBackedGpuArray:
     """A GPU array as the dispatcher sees one: ``__cuda_array_interface__`` (here over
     host memory, which is what simulated device memory is) and a ``device``."""
 
-    def __init__(self, host, ordinal=0):
+    def __init__(self, host, ordinal=0, stream=None):
         self.host = host
         self.device = types.SimpleNamespace(index=ordinal, id=ordinal)
+        self.stream = stream
 
     @property
     def __cuda_array_interface__(self):
         return {"shape": self.host.shape, "typestr": self.host.dtype.str,
                 "data": (self.host.ctypes.data, False), "version": 3,
-                "strides": self.host.strides, "stream": None}
+                "strides": self.host.strides, "stream": self.stream}
 
 
 # The dispatcher tells libraries apart by the module of the array's type.
@@ -73,10 +74,11 @@ def stand_ins(monkeypatch):
     from numba import cuda
     from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
 
-    calls = {"as_cuda_array": [], "asarray": [], "as_tensor": []}
+    calls = {"as_cuda_array": [], "sync": [], "asarray": [], "as_tensor": []}
 
     def as_cuda_array(obj, sync=True):
         calls["as_cuda_array"].append(obj)
+        calls["sync"].append(sync)
         view = FakeCUDAArray(obj.host)  # a view: no copy, as Numba's is
         return view
 
@@ -182,3 +184,20 @@ def test_real_cupy_round_trip():
     for got, want in zip(grads, expected):
         assert isinstance(got, cupy.ndarray)
         np.testing.assert_allclose(cupy.asnumpy(got), want, rtol=2e-5, atol=2e-5)
+
+
+@simulator_only
+@pytest.mark.parametrize("stream, waits", [(None, False), (1, False), (2, False),
+                                           (0x7F00_1234, True)],
+                         ids=["none", "legacy-default", "per-thread-default", "side"])
+def test_the_host_waits_only_for_streams_the_kernels_are_not_ordered_with(
+        stand_ins, stream, waits):
+    """A torch tensor or CuPy array queued on a default stream (CUDA Array Interface
+    stream 1 or 2) is taken without a host wait: fastpool's launches on the legacy
+    default stream are ordered with it. Only a side stream is synchronised first."""
+    host = np.random.default_rng(0).random((1, 2, 4, 4)).astype(np.float32)
+    for kind in (CupyArray, TorchTensor):
+        stand_ins["sync"].clear()
+        y = fastpool.max_pool2d(kind(host, stream=stream), 2)
+        assert stand_ins["sync"] == [waits]
+        np.testing.assert_array_equal(y.host, fastpool.max_pool2d(host, 2))

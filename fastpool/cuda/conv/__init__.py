@@ -63,8 +63,10 @@ this module holds the launchers and the split-K sizing.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
-from numba import cuda
+from numba import config, cuda
 
 from fastpool.cuda._launch import batched, contiguous, launch
 from fastpool.cuda.conv._direct import _gemm_weights, _simple_kernels
@@ -94,12 +96,38 @@ def _ceil_div(a, b):
 
 def _taps(channels, kernel_h, kernel_w, dilation_h, dilation_w, in_h, in_w):
     """``taps[k] = (c, i*DH, j*DW, flat offset of that tap in a C-contiguous input of
-    in_h x in_w planes)`` for ``k = (c*KH + i)*KW + j``, on the device."""
+    in_h x in_w planes)`` for ``k = (c*KH + i)*KW + j``, on the device: made once per
+    geometry and context. Uploading it on every call was a synchronous copy from
+    pageable memory on the default stream, so every convolution waited on the host for
+    all the GPU work queued before it."""
+    return _taps_on(channels, kernel_h, kernel_w, dilation_h, dilation_w, in_h, in_w,
+                    _context_key())
+
+
+def _context_key():
+    """The current CUDA context (Numba keeps one object per device until it is closed,
+    so a context made after ``cuda.close()`` misses the cache); under the simulator,
+    which makes a new context object per call, the device."""
+    if config.ENABLE_CUDASIM:
+        return cuda.get_current_device()
+    return cuda.current_context()
+
+
+@functools.lru_cache(maxsize=64)
+def _taps_on(channels, kernel_h, kernel_w, dilation_h, dilation_w, in_h, in_w, context):
+    # ``context`` only keys the cache; the upload goes to the current context.
     c, i, j = np.meshgrid(np.arange(channels), np.arange(kernel_h), np.arange(kernel_w),
                           indexing="ij")
     dh, dw = i.ravel() * dilation_h, j.ravel() * dilation_w
     offset = (c.ravel() * in_h + dh) * in_w + dw
     return cuda.to_device(np.stack([c.ravel(), dh, dw, offset], axis=1).astype(np.int64))
+
+
+@functools.lru_cache(maxsize=None)
+def _no_bias(dtype):
+    """The bias argument of a call without one (the kernels never read it): an empty
+    array, which allocates nothing, made once per dtype."""
+    return cuda.device_array(0, dtype)
 
 
 def _flat(array):
@@ -140,7 +168,7 @@ def _convolve(x, weight, bias, y, groups, stride, pad, dilation, flip, algorithm
     taps = _taps(channels, kernel_h, kernel_w, *dilation, in_h, in_w)
     has_bias = bias is not None
     if not has_bias:
-        bias = cuda.device_array(1, x.dtype)
+        bias = _no_bias(np.dtype(x.dtype))
     if _pick(algorithm, rows, depth) == TILED:
         tiles = current_tiles()
         pixels = y.shape[0] * y.shape[2] * y.shape[3]
