@@ -68,8 +68,8 @@ def _parser():
                                                      "after every stage)")
     check.add_argument("--log", metavar="PATH", help="the stages' output (default: a "
                                                     "temporary file)")
-    check.add_argument("--budget", type=float, default=450,
-                       help="seconds for the whole check (default 450)")
+    check.add_argument("--budget", type=float, default=480,
+                       help="seconds for the whole check (default 480)")
     check.add_argument("--repeats", type=int, default=5,
                        help="benchmark repeats (default 5)")
     check.add_argument("-k", dest="select", metavar="EXPRESSION",

@@ -40,6 +40,13 @@ _DISTRIBUTIONS = ("numpy", "numba", "numba-cuda", "llvmlite", "torch", "cupy-cud
                   "cupy-cuda12x", "dask", "distributed", "pytest", "pytest-xdist",
                   "pytest-timeout", "hypothesis")
 TEST_SELECTION = "cuda or gpu or simulator"
+# Seconds a child gets after its interrupt (pytest writes its report) before it is
+# killed; every stage's time limit leaves this much of the budget for it.
+GRACE = 20
+# A benchmark stage with less time than this is skipped rather than started.
+MIN_STAGE = 20
+# Imported by the test suite at collection: without them no test runs at all.
+_TEST_NEEDS = ("pytest", "hypothesis", "scipy")
 
 
 def _versions():
@@ -116,7 +123,7 @@ def _run(command, timeout, log, env=None):
             # tests that ran.
             child.send_signal(signal.SIGINT)
             try:
-                child.wait(timeout=20)
+                child.wait(timeout=GRACE)
             except subprocess.TimeoutExpired:
                 child.kill()
                 child.wait()
@@ -129,8 +136,9 @@ def run_tests(tests_dir, timeout, log, simulator, select=None, workers=None):
     if not (tests_dir / "conftest.py").exists():
         return dict(outcome="skipped", reason=f"no test suite at {tests_dir} (run from a "
                                               "source checkout)")
-    if util.find_spec("pytest") is None:
-        return dict(outcome="skipped", reason="pytest is not installed")
+    missing = [name for name in _TEST_NEEDS if util.find_spec(name) is None]
+    if missing:
+        return dict(outcome="skipped", reason=f"not installed: {', '.join(missing)}")
     xml = Path(tempfile.mkdtemp()) / "junit.xml"
     command = [sys.executable, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider",
                f"--junitxml={xml}", "-k", select or TEST_SELECTION, str(tests_dir)]
@@ -144,14 +152,28 @@ def run_tests(tests_dir, timeout, log, simulator, select=None, workers=None):
     code, seconds = _run(command, timeout, log, env)
     result = dict(outcome="passed" if code == 0 else "timeout" if code == "timeout"
                   else "failed", return_code=code, seconds=seconds, selection=command[-2])
-    if xml.exists():
+    try:
         result.update(junit_summary(xml))
+    except (OSError, ElementTree.ParseError) as exc:  # killed before it was written
+        result["report_error"] = f"{type(exc).__name__}: {exc}"
+    if code != 0:
+        # A test stuck in a CUDA call ignores the interrupt and is killed: no JUnit
+        # report then, and the log's last lines are what says where it stopped.
+        result["log_tail"] = _tail(log, 40)
     return result
 
 
+def _tail(path, lines):
+    try:
+        with open(path, errors="replace") as fh:
+            return "".join(fh.readlines()[-lines:])[-4000:]
+    except OSError:
+        return None
+
+
 def junit_summary(path):
-    """Counts and failed tests (id and the first lines of the message) from a JUnit
-    XML report."""
+    """Counts and failed tests (id, and the message: its start and its end when long)
+    from a JUnit XML report."""
     root = ElementTree.parse(path).getroot()
     counts = dict(tests=0, failures=0, errors=0, skipped=0)
     failed = []
@@ -161,9 +183,11 @@ def junit_summary(path):
     for case in root.iter("testcase"):
         for child in case:
             if child.tag in ("failure", "error"):
-                text = (child.get("message") or "") + "\n" + (child.text or "")
+                text = ((child.get("message") or "") + "\n" + (child.text or "")).strip()
+                if len(text) > 2000:  # the message and the test's frame, then the end
+                    text = text[:1000] + "\n[...]\n" + text[-1000:]
                 failed.append(dict(test=f"{case.get('classname')}::{case.get('name')}",
-                                   kind=child.tag, message=text.strip()[-1500:]))
+                                   kind=child.tag, message=text))
     counts["passed"] = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
     return dict(counts=counts, failed=failed)
 
@@ -180,21 +204,25 @@ def best(fn, k=10):
         t = time.perf_counter(); fn(); cuda.synchronize(); times.append(time.perf_counter() - t)
     return min(times)
 out = dict(copy_gbs=2 * src.nbytes / best(lambda: dst.copy_to_device(src)) / 1e9)
+print("PEAKS", json.dumps(out), flush=True)  # kept if the matrix products fail
 m = 8192
-try:
+def torch_mm():
     import torch
     torch.backends.cuda.matmul.allow_tf32 = False
     a = torch.rand(m, m, device="cuda"); b = torch.rand(m, m, device="cuda")
-    seconds = best(lambda: (torch.mm(a, b), torch.cuda.synchronize()))
-    out.update(fp32_tflops=2 * m**3 / seconds / 1e12, fp32_by="torch.mm, TF32 off")
-except ImportError:
+    return best(lambda: (torch.mm(a, b), torch.cuda.synchronize())), "torch.mm, TF32 off"
+def cupy_mm():
+    import cupy
+    a = cupy.random.rand(m, m, dtype=cupy.float32); b = cupy.random.rand(m, m, dtype=cupy.float32)
+    return best(lambda: (a @ b, cupy.cuda.Device().synchronize())), "cupy matmul"
+for way in (torch_mm, cupy_mm):
     try:
-        import cupy
-        a = cupy.random.rand(m, m, dtype=cupy.float32); b = cupy.random.rand(m, m, dtype=cupy.float32)
-        seconds = best(lambda: (a @ b, cupy.cuda.Device().synchronize()))
-        out.update(fp32_tflops=2 * m**3 / seconds / 1e12, fp32_by="cupy matmul")
-    except ImportError:
-        pass
+        seconds, how = way()
+    except Exception as exc:  # missing, or a build without CUDA
+        out.setdefault("fp32_errors", []).append(f"{type(exc).__name__}: {exc}"[:200])
+        continue
+    out.update(fp32_tflops=2 * m**3 / seconds / 1e12, fp32_by=how)
+    break
 print("PEAKS", json.dumps(out))
 """
 
@@ -250,19 +278,31 @@ def measure_calls(timeout, log, shapes=((1, 1, 8, 8), (32, 512, 14, 14)), calls=
 def _child_json(script, tag, timeout, log, key=None, args=()):
     """Run ``script`` in a child; the JSON it printed after ``tag``."""
     start = time.monotonic()
+    outcome = "passed"
     try:
         done = subprocess.run([sys.executable, "-c", script, *args], capture_output=True,
-                              text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return dict(outcome="timeout")
+                              text=True, timeout=max(timeout, 1))
+        stdout, stderr = done.stdout, done.stderr
+    except subprocess.TimeoutExpired as exc:
+        outcome = "timeout"
+        stdout, stderr = (_text(exc.stdout), _text(exc.stderr))
     with open(log, "a") as out:
-        out.write(done.stdout + done.stderr)
-    for line in done.stdout.splitlines():
+        out.write(stdout + stderr)
+    seconds = round(time.monotonic() - start, 1)
+    found = None
+    for line in stdout.splitlines():  # the last report printed wins
         if line.startswith(tag + " "):
             found = json.loads(line[len(tag) + 1:])
-            return dict({key: found} if key else found, outcome="passed",
-                        seconds=round(time.monotonic() - start, 1))
-    return dict(outcome="failed", error=done.stderr[-1500:])
+    if found is None:
+        return dict(outcome="failed" if outcome == "passed" else outcome,
+                    error=stderr[-1500:], seconds=seconds)
+    return dict({key: found} if key else found, outcome=outcome, seconds=seconds)
+
+
+def _text(output):
+    if output is None:
+        return ""
+    return output.decode(errors="replace") if isinstance(output, bytes) else output
 
 
 def measure_peaks(timeout, log):
@@ -278,9 +318,11 @@ def run_bench(dtype, repeats, timeout, log, ops="all"):
     code, seconds = _run(command, timeout, log)
     result = dict(outcome="passed" if code == 0 else "timeout" if code == "timeout"
                   else "failed", return_code=code, seconds=seconds, dtype=dtype)
-    if path.exists():
+    try:
         with open(path) as fh:
             result.update(json.load(fh))
+    except (OSError, ValueError) as exc:  # not written, or cut short by a kill
+        result["report_error"] = f"{type(exc).__name__}: {exc}"
     return result
 
 
@@ -313,6 +355,12 @@ def summarise(report):
                                        lambda r: r["speedup"] >= 0.5))
 
 
+# What the stages after the tests need: peaks and calls (30 s each), three benchmark
+# groups of 40 s (a group took 19-25 s on an H200, compilation included), each with
+# its grace.
+BENCH_RESERVE = 60 + 3 * (40 + GRACE)
+
+
 def main(json_path, budget, log_path, simulator=False, select=None, bench=True,
          repeats=5, workers=None):
     """Run the stages within ``budget`` seconds; returns the report."""
@@ -323,39 +371,47 @@ def main(json_path, budget, log_path, simulator=False, select=None, bench=True,
 
     def save():
         report["seconds"] = round(time.monotonic() - start, 1)
-        if json_path:
-            with open(json_path, "w") as fh:
+        report["summary"] = summarise(report)
+        if json_path:  # written whole, then moved: a kill mid-write keeps the last one
+            partial = f"{json_path}.partial"
+            with open(partial, "w") as fh:
                 json.dump(report, fh, indent=1, default=str)
+            os.replace(partial, json_path)
 
-    def left(share=1.0, reserve=0.0):
-        return (deadline - time.monotonic() - reserve) * share
+    def left(reserve=0.0):
+        """Seconds a stage may run now, keeping ``reserve`` for later stages and the
+        grace a child gets after its interrupt."""
+        return deadline - time.monotonic() - reserve - GRACE
 
     report["environment"] = environment(simulator)
     save()
     tests_dir = Path(__file__).resolve().parent.parent / "tests"
-    # The tests get most of the budget but leave the benchmarks at least 3 minutes.
-    report["tests"] = run_tests(tests_dir, left(reserve=180 if bench else 0), log,
-                                simulator, select, workers)
+    benchmarks = bench and not simulator
+    # The tests get most of the budget; the benchmark stages keep their own, but
+    # leave the tests at least a third of a small budget.
+    report["tests"] = run_tests(tests_dir, max(left(BENCH_RESERVE), left() / 3)
+                                if benchmarks else left(), log, simulator, select, workers)
     save()
-    if bench and not simulator:
-        report["peaks"] = measure_peaks(min(45, left()), log)
+    if benchmarks:
+        report["peaks"] = measure_peaks(min(30, left()), log)
         save()
-        report["calls"] = measure_calls(min(45, left()), log)
+        report["calls"] = measure_calls(min(30, left()), log)
         save()
         # One child per group, so a group that runs out of time loses only its rows.
         groups = ("pool", "conv", "nd")
         report["bench_float32"] = {}
         for i, ops in enumerate(groups):
-            share = 1.0 / (len(groups) - i)
-            report["bench_float32"][ops] = run_bench("float32", repeats,
-                                                     left(share, reserve=30), log, ops)
+            later = len(groups) - i - 1  # groups after this one, and their graces
+            seconds = (left() - later * GRACE) / (later + 1)
+            report["bench_float32"][ops] = (
+                run_bench("float32", repeats, seconds, log, ops) if seconds >= MIN_STAGE
+                else dict(outcome="skipped", reason="no time left in the budget"))
             save()
-        if left() > 45:
-            report["bench_float16"] = run_bench("float16", repeats, left(reserve=5), log,
+        if left() >= 45:
+            report["bench_float16"] = run_bench("float16", repeats, left(), log,
                                                 ops="pool")
             save()
     elif simulator:
         report["bench"] = "skipped under the simulator (its timings mean nothing)"
-    report["summary"] = summarise(report)
     save()
     return report

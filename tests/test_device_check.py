@@ -1,7 +1,8 @@
 """``python -m fastpool gpu-check`` (fastpool/_gpu_check.py) checked without a GPU: the
 command end to end on a small selection under the CUDA simulator, its report of failing
-tests, and its summary against issue 17's targets. (Named without "gpu" so that the
-check's own test selection does not run it on the GPU.)"""
+tests, its time budget, and its summary against issue 17's targets. (The file and its
+tests are named without "cuda", "gpu" or "simulator", so that the check's own test
+selection does not run them on the GPU.)"""
 
 import json
 import os
@@ -35,7 +36,7 @@ def test_the_command_runs_the_selected_tests_and_writes_the_report(tmp_path):
     assert report["summary"]["tests"] == "passed"
 
 
-def test_a_real_gpu_check_is_refused_under_the_simulator(tmp_path):
+def test_a_real_device_check_is_refused_when_simulated(tmp_path):
     env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1", PYTHONPATH=str(ROOT))
     done = subprocess.run([sys.executable, "-m", "fastpool", "gpu-check"], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=300)
@@ -103,3 +104,48 @@ def test_the_call_cost_stage_reports_every_array_library(tmp_path, monkeypatch):
     assert row["shape"] == [1, 1, 4, 4] and row["fastpool_numba_us"] > 0
     for library in ("torch", "cupy"):  # measured, or the reason it was not
         assert f"fastpool_{library}_us" in row or row[library]
+
+
+def test_the_stages_fit_the_budget_and_every_stage_is_reported(tmp_path, monkeypatch):
+    """Every stage stubbed to use all the time it is given, plus the grace a child
+    gets after its interrupt, on a fake clock: the whole check ends within its budget,
+    a benchmark group with too little time is skipped rather than started, and the
+    report on disk holds every stage and the summary."""
+    clock = [1000.0]
+    monkeypatch.setattr(_gpu_check.time, "monotonic", lambda: clock[0])
+    given = {}
+
+    def spend(name, seconds, grace=True, **result):
+        given[name] = seconds
+        clock[0] += max(seconds, 1) + (_gpu_check.GRACE if grace else 0)
+        return dict(outcome="timeout", **result)
+
+    monkeypatch.setattr(_gpu_check, "environment", lambda simulator: {})
+    monkeypatch.setattr(_gpu_check, "run_tests",
+                        lambda d, t, log, sim, sel, w: spend("tests", t))
+    monkeypatch.setattr(_gpu_check, "measure_peaks",
+                        lambda t, log: spend("peaks", t, grace=False))
+    monkeypatch.setattr(_gpu_check, "measure_calls",
+                        lambda t, log: spend("calls", t, grace=False))
+    monkeypatch.setattr(_gpu_check, "run_bench",
+                        lambda dtype, r, t, log, ops="all": spend(f"{dtype} {ops}", t,
+                                                                  rows=[]))
+    path = tmp_path / "report.json"
+    for budget in (450, 300, 120):
+        given.clear()
+        clock[0] = 1000.0
+        report = _gpu_check.main(str(path), budget, tmp_path / "log")
+        assert clock[0] - 1000.0 <= budget, (budget, given)
+        assert given["tests"] > 0
+        on_disk = json.loads(path.read_text())
+        assert set(on_disk["bench_float32"]) == {"pool", "conv", "nd"}
+        assert on_disk["summary"] == json.loads(json.dumps(report["summary"]))
+        for group in on_disk["bench_float32"].values():
+            started = group["outcome"] != "skipped"
+            assert not started or group["outcome"] == "timeout"
+    # The default budget leaves every group 40 s even when every stage before it used
+    # all of its time.
+    clock[0] = 1000.0
+    given.clear()
+    _gpu_check.main(str(path), 480, tmp_path / "log")
+    assert min(given[f"float32 {g}"] for g in ("pool", "conv", "nd")) >= 40

@@ -753,7 +753,13 @@ def test_max_forward_sharing_row_maxima(shape, kernel, stride, padding, ceil_mod
     x = rng.integers(-3, 3, shape).astype(dtype)  # many ties
     flat = x.reshape(-1)
     picks = rng.choice(flat.size, flat.size // 10, replace=False)
-    flat[picks[0::4]] = np.nan
+    # NaNs with distinct payloads and signs: which NaN wins shows in the bits
+    nans = picks[0::4]
+    bits = flat.view(np.dtype(f"u{flat.itemsize}"))
+    quiet = np.array(np.nan, dtype).view(bits.dtype)
+    bits[nans] = quiet | (np.arange(1, nans.size + 1) % (1 << 6)).astype(bits.dtype)
+    bits[nans[::2]] |= np.array(1 << (8 * flat.itemsize - 1)).astype(bits.dtype)
+    assert np.isnan(flat[nans]).all()
     flat[picks[1::4]] = -np.inf
     flat[picks[2::4]] = np.inf
     flat[picks[3::4]] = -0.0
