@@ -413,6 +413,8 @@ def check_divisor_override(divisor_override):
 
 
 def check_bool(name, value):
+    if value is False or value is True:
+        return value
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be a bool, got {value!r}")
     return bool(value)

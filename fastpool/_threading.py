@@ -103,13 +103,25 @@ def active_layer():
         return None
 
 
+# Numba's names for layer choices that can only start a thread-safe layer.
+_THREAD_SAFE_CHOICES = THREAD_SAFE_LAYERS + ("safe", "threadsafe")
+
+
 def _thread_safe():
     known = _state["thread_safe"]
     if known is None:
         layer = active_layer()
         if layer is None:
-            return False  # not started: the first launch decides; serialise it
-        known = _state["thread_safe"] = layer in THREAD_SAFE_LAYERS
+            # Not started (a process whose calls were all small never starts it):
+            # the configured choice may already say; else the first launch decides,
+            # and until then calls are serialised.
+            from numba import config
+            if str(config.THREADING_LAYER).lower() not in _THREAD_SAFE_CHOICES:
+                return False
+            known = True
+        else:
+            known = layer in THREAD_SAFE_LAYERS
+        _state["thread_safe"] = known
     return known
 
 
@@ -137,12 +149,38 @@ def _thread_count_functions():
 _counts = []
 
 
+class _Calls(threading.local):
+    # True while this thread runs a call too small to split whose launcher sizes every
+    # kernel from ``thread_count()`` (``serialised(..., loops=False)``): one worker,
+    # without changing Numba's thread count (a get and two sets: 0.9 us a call).
+    one_worker = False
+
+
+_calls = _Calls()
+
+
 def thread_count():
     """This thread's Numba thread count (``numba.get_num_threads()`` without its lock
-    and checks: kernels ask it on every call)."""
+    and checks: kernels ask it on every call); 1 inside a call too small to split."""
+    if _calls.one_worker:
+        return 1
     if not _counts:
         _counts.append(_thread_count_functions())
     return _counts[0][0]()
+
+
+def one_worker():
+    """Whether this thread runs a call too small to split (``thread_count() == 1``
+    without Numba's count being 1): parallel loops and copies should run serially."""
+    return _calls.one_worker
+
+
+def loop_on_one_thread(kernel, *args):
+    """``kernel(*args)`` for a Numba parallel loop (``prange``) reached by a launcher of
+    ``serialised(..., loops=False)``: on one thread in a call too small to split."""
+    if _calls.one_worker:
+        return _one_thread(kernel, args, {})
+    return kernel(*args)
 
 
 def _one_thread(launcher, args, kwargs):
@@ -161,14 +199,32 @@ def _one_thread(launcher, args, kwargs):
         set_(before)
 
 
-def serialised(launcher, cost=None):
+def _one_worker(launcher, args, kwargs):
+    """Run ``launcher`` with ``thread_count()`` at 1 on this thread (``_Calls``)."""
+    if _calls.one_worker:  # nested in another small call
+        return launcher(*args, **kwargs)
+    _calls.one_worker = True
+    try:
+        return launcher(*args, **kwargs)
+    finally:
+        _calls.one_worker = False
+
+
+def serialised(launcher, cost=None, loops=True):
     """Wrap a CPU launcher so that, on a layer that is not thread-safe (``workqueue``),
     one call at a time runs its kernels; on ``tbb`` and ``omp`` it adds one check.
 
     ``cost(volume)`` estimates the call's single-thread work in nanoseconds from the
     ``fastpool._geometry.Volume`` among its arguments; work under ``SMALL_WORK_NS``
-    runs on one thread (docs/design.md section 5)."""
+    runs on one thread (docs/design.md section 5): with ``loops`` (the launcher may run
+    Numba parallel loops or BLAS directly) by setting Numba's thread count to 1 for the
+    call; without, by making ``thread_count()`` answer 1 on this thread, which is
+    cheaper: the launcher's kernels (``fastpool.cpu._parallel``) then run one worker,
+    and its parallel loops and copies go through ``loop_on_one_thread``/``one_worker``.
+    """
     from fastpool._geometry import Volume
+
+    one_thread = _one_thread if loops else _one_worker
 
     # One flat wrapper: every layer of Python call (and ``*args`` forwarding) costs a
     # fixed 0.3-0.5 us, which a small call pays on top of its kernel.
@@ -184,11 +240,11 @@ def serialised(launcher, cost=None):
                     break
         if _thread_safe():
             if small:
-                return _one_thread(launcher, args, kwargs)
+                return one_thread(launcher, args, kwargs)
             return launcher(*args, **kwargs)
         with _lock:
             if small:
-                return _one_thread(launcher, args, kwargs)
+                return one_thread(launcher, args, kwargs)
             return launcher(*args, **kwargs)
     return run
 

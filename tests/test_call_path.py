@@ -106,6 +106,52 @@ def test_small_work_runs_on_one_thread_and_the_count_is_restored():
         numba.set_num_threads(before)
 
 
+@pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="needs 2 Numba threads")
+def test_small_work_without_loops_runs_one_worker_and_leaves_numbas_count():
+    """A launcher declared free of direct parallel loops (``loops=False``: the pooling
+    launchers) sees ``thread_count() == 1`` in a small call while Numba's count stays;
+    a parallel loop it reaches through ``loop_on_one_thread`` runs on one thread; the
+    flag is cleared after errors, and large calls see the full count."""
+    seen = []
+
+    def launcher(x, volume):
+        seen.append((_threading.thread_count(), numba.get_num_threads(),
+                     _threading.loop_on_one_thread(numba.get_num_threads)))
+        return x
+
+    cost = (lambda volume: volume.in_size[0])
+    wrapped = _threading.serialised(launcher, cost, loops=False)
+    before = numba.get_num_threads()
+    numba.set_num_threads(2)
+    try:
+        wrapped(None, _volume(_threading.SMALL_WORK_NS - 1))
+        wrapped(None, _volume(_threading.SMALL_WORK_NS))
+        assert seen == [(1, 2, 1), (2, 2, 2)]
+        assert not _threading.one_worker()
+
+        def failing(x, volume):
+            raise ValueError("kernel failed")
+        with pytest.raises(ValueError):
+            _threading.serialised(failing, cost, loops=False)(None, _volume(1))
+        assert not _threading.one_worker() and _threading.thread_count() == 2
+    finally:
+        numba.set_num_threads(before)
+
+
+def test_a_configured_thread_safe_layer_needs_no_lock_before_it_starts(monkeypatch):
+    """Before Numba's threads start (a process whose calls were all small), a layer
+    configured by name as thread-safe lets calls in without the lock, and the answer is
+    kept; an open choice serialises until the first launch decides."""
+    monkeypatch.setattr(_threading, "active_layer", lambda: None)
+    monkeypatch.setitem(_threading._state, "thread_safe", None)
+    monkeypatch.setattr(numba.config, "THREADING_LAYER", "default")
+    assert _threading._thread_safe() is False
+    assert _threading._state["thread_safe"] is None
+    monkeypatch.setattr(numba.config, "THREADING_LAYER", "tbb")
+    assert _threading._thread_safe() is True
+    assert _threading._state["thread_safe"] is True
+
+
 def test_small_and_large_work_estimates_of_the_cpu_launchers():
     from fastpool import cpu
     x = np.zeros((1, 6, 28, 28), np.float32)

@@ -605,6 +605,10 @@ def test_narrow_channels_first_planes_through_channels_last_kernels(shape, dtype
     narrow = [ops[0](x, 3, 2, 1, return_indices=True), ops[1](x, 3, 2, 1),
               ops[1](x, 2, 1, 0, count_include_pad=False)]
     monkeypatch.setattr(pooling, "_NARROW_COLUMNS", 0)  # the channels-first kernels
+    for args in ((3, 2, 1), (2, 1, 0)):  # plans are made per geometry: make them again
+        window = _params.pool_window(x, rank, *args, 1, False)[1]
+        for make in (*pooling._MAX_PLAN.values(), pooling._AVG_PLAN):
+            window._derived.pop(make, None)
     direct = [ops[0](x, 3, 2, 1, return_indices=True), ops[1](x, 3, 2, 1),
               ops[1](x, 2, 1, 0, count_include_pad=False)]
     for got, want in zip(_flatten(narrow), _flatten(direct)):
@@ -674,10 +678,12 @@ def test_exactly_tiled_avg_forward(shape, kernel, divisor, tiled, dtype, monkeyp
     # launch plan, so this call builds it and the factory is seen
     from fastpool import _params
     window = _params.pool_window(x, rank, kernel, None, 0, 1, False)[1]
-    window._derived.pop(cpu_pooling._AVG_TILED, None)
+    window._derived.pop(cpu_pooling._AVG_PLAN, None)
     got = OPS[rank]["avg"](x, **args)
     assert bool(made) == tiled
-    monkeypatch.setattr(cpu_pooling, "_AVG_TILED", lambda w: False)  # the general kernel
+    # the general kernel: no tiling, and a plan made again
+    monkeypatch.setattr(cpu_pooling, "_tiled_launch", lambda *op: (lambda w: False))
+    window._derived.pop(cpu_pooling._AVG_PLAN, None)
     want = OPS[rank]["avg"](x, **args)
     assert np.array_equal(_bits(got), _bits(want))
     if dtype != np.float16:
@@ -710,13 +716,15 @@ def test_exactly_tiled_max_forward(shape, kernel, tiled, dtype, monkeypatch):
     flat[picks[2::4]] = np.inf
     flat[picks[3::4]] = -0.0
     window = _params.pool_window(x, rank, kernel, None, 0, 1, False)[1]
-    for make in cpu_pooling._MAX_TILED.values():
-        window._derived.pop(make, None)  # this call builds its plan: the factory is seen
+    def forget_plans():  # the next call builds its plan: the factory is seen
+        for make in cpu_pooling._MAX_PLAN.values():
+            window._derived.pop(make, None)
+    forget_plans()
     got, got_indices = OPS[rank]["max"](x, kernel, return_indices=True)
     got_plain = OPS[rank]["max"](x, kernel)
     assert bool(made) == tiled
-    monkeypatch.setattr(cpu_pooling, "_MAX_TILED", {False: lambda w: False,
-                                                   True: lambda w: False})
+    monkeypatch.setattr(cpu_pooling, "_tiled_launch", lambda *op: (lambda w: False))
+    forget_plans()
     want, want_indices = OPS[rank]["max"](x, kernel, return_indices=True)
     assert np.array_equal(_bits(got), _bits(want))
     assert np.array_equal(_bits(got_plain), _bits(want))

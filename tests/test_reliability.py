@@ -215,7 +215,8 @@ LAYER_CHOICE = """
     import numpy as np
     import fastpool, numba
     from fastpool import _threading
-    fastpool.max_pool2d(np.ones((1, 1, 4, 4), np.float32), 2)
+    # large enough to run on Numba's threads (a tiny call starts none)
+    fastpool.max_pool2d(np.ones((8, 64, 56, 56), np.float32), 2)
     print(json.dumps({"layer": numba.threading_layer(), "tbb": _threading.load_tbb(),
                       "describe": _threading.describe()}))
 """

@@ -42,12 +42,16 @@ def _conv_cost(window):
     return _NS_PER_MAC * macs + _memory_cost(window)
 
 
-def _sized(cost):
-    return lambda launcher: _threading.serialised(launcher, cost)
+def _sized(cost, loops=True):
+    return lambda launcher: _threading.serialised(launcher, cost, loops)
 
 
-_conv_launcher, _pool_launcher, _memory_launcher = (
-    _sized(_conv_cost), _sized(_pool_cost), _sized(_memory_cost))
+# Pooling launchers size every kernel from ``thread_count()`` (their one parallel loop
+# and the layout copies ask ``_threading`` first), so a small call needs no change of
+# Numba's thread count; convolutions call BLAS and parallel loops directly.
+_conv_launcher, _memory_launcher = _sized(_conv_cost), _sized(_memory_cost)
+_pool_launcher = _sized(_pool_cost, loops=False)
+_adaptive_launcher = _sized(_memory_cost, loops=False)
 
 conv2d_forward = _conv_launcher(_conv.conv2d_forward)
 conv2d_backward = _conv_launcher(_conv.conv2d_backward)
@@ -61,12 +65,12 @@ avg_pool_forward = _pool_launcher(_pooling.avg_pool_forward)
 avg_pool_backward = _pool_launcher(_pooling.avg_pool_backward)
 stochastic_pool_forward = _pool_launcher(_pooling.stochastic_pool_forward)
 stochastic_pool_backward = _pool_launcher(_pooling.stochastic_pool_backward)
-adaptive_avg_pool_forward = _memory_launcher(_pooling.adaptive_avg_pool_forward)
-adaptive_avg_pool_backward = _memory_launcher(_pooling.adaptive_avg_pool_backward)
-adaptive_max_pool_forward = _memory_launcher(_pooling.adaptive_max_pool_forward)
-adaptive_max_pool_backward = _memory_launcher(_pooling.adaptive_max_pool_backward)
-adaptive_stochastic_pool_forward = _memory_launcher(_pooling.adaptive_stochastic_pool_forward)
-adaptive_stochastic_pool_backward = _memory_launcher(_pooling.adaptive_stochastic_pool_backward)
+adaptive_avg_pool_forward = _adaptive_launcher(_pooling.adaptive_avg_pool_forward)
+adaptive_avg_pool_backward = _adaptive_launcher(_pooling.adaptive_avg_pool_backward)
+adaptive_max_pool_forward = _adaptive_launcher(_pooling.adaptive_max_pool_forward)
+adaptive_max_pool_backward = _adaptive_launcher(_pooling.adaptive_max_pool_backward)
+adaptive_stochastic_pool_forward = _adaptive_launcher(_pooling.adaptive_stochastic_pool_forward)
+adaptive_stochastic_pool_backward = _adaptive_launcher(_pooling.adaptive_stochastic_pool_backward)
 max_unpool_forward = _memory_launcher(_pooling.max_unpool_forward)
 max_unpool_backward = _memory_launcher(_pooling.max_unpool_backward)
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from fastpool._threading import one_worker
+
 # Below this many elements NumPy's copy is as fast as waking the kernel's threads.
 _PARALLEL_COPY_ELEMENTS = 1 << 15
 _TILE = 32
@@ -18,7 +20,8 @@ def contiguous(a):
     (a second compile per kernel), so read-only inputs are copied like non-contiguous
     ones."""
     a = np.asarray(a)
-    if a.flags.c_contiguous and a.flags.writeable and a.dtype.isnative:
+    flags = a.flags
+    if flags.c_contiguous and flags.writeable and a.dtype.isnative:
         return a
     if _channels_last_dense(a):
         return channels_first(a)
@@ -29,7 +32,7 @@ def _channels_last_dense(a):
     """Whether ``a`` (``(N, C, *spatial)``) is a large native array whose memory is an
     ``(N, *spatial, C)`` buffer."""
     return (a.ndim >= 3 and a.size >= _PARALLEL_COPY_ELEMENTS and a.dtype.isnative
-            and np.moveaxis(a, 1, -1).flags.c_contiguous)
+            and not one_worker() and np.moveaxis(a, 1, -1).flags.c_contiguous)
 
 
 def channels_first(a):
@@ -46,7 +49,7 @@ def channels_last(a, channel_axis):
     ``(N, *spatial, C)`` buffer, parallel for large C-contiguous arrays), as
     ``fastpool._geometry.channels_last_copy``."""
     if (channel_axis == 1 and a.ndim >= 3 and a.flags.c_contiguous and a.dtype.isnative
-            and a.size >= _PARALLEL_COPY_ELEMENTS):
+            and a.size >= _PARALLEL_COPY_ELEMENTS and not one_worker()):
         n, c = a.shape[0], a.shape[1]
         buffer = np.empty((n,) + a.shape[2:] + (c,), a.dtype)
         _transpose_planes(a.reshape(n, c, -1), buffer.reshape(n, -1, c))

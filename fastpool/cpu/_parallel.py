@@ -73,11 +73,11 @@ class Kernel:
         self._addresses = {}
 
     def __call__(self, *args):
+        if args[-1] <= 1:  # one worker: the body itself, no parallel region
+            self.body(*args[:-1], 0, 1)
+            return
         workers = args[-1]
         args = args[:-1]
-        if workers <= 1:
-            self.body(*args, 0, 1)
-            return
         key = tuple(map(_type_key, args))
         address = self._addresses.get(key)
         if address is None:

@@ -23,7 +23,7 @@ import numpy as np
 
 from fastpool import _params, _rng
 from fastpool._geometry import CHANNELS_LAST
-from fastpool._threading import thread_count
+from fastpool._threading import loop_on_one_thread, thread_count
 from fastpool.cpu import _half_bits as hb
 from fastpool.cpu import (
     pool_adaptive,
@@ -105,7 +105,8 @@ def _pads(window):
 
 def _split(tasks):
     """Threads a kernel splits ``tasks`` equal tasks between."""
-    return max(1, min(thread_count(), tasks))
+    threads = thread_count()
+    return threads if threads <= tasks else max(1, tasks)
 
 
 def _row_workers(window):
@@ -165,53 +166,93 @@ def _max_forward_channels_last(x, w, with_indices):
     return out_view, indices_view
 
 
-def _forward_launch(op, *flags):
-    """``make(window)``: what every channels-first forward call of ``op`` on a
-    geometry passes its kernel besides the arrays, derived once per geometry (the
-    per-call path of a small call costs more than its kernel: docs/site/performance.md).
-    """
+def _forward_plan(op, plans, *flags):
+    """``make(window)``: ``plan(x, *arguments)``, the channels-first forward call of
+    ``op`` on a geometry with everything but the arrays derived once (a small call's
+    per-call path costs more than its kernel: docs/site/performance.md). ``plans``:
+    the functions that run the exact-tiling kernel ``op + "_tiled"`` where windows tile
+    the input, the channels-last kernels between two copies for narrow planes
+    (``_narrow``), and ``op``'s kernel otherwise."""
+    tiled_plan, narrow_plan, rows_plan = plans
+
     def make(w):
+        shape = w.output_shape
+        tiled = _tiled_launch(op + "_tiled", *flags)(w)
+        if tiled:
+            run, rows = tiled
+            return functools.partial(tiled_plan, run, shape, (rows, w.out3[2]),
+                                     w.out3[0] * w.out3[1], rows, math.prod(w.kernel))
+        if _narrow(w):
+            return functools.partial(narrow_plan, w)
         rows = w.planes * math.prod(w.out3[:2])
-        return (kernel(op, w, *flags) if rows else None, w.output_shape,
-                (-1,) + w.in3, (-1,) + w.out3,
-                (*_pads(w), *w.derived("interior", interior_columns)), rows, _narrow(w))
+        return functools.partial(
+            rows_plan, kernel(op, w, *flags) if rows else None, shape,
+            (-1,) + w.in3, (-1,) + w.out3, _pads(w), w.derived("interior", interior_columns),
+            rows, math.prod(w.kernel))
     return make
 
 
-_MAX_LAUNCH = {flag: _forward_launch("max_forward", flag) for flag in (False, True)}
-_AVG_LAUNCH = _forward_launch("avg_forward")
+def _max_tiled(run, shape, view, plane_rows, rows, taps, x, with_indices):
+    out = np.empty(shape, dtype=x.dtype)
+    indices = np.empty(shape, dtype=np.int64) if with_indices else None
+    run(hb.bits(contiguous(x).reshape(-1)), hb.bits(out.reshape(view)),
+        _NO_ROW_INDICES if indices is None else indices.reshape(view), plane_rows,
+        _split(rows))
+    return out, indices
+
+
+def _max_narrow(w, x, with_indices):
+    y, indices = _max_forward_channels_last(_as_channels_last(x, w), w, with_indices)
+    return contiguous(y), (contiguous(indices) if with_indices else None)
+
+
+def _max_rows(run, shape, in_view, out_view, pads, columns, rows, taps, x, with_indices):
+    out = np.empty(shape, dtype=x.dtype)
+    indices = np.empty(shape, dtype=np.int64) if with_indices else None
+    if rows:
+        run(hb.bits(contiguous(x).reshape(in_view)), hb.bits(out.reshape(out_view)),
+            _NO_INDICES if indices is None else indices.reshape(out_view), *pads,
+            *columns, _split(rows))
+    return out, indices
+
+
+def _avg_tiled(run, shape, view, plane_rows, rows, taps, x, count_include_pad,
+               divisor_override):
+    out = np.empty(shape, dtype=x.dtype)
+    run(hb.bits(contiguous(x).reshape(-1)), hb.bits(out.reshape(view)),
+        hb.scalar(x.dtype, 0), hb.scalar(x.dtype, divisor_override or taps), _split(rows))
+    return out
+
+
+def _avg_narrow(w, x, count_include_pad, divisor_override):
+    return contiguous(_avg_forward_channels_last(_as_channels_last(x, w), w,
+                                                 count_include_pad, divisor_override))
+
+
+def _avg_rows(run, shape, in_view, out_view, pads, columns, rows, taps, x,
+              count_include_pad, divisor_override):
+    out = np.empty(shape, dtype=x.dtype)
+    if rows:
+        run(hb.bits(contiguous(x).reshape(in_view)), hb.bits(out.reshape(out_view)),
+            *pads, count_include_pad, divisor_override, *columns,
+            # Sum and divide in the input's dtype (float32 for half), as PyTorch does.
+            hb.scalar(x.dtype, 0), hb.scalar(x.dtype, divisor_override or taps),
+            _split(rows))
+    return out
+
+
+_MAX_PLAN = {flag: _forward_plan("max_forward", (_max_tiled, _max_narrow, _max_rows), flag)
+             for flag in (False, True)}
+_AVG_PLAN = _forward_plan("avg_forward", (_avg_tiled, _avg_narrow, _avg_rows))
 # The kernels compiled without indices never touch their ``indices`` argument.
 _NO_INDICES = np.empty((1, 1, 1, 1), np.int64)
 
 
 def max_pool_forward(x, window, with_indices):
-    w = window
-    if w.layout == CHANNELS_LAST:
-        return _max_forward_channels_last(x, w, with_indices)
-    make = _MAX_LAUNCH[bool(with_indices)]
-    run, shape, in_view, out_view, constants, rows, narrow = w.derived(make, make)
-    make = _MAX_TILED[bool(with_indices)]
-    tiled = w.derived(make, make)
-    if tiled:
-        tiled_run, tiled_rows = tiled
-        out = np.empty(shape, dtype=x.dtype)
-        indices = np.empty(shape, dtype=np.int64) if with_indices else None
-        tiled_run(hb.bits(contiguous(x).reshape(-1)),
-                  hb.bits(out.reshape(tiled_rows, w.out3[2])),
-                  _NO_ROW_INDICES if indices is None
-                  else indices.reshape(tiled_rows, w.out3[2]),
-                  w.out3[0] * w.out3[1], _split(tiled_rows))
-        return out, indices
-    if narrow:
-        y, indices = _max_forward_channels_last(_as_channels_last(x, w), w, with_indices)
-        return contiguous(y), (contiguous(indices) if with_indices else None)
-    out = np.empty(shape, dtype=x.dtype)
-    indices = np.empty(shape, dtype=np.int64) if with_indices else None
-    if rows:
-        run(hb.bits(contiguous(x).reshape(in_view)), hb.bits(out.reshape(out_view)),
-            _NO_INDICES if indices is None else indices.reshape(out_view), *constants,
-            _split(rows))
-    return out, indices
+    if window.layout == CHANNELS_LAST:
+        return _max_forward_channels_last(x, window, with_indices)
+    make = _MAX_PLAN[bool(with_indices)]
+    return window.derived(make, make)(x, with_indices)
 
 
 def scatter_to_indices(grad_output, indices, window):
@@ -225,8 +266,8 @@ def scatter_to_indices(grad_output, indices, window):
         bad = 0
         if w.planes:
             blocks = pool_channels_last.scatter_blocks(w.batch, w.channels)
-            bad = pool_channels_last.scatter_to_indices(
-                hb.bits(_cl_buffer(grad_output, w, w.out3).reshape(w.batch, plane_out, -1)),
+            bad = loop_on_one_thread(
+                pool_channels_last.scatter_to_indices, hb.bits(_cl_buffer(grad_output, w, w.out3).reshape(w.batch, plane_out, -1)),
                 _cl_buffer(indices, w, w.out3).reshape(w.batch, plane_out, -1),
                 hb.bits(grad_input.reshape(w.batch, plane_in, -1)), blocks)
         _raise_bad_indices(bad, plane_in, w)
@@ -267,32 +308,9 @@ def _avg_forward_channels_last(x, w, count_include_pad, divisor_override):
 
 
 def avg_pool_forward(x, window, count_include_pad, divisor_override):
-    w = window
-    if w.layout == CHANNELS_LAST:
-        return _avg_forward_channels_last(x, w, count_include_pad, divisor_override)
-    run, shape, in_view, out_view, constants, rows, narrow = w.derived(_AVG_LAUNCH,
-                                                                       _AVG_LAUNCH)
-    tiled = w.derived(_AVG_TILED, _AVG_TILED)
-    if tiled and rows:
-        tiled_run, tiled_rows = tiled
-        out = np.empty(shape, dtype=x.dtype)
-        tiled_run(hb.bits(contiguous(x).reshape(-1)),
-                  hb.bits(out.reshape(tiled_rows, w.out3[2])), hb.scalar(x.dtype, 0),
-                  hb.scalar(x.dtype, divisor_override or math.prod(w.kernel)),
-                  _split(tiled_rows))
-        return out
-    if narrow:
-        return contiguous(_avg_forward_channels_last(_as_channels_last(x, w), w,
-                                                     count_include_pad, divisor_override))
-    out = np.empty(shape, dtype=x.dtype)
-    if rows:
-        pads, columns = constants[:3], constants[3:]
-        run(hb.bits(contiguous(x).reshape(in_view)), hb.bits(out.reshape(out_view)), *pads,
-            count_include_pad, divisor_override, *columns,
-            # Sum and divide in the input's dtype (float32 for half), as PyTorch does.
-            hb.scalar(x.dtype, 0),
-            hb.scalar(x.dtype, divisor_override or math.prod(w.kernel)), _split(rows))
-    return out
+    if window.layout == CHANNELS_LAST:
+        return _avg_forward_channels_last(x, window, count_include_pad, divisor_override)
+    return window.derived(_AVG_PLAN, _AVG_PLAN)(x, count_include_pad, divisor_override)
 
 
 def _tiled_launch(op, *flags):
@@ -313,8 +331,6 @@ def _tiled_launch(op, *flags):
     return make
 
 
-_AVG_TILED = _tiled_launch("avg_forward_tiled")
-_MAX_TILED = {flag: _tiled_launch("max_forward_tiled", flag) for flag in (False, True)}
 _NO_ROW_INDICES = np.empty((1, 1), np.int64)
 
 
