@@ -46,12 +46,14 @@ def _sized(cost, loops=True):
     return lambda launcher: _threading.serialised(launcher, cost, loops)
 
 
-# Pooling launchers size every kernel from ``thread_count()`` (their one parallel loop
-# and the layout copies ask ``_threading`` first), so a small call needs no change of
-# Numba's thread count; convolutions call BLAS and parallel loops directly.
-_conv_launcher, _memory_launcher = _sized(_conv_cost), _sized(_memory_cost)
+# Pooling and convolution launchers size every kernel from ``thread_count()`` (their
+# parallel loops and the layout copies ask ``_threading`` first; BLAS runs one thread
+# inside the kernels), so a small call needs no change of Numba's thread count; the
+# unpooling launchers call parallel loops directly.
+_conv_launcher = _sized(_conv_cost, loops=False)
 _pool_launcher = _sized(_pool_cost, loops=False)
 _adaptive_launcher = _sized(_memory_cost, loops=False)
+_memory_launcher = _sized(_memory_cost)
 
 conv2d_forward = _conv_launcher(_conv.conv2d_forward)
 conv2d_backward = _conv_launcher(_conv.conv2d_backward)

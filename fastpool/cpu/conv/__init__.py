@@ -47,7 +47,7 @@ import math
 
 import numpy as np
 
-from fastpool._threading import thread_count
+from fastpool._threading import loop_on_one_thread, thread_count
 from fastpool.cpu._arrays import contiguous
 from fastpool._geometry import CHANNELS_LAST
 from fastpool.cpu._blas import single_threaded_blas
@@ -172,7 +172,8 @@ def _run_forward(problem, x, weight, bias, y, algorithm=None):
             _direct_forward_unit_stride(x, weight, bias, has_bias, y, *unit,
                                         _threads_for(x.shape[0] * y.shape[1]))
         else:
-            _direct_forward(x, weight, bias, has_bias, y, *problem.args)
+            loop_on_one_thread(_direct_forward, x, weight, bias, has_bias, y,
+                               *problem.args)
         return y
     status = np.zeros(1, np.int32)
     if algorithm == WINOGRAD:
@@ -223,8 +224,8 @@ def _input_grad(grad_output, weight, w, algorithm):
     grad_input = np.empty((w.batch, w.channels) + w.in_size, grad_output.dtype)
     problem = _forward_problem(w)
     if algorithm == DIRECT and not problem.unit_stride_planes():
-        _direct_backward_input(grad_output, contiguous(weight), grad_input,
-                               *problem.args)
+        loop_on_one_thread(_direct_backward_input, grad_output, contiguous(weight),
+                           grad_input, *problem.args)
     elif algorithm != IM2COL and w.stride == (1, 1):
         transposed = _input_grad_problem(w)
         _run_forward(transposed, grad_output, _flipped_transposed(weight, w.groups), None,
@@ -253,7 +254,8 @@ def _weight_grad(x, grad_output, weight_shape, w, algorithm):
                                                 p.dilation_w, p.pad_top, p.pad_left,
                                                 _threads_for(p.out_channels))
         else:
-            _direct_backward_weight(x, grad_output, grad_weight, *problem.args)
+            loop_on_one_thread(_direct_backward_weight, x, grad_output, grad_weight,
+                               *problem.args)
         return grad_weight
     chunks = problem.weight_grad_chunks(grad_weight.nbytes)
     partial = np.empty((chunks, grad_weight.size), x.dtype)
@@ -266,10 +268,10 @@ def _weight_grad(x, grad_output, weight_shape, w, algorithm):
     if algorithm == ROWS:
         O, Cg, KH, KW = weight_shape
         summed = np.empty((KH, O, Cg, KW), x.dtype)
-        _sum_partials(partial, summed)
+        loop_on_one_thread(_sum_partials, partial, summed)
         grad_weight[...] = summed.transpose(1, 2, 0, 3)
     else:
-        _sum_partials(partial, grad_weight)
+        loop_on_one_thread(_sum_partials, partial, grad_weight)
     return grad_weight
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from fastpool._threading import loop_on_one_thread
 from fastpool.cpu._blas import gemm
 from fastpool.cpu.conv._gemm import _sum_partials
 from fastpool.cpu.conv._planner import _JIT, _MAX_CHUNKS, _PARTIAL_BYTES
@@ -108,9 +109,10 @@ def forward(x2d, weight, bias, w, workers, check):
     y, y2d = _channels_last_empty((w.batch, w.out_channels) + w.out_size, x2d.dtype)
     status = np.zeros(1, np.int32)
     has_bias = bias is not None
-    _forward(x2d, np.ascontiguousarray(weight).reshape(w.out_channels, -1),
-             np.ascontiguousarray(bias) if has_bias else np.zeros(1, x2d.dtype), has_bias,
-             y2d, w.groups, workers, status)
+    loop_on_one_thread(
+        _forward, x2d, np.ascontiguousarray(weight).reshape(w.out_channels, -1),
+        np.ascontiguousarray(bias) if has_bias else np.zeros(1, x2d.dtype), has_bias,
+        y2d, w.groups, workers, status)
     check(status)
     return y
 
@@ -125,14 +127,14 @@ def backward(grad_y2d, x2d, weight, w, output_mask, workers, check):
     if want_input:
         grad_input, gx2d = _channels_last_empty((w.batch, w.channels) + w.in_size,
                                                 grad_y2d.dtype)
-        _input_grad(grad_y2d, w2d, gx2d, w.groups, workers, status)
+        loop_on_one_thread(_input_grad, grad_y2d, w2d, gx2d, w.groups, workers, status)
     if want_weight:
         chunks = max(1, min(grad_y2d.shape[0], _MAX_CHUNKS,
                             _PARTIAL_BYTES // max(1, w2d.nbytes)))
         partial = np.empty((chunks, w2d.size), grad_y2d.dtype)
-        _weight_grad(grad_y2d, x2d, partial, w.groups, status)
+        loop_on_one_thread(_weight_grad, grad_y2d, x2d, partial, w.groups, status)
         grad_weight = np.empty(w2d.size, grad_y2d.dtype)
-        _sum_partials(partial, grad_weight)
+        loop_on_one_thread(_sum_partials, partial, grad_weight)
         grad_weight = grad_weight.reshape(weight.shape)
     if want_bias:
         grad_bias = grad_y2d.sum(axis=0, dtype=np.float64).astype(grad_y2d.dtype)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from fastpool._threading import loop_on_one_thread
 from fastpool.cpu.conv._gemm import _sum_partials
 from fastpool.cpu.conv._planner import _JIT, _MAX_CHUNKS, _PARTIAL_BYTES, _U
 
@@ -353,10 +354,11 @@ def _empty_like_last(batch, size, channels, dtype):
 def _run_forward(problem, x4, wt, bias, y4, workers):
     p = problem
     has_bias = bias is not None
-    _forward(x4, wt, np.ascontiguousarray(bias) if has_bias else np.zeros(1, x4.dtype),
-             has_bias, y4, p.kernel_h, p.kernel_w, p.stride_h, p.stride_w, p.dilation_h,
-             p.dilation_w, p.pad_top, p.pad_left, *p.column_range(),
-             p.unit_stride_planes(), workers)
+    loop_on_one_thread(
+        _forward, x4, wt, np.ascontiguousarray(bias) if has_bias else np.zeros(1, x4.dtype),
+        has_bias, y4, p.kernel_h, p.kernel_w, p.stride_h, p.stride_w, p.dilation_h,
+        p.dilation_w, p.pad_top, p.pad_left, *p.column_range(), p.unit_stride_planes(),
+        workers)
 
 
 def forward(x4, weight, bias, problem, workers):
@@ -383,20 +385,21 @@ def backward(gy4, x4, weight, problem, transposed, output_mask, workers):
             _run_forward(transposed, gy4, np.ascontiguousarray(wt[::-1]), None, gx4,
                          workers)
         else:
-            _input_grad_strided(gy4, wt, gx4, p.kernel_h, p.kernel_w, p.stride_h,
-                                p.stride_w, p.dilation_h, p.dilation_w, p.pad_top,
-                                p.pad_left, workers)
+            loop_on_one_thread(_input_grad_strided, gy4, wt, gx4, p.kernel_h,
+                               p.kernel_w, p.stride_h, p.stride_w, p.dilation_h,
+                               p.dilation_w, p.pad_top, p.pad_left, workers)
     if want_weight:
         rows = p.batch * p.out_h
         chunks = max(1, min(rows, _MAX_CHUNKS, _PARTIAL_BYTES // max(1, wt.nbytes)))
         partial = np.empty((chunks,) + wt.shape, gy4.dtype)
-        _weight_grad(x4, gy4, partial, p.kernel_h, p.kernel_w, p.stride_h, p.stride_w,
-                     p.dilation_h, p.dilation_w, p.pad_top, p.pad_left)
+        loop_on_one_thread(_weight_grad, x4, gy4, partial, p.kernel_h, p.kernel_w,
+                           p.stride_h, p.stride_w, p.dilation_h, p.dilation_w, p.pad_top,
+                           p.pad_left)
         summed = np.empty(wt.shape, gy4.dtype)
-        _sum_partials(partial.reshape(chunks, -1), summed)
+        loop_on_one_thread(_sum_partials, partial.reshape(chunks, -1), summed)
         grad_weight = np.ascontiguousarray(summed.T).reshape(weight.shape)
     if want_bias:
         grad_bias = np.empty(p.out_channels, gy4.dtype)
-        _bias_grad(gy4.reshape(-1, p.out_channels), grad_bias)
+        loop_on_one_thread(_bias_grad, gy4.reshape(-1, p.out_channels), grad_bias)
     return grad_input, grad_weight, grad_bias
 
