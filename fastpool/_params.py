@@ -170,42 +170,58 @@ def memoised(n_arrays):
     def decorate(validate):
         memo = {}
 
-        def run(*args, **keywords):
-            arrays = args[:n_arrays]
-            if len(arrays) < n_arrays:  # an array passed by keyword: no memo
-                return validate(*args, **keywords)
-            if n_arrays == 1:  # spelt out: a generator costs half a microsecond
-                a = arrays[0]
-                if type(a) is not np.ndarray:
-                    return validate(*args, **keywords)
-                described = (a.shape, a.strides, a.dtype)
-            else:
-                described = []
-                for a in arrays:
-                    if a is None:
-                        described.append(None)
-                    elif type(a) is np.ndarray:
-                        described.append((a.shape, a.strides, a.dtype))
-                    else:
-                        return validate(*args, **keywords)
-                described = tuple(described)
-            rest = args[n_arrays:]
-            kinds = tuple(map(type, rest))
-            if tuple in kinds:
-                kinds = tuple(map(_types, rest))
-            key = (described, rest, kinds, tuple(keywords.items()) if keywords else ())
-            try:
-                found = memo.get(key)
-            except TypeError:  # an unhashable argument (a list): no memo
-                return validate(*args, **keywords)
-            if found is not None:
-                return (*arrays, found)
+        def miss(key, args, keywords, arrays):
             result = validate(*args, **keywords)
             if all(r is a for r, a in zip(result, arrays)):
                 if len(memo) >= _MEMO_SIZE:
                     memo.clear()
                 memo[key] = result[-1]
             return result
+
+        def run_one(*args, **keywords):  # one array: spelt out (each step counts)
+            a = args[0] if args else None
+            if type(a) is not np.ndarray:  # not NumPy, or passed by keyword: no memo
+                return validate(*args, **keywords)
+            rest = args[1:]
+            kinds = tuple(map(type, rest))
+            if tuple in kinds:
+                kinds = tuple(map(_types, rest))
+            key = (a.shape, a.strides, a.dtype, rest, kinds,
+                   tuple(keywords.items()) if keywords else ())
+            try:
+                found = memo.get(key)
+            except TypeError:  # an unhashable argument (a list): no memo
+                return validate(*args, **keywords)
+            return (a, found) if found is not None else miss(key, args, keywords, (a,))
+
+        def run(*args, **keywords):
+            arrays = args[:n_arrays]
+            if len(arrays) < n_arrays:  # an array passed by keyword: no memo
+                return validate(*args, **keywords)
+            described = []
+            for a in arrays:
+                if a is None:
+                    described.append(None)
+                elif type(a) is np.ndarray:
+                    described.append((a.shape, a.strides, a.dtype))
+                else:
+                    return validate(*args, **keywords)
+            rest = args[n_arrays:]
+            kinds = tuple(map(type, rest))
+            if tuple in kinds:
+                kinds = tuple(map(_types, rest))
+            key = (tuple(described), rest, kinds,
+                   tuple(keywords.items()) if keywords else ())
+            try:
+                found = memo.get(key)
+            except TypeError:  # an unhashable argument (a list): no memo
+                return validate(*args, **keywords)
+            if found is not None:
+                return (*arrays, found)
+            return miss(key, args, keywords, arrays)
+
+        if n_arrays == 1:
+            run = run_one
         run.__wrapped__ = validate
         return run
     return decorate

@@ -238,10 +238,16 @@ def serialised(launcher, cost=None, loops=True):
                     # object (1 us a call otherwise)
                     small = a.derived(cost, cost) < SMALL_WORK_NS
                     break
-        if _thread_safe():
-            if small:
+        if _state["thread_safe"] or _thread_safe():
+            if not small:
+                return launcher(*args, **kwargs)
+            if loops or _calls.one_worker:
                 return one_thread(launcher, args, kwargs)
-            return launcher(*args, **kwargs)
+            _calls.one_worker = True  # ``_one_worker``, spelt out: a call less
+            try:
+                return launcher(*args, **kwargs)
+            finally:
+                _calls.one_worker = False
         with _lock:
             if small:
                 return one_thread(launcher, args, kwargs)

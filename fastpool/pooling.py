@@ -205,8 +205,10 @@ _AVG_BACKWARD_DOC = """Gradient of :func:`{forward}` with respect to ``x``.
 def _avg_arguments(rank, x, kernel_size, stride, padding, ceil_mode, count_include_pad,
                    divisor_override):
     x, window = _params.pool_window(x, rank, kernel_size, stride, padding, 1, ceil_mode)
-    count_include_pad = _params.check_bool("count_include_pad", count_include_pad)
-    divisor = _params.check_divisor_override(divisor_override)
+    if count_include_pad is not True and count_include_pad is not False:
+        count_include_pad = _params.check_bool("count_include_pad", count_include_pad)
+    divisor = (0 if divisor_override is None
+               else _params.check_divisor_override(divisor_override))
     return x, window, count_include_pad, divisor
 
 

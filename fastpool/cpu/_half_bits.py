@@ -40,9 +40,27 @@ def bits(array):
     return array if kind is None else array.view(kind)
 
 
+def kernel_views(x, out):
+    """``(bits(x), bits(out))`` for arrays of one dtype, checked once."""
+    if x.dtype.itemsize != 2:
+        return x, out
+    return bits(x), bits(out)
+
+
 def compute_dtype(dtype):
     """The dtype a kernel computes in for arrays of ``dtype`` (float32 for half)."""
     return np.dtype(np.float32) if _half.is_half(dtype) else np.dtype(dtype)
+
+
+def scalars(dtype, zero, divisor):
+    """``(scalar(dtype, zero), scalar(dtype, divisor))`` in one lookup."""
+    key = (dtype, zero, divisor)
+    found = _SCALARS.get(key)
+    if found is None:
+        if len(_SCALARS) >= 1024:
+            _SCALARS.clear()
+        found = _SCALARS[key] = (scalar(dtype, zero), scalar(dtype, divisor))
+    return found
 
 
 def scalar(dtype, value):

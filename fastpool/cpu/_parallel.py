@@ -72,6 +72,13 @@ class Kernel:
         self.body = body
         self._addresses = {}
 
+    def launch(self, workers, *args):
+        """``self(*args, workers)``, cheaper for one worker (no slicing of ``args``)."""
+        if workers <= 1:
+            self.body(*args, 0, 1)
+        else:
+            self(*args, workers)
+
     def __call__(self, *args):
         if args[-1] <= 1:  # one worker: the body itself, no parallel region
             self.body(*args[:-1], 0, 1)

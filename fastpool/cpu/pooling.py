@@ -193,11 +193,11 @@ def _forward_plan(op, plans, *flags):
 
 
 def _max_tiled(run, shape, view, plane_rows, rows, taps, x, with_indices):
-    out = np.empty(shape, dtype=x.dtype)
-    indices = np.empty(shape, dtype=np.int64) if with_indices else None
-    run(hb.bits(contiguous(x).reshape(-1)), hb.bits(out.reshape(view)),
-        _NO_ROW_INDICES if indices is None else indices.reshape(view), plane_rows,
-        _split(rows))
+    out = np.empty(shape, x.dtype)
+    indices = np.empty(shape, np.int64) if with_indices else None
+    run.launch(_split(rows),
+               *hb.kernel_views(contiguous(x).reshape(-1), out.reshape(view)),
+               _NO_ROW_INDICES if indices is None else indices.reshape(view), plane_rows)
     return out, indices
 
 
@@ -218,9 +218,10 @@ def _max_rows(run, shape, in_view, out_view, pads, columns, rows, taps, x, with_
 
 def _avg_tiled(run, shape, view, plane_rows, rows, taps, x, count_include_pad,
                divisor_override):
-    out = np.empty(shape, dtype=x.dtype)
-    run(hb.bits(contiguous(x).reshape(-1)), hb.bits(out.reshape(view)),
-        hb.scalar(x.dtype, 0), hb.scalar(x.dtype, divisor_override or taps), _split(rows))
+    out = np.empty(shape, x.dtype)
+    run.launch(_split(rows),
+               *hb.kernel_views(contiguous(x).reshape(-1), out.reshape(view)),
+               *hb.scalars(x.dtype, 0, divisor_override or taps))
     return out
 
 
@@ -236,8 +237,7 @@ def _avg_rows(run, shape, in_view, out_view, pads, columns, rows, taps, x,
         run(hb.bits(contiguous(x).reshape(in_view)), hb.bits(out.reshape(out_view)),
             *pads, count_include_pad, divisor_override, *columns,
             # Sum and divide in the input's dtype (float32 for half), as PyTorch does.
-            hb.scalar(x.dtype, 0), hb.scalar(x.dtype, divisor_override or taps),
-            _split(rows))
+            *hb.scalars(x.dtype, 0, divisor_override or taps), _split(rows))
     return out
 
 
@@ -491,22 +491,35 @@ def _adaptive_empty(w, shape, spatial, dtype):
     return out.reshape((-1,) + pad + tuple(spatial) + (1,)), out
 
 
+def _global_avg_plan(w):
+    """``plan(x)``: channels-first global average pooling on the geometry ``w``, with
+    what the call derives from ``w`` derived once (global pooling ends most networks:
+    a small call whose fixed cost is most of its time)."""
+    shape, planes, size = w.output_shape, w.planes, w.planes * math.prod(w.in_size)
+
+    def plan(x):
+        out = np.empty(shape, x.dtype)
+        if planes:
+            pool_adaptive.global_avg_channels_first.launch(
+                _global_workers(size), contiguous(x).reshape(planes, -1), out.reshape(-1))
+        return out
+    return plan
+
+
 def adaptive_avg_pool_forward(x, window):
     w = window
+    if w.is_global and w.layout != CHANNELS_LAST:
+        return w.derived(_global_avg_plan, _global_avg_plan)(x)
     out, view = _adaptive_empty(w, w.output_shape, w.out_size, x.dtype)
     if w.planes:
         zero = x.dtype.type(0)
-        if w.is_global and w.layout == CHANNELS_LAST:
+        if w.is_global:
             buffer = _adaptive_view(x, w, w.in3)
             workers = _global_workers(x.size)
             pool_adaptive.global_avg_channels_last(
                 buffer.reshape(buffer.shape[0], -1, buffer.shape[4]),
                 out.reshape(out.shape[0], -1), zero,
                 _channel_block(w.batch, w.channels, workers), workers)
-        elif w.is_global:
-            pool_adaptive.global_avg_channels_first(
-                contiguous(x).reshape(w.planes, -1), out.reshape(-1),
-                _global_workers(x.size))
         else:
             pool_adaptive.avg_forward(w.layout == CHANNELS_LAST)(
                 _adaptive_view(x, w, w.in3), out, *_bounds(w), zero, _rows_of(out))
