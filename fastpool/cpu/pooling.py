@@ -492,37 +492,50 @@ def _adaptive_empty(w, shape, spatial, dtype):
 
 
 def _global_avg_plan(w):
-    """``plan(x)``: channels-first global average pooling on the geometry ``w``, with
-    what the call derives from ``w`` derived once (global pooling ends most networks:
-    a small call whose fixed cost is most of its time)."""
-    shape, planes, size = w.output_shape, w.planes, w.planes * math.prod(w.in_size)
+    """``plan(x)``: global average pooling on the geometry ``w``, with what the call
+    derives from ``w`` derived once (global pooling ends most networks: a small call
+    whose fixed cost was most of its time, 512@7 at batch 1 behind PyTorch)."""
+    size = w.planes * math.prod(w.in_size)
+    if w.layout != CHANNELS_LAST:
+        shape, planes = w.output_shape, w.planes
 
-    def plan(x):
-        out = np.empty(shape, x.dtype)
-        if planes:
-            pool_adaptive.global_avg_channels_first.launch(
-                _global_workers(size), contiguous(x).reshape(planes, -1), out.reshape(-1))
-        return out
-    return plan
+        def plan(x):
+            out = np.empty(shape, x.dtype)
+            if planes:
+                pool_adaptive.global_avg_channels_first.launch(
+                    _global_workers(size), contiguous(x).reshape(planes, -1),
+                    out.reshape(-1))
+            return out
+        return plan
+    # channels-last: read the (N, S, C) buffer behind x, write an (N, 1.., C) buffer
+    axis = 1 if w.batched else 0
+    lead = (w.batch,) if w.batched else ()
+    buffer_shape = lead + (1,) * w.rank + (w.channels,)
+    to_buffer = _moved(len(buffer_shape), axis, -1)
+    to_view = _moved(len(buffer_shape), -1, axis)
+    pixels = (w.batch, math.prod(w.in_size), w.channels)
+    rows = (w.batch, w.channels)
+
+    def plan_channels_last(x):
+        out = np.empty(buffer_shape, x.dtype)
+        if size:
+            workers = _global_workers(size)
+            pool_adaptive.global_avg_channels_last.launch(
+                workers, contiguous(x.transpose(to_buffer)).reshape(pixels),
+                out.reshape(rows), hb.scalar(x.dtype, 0),
+                _channel_block(w.batch, w.channels, workers))
+        return out.transpose(to_view)
+    return plan_channels_last
 
 
 def adaptive_avg_pool_forward(x, window):
     w = window
-    if w.is_global and w.layout != CHANNELS_LAST:
+    if w.is_global:
         return w.derived(_global_avg_plan, _global_avg_plan)(x)
     out, view = _adaptive_empty(w, w.output_shape, w.out_size, x.dtype)
     if w.planes:
-        zero = x.dtype.type(0)
-        if w.is_global:
-            buffer = _adaptive_view(x, w, w.in3)
-            workers = _global_workers(x.size)
-            pool_adaptive.global_avg_channels_last(
-                buffer.reshape(buffer.shape[0], -1, buffer.shape[4]),
-                out.reshape(out.shape[0], -1), zero,
-                _channel_block(w.batch, w.channels, workers), workers)
-        else:
-            pool_adaptive.avg_forward(w.layout == CHANNELS_LAST)(
-                _adaptive_view(x, w, w.in3), out, *_bounds(w), zero, _rows_of(out))
+        pool_adaptive.avg_forward(w.layout == CHANNELS_LAST)(
+            _adaptive_view(x, w, w.in3), out, *_bounds(w), x.dtype.type(0), _rows_of(out))
     return view
 
 
