@@ -19,7 +19,8 @@ def contiguous(a):
     never write their inputs, but Numba compiles a separate kernel for read-only arrays
     (a second compile per kernel), so read-only inputs are copied like non-contiguous
     ones."""
-    a = np.asarray(a)
+    if type(a) is not np.ndarray:
+        a = np.asarray(a)
     flags = a.flags
     if flags.c_contiguous and flags.writeable and a.dtype.isnative:
         return a

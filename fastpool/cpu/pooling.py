@@ -196,7 +196,7 @@ def _max_tiled(run, shape, view, plane_rows, rows, taps, x, with_indices):
     out = np.empty(shape, x.dtype)
     indices = np.empty(shape, np.int64) if with_indices else None
     run.launch(_split(rows),
-               *hb.kernel_views(contiguous(x).reshape(-1), out.reshape(view)),
+               *hb.kernel_views(contiguous(x).ravel(), out.reshape(view)),
                _NO_ROW_INDICES if indices is None else indices.reshape(view), plane_rows)
     return out, indices
 
@@ -220,7 +220,7 @@ def _avg_tiled(run, shape, view, plane_rows, rows, taps, x, count_include_pad,
                divisor_override):
     out = np.empty(shape, x.dtype)
     run.launch(_split(rows),
-               *hb.kernel_views(contiguous(x).reshape(-1), out.reshape(view)),
+               *hb.kernel_views(contiguous(x).ravel(), out.reshape(view)),
                *hb.scalars(x.dtype, 0, divisor_override or taps))
     return out
 
