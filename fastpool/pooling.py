@@ -217,11 +217,15 @@ def _avg_pool(rank: int) -> _types.AvgPool:
                  padding: Size = 0, ceil_mode: bool = False,
                  count_include_pad: bool = True, divisor_override: Optional[int] = None,
                  *, device: Device = None) -> Any:
-        x, window, count_include_pad, divisor = _avg_arguments(
-            rank, x, kernel_size, stride, padding, ceil_mode, count_include_pad,
-            divisor_override)
-        backend = _dispatch.backend(device, x)
-        return backend.avg_pool_forward(x, window, count_include_pad, divisor)
+        # _avg_arguments spelt out: a call less on every forward
+        x, window = _params.pool_window(x, rank, kernel_size, stride, padding, 1,
+                                        ceil_mode)
+        if count_include_pad is not True and count_include_pad is not False:
+            count_include_pad = _params.check_bool("count_include_pad", count_include_pad)
+        divisor = (0 if divisor_override is None
+                   else _params.check_divisor_override(divisor_override))
+        return _dispatch.backend(device, x).avg_pool_forward(x, window, count_include_pad,
+                                                             divisor)
     return _public(avg_pool, f"avg_pool{rank}d", _AVG_DOC, rank)
 
 
