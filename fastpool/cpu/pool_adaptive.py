@@ -218,14 +218,20 @@ def global_avg_channels_last(x, out, zero, block, worker, workers):
     blocks = -(-C // block)
     units = B * blocks
     acc = np.empty((LANES, block), dtype=x.dtype)
+    first = min(LANES, size)
     for unit in range(worker * units // workers, (worker + 1) * units // workers):
         b = unit // blocks
         c0 = (unit - b * blocks) * block
         n = min(block, C - c0)
-        for j in range(LANES):
+        # each partial's first element is added to +0 as it is stored, not after a
+        # pass that zeroes every partial (8-15% of the time at 49 pixels)
+        for k in range(first):
+            for c in range(n):
+                acc[k, c] = zero + x[U(b), U(k), U(c0 + c)]
+        for j in range(first, LANES):
             for c in range(n):
                 acc[j, c] = zero
-        for k in range(size):
+        for k in range(LANES, size):
             j = k % LANES
             for c in range(n):
                 acc[j, c] += x[U(b), U(k), U(c0 + c)]

@@ -515,15 +515,18 @@ def _global_avg_plan(w):
     to_view = _moved(len(buffer_shape), -1, axis)
     pixels = (w.batch, math.prod(w.in_size), w.channels)
     rows = (w.batch, w.channels)
+    blocks = {}  # channel block per worker count
 
     def plan_channels_last(x):
         out = np.empty(buffer_shape, x.dtype)
         if size:
             workers = _global_workers(size)
+            block = blocks.get(workers)
+            if block is None:
+                block = blocks[workers] = _channel_block(w.batch, w.channels, workers)
             pool_adaptive.global_avg_channels_last.launch(
                 workers, contiguous(x.transpose(to_buffer)).reshape(pixels),
-                out.reshape(rows), hb.scalar(x.dtype, 0),
-                _channel_block(w.batch, w.channels, workers))
+                out.reshape(rows), hb.scalar(x.dtype, 0), block)
         return out.transpose(to_view)
     return plan_channels_last
 
