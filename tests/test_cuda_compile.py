@@ -1,184 +1,124 @@
-"""Every CUDA kernel compiles for a real GPU, checked without one.
+"""Every CUDA kernel compiles for a real GPU, and fits it, checked without one.
 
 The simulator runs kernels as Python, so code that NVVM would reject (an untyped
 global, an unsupported call) can pass every simulator test. Here each kernel is compiled
 to PTX for compute capability 9.0 (H100) with NVIDIA's compiler, in a fresh process with
 the simulator off, for both dtypes (and float16 where the kernels read it) and the
-argument types the launchers pass. That
-needs NVVM, which ``pip install ".[gpu]"`` provides (``numba-cuda[cu12]``); without it
-the test is skipped.
+argument types the launchers pass (``cuda_kernel_signatures.py``), then assembled for
+sm_90 by ``ptxas`` (``cuda_resources.py``): no kernel may spill registers or keep a
+stack, and each must fit the SM as issue 17 asks (pooling at least 50% occupancy,
+convolution at least 2 blocks per SM). That needs NVVM and ptxas, which
+``pip install ".[gpu]"`` provides (``numba-cuda[cu12]``); without them the tests skip.
 """
 
 import json
 import os
 import subprocess
 import sys
-import textwrap
 
 import pytest
 
-_SCRIPT = """
-    import json
-    import numpy as np
-    from numba import cuda, types
+import cuda_resources
 
-    try:
-        cuda.compile_ptx(lambda a: None, (types.float32[:],), cc=(9, 0))
-    except Exception as exc:
-        print(json.dumps({"skip": f"no NVVM: {type(exc).__name__}: {exc}"}))
-        raise SystemExit(0)
+TESTS = os.path.dirname(os.path.abspath(__file__))
 
-    import fastpool.cuda._launch as launch
-    import fastpool.cuda.conv as conv
-    import fastpool.cuda.pooling as pooling
-
-    i64, u64, i32, boolean = types.int64, types.uint64, types.int32, types.boolean
-    key = types.UniTuple(u64, 7)  # _rng.kernel_key
-    flag = types.Array(i32, 1, "C")
-    # channels-last flag, then padding, kernel, stride, dilation of (D, H, W)
-    window = (boolean,) + (i64,) * 12
-
-    def array(dtype, ndim=4, layout="A"):
-        return types.Array(dtype, ndim, layout)
-
-    kernels = []
-    for np_dtype, dt in ((np.float32, types.float32), (np.float64, types.float64)):
-        # Pooling kernels index 5-D (N, C, D, H, W) arrays of any strides (results are
-        # channels-last views for channels-last calls); convolution 4-D ones.
-        x, out = array(dt, 5), array(dt, 5)
-        f64 = array(types.float64, 5)
-        indices = array(i64, 5)
-        avg_forward, avg_backward = pooling._avg_kernels(np_dtype)
-        avg = (boolean,) + (i64,) * 9 + (boolean, i64)
-        kernels += [
-            ("copy_2d", launch._copy_2d, (array(dt, 2), array(dt, 2, "C"))),
-            ("copy_3d", launch._copy_3d, (array(dt, 3), array(dt, 3, "C"))),
-            ("copy_5d", launch._copy_5d, (array(dt, 5), array(dt, 5, "C"))),
-            ("max_forward", pooling._max_forward, (x, out, indices, boolean) + window),
-            ("gather_to_indices", pooling._gather_to_indices_kernel(np_dtype),
-             (x, array(i64, 5), out) + window),
-            ("avg_forward", avg_forward, (x, out) + avg),
-            ("avg_backward", avg_backward, (x, out) + avg),
-            ("stochastic_train", pooling._stochastic_train,
-             (x, out, indices, boolean, key) + window + (flag,)),
-            ("stochastic_infer", pooling._stochastic_infer_kernel(np_dtype),
-             (x, out) + window + (flag,)),
-            ("stochastic_infer_shares", pooling._stochastic_infer_shares,
-             (x, x, f64, f64) + window + (flag,)),
-            ("stochastic_infer_backward",
-             pooling._stochastic_infer_backward_kernel(np_dtype),
-             (x, f64, f64, out) + window),
-        ]
-        x, out = array(dt), array(dt, layout="C")
-        direct_forward, input_grad, weight_grad, bias_grad, sum_partials = (
-            conv._simple_kernels(np_dtype))
-        matrix, table = array(dt, 2, "C"), array(i64, 2, "C")
-        flat = array(dt, 1, "C")
-        forward = (x, array(dt, 3, "C"), array(dt, 1, "C"), boolean, out, table) + (i64,) * 4
-        kernels += [
-            ("tiled_forward", conv._tiled_forward_kernel(np.dtype(np_dtype),
-                                                         conv.PRODUCTION_TILES),
-             (flat, i64, i64, i64, flat, array(dt, 1), boolean, out, table) + (i64,) * 5),
-            ("tiled_weight_grad", conv._tiled_weight_grad_kernel(
-                np.dtype(np_dtype), conv.PRODUCTION_TILES),
-             (flat, i64, i64, i64, flat, i64, i64, table, array(dt, 3, "C")) + (i64,) * 6),
-            ("copy_4d", launch._copy_4d, (x, out)),
-            ("direct_forward", direct_forward, forward),
-            ("direct_input_grad", input_grad, (x, x, out) + (i64,) * 7),
-            ("direct_weight_grad", weight_grad,
-             (x, x, table, array(dt, 3, "C")) + (i64,) * 5),
-            ("bias_grad", bias_grad, (x, matrix)),
-            ("sum_partials", sum_partials, (matrix, array(dt, 1, "C"))),
-            ("gemm_weights", conv._gemm_weights, (x, array(dt, 3, "C"), boolean)),
-        ]
-    # float16: the pooling kernels read and write it as it is (fastpool.cuda.HALF_NATIVE),
-    # summing in float32 (stochastic pooling in float64, as for every dtype).
-    x, out, indices = array(types.float16, 5), array(types.float16, 5), array(i64, 5)
-    f64 = array(types.float64, 5)
-    avg_forward, avg_backward = pooling._avg_kernels(np.float16)
-    avg = (boolean,) + (i64,) * 9 + (boolean, i64)
-    kernels += [
-        ("max_forward_f16", pooling._max_forward, (x, out, indices, boolean) + window),
-        ("gather_to_indices_f16", pooling._gather_to_indices_kernel(np.float16),
-         (x, indices, out) + window),
-        ("avg_forward_f16", avg_forward, (x, out) + avg),
-        ("avg_backward_f16", avg_backward, (x, out) + avg),
-        ("stochastic_train_f16", pooling._stochastic_train,
-         (x, out, indices, boolean, key) + window + (flag,)),
-        ("stochastic_infer_f16", pooling._stochastic_infer_kernel(np.float16),
-         (x, out) + window + (flag,)),
-        ("stochastic_infer_shares_f16", pooling._stochastic_infer_shares,
-         (x, x, f64, f64) + window + (flag,)),
-        ("stochastic_infer_backward_f16",
-         pooling._stochastic_infer_backward_kernel(np.float16), (x, f64, f64, out) + window),
-    ]
-    import fastpool.cuda.slabs as slabs
-    for dt in (types.float32, types.float64):
-        kernels += [
-            ("slabs_fill", slabs._fill, (array(dt, 3, "C"), array(dt, 1), boolean)),
-            ("slabs_gather", slabs._gather, (array(dt, 5), array(dt, 4, "C"), i64, i64)),
-            ("slabs_add", slabs._add_slabs, (array(dt, 5), array(dt, 4, "C"), i64, i64)),
-            ("slabs_put_tap", slabs._put_tap, (array(dt, 5, "C"), i64, array(dt, 4, "C"))),
-        ]
-    import fastpool.cuda.pool_adaptive as adaptive
-    import fastpool.cuda.pool_unpool as unpool
-    table = array(i64, 1)
-    tables = (table,) * 6
-    for np_dtype, dt in ((np.float32, types.float32), (np.float64, types.float64)):
-        x5 = array(dt, 5)
-        forward, backward = adaptive.avg_kernels(np_dtype)
-        kernels += [
-            ("adaptive_avg_forward", forward, (x5, x5) + tables + (boolean,)),
-            ("adaptive_avg_backward", backward, (x5, x5) + tables * 2 + (boolean,)),
-            ("global_avg_forward", adaptive.global_avg_kernel(np_dtype), (x5, x5, boolean)),
-            ("adaptive_max_forward", adaptive.max_forward,
-             (x5, x5, array(i64, 5), boolean) + tables + (boolean,)),
-            ("adaptive_max_backward", adaptive.max_backward_kernel(np_dtype),
-             (x5, array(i64, 5), x5) + tables + (boolean,)),
-            ("unpool_fill", unpool.fill_kernel(np_dtype),
-             (x5, array(i64, 3, "C"), x5, boolean)),
-            ("unpool_gather", unpool.gather_kernel(np_dtype),
-             (x5, array(i64, 5), x5, boolean, flag)),
-        ]
-    import fastpool.cuda.pool_adaptive_stochastic as sampled
-    for dt in (types.float32, types.float64):
-        x5, f5 = array(dt, 5), array(types.float64, 5)
-        kernels += [
-            ("adaptive_stochastic_train", sampled.train_forward,
-             (x5, x5, array(i64, 5), boolean, key) + tables + (boolean, flag)),
-            ("adaptive_stochastic_infer", sampled.infer_forward,
-             (x5, x5) + tables + (boolean, flag)),
-            ("adaptive_stochastic_shares", sampled.infer_shares,
-             (x5, x5, f5, f5) + tables + (boolean, flag)),
-            ("adaptive_stochastic_backward", sampled.infer_backward,
-             (x5, f5, f5, x5) + tables + (boolean,)),
-        ]
-    kernels += [
-        ("adaptive_check_indices", adaptive.check_indices,
-         (array(i64, 5), i64, i64) + tables + (boolean, flag)),
-        ("unpool_claim", unpool.claim, (array(i64, 5), array(i64, 3, "C"), boolean, flag)),
-        ("unpool_reset", unpool.reset, (array(i64, 3, "C"),)),
-    ]
-    kernels.append(("check_window_indices", pooling._check_window_indices,
-                    (array(i64, 5), i64, i64, i64) + window + (flag,)))
-
-    failures = []
-    for name, kernel, signature in kernels:
-        try:
-            cuda.compile_ptx(kernel.py_func, signature, cc=(9, 0))
-        except Exception as exc:
-            failures.append(f"{name}{signature}: {type(exc).__name__}: {exc}")
-    print(json.dumps({"compiled": len(kernels), "failures": failures}))
-"""
+# Specialisations known to miss issue 17's budgets, which its item 2 (int32 index
+# arithmetic, compile-time window constants, per-axis covering ranges, a leaner tiled
+# weight gradient) is to bring in. The test fails when one of them meets its budget, so
+# that this list only shrinks; docs/site/devices.md has the table.
+OVER_BUDGET = frozenset({
+    ("gather_to_indices", "float32"), ("gather_to_indices", "float64"),
+    ("gather_to_indices", "float16"),
+    ("avg_forward", "float32"), ("avg_forward", "float64"), ("avg_forward", "float16"),
+    ("avg_backward", "float32"), ("avg_backward", "float64"), ("avg_backward", "float16"),
+    ("stochastic_train", "float32"), ("stochastic_train", "float64"),
+    ("stochastic_train", "float16"),
+    ("stochastic_infer_backward", "float32"), ("stochastic_infer_backward", "float64"),
+    ("stochastic_infer_backward", "float16"),
+    ("max_forward", "float16"),
+    ("adaptive_avg_forward", "float32"), ("adaptive_avg_forward", "float64"),
+    ("adaptive_avg_backward", "float32"), ("adaptive_avg_backward", "float64"),
+    ("adaptive_max_forward", "float32"), ("adaptive_max_forward", "float64"),
+    ("adaptive_max_backward", "float32"), ("adaptive_max_backward", "float64"),
+    ("adaptive_stochastic_train", "float32"), ("adaptive_stochastic_train", "float64"),
+    ("adaptive_stochastic_infer", "float32"), ("adaptive_stochastic_infer", "float64"),
+    ("adaptive_stochastic_shares", "float32"), ("adaptive_stochastic_shares", "float64"),
+    ("adaptive_stochastic_backward", "float32"),
+    ("adaptive_stochastic_backward", "float64"),
+    ("tiled_weight_grad", "float64"),
+})
+# Global average pooling keeps its 16 partial sums in a local array indexed at run
+# time: local memory, not registers (issue 17, item 2).
+USES_STACK = frozenset({("global_avg_forward", "float32"),
+                        ("global_avg_forward", "float64")})
 
 
-def test_every_cuda_kernel_compiles_to_ptx(tmp_path):
-    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="0", NUMBA_CACHE_DIR=str(tmp_path))
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(_SCRIPT)], env=env,
-                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+@pytest.fixture(scope="module")
+def kernels(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("numba-cache")
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="0", NUMBA_CACHE_DIR=str(cache),
+               PYTHONPATH=os.pathsep.join([TESTS, os.path.dirname(TESTS),
+                                           os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, os.path.join(TESTS, "cuda_resources.py"),
+                           "--json"], env=env, capture_output=True, text=True,
+                          timeout=900, cwd=cache)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     if "skip" in result:
         pytest.skip(result["skip"])
-    assert result["failures"] == []
-    assert result["compiled"] >= 49
+    return result
+
+
+def test_every_cuda_kernel_compiles_to_ptx(kernels):
+    failures = [f"{r['name']} {r['dtype']}: {r['error']}" for r in kernels["rows"]
+                if "error" in r]
+    assert failures == []
+    assert len(kernels["rows"]) >= 49
+
+
+def _assembled(kernels):
+    if kernels["ptxas"] is None:
+        pytest.skip("no ptxas (pip install '.[gpu]' brings it)")
+    return [r for r in kernels["rows"] if "registers" in r]
+
+
+def test_no_kernel_spills_or_keeps_a_stack(kernels):
+    rows = _assembled(kernels)
+    assert [r["name"] for r in rows if r["spill_stores"] or r["spill_loads"]] == []
+    # a float16 kernel's call into NVIDIA's half functions needs a small frame
+    stacked = {(r["name"], r["dtype"]) for r in rows
+               if r["stack"] and not r["linked_later"]}
+    assert stacked == USES_STACK
+
+
+def test_kernels_fit_the_sm_as_budgeted(kernels):
+    rows = _assembled(kernels)
+    over = {(r["name"], r["dtype"]): cuda_resources.over_budget(r) for r in rows}
+    assert {k for k, why in over.items() if why} == OVER_BUDGET, over
+    # every convolution kernel fits at least one block; none needs more shared
+    # memory than a block may have
+    assert all(r["blocks_per_sm"] >= 1 for r in rows)
+
+
+@pytest.mark.parametrize("registers, threads, shared, blocks", [
+    (32, 256, 0, 8),        # the thread limit: 2048 / 256
+    (64, 256, 0, 4),        # 64 x 256 x 4 = 65,536 registers
+    (65, 256, 0, 3),        # 72 per thread once rounded to the allocation unit
+    (128, 256, 8704, 2),
+    (166, 256, 17408, 1),
+    (30, 256, 100 * 1024, 2),  # shared memory: 228 KiB / 100 KiB
+    (16, 32, 0, 32),        # the block limit
+])
+def test_blocks_per_sm_follows_the_sm90_limits(registers, threads, shared, blocks):
+    assert cuda_resources.blocks_per_sm(registers, threads, shared) == blocks
+
+
+def test_ptxas_output_is_read():
+    log = ("ptxas info    : Function properties for k\n"
+           "    16 bytes stack frame, 8 bytes spill stores, 4 bytes spill loads\n"
+           "ptxas info    : Used 72 registers, used 1 barriers, 8704 bytes smem, "
+           "400 bytes cmem[0]\n")
+    assert cuda_resources.parse_ptxas(log) == dict(
+        registers=72, stack=16, spill_stores=8, spill_loads=4, shared=8704)
+    with pytest.raises(ValueError):
+        cuda_resources.parse_ptxas("ptxas fatal : nothing")
