@@ -47,10 +47,6 @@ OVER_BUDGET = frozenset({
     ("adaptive_stochastic_backward", "float64"),
     ("tiled_weight_grad", "float64"),
 })
-# Global average pooling keeps its 16 partial sums in a local array indexed at run
-# time: local memory, not registers (issue 17, item 2).
-USES_STACK = frozenset({("global_avg_forward", "float32"),
-                        ("global_avg_forward", "float64")})
 
 
 @pytest.fixture(scope="module")
@@ -86,9 +82,7 @@ def test_no_kernel_spills_or_keeps_a_stack(kernels):
     rows = _assembled(kernels)
     assert [r["name"] for r in rows if r["spill_stores"] or r["spill_loads"]] == []
     # a float16 kernel's call into NVIDIA's half functions needs a small frame
-    stacked = {(r["name"], r["dtype"]) for r in rows
-               if r["stack"] and not r["linked_later"]}
-    assert stacked == USES_STACK
+    assert [r["name"] for r in rows if r["stack"] and not r["linked_later"]] == []
 
 
 def test_kernels_fit_the_sm_as_budgeted(kernels):

@@ -15,6 +15,8 @@ import numpy as np
 from numba import cuda
 
 from fastpool.cpu._lanes import LANES
+
+LANES_LOG2 = LANES.bit_length() - 1
 from fastpool.cuda._launch import grid_start, grid_stride, split_position
 
 
@@ -74,10 +76,14 @@ def global_avg_kernel(dtype):
     scalar = np.dtype(dtype).type
     zero = scalar(0)
 
+    # The partials are indexed only by constants once the loops over them are unrolled
+    # (their trip counts are constants), so they live in registers: indexed by
+    # ``k % LANES`` they were a local-memory array, 64-128 bytes of stack per thread.
     @cuda.jit
     def forward(x, out, cl):
         N, C = out.shape[0], out.shape[1]
         D, H, W = x.shape[2], x.shape[3], x.shape[4]
+        size = np.int64(D) * H * W
         total = np.int64(N) * C
         i = grid_start()
         while i < total:
@@ -85,18 +91,23 @@ def global_avg_kernel(dtype):
             partials = cuda.local.array(LANES, dtype)
             for j in range(LANES):
                 partials[j] = zero
-            k = 0
-            for d in range(D):
-                for h in range(H):
-                    for w in range(W):
-                        partials[k % LANES] += x[n, c, d, h, w]
-                        k += 1
-            width = LANES // 2
-            while width:
+            d = h = w = 0
+            for k0 in range(0, size, LANES):  # element k0 + j goes to partial j
+                for j in range(LANES):
+                    if k0 + j < size:
+                        partials[j] += x[n, c, d, h, w]
+                        w += 1
+                        if w == W:
+                            w = 0
+                            h += 1
+                            if h == H:
+                                h = 0
+                                d += 1
+            for level in range(LANES_LOG2):
+                width = LANES >> (level + 1)
                 for j in range(width):
                     partials[j] += partials[j + width]
-                width //= 2
-            out[n, c, 0, 0, 0] = np.float64(partials[0]) / (D * H * W)
+            out[n, c, 0, 0, 0] = np.float64(partials[0]) / size
             i += grid_stride()
 
     return forward
