@@ -259,27 +259,39 @@ def scatter_to_indices(grad_output, indices, window):
     """Backward of a pooling that picked one element per window (max, stochastic
     training): ``grad_input.flat[index] += grad_output`` within each plane."""
     w = window
+    if w.layout != CHANNELS_LAST:
+        return w.derived(_scatter_plan, _scatter_plan)(grad_output, indices)
     plane_in = math.prod(w.in_size)
     plane_out = math.prod(w.out_size)
-    if w.layout == CHANNELS_LAST:
-        grad_input, view = _cl_empty(w, w.in_size, w.channels, grad_output.dtype)
-        bad = 0
-        if w.planes:
-            blocks = pool_channels_last.scatter_blocks(w.batch, w.channels)
-            bad = loop_on_one_thread(
-                pool_channels_last.scatter_to_indices, hb.bits(_cl_buffer(grad_output, w, w.out3).reshape(w.batch, plane_out, -1)),
-                _cl_buffer(indices, w, w.out3).reshape(w.batch, plane_out, -1),
-                hb.bits(grad_input.reshape(w.batch, plane_in, -1)), blocks)
-        _raise_bad_indices(bad, plane_in, w)
-        return view
-    grad_input = np.empty(w.input_shape, dtype=grad_output.dtype)
+    grad_input, view = _cl_empty(w, w.in_size, w.channels, grad_output.dtype)
+    bad = 0
     if w.planes:
-        bad = pool_max.scatter_to_indices(
-            hb.bits(contiguous(grad_output).reshape(-1, plane_out)),
-            contiguous(indices).reshape(-1, plane_out),
-            hb.bits(grad_input.reshape(-1, plane_in)))
-        _raise_bad_indices(bad, plane_in, w)
-    return grad_input
+        blocks = pool_channels_last.scatter_blocks(w.batch, w.channels)
+        bad = loop_on_one_thread(
+            pool_channels_last.scatter_to_indices,
+            hb.bits(_cl_buffer(grad_output, w, w.out3).reshape(w.batch, plane_out, -1)),
+            _cl_buffer(indices, w, w.out3).reshape(w.batch, plane_out, -1),
+            hb.bits(grad_input.reshape(w.batch, plane_in, -1)), blocks)
+    _raise_bad_indices(bad, plane_in, w)
+    return view
+
+
+def _scatter_plan(w):
+    """``plan(grad_output, indices)``: the channels-first ``scatter_to_indices`` on the
+    geometry ``w``, what it derives from ``w`` derived once."""
+    shape, planes = w.input_shape, w.planes
+    plane_in, plane_out = math.prod(w.in_size), math.prod(w.out_size)
+
+    def plan(grad_output, indices):
+        grad_input = np.empty(shape, grad_output.dtype)
+        if planes:
+            bad = pool_max.scatter_to_indices(
+                hb.bits(contiguous(grad_output).reshape(-1, plane_out)),
+                contiguous(indices).reshape(-1, plane_out),
+                hb.bits(grad_input.reshape(-1, plane_in)))
+            _raise_bad_indices(bad, plane_in, w)
+        return grad_input
+    return plan
 
 
 def _raise_bad_indices(bad, plane_in, w):
