@@ -15,9 +15,9 @@ import numpy as np
 from numba import cuda
 
 from fastpool.cpu._lanes import LANES
+from fastpool.cuda._launch import grid_start, grid_stride, split_position
 
 LANES_LOG2 = LANES.bit_length() - 1
-from fastpool.cuda._launch import grid_start, grid_stride, split_position
 
 
 @cuda.jit(device=True, inline=True)
