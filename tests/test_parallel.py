@@ -1,6 +1,8 @@
 """``fastpool.cpu._parallel``: serial kernel bodies run on Numba's threads through one
 compiled parallel loop (``Kernel``)."""
 
+import json
+
 import numpy as np
 import pytest
 from numba import njit
@@ -79,3 +81,48 @@ def test_a_body_that_returns_a_value_is_refused():
     kernel = _parallel.Kernel(_returning_body)
     with pytest.raises(TypeError, match="must return None"):
         kernel(np.zeros(2), 2)
+
+
+_CACHED_FILL = """
+import json, sys
+import json
+
+import numpy as np
+import parallel_factory
+out = np.zeros(64)
+kernels = [parallel_factory.fill(float(v)) for v in sys.argv[1:]]
+for k in kernels:
+    k(out, 1)  # one worker: the body's own dispatcher loads it
+addresses, filled = [], []
+for k in kernels:
+    k(out, 2)  # two workers: the body is called through the address its name finds
+    addresses.append(k._addresses[next(iter(k._addresses))])
+    filled.append(sorted(set(out.tolist())))
+print(json.dumps([addresses, filled]))
+"""
+
+
+def test_bodies_of_one_factory_loaded_from_the_disk_cache_stay_apart(tmp_path):
+    """Two geometries' bodies, each compiled in its own process (where Numba's
+    per-process counter in compiled names starts again), then both loaded from the disk
+    cache into a third: each launch runs its own body. They shared one symbol name
+    before the bodies were named after their constants, and the second lookup found
+    the first body (a crash, or the other geometry's result)."""
+    import os
+    import subprocess
+    import sys
+    tests = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path),
+               PYTHONPATH=os.pathsep.join([tests, os.path.dirname(tests)]))
+
+    def run(*values):
+        done = subprocess.run([sys.executable, "-c", _CACHED_FILL, *values], env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stdout.strip().splitlines()[-1]
+
+    run("1.5")
+    run("2.5")  # compiled in a fresh process: the same counter value as 1.5's
+    addresses, filled = json.loads(run("1.5", "2.5"))  # both from the cache
+    assert filled == [[1.5], [2.5]]
+    assert addresses[0] != addresses[1]

@@ -18,6 +18,8 @@ before and identical at any thread count. Launch cost is that of any parallel re
 
 from __future__ import annotations
 
+import hashlib
+
 import numba
 import numpy as np
 from numba import njit, prange, types
@@ -61,6 +63,44 @@ def _type_key(value):
     return type(value)
 
 
+def _describe(value):
+    """A description of a closure constant that is the same in every process."""
+    if isinstance(value, (bool, int, float, str, type(None), np.dtype, np.generic)):
+        return repr(value)
+    if isinstance(value, tuple):
+        return "(" + ",".join(_describe(v) for v in value) + ")"
+    function = getattr(value, "py_func", value)
+    name = getattr(function, "__qualname__", None)
+    if name is None:
+        return type(value).__qualname__
+    # a helper made by a factory too: its own constants
+    cells = getattr(function, "__closure__", None) or ()
+    inner = ",".join(_describe(c.cell_contents) for c in cells)
+    return f"{getattr(function, '__module__', '')}.{name}[{inner}]"
+
+
+def _named_for_its_constants(body):
+    """``body``, compiled under a name that includes its closure's constants.
+
+    The bodies are closures made by factories, one per geometry (the constants), all
+    with one ``__qualname__``. Numba names a compiled function by its qualified name,
+    argument types and a counter that restarts in every process, so two geometries'
+    bodies loaded from the disk cache (compiled in different processes) can carry the
+    same symbol, and the address looked up by that name (``Kernel._address``) can be
+    the other geometry's function: measured, a process that loaded such a pair wrote
+    out of bounds and crashed. With the constants in the name, equal symbols mean
+    equal code. The body is made again from its Python function so that its cache
+    files carry the name too (entries under the old name are never read)."""
+    function = body.py_func
+    cells = function.__closure__
+    if not cells:
+        return body
+    digest = hashlib.sha1("|".join(_describe(c.cell_contents) for c in cells)
+                          .encode()).hexdigest()[:12]
+    function.__qualname__ = f"{function.__qualname__}_{digest}"
+    return njit(**BODY_JIT)(function)
+
+
 class Kernel:
     """``kernel(*args, workers)``: ``body(*args, worker, workers)`` for every ``worker``
     in ``range(workers)``, in parallel. ``body`` is a serial ``njit`` function returning
@@ -69,7 +109,7 @@ class Kernel:
     __slots__ = ("body", "_addresses")
 
     def __init__(self, body):
-        self.body = body
+        self.body = _named_for_its_constants(body)
         self._addresses = {}
 
     def launch(self, workers, *args):
