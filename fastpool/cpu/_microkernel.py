@@ -1,0 +1,340 @@
+"""fastpool's own GEMM: a register-blocked micro-kernel written as LLVM vector IR, and
+the loops around it, for Numba kernels.
+
+``tile(mr, kc, a, a_off, lda, b, b_off, ldb, c, c_off, ldc, n_valid, init, init_off,
+nr, fresh)`` does ``C[i, j] = start[i, j] + sum over k < kc of A[i, k] * B[k, j]`` for
+an ``MR x NR`` tile of C (``mr <= MR`` rows, the first ``n_valid`` of ``NR`` columns;
+``start`` is C itself, or ``init[init_off + i]`` with ``fresh``), where
+
+- ``A`` is read in place, row ``i`` at ``a[a_off + i*lda:]`` (a weight matrix's rows;
+  no packing: each value is broadcast once per use anyway);
+- ``B``'s row ``k`` is at ``b[b_off + k*ldb:]`` (columns gathered by the caller; rows
+  starting on cache lines run faster, ``padded``);
+- the tile of C lives in ``MR * NR / lanes`` vector registers for the whole ``k`` loop,
+  read (unless ``fresh``) before it and written after it, masked to ``n_valid``
+  columns. ``gemm_batch`` runs the tiles over whole products, ``k`` in slabs of ``KC``.
+
+Why not BLAS: every element of C here is one chain of fused multiply-adds,
+``c = fma(A[i, k], B[k, j], c)`` for ``k = 0, 1, ...`` in order, starting from C's
+value, whatever the tile, the panel, the matrix sizes, the blocking of ``k`` (a partial
+chain is stored and loaded exactly) or the thread that runs it. A BLAS GEMM's rounding
+depends on its matrix sizes and thread count (OpenBLAS 0.3.30's ``sgemm``, measured:
+different bits for one product computed whole, in row blocks, in column blocks, or on 1
+and 2 threads), so a convolution computed in pieces -- bands, blocks of channels,
+spatial chunks of a Dask array -- could not give the whole call's bits. ``llvm.fma``
+is exact fused multiply-add on every machine (a libm call where the CPU has no FMA),
+so the bits do not depend on the CPU either.
+
+Numba cannot express SIMD vectors, and LLVM does not vectorise a register tile written
+as scalar Python code (tried: 96 scalar accumulators compiled to scalar FMAs and
+spills, 3.7 GFLOP/s). Emitted as vector IR, the tile runs at 90-100 GFLOP/s (float32)
+and 46-49 (float64) on one core of this project's AVX2 machine with packed operands in
+cache; ``gemm_batch`` on conv-sized products (B's rows on cache lines) at 86-89,
+against 90 for OpenBLAS's ``sgemm``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+MR = 6           # rows of a tile
+VECTORS = 2      # vectors per row of a tile
+_BYTES = 32      # bytes per vector: AVX2 (LLVM splits them where vectors are narrower)
+
+
+def lanes(itemsize):
+    """Values per vector for a dtype of ``itemsize`` bytes."""
+    return _BYTES // itemsize
+
+
+def panel_width(itemsize):
+    """``NR``: columns of a tile."""
+    return VECTORS * lanes(itemsize)
+
+
+_LINE = 64  # bytes of a cache line
+
+
+@njit(inline="always")
+def padded(n, like):
+    """``n`` rounded up to whole cache lines of ``like``'s dtype: a row stride for B
+    whose rows each start on a line. Measured on this project's machine, one core,
+    float32: 74-75 -> 86-89 GFLOP/s on conv-sized products (OpenBLAS: 90)."""
+    per_line = _LINE // like.itemsize
+    return (n + per_line - 1) // per_line * per_line
+
+
+@njit(inline="always")
+def aligned_empty(n, like):
+    """An uninitialised array of ``n`` values of ``like``'s dtype starting on a cache
+    line."""
+    per_line = _LINE // like.itemsize
+    raw = np.empty(n + per_line, like.dtype)
+    skip = (-(raw.ctypes.data // like.itemsize)) % per_line
+    return raw[skip:skip + n]
+
+
+def aligned_host(n, dtype):
+    """``aligned_empty`` for Python callers."""
+    per_line = _LINE // np.dtype(dtype).itemsize
+    raw = np.empty(n + per_line, dtype)
+    skip = (-(raw.ctypes.data // raw.itemsize)) % per_line
+    return raw[skip:skip + n]
+
+
+@functools.lru_cache(maxsize=None)
+def _tile(partial, vectors):
+    """The micro-kernel intrinsic for tiles ``vectors`` vectors wide. ``partial``: fewer
+    valid columns than that, so B and C are read and C written with masks (nothing past
+    them is touched). One-vector tiles finish panels of at most one vector's columns
+    (a 7x7 plane's 49th pixel: a two-vector tile there wasted 31 of 32 columns).
+
+    Rows past ``mr`` compute a copy of row ``mr - 1`` (reading only valid rows of A and
+    C) and are not stored: a variant per row count took twice the compile time (2.4 s
+    for the twelve). With ``fresh`` set, the chains start from
+    ``init[init_off + i]`` per row (a bias, or zeros) instead of from C."""
+
+    @intrinsic
+    def tile(typingctx, mr, kc, a, a_off, lda, b, b_off, ldb, c, c_off, ldc, n_valid,
+             init, init_off, fresh):
+        if not (all(isinstance(t, types.Array) for t in (a, b, c, init))
+                and a.dtype in (types.float32, types.float64)
+                and all(t.dtype == a.dtype for t in (b, c, init))):
+            return None
+        dtype = a.dtype
+        signature = types.void(mr, kc, a, a_off, lda, b, b_off, ldb, c, c_off, ldc,
+                               n_valid, init, init_off, fresh)
+        width = lanes(dtype.bitwidth // 8)
+
+        def codegen(context, builder, sig, args):
+            tys = sig.args
+            intp = context.get_value_type(types.intp)
+            i32 = ir.IntType(32)
+            vty = ir.VectorType(context.get_value_type(dtype), width)
+            vptr = vty.as_pointer()
+            mty = ir.VectorType(ir.IntType(1), width)
+            itemsize = dtype.bitwidth // 8
+            align = ir.Constant(i32, itemsize)
+            suffix = f"v{width}f{dtype.bitwidth}"
+
+            def value(index):  # argument ``index`` as an intp
+                return context.cast(builder, args[index], tys[index], types.intp)
+
+            def at(index, offset_index):  # pointer to array ``index`` at an offset
+                data = context.make_array(tys[index])(context, builder, args[index]).data
+                return builder.gep(data, [value(offset_index)])
+
+            def const(number):
+                return ir.Constant(intp, number)
+
+            def function(name, ret, params):
+                return cgutils.get_or_insert_function(
+                    builder.module, ir.FunctionType(ret, params), name)
+
+            fma = function(f"llvm.fma.{suffix}", vty, [vty, vty, vty])
+            masked_load = function(f"llvm.masked.load.{suffix}.p0{suffix}", vty,
+                                   [vptr, i32, mty, vty])
+            masked_store = function(f"llvm.masked.store.{suffix}.p0{suffix}",
+                                    ir.VoidType(), [vty, vptr, i32, mty])
+
+            def splat(scalar, ty):
+                vec = builder.insert_element(ir.Constant(ty, ir.Undefined), scalar,
+                                             ir.Constant(i32, 0))
+                return builder.shuffle_vector(
+                    vec, ir.Constant(ty, ir.Undefined),
+                    ir.Constant(ir.VectorType(i32, width), [0] * width))
+
+            a0, b0, c0 = at(2, 3), at(5, 6), at(8, 9)
+            lda, ldb, ldc, kc_i, valid = value(4), value(7), value(10), value(1), value(11)
+            last_row = builder.sub(value(0), const(1))
+            lanes_ids = ir.Constant(ir.VectorType(intp, width), list(range(width)))
+            masks = [builder.icmp_signed("<", lanes_ids, splat(
+                builder.sub(valid, const(v * width)), ir.VectorType(intp, width)))
+                for v in range(vectors)]
+            zeros = ir.Constant(vty, [0.0] * width)
+            # row i of the tile reads row min(i, mr - 1) of A, C and init
+            rows = [builder.select(builder.icmp_signed("<", const(i), value(0)), const(i),
+                                   last_row) for i in range(MR)]
+
+            def slot(base, row_stride, i, v):
+                row = builder.gep(base, [builder.mul(row_stride, rows[i])])
+                return builder.bitcast(builder.gep(row, [const(v * width)]), vptr)
+
+            def load(pointer, v):
+                if partial:
+                    return builder.call(masked_load, [pointer, align, masks[v], zeros])
+                instruction = builder.load(pointer)
+                instruction.align = itemsize
+                return instruction
+
+            def store(vector, pointer, v):
+                if partial:
+                    builder.call(masked_store, [vector, pointer, align, masks[v]])
+                else:
+                    builder.store(vector, pointer).align = itemsize
+
+            init0 = at(12, 13)
+            is_fresh = builder.icmp_signed("!=", context.cast(
+                builder, args[14], tys[14], types.intp), const(0))
+            # fresh chains never read C: it may be a fresh output, and a pass over it
+            # costs as much as the products on layers with few input channels
+            from_init = builder.append_basic_block("tile.init")
+            from_c = builder.append_basic_block("tile.c")
+            started = builder.append_basic_block("tile.start")
+            builder.cbranch(is_fresh, from_init, from_c)
+            builder.position_at_end(from_init)
+            inits = []
+            for i in range(MR):
+                first = splat(builder.load(builder.gep(init0, [rows[i]])), vty)
+                inits.extend([first] * vectors)
+            builder.branch(started)
+            builder.position_at_end(from_c)
+            loaded = [load(slot(c0, ldc, i, v), v) for i in range(MR) for v in range(vectors)]
+            builder.branch(started)
+            builder.position_at_end(started)
+            start = []
+            for first, other in zip(inits, loaded):
+                phi = builder.phi(vty)
+                phi.add_incoming(first, from_init)
+                phi.add_incoming(other, from_c)
+                start.append(phi)
+            a_rows = [builder.gep(a0, [builder.mul(lda, rows[i])]) for i in range(MR)]
+
+            entry = builder.block
+            loop = builder.append_basic_block("tile.loop")
+            done = builder.append_basic_block("tile.done")
+            builder.cbranch(builder.icmp_signed(">", kc_i, const(0)), loop, done)
+
+            builder.position_at_end(loop)
+            k = builder.phi(intp)
+            k.add_incoming(const(0), entry)
+            acc = []
+            for first in start:
+                phi = builder.phi(vty)
+                phi.add_incoming(first, entry)
+                acc.append(phi)
+            b_row = builder.gep(b0, [builder.mul(k, ldb)])
+            b_k = [load(builder.bitcast(builder.gep(b_row, [const(v * width)]), vptr), v)
+                   for v in range(vectors)]
+            new = []
+            for i in range(MR):
+                a_ik = splat(builder.load(builder.gep(a_rows[i], [k])), vty)
+                for v in range(vectors):
+                    new.append(builder.call(fma, [a_ik, b_k[v], acc[i * vectors + v]]))
+            k_next = builder.add(k, const(1))
+            k.add_incoming(k_next, loop)
+            for phi, last in zip(acc, new):
+                phi.add_incoming(last, loop)
+            builder.cbranch(builder.icmp_signed("<", k_next, kc_i), loop, done)
+
+            builder.position_at_end(done)
+            results = []
+            for first, last in zip(start, new):  # phis first: LLVM wants them on top
+                result = builder.phi(vty)
+                result.add_incoming(first, entry)
+                result.add_incoming(last, loop)
+                results.append(result)
+            for i in range(MR):
+                if i == 0:
+                    for v in range(vectors):
+                        store(results[v], slot(c0, ldc, 0, v), v)
+                    continue
+                write = builder.append_basic_block(f"tile.row{i}")
+                after = builder.append_basic_block(f"tile.after{i}")
+                builder.cbranch(builder.icmp_signed("<", const(i), value(0)), write, after)
+                builder.position_at_end(write)
+                for v in range(vectors):
+                    store(results[i * vectors + v], slot(c0, ldc, i, v), v)
+                builder.branch(after)
+                builder.position_at_end(after)
+            return context.get_dummy_value()
+
+        return signature, codegen
+
+    return tile
+
+
+_full, _partial = _tile(False, VECTORS), _tile(True, VECTORS)
+_full_1, _partial_1 = _tile(False, 1), _tile(True, 1)
+
+
+@njit(inline="always")
+def tile(mr, kc, a, a_off, lda, b, b_off, ldb, c, c_off, ldc, n_valid, init, init_off,
+         nr, fresh):
+    """``C[:mr, :n_valid] (+)= A[:mr, :kc] @ B[:kc, :n_valid]`` (module docstring),
+    ``B`` row ``k`` at ``b[b_off + k*ldb:]``; ``1 <= mr <= MR``, ``1 <= n_valid <= nr``
+    (``nr = panel_width(itemsize)``); with ``fresh``, row ``i``'s chains start from
+    ``init[init_off + i]`` instead of C."""
+    if n_valid == nr:
+        _full(mr, kc, a, a_off, lda, b, b_off, ldb, c, c_off, ldc, n_valid, init,
+              init_off, fresh)
+    elif 2 * n_valid > nr:
+        _partial(mr, kc, a, a_off, lda, b, b_off, ldb, c, c_off, ldc, n_valid, init,
+                 init_off, fresh)
+    elif 2 * n_valid == nr:
+        _full_1(mr, kc, a, a_off, lda, b, b_off, ldb, c, c_off, ldc, n_valid, init,
+                init_off, fresh)
+    else:
+        _partial_1(mr, kc, a, a_off, lda, b, b_off, ldb, c, c_off, ldc, n_valid, init,
+                   init_off, fresh)
+
+
+# Rows of B per slab: a tile's rows of A (MR x KC) stay in L1 across a slab's panels.
+KC = 256
+# Rows of A per block: a block's rows of a slab (MC x KC) stay in L2 while each panel of
+# B (KC x NR) is read from L1 by every tile of the block.
+MC = 96
+
+
+# Compiled once per dtype and called, not inlined: its tile variants are large.
+@njit(cache=True, boundscheck=False, error_model="numpy", nogil=True)
+def gemm_batch(m, n, k, a, a_off, lda, b, b_off, ldb, c, c_off, ldc, init, init_off,
+               count, b_step, c_step):
+    """``C_t = init + A @ B_t`` for ``t < count``, the products sharing ``A``: row-major
+    ``A`` (``m x k``), ``B_t`` (``k x n``, at ``b_off + t*b_step``) and ``C_t``
+    (``m x n``, at ``c_off + t*c_step``) inside flat arrays; ``init[init_off + i]``
+    starts row ``i`` (a bias, or zeros). Each element of C is one chain of fused
+    multiply-adds over ``k`` in order from its row's ``init``, whatever the sizes and
+    the tiling. Each block of ``A`` (``MC x KC``) is read from memory once and used
+    from L2 for every product (the images of a batch: a weight-heavy layer's weight is
+    read once, not once per image)."""
+    nr = VECTORS * (_BYTES // c.itemsize)
+    if k == 0:
+        for t in range(count):
+            for i in range(m):
+                for j in range(n):
+                    c[c_off + t * c_step + i * ldc + j] = init[init_off + i]
+        return
+    for k0 in range(0, k, KC):
+        kc = min(KC, k - k0)
+        for i0 in range(0, m, MC):
+            i1 = min(i0 + MC, m)
+            for t in range(count):
+                b_t = b_off + t * b_step + k0 * ldb
+                c_t = c_off + t * c_step
+                for j in range(0, n, nr):
+                    cols = min(nr, n - j)
+                    for i in range(i0, i1, MR):
+                        tile(min(MR, i1 - i), kc, a, a_off + i * lda + k0, lda, b,
+                             b_t + j, ldb, c, c_t + i * ldc + j, ldc, cols, init,
+                             init_off + i, nr, k0 == 0)
+
+
+@njit(inline="always")
+def gemm(m, n, k, a, a_off, lda, b, b_off, ldb, c, c_off, ldc, init, init_off):
+    """``C = init + A @ B``: ``gemm_batch`` of one product."""
+    gemm_batch(m, n, k, a, a_off, lda, b, b_off, ldb, c, c_off, ldc, init, init_off, 1,
+               0, 0)
+
+
+def padded_host(n, dtype):
+    """``padded`` for Python callers."""
+    per_line = _LINE // np.dtype(dtype).itemsize
+    return -(-n // per_line) * per_line

@@ -1,0 +1,108 @@
+"""fastpool's own GEMM (``fastpool.cpu._microkernel``): every element of C is the chain
+of fused multiply-adds ``c = fma(A[i, k], B[k, j], c)`` over ``k`` in order from its
+row's start value, checked exactly against that chain computed with exact rational
+arithmetic, and so the same bits however the product is cut."""
+
+from fractions import Fraction
+
+import numpy as np
+import pytest
+from numba import njit
+
+from fastpool.cpu._microkernel import KC, MR, aligned_host, gemm_batch, padded_host
+
+
+@njit(cache=True)
+def _product(a, b, c, init, ldb, count, b_step, c_step):
+    m, k = a.shape
+    n = c.shape[-1]
+    gemm_batch(m, n, k, a.reshape(-1), 0, k, b, 0, ldb, c.reshape(-1), 0, n, init, 0,
+               count, b_step, c_step)
+
+
+def _own(a, b, init, ldb=None, aligned=False):
+    """``init + a @ b[t]`` for every ``t`` of ``b`` (``count x k x n``), through
+    ``gemm_batch`` with B's rows ``ldb`` apart."""
+    count, k, n = b.shape
+    ldb = n if ldb is None else ldb
+    flat = aligned_host(count * k * ldb, b.dtype) if aligned else np.empty(
+        count * k * ldb, b.dtype)
+    flat[:] = np.nan  # padding B's rows must never be read
+    flat.reshape(count, k, ldb)[:, :, :n] = b
+    c = np.full((count, a.shape[0], n), np.nan, a.dtype)
+    _product(a, flat, c, init, ldb, count, k * ldb, a.shape[0] * n)
+    return c
+
+
+def _round(value, dtype):
+    """``value`` (a Fraction) rounded to nearest-even in ``dtype``."""
+    near = dtype.type(float(value))  # float() rounds correctly; a float32 may then be off
+    candidates = [near, np.nextafter(near, dtype.type(np.inf)),
+                  np.nextafter(near, dtype.type(-np.inf))]
+    best = min(candidates, key=lambda v: (abs(Fraction(float(v)) - value),
+                                          int(v.view(f"u{dtype.itemsize}")) & 1))
+    return best
+
+
+def _chains(a, b, init):
+    """The exact chains of fused multiply-adds, one rounding per step."""
+    dtype = a.dtype
+    m, k = a.shape
+    n = b.shape[1]
+    out = np.empty((m, n), dtype)
+    for i in range(m):
+        for j in range(n):
+            c = init[i]
+            for p in range(k):
+                c = _round(Fraction(float(a[i, p])) * Fraction(float(b[p, j]))
+                           + Fraction(float(c)), dtype)
+            out[i, j] = c
+    return out
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("m, k, n", [(7, 5, 19), (6, 3, 16), (1, 1, 1), (13, 4, 9),
+                                     (5, 2, 3)])
+def test_each_element_is_one_chain_of_fused_multiply_adds(dtype, m, k, n):
+    rng = np.random.default_rng(20261205)
+    a = rng.standard_normal((m, k)).astype(dtype)
+    b = rng.standard_normal((k, n)).astype(dtype)
+    init = rng.standard_normal(m).astype(dtype)
+    got = _own(a, b[None], init)[0]
+    np.testing.assert_array_equal(got, _chains(a, b, init))
+    # and not the separately rounded products and sums (the chain is what is tested)
+    if dtype == np.float32:
+        plain = init[:, None].astype(dtype).copy()
+        for p in range(k):
+            plain = plain + a[:, p:p + 1] * b[p:p + 1, :]
+        assert not np.array_equal(got, plain) or k == 1
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_same_bits_however_the_product_is_cut(dtype):
+    """Tiles, panels, slabs of ``k`` (more than ``KC``), blocks of rows and columns,
+    products batched or one by one, B's row stride: one set of bits."""
+    rng = np.random.default_rng(5)
+    m, k, n = 2 * MR + 5, KC + 37, 53
+    a = rng.standard_normal((m, k)).astype(dtype)
+    b = rng.standard_normal((3, k, n)).astype(dtype)
+    init = rng.standard_normal(m).astype(dtype)
+    whole = _own(a, b, init)
+    assert np.allclose(whole[1], init[:, None] + a.astype(np.float64) @ b[1], rtol=1e-4,
+                       atol=1e-3)
+    np.testing.assert_array_equal(
+        whole, _own(a, b, init, ldb=padded_host(n, dtype), aligned=True))
+    for t in range(3):
+        np.testing.assert_array_equal(whole[t], _own(a, b[t:t + 1], init)[0])
+    for rows in (slice(0, 1), slice(1, MR + 2), slice(MR + 2, m)):
+        np.testing.assert_array_equal(whole[:, rows], _own(a[rows], b, init[rows]))
+    for cols in (slice(0, 1), slice(1, 17), slice(17, 30), slice(30, n)):
+        np.testing.assert_array_equal(whole[:, :, cols],
+                                      _own(a, np.ascontiguousarray(b[:, :, cols]), init))
+
+
+def test_empty_inner_dimension_gives_the_start_values():
+    a = np.zeros((4, 0), np.float32)
+    b = np.zeros((1, 0, 5), np.float32)
+    init = np.arange(4, dtype=np.float32)
+    np.testing.assert_array_equal(_own(a, b, init)[0], np.repeat(init[:, None], 5, 1))
