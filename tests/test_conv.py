@@ -271,6 +271,49 @@ def test_results_identical_at_any_thread_count(small_bands, dtype, w_shape, args
         numba.set_num_threads(saved)
 
 
+def _einsum_conv(x, w, b, padding):
+    """A stride-1 convolution with NumPy alone, in float64 (an independent check)."""
+    p = padding
+    xp = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (p, p), (p, p)))
+    windows = np.lib.stride_tricks.sliding_window_view(xp, w.shape[2:], axis=(2, 3))
+    return np.einsum("nchwij,ocij->nohw", windows, w.astype(np.float64)) + b[:, None, None]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("x_shape, w_shape, padding, algorithm", [
+    ((1, 512, 8, 8), (64, 512, 3, 3), 1, "im2col"),
+    ((2, 2048, 5, 5), (160, 2048, 1, 1), 0, "pointwise"),   # 25 pixels: a padded copy
+], ids=["im2col", "pointwise"])
+def test_whole_plane_channel_blocks_give_the_bands_bits(monkeypatch, dtype, x_shape,
+                                                        w_shape, padding, algorithm):
+    """Batch-1-like layers whose weight outweighs L2 and their columns run the whole
+    plane, threads taking blocks of output channels; fastpool's own GEMM gives each
+    output the bits the bands of the plane give, at any thread count."""
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal(x_shape).astype(dtype)
+    w = (rng.standard_normal(w_shape) / 40).astype(dtype)
+    b = rng.standard_normal(w_shape[0]).astype(dtype)
+    x, w, b, geometry = _params.conv_window(x, w, b, 2, padding=padding)
+    problem = cpu_conv._forward_problem(geometry)
+    code = cpu_conv.ALGORITHMS[algorithm]
+    assert problem.whole_plane_columns(code, x.itemsize)
+    saved = numba.get_num_threads()
+    try:
+        runs = []
+        for threads in (1, 2):
+            numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+            runs.append(cpu_conv.conv2d_forward(x, w, b, geometry, algorithm))
+    finally:
+        numba.set_num_threads(saved)
+    np.testing.assert_array_equal(runs[0], runs[1])
+    monkeypatch.setattr(type(problem), "whole_plane_columns", lambda *args: False)
+    np.testing.assert_array_equal(runs[0],
+                                  cpu_conv.conv2d_forward(x, w, b, geometry, algorithm))
+    expected = _einsum_conv(x, w, b, padding)
+    bound = _einsum_conv(np.abs(x), np.abs(w), np.abs(b), padding)
+    assert_close_to_sum(runs[0], expected, bound, dtype)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("x_shape, w_shape, padding, groups", [
     ((2, 8, 7, 9), (4, 8, 3, 3), 1, 1),        # odd output: clipped last tiles

@@ -7,13 +7,19 @@ batch axis of unbatched input).
 Algorithms, chosen per problem by ``choose_algorithm`` (the README lists them):
 
 ``"pointwise"``  1x1 kernel, stride 1, no padding: one GEMM per (image, group, band of
-                 rows) straight on the input, ``y = W_g @ x[n, g]``; no copies.
+                 rows) straight on the input, ``y = W_g @ x[n, g]`` (planes of a
+                 multiple of 16 pixels; others copied with rows on cache lines).
 ``"rows"``       stride 1 along H: gather the ``KW`` column shifts of a band of input
                  rows once (``C_g * KW`` rows), then one accumulating GEMM per kernel
                  row ``i``, whose operand is the same buffer offset by ``i * DH`` rows.
                  A third of im2col's copying for a 3x3 kernel.
 ``"im2col"``     anything else: gather the whole ``C_g * KH * KW`` column matrix of a
                  band, one GEMM.
+                 These two run fastpool's own GEMM (``fastpool.cpu._microkernel``):
+                 each output one chain of fused multiply-adds, the same bits however
+                 the work is cut; batch-1 layers with a weight larger than L2 run the
+                 whole plane, threads taking blocks of output channels
+                 (``_forward_by_channel_blocks``). The others call BLAS.
 ``"winograd"``   3x3 kernel, stride 1, no dilation, at least 8 channels per group:
                  Winograd F(2x2, 3x3), 16 GEMMs over channels x tiles.
 ``"direct"``     one input channel per group (depthwise and channel multipliers), or
@@ -55,10 +61,12 @@ from fastpool.cpu.conv import _channels_last, _channels_last_direct
 from fastpool.cpu.conv._direct import (_direct_backward_input, _direct_backward_weight,
                                        _direct_backward_weight_unit_stride,
                                        _direct_forward, _direct_forward_unit_stride)
-from fastpool.cpu.conv._gemm import (_bias_grad, _gemm_backward_input,
-                                     _gemm_backward_weight, _gemm_forward, _sum_partials)
-from fastpool.cpu.conv._planner import (_NAMES, ALGORITHMS, DIRECT, IM2COL, ROWS, WINOGRAD,
-                                        _Problem)
+from fastpool.cpu._microkernel import MR, aligned_host, padded_host
+from fastpool.cpu.conv._gemm import (_bias_grad, _gather_images, _gemm_backward_input,
+                                     _gemm_backward_weight, _gemm_channel_blocks,
+                                     _gemm_forward, _sum_partials)
+from fastpool.cpu.conv._planner import (_NAMES, ALGORITHMS, DIRECT, IM2COL, POINTWISE,
+                                        ROWS, WINOGRAD, _Problem)
 from fastpool.cpu.conv._winograd import _winograd_forward, winograd_weight
 
 
@@ -185,6 +193,16 @@ def _run_forward(problem, x, weight, bias, y, algorithm=None):
                               thread_count())
         _check(status)
         return y
+    if problem.whole_plane_columns(algorithm, x.itemsize):
+        _forward_by_channel_blocks(problem, x, weight, bias if has_bias else None, y,
+                                   algorithm)
+        return y
+    if algorithm == POINTWISE and padded_host(y.shape[2] * y.shape[3], x.dtype) != (
+            y.shape[2] * y.shape[3]):
+        # planes whose rows of pixels do not fill whole cache lines are copied, as
+        # im2col with a 1x1 kernel, into rows that start on lines (``padded``): same
+        # products, same bits (8 images of 1x1 960->320 on 7x7: 2.06 -> 1.93 ms)
+        algorithm = IM2COL
     rows = problem.forward_band_rows(algorithm, x.itemsize)
     with single_threaded_blas(x.dtype):
         _gemm_forward(x, problem.gemm_weight(weight, algorithm), bias, has_bias, y,
@@ -192,6 +210,36 @@ def _run_forward(problem, x, weight, bias, y, algorithm=None):
                       *problem.args, thread_count())
     _check(status)
     return y
+
+
+# Blocks of output channels per thread in ``_forward_by_channel_blocks``.
+_BLOCKS_PER_THREAD = 4
+
+
+def _forward_by_channel_blocks(problem, x, weight, bias, y, algorithm):
+    """``y = conv(x, weight) (+ bias)`` by groups and chunks of images: the chunk's
+    whole column matrices (for "pointwise", the input copied with its rows on cache
+    lines), gathered by all threads, then the group's output channels in blocks, one
+    GEMM each over every image of the chunk."""
+    N, C, H, W = x.shape
+    G = problem.groups
+    Cg = C // G
+    OH, OW = y.shape[2], y.shape[3]
+    starts = bias if bias is not None else np.zeros(y.shape[1], x.dtype)
+    w = contiguous(weight).reshape(-1)
+    tiles = -(-(y.shape[1] // G) // MR)
+    parts = max(1, min(tiles, _BLOCKS_PER_THREAD * thread_count()))
+    per_image = Cg * problem.kernel_h * problem.kernel_w * padded_host(OH * OW, x.dtype)
+    chunk = problem.column_images(x.itemsize)
+    cols = aligned_host(per_image * min(chunk, N), x.dtype)
+    for n0 in range(0, N, chunk):
+        count = min(chunk, N - n0)
+        for g in range(G):
+            # pointwise too: copied once, its rows on cache lines (``padded``)
+            _gather_images(x, cols, n0, count, g, *problem.args, OH, OW,
+                           _threads_for(count * Cg))
+            _gemm_channel_blocks(w, cols, 0, per_image, starts, y, n0, count, g, G,
+                                 parts, _threads_for(parts))
 
 
 def conv2d_forward(x, weight, bias, window, algorithm=None):

@@ -15,6 +15,8 @@ from numba import njit, prange
 
 from fastpool.cpu._parallel import BODY_JIT, parallel_kernel
 from fastpool.cpu._blas import gemm
+from fastpool.cpu._microkernel import (MR, aligned_empty, gemm as own_gemm,
+                                      gemm_batch as own_gemm_batch, padded)
 from fastpool.cpu.conv._planner import _JIT, _U, IM2COL, POINTWISE, ROWS
 
 
@@ -22,11 +24,11 @@ from fastpool.cpu.conv._planner import _JIT, _U, IM2COL, POINTWISE, ROWS
 
 @njit(inline="always")
 def _gather_columns(x, n, c0, channels, h0, h_step, n_rows, taps_h, DH, KW, SW, DW, PL,
-                    OW, col_lo, col_hi, cols):
+                    OW, col_lo, col_hi, cols, L):
     """``cols[((c*taps_h + i)*KW + j)*L + r*OW + ow] = x[n, c0+c, h, ow*SW + j*DW - PL]``
-    with ``h = h0 + r*h_step + i*DH`` and ``L = n_rows * OW``; 0 outside the input."""
+    with ``h = h0 + r*h_step + i*DH``, rows ``L >= n_rows * OW`` apart; 0 outside the
+    input."""
     H = x.shape[2]
-    L = n_rows * OW
     for c in range(channels):
         plane = x[n, c0 + c]
         for i in range(taps_h):
@@ -113,7 +115,13 @@ def _gemm_forward(x, w, bias, has_bias, y, algorithm, rows_per_band, m_blocks, s
     k_gemm, col_size = _gemm_sizes(algorithm, Cg, KH, KW, DH, OW, rows_per_band)
     xf = x.reshape(-1)
     yf = y.reshape(-1)
-    cols = np.empty(col_size, x.dtype)
+    # im2col rows start on cache lines (``own_gemm``'s loads of B)
+    ld = padded(rows_per_band * OW, yf)
+    if algorithm == IM2COL:
+        col_size = k_gemm * ld
+    cols = aligned_empty(col_size, yf)
+    # each output's chain of products starts from its bias, or from zero
+    starts = bias if has_bias else np.zeros(O, x.dtype)
     for t in range(worker * tasks // workers, (worker + 1) * tasks // workers):
         mb = t % m_blocks
         band = t // m_blocks
@@ -127,33 +135,79 @@ def _gemm_forward(x, w, bias, has_bias, y, algorithm, rows_per_band, m_blocks, s
         o0 = g * Og + m0  # first output channel of the task
         out = ((n * O + o0) * OH + oh0) * OW
         beta = 0.0
-        if has_bias:
+        if has_bias and algorithm == ROWS:
             beta = 1.0
             for o in range(m):
                 b = bias[o0 + o]
                 start = out + o * OH * OW
                 for p in range(pixels):
                     yf[_U(start + p)] = b
+        s = 0
         if algorithm == POINTWISE:
-            s = gemm(False, False, m, pixels, Cg, w, o0 * Cg, Cg,
-                     xf, (n * C + g * Cg) * H * W + oh0 * W, H * W,
-                     beta, yf, out, OH * OW)
+            own_gemm(m, pixels, Cg, w, o0 * Cg, Cg, xf, (n * C + g * Cg) * H * W + oh0 * W,
+                     H * W, yf, out, OH * OW, starts, o0)
         elif algorithm == ROWS:
             n_rows = rows + DH * (KH - 1)
             _gather_columns(x, n, g * Cg, Cg, oh0 - PT, 1, n_rows, 1, DH, KW, SW, DW,
-                            PL, OW, col_lo, col_hi, cols)
-            s = 0
+                            PL, OW, col_lo, col_hi, cols, n_rows * OW)
             for i in range(KH):
                 s |= gemm(False, False, m, pixels, k_gemm, w, (i * O + o0) * k_gemm,
                           k_gemm, cols, i * DH * OW, n_rows * OW,
                           beta if i == 0 else 1.0, yf, out, OH * OW)
         else:
             _gather_columns(x, n, g * Cg, Cg, oh0 * SH - PT, SH, rows, KH, DH, KW, SW,
-                            DW, PL, OW, col_lo, col_hi, cols)
-            s = gemm(False, False, m, pixels, k_gemm, w, o0 * k_gemm, k_gemm,
-                     cols, 0, pixels, beta, yf, out, OH * OW)
+                            DW, PL, OW, col_lo, col_hi, cols, ld)
+            own_gemm(m, pixels, k_gemm, w, o0 * k_gemm, k_gemm, cols, 0, ld, yf, out,
+                     OH * OW, starts, o0)
         if s != 0:
             status[0] = s
+
+
+@parallel_kernel
+@njit(**BODY_JIT)
+def _gather_images(x, cols, n0, count, g, G, KH, KW, SH, SW, DH, DW, PT, PL, col_lo,
+                   col_hi, OH, OW, worker, workers):
+    """``cols``: the whole im2col matrices (``C_g*KH*KW`` rows of ``OH*OW``) of group
+    ``g`` of images ``n0 .. n0 + count - 1``, one after another; workers take shares of
+    the (image, channel) pairs."""
+    Cg = x.shape[1] // G
+    ld = padded(OH * OW, cols)
+    rows = KH * KW * ld
+    pairs = count * Cg
+    first = worker * pairs // workers
+    last = (worker + 1) * pairs // workers
+    while first < last:
+        t = first // Cg
+        c0 = first - t * Cg
+        c1 = min(Cg, c0 + last - first)
+        _gather_columns(x, n0 + t, g * Cg + c0, c1 - c0, -PT, SH, OH, KH, DH, KW, SW, DW,
+                        PL, OW, col_lo, col_hi, cols[(t * Cg + c0) * rows:], ld)
+        first += c1 - c0
+
+
+@parallel_kernel
+@njit(**BODY_JIT)
+def _gemm_channel_blocks(w, b, b_off, b_step, starts, y, n0, count, g, G, parts, worker,
+                         workers):
+    """``y[n, group g] = starts + W_g @ B_n`` for images ``n0 .. n0 + count - 1``
+    (fastpool's own GEMM), ``B_n`` (``K x OH*OW``, rows ``padded(OH*OW)`` apart) at
+    ``b[b_off + (n - n0)*b_step:]``;
+    the group's output channels cut into ``parts`` blocks of whole tiles, workers
+    taking shares of them. Each block of the weight serves every image."""
+    O = y.shape[1]
+    P = y.shape[2] * y.shape[3]
+    Og = O // G
+    K = w.size // O
+    yf = y.reshape(-1)
+    ld = padded(P, yf)
+    tiles = (Og + MR - 1) // MR
+    for part in range(worker * parts // workers, (worker + 1) * parts // workers):
+        m0 = min(part * tiles // parts * MR, Og)
+        m1 = min((part + 1) * tiles // parts * MR, Og)
+        if m1 > m0:
+            o0 = g * Og + m0
+            own_gemm_batch(m1 - m0, P, K, w, o0 * K, K, b, b_off, ld, yf,
+                           (n0 * O + o0) * P, P, starts, o0, count, b_step, O * P)
 
 
 @parallel_kernel
@@ -222,7 +276,8 @@ def _gemm_backward_weight(x, grad_output, partial, algorithm, rows_per_band, sta
                     elif algorithm == ROWS:
                         n_rows = rows + DH * (KH - 1)
                         _gather_columns(x, n, g * Cg, Cg, oh0 - PT, 1, n_rows, 1, DH, KW,
-                                        SW, DW, PL, OW, col_lo, col_hi, cols)
+                                        SW, DW, PL, OW, col_lo, col_hi, cols,
+                                        n_rows * OW)
                         s = 0
                         for i in range(KH):
                             s |= gemm(False, True, Og, k_gemm, pixels, gf, dy, OH * OW,
@@ -230,7 +285,7 @@ def _gemm_backward_weight(x, grad_output, partial, algorithm, rows_per_band, sta
                                       1.0, acc, (i * O + g * Og) * k_gemm, k_gemm)
                     else:
                         _gather_columns(x, n, g * Cg, Cg, oh0 * SH - PT, SH, rows, KH, DH,
-                                        KW, SW, DW, PL, OW, col_lo, col_hi, cols)
+                                        KW, SW, DW, PL, OW, col_lo, col_hi, cols, pixels)
                         s = gemm(False, True, Og, k_gemm, pixels, gf, dy, OH * OW,
                                  cols, 0, pixels, 1.0, acc, g * Og * k_gemm, k_gemm)
                     if s != 0:

@@ -42,6 +42,8 @@ _ROWS_MIN_WIDTH = 56
 _WINOGRAD_BYTES = 1 << 21
 # Gathered columns per band: half of a 2 MiB L2, leaving room for the GEMM's panels.
 _COLUMN_BYTES = 1 << 20
+# An image's whole im2col matrix, gathered once and shared by the threads, at most.
+_WHOLE_COLUMN_BYTES = 16 << 20
 # Pointwise GEMMs read the input in place (no gathering): larger bands run faster.
 _POINTWISE_BYTES = 4 << 20
 # BLAS sizes are 32-bit ints.
@@ -235,6 +237,33 @@ class _Problem:
                 self.in_h, self.in_w, self.out_h, self.out_w):
             return whole
         return self
+
+    def whole_plane_columns(self, algorithm, itemsize):
+        """Whether a forward of this problem runs by chunks of images, their columns
+        whole and the output channels shared among the threads
+        (``_forward_by_channel_blocks``): a pointwise or im2col GEMM of few images and
+        groups (batch 1) whose weight is larger than L2 and outweighs its columns (at
+        least as many outputs per group as output pixels). Cut into bands, as
+        elsewhere, every band read that weight again from memory (512->512 3x3 on
+        14x14: 9.4 MB per band; 6.9 -> 6.2-6.4 ms; 1x1 512->2048 on 7x7: 0.92 ->
+        0.83 ms). Where the weight fits in L2 bands are faster (1x1 960->160 on 7x7:
+        0.20 against 0.28 ms), and so are one GEMM per image at larger batches (8
+        images of 3x3 512->512 on 14x14: 34 against 36-39 ms). fastpool's own GEMM
+        gives every output the same bits either way."""
+        per_group = (self.outputs_per_group * self.channels_per_group * self.kernel_h
+                     * self.kernel_w * itemsize)
+        return (algorithm in (POINTWISE, IM2COL)
+                and self.batch * self.groups < _MIN_FORWARD_TASKS
+                and per_group > _COLUMN_BYTES
+                and self.outputs_per_group >= self.out_h * self.out_w
+                and self.column_images(itemsize) > 0)
+
+    def column_images(self, itemsize):
+        """Images per chunk of ``_forward_by_channel_blocks``: as many as fit in
+        ``_WHOLE_COLUMN_BYTES``; 0 where one image's columns do not."""
+        pixels = -(-self.out_h * self.out_w // 16) * 16  # rows on cache lines
+        image = self.channels_per_group * self.kernel_h * self.kernel_w * pixels * itemsize
+        return min(self.batch, _WHOLE_COLUMN_BYTES // image)
 
     def forward_band_rows(self, algorithm, itemsize):
         """``band_rows``, made smaller when the images and groups alone make fewer than
