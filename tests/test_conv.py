@@ -15,6 +15,7 @@ from threadpoolctl import threadpool_info, threadpool_limits
 
 import fastpool
 import fastpool.cpu.conv as cpu_conv
+import fastpool.cpu.conv._planner as cpu_planner
 import reference as ref
 from conftest import DTYPES, assert_close_to_sum, numeric_gradient, seed_for
 from fastpool import _params
@@ -271,21 +272,27 @@ def test_results_identical_at_any_thread_count(small_bands, dtype, w_shape, args
         numba.set_num_threads(saved)
 
 
-def _einsum_conv(x, w, b, padding):
+def _einsum_conv(x, w, b, padding, groups):
     """A stride-1 convolution with NumPy alone, in float64 (an independent check)."""
     p = padding
     xp = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (p, p), (p, p)))
     windows = np.lib.stride_tricks.sliding_window_view(xp, w.shape[2:], axis=(2, 3))
-    return np.einsum("nchwij,ocij->nohw", windows, w.astype(np.float64)) + b[:, None, None]
+    cg, og = w.shape[1], w.shape[0] // groups
+    y = np.concatenate([np.einsum("nchwij,ocij->nohw", windows[:, g * cg:(g + 1) * cg],
+                                  w[g * og:(g + 1) * og].astype(np.float64))
+                        for g in range(groups)], axis=1)
+    return y + b[:, None, None]
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("x_shape, w_shape, padding, algorithm", [
-    ((1, 512, 8, 8), (64, 512, 3, 3), 1, "im2col"),
-    ((2, 2048, 5, 5), (160, 2048, 1, 1), 0, "pointwise"),   # 25 pixels: a padded copy
-], ids=["im2col", "pointwise"])
+@pytest.mark.parametrize("x_shape, w_shape, padding, groups, algorithm, chunk", [
+    ((1, 512, 8, 8), (64, 512, 3, 3), 1, 1, "im2col", 1),
+    ((2, 2048, 5, 5), (160, 2048, 1, 1), 0, 1, "pointwise", 2),  # 25 pixels: copied
+    ((3, 1024, 6, 6), (128, 512, 3, 3), 1, 2, "im2col", 2),      # groups, two chunks
+], ids=["im2col", "pointwise", "grouped-chunks"])
 def test_whole_plane_channel_blocks_give_the_bands_bits(monkeypatch, dtype, x_shape,
-                                                        w_shape, padding, algorithm):
+                                                        w_shape, padding, groups,
+                                                        algorithm, chunk):
     """Batch-1-like layers whose weight outweighs L2 and their columns run the whole
     plane, threads taking blocks of output channels; fastpool's own GEMM gives each
     output the bits the bands of the plane give, at any thread count."""
@@ -293,9 +300,13 @@ def test_whole_plane_channel_blocks_give_the_bands_bits(monkeypatch, dtype, x_sh
     x = rng.standard_normal(x_shape).astype(dtype)
     w = (rng.standard_normal(w_shape) / 40).astype(dtype)
     b = rng.standard_normal(w_shape[0]).astype(dtype)
-    x, w, b, geometry = _params.conv_window(x, w, b, 2, padding=padding)
+    x, w, b, geometry = _params.conv_window(x, w, b, 2, padding=padding, groups=groups)
     problem = cpu_conv._forward_problem(geometry)
     code = cpu_conv.ALGORITHMS[algorithm]
+    if chunk < x.shape[0]:  # images per chunk: fewer than the batch
+        per_image = w.shape[1] * w.shape[2] * w.shape[3] * 48 * x.itemsize
+        monkeypatch.setattr(cpu_planner, "_WHOLE_COLUMN_BYTES", chunk * per_image)
+        assert problem.column_images(x.itemsize) == chunk
     assert problem.whole_plane_columns(code, x.itemsize)
     saved = numba.get_num_threads()
     try:
@@ -309,8 +320,8 @@ def test_whole_plane_channel_blocks_give_the_bands_bits(monkeypatch, dtype, x_sh
     monkeypatch.setattr(type(problem), "whole_plane_columns", lambda *args: False)
     np.testing.assert_array_equal(runs[0],
                                   cpu_conv.conv2d_forward(x, w, b, geometry, algorithm))
-    expected = _einsum_conv(x, w, b, padding)
-    bound = _einsum_conv(np.abs(x), np.abs(w), np.abs(b), padding)
+    expected = _einsum_conv(x, w, b, padding, groups)
+    bound = _einsum_conv(np.abs(x), np.abs(w), np.abs(b), padding, groups)
     assert_close_to_sum(runs[0], expected, bound, dtype)
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from numba import njit
 
-from fastpool.cpu._microkernel import KC, MR, aligned_host, gemm_batch, padded_host
+from fastpool.cpu._microkernel import KC, MC, MR, aligned_host, gemm_batch, padded_host
 
 
 @njit(cache=True)
@@ -62,7 +62,7 @@ def _chains(a, b, init):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("m, k, n", [(7, 5, 19), (6, 3, 16), (1, 1, 1), (13, 4, 9),
-                                     (5, 2, 3)])
+                                     (5, 2, 3), (7, 5, 8), (4, 3, 4), (2, KC + 3, 3)])
 def test_each_element_is_one_chain_of_fused_multiply_adds(dtype, m, k, n):
     rng = np.random.default_rng(20261205)
     a = rng.standard_normal((m, k)).astype(dtype)
@@ -80,10 +80,11 @@ def test_each_element_is_one_chain_of_fused_multiply_adds(dtype, m, k, n):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_same_bits_however_the_product_is_cut(dtype):
-    """Tiles, panels, slabs of ``k`` (more than ``KC``), blocks of rows and columns,
+    """Tiles, panels, slabs of ``k`` (more than ``KC``), blocks of ``MC`` rows, blocks
+    of rows and columns,
     products batched or one by one, B's row stride: one set of bits."""
     rng = np.random.default_rng(5)
-    m, k, n = 2 * MR + 5, KC + 37, 53
+    m, k, n = MC + 2 * MR + 5, KC + 37, 53
     a = rng.standard_normal((m, k)).astype(dtype)
     b = rng.standard_normal((3, k, n)).astype(dtype)
     init = rng.standard_normal(m).astype(dtype)
@@ -94,7 +95,7 @@ def test_same_bits_however_the_product_is_cut(dtype):
         whole, _own(a, b, init, ldb=padded_host(n, dtype), aligned=True))
     for t in range(3):
         np.testing.assert_array_equal(whole[t], _own(a, b[t:t + 1], init)[0])
-    for rows in (slice(0, 1), slice(1, MR + 2), slice(MR + 2, m)):
+    for rows in (slice(0, 1), slice(1, MR + 2), slice(MR + 2, MC + 1), slice(MC + 1, m)):
         np.testing.assert_array_equal(whole[:, rows], _own(a[rows], b, init[rows]))
     for cols in (slice(0, 1), slice(1, 17), slice(17, 30), slice(30, n)):
         np.testing.assert_array_equal(whole[:, :, cols],
