@@ -111,7 +111,11 @@ def test_choose_algorithm_per_shape():
     assert chosen((2, 8, 9, 9), (4, 8, 1, 1)) == "pointwise"
     assert chosen((2, 8, 9, 9), (4, 8, 1, 1), stride=2) == "im2col"
     # "rows" on outputs at least 56 wide (_ROWS_MIN_WIDTH), im2col on narrower ones
-    assert chosen((2, 8, 9, 60), (4, 8, 1, 1), padding=1) == "rows"
+    assert chosen((2, 8, 9, 60), (4, 8, 1, 2), padding=1) == "rows"
+    # ... whose GEMMs are at least 12 deep (C_g * KW: _ROWS_MIN_DEPTH)
+    assert chosen((2, 8, 9, 60), (4, 8, 1, 1), padding=1) == "im2col"
+    assert chosen((1, 3, 9, 60), (4, 3, 3, 3), padding=1) == "im2col"
+    assert chosen((1, 4, 9, 60), (4, 4, 3, 3), padding=1) == "rows"
     assert chosen((2, 8, 9, 9), (4, 8, 1, 1), padding=1) == "im2col"
     # Winograd once the images hold 256 output pixels (_WINOGRAD_MIN_PIXELS)
     assert chosen((4, 8, 8, 8), (4, 8, 3, 3), padding=1) == "winograd"

@@ -264,7 +264,8 @@ CONV_CASES = [
     (1, (3, 4, 23), (3, 4, 6), 3, dict(stride=2, padding=2, dilation=2), True, False),
     (2, (3, 4, 12, 11), (1, 4, 12, 11), 3, dict(padding=1), True, True),
     (2, (3, 16, 12, 11), (1, 16, 12, 11), 3, dict(padding=1), True, True),  # Winograd
-    (2, (3, 16, 12, 11), (2, 16, 5, 4), 3, dict(padding=1), False, True),   # Winograd tiles
+    (2, (3, 16, 12, 11), (2, 16, 5, 4), 3, dict(padding=1), True, True),    # Winograd tiles
+    (2, (1, 4, 7, 60), (1, 4, 4, 25), 3, dict(padding=1), True, True),      # rows
     (2, (2, 4, 12, 11), (2, 4, 3, 2), 3, dict(stride=2, padding=1), True, False),
     (2, (2, 4, 12, 11), (1, 2, 5, 11), 3, dict(padding="same", dilation=2), True, True),
     (2, (1, 7, 9, 10), (1, 7, 4, 3), 1, dict(), True, True),  # pointwise

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from numba import njit
 
-from fastpool.cpu._microkernel import KC, MC, MR, aligned_host, gemm_batch, padded_host
+from fastpool.cpu._microkernel import (KC, MC, MR, aligned_host, gemm_add, gemm_batch,
+                                      padded_host)
 
 
 @njit(cache=True)
@@ -17,7 +18,7 @@ def _product(a, b, c, init, ldb, count, b_step, c_step):
     m, k = a.shape
     n = c.shape[-1]
     gemm_batch(m, n, k, a.reshape(-1), 0, k, b, 0, ldb, c.reshape(-1), 0, n, init, 0,
-               count, b_step, c_step)
+               count, b_step, c_step, True)
 
 
 def _own(a, b, init, ldb=None, aligned=False):
@@ -107,3 +108,26 @@ def test_empty_inner_dimension_gives_the_start_values():
     b = np.zeros((1, 0, 5), np.float32)
     init = np.arange(4, dtype=np.float32)
     np.testing.assert_array_equal(_own(a, b, init)[0], np.repeat(init[:, None], 5, 1))
+
+
+@njit(cache=True)
+def _add(a, b, c):
+    m, k = a.shape
+    n = c.shape[1]
+    gemm_add(m, n, k, a.reshape(-1), 0, k, b.reshape(-1), 0, n, c.reshape(-1), 0, n)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("cut", [0, 1, 5, KC, KC + 9])
+def test_adding_a_product_goes_on_with_each_chain(dtype, cut):
+    """``gemm_add`` over the rest of ``k`` after a product over its first ``cut``
+    gives the one product's bits (a convolution's kernel rows summed in turn)."""
+    rng = np.random.default_rng(11)
+    m, k, n = 2 * MR + 1, KC + 23, 21
+    a = rng.standard_normal((m, k)).astype(dtype)
+    b = rng.standard_normal((k, n)).astype(dtype)
+    init = rng.standard_normal(m).astype(dtype)
+    whole = _own(a, b[None], init)[0]
+    c = _own(np.ascontiguousarray(a[:, :cut]), b[None, :cut], init)[0]
+    _add(np.ascontiguousarray(a[:, cut:]), np.ascontiguousarray(b[cut:]), c)
+    np.testing.assert_array_equal(c, whole)

@@ -296,8 +296,9 @@ MC = 96
 # Compiled once per dtype and called, not inlined: its tile variants are large.
 @njit(cache=True, boundscheck=False, error_model="numpy", nogil=True)
 def gemm_batch(m, n, k, a, a_off, lda, b, b_off, ldb, c, c_off, ldc, init, init_off,
-               count, b_step, c_step):
-    """``C_t = init + A @ B_t`` for ``t < count``, the products sharing ``A``: row-major
+               count, b_step, c_step, fresh):
+    """``C_t = init + A @ B_t`` for ``t < count`` (``fresh``; else ``C_t += A @ B_t``,
+    each chain going on from C's value), the products sharing ``A``: row-major
     ``A`` (``m x k``), ``B_t`` (``k x n``, at ``b_off + t*b_step``) and ``C_t``
     (``m x n``, at ``c_off + t*c_step``) inside flat arrays; ``init[init_off + i]``
     starts row ``i`` (a bias, or zeros). Each element of C is one chain of fused
@@ -307,6 +308,8 @@ def gemm_batch(m, n, k, a, a_off, lda, b, b_off, ldb, c, c_off, ldc, init, init_
     read once, not once per image)."""
     nr = VECTORS * (_BYTES // c.itemsize)
     if k == 0:
+        if not fresh:
+            return
         for t in range(count):
             for i in range(m):
                 for j in range(n):
@@ -324,14 +327,22 @@ def gemm_batch(m, n, k, a, a_off, lda, b, b_off, ldb, c, c_off, ldc, init, init_
                     for i in range(i0, i1, MR):
                         tile(min(MR, i1 - i), kc, a, a_off + i * lda + k0, lda, b,
                              b_t + j, ldb, c, c_t + i * ldc + j, ldc, cols, init,
-                             init_off + i, nr, k0 == 0)
+                             init_off + i, nr, fresh and k0 == 0)
 
 
 @njit(inline="always")
 def gemm(m, n, k, a, a_off, lda, b, b_off, ldb, c, c_off, ldc, init, init_off):
     """``C = init + A @ B``: ``gemm_batch`` of one product."""
     gemm_batch(m, n, k, a, a_off, lda, b, b_off, ldb, c, c_off, ldc, init, init_off, 1,
-               0, 0)
+               0, 0, True)
+
+
+@njit(inline="always")
+def gemm_add(m, n, k, a, a_off, lda, b, b_off, ldb, c, c_off, ldc):
+    """``C += A @ B``, each element's chain going on from its value in C (a sum over
+    several products in a fixed order: one chain, as if they were one product)."""
+    gemm_batch(m, n, k, a, a_off, lda, b, b_off, ldb, c, c_off, ldc, c, 0, 1, 0, 0,
+               False)
 
 
 def padded_host(n, dtype):

@@ -183,15 +183,11 @@ def _run_forward(problem, x, weight, bias, y, algorithm=None):
             loop_on_one_thread(_direct_forward, x, weight, bias, has_bias, y,
                                *problem.args)
         return y
-    status = np.zeros(1, np.int32)
     if algorithm == WINOGRAD:
-        with single_threaded_blas(x.dtype):
-            _winograd_forward(x, winograd_weight(weight),
-                              bias if has_bias else np.zeros(y.shape[1], x.dtype), y,
-                              problem.winograd_band_tile_rows(x.itemsize), status,
-                              problem.groups, problem.pad_top, problem.pad_left,
-                              thread_count())
-        _check(status)
+        _winograd_forward(x, winograd_weight(weight),
+                          bias if has_bias else np.zeros(y.shape[1], x.dtype), y,
+                          problem.winograd_band_tile_rows(x.itemsize), problem.groups,
+                          problem.pad_top, problem.pad_left, thread_count())
         return y
     if problem.whole_plane_columns(algorithm, x.itemsize):
         _forward_by_channel_blocks(problem, x, weight, bias if has_bias else None, y,
@@ -208,11 +204,9 @@ def _run_forward(problem, x, weight, bias, y, algorithm=None):
         # 1 of 1x1 960->160 on 7x7: 0.19 ms in place, 0.35 copied per block).
         algorithm = IM2COL
     rows = problem.forward_band_rows(algorithm, x.itemsize)
-    with single_threaded_blas(x.dtype):
-        _gemm_forward(x, problem.gemm_weight(weight, algorithm), bias, has_bias, y,
-                      algorithm, rows, problem.forward_channel_blocks(rows), status,
-                      *problem.args, thread_count())
-    _check(status)
+    _gemm_forward(x, problem.gemm_weight(weight, algorithm), bias, has_bias, y,
+                  algorithm, rows, problem.forward_channel_blocks(rows), *problem.args,
+                  thread_count())
     return y
 
 

@@ -3,8 +3,10 @@
 (col2im), the forward, input-gradient and weight-gradient GEMM kernels, and the
 reductions the weight and bias gradients end with.
 
-GEMMs write straight into the output (``ldc``), run single-threaded BLAS, one call per
-Numba thread (``fastpool.cpu._blas``). Bands of output rows are sized
+GEMMs write straight into the output (``ldc``), one call per Numba thread. The
+forwards run fastpool's own GEMM (``fastpool.cpu._microkernel``: each output one chain
+of FMAs, the same bits however the work is cut); the gradients' products still run
+single-threaded BLAS (``fastpool.cpu._blas``). Bands of output rows are sized
 (``_planner._Problem.band_rows``) so the gathered columns stay in the core's L2 cache.
 """
 
@@ -15,7 +17,7 @@ from numba import njit, prange
 
 from fastpool.cpu._parallel import BODY_JIT, parallel_kernel
 from fastpool.cpu._blas import gemm
-from fastpool.cpu._microkernel import (MR, aligned_empty, gemm as own_gemm,
+from fastpool.cpu._microkernel import (MR, aligned_empty, gemm as own_gemm, gemm_add,
                                       gemm_batch as own_gemm_batch, padded)
 from fastpool.cpu.conv._planner import _JIT, _U, IM2COL, POINTWISE, ROWS
 
@@ -102,8 +104,7 @@ def _gemm_sizes(algorithm, Cg, KH, KW, DH, OW, rows_per_band):
 
 @parallel_kernel
 @njit(**BODY_JIT)
-def _gemm_forward(x, w, bias, has_bias, y, algorithm, rows_per_band, m_blocks, status,
-                  G, KH, KW, SH, SW, DH, DW, PT, PL, col_lo, col_hi, worker, workers):
+def _gemm_forward(x, w, bias, has_bias, y, algorithm, rows_per_band, m_blocks, G, KH, KW, SH, SW, DH, DW, PT, PL, col_lo, col_hi, worker, workers):
     """``y = conv(x, w) (+ bias)`` by GEMMs over (image, group, band of output rows,
     block of output channels)."""
     N, C, H, W = x.shape
@@ -134,15 +135,6 @@ def _gemm_forward(x, w, bias, has_bias, y, algorithm, rows_per_band, m_blocks, s
         m = (mb + 1) * Og // m_blocks - m0
         o0 = g * Og + m0  # first output channel of the task
         out = ((n * O + o0) * OH + oh0) * OW
-        beta = 0.0
-        if has_bias and algorithm == ROWS:
-            beta = 1.0
-            for o in range(m):
-                b = bias[o0 + o]
-                start = out + o * OH * OW
-                for p in range(pixels):
-                    yf[_U(start + p)] = b
-        s = 0
         if algorithm == POINTWISE:
             own_gemm(m, pixels, Cg, w, o0 * Cg, Cg, xf, (n * C + g * Cg) * H * W + oh0 * W,
                      H * W, yf, out, OH * OW, starts, o0)
@@ -150,17 +142,17 @@ def _gemm_forward(x, w, bias, has_bias, y, algorithm, rows_per_band, m_blocks, s
             n_rows = rows + DH * (KH - 1)
             _gather_columns(x, n, g * Cg, Cg, oh0 - PT, 1, n_rows, 1, DH, KW, SW, DW,
                             PL, OW, col_lo, col_hi, cols, n_rows * OW)
-            for i in range(KH):
-                s |= gemm(False, False, m, pixels, k_gemm, w, (i * O + o0) * k_gemm,
-                          k_gemm, cols, i * DH * OW, n_rows * OW,
-                          beta if i == 0 else 1.0, yf, out, OH * OW)
+            # one chain per output: kernel rows in order, each over (channel, column)
+            own_gemm(m, pixels, k_gemm, w, o0 * k_gemm, k_gemm, cols, 0, n_rows * OW, yf,
+                     out, OH * OW, starts, o0)
+            for i in range(1, KH):
+                gemm_add(m, pixels, k_gemm, w, (i * O + o0) * k_gemm, k_gemm, cols,
+                         i * DH * OW, n_rows * OW, yf, out, OH * OW)
         else:
             _gather_columns(x, n, g * Cg, Cg, oh0 * SH - PT, SH, rows, KH, DH, KW, SW,
                             DW, PL, OW, col_lo, col_hi, cols, ld)
             own_gemm(m, pixels, k_gemm, w, o0 * k_gemm, k_gemm, cols, 0, ld, yf, out,
                      OH * OW, starts, o0)
-        if s != 0:
-            status[0] = s
 
 
 @parallel_kernel
@@ -207,7 +199,7 @@ def _gemm_channel_blocks(w, b, b_off, b_step, starts, y, n0, count, g, G, parts,
         if m1 > m0:
             o0 = g * Og + m0
             own_gemm_batch(m1 - m0, P, K, w, o0 * K, K, b, b_off, ld, yf,
-                           (n0 * O + o0) * P, P, starts, o0, count, b_step, O * P)
+                           (n0 * O + o0) * P, P, starts, o0, count, b_step, O * P, True)
 
 
 @parallel_kernel

@@ -15,6 +15,7 @@ import threading
 
 import numpy as np
 
+from fastpool._threading import thread_count
 from fastpool.cpu._arrays import contiguous
 
 # What every kernel module of the package compiles with; ``_U`` casts flat indices known
@@ -37,8 +38,12 @@ _WINOGRAD_MIN_PIXELS = 256
 # pixels) are too thin on narrow outputs: measured at batch 1, 3x3 256->256, im2col ran
 # at 185 GFLOP/s on 14x14 against 85 for rows, 208 against 194 on 56x56, equal on 112.
 _ROWS_MIN_WIDTH = 56
-# Transformed input + output per Winograd band: more than L2, as the 16 GEMMs (K = C_g)
-# run faster on more tiles.
+# ... and deep enough (K = C_g * KW) to pay for loading and storing C once per kernel
+# row: batch 1 of 3x3 3->64 on 224x224 (K = 9) ran in 2.61 ms on "rows", 1.30 on im2col
+# (fastpool's own GEMM, 2 threads); 3x3 4->16 on 64x64 (K = 12) in 0.24 and 0.26.
+_ROWS_MIN_DEPTH = 12
+# Transformed input + output per Winograd band, at least: more than L2, as the 16 GEMMs
+# (K = C_g) run faster on more tiles.
 _WINOGRAD_BYTES = 1 << 21
 # Gathered columns per band: half of a 2 MiB L2, leaving room for the GEMM's panels.
 _COLUMN_BYTES = 1 << 20
@@ -155,7 +160,8 @@ class _Problem:
         if (self.winograd_applies() and self.channels_per_group >= _WINOGRAD_MIN_CHANNELS
                 and self.batch * self.out_h * self.out_w >= _WINOGRAD_MIN_PIXELS):
             return WINOGRAD
-        return ROWS if self.stride_h == 1 and self.out_w >= _ROWS_MIN_WIDTH else IM2COL
+        return (ROWS if self.stride_h == 1 and self.out_w >= _ROWS_MIN_WIDTH
+                and self.channels_per_group * self.kernel_w >= _ROWS_MIN_DEPTH else IM2COL)
 
     def valid_names(self):
         """Names of every algorithm that can run this problem (tests run them all)."""
@@ -182,16 +188,25 @@ class _Problem:
                 and self.dilation_h == self.dilation_w == 1)
 
     def winograd_band_tile_rows(self, itemsize):
-        """Tile rows per band: the transformed input and output of a band fit in
-        ``_WINOGRAD_BYTES``, and the bands are of equal size."""
+        """Tile rows per band: the transformed input and output of a band fit in the
+        larger of ``_WINOGRAD_BYTES`` and the group's transformed weight, there are
+        enough bands for every thread, and the bands are of equal size."""
         whole = self._whole()
         if whole is not self:
             return whole.winograd_band_tile_rows(itemsize)
         tiles_w = (self.out_w + 1) // 2
         tiles_h = (self.out_h + 1) // 2
         per_row = 16 * (self.channels_per_group + self.outputs_per_group) * tiles_w * itemsize
-        most = max(1, min(_WINOGRAD_BYTES // per_row, tiles_h))
+        # Each band reads the group's whole transformed weight: a band's V and M at least
+        # as large keep that read from dominating (batch 1 of 3x3 512->512 on 28x28:
+        # 22.6 ms in 2 MiB bands, 14.6 in bands of the weight's 16 MiB)
+        weight = 16 * self.channels_per_group * self.outputs_per_group * itemsize
+        most = max(1, min(max(_WINOGRAD_BYTES, weight) // per_row, tiles_h))
         bands = -(-tiles_h // most)
+        # a band for every thread (batch 1 of 3x3 64->64 on 56x56: 1.84 ms in one band
+        # on one of 2 threads, 0.95 in two)
+        shares = -(-thread_count() // (self.batch * self.groups))
+        bands = min(tiles_h, max(bands, shares))
         return -(-tiles_h // bands)  # equal bands: no short last band
 
     @functools.cached_property

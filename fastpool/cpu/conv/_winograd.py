@@ -9,7 +9,7 @@ from numba import njit
 
 from fastpool._threading import thread_count
 from fastpool.cpu._parallel import BODY_JIT, parallel_kernel
-from fastpool.cpu._blas import gemm
+from fastpool.cpu._microkernel import aligned_empty, gemm, padded
 from fastpool.cpu.conv._planner import _U
 
 # F(2x2, 3x3) (Lavin & Gray, 2016): each 2x2 output tile is A^T [(G g G^T) * (B^T d B)] A
@@ -186,7 +186,7 @@ def _winograd_output(M, m_base, stride, y, n, o, th0, tile_rows, TW, b):
 
 @parallel_kernel
 @njit(**BODY_JIT)
-def _winograd_forward(x, U, bias, y, band_tile_rows, status, G, PT, PL, worker, workers):
+def _winograd_forward(x, U, bias, y, band_tile_rows, G, PT, PL, worker, workers):
     """``y = conv3x3(x) (+ bias)``, stride 1, by Winograd F(2x2, 3x3) over (image,
     group, band of tile rows)."""
     N, C = x.shape[0], x.shape[1]
@@ -197,9 +197,11 @@ def _winograd_forward(x, U, bias, y, band_tile_rows, status, G, PT, PL, worker, 
     TW = (OW + 1) // 2
     bands = (TH + band_tile_rows - 1) // band_tile_rows
     tasks = N * G * bands
-    T_max = band_tile_rows * TW
-    V = np.empty(16 * (Cg * T_max + _SKEW), x.dtype)
-    M = np.empty(16 * (Og * T_max + _SKEW), x.dtype)
+    # rows of each plane start on cache lines (``gemm``'s loads of V)
+    T_max = padded(band_tile_rows * TW, x)
+    V = aligned_empty(16 * (Cg * T_max + _SKEW), x)
+    M = aligned_empty(16 * (Og * T_max + _SKEW), x)
+    zeros = np.zeros(Og, x.dtype)
     rows = np.empty((4, 2 * TW + 2), x.dtype)
     for t in range(worker * tasks // workers, (worker + 1) * tasks // workers):
         n = t // (G * bands)
@@ -207,18 +209,18 @@ def _winograd_forward(x, U, bias, y, band_tile_rows, status, G, PT, PL, worker, 
         th0 = (t % bands) * band_tile_rows
         tile_rows = min(band_tile_rows, TH - th0)
         T = tile_rows * TW
-        v_stride = Cg * T + _SKEW
-        m_stride = Og * T + _SKEW
+        ld = padded(T, x)
+        v_stride = Cg * ld + _SKEW
+        m_stride = Og * ld + _SKEW
         for c in range(Cg):
             _winograd_input(x, n, g * Cg + c, th0, tile_rows, TW, PT, PL, rows, V,
-                            c * T, v_stride)
-        s = 0
+                            c * ld, v_stride)
+        # fastpool's own GEMM: each product is one chain over the channels, so a tile's
+        # bits do not depend on the band (or the Dask chunk) holding it
         for e in range(16):
-            s |= gemm(False, False, Og, T, Cg, U, (e * O + g * Og) * Cg, Cg,
-                      V, e * v_stride, T, 0.0, M, e * m_stride, T)
-        if s != 0:
-            status[0] = s
+            gemm(Og, T, Cg, U, (e * O + g * Og) * Cg, Cg, V, e * v_stride, ld, M,
+                 e * m_stride, ld, zeros, 0)
         for o in range(Og):
             b = bias[g * Og + o]
-            _winograd_output(M, o * T, m_stride, y, n, g * Og + o, th0, tile_rows, TW,
+            _winograd_output(M, o * ld, m_stride, y, n, g * Og + o, th0, tile_rows, TW,
                              b)
