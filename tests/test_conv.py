@@ -330,6 +330,45 @@ def test_whole_plane_channel_blocks_give_the_bands_bits(monkeypatch, dtype, x_sh
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("x_shape, w_shape, args", [
+    ((2, 4, 13, 11), (6, 4, 3, 3), dict(stride=2, padding=1)),
+    ((1, 6, 12, 10), (4, 3, 3, 2), dict(stride=(3, 2), padding=2, dilation=(2, 1),
+                                        groups=2)),
+    ((1, 3, 9, 8), (5, 3, 3, 3), dict(padding=1)),  # stride 1, im2col asked for
+    ((5, 2, 8, 9), (3, 2, 2, 3), dict(stride=2)),   # runs of images, a short last one
+], ids=["stride2", "grouped", "stride1", "images"])
+def test_col2im_input_gradient_bits_do_not_depend_on_the_bands(monkeypatch, dtype,
+                                                                x_shape, w_shape, args):
+    """The im2col input gradient adds each input cell's terms in kernel-tap order
+    whatever band of output rows they come from, so a Dask chunk's call (other bands)
+    gives the whole call's bits; and the same bits on 1 and 2 threads (blocks of
+    channels, runs of images)."""
+    rng = np.random.default_rng(17)
+    x = rng.standard_normal(x_shape).astype(dtype)
+    w = rng.standard_normal(w_shape).astype(dtype)
+    x, w, _, geometry = _params.conv_window(x, w, None, 2, **args)
+    gy = rng.standard_normal(geometry.output_shape).astype(dtype)
+    runs = []
+    for rows in (geometry.output_shape[2], 1, 2, 3):
+        monkeypatch.setattr(cpu_planner._Problem, "band_rows",
+                            lambda self, algorithm, itemsize, rows=rows: rows)
+        runs.append(cpu_conv.conv2d_backward(gy, x, w, geometry, (True, False, False),
+                                             "im2col")[0])
+    saved = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        runs.append(cpu_conv.conv2d_backward(gy, x, w, geometry, (True, False, False),
+                                             "im2col")[0])
+    finally:
+        numba.set_num_threads(saved)
+    for run in runs[1:]:
+        np.testing.assert_array_equal(run, runs[0])
+    expected = ref.conv2d_backward(gy, x, w, **args)[0]
+    bound = ref.conv2d_backward(np.abs(gy), x, np.abs(w), **args)[0]
+    assert_close_to_sum(runs[0], expected, bound, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("x_shape, w_shape, padding, groups", [
     ((2, 8, 7, 9), (4, 8, 3, 3), 1, 1),        # odd output: clipped last tiles
     ((1, 8, 6, 6), (5, 8, 3, 3), 0, 1),        # even output, no padding

@@ -261,12 +261,12 @@ def test_a_seed_picks_differently_per_chunk_position_not_per_chunk(rng):
 # it runs Winograd or BLAS (the strided input gradient's GEMM); 3-D to rounding.
 CONV_CASES = [
     (1, (3, 4, 23), (1, 4, 23), 3, dict(stride=1, padding=1), True, True),
-    (1, (3, 4, 23), (3, 4, 6), 3, dict(stride=2, padding=2, dilation=2), True, False),
+    (1, (3, 4, 23), (3, 4, 6), 3, dict(stride=2, padding=2, dilation=2), True, True),
     (2, (3, 4, 12, 11), (1, 4, 12, 11), 3, dict(padding=1), True, True),
     (2, (3, 16, 12, 11), (1, 16, 12, 11), 3, dict(padding=1), True, True),  # Winograd
     (2, (3, 16, 12, 11), (2, 16, 5, 4), 3, dict(padding=1), True, True),    # Winograd tiles
     (2, (1, 4, 7, 60), (1, 4, 4, 25), 3, dict(padding=1), True, True),      # rows
-    (2, (2, 4, 12, 11), (2, 4, 3, 2), 3, dict(stride=2, padding=1), True, False),
+    (2, (2, 4, 12, 11), (2, 4, 3, 2), 3, dict(stride=2, padding=1), True, True),
     (2, (2, 4, 12, 11), (1, 2, 5, 11), 3, dict(padding="same", dilation=2), True, True),
     (2, (1, 7, 9, 10), (1, 7, 4, 3), 1, dict(), True, True),  # pointwise
     (3, (2, 3, 6, 5, 7), (1, 3, 6, 5, 7), 3, dict(padding=1), False, False),

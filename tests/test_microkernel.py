@@ -17,7 +17,7 @@ from fastpool.cpu._microkernel import (KC, MC, MR, aligned_host, gemm_add, gemm_
 def _product(a, b, c, init, ldb, count, b_step, c_step):
     m, k = a.shape
     n = c.shape[-1]
-    gemm_batch(m, n, k, a.reshape(-1), 0, k, b, 0, ldb, c.reshape(-1), 0, n, init, 0,
+    gemm_batch(m, n, k, a.reshape(-1), 0, k, 1, b, 0, ldb, c.reshape(-1), 0, n, init, 0,
                count, b_step, c_step, True)
 
 

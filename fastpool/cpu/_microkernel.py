@@ -1,13 +1,14 @@
 """fastpool's own GEMM: a register-blocked micro-kernel written as LLVM vector IR, and
 the loops around it, for Numba kernels.
 
-``tile(mr, kc, a, a_off, lda, b, b_off, ldb, c, c_off, ldc, n_valid, init, init_off,
-nr, fresh)`` does ``C[i, j] = start[i, j] + sum over k < kc of A[i, k] * B[k, j]`` for
+``tile(mr, kc, a, a_off, lda, a_step, b, b_off, ldb, c, c_off, ldc, n_valid, init,
+init_off, nr, fresh)`` does ``C[i, j] = start[i, j] + sum over k < kc of A[i, k] * B[k, j]`` for
 an ``MR x NR`` tile of C (``mr <= MR`` rows, the first ``n_valid`` of ``NR`` columns;
 ``start`` is C itself, or ``init[init_off + i]`` with ``fresh``), where
 
-- ``A`` is read in place, row ``i`` at ``a[a_off + i*lda:]`` (a weight matrix's rows;
-  no packing: each value is broadcast once per use anyway);
+- ``A`` is read in place, ``A[i, k]`` at ``a[a_off + i*lda + k*a_step]`` (a weight
+  matrix's rows, ``a_step = 1``, or its columns; no packing: each value is broadcast
+  once per use anyway);
 - ``B``'s row ``k`` is at ``b[b_off + k*ldb:]`` (columns gathered by the caller; rows
   starting on cache lines run faster, ``padded``);
 - the tile of C lives in ``MR * NR / lanes`` vector registers for the whole ``k`` loop,
@@ -102,15 +103,15 @@ def _tile(partial, vectors):
     ``init[init_off + i]`` per row (a bias, or zeros) instead of from C."""
 
     @intrinsic
-    def tile(typingctx, mr, kc, a, a_off, lda, b, b_off, ldb, c, c_off, ldc, n_valid,
-             init, init_off, fresh):
+    def tile(typingctx, mr, kc, a, a_off, lda, a_step, b, b_off, ldb, c, c_off, ldc,
+             n_valid, init, init_off, fresh):
         if not (all(isinstance(t, types.Array) for t in (a, b, c, init))
                 and a.dtype in (types.float32, types.float64)
                 and all(t.dtype == a.dtype for t in (b, c, init))):
             return None
         dtype = a.dtype
-        signature = types.void(mr, kc, a, a_off, lda, b, b_off, ldb, c, c_off, ldc,
-                               n_valid, init, init_off, fresh)
+        signature = types.void(mr, kc, a, a_off, lda, a_step, b, b_off, ldb, c, c_off,
+                               ldc, n_valid, init, init_off, fresh)
         width = lanes(dtype.bitwidth // 8)
 
         def codegen(context, builder, sig, args):
@@ -151,8 +152,9 @@ def _tile(partial, vectors):
                     vec, ir.Constant(ty, ir.Undefined),
                     ir.Constant(ir.VectorType(i32, width), [0] * width))
 
-            a0, b0, c0 = at(2, 3), at(5, 6), at(8, 9)
-            lda, ldb, ldc, kc_i, valid = value(4), value(7), value(10), value(1), value(11)
+            a0, b0, c0 = at(2, 3), at(6, 7), at(9, 10)
+            lda, a_step, ldb, ldc = value(4), value(5), value(8), value(11)
+            kc_i, valid = value(1), value(12)
             last_row = builder.sub(value(0), const(1))
             lanes_ids = ir.Constant(ir.VectorType(intp, width), list(range(width)))
             masks = [builder.icmp_signed("<", lanes_ids, splat(
@@ -180,9 +182,9 @@ def _tile(partial, vectors):
                 else:
                     builder.store(vector, pointer).align = itemsize
 
-            init0 = at(12, 13)
+            init0 = at(13, 14)
             is_fresh = builder.icmp_signed("!=", context.cast(
-                builder, args[14], tys[14], types.intp), const(0))
+                builder, args[15], tys[15], types.intp), const(0))
             # fresh chains never read C: it may be a fresh output, and a pass over it
             # costs as much as the products on layers with few input channels
             from_init = builder.append_basic_block("tile.init")
@@ -224,8 +226,9 @@ def _tile(partial, vectors):
             b_k = [load(builder.bitcast(builder.gep(b_row, [const(v * width)]), vptr), v)
                    for v in range(vectors)]
             new = []
+            a_k = builder.mul(k, a_step)
             for i in range(MR):
-                a_ik = splat(builder.load(builder.gep(a_rows[i], [k])), vty)
+                a_ik = splat(builder.load(builder.gep(a_rows[i], [a_k])), vty)
                 for v in range(vectors):
                     new.append(builder.call(fma, [a_ik, b_k[v], acc[i * vectors + v]]))
             k_next = builder.add(k, const(1))
@@ -266,24 +269,25 @@ _full_1, _partial_1 = _tile(False, 1), _tile(True, 1)
 
 
 @njit(inline="always")
-def tile(mr, kc, a, a_off, lda, b, b_off, ldb, c, c_off, ldc, n_valid, init, init_off,
-         nr, fresh):
+def tile(mr, kc, a, a_off, lda, a_step, b, b_off, ldb, c, c_off, ldc, n_valid, init,
+         init_off, nr, fresh):
     """``C[:mr, :n_valid] (+)= A[:mr, :kc] @ B[:kc, :n_valid]`` (module docstring),
-    ``B`` row ``k`` at ``b[b_off + k*ldb:]``; ``1 <= mr <= MR``, ``1 <= n_valid <= nr``
+    ``A[i, k]`` at ``a[a_off + i*lda + k*a_step]``, ``B`` row ``k`` at
+    ``b[b_off + k*ldb:]``; ``1 <= mr <= MR``, ``1 <= n_valid <= nr``
     (``nr = panel_width(itemsize)``); with ``fresh``, row ``i``'s chains start from
     ``init[init_off + i]`` instead of C."""
     if n_valid == nr:
-        _full(mr, kc, a, a_off, lda, b, b_off, ldb, c, c_off, ldc, n_valid, init,
+        _full(mr, kc, a, a_off, lda, a_step, b, b_off, ldb, c, c_off, ldc, n_valid, init,
               init_off, fresh)
     elif 2 * n_valid > nr:
-        _partial(mr, kc, a, a_off, lda, b, b_off, ldb, c, c_off, ldc, n_valid, init,
-                 init_off, fresh)
+        _partial(mr, kc, a, a_off, lda, a_step, b, b_off, ldb, c, c_off, ldc, n_valid,
+                 init, init_off, fresh)
     elif 2 * n_valid == nr:
-        _full_1(mr, kc, a, a_off, lda, b, b_off, ldb, c, c_off, ldc, n_valid, init,
-                init_off, fresh)
+        _full_1(mr, kc, a, a_off, lda, a_step, b, b_off, ldb, c, c_off, ldc, n_valid,
+                init, init_off, fresh)
     else:
-        _partial_1(mr, kc, a, a_off, lda, b, b_off, ldb, c, c_off, ldc, n_valid, init,
-                   init_off, fresh)
+        _partial_1(mr, kc, a, a_off, lda, a_step, b, b_off, ldb, c, c_off, ldc, n_valid,
+                   init, init_off, fresh)
 
 
 # Rows of B per slab: a tile's rows of A (MR x KC) stay in L1 across a slab's panels.
@@ -295,11 +299,11 @@ MC = 96
 
 # Compiled once per dtype and called, not inlined: its tile variants are large.
 @njit(cache=True, boundscheck=False, error_model="numpy", nogil=True)
-def gemm_batch(m, n, k, a, a_off, lda, b, b_off, ldb, c, c_off, ldc, init, init_off,
-               count, b_step, c_step, fresh):
+def gemm_batch(m, n, k, a, a_off, lda, a_step, b, b_off, ldb, c, c_off, ldc, init,
+               init_off, count, b_step, c_step, fresh):
     """``C_t = init + A @ B_t`` for ``t < count`` (``fresh``; else ``C_t += A @ B_t``,
-    each chain going on from C's value), the products sharing ``A``: row-major
-    ``A`` (``m x k``), ``B_t`` (``k x n``, at ``b_off + t*b_step``) and ``C_t``
+    each chain going on from C's value), the products sharing ``A``: ``A`` (``m x
+    k``, ``A[i, k]`` at ``a_off + i*lda + k*a_step``), ``B_t`` (``k x n``, at ``b_off + t*b_step``) and ``C_t``
     (``m x n``, at ``c_off + t*c_step``) inside flat arrays; ``init[init_off + i]``
     starts row ``i`` (a bias, or zeros). Each element of C is one chain of fused
     multiply-adds over ``k`` in order from its row's ``init``, whatever the sizes and
@@ -325,23 +329,23 @@ def gemm_batch(m, n, k, a, a_off, lda, b, b_off, ldb, c, c_off, ldc, init, init_
                 for j in range(0, n, nr):
                     cols = min(nr, n - j)
                     for i in range(i0, i1, MR):
-                        tile(min(MR, i1 - i), kc, a, a_off + i * lda + k0, lda, b,
-                             b_t + j, ldb, c, c_t + i * ldc + j, ldc, cols, init,
-                             init_off + i, nr, fresh and k0 == 0)
+                        tile(min(MR, i1 - i), kc, a, a_off + i * lda + k0 * a_step,
+                             lda, a_step, b, b_t + j, ldb, c, c_t + i * ldc + j, ldc,
+                             cols, init, init_off + i, nr, fresh and k0 == 0)
 
 
 @njit(inline="always")
 def gemm(m, n, k, a, a_off, lda, b, b_off, ldb, c, c_off, ldc, init, init_off):
     """``C = init + A @ B``: ``gemm_batch`` of one product."""
-    gemm_batch(m, n, k, a, a_off, lda, b, b_off, ldb, c, c_off, ldc, init, init_off, 1,
-               0, 0, True)
+    gemm_batch(m, n, k, a, a_off, lda, 1, b, b_off, ldb, c, c_off, ldc, init, init_off,
+               1, 0, 0, True)
 
 
 @njit(inline="always")
 def gemm_add(m, n, k, a, a_off, lda, b, b_off, ldb, c, c_off, ldc):
     """``C += A @ B``, each element's chain going on from its value in C (a sum over
     several products in a fixed order: one chain, as if they were one product)."""
-    gemm_batch(m, n, k, a, a_off, lda, b, b_off, ldb, c, c_off, ldc, c, 0, 1, 0, 0,
+    gemm_batch(m, n, k, a, a_off, lda, 1, b, b_off, ldb, c, c_off, ldc, c, 0, 1, 0, 0,
                False)
 
 

@@ -63,6 +63,7 @@ from fastpool.cpu.conv._direct import (_direct_backward_input, _direct_backward_
                                        _direct_forward, _direct_forward_unit_stride)
 from fastpool.cpu._microkernel import MR, aligned_host, padded_host
 from fastpool.cpu.conv._gemm import (_bias_grad, _gather_images, _gemm_backward_input,
+                                     _transpose_groups,
                                      _gemm_backward_weight, _gemm_channel_blocks,
                                      _gemm_forward, _sum_partials)
 from fastpool.cpu.conv._planner import (_NAMES, ALGORITHMS, DIRECT, IM2COL, POINTWISE,
@@ -212,6 +213,8 @@ def _run_forward(problem, x, weight, bias, y, algorithm=None):
 
 # Blocks of output channels per thread in ``_forward_by_channel_blocks``.
 _BLOCKS_PER_THREAD = 4
+# Images per GEMM call of the im2col input gradient, at most.
+_IMAGES_PER_GEMM = 4
 
 
 def _forward_by_channel_blocks(problem, x, weight, bias, y, algorithm):
@@ -277,13 +280,24 @@ def _input_grad(grad_output, weight, w, algorithm):
         _run_forward(transposed, grad_output, _flipped_transposed(weight, w.groups), None,
                      grad_input, DIRECT if algorithm == DIRECT else None)
     else:
-        status = np.zeros(1, np.int32)
         rows = problem.band_rows(IM2COL, grad_output.itemsize)
-        with single_threaded_blas(grad_output.dtype):
-            _gemm_backward_input(grad_output, contiguous(weight).reshape(-1),
-                                 grad_input, rows, status, *problem.args,
-                                 _threads_for(grad_input.shape[0] * problem.groups))
-        _check(status)
+        # blocks of input channels where images and groups are fewer than the threads
+        G = problem.groups
+        tasks = grad_input.shape[0] * G
+        blocks = min(problem.channels_per_group, -(-thread_count() // max(tasks, 1)))
+        weight = contiguous(weight)
+        K = weight.size // max(weight.shape[0], 1)
+        if grad_input.shape[0] > 1:  # W_g^T copied once, read by rows by every image
+            a = np.empty(weight.size, weight.dtype)
+            _transpose_groups(weight, a, G, _threads_for(G * -(-weight.shape[0] // 16)))
+            a_row, a_col = weight.shape[0] // G, 1
+        else:
+            a, a_row, a_col = weight.reshape(-1), 1, K
+        # runs of images sharing each read of the weight, a run per thread at most
+        images = max(1, min(_IMAGES_PER_GEMM, grad_input.shape[0] // thread_count()))
+        runs = -(-grad_input.shape[0] // images)
+        _gemm_backward_input(grad_output, a, a_row, a_col, grad_input, rows, blocks,
+                             images, *problem.args, _threads_for(runs * G * blocks))
     return grad_input
 
 

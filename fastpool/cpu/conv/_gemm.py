@@ -60,12 +60,12 @@ def _gather_columns(x, n, c0, channels, h0, h_step, n_rows, taps_h, DH, KW, SW, 
 
 
 @njit(inline="always")
-def _scatter_columns(cols, gx, n, c0, channels, h0, h_step, n_rows, KH, DH, KW, SW, DW,
-                     PL, OW, col_lo, col_hi):
-    """Inverse of ``_gather_columns`` with ``taps_h = KH``: add every column entry back
-    onto the input cell it was read from (cells outside the input are dropped)."""
+def _scatter_columns(cols, L, gx, n, c0, channels, h0, h_step, n_rows, KH, DH, KW, SW,
+                     DW, PL, OW, col_lo, col_hi):
+    """Inverse of ``_gather_columns`` with ``taps_h = KH`` (rows ``L`` apart): add
+    every column entry back onto the input cell it was read from (cells outside the
+    input are dropped), kernel tap by kernel tap."""
     H = gx.shape[2]
-    L = n_rows * OW
     for c in range(channels):
         plane = gx[n, c0 + c]
         for i in range(KH):
@@ -198,40 +198,92 @@ def _gemm_channel_blocks(w, b, b_off, b_step, starts, y, n0, count, g, G, parts,
         m1 = min((part + 1) * tiles // parts * MR, Og)
         if m1 > m0:
             o0 = g * Og + m0
-            own_gemm_batch(m1 - m0, P, K, w, o0 * K, K, b, b_off, ld, yf,
+            own_gemm_batch(m1 - m0, P, K, w, o0 * K, K, 1, b, b_off, ld, yf,
                            (n0 * O + o0) * P, P, starts, o0, count, b_step, O * P, True)
 
 
 @parallel_kernel
 @njit(**BODY_JIT)
-def _gemm_backward_input(grad_output, w, grad_input, rows_per_band, status,
-                         G, KH, KW, SH, SW, DH, DW, PT, PL, col_lo, col_hi, worker,
-                         workers):
-    """``grad_input = col2im(W_g^T @ grad_output)``, one thread per (image, group)."""
+def _transpose_groups(w, wt, G, worker, workers):
+    """``wt[g, k, o] = w[g*O_g + o, k]`` (each group's ``W_g^T``, row-major), in
+    blocks of 16x16 values."""
+    O = w.shape[0]
+    K = w.size // O
+    Og = O // G
+    wf = w.reshape(-1)
+    blocks_o = (Og + 15) // 16
+    tasks = G * blocks_o
+    for t in range(worker * tasks // workers, (worker + 1) * tasks // workers):
+        g = t // blocks_o
+        o0 = (t % blocks_o) * 16
+        o1 = min(o0 + 16, Og)
+        for k0 in range(0, K, 16):
+            k1 = min(k0 + 16, K)
+            for k in range(k0, k1):
+                for o in range(o0, o1):
+                    wt[_U((g * K + k) * Og + o)] = wf[_U((g * Og + o) * K + k)]
+
+
+@parallel_kernel
+@njit(**BODY_JIT)
+def _gemm_backward_input(grad_output, a, a_row, a_col, grad_input, rows_per_band,
+                         channel_blocks, images, G, KH, KW, SH, SW, DH, DW, PT, PL, col_lo,
+                         col_hi, worker, workers):
+    """``grad_input = col2im(W_g^T @ grad_output)`` over (group, block of input
+    channels: the blocks scatter onto disjoint planes, run of ``images`` images: one
+    GEMM call each, reading each block of ``W_g^T`` once for all of them).
+    ``W_g^T[i, o]`` is at ``a[g*O_g*K + i*a_row + o*a_col]``: a transposed copy of the
+    weight (``_transpose_groups``), or the weight itself read by columns (one image: the
+    copy would cost as much as the product).
+
+    Each input cell gets its terms in kernel-tap order, however the output rows are cut
+    into bands (a Dask chunk's call has other bands than the whole call): the bands run
+    from the last up, and a later output row reaches a cell through an earlier kernel
+    row; within a band ``_scatter_columns`` adds tap by tap. Each term is one chain of
+    fused multiply-adds over the output channels (fastpool's own GEMM)."""
     N, C, H, W = grad_input.shape
     O, OH, OW = grad_output.shape[1], grad_output.shape[2], grad_output.shape[3]
     Cg = C // G
     Og = O // G
     K = Cg * KH * KW
+    taps = KH * KW
     bands = (OH + rows_per_band - 1) // rows_per_band
     gf = grad_output.reshape(-1)
-    tasks = N * G
+    ld = padded(rows_per_band * OW, gf)
+    zeros = np.zeros(K, gf.dtype)
+    runs = (N + images - 1) // images
+    tasks = runs * G * channel_blocks
+    most = (Cg + channel_blocks - 1) // channel_blocks
+    cols = aligned_empty(images * most * taps * ld, gf)
+    band = aligned_empty(images * Og * ld, gf)
     for t in range(worker * tasks // workers, (worker + 1) * tasks // workers):
-        n = t // G
-        g = t % G
-        cols = np.empty(K * rows_per_band * OW, grad_input.dtype)
-        for c in range(Cg):
-            grad_input[n, g * Cg + c] = 0
-        for b in range(bands):
+        block = t % channel_blocks
+        g = (t // channel_blocks) % G
+        n0 = t // (G * channel_blocks) * images
+        count = min(images, N - n0)
+        c0 = block * Cg // channel_blocks
+        channels = (block + 1) * Cg // channel_blocks - c0
+        for n in range(n0, n0 + count):
+            for c in range(channels):
+                grad_input[n, g * Cg + c0 + c] = 0
+        for b in range(bands - 1, -1, -1):
             oh0 = b * rows_per_band
             rows = min(rows_per_band, OH - oh0)
-            s = gemm(True, False, K, rows * OW, Og, w, g * Og * K, K,
-                     gf, ((n * O + g * Og) * OH + oh0) * OW, OH * OW,
-                     0.0, cols, 0, rows * OW)
-            if s != 0:
-                status[0] = s
-            _scatter_columns(cols, grad_input, n, g * Cg, Cg, oh0 * SH - PT, SH, rows, KH,
-                             DH, KW, SW, DW, PL, OW, col_lo, col_hi)
+            pixels = rows * OW
+            # the band's gradient rows copied to start on cache lines (the GEMM's B)
+            for i in range(count):
+                for o in range(Og):
+                    src = (((n0 + i) * O + g * Og + o) * OH + oh0) * OW
+                    dst = (i * Og + o) * ld
+                    for p in range(pixels):
+                        band[_U(dst + p)] = gf[_U(src + p)]
+            own_gemm_batch(channels * taps, pixels, Og, a, g * Og * K + c0 * taps * a_row,
+                           a_row, a_col, band, 0, ld, cols, 0, ld, zeros, 0, count,
+                           Og * ld, channels * taps * ld, True)
+            for i in range(count):
+                _scatter_columns(cols[i * channels * taps * ld:], ld, grad_input, n0 + i,
+                                 g * Cg + c0, channels, oh0 * SH - PT, SH, rows, KH, DH,
+                                 KW, SW, DW, PL, OW, col_lo, col_hi)
 
 
 @parallel_kernel
