@@ -50,6 +50,20 @@ def forward(slabs, x, weight, bias, w):
     y = slabs.filled((N, w.out_channels) + w.out_size, x.dtype, bias)
     if N == 0:
         return y
+    with slabs.planned(planes(w)):
+        _forward_taps(slabs, x, weight, w, y)
+    return y
+
+
+def planes(w):
+    """The 2-D window whose algorithms every depth tap runs: all the output depths as
+    one batch (a tap's own batch, the depths it reaches, differs from tap to tap and
+    from a Dask chunk to the whole call)."""
+    return _plane_window(w, w.batch * w.out_size[0])
+
+
+def _forward_taps(slabs, x, weight, w, y):
+    N = w.batch
     for a, lo, hi, first in depth_taps(w):
         count = hi - lo
         images = slabs.gather(x, first, w.stride[0], count)
@@ -58,7 +72,6 @@ def forward(slabs, x, weight, bias, w):
         del images  # before the next tap allocates its own
         slabs.accumulate(y, part, lo)
         del part
-    return y
 
 
 def backward(slabs, grad_output, x, weight, w, output_mask):
@@ -72,6 +85,16 @@ def backward(slabs, grad_output, x, weight, w, output_mask):
     grad_bias = slabs.bias_grad(grad_output, w) if want_bias else None
     if N == 0 or not (want_input or want_weight):
         return grad_input, grad_weight, grad_bias
+    with slabs.planned(planes(w)):
+        _backward_taps(slabs, grad_output, x, weight, w, output_mask, grad_input,
+                       grad_weight)
+    return grad_input, grad_weight, grad_bias
+
+
+def _backward_taps(slabs, grad_output, x, weight, w, output_mask, grad_input,
+                   grad_weight):
+    want_input, want_weight, _ = output_mask
+    N = w.batch
     for a, lo, hi, first in depth_taps(w):
         count = hi - lo
         plane = _plane_window(w, N * count)
@@ -86,7 +109,6 @@ def backward(slabs, grad_output, x, weight, w, output_mask):
         if want_weight:
             slabs.put_weight_tap(grad_weight, a, part_weight)
         del part_input, part_weight
-    return grad_input, grad_weight, grad_bias
 
 
 def _volumes(slabs, a, w, channels, spatial):

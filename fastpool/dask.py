@@ -37,7 +37,7 @@ import dask.array as da
 import numpy as np
 
 import fastpool
-from fastpool import _dask_graph, _dispatch, _params, _rng
+from fastpool import _conv3d, _dask_graph, _dispatch, _params, _rng
 from fastpool._types import Device, Padding, Size
 from fastpool.conv import Conv2dGrads
 
@@ -361,11 +361,11 @@ def _conv_geometry(x, weight, bias, rank, stride, padding, dilation, groups):
 
 def _conv_plan(window, rank, x, weight, stride, padding, dilation, groups):
     """``(plane, tile)``: the whole call's 2-D window, whose algorithms every chunk
-    runs (ranks 1 and 2; a 3-D convolution's depth taps choose per chunk), and the
-    output tile of the Winograd algorithm where it may run (3x3, stride 1)."""
+    runs (a 3-D convolution's: its depth taps', ``_conv3d.planes``), and the output
+    tile of the Winograd algorithm where it may run (3x3, stride 1)."""
     if rank == 3:
-        return None, 1
-    if rank == 2:
+        plane = _conv3d.planes(window)
+    elif rank == 2:
         plane = window
     else:
         x4 = _dask_graph.shape_stand_in(x.shape[:2] + (1,) + x.shape[2:], x.dtype)

@@ -7,6 +7,15 @@ import numpy as np
 
 from fastpool.cpu._arrays import contiguous  # noqa: F401 (the launchers' copy step)
 from fastpool.cpu.conv import conv2d_backward, conv2d_forward  # noqa: F401 (the 2-D steps)
+from fastpool.cpu.conv._planner import planned_unless_pinned
+
+
+def planned(window):
+    """Run every depth tap's 2-D convolution with the algorithms the rank-2 ``window``
+    (all the output depths as one batch) chooses: sizes decide the algorithm, a tap's
+    batch depends on how many output depths it reaches, and a Dask chunk's taps reach
+    fewer (``planned_unless_pinned``: a chunk keeps the whole call's)."""
+    return planned_unless_pinned(window)
 
 
 def filled(shape, dtype, bias):

@@ -4,11 +4,19 @@ slices, so nothing races and results are deterministic."""
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 from numba import cuda
 
 from fastpool.cuda._launch import contiguous, grid_start, grid_stride, launch, split_nchw
 from fastpool.cuda.conv import _bias_grad, conv2d_backward, conv2d_forward  # noqa: F401
+
+
+def planned(window):
+    """Nothing: the GPU's algorithm choice does not depend on the batch (the CPU's
+    ``slabs.planned`` pins it)."""
+    return contextlib.nullcontext()
 
 
 @cuda.jit

@@ -346,3 +346,9 @@ def planned_as(window):
         yield
     finally:
         _PINNED.codes, _PINNED.problems = previous
+
+
+def planned_unless_pinned(window):
+    """``planned_as(window)``, or nothing where this thread runs pinned already (a
+    Dask chunk of a 3-D convolution: the whole call's plane, not the chunk's)."""
+    return contextlib.nullcontext() if _PINNED.codes is not None else planned_as(window)
