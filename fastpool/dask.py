@@ -38,6 +38,7 @@ import numpy as np
 
 import fastpool
 from fastpool import _conv3d, _dask_graph, _dispatch, _params, _rng
+from fastpool._conv_transpose import _planar
 from fastpool._types import Device, Padding, Size
 from fastpool.conv import Conv2dGrads
 
@@ -555,15 +556,26 @@ def _adaptive_stochastic(rank):
 _SCATTERS = "its outputs are scattered from every input cell"
 
 
-def _conv_transpose_run(x, weight, bias=None, *, rank, args, device):
-    return fastpool.transposed.__dict__[f"conv_transpose{rank}d"](x, weight, bias, *args,
-                                                                  device=device)
+def _conv_transpose_run(x, weight, bias=None, *, rank, args, plane, device):
+    with _planned(plane):
+        return fastpool.transposed.__dict__[f"conv_transpose{rank}d"](
+            x, weight, bias, *args, device=device)
 
 
-def _conv_transpose_backward_run(grad_output, x, weight, *, rank, args, mask, device):
-    grads = fastpool.transposed.__dict__[f"conv_transpose{rank}d_backward"](
-        grad_output, x, weight, *args, output_mask=mask, device=device)
+def _conv_transpose_backward_run(grad_output, x, weight, *, rank, args, mask, plane,
+                                 device):
+    with _planned(plane):
+        grads = fastpool.transposed.__dict__[f"conv_transpose{rank}d_backward"](
+            grad_output, x, weight, *args, output_mask=mask, device=device)
     return grads.grad_input if mask == (True, False, False) else grads[1:]
+
+
+def _transposed_plane(window):
+    """The 2-D window of the whole call's convolution (the one a transposed
+    convolution transposes), whose algorithms every batch chunk runs."""
+    if window.rank == 3:
+        return _conv3d.planes(window)
+    return _planar(window)
 
 
 def _conv_transpose_inputs(x, weight, bias, rank, args):
@@ -584,7 +596,8 @@ def _conv_transpose(rank):
         args = (stride, padding, output_padding, groups, dilation)
         x, batched, weight, bias, window = _conv_transpose_inputs(x, weight, bias, rank,
                                                                   args)
-        run = functools.partial(_conv_transpose_run, rank=rank, args=args, device=device)
+        run = functools.partial(_conv_transpose_run, rank=rank, args=args,
+                                plane=_transposed_plane(window), device=device)
         chunks = (x.chunks[0], (window.channels,)) + tuple((s,) for s in window.in_size)
         extra = [weight] + ([bias] if bias is not None else [])
         return _unbatch(_dask_graph.per_block([x], run, f"conv_transpose{rank}d", chunks,
@@ -609,13 +622,14 @@ def _conv_transpose(rank):
         grads = [None, None, None]
         if output_mask[0]:
             run = functools.partial(_conv_transpose_backward_run, rank=rank, args=args,
-                                    mask=(True, False, False), device=device)
+                                    mask=(True, False, False),
+                                    plane=_transposed_plane(window), device=device)
             grads[0] = _unbatch(_dask_graph.per_block([grad_output, x], run, name,
                                                       x.chunks, x._meta, [weight]),
                                 batched)
         if output_mask[1] or output_mask[2]:
             run = functools.partial(_conv_transpose_backward_run, rank=rank, args=args,
-                                    mask=(False, True, True), device=device)
+                                    mask=(False, True, True), plane=None, device=device)
             pairs = _dask_graph.per_block([grad_output, x], run, f"{name}-parameters",
                                           x.chunks, np.empty((0,) * x.ndim, object),
                                           [weight])
