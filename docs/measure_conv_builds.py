@@ -10,6 +10,11 @@ processes, and compare the JSON files:
     done
     python docs/measure_conv_builds.py --compare old1.json,old2.json new1.json,new2.json
 
+A fourth argument ``input-grad`` times the input gradient of the strided layers
+instead (``conv2d_backward(..., output_mask=(True, False, False))``):
+
+    PYTHONPATH=/tmp/old python docs/measure_conv_builds.py 1 nchw old1.json input-grad
+
 Figures in docs/site/performance.md (2026-12-05, fastpool's own GEMM)."""
 import json
 import math
@@ -17,17 +22,28 @@ import sys
 import time
 
 
-def measure(batch, layout, out):
+def measure(batch, layout, out, what="forward"):
+    import functools
+
     import numba
     import numpy as np
+
+    import fastpool
     from fastpool import _bench_layers as bl
     numba.set_num_threads(2)
     result = {}
     for layer, _ in bl.unique_layers(list(bl.NETWORKS)):
         if layer.kind != "conv" or layer.groups != 1:
             continue
+        if what == "input-grad" and layer.stride == 1:
+            continue
         data = bl.make_data(layer, batch, layout, np.dtype("float32"))
         forward, _ = bl._ours(layer, data.x, data.weight)
+        if what == "input-grad":
+            forward = functools.partial(
+                fastpool.conv2d_backward, data.grad, data.x, data.weight,
+                stride=layer.stride, padding=layer.padding,
+                output_mask=(True, False, False))
         forward()
         start = time.perf_counter()
         forward()
@@ -59,4 +75,4 @@ if __name__ == "__main__":
     if sys.argv[1] == "--compare":
         compare(sys.argv[2], sys.argv[3])
     else:
-        measure(int(sys.argv[1]), sys.argv[2], sys.argv[3])
+        measure(int(sys.argv[1]), sys.argv[2], sys.argv[3], *sys.argv[4:5])

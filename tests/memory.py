@@ -110,7 +110,8 @@ def conv_scratch(threads, x_shape, weight_shape, out_hw, dilation, itemsize, gro
     winograd_row = 16 * (Cg + O // groups) * ((wide + 1) // 2 + 2) * itemsize
     padded = min((max(OH, H) + dilation[0] * (KH - 1)) * (wide + dilation[1] * (KW - 1)),
                  1 << 22) * 8
-    per_thread = max(2 * MiB, row_columns, winograd_row, 2 * padded)
+    winograd_weight = 16 * Cg * (O // groups) * itemsize  # a Winograd band's budget
+    per_thread = max(2 * MiB, row_columns, winograd_row, winograd_weight, 2 * padded)
     partials = max(min(16 * weight, 64 * MiB), weight)
     return threads * per_thread + 4 * weight + partials
 
