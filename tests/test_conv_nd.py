@@ -160,6 +160,43 @@ def test_channels_last_input_gives_channels_last_results(rank, groups):
     assert np.moveaxis(grads_l.grad_input, 1, -1).flags.c_contiguous
 
 
+@pytest.mark.parametrize("turned", [True, False], ids=["turned", "band"])
+@pytest.mark.parametrize("x_shape, w_shape, args", [
+    ((1, 3, 20, 18), (8, 3, 3, 3), dict(padding=1)),
+    ((2, 6, 11, 9), (6, 3, 3, 2), dict(stride=(2, 1), padding=(1, 2), dilation=(1, 2),
+                                       groups=2)),
+    ((1, 16, 7, 7), (40, 16, 3, 3), dict(padding=1)),     # blocks of output channels
+    ((3, 9, 5), (4, 3, 5, 5), dict(padding=3, stride=2)),  # unbatched, pads past taps
+])
+def test_channels_last_im2col_runs_in_place_with_the_channels_first_bits(
+        monkeypatch, turned, x_shape, w_shape, args):
+    """Channels-last inputs whose convolution runs im2col are read in place and the
+    result written channels-last (``cpu/conv/_channels_last_gemm``), the product
+    turned over (pixels as rows, small weights) or into a band buffer: both give the
+    channels-first call's bits."""
+    from fastpool.cpu.conv import _channels_last_gemm
+    rng = np.random.default_rng(29)
+    x = rng.standard_normal(x_shape).astype(np.float32)
+    w = rng.standard_normal(w_shape).astype(np.float32)
+    b = rng.standard_normal(w_shape[0]).astype(np.float32)
+    xl = np.moveaxis(np.ascontiguousarray(np.moveaxis(x, -3, -1)), -1, -3)
+    calls = []
+    original = _channels_last_gemm.forward
+    monkeypatch.setattr(_channels_last_gemm, "forward",
+                        lambda *a: calls.append(a[2]) or original(*a))
+    monkeypatch.setattr(_channels_last_gemm, "_TURNED_WEIGHT_BYTES",
+                        1 << 30 if turned else 0)
+    y = fastpool.conv2d(x, w, b, **args)
+    yl = fastpool.conv2d(xl, w, b, **args)
+    assert len(calls) == 1
+    np.testing.assert_array_equal(yl, y)
+    assert np.moveaxis(yl, -3, -1).flags.c_contiguous
+    expected = ref.conv2d(x if x.ndim == 4 else x[None], w, b, **args)
+    bound = ref.conv2d(np.abs(x if x.ndim == 4 else x[None]), np.abs(w), np.abs(b),
+                       **args)
+    assert_close_to_sum(y if y.ndim == 4 else y[None], expected, bound, np.float32)
+
+
 @pytest.mark.parametrize("rank", [1, 2, 3])
 def test_channels_last_gpu_arrays_give_channels_last_results(rank, small_launches):
     """A channels-last Numba device array in (one copy of an NHWC-style buffer to the

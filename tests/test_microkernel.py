@@ -9,16 +9,16 @@ import numpy as np
 import pytest
 from numba import njit
 
-from fastpool.cpu._microkernel import (KC, MC, MR, aligned_host, gemm_add, gemm_batch,
-                                      padded_host)
+from fastpool.cpu._microkernel import (FROM_COLUMN_INIT, FROM_ROW_INIT, KC, MC, MR,
+                                      aligned_host, gemm_add, gemm_batch, padded_host)
 
 
 @njit(cache=True)
-def _product(a, b, c, init, ldb, count, b_step, c_step):
+def _product(a, b, c, init, ldb, count, b_step, c_step, start=FROM_ROW_INIT):
     m, k = a.shape
     n = c.shape[-1]
     gemm_batch(m, n, k, a.reshape(-1), 0, k, 1, b, 0, ldb, c.reshape(-1), 0, n, init, 0,
-               count, b_step, c_step, True)
+               count, b_step, c_step, start)
 
 
 def _own(a, b, init, ldb=None, aligned=False):
@@ -131,3 +131,20 @@ def test_adding_a_product_goes_on_with_each_chain(dtype, cut):
     c = _own(np.ascontiguousarray(a[:, :cut]), b[None, :cut], init)[0]
     _add(np.ascontiguousarray(a[:, cut:]), np.ascontiguousarray(b[cut:]), c)
     np.testing.assert_array_equal(c, whole)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("m, k, n", [(7, 5, 19), (13, KC + 3, 37), (3, 0, 5)])
+def test_chains_may_start_from_a_value_per_column(dtype, m, k, n):
+    """``FROM_COLUMN_INIT``: each column's chains start from its own value (a
+    channels-last output's bias): the chains of the product turned over."""
+    rng = np.random.default_rng(23)
+    a = rng.standard_normal((m, k)).astype(dtype)
+    b = rng.standard_normal((k, n)).astype(dtype)
+    init = rng.standard_normal(n).astype(dtype)
+    c = np.full((m, n), np.nan, dtype)
+    _product(a, b, c, init, n, 1, 0, 0, FROM_COLUMN_INIT)
+    turned = _own(np.ascontiguousarray(b.T), np.ascontiguousarray(a.T)[None], init)[0]
+    np.testing.assert_array_equal(c, turned.T)
+    if k:
+        np.testing.assert_array_equal(c, _chains(b.T, a.T, init).T)

@@ -2,9 +2,10 @@
 the loops around it, for Numba kernels.
 
 ``tile(mr, kc, a, a_off, lda, a_step, b, b_off, ldb, c, c_off, ldc, n_valid, init,
-init_off, nr, fresh)`` does ``C[i, j] = start[i, j] + sum over k < kc of A[i, k] * B[k, j]`` for
-an ``MR x NR`` tile of C (``mr <= MR`` rows, the first ``n_valid`` of ``NR`` columns;
-``start`` is C itself, or ``init[init_off + i]`` with ``fresh``), where
+init_off, nr, start)`` does ``C[i, j] = s[i, j] + sum over k < kc of A[i, k] *
+B[k, j]`` for an ``MR x NR`` tile of C (``mr <= MR`` rows, the first ``n_valid`` of
+``NR`` columns; ``s`` is C itself, ``init[init_off + i]`` or ``init[init_off + j]``,
+as ``start`` says), where
 
 - ``A`` is read in place, ``A[i, k]`` at ``a[a_off + i*lda + k*a_step]`` (a weight
   matrix's rows, ``a_step = 1``, or its columns; no packing: each value is broadcast
@@ -12,7 +13,7 @@ an ``MR x NR`` tile of C (``mr <= MR`` rows, the first ``n_valid`` of ``NR`` col
 - ``B``'s row ``k`` is at ``b[b_off + k*ldb:]`` (columns gathered by the caller; rows
   starting on cache lines run faster, ``padded``);
 - the tile of C lives in ``MR * NR / lanes`` vector registers for the whole ``k`` loop,
-  read (unless ``fresh``) before it and written after it, masked to ``n_valid``
+  read (if it starts from C) before it and written after it, masked to ``n_valid``
   columns. ``gemm_batch`` runs the tiles over whole products, ``k`` in slabs of ``KC``.
 
 Why not BLAS: every element of C here is one chain of fused multiply-adds,
@@ -46,6 +47,9 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 MR = 6           # rows of a tile
+# Where a tile's chains start (``gemm_batch``'s ``start``): C's values, ``init`` per
+# row, ``init`` per column.
+FROM_C, FROM_ROW_INIT, FROM_COLUMN_INIT = 0, 1, 2
 VECTORS = 2      # vectors per row of a tile
 _BYTES = 32      # bytes per vector: AVX2 (LLVM splits them where vectors are narrower)
 
@@ -99,19 +103,21 @@ def _tile(partial, vectors):
 
     Rows past ``mr`` compute a copy of row ``mr - 1`` (reading only valid rows of A and
     C) and are not stored: a variant per row count took twice the compile time (2.4 s
-    for the twelve). With ``fresh`` set, the chains start from
-    ``init[init_off + i]`` per row (a bias, or zeros) instead of from C."""
+    for the twelve). ``start``: the chains start from C (``FROM_C``), from
+    ``init[init_off + i]`` per row (``FROM_ROW_INIT``: a bias, or zeros) or from
+    ``init[init_off + j]`` per column (``FROM_COLUMN_INIT``: a channels-last
+    output's bias), read with C's masks."""
 
     @intrinsic
     def tile(typingctx, mr, kc, a, a_off, lda, a_step, b, b_off, ldb, c, c_off, ldc,
-             n_valid, init, init_off, fresh):
+             n_valid, init, init_off, start):
         if not (all(isinstance(t, types.Array) for t in (a, b, c, init))
                 and a.dtype in (types.float32, types.float64)
                 and all(t.dtype == a.dtype for t in (b, c, init))):
             return None
         dtype = a.dtype
         signature = types.void(mr, kc, a, a_off, lda, a_step, b, b_off, ldb, c, c_off,
-                               ldc, n_valid, init, init_off, fresh)
+                               ldc, n_valid, init, init_off, start)
         width = lanes(dtype.bitwidth // 8)
 
         def codegen(context, builder, sig, args):
@@ -183,28 +189,35 @@ def _tile(partial, vectors):
                     builder.store(vector, pointer).align = itemsize
 
             init0 = at(13, 14)
-            is_fresh = builder.icmp_signed("!=", context.cast(
-                builder, args[15], tys[15], types.intp), const(0))
-            # fresh chains never read C: it may be a fresh output, and a pass over it
+            mode = context.cast(builder, args[15], tys[15], types.intp)
+            # chains from init never read C: it may be a fresh output, and a pass over it
             # costs as much as the products on layers with few input channels
             from_init = builder.append_basic_block("tile.init")
+            from_columns = builder.append_basic_block("tile.columns")
             from_c = builder.append_basic_block("tile.c")
             started = builder.append_basic_block("tile.start")
-            builder.cbranch(is_fresh, from_init, from_c)
+            switch = builder.switch(mode, from_c)
+            switch.add_case(const(FROM_ROW_INIT), from_init)
+            switch.add_case(const(FROM_COLUMN_INIT), from_columns)
             builder.position_at_end(from_init)
             inits = []
             for i in range(MR):
                 first = splat(builder.load(builder.gep(init0, [rows[i]])), vty)
                 inits.extend([first] * vectors)
             builder.branch(started)
+            builder.position_at_end(from_columns)
+            columns = [load(builder.bitcast(builder.gep(init0, [const(v * width)]), vptr), v)
+                       for v in range(vectors)]
+            builder.branch(started)
             builder.position_at_end(from_c)
             loaded = [load(slot(c0, ldc, i, v), v) for i in range(MR) for v in range(vectors)]
             builder.branch(started)
             builder.position_at_end(started)
             start = []
-            for first, other in zip(inits, loaded):
+            for index, (first, other) in enumerate(zip(inits, loaded)):
                 phi = builder.phi(vty)
                 phi.add_incoming(first, from_init)
+                phi.add_incoming(columns[index % vectors], from_columns)
                 phi.add_incoming(other, from_c)
                 start.append(phi)
             a_rows = [builder.gep(a0, [builder.mul(lda, rows[i])]) for i in range(MR)]
@@ -270,24 +283,23 @@ _full_1, _partial_1 = _tile(False, 1), _tile(True, 1)
 
 @njit(inline="always")
 def tile(mr, kc, a, a_off, lda, a_step, b, b_off, ldb, c, c_off, ldc, n_valid, init,
-         init_off, nr, fresh):
+         init_off, nr, start):
     """``C[:mr, :n_valid] (+)= A[:mr, :kc] @ B[:kc, :n_valid]`` (module docstring),
     ``A[i, k]`` at ``a[a_off + i*lda + k*a_step]``, ``B`` row ``k`` at
     ``b[b_off + k*ldb:]``; ``1 <= mr <= MR``, ``1 <= n_valid <= nr``
-    (``nr = panel_width(itemsize)``); with ``fresh``, row ``i``'s chains start from
-    ``init[init_off + i]`` instead of C."""
+    (``nr = panel_width(itemsize)``); ``start`` as for the intrinsic (``_tile``)."""
     if n_valid == nr:
         _full(mr, kc, a, a_off, lda, a_step, b, b_off, ldb, c, c_off, ldc, n_valid, init,
-              init_off, fresh)
+              init_off, start)
     elif 2 * n_valid > nr:
         _partial(mr, kc, a, a_off, lda, a_step, b, b_off, ldb, c, c_off, ldc, n_valid,
-                 init, init_off, fresh)
+                 init, init_off, start)
     elif 2 * n_valid == nr:
         _full_1(mr, kc, a, a_off, lda, a_step, b, b_off, ldb, c, c_off, ldc, n_valid,
-                init, init_off, fresh)
+                init, init_off, start)
     else:
         _partial_1(mr, kc, a, a_off, lda, a_step, b, b_off, ldb, c, c_off, ldc, n_valid,
-                   init, init_off, fresh)
+                   init, init_off, start)
 
 
 # Rows of B per slab: a tile's rows of A (MR x KC) stay in L1 across a slab's panels.
@@ -300,27 +312,30 @@ MC = 96
 # Compiled once per dtype and called, not inlined: its tile variants are large.
 @njit(cache=True, boundscheck=False, error_model="numpy", nogil=True)
 def gemm_batch(m, n, k, a, a_off, lda, a_step, b, b_off, ldb, c, c_off, ldc, init,
-               init_off, count, b_step, c_step, fresh):
-    """``C_t = init + A @ B_t`` for ``t < count`` (``fresh``; else ``C_t += A @ B_t``,
-    each chain going on from C's value), the products sharing ``A``: ``A`` (``m x
-    k``, ``A[i, k]`` at ``a_off + i*lda + k*a_step``), ``B_t`` (``k x n``, at ``b_off + t*b_step``) and ``C_t``
-    (``m x n``, at ``c_off + t*c_step``) inside flat arrays; ``init[init_off + i]``
-    starts row ``i`` (a bias, or zeros). Each element of C is one chain of fused
-    multiply-adds over ``k`` in order from its row's ``init``, whatever the sizes and
-    the tiling. Each block of ``A`` (``MC x KC``) is read from memory once and used
-    from L2 for every product (the images of a batch: a weight-heavy layer's weight is
-    read once, not once per image)."""
+               init_off, count, b_step, c_step, start):
+    """``C_t = init + A @ B_t`` for ``t < count`` (``start``: ``FROM_ROW_INIT``,
+    ``init[init_off + i]`` starts row ``i``, a bias or zeros; ``FROM_COLUMN_INIT``,
+    ``init[init_off + j]`` starts column ``j``; ``FROM_C``: ``C_t += A @ B_t``, each
+    chain going on from C's value), the products sharing ``A``: ``A`` (``m x k``,
+    ``A[i, k]`` at ``a_off + i*lda + k*a_step``), ``B_t`` (``k x n``, at ``b_off +
+    t*b_step``) and ``C_t`` (``m x n``, at ``c_off + t*c_step``) inside flat arrays.
+    Each element of C is one chain of fused multiply-adds over ``k`` in order from its
+    start, whatever the sizes and the tiling. Each block of ``A`` (``MC x KC``) is read
+    from memory once and used from L2 for every product (the images of a batch: a
+    weight-heavy layer's weight is read once, not once per image)."""
     nr = VECTORS * (_BYTES // c.itemsize)
     if k == 0:
-        if not fresh:
+        if start == FROM_C:
             return
         for t in range(count):
             for i in range(m):
                 for j in range(n):
-                    c[c_off + t * c_step + i * ldc + j] = init[init_off + i]
+                    c[c_off + t * c_step + i * ldc + j] = init[
+                        init_off + (i if start == FROM_ROW_INIT else j)]
         return
     for k0 in range(0, k, KC):
         kc = min(KC, k - k0)
+        mode = start if k0 == 0 else FROM_C
         for i0 in range(0, m, MC):
             i1 = min(i0 + MC, m)
             for t in range(count):
@@ -329,16 +344,18 @@ def gemm_batch(m, n, k, a, a_off, lda, a_step, b, b_off, ldb, c, c_off, ldc, ini
                 for j in range(0, n, nr):
                     cols = min(nr, n - j)
                     for i in range(i0, i1, MR):
+                        first = init_off + (i if start == FROM_ROW_INIT else j)
                         tile(min(MR, i1 - i), kc, a, a_off + i * lda + k0 * a_step,
                              lda, a_step, b, b_t + j, ldb, c, c_t + i * ldc + j, ldc,
-                             cols, init, init_off + i, nr, fresh and k0 == 0)
+                             cols, init, first, nr, mode)
 
 
 @njit(inline="always")
 def gemm(m, n, k, a, a_off, lda, b, b_off, ldb, c, c_off, ldc, init, init_off):
-    """``C = init + A @ B``: ``gemm_batch`` of one product."""
+    """``C = init + A @ B``, ``init[init_off + i]`` starting row ``i``: ``gemm_batch``
+    of one product."""
     gemm_batch(m, n, k, a, a_off, lda, 1, b, b_off, ldb, c, c_off, ldc, init, init_off,
-               1, 0, 0, True)
+               1, 0, 0, FROM_ROW_INIT)
 
 
 @njit(inline="always")
@@ -346,7 +363,7 @@ def gemm_add(m, n, k, a, a_off, lda, b, b_off, ldb, c, c_off, ldc):
     """``C += A @ B``, each element's chain going on from its value in C (a sum over
     several products in a fixed order: one chain, as if they were one product)."""
     gemm_batch(m, n, k, a, a_off, lda, 1, b, b_off, ldb, c, c_off, ldc, c, 0, 1, 0, 0,
-               False)
+               FROM_C)
 
 
 def padded_host(n, dtype):

@@ -57,7 +57,7 @@ from fastpool._threading import loop_on_one_thread, thread_count
 from fastpool.cpu._arrays import contiguous
 from fastpool._geometry import CHANNELS_LAST
 from fastpool.cpu._blas import single_threaded_blas
-from fastpool.cpu.conv import _channels_last, _channels_last_direct
+from fastpool.cpu.conv import _channels_last, _channels_last_direct, _channels_last_gemm
 from fastpool.cpu.conv._direct import (_direct_backward_input, _direct_backward_weight,
                                        _direct_backward_weight_unit_stride,
                                        _direct_forward, _direct_forward_unit_stride)
@@ -151,6 +151,23 @@ def _depthwise_pixels(x, w, algorithm):
     x4 = _channels_last_direct.pixels(x, _batched(x))
     return x4 if x4 is not None and x4.shape == ((w.batch,) + w.in_size
                                                  + (w.channels,)) else None
+
+
+def _channels_last_columns(x, w, algorithm):
+    """The batched ``(N, C, H, W)`` channels-last input of a convolution that runs
+    im2col, read in place (``_channels_last_gemm``), or None, as
+    ``_pointwise_pixels``."""
+    if w.layout != CHANNELS_LAST or w.batch == 0:
+        return None
+    code = _algorithm_code(w, algorithm)
+    if (code if code is not None else _forward_problem(w).algorithm()) != IM2COL:
+        return None
+    x4 = x if _batched(x) else x[None]
+    if (x4.shape != (w.batch, w.channels) + w.in_size
+            or not np.moveaxis(x4, 1, -1).flags.c_contiguous or not x4.flags.writeable
+            or not x4.dtype.isnative):
+        return None
+    return x4
 
 
 def _batched(a):
@@ -261,6 +278,14 @@ def conv2d_forward(x, weight, bias, window, algorithm=None):
         y = _channels_last_direct.forward(x4, weight, bias,
                                           _forward_problem(w),
                                           thread_count())
+        return y if _batched(x) else y[0]
+    x_cl = _channels_last_columns(x, w, algorithm)
+    if x_cl is not None:
+        problem = _forward_problem(w)
+        rows = problem.forward_band_rows(IM2COL, x.itemsize)
+        y = _channels_last_gemm.forward(x_cl, weight, bias, problem, rows,
+                                        problem.forward_channel_blocks(rows),
+                                        thread_count())
         return y if _batched(x) else y[0]
     x = contiguous(x)
     if not _batched(x):  # the array's batching, not the window's (``_batched``)

@@ -17,7 +17,7 @@ from numba import njit, prange
 
 from fastpool.cpu._parallel import BODY_JIT, parallel_kernel
 from fastpool.cpu._blas import gemm
-from fastpool.cpu._microkernel import (MR, aligned_empty, gemm as own_gemm, gemm_add,
+from fastpool.cpu._microkernel import (FROM_ROW_INIT, MR, aligned_empty, gemm as own_gemm, gemm_add,
                                       gemm_batch as own_gemm_batch, padded)
 from fastpool.cpu.conv._planner import _JIT, _U, IM2COL, POINTWISE, ROWS
 
@@ -102,6 +102,16 @@ def _gemm_sizes(algorithm, Cg, KH, KW, DH, OW, rows_per_band):
     return Cg, 0  # pointwise reads the input in place
 
 
+@njit(inline="always")
+def band_task(t, m_blocks, G, bands, rows_per_band, OH):
+    """Task ``t`` of a forward over (image, group, band of output rows, block of output
+    channels): ``(block, band's index, image, group, first row, rows)``."""
+    b = t // m_blocks
+    oh0 = (b % bands) * rows_per_band
+    return (t % m_blocks, b, b // (G * bands), (b // bands) % G, oh0,
+            min(rows_per_band, OH - oh0))
+
+
 @parallel_kernel
 @njit(**BODY_JIT)
 def _gemm_forward(x, w, bias, has_bias, y, algorithm, rows_per_band, m_blocks, G, KH, KW, SH, SW, DH, DW, PT, PL, col_lo, col_hi, worker, workers):
@@ -124,12 +134,7 @@ def _gemm_forward(x, w, bias, has_bias, y, algorithm, rows_per_band, m_blocks, G
     # each output's chain of products starts from its bias, or from zero
     starts = bias if has_bias else np.zeros(O, x.dtype)
     for t in range(worker * tasks // workers, (worker + 1) * tasks // workers):
-        mb = t % m_blocks
-        band = t // m_blocks
-        n = band // (G * bands)
-        g = (band // bands) % G
-        oh0 = (band % bands) * rows_per_band
-        rows = min(rows_per_band, OH - oh0)
+        mb, _, n, g, oh0, rows = band_task(t, m_blocks, G, bands, rows_per_band, OH)
         pixels = rows * OW
         m0 = mb * Og // m_blocks
         m = (mb + 1) * Og // m_blocks - m0
@@ -199,7 +204,8 @@ def _gemm_channel_blocks(w, b, b_off, b_step, starts, y, n0, count, g, G, parts,
         if m1 > m0:
             o0 = g * Og + m0
             own_gemm_batch(m1 - m0, P, K, w, o0 * K, K, 1, b, b_off, ld, yf,
-                           (n0 * O + o0) * P, P, starts, o0, count, b_step, O * P, True)
+                           (n0 * O + o0) * P, P, starts, o0, count, b_step, O * P,
+                           FROM_ROW_INIT)
 
 
 @parallel_kernel
@@ -277,7 +283,8 @@ def _gemm_backward_input(grad_output, a, a_row, a_col, grad_input, rows_per_band
             a_off = g * Og * K + c0 * taps * a_row
             if images == 1:
                 own_gemm_batch(channels * taps, pixels, Og, a, a_off, a_row, a_col, gf,
-                               first, OH * OW, cols, 0, ld, zeros, 0, 1, 0, 0, True)
+                               first, OH * OW, cols, 0, ld, zeros, 0, 1, 0, 0,
+                               FROM_ROW_INIT)
             else:
                 for o in range(Og):
                     for i in range(count):
@@ -286,7 +293,8 @@ def _gemm_backward_input(grad_output, a, a_row, a_col, grad_input, rows_per_band
                         for p in range(pixels):
                             band[_U(dst + p)] = gf[_U(src + p)]
                 own_gemm_batch(channels * taps, count * pixels, Og, a, a_off, a_row, a_col,
-                               band, 0, ld, cols, 0, ld, zeros, 0, 1, 0, 0, True)
+                               band, 0, ld, cols, 0, ld, zeros, 0, 1, 0, 0,
+                               FROM_ROW_INIT)
             for i in range(count):
                 _scatter_columns(cols[i * pixels:], ld, grad_input, n0 + i, g * Cg + c0,
                                  channels, oh0 * SH - PT, SH, rows, KH, DH, KW, SW, DW, PL,
