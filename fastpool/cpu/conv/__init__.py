@@ -308,33 +308,36 @@ def _input_grad(grad_output, weight, w, algorithm):
         _run_forward(transposed, grad_output, _flipped_transposed(weight, w.groups), None,
                      grad_input, DIRECT if algorithm == DIRECT else None)
     else:
-        rows = problem.band_rows(IM2COL, grad_output.itemsize)
-        # blocks of input channels where images and groups are fewer than the threads
-        G = problem.groups
-        tasks = grad_input.shape[0] * G
-        blocks = min(problem.channels_per_group, -(-thread_count() // max(tasks, 1)))
-        weight = contiguous(weight)
-        K = weight.size // max(weight.shape[0], 1)
-        if grad_input.shape[0] > 1:  # W_g^T copied once, read by rows by every image
-            a = np.empty(weight.size, weight.dtype)
-            _transpose_groups(weight, a, G, _threads_for(G * -(-weight.shape[0] // 16)))
-            a_row, a_col = weight.shape[0] // G, 1
-        else:
-            a, a_row, a_col = weight.reshape(-1), 1, K
-        # runs of whole images as one GEMM, a run per thread at most, in _RUN_BYTES
-        N = grad_input.shape[0]
-        per_image = ((problem.channels_per_group * problem.kernel_h * problem.kernel_w
-                      + problem.outputs_per_group) * problem.out_h * problem.out_w
-                     * grad_output.itemsize)
-        most = max(1, min(_IMAGES_PER_GEMM, _RUN_BYTES // max(per_image, 1)))
-        share = N // thread_count()  # whole runs per thread: equal work
-        images = -(-share // -(-share // most)) if share > 1 else 1
-        if images > 1:
-            rows = problem.out_h
-        runs = -(-N // images)
-        _gemm_backward_input(grad_output, a, a_row, a_col, grad_input, rows, blocks,
-                             images, *problem.args, _threads_for(runs * G * blocks))
+        _col2im_input_grad(problem, grad_output, weight, grad_input)
     return grad_input
+
+
+def _col2im_input_grad(problem, grad_output, weight, grad_input):
+    """``grad_input = col2im(W_g^T @ grad_output)`` (``_gemm_backward_input``): blocks
+    of input channels where images and groups are fewer than the threads; ``W_g^T``
+    read in place by columns for one image, copied once for several; runs of whole
+    images as one GEMM, equal runs per thread, in ``_RUN_BYTES``."""
+    N = grad_input.shape[0]
+    G = problem.groups
+    blocks = min(problem.channels_per_group, -(-thread_count() // max(N * G, 1)))
+    weight = contiguous(weight)
+    K = weight.size // max(weight.shape[0], 1)
+    if N > 1:
+        a = np.empty(weight.size, weight.dtype)
+        _transpose_groups(weight, a, G, _threads_for(G * -(-weight.shape[0] // 16)))
+        a_row, a_col = weight.shape[0] // G, 1
+    else:
+        a, a_row, a_col = weight.reshape(-1), 1, K
+    per_image = ((problem.channels_per_group * problem.kernel_h * problem.kernel_w
+                  + problem.outputs_per_group) * problem.out_h * problem.out_w
+                 * grad_output.itemsize)
+    most = max(1, min(_IMAGES_PER_GEMM, _RUN_BYTES // max(per_image, 1)))
+    share = N // thread_count()
+    images = -(-share // -(-share // most)) if share > 1 else 1
+    rows = (problem.out_h if images > 1
+            else problem.band_rows(IM2COL, grad_output.itemsize))
+    _gemm_backward_input(grad_output, a, a_row, a_col, grad_input, rows, blocks, images,
+                         *problem.args, _threads_for(-(-N // images) * G * blocks))
 
 
 def _weight_grad(x, grad_output, weight_shape, w, algorithm):
