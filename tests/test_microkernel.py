@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from numba import njit
 
-from fastpool.cpu._microkernel import (FROM_COLUMN_INIT, FROM_ROW_INIT, KC, MC, MR,
-                                      aligned_host, gemm_add, gemm_batch, padded_host)
+from fastpool.cpu._microkernel import (FROM_COLUMN_INIT, FROM_ROW_INIT, KC, KC_NARROW,
+                                      MC, MR, NARROW, aligned_host, gemm_add, gemm_batch,
+                                      lanes, padded_host)
 
 
 @njit(cache=True)
@@ -63,7 +64,8 @@ def _chains(a, b, init):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("m, k, n", [(7, 5, 19), (6, 3, 16), (1, 1, 1), (13, 4, 9),
-                                     (5, 2, 3), (7, 5, 8), (4, 3, 4), (2, KC + 3, 3)])
+                                     (5, 2, 3), (7, 5, 8), (4, 3, 4), (2, KC + 3, 3),
+                                     (2, KC_NARROW + 3, 3), (1, KC_NARROW + 2, 70)])
 def test_each_element_is_one_chain_of_fused_multiply_adds(dtype, m, k, n):
     rng = np.random.default_rng(20261205)
     a = rng.standard_normal((m, k)).astype(dtype)
@@ -81,11 +83,12 @@ def test_each_element_is_one_chain_of_fused_multiply_adds(dtype, m, k, n):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_same_bits_however_the_product_is_cut(dtype):
-    """Tiles, panels, slabs of ``k`` (more than ``KC``), blocks of ``MC`` rows, blocks
-    of rows and columns,
+    """Tiles, panels, slabs of ``k`` (more than ``KC_NARROW``), blocks of ``MC`` rows,
+    blocks of rows and columns (the wide product's loops against the narrow one's),
     products batched or one by one, B's row stride: one set of bits."""
     rng = np.random.default_rng(5)
-    m, k, n = MC + 2 * MR + 5, KC + 37, 53
+    m, k, n = MC + 2 * MR + 5, KC_NARROW + 37, NARROW * 2 * lanes(4) + 37
+    assert n > NARROW * 2 * lanes(np.dtype(dtype).itemsize)  # the whole product is wide
     a = rng.standard_normal((m, k)).astype(dtype)
     b = rng.standard_normal((3, k, n)).astype(dtype)
     init = rng.standard_normal(m).astype(dtype)
@@ -98,7 +101,7 @@ def test_same_bits_however_the_product_is_cut(dtype):
         np.testing.assert_array_equal(whole[t], _own(a, b[t:t + 1], init)[0])
     for rows in (slice(0, 1), slice(1, MR + 2), slice(MR + 2, MC + 1), slice(MC + 1, m)):
         np.testing.assert_array_equal(whole[:, rows], _own(a[rows], b, init[rows]))
-    for cols in (slice(0, 1), slice(1, 17), slice(17, 30), slice(30, n)):
+    for cols in (slice(0, 1), slice(1, 17), slice(17, 30), slice(30, n), slice(9, 70)):
         np.testing.assert_array_equal(whole[:, :, cols],
                                       _own(a, np.ascontiguousarray(b[:, :, cols]), init))
 
@@ -148,3 +151,27 @@ def test_chains_may_start_from_a_value_per_column(dtype, m, k, n):
     np.testing.assert_array_equal(c, turned.T)
     if k:
         np.testing.assert_array_equal(c, _chains(b.T, a.T, init).T)
+
+
+@njit(cache=True)
+def _product_by_columns(at, b, c, init):
+    """``init + A @ B`` with ``A`` read by columns from ``at`` (``A^T``, ``k x m``)."""
+    k, m = at.shape
+    n = c.shape[1]
+    gemm_batch(m, n, k, at.reshape(-1), 0, 1, m, b.reshape(-1), 0, n, c.reshape(-1), 0,
+               n, init, 0, 1, 0, 0, FROM_ROW_INIT)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n", [5, 40, 200])
+def test_a_read_by_columns_gives_the_same_bits(dtype, n):
+    """``A[i, k]`` at ``i + k*m`` (a weight read transposed, in place) against ``A``
+    by rows: the narrow and the wide products' loops, ``k`` over several slabs."""
+    rng = np.random.default_rng(31)
+    m, k = 2 * MR + 3, KC_NARROW + 11
+    a = rng.standard_normal((m, k)).astype(dtype)
+    b = rng.standard_normal((k, n)).astype(dtype)
+    init = rng.standard_normal(m).astype(dtype)
+    c = np.full((m, n), np.nan, dtype)
+    _product_by_columns(np.ascontiguousarray(a.T), b, c, init)
+    np.testing.assert_array_equal(c, _own(a, b[None], init)[0])

@@ -307,6 +307,53 @@ KC = 256
 # Rows of A per block: a block's rows of a slab (MC x KC) stay in L2 while each panel of
 # B (KC x NR) is read from L1 by every tile of the block.
 MC = 96
+# Products at most this many panels wide take their tiles' rows of A as the outer loop.
+NARROW = 4
+# Rows of B per slab of a narrow product.
+KC_NARROW = 512
+
+
+@njit(inline="always")
+def _narrow(m, n, k, a, a_off, lda, a_step, b, b_off, ldb, c, c_off, ldc, init,
+            init_off, count, b_step, c_step, start, nr):
+    """``gemm_batch`` for products of a few panels (small planes): a tile's rows of A
+    stay in L1 while B's panels (of every product) come from L2, rather than a block
+    of A coming from L2 once per panel. 1 core, float32, 512 x 4608 by 49: 67 -> 75
+    GFLOP/s."""
+    for k0 in range(0, k, KC_NARROW):
+        kc = min(KC_NARROW, k - k0)
+        mode = start if k0 == 0 else FROM_C
+        for i in range(0, m, MR):
+            for t in range(count):
+                b_t = b_off + t * b_step + k0 * ldb
+                c_t = c_off + t * c_step
+                for j in range(0, n, nr):
+                    first = init_off + (i if start == FROM_ROW_INIT else j)
+                    tile(min(MR, m - i), kc, a, a_off + i * lda + k0 * a_step, lda,
+                         a_step, b, b_t + j, ldb, c, c_t + i * ldc + j, ldc,
+                         min(nr, n - j), init, first, nr, mode)
+
+
+@njit(inline="always")
+def _wide(m, n, k, a, a_off, lda, a_step, b, b_off, ldb, c, c_off, ldc, init,
+          init_off, count, b_step, c_step, start, nr):
+    """``gemm_batch`` for wider products: each panel of B is read from L1 by every
+    tile of a block of A (from L2)."""
+    for k0 in range(0, k, KC):
+        kc = min(KC, k - k0)
+        mode = start if k0 == 0 else FROM_C
+        for i0 in range(0, m, MC):
+            i1 = min(i0 + MC, m)
+            for t in range(count):
+                b_t = b_off + t * b_step + k0 * ldb
+                c_t = c_off + t * c_step
+                for j in range(0, n, nr):
+                    cols = min(nr, n - j)
+                    for i in range(i0, i1, MR):
+                        first = init_off + (i if start == FROM_ROW_INIT else j)
+                        tile(min(MR, i1 - i), kc, a, a_off + i * lda + k0 * a_step,
+                             lda, a_step, b, b_t + j, ldb, c, c_t + i * ldc + j, ldc,
+                             cols, init, first, nr, mode)
 
 
 # Compiled once per dtype and called, not inlined: its tile variants are large.
@@ -333,21 +380,21 @@ def gemm_batch(m, n, k, a, a_off, lda, a_step, b, b_off, ldb, c, c_off, ldc, ini
                     c[c_off + t * c_step + i * ldc + j] = init[
                         init_off + (i if start == FROM_ROW_INIT else j)]
         return
-    for k0 in range(0, k, KC):
-        kc = min(KC, k - k0)
-        mode = start if k0 == 0 else FROM_C
-        for i0 in range(0, m, MC):
-            i1 = min(i0 + MC, m)
-            for t in range(count):
-                b_t = b_off + t * b_step + k0 * ldb
-                c_t = c_off + t * c_step
-                for j in range(0, n, nr):
-                    cols = min(nr, n - j)
-                    for i in range(i0, i1, MR):
-                        first = init_off + (i if start == FROM_ROW_INIT else j)
-                        tile(min(MR, i1 - i), kc, a, a_off + i * lda + k0 * a_step,
-                             lda, a_step, b, b_t + j, ldb, c, c_t + i * ldc + j, ldc,
-                             cols, init, first, nr, mode)
+    # A literal step of 1 for A read by rows: its addresses fold (5-8% on narrow
+    # products).
+    if n <= NARROW * nr:
+        if a_step == 1:
+            _narrow(m, n, k, a, a_off, lda, 1, b, b_off, ldb, c, c_off, ldc, init,
+                    init_off, count, b_step, c_step, start, nr)
+        else:
+            _narrow(m, n, k, a, a_off, lda, a_step, b, b_off, ldb, c, c_off, ldc, init,
+                    init_off, count, b_step, c_step, start, nr)
+    elif a_step == 1:
+        _wide(m, n, k, a, a_off, lda, 1, b, b_off, ldb, c, c_off, ldc, init, init_off,
+              count, b_step, c_step, start, nr)
+    else:
+        _wide(m, n, k, a, a_off, lda, a_step, b, b_off, ldb, c, c_off, ldc, init,
+              init_off, count, b_step, c_step, start, nr)
 
 
 @njit(inline="always")
