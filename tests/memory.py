@@ -23,7 +23,8 @@ outputs (docs/site/reliability.md), read off the kernels' allocations:
   output rows in float64 (3-D: two rings of planes and two planes more);
 * convolution: per thread, the largest of a 2 MiB band of gathered columns, one row of
   columns (``C_g * kH * kW * W``), one row of Winograd tiles (``16 * (C_g + O_g)`` per
-  tile column) and, for the direct stride-1 kernels, two padded planes (of at most
+  tile column) and, for the direct plane kernels, two padded planes split by stride
+  phase (of at most
   2**22 elements: larger planes take the row kernels); plus four
   weight-sized copies (reordered, flipped, Winograd-transformed (16/9) and re-ordered
   gradient) and the weight gradient's partial sums (at most 16 weight-sized chunks,

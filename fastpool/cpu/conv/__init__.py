@@ -59,8 +59,8 @@ from fastpool._geometry import CHANNELS_LAST
 from fastpool.cpu._blas import single_threaded_blas
 from fastpool.cpu.conv import _channels_last, _channels_last_direct, _channels_last_gemm
 from fastpool.cpu.conv._direct import (_direct_backward_input, _direct_backward_weight,
-                                       _direct_backward_weight_unit_stride,
-                                       _direct_forward, _direct_forward_unit_stride)
+                                       _direct_backward_weight_planes,
+                                       _direct_forward, _direct_forward_planes)
 from fastpool.cpu._microkernel import MR, aligned_host, padded_host
 from fastpool.cpu.conv._gemm import (_bias_grad, _gather_images, _gemm_backward_input,
                                      _transpose_groups,
@@ -193,10 +193,10 @@ def _run_forward(problem, x, weight, bias, y, algorithm=None):
     bias = contiguous(bias) if has_bias else _no_bias(x.dtype)
     if algorithm == DIRECT:
         weight = contiguous(weight)
-        unit = problem.unit_stride_args
-        if unit is not None:
-            _direct_forward_unit_stride(x, weight, bias, has_bias, y, *unit,
-                                        _threads_for(x.shape[0] * y.shape[1]))
+        planes = problem.plane_args
+        if planes is not None:
+            _direct_forward_planes(x, weight, bias, has_bias, y, *planes,
+                                   _threads_for(x.shape[0] * y.shape[1]))
         else:
             loop_on_one_thread(_direct_forward, x, weight, bias, has_bias, y,
                                *problem.args)
@@ -347,11 +347,9 @@ def _weight_grad(x, grad_output, weight_shape, w, algorithm):
     problem = _forward_problem(w)
     if algorithm == DIRECT:
         p = problem
-        if p.unit_stride_planes():
-            _direct_backward_weight_unit_stride(x, grad_output, grad_weight, p.groups,
-                                                p.kernel_h, p.kernel_w, p.dilation_h,
-                                                p.dilation_w, p.pad_top, p.pad_left,
-                                                _threads_for(p.out_channels))
+        if p.plane_args is not None:
+            _direct_backward_weight_planes(x, grad_output, grad_weight, *p.plane_args,
+                                           _threads_for(p.out_channels))
         else:
             loop_on_one_thread(_direct_backward_weight, x, grad_output, grad_weight,
                                *problem.args)

@@ -8,8 +8,8 @@ channels-first kernels (``_direct``) would need one copy in and one out.
 The sums are added in the order of the channels-first direct kernels, so the output and
 the input gradient are bitwise those of a channels-first call: the bias first, then the
 taps in row-major order, four at a time as ``(a + b) + (c + d)`` with cells outside the
-input as zeros where the channels-first call uses its padded-plane kernels
-(``_Problem.unit_stride_planes``), one at a time skipping outside cells otherwise. The
+input as zeros where the channels-first call uses its plane kernels
+(``_Problem.plane_args``), one at a time skipping outside cells otherwise. The
 strided input gradient gathers, per input cell, the terms the channels-first kernel
 scatters, in its order (output rows ascending, kernel columns ascending). The weight
 gradient sums fixed chunks of output rows (the chunking depends on the shapes only)
@@ -85,15 +85,20 @@ def _columns(xf, yf, wtf, bias, has_bias, stage, o, n, oh, ow_a, ow_b, H, W, C, 
                       o[3] + lo * C, wtf, k * C, (hi - lo) * C, C, g == 4)
         else:
             for ow in range(lo, hi):
-                _add_taps(yf, row + ow * C, xf, o[0] + ow * SW * C, 0, 0, 0, wtf, k * C,
-                          C, C, False)
+                s = ow * SW * C
+                if g == 4:
+                    _add_taps(yf, row + ow * C, xf, o[0] + s, o[1] + s, o[2] + s,
+                              o[3] + s, wtf, k * C, C, C, True)
+                else:
+                    _add_taps(yf, row + ow * C, xf, o[0] + s, 0, 0, 0, wtf, k * C, C, C,
+                              False)
         if grouped:
             for ow in range(ow_a, ow_b):
                 if lo <= ow < hi:
                     continue
                 for kk in range(g):
-                    h = oh - PT + ((k + kk) // KW) * DH
-                    wc = ow - PL + ((k + kk) % KW) * DW
+                    h = oh * SH - PT + ((k + kk) // KW) * DH
+                    wc = ow * SW - PL + ((k + kk) % KW) * DW
                     inside = 0 <= h < H and 0 <= wc < W
                     src = ((n * H + h) * W + wc) * C
                     for c in range(C):
@@ -202,8 +207,8 @@ def _forward(x, wt, bias, has_bias, y, KH, KW, SH, SW, DH, DW, PT, PL, col_lo, c
     """``y[n, oh, ow, c] = bias[c] + sum over taps k = (i, j) of wt[k, c] *
     x[n, oh*SH - PT + i*DH, ow*SW - PL + j*DW, c]``, one task per output row
     (``col_lo``/``col_hi``: per kernel column, the output columns whose tap lies inside
-    the input row). ``grouped`` needs stride 1; there a 3x3 kernel reads the columns
-    whose window leaves the input from a zero-padded copy of them (``_fill_band``)."""
+    the input row). With ``grouped`` at stride 1 a 3x3 kernel reads the columns whose
+    window leaves the input from a zero-padded copy of them (``_fill_band``)."""
     N, H, W, C = x.shape
     OH, OW = y.shape[1], y.shape[2]
     rows = N * OH
@@ -224,7 +229,7 @@ def _forward(x, wt, bias, has_bias, y, KH, KW, SH, SW, DH, DW, PT, PL, col_lo, c
             h0 = oh * SH - PT
             row = (n * OH + oh) * OW * C
             inside = h0 >= 0 and h0 + 2 * DH < H
-            if nine and grouped:
+            if nine and grouped and SH == SW == 1:
                 a, b = (lo, hi) if inside else (0, 0)
                 _nine_taps(xf, yf, wtf, bias, has_bias, row, ((n * H + h0) * W - PL) * C,
                            a, b, C, 1, DW, DH * W * C, 2 * DH * W * C, True)
@@ -357,7 +362,7 @@ def _run_forward(problem, x4, wt, bias, y4, workers):
     loop_on_one_thread(
         _forward, x4, wt, np.ascontiguousarray(bias) if has_bias else np.zeros(1, x4.dtype),
         has_bias, y4, p.kernel_h, p.kernel_w, p.stride_h, p.stride_w, p.dilation_h,
-        p.dilation_w, p.pad_top, p.pad_left, *p.column_range(), p.unit_stride_planes(),
+        p.dilation_w, p.pad_top, p.pad_left, *p.column_range(), p.plane_args is not None,
         workers)
 
 

@@ -210,13 +210,16 @@ class _Problem:
         return -(-tiles_h // bands)  # equal bands: no short last band
 
     @functools.cached_property
-    def unit_stride_args(self):
-        """The padded-plane direct kernels' geometry arguments, or None where they do
-        not apply (``unit_stride_planes``)."""
-        if not self.unit_stride_planes():
+    def plane_args(self):
+        """The plane direct kernels' geometry arguments (``_direct``: zero-padded
+        planes split by stride phase), or None where the planes would be larger than
+        ``_PADDED_PLANE_LIMIT`` elements."""
+        phases_h = self.out_h + self.dilation_h * (self.kernel_h - 1) // self.stride_h
+        phases_w = self.out_w + self.dilation_w * (self.kernel_w - 1) // self.stride_w
+        if self.stride_h * self.stride_w * phases_h * phases_w > _PADDED_PLANE_LIMIT:
             return None
-        return (self.groups, self.kernel_h, self.kernel_w, self.dilation_h,
-                self.dilation_w, self.pad_top, self.pad_left)
+        return (self.groups, self.kernel_h, self.kernel_w, self.stride_h, self.stride_w,
+                self.dilation_h, self.dilation_w, self.pad_top, self.pad_left)
 
     def unit_stride_planes(self):
         """Whether the padded-plane direct kernels apply: stride 1 and a padded plane
