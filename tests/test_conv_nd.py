@@ -230,10 +230,13 @@ def test_channels_last_gpu_arrays_give_channels_last_results(rank, small_launche
 @pytest.mark.parametrize("groups", [1, 2])
 @pytest.mark.parametrize("unbatched", [False, True])
 def test_channels_last_pointwise_runs_in_place(groups, unbatched, monkeypatch):
-    """A 1x1 convolution of a channels-last input is GEMMs on its pixel matrix: the
-    channels-first copy never happens, results match the reference and stay
-    channels-last; a channels-first grad_output is copied once."""
+    """A 1x1 convolution of a channels-last input is GEMMs on its pixel matrix (BLAS,
+    where ``_channels_last_gemm`` does not take it): the channels-first copy never
+    happens, results match the reference and stay channels-last; a channels-first
+    grad_output is copied once."""
     from fastpool.cpu import conv as cpu_conv
+    from fastpool.cpu.conv import _channels_last_gemm
+    monkeypatch.setattr(_channels_last_gemm, "takes_pointwise", lambda *a: False)
     rng = np.random.default_rng(30 + groups)
     x = rng.standard_normal((3, 6, 5, 7))
     w = rng.standard_normal((4, 6 // groups, 1, 1))
@@ -261,6 +264,45 @@ def test_channels_last_pointwise_runs_in_place(groups, unbatched, monkeypatch):
         for got, want in zip(grads, grads_ref):
             np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10)
         assert np.moveaxis(grads.grad_input, axis, -1).flags.c_contiguous
+
+
+@pytest.mark.parametrize("path", ["in place", "narrow band", "narrow turned"])
+@pytest.mark.parametrize("x_shape, groups", [((2, 6, 5, 7), 1), ((1, 8, 4, 3), 2),
+                                             ((5, 3, 4), 1)])
+def test_channels_last_pointwise_products_give_the_channels_first_bits(
+        path, x_shape, groups, monkeypatch):
+    """The channels-last pointwise forwards on fastpool's own GEMM (small weights:
+    turned over, reading the input in place; few pixels: the channels-first product on
+    gathered pixels, into a band buffer or turned over) are read in place, written
+    channels-last, and give the channels-first call's bits."""
+    from fastpool.cpu import conv as cpu_conv
+    from fastpool.cpu.conv import _channels_last_gemm as clg
+    rng = np.random.default_rng(41)
+    x = rng.standard_normal(x_shape).astype(np.float32)
+    w = rng.standard_normal((10, x_shape[-3] // groups, 1, 1)).astype(np.float32)
+    b = rng.standard_normal(10).astype(np.float32)
+    y = fastpool.conv2d(x, w, b, groups=groups)
+    xl = np.moveaxis(np.ascontiguousarray(np.moveaxis(x, -3, -1)), -1, -3)
+    big = 1 << 30
+    monkeypatch.setattr(clg, "_IN_PLACE_WEIGHT_BYTES", big if path == "in place" else 0)
+    monkeypatch.setattr(clg, "_NARROW_PIXELS", 0 if path == "in place" else big)
+    monkeypatch.setattr(clg, "_TURNED_WEIGHT_BYTES", big if path == "narrow turned" else 0)
+    calls = []  # (in_place, wt) of each launch
+    original = clg._im2col_forward
+    monkeypatch.setattr(clg, "_im2col_forward",
+                        lambda *a: calls.append((a[5], a[2])) or original(*a))
+
+    def no_copies(a):
+        raise AssertionError("the channels-first path ran")
+
+    monkeypatch.setattr(cpu_conv, "contiguous", no_copies)
+    yl = fastpool.conv2d(xl, w, b, groups=groups)
+    in_place, turned = calls[0][0], calls[0][1].size > 0
+    assert (in_place, turned) == {"in place": (True, True),
+                                  "narrow band": (False, False),
+                                  "narrow turned": (False, True)}[path]
+    np.testing.assert_array_equal(yl, y)
+    assert np.moveaxis(yl, -3, -1).flags.c_contiguous
 
 
 DEPTHWISE_LAST_CASES = [  # (x_shape, kernel, args): each path of the kernels

@@ -160,7 +160,8 @@ def _channels_last_columns(x, w, algorithm):
     if w.layout != CHANNELS_LAST or w.batch == 0:
         return None
     code = _algorithm_code(w, algorithm)
-    if (code if code is not None else _forward_problem(w).algorithm()) != IM2COL:
+    if (code if code is not None else _forward_problem(w).algorithm()) not in (
+            IM2COL, POINTWISE):
         return None
     x4 = x if _batched(x) else x[None]
     if (x4.shape != (w.batch, w.channels) + w.in_size
@@ -212,7 +213,7 @@ def _run_forward(problem, x, weight, bias, y, algorithm=None):
                                    algorithm)
         return y
     if (algorithm == POINTWISE
-            and padded_host(y.shape[2] * y.shape[3], x.dtype) != y.shape[2] * y.shape[3]
+            and y.shape[2] * y.shape[3] * x.itemsize % 64
             and problem.forward_channel_blocks(
                 problem.forward_band_rows(IM2COL, x.itemsize)) == 1):
         # planes whose rows of pixels do not fill whole cache lines are copied, as
@@ -268,7 +269,8 @@ def conv2d_forward(x, weight, bias, window, algorithm=None):
     ``ALGORITHMS``) overrides ``choose_algorithm``; tests use it to cover every path."""
     w = window
     x2d = _pointwise_pixels(x, w, algorithm)
-    if x2d is not None:
+    if x2d is not None and not _channels_last_gemm.takes_pointwise(_forward_problem(w),
+                                                                   weight.nbytes):
         with single_threaded_blas(x2d.dtype):
             y = _channels_last.forward(x2d, weight, bias, w, thread_count(),
                                        _check)
@@ -324,7 +326,8 @@ def _col2im_input_grad(problem, grad_output, weight, grad_input):
     K = weight.size // max(weight.shape[0], 1)
     if N > 1:
         a = np.empty(weight.size, weight.dtype)
-        _transpose_groups(weight, a, G, _threads_for(G * -(-weight.shape[0] // 16)))
+        _transpose_groups(weight, a, G, weight.shape[0] // G,
+                          _threads_for(G * -(-weight.shape[0] // 16)))
         a_row, a_col = weight.shape[0] // G, 1
     else:
         a, a_row, a_col = weight.reshape(-1), 1, K

@@ -21,7 +21,7 @@ from numba import njit
 
 from fastpool.cpu._arrays import contiguous
 from fastpool.cpu._microkernel import (FROM_COLUMN_INIT, aligned_empty, gemm, gemm_batch,
-                                      padded)
+                                      padded, padded_host)
 from fastpool.cpu._parallel import BODY_JIT, parallel_kernel
 from fastpool.cpu.conv._gemm import _transpose_groups, band_task
 from fastpool.cpu.conv._planner import _U
@@ -30,6 +30,11 @@ _BLOCK = 16  # pixels per step of the gather and of the store: a cache line of f
 # A group's weight up to this size runs the product turned over (pixels as its rows,
 # written straight into the output): each block of 96 pixels reads all of it, from L2.
 _TURNED_WEIGHT_BYTES = 256 << 10
+# A pointwise convolution's weight up to this size per group runs the product turned
+# over reading the input in place (no gather: each pixel's channels are a row of A).
+_IN_PLACE_WEIGHT_BYTES = 64 << 10
+# Pixels (all images) up to which a pointwise convolution is a narrow product.
+_NARROW_PIXELS = 64
 
 
 @njit(inline="always")
@@ -68,15 +73,16 @@ def _gather(x, n, c0, channels, oh0, rows, KH, KW, SH, SW, DH, DW, PT, PL, OW, c
 
 @parallel_kernel
 @njit(**BODY_JIT)
-def _im2col_forward(x, w, wt, bias, y, rows_per_band, m_blocks, G, KH, KW, SH, SW, DH,
-                    DW, PT, PL, col_lo, col_hi, worker, workers):
+def _im2col_forward(x, w, wt, bias, y, in_place, rows_per_band, m_blocks, G, KH, KW, SH,
+                    SW, DH, DW, PT, PL, col_lo, col_hi, worker, workers):
     """``y[n, oh, ow, o] = bias[o] + conv(x)`` over (image, group, band of output
     rows, block of output channels); ``x`` is the ``(N, H, W, C)`` input, ``w`` the weight (``O x C_g*KH*KW``),
     ``bias`` the bias or zeros, ``y`` the ``(N, OH, OW, O)`` output. With ``wt`` (each
     group's ``W_g^T``, ``C_g*KH*KW x O_g``; empty: not given) the product is turned
     over, pixels as its rows, written straight into ``y``; else it runs into a band
-    buffer stored into ``y`` 16 pixels at a time."""
-    N, C = x.shape[0], x.shape[3]
+    buffer stored into ``y`` 16 pixels at a time. With ``in_place`` (a pointwise
+    convolution, turned over) the product reads its rows straight from ``x``."""
+    N, H, W, C = x.shape
     OH, OW, O = y.shape[1], y.shape[2], y.shape[3]
     Cg = C // G
     Og = O // G
@@ -85,23 +91,30 @@ def _im2col_forward(x, w, wt, bias, y, rows_per_band, m_blocks, G, KH, KW, SH, S
     tasks = N * G * bands * m_blocks
     yf = y.reshape(-1)
     ld = padded(rows_per_band * OW, yf)
-    cols = aligned_empty(K * ld, yf)
     turned = wt.size > 0
+    ldw = wt.size // (G * K) if turned else 0  # rows of each W_g^T
+    xf = x.reshape(-1)
+    cols = aligned_empty(0 if in_place else K * ld, yf)
     band = aligned_empty(0 if turned else Og * ld, yf)
     gathered = -1  # the band whose columns ``cols`` holds
     for t in range(worker * tasks // workers, (worker + 1) * tasks // workers):
         mb, b, n, g, oh0, rows = band_task(t, m_blocks, G, bands, rows_per_band, OH)
         pixels = rows * OW
+        o0 = g * Og + mb * Og // m_blocks
+        m = g * Og + (mb + 1) * Og // m_blocks - o0
+        out = (n * OH + oh0) * OW * O + o0
+        if in_place:
+            gemm_batch(pixels, m, K, xf, (n * H * W + oh0 * OW) * C + g * Cg, C, 1, wt,
+                       g * K * ldw + o0 - g * Og, ldw, yf, out, O, bias, o0, 1, 0, 0,
+                       FROM_COLUMN_INIT)
+            continue
         if b != gathered:
             _gather(x, n, g * Cg, Cg, oh0, rows, KH, KW, SH, SW, DH, DW, PT, PL, OW,
                     col_lo, col_hi, cols, ld)
             gathered = b
-        o0 = g * Og + mb * Og // m_blocks
-        m = g * Og + (mb + 1) * Og // m_blocks - o0
-        out = (n * OH + oh0) * OW * O + o0
         if turned:
-            gemm_batch(pixels, m, K, cols, 0, 1, ld, wt, g * K * Og + o0 - g * Og, Og, yf,
-                       out, O, bias, o0, 1, 0, 0, FROM_COLUMN_INIT)
+            gemm_batch(pixels, m, K, cols, 0, 1, ld, wt, g * K * ldw + o0 - g * Og, ldw,
+                       yf, out, O, bias, o0, 1, 0, 0, FROM_COLUMN_INIT)
             continue
         gemm(m, pixels, K, w, o0 * K, K, cols, 0, ld, band, 0, ld, bias, o0)
         for p0 in range(0, pixels, _BLOCK):
@@ -109,6 +122,17 @@ def _im2col_forward(x, w, wt, bias, y, rows_per_band, m_blocks, G, KH, KW, SH, S
             for o in range(m):
                 for p in range(p0, p1):
                     yf[_U(out + p * O + o)] = band[_U(o * ld + p)]
+
+
+def takes_pointwise(problem, weight_bytes):
+    """Whether a channels-last pointwise convolution runs here rather than on BLAS
+    (``_channels_last``): few pixels (the channels-first product of narrow panels,
+    which reads the weight in place; BLAS packs it: batch 1 of 1x1 2048->512 on 7x7,
+    1.36 -> 0.88 ms) or a small weight (turned over, reading the input in place: 8
+    images of 1x1 32->16 on 112x112, 1.1 -> 0.77 ms). In between BLAS was faster
+    (8 images of 1x1 2048->512 on 7x7: 5.0 ms, 6.3 here)."""
+    return (problem.batch * problem.out_h * problem.out_w <= _NARROW_PIXELS
+            or weight_bytes // problem.groups <= _IN_PLACE_WEIGHT_BYTES)
 
 
 def forward(x, weight, bias, problem, rows_per_band, m_blocks, workers):
@@ -120,13 +144,16 @@ def forward(x, weight, bias, problem, rows_per_band, m_blocks, workers):
     weight = contiguous(weight)
     buffer = np.empty((N, problem.out_h, problem.out_w, O), x.dtype)
     bias = contiguous(bias) if bias is not None else np.zeros(O, x.dtype)
-    if weight.nbytes // G <= _TURNED_WEIGHT_BYTES:
-        wt = np.empty(weight.size, weight.dtype)
-        _transpose_groups(weight, wt, G, 1)
+    in_place = (problem.pointwise_applies()
+                and weight.nbytes // G <= _IN_PLACE_WEIGHT_BYTES)
+    if in_place or weight.nbytes // G <= _TURNED_WEIGHT_BYTES:
+        ldw = padded_host(O // G, weight.dtype)
+        wt = np.empty(G * (weight.size // O) * ldw, weight.dtype)
+        _transpose_groups(weight, wt, G, ldw, 1)
     else:
         wt = np.empty(0, weight.dtype)
     bands = -(-problem.out_h // rows_per_band)
     _im2col_forward(np.moveaxis(x, 1, -1), weight.reshape(-1), wt, bias, buffer,
-                    rows_per_band, m_blocks, *problem.args,
+                    in_place, rows_per_band, m_blocks, *problem.args,
                     max(1, min(workers, N * G * bands * m_blocks)))
     return np.moveaxis(buffer, -1, 1)

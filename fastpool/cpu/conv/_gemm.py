@@ -210,9 +210,9 @@ def _gemm_channel_blocks(w, b, b_off, b_step, starts, y, n0, count, g, G, parts,
 
 @parallel_kernel
 @njit(**BODY_JIT)
-def _transpose_groups(w, wt, G, worker, workers):
-    """``wt[g, k, o] = w[g*O_g + o, k]`` (each group's ``W_g^T``, row-major), in
-    blocks of 16x16 values."""
+def _transpose_groups(w, wt, G, ld, worker, workers):
+    """``wt[(g*K + k)*ld + o] = w[g*O_g + o, k]`` (each group's ``W_g^T``, its rows
+    ``ld >= O_g`` apart), in blocks of 16x16 values."""
     O = w.shape[0]
     K = w.size // O
     Og = O // G
@@ -227,7 +227,7 @@ def _transpose_groups(w, wt, G, worker, workers):
             k1 = min(k0 + 16, K)
             for k in range(k0, k1):
                 for o in range(o0, o1):
-                    wt[_U((g * K + k) * Og + o)] = wf[_U((g * Og + o) * K + k)]
+                    wt[_U((g * K + k) * ld + o)] = wf[_U((g * Og + o) * K + k)]
 
 
 @parallel_kernel

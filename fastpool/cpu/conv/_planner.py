@@ -17,6 +17,7 @@ import numpy as np
 
 from fastpool._threading import thread_count
 from fastpool.cpu._arrays import contiguous
+from fastpool.cpu._microkernel import padded_host
 
 # What every kernel module of the package compiles with; ``_U`` casts flat indices known
 # to be >= 0 (Numba's negative-index wraparound code would block vectorisation).
@@ -279,7 +280,7 @@ class _Problem:
     def column_images(self, itemsize):
         """Images per chunk of ``_forward_by_channel_blocks``: as many as fit in
         ``_WHOLE_COLUMN_BYTES``; 0 where one image's columns do not."""
-        pixels = -(-self.out_h * self.out_w // 16) * 16  # rows on cache lines
+        pixels = padded_host(self.out_h * self.out_w, np.dtype(f"f{itemsize}"))
         image = self.channels_per_group * self.kernel_h * self.kernel_w * pixels * itemsize
         return min(self.batch, _WHOLE_COLUMN_BYTES // image)
 
