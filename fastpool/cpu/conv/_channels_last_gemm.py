@@ -33,6 +33,7 @@ _TURNED_WEIGHT_BYTES = 256 << 10
 # A pointwise convolution's weight up to this size per group runs the product turned
 # over reading the input in place (no gather: each pixel's channels are a row of A).
 _IN_PLACE_WEIGHT_BYTES = 64 << 10
+_IN_PLACE_PIXELS = 1024  # all images
 # Pixels (all images) up to which a pointwise convolution is a narrow product.
 _NARROW_PIXELS = 64
 
@@ -128,11 +129,20 @@ def takes_pointwise(problem, weight_bytes):
     """Whether a channels-last pointwise convolution runs here rather than on BLAS
     (``_channels_last``): few pixels (the channels-first product of narrow panels,
     which reads the weight in place; BLAS packs it: batch 1 of 1x1 2048->512 on 7x7,
-    1.36 -> 0.88 ms) or a small weight (turned over, reading the input in place: 8
-    images of 1x1 32->16 on 112x112, 1.1 -> 0.77 ms). In between BLAS was faster
+    1.36 -> 0.88 ms) or a small weight over many pixels (``_in_place``: 8 images of
+    1x1 32->16 on 112x112, 1.1 -> 0.77 ms). In between BLAS was faster
     (8 images of 1x1 2048->512 on 7x7: 5.0 ms, 6.3 here)."""
-    return (problem.batch * problem.out_h * problem.out_w <= _NARROW_PIXELS
-            or weight_bytes // problem.groups <= _IN_PLACE_WEIGHT_BYTES)
+    pixels = problem.batch * problem.out_h * problem.out_w
+    return pixels <= _NARROW_PIXELS or _in_place(problem, weight_bytes)
+
+
+def _in_place(problem, weight_bytes):
+    """Whether a pointwise convolution runs turned over reading the input in place: a
+    small weight (it is transposed every call: 1x1 192->64 on 14x14, batch 1, 0.14
+    ms on BLAS, 0.165 turned) over many pixels."""
+    return (problem.pointwise_applies()
+            and weight_bytes // problem.groups <= _IN_PLACE_WEIGHT_BYTES
+            and problem.batch * problem.out_h * problem.out_w >= _IN_PLACE_PIXELS)
 
 
 def forward(x, weight, bias, problem, rows_per_band, m_blocks, workers):
@@ -144,8 +154,7 @@ def forward(x, weight, bias, problem, rows_per_band, m_blocks, workers):
     weight = contiguous(weight)
     buffer = np.empty((N, problem.out_h, problem.out_w, O), x.dtype)
     bias = contiguous(bias) if bias is not None else np.zeros(O, x.dtype)
-    in_place = (problem.pointwise_applies()
-                and weight.nbytes // G <= _IN_PLACE_WEIGHT_BYTES)
+    in_place = _in_place(problem, weight.nbytes)
     if in_place or weight.nbytes // G <= _TURNED_WEIGHT_BYTES:
         ldw = padded_host(O // G, weight.dtype)
         wt = np.empty(G * (weight.size // O) * ldw, weight.dtype)
