@@ -165,7 +165,7 @@ def _channels_last_columns(x, w, algorithm):
         return None
     x4 = x if _batched(x) else x[None]
     if (x4.shape != (w.batch, w.channels) + w.in_size
-            or not np.moveaxis(x4, 1, -1).flags.c_contiguous or not x4.flags.writeable
+            or not x4.transpose(0, 2, 3, 1).flags.c_contiguous or not x4.flags.writeable
             or not x4.dtype.isnative):
         return None
     return x4

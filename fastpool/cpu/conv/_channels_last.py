@@ -18,6 +18,7 @@ import numpy as np
 from numba import njit, prange
 
 from fastpool._threading import loop_on_one_thread
+from fastpool.cpu._arrays import moved_axes
 from fastpool.cpu._blas import gemm
 from fastpool.cpu.conv._gemm import _sum_partials
 from fastpool.cpu.conv._planner import _JIT, _MAX_CHUNKS, _PARTIAL_BYTES
@@ -90,7 +91,7 @@ def _weight_grad(grad_y, x, partial, groups, status):
 def pixels(a, channel_axis=1):
     """The ``(M, C)`` matrix behind a channels-last ``(N, C, H, W)`` array (a view), or
     None when its buffer is not exactly that."""
-    moved = np.moveaxis(a, channel_axis, -1)
+    moved = a.transpose(moved_axes(a.ndim, channel_axis, -1))
     if not moved.flags.c_contiguous:
         return None
     return moved.reshape(-1, moved.shape[-1])
@@ -100,7 +101,7 @@ def _channels_last_empty(shape, dtype):
     """A new channels-last ``(N, C, H, W)`` array and its ``(M, C)`` matrix."""
     n, c, h, w = shape
     buffer = np.empty((n, h, w, c), dtype)
-    return np.moveaxis(buffer, -1, 1), buffer.reshape(-1, c)
+    return buffer.transpose(0, 3, 1, 2), buffer.reshape(-1, c)
 
 
 def forward(x2d, weight, bias, w, workers, check):

@@ -162,7 +162,8 @@ def forward(x, weight, bias, problem, rows_per_band, m_blocks, workers):
     else:
         wt = np.empty(0, weight.dtype)
     bands = -(-problem.out_h // rows_per_band)
-    _im2col_forward(np.moveaxis(x, 1, -1), weight.reshape(-1), wt, bias, buffer,
+    # transpose, not np.moveaxis (which normalises its arguments: 2.5 us a call)
+    _im2col_forward(x.transpose(0, 2, 3, 1), weight.reshape(-1), wt, bias, buffer,
                     in_place, rows_per_band, m_blocks, *problem.args,
                     max(1, min(workers, N * G * bands * m_blocks)))
-    return np.moveaxis(buffer, -1, 1)
+    return buffer.transpose(0, 3, 1, 2)
