@@ -520,18 +520,24 @@ def _global_avg_plan(w):
     pixels = (w.batch, math.prod(w.in_size), w.channels)
     rows = (w.batch, w.channels)
     blocks = {}  # channel block per worker count
+    small = size < _GLOBAL_PER_THREAD  # one worker, without asking Numba
+    one_block = _channel_block(w.batch, w.channels, 1)
 
     def plan_channels_last(x):
-        out = np.empty(buffer_shape, x.dtype)
+        out = np.empty(rows, x.dtype)
         if size:
-            workers = _global_workers(size)
-            block = blocks.get(workers)
-            if block is None:
-                block = blocks[workers] = _channel_block(w.batch, w.channels, workers)
+            if small:
+                workers, block = 1, one_block
+            else:
+                workers = _global_workers(size)
+                block = blocks.get(workers)
+                if block is None:
+                    block = blocks[workers] = _channel_block(w.batch, w.channels,
+                                                             workers)
             pool_adaptive.global_avg_channels_last.launch(
-                workers, contiguous(x.transpose(to_buffer)).reshape(pixels),
-                out.reshape(rows), hb.scalar(x.dtype, 0), block)
-        return out.transpose(to_view)
+                workers, contiguous(x.transpose(to_buffer)).reshape(pixels), out,
+                hb.scalar(x.dtype, 0), block)
+        return out.reshape(buffer_shape).transpose(to_view)
     return plan_channels_last
 
 
