@@ -287,7 +287,8 @@ def test_channels_last_pointwise_products_give_the_channels_first_bits(
     monkeypatch.setattr(clg, "_IN_PLACE_WEIGHT_BYTES", big if path == "in place" else 0)
     monkeypatch.setattr(clg, "_NARROW_PIXELS", 0 if path == "in place" else big)
     monkeypatch.setattr(clg, "_IN_PLACE_PIXELS", 0)
-    monkeypatch.setattr(clg, "_TURNED_WEIGHT_BYTES", big if path == "narrow turned" else 0)
+    monkeypatch.setattr(clg, "_TURNED_WEIGHT_BYTES",
+                        big if path == "narrow turned" else 0)
     calls = []  # (in_place, wt) of each launch
     original = clg._im2col_forward
     monkeypatch.setattr(clg, "_im2col_forward",

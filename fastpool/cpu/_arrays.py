@@ -44,7 +44,8 @@ def _channels_last_dense(a):
     """Whether ``a`` (``(N, C, *spatial)``) is a large native array whose memory is an
     ``(N, *spatial, C)`` buffer."""
     return (a.ndim >= 3 and a.size >= _PARALLEL_COPY_ELEMENTS and a.dtype.isnative
-            and not one_worker() and a.transpose(moved_axes(a.ndim, 1, -1)).flags.c_contiguous)
+            and not one_worker()
+            and a.transpose(moved_axes(a.ndim, 1, -1)).flags.c_contiguous)
 
 
 def channels_first(a):

@@ -259,8 +259,8 @@ def _dot(a, b, b_offset, length):
 
 @parallel_kernel
 @njit(**BODY_JIT)
-def _direct_backward_weight_planes(x, grad_output, grad_weight, G, KH, KW, SH, SW, DH, DW,
-                                   PT, PL, worker, workers):
+def _direct_backward_weight_planes(x, grad_output, grad_weight, G, KH, KW, SH, SW, DH,
+                                   DW, PT, PL, worker, workers):
     """Worker ``worker``'s share of the output channels: per image, one dot product per
     tap over the flat phase planes, summed over images in float64."""
     N, C, H, W = x.shape
