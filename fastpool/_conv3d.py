@@ -1,19 +1,31 @@
-"""3-D convolution as a sum of 2-D ones over the depth taps, on either device.
+"""3-D convolution as 2-D ones over the depth taps, on either device.
 
 ``y[:, :, od] = bias + sum over depth taps a of conv2d(x[:, :, od*sD - pD + a*dD],
-weight[:, :, a])``: for each tap ``a`` the input depth slices it reads (one per output
-depth that stays inside the input) are gathered into one batch of 2-D images, the 2-D
-convolution runs on that batch with the tap's 2-D weight (the 2-D algorithms: GEMMs,
-Winograd, direct), and the result is added into those output depths. The backward is
-the same decomposition: the input gradient scatters each tap's 2-D input gradient back
-to its depth slices, and the weight gradient of tap ``a`` is the 2-D weight gradient of
-its batch. Taps are taken in order and each addition covers whole slices, so every
-result is deterministic. Scratch: one gathered batch (at most the input's size) and one
-2-D result (at most the output's size) at a time.
+weight[:, :, a])``.
+
+Forward, where a group has more than one channel: the depth taps are stacked as
+channels. Output depth ``od`` of image ``n`` becomes one 2-D image of ``KD * C``
+channels (group ``g``'s channels ``(a, c)`` in tap-major order, zeros for taps outside
+the input), and one 2-D convolution with the weight laid out alike
+(``(C_out, KD * C_g, KH, KW)``) gives every output depth at once: a single GEMM or
+Winograd of ``KD`` times the depth of each tap's, and no sums of partial outputs.
+(conv3d 3x3x3 32->32 on (4, 32, 16, 56, 56), 2 threads: 75-79 ms by taps, 59-61 ms
+stacked; PyTorch 70 ms.) The stacked images are made and convolved in blocks of output
+depths, at most the input's size at a time; each block's result is put in place.
+
+Depthwise forwards (one channel per group: the 2-D direct kernels need that) and every
+backward go tap by tap: for each tap ``a`` the input depth slices it reads (one per
+output depth that stays inside the input) are gathered into one batch of 2-D images,
+the 2-D convolution runs on that batch with the tap's 2-D weight, and the result is
+added into those output depths. The backward's input gradient scatters each tap's 2-D
+input gradient back to its depth slices, and the weight gradient of tap ``a`` is the
+2-D weight gradient of its batch. Taps are taken in order and each addition covers
+whole slices, so every result is deterministic. Scratch: one gathered batch (at most
+the input's size) and one 2-D result (at most the output's size) at a time.
 
 The device's ``slabs`` module (``fastpool.cpu.slabs`` / ``fastpool.cuda.slabs``,
-mirrored names) supplies the gather, accumulate and scatter steps and the device's 2-D
-launchers.
+mirrored names) supplies the gather, stack, place, accumulate and scatter steps and the
+device's 2-D launchers.
 """
 
 from __future__ import annotations
@@ -21,11 +33,12 @@ from __future__ import annotations
 from fastpool import _geometry
 
 
-def _plane_window(w, batch):
+def _plane_window(w, batch, taps=1):
     """The rank-2 ``Window`` of the 2-D convolution one depth tap runs, over ``batch``
-    gathered images (batched, channels-first)."""
+    gathered images (batched, channels-first); ``taps``: of ``taps`` depth taps
+    stacked as channels."""
     return _geometry.Window(
-        rank=2, batch=batch, channels=w.channels, out_channels=w.out_channels,
+        rank=2, batch=batch, channels=w.channels * taps, out_channels=w.out_channels,
         batched=True, layout=_geometry.CHANNELS_FIRST, in_size=w.in_size[1:],
         out_size=w.out_size[1:], kernel=w.kernel[1:], stride=w.stride[1:],
         pad_lo=w.pad_lo[1:], pad_hi=w.pad_hi[1:], dilation=w.dilation[1:],
@@ -44,22 +57,37 @@ def depth_taps(w):
             yield a, lo, hi, lo * SD - PD + a * DD
 
 
+def stacks(w):
+    """Whether the forward stacks the depth taps as channels: where a group has more
+    than one channel (the 2-D direct kernels that depthwise taps run need one)."""
+    return w.channels // w.groups > 1
+
+
 def forward(slabs, x, weight, bias, w):
     """``y`` of shape ``(N, C_out, OD, OH, OW)`` for a batched 5-D ``x``."""
     N = w.batch
-    y = slabs.filled((N, w.out_channels) + w.out_size, x.dtype, bias)
-    if N == 0:
+    if not stacks(w):
+        y = slabs.filled((N, w.out_channels) + w.out_size, x.dtype, bias)
+        if N > 0:
+            with slabs.planned(*planes(w)):
+                _forward_taps(slabs, x, weight, w, y)
         return y
-    with slabs.planned(planes(w)):
-        _forward_taps(slabs, x, weight, w, y)
+    y = slabs.empty((N, w.out_channels) + w.out_size, x.dtype)
+    if N > 0:
+        with slabs.planned(*planes(w)):
+            _forward_stacked(slabs, x, weight, bias, w, y)
     return y
 
 
 def planes(w):
-    """The 2-D window whose algorithms every depth tap runs: all the output depths as
-    one batch (a tap's own batch, the depths it reaches, differs from tap to tap and
-    from a Dask chunk to the whole call)."""
-    return _plane_window(w, w.batch * w.out_size[0])
+    """The 2-D windows whose algorithms the depth taps' convolutions run, as the
+    arguments of ``slabs.planned``: the taps' (all the output depths as one batch; a
+    tap's own batch, the depths it reaches, differs from tap to tap and from a Dask
+    chunk to the whole call) and, where the forward stacks its taps, the stacked
+    forward's."""
+    batch = w.batch * w.out_size[0]
+    taps = _plane_window(w, batch)
+    return (taps, _plane_window(w, batch, w.kernel[0])) if stacks(w) else (taps,)
 
 
 def _forward_taps(slabs, x, weight, w, y):
@@ -74,6 +102,24 @@ def _forward_taps(slabs, x, weight, w, y):
         del part
 
 
+def _forward_stacked(slabs, x, weight, bias, w, y):
+    images = w.batch * w.out_size[0]
+    taps = w.kernel[0]
+    block = max(1, w.batch * w.in_size[0] // taps)  # the input's size
+    block = -(-images // -(-images // block))  # the same size for every block
+    weight2d = slabs.stacked_weight(weight)
+    if slabs.fused_forward(x, weight2d, bias, w, y, _plane_window(w, images, taps)):
+        return
+    stacked = slabs.empty((block, taps * w.channels) + w.in_size[1:], x.dtype)
+    for first in range(0, images, block):
+        count = min(block, images - first)
+        slabs.stack(x, stacked[:count], first, w)
+        part = slabs.conv2d_forward(stacked[:count], weight2d, bias,
+                                    _plane_window(w, count, taps))
+        slabs.place(y, part, first)
+        del part
+
+
 def backward(slabs, grad_output, x, weight, w, output_mask):
     """``(grad_input, grad_weight, grad_bias)``, None where not asked for."""
     want_input, want_weight, want_bias = output_mask
@@ -85,7 +131,7 @@ def backward(slabs, grad_output, x, weight, w, output_mask):
     grad_bias = slabs.bias_grad(grad_output, w) if want_bias else None
     if N == 0 or not (want_input or want_weight):
         return grad_input, grad_weight, grad_bias
-    with slabs.planned(planes(w)):
+    with slabs.planned(*planes(w)):
         _backward_taps(slabs, grad_output, x, weight, w, output_mask, grad_input,
                        grad_weight)
     return grad_input, grad_weight, grad_bias

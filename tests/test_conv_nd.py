@@ -425,6 +425,38 @@ def test_conv3d_matches_reference(x_shape, w_shape, args, dtype):
     np.testing.assert_array_equal(fastpool.conv3d(x[0], w, b, **args), y[0])
 
 
+# Planes large enough for Winograd (3x3, stride 1, at least 256 output pixels in all)
+# with depth strides within and past the kernel, depth padding, groups: the CPU's
+# depth-aware Winograd runs (each input slice transformed once).
+DEPTH_WINOGRAD_CASES = [
+    ((2, 8, 6, 10, 9), (8, 8, 3, 3, 3), dict(padding=1)),
+    ((1, 8, 9, 10, 12), (6, 4, 2, 3, 3), dict(stride=(4, 1, 1), padding=1, groups=2)),
+    ((2, 8, 8, 12, 10), (16, 8, 3, 3, 3), dict(stride=(3, 1, 1), padding=(2, 0, 1))),
+]
+
+
+@pytest.mark.parametrize("x_shape, w_shape, args", DEPTH_WINOGRAD_CASES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_conv3d_depth_winograd_gives_the_stacked_images_bits(x_shape, w_shape, args,
+                                                             dtype, monkeypatch):
+    """The one-pass forward is bitwise the 2-D Winograd of the stacked images (which a
+    Dask chunk or the GPU's stacked path may run), and both match the reference."""
+    from fastpool.cpu import slabs
+    rng = np.random.default_rng(seed_for(x_shape, w_shape, str(args)))
+    x = rng.standard_normal(x_shape).astype(dtype)
+    w = rng.standard_normal(w_shape).astype(dtype)
+    b = rng.standard_normal(w_shape[0]).astype(dtype)
+    ran = []
+    fused = slabs.fused_forward
+    monkeypatch.setattr(slabs, "fused_forward", lambda *a: ran.append(fused(*a)) or ran[-1])
+    y = fastpool.conv3d(x, w, b, **args)
+    assert ran == [True]
+    monkeypatch.setattr(slabs, "fused_forward", lambda *a: False)
+    np.testing.assert_array_equal(fastpool.conv3d(x, w, b, **args), y)
+    assert_close_to_sum(y, ref.conv(x, w, b, **args),
+                        _bound(x, w, **args) + np.abs(b)[:, None, None, None], dtype)
+
+
 def test_conv3d_gradients_match_finite_differences():
     rng = np.random.default_rng(4)
     x = rng.standard_normal((1, 2, 4, 3, 4))

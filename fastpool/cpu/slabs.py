@@ -3,19 +3,26 @@
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 
 from fastpool.cpu._arrays import contiguous  # noqa: F401 (the launchers' copy step)
 from fastpool.cpu.conv import conv2d_backward, conv2d_forward  # noqa: F401 (the 2-D steps)
-from fastpool.cpu.conv._planner import planned_unless_pinned
+from fastpool.cpu.conv._planner import _JIT, planned_unless_pinned
+from fastpool.cpu.conv._winograd import forward_depth
 
 
-def planned(window):
+def planned(window, forward=None):
     """Run every depth tap's 2-D convolution with the algorithms the rank-2 ``window``
-    (all the output depths as one batch) chooses: sizes decide the algorithm, a tap's
-    batch depends on how many output depths it reaches, and a Dask chunk's taps reach
-    fewer (``planned_unless_pinned``: a chunk keeps the whole call's)."""
-    return planned_unless_pinned(window)
+    (all the output depths as one batch) chooses, the stacked forward's with those of
+    ``forward``: sizes decide the algorithm, a tap's batch depends on how many output
+    depths it reaches, and a Dask chunk's taps reach fewer (``planned_unless_pinned``:
+    a chunk keeps the whole call's)."""
+    return planned_unless_pinned(window, forward)
+
+
+def empty(shape, dtype):
+    return np.empty(shape, dtype)
 
 
 def filled(shape, dtype, bias):
@@ -31,6 +38,68 @@ def gather(a, first, step, count):
     N, C, _, H, W = a.shape
     slab = a[:, :, first:first + (count - 1) * step + 1:step]
     return np.ascontiguousarray(slab.transpose(0, 2, 1, 3, 4)).reshape(N * count, C, H, W)
+
+
+@numba.njit(**_JIT)
+def _stack(x, out, first, out_depth, step, pad, dilation, taps, groups):
+    count, stacked, pixels = out.shape
+    depth = x.shape[2]
+    per_group = x.shape[1] // groups
+    for task in numba.prange(count * stacked):
+        i, s = task // stacked, task % stacked
+        n, od = (first + i) // out_depth, (first + i) % out_depth
+        g, r = s // (taps * per_group), s % (taps * per_group)
+        a, c = r // per_group, r % per_group
+        d = od * step - pad + a * dilation
+        if 0 <= d < depth:
+            for p in range(pixels):
+                out[i, s, p] = x[n, g * per_group + c, d, p]
+        else:
+            for p in range(pixels):
+                out[i, s, p] = 0
+
+
+def stack(x, out, first, w):
+    """``out[i]`` (``(KD * C, H, W)``) for output depth ``m = first + i`` of all
+    ``N * OD``: image ``m // OD``'s input depths ``od * sD - pD + a * dD`` for ``a <
+    KD``, output depth ``od = m % OD``, as channels ``(g, a, c)`` (group, depth tap,
+    channel of the group), zeros outside the input."""
+    N, C, D = x.shape[:3]
+    count, stacked = out.shape[:2]
+    _stack(x.reshape(N, C, D, -1), out.reshape(count, stacked, -1), first,
+           w.out_size[0], w.stride[0], w.pad_lo[0], w.dilation[0], w.kernel[0], w.groups)
+
+
+@numba.njit(**_JIT)
+def _place(y, part, first):
+    count, channels, pixels = part.shape
+    out_depth = y.shape[2]
+    for task in numba.prange(count * channels):
+        i, o = task // channels, task % channels
+        n, od = (first + i) // out_depth, (first + i) % out_depth
+        for p in range(pixels):
+            y[n, o, od, p] = part[i, o, p]
+
+
+def place(y, part, first):
+    """``y[m // OD, :, m % OD] = part[m - first]`` for ``m`` from ``first``."""
+    N, O, OD = y.shape[:3]
+    _place(y.reshape(N, O, OD, -1), part.reshape(part.shape[0], O, -1), first)
+
+
+def fused_forward(x, weight, bias, w, y, plane):
+    """The stacked forward in one pass where the CPU has a kernel for it (3x3 planes
+    on Winograd: ``forward_depth``, bitwise the 2-D Winograd of the stacked images):
+    True; else False."""
+    return forward_depth(x, weight, bias, w, y, plane)
+
+
+def stacked_weight(weight):
+    """``(C_out, KD * C_g, KH, KW)``: ``weight[o, c, a]`` as channel ``a * C_g + c``
+    (``stack``'s order within a group)."""
+    O, Cg, KD = weight.shape[:3]
+    return np.ascontiguousarray(weight.transpose(0, 2, 1, 3, 4)).reshape(
+        (O, KD * Cg) + weight.shape[3:])
 
 
 def accumulate(y, part, lo):

@@ -13,10 +13,20 @@ from fastpool.cuda._launch import contiguous, grid_start, grid_stride, launch, s
 from fastpool.cuda.conv import _bias_grad, conv2d_backward, conv2d_forward  # noqa: F401
 
 
-def planned(window):
+def planned(window, forward=None):
     """Nothing: the GPU's algorithm choice does not depend on the batch (the CPU's
     ``slabs.planned`` pins it)."""
     return contextlib.nullcontext()
+
+
+def empty(shape, dtype):
+    return cuda.device_array(shape, dtype)
+
+
+def fused_forward(x, weight, bias, w, y, plane):
+    """False: the GPU runs the stacked forward as stacked 2-D images (the CPU has a
+    depth-aware Winograd)."""
+    return False
 
 
 @cuda.jit
@@ -56,6 +66,57 @@ def _add_slabs(target, part, first, step):
     while i < total:
         m, c, h, w = split_nchw(i, C, H, W)
         target[m // count, c, first + (m % count) * step, h, w] += part[m, c, h, w]
+        i += grid_stride()
+
+
+@cuda.jit
+def _stack(x, out, first, out_depth, step, pad, dilation, taps, groups):
+    """``fastpool.cpu.slabs.stack``: ``out[i, (g, a, c), p] = x[n, g*C_g + c, od*step
+    - pad + a*dilation, p]`` (zero outside), ``n, od = divmod(first + i, out_depth)``."""
+    count, stacked, pixels = out.shape
+    depth = x.shape[2]
+    per_group = x.shape[1] // groups
+    total = np.int64(count) * stacked * pixels
+    i = grid_start()
+    while i < total:
+        p = i % pixels
+        s = (i // pixels) % stacked
+        m = i // (np.int64(pixels) * stacked)
+        n, od = (first + m) // out_depth, (first + m) % out_depth
+        g, r = s // (taps * per_group), s % (taps * per_group)
+        a, c = r // per_group, r % per_group
+        d = od * step - pad + a * dilation
+        out[m, s, p] = x[n, g * per_group + c, d, p] if 0 <= d < depth else 0
+        i += grid_stride()
+
+
+@cuda.jit
+def _place(y, part, first):
+    """``y[n, o, od, p] = part[i, o, p]``, ``n, od = divmod(first + i, OD)``."""
+    count, channels, pixels = part.shape
+    out_depth = y.shape[2]
+    total = np.int64(count) * channels * pixels
+    i = grid_start()
+    while i < total:
+        p = i % pixels
+        o = (i // pixels) % channels
+        m = i // (np.int64(pixels) * channels)
+        y[(first + m) // out_depth, o, (first + m) % out_depth, p] = part[m, o, p]
+        i += grid_stride()
+
+
+@cuda.jit
+def _stack_weight(weight, out):
+    """``out[o, a * C_g + c, q] = weight[o, c, a, q]``."""
+    O, stacked, Q = out.shape
+    Cg = weight.shape[1]
+    total = np.int64(O) * stacked * Q
+    i = grid_start()
+    while i < total:
+        q = i % Q
+        s = (i // Q) % stacked
+        o = i // (np.int64(Q) * stacked)
+        out[o, s, q] = weight[o, s % Cg, s // Cg, q]
         i += grid_stride()
 
 
@@ -110,6 +171,28 @@ def accumulate(y, part, lo):
 
 def scatter_add(g, part, first, step):
     launch(_add_slabs, part.size, g, part, first, step)
+
+
+def stack(x, out, first, w):
+    N, C, D = x.shape[:3]
+    count, stacked = out.shape[:2]
+    flat = out.reshape(count, stacked, -1)
+    launch(_stack, flat.size, x.reshape(N, C, D, -1), flat, first, w.out_size[0],
+           w.stride[0], w.pad_lo[0], w.dilation[0], w.kernel[0], w.groups)
+
+
+def place(y, part, first):
+    N, O, OD = y.shape[:3]
+    flat = part.reshape(part.shape[0], O, -1)
+    launch(_place, flat.size, y.reshape(N, O, OD, -1), flat, first)
+
+
+def stacked_weight(weight):
+    O, Cg, KD = weight.shape[:3]
+    out = cuda.device_array((O, KD * Cg) + tuple(weight.shape[3:]), weight.dtype)
+    flat = out.reshape(O, KD * Cg, -1)
+    launch(_stack_weight, flat.size, contiguous(weight).reshape(O, Cg, KD, -1), flat)
+    return out
 
 
 def weight_tap(weight, a):

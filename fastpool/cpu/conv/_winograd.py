@@ -1,5 +1,6 @@
 """Winograd F(2x2, 3x3) CPU convolution kernels (``"winograd"``): 3x3 kernels, stride 1,
-no dilation; the forward only (the weight gradient runs on ``"rows"``).
+no dilation; the forward only (the weight gradient runs on ``"rows"``). The same kernel
+runs the 3-D forward whose depth taps are stacked as channels (``forward_depth``).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from numba import njit
 from fastpool._threading import thread_count
 from fastpool.cpu._parallel import BODY_JIT, parallel_kernel
 from fastpool.cpu._microkernel import aligned_empty, gemm, padded
-from fastpool.cpu.conv._planner import _U
+from fastpool.cpu.conv._planner import _U, WINOGRAD, _Problem
 
 # F(2x2, 3x3) (Lavin & Gray, 2016): each 2x2 output tile is A^T [(G g G^T) * (B^T d B)] A
 # for its 4x4 input tile d, so the 36 multiplications of four outputs become 16, done as
@@ -20,6 +21,42 @@ from fastpool.cpu.conv._planner import _U
 # so the 16 streams a tile reads or writes do not all fall in one L1 cache set (a plane
 # size that is a multiple of 4 KiB made them collide and ran 2x slower).
 _SKEW = 16
+
+
+# A band's transformed input slices (3-D ``_winograd_forward``), at most: beyond, the
+# 3-D convolution runs the 2-D Winograd on stacked images.
+_DEPTH_BYTES = 64 << 20
+
+
+def forward_depth(x, weight, bias, w, y, plane):
+    """``y`` (``(N, C_out, OD, OH, OW)``) of the 3-D convolution ``w`` (the Window)
+    with the stacked weight ``weight`` (``(C_out, KD * C_g, 3, 3)``) by
+    ``_winograd_forward``, where its stacked 2-D window ``plane`` runs on
+    Winograd (as chosen, or pinned), the depth taps are not dilated and a band's
+    slices fit in ``_DEPTH_BYTES``: True; else False, nothing done."""
+    problem = _Problem.forward(plane)
+    if problem.algorithm() != WINOGRAD or w.dilation[0] != 1:
+        return False
+    D, OD, KD, SD = w.in_size[0], w.out_size[0], w.kernel[0], w.stride[0]
+    N, G = w.batch, w.groups
+    tiles_h, tiles_w = (w.out_size[1] + 1) // 2, (w.out_size[2] + 1) // 2
+    rows = problem.winograd_band_tile_rows(x.itemsize)
+    # the 2-D bands' size, but a band for every thread among N * G volumes (not N * OD
+    # planes); equal bands
+    bands = min(tiles_h, max(-(-tiles_h // rows), -(-thread_count() // (N * G))))
+    rows = -(-tiles_h // bands)
+    slices = (OD - 1) * SD + KD
+    if 16 * slices * (w.channels // G) * padded(rows * tiles_w, x) * x.itemsize \
+            > _DEPTH_BYTES:
+        return False
+    O = w.out_channels
+    _winograd_forward(
+        x.reshape((N, w.channels * D) + w.in_size[1:]),
+        winograd_weight(weight),
+        bias if bias is not None else np.zeros(O, x.dtype),
+        y.reshape((N, O * OD) + w.out_size[1:]), rows, G, w.pad_lo[1], w.pad_lo[2], D,
+        OD, KD, SD, w.pad_lo[0], thread_count())
+    return True
 
 
 def winograd_weight(weight):
@@ -186,20 +223,31 @@ def _winograd_output(M, m_base, stride, y, n, o, th0, tile_rows, TW, b):
 
 @parallel_kernel
 @njit(**BODY_JIT)
-def _winograd_forward(x, U, bias, y, band_tile_rows, G, PT, PL, worker, workers):
-    """``y = conv3x3(x) (+ bias)``, stride 1, by Winograd F(2x2, 3x3) over (image,
-    group, band of tile rows)."""
-    N, C = x.shape[0], x.shape[1]
-    O, OH, OW = y.shape[1], y.shape[2], y.shape[3]
+def _winograd_forward(x, U, bias, y, band_tile_rows, G, PT, PL, D, OD, KD, SD, PD,
+                      worker, workers):
+    """``y = conv3x3(x) (+ bias)``, stride 1 in the plane, by Winograd F(2x2, 3x3)
+    over (image, group, band of tile rows). 2-D: ``D = OD = KD = SD = 1``, ``PD =
+    0``. 3-D, depth taps stacked as channels (``fastpool._conv3d``): ``x`` is ``(N, C
+    * D, H, W)`` (volumes viewed as planes), ``y`` ``(N, C_out * OD, OH, OW)``, ``U``
+    the transform of the stacked weight ``(C_out, KD * C_g, 3, 3)``. Each input slice
+    of a band is transformed once (a 2-D Winograd of the stacked images transforms it
+    once per depth tap) into ``V``, slices in depth order and zero slices for the
+    padding, so output depth ``od``'s ``KD * C_g`` rows start at slice ``od * SD`` and
+    its 16 GEMMs read them in place: the very products, in the same order, as the 2-D
+    Winograd of the stacked images."""
+    N, C = x.shape[0], x.shape[1] // D
+    O, OH, OW = y.shape[1] // OD, y.shape[2], y.shape[3]
     Cg = C // G
     Og = O // G
+    K = KD * Cg
     TH = (OH + 1) // 2
     TW = (OW + 1) // 2
+    slices = (OD - 1) * SD + KD
     bands = (TH + band_tile_rows - 1) // band_tile_rows
     tasks = N * G * bands
     # rows of each plane start on cache lines (``gemm``'s loads of V)
     T_max = padded(band_tile_rows * TW, x)
-    V = aligned_empty(16 * (Cg * T_max + _SKEW), x)
+    V = aligned_empty(16 * (slices * Cg * T_max + _SKEW), x)
     M = aligned_empty(16 * (Og * T_max + _SKEW), x)
     zeros = np.zeros(Og, x.dtype)
     rows = np.empty((4, 2 * TW + 2), x.dtype)
@@ -210,17 +258,29 @@ def _winograd_forward(x, U, bias, y, band_tile_rows, G, PT, PL, worker, workers)
         tile_rows = min(band_tile_rows, TH - th0)
         T = tile_rows * TW
         ld = padded(T, x)
-        v_stride = Cg * ld + _SKEW
+        v_stride = slices * Cg * ld + _SKEW
         m_stride = Og * ld + _SKEW
-        for c in range(Cg):
-            _winograd_input(x, n, g * Cg + c, th0, tile_rows, TW, PT, PL, rows, V,
-                            c * ld, v_stride)
+        for s in range(slices):
+            if s % SD >= KD:
+                continue  # read by no output depth (stride past the kernel)
+            d = s - PD
+            for c in range(Cg):
+                base = (s * Cg + c) * ld
+                if 0 <= d < D:
+                    _winograd_input(x, n, (g * Cg + c) * D + d, th0, tile_rows, TW, PT,
+                                    PL, rows, V, base, v_stride)
+                else:
+                    for e in range(16):
+                        for i in range(T):
+                            V[_U(e * v_stride + base + i)] = 0
         # fastpool's own GEMM: each product is one chain over the channels, so a tile's
         # bits do not depend on the band (or the Dask chunk) holding it
-        for e in range(16):
-            gemm(Og, T, Cg, U, (e * O + g * Og) * Cg, Cg, V, e * v_stride, ld, M,
-                 e * m_stride, ld, zeros, 0)
-        for o in range(Og):
-            b = bias[g * Og + o]
-            _winograd_output(M, o * ld, m_stride, y, n, g * Og + o, th0, tile_rows, TW,
-                             b)
+        for od in range(OD):
+            first = od * SD * Cg * ld
+            for e in range(16):
+                gemm(Og, T, K, U, (e * O + g * Og) * K, K, V, e * v_stride + first, ld,
+                     M, e * m_stride, ld, zeros, 0)
+            for o in range(Og):
+                b = bias[g * Og + o]
+                _winograd_output(M, o * ld, m_stride, y, n, (g * Og + o) * OD + od, th0,
+                                 tile_rows, TW, b)
