@@ -398,6 +398,7 @@ CONV3D_CASES = [
                                              groups=3)),
     ((1, 2, 6, 4, 4), (2, 2, 1, 3, 3), dict(padding="valid", stride=(3, 1, 1))),
     ((2, 8, 3, 6, 6), (8, 8, 3, 3, 3), dict(padding=(0, 1, 1))),  # Winograd planes
+    ((1, 4, 6, 4, 4), (2, 4, 2, 2, 2), dict(dilation=(2, 1, 1), padding=(1, 0, 1))),
 ]
 
 
@@ -455,6 +456,92 @@ def test_conv3d_depth_winograd_gives_the_stacked_images_bits(x_shape, w_shape, a
     np.testing.assert_array_equal(fastpool.conv3d(x, w, b, **args), y)
     assert_close_to_sum(y, ref.conv(x, w, b, **args),
                         _bound(x, w, **args) + np.abs(b)[:, None, None, None], dtype)
+
+
+@st.composite
+def conv_nd_cases(draw):
+    """Convolutions of every rank in either memory format, per axis its own kernel,
+    stride, dilation and padding."""
+    rank = draw(st.integers(1, 3))
+    groups = draw(st.integers(1, 2))
+    cin, cout = groups * draw(st.integers(1, 3)), groups * draw(st.integers(1, 2))
+    kernel = tuple(draw(st.integers(1, 3)) for _ in range(rank))
+    stride = tuple(draw(st.integers(1, 2)) for _ in range(rank))
+    dilation = tuple(draw(st.integers(1, 2)) for _ in range(rank))
+    padding = tuple(draw(st.integers(0, 2)) for _ in range(rank))
+    size = tuple(draw(st.integers(max(1, d * (k - 1) + 1 - 2 * p), 7))
+                 for k, d, p in zip(kernel, dilation, padding))
+    return dict(x_shape=(draw(st.integers(1, 2)), cin) + size,
+                weight_shape=(cout, cin // groups) + kernel, bias=draw(st.booleans()),
+                channels_last=draw(st.booleans()), dtype=draw(st.sampled_from(DTYPES)),
+                args=dict(stride=stride, padding=padding, dilation=dilation,
+                          groups=groups))
+
+
+def _channels_last(a):
+    """``a`` (``(N, C, *spatial)``) viewing a channels-last buffer."""
+    return np.moveaxis(np.ascontiguousarray(np.moveaxis(a, 1, -1)), -1, 1)
+
+
+@settings(SETTINGS, max_examples=100)
+@given(case=conv_nd_cases())
+def test_conv_of_every_rank_and_layout_matches_reference(case):
+    """Forward and every gradient against the loop reference; a channels-last input
+    gives channels-last results."""
+    rng = np.random.default_rng(seed_for(case))
+    dtype, args = case["dtype"], case["args"]
+    rank = len(case["x_shape"]) - 2
+    x = rng.standard_normal(case["x_shape"]).astype(dtype)
+    w = rng.standard_normal(case["weight_shape"]).astype(dtype)
+    b = rng.standard_normal(case["weight_shape"][0]).astype(dtype) if case["bias"] else None
+    xin = _channels_last(x) if case["channels_last"] else x
+    y = getattr(fastpool, f"conv{rank}d")(xin, w, b, **args)
+    expand = (slice(None),) + (None,) * rank
+    bound = _bound(x, w, **args) + (0 if b is None else np.abs(b)[expand])
+    assert y.dtype == dtype
+    assert_close_to_sum(y, ref.conv(x, w, b, **args), bound, dtype)
+    g = rng.standard_normal(y.shape).astype(dtype)
+    gx, gw, gb = getattr(fastpool, f"conv{rank}d_backward")(g, xin, w, **args)
+    refs = ref.conv_backward(g, x, w, **args)
+    bounds = ref.conv_backward(np.abs(g), np.abs(x), np.abs(w), **args)
+    assert_close_to_sum(gx, refs[0], bounds[0], dtype)
+    assert_close_to_sum(gw, refs[1], bounds[1], dtype)
+    assert_close_to_sum(gb, refs[2], np.abs(g).sum(axis=(0,) + tuple(range(2, rank + 2))),
+                        dtype)
+    if not xin.flags.c_contiguous:  # channels-last and not also channels-first
+        for out in (y, gx):
+            assert np.moveaxis(out, 1, -1).flags.c_contiguous
+
+
+# (x shape, w shape, args, path): the forward's three ways (stacked taps in one
+# Winograd kernel, stacked 2-D images, depthwise tap by tap), each backward tap by tap.
+CONV3D_THREAD_CASES = [
+    ((2, 8, 6, 10, 9), (8, 8, 3, 3, 3), dict(padding=1)),
+    ((2, 4, 5, 6, 7), (6, 2, 2, 3, 2), dict(stride=(2, 1, 2), padding=1, groups=2)),
+    ((2, 4, 5, 6, 7), (4, 1, 3, 3, 3), dict(padding=1, groups=4)),
+]
+
+
+@pytest.mark.parametrize("x_shape, w_shape, args", CONV3D_THREAD_CASES,
+                         ids=["depth-winograd", "stacked", "depthwise"])
+def test_conv3d_is_the_same_at_one_and_two_threads(x_shape, w_shape, args):
+    import numba
+    rng = np.random.default_rng(seed_for(x_shape, w_shape, str(args)))
+    x = rng.standard_normal(x_shape).astype(np.float32)
+    w = rng.standard_normal(w_shape).astype(np.float32)
+    b = rng.standard_normal(w_shape[0]).astype(np.float32)
+    g = rng.standard_normal(fastpool.conv3d(x, w, b, **args).shape).astype(np.float32)
+    saved = numba.get_num_threads()
+    runs = []
+    try:
+        for threads in (1, 2):
+            numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+            runs.append((fastpool.conv3d(x, w, b, **args),
+                         *fastpool.conv3d_backward(g, x, w, **args)))
+    finally:
+        numba.set_num_threads(saved)
+    for one, two in zip(*runs):
+        np.testing.assert_array_equal(one, two)
 
 
 def test_conv3d_gradients_match_finite_differences():
