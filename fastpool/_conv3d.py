@@ -3,18 +3,23 @@
 ``y[:, :, od] = bias + sum over depth taps a of conv2d(x[:, :, od*sD - pD + a*dD],
 weight[:, :, a])``.
 
-Forward, where a group has more than one channel: the depth taps are stacked as
-channels. Output depth ``od`` of image ``n`` becomes one 2-D image of ``KD * C``
-channels (group ``g``'s channels ``(a, c)`` in tap-major order, zeros for taps outside
-the input), and one 2-D convolution with the weight laid out alike
-(``(C_out, KD * C_g, KH, KW)``) gives every output depth at once: a single GEMM or
-Winograd of ``KD`` times the depth of each tap's, and no sums of partial outputs.
-(conv3d 3x3x3 32->32 on (4, 32, 16, 56, 56), 2 threads: 75-79 ms by taps, 59-61 ms
-stacked; PyTorch 70 ms.) The stacked images are made and convolved in blocks of output
-depths, at most the input's size at a time; each block's result is put in place.
+Where a group has more than one channel the depth taps are stacked as channels.
+Output depth ``od`` of image ``n`` becomes one 2-D image of ``KD * C`` channels
+(group ``g``'s channels ``(a, c)`` in tap-major order, zeros for taps outside the
+input), and one 2-D convolution with the weight laid out alike (``(C_out, KD * C_g,
+KH, KW)``) gives every output depth at once: a single GEMM or Winograd of ``KD`` times
+the depth of each tap's, and no sums of partial outputs. (conv3d 3x3x3 32->32 on (4,
+32, 16, 56, 56), 2 threads: 75-79 ms by taps, 59-61 ms stacked; PyTorch 70 ms.) The
+stacked images are made and convolved in blocks of output depths, at most the input's
+size at a time; each block's result is put in place. The backward is the 2-D backward
+of the same blocks: the grad_output slices of a block as its images' gradient, the
+stacked input gradient added back to the input depths (each depth's terms in
+output-depth order, so the sum does not depend on the blocks), the blocks' weight
+gradients summed in order and laid out as the weight (backward of the shape above:
+192 -> 154 ms, PyTorch's about 115).
 
-Depthwise forwards (one channel per group: the 2-D direct kernels need that) and every
-backward go tap by tap: for each tap ``a`` the input depth slices it reads (one per
+Depthwise convolutions (one channel per group: the 2-D direct kernels need that) go
+tap by tap: for each tap ``a`` the input depth slices it reads (one per
 output depth that stays inside the input) are gathered into one batch of 2-D images,
 the 2-D convolution runs on that batch with the tap's 2-D weight, and the result is
 added into those output depths. The backward's input gradient scatters each tap's 2-D
@@ -24,8 +29,8 @@ whole slices, so every result is deterministic. Scratch: one gathered batch (at 
 the input's size) and one 2-D result (at most the output's size) at a time.
 
 The device's ``slabs`` module (``fastpool.cpu.slabs`` / ``fastpool.cuda.slabs``,
-mirrored names) supplies the gather, stack, place, accumulate and scatter steps and the
-device's 2-D launchers.
+mirrored names) supplies the gather, stack, place, accumulate and scatter steps (and
+their inverses) and the device's 2-D launchers.
 """
 
 from __future__ import annotations
@@ -69,25 +74,23 @@ def forward(slabs, x, weight, bias, w):
     if not stacks(w):
         y = slabs.filled((N, w.out_channels) + w.out_size, x.dtype, bias)
         if N > 0:
-            with slabs.planned(*planes(w)):
+            with slabs.planned(planes(w)):
                 _forward_taps(slabs, x, weight, w, y)
         return y
     y = slabs.empty((N, w.out_channels) + w.out_size, x.dtype)
     if N > 0:
-        with slabs.planned(*planes(w)):
+        with slabs.planned(planes(w)):
             _forward_stacked(slabs, x, weight, bias, w, y)
     return y
 
 
 def planes(w):
-    """The 2-D windows whose algorithms the depth taps' convolutions run, as the
-    arguments of ``slabs.planned``: the taps' (all the output depths as one batch; a
-    tap's own batch, the depths it reaches, differs from tap to tap and from a Dask
-    chunk to the whole call) and, where the forward stacks its taps, the stacked
-    forward's."""
+    """The 2-D window whose algorithms every 2-D convolution of the call runs: all the
+    output depths as one batch of stacked images where the taps stack, else of one
+    tap's images (a block's or a tap's own batch, the depths it reaches, differs from
+    block to block, tap to tap and from a Dask chunk to the whole call)."""
     batch = w.batch * w.out_size[0]
-    taps = _plane_window(w, batch)
-    return (taps, _plane_window(w, batch, w.kernel[0])) if stacks(w) else (taps,)
+    return _plane_window(w, batch, w.kernel[0] if stacks(w) else 1)
 
 
 def _forward_taps(slabs, x, weight, w, y):
@@ -102,11 +105,17 @@ def _forward_taps(slabs, x, weight, w, y):
         del part
 
 
-def _forward_stacked(slabs, x, weight, bias, w, y):
+def _stacked_blocks(w):
+    """``(images, block)``: the stacked images of a call (``N * OD``) and how many are
+    stacked at a time (at most the input's size; blocks of equal size)."""
     images = w.batch * w.out_size[0]
+    block = max(1, w.batch * w.in_size[0] // w.kernel[0])
+    return images, -(-images // -(-images // block))
+
+
+def _forward_stacked(slabs, x, weight, bias, w, y):
+    images, block = _stacked_blocks(w)
     taps = w.kernel[0]
-    block = max(1, w.batch * w.in_size[0] // taps)  # the input's size
-    block = -(-images // -(-images // block))  # the same size for every block
     weight2d = slabs.stacked_weight(weight)
     if slabs.fused_forward(x, weight2d, bias, w, y, _plane_window(w, images, taps)):
         return
@@ -131,10 +140,49 @@ def backward(slabs, grad_output, x, weight, w, output_mask):
     grad_bias = slabs.bias_grad(grad_output, w) if want_bias else None
     if N == 0 or not (want_input or want_weight):
         return grad_input, grad_weight, grad_bias
-    with slabs.planned(*planes(w)):
-        _backward_taps(slabs, grad_output, x, weight, w, output_mask, grad_input,
-                       grad_weight)
+    with slabs.planned(planes(w)):
+        if stacks(w):
+            _backward_stacked(slabs, grad_output, x, weight, w, output_mask, grad_input,
+                              grad_weight)
+        else:
+            _backward_taps(slabs, grad_output, x, weight, w, output_mask, grad_input,
+                           grad_weight)
     return grad_input, grad_weight, grad_bias
+
+
+def _backward_stacked(slabs, grad_output, x, weight, w, output_mask, grad_input,
+                      grad_weight):
+    """The backward of ``_forward_stacked``: per block of output depths, the 2-D
+    backward of the stacked images; the input gradient's stacked channels are added
+    back to their depths (output depths in order), the weight gradient's blocks
+    summed in order and laid out as ``weight``."""
+    want_input, want_weight, _ = output_mask
+    images, block = _stacked_blocks(w)
+    taps = w.kernel[0]
+    stacked_shape = (block, taps * w.channels) + w.in_size[1:]
+    stacked = slabs.empty(stacked_shape, x.dtype) if want_weight else None
+    grads = slabs.empty((block, w.out_channels) + w.out_size[1:], grad_output.dtype)
+    weight2d = slabs.stacked_weight(weight)
+    total = None
+    for first in range(0, images, block):
+        count = min(block, images - first)
+        plane = _plane_window(w, count, taps)
+        slabs.unplace(grad_output, grads[:count], first)
+        if want_weight:
+            slabs.stack(x, stacked[:count], first, w)
+        part_input, part_weight, _ = slabs.conv2d_backward(
+            grads[:count], stacked[:count] if want_weight else slabs.shape_only(x, plane),
+            weight2d, plane, (want_input, want_weight, False))
+        if want_input:
+            slabs.unstack_add(grad_input, part_input, first, w)
+        if want_weight:
+            if total is None:
+                total = part_weight
+            else:
+                slabs.add_into(total, part_weight)
+        del part_input, part_weight
+    if want_weight:
+        slabs.put_stacked_weight(grad_weight, total)
 
 
 def _backward_taps(slabs, grad_output, x, weight, w, output_mask, grad_input,

@@ -186,12 +186,12 @@ def _conv_input_run(grad_output, x, indices, context, weight, *, rank, args, pla
 
 
 def _planned(plane):
-    """Run a chunk's CPU convolution with the algorithms of the whole call (``plane``:
-    the arguments of ``planned_as``, 2-D windows; None: chosen per chunk)."""
+    """Run a chunk's CPU convolution with the algorithms of the whole call (2-D
+    ``plane`` window; None: chosen per chunk)."""
     if plane is None:
         return contextlib.nullcontext()
     from fastpool.cpu.conv._planner import planned_as
-    return planned_as(*plane)
+    return planned_as(plane)
 
 
 # ----------------------------------------------------------------------------- pooling
@@ -361,14 +361,14 @@ def _conv_geometry(x, weight, bias, rank, stride, padding, dilation, groups):
 
 
 def _conv_plan(window, rank, x, weight, stride, padding, dilation, groups):
-    """``(plane, tile)``: the whole call's 2-D windows, whose algorithms every chunk
-    runs (``_planned``'s argument: a 3-D convolution's are its depth taps' and its
-    stacked forward's, ``_conv3d.planes``), and the output tile of the Winograd
-    algorithm where it may run (3x3, stride 1)."""
+    """``(plane, tile)``: the whole call's 2-D window, whose algorithms every chunk
+    runs (a 3-D convolution's: its stacked images' or depth taps', ``_conv3d.planes``),
+    and the output
+    tile of the Winograd algorithm where it may run (3x3, stride 1)."""
     if rank == 3:
         plane = _conv3d.planes(window)
     elif rank == 2:
-        plane = (window,)
+        plane = window
     else:
         x4 = _dask_graph.shape_stand_in(x.shape[:2] + (1,) + x.shape[2:], x.dtype)
         w4 = _dask_graph.shape_stand_in(weight.shape[:2] + (1,) + weight.shape[2:],
@@ -377,9 +377,8 @@ def _conv_plan(window, rank, x, weight, stride, padding, dilation, groups):
                                                                           dilation, 1)
         p = padding if isinstance(padding, str) else (0,) + _params.ntuple(
             "padding", padding, 1)
-        plane = (_params.conv_window(x4, w4, None, 2, (1, s), p, (1, d), groups)[3],)
-    winograd = (plane[0].kernel == (3, 3) and plane[0].stride == (1, 1)
-                and plane[0].dilation == (1, 1))
+        plane = _params.conv_window(x4, w4, None, 2, (1, s), p, (1, d), groups)[3]
+    winograd = plane.kernel == (3, 3) and plane.stride == (1, 1) and plane.dilation == (1, 1)
     return plane, 2 if winograd else 1
 
 
@@ -573,12 +572,11 @@ def _conv_transpose_backward_run(grad_output, x, weight, *, rank, args, mask, pl
 
 
 def _transposed_plane(window):
-    """The 2-D windows of the whole call's convolution (the one a transposed
-    convolution transposes), whose algorithms every batch chunk runs (``_planned``'s
-    argument)."""
+    """The 2-D window of the whole call's convolution (the one a transposed
+    convolution transposes), whose algorithms every batch chunk runs."""
     if window.rank == 3:
         return _conv3d.planes(window)
-    return (_planar(window),)
+    return _planar(window)
 
 
 def _conv_transpose_inputs(x, weight, bias, rank, args):

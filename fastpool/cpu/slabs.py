@@ -12,13 +12,12 @@ from fastpool.cpu.conv._planner import _JIT, planned_unless_pinned
 from fastpool.cpu.conv._winograd import forward_depth
 
 
-def planned(window, forward=None):
-    """Run every depth tap's 2-D convolution with the algorithms the rank-2 ``window``
-    (all the output depths as one batch) chooses, the stacked forward's with those of
-    ``forward``: sizes decide the algorithm, a tap's batch depends on how many output
-    depths it reaches, and a Dask chunk's taps reach fewer (``planned_unless_pinned``:
-    a chunk keeps the whole call's)."""
-    return planned_unless_pinned(window, forward)
+def planned(window):
+    """Run every 2-D convolution of a 3-D one with the algorithms the rank-2 ``window``
+    (all the output depths as one batch) chooses: sizes decide the algorithm, a block's
+    or a tap's batch depends on how many output depths it holds or reaches, and a Dask
+    chunk's are fewer (``planned_unless_pinned``: a chunk keeps the whole call's)."""
+    return planned_unless_pinned(window)
 
 
 def empty(shape, dtype):
@@ -71,20 +70,71 @@ def stack(x, out, first, w):
 
 
 @numba.njit(**_JIT)
-def _place(y, part, first):
+def _place(volume, part, first, into_volume):
     count, channels, pixels = part.shape
-    out_depth = y.shape[2]
+    out_depth = volume.shape[2]
     for task in numba.prange(count * channels):
         i, o = task // channels, task % channels
         n, od = (first + i) // out_depth, (first + i) % out_depth
-        for p in range(pixels):
-            y[n, o, od, p] = part[i, o, p]
+        if into_volume:
+            for p in range(pixels):
+                volume[n, o, od, p] = part[i, o, p]
+        else:
+            for p in range(pixels):
+                part[i, o, p] = volume[n, o, od, p]
 
 
 def place(y, part, first):
     """``y[m // OD, :, m % OD] = part[m - first]`` for ``m`` from ``first``."""
     N, O, OD = y.shape[:3]
-    _place(y.reshape(N, O, OD, -1), part.reshape(part.shape[0], O, -1), first)
+    _place(y.reshape(N, O, OD, -1), part.reshape(part.shape[0], O, -1), first, True)
+
+
+def unplace(grad_output, out, first):
+    """``out[m - first] = grad_output[m // OD, :, m % OD]`` (``place`` undone)."""
+    N, O, OD = grad_output.shape[:3]
+    _place(grad_output.reshape(N, O, OD, -1), out.reshape(out.shape[0], O, -1), first,
+           False)
+
+
+@numba.njit(**_JIT)
+def _unstack_add(grad_input, part, first, out_depth, step, pad, dilation, taps, groups):
+    N, C, depth, pixels = grad_input.shape
+    count = part.shape[0]
+    per_group = C // groups
+    for task in numba.prange(N * C):
+        n, c = task // C, task % C
+        g, cg = c // per_group, c % per_group
+        # this image's output depths in the block, in order, then the taps in order:
+        # every input depth gets its terms in output-depth order, whatever the blocks
+        for m in range(max(first, n * out_depth), min(first + count, (n + 1) * out_depth)):
+            od = m - n * out_depth
+            for a in range(taps):
+                d = od * step - pad + a * dilation
+                if 0 <= d < depth:
+                    s = (g * taps + a) * per_group + cg
+                    for p in range(pixels):
+                        grad_input[n, c, d, p] += part[m - first, s, p]
+
+
+def unstack_add(grad_input, part, first, w):
+    """``stack`` undone, adding: each stacked channel ``(g, a, c)`` of ``part[i]``
+    added into ``grad_input`` at its input depth (none where outside)."""
+    N, C, D = grad_input.shape[:3]
+    count, stacked = part.shape[:2]
+    _unstack_add(grad_input.reshape(N, C, D, -1), part.reshape(count, stacked, -1),
+                 first, w.out_size[0], w.stride[0], w.pad_lo[0], w.dilation[0],
+                 w.kernel[0], w.groups)
+
+
+def add_into(target, part):
+    target += part
+
+
+def put_stacked_weight(grad_weight, part):
+    """``grad_weight[o, c, a] = part[o, a * C_g + c]`` (``stacked_weight`` undone)."""
+    O, Cg, KD = grad_weight.shape[:3]
+    grad_weight[...] = part.reshape((O, KD, Cg) + part.shape[2:]).transpose(0, 2, 1, 3, 4)
 
 
 def fused_forward(x, weight, bias, w, y, plane):

@@ -13,7 +13,7 @@ from fastpool.cuda._launch import contiguous, grid_start, grid_stride, launch, s
 from fastpool.cuda.conv import _bias_grad, conv2d_backward, conv2d_forward  # noqa: F401
 
 
-def planned(window, forward=None):
+def planned(window):
     """Nothing: the GPU's algorithm choice does not depend on the batch (the CPU's
     ``slabs.planned`` pins it)."""
     return contextlib.nullcontext()
@@ -91,17 +91,22 @@ def _stack(x, out, first, out_depth, step, pad, dilation, taps, groups):
 
 
 @cuda.jit
-def _place(y, part, first):
-    """``y[n, o, od, p] = part[i, o, p]``, ``n, od = divmod(first + i, OD)``."""
+def _place(volume, part, first, into_volume):
+    """``volume[n, o, od, p] = part[i, o, p]`` (``into_volume``) or the other way,
+    ``n, od = divmod(first + i, OD)``."""
     count, channels, pixels = part.shape
-    out_depth = y.shape[2]
+    out_depth = volume.shape[2]
     total = np.int64(count) * channels * pixels
     i = grid_start()
     while i < total:
         p = i % pixels
         o = (i // pixels) % channels
         m = i // (np.int64(pixels) * channels)
-        y[(first + m) // out_depth, o, (first + m) % out_depth, p] = part[m, o, p]
+        n, od = (first + m) // out_depth, (first + m) % out_depth
+        if into_volume:
+            volume[n, o, od, p] = part[m, o, p]
+        else:
+            part[m, o, p] = volume[n, o, od, p]
         i += grid_stride()
 
 
@@ -117,6 +122,56 @@ def _stack_weight(weight, out):
         s = (i // Q) % stacked
         o = i // (np.int64(Q) * stacked)
         out[o, s, q] = weight[o, s % Cg, s // Cg, q]
+        i += grid_stride()
+
+
+@cuda.jit
+def _unstack_add(grad_input, part, first, out_depth, step, pad, dilation, taps, groups):
+    """``grad_input[n, c, d, p] +=`` every ``part[i, (g, a, c_g), p]`` of this block
+    whose tap reads depth ``d``, output depths in order (as the CPU adds them)."""
+    N, C, depth, pixels = grad_input.shape
+    count = part.shape[0]
+    per_group = C // groups
+    total = np.int64(N) * C * depth * pixels
+    i = grid_start()
+    while i < total:
+        p = i % pixels
+        d = (i // pixels) % depth
+        c = (i // (np.int64(pixels) * depth)) % C
+        n = i // (np.int64(pixels) * depth * C)
+        g, cg = c // per_group, c % per_group
+        acc = grad_input[n, c, d, p]
+        for b in range(taps):
+            a = taps - 1 - b  # output depths ascending
+            shifted = d + pad - a * dilation
+            if shifted >= 0 and shifted % step == 0:
+                m = n * out_depth + shifted // step
+                if shifted // step < out_depth and first <= m < first + count:
+                    acc += part[m - first, (g * taps + a) * per_group + cg, p]
+        grad_input[n, c, d, p] = acc
+        i += grid_stride()
+
+
+@cuda.jit
+def _add_flat(target, part):
+    i = grid_start()
+    while i < target.size:
+        target[i] += part[i]
+        i += grid_stride()
+
+
+@cuda.jit
+def _put_stacked_weight(grad_weight, part):
+    """``grad_weight[o, c, a, q] = part[o, a * C_g + c, q]``."""
+    O, Cg, KD, Q = grad_weight.shape
+    total = np.int64(O) * Cg * KD * Q
+    i = grid_start()
+    while i < total:
+        q = i % Q
+        a = (i // Q) % KD
+        c = (i // (np.int64(Q) * KD)) % Cg
+        o = i // (np.int64(Q) * KD * Cg)
+        grad_weight[o, c, a, q] = part[o, a * Cg + c, q]
         i += grid_stride()
 
 
@@ -184,7 +239,31 @@ def stack(x, out, first, w):
 def place(y, part, first):
     N, O, OD = y.shape[:3]
     flat = part.reshape(part.shape[0], O, -1)
-    launch(_place, flat.size, y.reshape(N, O, OD, -1), flat, first)
+    launch(_place, flat.size, y.reshape(N, O, OD, -1), flat, first, True)
+
+
+def unplace(grad_output, out, first):
+    N, O, OD = grad_output.shape[:3]
+    flat = out.reshape(out.shape[0], O, -1)
+    launch(_place, flat.size, grad_output.reshape(N, O, OD, -1), flat, first, False)
+
+
+def unstack_add(grad_input, part, first, w):
+    N, C, D = grad_input.shape[:3]
+    flat = grad_input.reshape(N, C, D, -1)
+    launch(_unstack_add, flat.size, flat, part.reshape(part.shape[0], part.shape[1], -1),
+           first, w.out_size[0], w.stride[0], w.pad_lo[0], w.dilation[0], w.kernel[0],
+           w.groups)
+
+
+def add_into(target, part):
+    launch(_add_flat, target.size, target.reshape(-1), part.reshape(-1))
+
+
+def put_stacked_weight(grad_weight, part):
+    O, Cg, KD = grad_weight.shape[:3]
+    launch(_put_stacked_weight, grad_weight.size, grad_weight.reshape(O, Cg, KD, -1),
+           part.reshape(O, KD * Cg, -1))
 
 
 def stacked_weight(weight):

@@ -334,18 +334,16 @@ _PINNED = _Pins()
 
 
 @contextlib.contextmanager
-def planned_as(window, forward=None):
+def planned_as(window):
     """In this thread, choose every algorithm as for the rank-2 ``window``'s own
     problems (its forward, and its stride-1 input gradient), and size the bands of
-    problems with its planes as for it; the forward's as for the rank-2 ``forward``
-    window's instead where given (a 3-D convolution's forward, whose depth taps are
-    stacked as channels, and its backward, tap by tap: ``_conv3d.planes``).
+    problems with its planes as for it.
 
     ``fastpool.dask`` computes a convolution chunk by chunk, each chunk a call on a
     slice of the whole input; sizes decide the algorithm, and two algorithms round
     differently, so each chunk runs the whole call's algorithms to give its bits."""
     previous = _PINNED.codes, _PINNED.problems
-    _PINNED.problems = {"forward": _Problem.forward(window if forward is None else forward),
+    _PINNED.problems = {"forward": _Problem.forward(window),
                         "input_grad": _Problem.input_grad(window)}
     _PINNED.codes = {kind: problem.choose() for kind, problem in _PINNED.problems.items()}
     try:
@@ -354,10 +352,7 @@ def planned_as(window, forward=None):
         _PINNED.codes, _PINNED.problems = previous
 
 
-def planned_unless_pinned(window, forward=None):
-    """``planned_as(window, forward)``, or nothing where this thread runs pinned
-    already (a Dask chunk of a 3-D convolution: the whole call's planes, not the
-    chunk's)."""
-    if _PINNED.codes is not None:
-        return contextlib.nullcontext()
-    return planned_as(window, forward)
+def planned_unless_pinned(window):
+    """``planned_as(window)``, or nothing where this thread runs pinned already (a
+    Dask chunk of a 3-D convolution: the whole call's plane, not the chunk's)."""
+    return contextlib.nullcontext() if _PINNED.codes is not None else planned_as(window)
