@@ -187,8 +187,9 @@ def choose_peer(device):
 
 def _timed(fn, sync):
     def run():
-        fn()
+        result = fn()
         sync()
+        return result
     return run
 
 
@@ -332,6 +333,7 @@ def nd_cases(side, peer, op, shape, arg, dtype):
         return [extra]
     where = f"{shape}" + (f" k{arg[0]} s{arg[1]} p{arg[2]}" if "pool" in name else
                           f" w{arg}")
+    rank = len(shape) - 2
     if "pool" in name:
         k, st, p = arg
         mine = (lambda: getattr(fastpool, name)(x, k, st, p, device=dev))
@@ -353,8 +355,60 @@ def nd_cases(side, peer, op, shape, arg, dtype):
             px, pw = (torch.from_numpy(np.ascontiguousarray(a)).to(peer.device)
                       for a in (x_host, w_host))
             theirs = (lambda: getattr(peer.F, name)(px, pw, padding=padding))
-    return [Case(f"{op} forward", where, _timed(mine, side.sync),
-                 None if theirs is None else _timed(theirs, peer.sync), amount, unit)]
+    cases = [Case(f"{op} forward", where, _timed(mine, side.sync),
+                  None if theirs is None else _timed(theirs, peer.sync), amount, unit)]
+    if rank != 2 and name in ("conv1d", "conv3d", "max_pool3d", "avg_pool3d"):
+        grad_host = rng.standard_normal(y.shape).astype(dtype)
+        cases.append(_nd_backward(side, peer, name, rank, x_host, x, grad_host, arg,
+                                  where, 2 * amount if unit == "GFLOP/s" else amount,
+                                  unit))
+    return cases
+
+
+def _nd_backward(side, peer, name, rank, x_host, x, grad_host, arg, where, amount, unit):
+    """The backward of an N-D case (pooling: the input gradient; convolution: input and
+    weight gradients) against ATen's backward ops."""
+    dev, torch = side.device, getattr(peer, "torch", None)
+    grad = side.put(grad_host)
+    ones = [1] * rank
+    theirs = None
+    if torch is not None:
+        px, pgrad = peer.put(x_host), peer.put(grad_host)
+    if name.startswith("conv"):
+        w_host = (np.random.default_rng(3).standard_normal(arg) * 0.1).astype(x_host.dtype)
+        w = side.put(w_host)
+        backward = getattr(fastpool, f"{name}_backward")
+
+        def mine():
+            return backward(grad, x, w, padding=1, output_mask=(True, True, False),
+                            device=dev)
+        if torch is not None:
+            pw = peer.put(w_host)
+            theirs = (lambda: peer.aten.convolution_backward(
+                pgrad, px, pw, None, ones, ones, ones, False, [0] * rank, 1,
+                [True, True, False]))
+        return Case(f"{name} backward (input+weight)", where, _timed(mine, side.sync),
+                    None if theirs is None else _timed(theirs, peer.sync), amount, unit)
+    k, st, p = arg
+    if name.startswith("max"):
+        _, idx_host = fastpool.max_pool3d(x_host, k, st, p, return_indices=True,
+                                          device="cpu")
+        idx = side.put(idx_host)
+
+        def mine():
+            return fastpool.max_pool3d_backward(grad, x, k, st, p, indices=idx, device=dev)
+        if torch is not None:
+            pidx = peer.put(idx_host)
+            theirs = (lambda: peer.aten.max_pool3d_with_indices_backward(
+                pgrad, px, [k] * 3, [st] * 3, [p] * 3, ones, False, pidx))
+    else:
+        def mine():
+            return fastpool.avg_pool3d_backward(grad, x, k, st, p, device=dev)
+        if torch is not None:
+            theirs = (lambda: peer.aten.avg_pool3d_backward(
+                pgrad, px, [k] * 3, [st] * 3, [p] * 3, False, True, None))
+    return Case(f"{name} backward", where, _timed(mine, side.sync),
+                None if theirs is None else _timed(theirs, peer.sync), amount, unit)
 
 
 class Progress:

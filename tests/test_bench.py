@@ -120,6 +120,37 @@ def test_bench_against_torch(tiny_shapes, capsys):
     assert "conv2d backward (input+weight)" in table and "max_pool2d" not in table
 
 
+@pytest.mark.parametrize("op, shape, arg", [
+    ("conv1d", (2, 3, 9), (4, 3, 3)), ("conv3d", (2, 3, 4, 5, 6), (4, 3, 3, 3, 3)),
+    ("max_pool3d", (2, 3, 5, 6, 7), (3, 2, 1)), ("avg_pool3d", (2, 3, 5, 6, 7), (3, 2, 1))])
+def test_nd_cases_time_the_same_backward_as_the_torch_peer(op, shape, arg):
+    """The N-D bench's backward rows: both sides compute the same gradients."""
+    pytest.importorskip("torch")
+    cases = _bench.nd_cases(_bench.FastpoolSide("cpu"), _bench.TorchPeer("cpu"), op, shape,
+                            arg, np.float64)
+    assert [c.op for c in cases] == [f"{op} forward", f"{op} backward" + (
+        " (input+weight)" if op.startswith("conv") else "")]
+    for case in cases:
+        ours, theirs = case.ours(), case.peer()
+        if isinstance(theirs, tuple):  # convolution_backward: input, weight, bias
+            pairs = list(zip(ours[:2], theirs[:2]))
+        else:
+            pairs = [(ours, theirs)]
+        for a, b in pairs:
+            np.testing.assert_allclose(a, b.numpy(), rtol=1e-10, atol=1e-10)
+
+
+def test_bench_nd_against_torch(capsys):
+    torch = pytest.importorskip("torch")
+    assert cli.main(["bench", "--device", "cpu", "--repeats", "1", "--ops", "nd",
+                     "--quick"]) == 0
+    table = capsys.readouterr().out
+    assert f"PyTorch {torch.__version__}" in table
+    for row in ("conv1d backward (input+weight)", "conv3d backward (input+weight)",
+                "max_pool3d backward", "avg_pool3d backward"):
+        assert row in table
+
+
 def test_torch_peer_matches_fastpool():
     pytest.importorskip("torch")
     peer = _bench.TorchPeer("cpu")
