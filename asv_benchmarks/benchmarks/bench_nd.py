@@ -104,3 +104,61 @@ class NdForward:
         """the op's forward on the case"""
         self.call()
         self.sync()
+
+
+# name -> (op, x shape, argument), as ``ND_CASES``: the ops whose backward is timed.
+ND_BACKWARD_CASES = {name: case for name, case in ND_CASES.items()
+                     if case[0] in ("conv1d", "conv3d", "max_pool3d", "avg_pool3d")}
+
+
+class NdBackward:
+    """Backward of one N-D case: pooling's input gradient (max from the forward's
+    indices), convolution's input and weight gradients."""
+
+    params = [DEVICES, list(ND_BACKWARD_CASES), DTYPES]
+    param_names = ["device", "case", "dtype"]
+    processes = 1
+    repeat = (3, 7, 10.0)
+    timeout = 300
+
+    def setup(self, device, case, dtype):
+        require_device(device)
+        op, shape, arg = ND_BACKWARD_CASES[case]
+        pin_threads()
+        self.device = device
+        self.sync = synchronizer(device)
+        self.__dict__.update(memo(("NdBackward", device, case, dtype),
+                                  lambda: self.prepare(op, shape, arg, dtype)))
+
+    def prepare(self, op, shape, arg, dtype):
+        x = uniform(shape, dtype, rng())
+        if op.startswith("conv"):
+            w = normal(arg, dtype, rng(1), scale=0.1)
+            y = getattr(fastpool, op)(x, w, padding=1, device="cpu")
+            x, w, g = to_device(self.device, x, w, normal(y.shape, dtype, rng(2)))
+            backward = getattr(fastpool, f"{op}_backward")
+
+            def call():
+                backward(g, x, w, padding=1, output_mask=(True, True, False),
+                         device=self.device)
+        else:
+            k, s, p = arg
+            y, indices = fastpool.max_pool3d(x, k, s, p, return_indices=True,
+                                             device="cpu")
+            x, g, indices = to_device(self.device, x, normal(y.shape, dtype, rng(2)),
+                                      indices)
+            if op == "max_pool3d":
+                def call():
+                    fastpool.max_pool3d_backward(g, x, k, s, p, indices=indices,
+                                                 device=self.device)
+            else:
+                def call():
+                    fastpool.avg_pool3d_backward(g, x, k, s, p, device=self.device)
+        call()
+        self.sync()
+        return dict(call=call)
+
+    def time_backward(self, device, case, dtype):
+        """the op's backward on the case"""
+        self.call()
+        self.sync()
