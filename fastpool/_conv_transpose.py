@@ -11,7 +11,7 @@ A transposed convolution is the input gradient of the convolution it transposes
   gradient and ``grad_y`` as its input, ``grad_bias`` = ``grad_y`` summed over N and
   space.
 
-3-D runs through ``fastpool._conv3d``'s depth-tap decomposition. The device's ``slabs``
+3-D runs through ``fastpool._conv3d`` (2-D convolutions of the depth taps). The device's ``slabs``
 module supplies the 2-D launchers and the array steps (``fastpool.cpu.slabs`` /
 ``fastpool.cuda.slabs``), as for conv3d; ``fastpool.cpu.conv_transpose`` and
 ``fastpool.cuda.conv_transpose`` bind them.

@@ -241,9 +241,9 @@ def conv3d(x: ArrayLike, weight: ArrayLike, bias: Optional[ArrayLike] = None,
 
     ``y[n, o, od, oh, ow] = bias[o] + sum over c, a, i, j of weight[o, c, a, i, j] *
     x[n, g*C_in/groups + c, od*s_d - p_front + a*d_d, oh*s_h - p_top + i*d_h,
-    ow*s_w - p_left + j*d_w]``; cells outside the input are zero. It runs as a sum of
-    2-D convolutions over the depth taps (``fastpool._conv3d``), each on the 2-D
-    algorithms.
+    ow*s_w - p_left + j*d_w]``; cells outside the input are zero. It runs as 2-D
+    convolutions on the 2-D algorithms (``fastpool._conv3d``): of the depth taps
+    stacked as channels, or tap by tap where each group has one channel.
 
     Parameters
     ----------

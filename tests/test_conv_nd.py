@@ -513,8 +513,8 @@ def test_conv_of_every_rank_and_layout_matches_reference(case):
             assert np.moveaxis(out, 1, -1).flags.c_contiguous
 
 
-# (x shape, w shape, args, path): the forward's three ways (stacked taps in one
-# Winograd kernel, stacked 2-D images, depthwise tap by tap), each backward tap by tap.
+# (x shape, w shape, args): the three ways (stacked taps in one Winograd kernel,
+# forward only; stacked 2-D images; depthwise tap by tap), forward and backward.
 CONV3D_THREAD_CASES = [
     ((2, 8, 6, 10, 9), (8, 8, 3, 3, 3), dict(padding=1)),
     ((2, 4, 5, 6, 7), (6, 2, 2, 3, 2), dict(stride=(2, 1, 2), padding=1, groups=2)),
@@ -526,6 +526,8 @@ CONV3D_THREAD_CASES = [
                          ids=["depth-winograd", "stacked", "depthwise"])
 def test_conv3d_is_the_same_at_one_and_two_threads(x_shape, w_shape, args):
     import numba
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("Numba has one thread")
     rng = np.random.default_rng(seed_for(x_shape, w_shape, str(args)))
     x = rng.standard_normal(x_shape).astype(np.float32)
     w = rng.standard_normal(w_shape).astype(np.float32)
@@ -575,12 +577,25 @@ def test_conv3d_matches_torch(x_shape, w_shape, args):
         np.testing.assert_allclose(ours, theirs.numpy(), rtol=1e-10, atol=1e-10)
 
 
-def test_conv3d_on_the_gpu_matches_cpu(small_launches):
-    rng = np.random.default_rng(9)
-    x = rng.standard_normal((2, 4, 3, 4, 4)).astype(np.float32)
-    w = rng.standard_normal((4, 2, 2, 3, 3)).astype(np.float32)
-    b = rng.standard_normal(4).astype(np.float32)
-    args = dict(stride=(2, 1, 1), padding=1, groups=2)
+# (x shape, w shape, args): stacked blocks of whole images; blocks that split an
+# image's output depths (block = N * D // KD = 2 of 6); depth dilation; a depth stride
+# past the kernel; depthwise (tap by tap); an empty batch.
+GPU_CONV3D_CASES = [
+    ((2, 4, 3, 4, 4), (4, 2, 2, 3, 3), dict(stride=(2, 1, 1), padding=1, groups=2)),
+    ((1, 4, 6, 4, 3), (3, 4, 3, 2, 2), dict(padding=(1, 0, 1))),
+    ((1, 2, 6, 3, 4), (2, 2, 2, 2, 2), dict(dilation=(2, 1, 1), padding=(1, 1, 0))),
+    ((2, 2, 7, 3, 3), (2, 2, 2, 1, 2), dict(stride=(3, 1, 1), padding=1)),
+    ((1, 3, 4, 4, 4), (3, 1, 3, 3, 3), dict(padding=1, groups=3)),
+    ((0, 2, 3, 4, 4), (2, 2, 2, 2, 2), dict(padding=1)),
+]
+
+
+@pytest.mark.parametrize("x_shape, w_shape, args", GPU_CONV3D_CASES)
+def test_conv3d_on_the_gpu_matches_cpu(x_shape, w_shape, args, small_launches):
+    rng = np.random.default_rng(seed_for(x_shape, w_shape, str(args)))
+    x = rng.standard_normal(x_shape).astype(np.float32)
+    w = rng.standard_normal(w_shape).astype(np.float32)
+    b = rng.standard_normal(w_shape[0]).astype(np.float32)
     y_cpu = fastpool.conv3d(x, w, b, **args, device="cpu")
     np.testing.assert_allclose(fastpool.conv3d(x, w, b, **args, device="cuda"), y_cpu,
                                rtol=1e-5, atol=1e-5)

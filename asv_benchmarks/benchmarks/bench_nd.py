@@ -143,15 +143,19 @@ class NdBackward:
                          device=self.device)
         else:
             k, s, p = arg
-            y, indices = fastpool.max_pool3d(x, k, s, p, return_indices=True,
-                                             device="cpu")
-            x, g, indices = to_device(self.device, x, normal(y.shape, dtype, rng(2)),
-                                      indices)
             if op == "max_pool3d":
+                y, indices = fastpool.max_pool3d(x, k, s, p, return_indices=True,
+                                                 device="cpu")
+                x, g, indices = to_device(self.device, x, normal(y.shape, dtype, rng(2)),
+                                          indices)
+
                 def call():
                     fastpool.max_pool3d_backward(g, x, k, s, p, indices=indices,
                                                  device=self.device)
             else:
+                y = fastpool.avg_pool3d(x, k, s, p, device="cpu")
+                x, g = to_device(self.device, x, normal(y.shape, dtype, rng(2)))
+
                 def call():
                     fastpool.avg_pool3d_backward(g, x, k, s, p, device=self.device)
         call()

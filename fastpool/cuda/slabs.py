@@ -206,6 +206,8 @@ def add_bias(y, bias):
 
 def filled(shape, dtype, bias):
     out = cuda.device_array(shape, dtype)
+    if out.size == 0:  # nothing to fill (and a device array of size 0 cannot reshape)
+        return out
     flat = out.reshape(shape[0], shape[1], -1)
     has_bias = bias is not None
     launch(_fill, out.size, flat, bias if has_bias else cuda.device_array(1, dtype),

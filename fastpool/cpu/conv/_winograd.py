@@ -23,8 +23,9 @@ from fastpool.cpu.conv._planner import _U, WINOGRAD, _Problem
 _SKEW = 16
 
 
-# A band's transformed input slices (3-D ``_winograd_forward``), at most: beyond, the
-# 3-D convolution runs the 2-D Winograd on stacked images.
+# The bands' transformed input slices (3-D ``_winograd_forward``; one band per thread
+# at a time), at most: beyond, the 3-D convolution runs the 2-D Winograd on stacked
+# images.
 _DEPTH_BYTES = 64 << 20
 
 
@@ -32,8 +33,8 @@ def forward_depth(x, weight, bias, w, y, plane):
     """``y`` (``(N, C_out, OD, OH, OW)``) of the 3-D convolution ``w`` (the Window)
     with the stacked weight ``weight`` (``(C_out, KD * C_g, 3, 3)``) by
     ``_winograd_forward``, where its stacked 2-D window ``plane`` runs on
-    Winograd (as chosen, or pinned), the depth taps are not dilated and a band's
-    slices fit in ``_DEPTH_BYTES``: True; else False, nothing done."""
+    Winograd (as chosen, or pinned), the depth taps are not dilated and the threads'
+    bands of slices fit in ``_DEPTH_BYTES``: True; else False, nothing done."""
     problem = _Problem.forward(plane)
     if problem.algorithm() != WINOGRAD or w.dilation[0] != 1:
         return False
@@ -46,8 +47,9 @@ def forward_depth(x, weight, bias, w, y, plane):
     bands = min(tiles_h, max(-(-tiles_h // rows), -(-thread_count() // (N * G))))
     rows = -(-tiles_h // bands)
     slices = (OD - 1) * SD + KD
-    if 16 * slices * (w.channels // G) * padded(rows * tiles_w, x) * x.itemsize \
-            > _DEPTH_BYTES:
+    workers = thread_count()
+    if workers * 16 * slices * (w.channels // G) * padded(rows * tiles_w, x) \
+            * x.itemsize > _DEPTH_BYTES:
         return False
     O = w.out_channels
     _winograd_forward(
@@ -55,7 +57,7 @@ def forward_depth(x, weight, bias, w, y, plane):
         winograd_weight(weight),
         bias if bias is not None else np.zeros(O, x.dtype),
         y.reshape((N, O * OD) + w.out_size[1:]), rows, G, w.pad_lo[1], w.pad_lo[2], D,
-        OD, KD, SD, w.pad_lo[0], thread_count())
+        OD, KD, SD, w.pad_lo[0], workers)
     return True
 
 
