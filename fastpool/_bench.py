@@ -76,6 +76,10 @@ ND_SHAPES = {
              ("conv3d", (4, 32, 16, 56, 56), (32, 32, 3, 3, 3)),
              ("max_pool2d channels_last", (32, 64, 112, 112), (3, 2, 1)),
              ("avg_pool2d channels_last", (32, 64, 112, 112), (3, 2, 1)),
+             ("max_pool1d", (32, 64, 4096), (3, 2, 1)),
+             ("avg_pool1d", (32, 64, 4096), (3, 2, 1)),
+             ("max_pool3d channels_last", (8, 32, 32, 64, 64), (3, 2, 1)),
+             ("avg_pool3d channels_last", (8, 32, 32, 64, 64), (3, 2, 1)),
              # issue 15's ops and shapes
              ("adaptive_avg_pool2d", (32, 2048, 7, 7), 1),
              ("adaptive_avg_pool2d channels_last", (32, 2048, 7, 7), 1),
@@ -87,6 +91,10 @@ ND_SHAPES = {
               ("conv3d", (2, 8, 8, 16, 16), (8, 8, 3, 3, 3)),
               ("max_pool2d channels_last", (8, 64, 56, 56), (3, 2, 1)),
               ("avg_pool2d channels_last", (8, 64, 56, 56), (3, 2, 1)),
+              ("max_pool1d", (8, 32, 512), (3, 2, 1)),
+              ("avg_pool1d", (8, 32, 512), (3, 2, 1)),
+              ("max_pool3d channels_last", (2, 8, 16, 32, 32), (3, 2, 1)),
+              ("avg_pool3d channels_last", (2, 8, 16, 32, 32), (3, 2, 1)),
               ("adaptive_avg_pool2d", (8, 256, 7, 7), 1),
               ("adaptive_avg_pool2d channels_last", (8, 256, 7, 7), 1),
               ("conv_transpose2d", (2, 16, 16, 16), (16, 8, 4, 4)),
@@ -357,7 +365,8 @@ def nd_cases(side, peer, op, shape, arg, dtype):
             theirs = (lambda: getattr(peer.F, name)(px, pw, padding=padding))
     cases = [Case(f"{op} forward", where, _timed(mine, side.sync),
                   None if theirs is None else _timed(theirs, peer.sync), amount, unit)]
-    if rank != 2 and name in ("conv1d", "conv3d", "max_pool3d", "avg_pool3d"):
+    if rank != 2 and not layout_last and name in ("conv1d", "conv3d", "max_pool3d",
+                                                  "avg_pool3d"):
         grad_host = rng.standard_normal(y.shape).astype(dtype)
         cases.append(_nd_backward(side, peer, name, rank, x_host, x, grad_host, arg,
                                   where, 2 * amount if unit == "GFLOP/s" else amount,

@@ -30,6 +30,12 @@ ND_CASES = {
         "max_pool2d channels_last", (32, 64, 112, 112), (3, 2, 1)),
     "avg_pool2d channels_last (32,64,112,112) k3s2p1": (
         "avg_pool2d channels_last", (32, 64, 112, 112), (3, 2, 1)),
+    "max_pool1d (32,64,4096) k3s2p1": ("max_pool1d", (32, 64, 4096), (3, 2, 1)),
+    "avg_pool1d (32,64,4096) k3s2p1": ("avg_pool1d", (32, 64, 4096), (3, 2, 1)),
+    "max_pool3d channels_last (8,32,32,64,64) k3s2p1": (
+        "max_pool3d channels_last", (8, 32, 32, 64, 64), (3, 2, 1)),
+    "avg_pool3d channels_last (8,32,32,64,64) k3s2p1": (
+        "avg_pool3d channels_last", (8, 32, 32, 64, 64), (3, 2, 1)),
     # issue 15's ops
     "small adaptive_avg_pool2d (8,64,7,7) -> 1": ("adaptive_avg_pool2d", (8, 64, 7, 7), 1),
     "adaptive_avg_pool2d (32,2048,7,7) -> 1": ("adaptive_avg_pool2d", (32, 2048, 7, 7), 1),
