@@ -51,10 +51,11 @@ def _channels_last(a):
     return np.moveaxis(np.ascontiguousarray(np.moveaxis(a, 1, -1)), -1, 1)
 
 
-class NdForward:
-    """Forward of one N-D case."""
+class _NdCases:
+    """One call on an N-D case of ``cases``, made (data and a first call) in ``setup``
+    by the subclass's ``prepare``."""
 
-    params = [DEVICES, list(ND_CASES), DTYPES]
+    cases = ND_CASES
     param_names = ["device", "case", "dtype"]
     processes = 1
     repeat = (3, 7, 10.0)
@@ -62,12 +63,18 @@ class NdForward:
 
     def setup(self, device, case, dtype):
         require_device(device)
-        op, shape, arg = ND_CASES[case]
+        op, shape, arg = self.cases[case]
         pin_threads()
         self.device = device
         self.sync = synchronizer(device)
-        self.__dict__.update(memo(("NdForward", device, case, dtype),
+        self.__dict__.update(memo((type(self).__name__, device, case, dtype),
                                   lambda: self.prepare(op, shape, arg, dtype)))
+
+
+class NdForward(_NdCases):
+    """Forward of one N-D case."""
+
+    params = [DEVICES, list(ND_CASES), DTYPES]
 
     def prepare(self, op, shape, arg, dtype):
         name = op.split()[0]
@@ -117,24 +124,12 @@ ND_BACKWARD_CASES = {name: case for name, case in ND_CASES.items()
                      if case[0] in ("conv1d", "conv3d", "max_pool3d", "avg_pool3d")}
 
 
-class NdBackward:
+class NdBackward(_NdCases):
     """Backward of one N-D case: pooling's input gradient (max from the forward's
     indices), convolution's input and weight gradients."""
 
+    cases = ND_BACKWARD_CASES
     params = [DEVICES, list(ND_BACKWARD_CASES), DTYPES]
-    param_names = ["device", "case", "dtype"]
-    processes = 1
-    repeat = (3, 7, 10.0)
-    timeout = 300
-
-    def setup(self, device, case, dtype):
-        require_device(device)
-        op, shape, arg = ND_BACKWARD_CASES[case]
-        pin_threads()
-        self.device = device
-        self.sync = synchronizer(device)
-        self.__dict__.update(memo(("NdBackward", device, case, dtype),
-                                  lambda: self.prepare(op, shape, arg, dtype)))
 
     def prepare(self, op, shape, arg, dtype):
         x = uniform(shape, dtype, rng())
