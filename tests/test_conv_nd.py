@@ -197,6 +197,49 @@ def test_channels_last_im2col_runs_in_place_with_the_channels_first_bits(
     assert_close_to_sum(y if y.ndim == 4 else y[None], expected, bound, np.float32)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("x_shape, w_shape, args", [
+    ((2, 8, 9, 7), (8, 8, 3, 3), dict(padding=1)),            # clipped edge tiles
+    ((1, 16, 10, 12), (12, 8, 3, 3), dict(padding=(0, 2), groups=2)),
+    ((8, 6, 5), (16, 8, 3, 3), dict(padding=1)),              # unbatched
+])
+def test_channels_last_winograd_runs_in_place_with_the_channels_first_bits(
+        monkeypatch, dtype, x_shape, w_shape, args):
+    """A channels-last input whose convolution runs Winograd is transformed through
+    its own strides and the output written channels-last: the kernel is handed the
+    caller's buffer and an NHWC output, and gives the channels-first call's bits."""
+    import fastpool.cpu.conv as cpu_conv
+    from fastpool import _params
+    rng = np.random.default_rng(31)
+    x = rng.standard_normal(x_shape).astype(dtype)
+    w = rng.standard_normal(w_shape).astype(dtype)
+    b = rng.standard_normal(w_shape[0]).astype(dtype)
+    xl = np.moveaxis(np.ascontiguousarray(np.moveaxis(x, -3, -1)), -1, -3)
+    seen = []
+    original = cpu_conv._winograd_forward
+    monkeypatch.setattr(cpu_conv, "_winograd_forward",
+                        lambda *a: seen.append((a[0], a[3])) or original(*a))
+    def conv(a):  # Winograd pinned: the chooser prefers im2col at these small sizes
+        a, w_, b_, window = _params.conv_window(a, w, b, 2, 1, args["padding"], 1,
+                                                args.get("groups", 1))
+        return cpu_conv.conv2d_forward(a, w_, b_, window, "winograd")
+
+    y = conv(x)
+    assert len(seen) == 1 and seen[0][0].flags.c_contiguous  # the channels-first call
+    yl = conv(xl)
+    assert len(seen) == 2
+    x_in, y_out = seen[1]
+    assert np.shares_memory(x_in, xl), "the channels-last input was copied"
+    assert np.moveaxis(y_out, 1, -1).flags.c_contiguous
+    assert np.shares_memory(y_out, yl), "the output was copied after the kernel"
+    np.testing.assert_array_equal(yl, y)
+    assert np.moveaxis(yl, -3, -1).flags.c_contiguous
+    batched = (lambda a: a) if x.ndim == 4 else (lambda a: a[None])
+    expected = ref.conv2d(batched(x), w, b, **args)
+    bound = ref.conv2d(np.abs(batched(x)), np.abs(w), np.abs(b), **args)
+    assert_close_to_sum(batched(y), expected, bound, dtype)
+
+
 @pytest.mark.parametrize("rank", [1, 2, 3])
 def test_channels_last_gpu_arrays_give_channels_last_results(rank, small_launches):
     """A channels-last Numba device array in (one copy of an NHWC-style buffer to the
