@@ -58,6 +58,7 @@ from fastpool.cpu._arrays import contiguous
 from fastpool._geometry import CHANNELS_LAST
 from fastpool.cpu._blas import single_threaded_blas
 from fastpool.cpu.conv import _channels_last, _channels_last_direct, _channels_last_gemm
+from fastpool.cpu.conv import _channels_last_backward
 from fastpool.cpu.conv._direct import (_direct_backward_input, _direct_backward_weight,
                                        _direct_backward_weight_planes,
                                        _direct_forward, _direct_forward_planes)
@@ -386,6 +387,50 @@ def _weight_grad(x, grad_output, weight_shape, w, algorithm):
     return grad_weight
 
 
+def _channels_last_grads(grad_output, x_cl, weight, w, output_mask, algorithm):
+    """``conv2d_backward`` of the batched channels-last input ``x_cl``, in place
+    (``_channels_last_backward``): the weight and bias gradients always, the input
+    gradient where its channels-first path is a Winograd or im2col forward; results
+    channels-last."""
+    want_input, want_weight, want_bias = output_mask
+    shape = (w.batch, w.out_channels) + w.out_size
+    gy = grad_output.reshape(shape)
+    gy4 = _channels_last_direct.pixels(gy, True)
+    if gy4 is None:  # one copy into the layout of the call
+        gy4 = np.ascontiguousarray(gy.transpose(0, 2, 3, 1))
+        gy = gy4.transpose(0, 3, 1, 2)
+    grad_input = grad_weight = grad_bias = None
+    if want_input:
+        code = _algorithm_code(w, algorithm)
+        if code is None:
+            code = _forward_problem(w).algorithm()
+        transposed = _input_grad_problem(w)
+        inner = transposed.algorithm() if code not in (IM2COL, DIRECT) else None
+        if w.stride == (1, 1) and inner == WINOGRAD:
+            grad_input = np.empty((w.batch,) + w.in_size + (w.channels,),
+                                  gy.dtype).transpose(0, 3, 1, 2)
+            _run_forward(transposed, gy, _flipped_transposed(weight, w.groups), None,
+                         grad_input, WINOGRAD)
+        elif w.stride == (1, 1) and inner == IM2COL:
+            rows = transposed.forward_band_rows(IM2COL, gy.itemsize)
+            grad_input = _channels_last_gemm.forward(
+                gy, _flipped_transposed(weight, w.groups), None, transposed, rows,
+                transposed.forward_channel_blocks(rows), thread_count())
+        else:  # the channels-first kernels, on one copy of grad_output
+            grad_input = _input_grad(contiguous(gy), weight, w, code)
+        grad_input = grad_input.reshape(w.input_shape)
+    if want_weight:
+        grad_weight = _channels_last_backward.weight_grad(
+            x_cl.transpose(0, 2, 3, 1), gy4, weight.shape, _forward_problem(w),
+            thread_count(), lambda partial, out: loop_on_one_thread(_sum_partials,
+                                                                    partial, out))
+    if want_bias:
+        grad_bias = np.empty(w.out_channels, gy.dtype)
+        loop_on_one_thread(_channels_last_direct._bias_grad,
+                           gy4.reshape(-1, w.out_channels), grad_bias)
+    return grad_input, grad_weight, grad_bias
+
+
 def conv2d_backward(grad_output, x, weight, window, output_mask, algorithm=None):
     """``(grad_input, grad_weight, grad_bias)``, ``None`` where ``output_mask`` is
     False."""
@@ -417,6 +462,10 @@ def conv2d_backward(grad_output, x, weight, window, output_mask, algorithm=None)
         if grads[0] is not None and not _batched(x):
             grads = (grads[0][0],) + grads[1:]
         return grads
+    x_cl = _channels_last_input(x, w, algorithm, ALGORITHMS.values())
+    if x_cl is not None:
+        return _channels_last_grads(grad_output, x_cl, weight, w, output_mask,
+                                    algorithm)
     want_input, want_weight, want_bias = output_mask
     grad_output = contiguous(grad_output).reshape((w.batch, w.out_channels) + w.out_size)
     if want_weight:  # only the weight gradient reads x: no copy of it otherwise
