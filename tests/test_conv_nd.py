@@ -322,42 +322,54 @@ def test_channels_last_backward_runs_in_place(x_shape, w_shape, args, dtype, siz
                                                                    **args).grad_weight)
 
 
-def _forward_problem_names(x, w):
-    """The algorithms of the forward and of the stride-1 input gradient (padding 1)."""
+def _forward_problem_names(x, w, stride, padding):
+    """The algorithms of the forward and of the stride-1 input-gradient problem."""
     from fastpool import _params
     from fastpool.cpu import conv as cpu_conv
     from fastpool.cpu.conv._planner import _NAMES
-    *_, window = _params.conv_window(x, w, None, 2, 1, 1)
+    *_, window = _params.conv_window(x, w, None, 2, stride, padding)
     return (_NAMES[cpu_conv._forward_problem(window).algorithm()],
             _NAMES[cpu_conv._input_grad_problem(window).algorithm()])
 
 
-def test_channels_last_backward_input_gradient_reads_grad_output_in_place(monkeypatch):
-    """Stride 1 on Winograd or im2col: the input gradient is the channels-last forward
-    of ``grad_output``, read where it lies (no channels-first copy of it)."""
+@pytest.mark.parametrize("x_shape, w_shape, stride, algorithms", [
+    # the input gradient as a Winograd or an im2col forward of grad_output
+    ((4, 8, 8, 8), (8, 8, 3, 3), 1, ("winograd", "winograd")),
+    ((2, 8, 12, 12), (4, 8, 3, 3), 1, ("winograd", "im2col")),
+    # col2im: after an im2col forward, and strided
+    ((1, 3, 6, 5), (4, 3, 3, 3), 1, ("im2col", "im2col")),
+    ((2, 6, 9, 8), (8, 6, 3, 3), 2, ("im2col", "im2col")),
+    ((3, 5, 7, 9), (7, 5, 1, 1), (2, 3), ("im2col", "im2col")),
+])
+def test_channels_last_backward_input_gradient_reads_grad_output_in_place(
+        x_shape, w_shape, stride, algorithms, monkeypatch):
+    """The channels-last input gradient reads ``grad_output`` where it lies (no
+    channels-first copy of it) wherever the channels-first path runs a Winograd or
+    im2col forward of it or col2im, with that path's bits."""
     from fastpool.cpu import conv as cpu_conv
     rng = np.random.default_rng(41)
-    for x_shape, w_shape, inner in (((4, 8, 8, 8), (8, 8, 3, 3), "winograd"),
-                                    ((2, 8, 12, 12), (4, 8, 3, 3), "im2col")):
-        x = rng.standard_normal(x_shape).astype(np.float32)
-        w = rng.standard_normal(w_shape).astype(np.float32)
-        g = rng.standard_normal(fastpool.conv2d(x, w, padding=1).shape).astype(
-            np.float32)
-        xl = np.moveaxis(np.ascontiguousarray(np.moveaxis(x, 1, -1)), -1, 1)
-        gl = np.moveaxis(np.ascontiguousarray(np.moveaxis(g, 1, -1)), -1, 1)
-        real = cpu_conv.contiguous
+    x = rng.standard_normal(x_shape).astype(np.float32)
+    w = rng.standard_normal(w_shape).astype(np.float32)
+    padding = 1 if w_shape[-1] > 1 else 0
+    g = rng.standard_normal(fastpool.conv2d(x, w, stride=stride,
+                                            padding=padding).shape).astype(np.float32)
+    xl = np.moveaxis(np.ascontiguousarray(np.moveaxis(x, 1, -1)), -1, 1)
+    gl = np.moveaxis(np.ascontiguousarray(np.moveaxis(g, 1, -1)), -1, 1)
+    real = cpu_conv.contiguous
 
-        def no_activation_copies(a):
-            assert a.shape not in (x.shape, g.shape), "an activation was copied"
-            return real(a)
+    def no_activation_copies(a):
+        assert a.shape not in (x.shape, g.shape), "an activation was copied"
+        return real(a)
 
-        assert _forward_problem_names(x, w) == ("winograd", inner)
-        monkeypatch.setattr(cpu_conv, "contiguous", no_activation_copies)
-        gi = fastpool.conv2d_backward(gl, xl, w, padding=1,
-                                      output_mask=(True, False, False)).grad_input
-        monkeypatch.undo()
-        np.testing.assert_array_equal(
-            gi, fastpool.conv2d_backward(g, x, w, padding=1).grad_input)
+    assert _forward_problem_names(x, w, stride, padding) == algorithms
+    monkeypatch.setattr(cpu_conv, "contiguous", no_activation_copies)
+    gi = fastpool.conv2d_backward(gl, xl, w, stride=stride, padding=padding,
+                                  output_mask=(True, False, False)).grad_input
+    monkeypatch.undo()
+    np.testing.assert_array_equal(
+        gi, fastpool.conv2d_backward(g, x, w, stride=stride,
+                                     padding=padding).grad_input)
+    assert np.moveaxis(gi, 1, -1).flags.c_contiguous
 
 
 @pytest.mark.parametrize("rank", [1, 2, 3])

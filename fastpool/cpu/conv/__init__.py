@@ -405,13 +405,19 @@ def _channels_last_grads(grad_output, x_cl, weight, w, output_mask, algorithm):
         if code is None:
             code = _forward_problem(w).algorithm()
         transposed = _input_grad_problem(w)
-        inner = transposed.algorithm() if code not in (IM2COL, DIRECT) else None
-        if w.stride == (1, 1) and inner == WINOGRAD:
+        # the channels-first path's choice (``_input_grad``)
+        col2im = (not (code == DIRECT and not _forward_problem(w).unit_stride_planes())
+                  and (code == IM2COL or w.stride != (1, 1)))
+        inner = (transposed.algorithm() if not col2im and code != DIRECT else None)
+        if col2im:
+            grad_input = _channels_last_backward.input_grad_col2im(
+                gy4, weight, _forward_problem(w), thread_count())
+        elif inner == WINOGRAD:
             grad_input = np.empty((w.batch,) + w.in_size + (w.channels,),
                                   gy.dtype).transpose(0, 3, 1, 2)
             _run_forward(transposed, gy, _flipped_transposed(weight, w.groups), None,
                          grad_input, WINOGRAD)
-        elif w.stride == (1, 1) and inner == IM2COL:
+        elif inner == IM2COL:
             rows = transposed.forward_band_rows(IM2COL, gy.itemsize)
             grad_input = _channels_last_gemm.forward(
                 gy, _flipped_transposed(weight, w.groups), None, transposed, rows,

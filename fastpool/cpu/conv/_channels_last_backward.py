@@ -15,11 +15,14 @@ activations before and after the arithmetic.
   or the thread; chunks of images are fixed by the shapes, as on the channels-first
   path, and added in chunk order. The sums are not those of the channels-first path
   (BLAS), so the two layouts agree to rounding.
-- **Input gradient**, stride 1 where the channels-first path runs it as the forward
-  convolution of ``grad_output`` (``_input_grad``): the channels-last Winograd and
-  im2col forwards, in place, the channels-first bits. Elsewhere (col2im, ``rows``,
-  direct) ``grad_output`` is copied to channels-first once and the channels-first
-  kernels run.
+- **Input gradient**, as the channels-first path (``_input_grad``) would compute it
+  and with its bits: where that is a Winograd or im2col forward of ``grad_output``
+  (stride 1), the channels-last forwards, in place; where it is col2im (strided, or
+  after an im2col forward), ``_col2im`` here: the same columns (each one chain over
+  the output channels) from ``grad_output``'s pixels read in place, each input cell
+  adding its terms in kernel-tap order. Elsewhere (``rows`` and direct forwards of
+  ``grad_output``) ``grad_output`` is copied to channels-first once and the
+  channels-first kernels run.
 - **Bias gradient**: every pixel in order in float64, as on the channels-first path
   (``_channels_last_direct._bias_grad``): the same bits.
 """
@@ -29,8 +32,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from fastpool.cpu._microkernel import (FROM_C, MR, aligned_empty, gemm_batch, padded,
-                                      padded_host, panel_width)
+from fastpool.cpu._microkernel import (FROM_C, FROM_COLUMN_INIT, MR, aligned_empty,
+                                      gemm_batch, padded, padded_host, panel_width)
 from fastpool.cpu._parallel import BODY_JIT, parallel_kernel
 from fastpool.cpu.conv._planner import _U
 
@@ -181,3 +184,87 @@ def weight_grad(x4, gy4, weight_shape, problem, workers, sum_partials):
     else:
         ordered = summed.reshape(G, KH, Og, KW, Cg).transpose(0, 2, 4, 1, 3)
     return np.ascontiguousarray(ordered).reshape(weight_shape)
+
+
+@parallel_kernel
+@njit(**BODY_JIT)
+def _col2im(gy, wr, gx, band_rows, G, KH, KW, SH, SW, DH, DW, PT, PL, col_lo, col_hi,
+            worker, workers):
+    """``gx`` (``(N, H, W, C)``) = col2im of ``grad_output @ W_g`` over (image, group,
+    band of input rows): the columns ``cols[(oh, ow), (i, j, c)]`` of the output rows
+    a band reaches, one chain of fused multiply-adds over the output channels each
+    (``gy``'s pixels read in place as the rows of ``A``, ``wr`` the ``(G*O_g, ld)``
+    weight laid out ``(i, j, c)``), then each input cell of the band gets its terms
+    in kernel-tap order: the channels-first col2im's products and order, so its
+    bits."""
+    N, OH, OW, O = gy.shape
+    H, W, C = gx.shape[1], gx.shape[2], gx.shape[3]
+    Cg = C // G
+    Og = O // G
+    K = KH * KW * Cg
+    ld = wr.shape[1]
+    bands = (H + band_rows - 1) // band_rows
+    tasks = N * G * bands
+    gf = gy.reshape(-1)
+    xf = gx.reshape(-1)
+    wf = wr.reshape(-1)
+    most = (band_rows - 1 + (KH - 1) * DH) // SH + 2  # output rows a band reaches
+    cols = aligned_empty(most * OW * ld, gf)
+    zeros = np.zeros(ld, gf.dtype)
+    for t in range(worker * tasks // workers, (worker + 1) * tasks // workers):
+        n = t // (G * bands)
+        g = (t // bands) % G
+        h0 = (t % bands) * band_rows
+        h1 = min(H, h0 + band_rows)
+        lowest = h0 + PT - (KH - 1) * DH
+        oh_lo = max(0, -(-lowest // SH))
+        oh_hi = min(OH, (h1 - 1 + PT) // SH + 1)
+        if oh_hi > oh_lo:
+            gemm_batch((oh_hi - oh_lo) * OW, K, Og, gf, ((n * OH + oh_lo) * OW) * O
+                       + g * Og, O, 1, wf, g * Og * ld, ld, cols, 0, ld, zeros, 0, 1, 0,
+                       0, FROM_COLUMN_INIT)
+        for h in range(h0, h1):
+            row = (n * H + h) * W * C + g * Cg
+            for w in range(W):
+                for c in range(Cg):
+                    xf[_U(row + w * C + c)] = 0
+            for i in range(KH):
+                top = h + PT - i * DH
+                if top < 0 or top % SH != 0 or top // SH >= OH:
+                    continue
+                oh = top // SH
+                for j in range(KW):
+                    offset = j * DW - PL
+                    for ow in range(col_lo[j], col_hi[j]):
+                        src = ((oh - oh_lo) * OW + ow) * ld + (i * KW + j) * Cg
+                        dst = row + (ow * SW + offset) * C
+                        for c in range(Cg):
+                            xf[_U(dst + c)] += cols[_U(src + c)]
+
+
+# The columns a band of input rows reaches, at most (per thread).
+_COLUMN_BYTES = 1 << 20
+
+
+def input_grad_col2im(gy4, weight, problem, workers):
+    """The channels-last ``(N, C, H, W)`` input gradient of a strided (or im2col)
+    convolution from the ``(N, OH, OW, O)`` gradient buffer, by ``_col2im``."""
+    p = problem
+    O, Cg, KH, KW = weight.shape
+    G = p.groups
+    K = KH * KW * Cg
+    ld = padded_host(K, weight.dtype)
+    wr = np.zeros((O, ld), weight.dtype)
+    wr[:, :K] = weight.transpose(0, 2, 3, 1).reshape(O, K)
+    N = p.batch
+    per_row = p.out_w * ld * weight.itemsize
+    reach = ((KH - 1) * p.dilation_h) // p.stride_h + 2
+    rows = max(1, (max(1, _COLUMN_BYTES // per_row) - reach + 1) * p.stride_h)
+    # a band for every thread
+    bands = max(-(-p.in_h // rows), min(p.in_h, -(-workers // (N * G))))
+    rows = -(-p.in_h // bands)
+    gx4 = np.empty((N, p.in_h, p.in_w, p.in_channels), gy4.dtype)
+    _col2im(gy4, wr, gx4, rows, G, KH, KW, p.stride_h, p.stride_w, p.dilation_h,
+            p.dilation_w, p.pad_top, p.pad_left, *p.column_range(),
+            max(1, min(workers, N * G * -(-p.in_h // rows))))
+    return gx4.transpose(0, 3, 1, 2)
