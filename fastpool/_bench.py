@@ -80,6 +80,14 @@ ND_SHAPES = {
              ("avg_pool1d", (32, 64, 4096), (3, 2, 1)),
              ("max_pool3d channels_last", (8, 32, 32, 64, 64), (3, 2, 1)),
              ("avg_pool3d channels_last", (8, 32, 32, 64, 64), (3, 2, 1)),
+             ("max_pool1d channels_last", (32, 64, 4096), (3, 2, 1)),
+             ("avg_pool1d channels_last", (32, 64, 4096), (3, 2, 1)),
+             ("conv1d channels_last", (32, 64, 4096), (64, 64, 3)),
+             ("conv2d channels_last", (32, 64, 56, 56), (64, 64, 3, 3)),
+             ("conv3d channels_last", (4, 32, 16, 56, 56), (32, 32, 3, 3, 3)),
+             # no peer: no framework has stochastic pooling
+             ("stochastic_pool1d", (32, 64, 4096), (3, 2, 1)),
+             ("stochastic_pool3d", (8, 32, 32, 64, 64), (3, 2, 1)),
              # issue 15's ops and shapes
              ("adaptive_avg_pool2d", (32, 2048, 7, 7), 1),
              ("adaptive_avg_pool2d channels_last", (32, 2048, 7, 7), 1),
@@ -95,6 +103,13 @@ ND_SHAPES = {
               ("avg_pool1d", (8, 32, 512), (3, 2, 1)),
               ("max_pool3d channels_last", (2, 8, 16, 32, 32), (3, 2, 1)),
               ("avg_pool3d channels_last", (2, 8, 16, 32, 32), (3, 2, 1)),
+              ("max_pool1d channels_last", (8, 32, 512), (3, 2, 1)),
+              ("avg_pool1d channels_last", (8, 32, 512), (3, 2, 1)),
+              ("conv1d channels_last", (8, 32, 512), (32, 32, 3)),
+              ("conv2d channels_last", (4, 16, 28, 28), (16, 16, 3, 3)),
+              ("conv3d channels_last", (2, 8, 8, 16, 16), (8, 8, 3, 3, 3)),
+              ("stochastic_pool1d", (8, 32, 512), (3, 2, 1)),
+              ("stochastic_pool3d", (2, 8, 16, 32, 32), (3, 2, 1)),
               ("adaptive_avg_pool2d", (8, 256, 7, 7), 1),
               ("adaptive_avg_pool2d channels_last", (8, 256, 7, 7), 1),
               ("conv_transpose2d", (2, 16, 16, 16), (16, 8, 4, 4)),
@@ -344,12 +359,13 @@ def nd_cases(side, peer, op, shape, arg, dtype):
     rank = len(shape) - 2
     if "pool" in name:
         k, st, p = arg
-        mine = (lambda: getattr(fastpool, name)(x, k, st, p, device=dev))
-        y = getattr(fastpool, name)(x_host, k, st, p, device="cpu")
+        seeded = dict(seed=1) if name.startswith("stochastic") else {}  # as the 2-D rows
+        mine = (lambda: getattr(fastpool, name)(x, k, st, p, device=dev, **seeded))
+        y = getattr(fastpool, name)(x_host, k, st, p, device="cpu", **seeded)
         amount, unit = x_host.nbytes + y.nbytes, "GB/s"
         theirs = None
-        if torch is not None:
-            px = torch.from_numpy(x_host).to(peer.device)
+        if torch is not None and not name.startswith("stochastic"):
+            px = torch.from_numpy(x_host).to(peer.device)  # strides kept: the layout
             theirs = (lambda: getattr(peer.F, name)(px, k, st, p))
     else:
         w_host = (rng.standard_normal(arg) * 0.1).astype(dtype)
@@ -360,29 +376,43 @@ def nd_cases(side, peer, op, shape, arg, dtype):
         amount, unit = 2.0 * np.prod(y.shape) * np.prod(arg[1:]), "GFLOP/s"
         theirs = None
         if torch is not None:
-            px, pw = (torch.from_numpy(np.ascontiguousarray(a)).to(peer.device)
-                      for a in (x_host, w_host))
+            px = _peer_put(peer, x_host, layout_last)
+            pw = _peer_put(peer, w_host, False)
             theirs = (lambda: getattr(peer.F, name)(px, pw, padding=padding))
     cases = [Case(f"{op} forward", where, _timed(mine, side.sync),
                   None if theirs is None else _timed(theirs, peer.sync), amount, unit)]
-    if rank != 2 and not layout_last and name in ("conv1d", "conv3d", "max_pool3d",
-                                                  "avg_pool3d"):
+    if (name.startswith("conv") if layout_last else
+            rank != 2 and name in ("conv1d", "conv3d", "max_pool3d", "avg_pool3d")):
         grad_host = rng.standard_normal(y.shape).astype(dtype)
+        if layout_last:
+            grad_host = channels_last_copy(grad_host, 1)
         cases.append(_nd_backward(side, peer, name, rank, x_host, x, grad_host, arg,
                                   where, 2 * amount if unit == "GFLOP/s" else amount,
-                                  unit))
+                                  unit, layout_last, op))
     return cases
 
 
-def _nd_backward(side, peer, name, rank, x_host, x, grad_host, arg, where, amount, unit):
+def _peer_put(peer, array, keep_strides):
+    """``array`` as a tensor on the peer's device: with its strides (a channels-last
+    buffer stays channels-last), or channels-first."""
+    if not keep_strides:
+        return peer.put(array)
+    return peer.torch.from_numpy(array).to(peer.device)
+
+
+def _nd_backward(side, peer, name, rank, x_host, x, grad_host, arg, where, amount, unit,
+                 layout_last=False, label=None):
     """The backward of an N-D case (pooling: the input gradient; convolution: input and
-    weight gradients) against ATen's backward ops."""
+    weight gradients) against ATen's backward ops, both sides in the case's memory
+    format."""
     dev, torch = side.device, getattr(peer, "torch", None)
+    label = name if label is None else label
     grad = side.put(grad_host)
     ones = [1] * rank
     theirs = None
     if torch is not None:
-        px, pgrad = peer.put(x_host), peer.put(grad_host)
+        px = _peer_put(peer, x_host, layout_last)
+        pgrad = _peer_put(peer, grad_host, layout_last)
     if name.startswith("conv"):
         w_host = (np.random.default_rng(3).standard_normal(arg) * 0.1).astype(x_host.dtype)
         w = side.put(w_host)
@@ -396,7 +426,7 @@ def _nd_backward(side, peer, name, rank, x_host, x, grad_host, arg, where, amoun
             theirs = (lambda: peer.aten.convolution_backward(
                 pgrad, px, pw, None, ones, ones, ones, False, [0] * rank, 1,
                 [True, True, False]))
-        return Case(f"{name} backward (input+weight)", where, _timed(mine, side.sync),
+        return Case(f"{label} backward (input+weight)", where, _timed(mine, side.sync),
                     None if theirs is None else _timed(theirs, peer.sync), amount, unit)
     k, st, p = arg
     if name.startswith("max"):
@@ -416,7 +446,7 @@ def _nd_backward(side, peer, name, rank, x_host, x, grad_host, arg, where, amoun
         if torch is not None:
             theirs = (lambda: peer.aten.avg_pool3d_backward(
                 pgrad, px, [k] * 3, [st] * 3, [p] * 3, False, True, None))
-    return Case(f"{name} backward", where, _timed(mine, side.sync),
+    return Case(f"{label} backward", where, _timed(mine, side.sync),
                 None if theirs is None else _timed(theirs, peer.sync), amount, unit)
 
 

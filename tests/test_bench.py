@@ -1,6 +1,7 @@
 """``python -m fastpool bench`` and ``info``: the NumPy peer computes the same results as
 fastpool, and the command runs end to end on tiny shapes (no timing is asserted)."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -122,10 +123,14 @@ def test_bench_against_torch(tiny_shapes, capsys):
 
 @pytest.mark.parametrize("op, shape, arg", [
     ("conv1d", (2, 3, 9), (4, 3, 3)), ("conv3d", (2, 3, 4, 5, 6), (4, 3, 3, 3, 3)),
-    ("max_pool3d", (2, 3, 5, 6, 7), (3, 2, 1)), ("avg_pool3d", (2, 3, 5, 6, 7), (3, 2, 1))])
+    ("max_pool3d", (2, 3, 5, 6, 7), (3, 2, 1)), ("avg_pool3d", (2, 3, 5, 6, 7), (3, 2, 1)),
+    ("conv1d channels_last", (2, 3, 9), (4, 3, 3)),
+    ("conv2d channels_last", (2, 8, 6, 7), (8, 8, 3, 3)),
+    ("conv3d channels_last", (2, 3, 4, 5, 6), (4, 3, 3, 3, 3))])
 def test_nd_cases_time_the_same_backward_as_the_torch_peer(op, shape, arg):
-    """The N-D bench's backward rows: both sides compute the same gradients."""
-    pytest.importorskip("torch")
+    """The N-D bench's backward rows: both sides compute the same gradients, and
+    channels-last rows give both sides channels-last buffers."""
+    torch = pytest.importorskip("torch")
     cases = _bench.nd_cases(_bench.FastpoolSide("cpu"), _bench.TorchPeer("cpu"), op, shape,
                             arg, np.float64)
     assert [c.op for c in cases] == [f"{op} forward", f"{op} backward" + (
@@ -138,6 +143,25 @@ def test_nd_cases_time_the_same_backward_as_the_torch_peer(op, shape, arg):
             pairs = [(ours, theirs)]
         for a, b in pairs:
             np.testing.assert_allclose(a, b.numpy(), rtol=1e-10, atol=1e-10)
+        if op.endswith("channels_last"):  # the input (gradient) in the row's layout
+            a, b = pairs[0]
+            assert np.moveaxis(a, 1, -1).flags.c_contiguous
+            if op.startswith("conv2d"):  # PyTorch keeps channels_last in 2-D only
+                assert b.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_nd_stochastic_rows_have_no_peer_and_pick_as_the_op():
+    """Stochastic pooling rows (no framework has the op): no peer, and the timed call
+    is the op's (the same picks as calling it)."""
+    for op, shape in (("stochastic_pool1d", (2, 3, 9)),
+                      ("stochastic_pool3d", (2, 3, 5, 6, 7))):
+        cases = _bench.nd_cases(_bench.FastpoolSide("cpu"), _bench.TorchPeer("cpu")
+                                if importlib.util.find_spec("torch") else None, op,
+                                shape, (3, 2, 1), np.float32)
+        assert [c.op for c in cases] == [f"{op} forward"] and cases[0].peer is None
+        x = np.random.default_rng(2).random(shape, dtype=np.float64).astype(np.float32)
+        np.testing.assert_array_equal(cases[0].ours(),
+                                      getattr(fastpool, op)(x, 3, 2, 1, seed=1))
 
 
 def test_bench_nd_against_torch(capsys):
