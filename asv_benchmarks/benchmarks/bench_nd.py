@@ -1,5 +1,5 @@
-"""The N-D engine: time of one call of the 1-D and 3-D ops, of channels-last pooling and
-of the ops on the engine (adaptive pooling, transposed convolution, unpooling).
+"""The N-D engine: time of one call of the 1-D and 3-D ops (stochastic pooling
+included), of channels-last pooling and convolution and of the ops on the engine (adaptive pooling, transposed convolution, unpooling).
 
 Over device ("cpu", "cuda") x case x dtype. A case is an op on one shape: a small one
 (which the CI smoke run times) and issue 14's benchmark shapes. Channels-last cases
@@ -36,6 +36,22 @@ ND_CASES = {
         "max_pool3d channels_last", (8, 32, 32, 64, 64), (3, 2, 1)),
     "avg_pool3d channels_last (8,32,32,64,64) k3s2p1": (
         "avg_pool3d channels_last", (8, 32, 32, 64, 64), (3, 2, 1)),
+    "max_pool1d channels_last (32,64,4096) k3s2p1": (
+        "max_pool1d channels_last", (32, 64, 4096), (3, 2, 1)),
+    "avg_pool1d channels_last (32,64,4096) k3s2p1": (
+        "avg_pool1d channels_last", (32, 64, 4096), (3, 2, 1)),
+    "small conv2d channels_last (4,16,28,28) 3x3": (
+        "conv2d channels_last", (4, 16, 28, 28), (16, 16, 3, 3)),
+    "conv1d channels_last (32,64,4096) k3": (
+        "conv1d channels_last", (32, 64, 4096), (64, 64, 3)),
+    "conv2d channels_last 3x3 (32,64,56,56)": (
+        "conv2d channels_last", (32, 64, 56, 56), (64, 64, 3, 3)),
+    "conv3d channels_last 3x3x3 (4,32,16,56,56)": (
+        "conv3d channels_last", (4, 32, 16, 56, 56), (32, 32, 3, 3, 3)),
+    "stochastic_pool1d (32,64,4096) k3s2p1": ("stochastic_pool1d", (32, 64, 4096),
+                                              (3, 2, 1)),
+    "stochastic_pool3d (8,32,32,64,64) k3s2p1": ("stochastic_pool3d",
+                                                 (8, 32, 32, 64, 64), (3, 2, 1)),
     # issue 15's ops
     "small adaptive_avg_pool2d (8,64,7,7) -> 1": ("adaptive_avg_pool2d", (8, 64, 7, 7), 1),
     "adaptive_avg_pool2d (32,2048,7,7) -> 1": ("adaptive_avg_pool2d", (32, 2048, 7, 7), 1),
@@ -101,9 +117,10 @@ class NdForward(_NdCases):
         elif "pool" in name:
             (x,) = to_device(self.device, x)
             k, s, p = arg
+            seeded = dict(seed=1) if name.startswith("stochastic") else {}
 
             def call():
-                getattr(fastpool, name)(x, k, s, p, device=self.device)
+                getattr(fastpool, name)(x, k, s, p, device=self.device, **seeded)
         else:
             x, w = to_device(self.device, x, normal(arg, dtype, rng(1), scale=0.1))
 
@@ -121,7 +138,8 @@ class NdForward(_NdCases):
 
 # name -> (op, x shape, argument), as ``ND_CASES``: the ops whose backward is timed.
 ND_BACKWARD_CASES = {name: case for name, case in ND_CASES.items()
-                     if case[0] in ("conv1d", "conv3d", "max_pool3d", "avg_pool3d")}
+                     if case[0] in ("conv1d", "conv3d", "max_pool3d", "avg_pool3d")
+                     or case[0].startswith("conv") and case[0].endswith("channels_last")}
 
 
 class NdBackward(_NdCases):
@@ -134,10 +152,13 @@ class NdBackward(_NdCases):
     def prepare(self, op, shape, arg, dtype):
         x = uniform(shape, dtype, rng())
         if op.startswith("conv"):
+            name = op.split()[0]
+            last = _channels_last if op.endswith("channels_last") else (lambda a: a)
+            x = last(x)
             w = normal(arg, dtype, rng(1), scale=0.1)
-            y = getattr(fastpool, op)(x, w, padding=1, device="cpu")
-            x, w, g = to_device(self.device, x, w, normal(y.shape, dtype, rng(2)))
-            backward = getattr(fastpool, f"{op}_backward")
+            y = getattr(fastpool, name)(x, w, padding=1, device="cpu")
+            x, w, g = to_device(self.device, x, w, last(normal(y.shape, dtype, rng(2))))
+            backward = getattr(fastpool, f"{name}_backward")
 
             def call():
                 backward(g, x, w, padding=1, output_mask=(True, True, False),
