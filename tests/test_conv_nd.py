@@ -168,13 +168,14 @@ def test_channels_last_input_gives_channels_last_results(rank, groups):
                                        groups=2)),
     ((1, 16, 7, 7), (40, 16, 3, 3), dict(padding=1)),     # blocks of output channels
     ((3, 9, 5), (4, 3, 5, 5), dict(padding=3, stride=2)),  # unbatched, pads past taps
+    ((2, 16, 1, 200), (8, 16, 1, 3), dict(padding=(0, 1))),  # `rows`, one kernel row
 ])
 def test_channels_last_im2col_runs_in_place_with_the_channels_first_bits(
         monkeypatch, turned, x_shape, w_shape, args):
-    """Channels-last inputs whose convolution runs im2col are read in place and the
-    result written channels-last (``cpu/conv/_channels_last_gemm``), the product
-    turned over (pixels as rows, small weights) or into a band buffer: both give the
-    channels-first call's bits."""
+    """Channels-last inputs whose convolution runs im2col (or `rows` with one kernel
+    row: the same chains) are read in place and the result written channels-last
+    (``cpu/conv/_channels_last_gemm``), the product turned over (pixels as rows, small
+    weights) or into a band buffer: both give the channels-first call's bits."""
     from fastpool.cpu.conv import _channels_last_gemm
     rng = np.random.default_rng(29)
     x = rng.standard_normal(x_shape).astype(np.float32)
