@@ -72,12 +72,12 @@ def forward(slabs, x, weight, bias, w):
     """``y`` of shape ``(N, C_out, OD, OH, OW)`` for a batched 5-D ``x``."""
     N = w.batch
     if not stacks(w):
-        y = slabs.filled((N, w.out_channels) + w.out_size, x.dtype, bias)
+        y = slabs.filled_as(x, (N, w.out_channels) + w.out_size, x.dtype, bias)
         if N > 0:
             with slabs.planned(planes(w)):
                 _forward_taps(slabs, x, weight, w, y)
         return y
-    y = slabs.empty((N, w.out_channels) + w.out_size, x.dtype)
+    y = slabs.empty_as(x, (N, w.out_channels) + w.out_size, x.dtype)
     if N > 0:
         with slabs.planned(planes(w)):
             _forward_stacked(slabs, x, weight, bias, w, y)
@@ -133,8 +133,8 @@ def backward(slabs, grad_output, x, weight, w, output_mask):
     """``(grad_input, grad_weight, grad_bias)``, None where not asked for."""
     want_input, want_weight, want_bias = output_mask
     N = w.batch
-    grad_input = (slabs.filled((N, w.channels) + w.in_size, grad_output.dtype, None)
-                  if want_input else None)
+    grad_input = (slabs.filled_as(x, (N, w.channels) + w.in_size, grad_output.dtype,
+                                  None) if want_input else None)
     grad_weight = (slabs.filled(tuple(weight.shape), grad_output.dtype, None)
                    if want_weight else None)
     grad_bias = slabs.bias_grad(grad_output, w) if want_bias else None
@@ -206,12 +206,13 @@ def _backward_taps(slabs, grad_output, x, weight, w, output_mask, grad_input,
 
 
 def _volumes(slabs, a, w, channels, spatial):
-    return slabs.contiguous(a).reshape((w.batch, channels) + tuple(spatial))
+    return slabs.volumes(a, w, (w.batch, channels) + tuple(spatial))
 
 
 def launch_forward(slabs, x, weight, bias, window):
     """A device's ``conv3d_forward`` launcher: any-rank-validated arrays in, the
-    caller's shape out."""
+    caller's shape out (channels-last volumes stay channels-last on the CPU:
+    ``slabs.volumes``)."""
     w = window
     y = forward(slabs, _volumes(slabs, x, w, w.channels, w.in_size),
                 slabs.contiguous(weight), bias, w)

@@ -634,6 +634,91 @@ def test_conv3d_depth_winograd_gives_the_stacked_images_bits(x_shape, w_shape, a
                         _bound(x, w, **args) + np.abs(b)[:, None, None, None], dtype)
 
 
+@pytest.mark.parametrize("x_shape, w_shape, args", DEPTH_WINOGRAD_CASES + [
+    ((8, 6, 10, 9), (8, 8, 3, 3, 3), dict(padding=1)),  # unbatched
+])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_conv3d_channels_last_depth_winograd_runs_in_place(x_shape, w_shape, args,
+                                                           dtype, monkeypatch):
+    """A channels-last volume whose forward runs the depth-aware Winograd is read in
+    place (the kernel is handed the caller's buffer) and written channels-last, with
+    the channels-first call's bits; where the fused forward does not run (dilated
+    depth taps) the result is still channels-last and equal."""
+    from fastpool.cpu import slabs
+    rng = np.random.default_rng(seed_for(x_shape, w_shape, str(args), "last"))
+    x = rng.standard_normal(x_shape).astype(dtype)
+    w = rng.standard_normal(w_shape).astype(dtype)
+    b = rng.standard_normal(w_shape[0]).astype(dtype)
+    xl = _channels_last(x) if x.ndim == 5 else _channels_last(x[None])[0]
+    y = fastpool.conv3d(x, w, b, **args)
+    handed = []
+    original = slabs.forward_depth
+    monkeypatch.setattr(slabs, "forward_depth",
+                        lambda *a: handed.append((a[0], a[4])) or original(*a))
+    yl = fastpool.conv3d(xl, w, b, **args)
+    assert len(handed) == 1
+    assert np.shares_memory(handed[0][0], xl), "the channels-last input was copied"
+    assert np.shares_memory(handed[0][1], yl), "the output was copied after the kernel"
+    np.testing.assert_array_equal(yl, y)
+    assert np.moveaxis(yl, -4, -1).flags.c_contiguous
+    dilated = dict(args, dilation=(2, 1, 1), padding=2)
+    np.testing.assert_array_equal(fastpool.conv3d(xl, w, b, **dilated),
+                                  fastpool.conv3d(x, w, b, **dilated))
+
+
+@pytest.mark.parametrize("x_shape, w_shape, args", [
+    ((2, 4, 5, 6, 7), (6, 4, 3, 2, 3), dict(padding=1)),                  # stacked
+    ((1, 6, 6, 5, 5), (6, 1, 3, 3, 3), dict(padding=1, groups=6)),        # taps
+    ((2, 4, 7, 6, 5), (4, 2, 2, 3, 3), dict(stride=(2, 1, 2), dilation=(2, 1, 1),
+                                            padding=(1, 1, 0), groups=2)),
+    ((4, 5, 6, 7), (3, 4, 3, 3, 3), dict(padding=1)),                     # unbatched
+])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_conv3d_channels_last_runs_on_its_buffer(x_shape, w_shape, args, dtype,
+                                                 monkeypatch):
+    """Channels-last volumes are never copied to channels-first: the depth steps read
+    and write them through their strides; forward and every gradient are bitwise the
+    channels-first call's (the bias gradient too: one float64 sum per channel in
+    pixel order), with channels-last output and input gradient."""
+    from fastpool.cpu import slabs
+    rng = np.random.default_rng(seed_for(x_shape, w_shape, str(args), "volumes"))
+    x = rng.standard_normal(x_shape).astype(dtype)
+    w = rng.standard_normal(w_shape).astype(dtype)
+    b = rng.standard_normal(w_shape[0]).astype(dtype)
+
+    def last(a):
+        return _channels_last(a) if a.ndim == 5 else _channels_last(a[None])[0]
+
+    y = fastpool.conv3d(x, w, b, **args)
+    g = rng.standard_normal(y.shape).astype(dtype)
+    grads = fastpool.conv3d_backward(g, x, w, **args)
+    real = slabs.contiguous
+
+    activations = {x.shape, g.shape, (1,) + x.shape, (1,) + g.shape}
+
+    def no_activation_copies(a):
+        assert a.shape not in activations, f"an activation {a.shape} was copied"
+        return real(a)
+
+    monkeypatch.setattr(slabs, "contiguous", no_activation_copies)
+    yl = fastpool.conv3d(last(x), w, b, **args)
+    grads_l = fastpool.conv3d_backward(last(g), last(x), w, **args)
+    monkeypatch.undo()
+    np.testing.assert_array_equal(yl, y)
+    for a, b_ in zip(grads_l, grads):
+        np.testing.assert_array_equal(a, b_)
+    for result in (yl, grads_l.grad_input):
+        assert np.moveaxis(result, -4, -1).flags.c_contiguous
+    g5 = g if g.ndim == 5 else g[None]
+    x5 = x if x.ndim == 5 else x[None]
+    expected = ref.conv_backward(g5, x5, w, **args)
+    assert_close_to_sum(grads_l.grad_bias, expected[2],
+                        np.abs(g5).sum(axis=(0, 2, 3, 4)), dtype)
+    assert_close_to_sum(grads_l.grad_input if x.ndim == 5 else grads_l.grad_input[None],
+                        expected[0], ref.conv_backward(np.abs(g5), np.abs(x5), np.abs(w),
+                                                       **args)[0], dtype)
+
+
 @st.composite
 def conv_nd_cases(draw):
     """Convolutions of every rank in either memory format, per axis its own kernel,

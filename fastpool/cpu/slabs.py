@@ -6,7 +6,8 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from fastpool.cpu._arrays import contiguous  # noqa: F401 (the launchers' copy step)
+from fastpool._geometry import CHANNELS_LAST
+from fastpool.cpu._arrays import contiguous
 from fastpool.cpu.conv import conv2d_backward, conv2d_forward  # noqa: F401 (the 2-D steps)
 from fastpool.cpu.conv._planner import _JIT, planned_unless_pinned
 from fastpool.cpu.conv._winograd import forward_depth
@@ -137,6 +138,11 @@ def put_stacked_weight(grad_weight, part):
     grad_weight[...] = part.reshape((O, KD, Cg) + part.shape[2:]).transpose(0, 2, 1, 3, 4)
 
 
+def empty_channels_last(shape, dtype):
+    """A new ``(N, D, H, W, C)`` buffer as its ``(N, C, D, H, W)`` view."""
+    return np.empty(shape[:1] + shape[2:] + shape[1:2], dtype).transpose(0, 4, 1, 2, 3)
+
+
 def fused_forward(x, weight, bias, w, y, plane):
     """The stacked forward in one pass where the CPU has a kernel for it (3x3 planes
     on Winograd: ``forward_depth``, bitwise the 2-D Winograd of the stacked images):
@@ -184,9 +190,60 @@ def shape_only(x, window):
                            (window.batch, window.channels) + window.in_size)
 
 
+@numba.njit(**_JIT)
+def _bias_grad(g, out):
+    N, O, P = g.shape
+    for o in numba.prange(O):
+        total = 0.0
+        for n in range(N):
+            for p in range(P):
+                total += g[n, o, p]
+        out[o] = total
+
+
 def bias_grad(grad_output, w):
-    """``grad_output`` summed over N and the spatial axes, in float64."""
-    return grad_output.sum(axis=(0, 2, 3, 4), dtype=np.float64).astype(grad_output.dtype)
+    """``grad_output`` summed over N and the spatial axes: each channel one float64 sum
+    over images, then pixels, in order, so both memory formats give the same bits (a
+    NumPy sum's order follows the strides)."""
+    N, O = grad_output.shape[:2]
+    out = np.empty(O, grad_output.dtype)
+    _bias_grad(grad_output.reshape(N, O, int(np.prod(grad_output.shape[2:]))), out)
+    return out
+
+
+def volumes(a, w, shape):
+    """``a`` as the batched ``shape`` (``(N, C, D, H, W)``): a channels-last call's
+    exact ``(N, D, H, W, C)`` buffer as a view (the depth steps read and write it
+    through its strides, with the channels-first bits), anything else copied to
+    channels-first."""
+    if w.layout == CHANNELS_LAST:
+        view = a if a.ndim == 5 else a[None]
+        if (view.shape == shape and view.transpose(0, 2, 3, 4, 1).flags.c_contiguous
+                and view.flags.writeable and view.dtype.isnative):
+            return view
+    return contiguous(a).reshape(shape)
+
+
+def empty_as(x, shape, dtype):
+    """A new array of ``shape`` in ``x``'s memory format (channels-last where ``x``
+    views a channels-last buffer)."""
+    if _channels_last(x):
+        return empty_channels_last(shape, dtype)
+    return np.empty(shape, dtype)
+
+
+def filled_as(x, shape, dtype, bias):
+    """``filled`` in ``x``'s memory format."""
+    out = empty_as(x, shape, dtype)
+    out[...] = 0
+    if bias is not None:
+        out += np.asarray(bias, dtype).reshape((1, -1) + (1,) * (len(shape) - 2))
+    return out
+
+
+def _channels_last(x):
+    return (x.ndim == 5 and not x.flags.c_contiguous
+            and x.transpose(0, 2, 3, 4, 1).flags.c_contiguous)
 
 
 def add_bias(y, bias):

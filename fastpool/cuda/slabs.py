@@ -23,6 +23,22 @@ def empty(shape, dtype):
     return cuda.device_array(shape, dtype)
 
 
+def volumes(a, w, shape):
+    """``a`` as the batched ``shape``, C-contiguous (the GPU's depth steps index
+    channels-first volumes)."""
+    return contiguous(a).reshape(shape)
+
+
+def empty_as(x, shape, dtype):
+    """``empty``: the GPU's volumes are channels-first."""
+    return empty(shape, dtype)
+
+
+def filled_as(x, shape, dtype, bias):
+    """``filled``: the GPU's volumes are channels-first."""
+    return filled(shape, dtype, bias)
+
+
 def fused_forward(x, weight, bias, w, y, plane):
     """False: the GPU runs the stacked forward as stacked 2-D images (the CPU has a
     depth-aware Winograd)."""

@@ -205,10 +205,11 @@ def _run_forward(problem, x, weight, bias, y, algorithm=None):
                                *problem.args)
         return y
     if algorithm == WINOGRAD:
-        _winograd_forward(x, winograd_weight(weight),
-                          bias if has_bias else np.zeros(y.shape[1], x.dtype), y,
-                          problem.winograd_band_tile_rows(x.itemsize), problem.groups,
-                          problem.pad_top, problem.pad_left, 1, 1, 1, 1, 0,
+        # planes as volumes one slice deep (views)
+        _winograd_forward(x[:, :, None], winograd_weight(weight),
+                          bias if has_bias else np.zeros(y.shape[1], x.dtype),
+                          y[:, :, None], problem.winograd_band_tile_rows(x.itemsize),
+                          problem.groups, problem.pad_top, problem.pad_left, 1, 1, 0,
                           thread_count())
         return y
     if problem.whole_plane_columns(algorithm, x.itemsize):

@@ -52,12 +52,9 @@ def forward_depth(x, weight, bias, w, y, plane):
             * x.itemsize > _DEPTH_BYTES:
         return False
     O = w.out_channels
-    _winograd_forward(
-        x.reshape((N, w.channels * D) + w.in_size[1:]),
-        winograd_weight(weight),
-        bias if bias is not None else np.zeros(O, x.dtype),
-        y.reshape((N, O * OD) + w.out_size[1:]), rows, G, w.pad_lo[1], w.pad_lo[2], D,
-        OD, KD, SD, w.pad_lo[0], workers)
+    _winograd_forward(x, winograd_weight(weight),
+                      bias if bias is not None else np.zeros(O, x.dtype), y, rows, G,
+                      w.pad_lo[1], w.pad_lo[2], KD, SD, w.pad_lo[0], workers)
     return True
 
 
@@ -104,13 +101,14 @@ def _weight_transform(weight, U, worker, workers):
 
 
 @njit(inline="always")
-def _winograd_input(x, n, c, th0, tile_rows, TW, PT, PL, rows, V, v_base, stride):
-    """Transform the 4x4 input tiles of channel ``c`` for tile rows ``th0 ..``:
+def _winograd_input(x, n, c, d, th0, tile_rows, TW, PT, PL, rows, V, v_base, stride):
+    """Transform the 4x4 input tiles of channel ``c``, depth ``d`` for tile rows
+    ``th0 ..``:
     ``V[v_base + (xi*4 + nu)*stride + t] = (B^T d B)[xi, nu]``, ``t`` the tile's index
     in the band. ``rows`` is a scratch
     ``(4, 2*TW + 2)`` array holding the tile row's input rows, zero-padded."""
-    H, W = x.shape[2], x.shape[3]
-    plane = x[n, c]
+    H, W = x.shape[3], x.shape[4]
+    plane = x[n, c, d]
     width = rows.shape[1]
     lo = min(max(PL, 0), width)
     hi = min(max(PL + W, lo), width)
@@ -171,11 +169,11 @@ def _winograd_input(x, n, c, th0, tile_rows, TW, PT, PL, rows, V, v_base, stride
 
 
 @njit(inline="always")
-def _winograd_output(M, m_base, stride, y, n, o, th0, tile_rows, TW, b):
-    """``y[n, o]`` 2x2 tiles ``A^T m A + b`` from ``m[xi, nu] = M[m_base +
+def _winograd_output(M, m_base, stride, y, n, o, od, th0, tile_rows, TW, b):
+    """``y[n, o, od]`` 2x2 tiles ``A^T m A + b`` from ``m[xi, nu] = M[m_base +
     (xi*4 + nu)*stride + t]``; tiles past the edge are clipped."""
-    OH, OW = y.shape[2], y.shape[3]
-    out = y[n, o]
+    OH, OW = y.shape[3], y.shape[4]
+    out = y[n, o, od]
     full_w = OW // 2
     for tr in range(tile_rows):
         oh = 2 * (th0 + tr)
@@ -225,20 +223,21 @@ def _winograd_output(M, m_base, stride, y, n, o, th0, tile_rows, TW, b):
 
 @parallel_kernel
 @njit(**BODY_JIT)
-def _winograd_forward(x, U, bias, y, band_tile_rows, G, PT, PL, D, OD, KD, SD, PD,
-                      worker, workers):
+def _winograd_forward(x, U, bias, y, band_tile_rows, G, PT, PL, KD, SD, PD, worker,
+                      workers):
     """``y = conv3x3(x) (+ bias)``, stride 1 in the plane, by Winograd F(2x2, 3x3)
-    over (image, group, band of tile rows). 2-D: ``D = OD = KD = SD = 1``, ``PD =
-    0``. 3-D, depth taps stacked as channels (``fastpool._conv3d``): ``x`` is ``(N, C
-    * D, H, W)`` (volumes viewed as planes), ``y`` ``(N, C_out * OD, OH, OW)``, ``U``
-    the transform of the stacked weight ``(C_out, KD * C_g, 3, 3)``. Each input slice
+    over (image, group, band of tile rows); ``x`` is ``(N, C, D, H, W)``, ``y`` ``(N,
+    C_out, OD, OH, OW)``, any strides (channels-last buffers are read and written in
+    place). 2-D: ``D = OD = KD = SD = 1``, ``PD = 0`` (planes viewed as volumes).
+    3-D, depth taps stacked as channels (``fastpool._conv3d``): ``U`` the transform of
+    the stacked weight ``(C_out, KD * C_g, 3, 3)``. Each input slice
     of a band is transformed once (a 2-D Winograd of the stacked images transforms it
     once per depth tap) into ``V``, slices in depth order and zero slices for the
     padding, so output depth ``od``'s ``KD * C_g`` rows start at slice ``od * SD`` and
     its 16 GEMMs read them in place: the very products, in the same order, as the 2-D
     Winograd of the stacked images."""
-    N, C = x.shape[0], x.shape[1] // D
-    O, OH, OW = y.shape[1] // OD, y.shape[2], y.shape[3]
+    N, C, D = x.shape[0], x.shape[1], x.shape[2]
+    O, OD, OH, OW = y.shape[1], y.shape[2], y.shape[3], y.shape[4]
     Cg = C // G
     Og = O // G
     K = KD * Cg
@@ -269,8 +268,8 @@ def _winograd_forward(x, U, bias, y, band_tile_rows, G, PT, PL, D, OD, KD, SD, P
             for c in range(Cg):
                 base = (s * Cg + c) * ld
                 if 0 <= d < D:
-                    _winograd_input(x, n, (g * Cg + c) * D + d, th0, tile_rows, TW, PT,
-                                    PL, rows, V, base, v_stride)
+                    _winograd_input(x, n, g * Cg + c, d, th0, tile_rows, TW, PT, PL,
+                                    rows, V, base, v_stride)
                 else:
                     for e in range(16):
                         for i in range(T):
@@ -284,5 +283,5 @@ def _winograd_forward(x, U, bias, y, band_tile_rows, G, PT, PL, D, OD, KD, SD, P
                      M, e * m_stride, ld, zeros, 0)
             for o in range(Og):
                 b = bias[g * Og + o]
-                _winograd_output(M, o * ld, m_stride, y, n, (g * Og + o) * OD + od, th0,
+                _winograd_output(M, o * ld, m_stride, y, n, g * Og + o, od, th0,
                                  tile_rows, TW, b)
