@@ -505,3 +505,36 @@ def test_blas_runs_one_thread_inside_the_kernels_and_nests():
             assert set(blas_threads().values()) == {1}
         assert set(blas_threads().values()) == {2}
     assert blas_threads() == before
+
+
+@numba.njit(cache=True)
+def _leave_nan_in_freed_memory(n):
+    """Allocate and free arrays of NaN, so that the next ``np.empty`` of a similar size
+    is likely to be handed that memory."""
+    for k in range(64):
+        a = np.empty(n + k)
+        a[:] = np.nan
+
+
+def test_direct_weight_gradient_never_reads_unwritten_phases():
+    """The direct kernels split the zero-padded plane into stride phases; a tap's run
+    can cross into a phase no tap reads, where it meets zeros of ``grad_output``.
+    That phase must hold zeros, not whatever memory held before (NaN * 0 is NaN):
+    the weight gradient stays finite and matches the reference after freed memory
+    held NaN (review of 2026-12-05: NaN three times out of three before the fix)."""
+    rng = np.random.default_rng(17)
+    x = rng.standard_normal((2, 5, 1, 8))
+    w = rng.standard_normal((5, 1, 1, 4))
+    args = dict(stride=(3, 1), padding=(3, 2), dilation=(1, 2), groups=5)
+    _, _, _, window = _params.conv_window(x, w, None, 2, **args)
+    assert cpu_conv.choose_algorithm(window) == "direct"
+    g = rng.standard_normal(fastpool.conv2d(x, w, **args).shape)
+    expected = ref.conv2d_backward(g, x, w, **args)
+    bound = ref.conv2d_backward(np.abs(g), np.abs(x), np.abs(w), **args)
+    for _ in range(3):
+        _leave_nan_in_freed_memory(100)
+        grads = fastpool.conv2d_backward(g, x, w, **args)
+        assert np.isfinite(grads.grad_weight).all()
+        assert_close_to_sum(grads.grad_weight, expected[1], bound[1], np.float64)
+        y = fastpool.conv2d(x, w, **args)
+        assert np.isfinite(y).all()

@@ -228,7 +228,9 @@ def _direct_forward_planes(x, w, bias, has_bias, y, G, KH, KW, SH, SW, DH, DW, P
     Q = OH * Wq
     tasks = N * O
     offsets, used = _phase_taps(KH, KW, SH, SW, DH, DW, Hq, Wq)
-    padded = np.empty(SH * SW * Hq * Wq + DW * (KW - 1) // SW, x.dtype)
+    # zeros: ``_pad_phases`` never writes the phases no tap reads, and a tap's run can
+    # cross into the next phase (outputs past OW, dropped here)
+    padded = np.zeros(SH * SW * Hq * Wq + DW * (KW - 1) // SW, x.dtype)
     acc = np.empty(Q, x.dtype)
     for t in range(worker * tasks // workers, (worker + 1) * tasks // workers):
         n = t // O
@@ -273,7 +275,10 @@ def _direct_backward_weight_planes(x, grad_output, grad_weight, G, KH, KW, SH, S
     for o in range(worker * O // workers, (worker + 1) * O // workers):
         g = o // Og
         totals = np.zeros((Cg, KH * KW), np.float64)
-        padded = np.empty(SH * SW * Hq * Wq + DW * (KW - 1) // SW, x.dtype)
+        # zeros: ``_pad_phases`` never writes the phases no tap reads, and a tap's run
+        # can cross into the next phase, where it meets dy's zeros: garbage there
+        # (a NaN) would make the sum NaN
+        padded = np.zeros(SH * SW * Hq * Wq + DW * (KW - 1) // SW, x.dtype)
         dy = np.zeros(Q, x.dtype)  # grad_output rows at stride Wq, zero beyond OW
         for n in range(N):
             plane = grad_output[n, o]
