@@ -884,3 +884,29 @@ def test_conv3d_channels_last_and_bad_input():
         fastpool.conv3d(x, w, dilation=3)
     with pytest.raises(ValueError, match="grad_output"):
         fastpool.conv3d_backward(np.ones((2, 2, 2, 3, 3), np.float32), x, w)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_channels_last_pointwise_is_the_same_at_one_and_two_threads(dtype):
+    """The channels-last 1x1 GEMMs on BLAS run over blocks of rows fixed by the pixel
+    count: the forward and every gradient are the same bits at 1 and 2 threads (the
+    input gradient, split by the thread count, differed by up to 7.6e-6 before; review
+    of 2026-12-05)."""
+    import numba
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("Numba has one thread")
+    rng = np.random.default_rng(43)
+    x = _channels_last(rng.standard_normal((3, 38, 283)).astype(dtype))
+    w = rng.standard_normal((49, 38, 1)).astype(dtype)
+    b = rng.standard_normal(49).astype(dtype)
+    g = _channels_last(rng.standard_normal((3, 49, 283)).astype(dtype))
+    saved = numba.get_num_threads()
+    runs = []
+    try:
+        for threads in (1, 2):
+            numba.set_num_threads(threads)
+            runs.append((fastpool.conv1d(x, w, b), *fastpool.conv1d_backward(g, x, w)))
+    finally:
+        numba.set_num_threads(saved)
+    for one, two in zip(*runs):
+        np.testing.assert_array_equal(one, two)

@@ -6,8 +6,9 @@ x C_g) @ W_g^T``, written straight into the ``(M, O)`` output buffer (no copy in
 out, where the channels-first kernels would need one each way). The backward is two
 more GEMMs: ``grad_X_g = grad_Y_g @ W_g`` and ``grad_W_g = grad_Y_g^T @ X_g``, the
 latter over fixed chunks of pixels (the chunking depends on the shapes only) summed in
-chunk order, so every result is identical at any thread count. Rows are split between
-the Numba threads, one single-threaded BLAS call each (``fastpool.cpu._blas``). The
+chunk order; the other two run over blocks of rows fixed by the pixel count, so every
+result is identical at any thread count. The blocks are shared among the Numba
+threads, one single-threaded BLAS call each (``fastpool.cpu._blas``). The
 sums run in BLAS's order for this orientation, so they equal the channels-first
 kernels' within rounding, not bit for bit.
 """
@@ -25,14 +26,15 @@ from fastpool.cpu.conv._planner import _JIT, _MAX_CHUNKS, _PARTIAL_BYTES
 
 
 @njit(**_JIT)
-def _forward(x, w, bias, has_bias, y, groups, workers, status):
-    """``y[m, g*Og + o] = bias[o] + sum_c x[m, g*Cg + c] * w[g*Og + o, c]``."""
+def _forward(x, w, bias, has_bias, y, groups, blocks, status):
+    """``y[m, g*Og + o] = bias[o] + sum_c x[m, g*Cg + c] * w[g*Og + o, c]``, over
+    ``blocks`` blocks of rows."""
     M, C = x.shape
     O = y.shape[1]
     Cg, Og = C // groups, O // groups
     xf, wf, yf = x.reshape(-1), w.reshape(-1), y.reshape(-1)
-    for t in prange(workers):
-        m0, m1 = t * M // workers, (t + 1) * M // workers
+    for t in prange(blocks):
+        m0, m1 = t * M // blocks, (t + 1) * M // blocks
         if m1 > m0:
             s = 0
             for g in range(groups):
@@ -47,14 +49,15 @@ def _forward(x, w, bias, has_bias, y, groups, workers, status):
 
 
 @njit(**_JIT)
-def _input_grad(grad_y, w, grad_x, groups, workers, status):
-    """``grad_x[m, g*Cg + c] = sum_o grad_y[m, g*Og + o] * w[g*Og + o, c]``."""
+def _input_grad(grad_y, w, grad_x, groups, blocks, status):
+    """``grad_x[m, g*Cg + c] = sum_o grad_y[m, g*Og + o] * w[g*Og + o, c]``, over
+    ``blocks`` blocks of rows."""
     M, O = grad_y.shape
     C = grad_x.shape[1]
     Cg, Og = C // groups, O // groups
     gyf, wf, gxf = grad_y.reshape(-1), w.reshape(-1), grad_x.reshape(-1)
-    for t in prange(workers):
-        m0, m1 = t * M // workers, (t + 1) * M // workers
+    for t in prange(blocks):
+        m0, m1 = t * M // blocks, (t + 1) * M // blocks
         if m1 > m0:
             s = 0
             for g in range(groups):
@@ -88,6 +91,21 @@ def _weight_grad(grad_y, x, partial, groups, status):
             status[0] = s
 
 
+# Blocks of rows of the forward and input-gradient GEMMs: fixed by the number of
+# pixels, never by the threads (BLAS rounds a product computed in row blocks of
+# another size differently: the results changed with the thread count, found by the
+# review of 2026-12-05). At most 4: each call packs the weight again (2-core machine,
+# against the former one block per thread: 4 blocks 0-15% slower, 8 up to 1.5x, 32
+# up to 2.8x), so at most 4 threads share this path.
+_MAX_ROW_BLOCKS = 4
+_MIN_BLOCK_ROWS = 16
+
+
+def row_blocks(M):
+    """Blocks of rows for ``M`` pixels."""
+    return max(1, min(_MAX_ROW_BLOCKS, M // _MIN_BLOCK_ROWS))
+
+
 def pixels(a, channel_axis=1):
     """The ``(M, C)`` matrix behind a channels-last ``(N, C, H, W)`` array (a view), or
     None when its buffer is not exactly that."""
@@ -113,7 +131,7 @@ def forward(x2d, weight, bias, w, workers, check):
     loop_on_one_thread(
         _forward, x2d, np.ascontiguousarray(weight).reshape(w.out_channels, -1),
         np.ascontiguousarray(bias) if has_bias else np.zeros(1, x2d.dtype), has_bias,
-        y2d, w.groups, workers, status)
+        y2d, w.groups, row_blocks(x2d.shape[0]), status)
     check(status)
     return y
 
@@ -128,7 +146,8 @@ def backward(grad_y2d, x2d, weight, w, output_mask, workers, check):
     if want_input:
         grad_input, gx2d = _channels_last_empty((w.batch, w.channels) + w.in_size,
                                                 grad_y2d.dtype)
-        loop_on_one_thread(_input_grad, grad_y2d, w2d, gx2d, w.groups, workers, status)
+        loop_on_one_thread(_input_grad, grad_y2d, w2d, gx2d, w.groups,
+                           row_blocks(grad_y2d.shape[0]), status)
     if want_weight:
         chunks = max(1, min(grad_y2d.shape[0], _MAX_CHUNKS,
                             _PARTIAL_BYTES // max(1, w2d.nbytes)))
