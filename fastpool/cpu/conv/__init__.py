@@ -395,8 +395,8 @@ def _weight_grad(x, grad_output, weight_shape, w, algorithm):
 def _channels_last_grads(grad_output, x_cl, weight, w, output_mask, algorithm):
     """``conv2d_backward`` of the batched channels-last input ``x_cl``, in place
     (``_channels_last_backward``): the weight and bias gradients always, the input
-    gradient where its channels-first path is a Winograd or im2col forward; results
-    channels-last."""
+    gradient where its channels-first path is a Winograd or im2col forward or col2im
+    (else on one channels-first copy of ``grad_output``); results channels-last."""
     want_input, want_weight, want_bias = output_mask
     shape = (w.batch, w.out_channels) + w.out_size
     gy = grad_output.reshape(shape)
