@@ -16,7 +16,10 @@ of the same blocks: the grad_output slices of a block as its images' gradient, t
 stacked input gradient added back to the input depths (each depth's terms in
 output-depth order, so the sum does not depend on the blocks), the blocks' weight
 gradients summed in order and laid out as the weight (backward of the shape above:
-192 -> 154 ms, PyTorch's about 115).
+192 -> 154 ms, PyTorch's about 115). Where the planes run on Winograd the CPU computes
+the weight gradient without stacking (``slabs.fused_weight_grad``: the depth-aware
+Winograd weight gradient, each input slice transformed once), and the blocks give
+only the input gradient.
 
 Depthwise convolutions (one channel per group: the 2-D direct kernels need that) go
 tap by tap: for each tap ``a`` the input depth slices it reads (one per
@@ -68,16 +71,18 @@ def stacks(w):
     return w.channels // w.groups > 1
 
 
-def forward(slabs, x, weight, bias, w):
-    """``y`` of shape ``(N, C_out, OD, OH, OW)`` for a batched 5-D ``x``."""
+def forward(slabs, x, weight, bias, w, like=None):
+    """``y`` of shape ``(N, C_out, OD, OH, OW)`` for a batched 5-D ``x``, in the memory
+    format of ``like`` (default ``x``)."""
     N = w.batch
+    like = x if like is None else like
     if not stacks(w):
-        y = slabs.filled_as(x, (N, w.out_channels) + w.out_size, x.dtype, bias)
+        y = slabs.filled_as(like, (N, w.out_channels) + w.out_size, x.dtype, bias)
         if N > 0:
             with slabs.planned(planes(w)):
                 _forward_taps(slabs, x, weight, w, y)
         return y
-    y = slabs.empty_as(x, (N, w.out_channels) + w.out_size, x.dtype)
+    y = slabs.empty_as(like, (N, w.out_channels) + w.out_size, x.dtype)
     if N > 0:
         with slabs.planned(planes(w)):
             _forward_stacked(slabs, x, weight, bias, w, y)
@@ -129,18 +134,46 @@ def _forward_stacked(slabs, x, weight, bias, w, y):
         del part
 
 
+def _input_grad_window(w):
+    """The window of the input gradient of ``w`` as a forward convolution of
+    ``grad_output`` with the flipped, channel-transposed weight (stride 1 on every
+    axis: padding ``dilation * (kernel - 1) - padding`` on each side), or None where a
+    stride, or a padding past the kernel's reach, forbids."""
+    if any(s != 1 for s in w.stride):
+        return None
+    reach = tuple(d * (k - 1) for d, k in zip(w.dilation, w.kernel))
+    lo = tuple(r - p for r, p in zip(reach, w.pad_lo))
+    hi = tuple(r - p for r, p in zip(reach, w.pad_hi))
+    if min(lo + hi) < 0:
+        return None
+    return _geometry.Window(
+        rank=3, batch=w.batch, channels=w.out_channels, out_channels=w.channels,
+        batched=True, layout=w.layout, in_size=w.out_size, out_size=w.in_size,
+        kernel=w.kernel, stride=w.stride, pad_lo=lo, pad_hi=hi, dilation=w.dilation,
+        groups=w.groups)
+
+
 def backward(slabs, grad_output, x, weight, w, output_mask):
     """``(grad_input, grad_weight, grad_bias)``, None where not asked for."""
     want_input, want_weight, want_bias = output_mask
     N = w.batch
+    transposed = _input_grad_window(w) if want_input and stacks(w) else None
+    flipped = (slabs.input_grad_weight(weight, w.groups) if transposed is not None
+               and N > 0 else None)
     grad_input = (slabs.filled_as(x, (N, w.channels) + w.in_size, grad_output.dtype,
-                                  None) if want_input else None)
+                                  None) if want_input and flipped is None else None)
     grad_weight = (slabs.filled(tuple(weight.shape), grad_output.dtype, None)
                    if want_weight else None)
     grad_bias = slabs.bias_grad(grad_output, w) if want_bias else None
     if N == 0 or not (want_input or want_weight):
         return grad_input, grad_weight, grad_bias
     with slabs.planned(planes(w)):
+        if flipped is not None:
+            # in the plan of the call's planes, as every 2-D convolution of the call
+            grad_input = forward(slabs, grad_output, flipped, None, transposed, like=x)
+            output_mask = (False, want_weight, False)
+            if not want_weight:
+                return grad_input, grad_weight, grad_bias
         if stacks(w):
             _backward_stacked(slabs, grad_output, x, weight, w, output_mask, grad_input,
                               grad_weight)
@@ -159,6 +192,13 @@ def _backward_stacked(slabs, grad_output, x, weight, w, output_mask, grad_input,
     want_input, want_weight, _ = output_mask
     images, block = _stacked_blocks(w)
     taps = w.kernel[0]
+    if want_weight:
+        found = slabs.fused_weight_grad(x, grad_output, w, _plane_window(w, images, taps))
+        if found is not None:
+            grad_weight[...] = found
+            want_weight = False
+            if not want_input:
+                return
     stacked_shape = (block, taps * w.channels) + w.in_size[1:]
     stacked = slabs.empty(stacked_shape, x.dtype) if want_weight else None
     grads = slabs.empty((block, w.out_channels) + w.out_size[1:], grad_output.dtype)

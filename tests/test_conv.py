@@ -391,6 +391,65 @@ def test_winograd_matches_reference(dtype, x_shape, w_shape, padding, groups):
     _check_all((y, *grads), expected, bounds, dtype)
 
 
+WINOGRAD_GRAD_CASES = [
+    ((3, 8, 9, 7), (4, 8, 3, 3), dict(padding=1)),            # odd output: clipped tiles
+    ((2, 6, 8, 10), (6, 3, 3, 3), dict(padding=(2, 0), groups=2)),
+    ((1, 4, 12, 5), (5, 4, 3, 3), dict(padding=0)),
+    ((2, 8, 16, 16), (8, 8, 3, 3), dict(padding=1)),          # chosen: winograd
+]
+
+
+@pytest.mark.parametrize("sizes", ["chosen", "small"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("x_shape, w_shape, args", WINOGRAD_GRAD_CASES)
+def test_winograd_weight_gradient_same_bits_in_both_layouts_and_thread_counts(
+        monkeypatch, dtype, x_shape, w_shape, args, sizes):
+    """The Winograd weight gradient (``_winograd_grad``) reads channels-last ``x`` and
+    ``grad_output`` in place through their strides: the channels-first bits, the
+    same on 1 and 2 threads, close to the reference. "small": a chunk per tile row
+    and bands of one tile row (bands crossing no image, chunks summed in order):
+    other bits, still deterministic and close."""
+    from fastpool.cpu.conv import _winograd_grad
+    rng = np.random.default_rng(seed_for(x_shape, w_shape, str(args)))
+    x = rng.standard_normal(x_shape).astype(dtype)
+    w = rng.standard_normal(w_shape).astype(dtype)
+    _, _, _, geometry = _params.conv_window(x, w, None, 2, **args)
+    gy = rng.standard_normal(geometry.output_shape).astype(dtype)
+    xl = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+    gl = np.ascontiguousarray(gy.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+    if sizes == "small":
+        monkeypatch.setattr(_winograd_grad, "_MIN_TILES", 1)
+        monkeypatch.setattr(_winograd_grad, "_BAND_BYTES", 1)
+    seen = []
+    original = _winograd_grad.weight_grad
+    monkeypatch.setattr(_winograd_grad, "weight_grad",
+                        lambda a, g, *rest: seen.append((a, g)) or original(a, g, *rest))
+    runs = []
+    saved = numba.get_num_threads()
+    try:
+        for a, g in ((x, gy), (xl, gl)):
+            window = _params.conv_window(a, w, None, 2, **args)[3]
+            for threads in (1, 2):
+                numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+                runs.append(cpu_conv.conv2d_backward(g, a, w, window, (False, True, False),
+                                                     "winograd")[1])
+    finally:
+        numba.set_num_threads(saved)
+    assert len(seen) == 4
+    assert np.shares_memory(seen[2][0], xl) and np.shares_memory(seen[2][1], gl), (
+        "x or grad_output was copied")
+    for run in runs[1:]:
+        np.testing.assert_array_equal(run, runs[0])
+    expected = ref.conv2d_backward(gy, x, w, **args)[1]
+    bound = ref.conv2d_backward(np.abs(gy), np.abs(x), np.abs(w), **args)[1]
+    assert_close_to_sum(runs[0], expected, bound, dtype)
+    if cpu_conv.choose_algorithm(geometry) == "winograd":  # chosen: the public call too
+        seen.clear()
+        grad_weight = fastpool.conv2d_backward(gl, xl, w, **args).grad_weight
+        assert len(seen) == 1
+        np.testing.assert_array_equal(grad_weight, runs[0])
+
+
 def test_forcing_an_algorithm_that_cannot_run_is_an_error():
     x, w = np.ones((1, 4, 6, 6)), np.ones((2, 4, 3, 3))
     geometry = _params.conv_window(x, w, None, 2, stride=2)[3]

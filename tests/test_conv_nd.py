@@ -634,6 +634,61 @@ def test_conv3d_depth_winograd_gives_the_stacked_images_bits(x_shape, w_shape, a
                         _bound(x, w, **args) + np.abs(b)[:, None, None, None], dtype)
 
 
+@pytest.mark.parametrize("x_shape, w_shape, args", DEPTH_WINOGRAD_CASES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_conv3d_depth_winograd_weight_gradient(x_shape, w_shape, args, dtype,
+                                               monkeypatch):
+    """The weight gradient of a 3-D convolution whose planes run on Winograd is the
+    depth-aware Winograd weight gradient (``weight_grad_depth``: nothing stacked),
+    and with stride 1 the input gradient a forward convolution of grad_output
+    (``input_grad_weight``): close to the reference, as the stacked images'
+    gradients are; a channels-last volume is read in place, with the channels-first
+    bits, its input gradient channels-last; the same on 1 and 2 threads."""
+    import numba
+
+    from fastpool.cpu import slabs
+    rng = np.random.default_rng(seed_for(x_shape, w_shape, str(args), "grad"))
+    x = rng.standard_normal(x_shape).astype(dtype)
+    w = rng.standard_normal(w_shape).astype(dtype)
+    g = rng.standard_normal(fastpool.conv3d(x, w, **args).shape).astype(dtype)
+    handed, flipped = [], []
+    original = slabs.weight_grad_depth
+    monkeypatch.setattr(slabs, "weight_grad_depth",
+                        lambda *a: handed.append(a[0]) or original(*a))
+    original_flip = slabs.input_grad_weight
+    monkeypatch.setattr(slabs, "input_grad_weight",
+                        lambda *a: flipped.append(1) or original_flip(*a))
+    runs = []
+    saved = numba.get_num_threads()
+    try:
+        xl = _channels_last(x)
+        for a, b in ((x, g), (xl, _channels_last(g))):
+            for threads in (1, 2):
+                numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+                runs.append(fastpool.conv3d_backward(b, a, w, **args,
+                                                     output_mask=(True, True, False)))
+    finally:
+        numba.set_num_threads(saved)
+    assert len(handed) == 4
+    assert np.shares_memory(handed[2], xl), "the channels-last input was copied"
+    # stride 1 on every axis: the input gradient as a forward of grad_output
+    assert len(flipped) == (4 if args.get("stride", 1) == 1 else 0)
+    for gx, gw, _ in runs[1:]:
+        np.testing.assert_array_equal(gw, runs[0][1])
+        np.testing.assert_array_equal(gx, runs[0][0])
+    assert np.moveaxis(runs[2][0], 1, -1).flags.c_contiguous
+    expected = ref.conv_backward(g, x, w, **args)
+    bounds = ref.conv_backward(np.abs(g), np.abs(x), np.abs(w), **args)
+    assert_close_to_sum(runs[0][1], expected[1], bounds[1], dtype)
+    assert_close_to_sum(runs[0][0], expected[0], bounds[0], dtype)
+    # the stacked images' 2-D backward: the same gradients to rounding
+    monkeypatch.setattr(slabs, "fused_weight_grad", lambda *a: None)
+    monkeypatch.setattr(slabs, "input_grad_weight", lambda *a: None)
+    stacked = fastpool.conv3d_backward(g, x, w, **args)
+    assert_close_to_sum(stacked.grad_weight, expected[1], bounds[1], dtype)
+    assert_close_to_sum(stacked.grad_input, expected[0], bounds[0], dtype)
+
+
 @pytest.mark.parametrize("x_shape, w_shape, args", DEPTH_WINOGRAD_CASES + [
     ((8, 6, 10, 9), (8, 8, 3, 3, 3), dict(padding=1)),  # unbatched
 ])

@@ -11,6 +11,7 @@ from fastpool.cpu._arrays import contiguous
 from fastpool.cpu.conv import conv2d_backward, conv2d_forward  # noqa: F401 (the 2-D steps)
 from fastpool.cpu.conv._planner import _JIT, planned_unless_pinned
 from fastpool.cpu.conv._winograd import forward_depth
+from fastpool.cpu.conv._winograd_grad import weight_grad_depth
 
 
 def planned(window):
@@ -148,6 +149,27 @@ def fused_forward(x, weight, bias, w, y, plane):
     on Winograd: ``forward_depth``, bitwise the 2-D Winograd of the stacked images):
     True; else False."""
     return forward_depth(x, weight, bias, w, y, plane)
+
+
+def fused_weight_grad(x, grad_output, w, plane):
+    """The weight gradient of the stacked images without stacking them, where the CPU
+    has a kernel for it (3x3 planes on Winograd: ``weight_grad_depth``, the same
+    transform-domain sums as the 2-D Winograd weight gradient of the stacked images,
+    chunked over the call's tile rows): the ``weight``-shaped gradient; else None."""
+    return weight_grad_depth(x, grad_output, w, plane)
+
+
+def input_grad_weight(weight, groups):
+    """The weight of the input gradient as a forward convolution of ``grad_output``
+    (``_conv3d._input_grad_window``): ``(C, O_g, KD, KH, KW)``, each group's output and
+    input channels swapped and the taps flipped on every axis. The CPU computes the
+    input gradient so (the 3-D Winograd reads ``grad_output`` in place, either
+    layout, and nothing is added back from stacked images)."""
+    O, Cg = weight.shape[:2]
+    per_group = weight.reshape((groups, O // groups, Cg) + weight.shape[2:])
+    flipped = per_group[:, :, :, ::-1, ::-1, ::-1].transpose(0, 2, 1, 3, 4, 5)
+    return np.ascontiguousarray(flipped).reshape((groups * Cg, O // groups)
+                                                 + weight.shape[2:])
 
 
 def stacked_weight(weight):

@@ -45,6 +45,18 @@ def fused_forward(x, weight, bias, w, y, plane):
     return False
 
 
+def input_grad_weight(weight, groups):
+    """None: the GPU computes the input gradient as the 2-D backward of the stacked
+    images (the CPU as a forward convolution of ``grad_output``)."""
+    return None
+
+
+def fused_weight_grad(x, grad_output, w, plane):
+    """None: the GPU computes the weight gradient of the stacked 2-D images (the CPU
+    has a depth-aware Winograd weight gradient)."""
+    return None
+
+
 @cuda.jit
 def _fill(out, bias, has_bias):
     N, C = out.shape[0], out.shape[1]

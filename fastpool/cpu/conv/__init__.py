@@ -30,8 +30,8 @@ Algorithms, chosen per problem by ``choose_algorithm`` (the README lists them):
 
 One module per concern: ``_planner`` (the problem as the kernels see it, the choice of
 algorithm, band and chunk sizes), ``_gemm`` (pointwise, rows, im2col: column gathering
-and the GEMM kernels), ``_winograd``, ``_direct`` (row kernels and padded-plane
-unit-stride kernels), ``_channels_last`` (pointwise convolutions of channels-last
+and the GEMM kernels), ``_winograd`` and ``_winograd_grad`` (its weight gradient),
+``_direct`` (row kernels and padded-plane unit-stride kernels), ``_channels_last`` (pointwise convolutions of channels-last
 buffers, in place), ``_channels_last_direct`` (depthwise convolutions of channels-last
 buffers, in place); this module holds the launchers.
 
@@ -39,7 +39,10 @@ Backward: with stride 1 the input gradient is the forward convolution of
 ``grad_output`` with the flipped, channel-transposed kernel, so it runs on the forward
 algorithms; with a stride it is ``W_g^T @ grad_output`` scattered back (col2im) by one
 thread per (image, group). The weight gradient sums per-chunk partial products over
-fixed chunks of images (the chunking depends only on the shapes), added in chunk order.
+fixed chunks of images (the chunking depends only on the shapes), added in chunk order;
+where the forward runs on Winograd, the weight gradient does too (``_winograd_grad``:
+16 GEMMs over the tiles in the transform domain, fixed chunks of tile rows, either
+layout in place with the same bits).
 Every result is therefore identical at any thread count; nothing uses atomics.
 
 Geometry is runtime data: one compiled kernel per dtype serves every shape, kernel
@@ -58,7 +61,7 @@ from fastpool.cpu._arrays import contiguous
 from fastpool._geometry import CHANNELS_LAST
 from fastpool.cpu._blas import single_threaded_blas
 from fastpool.cpu.conv import _channels_last, _channels_last_direct, _channels_last_gemm
-from fastpool.cpu.conv import _channels_last_backward
+from fastpool.cpu.conv import _channels_last_backward, _winograd_grad
 from fastpool.cpu.conv._direct import (_direct_backward_input, _direct_backward_weight,
                                        _direct_backward_weight_planes,
                                        _direct_forward, _direct_forward_planes)
@@ -360,9 +363,21 @@ def _col2im_input_grad(problem, grad_output, weight, grad_input):
                          *problem.args, _threads_for(-(-N // images) * G * blocks))
 
 
+def _winograd_weight_grad(x, grad_output, weight_shape, w):
+    """The weight gradient by ``_winograd_grad`` (either layout, in place), or None
+    where its bands would not fit."""
+    found = _winograd_grad.weight_grad(x[:, :, None], grad_output[:, :, None], 1, 1, 0,
+                                       w.pad_lo[0], w.pad_lo[1], w.groups,
+                                       thread_count())
+    return None if found is None else found.reshape(weight_shape)
+
+
 def _weight_grad(x, grad_output, weight_shape, w, algorithm):
     if algorithm == WINOGRAD:
-        algorithm = ROWS  # the weight gradient's GEMMs reduce over pixels; no tiles
+        found = _winograd_weight_grad(x, grad_output, weight_shape, w)
+        if found is not None:
+            return found
+        algorithm = ROWS  # the GEMMs reduce over pixels
     grad_weight = np.empty(weight_shape, x.dtype)
     problem = _forward_problem(w)
     if algorithm == DIRECT:
@@ -405,10 +420,10 @@ def _channels_last_grads(grad_output, x_cl, weight, w, output_mask, algorithm):
         gy4 = np.ascontiguousarray(gy.transpose(0, 2, 3, 1))
         gy = gy4.transpose(0, 3, 1, 2)
     grad_input = grad_weight = grad_bias = None
+    code = _algorithm_code(w, algorithm)
+    if code is None:
+        code = _forward_problem(w).algorithm()
     if want_input:
-        code = _algorithm_code(w, algorithm)
-        if code is None:
-            code = _forward_problem(w).algorithm()
         transposed = _input_grad_problem(w)
         # the channels-first path's choice (``_input_grad``)
         col2im = (not (code == DIRECT and not _forward_problem(w).unit_stride_planes())
@@ -430,7 +445,10 @@ def _channels_last_grads(grad_output, x_cl, weight, w, output_mask, algorithm):
         else:  # the channels-first kernels, on one copy of grad_output
             grad_input = _input_grad(contiguous(gy), weight, w, code)
         grad_input = grad_input.reshape(w.input_shape)
-    if want_weight:
+    if want_weight and code == WINOGRAD:
+        # the channels-first path's kernel through the strides: its bits
+        grad_weight = _winograd_weight_grad(x_cl, gy, weight.shape, w)
+    if want_weight and grad_weight is None:
         grad_weight = _channels_last_backward.weight_grad(
             x_cl.transpose(0, 2, 3, 1), gy4, weight.shape, _forward_problem(w),
             thread_count(), lambda partial, out: loop_on_one_thread(_sum_partials,

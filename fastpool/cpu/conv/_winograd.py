@@ -1,6 +1,7 @@
 """Winograd F(2x2, 3x3) CPU convolution kernels (``"winograd"``): 3x3 kernels, stride 1,
-no dilation; the forward only (the weight gradient runs on ``"rows"``). The same kernel
-runs the 3-D forward whose depth taps are stacked as channels (``forward_depth``).
+no dilation; the forward (the weight gradient, its transpose: ``_winograd_grad``). The
+same kernel runs the 3-D forward whose depth taps are stacked as channels
+(``forward_depth``).
 """
 
 from __future__ import annotations
@@ -169,6 +170,28 @@ def _winograd_input(x, n, c, d, th0, tile_rows, TW, PT, PL, rows, V, v_base, str
 
 
 @njit(inline="always")
+def input_slices(x, n, c0, Cg, th0, tile_rows, TW, PT, PL, KD, SD, PD, slices, rows, V,
+                 at, ld, stride):
+    """``_winograd_input`` of channels ``c0 ..`` of image ``n`` for every slice ``s`` a
+    depth tap reads (input depth ``s - PD``; zeros for the padding), slice ``s``'s
+    channel ``c`` at ``V[(s*C_g + c)*ld + at ..]``."""
+    D = x.shape[2]
+    for s in range(slices):
+        if s % SD >= KD:
+            continue  # read by no output depth (stride past the kernel)
+        d = s - PD
+        for c in range(Cg):
+            base = (s * Cg + c) * ld + at
+            if 0 <= d < D:
+                _winograd_input(x, n, c0 + c, d, th0, tile_rows, TW, PT, PL, rows, V,
+                                base, stride)
+            else:
+                for e in range(16):
+                    for i in range(tile_rows * TW):
+                        V[_U(e * stride + base + i)] = 0
+
+
+@njit(inline="always")
 def _winograd_output(M, m_base, stride, y, n, o, od, th0, tile_rows, TW, b):
     """``y[n, o, od]`` 2x2 tiles ``A^T m A + b`` from ``m[xi, nu] = M[m_base +
     (xi*4 + nu)*stride + t]``; tiles past the edge are clipped."""
@@ -236,7 +259,7 @@ def _winograd_forward(x, U, bias, y, band_tile_rows, G, PT, PL, KD, SD, PD, work
     padding, so output depth ``od``'s ``KD * C_g`` rows start at slice ``od * SD`` and
     its 16 GEMMs read them in place: the very products, in the same order, as the 2-D
     Winograd of the stacked images."""
-    N, C, D = x.shape[0], x.shape[1], x.shape[2]
+    N, C = x.shape[0], x.shape[1]
     O, OD, OH, OW = y.shape[1], y.shape[2], y.shape[3], y.shape[4]
     Cg = C // G
     Og = O // G
@@ -261,19 +284,8 @@ def _winograd_forward(x, U, bias, y, band_tile_rows, G, PT, PL, KD, SD, PD, work
         ld = padded(T, x)
         v_stride = slices * Cg * ld + _SKEW
         m_stride = Og * ld + _SKEW
-        for s in range(slices):
-            if s % SD >= KD:
-                continue  # read by no output depth (stride past the kernel)
-            d = s - PD
-            for c in range(Cg):
-                base = (s * Cg + c) * ld
-                if 0 <= d < D:
-                    _winograd_input(x, n, g * Cg + c, d, th0, tile_rows, TW, PT, PL,
-                                    rows, V, base, v_stride)
-                else:
-                    for e in range(16):
-                        for i in range(T):
-                            V[_U(e * v_stride + base + i)] = 0
+        input_slices(x, n, g * Cg, Cg, th0, tile_rows, TW, PT, PL, KD, SD, PD, slices,
+                     rows, V, 0, ld, v_stride)
         # fastpool's own GEMM: each product is one chain over the channels, so a tile's
         # bits do not depend on the band (or the Dask chunk) holding it
         for od in range(OD):
