@@ -137,7 +137,7 @@ def narrow(value, array):
     raise NotImplementedError("used inside Numba kernels only")
 
 
-@overload(wide)
+@overload(wide, inline="always")
 def _wide(value):
     if value == _FLOAT16:
         return lambda value: _f16_to_f32(value)
@@ -148,7 +148,7 @@ def _wide(value):
     return None
 
 
-@overload(narrow)
+@overload(narrow, inline="always")
 def _narrow(value, array):
     kind = array.dtype
     if kind == _FLOAT16:

@@ -53,6 +53,20 @@ def output_row(row, OD, OH, D, H, W, pd, ph, KD, KH, SD, SH, DD, DH):
     return p, od, oh, d0, h0, p * D * H * W, inside
 
 
+@njit(inline="always")
+def edge_columns(inside, ow_lo, ow_hi, OW):
+    """``(count, split, skip)``: the output columns a row's edge loop visits, edge
+    ``e < count`` being column ``e`` if ``e < split`` else ``e + skip`` -- every
+    column of a row whose windows leave the input along D or H, else those outside
+    the interior ``[ow_lo, ow_hi)``. Looping over all ``OW`` columns and skipping the
+    interior ones let LLVM vectorise that loop with masked gathers that did the edge
+    arithmetic for every column: 2x2 s2 stochastic inference on (32, 128, 56, 56),
+    one thread, 16.3 ms, 4.5 without the edge loop."""
+    if inside:
+        return ow_lo + OW - ow_hi, ow_lo, ow_hi - ow_lo
+    return OW, OW, 0
+
+
 def interior_columns(window):
     """Output columns ``[lo, hi)`` whose window lies wholly inside the last axis."""
     W, OW = window.in3[2], window.out3[2]

@@ -24,6 +24,7 @@ from fastpool.cpu._pool_common import (
     INF,
     JUST_BELOW_ONE,
     U,
+    edge_columns,
     gather_rows_called,
     output_row,
     ring_rows,
@@ -137,9 +138,9 @@ def train_forward(KD, KH, KW, SD, SH, SW, DD, DH, DW, WITH_INDICES):
                     of[U(orow + ow)] = value
                     if WITH_INDICES:
                         jf[U(orow + ow)] = chosen
-            for ow in range(OW):
-                if inside and ow_lo <= ow < ow_hi:
-                    continue
+            count, split, skip = edge_columns(inside, ow_lo, ow_hi, OW)
+            for e in range(count):
+                ow = e if e < split else e + skip
                 w0 = ow * SW - pw
                 total, _, first, bad = window_sums(xf, base, d0, h0, w0, D, H, W,
                                                    KD, KH, KW, DD, DH, DW)
@@ -197,9 +198,9 @@ def infer_forward(KD, KH, KW, SD, SH, SW, DD, DH, DW):
                         DD, DH, DW)
                     invalid |= not (nonnegative and s1 < INF and s2 < INF)
                     of[U(orow + ow)] = hb.narrow(s2 / s1 if s1 > 0.0 else 0.0, of)
-            for ow in range(OW):
-                if inside and ow_lo <= ow < ow_hi:
-                    continue
+            count, split, skip = edge_columns(inside, ow_lo, ow_hi, OW)
+            for e in range(count):
+                ow = e if e < split else e + skip
                 s1, s2, _, bad = window_sums(xf, base, d0, h0, ow * SW - pw, D, H, W,
                                              KD, KH, KW, DD, DH, DW)
                 invalid |= bad or not (s2 < INF)
