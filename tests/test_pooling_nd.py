@@ -617,6 +617,32 @@ def test_narrow_channels_first_planes_through_channels_last_kernels(shape, dtype
                                       want.view(f"i{want.itemsize}"))
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_narrow_planes_larger_than_the_copy_limit_run_the_channels_first_kernels(
+        dtype, monkeypatch):
+    """The copies to channels-last and back only pay off on small inputs: above
+    ``_NARROW_BYTES`` a narrow-plane input runs the channels-first kernels (decided per
+    call: the window does not know the dtype), with the same values."""
+    from fastpool.cpu import pooling
+    rng = np.random.default_rng(29)
+    x = rng.random((2, 16, 14, 14)).astype(dtype)
+    calls = []
+    for name in ("_max_forward_channels_last", "_avg_forward_channels_last"):
+        original = getattr(pooling, name)
+        monkeypatch.setattr(pooling, name,
+                            lambda *a, _f=original: calls.append(1) or _f(*a))
+    monkeypatch.setattr(pooling, "_NARROW_BYTES", x.nbytes)
+    small = [fastpool.max_pool2d(x, 3, 1, 1, return_indices=True),
+             fastpool.avg_pool2d(x, 3, 1, 1)]
+    assert len(calls) == 2
+    monkeypatch.setattr(pooling, "_NARROW_BYTES", x.nbytes - 1)
+    large = [fastpool.max_pool2d(x, 3, 1, 1, return_indices=True),
+             fastpool.avg_pool2d(x, 3, 1, 1)]
+    assert len(calls) == 2
+    for got, want in zip(_flatten(large), _flatten(small)):
+        np.testing.assert_array_equal(got, want)
+
+
 def _flatten(results):
     out = []
     for r in results:

@@ -206,35 +206,35 @@ def _is_half(array):
     return array.dtype in (_FLOAT16, _BFLOAT16)
 
 
-@overload(wide_empty)
+@overload(wide_empty, inline="always")
 def _wide_empty(n, array):
     if _is_half(array):
         return lambda n, array: np.empty(n, np.float32)
     return lambda n, array: np.empty(n, array.dtype)
 
 
-@overload(scratch)
+@overload(scratch, inline="always")
 def _scratch(array, n):
     if _is_half(array):
         return lambda array, n: np.empty(n, np.float32)
     return lambda array, n: np.empty(1, array.dtype)
 
 
-@overload(target)
+@overload(target, inline="always")
 def _target(array, buffer):
     if _is_half(array):
         return lambda array, buffer: buffer[:array.size].reshape(array.shape)
     return lambda array, buffer: array
 
 
-@overload(accumulator)
+@overload(accumulator, inline="always")
 def _accumulator(array):
     if _is_half(array):
         return lambda array: np.empty(array.shape, np.float32)
     return lambda array: array
 
 
-@overload(widen_into)
+@overload(widen_into, inline="always")
 def _widen_into(array, buffer):
     if _is_half(array):
         def widen(array, buffer):
@@ -245,7 +245,7 @@ def _widen_into(array, buffer):
     return lambda array, buffer: array
 
 
-@overload(flush)
+@overload(flush, inline="always")
 def _flush(array, result):
     if _is_half(array) and array.layout == "C":
         def flush_half(array, result):

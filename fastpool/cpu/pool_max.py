@@ -354,6 +354,9 @@ def _scatter_to_indices(grad_output, indices, grad_input, bad, worker, workers):
     planes, plane_size = grad_input.shape
     outputs = grad_output.shape[1]
     count = 0
+    # once per worker, not per plane (an allocation per plane of 7x7 or 14x14 cost as
+    # much as the scatter)
+    scratch = hb.scratch(grad_output, outputs)
     for p in range(worker * planes // workers, (worker + 1) * planes // workers):
         plane = grad_input[p]
         # half precision: sums in a float32 plane, rounded once (for float arrays g
@@ -361,7 +364,7 @@ def _scatter_to_indices(grad_output, indices, grad_input, bad, worker, workers):
         g = hb.accumulator(plane)
         for k in range(plane_size):
             g[k] = 0
-        values = hb.widen_into(grad_output[p], hb.scratch(grad_output, outputs))
+        values = hb.widen_into(grad_output[p], scratch)
         for k in range(outputs):
             target = indices[p, k]
             if 0 <= target < plane_size:

@@ -123,22 +123,30 @@ def _workers(window):
 
 # Channels-first planes narrower than this many columns (with at least
 # ``_NARROW_CHANNELS`` channels, overlapping windows along W and at most
-# ``_NARROW_ELEMENTS`` input elements) are pooled forward by the channels-last kernels,
+# ``_NARROW_BYTES`` of input) are pooled forward by the channels-last kernels,
 # which vectorise across channels, between two transposing copies: a 14-column row
 # leaves too few interior columns for one vector. Same values bit for bit. Measured on
 # 2 threads, float32: 3x3 s1 on (8,256,14,14) max 1.01 -> 0.37 ms, avg 0.67 -> 0.38 ms;
 # 3x3 s2 max 0.46 -> 0.21 ms. Not taken where it lost: 2x2 s2 (the direct kernel reads
-# column phases; (1,512,28,28) 0.12 ms direct, 0.20 through the copies) and large
-# inputs ((32,512,14,14) 2x2 s2: 1.2 ms direct, 3.0 through the copies).
+# column phases; (1,512,28,28) 0.12 ms direct, 0.20 through the copies) and inputs of
+# more than ``_NARROW_BYTES`` ((32,512,14,14) 2x2 s2: 1.2 ms direct, 3.0 through the
+# copies; asv, one call per sample: 3x3 s1 average on (8,512,14,14) float64 2.1 ms
+# direct, 6-9 through the copies, float32 1.8 and 3.3).
 _NARROW_COLUMNS = 32
 _NARROW_CHANNELS = 16
-_NARROW_ELEMENTS = 1 << 21
+_NARROW_BYTES = 2 << 20
 
 
 def _narrow(w):
     return (w.layout != CHANNELS_LAST and w.in3[2] < _NARROW_COLUMNS
             and w.channels >= _NARROW_CHANNELS and w.kernel3[2] > w.stride3[2]
-            and 0 < w.planes * math.prod(w.in3) <= _NARROW_ELEMENTS)
+            and w.planes > 0)
+
+
+def _narrow_or_rows(narrow, rows, x, *arguments):
+    """``narrow``'s copies where the input is at most ``_NARROW_BYTES``, else the
+    channels-first kernel (the window does not know the dtype: decided per call)."""
+    return (narrow if x.nbytes <= _NARROW_BYTES else rows)(x, *arguments)
 
 
 def _as_channels_last(x, w):
@@ -174,13 +182,15 @@ def _forward_plan(op, plans, *flags):
             run, rows = tiled
             return functools.partial(tiled_plan, run, shape, (rows, w.out3[2]),
                                      w.out3[0] * w.out3[1], rows, math.prod(w.kernel))
-        if _narrow(w):
-            return functools.partial(narrow_plan, w)
         rows = w.planes * math.prod(w.out3[:2])
-        return functools.partial(
+        direct = functools.partial(
             rows_plan, kernel(op, w, *flags) if rows else None, shape,
             (-1,) + w.in3, (-1,) + w.out3, _pads(w), w.derived("interior", interior_columns),
             rows, math.prod(w.kernel))
+        if _narrow(w):
+            return functools.partial(_narrow_or_rows, functools.partial(narrow_plan, w),
+                                     direct)
+        return direct
     return make
 
 
