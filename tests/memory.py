@@ -12,7 +12,7 @@ outputs (docs/site/reliability.md), read off the kernels' allocations:
   max and average pooling with a column stride from 2 to 8 keep, per thread, the column phases of its
   ``kD * kH`` input rows (``kD * kH * (W + sW)`` elements); channels-first planes
   narrower than 32 columns with at least 16 channels, overlapping windows along W and
-  at most 2**21 input elements go through the channels-last kernels: a channels-last
+  at most 2 MiB of input go through the channels-last kernels: a channels-last
   copy of the input and of the results;
 * max / stochastic-training backward: nothing (the scatter owns whole planes);
 * average backward: per thread, a ring of ``R`` spread rows of ``W`` plus one output row
@@ -78,7 +78,7 @@ def pool_scratch(op, threads, in_hw, out_hw, kernel, stride, dilation, itemsize,
     flags = planes * OH  # one bool per output row (stochastic forward)
     if op in ("max_forward", "avg_forward"):
         if (W < 32 and channels >= 16 and kernel[-1] > stride[-1]
-                and planes * H * W <= 1 << 21):  # narrow: through the channels-last kernels
+                and planes * H * W * itemsize <= 2 << 20):  # narrow: channels-last kernels
             results = planes * OH * OW * (itemsize + (8 if op == "max_forward" else 0))
             return planes * H * W * itemsize + results
         depth = kernel[0] if len(kernel) == 3 else 1
