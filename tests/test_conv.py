@@ -450,6 +450,57 @@ def test_winograd_weight_gradient_same_bits_in_both_layouts_and_thread_counts(
         np.testing.assert_array_equal(grad_weight, runs[0])
 
 
+def test_winograd_weight_gradient_memory_limits_never_depend_on_the_threads(monkeypatch):
+    """A cap on all threads' transformed bands (``_DEPTH_BYTES``) runs fewer threads
+    (the same bits); whether the kernel runs at all is decided from the shapes alone
+    (``_BAND_LIMIT``: a band over it falls back to ``rows``, at any thread count)."""
+    from fastpool.cpu.conv import _winograd_grad
+    rng = np.random.default_rng(31)
+    x = rng.standard_normal((2, 8, 16, 16))
+    w = rng.standard_normal((8, 8, 3, 3))
+    gy = rng.standard_normal((2, 8, 16, 16))
+    args = dict(padding=1)
+    window = _params.conv_window(x, w, None, 2, **args)[3]
+    runs = []
+    original = _winograd_grad._transform_sums
+    monkeypatch.setattr(_winograd_grad, "_transform_sums",
+                        _Spy(original, lambda *a: runs.append(a[-1])))
+
+    def weight_grad():
+        return cpu_conv.conv2d_backward(gy, x, w, window, (False, True, False),
+                                        "winograd")[1]
+    saved = numba.get_num_threads()
+    try:
+        numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
+        free = weight_grad()
+        monkeypatch.setattr(_winograd_grad, "_DEPTH_BYTES", 1)
+        capped = weight_grad()
+        assert runs[-1] == 1  # one worker
+        np.testing.assert_array_equal(capped, free)
+        monkeypatch.setattr(_winograd_grad, "_BAND_LIMIT", 0)
+        count = len(runs)
+        fallback = weight_grad()
+        assert len(runs) == count  # the Winograd kernel did not run
+    finally:
+        numba.set_num_threads(saved)
+    expected = ref.conv2d_backward(gy, x, w, **args)[1]
+    bound = ref.conv2d_backward(np.abs(gy), np.abs(x), np.abs(w), **args)[1]
+    assert_close_to_sum(fallback, expected, bound, np.float64)
+    assert_close_to_sum(free, expected, bound, np.float64)
+
+
+class _Spy:
+    """``function`` that also calls ``record(*args)`` (keeps ``function``'s other
+    attributes out of the way: the kernels are called, never inspected)."""
+
+    def __init__(self, function, record):
+        self.function, self.record = function, record
+
+    def __call__(self, *args):
+        self.record(*args)
+        return self.function(*args)
+
+
 def test_forcing_an_algorithm_that_cannot_run_is_an_error():
     x, w = np.ones((1, 4, 6, 6)), np.ones((2, 4, 3, 3))
     geometry = _params.conv_window(x, w, None, 2, stride=2)[3]

@@ -139,8 +139,8 @@ def train_forward(KD, KH, KW, SD, SH, SW, DD, DH, DW, WITH_INDICES):
                     if WITH_INDICES:
                         jf[U(orow + ow)] = chosen
             count, split, skip = edge_columns(inside, ow_lo, ow_hi, OW)
-            for e in range(count):
-                ow = e if e < split else e + skip
+            for edge in range(count):
+                ow = edge if edge < split else edge + skip
                 w0 = ow * SW - pw
                 total, _, first, bad = window_sums(xf, base, d0, h0, w0, D, H, W,
                                                    KD, KH, KW, DD, DH, DW)
@@ -199,8 +199,8 @@ def infer_forward(KD, KH, KW, SD, SH, SW, DD, DH, DW):
                     invalid |= not (nonnegative and s1 < INF and s2 < INF)
                     of[U(orow + ow)] = hb.narrow(s2 / s1 if s1 > 0.0 else 0.0, of)
             count, split, skip = edge_columns(inside, ow_lo, ow_hi, OW)
-            for e in range(count):
-                ow = e if e < split else e + skip
+            for edge in range(count):
+                ow = edge if edge < split else edge + skip
                 s1, s2, _, bad = window_sums(xf, base, d0, h0, ow * SW - pw, D, H, W,
                                              KD, KH, KW, DD, DH, DW)
                 invalid |= bad or not (s2 < INF)

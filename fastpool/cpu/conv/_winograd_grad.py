@@ -51,8 +51,12 @@ _PARTIAL_BYTES = 16 << 20
 _MAX_CHUNKS = 4
 # Output channels per task at least (each task transforms the input again).
 _BLOCK_CHANNELS = 16
-# The bands' transformed input (all threads), at most: the 3-D gradient transforms
-# every input slice of a band at once.
+# The bands' transformed input, at most: per thread (beyond, the caller's other
+# kernel runs: decided from the shapes alone, so that the bits never depend on the
+# thread count), and of all threads together (beyond, fewer threads run: they change
+# who computes an element, never its sum). The 3-D gradient transforms every input
+# slice of a band at once.
+_BAND_LIMIT = 32 << 20
 _DEPTH_BYTES = 64 << 20
 
 
@@ -197,9 +201,10 @@ def _untransform(summed, out):
                 out[g * Og + o, c, a, i, 2] = 0.5 * (t1 + t2) + t3
 
 
-def _plan(N, Cg, Og, KD, slices, TH, TW, G, itemsize, workers):
-    """``(chunks, band_rows)`` from the shapes (the chunks fix the sums: never from the
-    thread count), or None where the bands' transformed input would not fit."""
+def _plan(N, Cg, Og, KD, slices, TH, TW, G, itemsize):
+    """``(chunks, band_rows, band_bytes)`` from the shapes alone (the chunks fix the
+    sums, and whether this kernel runs at all fixes the bits: never from the thread
+    count), or None where a band's transformed input would exceed ``_BAND_LIMIT``."""
     total = N * TH
     per_chunk = 16 * G * KD * Cg * Og * itemsize
     chunks = max(1, min(_MAX_CHUNKS, total * TW // _MIN_TILES,
@@ -207,10 +212,11 @@ def _plan(N, Cg, Og, KD, slices, TH, TW, G, itemsize, workers):
     row_bytes = 16 * slices * Cg * TW * itemsize
     band = max(-(-_MIN_TILES // TW), _BAND_BYTES // row_bytes)
     band = max(1, min(band, -(-total // chunks)))
-    if workers * 16 * slices * Cg * padded_host(band * TW, np.dtype(f"f{itemsize}")) \
-            * itemsize > _DEPTH_BYTES:
+    band_bytes = 16 * slices * Cg * padded_host(band * TW, np.dtype(f"f{itemsize}")) \
+        * itemsize
+    if band_bytes > _BAND_LIMIT:
         return None
-    return chunks, band
+    return chunks, band, band_bytes
 
 
 def weight_grad(x, gy, KD, SD, PD, PT, PL, groups, workers):
@@ -218,17 +224,19 @@ def weight_grad(x, gy, KD, SD, PD, PT, PL, groups, workers):
     convolution of ``x`` (``(N, C, D, H, W)``) with output gradient ``gy`` (``(N, O,
     OD, OH, OW)``), any strides; for 2-D pass planes as volumes one slice deep
     (``KD = SD = 1``, ``PD = 0``) and drop the depth axis of the result. None where
-    the bands' transformed input would not fit (``_DEPTH_BYTES``): nothing done."""
+    a band's transformed input would exceed ``_BAND_LIMIT`` (shapes only): nothing
+    done."""
     N, C = x.shape[0], x.shape[1]
     O, OD, OH, OW = gy.shape[1], gy.shape[2], gy.shape[3], gy.shape[4]
     G = groups
     Cg, Og = C // G, O // G
     TH, TW = (OH + 1) // 2, (OW + 1) // 2
     slices = (OD - 1) * SD + KD
-    plan = _plan(N, Cg, Og, KD, slices, TH, TW, G, x.itemsize, workers)
+    plan = _plan(N, Cg, Og, KD, slices, TH, TW, G, x.itemsize)
     if plan is None:
         return None
-    chunks, band = plan
+    chunks, band, band_bytes = plan
+    workers = max(1, min(workers, _DEPTH_BYTES // band_bytes))
     # Blocks of output channels where chunks and groups are fewer than the threads
     # (each block transforms the input again)
     blocks = max(1, min(-(-2 * workers // (chunks * G)), Og // _BLOCK_CHANNELS))
