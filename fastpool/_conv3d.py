@@ -18,8 +18,10 @@ output-depth order, so the sum does not depend on the blocks), the blocks' weigh
 gradients summed in order and laid out as the weight (backward of the shape above:
 192 -> 154 ms, PyTorch's about 115). Where the planes run on Winograd the CPU computes
 the weight gradient without stacking (``slabs.fused_weight_grad``: the depth-aware
-Winograd weight gradient, each input slice transformed once), and the blocks give
-only the input gradient.
+Winograd weight gradient, each input slice transformed once); with stride 1 on every
+axis and padding within the kernel's reach, the input gradient is the forward
+convolution of ``grad_output`` with the flipped, channel-transposed weight
+(``_input_grad_window``, ``slabs.input_grad_weight``; the GPU keeps the blocks).
 
 Depthwise convolutions (one channel per group: the 2-D direct kernels need that) go
 tap by tap: for each tap ``a`` the input depth slices it reads (one per
