@@ -94,6 +94,10 @@ def pool_scratch(op, threads, in_hw, out_hw, kernel, stride, dilation, itemsize,
     if len(kernel) == 3 and (kernel[0] > 1 or stride[0] > 1):
         depth = ring_rows(kernel[0], stride[0], dilation[0]) * H * W
     if op == "avg_backward":
+        flat = (OH + 2 * (kernel[-2] - 1)) * (OW + 2 * (kernel[-1] - 1))
+        if (tuple(stride[-2:]) == (1, 1) and (len(kernel) < 3 or kernel[0] == 1)
+                and flat <= 32768):  # whole-plane loops: two padded planes, divisors
+            return threads * itemsize * (2 * flat + OH * OW + H * W)
         return threads * itemsize * (R * W + OW + depth)
     if op == "stochastic_infer_backward":
         return threads * 8 * (2 * R * W + 2 * W + 2 * OW + 2 * depth + 2 * H * W) + planes

@@ -803,3 +803,43 @@ def test_max_forward_sharing_row_maxima(shape, kernel, stride, padding, ceil_mod
     assert np.array_equal(_bits(got), _bits(want))
     np.testing.assert_array_equal(
         got, ref.max_pool(x, *args, ceil_mode=ceil_mode)[0].astype(dtype))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+@pytest.mark.parametrize("shape, kernel, padding, ceil_mode, flat", [
+    ((2, 5, 14, 14), 3, 1, False, True), ((3, 4, 9, 11), (2, 4), (1, 2), True, True),
+    ((2, 3, 17), 5, 2, False, True), ((2, 3, 4, 6, 7), (1, 3, 2), (0, 1, 1), True, True),
+    ((1, 2, 200, 200), 3, 1, False, False), ((2, 3, 5, 6, 7), 2, 1, False, False)],
+    ids=["3x3", "2x4-ceil", "1-D", "3-D-flat", "large-plane", "3-D-deep"])
+@pytest.mark.parametrize("count_include_pad, divisor", [(True, None), (False, None),
+                                                        (True, 5)])
+def test_flat_avg_backward(shape, kernel, padding, ceil_mode, flat, count_include_pad,
+                           divisor, dtype):
+    """Stride-1 average backward on small planes runs whole-plane loops
+    (``avg_backward_flat``): bit for bit the ring kernel's values (signed zeros,
+    infinities and NaN included) and the reference's; larger planes and depth kernels
+    keep the ring kernel."""
+    from fastpool import _params
+    from fastpool.cpu import pooling as cpu_pooling
+    rank = len(shape) - 2
+    rng = np.random.default_rng(31)
+    x = rng.standard_normal(shape).astype(dtype)
+    args = dict(kernel_size=kernel, stride=1, padding=padding, ceil_mode=ceil_mode,
+                count_include_pad=count_include_pad, divisor_override=divisor)
+    g = rng.standard_normal(OPS[rank]["avg"](x, **args).shape).astype(dtype)
+    g[..., 0] = -0.0
+    g.reshape(-1)[[1, 7]] = [np.inf, np.nan]
+    window = _params.pool_window(x, rank, kernel, 1, padding, 1, ceil_mode)[1]
+    window._derived.pop("avg_backward", None)
+    got = OPS[rank]["avg_backward"](g, x, **args)
+    assert (window._derived["avg_backward"] == "avg_backward_flat") == flat
+    window._derived["avg_backward"] = "avg_backward"  # the ring kernel
+    try:
+        want = OPS[rank]["avg_backward"](g, x, **args)
+    finally:
+        window._derived.pop("avg_backward")
+    assert np.array_equal(_bits(got), _bits(want))
+    if dtype != np.float16:
+        finite = np.nan_to_num(g, nan=0.0, posinf=0.0)
+        assert_close(OPS[rank]["avg_backward"](finite, x, **args),
+                     ref.avg_pool_backward(finite, x, **args), dtype)
