@@ -86,7 +86,13 @@ def pool_scratch(op, threads, in_hw, out_hw, kernel, stride, dilation, itemsize,
         return flags + (phases if 1 < stride[-1] <= 8 else 0)
     if op in ("max_backward", "stochastic_train_backward"):
         return flags
-    if op in ("stochastic_train_forward", "stochastic_infer_forward"):
+    if op == "stochastic_infer_forward":
+        flat = (OH + kernel[-2] - 1) * (OW + kernel[-1] - 1)
+        if (tuple(stride[-2:]) == (1, 1) and tuple(dilation[-2:]) == (1, 1)
+                and (len(kernel) < 3 or kernel[0] == 1) and flat <= 32768):
+            return flags + threads * 8 * 3 * flat  # whole-plane loops: three planes
+        return flags
+    if op == "stochastic_train_forward":
         return flags
     R = ring_rows(kernel[-2], stride[-2], dilation[-2])
     # 3-D pooling with a depth kernel or stride above 1 also keeps a ring of planes.

@@ -843,3 +843,49 @@ def test_flat_avg_backward(shape, kernel, padding, ceil_mode, flat, count_includ
         finite = np.nan_to_num(g, nan=0.0, posinf=0.0)
         assert_close(OPS[rank]["avg_backward"](finite, x, **args),
                      ref.avg_pool_backward(finite, x, **args), dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+@pytest.mark.parametrize("shape, kernel, padding, dilation, flat", [
+    ((2, 5, 14, 14), 3, 1, 1, True), ((3, 4, 9, 11), (2, 4), (1, 2), 1, True),
+    ((2, 3, 17), 5, 2, 1, True), ((2, 3, 4, 6, 7), (1, 3, 2), (0, 1, 1), 1, True),
+    ((1, 2, 200, 200), 3, 1, 1, False), ((2, 3, 9, 9), 3, 1, 2, False),
+    ((2, 3, 5, 6, 7), 2, 1, 1, False)],
+    ids=["3x3", "2x4", "1-D", "3-D-flat", "large-plane", "dilated", "3-D-deep"])
+def test_flat_stochastic_inference_forward(shape, kernel, padding, dilation, flat,
+                                           dtype):
+    """Stride-1 stochastic inference on small planes runs whole-plane loops
+    (``infer_forward_flat``): bit for bit the row kernel's values (zeros and
+    all-zero windows included) and the reference's; invalid input (negative,
+    infinite, NaN, in the last element: an edge window) raises on both; larger planes,
+    dilation and depth kernels keep the row kernel."""
+    from fastpool import _params
+    rank = len(shape) - 2
+    rng = np.random.default_rng(37)
+    x = rng.random(shape).astype(dtype)
+    x[..., :2] = 0.0
+    x[..., 0] = -0.0
+    args = dict(kernel_size=kernel, stride=1, padding=padding, dilation=dilation,
+                training=False)
+    window = _params.pool_window(x, rank, kernel, 1, padding, dilation, False)[1]
+    window._derived.pop("stochastic_infer_forward", None)
+    got = OPS[rank]["stochastic"](x, **args)
+    assert (window._derived["stochastic_infer_forward"]
+            == "stochastic_infer_forward_flat") == flat
+    try:
+        for op in ("stochastic_infer_forward_flat", "stochastic_infer_forward"):
+            if op.endswith("flat") and not flat:
+                continue
+            window._derived["stochastic_infer_forward"] = op
+            if not op.endswith("flat"):
+                want = OPS[rank]["stochastic"](x, **args)
+            for bad in (-1.0, np.inf, np.nan):
+                y = x.copy()
+                y.reshape(-1)[-1] = bad
+                with pytest.raises(ValueError):
+                    OPS[rank]["stochastic"](y, **args)
+    finally:
+        window._derived.pop("stochastic_infer_forward")
+    assert np.array_equal(_bits(got), _bits(want))
+    if dtype != np.float16:
+        assert_close(got, ref.stochastic_pool(x, **args)[0], dtype)

@@ -52,6 +52,7 @@ _FACTORIES = {
     "avg_backward_flat": pool_avg.avg_backward_flat,
     "stochastic_train": pool_stochastic.train_forward,
     "stochastic_infer_forward": pool_stochastic.infer_forward,
+    "stochastic_infer_forward_flat": pool_stochastic.infer_forward_flat,
     "stochastic_infer_backward": pool_stochastic.infer_backward,
     "stochastic_train_cl": pool_stochastic_channels_last.train_forward,
     "stochastic_infer_cl": pool_stochastic_channels_last.infer,
@@ -445,10 +446,22 @@ def stochastic_pool_forward(x, window, training, seed, with_indices):
                 lo, hi,
                 _row_workers(w))
         else:
-            kernel("stochastic_infer_forward", w)(volumes_x, volumes_out, *_pads(w),
-                                                  invalid, lo, hi, _row_workers(w))
+            op = w.derived("stochastic_infer_forward", _stochastic_infer_op)
+            kernel(op, w)(volumes_x, volumes_out, *_pads(w), invalid, lo, hi,
+                          _row_workers(w))
         _raise_if_invalid(invalid)
     return out, (indices if with_indices else None)
+
+
+def _stochastic_infer_op(w):
+    """The channels-first stochastic inference forward for ``w``: whole-plane loops
+    (``infer_forward_flat``) for stride 1 and no dilation along H and W, a depth kernel
+    of 1 and planes small enough, else the row kernel. Same bits either way."""
+    padded = (w.out3[1] + w.kernel3[1] - 1) * (w.out3[2] + w.kernel3[2] - 1)
+    if (w.kernel3[0], w.stride3, w.dilation3) == (1, (1, 1, 1), (1, 1, 1)) and \
+            padded <= pool_stochastic.FLAT_PLANE_LIMIT:
+        return "stochastic_infer_forward_flat"
+    return "stochastic_infer_forward"
 
 
 def _stochastic_backward_channels_last(grad_output, x, w):
