@@ -889,3 +889,39 @@ def test_flat_stochastic_inference_forward(shape, kernel, padding, dilation, fla
     assert np.array_equal(_bits(got), _bits(want))
     if dtype != np.float16:
         assert_close(got, ref.stochastic_pool(x, **args)[0], dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+@pytest.mark.parametrize("shape, kernel, divisor, tiled", [
+    ((4, 6, 28, 28), 2, None, True), ((2, 3, 9, 12), 3, None, True),
+    ((3, 4, 10), 5, 3, True), ((2, 3, 4, 6, 8), (1, 2, 4), None, True),
+    ((2, 3, 4, 6, 8), (2, 2, 2), None, False), ((2, 3, 9, 11), 2, None, False)],
+    ids=["2x2", "3x3", "1-D-divisor", "3-D-flat", "3-D-deep", "leftover"])
+def test_exactly_tiled_avg_backward(shape, kernel, divisor, tiled, dtype):
+    """Channels-first average backward over windows that tile the input exactly
+    (stride = kernel, no padding, no leftover, depth kernel 1) writes each window's
+    share to its elements (``avg_backward_tiled``): the ring kernel's bits, signed
+    zeros, infinities and NaN included, and the reference's values; other geometries
+    keep the ring kernel."""
+    from fastpool import _params
+    rank = len(shape) - 2
+    rng = np.random.default_rng(41)
+    x = rng.standard_normal(shape).astype(dtype)
+    args = dict(kernel_size=kernel, divisor_override=divisor)
+    g = rng.standard_normal(OPS[rank]["avg"](x, **args).shape).astype(dtype)
+    g[..., 0] = -0.0
+    g.reshape(-1)[[1, 5]] = [np.inf, np.nan]
+    window = _params.pool_window(x, rank, kernel, None, 0, 1, False)[1]
+    window._derived.pop("avg_backward_tiled", None)
+    got = OPS[rank]["avg_backward"](g, x, **args)
+    assert bool(window._derived["avg_backward_tiled"]) == tiled
+    window._derived["avg_backward_tiled"] = False  # the ring kernel
+    try:
+        want = OPS[rank]["avg_backward"](g, x, **args)
+    finally:
+        window._derived.pop("avg_backward_tiled")
+    assert np.array_equal(_bits(got), _bits(want))
+    if dtype != np.float16:
+        finite = np.nan_to_num(g, nan=0.0, posinf=0.0)
+        assert_close(OPS[rank]["avg_backward"](finite, x, **args),
+                     ref.avg_pool_backward(finite, x, **args), dtype)

@@ -99,6 +99,38 @@ def avg_forward_tiled(KD, KH, KW, SD, SH, SW):
     return kernel
 
 
+@functools.lru_cache(maxsize=None)
+def avg_backward_tiled(KD, KH, KW, SD, SH, SW):
+    """``kernel(grad_output, grad_input, zero, divisor, workers)`` on flat ``(rows,
+    OW)`` and ``(rows * KH, OW * KW)`` arrays, for windows that tile the input exactly
+    (as ``avg_forward_tiled``): each input element takes its one window's share,
+    ``zero + g / divisor`` as ``avg_backward``'s spread adds it (the share rounded to
+    the dtype computed with first), so the bits are its bits, with no ring of spread
+    rows and no per-row window arithmetic: output row ``r``'s shares are written to
+    input rows ``r * KH`` to ``r * KH + KH - 1``."""
+
+    @parallel_kernel
+    @njit(**BODY_JIT)
+    def kernel(grad_output, grad_input, zero, divisor, worker, workers):
+        rows, OW = grad_output.shape
+        W = OW * KW
+        gf = grad_input.reshape(-1)
+        shares = hb.wide_empty(OW, grad_input)
+        for r in range(worker * rows // workers, (worker + 1) * rows // workers):
+            go = grad_output[r]
+            for ow in range(OW):
+                shares[ow] = zero + hb.wide(go[ow]) / divisor
+            base = r * KH * W
+            for i in range(KH):
+                row = base + i * W
+                for ow in range(OW):
+                    value = hb.narrow(shares[ow], gf)
+                    for j in range(KW):
+                        gf[U(row + ow * KW + j)] = value
+
+    return kernel
+
+
 @njit(inline="always")
 def _row_window(row, D, H, W, OD, OH, pd, ph, KD, KH, SD, SH):
     """Output row ``row``'s window along D and H: start ``d0``/``h0``, end clipped to the

@@ -50,6 +50,7 @@ _FACTORIES = {
     "avg_forward_tiled": pool_avg.avg_forward_tiled,
     "avg_backward": pool_avg.avg_backward,
     "avg_backward_flat": pool_avg.avg_backward_flat,
+    "avg_backward_tiled": pool_avg.avg_backward_tiled,
     "stochastic_train": pool_stochastic.train_forward,
     "stochastic_infer_forward": pool_stochastic.infer_forward,
     "stochastic_infer_forward_flat": pool_stochastic.infer_forward_flat,
@@ -59,8 +60,9 @@ _FACTORIES = {
     "stochastic_infer_backward_cl": pool_stochastic_channels_last.infer_backward,
 }
 # Average pooling has no dilation: its kernels take kernel and stride only.
-_NO_DILATION = {"avg_forward", "avg_backward", "avg_backward_flat", "avg_forward_cl", "avg_backward_cl",
-                "avg_backward_cl_tiled", "avg_forward_tiled"}
+_NO_DILATION = {"avg_forward", "avg_backward", "avg_backward_flat", "avg_backward_tiled",
+                "avg_forward_cl", "avg_backward_cl", "avg_backward_cl_tiled",
+                "avg_forward_tiled"}
 
 
 def kernel(op, window, *flags):
@@ -390,7 +392,14 @@ def avg_pool_backward(grad_output, window, count_include_pad, divisor_override):
                                              zero, _cl_input_row_workers(w))
         return view
     grad_input = np.empty(w.input_shape, dtype=grad_output.dtype)
-    if w.planes:
+    tiled = w.derived("avg_backward_tiled", _tiled_launch("avg_backward_tiled"))
+    if tiled:
+        run, rows = tiled
+        taps = math.prod(w.kernel3)
+        run.launch(_split(rows), *hb.kernel_views(
+            contiguous(grad_output).reshape(rows, -1), grad_input.reshape(rows, -1)),
+            *hb.scalars(grad_output.dtype, 0, divisor_override or taps))
+    elif w.planes:
         kernel(w.derived("avg_backward", _avg_backward_op), w)(
             hb.bits(_volumes(grad_output, w.out3)),
             hb.bits(grad_input.reshape((-1,) + w.in3)), *_pads(w), count_include_pad,
