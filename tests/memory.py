@@ -106,6 +106,10 @@ def pool_scratch(op, threads, in_hw, out_hw, kernel, stride, dilation, itemsize,
             return threads * itemsize * (2 * flat + OH * OW + H * W)
         return threads * itemsize * (R * W + OW + depth)
     if op == "stochastic_infer_backward":
+        flat = (OH + 2 * (kernel[-2] - 1)) * (OW + 2 * (kernel[-1] - 1))
+        if (tuple(stride[-2:]) == (1, 1) and tuple(dilation[-2:]) == (1, 1)
+                and (len(kernel) < 3 or kernel[0] == 1) and flat <= 16384):
+            return threads * 57 * flat + planes  # seven float64 planes and a mask
         return threads * 8 * (2 * R * W + 2 * W + 2 * OW + 2 * depth + 2 * H * W) + planes
     raise ValueError(op)
 

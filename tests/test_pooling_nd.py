@@ -879,7 +879,8 @@ def test_flat_stochastic_inference_forward(shape, kernel, padding, dilation, fla
             window._derived["stochastic_infer_forward"] = op
             if not op.endswith("flat"):
                 want = OPS[rank]["stochastic"](x, **args)
-            for bad in (-1.0, np.inf, np.nan):
+            # 1e200: finite, but its square overflows S2
+            for bad in [-1.0, np.inf, np.nan] + ([1e200] if dtype == np.float64 else []):
                 y = x.copy()
                 y.reshape(-1)[-1] = bad
                 with pytest.raises(ValueError):
@@ -925,3 +926,53 @@ def test_exactly_tiled_avg_backward(shape, kernel, divisor, tiled, dtype):
         finite = np.nan_to_num(g, nan=0.0, posinf=0.0)
         assert_close(OPS[rank]["avg_backward"](finite, x, **args),
                      ref.avg_pool_backward(finite, x, **args), dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+@pytest.mark.parametrize("shape, kernel, padding, flat", [
+    ((2, 5, 14, 14), 3, 1, True), ((3, 4, 9, 11), (2, 4), (1, 2), True),
+    ((2, 3, 17), 5, 2, True), ((2, 3, 4, 6, 7), (1, 3, 2), (0, 1, 1), True),
+    ((1, 2, 150, 150), 3, 1, False), ((2, 3, 5, 6, 7), 2, 1, False)],
+    ids=["3x3", "2x4", "1-D", "3-D-flat", "large-plane", "3-D-deep"])
+def test_flat_stochastic_inference_backward(shape, kernel, padding, flat, dtype):
+    """Stride-1 stochastic inference backward on small planes runs whole-plane loops
+    (``infer_backward_flat``): bit for bit the ring kernel's values (zeros, an
+    all-zero plane, signed zeros and infinite gradients included) and the
+    reference's; invalid input raises on both; larger planes and depth kernels keep
+    the ring kernel."""
+    from fastpool import _params
+    rank = len(shape) - 2
+    rng = np.random.default_rng(43)
+    x = rng.random(shape).astype(dtype)
+    x[..., :2] = 0.0
+    x[..., 0] = -0.0
+    x[-1, -1] = 0.0
+    args = dict(kernel_size=kernel, stride=1, padding=padding, training=False)
+    g = rng.standard_normal(OPS[rank]["stochastic"](x, **args).shape).astype(dtype)
+    g.reshape(-1)[:2] = [-0.0, np.inf]
+    backward = OPS[rank]["stochastic_backward"]
+    window = _params.pool_window(x, rank, kernel, 1, padding, 1, False)[1]
+    window._derived.pop("stochastic_infer_backward", None)
+    got = backward(g, x, **args)
+    assert (window._derived["stochastic_infer_backward"]
+            == "stochastic_infer_backward_flat") == flat
+    bad_inputs = [-1.0, np.inf, np.nan] + ([1e200] if dtype == np.float64 else [])
+    try:
+        for op in ("stochastic_infer_backward_flat", "stochastic_infer_backward"):
+            if op.endswith("flat") and not flat:
+                continue
+            window._derived["stochastic_infer_backward"] = op
+            if not op.endswith("flat"):
+                want = backward(g, x, **args)
+            for bad in bad_inputs:  # 1e200: finite, but its square overflows S2
+                y = x.copy()
+                y.reshape(-1)[-1] = bad
+                with pytest.raises(ValueError):
+                    backward(g, y, **args)
+    finally:
+        window._derived.pop("stochastic_infer_backward")
+    assert np.array_equal(_bits(got), _bits(want))
+    if dtype != np.float16:
+        finite = np.where(np.isinf(g), 0, g).astype(dtype)
+        assert_close(backward(finite, x, **args),
+                     ref.stochastic_pool_backward(finite, x, **args), dtype)

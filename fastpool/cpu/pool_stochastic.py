@@ -275,6 +275,106 @@ def infer_forward_flat(KD, KH, KW, SD, SH, SW, DD, DH, DW):
     return kernel
 
 
+# The backward's flat planes: eight per thread (1 MiB at this limit).
+FLAT_BACKWARD_LIMIT = 16384
+
+
+@functools.lru_cache(maxsize=None)
+def infer_backward_flat(KD, KH, KW, SD, SH, SW, DD, DH, DW):
+    """``infer_backward``'s kernel for stride 1 and no dilation along H and W and a
+    depth kernel of 1, on planes of at most ``FLAT_BACKWARD_LIMIT`` padded elements.
+
+    Same values in the same order, bit for bit, with loops over whole planes: all
+    planes share one layout, ``(OH + 2(KH - 1)) x (OW + 2(KW - 1))`` with window
+    ``(oh, ow)`` at ``(oh + KH - 1, ow + KW - 1)`` and element ``(h, w)`` of ``x`` at
+    ``(h + ph + KH - 1, w + pw + KW - 1)``, zero elsewhere. A window's ``S1`` and
+    ``S2`` are then ``KH x KW`` taps at fixed offsets from its own position (the
+    border's zeros add nothing: as in ``infer_forward_flat``), its shares ``A`` and
+    ``B`` go to the same position (0 where no window is, by a mask made once per
+    thread), and spreading and gathering them is ``avg_backward_flat``'s.
+    """
+    if (KD, SD, SH, SW, DD, DH, DW) != (1, 1, 1, 1, 1, 1, 1):
+        raise ValueError("the flat stochastic inference backward takes stride 1, no "
+                         "dilation and depth kernel 1")
+
+    @parallel_kernel
+    @njit(**BODY_JIT)
+    def kernel(grad_output, x, grad_input, pd, ph, pw, invalid_planes, ow_lo, ow_hi,
+               worker, workers):
+        planes, D, H, W = x.shape
+        OH, OW = grad_output.shape[2], grad_output.shape[3]
+        Hc = OH + 2 * (KH - 1)
+        Wc = OW + 2 * (KW - 1)
+        size = Hc * Wc
+        values = np.zeros(size)
+        squares = np.zeros(size)
+        grads = np.zeros(size)
+        share_a = np.zeros(size)
+        share_b = np.zeros(size)
+        spread_a = np.empty(size)
+        spread_b = np.empty(size)
+        windows = np.zeros(size, np.bool_)
+        for oh in range(OH):
+            for ow in range(OW):
+                windows[(oh + KH - 1) * Wc + ow + KW - 1] = True
+        first_k = (KH - 1) * Wc + KW - 1  # window (0, 0)
+        last_k = (OH + KH - 2) * Wc + OW + KW - 2  # window (OH - 1, OW - 1)
+        lead = pw + KW - 1  # spread[k] reads shares[k + lead - j]
+        first, last = worker_planes(worker, workers, planes)
+        for p in range(first, last):
+            invalid = False
+            for d in range(D):
+                xp = x[p, d]
+                go = grad_output[p, d]
+                for h in range(H):
+                    row = (h + ph + KH - 1) * Wc + pw + KW - 1
+                    for w in range(W):
+                        v = np.float64(hb.wide(xp[h, w]))
+                        invalid |= not (0.0 <= v < INF)
+                        values[U(row + w)] = v
+                        squares[U(row + w)] = v * v
+                for oh in range(OH):
+                    row = (oh + KH - 1) * Wc + KW - 1
+                    for ow in range(OW):
+                        grads[U(row + ow)] = np.float64(hb.wide(go[oh, ow]))
+                for k in range(first_k, last_k + 1):
+                    s1 = 0.0
+                    s2 = 0.0
+                    for i in range(KH):
+                        for j in range(KW):
+                            s1 += values[U(k + i * Wc + j)]
+                            s2 += squares[U(k + i * Wc + j)]
+                    inside = windows[U(k)]
+                    invalid |= inside and not (s1 < INF and s2 < INF)
+                    g = grads[U(k)]
+                    a = 2.0 * g / s1 if s1 > 0.0 else 0.0
+                    b = -g * s2 / (s1 * s1) if s1 > 0.0 else 0.0
+                    share_a[U(k)] = a if inside else 0.0
+                    share_b[U(k)] = b if inside else 0.0
+                for k in range(size - lead):
+                    acc_a = 0.0
+                    acc_b = 0.0
+                    for j in range(KW):
+                        acc_a += share_a[U(k + lead - j)]
+                        acc_b += share_b[U(k + lead - j)]
+                    spread_a[U(k)] = acc_a
+                    spread_b[U(k)] = acc_b
+                gi = grad_input[p, d]
+                for h in range(H):
+                    top = (h + ph + KH - 1) * Wc
+                    for w in range(W):
+                        sum_a = spread_a[U(top + w)]
+                        sum_b = spread_b[U(top + w)]
+                        for i in range(1, KH):
+                            sum_a += spread_a[U(top - i * Wc + w)]
+                            sum_b += spread_b[U(top - i * Wc + w)]
+                        gi[h, w] = hb.narrow(np.float64(hb.wide(xp[h, w])) * sum_a
+                                             + sum_b, gi)
+            invalid_planes[p] = invalid
+
+    return kernel
+
+
 @njit(inline="always")
 def infer_backward_plane(go, xp, gi, share_a, share_b, rows_a, rows_b, depth_a, depth_b,
                          sum_a, sum_b, invalid_planes, p, pd, ph, pw, ow_lo, ow_hi,

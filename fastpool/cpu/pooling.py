@@ -55,6 +55,7 @@ _FACTORIES = {
     "stochastic_infer_forward": pool_stochastic.infer_forward,
     "stochastic_infer_forward_flat": pool_stochastic.infer_forward_flat,
     "stochastic_infer_backward": pool_stochastic.infer_backward,
+    "stochastic_infer_backward_flat": pool_stochastic.infer_backward_flat,
     "stochastic_train_cl": pool_stochastic_channels_last.train_forward,
     "stochastic_infer_cl": pool_stochastic_channels_last.infer,
     "stochastic_infer_backward_cl": pool_stochastic_channels_last.infer_backward,
@@ -473,6 +474,19 @@ def _stochastic_infer_op(w):
     return "stochastic_infer_forward"
 
 
+def _stochastic_infer_backward_op(w):
+    """The channels-first stochastic inference backward for ``w``: whole-plane loops
+    (``infer_backward_flat``) where ``_stochastic_infer_op`` takes them and the planes
+    of ``(OH + 2(KH - 1)) x (OW + 2(KW - 1))`` are small enough, else the ring kernel.
+    Same bits either way."""
+    padded = ((w.out3[1] + 2 * (w.kernel3[1] - 1))
+              * (w.out3[2] + 2 * (w.kernel3[2] - 1)))
+    if (w.kernel3[0], w.stride3, w.dilation3) == (1, (1, 1, 1), (1, 1, 1)) and \
+            padded <= pool_stochastic.FLAT_BACKWARD_LIMIT:
+        return "stochastic_infer_backward_flat"
+    return "stochastic_infer_backward"
+
+
 def _stochastic_backward_channels_last(grad_output, x, w):
     grad_input, view = _cl_empty(w, w.in_size, w.channels, grad_output.dtype)
     if w.planes:
@@ -500,7 +514,7 @@ def stochastic_pool_backward(grad_output, x, window, training, indices):
     if w.planes:
         invalid = np.zeros(w.planes, dtype=np.bool_)
         lo, hi = w.derived("interior", interior_columns)
-        kernel("stochastic_infer_backward", w)(
+        kernel(w.derived("stochastic_infer_backward", _stochastic_infer_backward_op), w)(
             hb.bits(_volumes(grad_output, w.out3)), hb.bits(_volumes(x, w.in3)),
             hb.bits(grad_input.reshape((-1,) + w.in3)), *_pads(w), invalid, lo, hi,
             _workers(w))
