@@ -54,6 +54,28 @@ def output_row(row, OD, OH, D, H, W, pd, ph, KD, KH, SD, SH, DD, DH):
 
 
 @njit(inline="always")
+def spread_flat(shares, spread, lead, KW, zero):
+    """The whole-plane spread along W of the flat backward kernels: ``spread[k] = zero
+    + shares[k + lead] + shares[k + lead - 1] + ...`` over ``KW`` taps, in tap order,
+    for every ``k`` whose taps lie in the bordered plane ``shares``."""
+    for k in range(shares.size - lead):
+        acc = zero
+        for j in range(KW):
+            acc += shares[U(k + lead - j)]
+        spread[U(k)] = acc
+
+
+@njit(inline="always")
+def gather_flat(spread, top, w, width, KH):
+    """The whole-plane gather along H: ``spread[top + w]`` plus the ``KH - 1`` rows of
+    ``width`` above it, in tap order (the first row copied, as ``gather_rows``)."""
+    acc = spread[U(top + w)]
+    for i in range(1, KH):
+        acc += spread[U(top - i * width + w)]
+    return acc
+
+
+@njit(inline="always")
 def edge_columns(inside, ow_lo, ow_hi, OW):
     """``(count, split, skip)``: the output columns a row's edge loop visits, edge
     ``e < count`` being column ``e`` if ``e < split`` else ``e + skip`` -- every

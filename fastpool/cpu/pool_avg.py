@@ -17,12 +17,14 @@ from fastpool.cpu._parallel import BODY_JIT, parallel_kernel
 from fastpool.cpu._pool_common import (
     PHASE_STRIDE_LIMIT,
     U,
+    gather_flat,
     gather_rows,
     output_row,
     phases,
     window_divisor,
     ring_rows,
     spread_along_w,
+    spread_flat,
     worker_planes,
 )
 
@@ -390,19 +392,12 @@ def avg_backward_flat(KD, KH, KW, SD, SH, SW):
                     for ow in range(OW):
                         shares[U(row + ow)] = (hb.wide(go[U(src + ow)])
                                                / divisors[U(src + ow)])
-                for k in range(Hp * Wp - lead):
-                    acc = zero
-                    for j in range(KW):
-                        acc += shares[U(k + lead - j)]
-                    spread[U(k)] = acc
+                spread_flat(shares, spread, lead, KW, zero)
                 target = hb.target(grad_input[p, d], buffer)
                 for h in range(H):
                     top = (h + ph + KH - 1) * Wp
                     for w in range(W):
-                        acc = spread[U(top + w)]
-                        for i in range(1, KH):
-                            acc += spread[U(top - i * Wp + w)]
-                        target[h, w] = acc
+                        target[h, w] = gather_flat(spread, top, w, Wp, KH)
                 hb.flush(grad_input[p, d], target)
 
     return kernel

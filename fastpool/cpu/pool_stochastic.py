@@ -25,10 +25,12 @@ from fastpool.cpu._pool_common import (
     JUST_BELOW_ONE,
     U,
     edge_columns,
+    gather_flat,
     gather_rows_called,
     output_row,
     ring_rows,
     spread_along_w_called,
+    spread_flat,
     worker_planes,
 )
 
@@ -210,6 +212,36 @@ def infer_forward(KD, KH, KW, SD, SH, SW, DD, DH, DW):
     return kernel
 
 
+@njit(inline="always")
+def _bordered_copy(plane, values, squares, top, left, width):
+    """Copy the ``(H, W)`` ``plane`` (float64) and its squares into the flat bordered
+    planes ``values`` and ``squares`` of ``width`` columns, element ``(0, 0)`` at row
+    ``top`` and column ``left``; whether any element is outside ``[0, inf)``."""
+    invalid = False
+    H, W = plane.shape
+    for h in range(H):
+        row = (h + top) * width + left
+        for w in range(W):
+            v = np.float64(hb.wide(plane[h, w]))
+            invalid |= not (0.0 <= v < INF)
+            values[U(row + w)] = v
+            squares[U(row + w)] = v * v
+    return invalid
+
+
+@njit(inline="always")
+def _flat_sums(values, squares, k, width, KH, KW):
+    """``(S1, S2)`` of the window whose first tap is at ``k`` of the bordered planes,
+    taps in ``window_sums``' order."""
+    s1 = 0.0
+    s2 = 0.0
+    for i in range(KH):
+        for j in range(KW):
+            s1 += values[U(k + i * width + j)]
+            s2 += squares[U(k + i * width + j)]
+    return s1, s2
+
+
 # A plane whose zero-bordered copy has more elements than this takes the row kernel
 # (three such float64 planes per thread: 768 KiB).
 FLAT_PLANE_LIMIT = 32768
@@ -248,22 +280,9 @@ def infer_forward_flat(KD, KH, KW, SD, SH, SW, DD, DH, DW):
         first, last = worker_planes(worker, workers, planes)
         for p in range(first, last):
             for d in range(D):
-                xf = x[p, d].reshape(-1)
-                invalid = False
-                for h in range(H):
-                    row = (h + ph) * Wp + pw
-                    for w in range(W):
-                        v = np.float64(hb.wide(xf[U(h * W + w)]))
-                        invalid |= not (0.0 <= v < INF)
-                        values[U(row + w)] = v
-                        squares[U(row + w)] = v * v
+                invalid = _bordered_copy(x[p, d], values, squares, ph, pw, Wp)
                 for k in range((OH - 1) * Wp + OW):
-                    s1 = 0.0
-                    s2 = 0.0
-                    for i in range(KH):
-                        for j in range(KW):
-                            s1 += values[U(k + i * Wp + j)]
-                            s2 += squares[U(k + i * Wp + j)]
+                    s1, s2 = _flat_sums(values, squares, k, Wp, KH, KW)
                     invalid |= not (s1 < INF and s2 < INF)
                     results[U(k)] = s2 / s1 if s1 > 0.0 else 0.0
                 of = out[p, d].reshape(-1)
@@ -326,24 +345,14 @@ def infer_backward_flat(KD, KH, KW, SD, SH, SW, DD, DH, DW):
             for d in range(D):
                 xp = x[p, d]
                 go = grad_output[p, d]
-                for h in range(H):
-                    row = (h + ph + KH - 1) * Wc + pw + KW - 1
-                    for w in range(W):
-                        v = np.float64(hb.wide(xp[h, w]))
-                        invalid |= not (0.0 <= v < INF)
-                        values[U(row + w)] = v
-                        squares[U(row + w)] = v * v
+                invalid |= _bordered_copy(xp, values, squares, ph + KH - 1, pw + KW - 1,
+                                          Wc)
                 for oh in range(OH):
                     row = (oh + KH - 1) * Wc + KW - 1
                     for ow in range(OW):
                         grads[U(row + ow)] = np.float64(hb.wide(go[oh, ow]))
                 for k in range(first_k, last_k + 1):
-                    s1 = 0.0
-                    s2 = 0.0
-                    for i in range(KH):
-                        for j in range(KW):
-                            s1 += values[U(k + i * Wc + j)]
-                            s2 += squares[U(k + i * Wc + j)]
+                    s1, s2 = _flat_sums(values, squares, k, Wc, KH, KW)
                     inside = windows[U(k)]
                     invalid |= inside and not (s1 < INF and s2 < INF)
                     g = grads[U(k)]
@@ -351,25 +360,16 @@ def infer_backward_flat(KD, KH, KW, SD, SH, SW, DD, DH, DW):
                     b = -g * s2 / (s1 * s1) if s1 > 0.0 else 0.0
                     share_a[U(k)] = a if inside else 0.0
                     share_b[U(k)] = b if inside else 0.0
-                for k in range(size - lead):
-                    acc_a = 0.0
-                    acc_b = 0.0
-                    for j in range(KW):
-                        acc_a += share_a[U(k + lead - j)]
-                        acc_b += share_b[U(k + lead - j)]
-                    spread_a[U(k)] = acc_a
-                    spread_b[U(k)] = acc_b
+                spread_flat(share_a, spread_a, lead, KW, 0.0)
+                spread_flat(share_b, spread_b, lead, KW, 0.0)
                 gi = grad_input[p, d]
                 for h in range(H):
                     top = (h + ph + KH - 1) * Wc
                     for w in range(W):
-                        sum_a = spread_a[U(top + w)]
-                        sum_b = spread_b[U(top + w)]
-                        for i in range(1, KH):
-                            sum_a += spread_a[U(top - i * Wc + w)]
-                            sum_b += spread_b[U(top - i * Wc + w)]
-                        gi[h, w] = hb.narrow(np.float64(hb.wide(xp[h, w])) * sum_a
-                                             + sum_b, gi)
+                        gi[h, w] = hb.narrow(
+                            np.float64(hb.wide(xp[h, w]))
+                            * gather_flat(spread_a, top, w, Wc, KH)
+                            + gather_flat(spread_b, top, w, Wc, KH), gi)
             invalid_planes[p] = invalid
 
     return kernel
