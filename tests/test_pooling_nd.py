@@ -976,3 +976,36 @@ def test_flat_stochastic_inference_backward(shape, kernel, padding, flat, dtype)
         finite = np.where(np.isinf(g), 0, g).astype(dtype)
         assert_close(backward(finite, x, **args),
                      ref.stochastic_pool_backward(finite, x, **args), dtype)
+
+
+def test_flat_stochastic_inference_checks_only_real_windows():
+    """The flat forward also sums positions past a row's last window (taps of one
+    row's right edge and the next row's left edge); an overflow there is not the
+    input's fault: 1.2e154 at the end of row 0 and the start of row 1 share no real
+    3x3 window (each window's S2 stays below the float64 maximum) but do share such a
+    position. Same result as the row kernel, no error."""
+    from fastpool import _params
+    x = np.random.default_rng(47).random((1, 1, 4, 5))
+    x[0, 0, 0, 4] = x[0, 0, 1, 0] = 1.2e154
+    window = _params.pool_window(x, 2, 3, 1, 0, 1, False)[1]
+    window._derived.pop("stochastic_infer_forward", None)
+    got = fastpool.stochastic_pool2d(x, 3, 1, 0, training=False)
+    assert window._derived["stochastic_infer_forward"] == "stochastic_infer_forward_flat"
+    window._derived["stochastic_infer_forward"] = "stochastic_infer_forward"
+    try:
+        want = fastpool.stochastic_pool2d(x, 3, 1, 0, training=False)
+    finally:
+        window._derived.pop("stochastic_infer_forward")
+    assert np.array_equal(_bits(got), _bits(want))
+    assert_close(got, ref.stochastic_pool(x, 3, 1, 0, training=False)[0], np.float64)
+    g = np.ones_like(got)  # the flat backward masks those positions too
+    window._derived.pop("stochastic_infer_backward", None)
+    got = fastpool.stochastic_pool2d_backward(g, x, 3, 1, 0, training=False)
+    assert (window._derived["stochastic_infer_backward"]
+            == "stochastic_infer_backward_flat")
+    window._derived["stochastic_infer_backward"] = "stochastic_infer_backward"
+    try:
+        want = fastpool.stochastic_pool2d_backward(g, x, 3, 1, 0, training=False)
+    finally:
+        window._derived.pop("stochastic_infer_backward")
+    assert np.array_equal(_bits(got), _bits(want))

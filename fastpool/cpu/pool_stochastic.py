@@ -277,18 +277,23 @@ def infer_forward_flat(KD, KH, KW, SD, SH, SW, DD, DH, DW):
         values = np.zeros(Hp * Wp)
         squares = np.zeros(Hp * Wp)
         results = np.empty(OH * Wp)
+        # positions k past a row's last window (columns OW to Wp - 1) sum taps of two
+        # rows' edges: their sums are computed but neither kept nor checked
+        overflow = np.zeros(OH * Wp, np.bool_)
         first, last = worker_planes(worker, workers, planes)
         for p in range(first, last):
             for d in range(D):
                 invalid = _bordered_copy(x[p, d], values, squares, ph, pw, Wp)
                 for k in range((OH - 1) * Wp + OW):
                     s1, s2 = _flat_sums(values, squares, k, Wp, KH, KW)
-                    invalid |= not (s1 < INF and s2 < INF)
+                    overflow[U(k)] = not (s1 < INF and s2 < INF)
                     results[U(k)] = s2 / s1 if s1 > 0.0 else 0.0
                 of = out[p, d].reshape(-1)
                 for oh in range(OH):
                     for ow in range(OW):
+                        invalid |= overflow[U(oh * Wp + ow)]
                         of[U(oh * OW + ow)] = hb.narrow(results[U(oh * Wp + ow)], of)
+                for oh in range(OH):
                     invalid_rows[(p * D + d) * OH + oh] = invalid
 
     return kernel
