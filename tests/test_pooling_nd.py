@@ -1009,3 +1009,32 @@ def test_flat_stochastic_inference_checks_only_real_windows():
     finally:
         window._derived.pop("stochastic_infer_backward")
     assert np.array_equal(_bits(got), _bits(want))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.float64])
+@pytest.mark.parametrize("shape, kernel, stride, padding", [
+    ((1, 2, 4, 4), 2, 2, 0), ((1, 2, 4, 4), 3, 1, 1)], ids=["tiled", "flat"])
+@pytest.mark.parametrize("divisor", [2**24 + 1, -(2**40 + 3)])
+def test_avg_backward_divisor_beyond_float32(shape, kernel, stride, padding, divisor,
+                                             dtype):
+    """A divisor_override that float32 cannot hold (above 2**24) gives the ring
+    kernel's bits on the tiled and flat geometries too (the ring kernel divides in
+    float64 and rounds once; 2**24 + 1 in float32 would round the divisor first):
+    found on review."""
+    from fastpool import _params
+    x = np.zeros(shape, dtype)
+    args = dict(kernel_size=kernel, stride=stride, padding=padding,
+                divisor_override=divisor)
+    g = np.ones(OPS[2]["avg"](x, **args).shape, dtype)
+    got = OPS[2]["avg_backward"](g, x, **args)
+    window = _params.pool_window(x, 2, kernel, stride, padding, 1, False)[1]
+    window._derived["avg_backward_tiled"] = False
+    window._derived["avg_backward"] = "avg_backward"  # the ring kernel
+    try:
+        want = OPS[2]["avg_backward"](g, x, **args)
+    finally:
+        window._derived.pop("avg_backward_tiled")
+        window._derived.pop("avg_backward")
+    assert np.array_equal(_bits(got), _bits(want))
+    if dtype == np.float32:  # the share is g / divisor rounded once
+        assert got.reshape(-1)[0] == np.float32(1.0 / divisor) or padding

@@ -107,7 +107,8 @@ def avg_backward_tiled(KD, KH, KW, SD, SH, SW):
     OW)`` and ``(rows * KH, OW * KW)`` arrays, for windows that tile the input exactly
     (as ``avg_forward_tiled``): each input element takes its one window's share,
     ``zero + g / divisor`` as ``avg_backward``'s spread adds it (the share rounded to
-    the dtype computed with first), so the bits are its bits, with no ring of spread
+    the dtype computed with first; divisors above 2**24 go to the ring kernel, see
+    ``avg_backward_flat``), so the bits are its bits, with no ring of spread
     rows and no per-row window arithmetic: output row ``r``'s shares are written to
     input rows ``r * KH`` to ``r * KH + KH - 1``."""
 
@@ -353,7 +354,9 @@ def avg_backward_flat(KD, KH, KW, SD, SH, SW):
     ``-0.0``, and ``s + 0.0 == s`` for every other ``s`` (NaN and infinities
     included). The divisors (exact integers) are a plane computed once per thread;
     dividing in the dtype computed with equals the float64 division rounded to it
-    (float32: 53 >= 2 * 24 + 2 bits, so the double rounding is innocuous).
+    (float32: 53 >= 2 * 24 + 2 bits, so the double rounding is innocuous) for divisors
+    that float32 holds exactly: the launcher sends a ``divisor_override`` above 2**24
+    to the ring kernel.
     """
     if (KD, SD, SH, SW) != (1, 1, 1, 1):
         raise ValueError("the flat average backward takes stride 1 and depth kernel 1")

@@ -360,6 +360,9 @@ def _tiled(w):
             and all(o * k <= i for o, k, i in zip(w.out3, w.kernel3, w.in3)))
 
 
+_EXACT_IN_FLOAT32 = 1 << 24
+
+
 def _avg_backward_op(w):
     """The channels-first average backward kernel for ``w``: whole-plane loops
     (``avg_backward_flat``) for stride 1 along H and W, a depth kernel of 1 and planes
@@ -393,15 +396,20 @@ def avg_pool_backward(grad_output, window, count_include_pad, divisor_override):
                                              zero, _cl_input_row_workers(w))
         return view
     grad_input = np.empty(w.input_shape, dtype=grad_output.dtype)
-    tiled = w.derived("avg_backward_tiled", _tiled_launch("avg_backward_tiled"))
-    if tiled:
+    # The ring kernel divides by the integer divisor in float64 and rounds; the tiled
+    # and flat kernels divide in the dtype computed with, the same bits while the
+    # divisor is exact in float32 (every integer up to 2**24 is).
+    exact = abs(divisor_override) <= _EXACT_IN_FLOAT32
+    tiled = exact and w.derived("avg_backward_tiled", _tiled_launch("avg_backward_tiled"))
+    if tiled and (divisor_override or math.prod(w.kernel3) <= _EXACT_IN_FLOAT32):
         run, rows = tiled
         taps = math.prod(w.kernel3)
         run.launch(_split(rows), *hb.kernel_views(
             contiguous(grad_output).reshape(rows, -1), grad_input.reshape(rows, -1)),
             *hb.scalars(grad_output.dtype, 0, divisor_override or taps))
     elif w.planes:
-        kernel(w.derived("avg_backward", _avg_backward_op), w)(
+        op = w.derived("avg_backward", _avg_backward_op) if exact else "avg_backward"
+        kernel(op, w)(
             hb.bits(_volumes(grad_output, w.out3)),
             hb.bits(grad_input.reshape((-1,) + w.in3)), *_pads(w), count_include_pad,
             divisor_override, hb.scalar(grad_output.dtype, 0), _workers(w))
