@@ -805,6 +805,21 @@ def test_max_forward_sharing_row_maxima(shape, kernel, stride, padding, ceil_mod
         got, ref.max_pool(x, *args, ceil_mode=ceil_mode)[0].astype(dtype))
 
 
+def _chosen_and_forced(window, key, forced, call):
+    """``(kernel, got, want)``: the kernel ``window``'s memo holds under ``key`` after
+    ``call()`` chose it afresh (``got``), and ``call()`` again with ``forced`` (the
+    kernel it replaces) in its place (``want``); the memo is cleared after."""
+    window._derived.pop(key, None)
+    got = call()
+    chosen = window._derived[key]
+    window._derived[key] = forced
+    try:
+        want = call()
+    finally:
+        window._derived.pop(key)
+    return chosen, got, want
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
 @pytest.mark.parametrize("shape, kernel, padding, ceil_mode, flat", [
     ((2, 5, 14, 14), 3, 1, False, True), ((3, 4, 9, 11), (2, 4), (1, 2), True, True),
@@ -830,14 +845,10 @@ def test_flat_avg_backward(shape, kernel, padding, ceil_mode, flat, count_includ
     g[..., 0] = -0.0
     g.reshape(-1)[[1, 7]] = [np.inf, np.nan]
     window = _params.pool_window(x, rank, kernel, 1, padding, 1, ceil_mode)[1]
-    window._derived.pop("avg_backward", None)
-    got = OPS[rank]["avg_backward"](g, x, **args)
-    assert (window._derived["avg_backward"] == "avg_backward_flat") == flat
-    window._derived["avg_backward"] = "avg_backward"  # the ring kernel
-    try:
-        want = OPS[rank]["avg_backward"](g, x, **args)
-    finally:
-        window._derived.pop("avg_backward")
+    chosen, got, want = _chosen_and_forced(  # against the ring kernel
+        window, "avg_backward", "avg_backward",
+        lambda: OPS[rank]["avg_backward"](g, x, **args))
+    assert (chosen == "avg_backward_flat") == flat
     assert np.array_equal(_bits(got), _bits(want))
     if dtype != np.float16:
         finite = np.nan_to_num(g, nan=0.0, posinf=0.0)
@@ -913,14 +924,10 @@ def test_exactly_tiled_avg_backward(shape, kernel, divisor, tiled, dtype):
     g[..., 0] = -0.0
     g.reshape(-1)[[1, 5]] = [np.inf, np.nan]
     window = _params.pool_window(x, rank, kernel, None, 0, 1, False)[1]
-    window._derived.pop("avg_backward_tiled", None)
-    got = OPS[rank]["avg_backward"](g, x, **args)
-    assert bool(window._derived["avg_backward_tiled"]) == tiled
-    window._derived["avg_backward_tiled"] = False  # the ring kernel
-    try:
-        want = OPS[rank]["avg_backward"](g, x, **args)
-    finally:
-        window._derived.pop("avg_backward_tiled")
+    chosen, got, want = _chosen_and_forced(  # False: the ring kernel
+        window, "avg_backward_tiled", False,
+        lambda: OPS[rank]["avg_backward"](g, x, **args))
+    assert bool(chosen) == tiled
     assert np.array_equal(_bits(got), _bits(want))
     if dtype != np.float16:
         finite = np.nan_to_num(g, nan=0.0, posinf=0.0)
@@ -988,26 +995,17 @@ def test_flat_stochastic_inference_checks_only_real_windows():
     x = np.random.default_rng(47).random((1, 1, 4, 5))
     x[0, 0, 0, 4] = x[0, 0, 1, 0] = 1.2e154
     window = _params.pool_window(x, 2, 3, 1, 0, 1, False)[1]
-    window._derived.pop("stochastic_infer_forward", None)
-    got = fastpool.stochastic_pool2d(x, 3, 1, 0, training=False)
-    assert window._derived["stochastic_infer_forward"] == "stochastic_infer_forward_flat"
-    window._derived["stochastic_infer_forward"] = "stochastic_infer_forward"
-    try:
-        want = fastpool.stochastic_pool2d(x, 3, 1, 0, training=False)
-    finally:
-        window._derived.pop("stochastic_infer_forward")
+    chosen, got, want = _chosen_and_forced(
+        window, "stochastic_infer_forward", "stochastic_infer_forward",
+        lambda: fastpool.stochastic_pool2d(x, 3, 1, 0, training=False))
+    assert chosen == "stochastic_infer_forward_flat"
     assert np.array_equal(_bits(got), _bits(want))
     assert_close(got, ref.stochastic_pool(x, 3, 1, 0, training=False)[0], np.float64)
     g = np.ones_like(got)  # the flat backward masks those positions too
-    window._derived.pop("stochastic_infer_backward", None)
-    got = fastpool.stochastic_pool2d_backward(g, x, 3, 1, 0, training=False)
-    assert (window._derived["stochastic_infer_backward"]
-            == "stochastic_infer_backward_flat")
-    window._derived["stochastic_infer_backward"] = "stochastic_infer_backward"
-    try:
-        want = fastpool.stochastic_pool2d_backward(g, x, 3, 1, 0, training=False)
-    finally:
-        window._derived.pop("stochastic_infer_backward")
+    chosen, got, want = _chosen_and_forced(
+        window, "stochastic_infer_backward", "stochastic_infer_backward",
+        lambda: fastpool.stochastic_pool2d_backward(g, x, 3, 1, 0, training=False))
+    assert chosen == "stochastic_infer_backward_flat"
     assert np.array_equal(_bits(got), _bits(want))
 
 
