@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import itertools
 import sys
-from typing import Any, Callable, List, NamedTuple, Sequence, Tuple
+from typing import Any, Callable, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 from dask.array.core import Array, concatenate3
@@ -325,12 +325,12 @@ def _zeros_like(meta, shape):
 
 # ----------------------------------------------------------------------------- parameters
 
-def _run_parameters(run, blocks, region, grad_output, keep, context, weight):
+def _run_parameters(run, blocks, region, grad_output, keep, context, weight, *plan):
     x = assemble(blocks, region)
     call_out = grad_output.shape[:2] + tuple(p.out for p in context.pieces)
     sub = namespace(grad_output).zeros(call_out, dtype=grad_output.dtype)
     sub[keep] = grad_output
-    return run(sub, x, weight)
+    return run(sub, x, weight, *plan)
 
 
 def _sum_parameters(*partials):
@@ -344,10 +344,15 @@ def _sum_parameters(*partials):
 
 
 def parameter_grads(grad_output: Array, x: Array, weight: Array, window, run: Callable,
-                    name: str) -> Tuple[Array, Array]:
+                    name: str, plan=None, finish: Optional[Callable] = None
+                    ) -> Tuple[Array, Array]:
     """A convolution's ``(grad_weight, grad_bias)``: ``run(grad_output, x, weight)`` per
     output chunk (the forward's pieces), summed. Reductions over the batch and the
-    plane, so not in the in-memory kernels' order (equal to rounding)."""
+    plane, so not in the in-memory kernels' order (equal to rounding).
+
+    With a ``plan`` (a Dask Delayed: ``fastpool._reproducible``'s), ``run(grad_output,
+    x, weight, plan)`` returns folds, whose sum is exact in any order, and
+    ``finish(sums, plan)`` makes the gradients: the in-memory call's bits."""
     rank = x.ndim - 2
     plans = [Axis.of(window, i).forward(x.chunks[2 + i]) for i in range(rank)]
     chunks = (x.chunks[0], (grad_output.shape[1],)) + tuple(p[0] for p in plans)
@@ -357,16 +362,18 @@ def parameter_grads(grad_output: Array, x: Array, weight: Array, window, run: Ca
     part, total = f"{name}-part-{token}", f"{name}-{token}"
     tasks = {}
     weight_key = (weight.name,) + (0,) * weight.ndim
+    plan_key = () if plan is None else (plan.key,)
     for index in itertools.product(*(range(len(c)) for c in chunks)):
         bn, _, *bo = index
         pieces, spans, region, keep = _output_block(x, plans, bo)
         tasks[(part,) + index] = (
             _run_parameters, run, _nested(x.name, (bn, 0), spans), region,
             (grad_output.name,) + index, keep, Context(0, 0, pieces, window.in_size),
-            weight_key)
-    tasks[(total, 0)] = (_sum_parameters,) + tuple(k for k in tasks)
-    pair = Array(HighLevelGraph.from_collections(total, tasks,
-                                                 dependencies=[grad_output, x, weight]),
+            weight_key) + plan_key
+    summed = (_sum_parameters,) + tuple(k for k in tasks)
+    tasks[(total, 0)] = summed if finish is None else (finish, summed) + plan_key
+    dependencies = [grad_output, x, weight] + ([] if plan is None else [plan])
+    pair = Array(HighLevelGraph.from_collections(total, tasks, dependencies=dependencies),
                  total, ((1,),), meta=np.empty((0,), dtype=object))
     grads = []
     for i, shape in enumerate((weight.shape, (weight.shape[0],))):
@@ -392,6 +399,19 @@ def per_block(arrays: Sequence[Array], run: Callable, name: str, chunks, meta,
     graph = HighLevelGraph.from_collections(out, tasks,
                                             dependencies=[*arrays, *extra])
     return Array(graph, out, chunks, meta=meta)
+
+
+def one_block(source: Array, run: Callable, name: str, shape, meta,
+              extra: Sequence[Array] = ()) -> Array:
+    """One-chunk array of ``shape``: ``run(block, *extra)`` of the one-chunk
+    ``source``."""
+    token = tokenize(source, name, run, [e.name for e in extra], shape)
+    out = f"{name}-{token}"
+    task = ((run, (source.name,) + (0,) * source.ndim)
+            + tuple((e.name,) + (0,) * e.ndim for e in extra))
+    graph = HighLevelGraph.from_collections(out, {(out,) + (0,) * len(shape): task},
+                                            dependencies=[source, *extra])
+    return Array(graph, out, tuple((s,) for s in shape), meta=meta)
 
 
 def sum_item(pairs: Array, item: int, shape, meta, name: str) -> Array:

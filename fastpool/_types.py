@@ -174,6 +174,7 @@ class ConvTransposeBackward(Protocol):
         dilation: Size = ...,
         *,
         output_mask: Tuple[bool, bool, bool] = ...,
+        reproducible: bool = ...,
         device: Device = ...,
     ) -> Conv2dGrads: ...
 
@@ -190,6 +191,7 @@ class ConvTransposeBackward(Protocol):
         dilation: Size = ...,
         *,
         output_mask: Tuple[bool, bool, bool] = ...,
+        reproducible: bool = ...,
         device: Device = ...,
     ) -> Conv2dGrads: ...
 
@@ -477,6 +479,7 @@ class ConvBackward(Protocol):
         groups: int = ...,
         *,
         output_mask: Tuple[bool, bool, bool] = ...,
+        reproducible: bool = ...,
         device: Device = ...,
     ) -> Conv2dGrads: ...
 
@@ -492,6 +495,7 @@ class ConvBackward(Protocol):
         groups: int = ...,
         *,
         output_mask: Tuple[bool, bool, bool] = ...,
+        reproducible: bool = ...,
         device: Device = ...,
     ) -> Conv2dGrads: ...
 

@@ -10,7 +10,7 @@ from typing import Any, NamedTuple, Optional, Tuple
 
 import numpy as np
 
-from fastpool import _dispatch, _docs, _geometry, _params
+from fastpool import _dispatch, _docs, _geometry, _params, _reproducible
 from fastpool._types import ArrayLike, Device, Padding, Size
 
 
@@ -107,12 +107,22 @@ def _like_input(result, x, window):
     return channels_last(result, 1 if window.batched else 0)
 
 
+def _reproducible_backward(launcher, backend, grad_output, x, weight, window, output_mask):
+    """The backward with ``fastpool._reproducible``'s weight and bias gradients."""
+    grad_input = None
+    if output_mask[0]:
+        grad_input = launcher(grad_output, x, weight, window, (True, False, False))[0]
+    grad_weight, grad_bias = _reproducible.parameter_grads(
+        backend, _reproducible.Roles(grad_output, x, grad_output), window, output_mask)
+    return Conv2dGrads(_like_input(grad_input, x, window), grad_weight, grad_bias)
+
+
 @_with_shape_doc
 def conv2d_backward(grad_output: ArrayLike, x: ArrayLike, weight: ArrayLike,
                     stride: Size = 1, padding: Padding = 0, dilation: Size = 1,
                     groups: int = 1, *,
                     output_mask: Tuple[bool, bool, bool] = (True, True, True),
-                    device: Device = None) -> Conv2dGrads:
+                    reproducible: bool = False, device: Device = None) -> Conv2dGrads:
     """Gradients of :func:`conv2d` with respect to ``x``, ``weight`` and the bias.
 
     Parameters
@@ -127,6 +137,14 @@ def conv2d_backward(grad_output: ArrayLike, x: ArrayLike, weight: ArrayLike,
     output_mask : (bool, bool, bool), default (True, True, True)
         Which of ``(grad_input, grad_weight, grad_bias)`` to compute; the others are
         returned as None and cost nothing.
+    reproducible : bool, default False
+        Weight and bias gradients whose bits do not depend on how their sums are split
+        or ordered: the same from this call, from ``fastpool.dask`` under any chunking,
+        at any thread count and on either device. Each product is added exactly
+        (``FOLDS`` = 3 pieces on fixed grids, docs/site/semantics.md), so the result is
+        at least as accurate as the default; it is slower (each product costs about ten
+        float64 operations, no GEMM) and reads ``max |x|`` and ``max |grad_output|``
+        first (on the GPU, a wait for them). ``grad_input`` is the default one.
     device : {"cpu", "cuda", "auto"}, optional
 
     Returns
@@ -144,6 +162,9 @@ def conv2d_backward(grad_output: ArrayLike, x: ArrayLike, weight: ArrayLike,
     grad_output = _params.check_grad_output(grad_output, x, window)
     output_mask = _params.check_output_mask(output_mask)
     backend = _dispatch.backend(device, grad_output, x, weight)
+    if _params.check_bool("reproducible", reproducible) and any(output_mask[1:]):
+        return _reproducible_backward(backend.conv2d_backward, backend, grad_output, x,
+                                      weight, window, output_mask)
     grad_input, grad_weight, grad_bias = backend.conv2d_backward(grad_output, x, weight,
                                                                  window, output_mask)
     return Conv2dGrads(_like_input(grad_input, x, window), grad_weight, grad_bias)
@@ -213,7 +234,7 @@ def conv1d_backward(grad_output: ArrayLike, x: ArrayLike, weight: ArrayLike,
                     stride: Size = 1, padding: Padding = 0, dilation: Size = 1,
                     groups: int = 1, *,
                     output_mask: Tuple[bool, bool, bool] = (True, True, True),
-                    device: Device = None) -> Conv2dGrads:
+                    reproducible: bool = False, device: Device = None) -> Conv2dGrads:
     """Gradients of :func:`conv1d` with respect to ``x``, ``weight`` and the bias, as a
     ``Conv2dGrads`` named tuple of ``x``'s, ``weight``'s and ``(C_out,)`` shapes (None
     where ``output_mask`` did not ask). Arguments as for :func:`conv2d_backward`."""
@@ -226,7 +247,7 @@ def conv1d_backward(grad_output: ArrayLike, x: ArrayLike, weight: ArrayLike,
             f"grad_output must be 3-D (N, C_out, L_out) or 2-D, got shape {info.shape}")
     grads = conv2d_backward(_dispatch.unsqueeze(grad_output, -2), x2, w2, stride2,
                             padding2, dilation2, groups, output_mask=output_mask,
-                            device=device)
+                            reproducible=reproducible, device=device)
     return Conv2dGrads(_dispatch.squeeze(grads.grad_input, -2),
                        _dispatch.squeeze(grads.grad_weight, -2), grads.grad_bias)
 
@@ -276,7 +297,7 @@ def conv3d_backward(grad_output: ArrayLike, x: ArrayLike, weight: ArrayLike,
                     stride: Size = 1, padding: Padding = 0, dilation: Size = 1,
                     groups: int = 1, *,
                     output_mask: Tuple[bool, bool, bool] = (True, True, True),
-                    device: Device = None) -> Conv2dGrads:
+                    reproducible: bool = False, device: Device = None) -> Conv2dGrads:
     """Gradients of :func:`conv3d` with respect to ``x``, ``weight`` and the bias, as a
     ``Conv2dGrads`` named tuple of ``x``'s, ``weight``'s and ``(C_out,)`` shapes (None
     where ``output_mask`` did not ask). Arguments as for :func:`conv2d_backward`."""
@@ -286,6 +307,9 @@ def conv3d_backward(grad_output: ArrayLike, x: ArrayLike, weight: ArrayLike,
     grad_output = _params.check_grad_output(grad_output, x, window)
     output_mask = _params.check_output_mask(output_mask)
     backend = _dispatch.backend(device, grad_output, x, weight)
+    if _params.check_bool("reproducible", reproducible) and any(output_mask[1:]):
+        return _reproducible_backward(backend.conv3d_backward, backend, grad_output, x,
+                                      weight, window, output_mask)
     grad_input, grad_weight, grad_bias = backend.conv3d_backward(grad_output, x, weight,
                                                                  window, output_mask)
     return Conv2dGrads(_like_input(grad_input, x, window), grad_weight, grad_bias)

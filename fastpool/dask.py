@@ -30,14 +30,16 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import warnings
 from typing import Optional, Tuple
 
+import dask
 import dask.array as da
 import numpy as np
 
 import fastpool
-from fastpool import _conv3d, _dask_graph, _dispatch, _params, _rng
+from fastpool import _conv3d, _dask_graph, _dispatch, _params, _reproducible, _rng
 from fastpool._conv_transpose import _planar
 from fastpool._types import Device, Padding, Size
 from fastpool.conv import Conv2dGrads
@@ -403,10 +405,11 @@ def _conv_backward(rank):
     def conv_backward(grad_output, x, weight, stride: Size = 1, padding: Padding = 0,
                       dilation: Size = 1, groups: int = 1, *,
                       output_mask: Tuple[bool, bool, bool] = (True, True, True),
-                      device: Device = None) -> Conv2dGrads:
+                      reproducible: bool = False, device: Device = None) -> Conv2dGrads:
         x, batched, weight, _, window = _conv_geometry(x, weight, None, rank, stride,
                                                        padding, dilation, groups)
         output_mask = _params.check_output_mask(output_mask)
+        reproducible = _params.check_bool("reproducible", reproducible)
         grad_output = _like_x("grad_output", grad_output, rank, batched)
         _params.check_grad_output(_stand_in(grad_output), _stand_in(x), window)
         args = (stride, padding, dilation, groups)
@@ -418,7 +421,16 @@ def _conv_backward(rank):
             grad_input = _unbatch(_dask_graph.backward(
                 grad_output, x, window, run, f"conv{rank}d_backward_input", read_x=False,
                 whole_channels=True, extra=[weight], tile=tile), batched)
-        if output_mask[1] or output_mask[2]:
+        if (output_mask[1] or output_mask[2]) and reproducible:
+            mask = (False,) + tuple(output_mask[1:])
+            grad_weight, grad_bias = _dask_graph.parameter_grads(
+                grad_output, x, weight, window, functools.partial(
+                    _conv_folds_run, rank=rank, args=args, mask=mask, device=device),
+                f"conv{rank}d_backward_weight_reproducible",
+                _reproducible_plan(_reproducible.Roles(grad_output, x, grad_output),
+                                   window, mask, device),
+                functools.partial(_finish_folds, dtype=x.dtype, device=device))
+        elif output_mask[1] or output_mask[2]:
             grad_weight, grad_bias = _dask_graph.parameter_grads(
                 grad_output, x, weight, window, functools.partial(
                     _conv_parameter_run, rank=rank, args=args,
@@ -434,6 +446,52 @@ def _conv_parameter_run(grad_output, x, weight, *, rank, args, mask, device):
     grads = fastpool.conv.__dict__[f"conv{rank}d_backward"](
         grad_output, x, weight, *args, output_mask=mask, device=device)
     return grads.grad_weight, grads.grad_bias
+
+
+# Reproducible weight and bias gradients (``fastpool._reproducible``): the maxima of
+# the whole arrays fix the folds' grids, every chunk returns its folds, their sum is
+# exact in any order and is finished once, as the in-memory call finishes its own.
+
+def _block_max(block, device):
+    from fastpool import _half
+    backend = _dispatch.backend(device, block)
+    return getattr(backend, "_module", backend).max_abs(_half._widen(block))
+
+
+def _finite_max(a, device):
+    maxima = [dask.delayed(_block_max, pure=True)(b, device)
+              for b in a.to_delayed().ravel()]
+    return dask.delayed(max, pure=True)(maxima)
+
+
+def _reproducible_plan(roles, window, mask, device):
+    """``fastpool._reproducible.make_plan`` of the whole arrays, as a Delayed."""
+    weight = (0.0, 0.0)
+    if mask[1]:
+        weight = dask.delayed(tuple, pure=True)([_finite_max(roles.grad_output, device),
+                                                 _finite_max(roles.x, device)])
+    bias = _finite_max(roles.summed, device) if mask[2] else 0.0
+    summed = roles.summed
+    return dask.delayed(_reproducible.plan, pure=True)(
+        weight, _reproducible.terms(window), bias,
+        math.prod(summed.shape) // summed.shape[1] if summed.shape[1] else 0)
+
+
+def _conv_folds_run(grad_output, x, weight, plan, *, rank, args, mask, device):
+    x, weight, _, window = _params.conv_window(x, weight, None, rank, *args)
+    grad_output = _params.check_grad_output(grad_output, x, window)
+    backend = _dispatch.backend(device, grad_output, x, weight)
+    return _reproducible.parameter_folds(
+        backend, _reproducible.Roles(grad_output, x, grad_output), window, mask, plan)
+
+
+def _finish_folds(sums, plan, *, dtype, device):
+    like = np.empty(0, dtype)
+    result = []
+    for folds, grids in zip(sums, plan):
+        backend = None if folds is None else _dispatch.backend(device, folds)
+        result.append(_reproducible.finish(backend, folds, grids, like))
+    return tuple(result)
 
 
 # ----------------------------------------------------------------------------- adaptive
@@ -571,6 +629,43 @@ def _conv_transpose_backward_run(grad_output, x, weight, *, rank, args, mask, pl
     return grads.grad_input if mask == (True, False, False) else grads[1:]
 
 
+def _conv_transpose_folds_run(grad_output, x, weight, plan, *, rank, args, mask, device):
+    x, weight, _, window = _params.conv_transpose_window(x, weight, None, rank, *args)
+    grad_output = _params.check_grad_output(grad_output, x,
+                                            fastpool.transposed._ResultShape(window))
+    backend = _dispatch.backend(device, grad_output, x, weight)
+    return _reproducible.parameter_folds(
+        backend, _reproducible.Roles(x, grad_output, grad_output), window, mask, plan)
+
+
+def _finish_one(folds, plan, *, which, dtype, device):
+    return _reproducible.finish(_dispatch.backend(device, folds), folds, plan[which],
+                                np.empty(0, dtype))
+
+
+def _transposed_reproducible(grad_output, x, weight, window, rank, args, output_mask,
+                             device, name):
+    """A transposed convolution's ``[grad_weight, grad_bias]`` from folds: per batch
+    chunk, summed (exactly), finished once."""
+    mask = (False,) + tuple(output_mask[1:])
+    roles = _reproducible.Roles(x, grad_output, grad_output)
+    plan = da.from_delayed(_reproducible_plan(roles, window, mask, device), (), object)
+    run = functools.partial(_conv_transpose_folds_run, rank=rank, args=args, mask=mask,
+                            device=device)
+    pairs = _dask_graph.per_block([grad_output, x], run, f"{name}-folds", x.chunks,
+                                  np.empty((0,) * x.ndim, object), [weight, plan])
+    grads = [None, None]
+    for i, shape in enumerate((weight.shape, (window.channels,))):
+        if output_mask[1 + i]:
+            summed = _dask_graph.sum_item(pairs, i, (_reproducible.SUMS,) + shape,
+                                          np.empty((0,) * (len(shape) + 1)), f"{name}-sum")
+            grads[i] = _dask_graph.one_block(
+                summed, functools.partial(_finish_one, which=i, dtype=x.dtype,
+                                          device=device),
+                f"{name}-{'wb'[i]}", shape, weight._meta, [plan])
+    return grads
+
+
 def _transposed_plane(window):
     """The 2-D window of the whole call's convolution (the one a transposed
     convolution transposes), whose algorithms every batch chunk runs."""
@@ -608,10 +703,12 @@ def _conv_transpose(rank):
                                 padding: Size = 0, output_padding: Size = 0,
                                 groups: int = 1, dilation: Size = 1, *,
                                 output_mask: Tuple[bool, bool, bool] = (True, True, True),
+                                reproducible: bool = False,
                                 device: Device = None) -> Conv2dGrads:
         args = (stride, padding, output_padding, groups, dilation)
         x, batched, weight, _, window = _conv_transpose_inputs(x, weight, None, rank, args)
         output_mask = _params.check_output_mask(output_mask)
+        reproducible = _params.check_bool("reproducible", reproducible)
         grad_output = _like_x("grad_output", grad_output, rank, batched)
         expected = (x.shape[0], window.channels) + tuple(window.in_size)
         if grad_output.shape != expected:
@@ -628,7 +725,10 @@ def _conv_transpose(rank):
             grads[0] = _unbatch(_dask_graph.per_block([grad_output, x], run, name,
                                                       x.chunks, x._meta, [weight]),
                                 batched)
-        if output_mask[1] or output_mask[2]:
+        if (output_mask[1] or output_mask[2]) and reproducible:
+            grads[1:] = _transposed_reproducible(grad_output, x, weight, window, rank, args,
+                                                 output_mask, device, name)
+        elif output_mask[1] or output_mask[2]:
             run = functools.partial(_conv_transpose_backward_run, rank=rank, args=args,
                                     mask=(False, True, True), plane=None, device=device)
             pairs = _dask_graph.per_block([grad_output, x], run, f"{name}-parameters",

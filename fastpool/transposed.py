@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any, Optional, Tuple
 
-from fastpool import _dispatch, _docs, _params, _types
+from fastpool import _dispatch, _docs, _params, _reproducible, _types
 from fastpool._types import ArrayLike, Device, Size
 from fastpool.conv import Conv2dGrads, _like_input
 
@@ -62,6 +62,9 @@ _BACKWARD_DOC = """Gradients of :func:`conv_transpose{rank}d` with respect to ``
     stride, padding, output_padding, groups, dilation
         The forward's arguments.
     output_mask : three bools, default (True, True, True)
+    reproducible : bool, default False
+        Weight and bias gradients whose bits do not depend on how their sums are split
+        or ordered, as :func:`conv2d_backward`'s.
     device : {{"cpu", "cuda", "auto"}}, optional
 """
 
@@ -94,6 +97,7 @@ def _backward(rank: int) -> _types.ConvTransposeBackward:
                                 output_padding: Size = 0, groups: int = 1,
                                 dilation: Size = 1, *,
                                 output_mask: Tuple[bool, bool, bool] = (True, True, True),
+                                reproducible: bool = False,
                                 device: Device = None) -> Conv2dGrads:
         _params.check_backward_geometry(f"conv_transpose{rank}d_backward", stride)
         x, weight, _, window = _params.conv_transpose_window(
@@ -101,8 +105,17 @@ def _backward(rank: int) -> _types.ConvTransposeBackward:
         grad_output = _params.check_grad_output(grad_output, x, _ResultShape(window))
         output_mask = _params.check_output_mask(output_mask)
         backend = _dispatch.backend(device, grad_output, x, weight)
-        grad_x, grad_weight, grad_bias = backend.conv_transpose_backward(
-            grad_output, x, weight, window, output_mask)
+        reproducible = _params.check_bool("reproducible", reproducible)
+        mask = (output_mask[0], *(m and not reproducible for m in output_mask[1:]))
+        grad_x = grad_weight = grad_bias = None
+        if any(mask):
+            grad_x, grad_weight, grad_bias = backend.conv_transpose_backward(
+                grad_output, x, weight, window, mask)
+        if reproducible and any(output_mask[1:]):
+            # the convolution's weight gradient with x as its output gradient
+            grad_weight, grad_bias = _reproducible.parameter_grads(
+                backend, _reproducible.Roles(x, grad_output, grad_output), window,
+                output_mask)
         return Conv2dGrads(_like_input(grad_x, x, window), grad_weight, grad_bias)
     return conv_transpose_backward
 

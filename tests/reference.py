@@ -735,3 +735,37 @@ def conv_transpose_backward(grad_output, x, weight, stride=1, padding=0, output_
                             gx[(n, ci) + pos] += gy * weight[(ci, oc) + tap]
                             gw[(ci, oc) + tap] += gy * x[(n, ci) + pos]
     return gx, gw, go.sum(axis=(0,) + tuple(range(2, go.ndim)))
+
+
+def conv_parameter_grads_exact(grad_output, x, weight_shape, stride=1, padding=0,
+                               dilation=1, groups=1):
+    """(grad_weight, grad_bias) of ``conv`` (any rank), each element the exact sum of
+    its terms rounded once to float64 (``math.fsum``): grad_weight[o, c, *t] sums
+    grad_output[n, o, *q] * x[n, g*Cg + c, *(q*s - p_before + t*d)] over n and q (cells
+    outside the input: no term); grad_bias[o] sums grad_output[n, o, *q]. Products of
+    float32 (or half) values are exact in float64."""
+    go = np.asarray(grad_output, dtype=np.float64)
+    x = np.asarray(x, dtype=np.float64)
+    rank = x.ndim - 2
+    O, Cg = weight_shape[:2]
+    kernel = tuple(weight_shape[2:])
+    s, d = ntuple(stride, rank), ntuple(dilation, rank)
+    pads = conv_pads(padding, kernel, d)
+    Og = O // groups
+    terms = {}
+    for n in range(go.shape[0]):
+        for o in range(O):
+            g = o // Og
+            for q in positions(go.shape[2:]):
+                for c in range(Cg):
+                    for t in positions(kernel):
+                        pos = tuple(qi * si - a + ti * di for qi, si, (a, _), ti, di in
+                                    zip(q, s, pads, t, d))
+                        if all(0 <= e < n_ for e, n_ in zip(pos, x.shape[2:])):
+                            terms.setdefault((o, c) + t, []).append(
+                                go[(n, o) + q] * x[(n, g * Cg + c) + pos])
+    grad_weight = np.zeros(tuple(weight_shape))
+    for key in positions(tuple(weight_shape)):
+        grad_weight[key] = math.fsum(terms.get(key, []))
+    grad_bias = np.array([math.fsum(go[:, o].ravel()) for o in range(O)])
+    return grad_weight, grad_bias

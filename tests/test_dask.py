@@ -3,9 +3,10 @@ chunkings along the batch, the channels and the spatial axes (uneven last chunks
 chunks smaller than the windows' halo), on the synchronous scheduler; then on a real
 ``distributed.LocalCluster`` with two worker processes, one of them killed mid-run.
 
-Pooling (every mode, stochastic picks included) and the convolution's batch chunks are
-compared bit for bit; a convolution chunked across space is equal to rounding
-(docs/site/dask.md says why), as are weight and bias gradients.
+Pooling (every mode, stochastic picks included) and convolutions are compared bit for
+bit; weight and bias gradients are equal to rounding (docs/site/dask.md says why),
+except with ``reproducible=True`` (bitwise; tests/test_reproducible.py, and the cluster
+test here).
 """
 
 import os
@@ -627,6 +628,11 @@ def _every_function(rank, dtype, rng):
     cases["conv"] = (m("conv")(dx, weight, padding=1), yc)
     cases["conv backward"] = (m("conv_backward")(dgc, dx, weight, padding=1).grad_input,
                               grad_c)
+    lazy = m("conv_backward")(dgc, dx, weight, padding=1, reproducible=True,
+                              output_mask=(False, True, True))
+    grads = f("conv_backward")(gc, x, weight, padding=1, reproducible=True)
+    cases["conv weight gradient, reproducible"] = (lazy.grad_weight, grads.grad_weight)
+    cases["conv bias gradient, reproducible"] = (lazy.grad_bias, grads.grad_bias)
     ys = f("conv")(x, weight, stride=2)
     gs = rng.random(ys.shape).astype(dtype)
     cases["strided conv backward"] = (

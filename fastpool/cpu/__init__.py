@@ -10,6 +10,7 @@ import math
 from fastpool import _threading
 from fastpool.cpu import conv as _conv
 from fastpool.cpu import conv3d as _conv3d
+from fastpool.cpu import conv_reproducible as _conv_reproducible
 from fastpool.cpu import conv_transpose as _conv_transpose
 from fastpool.cpu import pooling as _pooling
 
@@ -75,6 +76,11 @@ adaptive_stochastic_pool_forward = _adaptive_launcher(_pooling.adaptive_stochast
 adaptive_stochastic_pool_backward = _adaptive_launcher(_pooling.adaptive_stochastic_pool_backward)
 max_unpool_forward = _memory_launcher(_pooling.max_unpool_forward)
 max_unpool_backward = _memory_launcher(_pooling.max_unpool_backward)
+# Reproducible weight and bias gradients (``fastpool._reproducible``).
+conv_weight_folds = _conv_launcher(_conv_reproducible.conv_weight_folds)
+channel_sum_folds = _memory_launcher(_conv_reproducible.channel_sum_folds)
+max_abs = _threading.serialised(_conv_reproducible.max_abs)
+finish_folds = _conv_reproducible.finish_folds
 
 # Per half-precision dtype, the launchers whose kernels read and write arrays of it
 # themselves (``cpu/_half_bits.py``: half the bytes of a float32 copy); the others are
@@ -95,10 +101,14 @@ __all__ = [
     "conv2d_forward",
     "conv3d_backward",
     "conv3d_forward",
+    "conv_weight_folds",
     "conv_transpose_backward",
     "conv_transpose_forward",
     "avg_pool_backward",
     "avg_pool_forward",
+    "channel_sum_folds",
+    "finish_folds",
+    "max_abs",
     "max_pool_backward",
     "max_pool_forward",
     "max_unpool_backward",

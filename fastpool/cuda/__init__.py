@@ -29,6 +29,7 @@ from fastpool._geometry import Window as _Window
 from fastpool.cuda._launch import in_layout as _in_layout
 from fastpool.cuda import conv as _conv
 from fastpool.cuda import conv3d as _conv3d
+from fastpool.cuda import conv_reproducible as _conv_reproducible
 from fastpool.cuda import conv_transpose as _conv_transpose
 from fastpool.cuda import pooling as _pooling
 
@@ -77,6 +78,11 @@ adaptive_stochastic_pool_forward = on_device(_pooling.adaptive_stochastic_pool_f
 adaptive_stochastic_pool_backward = on_device(_pooling.adaptive_stochastic_pool_backward)
 max_unpool_forward = on_device(_pooling.max_unpool_forward)
 max_unpool_backward = on_device(_pooling.max_unpool_backward)
+# Reproducible weight and bias gradients (``fastpool._reproducible``).
+conv_weight_folds = on_device(_conv_reproducible.conv_weight_folds)
+channel_sum_folds = on_device(_conv_reproducible.channel_sum_folds)
+max_abs = _conv_reproducible.max_abs  # a float: one wait for the GPU
+finish_folds = on_device(_conv_reproducible.finish_folds)
 
 # Launchers whose kernels read and write float16 arrays themselves (widening each load,
 # rounding each store once, through float32 as the CPU does): ``fastpool._half`` gives
@@ -98,10 +104,14 @@ __all__ = [
     "conv2d_forward",
     "conv3d_backward",
     "conv3d_forward",
+    "conv_weight_folds",
     "conv_transpose_backward",
     "conv_transpose_forward",
     "avg_pool_backward",
     "avg_pool_forward",
+    "channel_sum_folds",
+    "finish_folds",
+    "max_abs",
     "max_pool_backward",
     "max_pool_forward",
     "max_unpool_backward",

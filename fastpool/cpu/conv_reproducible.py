@@ -1,0 +1,155 @@
+"""CPU kernels of the reproducible weight and bias gradients (``fastpool._reproducible``
+says why the sums do not depend on the split; ``fastpool.cuda.conv_reproducible``
+mirrors these names).
+
+Work: one task per (input channel, kernel tap), each summing its products over the
+batch and the output positions into ``FOLDS`` float64 accumulators per output channel
+of its group (and a plain sum of the non-finite ones), the innermost loop running
+along the output channels of a channels-last
+copy of ``grad_output`` (vectorised; the folds' additions are exact, so their order is
+free). A task's result is the same on any worker, so no thread count changes a bit.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from fastpool._reproducible import SUMS
+from fastpool._threading import thread_count
+from fastpool.cpu._parallel import BODY_JIT, parallel_kernel
+
+
+_BIG = np.finfo(np.float64).max
+
+
+@njit(inline="always", **BODY_JIT)
+def _deposit(acc, k, r, s0, s1, s2):
+    """Add product ``r`` to the sums ``acc[:, k]``: its pieces on the three grids, or
+    to ``E`` (``acc[3, k]``) if it is not finite; select, not branch (vectorised)."""
+    f = r if abs(r) <= _BIG else 0.0
+    acc[3, k] += r - f
+    t = s0 + f
+    q = t - s0
+    f = f - q
+    acc[0, k] += q
+    t = s1 + f
+    q = t - s1
+    f = f - q
+    acc[1, k] += q
+    t = s2 + f
+    acc[2, k] += t - s2
+
+
+@parallel_kernel
+@njit(**BODY_JIT)
+def _weight_body(x, dyt, folds, sigma, scale, groups, kernel, stride, pad, dilation,
+                 worker, workers):
+    N, C, D, H, W = x.shape
+    OD, OH, OW, O = dyt.shape[1], dyt.shape[2], dyt.shape[3], dyt.shape[4]
+    KD, KH, KW = kernel
+    SD, SH, SW = stride
+    PD, PH, PW = pad
+    DD, DH, DW = dilation
+    s0, s1, s2 = sigma[0], sigma[1], sigma[2]
+    Cg = C // groups
+    Og = O // groups
+    taps = KD * KH * KW
+    acc = np.zeros((SUMS, Og))
+    for task in range(worker, C * taps, workers):
+        c = task // taps
+        tap = task % taps
+        a = tap // (KH * KW)
+        i = (tap // KW) % KH
+        j = tap % KW
+        o0 = (c // Cg) * Og
+        acc[:] = 0.0
+        off = j * DW - PW
+        ow_lo = 0 if off >= 0 else (SW - 1 - off) // SW   # first ow with iw >= 0
+        ow_hi = min(OW, (W - 1 - off) // SW + 1)           # past the last with iw < W
+        for n in range(N):
+            for od in range(OD):
+                d = od * SD - PD + a * DD
+                if d < 0 or d >= D:
+                    continue
+                for oh in range(OH):
+                    h = oh * SH - PH + i * DH
+                    if h < 0 or h >= H:
+                        continue
+                    for ow in range(ow_lo, ow_hi):
+                        xv = np.float64(x[n, c, d, h, ow * SW + off])
+                        if xv == 0.0:
+                            continue  # a zero factor adds nothing (_reproducible)
+                        row = dyt[n, od, oh, ow]
+                        for o in range(Og):
+                            dv = np.float64(row[o0 + o])
+                            _deposit(acc, o, (xv * dv) * scale if dv != 0.0 else 0.0,
+                                     s0, s1, s2)
+        for k in range(SUMS):
+            for o in range(Og):
+                folds[k, o0 + o, c % Cg, a, i, j] = acc[k, o]
+
+
+@parallel_kernel
+@njit(**BODY_JIT)
+def _bias_body(dyt, folds, sigma, scale, worker, workers):
+    N, OD, OH, OW, O = dyt.shape
+    s0, s1, s2 = sigma[0], sigma[1], sigma[2]
+    lo = worker * O // workers
+    hi = (worker + 1) * O // workers
+    acc = np.zeros((SUMS, hi - lo))
+    for n in range(N):
+        for od in range(OD):
+            for oh in range(OH):
+                for ow in range(OW):
+                    row = dyt[n, od, oh, ow]
+                    for o in range(lo, hi):
+                        _deposit(acc, o - lo, np.float64(row[o]) * scale, s0, s1, s2)
+    for k in range(SUMS):
+        for o in range(lo, hi):
+            folds[k, o] = acc[k, o - lo]
+
+
+def _volume(a, batched):
+    """``a`` (``(N, C, *spatial)``, or ``(C, *spatial)`` when not ``batched``) as the
+    batched ``(N, C, D, H, W)`` view (unit axes inserted, no copy)."""
+    a = a if batched else a[None]
+    return a.reshape(a.shape[:2] + (1,) * (5 - a.ndim) + a.shape[2:])
+
+
+def _channels_last(a, batched):
+    """``a`` as a C-contiguous ``(N, D, H, W, C)`` array (a view of channels-last
+    input)."""
+    return np.ascontiguousarray(np.moveaxis(_volume(a, batched), 1, -1))
+
+
+def max_abs(a) -> float:
+    """The largest finite ``|a|`` as a float (0 if there is none)."""
+    a = np.abs(a)
+    return float(np.max(a, where=np.isfinite(a), initial=0.0))
+
+
+def conv_weight_folds(grad_output, x, window, grids):
+    """The folds ``(SUMS, *weight.shape)`` of the weight gradient of the convolution
+    ``window`` over these arrays (``fastpool._reproducible``)."""
+    w = window
+    folds = np.zeros((SUMS, w.out_channels, w.channels // w.groups) + w.kernel3)
+    tasks = w.channels * int(np.prod(w.kernel3))
+    _weight_body(_volume(x, w.batched), _channels_last(grad_output, w.batched), folds,
+                 np.array(grids.sigma), grids.scale, w.groups, w.kernel3, w.stride3,
+                 w.pad_lo3, w.dilation3, max(1, min(thread_count(), tasks)))
+    return folds.reshape((SUMS, w.out_channels, w.channels // w.groups) + w.kernel)
+
+
+def channel_sum_folds(a, batched, grids):
+    """The folds ``(SUMS, C)`` of ``a`` summed over every axis but the channels."""
+    at = _channels_last(a, batched)
+    folds = np.zeros((SUMS, at.shape[-1]))
+    _bias_body(at, folds, np.array(grids.sigma), grids.scale,
+               max(1, min(thread_count(), at.shape[-1])))
+    return folds
+
+
+def finish_folds(folds, unscale, dtype):
+    """``(((S_0 + S_1) + S_2) + E) * unscale`` rounded to ``dtype`` (a name)."""
+    return ((((folds[0] + folds[1]) + folds[2]) + folds[3]) * unscale).astype(dtype)

@@ -1,0 +1,160 @@
+"""GPU kernels of the reproducible weight and bias gradients (``fastpool._reproducible``
+says why the sums do not depend on the split; ``fastpool.cpu.conv_reproducible``
+mirrors these names and gives the same bits).
+
+One thread per weight element (or bias element) sums its products over the batch and
+the output positions into the three folds and ``E`` in registers. The products and
+their pieces are the CPU's operation for operation (a contraction of ``sigma + r * 1``
+into a fused multiply-add would give the same value, ``r * scale`` being exact), and
+the sums of pieces are exact, so the order of the loop is free.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import cuda
+
+from fastpool._reproducible import SUMS
+from fastpool.cuda._launch import (grid_start, grid_stride, launch, split_ncdhw,
+                                   volume)
+
+_BIG = np.finfo(np.float64).max
+
+
+@cuda.jit(device=True, inline=True)
+def _deposit(a0, a1, a2, e, r, s0, s1, s2):
+    """The sums after adding product ``r`` (``cpu.conv_reproducible._deposit``)."""
+    f = r if abs(r) <= _BIG else 0.0
+    e += r - f
+    t = s0 + f
+    q = t - s0
+    f = f - q
+    a0 += q
+    t = s1 + f
+    q = t - s1
+    f = f - q
+    a1 += q
+    t = s2 + f
+    a2 += t - s2
+    return a0, a1, a2, e
+
+
+@cuda.jit
+def _weight_kernel(x, dy, folds, s0, s1, s2, scale, groups, KD, KH, KW, SD, SH, SW, PD,
+                   PH, PW, DD, DH, DW):
+    N, C, D, H, W = x.shape
+    O, OD, OH, OW = dy.shape[1], dy.shape[2], dy.shape[3], dy.shape[4]
+    Cg = C // groups
+    Og = O // groups
+    total = O * Cg * KD * KH * KW
+    for item in range(grid_start(), total, grid_stride()):
+        o, cl, a, i, j = split_ncdhw(item, Cg, KD, KH, KW)
+        c = (o // Og) * Cg + cl
+        a0 = a1 = a2 = e = 0.0
+        for n in range(N):
+            for od in range(OD):
+                d = od * SD - PD + a * DD
+                if d < 0 or d >= D:
+                    continue
+                for oh in range(OH):
+                    h = oh * SH - PH + i * DH
+                    if h < 0 or h >= H:
+                        continue
+                    for ow in range(OW):
+                        w = ow * SW - PW + j * DW
+                        if w < 0 or w >= W:
+                            continue
+                        xv = np.float64(x[n, c, d, h, w])
+                        dv = np.float64(dy[n, o, od, oh, ow])
+                        if xv == 0.0 or dv == 0.0:
+                            continue  # a zero factor adds nothing (_reproducible)
+                        a0, a1, a2, e = _deposit(a0, a1, a2, e, (xv * dv) * scale,
+                                                 s0, s1, s2)
+        folds[0, o, cl, a, i, j] = a0
+        folds[1, o, cl, a, i, j] = a1
+        folds[2, o, cl, a, i, j] = a2
+        folds[3, o, cl, a, i, j] = e
+
+
+@cuda.jit
+def _bias_kernel(dy, folds, s0, s1, s2, scale):
+    N, O, OD, OH, OW = dy.shape
+    for o in range(grid_start(), O, grid_stride()):
+        a0 = a1 = a2 = e = 0.0
+        for n in range(N):
+            for od in range(OD):
+                for oh in range(OH):
+                    for ow in range(OW):
+                        a0, a1, a2, e = _deposit(a0, a1, a2, e,
+                                                 np.float64(dy[n, o, od, oh, ow]) * scale,
+                                                 s0, s1, s2)
+        folds[0, o] = a0
+        folds[1, o] = a1
+        folds[2, o] = a2
+        folds[3, o] = e
+
+
+@cuda.jit
+def _max_kernel(a, out):
+    N, C, D, H, W = a.shape
+    best = 0.0
+    for item in range(grid_start(), N * C * D * H * W, grid_stride()):
+        n, c, d, h, w = split_ncdhw(item, C, D, H, W)
+        v = abs(np.float64(a[n, c, d, h, w]))
+        if v <= _BIG and v > best:
+            best = v
+    cuda.atomic.max(out, 0, best)
+
+
+@cuda.jit
+def _finish_kernel(folds, unscale, out):
+    for k in range(grid_start(), out.size, grid_stride()):
+        out[k] = (((folds[0, k] + folds[1, k]) + folds[2, k]) + folds[3, k]) * unscale
+
+
+def max_abs(a) -> float:
+    """The largest finite ``|a|`` as a float (0 if there is none): one wait for the
+    GPU. ``a``: a device array ``(N, C, *spatial)`` or ``(C, *spatial)``."""
+    from fastpool._dispatch import to_device
+    a = to_device(a)
+    shape = (1,) * (5 - a.ndim) + tuple(a.shape)
+    view = volume(a, True, 3) if a.ndim == 5 else _as_5d(a, shape)
+    out = cuda.to_device(np.zeros(1))
+    launch(_max_kernel, view.size, view, out)
+    return float(out.copy_to_host()[0])
+
+
+def _as_5d(a, shape):
+    from fastpool.cuda._launch import strided_view
+    strides = (0,) * (5 - a.ndim) + tuple(a.strides)
+    return strided_view(a, shape, strides)
+
+
+def conv_weight_folds(grad_output, x, window, grids):
+    """The folds ``(SUMS, *weight.shape)`` of the weight gradient of the convolution
+    ``window`` over these arrays (``fastpool._reproducible``), a float64 device array."""
+    w = window
+    folds = cuda.to_device(np.zeros((SUMS, w.out_channels, w.channels // w.groups)
+                                    + w.kernel3))
+    launch(_weight_kernel, w.out_channels * (w.channels // w.groups)
+           * int(np.prod(w.kernel3)), volume(x, w.batched, w.rank),
+           volume(grad_output, w.batched, w.rank), folds, *grids.sigma, grids.scale,
+           w.groups, *w.kernel3, *w.stride3, *w.pad_lo3, *w.dilation3)
+    return folds.reshape((SUMS, w.out_channels, w.channels // w.groups) + w.kernel)
+
+
+def channel_sum_folds(a, batched, grids):
+    """The folds ``(SUMS, C)`` of ``a`` summed over every axis but the channels."""
+    a5 = volume(a, batched, a.ndim - (2 if batched else 1))
+    folds = cuda.to_device(np.zeros((SUMS, a5.shape[1])))
+    launch(_bias_kernel, a5.shape[1], a5, folds, *grids.sigma, grids.scale)
+    return folds
+
+
+def finish_folds(folds, unscale, dtype):
+    """``(((S_0 + S_1) + S_2) + E) * unscale`` rounded to ``dtype`` (a name)."""
+    shape = tuple(folds.shape[1:])
+    flat = folds.reshape((SUMS, int(np.prod(shape))))
+    out = cuda.device_array(flat.shape[1], np.dtype(dtype))
+    launch(_finish_kernel, out.size, flat, unscale, out)
+    return out.reshape(shape)
