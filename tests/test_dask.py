@@ -169,6 +169,16 @@ def test_chunks_on_the_gpu_kernels_give_the_whole_cpu_call(small_launches, rng):
     _equal(fd.avg_pool2d_backward(da.from_array(g, chunks=(2, 1, 2, 2)), dx, 3, 2, 1,
                                   device="cuda"),
            fastpool.avg_pool2d_backward(g, x, 3, 2, 1))
+    # reproducible weight and bias gradients: the GPU's folds, chunk by chunk, give
+    # the whole CPU call's bits
+    weight = rng.standard_normal((3, 2, 3, 3))
+    gy = rng.standard_normal((2, 3, 7, 6))
+    lazy = fd.conv2d_backward(da.from_array(gy, chunks=(1, 3, 4, 3)), dx, weight,
+                              padding=1, reproducible=True, output_mask=(False, True, True),
+                              device="cuda")
+    grads = fastpool.conv2d_backward(gy, x, weight, padding=1, reproducible=True)
+    _equal(lazy.grad_weight, grads.grad_weight)
+    _equal(lazy.grad_bias, grads.grad_bias)
 
 
 def _cupy_on_a_gpu():
@@ -208,7 +218,8 @@ def test_cupy_chunks_run_the_gpu_kernels_and_stay_on_the_gpu(chunks, rng):
     """dask-cuda's case: CuPy chunks (``device="auto"``) run the GPU kernels, every
     task returns a CuPy array, and the result is the whole-array CPU call's: pooling
     and stochastic picks bitwise under batch and spatial chunks, convolutions and
-    their gradients to rounding (the GPU sums in another order than the CPU's GEMM)."""
+    their gradients to rounding (the GPU sums in another order than the CPU's GEMM),
+    reproducible weight and bias gradients bitwise."""
     cupy = _cupy_on_a_gpu()
     x = rng.random((2, 2, 7, 6))
     dx = da.from_array(cupy.asarray(x), chunks=chunks, asarray=False)
@@ -237,6 +248,11 @@ def test_cupy_chunks_run_the_gpu_kernels_and_stay_on_the_gpu(chunks, rng):
                         weight_bound.grad_weight, np.float64)
     assert_close_to_sum(cupy.asnumpy(lazy.grad_bias.compute()), grads.grad_bias,
                         weight_bound.grad_bias, np.float64)
+    # with reproducible=True: bitwise the whole CPU call's
+    lazy = fd.conv2d_backward(dgy, dx, cupy.asarray(weight), padding=1, reproducible=True)
+    grads = fastpool.conv2d_backward(gy, x, weight, padding=1, reproducible=True)
+    _equal_on_gpu(cupy, lazy.grad_weight, grads.grad_weight)
+    _equal_on_gpu(cupy, lazy.grad_bias, grads.grad_bias)
 
 
 def test_a_seed_picks_differently_per_chunk_position_not_per_chunk(rng):
