@@ -2,7 +2,7 @@
 terms are split (chunks of a Dask array, batches, threads, devices) or on their order.
 
 A convolution's weight gradient is a sum of ``T = N * prod(out_size)`` products
-``p = x * grad_output * scale`` per weight element. Each product is computed the same way
+``p = (x * scale) * grad_output`` per weight element. Each product is computed the same way
 wherever it is computed (one float64 multiply of the widened inputs: exact for float32
 and half inputs), so only the additions could depend on the split. They are made exact:
 each product is cut into ``FOLDS`` pieces on fixed grids (``q_k = (sigma_k + r) -
@@ -39,11 +39,14 @@ _BOTTOM = -1000        # sigma_k at least 2**-1000: normal, its half-ulp too
 
 
 class Grids(NamedTuple):
-    """One sum's fold grids: ``sigma`` (the ``FOLDS`` powers of two) and ``scale``
-    (the power of two each product is multiplied by, 1 unless the bound is huge)."""
+    """One sum's fold grids: ``sigma`` (the ``FOLDS`` powers of two), ``scale``
+    (the power of two each product's first factor is multiplied by, 1 unless the bound
+    is huge) and ``finite`` (every factor is finite: kernels may skip the checks that
+    send non-finite products to ``E``, which give the same bits otherwise)."""
 
     sigma: Tuple[float, ...]
     scale: float
+    finite: bool
 
 
 class Plan(NamedTuple):
@@ -59,11 +62,11 @@ def _exponent(bound: float) -> int:
     return e - 1 if mantissa == 0.5 else e
 
 
-def grids(bounds: Tuple[float, ...], terms: int) -> Grids:
+def grids(bounds: Tuple[float, ...], terms: int, finite: bool = True) -> Grids:
     """Fold grids for ``terms`` products of factors bounded by ``bounds`` (maxima of
-    the finite absolute values, as float64)."""
+    the finite absolute values, as float64); ``finite``: no factor is infinite or NaN."""
     if any(b == 0.0 for b in bounds) or terms == 0:
-        return Grids((1.0,) * FOLDS, 1.0)   # every finite product is zero
+        return Grids((1.0,) * FOLDS, 1.0, finite)   # every finite product is zero
     spread = max(terms - 1, 0).bit_length()      # 2**spread >= terms
     if spread > _MAX_TERMS_LOG2:
         raise ValueError(f"reproducible sums take at most 2**{_MAX_TERMS_LOG2} terms per "
@@ -74,16 +77,19 @@ def grids(bounds: Tuple[float, ...], terms: int) -> Grids:
     exponents = [top]
     for _ in range(FOLDS - 1):
         exponents.append(max(exponents[-1] - 52 + spread, _BOTTOM))
-    return Grids(tuple(math.ldexp(1.0, e) for e in exponents), math.ldexp(1.0, -shift))
+    return Grids(tuple(math.ldexp(1.0, e) for e in exponents), math.ldexp(1.0, -shift),
+                 finite)
 
 
 def plan(bounds_weight: Tuple[float, float], weight_terms: int, bound_bias: float,
-         bias_terms: int) -> Plan:
+         bias_terms: int, finite: bool = True) -> Plan:
     """The grids of a convolution's parameter gradients: the weight's products have
     factors bounded by ``bounds_weight`` (maxima of the finite ``|grad_output|`` and
     ``|x|`` over the whole problem), ``weight_terms`` of them per element; the bias
-    sums ``bias_terms`` values bounded by ``bound_bias``."""
-    return Plan(grids(bounds_weight, weight_terms), grids((bound_bias,), bias_terms))
+    sums ``bias_terms`` values bounded by ``bound_bias``. ``finite``: every value of
+    the arrays is finite."""
+    return Plan(grids(bounds_weight, weight_terms, finite),
+                grids((bound_bias,), bias_terms, finite))
 
 
 class Roles(NamedTuple):
@@ -115,12 +121,12 @@ def make_plan(backend, roles: Roles, window, output_mask) -> Plan:
     """The in-memory call's plan: the maxima of its whole arrays."""
     from fastpool import _half
     b = getattr(backend, "_module", backend)
-    weight = (0.0, 0.0)
+    g, x = (0.0, True), (0.0, True)
     if output_mask[1]:
-        weight = (b.max_abs(_half._widen(roles.grad_output)),
-                  b.max_abs(_half._widen(roles.x)))
-    bias = b.max_abs(_half._widen(roles.summed)) if output_mask[2] else 0.0
-    return plan(weight, terms(window), bias, _terms(roles.summed, window.batched))
+        g, x = b.max_abs(_half._widen(roles.grad_output)), b.max_abs(_half._widen(roles.x))
+    bias = b.max_abs(_half._widen(roles.summed)) if output_mask[2] else (0.0, True)
+    return plan((g[0], x[0]), terms(window), bias[0], _terms(roles.summed, window.batched),
+                g[1] and x[1] and bias[1])
 
 
 def parameter_folds(backend, roles: Roles, window, output_mask, the_plan: Plan):

@@ -458,22 +458,31 @@ def _block_max(block, device):
     return getattr(backend, "_module", backend).max_abs(_half._widen(block))
 
 
+def _combined(pairs):
+    """``(max, all finite)`` of the blocks' ``(max, finite)``: exact, any order."""
+    return max(p[0] for p in pairs), all(p[1] for p in pairs)
+
+
 def _finite_max(a, device):
-    maxima = [dask.delayed(_block_max, pure=True)(b, device)
-              for b in a.to_delayed().ravel()]
-    return dask.delayed(max, pure=True)(maxima)
+    pairs = [dask.delayed(_block_max, pure=True)(b, device)
+             for b in a.to_delayed().ravel()]
+    return dask.delayed(_combined, pure=True)(pairs)
+
+
+def _plan_of(g, x, bias, weight_terms, bias_terms):
+    return _reproducible.plan((g[0], x[0]), weight_terms, bias[0], bias_terms,
+                              g[1] and x[1] and bias[1])
 
 
 def _reproducible_plan(roles, window, mask, device):
     """``fastpool._reproducible.make_plan`` of the whole arrays, as a Delayed."""
-    weight = (0.0, 0.0)
-    if mask[1]:
-        weight = dask.delayed(tuple, pure=True)([_finite_max(roles.grad_output, device),
-                                                 _finite_max(roles.x, device)])
-    bias = _finite_max(roles.summed, device) if mask[2] else 0.0
+    none = (0.0, True)
+    g = _finite_max(roles.grad_output, device) if mask[1] else none
+    x = _finite_max(roles.x, device) if mask[1] else none
+    bias = _finite_max(roles.summed, device) if mask[2] else none
     summed = roles.summed
-    return dask.delayed(_reproducible.plan, pure=True)(
-        weight, _reproducible.terms(window), bias,
+    return dask.delayed(_plan_of, pure=True)(
+        g, x, bias, _reproducible.terms(window),
         math.prod(summed.shape) // summed.shape[1] if summed.shape[1] else 0)
 
 

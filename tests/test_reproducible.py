@@ -66,10 +66,14 @@ def test_the_sums_are_exact_then_rounded(rank, x_shape, weight_shape, args, dtyp
 
 
 @pytest.mark.parametrize("rank, x_shape, weight_shape, args", CASES, ids=IDS)
-def test_any_split_gives_the_same_bits(rank, x_shape, weight_shape, args, rng):
+def test_any_split_gives_the_same_bits(rank, x_shape, weight_shape, args, rng,
+                                       monkeypatch):
     """Batch order, thread count, channels-last layout and Dask chunks along every
     axis (uneven, smaller than the halo) all give the in-memory call's bits."""
     x, w, g = _data(rng, x_shape, weight_shape, args, np.float32)
+    # every call on all threads, however small (else these shapes run on one)
+    monkeypatch.setattr(fastpool._threading, "SMALL_WORK_NS", 0)
+    assert numba.get_num_threads() > 1 or numba.config.NUMBA_NUM_THREADS == 1
     whole = _backward(rank, g, x, w, args)
     perm = np.array([1, 0] + list(range(2, x.shape[0])))
     permuted = _backward(rank, g[perm], x[perm], w, args)
@@ -209,3 +213,15 @@ def test_reproducible_must_be_a_bool(rng):
                  reproducible=1)
     with pytest.raises(TypeError, match="reproducible"):
         fd.conv2d_backward(da.from_array(g), da.from_array(x), w, reproducible="yes")
+
+
+def test_unbatched_and_empty_batches(rng):
+    rank, x_shape, weight_shape, args = CASES[1]
+    x, w, g = _data(rng, x_shape, weight_shape, args, np.float64)
+    one = _backward(rank, g[:1], x[:1], w, args)
+    unbatched = _backward(rank, g[0], x[0], w, args)
+    np.testing.assert_array_equal(unbatched.grad_weight, one.grad_weight)
+    np.testing.assert_array_equal(unbatched.grad_bias, one.grad_bias)
+    empty = _backward(rank, g[:0], x[:0], w, args)
+    np.testing.assert_array_equal(empty.grad_weight, np.zeros(w.shape))
+    np.testing.assert_array_equal(empty.grad_bias, np.zeros(w.shape[0]))

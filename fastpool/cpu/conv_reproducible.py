@@ -19,8 +19,12 @@ from fastpool._reproducible import SUMS
 from fastpool._threading import thread_count
 from fastpool.cpu._parallel import BODY_JIT, parallel_kernel
 
+_U = np.uint64
+
 
 _BIG = np.finfo(np.float64).max
+# The sums a block of tasks keeps in cache while the rows of grad_output pass (L2).
+_BLOCK_BYTES = 256 * 1024
 
 
 @njit(inline="always", **BODY_JIT)
@@ -43,51 +47,71 @@ def _deposit(acc, k, r, s0, s1, s2):
 
 @parallel_kernel
 @njit(**BODY_JIT)
-def _weight_body(x, dyt, folds, sigma, scale, groups, kernel, stride, pad, dilation,
-                 worker, workers):
+def _weight_body(x, dyt, acc, sigma, scale, geometry, finite, block, worker, workers):
+    """Worker ``worker``'s share of the tasks (input channel, tap), in blocks of
+    ``block`` whose sums ``acc[task]`` (``(SUMS, Og)``) stay in cache while every row
+    of ``grad_output`` passes them once."""
     N, C, D, H, W = x.shape
     OD, OH, OW, O = dyt.shape[1], dyt.shape[2], dyt.shape[3], dyt.shape[4]
-    KD, KH, KW = kernel
-    SD, SH, SW = stride
-    PD, PH, PW = pad
-    DD, DH, DW = dilation
+    groups = geometry[0]
+    KD, KH, KW = geometry[1], geometry[2], geometry[3]
+    SD, SH, SW = geometry[4], geometry[5], geometry[6]
+    PD, PH, PW = geometry[7], geometry[8], geometry[9]
+    DD, DH, DW = geometry[10], geometry[11], geometry[12]
     s0, s1, s2 = sigma[0], sigma[1], sigma[2]
     Cg = C // groups
     Og = O // groups
     taps = KD * KH * KW
-    acc = np.zeros((SUMS, Og))
-    for task in range(worker, C * taps, workers):
-        c = task // taps
-        tap = task % taps
-        a = tap // (KH * KW)
-        i = (tap // KW) % KH
-        j = tap % KW
-        o0 = (c // Cg) * Og
-        acc[:] = 0.0
-        off = j * DW - PW
-        ow_lo = 0 if off >= 0 else (SW - 1 - off) // SW   # first ow with iw >= 0
-        ow_hi = min(OW, (W - 1 - off) // SW + 1)           # past the last with iw < W
+    tasks = C * taps
+    first = worker * tasks // workers
+    last = (worker + 1) * tasks // workers
+    for b0 in range(first, last, block):
+        b1 = min(b0 + block, last)
         for n in range(N):
             for od in range(OD):
-                d = od * SD - PD + a * DD
-                if d < 0 or d >= D:
-                    continue
                 for oh in range(OH):
-                    h = oh * SH - PH + i * DH
-                    if h < 0 or h >= H:
-                        continue
-                    for ow in range(ow_lo, ow_hi):
-                        xv = np.float64(x[n, c, d, h, ow * SW + off])
-                        if xv == 0.0:
-                            continue  # a zero factor adds nothing (_reproducible)
-                        row = dyt[n, od, oh, ow]
-                        for o in range(Og):
-                            dv = np.float64(row[o0 + o])
-                            _deposit(acc, o, (xv * dv) * scale if dv != 0.0 else 0.0,
-                                     s0, s1, s2)
-        for k in range(SUMS):
-            for o in range(Og):
-                folds[k, o0 + o, c % Cg, a, i, j] = acc[k, o]
+                    for task in range(b0, b1):
+                        c = task // taps
+                        tap = task % taps
+                        a = tap // (KH * KW)
+                        i = (tap // KW) % KH
+                        j = tap % KW
+                        d = od * SD - PD + a * DD
+                        h = oh * SH - PH + i * DH
+                        if d < 0 or d >= D or h < 0 or h >= H:
+                            continue
+                        off = j * DW - PW
+                        ow_lo = 0 if off >= 0 else (SW - 1 - off) // SW  # iw >= 0
+                        ow_hi = min(OW, (W - 1 - off) // SW + 1)          # iw < W
+                        o0 = (c // Cg) * Og
+                        sums = acc[task]
+                        for ow in range(ow_lo, ow_hi):
+                            xv = np.float64(x[n, c, d, h, ow * SW + off])
+                            if xv == 0.0:
+                                continue  # a zero factor adds nothing (_reproducible)
+                            xs = xv * scale
+                            row = dyt[n, od, oh, ow]
+                            if finite:  # no select, no E: the same bits, faster
+                                a0, a1, a2 = sums[0], sums[1], sums[2]
+                                grads = row[o0:o0 + Og]
+                                for o in range(Og):
+                                    u = _U(o)  # unsigned: no wraparound test, vectorised
+                                    r = xs * grads[u]
+                                    t = s0 + r
+                                    q = t - s0
+                                    r = r - q
+                                    a0[u] += q
+                                    t = s1 + r
+                                    q = t - s1
+                                    r = r - q
+                                    a1[u] += q
+                                    t = s2 + r
+                                    a2[u] += t - s2
+                            else:
+                                for o in range(Og):
+                                    dv = np.float64(row[o0 + o])
+                                    _deposit(sums, o, xs * dv if dv != 0.0 else 0.0,
+                                             s0, s1, s2)
 
 
 @parallel_kernel
@@ -123,22 +147,29 @@ def _channels_last(a, batched):
     return np.ascontiguousarray(np.moveaxis(_volume(a, batched), 1, -1))
 
 
-def max_abs(a) -> float:
-    """The largest finite ``|a|`` as a float (0 if there is none)."""
+def max_abs(a):
+    """``(largest finite |a|, whether every value is finite)`` (0 for none)."""
     a = np.abs(a)
-    return float(np.max(a, where=np.isfinite(a), initial=0.0))
+    finite = np.isfinite(a)
+    return float(np.max(a, where=finite, initial=0.0)), bool(finite.all())
 
 
 def conv_weight_folds(grad_output, x, window, grids):
     """The folds ``(SUMS, *weight.shape)`` of the weight gradient of the convolution
     ``window`` over these arrays (``fastpool._reproducible``)."""
     w = window
-    folds = np.zeros((SUMS, w.out_channels, w.channels // w.groups) + w.kernel3)
-    tasks = w.channels * int(np.prod(w.kernel3))
-    _weight_body(_volume(x, w.batched), _channels_last(grad_output, w.batched), folds,
-                 np.array(grids.sigma), grids.scale, w.groups, w.kernel3, w.stride3,
-                 w.pad_lo3, w.dilation3, max(1, min(thread_count(), tasks)))
-    return folds.reshape((SUMS, w.out_channels, w.channels // w.groups) + w.kernel)
+    Cg, Og = w.channels // w.groups, w.out_channels // w.groups
+    taps = int(np.prod(w.kernel3))
+    acc = np.zeros((w.channels * taps, SUMS, Og))   # task-major, one row per task
+    # arrays, not tuples: the parallel launch (_parallel._run) takes no nested tuples
+    geometry = np.array((w.groups,) + w.kernel3 + w.stride3 + w.pad_lo3 + w.dilation3,
+                        dtype=np.int64)
+    block = max(1, _BLOCK_BYTES // (SUMS * Og * 8))
+    _weight_body(_volume(x, w.batched), _channels_last(grad_output, w.batched), acc,
+                 np.array(grids.sigma), grids.scale, geometry, grids.finite, block,
+                 max(1, min(thread_count(), acc.shape[0])))
+    folds = acc.reshape(w.groups, Cg, taps, SUMS, Og).transpose(3, 0, 4, 1, 2)
+    return np.ascontiguousarray(folds).reshape((SUMS, w.out_channels, Cg) + w.kernel)
 
 
 def channel_sum_folds(a, batched, grids):

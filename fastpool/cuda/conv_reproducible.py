@@ -68,7 +68,7 @@ def _weight_kernel(x, dy, folds, s0, s1, s2, scale, groups, KD, KH, KW, SD, SH, 
                         dv = np.float64(dy[n, o, od, oh, ow])
                         if xv == 0.0 or dv == 0.0:
                             continue  # a zero factor adds nothing (_reproducible)
-                        a0, a1, a2, e = _deposit(a0, a1, a2, e, (xv * dv) * scale,
+                        a0, a1, a2, e = _deposit(a0, a1, a2, e, (xv * scale) * dv,
                                                  s0, s1, s2)
         folds[0, o, cl, a, i, j] = a0
         folds[1, o, cl, a, i, j] = a1
@@ -95,15 +95,19 @@ def _bias_kernel(dy, folds, s0, s1, s2, scale):
 
 
 @cuda.jit
-def _max_kernel(a, out):
+def _max_kernel(a, out, seen):
     N, C, D, H, W = a.shape
     best = 0.0
+    other = 0
     for item in range(grid_start(), N * C * D * H * W, grid_stride()):
         n, c, d, h, w = split_ncdhw(item, C, D, H, W)
         v = abs(np.float64(a[n, c, d, h, w]))
-        if v <= _BIG and v > best:
-            best = v
+        if v <= _BIG:
+            best = max(best, v)
+        else:
+            other = 1  # an infinity or NaN
     cuda.atomic.max(out, 0, best)
+    cuda.atomic.max(seen, 0, other)
 
 
 @cuda.jit
@@ -112,16 +116,16 @@ def _finish_kernel(folds, unscale, out):
         out[k] = (((folds[0, k] + folds[1, k]) + folds[2, k]) + folds[3, k]) * unscale
 
 
-def max_abs(a) -> float:
-    """The largest finite ``|a|`` as a float (0 if there is none): one wait for the
-    GPU. ``a``: a device array ``(N, C, *spatial)`` or ``(C, *spatial)``."""
+def max_abs(a):
+    """``(largest finite |a|, whether every value is finite)`` (0 for none): one wait
+    for the GPU. ``a``: a device array ``(N, C, *spatial)`` or ``(C, *spatial)``."""
     from fastpool._dispatch import to_device
     a = to_device(a)
     shape = (1,) * (5 - a.ndim) + tuple(a.shape)
     view = volume(a, True, 3) if a.ndim == 5 else _as_5d(a, shape)
-    out = cuda.to_device(np.zeros(1))
-    launch(_max_kernel, view.size, view, out)
-    return float(out.copy_to_host()[0])
+    out, seen = cuda.to_device(np.zeros(1)), cuda.to_device(np.zeros(1, np.int32))
+    launch(_max_kernel, view.size, view, out, seen)
+    return float(out.copy_to_host()[0]), not bool(seen.copy_to_host()[0])
 
 
 def _as_5d(a, shape):
