@@ -104,3 +104,51 @@ class Conv2dBackwardBias(_Conv):
         """conv2d_backward, grad_bias only"""
         self.run()
         self.sync()
+
+
+class Conv2dWeightGradReproducible(_Conv):
+    """``conv2d_backward(..., output_mask=(False, True, True), reproducible=True)``: the
+    weight and bias gradients as exact sums (docs/site/semantics.md), against which
+    ``Conv2dWeightGrad`` is the default's price. float32, two shapes only: a call is
+    tens of times the default's (seconds at batch 32)."""
+
+    params = [DEVICES, ["small 3x3 16->16 (4,16,32,32) p1", "3x3 64->64 (32,64,56,56) p1"],
+              ["float32"]]
+    repeat = (2, 3, 20.0)
+
+    def setup(self, device, shape, dtype):
+        if not _has_reproducible():
+            raise NotImplementedError("this commit has no reproducible=True")
+        super().setup(device, shape, dtype)
+
+    def run(self, reproducible=True):
+        fastpool.conv2d_backward(self.grad, self.x, self.w, self.stride, self.padding, 1,
+                                 self.groups, output_mask=(False, True, True),
+                                 reproducible=reproducible, device=self.device)
+
+    def time_conv2d_weight_grad_reproducible(self, device, shape, dtype):
+        """conv2d_backward, grad_weight + grad_bias, reproducible=True"""
+        self.run()
+        self.sync()
+
+
+class Conv2dWeightGrad(Conv2dWeightGradReproducible):
+    """The same gradients by the default sums (the comparison for the class above)."""
+
+    def setup(self, device, shape, dtype):
+        _Conv.setup(self, device, shape, dtype)
+
+    def run(self, reproducible=False):
+        super().run(reproducible)
+
+    def time_conv2d_weight_grad(self, device, shape, dtype):
+        """conv2d_backward, grad_weight + grad_bias, default sums"""
+        self.run()
+        self.sync()
+
+    time_conv2d_weight_grad_reproducible = None
+
+
+def _has_reproducible():
+    import inspect
+    return "reproducible" in inspect.signature(fastpool.conv2d_backward).parameters
