@@ -12,18 +12,23 @@ Nguyen's reproducible summation), and the pieces of fold ``k`` are all multiples
 order and grouping, is exact. The grids depend only on bounds of the whole problem --
 ``max |grad_output|``, ``max |x|`` (powers of two at or above them) and ``T`` -- which
 a chunked computation gets from a reduction over all chunks first. The result is
-``(S_0 + S_1) + S_2`` rounded once to float64, then to the dtype.
+``((S_0 + S_1) + S_2) + S_3`` rounded to float64, then to the dtype.
 
-Error: what the last fold leaves, at most ``T * 2**(k_last - 53)`` with ``2**k_1 >= 2 T
-max|p|`` and ``k_{i+1} = k_i - 52 + ceil(log2 T)``: below ``2**-90 * max|p|`` for
-``T <= 2**17`` and ``2**-40 * max|p|`` for ``T = 2**34``, plus the two final roundings.
+Error: what the last fold leaves, at most ``T * 2**(k_4 - 53)`` with ``2**k_1 >= 2 T
+max|p|``, ``k_{i+1} = k_i - 52 + s`` and ``s = ceil(log2 T)``: about ``2**(5 s - 206) *
+max|x| * max|grad_output|`` (the whole arrays' maxima) -- ``2**-121`` of that product
+for ``T = 2**17`` terms per element, ``2**-86`` for ``2**24``, ``2**-51`` for ``2**31``
+(a batch of one 46,000 x 46,000 plane) -- plus the final roundings. An element whose
+sum is far below that bound (heavy cancellation, or products far smaller than the
+maxima) loses digits where the default sums may keep them; elsewhere the result is
+within 1-2 ulps of the exact sum.
 
 The bounds are maxima of the *finite* values. A product that is not finite (an infinity
 or NaN factor, or a float64 overflow) goes to a separate plain float64 sum ``E``:
 infinities and NaNs give the same result in any order (up to NaN payloads), and the
-result is ``((S_0 + S_1) + S_2 + E) / scale``. A product with a zero factor adds nothing
-(not even ``0 * inf``): a chunk's zero padding of ``grad_output`` must not add what the
-whole call does not.
+result is ``((((S_0 + S_1) + S_2) + S_3) + E) / scale``. A product with a zero factor
+adds nothing (not even ``0 * inf``): a chunk's zero padding of ``grad_output`` must not
+add what the whole call does not.
 """
 
 from __future__ import annotations
@@ -31,11 +36,12 @@ from __future__ import annotations
 import math
 from typing import Any, NamedTuple, Tuple
 
-FOLDS = 3
+FOLDS = 4
 SUMS = FOLDS + 1       # the folds' sums and E, the plain sum of non-finite products
 _MAX_TERMS_LOG2 = 50   # k_{i+1} < k_i needs ceil(log2 T) < 52; far beyond any array
 _TOP = 1000            # sigma_1 at most 2**1000: products scaled down past it
-_BOTTOM = -1000        # sigma_k at least 2**-1000: normal, its half-ulp too
+_BOTTOM = -1022        # sigma_k at least 2**-1022, the least normal: its grid (and
+                       # the subnormals') is 2**-1074, which holds every residual
 
 
 class Grids(NamedTuple):
@@ -73,7 +79,7 @@ def grids(bounds: Tuple[float, ...], terms: int, finite: bool = True) -> Grids:
                          f"element, got {terms}")
     top = sum(_exponent(b) for b in bounds) + spread + 1   # 2**top >= 2 T max|p|
     shift = max(top - _TOP, 0)
-    top -= shift
+    top = max(top - shift, _BOTTOM)
     exponents = [top]
     for _ in range(FOLDS - 1):
         exponents.append(max(exponents[-1] - 52 + spread, _BOTTOM))
@@ -146,7 +152,7 @@ def parameter_folds(backend, roles: Roles, window, output_mask, the_plan: Plan):
 
 
 def finish(backend, folds, grids_: Grids, like):
-    """The gradient from summed ``folds``: ``((S_0 + S_1) + S_2 + E)`` in float64,
+    """The gradient from summed ``folds``: ``(((S_0 + S_1) + ...) + E)`` in float64,
     times ``1 / scale``, rounded to ``like``'s dtype (half dtypes through float32)."""
     if folds is None:
         return None

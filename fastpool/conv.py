@@ -140,11 +140,13 @@ def conv2d_backward(grad_output: ArrayLike, x: ArrayLike, weight: ArrayLike,
     reproducible : bool, default False
         Weight and bias gradients whose bits do not depend on how their sums are split
         or ordered: the same from this call, from ``fastpool.dask`` under any chunking,
-        at any thread count and on either device. Each product is added exactly
-        (``FOLDS`` = 3 pieces on fixed grids, docs/site/semantics.md), so the result is
-        at least as accurate as the default; it is slower (each product costs about ten
-        float64 operations, no GEMM) and reads ``max |x|`` and ``max |grad_output|``
-        first (on the GPU, a wait for them). ``grad_input`` is the default one.
+        at any thread count and on either device. Each product is cut into four
+        pieces on power-of-two grids fixed by the whole problem, whose sums are exact in
+        any order (docs/site/semantics.md): within 1-2 ulps of the exact sum except
+        where the sum is tiny next to ``T * max|x| * max|grad_output|`` (the error
+        bound). Slower (about a dozen float64 operations a product, no GEMM), and it
+        reads ``max |x|`` and ``max |grad_output|`` first (on the GPU, a wait for
+        them). ``grad_input`` is the default one.
     device : {"cpu", "cuda", "auto"}, optional
 
     Returns

@@ -430,6 +430,8 @@ def _conv_backward(rank):
                 _reproducible_plan(_reproducible.Roles(grad_output, x, grad_output),
                                    window, mask, device),
                 functools.partial(_finish_folds, dtype=x.dtype, device=device))
+            grad_weight = grad_weight if output_mask[1] else None
+            grad_bias = grad_bias if output_mask[2] else None
         elif output_mask[1] or output_mask[2]:
             grad_weight, grad_bias = _dask_graph.parameter_grads(
                 grad_output, x, weight, window, functools.partial(

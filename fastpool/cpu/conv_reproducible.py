@@ -15,11 +15,10 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from fastpool._reproducible import SUMS
+from fastpool._reproducible import FOLDS, SUMS
 from fastpool._threading import thread_count
 from fastpool.cpu._parallel import BODY_JIT, parallel_kernel
 
-_U = np.uint64
 
 
 _BIG = np.finfo(np.float64).max
@@ -28,21 +27,23 @@ _BLOCK_BYTES = 256 * 1024
 
 
 @njit(inline="always", **BODY_JIT)
-def _deposit(acc, k, r, s0, s1, s2):
-    """Add product ``r`` to the sums ``acc[:, k]``: its pieces on the three grids, or
-    to ``E`` (``acc[3, k]``) if it is not finite; select, not branch (vectorised)."""
+def _pieces(sums, k, r, sigma):
+    """Add the pieces of the finite product ``r`` to ``sums[:FOLDS, k]``: on grid
+    ``i``, ``q = (sigma[i] + r) - sigma[i]``, then ``r -= q``."""
+    for i in range(FOLDS):
+        t = sigma[i] + r
+        q = t - sigma[i]
+        r = r - q
+        sums[i, k] += q
+
+
+@njit(inline="always", **BODY_JIT)
+def _deposit(sums, k, r, sigma):
+    """Add product ``r`` to the sums ``sums[:, k]``: its pieces, or to ``E``
+    (``sums[FOLDS, k]``) if it is not finite."""
     f = r if abs(r) <= _BIG else 0.0
-    acc[3, k] += r - f
-    t = s0 + f
-    q = t - s0
-    f = f - q
-    acc[0, k] += q
-    t = s1 + f
-    q = t - s1
-    f = f - q
-    acc[1, k] += q
-    t = s2 + f
-    acc[2, k] += t - s2
+    sums[FOLDS, k] += r - f
+    _pieces(sums, k, f, sigma)
 
 
 @parallel_kernel
@@ -58,7 +59,6 @@ def _weight_body(x, dyt, acc, sigma, scale, geometry, finite, block, worker, wor
     SD, SH, SW = geometry[4], geometry[5], geometry[6]
     PD, PH, PW = geometry[7], geometry[8], geometry[9]
     DD, DH, DW = geometry[10], geometry[11], geometry[12]
-    s0, s1, s2 = sigma[0], sigma[1], sigma[2]
     Cg = C // groups
     Og = O // groups
     taps = KD * KH * KW
@@ -92,33 +92,19 @@ def _weight_body(x, dyt, acc, sigma, scale, geometry, finite, block, worker, wor
                             xs = xv * scale
                             row = dyt[n, od, oh, ow]
                             if finite:  # no select, no E: the same bits, faster
-                                a0, a1, a2 = sums[0], sums[1], sums[2]
-                                grads = row[o0:o0 + Og]
                                 for o in range(Og):
-                                    u = _U(o)  # unsigned: no wraparound test, vectorised
-                                    r = xs * grads[u]
-                                    t = s0 + r
-                                    q = t - s0
-                                    r = r - q
-                                    a0[u] += q
-                                    t = s1 + r
-                                    q = t - s1
-                                    r = r - q
-                                    a1[u] += q
-                                    t = s2 + r
-                                    a2[u] += t - s2
+                                    _pieces(sums, o, xs * row[o0 + o], sigma)
                             else:
                                 for o in range(Og):
                                     dv = np.float64(row[o0 + o])
                                     _deposit(sums, o, xs * dv if dv != 0.0 else 0.0,
-                                             s0, s1, s2)
+                                             sigma)
 
 
 @parallel_kernel
 @njit(**BODY_JIT)
 def _bias_body(dyt, folds, sigma, scale, worker, workers):
     N, OD, OH, OW, O = dyt.shape
-    s0, s1, s2 = sigma[0], sigma[1], sigma[2]
     lo = worker * O // workers
     hi = (worker + 1) * O // workers
     acc = np.zeros((SUMS, hi - lo))
@@ -128,7 +114,7 @@ def _bias_body(dyt, folds, sigma, scale, worker, workers):
                 for ow in range(OW):
                     row = dyt[n, od, oh, ow]
                     for o in range(lo, hi):
-                        _deposit(acc, o - lo, np.float64(row[o]) * scale, s0, s1, s2)
+                        _deposit(acc, o - lo, np.float64(row[o]) * scale, sigma)
     for k in range(SUMS):
         for o in range(lo, hi):
             folds[k, o] = acc[k, o - lo]
@@ -182,5 +168,8 @@ def channel_sum_folds(a, batched, grids):
 
 
 def finish_folds(folds, unscale, dtype):
-    """``(((S_0 + S_1) + S_2) + E) * unscale`` rounded to ``dtype`` (a name)."""
-    return ((((folds[0] + folds[1]) + folds[2]) + folds[3]) * unscale).astype(dtype)
+    """``(((S_0 + S_1) + ...) + E) * unscale`` rounded to ``dtype`` (a name)."""
+    total = folds[0]
+    for k in range(1, SUMS):
+        total = total + folds[k]
+    return (total * unscale).astype(dtype)

@@ -4,53 +4,65 @@ mirrors these names and gives the same bits).
 
 One thread per weight element (or bias element) sums its products over the batch and
 the output positions into the three folds and ``E`` in registers. The products and
-their pieces are the CPU's operation for operation (a contraction of ``sigma + r * 1``
-into a fused multiply-add would give the same value, ``r * scale`` being exact), and
-the sums of pieces are exact, so the order of the loop is free.
+their pieces are the CPU's operation for operation: each product is rounded on its own
+(``_product``: no fused multiply-add, which the CPU does not do either), and the sums
+of pieces are exact, so the order of the loop is free.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from numba import cuda
+from numba import config, cuda
+from numba.cuda import libdevice
 
-from fastpool._reproducible import SUMS
+from fastpool._reproducible import FOLDS, SUMS
 from fastpool.cuda._launch import (grid_start, grid_stride, launch, split_ncdhw,
                                    volume)
 
 _BIG = np.finfo(np.float64).max
 
 
+if config.ENABLE_CUDASIM:
+    @cuda.jit(device=True, inline=True)
+    def _product(a, b):
+        return a * b
+else:
+    @cuda.jit(device=True, inline=True)
+    def _product(a, b):
+        """``a * b`` rounded on its own: never fused with the addition after it into
+        a multiply-add (which the CPU's kernel does not do), so both devices add the
+        same pieces."""
+        return libdevice.dmul_rn(a, b)
+
+
 @cuda.jit(device=True, inline=True)
-def _deposit(a0, a1, a2, e, r, s0, s1, s2):
-    """The sums after adding product ``r`` (``cpu.conv_reproducible._deposit``)."""
-    f = r if abs(r) <= _BIG else 0.0
-    e += r - f
-    t = s0 + f
-    q = t - s0
-    f = f - q
-    a0 += q
-    t = s1 + f
-    q = t - s1
-    f = f - q
-    a1 += q
-    t = s2 + f
-    a2 += t - s2
-    return a0, a1, a2, e
+def _deposit(sums, r, sigma):
+    """Add product ``r`` to ``sums`` (``cpu.conv_reproducible._deposit``): a branch,
+    not ``E += r - f``, so nothing is ever subtracted from a product."""
+    if not abs(r) <= _BIG:
+        sums[FOLDS] += r
+        return
+    for i in range(FOLDS):
+        t = sigma[i] + r
+        q = t - sigma[i]
+        r = r - q
+        sums[i] += q
 
 
 @cuda.jit
-def _weight_kernel(x, dy, folds, s0, s1, s2, scale, groups, KD, KH, KW, SD, SH, SW, PD,
-                   PH, PW, DD, DH, DW):
+def _weight_kernel(x, dy, folds, sigma, scale, groups, KD, KH, KW, SD, SH, SW, PD, PH,
+                   PW, DD, DH, DW):
     N, C, D, H, W = x.shape
     O, OD, OH, OW = dy.shape[1], dy.shape[2], dy.shape[3], dy.shape[4]
     Cg = C // groups
     Og = O // groups
     total = O * Cg * KD * KH * KW
+    sums = cuda.local.array(SUMS, np.float64)
     for item in range(grid_start(), total, grid_stride()):
         o, cl, a, i, j = split_ncdhw(item, Cg, KD, KH, KW)
         c = (o // Og) * Cg + cl
-        a0 = a1 = a2 = e = 0.0
+        for k in range(SUMS):
+            sums[k] = 0.0
         for n in range(N):
             for od in range(OD):
                 d = od * SD - PD + a * DD
@@ -68,30 +80,26 @@ def _weight_kernel(x, dy, folds, s0, s1, s2, scale, groups, KD, KH, KW, SD, SH, 
                         dv = np.float64(dy[n, o, od, oh, ow])
                         if xv == 0.0 or dv == 0.0:
                             continue  # a zero factor adds nothing (_reproducible)
-                        a0, a1, a2, e = _deposit(a0, a1, a2, e, (xv * scale) * dv,
-                                                 s0, s1, s2)
-        folds[0, o, cl, a, i, j] = a0
-        folds[1, o, cl, a, i, j] = a1
-        folds[2, o, cl, a, i, j] = a2
-        folds[3, o, cl, a, i, j] = e
+                        _deposit(sums, _product(xv * scale, dv), sigma)
+        for k in range(SUMS):
+            folds[k, o, cl, a, i, j] = sums[k]
 
 
 @cuda.jit
-def _bias_kernel(dy, folds, s0, s1, s2, scale):
+def _bias_kernel(dy, folds, sigma, scale):
     N, O, OD, OH, OW = dy.shape
+    sums = cuda.local.array(SUMS, np.float64)
     for o in range(grid_start(), O, grid_stride()):
-        a0 = a1 = a2 = e = 0.0
+        for k in range(SUMS):
+            sums[k] = 0.0
         for n in range(N):
             for od in range(OD):
                 for oh in range(OH):
                     for ow in range(OW):
-                        a0, a1, a2, e = _deposit(a0, a1, a2, e,
-                                                 np.float64(dy[n, o, od, oh, ow]) * scale,
-                                                 s0, s1, s2)
-        folds[0, o] = a0
-        folds[1, o] = a1
-        folds[2, o] = a2
-        folds[3, o] = e
+                        _deposit(sums, _product(np.float64(dy[n, o, od, oh, ow]), scale),
+                                 sigma)
+        for k in range(SUMS):
+            folds[k, o] = sums[k]
 
 
 @cuda.jit
@@ -113,7 +121,10 @@ def _max_kernel(a, out, seen):
 @cuda.jit
 def _finish_kernel(folds, unscale, out):
     for k in range(grid_start(), out.size, grid_stride()):
-        out[k] = (((folds[0, k] + folds[1, k]) + folds[2, k]) + folds[3, k]) * unscale
+        total = folds[0, k]
+        for i in range(1, SUMS):
+            total = total + folds[i, k]
+        out[k] = total * unscale
 
 
 def max_abs(a):
@@ -134,6 +145,10 @@ def _as_5d(a, shape):
     return strided_view(a, shape, strides)
 
 
+def _sigma(grids):
+    return cuda.to_device(np.array(grids.sigma))
+
+
 def conv_weight_folds(grad_output, x, window, grids):
     """The folds ``(SUMS, *weight.shape)`` of the weight gradient of the convolution
     ``window`` over these arrays (``fastpool._reproducible``), a float64 device array."""
@@ -142,7 +157,7 @@ def conv_weight_folds(grad_output, x, window, grids):
                                     + w.kernel3))
     launch(_weight_kernel, w.out_channels * (w.channels // w.groups)
            * int(np.prod(w.kernel3)), volume(x, w.batched, w.rank),
-           volume(grad_output, w.batched, w.rank), folds, *grids.sigma, grids.scale,
+           volume(grad_output, w.batched, w.rank), folds, _sigma(grids), grids.scale,
            w.groups, *w.kernel3, *w.stride3, *w.pad_lo3, *w.dilation3)
     return folds.reshape((SUMS, w.out_channels, w.channels // w.groups) + w.kernel)
 
@@ -151,12 +166,12 @@ def channel_sum_folds(a, batched, grids):
     """The folds ``(SUMS, C)`` of ``a`` summed over every axis but the channels."""
     a5 = volume(a, batched, a.ndim - (2 if batched else 1))
     folds = cuda.to_device(np.zeros((SUMS, a5.shape[1])))
-    launch(_bias_kernel, a5.shape[1], a5, folds, *grids.sigma, grids.scale)
+    launch(_bias_kernel, a5.shape[1], a5, folds, _sigma(grids), grids.scale)
     return folds
 
 
 def finish_folds(folds, unscale, dtype):
-    """``(((S_0 + S_1) + S_2) + E) * unscale`` rounded to ``dtype`` (a name)."""
+    """``(((S_0 + S_1) + ...) + E) * unscale`` rounded to ``dtype`` (a name)."""
     shape = tuple(folds.shape[1:])
     flat = folds.reshape((SUMS, int(np.prod(shape))))
     out = cuda.device_array(flat.shape[1], np.dtype(dtype))
