@@ -142,4 +142,18 @@ def kernels():
     ]
     kernels.append(("check_window_indices", pooling._check_window_indices,
                     (array(i64, 5), i64, i64, i64) + window + (flag,)))
+    import fastpool.cuda.conv_reproducible as reproducible
+    f64 = types.float64
+    sigma = array(f64, 1, "C")
+    for dt in (types.float32, types.float64):
+        kernels += [
+            ("reproducible_weight", reproducible._weight_kernel,
+             (array(dt, 5), array(dt, 5), array(f64, 6, "C"), sigma, f64) + (i64,) * 13),
+            ("reproducible_bias", reproducible._bias_kernel,
+             (array(dt, 5), array(f64, 2, "C"), sigma, f64)),
+            ("reproducible_max", reproducible._max_kernel,
+             (array(dt, 5), array(f64, 1, "C"), flag)),
+            ("reproducible_finish", reproducible._finish_kernel,
+             (array(f64, 2, "C"), f64, array(dt, 1, "C"))),
+        ]
     return kernels

@@ -38,7 +38,8 @@ REGISTER_UNIT = 256  # registers per warp are allocated in units of this
 # at least 2 blocks per SM.
 CONV_KERNELS = frozenset({"tiled_forward", "tiled_weight_grad", "direct_forward",
                           "direct_input_grad", "direct_weight_grad", "bias_grad",
-                          "sum_partials", "gemm_weights", "copy_4d"})
+                          "sum_partials", "gemm_weights", "copy_4d",
+                          "reproducible_weight", "reproducible_bias"})
 POOLING_MIN_OCCUPANCY = 0.5
 CONV_MIN_BLOCKS = 2
 
