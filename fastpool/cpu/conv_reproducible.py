@@ -19,6 +19,8 @@ from fastpool._reproducible import FOLDS, SUMS
 from fastpool._threading import thread_count
 from fastpool.cpu._parallel import BODY_JIT, parallel_kernel
 
+_U = np.uint64
+
 
 
 _BIG = np.finfo(np.float64).max
@@ -63,6 +65,7 @@ def _weight_body(x, dyt, acc, sigma, scale, geometry, finite, block, worker, wor
     Og = O // groups
     taps = KD * KH * KW
     tasks = C * taps
+    s0, s1, s2, s3 = sigma[0], sigma[1], sigma[2], sigma[3]  # FOLDS == 4
     first = worker * tasks // workers
     last = (worker + 1) * tasks // workers
     for b0 in range(first, last, block):
@@ -92,8 +95,27 @@ def _weight_body(x, dyt, acc, sigma, scale, geometry, finite, block, worker, wor
                             xs = xv * scale
                             row = dyt[n, od, oh, ow]
                             if finite:  # no select, no E: the same bits, faster
+                                # _pieces spelt out on 1-D views, unsigned
+                                # indices (no wraparound tests): twice as fast
+                                a0, a1, a2, a3 = sums[0], sums[1], sums[2], sums[3]
+                                grads = row[o0:o0 + Og]
                                 for o in range(Og):
-                                    _pieces(sums, o, xs * row[o0 + o], sigma)
+                                    u = _U(o)
+                                    r = xs * grads[u]
+                                    t = s0 + r
+                                    q = t - s0
+                                    r = r - q
+                                    a0[u] += q
+                                    t = s1 + r
+                                    q = t - s1
+                                    r = r - q
+                                    a1[u] += q
+                                    t = s2 + r
+                                    q = t - s2
+                                    r = r - q
+                                    a2[u] += q
+                                    t = s3 + r
+                                    a3[u] += t - s3
                             else:
                                 for o in range(Og):
                                     dv = np.float64(row[o0 + o])
