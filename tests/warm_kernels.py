@@ -1,12 +1,13 @@
-"""Compile the pooling kernels the test suite uses, in a second process, into Numba's
-disk cache, while the suite itself runs (conftest.py starts this at the beginning of a
-full run).
+"""Compile kernels the test suite uses, in a second process, into Numba's disk cache,
+while the suite itself runs (conftest.py starts this at the beginning of a full run).
 
 Nearly all of a first test run's time is Numba compiling kernel specialisations, one at
-a time on one core. This process compiles the ones the suite's later files need (test_half.py's
-16-bit kernels, the N-D pooling geometries of test_pooling_nd.py in both layouts, then
-the 2-D geometries of ``conftest.GEOMETRIES``), in the order those files reach them, so that by then the
-suite loads them from the disk cache instead. It checks nothing: if it is slower than
+a time on one core. This process compiles the ones the suite's later files need (the channels-last
+depthwise convolution, test_conv_nd.py's kernels by running that file, test_half.py's
+16-bit kernels, the N-D pooling geometries of test_pooling_nd.py in both layouts, the
+2-D geometries of ``conftest.GEOMETRIES``, then the rest of test_pooling_nd.py by
+running it), in the order those files reach them, so that by then the suite loads them
+from the disk cache instead. It checks nothing: if it is slower than
 the suite, or not running at all, the suite compiles what it needs itself, as before.
 """
 
@@ -87,9 +88,35 @@ def half_calls():
     return calls
 
 
+def depthwise_channels_last_calls():
+    """test_bench_layers.py's channels-last depthwise layer, forward and backward in
+    both dtypes: its forward kernel is the suite's longest single compile (about 50 s
+    each, a parallel kernel), and that file comes third."""
+    from fastpool import _bench_layers as layers
+    layer = layers.Layer("conv", 6, 8, 6, 3, 1, 1, groups=6)
+    for dtype in (np.float32, np.float64):
+        data = layers.make_data(layer, 2, "channels_last", np.dtype(dtype))
+        forward, backward = layers._ours(layer, data.x, data.weight)
+        forward()
+        backward(data.grad)()
+
+
+def test_file(name):
+    """Run one test file here, for what it compiles (about all of its time on a cold
+    run); the suite runs it again and loads the kernels from the disk cache."""
+    import pytest
+    os.environ["FASTPOOL_TEST_WARMUP"] = "0"  # no warm-up process of its own
+    pytest.main(["-q", "-p", "no:cacheprovider", "-x", os.path.join(
+        os.path.dirname(__file__), name)])
+
+
 def main():
-    # test_half.py comes before the pooling files in the suite: its kernels first.
-    work = half_calls() + [(pool_calls, case) for case in plan()]
+    # In the suite's order of need: test_bench_layers.py's depthwise kernels (third
+    # file), test_conv_nd.py (sixth), test_half.py's kernels, the pooling geometries,
+    # then the rest of test_pooling_nd.py (about two thirds of the way through).
+    work = ([(depthwise_channels_last_calls, ()), (test_file, ("test_conv_nd.py",))]
+            + half_calls() + [(pool_calls, case) for case in plan()]
+            + [(test_file, ("test_pooling_nd.py",))])
     for function, args in work:
         try:
             function(*args)
