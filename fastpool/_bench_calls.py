@@ -89,12 +89,29 @@ def run(repeats, number, threads):
     PyTorch setting; None without PyTorch), ``ratio`` (peer time / fastpool time),
     ``target_us`` (None for backward calls)."""
     import numba
+    before = numba.get_num_threads()
     numba.set_num_threads(threads)
+    try:
+        return _run(repeats, number, threads)
+    finally:
+        numba.set_num_threads(before)  # a caller's other work keeps its threads
+
+
+def _run(repeats, number, threads):
     torch = None
     try:
         import torch
     except ImportError:
         pass
+    torch_before = None if torch is None else torch.get_num_threads()
+    try:
+        return _rows(torch, repeats, number, threads)
+    finally:
+        if torch is not None:
+            torch.set_num_threads(torch_before)
+
+
+def _rows(torch, repeats, number, threads):
     rows = []
     for name, kind, ours, peer in cases():
         # (callable, PyTorch threads to set first or None)
@@ -118,8 +135,6 @@ def run(repeats, number, threads):
         rows.append(dict(name=name, kind=kind, fastpool_us=us[0], peer_us=best,
                          ratio=best / us[0] if best is not None else None,
                          target_us=None if "backward" in name else TARGET_US[kind]))
-    if torch is not None:
-        torch.set_num_threads(threads)
     return rows
 
 

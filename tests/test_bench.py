@@ -291,9 +291,13 @@ def test_blas_note_names_a_forced_narrow_openblas(monkeypatch):
 
 
 def test_calls_suite_runs_and_writes_json(tmp_path, capsys):
+    import numba
     path = tmp_path / "calls.json"
+    before = numba.get_num_threads()
     assert cli.main(["bench", "--suite", "calls", "--quick", "--repeats", "1",
                      "--threads", "1", "--json", str(path)]) == 0
+    # the caller keeps its thread count (it once stayed 1 for the rest of the suite)
+    assert numba.get_num_threads() == before
     table = capsys.readouterr().out
     rows = json.loads(path.read_text())["rows"]
     names = [r["name"] for r in rows]
