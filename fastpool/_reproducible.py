@@ -116,8 +116,8 @@ def terms(window) -> int:
     return window.batch * math.prod(window.out_size)
 
 
-def _terms(a, batched):
-    """Values per channel of ``a``: the terms of each channel's sum."""
+def channel_terms(a, batched) -> int:
+    """Values per channel of ``a``: the terms of each channel's (the bias's) sum."""
     shape = tuple(a.shape)
     channels = shape[1 if batched else 0]
     return math.prod(shape) // channels if channels else 0
@@ -131,8 +131,8 @@ def make_plan(backend, roles: Roles, window, output_mask) -> Plan:
     if output_mask[1]:
         g, x = b.max_abs(_half._widen(roles.grad_output)), b.max_abs(_half._widen(roles.x))
     bias = b.max_abs(_half._widen(roles.summed)) if output_mask[2] else (0.0, True)
-    return plan((g[0], x[0]), terms(window), bias[0], _terms(roles.summed, window.batched),
-                g[1] and x[1] and bias[1])
+    return plan((g[0], x[0]), terms(window), bias[0],
+                channel_terms(roles.summed, window.batched), g[1] and x[1] and bias[1])
 
 
 def parameter_folds(backend, roles: Roles, window, output_mask, the_plan: Plan):

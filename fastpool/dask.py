@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 import warnings
 from typing import Optional, Tuple
 
@@ -482,10 +481,9 @@ def _reproducible_plan(roles, window, mask, device):
     g = _finite_max(roles.grad_output, device) if mask[1] else none
     x = _finite_max(roles.x, device) if mask[1] else none
     bias = _finite_max(roles.summed, device) if mask[2] else none
-    summed = roles.summed
     return dask.delayed(_plan_of, pure=True)(
         g, x, bias, _reproducible.terms(window),
-        math.prod(summed.shape) // summed.shape[1] if summed.shape[1] else 0)
+        _reproducible.channel_terms(roles.summed, True))
 
 
 def _conv_folds_run(grad_output, x, weight, plan, *, rank, args, mask, device):
@@ -497,12 +495,10 @@ def _conv_folds_run(grad_output, x, weight, plan, *, rank, args, mask, device):
 
 
 def _finish_folds(sums, plan, *, dtype, device):
-    like = np.empty(0, dtype)
-    result = []
-    for folds, grids in zip(sums, plan):
-        backend = None if folds is None else _dispatch.backend(device, folds)
-        result.append(_reproducible.finish(backend, folds, grids, like))
-    return tuple(result)
+    """``(grad_weight, grad_bias)`` from the summed folds (None stays None)."""
+    return tuple(None if folds is None else _finish_one(folds, plan, which=i, dtype=dtype,
+                                                        device=device)
+                 for i, folds in enumerate(sums))
 
 
 # ----------------------------------------------------------------------------- adaptive
