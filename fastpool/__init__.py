@@ -14,9 +14,11 @@ _threading.configure()
 from fastpool._dispatch import (
     CudaUnavailableError,
     cuda_available,
+    deferred_checks,
     get_device,
     set_device,
     use_device,
+    use_stream,
 )
 from fastpool.adaptive import (
     adaptive_stochastic_pool1d,
@@ -132,6 +134,7 @@ __all__ = [
     "conv3d",
     "conv3d_backward",
     "cuda_available",
+    "deferred_checks",
     "get_device",
     "max_pool1d",
     "max_pool1d_backward",
@@ -147,4 +150,5 @@ __all__ = [
     "stochastic_pool3d",
     "stochastic_pool3d_backward",
     "use_device",
+    "use_stream",
 ]

@@ -16,7 +16,7 @@ import contextlib
 import functools
 import os
 import threading
-from typing import Iterator, Optional
+from typing import Any, ContextManager, Iterator, List, Optional
 
 import numpy as np
 
@@ -72,15 +72,71 @@ def set_device(device: Optional[str]) -> None:
 
 
 @contextlib.contextmanager
-def use_device(device: Optional[str]) -> Iterator[None]:
-    """Context manager: use ``device`` for calls made by this thread inside the block."""
-    device = _check_device(device, "device")
-    stack = _local.__dict__.setdefault("stack", [])
-    stack.append(device)
+def _pushed(local, value):
+    """``value`` on top of the thread-local ``local.stack`` for the block."""
+    stack = local.__dict__.setdefault("stack", [])
+    stack.append(value)
     try:
-        yield device
+        yield value
     finally:
         stack.pop()
+
+
+def use_device(device: Optional[str]) -> ContextManager[str]:
+    """Context manager: use ``device`` for calls made by this thread inside the block."""
+    return _pushed(_local, _check_device(device, "device"))
+
+
+class _Streams(threading.local):
+    stack = None
+
+
+_streams = _Streams()
+
+
+def use_stream(stream: object) -> ContextManager[object]:
+    """Context manager: queue the GPU work of calls made by this thread inside the block
+    on ``stream`` (a Numba, CuPy or PyTorch stream, anything with ``__cuda_stream__``,
+    or a raw handle; 0 is Numba's default stream) instead of the caller's current
+    stream. ``None`` goes back to following the caller. Nestable."""
+    if stream is not None:
+        from fastpool.cuda._stream import stream_handle
+        stream_handle(stream)  # a TypeError/ValueError naming `stream` now, not later
+    return _pushed(_streams, stream)
+
+
+class _Deferred(threading.local):
+    stack = None
+
+
+_deferred = _Deferred()
+
+
+@contextlib.contextmanager
+def deferred_checks() -> Iterator[None]:
+    """Context manager: GPU calls made by this thread inside the block do not wait to
+    report bad input (stochastic pooling's negative values, ``indices`` outside their
+    windows): they queue their checks, and the block's end reads them all back (one
+    wait per stream) and raises the first call's error. Results computed from bad
+    input in between are wrong but never out of bounds. CPU calls check at once."""
+    pending: List[Any] = []
+    with _pushed(_deferred, pending):
+        yield
+    if pending:  # not reached when the block raised: its exception goes on
+        from fastpool.cuda._launch import check_deferred
+        check_deferred(pending)
+
+
+def deferred_checks_pending() -> Optional[List[Any]]:
+    """The list the innermost ``deferred_checks`` block collects into, or None."""
+    stack = _deferred.stack
+    return stack[-1] if stack else None
+
+
+def current_stream() -> object:
+    """The stream of this thread's innermost ``use_stream`` block, or None."""
+    stack = _streams.stack
+    return stack[-1] if stack else None
 
 
 def get_device(device: Optional[str] = None) -> str:
@@ -229,31 +285,21 @@ def _device_backend(device, arrays):
 
 def to_device(value):
     """A Numba device array for ``value``: itself for Numba device arrays, a zero-copy
-    view for other ``__cuda_array_interface__`` objects, a copy for host arrays."""
+    view for other ``__cuda_array_interface__`` objects, a copy for host arrays (queued
+    on the call's stream, ``fastpool.cuda._stream``).
+
+    A view's producer stream (the interface's ``stream``) is waited for on the GPU when
+    the call's stream is not ordered with it; the host never waits (Numba's
+    ``as_cuda_array`` would synchronise the host with that stream)."""
     from numba import cuda
     kind = array_kind(value)
     if kind is None or kind == "numba":
         return value
     if kind == "host":
         return _host_to_device(np.asarray(value))
-    return cuda.as_cuda_array(value, sync=needs_stream_sync(value))
-
-
-# The CUDA Array Interface's (v3) names for the legacy and the per-thread default
-# stream. fastpool launches on Numba's default stream, the legacy one, which is ordered
-# with both (neither is a non-blocking stream): work queued there on the array needs no
-# wait on the host.
-_DEFAULT_STREAMS = (1, 2)
-
-
-def needs_stream_sync(value):
-    """Whether the host must wait for the stream that ``value``'s
-    ``__cuda_array_interface__`` names before fastpool's kernels read it: yes for a
-    stream the default stream is not ordered with (a side stream of PyTorch or CuPy);
-    no for none or a default stream. Numba's ``as_cuda_array`` waited in every case,
-    so each call with a torch tensor or CuPy array waited for all queued GPU work."""
-    stream = value.__cuda_array_interface__.get("stream")
-    return stream is not None and stream not in _DEFAULT_STREAMS
+    from fastpool.cuda import _stream
+    _stream.wait_for(value.__cuda_array_interface__.get("stream"))
+    return cuda.as_cuda_array(value, sync=False)
 
 
 def _host_to_device(array):
@@ -263,13 +309,14 @@ def _host_to_device(array):
     from numba import cuda
 
     from fastpool.cuda._launch import dense_order, unpermuted
+    from fastpool.cuda._stream import upload
     order = None
     if not array.flags.c_contiguous and array.size:
         order = dense_order(array.shape, array.strides, array.itemsize)
     if order is None:
-        return cuda.to_device(np.ascontiguousarray(array))
+        return upload(array)
     # array.transpose(order) is C-contiguous: no host copy
-    return unpermuted(cuda.to_device(np.ascontiguousarray(array.transpose(order))), order)
+    return unpermuted(upload(array.transpose(order)), order)
 
 
 def from_device(result, kind, like):
@@ -278,15 +325,22 @@ def from_device(result, kind, like):
     device arrays, a zero-copy CuPy array or torch tensor for those."""
     if result is None:
         return None
+    from fastpool.cuda import _stream
     if kind == "host":
-        return result.copy_to_host()
+        return _stream.download(result)
+    if kind not in ("cupy", "torch"):
+        return result
+    owner = _stream.owner(result)
+    if owner is not None:  # allocated by the library itself: no interface round trip
+        return owner
+    # Unbound from the call's stream: a bound one would make the library wait on the
+    # host for that stream (its own current one, or the caller's explicit stream).
+    result = result.bind(0)
     if kind == "cupy":
         import cupy
         return cupy.asarray(result)
-    if kind == "torch":
-        import torch
-        return torch.as_tensor(result, device=like.device)
-    return result
+    import torch
+    return torch.as_tensor(result, device=like.device)
 
 
 def _is_array(value):
@@ -372,12 +426,14 @@ def on_device(launcher):
     """
     @functools.wraps(launcher)
     def run(*args):
+        from fastpool.cuda import _stream
         like = next(a for a in args if _is_array(a))
         kind = array_kind(like)
         check_current_gpu([a for a in args if _is_array(a)])
-        result = launcher(*(to_device(a) if _is_array(a) else a for a in args))
-        if isinstance(result, tuple):
-            return tuple(from_device(r, kind, like) for r in result)
-        return from_device(result, kind, like)
+        with _stream.call(kind, like, current_stream()):
+            result = launcher(*(to_device(a) if _is_array(a) else a for a in args))
+            if isinstance(result, tuple):
+                return tuple(from_device(r, kind, like) for r in result)
+            return from_device(result, kind, like)
 
     return run

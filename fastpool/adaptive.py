@@ -190,8 +190,9 @@ def _adaptive_stochastic_pool_backward(rank: int) -> _types.AdaptiveStochasticPo
         training, indices = _params.stochastic_backward_indices(
             training, indices, window, f"adaptive_stochastic_pool{rank}d")
         backend = _dispatch.backend(device, grad_output, x, indices)
-        return backend.adaptive_stochastic_pool_backward(grad_output, x, window, training,
-                                                         indices)
+        # Training reads only the indices: x is not copied to the GPU either.
+        return backend.adaptive_stochastic_pool_backward(
+            grad_output, None if training else x, window, training, indices)
     return _public(adaptive_stochastic_pool_backward,
                    f"adaptive_stochastic_pool{rank}d_backward",
                    _STOCHASTIC_BACKWARD_DOC.replace(
@@ -241,7 +242,9 @@ def _adaptive_max_pool_backward(rank: int) -> _types.AdaptiveMaxPoolBackward:
         if indices is not None:
             indices = _params.check_indices(indices, window)
         backend = _dispatch.backend(device, grad_output, x, indices)
-        return backend.adaptive_max_pool_backward(grad_output, x, window, indices)
+        # Given the indices, x is not read: not copied to the GPU either.
+        return backend.adaptive_max_pool_backward(
+            grad_output, x if indices is None else None, window, indices)
     return _public(adaptive_max_pool_backward, f"adaptive_max_pool{rank}d_backward",
                    _MAX_BACKWARD_DOC.replace("{forward}", f"adaptive_max_pool{rank}d"),
                    rank)

@@ -146,7 +146,9 @@ def _max_pool_backward(rank: int) -> _types.MaxPoolBackward:
         if indices is not None:
             indices = _params.check_indices(indices, window)
         backend = _dispatch.backend(device, grad_output, x, indices)
-        return backend.max_pool_backward(grad_output, x, window, indices)
+        # Given the indices, x is not read: not copied to the GPU either.
+        return backend.max_pool_backward(grad_output, x if indices is None else None,
+                                         window, indices)
     return _public(max_pool_backward, f"max_pool{rank}d_backward",
                    _MAX_BACKWARD_DOC.replace("{forward}", f"max_pool{rank}d"), rank)
 
@@ -341,8 +343,9 @@ def _stochastic_pool_backward(rank: int) -> _types.StochasticPoolBackward:
         training, indices = _params.stochastic_backward_indices(
             training, indices, window, f"stochastic_pool{rank}d")
         backend = _dispatch.backend(device, grad_output, x, indices)
-        return backend.stochastic_pool_backward(grad_output, x, window, training,
-                                                indices)
+        # Training reads only the indices: x is not copied to the GPU either.
+        return backend.stochastic_pool_backward(grad_output, None if training else x,
+                                                window, training, indices)
     return _public(stochastic_pool_backward, f"stochastic_pool{rank}d_backward",
                    _STOCHASTIC_BACKWARD_DOC.replace("{forward}", f"stochastic_pool{rank}d"),
                    rank)

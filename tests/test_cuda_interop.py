@@ -69,12 +69,16 @@ def test_gpu_ordinal_is_read_from_cupy_and_torch_only():
 
 @pytest.fixture
 def stand_ins(monkeypatch):
-    """Numba's ``as_cuda_array`` and the libraries' constructors, over host memory.
-    Returns the log of what each was called with."""
+    """Numba's ``as_cuda_array`` and the libraries' side of the hand-over, over host
+    memory: their constructors (``cupy.asarray``, ``torch.as_tensor``), allocators
+    (``cupy.empty``, ``torch.empty``) and current streams (``streams["cupy"]``,
+    ``streams["torch"]``: raw handles, 0 = the default stream). Returns the log of what
+    each was called with."""
     from numba import cuda
     from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
 
-    calls = {"as_cuda_array": [], "sync": [], "asarray": [], "as_tensor": []}
+    calls = {"as_cuda_array": [], "sync": [], "asarray": [], "as_tensor": [],
+             "empty": [], "streams": {"cupy": 0, "torch": 0}}
 
     def as_cuda_array(obj, sync=True):
         calls["as_cuda_array"].append(obj)
@@ -86,14 +90,36 @@ def stand_ins(monkeypatch):
         calls["asarray"].append(result)
         return CupyArray(result._ary)
 
+    def cupy_empty(shape, dtype):
+        array = CupyArray(np.empty(shape, dtype))
+        calls["empty"].append(array)
+        return array
+
     def torch_as_tensor(result, device=None):
         calls["as_tensor"].append((result, device))
         return TorchTensor(result._ary, device.index)
 
+    def torch_empty(shape, dtype=None, device=None):
+        tensor = TorchTensor(np.empty(shape, dtype), device.index)
+        calls["empty"].append(tensor)
+        return tensor
+
+    def torch_current_stream(device=None):
+        return types.SimpleNamespace(cuda_stream=calls["streams"]["torch"])
+
+    def cupy_current_stream():
+        return types.SimpleNamespace(ptr=calls["streams"]["cupy"])
+
     monkeypatch.setattr(cuda, "as_cuda_array", as_cuda_array, raising=False)
-    monkeypatch.setitem(sys.modules, "cupy", types.SimpleNamespace(asarray=cupy_asarray))
-    monkeypatch.setitem(sys.modules, "torch",
-                        types.SimpleNamespace(as_tensor=torch_as_tensor))
+    monkeypatch.setitem(sys.modules, "cupy", types.SimpleNamespace(
+        asarray=cupy_asarray, empty=cupy_empty,
+        cuda=types.SimpleNamespace(get_current_stream=cupy_current_stream)))
+    # torch's dtypes bear NumPy's names; the stand-in's are NumPy's.
+    monkeypatch.setitem(sys.modules, "torch", types.SimpleNamespace(
+        as_tensor=torch_as_tensor, empty=torch_empty,
+        cuda=types.SimpleNamespace(current_stream=torch_current_stream),
+        **{name: np.dtype(name) for name in
+           ("float16", "float32", "float64", "int32", "int64")}))
     return calls
 
 
@@ -137,17 +163,18 @@ def test_library_arrays_in_library_arrays_out(stand_ins, kind, op):
     for got, want in zip(result, expected):
         assert type(got) is KINDS[kind]  # every output comes back as the input's kind
         np.testing.assert_allclose(got.host, want, rtol=2e-5, atol=2e-6)
-    # Inputs went in as zero-copy views of the library's memory ...
+    # Inputs went in as zero-copy views of the library's memory (so did the arrays the
+    # library allocated for the call) ...
     viewed = {id(a) for a in stand_ins["as_cuda_array"]}
-    assert viewed and viewed <= {id(a) for a in wrapped}
-    # ... and each output came back through the library's own zero-copy constructor,
-    # torch's on the input tensor's device.
-    if kind == "cupy":
-        assert len(stand_ins["asarray"]) == len(result)
-    else:
-        assert len(stand_ins["as_tensor"]) == len(result)
-        input_devices = {id(a.device) for a in wrapped}
-        assert all(id(device) in input_devices for _, device in stand_ins["as_tensor"])
+    inputs = {id(a) for a in wrapped}
+    assert viewed & inputs
+    assert viewed <= inputs | {id(a) for a in stand_ins["empty"]}
+    # ... and each output is an array the library allocated itself, on the input's
+    # device (with the library's allocator, on its current stream: the call's).
+    allocated = {id(a) for a in stand_ins["empty"]}
+    assert all(id(got) in allocated for got in result)
+    assert stand_ins["asarray"] == stand_ins["as_tensor"] == []
+    assert {a.device.index for a in stand_ins["empty"]} == {ordinal}
 
 
 @simulator_only
@@ -186,18 +213,216 @@ def test_real_cupy_round_trip():
         np.testing.assert_allclose(cupy.asnumpy(got), want, rtol=2e-5, atol=2e-5)
 
 
+
+
+# ----------------------------------------------------------------------------- streams
+
+@pytest.fixture
+def launches(monkeypatch):
+    """The stream each kernel launch was given (the simulator ignores it)."""
+    from numba.cuda.simulator.kernel import FakeCUDAKernel
+    seen = []
+    configure = FakeCUDAKernel.__getitem__
+
+    def recording(self, configuration):
+        seen.append(configuration[2] if len(configuration) > 2 else 0)
+        return configure(self, configuration)
+
+    monkeypatch.setattr(FakeCUDAKernel, "__getitem__", recording)
+    return seen
+
+
+@pytest.fixture
+def events(monkeypatch):
+    """``(recorded on, waited on by)`` for every CUDA event fastpool makes."""
+    from numba import cuda
+    made = []
+
+    class Event:
+        def __init__(self):
+            made.append(self)
+            self.on = self.by = None
+
+        def record(self, stream=0):
+            self.on = stream
+
+        def wait(self, stream=0):
+            self.by = stream
+
+    monkeypatch.setattr(cuda, "event", Event)
+    return made
+
+
+def _handle(stream):
+    return getattr(stream, "handle", stream)
+
+
+SIDE, OTHER = 0x7F00_1000, 0x7F00_2000
+
+
 @simulator_only
-@pytest.mark.parametrize("stream, waits", [(None, False), (1, False), (2, False),
-                                           (0x7F00_1234, True)],
+@pytest.mark.parametrize("current", [0, SIDE], ids=["default", "side"])
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_kernels_follow_the_librarys_current_stream(stand_ins, launches, events, kind,
+                                                    current):
+    """A torch tensor's call runs on PyTorch's current stream, a CuPy array's on CuPy's
+    (``with torch.cuda.stream(s):`` / ``with cupy.cuda.Stream():``), with outputs from
+    the library's allocator, and no wait anywhere: the inputs were queued on that
+    same stream."""
+    stand_ins["streams"][kind] = current
+    x, w, gy_pool, gy_conv, idx = _host_inputs()
+    # The array interface names the current stream (1 for the default one), as both
+    # libraries' arrays do.
+    named = current or 1
+    y = fastpool.conv2d(KINDS[kind](x, stream=named), KINDS[kind](w, stream=named),
+                        padding=1)
+    np.testing.assert_allclose(y.host, fastpool.conv2d(x, w, padding=1), rtol=2e-5,
+                               atol=2e-6)
+    assert launches and {_handle(s) for s in launches} == {current}
+    assert events == []
+    assert stand_ins["sync"] and not any(stand_ins["sync"])  # no host wait either
+    assert id(y) in {id(a) for a in stand_ins["empty"]}
+
+
+@simulator_only
+@pytest.mark.parametrize("producer, waits", [(None, False), (1, False), (2, False),
+                                             (OTHER, True)],
                          ids=["none", "legacy-default", "per-thread-default", "side"])
-def test_the_host_waits_only_for_streams_the_kernels_are_not_ordered_with(
-        stand_ins, stream, waits):
-    """A torch tensor or CuPy array queued on a default stream (CUDA Array Interface
-    stream 1 or 2) is taken without a host wait: fastpool's launches on the legacy
-    default stream are ordered with it. Only a side stream is synchronised first."""
+def test_an_input_from_another_stream_is_waited_for_on_the_gpu(
+        stand_ins, launches, events, producer, waits):
+    """An input whose interface names a stream the call's is not ordered with: the
+    call's stream waits for an event recorded there. Never the host: Numba's
+    ``as_cuda_array`` is always asked not to synchronise."""
     host = np.random.default_rng(0).random((1, 2, 4, 4)).astype(np.float32)
     for kind in (CupyArray, TorchTensor):
-        stand_ins["sync"].clear()
-        y = fastpool.max_pool2d(kind(host, stream=stream), 2)
-        assert stand_ins["sync"] == [waits]
+        events.clear()
+        y = fastpool.max_pool2d(kind(host, stream=producer), 2)
         np.testing.assert_array_equal(y.host, fastpool.max_pool2d(host, 2))
+        assert [(_handle(e.on), _handle(e.by)) for e in events] == (
+            [(OTHER, 0)] if waits else [])
+    assert not any(stand_ins["sync"])
+
+
+@simulator_only
+def test_side_stream_input_on_a_side_stream_call(stand_ins, launches, events):
+    """Both streams side streams: ordered only when they are the same one."""
+    stand_ins["streams"]["torch"] = SIDE
+    host = np.random.default_rng(1).random((1, 2, 4, 4)).astype(np.float32)
+    fastpool.avg_pool2d(TorchTensor(host, stream=SIDE), 2)
+    assert events == []
+    fastpool.avg_pool2d(TorchTensor(host, stream=OTHER), 2)
+    assert [(_handle(e.on), _handle(e.by)) for e in events] == [(OTHER, SIDE)]
+    # The legacy default stream does not order a non-blocking side stream either.
+    events.clear()
+    fastpool.avg_pool2d(TorchTensor(host, stream=1), 2)
+    assert [(_handle(e.on), _handle(e.by)) for e in events] == [(1, SIDE)]
+
+
+class _TorchStream:
+    def __init__(self, handle):
+        self.cuda_stream = handle
+
+
+class _CupyStream:
+    def __init__(self, handle):
+        self.ptr = handle
+
+
+class _ProtocolStream:
+    def __init__(self, handle):
+        self.handle = handle
+
+    def __cuda_stream__(self):
+        return (0, self.handle)
+
+
+@simulator_only
+@pytest.mark.parametrize("make", [int, _TorchStream, _CupyStream, _ProtocolStream],
+                         ids=["handle", "torch", "cupy", "protocol"])
+def test_use_stream_puts_every_launch_and_copy_on_that_stream(stand_ins, launches, make):
+    """``fastpool.use_stream`` beats the library's current stream; host inputs are
+    copied in and out on it too (and the copy back waits for that stream only)."""
+    host = np.random.default_rng(2).random((2, 3, 6, 6)).astype(np.float32)
+    stand_ins["streams"]["torch"] = SIDE
+    with fastpool.use_stream(make(OTHER)):
+        y = fastpool.max_pool2d(host, 2, device="cuda")  # NumPy in, NumPy out
+        t = fastpool.max_pool2d(TorchTensor(host, stream=SIDE), 2)
+    np.testing.assert_array_equal(y, fastpool.max_pool2d(host, 2))
+    assert {_handle(s) for s in launches} == {OTHER}
+    # Not the caller's library stream: its allocator (ordered with that stream) is not
+    # used; the result is a zero-copy view handed over unbound from any stream, so the
+    # library does not wait on the host for it.
+    assert stand_ins["empty"] == []
+    (result, _), = stand_ins["as_tensor"]
+    assert result.stream == 0 and type(t) is TorchTensor
+    np.testing.assert_array_equal(t.host, y)
+
+
+@simulator_only
+def test_use_stream_nests_and_none_follows_the_caller_again(stand_ins, launches):
+    host = np.random.default_rng(3).random((1, 1, 4, 4)).astype(np.float32)
+    stand_ins["streams"]["cupy"] = SIDE
+    with fastpool.use_stream(OTHER):
+        with fastpool.use_stream(None):
+            fastpool.max_pool2d(CupyArray(host, stream=SIDE), 2)
+        fastpool.max_pool2d(CupyArray(host, stream=SIDE), 2)
+    fastpool.max_pool2d(CupyArray(host, stream=SIDE), 2)
+    handles = [_handle(s) for s in launches]
+    assert handles == [SIDE, OTHER, SIDE]
+
+
+@simulator_only
+def test_numba_device_arrays_use_numbas_default_stream_or_use_stream(launches):
+    from numba import cuda
+    host = np.random.default_rng(4).random((1, 1, 4, 4)).astype(np.float32)
+    fastpool.max_pool2d(cuda.to_device(host), 2)
+    stream = cuda.stream()
+    with fastpool.use_stream(stream):
+        fastpool.max_pool2d(cuda.to_device(host), 2)
+    assert launches == [0, stream]
+
+
+def test_use_stream_refuses_what_is_not_a_stream():
+    with pytest.raises(TypeError, match="stream must be a CUDA stream"):
+        with fastpool.use_stream("side"):
+            pass
+    with pytest.raises(ValueError, match="stream must be"):
+        with fastpool.use_stream(-1):
+            pass
+    with pytest.raises(TypeError, match="stream must be"):
+        with fastpool.use_stream(True):
+            pass
+
+
+@simulator_only
+def test_host_inputs_the_kernels_do_not_read_are_not_copied(monkeypatch):
+    """Given the indices, the max and stochastic-training backwards read no ``x``:
+    NumPy inputs of such calls copy only ``grad_output`` and ``indices`` to the GPU."""
+    from fastpool.cuda import _stream
+    uploaded = []
+    upload = _stream.upload
+
+    def recording(host):
+        uploaded.append(np.shape(host))
+        return upload(host)
+
+    monkeypatch.setattr(_stream, "upload", recording)
+    rng = np.random.default_rng(5)
+    x = rng.random((2, 3, 6, 6)).astype(np.float32)
+    gy = rng.standard_normal((2, 3, 3, 3)).astype(np.float32)
+    _, idx = fastpool.max_pool2d(x, 2, return_indices=True)
+    _, s_idx = fastpool.stochastic_pool2d(x, 2, seed=1, return_indices=True)
+    calls = [
+        (lambda d: fastpool.max_pool2d_backward(gy, x, 2, indices=idx, device=d)),
+        (lambda d: fastpool.stochastic_pool2d_backward(gy, x, 2, indices=s_idx, device=d)),
+        (lambda d: fastpool.adaptive_max_pool2d_backward(gy, x, 3, indices=idx,
+                                                         device=d)),
+    ]
+    for call in calls:
+        uploaded.clear()
+        np.testing.assert_array_equal(call("cuda"), call("cpu"))
+        assert uploaded and x.shape not in uploaded
+    # Without the indices, x is read (and copied).
+    uploaded.clear()
+    fastpool.max_pool2d_backward(gy, x, 2, device="cuda")
+    assert x.shape in uploaded

@@ -16,6 +16,8 @@ import threading
 import numpy as np
 from numba import config, cuda
 
+from fastpool.cuda import _stream
+
 THREADS_PER_BLOCK = 256
 # Enough blocks to fill any current GPU several times over; the grid-stride loop does
 # the rest. Well under gridDim.x's limit of 2**31 - 1.
@@ -60,11 +62,11 @@ def grid_for(total, threads_per_block=None, fixed_block=False):
 
 
 def launch(kernel, total, *args, threads_per_block=None, fixed_block=False):
-    """Launch ``kernel[blocks, threads](*args)`` sized by ``grid_for``; nothing when
-    ``total`` is 0."""
+    """Launch ``kernel[blocks, threads, stream](*args)`` sized by ``grid_for``, on the
+    call's stream (``_stream.current``); nothing when ``total`` is 0."""
     if total > 0:
         blocks, threads = grid_for(total, threads_per_block, fixed_block)
-        kernel[blocks, threads](*args)
+        kernel[blocks, threads, _stream.current()](*args)
 
 
 @cuda.jit(device=True, inline=True)
@@ -115,12 +117,36 @@ def split_position(i, C, D, H, W, channels_last):
 def error_flag():
     """A one-element int32 device array, 0; kernels store 1 in it on bad input (the same
     value from every thread that sees some, so the race is harmless)."""
-    return cuda.to_device(np.zeros(1, np.int32))
+    return _stream.zeros(1, np.int32)
 
 
 def flag_raised(flag):
     """Read a flag from ``error_flag`` back (waits for the kernels before it)."""
-    return bool(flag.copy_to_host()[0])
+    return bool(_stream.download(flag)[0])
+
+
+def raise_if(flag, error):
+    """Raise ``error`` when the kernels before raised ``flag``: now (one wait for the
+    call's stream), or, inside ``fastpool.deferred_checks()``, when that block ends.
+    Every kernel that raises a flag stays in bounds whatever it read, so the results
+    in between are only wrong, never unsafe."""
+    from fastpool._dispatch import deferred_checks_pending
+    pending = deferred_checks_pending()
+    if pending is not None:
+        pending.append((flag, _stream.current(), error))
+    elif flag_raised(flag):
+        raise error
+
+
+def check_deferred(pending):
+    """Read back the flags that ``raise_if`` deferred, in call order, and raise the
+    first raised one's error."""
+    for flag, stream, error in pending:
+        host = flag.copy_to_host(stream=stream)
+        if stream != 0:
+            stream.synchronize()
+        if host[0]:
+            raise error
 
 
 @cuda.jit
@@ -175,7 +201,7 @@ def contiguous(array):
     made on the device."""
     if array.is_c_contiguous():
         return array
-    copy = cuda.device_array(array.shape, array.dtype)
+    copy = _stream.empty(array.shape, array.dtype)
     launch(_COPY_KERNELS[array.ndim], array.size, array, copy)
     return copy
 
@@ -225,9 +251,9 @@ def empty(shape, dtype, channels_last, channel_axis):
     channels-last ones (``channel_axis`` varies fastest: one ``(N, *spatial, C)``
     allocation viewed in the caller's axis order)."""
     if not channels_last:
-        return cuda.device_array(shape, dtype)
+        return _stream.empty(shape, dtype)
     order = [a for a in range(len(shape)) if a != channel_axis] + [channel_axis]
-    return unpermuted(cuda.device_array(tuple(shape[a] for a in order), dtype), order)
+    return unpermuted(_stream.empty(tuple(shape[a] for a in order), dtype), order)
 
 
 def unpermuted(memory, order):

@@ -16,6 +16,7 @@ from numba import config, cuda
 from numba.cuda import libdevice
 
 from fastpool._reproducible import FOLDS, SUMS
+from fastpool.cuda import _stream
 from fastpool.cuda._launch import (grid_start, grid_stride, launch, split_ncdhw,
                                    volume)
 
@@ -134,9 +135,9 @@ def max_abs(a):
     a = to_device(a)
     shape = (1,) * (5 - a.ndim) + tuple(a.shape)
     view = volume(a, True, 3) if a.ndim == 5 else _as_5d(a, shape)
-    out, seen = cuda.to_device(np.zeros(1)), cuda.to_device(np.zeros(1, np.int32))
+    out, seen = _stream.zeros(1, np.float64), _stream.zeros(1, np.int32)
     launch(_max_kernel, view.size, view, out, seen)
-    return float(out.copy_to_host()[0]), not bool(seen.copy_to_host()[0])
+    return float(_stream.download(out)[0]), not bool(_stream.download(seen)[0])
 
 
 def _as_5d(a, shape):
@@ -146,15 +147,15 @@ def _as_5d(a, shape):
 
 
 def _sigma(grids):
-    return cuda.to_device(np.array(grids.sigma))
+    return _stream.upload(np.array(grids.sigma))
 
 
 def conv_weight_folds(grad_output, x, window, grids):
     """The folds ``(SUMS, *weight.shape)`` of the weight gradient of the convolution
     ``window`` over these arrays (``fastpool._reproducible``), a float64 device array."""
     w = window
-    folds = cuda.to_device(np.zeros((SUMS, w.out_channels, w.channels // w.groups)
-                                    + w.kernel3))
+    folds = _stream.zeros((SUMS, w.out_channels, w.channels // w.groups) + w.kernel3,
+                          np.float64)
     launch(_weight_kernel, w.out_channels * (w.channels // w.groups)
            * int(np.prod(w.kernel3)), volume(x, w.batched, w.rank),
            volume(grad_output, w.batched, w.rank), folds, _sigma(grids), grids.scale,
@@ -165,7 +166,7 @@ def conv_weight_folds(grad_output, x, window, grids):
 def channel_sum_folds(a, batched, grids):
     """The folds ``(SUMS, C)`` of ``a`` summed over every axis but the channels."""
     a5 = volume(a, batched, a.ndim - (2 if batched else 1))
-    folds = cuda.to_device(np.zeros((SUMS, a5.shape[1])))
+    folds = _stream.zeros((SUMS, a5.shape[1]), np.float64)
     launch(_bias_kernel, a5.shape[1], a5, folds, _sigma(grids), grids.scale)
     return folds
 
@@ -174,6 +175,6 @@ def finish_folds(folds, unscale, dtype):
     """``(((S_0 + S_1) + ...) + E) * unscale`` rounded to ``dtype`` (a name)."""
     shape = tuple(folds.shape[1:])
     flat = folds.reshape((SUMS, int(np.prod(shape))))
-    out = cuda.device_array(flat.shape[1], np.dtype(dtype))
+    out = _stream.empty(flat.shape[1], np.dtype(dtype))
     launch(_finish_kernel, out.size, flat, unscale, out)
     return out.reshape(shape)

@@ -31,12 +31,12 @@ import numpy as np
 from numba import config, cuda
 
 from fastpool import _params, _rng
-from fastpool.cuda import pool_adaptive, pool_adaptive_stochastic, pool_unpool
+from fastpool.cuda import _stream, pool_adaptive, pool_adaptive_stochastic, pool_unpool
 from fastpool._geometry import CHANNELS_LAST
 from fastpool.cuda._launch import (
     empty,
     error_flag,
-    flag_raised,
+    raise_if,
     grid_start,
     grid_stride,
     launch,
@@ -219,11 +219,10 @@ def scatter_to_indices(grad_output, indices, window, checked=True):
         bad = error_flag()
         launch(_check_window_indices, indices.size, indices, *w.in3, *_window_args(w),
                bad)
-        if flag_raised(bad):
-            raise ValueError(
-                "indices holds value(s) that are not a position inside their own window; "
-                "indices must be the flat positions (inside each (n, c) volume) returned "
-                "by the forward pass")
+        raise_if(bad, ValueError(
+            "indices holds value(s) that are not a position inside their own window; "
+            "indices must be the flat positions (inside each (n, c) volume) returned "
+            "by the forward pass"))
     grad_input = _allocate(w, w.input_shape, grad_output.dtype)
     launch(_gather_to_indices_kernel(grad_output.dtype), grad_input.size,
            _volume(grad_output, w), indices, _volume(grad_input, w), *_window_args(w))
@@ -530,8 +529,7 @@ def _stochastic_infer_backward_kernel(dtype):
 
 
 def _raise_if_invalid(bad):
-    if flag_raised(bad):
-        raise _params.invalid_stochastic_input()
+    raise_if(bad, _params.invalid_stochastic_input())
 
 
 def stochastic_pool_forward(x, window, training, seed, with_indices):
@@ -572,7 +570,7 @@ def stochastic_pool_backward(grad_output, x, window, training, indices):
 
 def _tables(arrays):
     """Per-axis window tables of an ``AdaptiveWindow``, on the device."""
-    return tuple(cuda.to_device(a) for a in arrays)
+    return tuple(_stream.upload(a) for a in arrays)
 
 
 def _bounds(w):
@@ -627,11 +625,10 @@ def adaptive_max_pool_backward(grad_output, x, window, indices):
         bad = error_flag()
         launch(pool_adaptive.check_indices, indices.size, indices, *w.in3[1:],
                *_bounds(w), _channels_last(w), bad)
-        if flag_raised(bad):
-            raise ValueError(
-                "indices holds value(s) that are not a position inside their own "
-                "adaptive window; indices must be the flat positions (inside each (n, c) "
-                "volume) returned by the forward pass")
+        raise_if(bad, ValueError(
+            "indices holds value(s) that are not a position inside their own "
+            "adaptive window; indices must be the flat positions (inside each (n, c) "
+            "volume) returned by the forward pass"))
     grad_input = _allocate(w, w.input_shape, grad_output.dtype)
     launch(pool_adaptive.max_backward_kernel(grad_output.dtype), grad_input.size,
            _volume(grad_output, w), indices, _volume(grad_input, w), *_cover(w),
@@ -675,16 +672,15 @@ def adaptive_stochastic_pool_backward(grad_output, x, window, training, indices)
 # ----------------------------------------------------------------------------- unpooling
 
 def _raise_bad_unpool_indices(bad, v):
-    if flag_raised(bad):
-        raise ValueError(
-            f"indices holds value(s) outside [0, {int(np.prod(v.out_size))}), the flat "
-            f"positions of an unpooled volume of size {v.out_size}")
+    raise_if(bad, ValueError(
+        f"indices holds value(s) outside [0, {int(np.prod(v.out_size))}), the flat "
+        f"positions of an unpooled volume of size {v.out_size}"))
 
 
 def max_unpool_forward(x, indices, volume):
     v = volume
     y = _allocate(v, v.output_shape, x.dtype)
-    winner = cuda.device_array((v.batch, v.channels, int(np.prod(v.out_size))), np.int64)
+    winner = _stream.empty((v.batch, v.channels, int(np.prod(v.out_size))), np.int64)
     launch(pool_unpool.reset, winner.size, winner)
     bad = error_flag()
     launch(pool_unpool.claim, indices.size, _volume(indices, v), winner,

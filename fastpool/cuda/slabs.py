@@ -9,6 +9,7 @@ import contextlib
 import numpy as np
 from numba import cuda
 
+from fastpool.cuda import _stream
 from fastpool.cuda._launch import contiguous, grid_start, grid_stride, launch, split_nchw
 from fastpool.cuda.conv import _bias_grad, conv2d_backward, conv2d_forward  # noqa: F401
 
@@ -20,7 +21,7 @@ def planned(window):
 
 
 def empty(shape, dtype):
-    return cuda.device_array(shape, dtype)
+    return _stream.empty(shape, dtype)
 
 
 def volumes(a, w, shape):
@@ -233,19 +234,19 @@ def add_bias(y, bias):
 
 
 def filled(shape, dtype, bias):
-    out = cuda.device_array(shape, dtype)
+    out = _stream.empty(shape, dtype)
     if out.size == 0:  # nothing to fill (and a device array of size 0 cannot reshape)
         return out
     flat = out.reshape(shape[0], shape[1], -1)
     has_bias = bias is not None
-    launch(_fill, out.size, flat, bias if has_bias else cuda.device_array(1, dtype),
+    launch(_fill, out.size, flat, bias if has_bias else _stream.empty(1, dtype),
            has_bias)
     return out
 
 
 def gather(a, first, step, count):
     N, C, _, H, W = a.shape
-    out = cuda.device_array((N * count, C, H, W), a.dtype)
+    out = _stream.empty((N * count, C, H, W), a.dtype)
     launch(_gather, out.size, a, out, first, step)
     return out
 
@@ -298,7 +299,7 @@ def put_stacked_weight(grad_weight, part):
 
 def stacked_weight(weight):
     O, Cg, KD = weight.shape[:3]
-    out = cuda.device_array((O, KD * Cg) + tuple(weight.shape[3:]), weight.dtype)
+    out = _stream.empty((O, KD * Cg) + tuple(weight.shape[3:]), weight.dtype)
     flat = out.reshape(O, KD * Cg, -1)
     launch(_stack_weight, flat.size, contiguous(weight).reshape(O, Cg, KD, -1), flat)
     return out
@@ -315,7 +316,7 @@ def put_weight_tap(grad_weight, a, part):
 def shape_only(x, window):
     """A device array of the 2-D batch's input shape (``window``, rank 2), never
     read."""
-    return cuda.device_array((window.batch, window.channels) + window.in_size, x.dtype)
+    return _stream.empty((window.batch, window.channels) + window.in_size, x.dtype)
 
 
 def bias_grad(grad_output, w):

@@ -68,6 +68,7 @@ import functools
 import numpy as np
 from numba import config, cuda
 
+from fastpool.cuda import _stream
 from fastpool.cuda._launch import batched, contiguous, launch
 from fastpool.cuda.conv._direct import _gemm_weights, _simple_kernels
 from fastpool.cuda.conv._tiled import _tiled_forward_kernel, _tiled_weight_grad_kernel
@@ -120,7 +121,13 @@ def _taps_on(channels, kernel_h, kernel_w, dilation_h, dilation_w, in_h, in_w, c
                           indexing="ij")
     dh, dw = i.ravel() * dilation_h, j.ravel() * dilation_w
     offset = (c.ravel() * in_h + dh) * in_w + dw
-    return cuda.to_device(np.stack([c.ravel(), dh, dw, offset], axis=1).astype(np.int64))
+    table = np.stack([c.ravel(), dh, dw, offset], axis=1).astype(np.int64)
+    # Waited for once here: a copy from pageable memory may return before its DMA is
+    # done, and later calls read the table from any stream, unordered with the copy's.
+    stream = cuda.stream()
+    table = cuda.to_device(table, stream=stream)
+    stream.synchronize()
+    return table
 
 
 @functools.lru_cache(maxsize=None)
@@ -162,7 +169,7 @@ def _convolve(x, weight, bias, y, groups, stride, pad, dilation, flip, algorithm
     channels, rows = (out_per_group, in_per_group) if flip else (in_per_group,
                                                                   out_per_group)
     depth = channels * kernel_h * kernel_w
-    wk = cuda.device_array((groups, depth, rows), x.dtype)
+    wk = _stream.empty((groups, depth, rows), x.dtype)
     launch(_gemm_weights, wk.size, weight, wk, flip)
     _, in_channels, in_h, in_w = x.shape
     taps = _taps(channels, kernel_h, kernel_w, *dilation, in_h, in_w)
@@ -200,7 +207,7 @@ def _weight_grad(x, grad_output, weight_shape, w, algorithm):
     out_channels, in_per_group, kernel_h, kernel_w = weight_shape
     depth = in_per_group * kernel_h * kernel_w
     out_per_group = out_channels // w.groups
-    grad_weight = cuda.device_array(weight_shape, x.dtype)
+    grad_weight = _stream.empty(weight_shape, x.dtype)
     taps = _taps(in_per_group, kernel_h, kernel_w, *w.dilation, *w.in_size)
     pixels = w.batch * w.out_size[0] * w.out_size[1]
     placement = (w.groups, *w.stride, *w.pad_lo)
@@ -215,7 +222,7 @@ def _weight_grad(x, grad_output, weight_shape, w, algorithm):
         stages_per_slice = _ceil_div(stages, splits)
         splits = _ceil_div(stages, stages_per_slice)  # no empty slice
         partial = (grad_weight.reshape(1, out_channels, depth) if splits == 1 else
-                   cuda.device_array((splits, out_channels, depth), x.dtype))
+                   _stream.empty((splits, out_channels, depth), x.dtype))
         _launch_tiles(_tiled_weight_grad_kernel(np.dtype(x.dtype), tiles), tiles,
                       splits * tiles_per_slice, _flat(x), w.channels, *w.in_size,
                       _flat(grad_output), *w.out_size, taps, partial, *placement,
@@ -223,7 +230,7 @@ def _weight_grad(x, grad_output, weight_shape, w, algorithm):
     else:
         splits = _splits(pixels, _ceil_div(_TARGET_THREADS, size), size, x.dtype.itemsize)
         partial = (grad_weight.reshape(1, out_channels, depth) if splits == 1 else
-                   cuda.device_array((splits, out_channels, depth), x.dtype))
+                   _stream.empty((splits, out_channels, depth), x.dtype))
         launch(_simple_kernels(np.dtype(x.dtype)).direct_weight_grad, splits * size, x,
                grad_output, taps, partial, *placement)
     _sum_partials(partial, grad_weight)
@@ -233,12 +240,12 @@ def _weight_grad(x, grad_output, weight_shape, w, algorithm):
 def _bias_grad(grad_output):
     """``grad_output`` (``(N, C_out, OH, OW)``) summed over N, OH and OW."""
     batch, out_channels, out_h, out_w = grad_output.shape
-    grad_bias = cuda.device_array(out_channels, grad_output.dtype)
+    grad_bias = _stream.empty(out_channels, grad_output.dtype)
     pixels = batch * out_h * out_w
     splits = _splits(pixels, _ceil_div(_TARGET_THREADS, out_channels), out_channels,
                      grad_output.dtype.itemsize)
     partial = (grad_bias.reshape(1, out_channels) if splits == 1 else
-               cuda.device_array((splits, out_channels), grad_output.dtype))
+               _stream.empty((splits, out_channels), grad_output.dtype))
     launch(_simple_kernels(np.dtype(grad_output.dtype)).bias_grad, splits * out_channels,
            grad_output, partial)
     _sum_partials(partial, grad_bias)
@@ -246,7 +253,7 @@ def _bias_grad(grad_output):
 
 
 def _input_grad(grad_output, weight, w, algorithm):
-    grad_input = cuda.device_array((w.batch, w.channels) + w.in_size, grad_output.dtype)
+    grad_input = _stream.empty((w.batch, w.channels) + w.in_size, grad_output.dtype)
     if w.stride == (1, 1):
         pad = tuple(d * (k - 1) - p for k, d, p in zip(w.kernel, w.dilation, w.pad_lo))
         _convolve(grad_output, weight, None, grad_input, w.groups, (1, 1), pad,
@@ -272,7 +279,7 @@ def conv2d_forward(x, weight, bias, window, algorithm=None):
     ``"direct"``) overrides ``choose_algorithm``; tests use it to cover both paths."""
     w = window
     x = batched(x, (w.batch, w.channels) + w.in_size)
-    y = cuda.device_array((w.batch, w.out_channels) + w.out_size, x.dtype)
+    y = _stream.empty((w.batch, w.out_channels) + w.out_size, x.dtype)
     if w.batch > 0:
         _convolve(x, weight, bias, y, w.groups, w.stride, w.pad_lo, w.dilation, False,
                   algorithm)
@@ -289,13 +296,13 @@ def conv2d_backward(grad_output, x, weight, window, output_mask, algorithm=None)
     empty = w.batch == 0
     grad_input = grad_weight = grad_bias = None
     if want_input:
-        grad_input = (cuda.device_array(x.shape, x.dtype) if empty
+        grad_input = (_stream.empty(x.shape, x.dtype) if empty
                       else _input_grad(grad_output, weight, w, algorithm))
         grad_input = grad_input.reshape(w.input_shape)
     if want_weight:
-        grad_weight = (cuda.to_device(np.zeros(weight.shape, x.dtype)) if empty
+        grad_weight = (_stream.zeros(weight.shape, x.dtype) if empty
                        else _weight_grad(x, grad_output, weight.shape, w, algorithm))
     if want_bias:
-        grad_bias = (cuda.to_device(np.zeros(w.out_channels, x.dtype)) if empty
+        grad_bias = (_stream.zeros(w.out_channels, x.dtype) if empty
                      else _bias_grad(grad_output))
     return grad_input, grad_weight, grad_bias
