@@ -293,11 +293,15 @@ def to_device(value):
     ``as_cuda_array`` would synchronise the host with that stream)."""
     from numba import cuda
     kind = array_kind(value)
-    if kind is None or kind == "numba":
+    if kind is None:
         return value
     if kind == "host":
         return _host_to_device(np.asarray(value))
     from fastpool.cuda import _stream
+    if kind == "numba":
+        if value.stream != 0:  # bound to a stream: its work on the array comes first
+            _stream.wait_for_stream(value.stream)
+        return value
     _stream.wait_for(value.__cuda_array_interface__.get("stream"))
     return cuda.as_cuda_array(value, sync=False)
 
@@ -323,8 +327,8 @@ def from_device(result, kind, like):
     """Hand a Numba device array back as ``kind`` (the kind of the call's first array,
     ``like``): NumPy for host input (the one copy back), the same GPU array for Numba
     device arrays, a zero-copy CuPy array or torch tensor for those."""
-    if result is None:
-        return None
+    if result is None or isinstance(result, (bool, int, float)):
+        return result  # values read back on the host (reproducible gradients' maxima)
     from fastpool.cuda import _stream
     if kind == "host":
         return _stream.download(result)

@@ -19,9 +19,11 @@ target has float16, not bfloat16).
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 
-from fastpool._dispatch import _host_to_device, array_kind, to_device
+from fastpool._dispatch import _host_to_device, array_kind, current_stream, to_device
 
 HALF_NAMES = ("float16", "bfloat16")
 
@@ -66,8 +68,9 @@ def _widen(array):
         import cupy
         return array.astype(cupy.float32)
     # Numba device arrays (and other interface objects, viewed as one): through the
-    # host, as Numba arrays have no dtype conversion.
-    return _host_to_device(to_device(array).copy_to_host().astype(np.float32, order="K"))
+    # host, as Numba arrays have no dtype conversion (on the call's stream).
+    from fastpool.cuda._stream import download
+    return _host_to_device(download(to_device(array)).astype(np.float32, order="K"))
 
 
 def _narrow(result, like):
@@ -87,7 +90,8 @@ def _narrow(result, like):
         return result.to(like.dtype)
     if kind == "cupy":
         return result.astype(like.dtype)
-    return _host_to_device(result.copy_to_host().astype(like.dtype, order="K"))
+    from fastpool.cuda._stream import download
+    return _host_to_device(download(result).astype(like.dtype, order="K"))
 
 
 class HalfPrecision:
@@ -105,9 +109,17 @@ class HalfPrecision:
         if not callable(kernel) or name in native:
             return kernel  # a launcher that reads and writes 16-bit floats itself
         like = self._like
+        gpu = self._module.__name__ == "fastpool.cuda"
 
         def run(*args, **kwargs):
-            args = [_widen(a) for a in args]
-            kwargs = {k: _widen(v) for k, v in kwargs.items()}
-            return _narrow(kernel(*args, **kwargs), like)
+            # On the GPU the copies go to the call's stream too (fastpool.cuda._stream).
+            with _gpu_call(like) if gpu else contextlib.nullcontext():
+                args = [_widen(a) for a in args]
+                kwargs = {k: _widen(v) for k, v in kwargs.items()}
+                return _narrow(kernel(*args, **kwargs), like)
         return run
+
+
+def _gpu_call(like):
+    from fastpool.cuda import _stream
+    return _stream.call(array_kind(like), like, current_stream())

@@ -27,14 +27,38 @@ simulator_only = pytest.mark.skipif(
                           "memory (the simulator)")
 
 
+class _Device(types.SimpleNamespace):
+    """A library's device object: ``index`` (torch), ``id`` and a context (CuPy)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
 class _HostBackedGpuArray:
     """A GPU array as the dispatcher sees one: ``__cuda_array_interface__`` (here over
     host memory, which is what simulated device memory is) and a ``device``."""
 
     def __init__(self, host, ordinal=0, stream=None):
         self.host = host
-        self.device = types.SimpleNamespace(index=ordinal, id=ordinal)
+        self.device = _Device(index=ordinal, id=ordinal)
         self.stream = stream
+
+    @property
+    def shape(self):
+        return self.host.shape
+
+    @property
+    def dtype(self):
+        return self.host.dtype
+
+    def as_strided(self, shape, strides):
+        """torch's ``Tensor.as_strided`` (strides in elements), from the first element."""
+        view = np.lib.stride_tricks.as_strided(
+            self.host, shape, tuple(s * self.host.itemsize for s in strides))
+        return type(self)(view, self.device.index)
 
     @property
     def __cuda_array_interface__(self):
@@ -78,7 +102,7 @@ def stand_ins(monkeypatch):
     from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
 
     calls = {"as_cuda_array": [], "sync": [], "asarray": [], "as_tensor": [],
-             "empty": [], "streams": {"cupy": 0, "torch": 0}}
+             "empty": [], "as_strided": [], "streams": {"cupy": 0, "torch": 0}}
 
     def as_cuda_array(obj, sync=True):
         calls["as_cuda_array"].append(obj)
@@ -111,9 +135,15 @@ def stand_ins(monkeypatch):
         return types.SimpleNamespace(ptr=calls["streams"]["cupy"])
 
     monkeypatch.setattr(cuda, "as_cuda_array", as_cuda_array, raising=False)
+    def cupy_as_strided(array, shape, strides):
+        calls["as_strided"].append(array)
+        return CupyArray(np.lib.stride_tricks.as_strided(array.host, shape, strides))
+
     monkeypatch.setitem(sys.modules, "cupy", types.SimpleNamespace(
         asarray=cupy_asarray, empty=cupy_empty,
-        cuda=types.SimpleNamespace(get_current_stream=cupy_current_stream)))
+        cuda=types.SimpleNamespace(get_current_stream=cupy_current_stream),
+        lib=types.SimpleNamespace(stride_tricks=types.SimpleNamespace(
+            as_strided=cupy_as_strided))))
     # torch's dtypes bear NumPy's names; the stand-in's are NumPy's.
     monkeypatch.setitem(sys.modules, "torch", types.SimpleNamespace(
         as_tensor=torch_as_tensor, empty=torch_empty,
@@ -339,14 +369,21 @@ class _ProtocolStream:
 @simulator_only
 @pytest.mark.parametrize("make", [int, _TorchStream, _CupyStream, _ProtocolStream],
                          ids=["handle", "torch", "cupy", "protocol"])
-def test_use_stream_puts_every_launch_and_copy_on_that_stream(stand_ins, launches, make):
+def test_use_stream_puts_every_launch_and_copy_on_that_stream(stand_ins, launches, events,
+                                                             make):
     """``fastpool.use_stream`` beats the library's current stream; host inputs are
-    copied in and out on it too (and the copy back waits for that stream only)."""
+    copied in and out on it too (and the copy back waits for that stream only). A torch
+    call there waits for torch's current stream first (PyTorch's array interface names
+    no stream: its inputs were queued there), and torch's stream waits for the call's
+    at the end, so torch's own later work sees the result."""
     host = np.random.default_rng(2).random((2, 3, 6, 6)).astype(np.float32)
     stand_ins["streams"]["torch"] = SIDE
     with fastpool.use_stream(make(OTHER)):
         y = fastpool.max_pool2d(host, 2, device="cuda")  # NumPy in, NumPy out
-        t = fastpool.max_pool2d(TorchTensor(host, stream=SIDE), 2)
+        assert events == []
+        t = fastpool.max_pool2d(TorchTensor(host), 2)
+    assert [(_handle(e.on), _handle(e.by)) for e in events] == [(SIDE, OTHER),
+                                                                 (OTHER, SIDE)]
     np.testing.assert_array_equal(y, fastpool.max_pool2d(host, 2))
     assert {_handle(s) for s in launches} == {OTHER}
     # Not the caller's library stream: its allocator (ordered with that stream) is not
@@ -426,3 +463,85 @@ def test_host_inputs_the_kernels_do_not_read_are_not_copied(monkeypatch):
     uploaded.clear()
     fastpool.max_pool2d_backward(gy, x, 2, device="cuda")
     assert x.shape in uploaded
+
+
+@simulator_only
+def test_a_numba_array_bound_to_a_stream_is_waited_for(launches, events):
+    from numba import cuda
+    host = np.random.default_rng(6).random((1, 1, 4, 4)).astype(np.float32)
+    producer = cuda.stream()
+    bound = cuda.to_device(host).bind(producer)
+    y = fastpool.max_pool2d(bound, 2)
+    np.testing.assert_array_equal(y.copy_to_host(), fastpool.max_pool2d(host, 2))
+    assert [(e.on, e.by) for e in events] == [(producer, 0)]
+    events.clear()
+    with fastpool.use_stream(producer):  # the same stream: nothing to wait for
+        fastpool.max_pool2d(bound, 2)
+    assert events == []
+
+
+@simulator_only
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_reshaped_and_permuted_results_are_views_of_the_librarys_arrays(stand_ins, kind):
+    """A channels-last result is one (N, H, W, C) allocation viewed in (N, C, H, W)
+    order: it comes back as the library's own view of that allocation, not through its
+    interface constructor."""
+    host = np.random.default_rng(7).random((2, 3, 6, 8)).astype(np.float32)
+    nhwc = np.ascontiguousarray(host.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+    y = fastpool.max_pool2d(KINDS[kind](nhwc), 2)
+    expected = fastpool.max_pool2d(nhwc, 2)
+    assert type(y) is KINDS[kind] and y.host.strides == expected.strides
+    np.testing.assert_array_equal(y.host, expected)
+    assert stand_ins["asarray"] == stand_ins["as_tensor"] == []
+    allocation, = stand_ins["empty"]
+    assert np.shares_memory(y.host, allocation.host)
+
+
+@simulator_only
+def test_reproducible_gradients_read_their_maxima_on_the_callers_stream(
+        stand_ins, launches):
+    stand_ins["streams"]["torch"] = SIDE
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((2, 3, 5, 5)).astype(np.float32)
+    w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    gy = rng.standard_normal((2, 4, 3, 3)).astype(np.float32)
+    grads = fastpool.conv2d_backward(TorchTensor(gy), TorchTensor(x), TorchTensor(w),
+                                     reproducible=True)
+    expected = fastpool.conv2d_backward(gy, x, w, reproducible=True)
+    np.testing.assert_allclose(grads[0].host, expected[0], rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads[1:], expected[1:]):  # the reproducible ones: bitwise
+        np.testing.assert_array_equal(got.host, want)
+    assert launches and {_handle(s) for s in launches} == {SIDE}
+
+
+@simulator_only
+def test_half_precision_copies_go_to_the_calls_stream(monkeypatch, launches):
+    """float16 Numba arrays in a convolution (computed in float32): widened and rounded
+    through the host, with the copies on the call's stream too."""
+    from numba import cuda
+    from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
+    copies = []
+    to_host, to_device = FakeCUDAArray.copy_to_host, FakeCUDAArray.copy_to_device
+
+    def recording_to_host(self, ary=None, stream=0):
+        copies.append(stream)
+        return to_host(self, ary, stream=stream)
+
+    def recording_to_device(self, ary, stream=0):
+        copies.append(stream)
+        return to_device(self, ary, stream=stream)
+
+    monkeypatch.setattr(FakeCUDAArray, "copy_to_host", recording_to_host)
+    monkeypatch.setattr(FakeCUDAArray, "copy_to_device", recording_to_device)
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((1, 2, 5, 5)).astype(np.float16)
+    w = rng.standard_normal((3, 2, 3, 3)).astype(np.float16)
+    d_x, d_w = cuda.to_device(x), cuda.to_device(w)
+    copies.clear()
+    with fastpool.use_stream(OTHER):
+        y = fastpool.conv2d(d_x, d_w)
+    seen = list(copies)
+    assert y.dtype == np.float16
+    np.testing.assert_array_equal(y.copy_to_host(), fastpool.conv2d(x, w))
+    assert launches and {_handle(s) for s in launches} == {OTHER}
+    assert seen and {_handle(s) for s in seen} == {OTHER}

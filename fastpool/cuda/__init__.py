@@ -81,7 +81,7 @@ max_unpool_backward = on_device(_pooling.max_unpool_backward)
 # Reproducible weight and bias gradients (``fastpool._reproducible``).
 conv_weight_folds = on_device(_conv_reproducible.conv_weight_folds)
 channel_sum_folds = on_device(_conv_reproducible.channel_sum_folds)
-max_abs = _conv_reproducible.max_abs  # host values: one wait for the GPU
+max_abs = on_device(_conv_reproducible.max_abs)  # host values: one wait for the GPU
 finish_folds = on_device(_conv_reproducible.finish_folds)
 
 # Launchers whose kernels read and write float16 arrays themselves (widening each load,

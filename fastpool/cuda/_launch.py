@@ -140,11 +140,15 @@ def raise_if(flag, error):
 
 def check_deferred(pending):
     """Read back the flags that ``raise_if`` deferred, in call order, and raise the
-    first raised one's error."""
+    first raised one's error: every copy queued first, then one wait per stream."""
+    copies, streams = [], {}
     for flag, stream, error in pending:
-        host = flag.copy_to_host(stream=stream)
+        copies.append((flag.copy_to_host(stream=stream), error))
+        streams[id(stream)] = stream
+    for stream in streams.values():
         if stream != 0:
             stream.synchronize()
+    for host, error in copies:
         if host[0]:
             raise error
 

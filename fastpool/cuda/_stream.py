@@ -8,9 +8,14 @@ A call follows its caller, as a CuPy or PyTorch operation does:
   the calling thread; else, for torch tensors, PyTorch's current stream on the
   tensor's device; for CuPy arrays, CuPy's current stream; for anything else Numba's
   default stream;
-- an input whose ``__cuda_array_interface__`` names another stream that the call's
-  stream is not ordered with is waited for on the GPU (an event recorded there, waited
-  on by the call's stream), never on the host;
+- inputs queued on a stream that the call's stream is not ordered with are waited for
+  on the GPU (an event recorded there, waited on by the call's stream), never on the
+  host: the stream an input's ``__cuda_array_interface__`` names (CuPy's arrays name
+  one; Numba's device arrays are bound to one or none), and, for torch and CuPy calls,
+  that library's current stream (PyTorch's interface names no stream at all);
+- when a torch or CuPy call ran on another stream than that library's current one
+  (inside ``fastpool.use_stream``), the library's current stream is made to wait for
+  the call (an event), so the library's own later work sees the results;
 - outputs and scratch of torch and CuPy calls come from that library's allocator
   (``torch.empty``, ``cupy.empty``: its caching allocator and memory pool, counted in
   its statistics and never freed with a device-wide ``cuMemFree``) when the call runs
@@ -25,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import weakref
 
 import numpy as np
 from numba import config, cuda
@@ -34,7 +40,7 @@ class _Call(threading.local):
     stream = 0        # a Numba stream, or 0 for Numba's default stream
     handle = 0        # its raw handle (0: the default stream)
     allocate = None   # (shape, dtype) -> (Numba view, library array), or None
-    owners = None     # (pointer, shape, strides) -> the library array allocated there
+    owners = None     # pointer -> (weak reference to the library array, shape, strides)
 
 
 _call = _Call()
@@ -60,6 +66,7 @@ class SimulatedStream:
 
 
 _streams = {}
+_STREAMS_KEPT = 256
 
 
 def numba_stream(handle):
@@ -82,8 +89,20 @@ def numba_stream(handle):
             found = cuda.per_thread_default_stream()
         else:
             found = cuda.external_stream(handle)
+        if len(_streams) >= _STREAMS_KEPT:  # wrappers own nothing: drop, not leak
+            _streams.clear()
         _streams[key] = found
     return found
+
+
+def raw_handle(stream):
+    """The raw handle of a Numba stream (0: the default stream); under the simulator,
+    whose streams have none, the object's identity stands for one."""
+    if isinstance(stream, SimulatedStream):
+        return stream.handle
+    if config.ENABLE_CUDASIM:
+        return id(stream)
+    return int(stream.handle or 0)
 
 
 def _numba_stream_class():
@@ -102,8 +121,7 @@ def stream_handle(stream):
     if isinstance(stream, SimulatedStream):
         return stream.handle
     if isinstance(stream, _numba_stream_class()):
-        # The simulator's streams have no handle; their identity stands for one.
-        return id(stream) if config.ENABLE_CUDASIM else int(stream)
+        return raw_handle(stream)
     if isinstance(stream, (int, np.integer)) and not isinstance(stream, bool):
         if stream < 0:
             raise ValueError(f"stream must be a CUDA stream or a handle >= 0, got {stream}")
@@ -127,7 +145,8 @@ def _library_stream(kind, like):
         return torch.cuda.current_stream(like.device).cuda_stream
     if kind == "cupy":
         import cupy
-        return cupy.cuda.get_current_stream().ptr
+        with like.device:  # CuPy's current device may be another GPU than the array's
+            return cupy.cuda.get_current_stream().ptr
     return 0
 
 
@@ -149,9 +168,11 @@ def _torch_allocator(like):
 
 def _cupy_allocator(like):
     import cupy
+    device = like.device
 
     def allocate(shape, dtype):
-        return cupy.empty(shape, dtype)
+        with device:
+            return cupy.empty(shape, dtype)
 
     return allocate
 
@@ -174,11 +195,16 @@ def call(kind, like, explicit=None):
     _call.handle = handle
     _call.allocate = None
     _call.owners = None
-    if library is not None and _same_stream(handle, library):
-        _call.allocate = _ALLOCATORS[kind](like)
-        _call.owners = {}
     try:
+        if library is not None:
+            if _same_stream(handle, library):
+                _call.allocate = _ALLOCATORS[kind](like)
+                _call.owners = {}
+            else:  # its inputs were queued on the library's current stream
+                wait_for(library)
         yield
+        if library is not None and not ordered(handle, library):
+            _join(_call.stream, numba_stream(library))
     finally:
         _call.stream, _call.handle, _call.allocate, _call.owners = saved
 
@@ -210,11 +236,25 @@ def wait_for(producer):
     already ordered."""
     if ordered(producer, _call.handle):
         return False
+    _join(numba_stream(producer), _call.stream)
+    return True
+
+
+def wait_for_stream(producer):
+    """``wait_for`` given a Numba stream object (a device array's bound stream)."""
+    if ordered(raw_handle(producer), _call.handle):
+        return False
+    _join(producer, _call.stream)
+    return True
+
+
+def _join(producer, consumer):
+    """Make Numba stream ``consumer`` wait, on the GPU, for the work queued so far on
+    ``producer``."""
     # The simulator's events take no arguments; real ones skip timing (cheaper).
     event = cuda.event() if config.ENABLE_CUDASIM else cuda.event(timing=False)
-    event.record(numba_stream(producer))
-    event.wait(_call.stream)
-    return True
+    event.record(producer)
+    event.wait(consumer)
 
 
 def _pointer(view):
@@ -232,7 +272,7 @@ def empty(shape, dtype):
         owned = allocate(shape, dtype)
         if owned is not None:
             view = cuda.as_cuda_array(owned, sync=False)
-            _call.owners[(_pointer(view), view.shape, view.strides)] = owned
+            _call.owners[_pointer(view)] = (_reference(owned), view.shape, view.strides)
             return view
     return cuda.device_array(shape, dtype, stream=0)
 
@@ -261,10 +301,32 @@ def download(array):
     return host
 
 
+def _reference(owned):
+    # Weak: scratch arrays die with the call's locals, not at its end.
+    try:
+        return weakref.ref(owned)
+    except TypeError:  # a type without weak references
+        return lambda: owned
+
+
 def owner(result):
-    """The library array that ``empty`` allocated for exactly ``result`` (the same
-    memory, shape and strides), or None."""
+    """The library array that ``empty`` allocated at ``result``'s memory, or a view of
+    it with ``result``'s shape and strides (a reshaped or axis-permuted result); None
+    for memory the library did not allocate in this call."""
     owners = _call.owners
-    if not owners:
+    found = owners.get(_pointer(result)) if owners else None
+    owned = found[0]() if found else None
+    if owned is None:
         return None
-    return owners.get((_pointer(result), result.shape, result.strides))
+    if (found[1], found[2]) == (result.shape, result.strides):
+        return owned
+    return library_view(owned, result.shape, result.strides, result.dtype.itemsize)
+
+
+def library_view(owned, shape, strides, itemsize):
+    """A view of the torch tensor or CuPy array ``owned``, from its first element, with
+    ``shape`` and byte ``strides``."""
+    if hasattr(owned, "as_strided"):  # torch counts strides in elements
+        return owned.as_strided(shape, tuple(s // itemsize for s in strides))
+    import cupy
+    return cupy.lib.stride_tricks.as_strided(owned, shape, strides)

@@ -131,8 +131,6 @@ def _finish_kernel(folds, unscale, out):
 def max_abs(a):
     """``(largest finite |a|, whether every value is finite)`` (0 for none): one wait
     for the GPU. ``a``: a device array ``(N, C, *spatial)`` or ``(C, *spatial)``."""
-    from fastpool._dispatch import to_device
-    a = to_device(a)
     shape = (1,) * (5 - a.ndim) + tuple(a.shape)
     view = volume(a, True, 3) if a.ndim == 5 else _as_5d(a, shape)
     out, seen = _stream.zeros(1, np.float64), _stream.zeros(1, np.int32)
