@@ -129,6 +129,40 @@ def test_choose_algorithm_per_shape():
     assert chosen((2, 8, 9, 9), (4, 8, 3, 3), stride=(2, 1)) == "im2col"
 
 
+def test_narrow_forwards_choose_rows_where_it_gathers_less():
+    """Outputs narrower than _ROWS_MIN_WIDTH: the forward runs "rows" for kernels at
+    least 3 high and 5 wide with GEMMs at most _ROWS_NARROW_MAX_DEPTH deep over at least
+    _ROWS_NARROW_MIN_PIXELS pixels (LeNet's 5x5 6->16@14 at batch 32), channels-last
+    inputs too (through a copy); the backward of the same layer keeps im2col."""
+    from fastpool.cpu.conv import _forward_problem
+    from fastpool.cpu.conv import _planner
+
+    def window(x_shape, w_shape, channels_last=False, **args):
+        x, w = np.zeros(x_shape, np.float32), np.zeros(w_shape, np.float32)
+        if channels_last:
+            x = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+        return _params.conv_window(x, w, None, 2, **args)[3]
+
+    def chosen(*shapes, **args):
+        w = window(*shapes, **args)
+        return (cpu_conv.choose_algorithm(w),
+                _planner._NAMES[_forward_problem(w).backward_algorithm()])
+
+    assert chosen((32, 6, 14, 14), (16, 6, 5, 5)) == ("rows", "im2col")
+    assert chosen((4, 6, 14, 14), (16, 6, 5, 5)) == ("rows", "im2col")  # 400 pixels
+    assert chosen((3, 6, 14, 14), (16, 6, 5, 5)) == ("im2col", "im2col")  # 300
+    assert chosen((8, 32, 20, 20), (32, 32, 3, 5), padding=1) == ("rows", "im2col")
+    assert chosen((8, 128, 14, 14), (128, 128, 5, 5), padding=2) == ("rows", "im2col")
+    assert chosen((8, 129, 14, 14), (128, 129, 5, 5), padding=2) == ("im2col",) * 2
+    assert chosen((1, 256, 14, 14), (256, 256, 3, 3), padding=1) == ("im2col",) * 2
+    assert chosen((8, 64, 17, 17), (64, 64, 1, 7), padding=(0, 3)) == ("im2col",) * 2
+    assert chosen((8, 4, 28, 28), (16, 4, 3, 3), padding=1) == ("im2col",) * 2
+    assert chosen((32, 6, 14, 14), (16, 6, 5, 5), channels_last=True) == ("rows", "im2col")
+    assert chosen((32, 6, 14, 14), (16, 6, 5, 5), stride=(2, 1)) == ("im2col",) * 2
+    # At least _ROWS_MIN_WIDTH wide, both directions run rows, as before.
+    assert chosen((1, 8, 9, 60), (4, 8, 3, 2), padding=1) == ("rows", "rows")
+
+
 # ----------------------------------------------------------------------------- PyTorch
 
 @needs_torch

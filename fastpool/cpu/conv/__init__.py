@@ -422,7 +422,7 @@ def _channels_last_grads(grad_output, x_cl, weight, w, output_mask, algorithm):
     grad_input = grad_weight = grad_bias = None
     code = _algorithm_code(w, algorithm)
     if code is None:
-        code = _forward_problem(w).algorithm()
+        code = _forward_problem(w).backward_algorithm()
     if want_input:
         transposed = _input_grad_problem(w)
         # the channels-first path's choice (``_input_grad``)
@@ -501,7 +501,7 @@ def conv2d_backward(grad_output, x, weight, window, output_mask, algorithm=None)
         x = contiguous(x).reshape((w.batch, w.channels) + w.in_size)
     code = _algorithm_code(w, algorithm)
     if code is None:
-        code = _forward_problem(w).algorithm()
+        code = _forward_problem(w).backward_algorithm()
     grad_input = grad_weight = grad_bias = None
     if want_input:
         if w.batch == 0:

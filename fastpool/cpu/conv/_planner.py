@@ -43,6 +43,20 @@ _ROWS_MIN_WIDTH = 56
 # row: batch 1 of 3x3 3->64 on 224x224 (K = 9) ran in 2.61 ms on "rows", 1.30 on im2col
 # (fastpool's own GEMM, 2 threads); 3x3 4->16 on 64x64 (K = 12) in 0.24 and 0.26.
 _ROWS_MIN_DEPTH = 12
+# Narrower forwards still run "rows" when im2col's gathering outweighs the GEMMs: a
+# kernel at least 3 high and 5 wide, GEMMs at most this deep (K = C_g * KW) and enough
+# pixels in all images. Measured 2026-12-05 (docs/measure_rows_narrow.py), 2 threads,
+# float32, forward time of rows / im2col: LeNet's 5x5 6->16@14 at batch 32 0.77, batch
+# 8 0.87, batch 4 (400 pixels) 0.98, batch 1 (100) 1.14; 5x5 16->32@28 0.93, 32->64@14
+# 0.88, 64->64@14 0.89, 128->128@14 (K = 640) 0.96; 3x5 32->32@20 0.85; 3x3
+# 256->256@14 batch 1 (K = 768) 1.61; 3x3 4->16@28 batch 8 0.99 to 1.68 in three runs.
+# The backward keeps im2col there: rows' input and weight gradients ran 1.1-1.8x slower
+# on the same layers.
+# Channels-last inputs take rows too, through a channels-first copy (2 threads, same
+# day): LeNet's at batch 32 0.216 ms in place on im2col, 0.197 copied; 5x5 16->32@28
+# batch 8 2.20 and 1.49; 5x5 3->6@32 batch 16 0.351 and 0.191.
+_ROWS_NARROW_MAX_DEPTH = 640
+_ROWS_NARROW_MIN_PIXELS = 400
 # Transformed input + output per Winograd band, at least: more than L2, as the 16 GEMMs
 # (K = C_g) run faster on more tiles.
 _WINOGRAD_BYTES = 1 << 21
@@ -150,7 +164,19 @@ class _Problem:
             found = self._chosen = self._choose()
         return found
 
-    def _choose(self):
+    def backward_algorithm(self):
+        """The algorithm code of the backward of the forward problem ``self`` (its input
+        and weight gradients): ``algorithm()``'s, except where only the forward gains
+        from "rows" (``_rows``)."""
+        pinned = _PINNED.codes
+        if pinned is not None and "backward" in pinned:
+            return pinned["backward"]
+        found = getattr(self, "_chosen_backward", None)
+        if found is None:
+            found = self._chosen_backward = self._choose(backward=True)
+        return found
+
+    def _choose(self, backward=False):
         if (self.channels_per_group == 1
                 or max(self.in_h * self.in_w, self.out_h * self.out_w,
                        self.channels_per_group * self.kernel_h * self.kernel_w)
@@ -161,8 +187,18 @@ class _Problem:
         if (self.winograd_applies() and self.channels_per_group >= _WINOGRAD_MIN_CHANNELS
                 and self.batch * self.out_h * self.out_w >= _WINOGRAD_MIN_PIXELS):
             return WINOGRAD
-        return (ROWS if self.stride_h == 1 and self.out_w >= _ROWS_MIN_WIDTH
-                and self.channels_per_group * self.kernel_w >= _ROWS_MIN_DEPTH else IM2COL)
+        return ROWS if self._rows(backward) else IM2COL
+
+    def _rows(self, backward):
+        depth = self.channels_per_group * self.kernel_w
+        if self.stride_h != 1 or depth < _ROWS_MIN_DEPTH:
+            return False
+        if self.out_w >= _ROWS_MIN_WIDTH:
+            return True
+        return (not backward and self.kind == "forward"
+                and self.kernel_h >= 3 and self.kernel_w >= 5
+                and depth <= _ROWS_NARROW_MAX_DEPTH
+                and self.batch * self.out_h * self.out_w >= _ROWS_NARROW_MIN_PIXELS)
 
     def valid_names(self):
         """Names of every algorithm that can run this problem (tests run them all)."""
@@ -346,6 +382,7 @@ def planned_as(window):
     _PINNED.problems = {"forward": _Problem.forward(window),
                         "input_grad": _Problem.input_grad(window)}
     _PINNED.codes = {kind: problem.choose() for kind, problem in _PINNED.problems.items()}
+    _PINNED.codes["backward"] = _PINNED.problems["forward"].backward_algorithm()
     try:
         yield
     finally:
