@@ -1,7 +1,8 @@
 """Why the NCHW 3x3 stride-2 max pooling forward of (1, 64, 112, 112) lags ONNX
 Runtime (2026-12-05, ninth session): prototypes of its horizontal pass (each input
 row's maximum over every window's three columns, stride 2) on one thread. Run:
-python docs/measure_maxpool_rows.py. See docs/site/performance.md ("A lead left open")."""
+python docs/measure_maxpool_rows.py. See docs/site/performance.md ("The NCHW stem max pooling"); the kernel
+now does what the fastest of these does."""
 import time, numpy as np, numba
 from numba import njit
 U = np.uint64

@@ -31,7 +31,9 @@ def shares_rows(KD, KH, SH, SW, DH, DW, WITH_INDICES):
     """Whether ``max_forward`` runs ``_max_rows_shared``: without indices, windows one
     slab deep whose rows overlap (``SH < KH <= 5``), no dilation, column stride at most
     ``PHASE_STRIDE_LIMIT`` (the ResNet stem's 3x3 stride 2: (1, 64, 112, 112) on one
-    thread 625 -> 403 us, on two 327 -> 215 us)."""
+    thread 625 -> 403 us, on two 327 -> 215 us; with each pass's column maxima one loop
+    over its column phases, 2026-12-05, on this day's machine 515 -> 266 us on one
+    thread, 352 -> 155 on two)."""
     return (not WITH_INDICES and KD == 1 and DH == 1 and DW == 1 and SH < KH <= 5
             and SW <= PHASE_STRIDE_LIMIT)
 
@@ -87,57 +89,90 @@ def max_forward(KD, KH, KW, SD, SH, SW, DD, DH, DW, WITH_INDICES):
     return kernel
 
 
+# Input rows per pass of ``_max_rows_shared`` (their column maxima, and their column
+# phases, in buffers of about this many values per worker: L2-sized).
+_SHARED_PASS_VALUES = 1 << 15
+
+
 @njit(inline="always")
 def _max_rows_shared(xf, of, row_lo, row_hi, D, H, W, OD, OH, OW, ph, pw, ow_lo, ow_hi,
                      KH, KW, SD, SH, SW):
     """Output rows ``[row_lo, row_hi)`` (``row = (plane * OD + od) * OH + oh``) of a max
     pooling without indices whose windows are one input slab deep (``KD == 1``, so
-    output slab ``od`` reads input slab ``od * SD``), separably: each input row's
-    maximum over every window's columns (``_row_maxima``) is made once, into a ring of
-    ``KH`` rows, and an output row takes the maximum of its ``KH`` input rows' maxima.
-    Both steps keep ``replaces``'s first-wins order (along the row, then down the
-    rows), which picks the same element as the row-major walk over the window: the
-    first NaN, else the first maximum."""
-    ring = hb.wide_empty(KH * OW, of)
-    held = np.full(KH, -1, np.int64)  # the input row (slab * H + h) each ring row holds
-    for row in range(row_lo, row_hi):
+    output slab ``od`` reads input slab ``od * SD``), separably, in passes over runs of
+    output rows of one slab: each input row the run reads gets its maximum over every
+    window's columns once, then each output row takes the maximum of its ``KH`` input
+    rows' maxima. Both steps keep ``replaces``'s first-wins order (along the row, then
+    down the rows), which picks the same element as the row-major walk over the window:
+    the first NaN, else the first maximum.
+
+    With a column stride ``SW > 1`` (when the outputs fit the phase length) the rows
+    of a pass are first split into their ``SW`` column phases and the column maxima of
+    all of them are one loop over the pass (taps at constant offsets in the phases:
+    LLVM vectorises it); the windows at either edge of each row are redone with
+    checks. Row by row, loops of a few dozen outputs ran 2-3x slower (the stem's 3x3
+    stride 2 on (1, 64, 112, 112): docs/site/performance.md)."""
+    L = (W + SW - 1) // SW
+    flat = SW > 1 and OW <= L
+    stride = L if flat else OW  # one input row's column maxima in ``maxima``
+    run_rows = max(1, (max(_SHARED_PASS_VALUES // max(W, 1), KH) - KH) // SH + 1)
+    most = max(1, min(H, (min(run_rows, row_hi - row_lo) - 1) * SH + KH))
+    maxima = hb.wide_empty(most * stride, of)
+    lo_margin = (pw + SW - 1) // SW  # phase slots read before a pass's first row
+    hi_margin = max((KW - 1 - pw) // SW + 1, 0)  # ... and after its last
+    span = lo_margin + most * L + hi_margin
+    phase = hb.wide_empty(SW * span if flat else 1, of)
+    if flat:
+        for e in range(phase.size):  # margins: read by edge windows only, redone
+            phase[e] = 0
+    row = row_lo
+    while row < row_hi:
         q = row // OH
-        h0 = (row - q * OH) * SH - ph
+        end = min(row_hi, (q + 1) * OH, row + run_rows)
         p = q // OD
         slab = p * D + (q - p * OD) * SD
-        first = -1
-        for i in range(KH):
-            h = h0 + i
-            if 0 <= h < H:
-                slot = h % KH
-                if held[slot] != slab * H + h:
-                    _row_maxima(xf, (slab * H + h) * W, W, OW, pw, ow_lo, ow_hi, KW, SW,
-                                ring, slot * OW)
-                    held[slot] = slab * H + h
-                if first < 0:
+        h_start = max((row - q * OH) * SH - ph, 0)
+        n = min((end - 1 - q * OH) * SH - ph + KH, H) - h_start
+        base = (slab * H + h_start) * W
+        if flat:
+            _phase_rows(xf, base, n, W, L, SW, phase, span, lo_margin)
+            _phase_maxima(phase, maxima, n * L, span, lo_margin, pw, KW, SW)
+            for i in range(n):
+                _row_edges(xf, base + i * W, W, OW, pw, ow_lo, ow_hi, KW, SW, maxima,
+                           i * stride)
+        else:
+            for i in range(n):
+                _row_maxima(xf, base + i * W, W, OW, pw, ow_lo, ow_hi, KW, SW, maxima,
+                            i * stride)
+        for out_row in range(row, end):
+            h0 = (out_row - q * OH) * SH - ph
+            first = -1
+            for i in range(KH):
+                if first < 0 and 0 <= h0 + i < H:
                     first = i
-        # Down the rows in one pass. A window row outside the input reads the first
-        # row inside it again, which changes nothing (a value never replaces itself,
-        # a NaN included), so every output row folds exactly KH rows.
-        # The offsets are scalars, not an array read in the loop: that kept LLVM from
-        # vectorising it (263 -> 45 us for (64, 56, 56) outputs).
-        a0 = _ring_row(h0, 0, first, H, KH) * OW
-        a1 = _ring_row(h0, 1, first, H, KH) * OW
-        a2 = _ring_row(h0, 2, first, H, KH) * OW
-        a3 = _ring_row(h0, 3, first, H, KH) * OW
-        a4 = _ring_row(h0, 4, first, H, KH) * OW
-        orow = row * OW
-        for ow in range(OW):
-            best = ring[U(a0 + ow)]
-            if KH > 1:
-                best = _fold(ring[U(a1 + ow)], best)
-            if KH > 2:
-                best = _fold(ring[U(a2 + ow)], best)
-            if KH > 3:
-                best = _fold(ring[U(a3 + ow)], best)
-            if KH > 4:
-                best = _fold(ring[U(a4 + ow)], best)
-            of[U(orow + ow)] = hb.narrow(best, of)
+            # Down the rows in one pass. A window row outside the input reads the first
+            # row inside it again, which changes nothing (a value never replaces
+            # itself, a NaN included), so every output row folds exactly KH rows.
+            # The offsets are scalars, not an array read in the loop: that kept LLVM
+            # from vectorising it (263 -> 45 us for (64, 56, 56) outputs).
+            a0 = (_window_row(h0, 0, first, H, KH) - h_start) * stride
+            a1 = (_window_row(h0, 1, first, H, KH) - h_start) * stride
+            a2 = (_window_row(h0, 2, first, H, KH) - h_start) * stride
+            a3 = (_window_row(h0, 3, first, H, KH) - h_start) * stride
+            a4 = (_window_row(h0, 4, first, H, KH) - h_start) * stride
+            orow = out_row * OW
+            for ow in range(OW):
+                best = maxima[U(a0 + ow)]
+                if KH > 1:
+                    best = _fold(maxima[U(a1 + ow)], best)
+                if KH > 2:
+                    best = _fold(maxima[U(a2 + ow)], best)
+                if KH > 3:
+                    best = _fold(maxima[U(a3 + ow)], best)
+                if KH > 4:
+                    best = _fold(maxima[U(a4 + ow)], best)
+                of[U(orow + ow)] = hb.narrow(best, of)
+        row = end
 
 
 @njit(inline="always")
@@ -146,16 +181,48 @@ def _fold(value, best):
 
 
 @njit(inline="always")
-def _ring_row(h0, i, first, H, KH):
-    """The ring row holding window row ``i`` (rows past ``KH`` or outside the input:
-    the first row inside it)."""
+def _window_row(h0, i, first, H, KH):
+    """The input row of window row ``i`` (rows past ``KH`` or outside the input: the
+    first row inside it)."""
     h = h0 + i
-    return (h if i < KH and 0 <= h < H else h0 + first) % KH
+    return h if i < KH and 0 <= h < H else h0 + first
 
 
 @njit(inline="always")
-def _row_maxima(xf, start, W, OW, pw, ow_lo, ow_hi, KW, SW, ring, at):
-    """``ring[at + ow]`` = the maximum of input row ``xf[start:start + W]`` over the
+def _phase_rows(xf, base, n, W, L, SW, phase, span, lo_margin):
+    """Input rows ``xf[base + i * W:][:W]``, ``i < n``, split into their column phases:
+    ``phase[r * span + lo_margin + i * L + q] = row_i[q * SW + r]`` (widened)."""
+    whole = W // SW
+    for i in range(n):
+        start = base + i * W
+        at = lo_margin + i * L
+        for q in range(whole):
+            for r in range(SW):
+                phase[U(r * span + at + q)] = hb.wide(xf[U(start + q * SW + r)])
+        for w in range(whole * SW, W):
+            phase[U((w - whole * SW) * span + at + whole)] = hb.wide(xf[U(start + w)])
+
+
+@njit(inline="always")
+def _phase_maxima(phase, maxima, count, span, lo_margin, pw, KW, SW):
+    """``maxima[k]``, ``k < count``: the first-wins maximum over the window columns
+    ``j < KW`` of output ``k % L`` of row ``k // L``, read from the phases (column
+    ``ow * SW + j - pw`` is phase ``(j - pw) % SW``, slot ``ow + (j - pw) // SW``). Edge
+    windows read neighbouring rows or the margins; the caller redoes them."""
+    c = -pw
+    first = (c % SW) * span + lo_margin + c // SW
+    for k in range(count):
+        best = phase[U(first + k)]
+        for j in range(1, KW):
+            c = j - pw
+            v = phase[U((c % SW) * span + lo_margin + c // SW + k)]
+            best = v if replaces(v, best) else best
+        maxima[U(k)] = best
+
+
+@njit(inline="always")
+def _row_maxima(xf, start, W, OW, pw, ow_lo, ow_hi, KW, SW, maxima, at):
+    """``maxima[at + ow]`` = the maximum of input row ``xf[start:start + W]`` over the
     columns of window ``ow`` (first-wins, left to right): interior windows read the
     row directly (taps ``SW`` apart at constant offsets: LLVM loads them as
     interleaved vectors, no gathers), edge windows with each column checked."""
@@ -166,7 +233,13 @@ def _row_maxima(xf, start, W, OW, pw, ow_lo, ow_hi, KW, SW, ring, at):
         for j in range(1, KW):
             v = hb.wide(xf[U(k0 + j)])
             best = v if replaces(v, best) else best
-        ring[U(at + ow)] = best
+        maxima[U(at + ow)] = best
+    _row_edges(xf, start, W, OW, pw, ow_lo, ow_hi, KW, SW, maxima, at)
+
+
+@njit(inline="always")
+def _row_edges(xf, start, W, OW, pw, ow_lo, ow_hi, KW, SW, maxima, at):
+    """``_row_maxima`` of the windows outside ``[ow_lo, ow_hi)``, each column checked."""
     for part in range(2):
         for ow in range(0 if part == 0 else ow_hi, ow_lo if part == 0 else OW):
             w0 = ow * SW - pw
@@ -179,7 +252,7 @@ def _row_maxima(xf, start, W, OW, pw, ow_lo, ow_hi, KW, SW, ring, at):
                     if not found or replaces(v, best):
                         best = v
                         found = True
-            ring[at + ow] = best
+            maxima[at + ow] = best
 
 
 @njit(inline="always")
