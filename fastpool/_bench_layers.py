@@ -359,14 +359,42 @@ def _check_same(name, layer, ours, theirs):
                            f"{layer.label}: the benchmark's peer is misbuilt")
 
 
-def interleaved_medians(functions, repeats):
-    """Median seconds of each function, timed in turn within every repeat."""
+# How long a peer's idle threads go on spinning after its call: PyTorch's libgomp
+# workers burn 8-9 ms of CPU after each call here (process CPU time measured across a
+# sleep after a 1x1 512->256 conv on 28x28).
+SETTLE_SECONDS = 0.012
+
+
+def _busy_wait(seconds):
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+def interleaved_medians(functions, repeats, settle=SETTLE_SECONDS):
+    """Median seconds of each function over ``repeats`` rounds; in each round every
+    function runs in turn, each round starting from the next function.
+
+    Each sample is a function's steady state, as in a loop of its own calls: after
+    ``settle`` seconds (the main thread busy, so the clocks stay up) for the previous
+    function's spinning threads to stop, one untimed call wakes the function's own
+    thread pool and caches, and the next call is timed. Timed right after another
+    library's call, a function ran with that library's spinning OpenMP thread on one of
+    the two cores (fastpool's 1x1 512->256 on 28x28: 1.2 ms alone, 1.8-2.4 ms right
+    after PyTorch's call). ``OMP_WAIT_POLICY=PASSIVE`` would stop the spinning, but makes
+    PyTorch's small calls 4-10x slower (4 -> 40 us): the peers' settings stay as users
+    have them. The rotation keeps whatever effect remains from always falling on the
+    same function."""
     samples = [[] for _ in functions]
-    for _ in range(repeats):
-        for fn, bucket in zip(functions, samples):
+    count = len(functions)
+    for r in range(repeats):
+        for i in range(count):
+            k = (r + i) % count
+            _busy_wait(settle)
+            functions[k]()
             start = time.perf_counter()
-            fn()
-            bucket.append(time.perf_counter() - start)
+            functions[k]()
+            samples[k].append(time.perf_counter() - start)
     return [float(np.median(b)) for b in samples]
 
 

@@ -4,6 +4,7 @@ end on a tiny selection (no timing is asserted)."""
 
 import json
 import math
+import time
 
 import numpy as np
 import pytest
@@ -160,3 +161,24 @@ def test_layers_command_end_to_end(tmp_path, capsys):
 def test_layers_command_rejects_bad_options(argv, message):
     with pytest.raises(SystemExit, match=message):
         cli.main(["bench", "--suite", "layers", *argv])
+
+
+def test_interleaved_medians_rotates_the_order():
+    # Each repeat starts from the next function, so the one that runs after a peer's
+    # threads is not always the same; every function gets one timed call (after an
+    # untimed one) per repeat, and each median is of its own samples.
+    calls = []
+
+    def make(name, seconds):
+        def fn():
+            calls.append(name)
+            end = time.perf_counter() + seconds
+            while time.perf_counter() < end:
+                pass
+        return fn
+
+    fns = [make("a", 0.0), make("b", 0.002), make("c", 0.0)]
+    medians = layers.interleaved_medians(fns, repeats=3, settle=0.0)
+    # each sample: an untimed call, then the timed one
+    assert calls == [n for n in "abcbcacab" for _ in range(2)]
+    assert medians[1] >= 0.002 > max(medians[0], medians[2])
