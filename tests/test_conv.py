@@ -101,6 +101,32 @@ def test_every_algorithm_matches_reference(case):
         _check_all((y, *grads), expected, bounds, x.dtype)
 
 
+def test_stride_two_reads_match_reference_at_every_edge():
+    # Stride 2 reads both column phases of an input row in one loop and copies tap j
+    # from tap j - 2 one column on (``_gather_columns_s2``, ``_pad_phase_pair``); the
+    # cells where only one tap of a pair, or no shifted copy, lies inside the row sit
+    # at the edges, so sweep kernel widths, paddings and odd/even widths (rows of 16
+    # output columns and more: ``_S2_MIN_WIDTH``, ``_PAIR_MIN_WIDTH``).
+    rng = np.random.default_rng(20261206)
+    for kw in range(2, 8):
+        for pad in range(kw):
+            # narrow rows keep the plain strided reads; 16 output columns take the pairs
+            for width in (kw, kw + 1, kw + 30, kw + 31, kw + 34, kw + 35):
+                if width + 2 * pad < kw:
+                    continue
+                x = rng.standard_normal((1, 2, 5, width))
+                # groups=2: one channel per group, the direct plane kernels
+                for groups, ww in ((1, rng.standard_normal((3, 2, 2, kw))),
+                                   (2, rng.standard_normal((2, 1, 2, kw)))):
+                    args = dict(stride=(1, 2), padding=(1, pad), groups=groups)
+                    x_, w_, _, geometry = _params.conv_window(x, ww, None, 2, **args)
+                    expected = ref.conv2d(x, ww, None, **args)
+                    bound = ref.conv2d(np.abs(x), np.abs(ww), None, **args)
+                    for algorithm in set(cpu_conv.valid_algorithms(geometry)):
+                        got = cpu_conv.conv2d_forward(x_, w_, None, geometry, algorithm)
+                        assert_close_to_sum(got, expected, bound, x.dtype)
+
+
 def test_choose_algorithm_per_shape():
     def chosen(x_shape, w_shape, **args):
         x, w = np.zeros(x_shape, np.float32), np.zeros(w_shape, np.float32)
