@@ -942,19 +942,26 @@ def test_conv3d_channels_last_and_bad_input():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_channels_last_pointwise_is_the_same_at_one_and_two_threads(dtype):
+@pytest.mark.parametrize("x_shape, out_channels", [((3, 38, 283), 49), ((1, 38, 70), 160)])
+def test_channels_last_pointwise_is_the_same_at_one_and_two_threads(dtype, x_shape,
+                                                                    out_channels):
     """The channels-last 1x1 GEMMs on BLAS run over blocks of rows fixed by the pixel
-    count: the forward and every gradient are the same bits at 1 and 2 threads (the
-    input gradient, split by the thread count, differed by up to 7.6e-6 before; review
-    of 2026-12-05)."""
+    count (the forward over blocks of output channels when there are more of them than
+    pixels, the second case): the forward and every gradient are the same bits at 1
+    and 2 threads (the input gradient, split by the thread count, differed by up to
+    7.6e-6 before; review of 2026-12-05), and the forward is the reference's."""
     import numba
     if numba.config.NUMBA_NUM_THREADS < 2:
         pytest.skip("Numba has one thread")
     rng = np.random.default_rng(43)
-    x = _channels_last(rng.standard_normal((3, 38, 283)).astype(dtype))
-    w = rng.standard_normal((49, 38, 1)).astype(dtype)
-    b = rng.standard_normal(49).astype(dtype)
-    g = _channels_last(rng.standard_normal((3, 49, 283)).astype(dtype))
+    n, c, length = x_shape
+    x = _channels_last(rng.standard_normal(x_shape).astype(dtype))
+    w = rng.standard_normal((out_channels, c, 1)).astype(dtype)
+    b = rng.standard_normal(out_channels).astype(dtype)
+    g = _channels_last(rng.standard_normal((n, out_channels, length)).astype(dtype))
+    x64, w64, b64 = (np.asarray(a, np.float64) for a in (x, w, b))
+    assert_close_to_sum(fastpool.conv1d(x, w, b), ref.conv(x64, w64, b64),
+                        ref.conv(np.abs(x64), np.abs(w64), np.abs(b64)), dtype)
     saved = numba.get_num_threads()
     runs = []
     try:
