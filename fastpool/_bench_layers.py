@@ -457,6 +457,8 @@ def run(networks, batches, dtype, threads, repeats, progress=None, peers=None):
             bar.step(layer.label)
     meta = dict(suite="layers", dtype=str(np.dtype(dtype)), threads=threads,
                 repeats=repeats, networks=list(networks), batches=list(batches),
+                timing=dict(settle_seconds=SETTLE_SECONDS, untimed_calls_before=1,
+                            order="rotating"),
                 date=datetime.date.today().isoformat(),
                 peers={p.name: getattr(p, "version", None) for p in peers})
     return rows, meta

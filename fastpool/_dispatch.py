@@ -310,8 +310,6 @@ def _host_to_device(array):
     """One copy to the GPU that keeps a channels-last (any dense permuted) layout, so
     the kernels see the memory format the call was validated in; other strides are
     made C-contiguous."""
-    from numba import cuda
-
     from fastpool.cuda._launch import dense_order, unpermuted
     from fastpool.cuda._stream import upload
     order = None
