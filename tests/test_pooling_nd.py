@@ -643,6 +643,32 @@ def test_narrow_planes_larger_than_the_copy_limit_run_the_channels_first_kernels
         np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_narrow_max_without_indices_runs_the_shared_rows_kernel(dtype, monkeypatch):
+    """Max pooling without indices on narrow channels-first planes runs the kernel that
+    shares each input row's maxima (``pool_max.shares_rows``; faster there than the
+    copies through the channels-last kernels, docs/site/performance.md), with the
+    channels-last kernels' values bit for bit (NaN, -0.0) and the reference's."""
+    from fastpool._geometry import channels_last_copy
+    from fastpool.cpu import pooling
+    rng = np.random.default_rng(31)
+    x = rng.choice(np.array([-1.0, 0.0, -0.0, 1.5, np.nan], dtype), size=(2, 16, 14, 14),
+                   p=[0.3, 0.25, 0.25, 0.19, 0.01])
+    calls = []
+    original = pooling._max_forward_channels_last
+    monkeypatch.setattr(pooling, "_max_forward_channels_last",
+                        lambda *a: calls.append(1) or original(*a))
+    for args in ((3, 2, 1), (3, 1, 1), (5, 2, 2)):
+        y = fastpool.max_pool2d(x, *args)
+        assert not calls
+        want = np.ascontiguousarray(fastpool.max_pool2d(channels_last_copy(x, 1), *args))
+        assert len(calls) == 1
+        calls.clear()
+        np.testing.assert_array_equal(y.view(f"i{y.itemsize}"),
+                                      want.view(f"i{want.itemsize}"))
+        np.testing.assert_array_equal(y, ref.max_pool(x, *args)[0])
+
+
 def _flatten(results):
     out = []
     for r in results:
