@@ -184,6 +184,25 @@ def test_copies_between_memory_formats(shape, dtype):
     assert again.strides == cl.strides
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int64, np.int32, np.uint16,
+                                   np.uint8])
+def test_transposed_planes_in_vector_blocks(dtype):
+    """``_transpose_planes`` moves 8x8 (4-byte items) or 4x4 (8-byte) blocks through
+    vector registers and the rest item by item: every item lands in place for planes
+    whose sides are and are not multiples of the blocks and of the 32x32 tiles, for
+    every item size the copies see (values, int64 indices, float16 bits, masks)."""
+    from fastpool.cpu._arrays import _transpose_planes
+    rng = np.random.default_rng(7)
+    for n, a, b in [(1, 8, 8), (2, 37, 13), (1, 64, 40), (3, 5, 3), (1, 33, 71)]:
+        src = (rng.standard_normal((n, a, b)) * 100).astype(dtype)
+        dst = np.zeros((n, b, a), dtype)
+        _transpose_planes(src, dst)
+        np.testing.assert_array_equal(dst, src.transpose(0, 2, 1))
+        back = np.zeros_like(src)
+        _transpose_planes(dst, back)
+        np.testing.assert_array_equal(back, src)
+
+
 def test_the_shared_zero_bias_is_never_written():
     """Calls without a bias share one zero array per dtype (``_no_bias``): no algorithm
     may write into it, or later calls would add what it wrote."""

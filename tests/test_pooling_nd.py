@@ -644,12 +644,12 @@ def test_narrow_planes_larger_than_the_copy_limit_run_the_channels_first_kernels
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_narrow_max_without_indices_runs_the_shared_rows_kernel(dtype, monkeypatch):
-    """Max pooling without indices on narrow channels-first planes runs the kernel that
-    shares each input row's maxima (``pool_max.shares_rows``; faster there than the
-    copies through the channels-last kernels, docs/site/performance.md), with the
-    channels-last kernels' values bit for bit (NaN, -0.0) and the reference's."""
-    from fastpool._geometry import channels_last_copy
+def test_narrow_max_without_indices_matches_the_shared_rows_kernel(dtype, monkeypatch):
+    """Max pooling without indices on narrow channels-first planes runs the channels-last
+    kernels between two copies, with the bits (NaN, -0.0) of the channels-first kernel
+    that shares each input row's maxima (``pool_max.shares_rows``), which runs when the
+    copies are turned off, and the reference's values."""
+    from fastpool import _params
     from fastpool.cpu import pooling
     rng = np.random.default_rng(31)
     x = rng.choice(np.array([-1.0, 0.0, -0.0, 1.5, np.nan], dtype), size=(2, 16, 14, 14),
@@ -658,14 +658,25 @@ def test_narrow_max_without_indices_runs_the_shared_rows_kernel(dtype, monkeypat
     original = pooling._max_forward_channels_last
     monkeypatch.setattr(pooling, "_max_forward_channels_last",
                         lambda *a: calls.append(1) or original(*a))
-    for args in ((3, 2, 1), (3, 1, 1), (5, 2, 2)):
-        y = fastpool.max_pool2d(x, *args)
-        assert not calls
-        want = np.ascontiguousarray(fastpool.max_pool2d(channels_last_copy(x, 1), *args))
+    cases = ((3, 2, 1), (3, 1, 1), (5, 2, 2))
+    narrow = []
+    for args in cases:
+        narrow.append(fastpool.max_pool2d(x, *args))
         assert len(calls) == 1
         calls.clear()
+    monkeypatch.setattr(pooling, "_NARROW_COLUMNS", 0)  # the channels-first kernel
+    for args in cases:
+        window = _params.pool_window(x, 2, *args, 1, False)[1]
+        from fastpool.cpu import pool_max
+        assert pool_max.shares_rows(window.kernel3[0], window.kernel3[1], window.stride3[1],
+                                    window.stride3[2], 1, 1, False)
+        for make in pooling._MAX_PLAN.values():  # plans are made per geometry
+            window._derived.pop(make, None)
+    for args, y in zip(cases, narrow):
+        direct = fastpool.max_pool2d(x, *args)
+        assert not calls
         np.testing.assert_array_equal(y.view(f"i{y.itemsize}"),
-                                      want.view(f"i{want.itemsize}"))
+                                      direct.view(f"i{direct.itemsize}"))
         np.testing.assert_array_equal(y, ref.max_pool(x, *args)[0])
 
 

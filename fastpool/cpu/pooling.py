@@ -171,14 +171,6 @@ def _max_forward_channels_last(x, w, with_indices):
     return out_view, indices_view
 
 
-def _shares_rows(w, with_indices):
-    """Whether a channels-first max forward of ``w`` runs ``_max_rows_shared``."""
-    KD, KH, _ = w.kernel3
-    _, SH, SW = w.stride3
-    _, DH, DW = w.dilation3
-    return pool_max.shares_rows(KD, KH, SH, SW, DH, DW, with_indices)
-
-
 def _forward_plan(op, plans, *flags):
     """``make(window)``: ``plan(x, *arguments)``, the channels-first forward call of
     ``op`` on a geometry with everything but the arrays derived once (a small call's
@@ -200,13 +192,7 @@ def _forward_plan(op, plans, *flags):
             rows_plan, kernel(op, w, *flags) if rows else None, shape,
             (-1,) + w.in3, (-1,) + w.out3, _pads(w), w.derived("interior", interior_columns),
             rows, math.prod(w.kernel))
-        # Max pooling's shared-rows kernel beats the copies on narrow planes too
-        # (2 threads, float32, 3x3, old -> new, two runs: s2 (1,256,28,28) 277-522 ->
-        # 147-179 us, (1,512,14,14) 229-411 -> 161-168, (8,256,14,14) 560-635 ->
-        # 364-553; s1 (1,192,28,28) 382-393 -> 132-170, (8,256,14,14) 747-894 ->
-        # 661-939); average pooling's row kernel does not (s1 (8,256,14,14) 663-798 ->
-        # 914-1406 us).
-        if _narrow(w) and not (op == "max_forward" and _shares_rows(w, *flags)):
+        if _narrow(w):
             return functools.partial(_narrow_or_rows, functools.partial(narrow_plan, w),
                                      direct)
         return direct
