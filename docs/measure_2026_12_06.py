@@ -1,0 +1,77 @@
+"""The tenth session's (2026-12-06) measurements, docs/site/performance.md.
+
+``convs``: fastpool alone, best of 40 calls (each after an untimed one), 2 threads,
+float32, batch 1, on the layers the stride-2 reads and the channels-last 1x1 blocks
+changed. Run it once per build, alternating, in separate processes:
+
+    git worktree add /tmp/old d3f5c26
+    for i in 1 2 3; do
+        PYTHONPATH=/tmp/old python docs/measure_2026_12_06.py convs
+        PYTHONPATH=.        python docs/measure_2026_12_06.py convs
+    done
+
+``pool``: NCHW max pooling against ONNX Runtime, interleaved in one process with the
+layer suite's timing (``fastpool._bench_layers.interleaved_medians``, 40 rounds).
+"""
+import sys
+import time
+
+import numpy as np
+
+
+def _best(f, calls=40):
+    f()
+    times = []
+    for _ in range(calls):
+        f()
+        start = time.perf_counter()
+        f()
+        times.append(time.perf_counter() - start)
+    return min(times) * 1e3
+
+
+def convs():
+    import fastpool
+    from fastpool import _bench
+    from fastpool._geometry import channels_last_copy
+    rng = np.random.default_rng(0)
+    # (label, C, size, O, kernel, stride, groups, channels-last)
+    cases = [("dw 3x3 s2 96@112", 96, 112, 96, 3, 2, 96, False),
+             ("dw 3x3 s2 144@56", 144, 56, 144, 3, 2, 144, False),
+             ("dw 3x3 s2 576@14", 576, 14, 576, 3, 2, 576, False),
+             ("3x3 s2 128->128@56", 128, 56, 128, 3, 2, 1, False),
+             ("3x3 s2 3->32@224", 3, 224, 32, 3, 2, 1, False),
+             ("7x7 s2 3->64@224", 3, 224, 64, 7, 2, 1, False),
+             ("3x3 s2 256->512@14", 256, 14, 512, 3, 2, 1, False),
+             ("NHWC 1x1 1024->512@14", 1024, 14, 512, 1, 1, 1, True),
+             ("NHWC 1x1 1024->256@14", 1024, 14, 256, 1, 1, 1, True),
+             ("NHWC 1x1 256->1024@14", 256, 14, 1024, 1, 1, 1, True)]
+    print(fastpool.__file__)
+    with _bench.pinned_threads(2):
+        for label, c, size, o, k, s, g, last in cases:
+            x = rng.standard_normal((1, c, size, size)).astype(np.float32)
+            if last:
+                x = channels_last_copy(x, 1)
+            w = rng.standard_normal((o, c // g, k, k)).astype(np.float32)
+            ms = _best(lambda: fastpool.conv2d(x, w, stride=s, padding=k // 2, groups=g))
+            print(f"{label:24} {ms:.3f} ms")
+
+
+def pool():
+    import fastpool
+    from fastpool import _bench, _bench_layers as layers
+    with _bench.pinned_threads(2):
+        ort = [p for p in layers.available_peers(2) if p.name == "ONNX Runtime"][0]
+        for c, size, k, s, p in [(256, 28, 3, 2, 1), (512, 14, 2, 2, 0), (512, 28, 2, 2, 0),
+                                 (64, 112, 3, 2, 1)]:
+            layer = layers._pool("max", c, size, k, s, p)
+            data = layers.make_data(layer, 1, "nchw", np.float32)
+            peer = ort.prepare(layer, data, False)[0]
+            ours, theirs = layers.interleaved_medians(
+                [lambda: fastpool.max_pool2d(data.x, k, s, p), peer], 40)
+            print(f"{layer.label:24} fastpool {ours * 1e6:.0f} us, ONNX Runtime "
+                  f"{theirs * 1e6:.0f} us, ratio {theirs / ours:.2f}")
+
+
+if __name__ == "__main__":
+    {"convs": convs, "pool": pool}[sys.argv[1]]()
