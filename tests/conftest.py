@@ -157,6 +157,22 @@ def pytest_runtest_makereport(item, call):
                                    f"(conftest.seed_for({item.nodeid!r}))"))
 
 
+def at_one_and_two_threads(call):
+    """``[call(), call()]``, run on 1 and then 2 Numba threads (as many as Numba has,
+    where it has fewer), the thread count restored after."""
+    import numba
+
+    saved = numba.get_num_threads()
+    try:
+        runs = []
+        for threads in (1, 2):
+            numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+            runs.append(call())
+        return runs
+    finally:
+        numba.set_num_threads(saved)
+
+
 @pytest.fixture(scope="module")
 def one_numba_thread():
     """Run the kernels on one Numba thread in this module. These tests make thousands

@@ -8,7 +8,8 @@ from hypothesis import strategies as st
 
 import fastpool
 import reference as ref
-from conftest import DTYPES, assert_close_to_sum, numeric_gradient, seed_for
+from conftest import (DTYPES, assert_close_to_sum, at_one_and_two_threads,
+                      numeric_gradient, seed_for)
 
 try:
     import torch
@@ -268,8 +269,6 @@ def test_channels_last_backward_runs_in_place(x_shape, w_shape, args, dtype, siz
     element of the weight gradient is one chain over the chunk's pixels in order);
     "one chunk": the path of weights too large for L2 (the chunks of images change
     the sums: close to the reference)."""
-    import numba
-
     from fastpool import _params
     from fastpool.cpu import conv as cpu_conv
     from fastpool.cpu.conv import _channels_last_backward as clb
@@ -299,14 +298,7 @@ def test_channels_last_backward_runs_in_place(x_shape, w_shape, args, dtype, siz
         monkeypatch.setattr(clb, "_BLOCK_CHANNELS", 1)
     if sizes == "one chunk":
         monkeypatch.setattr(clb, "_RESIDENT_BYTES", 0)
-    saved = numba.get_num_threads()
-    try:
-        runs = []
-        for threads in (1, 2):
-            numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
-            runs.append(fastpool.conv2d_backward(gl, xl, w, **args))
-    finally:
-        numba.set_num_threads(saved)
+    runs = at_one_and_two_threads(lambda: fastpool.conv2d_backward(gl, xl, w, **args))
     for one, two in zip(*runs):
         np.testing.assert_array_equal(one, two)
     gi, gw, gb = runs[0]
@@ -483,6 +475,62 @@ def test_channels_last_pointwise_products_give_the_channels_first_bits(
     assert np.moveaxis(yl, -3, -1).flags.c_contiguous
 
 
+def _depthwise_case(x_shape, kernel, args, dtype):
+    """``(rng, x, w, b, args)`` of a depthwise convolution (``groups`` added to
+    ``args``; ``rng`` for more draws)."""
+    rng = np.random.default_rng(seed_for(x_shape, kernel))
+    channels = x_shape[1]
+    x = rng.standard_normal(x_shape).astype(dtype)
+    w = rng.standard_normal((channels, 1) + kernel).astype(dtype)
+    b = rng.standard_normal(channels).astype(dtype)
+    return rng, x, w, b, dict(args, groups=channels)
+
+
+DEPTHWISE_BY_CHANNELS_CASES = [  # (x_shape, kernel, args): channels-first, small planes
+    ((1, 256, 7, 7), (3, 3), dict(padding=1)),  # 3x3 one pass, column pairs
+    ((2, 128, 14, 13), (3, 3), dict(stride=2, padding=1)),  # one column at a time
+    ((1, 300, 6, 9), (5, 3), dict(stride=(1, 2), padding=(2, 1), dilation=(1, 2))),
+    ((1, 256, 4, 4), (3, 3), dict(padding=2)),  # windows leaving the input on all sides
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("x_shape, kernel, args", DEPTHWISE_BY_CHANNELS_CASES)
+def test_small_plane_depthwise_runs_on_the_channels_last_kernels(x_shape, kernel, args,
+                                                                 dtype, monkeypatch):
+    """A channels-first depthwise convolution of many small planes runs on the
+    channels-last kernels through one copy in and one out
+    (``_Problem.depthwise_by_channels``): the bits of the channels-first direct kernel,
+    a channels-first result, close to the reference, the same at 1 and 2 threads;
+    larger planes and fewer planes keep the channels-first kernel."""
+    from fastpool import _params
+    from fastpool.cpu import conv as cpu_conv
+    from fastpool.cpu.conv import _channels_last_direct as cld
+    _, x, w, b, args = _depthwise_case(x_shape, kernel, args, dtype)
+    calls = []
+    original = cld.forward
+    monkeypatch.setattr(cld, "forward", lambda *a: calls.append(a[0].shape) or original(*a))
+    _, _, _, window = _params.conv_window(x, w, b, 2, **args)
+    runs = at_one_and_two_threads(lambda: fastpool.conv2d(x, w, b, **args))
+    y = runs[0]
+    assert calls == [x_shape[:1] + x_shape[2:] + x_shape[1:2]] * 2
+    np.testing.assert_array_equal(runs[1], y)
+    assert y.flags.c_contiguous
+    np.testing.assert_array_equal(
+        y, cpu_conv.conv2d_forward(x, w, b, window, algorithm="direct"))
+    np.testing.assert_array_equal(fastpool.conv2d(x, w, **args),
+                                  cpu_conv.conv2d_forward(x, w, None, window, "direct"))
+    bound = ref.conv2d(np.abs(x), np.abs(w), np.abs(b), **args)
+    assert_close_to_sum(y, ref.conv2d(x, w, b, **args), bound, dtype)
+    np.testing.assert_array_equal(fastpool.conv2d(x[0], w, b, **args), y[0])
+    # Too few planes, or planes too large: the channels-first kernel.
+    calls.clear()
+    fastpool.conv2d(x[:1, :16], w[:16], b[:16], **dict(args, groups=16))
+    big = np.zeros((1, x_shape[1], 9, 9), dtype)
+    fastpool.conv2d(big, w, b, **dict(args, stride=1, padding="same"))
+    assert calls == []
+
+
 DEPTHWISE_LAST_CASES = [  # (x_shape, kernel, args): each path of the kernels
     ((2, 5, 9, 8), (3, 3), dict(padding=1)),  # 3x3 one pass, column pairs + one left
     ((1, 16, 7, 7), (3, 3), dict(stride=2, padding=1)),  # one tap at a time
@@ -506,16 +554,9 @@ def test_channels_last_depthwise_runs_in_place(x_shape, kernel, args, dtype,
     channels-first copy, results channels-last, the output, input gradient and bias
     gradient bitwise the channels-first call's, the weight gradient close to the
     reference, every result identical at 1 and 2 threads."""
-    import numba
-
     from fastpool import _params
     from fastpool.cpu import conv as cpu_conv
-    rng = np.random.default_rng(seed_for(x_shape, kernel))
-    channels = x_shape[1]
-    x = rng.standard_normal(x_shape).astype(dtype)
-    w = rng.standard_normal((channels, 1) + kernel).astype(dtype)
-    b = rng.standard_normal(channels).astype(dtype)
-    args = dict(args, groups=channels)
+    rng, x, w, b, args = _depthwise_case(x_shape, kernel, args, dtype)
     xl = np.moveaxis(np.ascontiguousarray(np.moveaxis(x, 1, -1)), -1, 1)
     y = fastpool.conv2d(x, w, b, **args)
     y_no_bias = fastpool.conv2d(x, w, **args)
@@ -530,17 +571,11 @@ def test_channels_last_depthwise_runs_in_place(x_shape, kernel, args, dtype,
 
     monkeypatch.setattr(cpu_conv, "contiguous", no_copies)
     _, _, _, window = _params.conv_window(xl, w, b, 2, **args)
-    saved = numba.get_num_threads()
-    try:
-        runs = []
-        for threads in (1, 2):
-            numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
-            runs.append((cpu_conv.conv2d_forward(xl, w, b, window),
-                         *cpu_conv.conv2d_backward(gl, xl, w, window, (True, True, True))))
-        for one, two in zip(*runs):
-            np.testing.assert_array_equal(one, two)
-    finally:
-        numba.set_num_threads(saved)
+    runs = at_one_and_two_threads(lambda: (
+        cpu_conv.conv2d_forward(xl, w, b, window),
+        *cpu_conv.conv2d_backward(gl, xl, w, window, (True, True, True))))
+    for one, two in zip(*runs):
+        np.testing.assert_array_equal(one, two)
     yl, gi, gw, gb = runs[0]
     np.testing.assert_array_equal(yl, y)
     np.testing.assert_array_equal(cpu_conv.conv2d_forward(xl, w, None, window),

@@ -26,7 +26,9 @@ Algorithms, chosen per problem by ``choose_algorithm`` (the README lists them):
                  planes too big for BLAS's 32-bit sizes: plain loops vectorised along
                  output columns. A GEMM with ``K = KH * KW`` would be all overhead.
                  Depthwise convolutions of channels-last buffers run in place, their
-                 loops vectorised across channels (``_channels_last_direct``).
+                 loops vectorised across channels (``_channels_last_direct``), and so
+                 do channels-first forwards of many small planes, through one copy in
+                 and one out (``_Problem.depthwise_by_channels``; the same bits).
 
 One module per concern: ``_planner`` (the problem as the kernels see it, the choice of
 algorithm, band and chunk sizes), ``_gemm`` (pointwise, rows, im2col: column gathering
@@ -57,7 +59,7 @@ import math
 import numpy as np
 
 from fastpool._threading import loop_on_one_thread, thread_count
-from fastpool.cpu._arrays import contiguous
+from fastpool.cpu._arrays import channels_last, contiguous
 from fastpool._geometry import CHANNELS_LAST
 from fastpool.cpu._blas import single_threaded_blas
 from fastpool.cpu.conv import _channels_last, _channels_last_direct, _channels_last_gemm
@@ -155,6 +157,19 @@ def _depthwise_pixels(x, w, algorithm):
     x4 = _channels_last_direct.pixels(x, _batched(x))
     return x4 if x4 is not None and x4.shape == ((w.batch,) + w.in_size
                                                  + (w.channels,)) else None
+
+
+def _depthwise_by_channels(x, w, algorithm):
+    """The ``(N, H, W, C)`` channels-last copy of a channels-first input whose
+    depthwise convolution runs faster on the channels-last kernels, copies in and out
+    included (``_Problem.depthwise_by_channels``), or None. Same bits: those kernels
+    add each output's terms in the channels-first kernels' order."""
+    if (algorithm is not None or w.layout == CHANNELS_LAST or w.batch == 0
+            or not w.groups == w.channels == w.out_channels
+            or not _forward_problem(w).depthwise_by_channels()):
+        return None
+    x4 = channels_last(x if _batched(x) else x[None], 1)
+    return x4.transpose(0, 2, 3, 1)
 
 
 def _channels_last_input(x, w, algorithm, algorithms):
@@ -287,6 +302,12 @@ def conv2d_forward(x, weight, bias, window, algorithm=None):
         y = _channels_last_direct.forward(x4, weight, bias,
                                           _forward_problem(w),
                                           thread_count())
+        return y if _batched(x) else y[0]
+    x4 = _depthwise_by_channels(x, w, algorithm)
+    if x4 is not None:
+        y = contiguous(_channels_last_direct.forward(x4, weight, bias,
+                                                     _forward_problem(w),
+                                                     thread_count()))
         return y if _batched(x) else y[0]
     x_cl = _channels_last_input(x, w, algorithm, (WINOGRAD,))
     if x_cl is not None:

@@ -80,6 +80,20 @@ _PARTIAL_BYTES = 64 << 20
 # Stride-1 direct kernels (``_direct``) work on zero-padded copies of whole planes up to
 # this many elements; larger planes use the row kernels.
 _PADDED_PLANE_LIMIT = 1 << 22
+# Channels-first depthwise convolutions run on the channels-last kernels, copies in and
+# out included (``_Problem.depthwise_by_channels``), where the output planes have at
+# most ``_BY_CHANNELS_MAX_PIXELS`` pixels (rows of at most 8 columns, or fewer rows),
+# there are at least ``_BY_CHANNELS_MIN_PLANES`` (image, channel) planes (fewer: the
+# channels-last kernel's fixed cost loses) and the input has at most
+# ``_BY_CHANNELS_MAX_ELEMENTS`` elements (more: the copies go to memory). Measured on
+# 2 threads, float32, best of 40, channels-first kernel -> copies and channels-last
+# kernel: 3x3 s2 576@14 batch 1 0.089 -> 0.067 ms, batch 8 0.62 -> 0.26; 3x3 960@7
+# batch 1 0.089 -> 0.073, batch 16 1.22 -> 0.55; but 64@8 0.016 -> 0.023, 576@14 (14x14
+# outputs) 0.094 -> 0.094, batch 32 of 3x3 s2 576@14 2.45 -> 2.61, of 3x3 576@14 2.7 ->
+# 5.6 (docs/site/performance.md).
+_BY_CHANNELS_MAX_PIXELS = 64
+_BY_CHANNELS_MIN_PLANES = 256
+_BY_CHANNELS_MAX_ELEMENTS = 1 << 21
 
 
 class _Problem:
@@ -257,6 +271,16 @@ class _Problem:
             return None
         return (self.groups, self.kernel_h, self.kernel_w, self.stride_h, self.stride_w,
                 self.dilation_h, self.dilation_w, self.pad_top, self.pad_left)
+
+    def depthwise_by_channels(self):
+        """Whether a channels-first depthwise convolution runs on the channels-last
+        kernels (``_channels_last_direct``, vectorised across channels) through a copy
+        in and out: planes of at most ``_BY_CHANNELS_MAX_PIXELS`` outputs, where the
+        plane kernels' rows are too short to vectorise well."""
+        planes = self.batch * self.in_channels
+        return (self.out_h * self.out_w <= _BY_CHANNELS_MAX_PIXELS
+                and planes >= _BY_CHANNELS_MIN_PLANES
+                and planes * self.in_h * self.in_w <= _BY_CHANNELS_MAX_ELEMENTS)
 
     def unit_stride_planes(self):
         """Whether the padded-plane direct kernels apply: stride 1 and a padded plane
