@@ -12,6 +12,10 @@ changed. Run it once per build, alternating, in separate processes:
 
 ``pool``: NCHW max pooling against ONNX Runtime, interleaved in one process with the
 layer suite's timing (``fastpool._bench_layers.interleaved_medians``, 40 rounds).
+
+``depthwise`` (the eleventh session, later that day): channels-first depthwise 3x3
+forwards of small planes, fastpool alone, best of 40 calls, 2 threads, float32, as
+``convs`` (old build 60897b3, before ``_Problem.depthwise_by_channels``).
 """
 import sys
 import time
@@ -73,5 +77,22 @@ def pool():
                   f"{theirs * 1e6:.0f} us, ratio {theirs / ours:.2f}")
 
 
+def depthwise():
+    import fastpool
+    from fastpool import _bench
+    rng = np.random.default_rng(0)
+    # (batch, channels, size, stride)
+    cases = [(1, 576, 14, 2), (1, 960, 7, 1), (1, 1280, 7, 1), (8, 576, 14, 2),
+             (16, 960, 7, 1), (1, 384, 14, 1)]
+    print(fastpool.__file__)
+    with _bench.pinned_threads(2):
+        for n, c, size, s in cases:
+            x = rng.standard_normal((n, c, size, size)).astype(np.float32)
+            w = rng.standard_normal((c, 1, 3, 3)).astype(np.float32)
+            b = rng.standard_normal(c).astype(np.float32)
+            ms = _best(lambda: fastpool.conv2d(x, w, b, stride=s, padding=1, groups=c))
+            print(f"dw 3x3 s{s} {c}@{size} batch {n:<3} {ms:.3f} ms")
+
+
 if __name__ == "__main__":
-    {"convs": convs, "pool": pool}[sys.argv[1]]()
+    {"convs": convs, "pool": pool, "depthwise": depthwise}[sys.argv[1]]()

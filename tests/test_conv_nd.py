@@ -543,6 +543,8 @@ DEPTHWISE_LAST_CASES = [  # (x_shape, kernel, args): each path of the kernels
     ((1, 5, 9, 8), (3, 3), dict(stride=(2, 1), padding=1)),  # one at a time, pairs
     ((1, 3, 5, 6), (3, 3), dict(padding=3)),  # input gradient: a crop (negative pad)
     ((2, 4, 5, 5), (1, 1), dict(padding=1)),
+    ((1, 6, 11, 10), (3, 3), dict(stride=2, padding=2, dilation=2)),  # strided bands
+    ((1, 5, 10, 11), (3, 3), dict(stride=(3, 2), padding=1)),
 ]
 
 
