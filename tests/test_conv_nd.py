@@ -498,18 +498,19 @@ DEPTHWISE_BY_CHANNELS_CASES = [  # (x_shape, kernel, args): channels-first, smal
 @pytest.mark.parametrize("x_shape, kernel, args", DEPTHWISE_BY_CHANNELS_CASES)
 def test_small_plane_depthwise_runs_on_the_channels_last_kernels(x_shape, kernel, args,
                                                                  dtype, monkeypatch):
-    """A channels-first depthwise convolution of many small planes runs on the
-    channels-last kernels through one copy in and one out
-    (``_Problem.depthwise_by_channels``): the bits of the channels-first direct kernel,
-    a channels-first result, close to the reference, the same at 1 and 2 threads;
-    larger planes and fewer planes keep the channels-first kernel."""
+    """A channels-first depthwise convolution of many small planes runs its forward and
+    input gradient on the channels-last kernels through one copy in and one out
+    (``_Problem.depthwise_by_channels``): the bits of the channels-first direct kernels,
+    channels-first results, close to the reference, the same at 1 and 2 threads;
+    larger planes and fewer planes keep the channels-first kernels."""
     from fastpool import _params
     from fastpool.cpu import conv as cpu_conv
     from fastpool.cpu.conv import _channels_last_direct as cld
-    _, x, w, b, args = _depthwise_case(x_shape, kernel, args, dtype)
+    rng, x, w, b, args = _depthwise_case(x_shape, kernel, args, dtype)
     calls = []
-    original = cld.forward
-    monkeypatch.setattr(cld, "forward", lambda *a: calls.append(a[0].shape) or original(*a))
+    for name in ("forward", "backward"):
+        monkeypatch.setattr(cld, name, lambda *a, f=getattr(cld, name): (
+            calls.append(a[0].shape) or f(*a)))
     _, _, _, window = _params.conv_window(x, w, b, 2, **args)
     runs = at_one_and_two_threads(lambda: fastpool.conv2d(x, w, b, **args))
     y = runs[0]
@@ -523,11 +524,28 @@ def test_small_plane_depthwise_runs_on_the_channels_last_kernels(x_shape, kernel
     bound = ref.conv2d(np.abs(x), np.abs(w), np.abs(b), **args)
     assert_close_to_sum(y, ref.conv2d(x, w, b, **args), bound, dtype)
     np.testing.assert_array_equal(fastpool.conv2d(x[0], w, b, **args), y[0])
-    # Too few planes, or planes too large: the channels-first kernel.
+    # The input gradient (the weight and bias gradients stay channels-first).
+    g = rng.standard_normal(y.shape).astype(dtype)
+    calls.clear()
+    runs = at_one_and_two_threads(lambda: fastpool.conv2d_backward(g, x, w, **args))
+    assert calls == [y.shape[:1] + y.shape[2:] + y.shape[1:2]] * 2
+    gi = runs[0].grad_input
+    np.testing.assert_array_equal(runs[1].grad_input, gi)
+    assert gi.flags.c_contiguous
+    pinned = cpu_conv.conv2d_backward(g, x, w, window, (True, True, True), "direct")
+    for got, expected in zip(runs[0], pinned):
+        np.testing.assert_array_equal(got, expected)
+    bound = ref.conv2d_backward(np.abs(g), np.abs(x), np.abs(w), **args)[0]
+    assert_close_to_sum(gi, ref.conv2d_backward(g, x, w, **args)[0], bound, dtype)
+    np.testing.assert_array_equal(fastpool.conv2d_backward(g[0], x[0], w, **args)
+                                  .grad_input, gi[0])
+    # Too few planes, or planes too large: the channels-first kernels.
     calls.clear()
     fastpool.conv2d(x[:1, :16], w[:16], b[:16], **dict(args, groups=16))
+    fastpool.conv2d_backward(g[:1, :16], x[:1, :16], w[:16], **dict(args, groups=16))
     big = np.zeros((1, x_shape[1], 9, 9), dtype)
     fastpool.conv2d(big, w, b, **dict(args, stride=1, padding="same"))
+    fastpool.conv2d_backward(big, big, w, **dict(args, stride=1, padding="same"))
     assert calls == []
 
 

@@ -27,8 +27,9 @@ Algorithms, chosen per problem by ``choose_algorithm`` (the README lists them):
                  output columns. A GEMM with ``K = KH * KW`` would be all overhead.
                  Depthwise convolutions of channels-last buffers run in place, their
                  loops vectorised across channels (``_channels_last_direct``), and so
-                 do channels-first forwards of many small planes, through one copy in
-                 and one out (``_Problem.depthwise_by_channels``; the same bits).
+                 do channels-first forwards and input gradients of many small planes,
+                 through one copy in and one out (``_Problem.depthwise_by_channels``;
+                 the same bits).
 
 One module per concern: ``_planner`` (the problem as the kernels see it, the choice of
 algorithm, band and chunk sizes), ``_gemm`` (pointwise, rows, im2col: column gathering
@@ -160,10 +161,11 @@ def _depthwise_pixels(x, w, algorithm):
 
 
 def _depthwise_by_channels(x, w, algorithm):
-    """The ``(N, H, W, C)`` channels-last copy of a channels-first input whose
-    depthwise convolution runs faster on the channels-last kernels, copies in and out
-    included (``_Problem.depthwise_by_channels``), or None. Same bits: those kernels
-    add each output's terms in the channels-first kernels' order."""
+    """The ``(N, H, W, C)`` channels-last copy of a channels-first input (or
+    ``grad_output``) of a depthwise convolution whose forward (or input gradient) runs
+    faster on the channels-last kernels, copies in and out included
+    (``_Problem.depthwise_by_channels``), or None. Same bits: those kernels add each
+    output's terms in the channels-first kernels' order."""
     if (algorithm is not None or w.layout == CHANNELS_LAST or w.batch == 0
             or not w.groups == w.channels == w.out_channels
             or not _forward_problem(w).depthwise_by_channels()):
@@ -525,8 +527,13 @@ def conv2d_backward(grad_output, x, weight, window, output_mask, algorithm=None)
         code = _forward_problem(w).backward_algorithm()
     grad_input = grad_weight = grad_bias = None
     if want_input:
+        gy4 = _depthwise_by_channels(grad_output, w, algorithm)
         if w.batch == 0:
             grad_input = np.zeros((0, w.channels) + w.in_size, grad_output.dtype)
+        elif gy4 is not None:
+            grad_input = contiguous(_channels_last_direct.backward(
+                gy4, None, weight, _forward_problem(w), _input_grad_problem(w),
+                (True, False, False), thread_count())[0])
         else:
             grad_input = _input_grad(grad_output, weight, w, code)
         grad_input = grad_input.reshape(w.input_shape)

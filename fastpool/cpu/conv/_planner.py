@@ -273,10 +273,12 @@ class _Problem:
                 self.dilation_h, self.dilation_w, self.pad_top, self.pad_left)
 
     def depthwise_by_channels(self):
-        """Whether a channels-first depthwise convolution runs on the channels-last
-        kernels (``_channels_last_direct``, vectorised across channels) through a copy
-        in and out: planes of at most ``_BY_CHANNELS_MAX_PIXELS`` outputs, where the
-        plane kernels' rows are too short to vectorise well."""
+        """Whether a channels-first depthwise convolution runs its forward and input
+        gradient on the channels-last kernels (``_channels_last_direct``, vectorised
+        across channels) through a copy in and out: planes of at most
+        ``_BY_CHANNELS_MAX_PIXELS`` outputs, where the plane kernels' rows are too short
+        to vectorise well. (Its weight gradient stays channels-first: the channels-last
+        one sums in another order.)"""
         planes = self.batch * self.in_channels
         return (self.out_h * self.out_w <= _BY_CHANNELS_MAX_PIXELS
                 and planes >= _BY_CHANNELS_MIN_PLANES
