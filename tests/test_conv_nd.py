@@ -487,7 +487,7 @@ def _depthwise_case(x_shape, kernel, args, dtype):
 
 
 DEPTHWISE_BY_CHANNELS_CASES = [  # (x_shape, kernel, args): channels-first, small planes
-    ((1, 256, 7, 7), (3, 3), dict(padding=1)),  # 3x3 one pass, column pairs
+    ((4, 256, 7, 7), (3, 3), dict(padding=1)),  # 3x3 one pass, column pairs; 2 workers
     ((2, 128, 14, 13), (3, 3), dict(stride=2, padding=1)),  # one column at a time
     ((1, 300, 6, 9), (5, 3), dict(stride=(1, 2), padding=(2, 1), dilation=(1, 2))),
     ((1, 256, 4, 4), (3, 3), dict(padding=2)),  # windows leaving the input on all sides
@@ -501,8 +501,10 @@ def test_small_plane_depthwise_runs_on_the_channels_last_kernels(x_shape, kernel
     """A channels-first depthwise convolution of many small planes runs its forward and
     input gradient on the channels-last kernels through one copy in and one out
     (``_Problem.depthwise_by_channels``): the bits of the channels-first direct kernels,
-    channels-first results, close to the reference, the same at 1 and 2 threads;
-    larger planes and fewer planes keep the channels-first kernels."""
+    channels-first results, close to the reference, the same at 1 and 2 threads (the
+    first two cases are large enough to run on two workers; smaller calls run on one,
+    ``fastpool._threading.serialised``); larger planes and fewer planes keep the
+    channels-first kernels."""
     from fastpool import _params
     from fastpool.cpu import conv as cpu_conv
     from fastpool.cpu.conv import _channels_last_direct as cld

