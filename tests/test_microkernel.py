@@ -10,8 +10,8 @@ import pytest
 from numba import njit
 
 from fastpool.cpu._microkernel import (FROM_COLUMN_INIT, FROM_ROW_INIT, KC, KC_NARROW,
-                                      MC, MR, NARROW, aligned_host, gemm_add, gemm_batch,
-                                      lanes, padded_host)
+                                      MC, MR, NARROW, VECTORS, aligned_host, gemm_add,
+                                      gemm_batch, lanes, padded_host, panel_width)
 
 
 @njit(cache=True)
@@ -65,7 +65,8 @@ def _chains(a, b, init):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("m, k, n", [(7, 5, 19), (6, 3, 16), (1, 1, 1), (13, 4, 9),
                                      (5, 2, 3), (7, 5, 8), (4, 3, 4), (2, KC + 3, 3),
-                                     (2, KC_NARROW + 3, 3), (1, KC_NARROW + 2, 70)])
+                                     (2, KC_NARROW + 3, 3), (1, KC_NARROW + 2, 70),
+                                     (9, 3, 24), (17, 2, 12), (8, 2, 25)])
 def test_each_element_is_one_chain_of_fused_multiply_adds(dtype, m, k, n):
     rng = np.random.default_rng(20261205)
     a = rng.standard_normal((m, k)).astype(dtype)
@@ -81,14 +82,27 @@ def test_each_element_is_one_chain_of_fused_multiply_adds(dtype, m, k, n):
         assert not np.array_equal(got, plain) or k == 1
 
 
+def test_tiles_of_every_width_are_covered():
+    """The shapes above reach tiles of every vector count, full and masked: for each
+    dtype, some ``n`` ends a panel with exactly ``v`` vectors' columns and some with
+    fewer, for ``v = 1 .. VECTORS``."""
+    widths = [19, 16, 1, 9, 3, 8, 4, 70, 24, 12, 25]
+    for itemsize in (4, 8):
+        lane, nr = lanes(itemsize), panel_width(itemsize)
+        last = {n % nr or nr for n in widths}
+        for v in range(1, VECTORS + 1):
+            assert v * lane in last
+            assert any((v - 1) * lane < n < v * lane for n in last)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_same_bits_however_the_product_is_cut(dtype):
     """Tiles, panels, slabs of ``k`` (more than ``KC_NARROW``), blocks of ``MC`` rows,
     blocks of rows and columns (the wide product's loops against the narrow one's),
     products batched or one by one, B's row stride: one set of bits."""
     rng = np.random.default_rng(5)
-    m, k, n = MC + 2 * MR + 5, KC_NARROW + 37, NARROW * 2 * lanes(4) + 37
-    assert n > NARROW * 2 * lanes(np.dtype(dtype).itemsize)  # the whole product is wide
+    m, k, n = MC + 2 * MR + 5, KC_NARROW + 37, NARROW * panel_width(4) + 37
+    assert n > NARROW * panel_width(np.dtype(dtype).itemsize)  # the whole product is wide
     a = rng.standard_normal((m, k)).astype(dtype)
     b = rng.standard_normal((3, k, n)).astype(dtype)
     init = rng.standard_normal(m).astype(dtype)

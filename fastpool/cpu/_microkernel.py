@@ -29,10 +29,16 @@ so the bits do not depend on the CPU either.
 
 Numba cannot express SIMD vectors, and LLVM does not vectorise a register tile written
 as scalar Python code (tried: 96 scalar accumulators compiled to scalar FMAs and
-spills, 3.7 GFLOP/s). Emitted as vector IR, the tile runs at 90-100 GFLOP/s (float32)
-and 46-49 (float64) on one core of this project's AVX2 machine with packed operands in
-cache; ``gemm_batch`` on conv-sized products (B's rows on cache lines) at 86-89,
-against 90 for OpenBLAS's ``sgemm``.
+spills, 3.7 GFLOP/s). Emitted as vector IR, the 6 x 16 tile ran at 90-100 GFLOP/s
+(float32) and 46-49 (float64) on one core of the project's first (AVX2) machine with
+packed operands in cache; ``gemm_batch`` on conv-sized products (B's rows on cache
+lines) at 86-89, against 90 for OpenBLAS's ``sgemm``. Where the CPU has 32 vector
+registers (AVX-512) the tile is 8 x 24 (``MR``, ``VECTORS``): on one core of the
+present Zen 4 machine 91-111 GFLOP/s against 74-95 for 6 x 16.
+
+Numba's disk cache checks only the file of the function it loads: kernels that call
+``gemm_batch`` are cached with its code linked in, so after changing this module clear
+``fastpool/cpu/**/__pycache__`` (or they keep the old tile).
 """
 
 from __future__ import annotations
@@ -46,11 +52,31 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-MR = 6           # rows of a tile
 # Where a tile's chains start (``gemm_batch``'s ``start``): C's values, ``init`` per
 # row, ``init`` per column.
 FROM_C, FROM_ROW_INIT, FROM_COLUMN_INIT = 0, 1, 2
-VECTORS = 2      # vectors per row of a tile
+
+
+def _thirty_two_vector_registers():
+    """Whether Numba compiles for a CPU with AVX-512's 32 vector registers (its
+    features: the host's, or ``NUMBA_CPU_FEATURES``)."""
+    from numba import config
+    from numba.core.codegen import get_host_cpu_features
+
+    features = config.CPU_FEATURES
+    if features is None:
+        features = get_host_cpu_features()
+    return {"+avx512f", "+avx512vl"} <= set(features.split(","))
+
+
+# A tile is MR rows by VECTORS vectors: its accumulators, one vector of B per column
+# vector and one broadcast of A must fit in the registers. With 32 (AVX-512, 256-bit
+# vectors), 8 x 3: 24 accumulators. With 16 (AVX2), 6 x 2: 12; 8 x 3 there spills (one
+# core of this project's Zen 4 machine compiled for AVX2, float32, conv-sized
+# products: 6 x 2 86-110 GFLOP/s, 8 x 3 49-73). For AVX-512, 8 x 3 against 6 x 2:
+# 91-111 against 74-95 (float32), 45-56 against 39-47 (float64); 6 x 3 in between
+# (docs/site/performance.md).
+MR, VECTORS = (8, 3) if _thirty_two_vector_registers() else (6, 2)
 _BYTES = 32      # bytes per vector: AVX2 (LLVM splits them where vectors are narrower)
 
 
@@ -281,8 +307,10 @@ def _tile(partial, vectors):
     return tile
 
 
-_full, _partial = _tile(False, VECTORS), _tile(True, VECTORS)
+# Tiles of one, two and three vectors' columns, all columns valid or fewer (masked).
 _full_1, _partial_1 = _tile(False, 1), _tile(True, 1)
+_full_2, _partial_2 = _tile(False, 2), _tile(True, 2)
+_full_3, _partial_3 = _tile(False, 3), _tile(True, 3)
 
 
 @njit(inline="always")
@@ -291,16 +319,27 @@ def tile(mr, kc, a, a_off, lda, a_step, b, b_off, ldb, c, c_off, ldc, n_valid, i
     """``C[:mr, :n_valid] (+)= A[:mr, :kc] @ B[:kc, :n_valid]`` (module docstring),
     ``A[i, k]`` at ``a[a_off + i*lda + k*a_step]``, ``B`` row ``k`` at
     ``b[b_off + k*ldb:]``; ``1 <= mr <= MR``, ``1 <= n_valid <= nr``
-    (``nr = panel_width(itemsize)``); ``start`` as for the intrinsic (``_tile``)."""
-    if n_valid == nr:
-        _full(mr, kc, a, a_off, lda, a_step, b, b_off, ldb, c, c_off, ldc, n_valid, init,
-              init_off, start)
-    elif 2 * n_valid > nr:
-        _partial(mr, kc, a, a_off, lda, a_step, b, b_off, ldb, c, c_off, ldc, n_valid,
-                 init, init_off, start)
-    elif 2 * n_valid == nr:
-        _full_1(mr, kc, a, a_off, lda, a_step, b, b_off, ldb, c, c_off, ldc, n_valid,
-                init, init_off, start)
+    (``nr = panel_width(itemsize)``); ``start`` as for the intrinsic (``_tile``). The
+    tile is as many vectors wide as ``n_valid`` columns need (a panel's last columns:
+    a 7x7 plane's 49th pixel in a one-vector tile, not a three-vector one)."""
+    width = nr // VECTORS
+    vectors = (n_valid + width - 1) // width
+    if vectors * width == n_valid:
+        if vectors == 3:
+            _full_3(mr, kc, a, a_off, lda, a_step, b, b_off, ldb, c, c_off, ldc, n_valid,
+                    init, init_off, start)
+        elif vectors == 2:
+            _full_2(mr, kc, a, a_off, lda, a_step, b, b_off, ldb, c, c_off, ldc, n_valid,
+                    init, init_off, start)
+        else:
+            _full_1(mr, kc, a, a_off, lda, a_step, b, b_off, ldb, c, c_off, ldc, n_valid,
+                    init, init_off, start)
+    elif vectors == 3:
+        _partial_3(mr, kc, a, a_off, lda, a_step, b, b_off, ldb, c, c_off, ldc, n_valid,
+                   init, init_off, start)
+    elif vectors == 2:
+        _partial_2(mr, kc, a, a_off, lda, a_step, b, b_off, ldb, c, c_off, ldc, n_valid,
+                   init, init_off, start)
     else:
         _partial_1(mr, kc, a, a_off, lda, a_step, b, b_off, ldb, c, c_off, ldc, n_valid,
                    init, init_off, start)
