@@ -13,7 +13,13 @@ copied under another package name (``fastpool_old``) so both import side by side
     python docs/measure_builds_interleaved.py /tmp/old 8 nchw backward
 
 (arguments: the old source tree, batch, layout, ``forward`` or ``backward``, i.e. the
-input and weight gradients). Each row checks both builds give the same bits. The new
+input and weight gradients). Each row checks both builds give the same bits. One
+channels-first forward of any shape, 12 interleaved rounds (an old build may round
+differently: the largest relative difference is printed instead):
+
+    python docs/measure_builds_interleaved.py /tmp/old layer 32,64,56,56 64 3 1 float64
+
+(input shape, output channels, kernel size, padding, dtype). The new
 build is the ``fastpool`` this Python imports. After changing a module whose code other
 kernels link in (``fastpool/cpu/_microkernel.py``), clear the new tree's Numba caches
 first (``find fastpool -name '*.nb[ic]' -delete``): the disk cache checks only the
@@ -89,5 +95,33 @@ def main(tree, batch, layout, direction):
           f"range {min(ratios):.2f}x-{max(ratios):.2f}x over {len(ratios)} layers")
 
 
+def one_layer(tree, shape, out_channels, kernel, padding, dtype):
+    sys.path.insert(0, _old_package(tree))
+    import numba
+    import numpy as np
+
+    import fastpool
+    import fastpool_old
+    numba.set_num_threads(2)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(shape).astype(dtype)
+    w = rng.standard_normal((out_channels, shape[1], kernel, kernel)).astype(dtype)
+    calls = [lambda m=m: m.conv2d(x, w, padding=padding) for m in (fastpool_old, fastpool)]
+    old, new = calls[0](), calls[1]()
+    print(f"largest relative difference {np.max(np.abs(old - new)) / np.max(np.abs(old)):.2g}")
+    best = [float("inf")] * 2
+    for rounds in range(12):
+        for i in ((0, 1) if rounds % 2 == 0 else (1, 0)):
+            start = time.perf_counter()
+            calls[i]()
+            best[i] = min(best[i], time.perf_counter() - start)
+    print(f"{shape} -> {out_channels}, {kernel}x{kernel} p{padding} {dtype}: old "
+          f"{best[0] * 1e3:.2f} ms  new {best[1] * 1e3:.2f} ms  {best[0] / best[1]:.2f}x")
+
+
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4])
+    if sys.argv[2] == "layer":
+        one_layer(sys.argv[1], tuple(int(v) for v in sys.argv[3].split(",")),
+                  int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6]), sys.argv[7])
+    else:
+        main(sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4])
