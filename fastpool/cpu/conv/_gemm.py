@@ -243,10 +243,10 @@ def _gather_images(x, cols, n0, count, g, G, KH, KW, SH, SW, DH, DW, PT, PL, col
 
 @parallel_kernel
 @njit(**BODY_JIT)
-def _gemm_channel_blocks(w, b, b_off, b_step, starts, y, n0, count, g, G, parts, worker,
-                         workers):
+def _gemm_channel_blocks(w, b, b_off, b_step, ldb, starts, y, n0, count, g, G, parts,
+                         worker, workers):
     """``y[n, group g] = starts + W_g @ B_n`` for images ``n0 .. n0 + count - 1``
-    (fastpool's own GEMM), ``B_n`` (``K x OH*OW``, rows ``padded(OH*OW)`` apart) at
+    (fastpool's own GEMM), ``B_n`` (``K x OH*OW``, rows ``ldb`` apart) at
     ``b[b_off + (n - n0)*b_step:]``;
     the group's output channels cut into ``parts`` blocks of whole tiles, workers
     taking shares of them. Each block of the weight serves every image."""
@@ -255,14 +255,13 @@ def _gemm_channel_blocks(w, b, b_off, b_step, starts, y, n0, count, g, G, parts,
     Og = O // G
     K = w.size // O
     yf = y.reshape(-1)
-    ld = padded(P, yf)
     tiles = (Og + MR - 1) // MR
     for part in range(worker * parts // workers, (worker + 1) * parts // workers):
         m0 = min(part * tiles // parts * MR, Og)
         m1 = min((part + 1) * tiles // parts * MR, Og)
         if m1 > m0:
             o0 = g * Og + m0
-            own_gemm_batch(m1 - m0, P, K, w, o0 * K, K, 1, b, b_off, ld, yf,
+            own_gemm_batch(m1 - m0, P, K, w, o0 * K, K, 1, b, b_off, ldb, yf,
                            (n0 * O + o0) * P, P, starts, o0, count, b_step, O * P,
                            FROM_ROW_INIT)
 
