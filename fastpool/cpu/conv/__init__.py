@@ -236,15 +236,17 @@ def _run_forward(problem, x, weight, bias, y, algorithm=None):
         _forward_by_channel_blocks(problem, x, weight, bias if has_bias else None, y,
                                    algorithm)
         return y
-    if (algorithm == POINTWISE
+    if (algorithm == POINTWISE and ALIGN_B_ROWS
             and y.shape[2] * y.shape[3] * x.itemsize % 64
             and problem.forward_channel_blocks(
                 problem.forward_band_rows(IM2COL, x.itemsize)) == 1):
         # planes whose rows of pixels do not fill whole cache lines are copied, as
         # im2col with a 1x1 kernel, into rows that start on lines (``padded``): same
-        # products, same bits (8 images of 1x1 960->320 on 7x7: 2.06 -> 1.93 ms).
-        # Not where blocks of output channels would each copy the band again (batch
-        # 1 of 1x1 960->160 on 7x7: 0.19 ms in place, 0.35 copied per block).
+        # products, same bits (8 images of 1x1 960->320 on 7x7: 2.06 -> 1.93 ms with
+        # the 6x16 tile; the 8x24 tile reads them in place faster: 8 images of 1x1
+        # 384->64 on 14x14 0.49 -> 0.39 ms, 960->160 on 7x7 0.81 -> 0.68). Not where
+        # blocks of output channels would each copy the band again (batch 1 of 1x1
+        # 960->160 on 7x7: 0.19 ms in place, 0.35 copied per block).
         algorithm = IM2COL
     rows = problem.forward_band_rows(algorithm, x.itemsize)
     _gemm_forward(x, problem.gemm_weight(weight, algorithm), bias, has_bias, y,
