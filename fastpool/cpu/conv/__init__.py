@@ -7,8 +7,9 @@ batch axis of unbatched input).
 Algorithms, chosen per problem by ``choose_algorithm`` (the README lists them):
 
 ``"pointwise"``  1x1 kernel, stride 1, no padding: one GEMM per (image, group, band of
-                 rows) straight on the input, ``y = W_g @ x[n, g]`` (planes of a
-                 multiple of 16 pixels; others copied with rows on cache lines).
+                 rows) straight on the input, ``y = W_g @ x[n, g]`` (with the 6x16
+                 GEMM tile, planes not a multiple of 16 pixels are copied with rows
+                 on cache lines; the 8x24 tile reads them in place, ``ALIGN_B_ROWS``).
 ``"rows"``       stride 1 along H: gather the ``KW`` column shifts of a band of input
                  rows once (``C_g * KW`` rows), then one accumulating GEMM per kernel
                  row ``i``, whose operand is the same buffer offset by ``i * DH`` rows.
