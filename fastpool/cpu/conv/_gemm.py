@@ -192,8 +192,12 @@ def _gemm_forward(x, w, bias, has_bias, y, algorithm, rows_per_band, m_blocks, G
     cols = aligned_empty(col_size, yf)
     # each output's chain of products starts from its bias, or from zero
     starts = bias if has_bias else np.zeros(O, x.dtype)
+    # the band whose columns ``cols`` holds: a worker's tasks of one band (its blocks of
+    # output channels) gather it once (batch 1 of 1x1 s2 256->512 on 14x14: 8 blocks,
+    # each gathered the band again)
+    gathered = -1
     for t in range(worker * tasks // workers, (worker + 1) * tasks // workers):
-        mb, _, n, g, oh0, rows = band_task(t, m_blocks, G, bands, rows_per_band, OH)
+        mb, b, n, g, oh0, rows = band_task(t, m_blocks, G, bands, rows_per_band, OH)
         pixels = rows * OW
         m0 = mb * Og // m_blocks
         m = (mb + 1) * Og // m_blocks - m0
@@ -204,8 +208,10 @@ def _gemm_forward(x, w, bias, has_bias, y, algorithm, rows_per_band, m_blocks, G
                      H * W, yf, out, OH * OW, starts, o0)
         elif algorithm == ROWS:
             n_rows = rows + DH * (KH - 1)
-            _gather_columns(x, n, g * Cg, Cg, oh0 - PT, 1, n_rows, 1, DH, KW, SW, DW,
-                            PL, OW, col_lo, col_hi, cols, n_rows * OW)
+            if b != gathered:
+                _gather_columns(x, n, g * Cg, Cg, oh0 - PT, 1, n_rows, 1, DH, KW, SW,
+                                DW, PL, OW, col_lo, col_hi, cols, n_rows * OW)
+                gathered = b
             # one chain per output: kernel rows in order, each over (channel, column)
             own_gemm(m, pixels, k_gemm, w, o0 * k_gemm, k_gemm, cols, 0, n_rows * OW, yf,
                      out, OH * OW, starts, o0)
@@ -213,8 +219,10 @@ def _gemm_forward(x, w, bias, has_bias, y, algorithm, rows_per_band, m_blocks, G
                 gemm_add(m, pixels, k_gemm, w, (i * O + o0) * k_gemm, k_gemm, cols,
                          i * DH * OW, n_rows * OW, yf, out, OH * OW)
         else:
-            _gather_columns(x, n, g * Cg, Cg, oh0 * SH - PT, SH, rows, KH, DH, KW, SW,
-                            DW, PL, OW, col_lo, col_hi, cols, ld)
+            if b != gathered:
+                _gather_columns(x, n, g * Cg, Cg, oh0 * SH - PT, SH, rows, KH, DH, KW,
+                                SW, DW, PL, OW, col_lo, col_hi, cols, ld)
+                gathered = b
             own_gemm(m, pixels, k_gemm, w, o0 * k_gemm, k_gemm, cols, 0, ld, yf, out,
                      OH * OW, starts, o0)
 
