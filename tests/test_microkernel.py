@@ -189,3 +189,62 @@ def test_a_read_by_columns_gives_the_same_bits(dtype, n):
     c = np.full((m, n), np.nan, dtype)
     _product_by_columns(np.ascontiguousarray(a.T), b, c, init)
     np.testing.assert_array_equal(c, _own(a, b[None], init)[0])
+
+
+# The features of an AVX2 machine (Haswell's), for a child process compiling for one.
+_AVX2 = ("+64bit,+avx,+avx2,+bmi,+bmi2,+cmov,+cx16,+f16c,+fma,+lzcnt,+mmx,+movbe,"
+         "+popcnt,+sse,+sse2,+sse3,+sse4.1,+sse4.2,+ssse3,+xsave")
+_SHAPES = [(13, 300, 49), (9, KC_NARROW + 7, 130), (3, 5, 7)]
+
+_CHILD = """
+import sys
+import numpy as np
+from fastpool.cpu import _microkernel as mk
+assert (mk.MR, mk.VECTORS, mk.ALIGN_B_ROWS) == (6, 2, True), (mk.MR, mk.VECTORS)
+out = {}
+data = np.load(sys.argv[1])
+for key in sorted({k.split('_')[0] for k in data.files}):
+    a, b, init = data[key + '_a'], data[key + '_b'], data[key + '_init']
+    m, k = a.shape
+    n = b.shape[1]
+    c = np.full(m * n, np.nan, a.dtype)
+    mk.gemm_batch(m, n, k, a.reshape(-1), 0, k, 1, b.reshape(-1), 0, n, c, 0, n, init, 0,
+                  1, 0, 0, mk.FROM_ROW_INIT)
+    out[key] = c.reshape(m, n)
+np.savez(sys.argv[2], **out)
+"""
+
+
+def test_the_avx2_tile_gives_the_same_bits(tmp_path):
+    """A child process compiling for AVX2 (``NUMBA_CPU_FEATURES``) takes the 6x16 tile
+    and copies B into aligned rows; its products have the bits of this process's (the
+    8x24 tile where this CPU has AVX-512): each element is the same chain whatever the
+    tile. Skipped on CPUs without AVX2 and FMA, which could not run that code."""
+    import os
+    import subprocess
+    import sys
+
+    from numba.core.codegen import get_host_cpu_features
+    host = set(get_host_cpu_features().split(","))
+    if not {"+avx2", "+fma"} <= host:
+        pytest.skip("this CPU cannot run code compiled for AVX2")
+    rng = np.random.default_rng(20261206)
+    arrays, expected = {}, {}
+    for dtype in (np.float32, np.float64):
+        for index, (m, k, n) in enumerate(_SHAPES):
+            key = f"{np.dtype(dtype).name}{index}"
+            a = rng.standard_normal((m, k)).astype(dtype)
+            b = rng.standard_normal((k, n)).astype(dtype)
+            init = rng.standard_normal(m).astype(dtype)
+            arrays.update({key + "_a": a, key + "_b": b, key + "_init": init})
+            expected[key] = _own(a, b[None], init)[0]
+    np.savez(tmp_path / "in.npz", **arrays)
+    env = dict(os.environ, NUMBA_CPU_FEATURES=_AVX2, NUMBA_CACHE_DIR=str(tmp_path / "c"))
+    done = subprocess.run([sys.executable, "-c", _CHILD, str(tmp_path / "in.npz"),
+                           str(tmp_path / "out.npz")], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    got = np.load(tmp_path / "out.npz")
+    assert sorted(got.files) == sorted(expected)
+    for key, value in expected.items():
+        np.testing.assert_array_equal(got[key], value, err_msg=key)
