@@ -351,7 +351,7 @@ def _einsum_conv(x, w, b, padding, groups):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("x_shape, w_shape, padding, groups, algorithm, chunk", [
     ((1, 512, 8, 8), (64, 512, 3, 3), 1, 1, "im2col", 1),
-    ((2, 2048, 5, 5), (160, 2048, 1, 1), 0, 1, "pointwise", 2),  # 25 pixels: copied
+    ((2, 2048, 5, 5), (160, 2048, 1, 1), 0, 1, "pointwise", 2),  # 25 pixels
     ((3, 1024, 6, 6), (128, 512, 3, 3), 1, 2, "im2col", 2),      # groups, two chunks
 ], ids=["im2col", "pointwise", "grouped-chunks"])
 def test_whole_plane_channel_blocks_give_the_bands_bits(monkeypatch, dtype, x_shape,
@@ -381,9 +381,15 @@ def test_whole_plane_channel_blocks_give_the_bands_bits(monkeypatch, dtype, x_sh
     finally:
         numba.set_num_threads(saved)
     np.testing.assert_array_equal(runs[0], runs[1])
-    monkeypatch.setattr(type(problem), "whole_plane_columns", lambda *args: False)
-    np.testing.assert_array_equal(runs[0],
-                                  cpu_conv.conv2d_forward(x, w, b, geometry, algorithm))
+    # a pointwise input read in place or copied with its rows on cache lines (the
+    # 6x16 tile's choice, ``ALIGN_B_ROWS``), the whole plane or bands: the same bits
+    for whole in (True, False):
+        if not whole:
+            monkeypatch.setattr(type(problem), "whole_plane_columns", lambda *args: False)
+        for align in (True, False):
+            monkeypatch.setattr(cpu_conv, "ALIGN_B_ROWS", align)
+            np.testing.assert_array_equal(
+                runs[0], cpu_conv.conv2d_forward(x, w, b, geometry, algorithm))
     expected = _einsum_conv(x, w, b, padding, groups)
     bound = _einsum_conv(np.abs(x), np.abs(w), np.abs(b), padding, groups)
     assert_close_to_sum(runs[0], expected, bound, dtype)

@@ -217,9 +217,10 @@ np.savez(sys.argv[2], **out)
 
 def test_the_avx2_tile_gives_the_same_bits(tmp_path):
     """A child process compiling for AVX2 (``NUMBA_CPU_FEATURES``) takes the 6x16 tile
-    and copies B into aligned rows; its products have the bits of this process's (the
-    8x24 tile where this CPU has AVX-512): each element is the same chain whatever the
-    tile. Skipped on CPUs without AVX2 and FMA, which could not run that code."""
+    (and asks for B's rows on cache lines, ``ALIGN_B_ROWS``); its products have the
+    bits of this process's (the 8x24 tile where this CPU has AVX-512): each element is
+    the same chain whatever the tile. Skipped on CPUs without AVX2 and FMA, which could
+    not run that code."""
     import os
     import subprocess
     import sys
