@@ -353,7 +353,8 @@ def _einsum_conv(x, w, b, padding, groups):
     ((1, 512, 8, 8), (64, 512, 3, 3), 1, 1, "im2col", 1),
     ((2, 2048, 5, 5), (160, 2048, 1, 1), 0, 1, "pointwise", 2),  # 25 pixels
     ((3, 1024, 6, 6), (128, 512, 3, 3), 1, 2, "im2col", 2),      # groups, two chunks
-], ids=["im2col", "pointwise", "grouped-chunks"])
+    ((3, 4096, 5, 5), (320, 2048, 1, 1), 0, 2, "pointwise", 2),  # groups, two chunks
+], ids=["im2col", "pointwise", "grouped-chunks", "pointwise-grouped-chunks"])
 def test_whole_plane_channel_blocks_give_the_bands_bits(monkeypatch, dtype, x_shape,
                                                         w_shape, padding, groups,
                                                         algorithm, chunk):

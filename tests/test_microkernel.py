@@ -62,11 +62,13 @@ def _chains(a, b, init):
     return out
 
 
+_CHAIN_SHAPES = [(7, 5, 19), (6, 3, 16), (1, 1, 1), (13, 4, 9), (5, 2, 3), (7, 5, 8),
+                 (4, 3, 4), (2, KC + 3, 3), (2, KC_NARROW + 3, 3), (1, KC_NARROW + 2, 70),
+                 (9, 3, 24), (17, 2, 12), (8, 2, 25)]
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("m, k, n", [(7, 5, 19), (6, 3, 16), (1, 1, 1), (13, 4, 9),
-                                     (5, 2, 3), (7, 5, 8), (4, 3, 4), (2, KC + 3, 3),
-                                     (2, KC_NARROW + 3, 3), (1, KC_NARROW + 2, 70),
-                                     (9, 3, 24), (17, 2, 12), (8, 2, 25)])
+@pytest.mark.parametrize("m, k, n", _CHAIN_SHAPES)
 def test_each_element_is_one_chain_of_fused_multiply_adds(dtype, m, k, n):
     rng = np.random.default_rng(20261205)
     a = rng.standard_normal((m, k)).astype(dtype)
@@ -86,7 +88,7 @@ def test_tiles_of_every_width_are_covered():
     """The shapes above reach tiles of every vector count, full and masked: for each
     dtype, some ``n`` ends a panel with exactly ``v`` vectors' columns and some with
     fewer, for ``v = 1 .. VECTORS``."""
-    widths = [19, 16, 1, 9, 3, 8, 4, 70, 24, 12, 25]
+    widths = [n for _, _, n in _CHAIN_SHAPES]
     for itemsize in (4, 8):
         lane, nr = lanes(itemsize), panel_width(itemsize)
         last = {n % nr or nr for n in widths}
@@ -216,7 +218,8 @@ np.savez(sys.argv[2], **out)
 
 
 def test_the_avx2_tile_gives_the_same_bits(tmp_path):
-    """A child process compiling for AVX2 (``NUMBA_CPU_FEATURES``) takes the 6x16 tile
+    """A child process compiling for AVX2 (``NUMBA_CPU_NAME``, ``NUMBA_CPU_FEATURES``)
+    takes the 6x16 tile
     (and asks for B's rows on cache lines, ``ALIGN_B_ROWS``); its products have the
     bits of this process's (the 8x24 tile where this CPU has AVX-512): each element is
     the same chain whatever the tile. Skipped on CPUs without AVX2 and FMA, which could
@@ -240,7 +243,9 @@ def test_the_avx2_tile_gives_the_same_bits(tmp_path):
             arrays.update({key + "_a": a, key + "_b": b, key + "_init": init})
             expected[key] = _own(a, b[None], init)[0]
     np.savez(tmp_path / "in.npz", **arrays)
-    env = dict(os.environ, NUMBA_CPU_FEATURES=_AVX2, NUMBA_CACHE_DIR=str(tmp_path / "c"))
+    # the CPU's name too: features given alone are added to the host CPU's own
+    env = dict(os.environ, NUMBA_CPU_NAME="haswell", NUMBA_CPU_FEATURES=_AVX2,
+               NUMBA_CACHE_DIR=str(tmp_path / "c"))
     done = subprocess.run([sys.executable, "-c", _CHILD, str(tmp_path / "in.npz"),
                            str(tmp_path / "out.npz")], env=env, capture_output=True,
                           text=True, timeout=600)
