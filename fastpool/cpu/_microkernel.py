@@ -79,7 +79,8 @@ def _thirty_two_vector_registers():
 MR, VECTORS = (8, 3) if _thirty_two_vector_registers() else (6, 2)
 # Whether B's rows starting on cache lines (``padded``) gains enough to pay for copying
 # B into such rows. One core, float32, rows of 49 values (7x7 planes) in place against
-# padded: 6 x 16 62-82 against 76-88 GFLOP/s; 8 x 24 86-90 against 82-92.
+# padded: 6 x 16 compiled for AVX2 68-74 against 81-85 GFLOP/s; 8 x 24 86-90 against
+# 82-92.
 ALIGN_B_ROWS = VECTORS < 3
 _BYTES = 32      # bytes per vector: AVX2 (LLVM splits them where vectors are narrower)
 
