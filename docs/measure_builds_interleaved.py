@@ -20,10 +20,13 @@ differently: the largest relative difference is printed instead):
     python docs/measure_builds_interleaved.py /tmp/old layer 32,64,56,56 64 3 1 float64
 
 (input shape, output channels, kernel size, padding, dtype). The new
-build is the ``fastpool`` this Python imports. After changing a module whose code other
-kernels link in (``fastpool/cpu/_microkernel.py``), clear the new tree's Numba caches
-first (``find fastpool -name '*.nb[ic]' -delete``): the disk cache checks only the
-file of the kernel it loads. Figures in docs/site/performance.md."""
+build is the ``fastpool`` this Python imports. After changing constants or inline
+helpers that other modules' kernels compile in (``fastpool/cpu/_microkernel.py``'s
+``padded`` or ``MR``, ``fastpool/cpu/conv/_planner.py``), clear the new tree's Numba
+caches first (``find fastpool -name '*.nb[ic]' -delete``): the disk cache checks only
+the file of the kernel it loads. (Before 2026-12-06 kernels also linked in
+``gemm_batch``'s code; builds from before then need their caches cleared after any
+change to the tile.) Figures in docs/site/performance.md."""
 import os
 import re
 import shutil

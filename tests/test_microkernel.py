@@ -18,8 +18,8 @@ from fastpool.cpu._microkernel import (FROM_COLUMN_INIT, FROM_ROW_INIT, KC, KC_N
 def _product(a, b, c, init, ldb, count, b_step, c_step, start=FROM_ROW_INIT):
     m, k = a.shape
     n = c.shape[-1]
-    gemm_batch(m, n, k, a.reshape(-1), 0, k, 1, b, 0, ldb, c.reshape(-1), 0, n, init, 0,
-               count, b_step, c_step, start)
+    gemm_batch(m, n, k, a.reshape(-1), 0, k, 1, b.reshape(-1), 0, ldb, c.reshape(-1), 0,
+               n, init, 0, count, b_step, c_step, start)
 
 
 def _own(a, b, init, ldb=None, aligned=False):

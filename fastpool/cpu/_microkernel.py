@@ -36,9 +36,12 @@ lines) at 86-89, against 90 for OpenBLAS's ``sgemm``. Where the CPU has 32 vecto
 registers (AVX-512) the tile is 8 x 24 (``MR``, ``VECTORS``): on one core of the
 present Zen 4 machine 91-111 GFLOP/s against 74-95 for 6 x 16.
 
-Numba's disk cache checks only the file of the function it loads: kernels that call
-``gemm_batch`` are cached with its code linked in, so after changing this module clear
-``fastpool/cpu/**/__pycache__`` (or they keep the old tile).
+Kernels call ``gemm_batch`` by a symbol name, so it is compiled once per dtype (here, at
+import), not again with each of them, and a change to the tile reaches every kernel
+without clearing caches. Numba's disk cache checks only the file of the function it
+loads, though, and the small inline helpers (``padded``, ``aligned_empty``, ``MR``) are
+compiled into their callers: after changing those, or ``gemm_batch``'s arguments,
+clear ``fastpool/cpu/**/__pycache__``.
 """
 
 from __future__ import annotations
@@ -47,9 +50,9 @@ import functools
 
 import numpy as np
 
-from llvmlite import ir
+from llvmlite import binding as llvm, ir
 from numba import njit, types
-from numba.core import cgutils
+from numba.core import cgutils, errors
 from numba.extending import intrinsic
 
 # Where a tile's chains start (``gemm_batch``'s ``start``): C's values, ``init`` per
@@ -404,9 +407,8 @@ def _wide(m, n, k, a, a_off, lda, a_step, b, b_off, ldb, c, c_off, ldc, init,
                              cols, init, first, nr, mode)
 
 
-# Compiled once per dtype and called, not inlined: its tile variants are large.
 @njit(cache=True, boundscheck=False, error_model="numpy", nogil=True)
-def gemm_batch(m, n, k, a, a_off, lda, a_step, b, b_off, ldb, c, c_off, ldc, init,
+def _gemm_batch(m, n, k, a, a_off, lda, a_step, b, b_off, ldb, c, c_off, ldc, init,
                init_off, count, b_step, c_step, start):
     """``C_t = init + A @ B_t`` for ``t < count`` (``start``: ``FROM_ROW_INIT``,
     ``init[init_off + i]`` starts row ``i``, a bias or zeros; ``FROM_COLUMN_INIT``,
@@ -443,6 +445,72 @@ def gemm_batch(m, n, k, a, a_off, lda, a_step, b, b_off, ldb, c, c_off, ldc, ini
     else:
         _wide(m, n, k, a, a_off, lda, a_step, b, b_off, ldb, c, c_off, ldc, init,
               init_off, count, b_step, c_step, start, nr)
+
+
+
+# ``_gemm_batch`` is compiled once per dtype here and called by name, as an external
+# function, from the kernels that use it. Called as a Numba function, it was linked
+# into each of them and optimised and compiled again with every one (its tile variants
+# are large: about 3 s a dtype), a third of the test suite's time.
+def _argument_types(dtype):
+    array, i = types.Array(dtype, 1, "C"), types.int64
+    return (i, i, i, array, i, i, i, array, i, i, array, i, i, array, i, i, i, i, i)
+
+
+def _symbol(dtype):
+    # The module's own name in it: a second copy of the package in one process
+    # (docs/measure_builds_interleaved.py) registers its own.
+    return f"{__name__}.gemm_batch.{dtype}"
+
+
+def _register(dtype):
+    argtypes = _argument_types(dtype)
+    _gemm_batch.compile(argtypes)
+    result = _gemm_batch.overloads[argtypes]
+    address = result.library.get_pointer_to_function(result.fndesc.llvm_func_name)
+    llvm.add_symbol(_symbol(dtype), address)
+
+
+# Before any kernel that calls it is compiled or loaded from the disk cache (its code
+# names the symbol, resolved when it is loaded).
+for _dtype in (types.float32, types.float64):
+    _register(_dtype)
+
+
+@intrinsic
+def _call_gemm_batch(typingctx, arguments):
+    """``_gemm_batch(*arguments)`` through its symbol; arrays flat, contiguous and of
+    one float dtype."""
+    values = arguments.types
+    arrays = [values[i] for i in (3, 7, 10, 13)]
+    dtype = arrays[0].dtype
+    if (len(values) != 19 or dtype not in (types.float32, types.float64)
+            or any(not isinstance(t, types.Array) or t.ndim != 1 or t.layout != "C"
+                   or t.dtype != dtype for t in arrays)):
+        raise errors.TypingError(f"gemm_batch: flat C-contiguous float32 or float64 "
+                                 f"arrays of one dtype expected, got {arrays}")
+    argtypes = _argument_types(dtype)
+    signature = types.none(arguments)
+
+    def codegen(context, builder, sig, args):
+        function_type = context.call_conv.get_function_type(types.none, argtypes)
+        function = cgutils.get_or_insert_function(builder.module, function_type,
+                                                  _symbol(dtype))
+        members = cgutils.unpack_tuple(builder, args[0], len(argtypes))
+        members = [context.cast(builder, v, t, to)
+                   for v, t, to in zip(members, values, argtypes)]
+        context.call_conv.call_function(builder, function, types.none, argtypes, members)
+        return context.get_dummy_value()
+
+    return signature, codegen
+
+
+@njit(inline="always")
+def gemm_batch(m, n, k, a, a_off, lda, a_step, b, b_off, ldb, c, c_off, ldc, init,
+               init_off, count, b_step, c_step, start):
+    """``_gemm_batch``, called by its symbol (compiled once, not with each caller)."""
+    _call_gemm_batch((m, n, k, a, a_off, lda, a_step, b, b_off, ldb, c, c_off, ldc, init,
+                      init_off, count, b_step, c_step, start))
 
 
 @njit(inline="always")
