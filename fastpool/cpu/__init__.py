@@ -5,13 +5,11 @@ that is not thread-safe (``workqueue``) one call at a time enters the kernels, a
 call whose estimated work is too small to split runs on one thread.
 """
 
+import importlib
 import math
 
 from fastpool import _threading
-from fastpool.cpu import conv as _conv
-from fastpool.cpu import conv3d as _conv3d
 from fastpool.cpu import conv_reproducible as _conv_reproducible
-from fastpool.cpu import conv_transpose as _conv_transpose
 from fastpool.cpu import pooling as _pooling
 
 # Single-thread nanoseconds per unit of work, measured roughly on this project's
@@ -56,12 +54,25 @@ _pool_launcher = _sized(_pool_cost, loops=False)
 _adaptive_launcher = _sized(_memory_cost, loops=False)
 _memory_launcher = _sized(_memory_cost)
 
-conv2d_forward = _conv_launcher(_conv.conv2d_forward)
-conv2d_backward = _conv_launcher(_conv.conv2d_backward)
-conv3d_forward = _conv_launcher(_conv3d.conv3d_forward)
-conv3d_backward = _conv_launcher(_conv3d.conv3d_backward)
-conv_transpose_forward = _conv_launcher(_conv_transpose.conv_transpose_forward)
-conv_transpose_backward = _conv_launcher(_conv_transpose.conv_transpose_backward)
+# The convolution launchers are made at their first use (``__getattr__``): importing
+# the convolution modules registers fastpool's GEMM with Numba's linker
+# (``_microkernel``), which compiles it in a process without a disk cache, and
+# ``import fastpool.cpu`` compiles nothing.
+_CONV_MODULES = {"conv2d_forward": "conv", "conv2d_backward": "conv",
+                 "conv3d_forward": "conv3d", "conv3d_backward": "conv3d",
+                 "conv_transpose_forward": "conv_transpose",
+                 "conv_transpose_backward": "conv_transpose"}
+
+
+def __getattr__(name):
+    module = _CONV_MODULES.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    function = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    launcher = globals()[name] = _conv_launcher(function)
+    return launcher
+
+
 max_pool_forward = _pool_launcher(_pooling.max_pool_forward)
 max_pool_backward = _pool_launcher(_pooling.max_pool_backward)
 avg_pool_forward = _pool_launcher(_pooling.avg_pool_forward)

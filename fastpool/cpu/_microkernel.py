@@ -37,7 +37,8 @@ registers (AVX-512) the tile is 8 x 24 (``MR``, ``VECTORS``): on one core of the
 present Zen 4 machine 91-111 GFLOP/s against 74-95 for 6 x 16.
 
 Kernels call ``gemm_batch`` by a symbol name, so it is compiled once per dtype (here, at
-import), not again with each of them, and a change to the tile reaches every kernel
+import: ``fastpool.cpu`` imports the convolution modules at the first convolution, so
+``import fastpool`` compiles nothing), not again with each of them, and a change to the tile reaches every kernel
 without clearing caches. Numba's disk cache checks only the file of the function it
 loads, though, and the small inline helpers (``padded``, ``aligned_empty``, ``MR``) are
 compiled into their callers: after changing those, or ``gemm_batch``'s arguments,
