@@ -1022,6 +1022,63 @@ def test_flat_stochastic_inference_backward(shape, kernel, padding, flat, dtype)
                      ref.stochastic_pool_backward(finite, x, **args), dtype)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+@pytest.mark.parametrize("shape, kernel, padding, dilation, flat", [
+    ((2, 3, 14, 14), 3, 1, 1, True), ((2, 3, 9, 12), (2, 4), (1, 2), 1, True),
+    ((2, 3, 17), 5, 2, 1, True), ((2, 3, 4, 6, 7), (1, 3, 2), (0, 1, 1), 1, True),
+    ((1, 2, 5, 5), 5, 2, 1, True), ((1, 2, 200, 200), 3, 1, 1, False),
+    ((2, 3, 9, 9), 3, 1, 2, False)],
+    ids=["3x3", "2x4", "1-D", "3-D-flat", "all-edge", "large-plane", "dilated"])
+def test_flat_stochastic_training_forward(shape, kernel, padding, dilation, flat, dtype):
+    """Stride-1 stochastic training on small planes runs whole-plane loops
+    (``train_forward_flat``): the row kernel's picks and indices bit for bit, with and
+    without indices, for several seeds, over inputs with zeros, negative zeros,
+    all-zero windows (edge windows write +0, interior ones their first element) and
+    tiny elements; the reference's values and indices; invalid input raises; larger
+    planes and dilation keep the row kernel."""
+    from fastpool import _params
+    rank = len(shape) - 2
+    rng = np.random.default_rng(53)
+    x = rng.random(shape).astype(dtype)
+    x[rng.random(shape) < 0.3] = 0.0
+    x[rng.random(shape) < 0.2] = -0.0
+    x[rng.random(shape) < 0.1] = 1e-30 if dtype != np.float16 else 6e-8
+    x[0, 0] = -0.0  # all-zero windows everywhere in one plane
+    args = dict(kernel_size=kernel, stride=1, padding=padding, dilation=dilation,
+                training=True)
+    pool = OPS[rank]["stochastic"]
+    window = _params.pool_window(x, rank, kernel, 1, padding, dilation, False)[1]
+    for seed in (0, 11, 2**40 + 3):
+        for indices in (False, True):
+            chosen, got, want = _chosen_and_forced(
+                window, "stochastic_train_forward", "stochastic_train",
+                lambda: pool(x, **args, seed=seed, return_indices=indices))
+            assert (chosen == "stochastic_train_flat") == flat
+            got, want = (got, want) if indices else ((got, None), (want, None))
+            assert np.array_equal(_bits(got[0]), _bits(want[0]))
+            if indices:
+                assert np.array_equal(got[1], want[1])
+    y, where = ref.stochastic_pool(x, **args, seed=2**40 + 3)
+    np.testing.assert_array_equal(got[1], where)
+    np.testing.assert_array_equal(got[0].astype(np.float64), y)
+    if dtype == np.float64:
+        # Sums of a few subnormals: u * S rounds up to S for u near 1, no running sum
+        # passes the threshold, and each window falls back to its own rule's element.
+        tiny = rng.integers(0, 3, shape) * 5e-324
+        chosen, got, want = _chosen_and_forced(
+            window, "stochastic_train_forward", "stochastic_train",
+            lambda: pool(tiny, **args, seed=7, return_indices=True))
+        assert np.array_equal(got[1], want[1]) and np.array_equal(_bits(got[0]),
+                                                                  _bits(want[0]))
+    for bad in [-1.0, np.inf, np.nan] + ([1e308] if dtype == np.float64 else []):
+        z = x.copy()
+        z.reshape(-1)[-1] = bad
+        if bad == 1e308:
+            z.reshape(-1)[-1 - dilation] = 1e308  # the sum of a window overflows
+        with pytest.raises(ValueError):
+            pool(z, **args, seed=1)
+
+
 def test_flat_stochastic_inference_checks_only_real_windows():
     """The flat forward also sums positions past a row's last window (taps of one
     row's right edge and the next row's left edge); an overflow there is not the

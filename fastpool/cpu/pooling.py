@@ -52,6 +52,7 @@ _FACTORIES = {
     "avg_backward_flat": pool_avg.avg_backward_flat,
     "avg_backward_tiled": pool_avg.avg_backward_tiled,
     "stochastic_train": pool_stochastic.train_forward,
+    "stochastic_train_flat": pool_stochastic.train_forward_flat,
     "stochastic_infer_forward": pool_stochastic.infer_forward,
     "stochastic_infer_forward_flat": pool_stochastic.infer_forward_flat,
     "stochastic_infer_backward": pool_stochastic.infer_backward,
@@ -456,7 +457,8 @@ def stochastic_pool_forward(x, window, training, seed, with_indices):
         volumes_x = hb.bits(_volumes(x, w.in3))
         volumes_out = hb.bits(out.reshape((-1,) + w.out3))
         if training:
-            kernel("stochastic_train", w, with_indices)(
+            op = w.derived("stochastic_train_forward", _stochastic_train_op)
+            kernel(op, w, with_indices)(
                 volumes_x, volumes_out,
                 indices.reshape((-1,) + w.out3) if with_indices
                 else indices.reshape(1, 1, 1, 1),
@@ -471,15 +473,28 @@ def stochastic_pool_forward(x, window, training, seed, with_indices):
     return out, (indices if with_indices else None)
 
 
-def _stochastic_infer_op(w):
-    """The channels-first stochastic inference forward for ``w``: whole-plane loops
-    (``infer_forward_flat``) for stride 1 and no dilation along H and W, a depth kernel
-    of 1 and planes small enough, else the row kernel. Same bits either way."""
+def _flat_forward(w, limit):
+    """Whether the channels-first stochastic forwards of ``w`` run whole-plane loops
+    (``infer_forward_flat``, ``train_forward_flat``): stride 1 and no dilation along H
+    and W, a depth kernel of 1 and zero-bordered planes of at most ``limit`` elements.
+    Same bits either way."""
     padded = (w.out3[1] + w.kernel3[1] - 1) * (w.out3[2] + w.kernel3[2] - 1)
-    if (w.kernel3[0], w.stride3, w.dilation3) == (1, (1, 1, 1), (1, 1, 1)) and \
-            padded <= pool_stochastic.FLAT_PLANE_LIMIT:
+    return ((w.kernel3[0], w.stride3, w.dilation3) == (1, (1, 1, 1), (1, 1, 1))
+            and padded <= limit)
+
+
+def _stochastic_infer_op(w):
+    """The channels-first stochastic inference forward for ``w`` (``_flat_forward``)."""
+    if _flat_forward(w, pool_stochastic.FLAT_PLANE_LIMIT):
         return "stochastic_infer_forward_flat"
     return "stochastic_infer_forward"
+
+
+def _stochastic_train_op(w):
+    """The channels-first stochastic training forward for ``w`` (``_flat_forward``)."""
+    if _flat_forward(w, pool_stochastic.FLAT_TRAIN_PLANE_LIMIT):
+        return "stochastic_train_flat"
+    return "stochastic_train"
 
 
 def _stochastic_infer_backward_op(w):
