@@ -475,19 +475,29 @@ class Progress:
             self.stream.flush()
 
 
-def median_times(cases, repeats, progress):
+def median_times(cases, repeats, progress, settle=None):
     """Interleaved: each repeat times every case's fastpool call and then its peer.
     Each timed call follows an untimed call of the same function, so both sides are
     timed from the same cache state: the peer reads the same input buffer, and timed
     right after fastpool it found in cache what fastpool had to read from memory (the
     other cases evict it between repeats), which favoured it on inputs that fit the
     cache (global average pooling of (32, 2048, 7, 7): 0.82x-1.02x that way, 1.2x-2.0x
-    with both sides warm or both cold)."""
+    with both sides warm or both cold).
+
+    Before each side's untimed call the main thread waits ``settle`` seconds, busy
+    (default ``_bench_layers.SETTLE_SECONDS``, as the layer suite does): PyTorch's
+    OpenMP workers go on spinning for milliseconds after its call and took a core from
+    the fastpool calls that followed (channels-last avg_pool1d on (32, 64, 4096), 2
+    threads, alternating with PyTorch alone: fastpool 1.78 ms against PyTorch's 1.43;
+    with other work between the calls 1.54 against 1.57)."""
+    from fastpool._bench_layers import SETTLE_SECONDS, _busy_wait
+    settle = SETTLE_SECONDS if settle is None else settle
     samples = [([], []) for _ in cases]
     for _ in range(repeats):
         for case, (mine, theirs) in zip(cases, samples):
             for fn, bucket in ((case.ours, mine), (case.peer, theirs)):
                 if fn is not None:
+                    _busy_wait(settle)
                     fn()
                     start = time.perf_counter()
                     fn()
