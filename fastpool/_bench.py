@@ -575,8 +575,10 @@ def run(devices, dtype, quick, threads, repeats, ops, stream=None):
 
 
 def _run(devices, dtype, quick, threads, repeats, ops, stream):
+    from fastpool._bench_layers import SETTLE_SECONDS
     rows, meta = [], dict(dtype=dtype, threads=threads, repeats=repeats, quick=quick,
-                          date=datetime.date.today().isoformat(), devices={})
+                          date=datetime.date.today().isoformat(), devices={},
+                          settle_seconds=SETTLE_SECONDS)
     for device in devices:
         side, peer = FastpoolSide(device), choose_peer(device)
         size = "numpy" if peer.name == "NumPy" else "quick" if quick else "full"

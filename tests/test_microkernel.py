@@ -254,3 +254,24 @@ def test_the_avx2_tile_gives_the_same_bits(tmp_path):
     assert sorted(got.files) == sorted(expected)
     for key, value in expected.items():
         np.testing.assert_array_equal(got[key], value, err_msg=key)
+
+
+@pytest.mark.parametrize("bad", ["float size", "read-only C", "mixed dtypes", "2-D"])
+def test_gemm_batch_refuses_other_argument_types(bad):
+    """The one registered signature per dtype: anything else is a typing error at
+    compile time, not a cast that would write a read-only array or truncate a size."""
+    from numba.core.errors import TypingError
+
+    @njit
+    def call(m, a, b, c):
+        gemm_batch(m, 2, 2, a, 0, 2, 1, b, 0, 2, c, 0, 2, a, 0, 1, 0, 0, FROM_ROW_INIT)
+
+    a = np.ones(4)
+    args = {"float size": (2.0, a, a, np.zeros(4)),
+            "read-only C": (2, a, a, np.zeros(4)),
+            "mixed dtypes": (2, a, a.astype(np.float32), np.zeros(4)),
+            "2-D": (2, a, a, np.zeros((2, 2)))}[bad]
+    if bad == "read-only C":
+        args[3].flags.writeable = False
+    with pytest.raises(TypingError, match="gemm_batch"):
+        call(*args)

@@ -1079,6 +1079,35 @@ def test_flat_stochastic_training_forward(shape, kernel, padding, dilation, flat
             pool(z, **args, seed=1)
 
 
+@pytest.mark.parametrize("first", [-1.0, -np.inf, np.nan])
+def test_flat_stochastic_training_picks_only_real_elements_of_invalid_input(first):
+    """On invalid input the call raises, but the kernel runs first: an edge window
+    whose sum is not positive must still pick one of its real elements (as the row
+    kernel does), never a border tap, whose index would lie outside the plane and whose
+    value would be read from before it. The flat kernel run directly, its indices and
+    flags inspected."""
+    from fastpool import _params, _rng
+    from fastpool.cpu import pooling as P
+    x = np.zeros((2, 3, 6, 7))
+    x[:, :, 0, 0] = first  # window (0, 0): one real element of a non-positive sum
+    window = _params.pool_window(x, 2, 3, 1, 1, 1, False)[1]
+    assert P._stochastic_train_op(window) == "stochastic_train_flat"
+    out = np.full(window.output_shape, 7.0)
+    indices = np.full(window.output_shape, -5, np.int64)
+    invalid = np.zeros(window.planes * 6, np.bool_)
+    lo, hi = P.interior_columns(window)
+    P.kernel("stochastic_train_flat", window, True)(
+        P._volumes(x, window.in3), out.reshape((-1,) + window.out3),
+        indices.reshape((-1,) + window.out3), *P._pads(window),
+        _rng.kernel_key_array(3, window.out3[1]), window.channels, invalid, lo, hi, 2)
+    assert invalid.any()
+    assert indices.min() >= 0 and indices.max() < 6 * 7
+    # every window here sums to zero or less, so each keeps its first real element
+    assert indices[0, 0, 0, 0] == 0 and indices[0, 0, 1, 1] == 0
+    with pytest.raises(ValueError):
+        fastpool.stochastic_pool2d(x, 3, 1, 1, seed=3)
+
+
 def test_flat_stochastic_inference_checks_only_real_windows():
     """The flat forward also sums positions past a row's last window (taps of one
     row's right edge and the next row's left edge); an overflow there is not the

@@ -38,11 +38,12 @@ present Zen 4 machine 91-111 GFLOP/s against 74-95 for 6 x 16.
 
 Kernels call ``gemm_batch`` by a symbol name, so it is compiled once per dtype (here, at
 import: ``fastpool.cpu`` imports the convolution modules at the first convolution, so
-``import fastpool`` compiles nothing), not again with each of them, and a change to the tile reaches every kernel
-without clearing caches. Numba's disk cache checks only the file of the function it
-loads, though, and the small inline helpers (``padded``, ``aligned_empty``, ``MR``) are
-compiled into their callers: after changing those, or ``gemm_batch``'s arguments,
-clear ``fastpool/cpu/**/__pycache__``.
+``import fastpool`` compiles nothing), not again with each of them, and a change to the
+tile reaches every kernel without clearing caches. Numba's disk cache checks only the
+file of the function it loads, though, and the small inline helpers (``padded``,
+``aligned_empty``, ``MR``) are compiled into their callers: after changing those clear
+``fastpool/cpu/**/__pycache__`` (after changing ``gemm_batch``'s arguments, raise
+``_ABI``).
 """
 
 from __future__ import annotations
@@ -452,16 +453,24 @@ def _gemm_batch(m, n, k, a, a_off, lda, a_step, b, b_off, ldb, c, c_off, ldc, in
 # ``_gemm_batch`` is compiled once per dtype here and called by name, as an external
 # function, from the kernels that use it. Called as a Numba function, it was linked
 # into each of them and optimised and compiled again with every one (its tile variants
-# are large: about 3 s a dtype), a third of the test suite's time.
+# are large: about 3 s a dtype): CI's tests took 33 minutes with it linked, 26 without.
 def _argument_types(dtype):
     array, i = types.Array(dtype, 1, "C"), types.int64
     return (i, i, i, array, i, i, i, array, i, i, array, i, i, array, i, i, i, i, i)
 
 
+# Raise when ``_gemm_batch``'s arguments change order, types or meaning. A kernel
+# cached before the change names the old symbol: register the old name too, to a small
+# function of the old arguments that raises (telling the user to clear the cache).
+# Not to nothing: llvmlite's loader crashes the process on a name it cannot resolve
+# (tried: a weak declaration checked against null crashes as well).
+_ABI = 1
+
+
 def _symbol(dtype):
     # The module's own name in it: a second copy of the package in one process
     # (docs/measure_builds_interleaved.py) registers its own.
-    return f"{__name__}.gemm_batch.{dtype}"
+    return f"{__name__}.gemm_batch.{dtype}.v{_ABI}"
 
 
 def _register(dtype):
@@ -482,14 +491,19 @@ for _dtype in (types.float32, types.float64):
 def _call_gemm_batch(typingctx, arguments):
     """``_gemm_batch(*arguments)`` through its symbol; arrays flat, contiguous and of
     one float dtype."""
-    values = arguments.types
-    arrays = [values[i] for i in (3, 7, 10, 13)]
-    dtype = arrays[0].dtype
-    if (len(values) != 19 or dtype not in (types.float32, types.float64)
+    values = getattr(arguments, "types", ())
+    places = (3, 7, 10, 13)
+    arrays = [values[i] for i in places] if len(values) == 19 else []
+    dtype = getattr(arrays[0], "dtype", None) if arrays else None
+    if (dtype not in (types.float32, types.float64)
             or any(not isinstance(t, types.Array) or t.ndim != 1 or t.layout != "C"
-                   or t.dtype != dtype for t in arrays)):
-        raise errors.TypingError(f"gemm_batch: flat C-contiguous float32 or float64 "
-                                 f"arrays of one dtype expected, got {arrays}")
+                   or not t.aligned or t.dtype != dtype for t in arrays)
+            or not arrays[2].mutable
+            or any(not isinstance(t, types.Integer)
+                   for i, t in enumerate(values) if i not in places)):
+        raise errors.TypingError(
+            "gemm_batch: 19 arguments, the arrays flat, C-contiguous, aligned and of one "
+            f"float dtype (C writable), the others integers; got {values}")
     argtypes = _argument_types(dtype)
     signature = types.none(arguments)
 
@@ -500,7 +514,11 @@ def _call_gemm_batch(typingctx, arguments):
         members = cgutils.unpack_tuple(builder, args[0], len(argtypes))
         members = [context.cast(builder, v, t, to)
                    for v, t, to in zip(members, values, argtypes)]
-        context.call_conv.call_function(builder, function, types.none, argtypes, members)
+        status, _ = context.call_conv.call_function(builder, function, types.none,
+                                                    argtypes, members)
+        # It raises nothing as compiled, but would under NUMBA_BOUNDSCHECK=1.
+        with cgutils.if_unlikely(builder, status.is_error):
+            context.call_conv.return_status_propagate(builder, status)
         return context.get_dummy_value()
 
     return signature, codegen

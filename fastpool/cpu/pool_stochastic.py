@@ -397,7 +397,10 @@ def train_forward_flat(KD, KH, KW, SD, SH, SW, DD, DH, DW, WITH_INDICES):
                             last_positive = i * KW + j if v > 0.0 else last_positive
                     fallback = (last_positive if total > 0.0 and not inner
                                 else first_tap[U(k)])
-                    picks[U(k)] = chosen if found else fallback
+                    # An edge window whose sum is not positive (invalid input: the call
+                    # raises) takes its first real tap, as the row kernel does: a pick
+                    # of one of the border's taps would read outside the plane.
+                    picks[U(k)] = chosen if found and (inner or total > 0.0) else fallback
                     sums[U(k)] = total
                 xf = xp.reshape(-1)
                 of = out[p, d].reshape(-1)
