@@ -486,37 +486,42 @@ def _depthwise_case(x_shape, kernel, args, dtype):
     return rng, x, w, b, dict(args, groups=channels)
 
 
-DEPTHWISE_BY_CHANNELS_CASES = [  # (x_shape, kernel, args): channels-first, small planes
-    ((4, 256, 7, 7), (3, 3), dict(padding=1)),  # 3x3 one pass, column pairs; 2 workers
-    ((2, 128, 14, 13), (3, 3), dict(stride=2, padding=1)),  # one column at a time
-    ((1, 300, 6, 9), (5, 3), dict(stride=(1, 2), padding=(2, 1), dilation=(1, 2))),
-    ((1, 256, 4, 4), (3, 3), dict(padding=2)),  # windows leaving the input on all sides
+DEPTHWISE_SMALL_CASES = [  # (x_shape, kernel, args, input gradient's path)
+    ((4, 256, 7, 7), (3, 3), dict(padding=1), "blocks"),  # column pairs; 2 workers
+    ((2, 128, 14, 13), (3, 3), dict(stride=2, padding=1), "last"),  # one column at a time
+    ((1, 300, 6, 9), (5, 3), dict(stride=(1, 2), padding=(2, 1), dilation=(1, 2)),
+     "last"),  # a last block of 12 channels
+    ((1, 256, 4, 4), (3, 3), dict(padding=2), "blocks"),  # windows leave on all sides
+    ((2, 40, 9, 9), (3, 3), dict(padding=1, dilation=2), "blocks"),  # 40: 16 + 16 + 8
 ]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("x_shape, kernel, args", DEPTHWISE_BY_CHANNELS_CASES)
-def test_small_plane_depthwise_runs_on_the_channels_last_kernels(x_shape, kernel, args,
-                                                                 dtype, monkeypatch):
-    """A channels-first depthwise convolution of many small planes runs its forward and
-    input gradient on the channels-last kernels through one copy in and one out
-    (``_Problem.depthwise_by_channels``): the bits of the channels-first direct kernels,
-    channels-first results, close to the reference, the same at 1 and 2 threads (the
-    first two cases are large enough to run on two workers; smaller calls run on one,
-    ``fastpool._threading.serialised``); larger planes and fewer planes keep the
-    channels-first kernels."""
+@pytest.mark.parametrize("x_shape, kernel, args, grad_path", DEPTHWISE_SMALL_CASES)
+def test_small_plane_depthwise_runs_across_channels(x_shape, kernel, args, grad_path,
+                                                    dtype, monkeypatch):
+    """A channels-first depthwise convolution of small planes runs its forward and
+    stride-1 input gradient on ``_depthwise_blocks`` (``_Problem.depthwise_blocks``),
+    and the strided input gradient of many small planes on the channels-last kernels
+    through one copy in and one out (``_Problem.depthwise_by_channels``): the bits of
+    the channels-first direct kernels, channels-first results, close to the reference,
+    the same at 1 and 2 threads (the first two cases are large enough to run on two
+    workers; smaller calls run on one, ``fastpool._threading.serialised``); larger
+    planes and fewer channels keep the channels-first kernels."""
     from fastpool import _params
     from fastpool.cpu import conv as cpu_conv
     from fastpool.cpu.conv import _channels_last_direct as cld
+    from fastpool.cpu.conv import _depthwise_blocks
     rng, x, w, b, args = _depthwise_case(x_shape, kernel, args, dtype)
     calls = []
-    for name in ("forward", "backward"):
-        monkeypatch.setattr(cld, name, lambda *a, f=getattr(cld, name): (
-            calls.append(a[0].shape) or f(*a)))
+    for module, name, path in ((cld, "forward", "last"), (cld, "backward", "last"),
+                               (_depthwise_blocks, "forward", "blocks")):
+        monkeypatch.setattr(module, name, lambda *a, f=getattr(module, name), k=path: (
+            calls.append((k, a[0].shape)) or f(*a)))
     _, _, _, window = _params.conv_window(x, w, b, 2, **args)
     runs = at_one_and_two_threads(lambda: fastpool.conv2d(x, w, b, **args))
     y = runs[0]
-    assert calls == [x_shape[:1] + x_shape[2:] + x_shape[1:2]] * 2
+    assert calls == [("blocks", x_shape)] * 2
     np.testing.assert_array_equal(runs[1], y)
     assert y.flags.c_contiguous
     np.testing.assert_array_equal(
@@ -530,7 +535,8 @@ def test_small_plane_depthwise_runs_on_the_channels_last_kernels(x_shape, kernel
     g = rng.standard_normal(y.shape).astype(dtype)
     calls.clear()
     runs = at_one_and_two_threads(lambda: fastpool.conv2d_backward(g, x, w, **args))
-    assert calls == [y.shape[:1] + y.shape[2:] + y.shape[1:2]] * 2
+    assert calls == [(grad_path, y.shape if grad_path == "blocks"
+                      else y.shape[:1] + y.shape[2:] + y.shape[1:2])] * 2
     gi = runs[0].grad_input
     np.testing.assert_array_equal(runs[1].grad_input, gi)
     assert gi.flags.c_contiguous
@@ -541,14 +547,68 @@ def test_small_plane_depthwise_runs_on_the_channels_last_kernels(x_shape, kernel
     assert_close_to_sum(gi, ref.conv2d_backward(g, x, w, **args)[0], bound, dtype)
     np.testing.assert_array_equal(fastpool.conv2d_backward(g[0], x[0], w, **args)
                                   .grad_input, gi[0])
-    # Too few planes, or planes too large: the channels-first kernels.
+    # Too few channels, or planes too large: the channels-first kernels.
     calls.clear()
     fastpool.conv2d(x[:1, :16], w[:16], b[:16], **dict(args, groups=16))
     fastpool.conv2d_backward(g[:1, :16], x[:1, :16], w[:16], **dict(args, groups=16))
-    big = np.zeros((1, x_shape[1], 9, 9), dtype)
+    big = np.zeros((1, x_shape[1], 57, 57), dtype)  # 3249 > 56 * 56 outputs
     fastpool.conv2d(big, w, b, **dict(args, stride=1, padding="same"))
     fastpool.conv2d_backward(big, big, w, **dict(args, stride=1, padding="same"))
     assert calls == []
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("x_shape, kernel, args", [
+    ((1, 40, 9, 11), (3, 3), dict(padding=1)),
+    ((2, 33, 12, 10), (3, 3), dict(stride=2, padding=1)),
+    ((1, 20, 13, 13), (4, 3), dict(stride=(3, 2), padding=(2, 1))),
+    ((1, 18, 9, 9), (3, 3), dict(padding=3, dilation=3)),
+    ((1, 16, 6, 7), (1, 1), dict()),
+    ((3, 17, 5, 5), (3, 3), dict()),
+    ((1, 24, 11, 11), (7, 7), dict(padding=3)),
+])
+def test_depthwise_blocks_bands_and_workers(x_shape, kernel, args, dtype, monkeypatch):
+    """``_depthwise_blocks.forward`` called directly: bitwise the channels-first direct
+    kernels' output with and without bias, for bands of one output row, of two (a
+    short last band) and whole planes, on 1, 2 and 3 workers (tasks split unevenly),
+    with full and partial blocks of channels."""
+    from fastpool import _params
+    from fastpool.cpu import conv as cpu_conv
+    from fastpool.cpu.conv import _depthwise_blocks
+    _, x, w, b, args = _depthwise_case(x_shape, kernel, args, dtype)
+    _, _, _, window = _params.conv_window(x, w, b, 2, **args)
+    problem = cpu_conv._forward_problem(window)
+    assert _depthwise_blocks.band_rows(problem, x.itemsize) == problem.out_h
+    for bias in (b, None):
+        expected = cpu_conv.conv2d_forward(x, w, bias, window, algorithm="direct")
+        for rows in (1, 2, None):
+            if rows is not None:
+                monkeypatch.setattr(_depthwise_blocks, "band_rows", lambda p, i, r=rows: r)
+            for workers in (1, 2, 3):
+                got = _depthwise_blocks.forward(x, w, bias, problem, workers)
+                np.testing.assert_array_equal(got, expected)
+            monkeypatch.undo()
+
+
+def test_depthwise_blocks_band_rows_fit_the_scratch():
+    """Large planes are cut into bands of as many output rows as let the scratch (the
+    input rows, their bordered copy and the outputs, ``_BLOCK`` channels) fit
+    ``_BAND_BYTES``, one row at least."""
+    from fastpool.cpu.conv import _depthwise_blocks as blocks
+    from fastpool.cpu.conv._planner import _Problem
+    for size, k, s in ((112, 3, 2), (224, 3, 1), (56, 7, 1), (300, 5, 3)):
+        out = (size + 2 * (k // 2) - k) // s + 1
+        p = _Problem((1, 32, size, size), (out, out), (32, 1, k, k), 32, (s, s),
+                     (k // 2, k // 2), (1, 1))
+        for itemsize in (4, 8):
+            rows = blocks.band_rows(p, itemsize)
+            wp = (out - 1) * s + k
+
+            def scratch(r):
+                return (((r - 1) * s + k) * (wp + size) + r * out) * blocks._BLOCK * itemsize
+            assert 1 <= rows < out, (size, k, s, itemsize)
+            assert rows == 1 or scratch(rows) <= blocks._BAND_BYTES
+            assert scratch(rows + 1) > blocks._BAND_BYTES
 
 
 DEPTHWISE_LAST_CASES = [  # (x_shape, kernel, args): each path of the kernels

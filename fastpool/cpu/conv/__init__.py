@@ -28,16 +28,19 @@ Algorithms, chosen per problem by ``choose_algorithm`` (the README lists them):
                  output columns. A GEMM with ``K = KH * KW`` would be all overhead.
                  Depthwise convolutions of channels-last buffers run in place, their
                  loops vectorised across channels (``_channels_last_direct``), and so
-                 do channels-first forwards and input gradients of many small planes,
-                 through one copy in and one out (``_Problem.depthwise_by_channels``;
-                 the same bits).
+                 do channels-first 3x3 forwards and stride-1 input gradients of small
+                 planes, in blocks of 16 channels transposed inside the kernel
+                 (``_depthwise_blocks``, ``_Problem.depthwise_blocks``), and strided
+                 input gradients of many small planes, through one copy in and one
+                 out (``_Problem.depthwise_by_channels``); the same bits.
 
 One module per concern: ``_planner`` (the problem as the kernels see it, the choice of
 algorithm, band and chunk sizes), ``_gemm`` (pointwise, rows, im2col: column gathering
 and the GEMM kernels), ``_winograd`` and ``_winograd_grad`` (its weight gradient),
 ``_direct`` (row kernels and padded-plane unit-stride kernels), ``_channels_last`` (pointwise convolutions of channels-last
 buffers, in place), ``_channels_last_direct`` (depthwise convolutions of channels-last
-buffers, in place); this module holds the launchers.
+buffers, in place), ``_depthwise_blocks`` (channels-first depthwise convolutions in
+blocks of channels turned channels-last); this module holds the launchers.
 
 Backward: with stride 1 the input gradient is the forward convolution of
 ``grad_output`` with the flipped, channel-transposed kernel, so it runs on the forward
@@ -65,7 +68,7 @@ from fastpool.cpu._arrays import channels_last, contiguous
 from fastpool._geometry import CHANNELS_LAST
 from fastpool.cpu._blas import single_threaded_blas
 from fastpool.cpu.conv import _channels_last, _channels_last_direct, _channels_last_gemm
-from fastpool.cpu.conv import _channels_last_backward, _winograd_grad
+from fastpool.cpu.conv import _channels_last_backward, _depthwise_blocks, _winograd_grad
 from fastpool.cpu.conv._direct import (_direct_backward_input, _direct_backward_weight,
                                        _direct_backward_weight_planes,
                                        _direct_forward, _direct_forward_planes)
@@ -159,6 +162,15 @@ def _depthwise_pixels(x, w, algorithm):
     x4 = _channels_last_direct.pixels(x, _batched(x))
     return x4 if x4 is not None and x4.shape == ((w.batch,) + w.in_size
                                                  + (w.channels,)) else None
+
+
+def _depthwise_in_blocks(w, algorithm, problem):
+    """Whether a channels-first depthwise convolution's ``problem`` (its forward, or
+    its stride-1 input gradient's) runs on ``_depthwise_blocks``
+    (``_Problem.depthwise_blocks``). Same bits as the channels-first kernels."""
+    return (algorithm is None and w.layout != CHANNELS_LAST and w.batch > 0
+            and w.groups == w.channels == w.out_channels
+            and problem.depthwise_blocks())
 
 
 def _depthwise_by_channels(x, w, algorithm):
@@ -317,11 +329,10 @@ def conv2d_forward(x, weight, bias, window, algorithm=None):
                                           _forward_problem(w),
                                           thread_count())
         return y if _batched(x) else y[0]
-    x4 = _depthwise_by_channels(x, w, algorithm)
-    if x4 is not None:
-        y = contiguous(_channels_last_direct.forward(x4, weight, bias,
-                                                     _forward_problem(w),
-                                                     thread_count()))
+    if _depthwise_in_blocks(w, algorithm, _forward_problem(w)):
+        y = _depthwise_blocks.forward(
+            contiguous(x).reshape((w.batch, w.channels) + w.in_size), weight, bias,
+            _forward_problem(w), thread_count())
         return y if _batched(x) else y[0]
     x_cl = _channels_last_input(x, w, algorithm, (WINOGRAD,))
     if x_cl is not None:
@@ -539,9 +550,16 @@ def conv2d_backward(grad_output, x, weight, window, output_mask, algorithm=None)
         code = _forward_problem(w).backward_algorithm()
     grad_input = grad_weight = grad_bias = None
     if want_input:
-        gy4 = _depthwise_by_channels(grad_output, w, algorithm)
+        in_blocks = tuple(w.stride) == (1, 1) and _depthwise_in_blocks(
+            w, algorithm, _input_grad_problem(w))
+        gy4 = None if in_blocks else _depthwise_by_channels(grad_output, w, algorithm)
         if w.batch == 0:
             grad_input = np.zeros((0, w.channels) + w.in_size, grad_output.dtype)
+        elif in_blocks:
+            # The forward of grad_output with the flipped kernel (module docstring).
+            grad_input = _depthwise_blocks.forward(
+                grad_output, np.ascontiguousarray(weight[:, :, ::-1, ::-1]), None,
+                _input_grad_problem(w), thread_count())
         elif gy4 is not None:
             grad_input = contiguous(_channels_last_direct.backward(
                 gy4, None, weight, _forward_problem(w), _input_grad_problem(w),
