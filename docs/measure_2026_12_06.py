@@ -94,5 +94,50 @@ def depthwise():
             print(f"dw 3x3 s{s} {c}@{size} batch {n:<3} {ms:.3f} ms")
 
 
+def blocks():
+    """The fourteenth session's ``_depthwise_blocks``: an old build against this one in
+    one process, their calls interleaved (``interleaved_medians``, 25 rounds), forward
+    and (stride 1) input gradient, checking the bits match:
+
+        git worktree add /tmp/old 6035867
+        python docs/measure_2026_12_06.py blocks /tmp/old float32
+    """
+    sys.path.insert(0, __file__.rsplit("/", 1)[0])
+    import measure_builds_interleaved
+    sys.path.insert(0, measure_builds_interleaved._old_package(sys.argv[2]))
+    import fastpool
+    import fastpool_old
+    from fastpool import _bench, _bench_layers as layers
+    dtype = np.dtype(sys.argv[3])
+    rng = np.random.default_rng(0)
+    cases = [(1, 576, 14, 1), (1, 576, 14, 2), (1, 960, 7, 1), (1, 384, 14, 1),
+             (1, 192, 28, 1), (1, 192, 28, 2), (1, 144, 56, 2), (1, 144, 56, 1),
+             (1, 96, 112, 2), (1, 32, 112, 1), (8, 576, 14, 1), (8, 960, 7, 1),
+             (32, 144, 56, 2)]
+    with _bench.pinned_threads(2):
+        for n, c, s, st in cases:
+            x = rng.standard_normal((n, c, s, s)).astype(dtype)
+            w = rng.standard_normal((c, 1, 3, 3)).astype(dtype)
+            b = rng.standard_normal(c).astype(dtype)
+            out = (s - 1) // st + 1
+            g = rng.standard_normal((n, c, out, out)).astype(dtype)
+            args = dict(stride=st, padding=1, groups=c)
+            line = []
+            for part in ("forward", "input grad") if st == 1 else ("forward",):
+                if part == "forward":
+                    calls = [lambda m=m: m.conv2d(x, w, b, **args)
+                             for m in (fastpool_old, fastpool)]
+                else:
+                    calls = [lambda m=m: m.conv2d_backward(
+                        g, x, w, output_mask=(True, False, False), **args).grad_input
+                        for m in (fastpool_old, fastpool)]
+                same = np.array_equal(calls[0](), calls[1]())
+                old, new = layers.interleaved_medians(calls, 25)
+                line.append(f"{part} {old * 1e3:.3f} -> {new * 1e3:.3f} "
+                            f"({old / new:.2f}x{'' if same else ', bits differ'})")
+            print(f"batch {n:2} 3x3 s{st} {c}@{s}: " + "   ".join(line), flush=True)
+
+
 if __name__ == "__main__":
-    {"convs": convs, "pool": pool, "depthwise": depthwise}[sys.argv[1]]()
+    {"convs": convs, "pool": pool, "depthwise": depthwise,
+     "blocks": blocks}[sys.argv[1]]()

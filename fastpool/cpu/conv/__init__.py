@@ -164,13 +164,13 @@ def _depthwise_pixels(x, w, algorithm):
                                                  + (w.channels,)) else None
 
 
-def _depthwise_in_blocks(w, algorithm, problem):
+def _depthwise_in_blocks(w, algorithm, problem, dtype):
     """Whether a channels-first depthwise convolution's ``problem`` (its forward, or
     its stride-1 input gradient's) runs on ``_depthwise_blocks``
     (``_Problem.depthwise_blocks``). Same bits as the channels-first kernels."""
     return (algorithm is None and w.layout != CHANNELS_LAST and w.batch > 0
             and w.groups == w.channels == w.out_channels
-            and problem.depthwise_blocks())
+            and problem.depthwise_blocks(dtype.itemsize))
 
 
 def _depthwise_by_channels(x, w, algorithm):
@@ -329,7 +329,7 @@ def conv2d_forward(x, weight, bias, window, algorithm=None):
                                           _forward_problem(w),
                                           thread_count())
         return y if _batched(x) else y[0]
-    if _depthwise_in_blocks(w, algorithm, _forward_problem(w)):
+    if _depthwise_in_blocks(w, algorithm, _forward_problem(w), x.dtype):
         y = _depthwise_blocks.forward(
             contiguous(x).reshape((w.batch, w.channels) + w.in_size), weight, bias,
             _forward_problem(w), thread_count())
@@ -551,7 +551,7 @@ def conv2d_backward(grad_output, x, weight, window, output_mask, algorithm=None)
     grad_input = grad_weight = grad_bias = None
     if want_input:
         in_blocks = tuple(w.stride) == (1, 1) and _depthwise_in_blocks(
-            w, algorithm, _input_grad_problem(w))
+            w, algorithm, _input_grad_problem(w), grad_output.dtype)
         gy4 = None if in_blocks else _depthwise_by_channels(grad_output, w, algorithm)
         if w.batch == 0:
             grad_input = np.zeros((0, w.channels) + w.in_size, grad_output.dtype)

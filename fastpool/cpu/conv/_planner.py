@@ -96,19 +96,18 @@ _BY_CHANNELS_MIN_PLANES = 256
 _BY_CHANNELS_MAX_ELEMENTS = 1 << 21
 # Channels-first depthwise 3x3 forwards (and stride-1 input gradients) run on
 # ``_depthwise_blocks`` (blocks of 16 channels turned channels-last inside one kernel)
-# where the output planes have at most ``_BLOCKS_MAX_PIXELS`` pixels, or at most
-# ``_BLOCKS_MAX_PIXELS_FEW`` with at most ``_BY_CHANNELS_MAX_ELEMENTS`` input elements,
-# and there are at least ``_BLOCKS_MIN_CHANNELS`` channels (each task computes 16
-# lanes); other kernel sizes where ``depthwise_by_channels`` holds. Measured on 2
-# threads, float32, interleaved medians of 30, old (channels-first plane kernels, or the
-# copies and channels-last kernel) -> blocks, ms: batch 1 3x3 576@14 0.120 -> 0.071,
-# s2 0.097 -> 0.058, 960@7 0.128 -> 0.084, 192@28 0.162 -> 0.111, s2 144@56 0.250 ->
-# 0.153, 144@56 0.265 -> 0.234, s2 96@112 0.340 -> 0.296, 16@28 0.026 -> 0.028; 32@112
-# 0.187 -> 0.206 and batch 32 of 144@56 13.7 -> 14.1, s2 96@112 14.2 -> 15.1 (left on
-# the plane kernels); batch 32 of 3x3 s2 576@14 2.93 -> 1.38; 5x5 672@7 0.123 -> 0.095
-# but 5x5 s2 144@56 0.200 -> 0.321 (the general tap loop, ``_columns``).
+# where the output planes have at most ``_BLOCKS_MAX_PIXELS`` pixels and there are at
+# least ``_BLOCKS_MIN_CHANNELS`` channels (each task computes 16 lanes), half as many
+# pixels for 8-byte items (float64 3x3 192@28 0.156-0.172 -> 0.164-0.233); other kernel
+# sizes where ``depthwise_by_channels`` holds. Measured on 2 threads, float32,
+# interleaved medians of 30, old (channels-first plane kernels, or the copies and
+# channels-last kernel) -> blocks, ms: batch 1 3x3 576@14 0.120 -> 0.071, s2 0.097 ->
+# 0.058, 960@7 0.128 -> 0.084, 192@28 0.162 -> 0.111, s2 144@56 0.250 -> 0.153,
+# 16@28 0.026 -> 0.028; batch 32 of 3x3 s2 576@14 2.93 -> 1.38; 5x5 672@7 0.123 ->
+# 0.095. Not taken: 56x56 outputs (144@56 0.265 -> 0.234 in one run, 0.306 -> 0.316 in
+# another; s2 96@112 0.340 -> 0.296, 0.477 -> 0.478; batch 32 of 144@56 13.7 -> 14.1),
+# 5x5 s2 144@56 0.200 -> 0.321 (the general tap loop, ``_columns``).
 _BLOCKS_MAX_PIXELS = 28 * 28
-_BLOCKS_MAX_PIXELS_FEW = 56 * 56
 _BLOCKS_MIN_CHANNELS = 32
 
 
@@ -293,18 +292,19 @@ class _Problem:
         gradient on the channels-last kernels (``_channels_last_direct``, vectorised
         across channels) through a copy in and out: planes of at most
         ``_BY_CHANNELS_MAX_PIXELS`` outputs, where the plane kernels' rows are too short
-        to vectorise well. (Its weight gradient stays channels-first: the channels-last
-        one sums in another order.)"""
+        to vectorise well; used where ``depthwise_blocks`` does not run the problem (the
+        strided input gradients). (Its weight gradient stays channels-first: the
+        channels-last one sums in another order.)"""
         planes = self.batch * self.in_channels
         return (self.out_h * self.out_w <= _BY_CHANNELS_MAX_PIXELS
                 and planes >= _BY_CHANNELS_MIN_PLANES
                 and planes * self.in_h * self.in_w <= _BY_CHANNELS_MAX_ELEMENTS)
 
-    def depthwise_blocks(self):
+    def depthwise_blocks(self, itemsize):
         """Whether a channels-first depthwise convolution (this problem: its forward, or
         its stride-1 input gradient's) runs on ``_depthwise_blocks``: a 3x3 kernel on
-        planes of at most ``_BLOCKS_MAX_PIXELS`` outputs (``_BLOCKS_MAX_PIXELS_FEW`` for
-        an input of at most ``_BY_CHANNELS_MAX_ELEMENTS`` elements) and at least
+        planes of at most ``_BLOCKS_MAX_PIXELS`` outputs (half for 8-byte items) and at
+        least
         ``_BLOCKS_MIN_CHANNELS`` channels, or any kernel where
         ``depthwise_by_channels`` holds; and only where the plane kernels read cells
         outside the input as zeros (``plane_args``), as that kernel does."""
@@ -312,13 +312,9 @@ class _Problem:
             return False
         if self.depthwise_by_channels():
             return True
-        pixels = self.out_h * self.out_w
-        elements = self.batch * self.in_channels * self.in_h * self.in_w
         return (self.kernel_h == self.kernel_w == 3
                 and self.in_channels >= _BLOCKS_MIN_CHANNELS
-                and (pixels <= _BLOCKS_MAX_PIXELS
-                     or (pixels <= _BLOCKS_MAX_PIXELS_FEW
-                         and elements <= _BY_CHANNELS_MAX_ELEMENTS)))
+                and self.out_h * self.out_w * max(itemsize, 4) <= 4 * _BLOCKS_MAX_PIXELS)
 
     def unit_stride_planes(self):
         """Whether the padded-plane direct kernels apply: stride 1 and a padded plane
