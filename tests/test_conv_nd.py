@@ -610,6 +610,46 @@ def test_depthwise_blocks_rule():
     assert problem(256, 8, k=5).depthwise_by_channels()
 
 
+@pytest.mark.parametrize("bad", ["read-only output", "mixed dtypes", "2-D", "float size"])
+def test_depthwise_blocks_intrinsics_refuse_other_arrays(bad):
+    """The vector loops of ``_depthwise_blocks`` read ``.data`` by element offsets:
+    anything but flat, C-contiguous, writeable arrays of one float dtype and integer
+    sizes is a typing error at compile time."""
+    from numba import njit
+    from numba.core.errors import TypingError
+    from fastpool.cpu.conv._depthwise_blocks import _copy_pixels, _row3x3
+
+    @njit
+    def taps(xs, wt, ys, count):
+        _row3x3(xs, 0, 16, 48, 16, wt, wt, ys, 0, count)
+
+    @njit
+    def copy(dst, src, count):
+        _copy_pixels(dst, 0, src, 0, count)
+
+    # The same calls with valid arguments compile and compute (xs: a 3x3 patch of
+    # 16-lane pixels, rows 48 apart; the bias is wt's first 16 items).
+    rng = np.random.default_rng(5)
+    xs, wt, ys = rng.standard_normal(16 * 9), rng.standard_normal(16 * 9), np.zeros(16)
+    taps(xs, wt, ys, 1)
+    t = wt.reshape(9, 16) * xs.reshape(9, 16)
+    np.testing.assert_array_equal(ys, ((wt[:16] + ((t[0] + t[1]) + (t[2] + t[3])))
+                                       + ((t[4] + t[5]) + (t[6] + t[7]))) + t[8])
+    copy(ys, xs, 1)
+    np.testing.assert_array_equal(ys, xs[:16])
+    x = np.zeros(16 * 9)
+    args = {"read-only output": (x, x, np.zeros(16), 1),
+            "mixed dtypes": (x, x.astype(np.float32), np.zeros(16), 1),
+            "2-D": (x, x, np.zeros((1, 16)), 1),
+            "float size": (x, x, np.zeros(16), 1.0)}[bad]
+    if bad == "read-only output":
+        args[2].flags.writeable = False
+    with pytest.raises(TypingError, match="_row3x3"):
+        taps(*args)
+    with pytest.raises(TypingError, match="_copy_pixels"):
+        copy(args[2], args[1], args[3])
+
+
 def test_depthwise_blocks_band_rows_fit_the_scratch():
     """Large planes are cut into bands of as many output rows as let the scratch (the
     input rows, their bordered copy and the outputs, ``_BLOCK`` channels) fit
