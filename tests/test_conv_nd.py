@@ -592,18 +592,18 @@ def test_depthwise_blocks_bands_and_workers(x_shape, kernel, args, dtype, monkey
 
 def test_depthwise_blocks_rule():
     """Which channels-first depthwise problems ``_depthwise_blocks`` takes: 3x3 kernels
-    on planes of at most 28 * 28 outputs (half as many for 8-byte items) with at least
+    on planes of at most 56 * 56 outputs (half as many for 8-byte items) with at least
     32 channels, and other kernels only where ``depthwise_by_channels`` holds."""
     from fastpool.cpu.conv._planner import _Problem
 
     def problem(channels, size, k=3, batch=1):
         return _Problem((batch, channels, size, size), (size, size), (channels, 1, k, k),
                         channels, (1, 1), (k // 2, k // 2), (1, 1))
-    assert problem(32, 28).depthwise_blocks(4)
-    assert not problem(32, 28).depthwise_blocks(8)
-    assert problem(32, 19).depthwise_blocks(8)  # 361 outputs
-    assert not problem(32, 20).depthwise_blocks(8)  # 400
-    assert not problem(32, 29).depthwise_blocks(4)
+    assert problem(32, 56).depthwise_blocks(4)
+    assert not problem(32, 56).depthwise_blocks(8)
+    assert problem(32, 39).depthwise_blocks(8)  # 1521 outputs
+    assert not problem(32, 40).depthwise_blocks(8)  # 1600
+    assert not problem(32, 57).depthwise_blocks(4)
     assert not problem(31, 14).depthwise_blocks(4)
     assert not problem(64, 14, k=5).depthwise_blocks(4)
     assert problem(256, 8, k=5).depthwise_blocks(8)  # depthwise_by_channels

@@ -96,18 +96,21 @@ _BY_CHANNELS_MIN_PLANES = 256
 _BY_CHANNELS_MAX_ELEMENTS = 1 << 21
 # Channels-first depthwise 3x3 forwards (and stride-1 input gradients) run on
 # ``_depthwise_blocks`` (blocks of 16 channels turned channels-last inside one kernel)
-# where the output planes have at most ``_BLOCKS_MAX_PIXELS`` pixels and there are at
-# least ``_BLOCKS_MIN_CHANNELS`` channels (each task computes 16 lanes), half as many
-# pixels for 8-byte items (float64 3x3 192@28 0.156-0.172 -> 0.164-0.233); other kernel
-# sizes where ``depthwise_by_channels`` holds. Measured on 2 threads, float32,
-# interleaved medians of 30, old (channels-first plane kernels, or the copies and
-# channels-last kernel) -> blocks, ms: batch 1 3x3 576@14 0.120 -> 0.071, s2 0.097 ->
-# 0.058, 960@7 0.128 -> 0.084, 192@28 0.162 -> 0.111, s2 144@56 0.250 -> 0.153,
-# 16@28 0.026 -> 0.028; batch 32 of 3x3 s2 576@14 2.93 -> 1.38; 5x5 672@7 0.123 ->
-# 0.095. Not taken: 56x56 outputs (144@56 0.265 -> 0.234 in one run, 0.306 -> 0.316 in
-# another; s2 96@112 0.340 -> 0.296, 0.477 -> 0.478; batch 32 of 144@56 13.7 -> 14.1),
-# 5x5 s2 144@56 0.200 -> 0.321 (the general tap loop, ``_columns``).
-_BLOCKS_MAX_PIXELS = 28 * 28
+# where the output planes have at most ``_BLOCKS_MAX_PIXELS`` pixels (half as many for
+# 8-byte items) and there are at least ``_BLOCKS_MIN_CHANNELS`` channels (each task
+# computes 16 lanes); other kernel sizes where ``depthwise_by_channels`` holds. Old
+# build (6035867: channels-first plane kernels, or copies around the channels-last
+# kernel) against new in one process, 2 threads, interleaved medians of 25, float32,
+# ms (``python docs/measure_2026_12_06.py blocks``; two runs): batch 1 3x3 576@14
+# 0.130-0.187 -> 0.103-0.105, s2 0.102-0.159 -> 0.084-0.096, 960@7 0.113-0.144 ->
+# 0.077-0.106, 192@28 0.167-0.243 -> 0.162-0.207, s2 144@56 0.268 -> 0.189-0.219,
+# 144@56 0.332-0.375 -> 0.298-0.378, s2 96@112 0.451-0.663 -> 0.374-0.570; batch 8
+# of 960@7 0.434-0.524 -> 0.223-0.261; batch 32 of 144@56 13.99 -> 13.21, of s2
+# 96@112 19.1 -> 16.8. Float64 192@28 0.207 -> 0.195 (at 56x56, not taken: 144@56
+# 0.465 -> 0.441 with the same kernels on both sides, the noise). Not taken: fewer
+# channels (16@28 0.026 -> 0.028), 5x5 s2 144@56 (0.200 -> 0.321: the general tap
+# loop, ``_columns``).
+_BLOCKS_MAX_PIXELS = 56 * 56
 _BLOCKS_MIN_CHANNELS = 32
 
 
