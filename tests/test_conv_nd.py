@@ -1,6 +1,8 @@
 """conv1d (and its backward) against the any-rank loop reference, PyTorch, finite
 differences and the GPU (simulator here)."""
 
+import sys
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -590,6 +592,35 @@ def test_depthwise_blocks_bands_and_workers(x_shape, kernel, args, dtype, monkey
             monkeypatch.undo()
 
 
+def test_depthwise_blocks_input_grad_follows_the_direct_kernels_choice(monkeypatch):
+    """Where the forward's padded plane is too large for the plane kernels, the direct
+    input gradient scatters (``_direct_backward_input``, another order of the sums),
+    even when the input gradient's own (cropped) plane is small: the blocks must not
+    run then, or the bits would differ from the pinned direct kernels. (The limit is
+    lowered so that a small padded input reaches that case.)"""
+    from fastpool import _params
+    from fastpool.cpu import conv as cpu_conv
+    from fastpool.cpu.conv import _depthwise_blocks, _planner
+    # (8 + 2 * 6) * (7 + 2 * 6) = 380. The geometry is this test's alone: what the
+    # memoised window derives under the lowered limit stays with it.
+    monkeypatch.setattr(_planner, "_PADDED_PLANE_LIMIT", 379)
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((1, 34, 8, 7))
+    w = rng.standard_normal((34, 1, 3, 3))
+    args = dict(padding=6, groups=34)
+    _, _, _, window = _params.conv_window(x, w, None, 2, **args)
+    assert not cpu_conv._forward_problem(window).unit_stride_planes()
+    assert cpu_conv._input_grad_problem(window).depthwise_blocks(8)
+    calls = []
+    monkeypatch.setattr(_depthwise_blocks, "forward", lambda *a, f=_depthwise_blocks.forward:
+                        calls.append(a[0].shape) or f(*a))
+    g = rng.standard_normal((1, 34, 18, 17))
+    got = fastpool.conv2d_backward(g, x, w, output_mask=(True, False, False), **args)
+    pinned = cpu_conv.conv2d_backward(g, x, w, window, (True, False, False), "direct")
+    np.testing.assert_array_equal(got.grad_input, pinned[0])
+    assert calls == []
+
+
 def test_depthwise_blocks_rule():
     """Which channels-first depthwise problems ``_depthwise_blocks`` takes: 3x3 kernels
     on planes of at most 56 * 56 outputs (half as many for 8-byte items) with at least
@@ -648,6 +679,23 @@ def test_depthwise_blocks_intrinsics_refuse_other_arrays(bad):
         taps(*args)
     with pytest.raises(TypingError, match="_copy_pixels"):
         copy(args[2], args[1], args[3])
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="guard pages through mprotect")
+def test_depthwise_blocks_read_nothing_outside_the_input():
+    """Inputs flush against inaccessible pages (``guard_pages.py``, in a child process:
+    a read past either end is a segmentation fault that fails this test): partial
+    blocks of channels, bands, strides beyond the kernel, the input gradient's crops;
+    the results bitwise the direct kernels'. (A one-channel overread of a partial
+    block, multiplied by a zero weight, changes no result: only this catches it.)"""
+    import guard_pages
+    from test_reliability import run_python
+    out = run_python("import guard_pages; guard_pages.depthwise_blocks()",
+                     env={"NUMBA_NUM_THREADS": "2"})
+    assert out["mismatches"] == []
+    cases = guard_pages.DEPTHWISE_CASES
+    problems = len(cases) + sum(case[5] == (1, 1) for case in cases)
+    assert out["calls"] == problems * 2 * 2 * 3  # dtypes, ends, bands
 
 
 def test_depthwise_blocks_band_rows_fit_the_scratch():

@@ -550,8 +550,12 @@ def conv2d_backward(grad_output, x, weight, window, output_mask, algorithm=None)
         code = _forward_problem(w).backward_algorithm()
     grad_input = grad_weight = grad_bias = None
     if want_input:
-        in_blocks = tuple(w.stride) == (1, 1) and _depthwise_in_blocks(
-            w, algorithm, _input_grad_problem(w), grad_output.dtype)
+        # As ``_input_grad``: the direct kernels scatter (in another order) where the
+        # forward's padded plane is too large, even if the transposed one is not.
+        in_blocks = (tuple(w.stride) == (1, 1) and w.batch > 0
+                     and _forward_problem(w).unit_stride_planes()
+                     and _depthwise_in_blocks(w, algorithm, _input_grad_problem(w),
+                                              grad_output.dtype))
         gy4 = None if in_blocks else _depthwise_by_channels(grad_output, w, algorithm)
         if w.batch == 0:
             grad_input = np.zeros((0, w.channels) + w.in_size, grad_output.dtype)

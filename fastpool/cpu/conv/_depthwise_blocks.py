@@ -15,7 +15,11 @@ the scratch in L1/L2.
 
 The sums are those of ``_channels_last_direct`` with outside cells as zeros (its
 ``grouped`` mode, that of the channels-first plane kernels): the same bits as the
-channels-first kernels at any block size, band height and thread count.
+channels-first kernels at any block size, band height and thread count, except the
+sign and payload of a NaN (x86 keeps the first operand's NaN and the compiled adds
+may order their operands differently; both sides are NaN). In a partial last block
+of channels the scratch lanes past the channel count keep earlier tasks' values; they
+meet zero weights and are never written out.
 """
 
 from __future__ import annotations
@@ -234,7 +238,7 @@ def _forward(x, wb, bb, has_bias, y, KH, KW, SH, SW, DH, DW, PT, PL, band, worke
         xu = np.zeros(in_rows * W * C0, x.dtype)
         xs = np.zeros(in_rows * Wp * C0, x.dtype)
         ys = np.zeros(band * OW * C0, x.dtype)
-        stage = np.empty(4 * C0, x.dtype)
+        stage = np.empty(4 * C0 if not nine else 1, x.dtype)  # _columns' scratch
         o = np.empty(4, np.int64)
         col_lo = np.zeros(KW, np.int64)
         col_hi = np.full(KW, OW, np.int64)
