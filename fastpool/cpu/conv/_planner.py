@@ -307,8 +307,7 @@ class _Problem:
         """Whether a channels-first depthwise convolution (this problem: its forward, or
         its stride-1 input gradient's) runs on ``_depthwise_blocks``: a 3x3 kernel on
         planes of at most ``_BLOCKS_MAX_PIXELS`` outputs (half for 8-byte items) and at
-        least
-        ``_BLOCKS_MIN_CHANNELS`` channels, or any kernel where
+        least ``_BLOCKS_MIN_CHANNELS`` channels, or any kernel where
         ``depthwise_by_channels`` holds; and only where the plane kernels read cells
         outside the input as zeros (``plane_args``), as that kernel does."""
         if self.plane_args is None:
