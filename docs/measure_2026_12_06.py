@@ -138,6 +138,45 @@ def blocks():
             print(f"batch {n:2} 3x3 s{st} {c}@{s}: " + "   ".join(line), flush=True)
 
 
+def pairs():
+    """The fifteenth session's 2x2 stride-2 max rows (``_pool_pairs``): an old build
+    against this one and ONNX Runtime in one process, interleaved
+    (``interleaved_medians``, 40 rounds), channels-first forward without indices,
+    batch 1 unless said, at 1 and 2 threads, checking the bits match:
+
+        git worktree add /tmp/old 27ef498
+        python docs/measure_2026_12_06.py pairs /tmp/old float32
+    """
+    sys.path.insert(0, __file__.rsplit("/", 1)[0])
+    import measure_builds_interleaved
+    sys.path.insert(0, measure_builds_interleaved._old_package(sys.argv[2]))
+    import fastpool
+    import fastpool_old
+    from fastpool import _bench, _bench_layers as layers
+    dtype = np.dtype(sys.argv[3])
+    cases = [(1, 512, 14), (1, 512, 28), (1, 256, 56), (1, 128, 112), (1, 64, 224),
+             (32, 6, 28), (8, 64, 56)]
+    for threads in (1, 2):
+        ort = layers.OrtPeer(threads)
+        with _bench.pinned_threads(threads):
+            for n, c, s in cases:
+                layer = layers._pool("max", c, s, 2, 2)
+                data = layers.make_data(layer, n, "nchw", dtype)
+                x = data.x
+                calls = [lambda m=m: m.max_pool2d(x, 2, 2) for m in (fastpool_old, fastpool)]
+                prepared = ort.prepare(layer, data, False)
+                if prepared is not None:
+                    calls.append(prepared[0])
+                same = np.array_equal(calls[0](), calls[1]())
+                times = layers.interleaved_medians(calls, 40)
+                peer = (f", ONNX Runtime {times[2] * 1e3:.4f} ({times[2] / times[1]:.2f}x "
+                        "new)" if len(times) > 2 else "")
+                print(f"{threads} threads, batch {n:2} max 2x2 s2 {c}@{s}: "
+                      f"{times[0] * 1e3:.4f} -> {times[1] * 1e3:.4f} ms "
+                      f"({times[0] / times[1]:.2f}x{'' if same else ', bits differ'})"
+                      + peer, flush=True)
+
+
 if __name__ == "__main__":
     {"convs": convs, "pool": pool, "depthwise": depthwise,
-     "blocks": blocks}[sys.argv[1]]()
+     "blocks": blocks, "pairs": pairs}[sys.argv[1]]()

@@ -84,3 +84,35 @@ def depthwise_blocks():
                             mismatches.append([n, c, h, w, problem.kind, rows,
                                                np.dtype(dtype).name])
     print(json.dumps({"calls": calls, "mismatches": mismatches}))
+
+
+def max2x2_rows():
+    """``_pool_pairs.max2x2_rows`` on inputs and outputs against guard pages at either
+    end (its masked loads and stores of the last chunk of a row must touch nothing past
+    the row), rows of 1 to 17 and 28 outputs, float32 and float64, compared with the
+    four taps folded in NumPy (larger wins, the first NaN stays). Prints a JSON line:
+    the number of calls and the mismatches."""
+    from fastpool.cpu._pool_pairs import max2x2_rows_for_tests as rows_kernel
+    rng = np.random.default_rng(12)
+    calls, mismatches = 0, []
+    for width in list(range(1, 18)) + [28]:
+        for dtype in (np.float32, np.float64):
+            rows = 3
+            x = rng.integers(-3, 3, rows * 4 * width).astype(dtype)
+            x[rng.random(x.size) < 0.1] = np.nan
+            taps = x.reshape(rows, 2, width, 2).transpose(0, 2, 1, 3).reshape(
+                rows, width, 4)
+            best = taps[..., 0].copy()
+            for k in (1, 2, 3):
+                tap = taps[..., k]
+                take = (tap > best) | (np.isnan(tap) & ~np.isnan(best))
+                best = np.where(take, tap, best)
+            for at_end in (True, False):
+                fenced_x = guarded(x.shape, dtype, at_end)
+                fenced_x[...] = x
+                out = guarded((rows * width,), dtype, at_end)
+                rows_kernel(fenced_x, out, 0, rows, width)
+                calls += 1
+                if not np.array_equal(out.reshape(rows, width), best, equal_nan=True):
+                    mismatches.append([width, np.dtype(dtype).name, at_end])
+    print(json.dumps({"calls": calls, "mismatches": mismatches}))

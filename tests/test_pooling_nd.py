@@ -6,6 +6,8 @@ here the same kernels run with a depth axis, a height axis of 1, and channels-la
 strides. Geometries come from short per-rank lists (each is a compiled kernel).
 """
 
+import sys
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
@@ -757,8 +759,13 @@ def test_exactly_tiled_avg_forward(shape, kernel, divisor, tiled, dtype, monkeyp
 @pytest.mark.parametrize("shape, kernel, tiled", [
     ((4, 6, 28, 28), 2, True), ((2, 3, 9, 12), 3, True), ((3, 4, 10), 5, True),
     ((2, 3, 4, 6, 8), (1, 2, 4), True), ((2, 3, 4, 6, 8), (2, 2, 2), False),
-    ((2, 3, 9, 11), 2, False)],
-    ids=["2x2", "3x3", "1-D", "3-D-flat", "3-D-deep", "leftover"])
+    ((2, 3, 9, 11), 2, False),
+    # 2x2 rows of 7, 8, 17 and 3 outputs: a masked chunk only, whole chunks only
+    # (float32), both (_pool_pairs.max2x2_rows); 40, past PAIRS_WIDEST: the loop
+    ((1, 5, 14, 14), 2, True), ((2, 3, 16, 16), 2, True), ((1, 2, 6, 34), 2, True),
+    ((2, 3, 4, 6, 6), (1, 2, 2), True), ((1, 2, 4, 80), 2, True)],
+    ids=["2x2", "3x3", "1-D", "3-D-flat", "3-D-deep", "leftover", "2x2-7-wide",
+         "2x2-8-wide", "2x2-17-wide", "3-D-2x2", "2x2-40-wide"])
 def test_exactly_tiled_max_forward(shape, kernel, tiled, dtype, monkeypatch):
     """Max pooling's whole-row kernel for exactly tiling windows: the general kernel's
     values and indices, bit for bit, with NaNs (the first one wins), ties (the first
@@ -792,6 +799,19 @@ def test_exactly_tiled_max_forward(shape, kernel, tiled, dtype, monkeypatch):
     assert np.array_equal(_bits(got), _bits(want))
     assert np.array_equal(_bits(got_plain), _bits(want))
     np.testing.assert_array_equal(got_indices, want_indices)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="guard pages through mprotect")
+def test_max2x2_rows_read_and_write_nothing_outside_the_rows():
+    """The 2x2 max rows' vector code (``_pool_pairs``) on inputs and outputs flush
+    against inaccessible pages (``guard_pages.py``, in a child process: an access past
+    either end is a segmentation fault that fails this test), rows of 1-17 and 28
+    outputs, the values those of the four taps folded in NumPy."""
+    import guard_pages
+    from test_reliability import run_python
+    out = run_python("import guard_pages; guard_pages.max2x2_rows()")
+    assert out["mismatches"] == []
+    assert out["calls"] == 18 * 2 * 2  # widths, dtypes, ends
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])

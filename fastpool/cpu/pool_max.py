@@ -17,6 +17,7 @@ from numba import njit
 from fastpool._threading import thread_count
 from fastpool.cpu import _half_bits as hb
 from fastpool.cpu._parallel import BODY_JIT, parallel_kernel
+from fastpool.cpu._pool_pairs import PAIRS_WIDEST, max2x2_rows
 from fastpool.cpu._pool_common import (
     INF,
     PHASE_STRIDE_LIMIT,
@@ -317,7 +318,11 @@ def max_forward_tiled(KD, KH, KW, SD, SH, SW, DD, DH, DW, WITH_INDICES):
     no dilation, no leftover rows or columns, ``KD == 1``): output row ``r`` reads input
     rows ``r * KH`` to ``r * KH + KH - 1`` (``plane_rows`` output rows per plane), with
     no window arithmetic and no edge columns. Taps are visited in ``max_forward``'s
-    order with its rule (``replaces``), so values and indices are its own."""
+    order with its rule (``replaces``), so values and indices are its own. 2x2 windows
+    without indices on rows of at most ``PAIRS_WIDEST`` outputs run
+    ``_pool_pairs.max2x2_rows`` (vector code for short rows)."""
+
+    PAIRS = KH == KW == 2 and not WITH_INDICES
 
     @parallel_kernel
     @njit(**BODY_JIT)
@@ -325,6 +330,10 @@ def max_forward_tiled(KD, KH, KW, SD, SH, SW, DD, DH, DW, WITH_INDICES):
         rows, OW = out.shape
         W = OW * KW
         xf = x.reshape(-1)
+        if PAIRS and OW <= PAIRS_WIDEST:
+            max2x2_rows(xf, out.reshape(-1), worker * rows // workers,
+                        (worker + 1) * rows // workers, OW)
+            return
         for r in range(worker * rows // workers, (worker + 1) * rows // workers):
             base = r * KH * W
             first = (r % plane_rows) * KH * W  # the row's offset inside its plane
