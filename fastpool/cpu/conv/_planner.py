@@ -71,6 +71,10 @@ _BLAS_LIMIT = 2**31 - 1
 # Forward tasks (image, group, band of rows) to aim for at least: batch-1 layers were
 # one band, so one thread of two ran (1x1 256->64 on 56x56: 1.13 ms, ORT 0.34 ms).
 _MIN_FORWARD_TASKS = 8
+# Output pixels a plane, at most, of a pointwise forward that runs the whole plane
+# (``whole_plane_columns``) whatever its weight: a band of a 7x7 or 14x14 plane ends
+# in a part-empty panel of the GEMM tile, and each band reads the weight again.
+_WHOLE_POINTWISE_PIXELS = 196
 _MIN_BAND_PIXELS = 64
 # ... then blocks of output channels, of at least this many (GEMM rows), for the rest.
 _MIN_BLOCK_CHANNELS = 16
@@ -361,17 +365,27 @@ class _Problem:
         least as many outputs per group as output pixels). Cut into bands, as
         elsewhere, every band read that weight again from memory (512->512 3x3 on
         14x14: 9.4 MB per band; 6.9 -> 6.2-6.4 ms; 1x1 512->2048 on 7x7: 0.92 ->
-        0.83 ms). Where the weight fits in L2 bands are faster (1x1 960->160 on 7x7:
-        0.20 against 0.28 ms), and so are one GEMM per image at larger batches (8
-        images of 3x3 512->512 on 14x14: 34 against 36-39 ms). fastpool's own GEMM
-        gives every output the same bits either way."""
+        0.83 ms). Also a pointwise forward of at most ``_WHOLE_POINTWISE_PIXELS``
+        output pixels, whatever its weight: bands of a 7x7 plane (28 and 21 pixels)
+        each end in a part-empty panel of the 8x24 tile and read the weight again
+        (2026-12-06, batch 1, interleaved, bands -> whole plane: 1x1 960->160 on 7x7
+        one thread 0.247 -> 0.209 ms, two 0.256 -> 0.213; 576->96 on 14x14 two
+        threads 0.266 -> 0.233; 28x28 planes neither way, 56x56 and larger 7-9%
+        slower on two threads, so bands stay there). Where the weight of an im2col
+        forward fits in L2 bands are faster, and so are one GEMM per image at larger
+        batches (8 images of 3x3 512->512 on 14x14: 34 against 36-39 ms). fastpool's
+        own GEMM gives every output the same bits either way."""
+        if not (algorithm in (POINTWISE, IM2COL)
+                and self.batch * self.groups < _MIN_FORWARD_TASKS
+                and self.column_images(itemsize) > 0):
+            return False
+        if (algorithm == POINTWISE
+                and self.out_h * self.out_w <= _WHOLE_POINTWISE_PIXELS):
+            return True
         per_group = (self.outputs_per_group * self.channels_per_group * self.kernel_h
                      * self.kernel_w * itemsize)
-        return (algorithm in (POINTWISE, IM2COL)
-                and self.batch * self.groups < _MIN_FORWARD_TASKS
-                and per_group > _COLUMN_BYTES
-                and self.outputs_per_group >= self.out_h * self.out_w
-                and self.column_images(itemsize) > 0)
+        return (per_group > _COLUMN_BYTES
+                and self.outputs_per_group >= self.out_h * self.out_w)
 
     def column_images(self, itemsize):
         """Images per chunk of ``_forward_by_channel_blocks``: as many as fit in
