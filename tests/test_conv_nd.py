@@ -477,6 +477,47 @@ def test_channels_last_pointwise_products_give_the_channels_first_bits(
     assert np.moveaxis(yl, -3, -1).flags.c_contiguous
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("turned", [False, True], ids=["band", "turned"])
+@pytest.mark.parametrize("x_shape, out_channels, kernel, args", [
+    ((1, 20, 9, 13), 12, 3, dict(padding=1)),                    # 20 = 16 + 4 channels
+    ((2, 24, 11, 19), 19, 3, dict(stride=2, padding=1)),         # odd pixels a band
+    ((1, 40, 7, 10), 36, (3, 2), dict(stride=(1, 3), padding=(2, 1), groups=2)),
+    ((1, 9, 6, 6), 8, 1, dict(stride=2)),                        # 9 = 8 + 1 channels
+])
+def test_channels_last_im2col_blocks_give_the_channels_first_bits(
+        x_shape, out_channels, kernel, args, turned, dtype, monkeypatch):
+    """The channels-last im2col forward gathers its columns and stores its band in
+    blocks of pixels x channels transposed in vector registers, the remainders (of
+    channels, pixels, output channels, the columns where windows leave the input) one
+    value at a time: the channels-first call's bits, in float32 (blocks of 8) and
+    float64 (4), with the band buffer and with the product turned over."""
+    from fastpool import _params
+    from fastpool.cpu import conv as cpu_conv
+    from fastpool.cpu.conv import _channels_last_gemm as clg
+    monkeypatch.setattr(clg, "_TURNED_WEIGHT_BYTES", 1 << 30 if turned else 0)
+    rng = np.random.default_rng(43)
+    kernel = (kernel, kernel) if isinstance(kernel, int) else kernel
+    groups = args.get("groups", 1)
+    x = rng.standard_normal(x_shape).astype(dtype)
+    w = rng.standard_normal((out_channels, x_shape[1] // groups) + kernel).astype(dtype)
+    b = rng.standard_normal(out_channels).astype(dtype)
+    xl = np.moveaxis(np.ascontiguousarray(np.moveaxis(x, 1, -1)), -1, 1)
+    launches = []
+    original = clg._im2col_forward
+    monkeypatch.setattr(clg, "_im2col_forward",
+                        lambda *a: launches.append(a[2].size > 0) or original(*a))
+    results = []
+    for source in (x, xl):
+        source, w_, b_, geometry = _params.conv_window(source, w, b, 2, **args)
+        results.append(cpu_conv.conv2d_forward(source, w_, b_, geometry, "im2col"))
+    assert launches == [turned]  # the channels-last call ran here
+    assert np.moveaxis(results[1], 1, -1).flags.c_contiguous
+    np.testing.assert_array_equal(results[1], results[0])
+    bound = _bound(x, w, **args) + np.abs(b)[:, None, None]
+    assert_close_to_sum(results[1], ref.conv(x, w, b, **args), bound, dtype)
+
+
 def _depthwise_case(x_shape, kernel, args, dtype):
     """``(rng, x, w, b, args)`` of a depthwise convolution (``groups`` added to
     ``args``; ``rng`` for more draws)."""
