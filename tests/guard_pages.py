@@ -89,17 +89,24 @@ def depthwise_blocks():
 def max2x2_rows():
     """``_pool_pairs.max2x2_rows`` on inputs and outputs against guard pages at either
     end (its masked loads and stores of the last chunk of a row must touch nothing past
-    the row), rows of 1 to 17 and 28 outputs, float32 and float64, compared with the
-    four taps folded in NumPy (larger wins, the first NaN stays). Prints a JSON line:
-    the number of calls and the mismatches."""
+    the row), rows of 1 to 17 and 28 outputs, float32 and float64, compared bit for
+    bit with the four taps folded in NumPy (larger wins, the first of equal values and
+    the first NaN stay: signed zeros and NaN payloads tell them apart). Prints a JSON
+    line: the number of calls and the mismatches."""
     from fastpool.cpu._pool_pairs import max2x2_rows_for_tests as rows_kernel
     rng = np.random.default_rng(12)
     calls, mismatches = 0, []
     for width in list(range(1, 18)) + [28]:
         for dtype in (np.float32, np.float64):
             rows = 3
-            x = rng.integers(-3, 3, rows * 4 * width).astype(dtype)
-            x[rng.random(x.size) < 0.1] = np.nan
+            uint = np.dtype(f"u{np.dtype(dtype).itemsize}")
+            # ties, signed zeros and NaNs of distinct payloads: which tap wins shows
+            # in the bits (first maximum, first NaN)
+            x = rng.integers(-2, 2, rows * 4 * width).astype(dtype)
+            x[rng.random(x.size) < 0.2] = -0.0
+            nans = np.flatnonzero(rng.random(x.size) < 0.15)
+            quiet = np.array(np.nan, dtype).view(uint)
+            x.view(uint)[nans] = quiet | np.arange(1, nans.size + 1, dtype=uint)
             taps = x.reshape(rows, 2, width, 2).transpose(0, 2, 1, 3).reshape(
                 rows, width, 4)
             best = taps[..., 0].copy()
@@ -111,8 +118,10 @@ def max2x2_rows():
                 fenced_x = guarded(x.shape, dtype, at_end)
                 fenced_x[...] = x
                 out = guarded((rows * width,), dtype, at_end)
-                rows_kernel(fenced_x, out, 0, rows, width)
+                # the first row alone, then the others (a worker's share)
+                rows_kernel(fenced_x, out, 0, 1, width)
+                rows_kernel(fenced_x, out, 1, rows, width)
                 calls += 1
-                if not np.array_equal(out.reshape(rows, width), best, equal_nan=True):
+                if not np.array_equal(out.view(uint), best.reshape(-1).view(uint)):
                     mismatches.append([width, np.dtype(dtype).name, at_end])
     print(json.dumps({"calls": calls, "mismatches": mismatches}))

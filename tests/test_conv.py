@@ -354,8 +354,8 @@ def _einsum_conv(x, w, b, padding, groups):
     ((2, 2048, 5, 5), (160, 2048, 1, 1), 0, 1, "pointwise", 2),  # 25 pixels
     ((3, 1024, 6, 6), (128, 512, 3, 3), 1, 2, "im2col", 2),      # groups, two chunks
     ((3, 4096, 5, 5), (320, 2048, 1, 1), 0, 2, "pointwise", 2),  # groups, two chunks
-    # a small weight: a 7x7 plane (_WHOLE_POINTWISE_PIXELS), 40 outputs (a part tile)
-    ((1, 96, 7, 7), (40, 96, 1, 1), 0, 1, "pointwise", 1),
+    # a small weight: a 7x7 plane (_WHOLE_POINTWISE_PIXELS), 68 outputs (a part tile)
+    ((1, 96, 7, 7), (68, 96, 1, 1), 0, 1, "pointwise", 1),
 ], ids=["im2col", "pointwise", "grouped-chunks", "pointwise-grouped-chunks",
         "pointwise-small-plane"])
 def test_whole_plane_channel_blocks_give_the_bands_bits(monkeypatch, dtype, x_shape,
@@ -400,20 +400,25 @@ def test_whole_plane_channel_blocks_give_the_bands_bits(monkeypatch, dtype, x_sh
 
 
 def test_whole_plane_rule_for_small_pointwise_planes():
-    """A pointwise forward of at most ``_WHOLE_POINTWISE_PIXELS`` output pixels at
-    batch 1 runs the whole plane whatever its weight; larger planes, batches of
+    """A pointwise forward of at most ``_WHOLE_POINTWISE_PIXELS`` output pixels and
+    ``_WHOLE_POINTWISE_CHANNELS`` or more outputs a group at batch 1 runs the whole
+    plane whatever its weight; larger planes, fewer outputs, batches of
     ``_MIN_FORWARD_TASKS`` images and im2col with a small weight keep bands."""
-    def whole(x_shape, w_shape, padding=0):
+    def whole(x_shape, w_shape, padding=0, groups=1):
         x = np.zeros(x_shape, np.float32)
         w = np.zeros(w_shape, np.float32)
-        x, w, _, geometry = _params.conv_window(x, w, None, 2, padding=padding)
+        x, w, _, geometry = _params.conv_window(x, w, None, 2, padding=padding,
+                                                groups=groups)
         problem = cpu_conv._forward_problem(geometry)
         code = cpu_conv.ALGORITHMS["im2col" if w_shape[2] > 1 else "pointwise"]
         return problem.whole_plane_columns(code, 4)
     assert whole((1, 960, 7, 7), (160, 960, 1, 1))     # 614 KB of weight
     assert whole((1, 192, 14, 14), (64, 192, 1, 1))    # fewer outputs than pixels
-    assert whole((1, 16, 14, 14), (8, 16, 1, 1))
-    assert not whole((1, 16, 15, 14), (8, 16, 1, 1))   # 210 pixels
+    assert whole((1, 16, 1, 196), (64, 16, 1, 1))
+    assert not whole((1, 16, 1, 197), (64, 16, 1, 1))  # 197 pixels
+    assert not whole((1, 16, 14, 14), (63, 16, 1, 1))  # too few blocks to share
+    assert whole((1, 32, 7, 7), (128, 16, 1, 1), groups=2)
+    assert not whole((1, 32, 7, 7), (96, 16, 1, 1), groups=2)  # 48 a group
     assert not whole((1, 256, 28, 28), (128, 256, 1, 1))
     assert not whole((8, 960, 7, 7), (160, 960, 1, 1))  # enough images for tasks
     assert not whole((1, 64, 7, 7), (64, 64, 3, 3), 1)  # im2col, weight in L2

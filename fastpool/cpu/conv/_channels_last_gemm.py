@@ -108,7 +108,7 @@ def _im2col_forward(x, w, wt, bias, y, in_place, rows_per_band, m_blocks, G, KH,
     ``bias`` the bias or zeros, ``y`` the ``(N, OH, OW, O)`` output. With ``wt`` (each
     group's ``W_g^T``, ``C_g*KH*KW x O_g``; empty: not given) the product is turned
     over, pixels as its rows, written straight into ``y``; else it runs into a band
-    buffer stored into ``y`` 16 pixels at a time. With ``in_place`` (a pointwise
+    buffer stored into ``y`` in transposed blocks. With ``in_place`` (a pointwise
     convolution, turned over) the product reads its rows straight from ``x``."""
     N, H, W, C = x.shape
     OH, OW, O = y.shape[1], y.shape[2], y.shape[3]

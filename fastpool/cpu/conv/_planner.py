@@ -73,8 +73,11 @@ _BLAS_LIMIT = 2**31 - 1
 _MIN_FORWARD_TASKS = 8
 # Output pixels a plane, at most, of a pointwise forward that runs the whole plane
 # (``whole_plane_columns``) whatever its weight: a band of a 7x7 or 14x14 plane ends
-# in a part-empty panel of the GEMM tile, and each band reads the weight again.
+# in a part-empty panel of the GEMM tile, and each band reads the weight again. With
+# at least this many output channels a group, so the threads have blocks of them to
+# share (measured: 64 to 960).
 _WHOLE_POINTWISE_PIXELS = 196
+_WHOLE_POINTWISE_CHANNELS = 64
 _MIN_BAND_PIXELS = 64
 # ... then blocks of output channels, of at least this many (GEMM rows), for the rest.
 _MIN_BLOCK_CHANNELS = 16
@@ -366,7 +369,8 @@ class _Problem:
         elsewhere, every band read that weight again from memory (512->512 3x3 on
         14x14: 9.4 MB per band; 6.9 -> 6.2-6.4 ms; 1x1 512->2048 on 7x7: 0.92 ->
         0.83 ms). Also a pointwise forward of at most ``_WHOLE_POINTWISE_PIXELS``
-        output pixels, whatever its weight: bands of a 7x7 plane (28 and 21 pixels)
+        output pixels and at least ``_WHOLE_POINTWISE_CHANNELS`` outputs a group,
+        whatever its weight: bands of a 7x7 plane (28 and 21 pixels)
         each end in a part-empty panel of the 8x24 tile and read the weight again
         (2026-12-06, batch 1, interleaved, bands -> whole plane: 1x1 960->160 on 7x7
         one thread 0.247 -> 0.209 ms, two 0.256 -> 0.213; 576->96 on 14x14 two
@@ -380,7 +384,8 @@ class _Problem:
                 and self.column_images(itemsize) > 0):
             return False
         if (algorithm == POINTWISE
-                and self.out_h * self.out_w <= _WHOLE_POINTWISE_PIXELS):
+                and self.out_h * self.out_w <= _WHOLE_POINTWISE_PIXELS
+                and self.outputs_per_group >= _WHOLE_POINTWISE_CHANNELS):
             return True
         per_group = (self.outputs_per_group * self.channels_per_group * self.kernel_h
                      * self.kernel_w * itemsize)
