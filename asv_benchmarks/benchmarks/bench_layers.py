@@ -30,6 +30,13 @@ LAYER_CASES = {
     "mobilenet_v2 dw 3x3 b1 (1,144,56,56)": ("conv", (1, 144, 56, 56), (144, 3, 1, 1, 144)),
     "vgg16 conv 3x3 512->512 b1 (1,512,14,14)": ("conv", (1, 512, 14, 14),
                                                  (512, 3, 1, 1, 1)),
+    # 2026-12-06: 2x2 max rows as vector code; small pointwise planes on the whole
+    # plane; channels-last im2col in transposed blocks (docs/site/performance.md)
+    "vgg16 maxpool 2x2 s2 b1 (1,512,14,14)": ("max", (1, 512, 14, 14), (2, 2, 0)),
+    "mobilenet_v2 conv 1x1 960->160 b1 (1,960,7,7)": ("conv", (1, 960, 7, 7),
+                                                      (160, 1, 1, 0, 1)),
+    "resnet18 conv 3x3 s2 64->128 b1 (1,64,56,56)": ("conv", (1, 64, 56, 56),
+                                                     (128, 3, 2, 1, 1)),
 }
 LAYOUTS = ["nchw", "channels_last"]
 
