@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from numba import njit
 
-from fastpool.cpu._microkernel import (FROM_COLUMN_INIT, FROM_ROW_INIT, KC, KC_NARROW,
-                                      MC, MR, NARROW, VECTORS, aligned_host, gemm_add,
+from fastpool.cpu._microkernel import (COLUMN_TILE_WIDTH, FROM_COLUMN_INIT, FROM_ROW_INIT,
+                                      KC, KC_NARROW, MC, MR, NARROW, VECTORS, aligned_host,
+                                      gemm_add,
                                       gemm_batch, lanes, padded_host, panel_width)
 
 
@@ -64,7 +65,10 @@ def _chains(a, b, init):
 
 _CHAIN_SHAPES = [(7, 5, 19), (6, 3, 16), (1, 1, 1), (13, 4, 9), (5, 2, 3), (7, 5, 8),
                  (4, 3, 4), (2, KC + 3, 3), (2, KC_NARROW + 3, 3), (1, KC_NARROW + 2, 70),
-                 (9, 3, 24), (17, 2, 12), (8, 2, 25)]
+                 (9, 3, 24), (17, 2, 12), (8, 2, 25),
+                 # a panel's last 1-4 columns by vectors across rows (``_columns``):
+                 # steps of k in blocks of 8 and a tail, 8 rows and fewer
+                 (8, 19, 49), (5, 16, 26), (11, 9, 28), (3, 24, 51)]
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -82,6 +86,20 @@ def test_each_element_is_one_chain_of_fused_multiply_adds(dtype, m, k, n):
         for p in range(k):
             plain = plain + a[:, p:p + 1] * b[p:p + 1, :]
         assert not np.array_equal(got, plain) or k == 1
+
+
+def test_last_columns_by_rows_are_covered():
+    """The shapes above reach ``_columns`` (a panel's last 1 to ``COLUMN_TILE_WIDTH``
+    columns, float32) with steps of ``k`` in whole blocks of 8 and with a tail, and
+    with full and part tiles of rows."""
+    nr = panel_width(4)
+    reach = [(m, k, n % nr) for m, k, n in _CHAIN_SHAPES
+             if 0 < n % nr <= COLUMN_TILE_WIDTH]
+    assert {last for _, _, last in reach} == set(range(1, COLUMN_TILE_WIDTH + 1))
+    assert any(k >= 8 and k % 8 for _, k, _ in reach)
+    assert any(k >= 8 and k % 8 == 0 for _, k, _ in reach)
+    assert any(m % MR for m, k, _ in reach if k >= 8)
+    assert any(m >= MR for m, k, _ in reach if k >= 8)
 
 
 def test_tiles_of_every_width_are_covered():
@@ -138,11 +156,12 @@ def _add(a, b, c):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("cut", [0, 1, 5, KC, KC + 9])
-def test_adding_a_product_goes_on_with_each_chain(dtype, cut):
+@pytest.mark.parametrize("n", [21, 49])
+def test_adding_a_product_goes_on_with_each_chain(dtype, cut, n):
     """``gemm_add`` over the rest of ``k`` after a product over its first ``cut``
     gives the one product's bits (a convolution's kernel rows summed in turn)."""
     rng = np.random.default_rng(11)
-    m, k, n = 2 * MR + 1, KC + 23, 21
+    m, k = 2 * MR + 1, KC + 23
     a = rng.standard_normal((m, k)).astype(dtype)
     b = rng.standard_normal((k, n)).astype(dtype)
     init = rng.standard_normal(m).astype(dtype)
@@ -153,7 +172,8 @@ def test_adding_a_product_goes_on_with_each_chain(dtype, cut):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("m, k, n", [(7, 5, 19), (13, KC + 3, 37), (3, 0, 5)])
+@pytest.mark.parametrize("m, k, n", [(7, 5, 19), (13, KC + 3, 37), (3, 0, 5),
+                                     (9, 20, 50)])
 def test_chains_may_start_from_a_value_per_column(dtype, m, k, n):
     """``FROM_COLUMN_INIT``: each column's chains start from its own value (a
     channels-last output's bias): the chains of the product turned over."""
