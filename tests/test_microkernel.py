@@ -10,9 +10,9 @@ import pytest
 from numba import njit
 
 from fastpool.cpu._microkernel import (COLUMN_TILE_WIDTH, FROM_COLUMN_INIT, FROM_ROW_INIT,
-                                      KC, KC_NARROW, MC, MR, NARROW, VECTORS, aligned_host,
-                                      gemm_add,
-                                      gemm_batch, lanes, padded_host, panel_width)
+                                      KC, KC_NARROW, MC, MR, NARROW, VECTORS, _COLUMN_TILES,
+                                      aligned_host, gemm_add, gemm_batch, lanes, padded_host,
+                                      panel_width)
 
 
 @njit(cache=True)
@@ -66,9 +66,10 @@ def _chains(a, b, init):
 _CHAIN_SHAPES = [(7, 5, 19), (6, 3, 16), (1, 1, 1), (13, 4, 9), (5, 2, 3), (7, 5, 8),
                  (4, 3, 4), (2, KC + 3, 3), (2, KC_NARROW + 3, 3), (1, KC_NARROW + 2, 70),
                  (9, 3, 24), (17, 2, 12), (8, 2, 25),
-                 # a panel's last 1-4 columns by vectors across rows (``_columns``):
-                 # steps of k in blocks of 8 and a tail, 8 rows and fewer
-                 (8, 19, 49), (5, 16, 26), (11, 9, 28), (3, 24, 51)]
+                 # a panel's last 1-2 columns by vectors across rows (``_columns``):
+                 # steps of k in blocks of 8 and a tail, 8 rows and fewer; 3-4
+                 # columns (the one-vector tile) beside them
+                 (8, 19, 49), (5, 16, 26), (11, 9, 28), (3, 24, 51), (10, 13, 50)]
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -88,6 +89,7 @@ def test_each_element_is_one_chain_of_fused_multiply_adds(dtype, m, k, n):
         assert not np.array_equal(got, plain) or k == 1
 
 
+@pytest.mark.skipif(not _COLUMN_TILES, reason="the last-column kernel needs 8-row tiles")
 def test_last_columns_by_rows_are_covered():
     """The shapes above reach ``_columns`` (a panel's last 1 to ``COLUMN_TILE_WIDTH``
     columns, float32) with steps of ``k`` in whole blocks of 8 and with a tail, and
@@ -156,7 +158,7 @@ def _add(a, b, c):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("cut", [0, 1, 5, KC, KC + 9])
-@pytest.mark.parametrize("n", [21, 49])
+@pytest.mark.parametrize("n", [21, 49, 50])
 def test_adding_a_product_goes_on_with_each_chain(dtype, cut, n):
     """``gemm_add`` over the rest of ``k`` after a product over its first ``cut``
     gives the one product's bits (a convolution's kernel rows summed in turn)."""

@@ -49,7 +49,8 @@ import: ``fastpool.cpu`` imports the convolution modules at the first convolutio
 ``import fastpool`` compiles nothing), not again with each of them, and a change to the
 tile reaches every kernel without clearing caches. Numba's disk cache checks only the
 file of the function it loads, though, and the small inline helpers (``padded``,
-``aligned_empty``, ``MR``) are compiled into their callers: after changing those clear
+``aligned_empty``, ``MR``; ``_transpose._transpose8`` into ``gemm_batch`` itself) are
+compiled into their callers: after changing those clear
 ``fastpool/cpu/**/__pycache__`` (after changing ``gemm_batch``'s arguments, raise
 ``_ABI``).
 """
