@@ -491,6 +491,7 @@ WINOGRAD_GRAD_CASES = [
     ((2, 6, 8, 10), (6, 3, 3, 3), dict(padding=(2, 0), groups=2)),
     ((1, 4, 12, 5), (5, 4, 3, 3), dict(padding=0)),
     ((2, 8, 16, 16), (8, 8, 3, 3), dict(padding=1)),          # chosen: winograd
+    ((2, 12, 7, 19), (10, 12, 3, 3), dict(padding=1)),        # blocks and remainders
 ]
 
 

@@ -207,6 +207,8 @@ def test_channels_last_im2col_runs_in_place_with_the_channels_first_bits(
     ((2, 8, 9, 7), (8, 8, 3, 3), dict(padding=1)),            # clipped edge tiles
     ((1, 16, 10, 12), (12, 8, 3, 3), dict(padding=(0, 2), groups=2)),
     ((8, 6, 5), (16, 8, 3, 3), dict(padding=1)),              # unbatched
+    # rows staged and stored in blocks of 8 (4) pixels x channels, with remainders
+    ((2, 12, 7, 19), (10, 12, 3, 3), dict(padding=1)),
 ])
 def test_channels_last_winograd_runs_in_place_with_the_channels_first_bits(
         monkeypatch, dtype, x_shape, w_shape, args):
@@ -875,6 +877,7 @@ DEPTH_WINOGRAD_CASES = [
     ((2, 8, 6, 10, 9), (8, 8, 3, 3, 3), dict(padding=1)),
     ((1, 8, 9, 10, 12), (6, 4, 2, 3, 3), dict(stride=(4, 1, 1), padding=1, groups=2)),
     ((2, 8, 8, 12, 10), (16, 8, 3, 3, 3), dict(stride=(3, 1, 1), padding=(2, 0, 1))),
+    ((1, 12, 5, 6, 19), (10, 12, 3, 3, 3), dict(padding=1)),  # blocks and remainders
 ]
 
 
