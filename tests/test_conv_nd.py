@@ -464,7 +464,7 @@ def test_channels_last_pointwise_products_give_the_channels_first_bits(
     calls = []  # (in_place, wt) of each launch
     original = clg._im2col_forward
     monkeypatch.setattr(clg, "_im2col_forward",
-                        lambda *a: calls.append((a[5], a[2])) or original(*a))
+                        lambda *a: calls.append((a[6], a[3])) or original(*a))
 
     def no_copies(a):
         raise AssertionError("the channels-first path ran")
@@ -486,6 +486,10 @@ def test_channels_last_pointwise_products_give_the_channels_first_bits(
     ((2, 24, 11, 19), 19, 3, dict(stride=2, padding=1)),         # odd pixels a band
     ((1, 40, 7, 10), 36, (3, 2), dict(stride=(1, 3), padding=(2, 1), groups=2)),
     ((1, 9, 6, 6), 8, 1, dict(stride=2)),                        # 9 = 8 + 1 channels
+    # at most 8 channels a group: gathered from a channels-first copy of the input
+    ((1, 3, 9, 21), 10, 3, dict(padding=1)),
+    ((2, 3, 13, 37), 9, 7, dict(stride=2, padding=3)),           # s2 rows of 16+ columns
+    ((1, 8, 7, 9), 8, 3, dict(padding=(1, 2), groups=2)),
 ])
 def test_channels_last_im2col_blocks_give_the_channels_first_bits(
         x_shape, out_channels, kernel, args, turned, dtype, monkeypatch):
@@ -508,12 +512,14 @@ def test_channels_last_im2col_blocks_give_the_channels_first_bits(
     launches = []
     original = clg._im2col_forward
     monkeypatch.setattr(clg, "_im2col_forward",
-                        lambda *a: launches.append(a[2].size > 0) or original(*a))
+                        lambda *a: launches.append((a[3].size > 0, a[1].size > 0))
+                        or original(*a))
     results = []
     for source in (x, xl):
         source, w_, b_, geometry = _params.conv_window(source, w, b, 2, **args)
         results.append(cpu_conv.conv2d_forward(source, w_, b_, geometry, "im2col"))
-    assert launches == [turned]  # the channels-last call ran here
+    # the channels-last call ran here, from a channels-first copy with few channels
+    assert launches == [(turned, x_shape[1] // groups <= clg._FEW_CHANNELS)]
     assert np.moveaxis(results[1], 1, -1).flags.c_contiguous
     np.testing.assert_array_equal(results[1], results[0])
     bound = _bound(x, w, **args) + np.abs(b)[:, None, None]

@@ -10,7 +10,8 @@ in blocks of pixels x channels transposed in vector registers (each pixel's chan
 are contiguous there, each column row's pixels here), the channels-first GEMM of
 ``"im2col"`` runs into a band-sized buffer (the same products in the same order: both
 layouts give the same bits), and the band is stored into the output's pixel rows the
-same way, while it is in cache.
+same way, while it is in cache. With at most ``_FEW_CHANNELS`` channels a group (first
+layers) the columns are gathered from a channels-first copy of the input instead.
 Computing the transposed product instead (pixels as GEMM rows) read the weight from
 memory once per block of 96 pixels: 3x3 512->512 on 14x14 ran 7.2 ms against 5.
 """
@@ -25,7 +26,7 @@ from fastpool.cpu._microkernel import (FROM_COLUMN_INIT, aligned_empty, gemm, ge
                                       padded, padded_host)
 from fastpool.cpu._parallel import BODY_JIT, parallel_kernel
 from fastpool.cpu._transpose import block, side_of
-from fastpool.cpu.conv._gemm import _transpose_groups, band_task
+from fastpool.cpu.conv._gemm import _gather_columns, _transpose_groups, band_task
 from fastpool.cpu.conv._planner import _U
 
 # A group's weight up to this size runs the product turned over (pixels as its rows,
@@ -37,6 +38,11 @@ _IN_PLACE_WEIGHT_BYTES = 64 << 10
 _IN_PLACE_PIXELS = 1024  # all images
 # Pixels (all images) up to which a pointwise convolution is a narrow product.
 _NARROW_PIXELS = 64
+# Channels per group up to which the columns are gathered from a channels-first copy
+# of the input: a pixel's few channels are not a vector, so ``_gather`` reads them one
+# value at a time, KH * KW times each, where the channels-first gather copies whole
+# rows (and, at stride 2, splits each row's phases once).
+_FEW_CHANNELS = 8
 
 
 @njit(inline="always")
@@ -101,15 +107,17 @@ def _gather(x, xf, n, c0, channels, oh0, rows, KH, KW, SH, SW, DH, DW, PT, PL, O
 
 @parallel_kernel
 @njit(**BODY_JIT)
-def _im2col_forward(x, w, wt, bias, y, in_place, rows_per_band, m_blocks, G, KH, KW, SH,
-                    SW, DH, DW, PT, PL, col_lo, col_hi, worker, workers):
+def _im2col_forward(x, xc, w, wt, bias, y, in_place, rows_per_band, m_blocks, G, KH, KW,
+                    SH, SW, DH, DW, PT, PL, col_lo, col_hi, worker, workers):
     """``y[n, oh, ow, o] = bias[o] + conv(x)`` over (image, group, band of output
     rows, block of output channels); ``x`` is the ``(N, H, W, C)`` input, ``w`` the weight (``O x C_g*KH*KW``),
     ``bias`` the bias or zeros, ``y`` the ``(N, OH, OW, O)`` output. With ``wt`` (each
     group's ``W_g^T``, ``C_g*KH*KW x O_g``; empty: not given) the product is turned
     over, pixels as its rows, written straight into ``y``; else it runs into a band
     buffer stored into ``y`` in transposed blocks. With ``in_place`` (a pointwise
-    convolution, turned over) the product reads its rows straight from ``x``."""
+    convolution, turned over) the product reads its rows straight from ``x``. ``xc``:
+    empty, or ``x`` copied channels-first (``(N, C, H, W)``), gathered from instead
+    (``_FEW_CHANNELS``)."""
     N, H, W, C = x.shape
     OH, OW, O = y.shape[1], y.shape[2], y.shape[3]
     Cg = C // G
@@ -137,8 +145,12 @@ def _im2col_forward(x, w, wt, bias, y, in_place, rows_per_band, m_blocks, G, KH,
                        FROM_COLUMN_INIT)
             continue
         if b != gathered:
-            _gather(x, xf, n, g * Cg, Cg, oh0, rows, KH, KW, SH, SW, DH, DW, PT, PL,
-                    OW, col_lo, col_hi, cols, ld)
+            if xc.size > 0:
+                _gather_columns(xc, n, g * Cg, Cg, oh0 * SH - PT, SH, rows, KH, DH, KW,
+                                SW, DW, PL, OW, col_lo, col_hi, cols, ld)
+            else:
+                _gather(x, xf, n, g * Cg, Cg, oh0, rows, KH, KW, SH, SW, DH, DW, PT, PL,
+                        OW, col_lo, col_hi, cols, ld)
             gathered = b
         if turned:
             gemm_batch(pixels, m, K, cols, 0, 1, ld, wt, g * K * ldw + o0 - g * Og, ldw,
@@ -198,8 +210,10 @@ def forward(x, weight, bias, problem, rows_per_band, m_blocks, workers):
     else:
         wt = np.empty(0, weight.dtype)
     bands = -(-problem.out_h // rows_per_band)
+    few = not in_place and problem.channels_per_group <= _FEW_CHANNELS
+    xc = contiguous(x) if few else np.empty((0, 0, 0, 0), x.dtype)
     # transpose, not np.moveaxis (which normalises its arguments: 2.5 us a call)
-    _im2col_forward(x.transpose(0, 2, 3, 1), weight.reshape(-1), wt, bias, buffer,
+    _im2col_forward(x.transpose(0, 2, 3, 1), xc, weight.reshape(-1), wt, bias, buffer,
                     in_place, rows_per_band, m_blocks, *problem.args,
                     max(1, min(workers, N * G * bands * m_blocks)))
     return buffer.transpose(0, 3, 1, 2)
