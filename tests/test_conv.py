@@ -518,8 +518,12 @@ def test_winograd_weight_gradient_same_bits_in_both_layouts_and_thread_counts(
         monkeypatch.setattr(_winograd_grad, "_BAND_BYTES", 1)
     seen = []
     original = _winograd_grad.weight_grad
-    monkeypatch.setattr(_winograd_grad, "weight_grad",
-                        lambda a, g, *rest: seen.append((a, g)) or original(a, g, *rest))
+    def spy(a, g, *rest):
+        found = original(a, g, *rest)
+        seen.append((a, g, found is not None))
+        return found
+
+    monkeypatch.setattr(_winograd_grad, "weight_grad", spy)
     runs = []
     saved = numba.get_num_threads()
     try:
@@ -531,7 +535,7 @@ def test_winograd_weight_gradient_same_bits_in_both_layouts_and_thread_counts(
                                                      "winograd")[1])
     finally:
         numba.set_num_threads(saved)
-    assert len(seen) == 4
+    assert len(seen) == 4 and all(ran for _, _, ran in seen), "Winograd did not run"
     assert np.shares_memory(seen[2][0], xl) and np.shares_memory(seen[2][1], gl), (
         "x or grad_output was copied")
     for run in runs[1:]:

@@ -464,7 +464,7 @@ def test_channels_last_pointwise_products_give_the_channels_first_bits(
     calls = []  # (in_place, wt) of each launch
     original = clg._im2col_forward
     monkeypatch.setattr(clg, "_im2col_forward",
-                        lambda *a: calls.append((a[6], a[3])) or original(*a))
+                        lambda *a: calls.append((a[6], a[3], a[1])) or original(*a))
 
     def no_copies(a):
         raise AssertionError("the channels-first path ran")
@@ -472,6 +472,7 @@ def test_channels_last_pointwise_products_give_the_channels_first_bits(
     monkeypatch.setattr(cpu_conv, "contiguous", no_copies)
     yl = fastpool.conv2d(xl, w, b, groups=groups)
     in_place, turned = calls[0][0], calls[0][1].size > 0
+    assert calls[0][2].size == 0, "the input was copied channels-first"
     assert (in_place, turned) == {"in place": (True, True),
                                   "narrow band": (False, False),
                                   "narrow turned": (False, True)}[path]
@@ -983,10 +984,16 @@ def test_conv3d_channels_last_depth_winograd_runs_in_place(x_shape, w_shape, arg
     y = fastpool.conv3d(x, w, b, **args)
     handed = []
     original = slabs.forward_depth
-    monkeypatch.setattr(slabs, "forward_depth",
-                        lambda *a: handed.append((a[0], a[4])) or original(*a))
+
+    def spy(*a):
+        ran = original(*a)
+        handed.append((a[0], a[4], ran))
+        return ran
+
+    monkeypatch.setattr(slabs, "forward_depth", spy)
     yl = fastpool.conv3d(xl, w, b, **args)
     assert len(handed) == 1
+    assert handed[0][2] is True, "the depth-aware Winograd did not run"
     assert np.shares_memory(handed[0][0], xl), "the channels-last input was copied"
     assert np.shares_memory(handed[0][1], yl), "the output was copied after the kernel"
     np.testing.assert_array_equal(yl, y)

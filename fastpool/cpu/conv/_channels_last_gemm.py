@@ -10,8 +10,11 @@ in blocks of pixels x channels transposed in vector registers (each pixel's chan
 are contiguous there, each column row's pixels here), the channels-first GEMM of
 ``"im2col"`` runs into a band-sized buffer (the same products in the same order: both
 layouts give the same bits), and the band is stored into the output's pixel rows the
-same way, while it is in cache. With at most ``_FEW_CHANNELS`` channels a group (first
-layers) the columns are gathered from a channels-first copy of the input instead.
+same way, while it is in cache. With at most ``_FEW_CHANNELS`` channels a group and a
+kernel larger than 1x1 (first layers) the columns are gathered from a channels-first copy of the input instead
+(``_gemm._gather_columns``, compiled into this module's kernel: Numba's disk cache
+does not see changes to it or to ``_gemm._S2_MIN_WIDTH``; clear
+``fastpool/cpu/conv/__pycache__`` after changing them).
 Computing the transposed product instead (pixels as GEMM rows) read the weight from
 memory once per block of 96 pixels: 3x3 512->512 on 14x14 ran 7.2 ms against 5.
 """
@@ -210,7 +213,9 @@ def forward(x, weight, bias, problem, rows_per_band, m_blocks, workers):
     else:
         wt = np.empty(0, weight.dtype)
     bands = -(-problem.out_h // rows_per_band)
-    few = not in_place and problem.channels_per_group <= _FEW_CHANNELS
+    # (a 1x1 kernel reads each value once: read in place)
+    few = (not in_place and problem.channels_per_group <= _FEW_CHANNELS
+           and problem.kernel_h * problem.kernel_w > 1)
     xc = contiguous(x) if few else np.empty((0, 0, 0, 0), x.dtype)
     # transpose, not np.moveaxis (which normalises its arguments: 2.5 us a call)
     _im2col_forward(x.transpose(0, 2, 3, 1), xc, weight.reshape(-1), wt, bias, buffer,

@@ -5,6 +5,10 @@ same kernel runs the 3-D forward whose depth taps are stacked as channels
 are read and written in place, through blocks of pixels x channels transposed in
 vector registers (``_stage_rows``, ``_outputs_channels_last``); other strides through
 the rows of each channel.
+
+``_winograd_grad``'s kernel compiles ``input_slices`` and the helpers it calls into
+itself, and Numba's disk cache watches only the file of the kernel it loads: after
+changing them, clear ``fastpool/cpu/conv/__pycache__``.
 """
 
 from __future__ import annotations
