@@ -37,6 +37,10 @@ LAYER_CASES = {
                                                       (160, 1, 1, 0, 1)),
     "resnet18 conv 3x3 s2 64->128 b1 (1,64,56,56)": ("conv", (1, 64, 56, 56),
                                                      (128, 3, 2, 1, 1)),
+    # 2026-12-06, sixteenth session: channels-last first layers gather from a
+    # channels-first copy of their 3 channels
+    "resnet18 conv 7x7 s2 3->64 stem b1 (1,3,224,224)": ("conv", (1, 3, 224, 224),
+                                                         (64, 7, 2, 3, 1)),
 }
 LAYOUTS = ["nchw", "channels_last"]
 
