@@ -11,10 +11,10 @@ are contiguous there, each column row's pixels here), the channels-first GEMM of
 ``"im2col"`` runs into a band-sized buffer (the same products in the same order: both
 layouts give the same bits), and the band is stored into the output's pixel rows the
 same way, while it is in cache. With at most ``_FEW_CHANNELS`` channels a group and a
-kernel larger than 1x1 (first layers) the columns are gathered from a channels-first copy of the input instead
-(``_gemm._gather_columns``, compiled into this module's kernel: Numba's disk cache
-does not see changes to it or to ``_gemm._S2_MIN_WIDTH``; clear
-``fastpool/cpu/conv/__pycache__`` after changing them).
+kernel larger than 1x1 (first layers) the columns are gathered from a channels-first
+copy of the input instead (``_gemm._gather_columns``, compiled into this module's
+kernel: Numba's disk cache does not see changes to it or to ``_gemm._S2_MIN_WIDTH``;
+clear ``fastpool/cpu/conv/__pycache__`` after changing them).
 Computing the transposed product instead (pixels as GEMM rows) read the weight from
 memory once per block of 96 pixels: 3x3 512->512 on 14x14 ran 7.2 ms against 5.
 """
