@@ -320,3 +320,54 @@ def test_conv_reference_matches_torch(case):
     np.testing.assert_allclose(gw, tw.grad.numpy(), rtol=1e-10, atol=1e-10)
     if b is not None:
         np.testing.assert_allclose(gb, tb.grad.numpy(), rtol=1e-10, atol=1e-10)
+
+
+def _conv_nd_cases(n_cases, seed):
+    """Random valid conv cases of rank 1, 2 and 3 for the any-rank ``ref.conv``."""
+    rng = np.random.default_rng(seed)
+    cases = []
+    while len(cases) < n_cases:
+        rank = 1 + len(cases) % 3
+        groups = int(rng.integers(1, 4))
+        cg, og = (int(v) for v in rng.integers(1, 4, size=2))
+        k, d = rng.integers(1, 4, size=rank), rng.integers(1, 3, size=rank)
+        size = rng.integers(1, 8, size=rank)
+        padding = ["same", "valid", int(rng.integers(0, 3)),
+                   tuple(int(v) for v in rng.integers(0, 3, size=rank))][rng.integers(0, 4)]
+        stride = 1 if padding == "same" else tuple(int(v) for v in
+                                                   rng.integers(1, 4, size=rank))
+        pads = ref.conv_pads(padding, tuple(k), tuple(d))
+        if any(n + a + b < e * (kk - 1) + 1 for n, (a, b), kk, e in zip(size, pads, k, d)):
+            continue
+        cases.append(dict(x_shape=(2, groups * cg) + tuple(int(v) for v in size),
+                          w_shape=(groups * og, cg) + tuple(int(v) for v in k),
+                          bias=bool(rng.integers(0, 2)),
+                          args=dict(stride=stride, padding=padding,
+                                    dilation=tuple(int(v) for v in d), groups=groups)))
+    return cases
+
+
+@pytest.mark.parametrize("case", _conv_nd_cases(45, seed=3),
+                         ids=lambda c: f"{len(c['x_shape']) - 2}d-{c['args']}")
+def test_conv_any_rank_reference_matches_torch(case):
+    """``ref.conv`` / ``ref.conv_backward`` (any rank; the sum over a group's channels
+    taken per output position and tap) against torch, a Fortran-ordered weight too."""
+    torch = pytest.importorskip("torch")
+    F = torch.nn.functional
+    conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[len(case["x_shape"]) - 2]
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal(case["x_shape"])
+    w = rng.standard_normal(case["w_shape"])
+    b = rng.standard_normal(case["w_shape"][0]) if case["bias"] else None
+    tx, tw = torch.from_numpy(x).requires_grad_(), torch.from_numpy(w).requires_grad_()
+    tb = None if b is None else torch.from_numpy(b).requires_grad_()
+    ty = conv(tx, tw, tb, **case["args"])
+    y = ref.conv(x, w, b, **case["args"])
+    np.testing.assert_allclose(y, ty.detach().numpy(), rtol=1e-10, atol=1e-10)
+    gy = rng.standard_normal(y.shape)
+    ty.backward(torch.from_numpy(gy))
+    gi, gw, gb = ref.conv_backward(gy, x, np.asfortranarray(w), **case["args"])
+    np.testing.assert_allclose(gi, tx.grad.numpy(), rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(gw, tw.grad.numpy(), rtol=1e-10, atol=1e-10)
+    if b is not None:
+        np.testing.assert_allclose(gb, tb.grad.numpy(), rtol=1e-10, atol=1e-10)
