@@ -190,13 +190,17 @@ def test_torch_peer_matches_fastpool():
         fastpool.avg_pool2d_backward(grad, x, 3, 2, 1), rtol=1e-12)
 
 
-def test_bench_cuda_path_runs_end_to_end(tiny_shapes):
+def test_bench_cuda_path_runs_end_to_end(tiny_shapes, monkeypatch):
     """The GPU half of the bench (device arrays, synchronisation, the GPU shape table)
     on tiny shapes: under the simulator here (the command refuses it, so ``run`` is
     called directly), on the GPU where there is one. Timings are not looked at."""
     from numba import config
     if not config.ENABLE_CUDASIM and not fastpool.cuda_available():
         pytest.skip("neither a GPU nor the simulator")
+    if config.ENABLE_CUDASIM:  # split-K sized for tiny shapes, as in test_cuda_conv.py
+        from fastpool.cuda import conv as cuda_conv  # (the GPU's split 40 s of threads)
+        monkeypatch.setattr(cuda_conv, "_TARGET_BLOCKS", 4)
+        monkeypatch.setattr(cuda_conv, "_TARGET_THREADS", 256)
     rows, meta = _bench.run(["cuda"], "float32", quick=False, threads=1, repeats=1,
                             ops=("pool", "conv"))
     assert [r.device for r in rows] == ["cuda"] * 11
