@@ -46,6 +46,22 @@ OPS = {rank: dict(max=getattr(fastpool, f"max_pool{rank}d"),
        for rank in (1, 2, 3)}
 
 
+HALF_TOO = (np.float32, np.float64, np.float16)
+
+
+def geometry_dtypes(names, cases, ids):
+    """``pytest.mark.parametrize(names + ", dtype", ...)`` over ``cases`` and
+    ``HALF_TOO``, pairing instead of crossing them (``conftest.dtypes_for``'s rule with
+    a third dtype): the first geometry in every dtype, each later one in one dtype, in
+    turn. Each (geometry, dtype) is a separate kernel specialisation, seconds of Numba
+    compilation on a cold run; this runs every geometry and every dtype (each dtype on
+    at least two geometries) at a third of the compilations."""
+    params = []
+    for i, (case, name) in enumerate(zip(cases, ids)):
+        for dtype in HALF_TOO if i == 0 else (HALF_TOO[(i - 1) % len(HALF_TOO)],):
+            params.append(pytest.param(*case, dtype, id=f"{name}-{np.dtype(dtype).name}"))
+    return pytest.mark.parametrize(f"{names}, dtype", params)
+
 def _covers(size, k, s, p, d, ceil_mode):
     out = ref.pool_output_size(size, k, s, p, d, ceil_mode)
     return out >= 1 and all(any(0 <= o * s - p + i * d < size for i in range(k))
@@ -689,8 +705,7 @@ def _flatten(results):
     return out
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
-@pytest.mark.parametrize("shape, kernel, ceil_mode", [
+@geometry_dtypes("shape, kernel, ceil_mode", [
     ((2, 6, 9, 11), 2, False), ((3, 5, 10), 3, False), ((1, 4, 5, 7, 6), (2, 3, 2), False),
     ((2, 6, 8, 8), 2, False), ((2, 6, 9, 11), 2, True)],
     ids=["2-D-leftover", "1-D", "3-D", "2-D-exact", "ceil-partial"])
@@ -720,8 +735,7 @@ def test_tiled_channels_last_avg_backward(shape, kernel, ceil_mode, dtype, monke
         assert_close(got, ref.avg_pool_backward(g, x, **args), dtype)
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
-@pytest.mark.parametrize("shape, kernel, divisor, tiled", [
+@geometry_dtypes("shape, kernel, divisor, tiled", [
     ((4, 6, 28, 28), 2, None, True), ((2, 3, 9, 12), 3, None, True),
     ((3, 4, 10), 5, 3, True), ((2, 3, 4, 6, 8), (1, 2, 4), None, True),
     ((2, 3, 4, 6, 8), (2, 2, 2), None, False), ((2, 3, 9, 11), 2, None, False)],
@@ -755,8 +769,7 @@ def test_exactly_tiled_avg_forward(shape, kernel, divisor, tiled, dtype, monkeyp
         assert_close(got, ref.avg_pool(x, **args), dtype)
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
-@pytest.mark.parametrize("shape, kernel, tiled", [
+@geometry_dtypes("shape, kernel, tiled", [
     ((4, 6, 28, 28), 2, True), ((2, 3, 9, 12), 3, True), ((3, 4, 10), 5, True),
     ((2, 3, 4, 6, 8), (1, 2, 4), True), ((2, 3, 4, 6, 8), (2, 2, 2), False),
     ((2, 3, 9, 11), 2, False),
@@ -814,8 +827,7 @@ def test_max2x2_rows_read_and_write_nothing_outside_the_rows():
     assert out["calls"] == 18 * 2 * 2  # widths, dtypes, ends
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
-@pytest.mark.parametrize("shape, kernel, stride, padding, ceil_mode", [
+@geometry_dtypes("shape, kernel, stride, padding, ceil_mode", [
     ((2, 3, 40, 37), 3, 2, 1, False),             # the ResNet stem's geometry
     ((1, 2, 33, 35), 3, 1, 1, False),
     ((2, 3, 34, 41), 5, 2, 2, False),
@@ -877,8 +889,7 @@ def _chosen_and_forced(window, key, forced, call):
     return chosen, got, want
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
-@pytest.mark.parametrize("shape, kernel, padding, ceil_mode, flat", [
+@geometry_dtypes("shape, kernel, padding, ceil_mode, flat", [
     ((2, 5, 14, 14), 3, 1, False, True), ((3, 4, 9, 11), (2, 4), (1, 2), True, True),
     ((2, 3, 17), 5, 2, False, True), ((2, 3, 4, 6, 7), (1, 3, 2), (0, 1, 1), True, True),
     ((1, 2, 200, 200), 3, 1, False, False), ((2, 3, 5, 6, 7), 2, 1, False, False)],
@@ -913,8 +924,7 @@ def test_flat_avg_backward(shape, kernel, padding, ceil_mode, flat, count_includ
                      ref.avg_pool_backward(finite, x, **args), dtype)
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
-@pytest.mark.parametrize("shape, kernel, padding, dilation, flat", [
+@geometry_dtypes("shape, kernel, padding, dilation, flat", [
     ((2, 5, 14, 14), 3, 1, 1, True), ((3, 4, 9, 11), (2, 4), (1, 2), 1, True),
     ((2, 3, 17), 5, 2, 1, True), ((2, 3, 4, 6, 7), (1, 3, 2), (0, 1, 1), 1, True),
     ((1, 2, 200, 200), 3, 1, 1, False), ((2, 3, 9, 9), 3, 1, 2, False),
@@ -960,8 +970,7 @@ def test_flat_stochastic_inference_forward(shape, kernel, padding, dilation, fla
         assert_close(got, ref.stochastic_pool(x, **args)[0], dtype)
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
-@pytest.mark.parametrize("shape, kernel, divisor, tiled", [
+@geometry_dtypes("shape, kernel, divisor, tiled", [
     ((4, 6, 28, 28), 2, None, True), ((2, 3, 9, 12), 3, None, True),
     ((3, 4, 10), 5, 3, True), ((2, 3, 4, 6, 8), (1, 2, 4), None, True),
     ((2, 3, 4, 6, 8), (2, 2, 2), None, False), ((2, 3, 9, 11), 2, None, False)],
@@ -992,8 +1001,7 @@ def test_exactly_tiled_avg_backward(shape, kernel, divisor, tiled, dtype):
                      ref.avg_pool_backward(finite, x, **args), dtype)
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
-@pytest.mark.parametrize("shape, kernel, padding, flat", [
+@geometry_dtypes("shape, kernel, padding, flat", [
     ((2, 5, 14, 14), 3, 1, True), ((3, 4, 9, 11), (2, 4), (1, 2), True),
     ((2, 3, 17), 5, 2, True), ((2, 3, 4, 6, 7), (1, 3, 2), (0, 1, 1), True),
     ((1, 2, 150, 150), 3, 1, False), ((2, 3, 5, 6, 7), 2, 1, False)],
@@ -1042,8 +1050,7 @@ def test_flat_stochastic_inference_backward(shape, kernel, padding, flat, dtype)
                      ref.stochastic_pool_backward(finite, x, **args), dtype)
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
-@pytest.mark.parametrize("shape, kernel, padding, dilation, flat", [
+@geometry_dtypes("shape, kernel, padding, dilation, flat", [
     ((2, 3, 14, 14), 3, 1, 1, True), ((2, 3, 9, 12), (2, 4), (1, 2), 1, True),
     ((2, 3, 17), 5, 2, 1, True), ((2, 3, 4, 6, 7), (1, 3, 2), (0, 1, 1), 1, True),
     ((1, 2, 5, 5), 5, 2, 1, True), ((1, 2, 200, 200), 3, 1, 1, False),
