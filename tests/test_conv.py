@@ -265,10 +265,41 @@ def small_bands(monkeypatch):
     """Tiny column buffers, so every GEMM kernel runs many bands (and partial last
     bands) and the weight gradient runs several chunks, on small test shapes."""
     planner = cpu_conv._planner  # the sizes live, and are read, there
+    monkeypatch.setattr(planner, "_PLANS", {})  # plans made with these sizes only
     monkeypatch.setattr(planner, "_COLUMN_BYTES", 1024)
     monkeypatch.setattr(planner, "_WINOGRAD_BYTES", 1024)
     monkeypatch.setattr(planner, "_POINTWISE_BYTES", 1024)
     monkeypatch.setattr(planner, "_MAX_CHUNKS", 3)
+
+
+def test_plans_are_kept_per_shape_but_not_for_pinned_chunks(monkeypatch):
+    """Band and block plans are computed once per problem shape (``_PLANS``), from the
+    planner's sizes at the time (a fresh ``_PLANS`` with other sizes plans afresh),
+    and never reused inside ``planned_as``: a Dask chunk's bands are the whole call's,
+    not those its own shape got in an earlier plain call."""
+    monkeypatch.setattr(cpu_planner, "_PLANS", {})
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((8, 16, 28, 28)).astype(np.float32)
+    w = rng.standard_normal((32, 16, 3, 3)).astype(np.float32)
+    whole = _params.conv_window(x, w, None, 2, padding=1)[-1]
+    chunk = _params.conv_window(x[:1], w, None, 2, padding=1)[-1]
+    code = cpu_conv.ALGORITHMS["im2col"]
+    problem = cpu_conv._forward_problem(chunk)
+    alone = problem.forward_band_rows(code, 4)
+    fresh = cpu_planner._Problem.forward(chunk)  # same shape, another object
+    assert fresh.forward_band_rows(code, 4) == alone
+    assert len(cpu_planner._PLANS) == 2  # band_rows inside, then forward_band_rows
+    # kept per argument too: 28 one-row bands are tasks enough, one band is not
+    assert problem.forward_channel_blocks(1) == 1
+    assert problem.forward_channel_blocks(chunk.out_size[0]) > 1
+    as_whole = cpu_conv._forward_problem(whole).forward_band_rows(code, 4)
+    assert as_whole != alone  # the case under test: batch 8 bands differ from batch 1
+    with cpu_planner.planned_as(whole):
+        assert problem.forward_band_rows(code, 4) == as_whole
+    assert problem.forward_band_rows(code, 4) == alone
+    monkeypatch.setattr(cpu_planner, "_PLANS", {})
+    monkeypatch.setattr(cpu_planner, "_MIN_BAND_PIXELS", 10**6)  # one band a call
+    assert problem.forward_band_rows(code, 4) == chunk.out_size[0]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -373,6 +404,7 @@ def test_whole_plane_channel_blocks_give_the_bands_bits(monkeypatch, dtype, x_sh
     code = cpu_conv.ALGORITHMS[algorithm]
     if chunk < x.shape[0]:  # images per chunk: fewer than the batch
         per_image = w.shape[1] * w.shape[2] * w.shape[3] * 48 * x.itemsize
+        monkeypatch.setattr(cpu_planner, "_PLANS", {})
         monkeypatch.setattr(cpu_planner, "_WHOLE_COLUMN_BYTES", chunk * per_image)
         assert problem.column_images(x.itemsize) == chunk
     assert problem.whole_plane_columns(code, x.itemsize)

@@ -121,11 +121,43 @@ _BLOCKS_MAX_PIXELS = 56 * 56
 _BLOCKS_MIN_CHANNELS = 32
 
 
+def _memoised(method):
+    """``method``'s result, computed once per problem shape and arguments and kept in
+    ``_PLANS`` (shapes and this module's sizes alone decide a plan; tests that change
+    the sizes give ``_PLANS`` a fresh dict). Inside ``planned_as`` (a Dask chunk sized
+    as the whole call) it is computed afresh. A batch-1 call of a small layer spent
+    about 3 us of its 25 recomputing these (LeNet-5's 5x5 6->16 on 14x14)."""
+    name = method.__name__
+
+    def memoised(self, *args):
+        if _PINNED.problems is not None:
+            return method(self, *args)
+        key = (self._key, name) + args
+        plans = _PLANS
+        found = plans.get(key, _MISSING)
+        if found is _MISSING:
+            if len(plans) >= _PLANS_LIMIT:
+                plans.clear()
+            found = plans[key] = method(self, *args)
+        return found
+
+    memoised.__name__ = name
+    memoised.__doc__ = method.__doc__
+    return memoised
+
+
+_PLANS = {}
+_PLANS_LIMIT = 4096
+_MISSING = object()
+
+
 class _Problem:
     """One convolution as the kernels see it. ``pad_top``/``pad_left`` may be negative
     (the input-gradient problem of a heavily padded convolution crops instead)."""
 
     def __init__(self, in_shape, out_hw, weight_shape, groups, stride, pad, dilation):
+        self._key = (tuple(in_shape), tuple(out_hw), tuple(weight_shape), groups,
+                     tuple(stride), tuple(pad), tuple(dilation))
         self.batch, self.in_channels, self.in_h, self.in_w = in_shape
         self.out_h, self.out_w = out_hw
         self.out_channels, self.channels_per_group, self.kernel_h, self.kernel_w = \
@@ -332,6 +364,7 @@ class _Problem:
                   * (self.out_w + self.dilation_w * (self.kernel_w - 1)))
         return self.stride_h == self.stride_w == 1 and padded <= _PADDED_PLANE_LIMIT
 
+    @_memoised
     def band_rows(self, algorithm, itemsize):
         """Output rows per band: the gathered columns fit in ``_COLUMN_BYTES`` (the
         input rows a pointwise GEMM reads, in ``_POINTWISE_BYTES``)."""
@@ -360,6 +393,7 @@ class _Problem:
             return whole
         return self
 
+    @_memoised
     def whole_plane_columns(self, algorithm, itemsize):
         """Whether a forward of this problem runs by chunks of images, their columns
         whole and the output channels shared among the threads
@@ -392,6 +426,7 @@ class _Problem:
         return (per_group > _COLUMN_BYTES
                 and self.outputs_per_group >= self.out_h * self.out_w)
 
+    @_memoised
     def column_images(self, itemsize):
         """Images per chunk of ``_forward_by_channel_blocks``: as many as fit in
         ``_WHOLE_COLUMN_BYTES``; 0 where one image's columns do not."""
@@ -399,6 +434,7 @@ class _Problem:
         image = self.channels_per_group * self.kernel_h * self.kernel_w * pixels * itemsize
         return min(self.batch, _WHOLE_COLUMN_BYTES // image)
 
+    @_memoised
     def forward_band_rows(self, algorithm, itemsize):
         """``band_rows``, made smaller when the images and groups alone make fewer than
         ``_MIN_FORWARD_TASKS`` tasks (batch 1), so every thread gets a band. Shapes
@@ -412,6 +448,7 @@ class _Problem:
         split = max(-(-self.out_h // per_image), -(-_MIN_BAND_PIXELS // self.out_w))
         return max(1, min(rows, split))
 
+    @_memoised
     def forward_channel_blocks(self, rows_per_band):
         """Blocks of output channels each forward task computes: 1, or when images,
         groups and bands make fewer than ``_MIN_FORWARD_TASKS`` tasks (small planes at
