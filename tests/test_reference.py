@@ -300,26 +300,34 @@ def _conv_cases(n_cases, seed):
     return cases
 
 
-@pytest.mark.parametrize("case", _conv_cases(40, seed=2), ids=lambda c: str(c["args"]))
-def test_conv_reference_matches_torch(case):
+def _check_conv_against_torch(case, forward, backward, seed, weight=lambda w: w):
+    """``forward``/``backward`` (a reference's conv pair) against torch's conv of the
+    case's rank, float64, autograd for the gradients; ``weight`` rearranges the
+    weight's memory before the reference's backward reads it."""
     torch = pytest.importorskip("torch")
     F = torch.nn.functional
-    rng = np.random.default_rng(0)
+    conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[len(case["x_shape"]) - 2]
+    rng = np.random.default_rng(seed)
     x = rng.standard_normal(case["x_shape"])
     w = rng.standard_normal(case["w_shape"])
     b = rng.standard_normal(case["w_shape"][0]) if case["bias"] else None
     tx, tw = torch.from_numpy(x).requires_grad_(), torch.from_numpy(w).requires_grad_()
     tb = None if b is None else torch.from_numpy(b).requires_grad_()
-    ty = F.conv2d(tx, tw, tb, **case["args"])
-    y = ref.conv2d(x, w, b, **case["args"])
+    ty = conv(tx, tw, tb, **case["args"])
+    y = forward(x, w, b, **case["args"])
     np.testing.assert_allclose(y, ty.detach().numpy(), rtol=1e-10, atol=1e-10)
     gy = rng.standard_normal(y.shape)
     ty.backward(torch.from_numpy(gy))
-    gi, gw, gb = ref.conv2d_backward(gy, x, w, **case["args"])
+    gi, gw, gb = backward(gy, x, weight(w), **case["args"])
     np.testing.assert_allclose(gi, tx.grad.numpy(), rtol=1e-10, atol=1e-10)
     np.testing.assert_allclose(gw, tw.grad.numpy(), rtol=1e-10, atol=1e-10)
     if b is not None:
         np.testing.assert_allclose(gb, tb.grad.numpy(), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("case", _conv_cases(40, seed=2), ids=lambda c: str(c["args"]))
+def test_conv_reference_matches_torch(case):
+    _check_conv_against_torch(case, ref.conv2d, ref.conv2d_backward, 0)
 
 
 def _conv_nd_cases(n_cases, seed):
@@ -352,22 +360,4 @@ def _conv_nd_cases(n_cases, seed):
 def test_conv_any_rank_reference_matches_torch(case):
     """``ref.conv`` / ``ref.conv_backward`` (any rank; the sum over a group's channels
     taken per output position and tap) against torch, a Fortran-ordered weight too."""
-    torch = pytest.importorskip("torch")
-    F = torch.nn.functional
-    conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[len(case["x_shape"]) - 2]
-    rng = np.random.default_rng(1)
-    x = rng.standard_normal(case["x_shape"])
-    w = rng.standard_normal(case["w_shape"])
-    b = rng.standard_normal(case["w_shape"][0]) if case["bias"] else None
-    tx, tw = torch.from_numpy(x).requires_grad_(), torch.from_numpy(w).requires_grad_()
-    tb = None if b is None else torch.from_numpy(b).requires_grad_()
-    ty = conv(tx, tw, tb, **case["args"])
-    y = ref.conv(x, w, b, **case["args"])
-    np.testing.assert_allclose(y, ty.detach().numpy(), rtol=1e-10, atol=1e-10)
-    gy = rng.standard_normal(y.shape)
-    ty.backward(torch.from_numpy(gy))
-    gi, gw, gb = ref.conv_backward(gy, x, np.asfortranarray(w), **case["args"])
-    np.testing.assert_allclose(gi, tx.grad.numpy(), rtol=1e-10, atol=1e-10)
-    np.testing.assert_allclose(gw, tw.grad.numpy(), rtol=1e-10, atol=1e-10)
-    if b is not None:
-        np.testing.assert_allclose(gb, tb.grad.numpy(), rtol=1e-10, atol=1e-10)
+    _check_conv_against_torch(case, ref.conv, ref.conv_backward, 1, np.asfortranarray)
