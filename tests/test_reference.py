@@ -303,7 +303,7 @@ def _conv_cases(n_cases, seed):
 def _check_conv_against_torch(case, forward, backward, seed, weight=lambda w: w):
     """``forward``/``backward`` (a reference's conv pair) against torch's conv of the
     case's rank, float64, autograd for the gradients; ``weight`` rearranges the
-    weight's memory before the reference's backward reads it."""
+    weight's memory before the reference reads it."""
     torch = pytest.importorskip("torch")
     F = torch.nn.functional
     conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[len(case["x_shape"]) - 2]
@@ -314,7 +314,7 @@ def _check_conv_against_torch(case, forward, backward, seed, weight=lambda w: w)
     tx, tw = torch.from_numpy(x).requires_grad_(), torch.from_numpy(w).requires_grad_()
     tb = None if b is None else torch.from_numpy(b).requires_grad_()
     ty = conv(tx, tw, tb, **case["args"])
-    y = forward(x, w, b, **case["args"])
+    y = forward(x, weight(w), b, **case["args"])
     np.testing.assert_allclose(y, ty.detach().numpy(), rtol=1e-10, atol=1e-10)
     gy = rng.standard_normal(y.shape)
     ty.backward(torch.from_numpy(gy))
