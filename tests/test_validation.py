@@ -445,6 +445,50 @@ def test_indices_out_of_range_everywhere(backward):
             backward(indices, x)
 
 
+def _channels_last(a):
+    """``a`` (N, C, *spatial) with channels-last strides, the same values."""
+    order = (0,) + tuple(range(2, a.ndim)) + (1,)
+    back = (0, a.ndim - 1) + tuple(range(1, a.ndim - 1))
+    return np.ascontiguousarray(a.transpose(order)).transpose(back)
+
+
+@pytest.mark.parametrize("rank", [1, 2, 3])
+@pytest.mark.parametrize("bad", [-1, "size", "size+1", 2**40, "int32 -1"])
+def test_channels_last_indices_out_of_range(rank, bad):
+    """The channels-last scatters and gathers (max and stochastic training backward,
+    unpooling and its backward) reject an index outside the volume as the
+    channels-first ones do, and are not left corrupted."""
+    size = 4 ** rank
+    x = _channels_last(_x((1, 3) + (4,) * rank))
+    suffix = f"{rank}d"
+    out, indices = getattr(fastpool, f"max_pool{suffix}")(x, 2, return_indices=True)
+    assert indices.strides[1] < indices.strides[-1]  # the channels-last path runs
+    wrong = indices.copy(order="K")
+    value = {"size": size, "size+1": size + 1, "int32 -1": -1}.get(bad, bad)
+    wrong[(0, 1) + (1,) * rank] = value
+    if bad == "int32 -1":
+        wrong = wrong.astype(np.int32)
+    g = _x(out.shape, seed=1)
+
+    def calls(x, out, g):
+        return (
+            lambda i: getattr(fastpool, f"max_pool{suffix}_backward")(g, x, 2, indices=i),
+            lambda i: getattr(fastpool, f"stochastic_pool{suffix}_backward")(
+                g, x, 2, indices=i),
+            lambda i: getattr(fastpool, f"max_unpool{suffix}")(out, i, 2),
+            lambda i: getattr(fastpool, f"max_unpool{suffix}_backward")(x, out, i, 2),
+        )
+
+    firsts = calls(*(np.ascontiguousarray(a) for a in (x, out, g)))
+    for backward, first in zip(calls(x, _channels_last(out), _channels_last(g)), firsts):
+        with pytest.raises(ValueError, match="indices|outside"):
+            backward(wrong)
+        # in-range indices still work afterwards, with the channels-first values
+        result = backward(indices)
+        assert result.strides[1] < result.strides[-1]
+        assert np.array_equal(result, first(np.ascontiguousarray(indices)))
+
+
 def test_indices_unbatched_out_of_range():
     x = _x((2, 5, 5))
     indices = np.zeros((2, 2, 2), dtype=np.int64)

@@ -204,9 +204,9 @@ def scatter_to_indices(grad_output, indices, grad_input, blocks):
         for k in range(outputs):
             values = hb.widen_into(grad_output[n, k, c0:c1], buffer)
             for c in range(c1 - c0):
-                target = indices[n, k, c0 + c]
-                if 0 <= target < S:
-                    gi[U(target), c] += values[c]
+                target = U(indices[n, k, c0 + c])  # one compare (pool_max's scatter)
+                if target < U(S):
+                    gi[target, c] += values[c]
                 else:
                     bad += 1
         hb.flush(block_in, gi)

@@ -448,9 +448,12 @@ def _scatter_to_indices(grad_output, indices, grad_input, bad, worker, workers):
             g[k] = 0
         values = hb.widen_into(grad_output[p], scratch)
         for k in range(outputs):
-            target = indices[p, k]
-            if 0 <= target < plane_size:
-                g[U(target)] += values[k]
+            # One unsigned compare (a negative index wraps past the plane): LLVM made
+            # ``0 <= target < plane_size`` two compares and flag arithmetic here, a
+            # scatter 1.1x-1.3x slower than the same loop before the N-D engine.
+            target = U(indices[p, k])
+            if target < U(plane_size):
+                g[target] += values[k]
             else:
                 count += 1
         hb.flush(plane, g)

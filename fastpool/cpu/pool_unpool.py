@@ -26,9 +26,11 @@ def unpool_channels_first(x, indices, y):
         for s in range(outputs):
             yp[s] = 0
         for k in range(inputs):
-            target = indices[p, k]
-            if 0 <= target < outputs:
-                yp[U(target)] = x[p, k]
+            # one unsigned compare (a negative index wraps past the end), as in
+            # ``pool_max``'s scatter
+            target = U(indices[p, k])
+            if target < U(outputs):
+                yp[target] = x[p, k]
             else:
                 bad += 1
     return bad
@@ -50,9 +52,9 @@ def unpool_channels_last(x, indices, y, blocks):
                 yn[s, c] = 0
         for k in range(inputs):
             for c in range(c0, c1):
-                target = indices[n, k, c]
-                if 0 <= target < outputs:
-                    yn[U(target), c] = x[n, k, c]
+                target = U(indices[n, k, c])
+                if target < U(outputs):
+                    yn[target, c] = x[n, k, c]
                 else:
                     bad += 1
     return bad
@@ -65,9 +67,9 @@ def gather_channels_first(grad_output, indices, grad_input):
     bad = 0
     for p in prange(planes):
         for k in range(inputs):
-            target = indices[p, k]
-            if 0 <= target < outputs:
-                grad_input[p, k] = grad_output[p, U(target)]
+            target = U(indices[p, k])
+            if target < U(outputs):
+                grad_input[p, k] = grad_output[p, target]
             else:
                 grad_input[p, k] = 0
                 bad += 1
@@ -83,9 +85,9 @@ def gather_channels_last(grad_output, indices, grad_input):
         n = row // inputs
         k = row - n * inputs
         for c in range(C):
-            target = indices[n, k, c]
-            if 0 <= target < outputs:
-                grad_input[n, k, c] = grad_output[n, U(target), c]
+            target = U(indices[n, k, c])
+            if target < U(outputs):
+                grad_input[n, k, c] = grad_output[n, target, c]
             else:
                 grad_input[n, k, c] = 0
                 bad += 1
