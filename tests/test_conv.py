@@ -518,6 +518,67 @@ def test_winograd_matches_reference(dtype, x_shape, w_shape, padding, groups):
     _check_all((y, *grads), expected, bounds, dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("x_shape, w_shape, groups, images", [
+    ((5, 8, 7, 7), (8, 8, 3, 3), 1, 3),       # runs of 3 and 2 images
+    ((4, 6, 5, 6), (10, 3, 3, 3), 2, 4),      # groups; clipped tiles; one run
+    ((3, 16, 3, 3), (9, 16, 3, 3), 1, 2),     # channels-last staging blocks + rest
+])
+def test_winograd_images_side_by_side_give_the_one_image_bits(
+        monkeypatch, dtype, x_shape, w_shape, groups, images):
+    """Several images' planes in one Winograd band (``winograd_images``): the bits of
+    one image a band, either layout, with a bias. (A stride-1 input gradient on
+    Winograd is this same kernel on the flipped weight.)"""
+    rng = np.random.default_rng(seed_for(x_shape, w_shape, groups, images))
+    x = rng.standard_normal(x_shape).astype(dtype)
+    w = rng.standard_normal(w_shape).astype(dtype)
+    b = rng.standard_normal(w_shape[0]).astype(dtype)
+    xl = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+    launched = []
+    kernel = cpu_conv._winograd_forward
+
+    def spy(*args):
+        launched.append(args[5])  # images a band
+        return kernel(*args)
+
+    monkeypatch.setattr(cpu_conv, "_winograd_forward", spy)
+    results = []
+    for each in (1, images):
+        monkeypatch.setattr(cpu_planner, "_PLANS", {})
+        monkeypatch.setattr(cpu_planner._Problem, "winograd_images",
+                            lambda self, itemsize, threads, each=each: each)
+        runs = []
+        for a in (x, xl):
+            a, w_, b_, geometry = _params.conv_window(a, w, b, 2, groups=groups,
+                                                      padding=1)
+            runs.append(cpu_conv.conv2d_forward(a, w_, b_, geometry, "winograd"))
+        results.append(runs)
+    assert launched == [1, 1, images, images]
+    for one, several in zip(*results):
+        assert one.tobytes() == several.tobytes()
+        assert one.strides == several.strides
+
+
+def test_winograd_images_rule():
+    """Whole planes a band, images side by side as the band's bytes allow (the
+    transformed weight's size where it is larger), in equal runs shared evenly by the
+    threads; one image where a plane takes several bands or the batch is 1."""
+    def images(batch, channels, size, threads, groups=1):
+        problem = cpu_planner._Problem((batch, channels, size, size), (size, size),
+                                    (channels, channels // groups, 3, 3), groups,
+                                    (1, 1), (1, 1), (1, 1))
+        return problem.winograd_images(4, threads)
+
+    assert images(32, 512, 7, 2) == 16      # weight 16 MiB, 1 MiB an image
+    assert images(32, 512, 7, 1) == 16
+    assert images(8, 512, 7, 2) == 4        # 8 would be one run for two threads
+    assert images(32, 512, 14, 2) == 4      # 5 fit; 4 divides the batch
+    assert images(32, 256, 14, 2) == 2
+    assert images(1, 512, 7, 1) == 1
+    assert images(31, 512, 7, 2) == 1       # no equal runs
+    assert images(32, 64, 56, 2) == 1       # bands within a plane
+
+
 WINOGRAD_GRAD_CASES = [
     ((3, 8, 9, 7), (4, 8, 3, 3), dict(padding=1)),            # odd output: clipped tiles
     ((2, 6, 8, 10), (6, 3, 3, 3), dict(padding=(2, 0), groups=2)),

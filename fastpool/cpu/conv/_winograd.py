@@ -62,7 +62,7 @@ def forward_depth(x, weight, bias, w, y, plane):
         return False
     O = w.out_channels
     _winograd_forward(x, winograd_weight(weight),
-                      bias if bias is not None else np.zeros(O, x.dtype), y, rows, G,
+                      bias if bias is not None else np.zeros(O, x.dtype), y, rows, 1, G,
                       w.pad_lo[1], w.pad_lo[2], KD, SD, w.pad_lo[0], workers)
     return True
 
@@ -338,9 +338,10 @@ def _output_row(M, base, stride, TW, row0, row1, second, b):
 
 
 @njit(inline="always")
-def _outputs_channels_last(M, ld, stride, y, n, o0, Og, od, th0, tile_rows, TW, bias,
-                           staged):
-    """``_winograd_output`` of output channels ``o0 .. o0 + Og - 1`` into the dense
+def _outputs_channels_last(M, ld, at, stride, y, n, o0, Og, od, th0, tile_rows, TW,
+                           bias, staged):
+    """``_winograd_output`` of output channels ``o0 .. o0 + Og - 1`` (image ``n``'s
+    tiles from column ``at`` of ``M``) into the dense
     channels-last ``y`` (``dense_channels_last``): the band's output rows of all the
     channels made in ``staged`` (channels-first, channel by channel as
     ``_winograd_output`` makes them) and stored in blocks transposed in vector
@@ -353,7 +354,7 @@ def _outputs_channels_last(M, ld, stride, y, n, o0, Og, od, th0, tile_rows, TW, 
         for tr in range(tile_rows):
             row = (o * R + 2 * tr) * OW
             second = 2 * tr + 1 < R
-            _output_row(M, o * ld + tr * TW, stride, TW, staged[row:row + OW],
+            _output_row(M, o * ld + at + tr * TW, stride, TW, staged[row:row + OW],
                         staged[row + OW:row + 2 * OW] if second else staged[row:row + OW],
                         second, bias[o0 + o])
     w_end = OW - OW % side
@@ -375,8 +376,8 @@ def _outputs_channels_last(M, ld, stride, y, n, o0, Og, od, th0, tile_rows, TW, 
 
 @parallel_kernel
 @njit(**BODY_JIT)
-def _winograd_forward(x, U, bias, y, band_tile_rows, G, PT, PL, KD, SD, PD, worker,
-                      workers):
+def _winograd_forward(x, U, bias, y, band_tile_rows, images, G, PT, PL, KD, SD, PD,
+                      worker, workers):
     """``y = conv3x3(x) (+ bias)``, stride 1 in the plane, by Winograd F(2x2, 3x3)
     over (image, group, band of tile rows); ``x`` is ``(N, C, D, H, W)``, ``y`` ``(N,
     C_out, OD, OH, OW)``, any strides (channels-last buffers are read and written in
@@ -387,7 +388,12 @@ def _winograd_forward(x, U, bias, y, band_tile_rows, G, PT, PL, KD, SD, PD, work
     once per depth tap) into ``V``, slices in depth order and zero slices for the
     padding, so output depth ``od``'s ``KD * C_g`` rows start at slice ``od * SD`` and
     its 16 GEMMs read them in place: the very products, in the same order, as the 2-D
-    Winograd of the stacked images."""
+    Winograd of the stacked images.
+
+    ``images`` > 1 (whole planes in one band only): a task's band is the planes of that
+    many images side by side, so the 16 GEMMs of small planes run on that many times
+    the tiles (a 7x7 plane has 16, which leave the GEMM tile's columns part empty).
+    Each output is still one chain over the channels, so the bits do not change."""
     N, C = x.shape[0], x.shape[1]
     O, OD, OH, OW = y.shape[1], y.shape[2], y.shape[3], y.shape[4]
     Cg = C // G
@@ -397,9 +403,10 @@ def _winograd_forward(x, U, bias, y, band_tile_rows, G, PT, PL, KD, SD, PD, work
     TW = (OW + 1) // 2
     slices = (OD - 1) * SD + KD
     bands = (TH + band_tile_rows - 1) // band_tile_rows
-    tasks = N * G * bands
+    runs = (N + images - 1) // images  # runs of images a band holds
+    tasks = runs * G * bands
     # rows of each plane start on cache lines (``gemm``'s loads of V)
-    T_max = padded(band_tile_rows * TW, x)
+    T_max = padded(images * band_tile_rows * TW, x)
     V = aligned_empty(16 * (slices * Cg * T_max + _SKEW), x)
     M = aligned_empty(16 * (Og * T_max + _SKEW), x)
     zeros = np.zeros(Og, x.dtype)
@@ -407,28 +414,31 @@ def _winograd_forward(x, U, bias, y, band_tile_rows, G, PT, PL, KD, SD, PD, work
     staged_cl = Og >= side_of(y) and dense_channels_last(y)
     staged = np.empty(Og * 2 * band_tile_rows * OW if staged_cl else 0, y.dtype)
     for t in range(worker * tasks // workers, (worker + 1) * tasks // workers):
-        n = t // (G * bands)
+        n0 = (t // (G * bands)) * images
+        count = min(images, N - n0)
         g = (t // bands) % G
         th0 = (t % bands) * band_tile_rows
         tile_rows = min(band_tile_rows, TH - th0)
         T = tile_rows * TW
-        ld = padded(T, x)
+        ld = padded(count * T, x)
         v_stride = slices * Cg * ld + _SKEW
         m_stride = Og * ld + _SKEW
-        input_slices(x, n, g * Cg, Cg, th0, tile_rows, TW, PT, PL, KD, SD, PD, slices,
-                     rows, V, 0, ld, v_stride)
+        for i in range(count):
+            input_slices(x, n0 + i, g * Cg, Cg, th0, tile_rows, TW, PT, PL, KD, SD, PD,
+                         slices, rows, V, i * T, ld, v_stride)
         # fastpool's own GEMM: each product is one chain over the channels, so a tile's
-        # bits do not depend on the band (or the Dask chunk) holding it
+        # bits do not depend on the band (or the Dask chunk, or the images) holding it
         for od in range(OD):
             first = od * SD * Cg * ld
             for e in range(16):
-                gemm(Og, T, K, U, (e * O + g * Og) * K, K, V, e * v_stride + first, ld,
-                     M, e * m_stride, ld, zeros, 0)
-            if staged_cl:
-                _outputs_channels_last(M, ld, m_stride, y, n, g * Og, Og, od, th0,
-                                       tile_rows, TW, bias, staged)
-                continue
-            for o in range(Og):
-                b = bias[g * Og + o]
-                _winograd_output(M, o * ld, m_stride, y, n, g * Og + o, od, th0,
-                                 tile_rows, TW, b)
+                gemm(Og, count * T, K, U, (e * O + g * Og) * K, K, V,
+                     e * v_stride + first, ld, M, e * m_stride, ld, zeros, 0)
+            for i in range(count):
+                if staged_cl:
+                    _outputs_channels_last(M, ld, i * T, m_stride, y, n0 + i, g * Og, Og,
+                                           od, th0, tile_rows, TW, bias, staged)
+                    continue
+                for o in range(Og):
+                    b = bias[g * Og + o]
+                    _winograd_output(M, o * ld + i * T, m_stride, y, n0 + i, g * Og + o,
+                                     od, th0, tile_rows, TW, b)
