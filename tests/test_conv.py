@@ -559,18 +559,23 @@ def test_winograd_images_side_by_side_give_the_one_image_bits(
         assert one.strides == several.strides
 
 
-def test_winograd_images_rule():
+def test_winograd_images_rule(monkeypatch):
     """Whole planes a band, images side by side as the band's bytes allow (the
     transformed weight's size where it is larger), in equal runs shared evenly by the
     threads; one image where a plane takes several bands or the batch is 1."""
     def images(batch, channels, size, threads, groups=1):
+        # the bands' rows depend on the thread count too (a band for every thread)
+        monkeypatch.setattr(cpu_planner, "thread_count", lambda: threads)
+        monkeypatch.setattr(cpu_planner, "_PLANS", {})
         problem = cpu_planner._Problem((batch, channels, size, size), (size, size),
-                                    (channels, channels // groups, 3, 3), groups,
-                                    (1, 1), (1, 1), (1, 1))
+                                       (channels, channels // groups, 3, 3), groups,
+                                       (1, 1), (1, 1), (1, 1))
         return problem.winograd_images(4, threads)
 
     assert images(32, 512, 7, 2) == 16      # weight 16 MiB, 1 MiB an image
     assert images(32, 512, 7, 1) == 16
+    assert images(32, 512, 7, 16) == 2      # 16 equal runs
+    assert images(8, 512, 7, 16) == 1       # a band for every thread: several a plane
     assert images(8, 512, 7, 2) == 4        # 8 would be one run for two threads
     assert images(32, 512, 14, 2) == 4      # 5 fit; 4 divides the batch
     assert images(32, 256, 14, 2) == 2

@@ -239,11 +239,12 @@ def _run_forward(problem, x, weight, bias, y, algorithm=None):
         return y
     if algorithm == WINOGRAD:
         # planes as volumes one slice deep (views)
+        threads = thread_count()
         _winograd_forward(x[:, :, None], winograd_weight(weight),
                           bias if has_bias else np.zeros(y.shape[1], x.dtype),
                           y[:, :, None], problem.winograd_band_tile_rows(x.itemsize),
-                          problem.winograd_images(x.itemsize, thread_count()),
-                          problem.groups, problem.pad_top, problem.pad_left, 1, 1, 0, thread_count())
+                          problem.winograd_images(x.itemsize, threads), problem.groups,
+                          problem.pad_top, problem.pad_left, 1, 1, 0, threads)
         return y
     if problem.whole_plane_columns(algorithm, x.itemsize):
         _forward_by_channel_blocks(problem, x, weight, bias if has_bias else None, y,
