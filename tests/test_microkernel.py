@@ -69,7 +69,9 @@ _CHAIN_SHAPES = [(7, 5, 19), (6, 3, 16), (1, 1, 1), (13, 4, 9), (5, 2, 3), (7, 5
                  # a panel's last 1-2 columns by vectors across rows (``_columns``):
                  # steps of k in blocks of 8 and a tail, 8 rows and fewer; 3-4
                  # columns (the one-vector tile) beside them
-                 (8, 19, 49), (5, 16, 26), (11, 9, 28), (3, 24, 51), (10, 13, 50)]
+                 (8, 19, 49), (5, 16, 26), (11, 9, 28), (3, 24, 51), (10, 13, 50),
+                 # the same for 16-lane (512-bit) float32 vectors: panels of 48
+                 (9, 3, 32), (7, 4, 48), (6, 5, 45), (8, 16, 97), (6, 24, 98)]
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -33,10 +33,18 @@ spills, 3.7 GFLOP/s). Emitted as vector IR, the 6 x 16 tile ran at 90-100 GFLOP/
 (float32) and 46-49 (float64) on one core of the project's first (AVX2) machine with
 packed operands in cache; ``gemm_batch`` on conv-sized products (B's rows on cache
 lines) at 86-89, against 90 for OpenBLAS's ``sgemm``. Where the CPU has 32 vector
-registers (AVX-512) the tile is 8 x 24 (``MR``, ``VECTORS``): on one core of the
-present Zen 4 machine 91-111 GFLOP/s against 74-95 for 6 x 16.
+registers (AVX-512) the tile is 8 rows by 3 vectors (``MR``, ``VECTORS``): with
+32-byte vectors, 8 x 24, on one core of a Zen 4 machine 91-111 GFLOP/s against 74-95
+for 6 x 16. There the vectors are 64 bytes (``_BYTES``; 8 x 48 float32, 8 x 24
+float64) since 2026-12-07: on one core of an Intel Xeon with two 512-bit FMA units
+(LLVM names it ``rocketlake``), ``gemm_batch`` alone, 105-126 GFLOP/s with 32-byte
+vectors against 145-204 with 64-byte ones (PyTorch's one-thread 2048^3 ``matmul``:
+198). LLVM's tuning for many AVX-512 CPUs (``prefer-256-bit``) splits 512-bit vector
+types into two 256-bit halves unless the function says it needs them, so the tile
+marks its function ``"min-legal-vector-width"="512"`` (without it: the same 256-bit
+code and 48 accumulators where there are registers for 32).
 
-A panel's last one or two columns (a 7x7 plane's 49th pixel: 48 = 2 x 24), with A
+A panel's last one or two columns (a 7x7 plane's 49th pixel: 48 = 1 x 48), with A
 read by rows, run as ``_columns`` in float32 where the tile has 8 rows: vectors across
 the 8 rows, A's rows transposed in registers 8 steps of ``k`` at a time, one fused
 multiply-add per column and step instead of one per row (the same chains, so the same
@@ -84,19 +92,21 @@ def _thirty_two_vector_registers():
 
 
 # A tile is MR rows by VECTORS vectors: its accumulators, one vector of B per column
-# vector and one broadcast of A must fit in the registers. With 32 (AVX-512, 256-bit
-# vectors), 8 x 3: 24 accumulators. With 16 (AVX2), 6 x 2: 12; 8 x 3 there spills (one
-# core of this project's Zen 4 machine compiled for AVX2, float32, conv-sized
-# products: 6 x 2 86-110 GFLOP/s, 8 x 3 49-73). For AVX-512, 8 x 3 against 6 x 2:
-# 91-111 against 74-95 (float32), 45-56 against 39-47 (float64); 6 x 3 in between
-# (docs/site/performance.md).
+# vector and one broadcast of A must fit in the registers. With 32 (AVX-512), 8 x 3:
+# 24 accumulators (measured here with 256-bit vectors). With 16 (AVX2), 6 x 2: 12;
+# 8 x 3 there spills (one core of this project's Zen 4 machine compiled for AVX2,
+# float32, conv-sized products: 6 x 2 86-110 GFLOP/s, 8 x 3 49-73). For AVX-512, 8 x 3
+# against 6 x 2: 91-111 against 74-95 (float32), 45-56 against 39-47 (float64); 6 x 3
+# in between (docs/site/performance.md).
 MR, VECTORS = (8, 3) if _thirty_two_vector_registers() else (6, 2)
 # Whether B's rows starting on cache lines (``padded``) gains enough to pay for copying
 # B into such rows. One core, float32, rows of 49 values (7x7 planes) in place against
 # padded: 6 x 16 compiled for AVX2 68-74 against 81-85 GFLOP/s; 8 x 24 86-90 against
 # 82-92.
 ALIGN_B_ROWS = VECTORS < 3
-_BYTES = 32      # bytes per vector: AVX2 (LLVM splits them where vectors are narrower)
+# Bytes per vector of the tile: AVX-512's 64 where the tile has 32 registers, AVX2's 32
+# (LLVM splits vectors wider than the CPU's).
+_BYTES = 64 if VECTORS == 3 else 32
 
 
 def lanes(itemsize):
@@ -170,6 +180,9 @@ def _tile(partial, vectors):
         width = lanes(dtype.bitwidth // 8)
 
         def codegen(context, builder, sig, args):
+            if _BYTES > 32:
+                # llvmlite knows no string attributes; its set writes them verbatim
+                set.add(builder.function.attributes, '"min-legal-vector-width"="512"')
             tys = sig.args
             intp = context.get_value_type(types.intp)
             i32 = ir.IntType(32)
