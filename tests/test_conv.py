@@ -584,6 +584,81 @@ def test_winograd_images_rule(monkeypatch):
     assert images(32, 64, 56, 2) == 1       # bands within a plane
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("x_shape, w_shape, groups, stride, images", [
+    ((5, 8, 9, 9), (8, 8, 3, 3), 1, 2, 3),    # runs of 3 and 2 images
+    ((4, 6, 7, 8), (10, 3, 3, 3), 2, 1, 4),   # groups; one run
+    ((3, 2, 6, 6), (5, 2, 3, 3), 1, 2, 2),    # few channels: gathered from a copy
+    ((4, 12, 6, 6), (40, 12, 3, 3), 1, 2, 2),  # channels-last: gathered in place
+    ((8, 80, 5, 5), (96, 80, 3, 3), 1, 2, 4),  # a weight over 256 KiB: not turned
+])
+def test_im2col_images_side_by_side_give_the_one_image_bits(
+        monkeypatch, dtype, x_shape, w_shape, groups, stride, images):
+    """Several images' whole planes side by side in one im2col GEMM
+    (``im2col_images``), channels-first (products into a buffer, copied out) and
+    channels-last (the run's pixels are consecutive output rows): the bits of one
+    image a GEMM, with a bias, close to the reference."""
+    from fastpool.cpu.conv import _channels_last_gemm
+    rng = np.random.default_rng(seed_for(x_shape, w_shape, groups, stride, images))
+    x = rng.standard_normal(x_shape).astype(dtype)
+    w = rng.standard_normal(w_shape).astype(dtype)
+    b = rng.standard_normal(w_shape[0]).astype(dtype)
+    xl = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+    launched = []
+    for module, name, at in ((cpu_conv, "_gemm_forward", 8),
+                             (_channels_last_gemm, "_im2col_forward", 9)):
+        def spy(*args, kernel=getattr(module, name), at=at):
+            launched.append(args[at])
+            return kernel(*args)
+        monkeypatch.setattr(module, name, spy)
+    args = dict(groups=groups, padding=1, stride=stride)
+    results = []
+    for each in (1, images):
+        monkeypatch.setattr(cpu_planner, "_PLANS", {})
+        monkeypatch.setattr(cpu_planner._Problem, "im2col_images",
+                            lambda self, itemsize, threads, each=each: each)
+        runs = []
+        for a in (x, xl):
+            a, w_, b_, geometry = _params.conv_window(a, w, b, 2, **args)
+            runs.append(cpu_conv.conv2d_forward(a, w_, b_, geometry, "im2col"))
+        results.append(runs)
+    assert launched == [1, 1, images, images]
+    for one, several in zip(*results):
+        assert one.tobytes() == several.tobytes()
+        assert one.strides == several.strides
+    assert_close_to_sum(results[1][0], ref.conv2d(x, w, b, **args),
+                        ref.conv2d(np.abs(x), np.abs(w), np.abs(b), **args), dtype)
+
+
+def test_im2col_images_rule(monkeypatch):
+    """Whole planes a band and one block of output channels: images side by side as
+    the larger of 1 MiB and the weight allow, in equal runs shared evenly by the
+    threads; one image where a plane takes several bands or the batch is 1."""
+    def images(batch, channels, outputs, size, threads, stride=2):
+        monkeypatch.setattr(cpu_planner, "thread_count", lambda: threads)
+        monkeypatch.setattr(cpu_planner, "_PLANS", {})
+        out = (size - 1) // stride + 1
+        problem = cpu_planner._Problem((batch, channels, size, size), (out, out),
+                                       (outputs, channels, 3, 3), 1, (stride, stride),
+                                       (1, 1), (1, 1))
+        return problem.im2col_images(4, threads)
+
+    # 3x3 s2 256->512 on 14x14: 737 KiB of columns an image (49 pixels padded to
+    # 80), a 4.5 MiB weight: 6 fit, 4 divides the batch into runs shared evenly
+    assert images(32, 256, 512, 14, 2) == 4
+    assert images(32, 256, 512, 14, 16) == 2
+    assert images(8, 256, 512, 14, 2) == 4
+    assert images(10, 256, 512, 14, 2) == 5
+    assert images(6, 256, 512, 14, 2) == 1      # blocks of output channels (batch < 8)
+    assert images(31, 256, 512, 14, 2) == 1     # no equal runs
+    assert images(1, 256, 512, 14, 1) == 1
+    assert images(32, 128, 256, 28, 2) == 1     # planes of more than 64 pixels
+    assert images(32, 64, 128, 56, 2) == 1
+    assert images(8, 2048, 2048, 14, 2) == 1    # bands within a plane
+    # 3x3 s2 64->64: 184 KiB an image, the 1 MiB budget (the weight is smaller)
+    assert images(32, 64, 64, 14, 2) == 4
+
+
 WINOGRAD_GRAD_CASES = [
     ((3, 8, 9, 7), (4, 8, 3, 3), dict(padding=1)),            # odd output: clipped tiles
     ((2, 6, 8, 10), (6, 3, 3, 3), dict(padding=(2, 0), groups=2)),

@@ -263,9 +263,11 @@ def _run_forward(problem, x, weight, bias, y, algorithm=None):
         # 960->160 on 7x7: 0.19 ms in place, 0.35 copied per block).
         algorithm = IM2COL
     rows = problem.forward_band_rows(algorithm, x.itemsize)
+    threads = thread_count()
+    images = problem.im2col_images(x.itemsize, threads) if algorithm == IM2COL else 1
     _gemm_forward(x, problem.gemm_weight(weight, algorithm), bias, has_bias, y,
-                  algorithm, rows, problem.forward_channel_blocks(rows), *problem.args,
-                  thread_count())
+                  algorithm, rows, problem.forward_channel_blocks(rows), images,
+                  *problem.args, threads)
     return y
 
 

@@ -110,8 +110,8 @@ def _gather(x, xf, n, c0, channels, oh0, rows, KH, KW, SH, SW, DH, DW, PT, PL, O
 
 @parallel_kernel
 @njit(**BODY_JIT)
-def _im2col_forward(x, xc, w, wt, bias, y, in_place, rows_per_band, m_blocks, G, KH, KW,
-                    SH, SW, DH, DW, PT, PL, col_lo, col_hi, worker, workers):
+def _im2col_forward(x, xc, w, wt, bias, y, in_place, rows_per_band, m_blocks, images, G,
+                    KH, KW, SH, SW, DH, DW, PT, PL, col_lo, col_hi, worker, workers):
     """``y[n, oh, ow, o] = bias[o] + conv(x)`` over (image, group, band of output
     rows, block of output channels); ``x`` is the ``(N, H, W, C)`` input, ``w`` the weight (``O x C_g*KH*KW``),
     ``bias`` the bias or zeros, ``y`` the ``(N, OH, OW, O)`` output. With ``wt`` (each
@@ -120,16 +120,18 @@ def _im2col_forward(x, xc, w, wt, bias, y, in_place, rows_per_band, m_blocks, G,
     buffer stored into ``y`` in transposed blocks. With ``in_place`` (a pointwise
     convolution, turned over) the product reads its rows straight from ``x``. ``xc``:
     empty, or ``x`` copied channels-first (``(N, C, H, W)``), gathered from instead
-    (``_FEW_CHANNELS``)."""
+    (``_FEW_CHANNELS``). Tasks take runs of ``images`` images (whole planes, not
+    ``in_place``: ``_Problem.im2col_images``), their columns side by side: the run's
+    pixels are consecutive rows of ``y``, so it is one product of their pixels."""
     N, H, W, C = x.shape
     OH, OW, O = y.shape[1], y.shape[2], y.shape[3]
     Cg = C // G
     Og = O // G
     K = Cg * KH * KW
     bands = (OH + rows_per_band - 1) // rows_per_band
-    tasks = N * G * bands * m_blocks
+    tasks = (N + images - 1) // images * G * bands * m_blocks
     yf = y.reshape(-1)
-    ld = padded(rows_per_band * OW, yf)
+    ld = padded(images * rows_per_band * OW, yf)
     turned = wt.size > 0
     ldw = wt.size // (G * K) if turned else 0  # rows of each W_g^T
     xf = x.reshape(-1)
@@ -137,7 +139,9 @@ def _im2col_forward(x, xc, w, wt, bias, y, in_place, rows_per_band, m_blocks, G,
     band = aligned_empty(0 if turned else Og * ld, yf)
     gathered = -1  # the band whose columns ``cols`` holds
     for t in range(worker * tasks // workers, (worker + 1) * tasks // workers):
-        mb, b, n, g, oh0, rows = band_task(t, m_blocks, G, bands, rows_per_band, OH)
+        mb, b, run, g, oh0, rows = band_task(t, m_blocks, G, bands, rows_per_band, OH)
+        n = run * images
+        count = min(images, N - n)
         pixels = rows * OW
         o0 = g * Og + mb * Og // m_blocks
         m = g * Og + (mb + 1) * Og // m_blocks - o0
@@ -148,13 +152,16 @@ def _im2col_forward(x, xc, w, wt, bias, y, in_place, rows_per_band, m_blocks, G,
                        FROM_COLUMN_INIT)
             continue
         if b != gathered:
-            if xc.size > 0:
-                _gather_columns(xc, n, g * Cg, Cg, oh0 * SH - PT, SH, rows, KH, DH, KW,
-                                SW, DW, PL, OW, col_lo, col_hi, cols, ld)
-            else:
-                _gather(x, xf, n, g * Cg, Cg, oh0, rows, KH, KW, SH, SW, DH, DW, PT, PL,
-                        OW, col_lo, col_hi, cols, ld)
+            for i in range(count):
+                if xc.size > 0:
+                    _gather_columns(xc, n + i, g * Cg, Cg, oh0 * SH - PT, SH, rows, KH,
+                                    DH, KW, SW, DW, PL, OW, col_lo, col_hi,
+                                    cols[i * pixels:], ld)
+                else:
+                    _gather(x, xf, n + i, g * Cg, Cg, oh0, rows, KH, KW, SH, SW, DH, DW,
+                            PT, PL, OW, col_lo, col_hi, cols[i * pixels:], ld)
             gathered = b
+        pixels *= count
         if turned:
             gemm_batch(pixels, m, K, cols, 0, 1, ld, wt, g * K * ldw + o0 - g * Og, ldw,
                        yf, out, O, bias, o0, 1, 0, 0, FROM_COLUMN_INIT)
@@ -218,7 +225,8 @@ def forward(x, weight, bias, problem, rows_per_band, m_blocks, workers):
            and problem.kernel_h * problem.kernel_w > 1)
     xc = contiguous(x) if few else np.empty((0, 0, 0, 0), x.dtype)
     # transpose, not np.moveaxis (which normalises its arguments: 2.5 us a call)
+    images = 1 if in_place else problem.im2col_images(x.itemsize, workers)
     _im2col_forward(x.transpose(0, 2, 3, 1), xc, weight.reshape(-1), wt, bias, buffer,
-                    in_place, rows_per_band, m_blocks, *problem.args,
-                    max(1, min(workers, N * G * bands * m_blocks)))
+                    in_place, rows_per_band, m_blocks, images, *problem.args,
+                    max(1, min(workers, -(-N // images) * G * bands * m_blocks)))
     return buffer.transpose(0, 3, 1, 2)

@@ -173,23 +173,28 @@ def band_task(t, m_blocks, G, bands, rows_per_band, OH):
 
 @parallel_kernel
 @njit(**BODY_JIT)
-def _gemm_forward(x, w, bias, has_bias, y, algorithm, rows_per_band, m_blocks, G, KH, KW, SH, SW, DH, DW, PT, PL, col_lo, col_hi, worker, workers):
-    """``y = conv(x, w) (+ bias)`` by GEMMs over (image, group, band of output rows,
-    block of output channels)."""
+def _gemm_forward(x, w, bias, has_bias, y, algorithm, rows_per_band, m_blocks, images, G, KH, KW, SH, SW, DH, DW, PT, PL, col_lo, col_hi, worker, workers):
+    """``y = conv(x, w) (+ bias)`` by GEMMs over (run of ``images`` images, group, band
+    of output rows, block of output channels). Runs of several images (im2col, whole
+    planes: ``_Problem.im2col_images``) gather each image's columns and take one
+    ``gemm_batch`` over them, which reads each block of the weight once for the run."""
     N, C, H, W = x.shape
     O, OH, OW = y.shape[1], y.shape[2], y.shape[3]
     Cg = C // G
     Og = O // G
     bands = (OH + rows_per_band - 1) // rows_per_band
-    tasks = N * G * bands * m_blocks
+    runs = (N + images - 1) // images
+    tasks = runs * G * bands * m_blocks
     k_gemm, col_size = _gemm_sizes(algorithm, Cg, KH, KW, DH, OW, rows_per_band)
     xf = x.reshape(-1)
     yf = y.reshape(-1)
     # im2col rows start on cache lines (``own_gemm``'s loads of B)
-    ld = padded(rows_per_band * OW, yf)
+    ld = padded(images * rows_per_band * OW, yf)
     if algorithm == IM2COL:
         col_size = k_gemm * ld
     cols = aligned_empty(col_size, yf)
+    # a run's products, its images side by side as in ``cols``
+    side = aligned_empty(Og * images * OH * OW if images > 1 else 0, yf)
     # each output's chain of products starts from its bias, or from zero
     starts = bias if has_bias else np.zeros(O, x.dtype)
     # the band whose columns ``cols`` holds: a worker's tasks of one band (its blocks of
@@ -197,7 +202,8 @@ def _gemm_forward(x, w, bias, has_bias, y, algorithm, rows_per_band, m_blocks, G
     # each gathered the band again)
     gathered = -1
     for t in range(worker * tasks // workers, (worker + 1) * tasks // workers):
-        mb, b, n, g, oh0, rows = band_task(t, m_blocks, G, bands, rows_per_band, OH)
+        mb, b, run, g, oh0, rows = band_task(t, m_blocks, G, bands, rows_per_band, OH)
+        n = run * images
         pixels = rows * OW
         m0 = mb * Og // m_blocks
         m = (mb + 1) * Og // m_blocks - m0
@@ -219,12 +225,25 @@ def _gemm_forward(x, w, bias, has_bias, y, algorithm, rows_per_band, m_blocks, G
                 gemm_add(m, pixels, k_gemm, w, (i * O + o0) * k_gemm, k_gemm, cols,
                          i * DH * OW, n_rows * OW, yf, out, OH * OW)
         else:
+            count = min(images, N - n)
             if b != gathered:
-                _gather_columns(x, n, g * Cg, Cg, oh0 * SH - PT, SH, rows, KH, DH, KW,
-                                SW, DW, PL, OW, col_lo, col_hi, cols, ld)
+                for i in range(count):
+                    _gather_columns(x, n + i, g * Cg, Cg, oh0 * SH - PT, SH, rows, KH,
+                                    DH, KW, SW, DW, PL, OW, col_lo, col_hi,
+                                    cols[i * pixels:], ld)
                 gathered = b
-            own_gemm(m, pixels, k_gemm, w, o0 * k_gemm, k_gemm, cols, 0, ld, yf, out,
-                     OH * OW, starts, o0)
+            if images == 1:
+                own_gemm(m, pixels, k_gemm, w, o0 * k_gemm, k_gemm, cols, 0, ld, yf, out,
+                         OH * OW, starts, o0)
+                continue
+            own_gemm(m, count * pixels, k_gemm, w, o0 * k_gemm, k_gemm, cols, 0, ld, side,
+                     0, count * pixels, starts, o0)
+            for i in range(count):
+                for o in range(m):
+                    src = o * count * pixels + i * pixels
+                    dst = out + (i * O + o) * OH * OW
+                    for p in range(pixels):
+                        yf[_U(dst + p)] = side[_U(src + p)]
 
 
 @parallel_kernel
