@@ -245,7 +245,7 @@ def test_the_avx2_tile_gives_the_same_bits(tmp_path):
     """A child process compiling for AVX2 (``NUMBA_CPU_NAME``, ``NUMBA_CPU_FEATURES``)
     takes the 6x16 tile
     (and asks for B's rows on cache lines, ``ALIGN_B_ROWS``); its products have the
-    bits of this process's (the 8x24 tile where this CPU has AVX-512): each element is
+    bits of this process's (the 8x48 tile where this CPU has AVX-512): each element is
     the same chain whatever the tile. Skipped on CPUs without AVX2 and FMA, which could
     not run that code."""
     import os
@@ -278,6 +278,32 @@ def test_the_avx2_tile_gives_the_same_bits(tmp_path):
     assert sorted(got.files) == sorted(expected)
     for key, value in expected.items():
         np.testing.assert_array_equal(got[key], value, err_msg=key)
+
+
+@pytest.mark.skipif(lanes(4) != 16, reason="64-byte vectors only where the CPU has AVX-512")
+def test_the_tile_compiles_to_512_bit_fused_multiply_adds():
+    """Where the tile's vectors are 64 bytes, its code uses 512-bit registers (LLVM
+    would split them into 256-bit halves for a function marked with a smaller
+    ``"min-legal-vector-width"``, as clang marks C functions; Numba marks none): 24
+    fused multiply-adds on 512-bit registers, and the exact chains. Compiled afresh
+    (Numba shows no code of functions loaded from its disk cache)."""
+    import re
+
+    from fastpool.cpu._microkernel import _full_3
+
+    @njit(cache=False)
+    def full_tile(a, b, c, init):
+        _full_3(8, 16, a, 0, 16, 1, b, 0, 48, c, 0, 48, 48, init, 0, FROM_ROW_INIT)
+
+    rng = np.random.default_rng(20261207)
+    a = rng.standard_normal((8, 16)).astype(np.float32)
+    b = rng.standard_normal((16, 48)).astype(np.float32)
+    init = rng.standard_normal(8).astype(np.float32)
+    c = np.full((8, 48), np.nan, np.float32)
+    full_tile(a.reshape(-1), b.reshape(-1), c.reshape(-1), init)
+    np.testing.assert_array_equal(c, _chains(a, b, init))
+    code = full_tile.inspect_asm(full_tile.signatures[0])
+    assert len(re.findall(r"vfmadd\w+\s+[^\n]*%zmm", code)) >= 24
 
 
 @pytest.mark.parametrize("bad", ["float size", "read-only C", "mixed dtypes", "2-D"])

@@ -39,10 +39,10 @@ for 6 x 16. There the vectors are 64 bytes (``_BYTES``; 8 x 48 float32, 8 x 24
 float64) since 2026-12-07: on one core of an Intel Xeon with two 512-bit FMA units
 (LLVM names it ``rocketlake``), ``gemm_batch`` alone, 105-126 GFLOP/s with 32-byte
 vectors against 145-204 with 64-byte ones (PyTorch's one-thread 2048^3 ``matmul``:
-198). LLVM's tuning for many AVX-512 CPUs (``prefer-256-bit``) splits 512-bit vector
-types into two 256-bit halves unless the function says it needs them, so the tile
-marks its function ``"min-legal-vector-width"="512"`` (without it: the same 256-bit
-code and 48 accumulators where there are registers for 32).
+198). LLVM's ``prefer-256-bit`` tuning of such CPUs applies to its own vectorising,
+not to vector types written out, as here, in functions that, like Numba's, carry no
+``"min-legal-vector-width"`` attribute: the tile compiles to 512-bit fused
+multiply-adds (``tests/test_microkernel.py`` checks the code).
 
 A panel's last one or two columns (a 7x7 plane's 49th pixel: 48 = 1 x 48), with A
 read by rows, run as ``_columns`` in float32 where the tile has 8 rows: vectors across
@@ -180,9 +180,6 @@ def _tile(partial, vectors):
         width = lanes(dtype.bitwidth // 8)
 
         def codegen(context, builder, sig, args):
-            if _BYTES > 32:
-                # llvmlite knows no string attributes; its set writes them verbatim
-                set.add(builder.function.attributes, '"min-legal-vector-width"="512"')
             tys = sig.args
             intp = context.get_value_type(types.intp)
             i32 = ir.IntType(32)
