@@ -630,6 +630,36 @@ def test_im2col_images_side_by_side_give_the_one_image_bits(
                         ref.conv2d(np.abs(x), np.abs(w), np.abs(b), **args), dtype)
 
 
+def test_im2col_images_need_whole_planes(monkeypatch):
+    """Runs of images are only for bands of whole planes (the channels-last kernel
+    takes a run's pixels as consecutive output rows): where a plane takes several
+    bands, the kernels get one image a run whatever ``im2col_images`` says."""
+    from fastpool.cpu.conv import _channels_last_gemm
+    rng = np.random.default_rng(20261207)
+    x = rng.standard_normal((3, 12, 33, 4)).astype(np.float32)
+    w = rng.standard_normal((20, 12, 3, 3)).astype(np.float32)
+    xl = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+    args = dict(stride=(2, 1), padding=1)
+    launched = []
+    for module, name, at in ((cpu_conv, "_gemm_forward", 8),
+                             (_channels_last_gemm, "_im2col_forward", 9)):
+        def spy(*a, kernel=getattr(module, name), at=at):
+            launched.append((a[at - 2], a[at]))  # rows a band, images a run
+            return kernel(*a)
+        monkeypatch.setattr(module, name, spy)
+    monkeypatch.setattr(cpu_planner._Problem, "im2col_images",
+                        lambda self, itemsize, threads: 2)
+    results = []
+    for a in (x, xl):
+        a, w_, b_, geometry = _params.conv_window(a, w, None, 2, **args)
+        results.append(cpu_conv.conv2d_forward(a, w_, b_, geometry, "im2col"))
+    assert len(launched) == 2
+    assert all(rows < 17 and images == 1 for rows, images in launched)
+    assert results[0].tobytes() == np.ascontiguousarray(results[1]).tobytes()
+    assert_close_to_sum(results[1], ref.conv2d(x, w, None, **args),
+                        ref.conv2d(np.abs(x), np.abs(w), None, **args), np.float32)
+
+
 def test_im2col_images_rule(monkeypatch):
     """Whole planes a band and one block of output channels: images side by side as
     the larger of 1 MiB and the weight allow, in equal runs shared evenly by the

@@ -102,7 +102,8 @@ MR, VECTORS = (8, 3) if _thirty_two_vector_registers() else (6, 2)
 # Whether B's rows starting on cache lines (``padded``) gains enough to pay for copying
 # B into such rows. One core, float32, rows of 49 values (7x7 planes) in place against
 # padded: 6 x 16 compiled for AVX2 68-74 against 81-85 GFLOP/s; 8 x 24 86-90 against
-# 82-92.
+# 82-92. With the 8 x 48 tile (64-byte vectors, 2026-12-07, Intel Xeon, batch 1, 2
+# threads) copying made 1x1 layers on 14x14 and 7x7 planes 1.2x-2x slower.
 ALIGN_B_ROWS = VECTORS < 3
 # Bytes per vector of the tile: AVX-512's 64 where the tile has 32 registers, AVX2's 32
 # (LLVM splits vectors wider than the CPU's).
@@ -348,7 +349,7 @@ def _columns(count):
     """The micro-kernel intrinsic for the last ``count`` columns of a panel, vectors
     across the tile's rows: in a one-vector tile (``_tile(True, 1)``) each of the 8
     rows takes a broadcast and a fused multiply-add per step of ``k`` for one valid
-    column in 8 lanes (a 7x7 plane's 49th pixel); here A's rows are loaded 8 steps of
+    column in a vector of 8 or 16 lanes (a 7x7 plane's 49th pixel); here A's rows are loaded 8 steps of
     ``k`` at a time and transposed in registers, and each column takes one fused
     multiply-add per step for all 8 rows. Each element's chain is the same
     ``c = fma(A[i, k], B[k, j], c)`` over ``k`` in order, so the bits are the tile's.

@@ -9,7 +9,7 @@ Algorithms, chosen per problem by ``choose_algorithm`` (the README lists them):
 ``"pointwise"``  1x1 kernel, stride 1, no padding: one GEMM per (image, group, band of
                  rows) straight on the input, ``y = W_g @ x[n, g]`` (with the 6x16
                  GEMM tile, planes not a multiple of 16 pixels are copied with rows
-                 on cache lines; the 8x24 tile reads them in place, ``ALIGN_B_ROWS``).
+                 on cache lines; the 8x48 tile reads them in place, ``ALIGN_B_ROWS``).
 ``"rows"``       stride 1 along H: gather the ``KW`` column shifts of a band of input
                  rows once (``C_g * KW`` rows), then one accumulating GEMM per kernel
                  row ``i``, whose operand is the same buffer offset by ``i * DH`` rows.
@@ -264,7 +264,8 @@ def _run_forward(problem, x, weight, bias, y, algorithm=None):
         algorithm = IM2COL
     rows = problem.forward_band_rows(algorithm, x.itemsize)
     threads = thread_count()
-    images = problem.im2col_images(x.itemsize, threads) if algorithm == IM2COL else 1
+    images = (problem.im2col_images(x.itemsize, threads)
+              if algorithm == IM2COL and rows >= problem.out_h else 1)
     _gemm_forward(x, problem.gemm_weight(weight, algorithm), bias, has_bias, y,
                   algorithm, rows, problem.forward_channel_blocks(rows), images,
                   *problem.args, threads)

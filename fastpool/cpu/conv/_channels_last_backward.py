@@ -33,7 +33,7 @@ import numpy as np
 from numba import njit
 
 from fastpool.cpu._microkernel import (FROM_C, FROM_COLUMN_INIT, MR, aligned_empty,
-                                      gemm_batch, padded, padded_host, panel_width)
+                                      gemm_batch, lanes, padded, padded_host)
 from fastpool.cpu._parallel import BODY_JIT, parallel_kernel
 from fastpool.cpu.conv._planner import _U
 
@@ -89,7 +89,9 @@ def _weight_grad(x, gy, partial, turned, o_blocks, unit, band_rows, G, KH, KW, S
     ``gy``'s pixels as the rows of ``B`` (few taps, many output channels: the
     first layer's 3 channels x 7 taps as the columns left most of each tile
     empty); ``fma(a, b, c) == fma(b, a, c)``, so both give the same bits. Blocks
-    of output channels are ``unit``s wide (a tile's rows, or its columns)."""
+    of output channels are ``unit``s wide (a tile's rows, or one vector's columns: a
+    48-column panel of the 64-byte tile split 64 channels 48:16 between two
+    threads)."""
     N, H, W, C = x.shape
     OH, OW, O = gy.shape[1], gy.shape[2], gy.shape[3]
     Cg = C // G
@@ -172,7 +174,7 @@ def weight_grad(x4, gy4, weight_shape, problem, workers, sum_partials):
     row_bytes = p.out_w * padded_host(KW * Cg, x4.dtype) * x4.itemsize
     band = max(1, min(-(-_BAND_PIXELS // p.out_w), _BAND_BYTES // row_bytes))
     _weight_grad(x4, gy4, partial, turned, blocks,
-                 panel_width(x4.itemsize) if turned else MR, band, G, KH, KW,
+                 lanes(x4.itemsize) if turned else MR, band, G, KH, KW,
                  p.stride_h, p.stride_w,
                  p.dilation_h, p.dilation_w, p.pad_top, p.pad_left,
                  max(1, min(workers, chunks * G * blocks)))
