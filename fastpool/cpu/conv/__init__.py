@@ -316,10 +316,9 @@ def _forward_by_channel_blocks(problem, x, weight, bias, y, algorithm):
                                  parts, _threads_for(parts))
 
 
-def conv2d_forward(x, weight, bias, window, algorithm=None):
-    """``y`` of shape ``window.output_shape``. ``algorithm`` (a name from
-    ``ALGORITHMS``) overrides ``choose_algorithm``; tests use it to cover every path."""
-    w = window
+def _forward_channels_last(x, weight, bias, w, algorithm):
+    """``conv2d_forward`` of a channels-last input read in place (its routes in
+    order), or None where it is copied to channels-first."""
     x2d = _pointwise_pixels(x, w, algorithm)
     if x2d is not None and not _channels_last_gemm.takes_pointwise(_forward_problem(w),
                                                                    weight.nbytes):
@@ -332,11 +331,6 @@ def conv2d_forward(x, weight, bias, window, algorithm=None):
         y = _channels_last_direct.forward(x4, weight, bias,
                                           _forward_problem(w),
                                           thread_count())
-        return y if _batched(x) else y[0]
-    if _depthwise_in_blocks(w, algorithm, _forward_problem(w), x.dtype):
-        y = _depthwise_blocks.forward(
-            contiguous(x).reshape((w.batch, w.channels) + w.in_size), weight, bias,
-            _forward_problem(w), thread_count())
         return y if _batched(x) else y[0]
     x_cl = _channels_last_input(x, w, algorithm, (WINOGRAD,))
     if x_cl is not None:
@@ -358,6 +352,22 @@ def conv2d_forward(x, weight, bias, window, algorithm=None):
         y = _channels_last_gemm.forward(x_cl, weight, bias, problem, rows,
                                         problem.forward_channel_blocks(rows),
                                         thread_count())
+        return y if _batched(x) else y[0]
+    return None
+
+
+def conv2d_forward(x, weight, bias, window, algorithm=None):
+    """``y`` of shape ``window.output_shape``. ``algorithm`` (a name from
+    ``ALGORITHMS``) overrides ``choose_algorithm``; tests use it to cover every path."""
+    w = window
+    if w.layout == CHANNELS_LAST:
+        y = _forward_channels_last(x, weight, bias, w, algorithm)
+        if y is not None:
+            return y
+    if _depthwise_in_blocks(w, algorithm, _forward_problem(w), x.dtype):
+        y = _depthwise_blocks.forward(
+            contiguous(x).reshape((w.batch, w.channels) + w.in_size), weight, bias,
+            _forward_problem(w), thread_count())
         return y if _batched(x) else y[0]
     x = contiguous(x)
     if not _batched(x):  # the array's batching, not the window's (``_batched``)
