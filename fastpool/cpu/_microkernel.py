@@ -349,10 +349,11 @@ def _columns(count):
     """The micro-kernel intrinsic for the last ``count`` columns of a panel, vectors
     across the tile's rows: in a one-vector tile (``_tile(True, 1)``) each of the 8
     rows takes a broadcast and a fused multiply-add per step of ``k`` for one valid
-    column in a vector of 8 or 16 lanes (a 7x7 plane's 49th pixel); here A's rows are loaded 8 steps of
-    ``k`` at a time and transposed in registers, and each column takes one fused
-    multiply-add per step for all 8 rows. Each element's chain is the same
-    ``c = fma(A[i, k], B[k, j], c)`` over ``k`` in order, so the bits are the tile's.
+    column in a vector of 8 or 16 lanes (a 7x7 plane's 49th pixel); here A's rows are
+    loaded 8 steps of ``k`` at a time and transposed in registers, and each column
+    takes one fused multiply-add per step for all 8 rows. Each element's chain is the
+    same ``c = fma(A[i, k], B[k, j], c)`` over ``k`` in order, so the bits are the
+    tile's.
     float32 only (8 lanes), ``a_step`` 1; rows past ``mr`` compute a copy of row ``mr -
     1`` and are not stored, as in ``_tile``."""
     from fastpool.cpu._transpose import _transpose8

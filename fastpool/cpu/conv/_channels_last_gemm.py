@@ -224,10 +224,10 @@ def forward(x, weight, bias, problem, rows_per_band, m_blocks, workers):
     few = (not in_place and problem.channels_per_group <= _FEW_CHANNELS
            and problem.kernel_h * problem.kernel_w > 1)
     xc = contiguous(x) if few else np.empty((0, 0, 0, 0), x.dtype)
-    # transpose, not np.moveaxis (which normalises its arguments: 2.5 us a call)
-    # (runs of images need whole planes: their pixels are then consecutive rows of y)
+    # runs of images need whole planes: their pixels are then consecutive rows of y
     images = (1 if in_place or rows_per_band < problem.out_h
               else problem.im2col_images(x.itemsize, workers))
+    # transpose, not np.moveaxis (which normalises its arguments: 2.5 us a call)
     _im2col_forward(x.transpose(0, 2, 3, 1), xc, weight.reshape(-1), wt, bias, buffer,
                     in_place, rows_per_band, m_blocks, images, *problem.args,
                     max(1, min(workers, -(-N // images) * G * bands * m_blocks)))

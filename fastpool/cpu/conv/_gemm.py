@@ -176,8 +176,9 @@ def band_task(t, m_blocks, G, bands, rows_per_band, OH):
 def _gemm_forward(x, w, bias, has_bias, y, algorithm, rows_per_band, m_blocks, images, G, KH, KW, SH, SW, DH, DW, PT, PL, col_lo, col_hi, worker, workers):
     """``y = conv(x, w) (+ bias)`` by GEMMs over (run of ``images`` images, group, band
     of output rows, block of output channels). Runs of several images (im2col, whole
-    planes: ``_Problem.im2col_images``) gather each image's columns and take one
-    ``gemm_batch`` over them, which reads each block of the weight once for the run."""
+    planes: ``_Problem.im2col_images``) gather their columns side by side (image ``i``
+    from column ``i * pixels``) into one GEMM, whose products go to ``side`` and are
+    copied out to each image."""
     N, C, H, W = x.shape
     O, OH, OW = y.shape[1], y.shape[2], y.shape[3]
     Cg = C // G
