@@ -13,7 +13,8 @@ copied under another package name (``fastpool_old``) so both import side by side
     python docs/measure_builds_interleaved.py /tmp/old 8 nchw backward
 
 (arguments: the old source tree, batch, layout, ``forward`` or ``backward``, i.e. the
-input and weight gradients). Each row checks both builds give the same bits. One
+input and weight gradients). Each row compares the builds' bits; where they differ (the
+builds chose different algorithms) the row says so, with the largest difference. One
 channels-first forward of any shape, 12 interleaved rounds (an old build may round
 differently: the largest relative difference is printed instead):
 
@@ -79,9 +80,15 @@ def main(tree, batch, layout, direction):
                                                    output_mask=(True, True, False))
                      for m in (fastpool_old, fastpool)]
         old, new = calls[0](), calls[1]()
+        note = ""
         for a, b in zip(old if isinstance(old, tuple) else (old,),
                         new if isinstance(new, tuple) else (new,)):
-            assert np.array_equal(a, b), f"{layer.label}: the builds' bits differ"
+            if not np.array_equal(a, b):
+                # allowed where the builds choose different algorithms (the bits are
+                # each algorithm's); the difference is printed
+                assert a.shape == b.shape, f"{layer.label}: the builds' shapes differ"
+                note = (f"  (bits differ: largest relative difference "
+                        f"{np.max(np.abs(a - b)) / np.max(np.abs(a)):.1g})")
         best = [float("inf")] * 2
         deadline = time.perf_counter() + 1.0
         rounds = 0
@@ -93,7 +100,7 @@ def main(tree, batch, layout, direction):
             rounds += 1
         ratios.append(best[0] / best[1])
         print(f"{layer.label:30} old {best[0] * 1e3:8.3f} ms  new {best[1] * 1e3:8.3f} ms"
-              f"  {best[0] / best[1]:5.2f}x", flush=True)
+              f"  {best[0] / best[1]:5.2f}x{note}", flush=True)
     print(f"geometric mean {np.exp(np.mean(np.log(ratios))):.3f}x, "
           f"range {min(ratios):.2f}x-{max(ratios):.2f}x over {len(ratios)} layers")
 

@@ -180,7 +180,12 @@ def test_narrow_forwards_choose_rows_where_it_gathers_less():
     assert chosen((8, 32, 20, 20), (32, 32, 3, 5), padding=1) == ("rows", "im2col")
     assert chosen((8, 128, 14, 14), (128, 128, 5, 5), padding=2) == ("rows", "im2col")
     assert chosen((8, 129, 14, 14), (128, 129, 5, 5), padding=2) == ("im2col",) * 2
-    assert chosen((1, 256, 14, 14), (256, 256, 3, 3), padding=1) == ("im2col",) * 2
+    # a 14x14 plane runs Winograd forwards from 64 channels (_WINOGRAD_WIDE_CHANNELS),
+    # not backwards
+    assert chosen((1, 256, 14, 14), (256, 256, 3, 3), padding=1) == ("winograd", "im2col")
+    assert chosen((1, 64, 14, 14), (64, 64, 3, 3), padding=1) == ("winograd", "im2col")
+    assert chosen((1, 63, 14, 14), (64, 63, 3, 3), padding=1) == ("im2col",) * 2
+    assert chosen((1, 256, 13, 14), (256, 256, 3, 3), padding=1) == ("im2col",) * 2
     assert chosen((8, 64, 17, 17), (64, 64, 1, 7), padding=(0, 3)) == ("im2col",) * 2
     assert chosen((8, 4, 28, 28), (16, 4, 3, 3), padding=1) == ("im2col",) * 2
     assert chosen((32, 6, 14, 14), (16, 6, 5, 5), channels_last=True) == ("rows", "im2col")
@@ -518,6 +523,44 @@ def test_winograd_matches_reference(dtype, x_shape, w_shape, padding, groups):
     _check_all((y, *grads), expected, bounds, dtype)
 
 
+def _winograd_pinned_plans(monkeypatch, dtype, x_shape, w_shape, groups, plan, place,
+                           value):
+    """The Winograd forward with the planner's ``plan`` (a ``_Problem`` method of
+    ``(itemsize, threads)``) pinned to 1, then to ``value``, each on a channels-first
+    and a channels-last input with a bias: checks the kernel got the value (its
+    argument ``place``) and that all four give the same bits and strides; returns
+    ``(x, w, b, y)``, ``y`` the channels-first output with ``value``."""
+    rng = np.random.default_rng(seed_for(x_shape, w_shape, groups, value))
+    x = rng.standard_normal(x_shape).astype(dtype)
+    w = rng.standard_normal(w_shape).astype(dtype)
+    b = rng.standard_normal(w_shape[0]).astype(dtype)
+    xl = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+    launched = []
+    kernel = cpu_conv._winograd_forward
+
+    def spy(*args):
+        launched.append(args[place])
+        return kernel(*args)
+
+    monkeypatch.setattr(cpu_conv, "_winograd_forward", spy)
+    results = []
+    for each in (1, value):
+        monkeypatch.setattr(cpu_planner, "_PLANS", {})
+        monkeypatch.setattr(cpu_planner._Problem, plan,
+                            lambda self, itemsize, threads, each=each: each)
+        runs = []
+        for a in (x, xl):
+            a, w_, b_, geometry = _params.conv_window(a, w, b, 2, groups=groups,
+                                                      padding=1)
+            runs.append(cpu_conv.conv2d_forward(a, w_, b_, geometry, "winograd"))
+        results.append(runs)
+    assert launched == [1, 1, value, value]
+    for one, several in zip(*results):
+        assert one.tobytes() == several.tobytes()
+        assert one.strides == several.strides
+    return x, w, b, results[1][0]
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("x_shape, w_shape, groups, images", [
     ((5, 8, 7, 7), (8, 8, 3, 3), 1, 3),       # runs of 3 and 2 images
@@ -529,34 +572,8 @@ def test_winograd_images_side_by_side_give_the_one_image_bits(
     """Several images' planes in one Winograd band (``winograd_images``): the bits of
     one image a band, either layout, with a bias. (A stride-1 input gradient on
     Winograd is this same kernel on the flipped weight.)"""
-    rng = np.random.default_rng(seed_for(x_shape, w_shape, groups, images))
-    x = rng.standard_normal(x_shape).astype(dtype)
-    w = rng.standard_normal(w_shape).astype(dtype)
-    b = rng.standard_normal(w_shape[0]).astype(dtype)
-    xl = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
-    launched = []
-    kernel = cpu_conv._winograd_forward
-
-    def spy(*args):
-        launched.append(args[5])  # images a band
-        return kernel(*args)
-
-    monkeypatch.setattr(cpu_conv, "_winograd_forward", spy)
-    results = []
-    for each in (1, images):
-        monkeypatch.setattr(cpu_planner, "_PLANS", {})
-        monkeypatch.setattr(cpu_planner._Problem, "winograd_images",
-                            lambda self, itemsize, threads, each=each: each)
-        runs = []
-        for a in (x, xl):
-            a, w_, b_, geometry = _params.conv_window(a, w, b, 2, groups=groups,
-                                                      padding=1)
-            runs.append(cpu_conv.conv2d_forward(a, w_, b_, geometry, "winograd"))
-        results.append(runs)
-    assert launched == [1, 1, images, images]
-    for one, several in zip(*results):
-        assert one.tobytes() == several.tobytes()
-        assert one.strides == several.strides
+    _winograd_pinned_plans(monkeypatch, dtype, x_shape, w_shape, groups,
+                           "winograd_images", 5, images)
 
 
 def test_winograd_images_rule(monkeypatch):
@@ -582,6 +599,48 @@ def test_winograd_images_rule(monkeypatch):
     assert images(1, 512, 7, 1) == 1
     assert images(31, 512, 7, 2) == 1       # no equal runs
     assert images(32, 64, 56, 2) == 1       # bands within a plane
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("x_shape, w_shape, groups, blocks", [
+    ((1, 8, 7, 7), (20, 8, 3, 3), 1, 2),      # blocks of 16 and 4 channels
+    ((1, 8, 6, 5), (40, 4, 3, 3), 2, 3),      # groups: blocks of 8, 8 and 4 each
+    ((3, 16, 4, 4), (17, 16, 3, 3), 1, 4),    # blocks of 8, 8, 1, none; 3 bands
+    ((1, 16, 5, 6), (32, 16, 3, 3), 1, 2),    # channels-last staging blocks of 16
+])
+def test_winograd_output_channel_blocks_give_the_whole_band_bits(
+        monkeypatch, dtype, x_shape, w_shape, groups, blocks):
+    """Threads sharing a band by blocks of output channels (``winograd_out_blocks``):
+    the bits of one block a band, either layout, with a bias; each block a whole
+    number of GEMM tile rows but the last; a block past the channels runs nothing."""
+    x, w, b, y = _winograd_pinned_plans(monkeypatch, dtype, x_shape, w_shape, groups,
+                                        "winograd_out_blocks", 6, blocks)
+    args = dict(padding=1, groups=groups)
+    assert_close_to_sum(y, ref.conv2d(x, w, b, **args),
+                        ref.conv2d(np.abs(x), np.abs(w), np.abs(b), **args), dtype)
+
+
+def test_winograd_out_blocks_rule(monkeypatch):
+    """Threads share a band by output channels where fewer images x groups than
+    threads leave a small plane (under _WINOGRAD_SHARED_TILES tiles) in one band, in
+    blocks of at least _WINOGRAD_MIN_BLOCK channels; else each takes bands (and a
+    band for every thread cuts the plane)."""
+    def plan(batch, channels, size, threads, groups=1):
+        monkeypatch.setattr(cpu_planner, "thread_count", lambda: threads)
+        monkeypatch.setattr(cpu_planner, "_PLANS", {})
+        problem = cpu_planner._Problem((batch, channels, size, size), (size, size),
+                                       (channels, channels // groups, 3, 3), groups,
+                                       (1, 1), (1, 1), (1, 1))
+        return problem.winograd_out_blocks(4, threads), problem.winograd_band_tile_rows(4)
+
+    assert plan(1, 256, 14, 2) == (2, 7)     # 49 tiles: one band, two blocks
+    assert plan(1, 256, 14, 4) == (4, 7)
+    assert plan(1, 64, 14, 4) == (2, 7)      # blocks of 32 channels at least
+    assert plan(1, 32, 14, 2) == (1, 4)      # too few channels: two bands
+    assert plan(2, 256, 14, 2) == (1, 7)     # an image a thread
+    assert plan(1, 256, 14, 2, groups=2) == (1, 7)  # a group a thread
+    assert plan(1, 256, 14, 1) == (1, 7)
+    assert plan(1, 64, 28, 2) == (1, 7)      # 196 tiles: bands
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

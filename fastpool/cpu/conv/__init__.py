@@ -243,7 +243,8 @@ def _run_forward(problem, x, weight, bias, y, algorithm=None):
         _winograd_forward(x[:, :, None], winograd_weight(weight),
                           bias if has_bias else np.zeros(y.shape[1], x.dtype),
                           y[:, :, None], problem.winograd_band_tile_rows(x.itemsize),
-                          problem.winograd_images(x.itemsize, threads), problem.groups,
+                          problem.winograd_images(x.itemsize, threads),
+                          problem.winograd_out_blocks(x.itemsize, threads), problem.groups,
                           problem.pad_top, problem.pad_left, 1, 1, 0, threads)
         return y
     if problem.whole_plane_columns(algorithm, x.itemsize):

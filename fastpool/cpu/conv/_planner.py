@@ -33,8 +33,18 @@ _NAMES = {code: name for name, code in ALGORITHMS.items()}
 _WINOGRAD_MIN_CHANNELS = 8
 # ... and enough output pixels (all images) to pay for transforming the weight
 # (16 * C_out * C_g values): measured on 2 threads, batch 1, 3x3 256->256 on 14x14 ran at
-# 158 GFLOP/s with Winograd and 185 with im2col; on 28x28 at 337 and 191.
+# 158 GFLOP/s with Winograd and 185 with im2col; on 28x28 at 337 and 191. Since
+# 2026-12-07 (a vectorised weight transform; threads sharing a small plane's band,
+# ``winograd_out_blocks``) 196 pixels (a 14x14 plane) suffice with at least
+# ``_WINOGRAD_WIDE_CHANNELS`` channels per group: Intel Xeon, 2 threads, batch 1,
+# interleaved, Winograd against im2col, 3x3 C->C on 14x14: C = 64 0.118 against 0.137
+# ms, 128 0.346 / 0.386, 256 1.136 / 1.263, 512 4.06 / 4.21 (channels-last alike);
+# 32 0.066 / 0.060; 256 on 12x12 0.99 / 0.87 (too few pixels); 4 images of 256 on
+# 7x7 1.24 / 1.56. Forwards only: the backward of those layers (input and weight
+# gradients) ran slower on Winograd (64 on 14x14 0.63 against 0.42 ms, 256 4.3 / 3.7).
 _WINOGRAD_MIN_PIXELS = 256
+_WINOGRAD_WIDE_MIN_PIXELS = 196
+_WINOGRAD_WIDE_CHANNELS = 64
 # "rows" gathers a third of im2col's columns, but its GEMMs (K = C_g * KW, N = band
 # pixels) are too thin on narrow outputs: measured at batch 1, 3x3 256->256, im2col ran
 # at 185 GFLOP/s on 14x14 against 85 for rows, 208 against 194 on 56x56, equal on 112.
@@ -60,6 +70,14 @@ _ROWS_NARROW_MIN_PIXELS = 400
 # Transformed input + output per Winograd band, at least: more than L2, as the 16 GEMMs
 # (K = C_g) run faster on more tiles.
 _WINOGRAD_BYTES = 1 << 21
+# Planes of fewer Winograd tiles than this, with fewer images x groups than threads, are
+# shared by the threads through blocks of output channels of at least
+# ``_WINOGRAD_MIN_BLOCK`` (``winograd_out_blocks``), not cut into bands. 2026-12-07,
+# Intel Xeon, 2 threads, batch 1, interleaved, bands against blocks: 3x3 256->256 on
+# 14x14 (49 tiles) 1.24 -> 1.17 ms, 512->512 4.86 -> 4.11, 512->512 on 7x7 3.41 ->
+# 2.57; on 28x28 (196 tiles) even: 128 0.84 / 0.81, 256 2.64 / 2.60, 512 9.75 / 9.93.
+_WINOGRAD_SHARED_TILES = 128
+_WINOGRAD_MIN_BLOCK = 32
 # Gathered columns per band: half of a 2 MiB L2, leaving room for the GEMM's panels.
 _COLUMN_BYTES = 1 << 20
 # An image's whole im2col matrix, gathered once and shared by the threads, at most.
@@ -258,8 +276,12 @@ class _Problem:
             return DIRECT
         if self.pointwise_applies():
             return POINTWISE
+        pixels = self.batch * self.out_h * self.out_w
         if (self.winograd_applies() and self.channels_per_group >= _WINOGRAD_MIN_CHANNELS
-                and self.batch * self.out_h * self.out_w >= _WINOGRAD_MIN_PIXELS):
+                and (pixels >= _WINOGRAD_MIN_PIXELS
+                     or (not backward and self.kind == "forward"
+                         and pixels >= _WINOGRAD_WIDE_MIN_PIXELS
+                         and self.channels_per_group >= _WINOGRAD_WIDE_CHANNELS))):
             return WINOGRAD
         return ROWS if self._rows(backward) else IM2COL
 
@@ -301,10 +323,23 @@ class _Problem:
     def winograd_band_tile_rows(self, itemsize):
         """Tile rows per band: the transformed input and output of a band fit in the
         larger of ``_WINOGRAD_BYTES`` and the group's transformed weight, there are
-        enough bands for every thread, and the bands are of equal size."""
+        enough bands for every thread (unless the threads share bands' output channels,
+        ``winograd_out_blocks``), and the bands are of equal size."""
         whole = self._whole()
         if whole is not self:
             return whole.winograd_band_tile_rows(itemsize)
+        tiles_h = (self.out_h + 1) // 2
+        bands = -(-tiles_h // self._winograd_memory_rows(itemsize))
+        # a band for every thread (batch 1 of 3x3 64->64 on 56x56: 1.84 ms in one band
+        # on one of 2 threads, 0.95 in two)
+        threads = thread_count()
+        if self.winograd_out_blocks(itemsize, threads) == 1:
+            shares = -(-threads // (self.batch * self.groups))
+            bands = min(tiles_h, max(bands, shares))
+        return -(-tiles_h // bands)  # equal bands: no short last band
+
+    def _winograd_memory_rows(self, itemsize):
+        """Most tile rows of a band by the memory rule of ``winograd_band_tile_rows``."""
         tiles_w = (self.out_w + 1) // 2
         tiles_h = (self.out_h + 1) // 2
         per_row = 16 * (self.channels_per_group + self.outputs_per_group) * tiles_w * itemsize
@@ -312,13 +347,26 @@ class _Problem:
         # as large keep that read from dominating (batch 1 of 3x3 512->512 on 28x28:
         # 22.6 ms in 2 MiB bands, 14.6 in bands of the weight's 16 MiB)
         weight = 16 * self.channels_per_group * self.outputs_per_group * itemsize
-        most = max(1, min(max(_WINOGRAD_BYTES, weight) // per_row, tiles_h))
-        bands = -(-tiles_h // most)
-        # a band for every thread (batch 1 of 3x3 64->64 on 56x56: 1.84 ms in one band
-        # on one of 2 threads, 0.95 in two)
-        shares = -(-thread_count() // (self.batch * self.groups))
-        bands = min(tiles_h, max(bands, shares))
-        return -(-tiles_h // bands)  # equal bands: no short last band
+        return max(1, min(max(_WINOGRAD_BYTES, weight) // per_row, tiles_h))
+
+    @_memoised
+    def winograd_out_blocks(self, itemsize, threads):
+        """Blocks of output channels that ``threads`` share a Winograd band in: where
+        there are fewer images x groups than threads, a band holds the whole plane
+        and the plane has fewer than ``_WINOGRAD_SHARED_TILES`` tiles, one block per
+        thread sharing a band (of at least ``_WINOGRAD_MIN_BLOCK`` channels); else 1
+        (the threads take bands of their own). Cut into a band per thread, a small
+        plane's GEMMs had a short run of columns each (a 14x14 plane's 49 tiles in
+        bands of 28 and 21, where a GEMM tile is 48 wide)."""
+        whole = self._whole()
+        if whole is not self:
+            return whole.winograd_out_blocks(itemsize, threads)
+        shares = -(-threads // (self.batch * self.groups))
+        tiles_h = (self.out_h + 1) // 2
+        if (shares < 2 or self._winograd_memory_rows(itemsize) < tiles_h
+                or tiles_h * ((self.out_w + 1) // 2) >= _WINOGRAD_SHARED_TILES):
+            return 1
+        return max(1, min(shares, self.outputs_per_group // _WINOGRAD_MIN_BLOCK))
 
     @_memoised
     def winograd_images(self, itemsize, threads):
