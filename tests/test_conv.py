@@ -656,8 +656,10 @@ def test_im2col_images_side_by_side_give_the_one_image_bits(
     """Several images' whole planes side by side in one im2col GEMM
     (``im2col_images``), channels-first (products into a buffer, copied out) and
     channels-last (the run's pixels are consecutive output rows): the bits of one
-    image a GEMM, with a bias, close to the reference."""
-    from fastpool.cpu.conv import _channels_last_gemm
+    image a GEMM, with a bias, close to the reference. (Inputs of few channels
+    gathered here, not read in place by ``_channels_last_taps``.)"""
+    from fastpool.cpu.conv import _channels_last_gemm, _channels_last_taps
+    monkeypatch.setattr(_channels_last_taps, "MAX_CHANNELS", 0)
     rng = np.random.default_rng(seed_for(x_shape, w_shape, groups, stride, images))
     x = rng.standard_normal(x_shape).astype(dtype)
     w = rng.standard_normal(w_shape).astype(dtype)
@@ -693,7 +695,8 @@ def test_im2col_images_need_whole_planes(monkeypatch):
     """Runs of images are only for bands of whole planes (the channels-last kernel
     takes a run's pixels as consecutive output rows): where a plane takes several
     bands, the kernels get one image a run whatever ``im2col_images`` says."""
-    from fastpool.cpu.conv import _channels_last_gemm
+    from fastpool.cpu.conv import _channels_last_gemm, _channels_last_taps
+    monkeypatch.setattr(_channels_last_taps, "MAX_CHANNELS", 0)
     rng = np.random.default_rng(20261207)
     x = rng.standard_normal((3, 12, 33, 4)).astype(np.float32)
     w = rng.standard_normal((20, 12, 3, 3)).astype(np.float32)

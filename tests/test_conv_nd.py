@@ -178,8 +178,10 @@ def test_channels_last_im2col_runs_in_place_with_the_channels_first_bits(
     """Channels-last inputs whose convolution runs im2col (or `rows` with one kernel
     row: the same chains) are read in place and the result written channels-last
     (``cpu/conv/_channels_last_gemm``), the product turned over (pixels as rows, small
-    weights) or into a band buffer: both give the channels-first call's bits."""
-    from fastpool.cpu.conv import _channels_last_gemm
+    weights) or into a band buffer: both give the channels-first call's bits. (Inputs
+    of few channels gathered here, not read by ``_channels_last_taps``.)"""
+    from fastpool.cpu.conv import _channels_last_gemm, _channels_last_taps
+    monkeypatch.setattr(_channels_last_taps, "MAX_CHANNELS", 0)
     rng = np.random.default_rng(29)
     x = rng.standard_normal(x_shape).astype(np.float32)
     w = rng.standard_normal(w_shape).astype(np.float32)
@@ -481,6 +483,81 @@ def test_channels_last_pointwise_products_give_the_channels_first_bits(
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("x_shape, out_channels, kernel, args, band_bytes", [
+    ((1, 3, 20, 18), 32, 3, dict(stride=2, padding=1), 1 << 20),   # a first layer
+    ((3, 3, 23, 21), 64, 7, dict(stride=2, padding=3), 1 << 20),   # images a worker
+    ((1, 2, 9, 11), 5, (3, 2), dict(stride=(2, 1), padding=(2, 0), dilation=(1, 2)),
+     1 << 20),
+    ((2, 4, 8, 8), 7, 5, dict(padding=4), 1 << 20),                # rows all padding
+    ((1, 6, 14, 14), 16, 5, dict(), 1 << 20),                      # LeNet's, no bias
+    ((2, 16, 1, 40), 8, (1, 3), dict(padding=(0, 1)), 1 << 20),    # one kernel row
+    ((1, 48, 10, 9), 20, 3, dict(stride=2, padding=1), 1 << 20),   # MAX_CHANNELS
+    ((1, 3, 30, 12), 9, 3, dict(padding=1, dilation=(2, 1)), 300 * 8),  # bands cut
+    ((3, 5, 7), 4, 3, dict(padding="same"), 1 << 20),              # unbatched
+])
+def test_channels_last_taps_give_the_channels_first_bits(
+        x_shape, out_channels, kernel, args, band_bytes, dtype, monkeypatch):
+    """Channels-last inputs of few channels run ``_channels_last_taps`` (implicit
+    GEMMs reading a padded copy of each band of input rows in place): the
+    channels-first call's bits, written channels-last, close to the reference; bands
+    cut to ``_BAND_BYTES``, where one output row's input rows still fit."""
+    from fastpool.cpu.conv import _channels_last_taps as taps
+    monkeypatch.setattr(taps, "_BAND_BYTES", band_bytes)
+    rng = np.random.default_rng(seed_for(x_shape, out_channels, kernel))
+    kernel = (kernel, kernel) if isinstance(kernel, int) else kernel
+    x = rng.standard_normal(x_shape).astype(dtype)
+    w = rng.standard_normal((out_channels, x_shape[-3]) + kernel).astype(dtype)
+    b = None if not args else rng.standard_normal(out_channels).astype(dtype)
+    xl = np.moveaxis(np.ascontiguousarray(np.moveaxis(x, -3, -1)), -1, -3)
+    launches = []
+    original = taps._taps_forward
+    monkeypatch.setattr(taps, "_taps_forward",
+                        lambda *a: launches.append(a[5]) or original(*a))
+    y = fastpool.conv2d(x, w, b, **args)
+    assert not launches
+    yl = fastpool.conv2d(xl, w, b, **args)
+    assert len(launches) == 1
+    if band_bytes < 1 << 20:
+        assert launches[0] < y.shape[-2]  # rows a band: several bands an image
+    np.testing.assert_array_equal(yl, y)
+    assert np.moveaxis(yl, -3, -1).flags.c_contiguous
+    x4, y4 = (x, y) if x.ndim == 4 else (x[None], y[None])
+    bias = None if b is None else np.abs(b)
+    assert_close_to_sum(y4, ref.conv2d(x4, w, b, **args),
+                        ref.conv2d(np.abs(x4), np.abs(w), bias, **args), dtype)
+
+
+def test_channels_last_taps_leave_what_does_not_fit(monkeypatch):
+    """Groups, more than MAX_CHANNELS channels, 1x1 kernels and output rows whose
+    input rows exceed _BAND_BYTES take the other channels-last routes."""
+    from fastpool.cpu.conv import _channels_last_taps as taps
+    launches = []
+    original = taps._taps_forward
+    monkeypatch.setattr(taps, "_taps_forward",
+                        lambda *a: launches.append(1) or original(*a))
+    rng = np.random.default_rng(20261207)
+
+    def runs(c_in, kernel, groups=1, size=8):
+        x = rng.standard_normal((1, c_in, size, size)).astype(np.float32)
+        xl = np.moveaxis(np.ascontiguousarray(np.moveaxis(x, 1, -1)), -1, 1)
+        w = rng.standard_normal((8, c_in // groups, kernel, kernel)).astype(np.float32)
+        launches.clear()
+        y = fastpool.conv2d(xl, w, stride=2, groups=groups)
+        np.testing.assert_array_equal(y, fastpool.conv2d(x, w, stride=2, groups=groups))
+        return len(launches)
+
+    assert runs(taps.MAX_CHANNELS, 3) == 1
+    assert runs(taps.MAX_CHANNELS + 1, 3) == 0
+    assert runs(4, 3, groups=2) == 0
+    assert runs(4, 1) == 0
+    # an output row reads 3 input rows of 7 padded columns x 4 channels
+    monkeypatch.setattr(taps, "_BAND_BYTES", 3 * 7 * 4 * 4 - 1)
+    assert runs(4, 3) == 0
+    monkeypatch.setattr(taps, "_BAND_BYTES", 3 * 7 * 4 * 4)
+    assert runs(4, 3) == 1
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("turned", [False, True], ids=["band", "turned"])
 @pytest.mark.parametrize("x_shape, out_channels, kernel, args", [
     ((1, 20, 9, 13), 12, 3, dict(padding=1)),                    # 20 = 16 + 4 channels
@@ -502,6 +579,8 @@ def test_channels_last_im2col_blocks_give_the_channels_first_bits(
     from fastpool import _params
     from fastpool.cpu import conv as cpu_conv
     from fastpool.cpu.conv import _channels_last_gemm as clg
+    from fastpool.cpu.conv import _channels_last_taps
+    monkeypatch.setattr(_channels_last_taps, "MAX_CHANNELS", 0)
     monkeypatch.setattr(clg, "_TURNED_WEIGHT_BYTES", 1 << 30 if turned else 0)
     rng = np.random.default_rng(43)
     kernel = (kernel, kernel) if isinstance(kernel, int) else kernel

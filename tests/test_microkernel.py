@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from numba import njit
 
-from fastpool.cpu._microkernel import (COLUMN_TILE_WIDTH, FROM_COLUMN_INIT, FROM_ROW_INIT,
-                                      KC, KC_NARROW, MC, MR, NARROW, VECTORS, _COLUMN_TILES,
-                                      aligned_host, gemm_add, gemm_batch, lanes, padded_host,
-                                      panel_width)
+from fastpool.cpu._microkernel import (COLUMN_TILE_WIDTH, FROM_C, FROM_COLUMN_INIT,
+                                      FROM_ROW_INIT, KC, KC_NARROW, MC, MR, NARROW, VECTORS,
+                                      _COLUMN_TILES, aligned_host, gemm_add, gemm_batch,
+                                      gemm_taps, lanes, padded_host, panel_width)
 
 
 @njit(cache=True)
@@ -215,6 +215,50 @@ def test_a_read_by_columns_gives_the_same_bits(dtype, n):
     c = np.full((m, n), np.nan, dtype)
     _product_by_columns(np.ascontiguousarray(a.T), b, c, init)
     np.testing.assert_array_equal(c, _own(a, b[None], init)[0])
+
+
+@njit(cache=True)
+def _product_by_taps(a, a_off, lda, taps, b, c, init, start):
+    m, n = c.shape
+    gemm_taps(m, n, taps.size, a, a_off, lda, taps, b.reshape(-1), 0, n, c.reshape(-1),
+              0, n, init, 0, start)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("m, k, n", [(7, 5, 19), (MR, 27, 32), (MR + 1, KC + 9, 20),
+                                     (1, 1, 1), (9, 3, 2 * panel_width(4) + 1), (4, 0, 3)])
+@pytest.mark.parametrize("start", [FROM_ROW_INIT, FROM_COLUMN_INIT, FROM_C])
+def test_a_at_a_table_of_offsets_gives_the_same_chains(dtype, m, k, n, start):
+    """``gemm_taps``: ``A[i, k]`` at ``a[a_off + i*lda + taps[k]]`` (offsets in any
+    order, repeated too), each element the exact chain from its start (a row's or a
+    column's value, or C's), over several slabs of ``k`` and partial tiles."""
+    rng = np.random.default_rng(37)
+    lda, a_off = 5, 3
+    taps = rng.permutation(4 * k + 8)[:k].astype(np.intp)
+    if k > 2:
+        taps[1] = taps[2]  # an implicit GEMM's taps may share a value
+    a = rng.standard_normal(a_off + (m - 1) * lda + 4 * k + 8).astype(dtype)
+    b = rng.standard_normal((k, n)).astype(dtype)
+    init = rng.standard_normal(max(m, n)).astype(dtype)
+    c = rng.standard_normal((m, n)).astype(dtype)
+    before = c.copy()
+    _product_by_taps(a, a_off, lda, taps, b, c, init, start)
+    gathered = np.array([[a[a_off + i * lda + t] for t in taps] for i in range(m)],
+                        dtype).reshape(m, k)
+    if start == FROM_ROW_INIT:
+        expected = _chains(gathered, b, init[:m])
+    elif start == FROM_COLUMN_INIT:
+        expected = _chains(b.T, gathered.T, init[:n]).T if m and n else c
+    else:
+        expected = np.array([[_chains(gathered[i:i + 1], b[:, j:j + 1],
+                                      before[i, j:j + 1])[0, 0] for j in range(n)]
+                             for i in range(m)], dtype).reshape(m, n)
+    if k == 0 and start == FROM_C:
+        expected = before
+    elif k == 0:
+        expected = np.broadcast_to(init[:m, None] if start == FROM_ROW_INIT else init[:n],
+                                   (m, n))
+    np.testing.assert_array_equal(c, expected)
 
 
 # The features of an AVX2 machine (Haswell's), for a child process compiling for one.

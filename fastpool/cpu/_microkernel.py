@@ -57,8 +57,8 @@ import: ``fastpool.cpu`` imports the convolution modules at the first convolutio
 ``import fastpool`` compiles nothing), not again with each of them, and a change to the
 tile reaches every kernel without clearing caches. Numba's disk cache checks only the
 file of the function it loads, though, and the small inline helpers (``padded``,
-``aligned_empty``, ``MR``; ``_transpose._transpose8`` into ``gemm_batch`` itself) are
-compiled into their callers: after changing those clear
+``aligned_empty``, ``MR``; ``_transpose._transpose8`` into ``gemm_batch`` itself) and
+``gemm_taps`` (with the tile) are compiled into their callers: after changing those clear
 ``fastpool/cpu/**/__pycache__`` (after changing ``gemm_batch``'s arguments, raise
 ``_ABI``).
 """
@@ -175,6 +175,9 @@ def _tile(partial, vectors):
                 and a.dtype in (types.float32, types.float64)
                 and all(t.dtype == a.dtype for t in (b, c, init))):
             return None
+        if isinstance(a_step, types.Array) and not (
+                a_step.ndim == 1 and a_step.dtype == types.intp):
+            return None
         dtype = a.dtype
         signature = types.void(mr, kc, a, a_off, lda, a_step, b, b_off, ldb, c, c_off,
                                ldc, n_valid, init, init_off, start)
@@ -219,7 +222,8 @@ def _tile(partial, vectors):
                     ir.Constant(ir.VectorType(i32, width), [0] * width))
 
             a0, b0, c0 = at(2, 3), at(6, 7), at(9, 10)
-            lda, a_step, ldb, ldc = value(4), value(5), value(8), value(11)
+            lda, ldb, ldc = value(4), value(8), value(11)
+            a_step = None if isinstance(tys[5], types.Array) else value(5)
             kc_i, valid = value(1), value(12)
             last_row = builder.sub(value(0), const(1))
             lanes_ids = ir.Constant(ir.VectorType(intp, width), list(range(width)))
@@ -299,7 +303,11 @@ def _tile(partial, vectors):
             b_k = [load(builder.bitcast(builder.gep(b_row, [const(v * width)]), vptr), v)
                    for v in range(vectors)]
             new = []
-            a_k = builder.mul(k, a_step)
+            if isinstance(tys[5], types.Array):  # A's offsets of each step of k
+                a_k = builder.load(builder.gep(
+                    context.make_array(tys[5])(context, builder, args[5]).data, [k]))
+            else:
+                a_k = builder.mul(k, a_step)
             for i in range(MR):
                 a_ik = splat(builder.load(builder.gep(a_rows[i], [a_k])), vty)
                 for v in range(vectors):
@@ -518,11 +526,24 @@ def _last_columns_impl(mr, kc, a, a_off, lda, b, b_off, ldb, c, c_off, ldc, n_va
     return one_vector
 
 
+def _by_rows(a_step):
+    """Whether A is read by rows (``a_step`` 1; not a table of offsets)."""
+    raise NotImplementedError("used inside Numba kernels only")
+
+
+@overload(_by_rows, inline="always")
+def _by_rows_impl(a_step):
+    if isinstance(a_step, types.Array):
+        return lambda a_step: False
+    return lambda a_step: a_step == 1
+
+
 @njit(inline="always")
 def tile(mr, kc, a, a_off, lda, a_step, b, b_off, ldb, c, c_off, ldc, n_valid, init,
          init_off, nr, start):
     """``C[:mr, :n_valid] (+)= A[:mr, :kc] @ B[:kc, :n_valid]`` (module docstring),
-    ``A[i, k]`` at ``a[a_off + i*lda + k*a_step]``, ``B`` row ``k`` at
+    ``A[i, k]`` at ``a[a_off + i*lda + k*a_step]`` (or, ``a_step`` an intp array,
+    ``a[a_off + i*lda + a_step[k]]``: ``gemm_taps``), ``B`` row ``k`` at
     ``b[b_off + k*ldb:]``; ``1 <= mr <= MR``, ``1 <= n_valid <= nr``
     (``nr = panel_width(itemsize)``); ``start`` as for the intrinsic (``_tile``). The
     tile is as many vectors wide as ``n_valid`` columns need (a panel's last columns:
@@ -545,7 +566,7 @@ def tile(mr, kc, a, a_off, lda, a_step, b, b_off, ldb, c, c_off, ldc, n_valid, i
     elif vectors == 2:
         _partial_2(mr, kc, a, a_off, lda, a_step, b, b_off, ldb, c, c_off, ldc, n_valid,
                    init, init_off, start)
-    elif n_valid <= COLUMN_TILE_WIDTH and a_step == 1:
+    elif n_valid <= COLUMN_TILE_WIDTH and _by_rows(a_step):
         _last_columns(mr, kc, a, a_off, lda, b, b_off, ldb, c, c_off, ldc, n_valid, init,
                       init_off, start)
     else:
@@ -744,6 +765,36 @@ def gemm_add(m, n, k, a, a_off, lda, b, b_off, ldb, c, c_off, ldc):
     several products in a fixed order: one chain, as if they were one product)."""
     gemm_batch(m, n, k, a, a_off, lda, 1, b, b_off, ldb, c, c_off, ldc, c, 0, 1, 0, 0,
                FROM_C)
+
+
+@njit(cache=True, boundscheck=False, error_model="numpy", nogil=True)
+def gemm_taps(m, n, k, a, a_off, lda, taps, b, b_off, ldb, c, c_off, ldc, init, init_off,
+              start):
+    """``gemm_batch`` of one product whose ``A[i, k]`` is at ``a[a_off + i*lda +
+    taps[k]]``: A's columns at any offsets (``taps``, intp), such as a convolution's
+    taps in a padded channels-last input, read in place (an implicit GEMM, no columns
+    gathered). The same tiles, so each element of C is the same one chain of fused
+    multiply-adds over ``k`` in order from its start as ``gemm_batch`` makes. Compiled
+    into its callers (not called by a symbol as ``gemm_batch`` is: one kernel uses
+    it)."""
+    nr = VECTORS * (_BYTES // c.itemsize)
+    if k == 0:
+        if start != FROM_C:
+            for i in range(m):
+                for j in range(n):
+                    c[c_off + i * ldc + j] = init[
+                        init_off + (i if start == FROM_ROW_INIT else j)]
+        return
+    for k0 in range(0, k, KC):
+        kc = min(KC, k - k0)
+        mode = start if k0 == 0 else FROM_C
+        steps = taps[k0:k0 + kc]
+        for i in range(0, m, MR):
+            for j in range(0, n, nr):
+                first = init_off + (i if start == FROM_ROW_INIT else j)
+                tile(min(MR, m - i), kc, a, a_off + i * lda, lda, steps, b,
+                     b_off + k0 * ldb + j, ldb, c, c_off + i * ldc + j, ldc,
+                     min(nr, n - j), init, first, nr, mode)
 
 
 def padded_host(n, dtype):

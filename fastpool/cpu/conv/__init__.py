@@ -68,7 +68,8 @@ from fastpool.cpu._arrays import channels_last, contiguous
 from fastpool._geometry import CHANNELS_LAST
 from fastpool.cpu._blas import single_threaded_blas
 from fastpool.cpu.conv import _channels_last, _channels_last_direct, _channels_last_gemm
-from fastpool.cpu.conv import _channels_last_backward, _depthwise_blocks, _winograd_grad
+from fastpool.cpu.conv import _channels_last_backward, _channels_last_taps, _depthwise_blocks
+from fastpool.cpu.conv import _winograd_grad
 from fastpool.cpu.conv._direct import (_direct_backward_input, _direct_backward_weight,
                                        _direct_backward_weight_planes,
                                        _direct_forward, _direct_forward_planes)
@@ -349,6 +350,9 @@ def _forward_channels_last(x, weight, bias, w, algorithm):
                                 if w.kernel[0] == 1 else (IM2COL, POINTWISE))
     if x_cl is not None:
         problem = _forward_problem(w)
+        if _channels_last_taps.applies(problem, x.dtype):
+            y = _channels_last_taps.forward(x_cl, weight, bias, problem, thread_count())
+            return y if _batched(x) else y[0]
         rows = problem.forward_band_rows(IM2COL, x.itemsize)
         y = _channels_last_gemm.forward(x_cl, weight, bias, problem, rows,
                                         problem.forward_channel_blocks(rows),
