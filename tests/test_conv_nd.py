@@ -527,6 +527,46 @@ def test_channels_last_taps_give_the_channels_first_bits(
                         ref.conv2d(np.abs(x4), np.abs(w), bias, **args), dtype)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("x_shape, w_shape, args", [
+    ((32, 6, 14, 14), (16, 6, 5, 5), dict()),                 # LeNet's: chosen
+    ((1, 3, 20, 17), (8, 3, 3, 3), dict(padding=1)),
+    ((2, 5, 11, 9), (7, 5, 3, 2), dict(padding=(2, 1), dilation=(2, 1))),
+    ((1, 4, 9, 30), (6, 4, 4, 5), dict(padding=2, stride=(1, 2))),
+])
+def test_channels_last_taps_run_rows_chains(x_shape, w_shape, args, dtype, monkeypatch):
+    """Where the convolution runs "rows" (chosen or pinned), the channels-last input of
+    few channels runs ``_channels_last_taps`` with the taps in rows' order (kernel rows
+    in order, each over channels and columns): the channels-first "rows" bits, not
+    im2col's."""
+    from fastpool import _params
+    from fastpool.cpu import conv as cpu_conv
+    from fastpool.cpu.conv import _channels_last_taps as taps
+    launches = []
+    original = taps._taps_forward
+    monkeypatch.setattr(taps, "_taps_forward",
+                        lambda *a: launches.append(a[6]) or original(*a))
+    rng = np.random.default_rng(seed_for(x_shape, w_shape))
+    x = rng.standard_normal(x_shape).astype(dtype)
+    w = rng.standard_normal(w_shape).astype(dtype)
+    b = rng.standard_normal(w_shape[0]).astype(dtype)
+    xl = np.moveaxis(np.ascontiguousarray(np.moveaxis(x, 1, -1)), -1, 1)
+    pinned = None if x_shape[0] == 32 else "rows"
+    results = {}
+    for algorithm in (pinned, "im2col"):
+        for name, source in (("nchw", x), ("nhwc", xl)):
+            a, w_, b_, geometry = _params.conv_window(source, w, b, 2, **args)
+            if algorithm is None:
+                assert cpu_conv.choose_algorithm(geometry) == "rows"
+            results[name, algorithm] = cpu_conv.conv2d_forward(a, w_, b_, geometry,
+                                                               algorithm)
+    assert launches == [True, False]  # rows' order, then im2col's
+    for algorithm in (pinned, "im2col"):
+        np.testing.assert_array_equal(results["nhwc", algorithm], results["nchw", algorithm])
+        assert np.moveaxis(results["nhwc", algorithm], 1, -1).flags.c_contiguous
+    assert results["nchw", pinned].tobytes() != results["nchw", "im2col"].tobytes()
+
+
 def test_channels_last_taps_leave_what_does_not_fit(monkeypatch):
     """Groups, more than MAX_CHANNELS channels, 1x1 kernels and output rows whose
     input rows exceed _BAND_BYTES take the other channels-last routes."""

@@ -343,16 +343,22 @@ def _forward_channels_last(x, weight, bias, w, algorithm):
                      x.dtype).transpose(0, 3, 1, 2)
         _run_forward(_forward_problem(w), x_cl, weight, bias, y, WINOGRAD)
         return y if _batched(x) else y[0]
+    problem = _forward_problem(w)
+    if _channels_last_taps.applies(problem, x.dtype):
+        # few channels: im2col's or rows' chains read in place, no columns gathered
+        x_cl = _channels_last_input(x, w, algorithm, (IM2COL, ROWS))
+        if x_cl is not None:
+            code = _algorithm_code(w, algorithm)
+            by_rows = (code if code is not None else problem.algorithm()) == ROWS
+            y = _channels_last_taps.forward(x_cl, weight, bias, problem, thread_count(),
+                                            by_rows)
+            return y if _batched(x) else y[0]
     # One kernel row (conv1d): `rows` adds each output's taps in im2col's order (input
     # channel, kernel column), so the channels-last im2col gives its bits ((32, 64,
     # 4096) k3: 47 ms with the copies, 30 in place; channels-first 24).
     x_cl = _channels_last_input(x, w, algorithm, (IM2COL, POINTWISE, ROWS)
                                 if w.kernel[0] == 1 else (IM2COL, POINTWISE))
     if x_cl is not None:
-        problem = _forward_problem(w)
-        if _channels_last_taps.applies(problem, x.dtype):
-            y = _channels_last_taps.forward(x_cl, weight, bias, problem, thread_count())
-            return y if _batched(x) else y[0]
         rows = problem.forward_band_rows(IM2COL, x.itemsize)
         y = _channels_last_gemm.forward(x_cl, weight, bias, problem, rows,
                                         problem.forward_channel_blocks(rows),

@@ -8,7 +8,9 @@ place (``lda = SW*C``, A's columns at the offsets ``taps``), with B the weight t
 over (``W^T``, its rows in im2col's order ``(c, i, j)``), the product turned over
 (pixels as rows) straight into the output row's pixels. Every output is one chain of
 fused multiply-adds over ``(c, i, j)`` from its bias, through the padding's zeros too:
-the chain of the channels-first ``"im2col"``, so the same bits.
+the chain of the channels-first ``"im2col"``, so the same bits. Where the convolution
+runs ``"rows"`` the taps and the weight's rows are in its order, ``(i, c, j)``: its
+chains (kernel rows in order, each over channels and columns), so its bits.
 
 The channels-last ``"im2col"`` (``_channels_last_gemm``) gathers the columns first, for
 so few channels from a channels-first copy, a value at a time: batch 1 of 3x3 s2 3->32
@@ -88,12 +90,13 @@ def _pad_rows(x, n, h0, PL, band):
 
 @parallel_kernel
 @njit(**BODY_JIT)
-def _taps_forward(x, wt, ldw, bias, y, band_rows, KH, KW, SH, SW, DH, DW, PT, PL,
-                  worker, workers):
+def _taps_forward(x, wt, ldw, bias, y, band_rows, by_rows, KH, KW, SH, SW, DH, DW, PT,
+                  PL, worker, workers):
     """``y`` (``(N, OH, OW, O)``, C-contiguous) of the convolution of ``x`` (``(N, H,
     W, C)``, C-contiguous) with the weight turned over, ``wt[((c*KH + i)*KW + j)*ldw +
-    o]``, from ``bias``; tasks are bands of ``band_rows`` output rows of an image, each
-    padded into a buffer of the worker's own first."""
+    o]`` (``by_rows``: ``wt[((i*C + c)*KW + j)*ldw + o]``, the taps in that order), from
+    ``bias``; tasks are bands of ``band_rows`` output rows of an image, each padded
+    into a buffer of the worker's own first."""
     N, C = x.shape[0], x.shape[3]
     OH, OW, O = y.shape[1], y.shape[2], y.shape[3]
     Wp = (OW - 1) * SW + (KW - 1) * DW + 1
@@ -107,7 +110,8 @@ def _taps_forward(x, wt, ldw, bias, y, band_rows, KH, KW, SH, SW, DH, DW, PT, PL
     for c in range(C):
         for i in range(KH):
             for j in range(KW):
-                taps[(c * KH + i) * KW + j] = (i * DH * Wp + j * DW) * C + c
+                at = ((i * C + c) if by_rows else (c * KH + i)) * KW + j
+                taps[at] = (i * DH * Wp + j * DW) * C + c
     for t in range(worker * tasks // workers, (worker + 1) * tasks // workers):
         n = t // bands
         oh0 = (t - n * bands) * band_rows
@@ -118,12 +122,14 @@ def _taps_forward(x, wt, ldw, bias, y, band_rows, KH, KW, SH, SW, DH, DW, PT, PL
                       (n * OH + oh0 + r) * OW * O, O, bias, 0, FROM_COLUMN_INIT)
 
 
-def forward(x, weight, bias, problem, workers):
+def forward(x, weight, bias, problem, workers, by_rows=False):
     """``y`` (``(N, C_out, OH, OW)`` with channels-last strides) of the convolution of
-    the channels-last ``x`` (``(N, C, H, W)``, a dense ``(N, H, W, C)`` buffer)."""
+    the channels-last ``x`` (``(N, C, H, W)``, a dense ``(N, H, W, C)`` buffer): the
+    chains of ``"im2col"``, or with ``by_rows`` those of ``"rows"`` (kernel rows in
+    order, each over channels and columns)."""
     N, O = x.shape[0], weight.shape[0]
     OH, OW = problem.out_h, problem.out_w
-    weight = np.ascontiguousarray(weight)
+    weight = np.ascontiguousarray(weight.transpose(0, 2, 1, 3) if by_rows else weight)
     ldw = padded_host(O, weight.dtype)
     wt = np.empty((weight.size // O) * ldw, weight.dtype)
     _transpose_groups(weight, wt, 1, ldw, 1)
@@ -138,7 +144,7 @@ def forward(x, weight, bias, problem, workers):
         band_rows = -(-band_rows // 2)
     tasks = N * -(-OH // band_rows)
     if y.size:
-        _taps_forward(x.transpose(0, 2, 3, 1), wt, ldw, bias, y, band_rows,
+        _taps_forward(x.transpose(0, 2, 3, 1), wt, ldw, bias, y, band_rows, by_rows,
                       problem.kernel_h, problem.kernel_w, problem.stride_h,
                       problem.stride_w, problem.dilation_h, problem.dilation_w,
                       problem.pad_top, problem.pad_left, max(1, min(workers, tasks)))
