@@ -635,7 +635,7 @@ def test_winograd_out_blocks_rule(monkeypatch):
 
     assert plan(1, 256, 14, 2) == (2, 7)     # 49 tiles: one band, two blocks
     assert plan(1, 256, 14, 4) == (4, 7)
-    assert plan(1, 64, 14, 4) == (2, 7)      # blocks of 32 channels at least
+    assert plan(1, 64, 14, 4) == (2, 4)      # blocks of 32 channels, two bands
     assert plan(1, 32, 14, 2) == (1, 4)      # too few channels: two bands
     assert plan(2, 256, 14, 2) == (1, 7)     # an image a thread
     assert plan(1, 256, 14, 2, groups=2) == (1, 7)  # a group a thread

@@ -1007,6 +1007,29 @@ DEPTH_WINOGRAD_CASES = [
 ]
 
 
+def test_conv3d_weight_gradient_follows_the_backward_choice(monkeypatch):
+    """A stacked 14x14 plane of 96 channels runs Winograd forwards but not backwards
+    (``_WINOGRAD_WIDE_CHANNELS``: the forward's rule alone): the 3-D weight gradient
+    keeps the backward's algorithm; with 256 pixels both run Winograd."""
+    from fastpool.cpu.conv import _winograd_grad
+    ran = []
+    original = _winograd_grad.weight_grad
+    monkeypatch.setattr(_winograd_grad, "weight_grad",
+                        lambda *a: ran.append(1) or original(*a))
+    rng = np.random.default_rng(20261207)
+    w = rng.standard_normal((8, 32, 3, 3, 3)).astype(np.float32)
+    for size, runs in ((14, 0), (16, 1)):
+        x = rng.standard_normal((1, 32, 3, size, size)).astype(np.float32)
+        g = rng.standard_normal((1, 8, 1, size, size)).astype(np.float32)
+        ran.clear()
+        grads = fastpool.conv3d_backward(g, x, w, padding=(0, 1, 1))
+        assert len(ran) == runs
+        assert_close_to_sum(grads.grad_weight,
+                            ref.conv_backward(g, x, w, padding=(0, 1, 1))[1],
+                            ref.conv_backward(np.abs(g), np.abs(x), np.abs(w),
+                                              padding=(0, 1, 1))[1], np.float32)
+
+
 @pytest.mark.parametrize("x_shape, w_shape, args", DEPTH_WINOGRAD_CASES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_conv3d_depth_winograd_gives_the_stacked_images_bits(x_shape, w_shape, args,

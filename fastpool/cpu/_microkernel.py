@@ -176,8 +176,8 @@ def _tile(partial, vectors):
                 and all(t.dtype == a.dtype for t in (b, c, init))):
             return None
         if isinstance(a_step, types.Array) and not (
-                a_step.ndim == 1 and a_step.dtype == types.intp):
-            return None
+                a_step.ndim == 1 and a_step.layout == "C" and a_step.dtype == types.intp):
+            return None  # read as consecutive values
         dtype = a.dtype
         signature = types.void(mr, kc, a, a_off, lda, a_step, b, b_off, ldb, c, c_off,
                                ldc, n_valid, init, init_off, start)

@@ -325,8 +325,8 @@ class _Problem:
     def winograd_band_tile_rows(self, itemsize):
         """Tile rows per band: the transformed input and output of a band fit in the
         larger of ``_WINOGRAD_BYTES`` and the group's transformed weight, there are
-        enough bands for every thread (unless the threads share bands' output channels,
-        ``winograd_out_blocks``), and the bands are of equal size."""
+        enough bands for every thread (with ``winograd_out_blocks``, that many threads
+        share each band), and the bands are of equal size."""
         whole = self._whole()
         if whole is not self:
             return whole.winograd_band_tile_rows(itemsize)
@@ -335,9 +335,10 @@ class _Problem:
         # a band for every thread (batch 1 of 3x3 64->64 on 56x56: 1.84 ms in one band
         # on one of 2 threads, 0.95 in two)
         threads = thread_count()
-        if self.winograd_out_blocks(itemsize, threads) == 1:
-            shares = -(-threads // (self.batch * self.groups))
-            bands = min(tiles_h, max(bands, shares))
+        # threads sharing a band by blocks of output channels need fewer bands
+        shares = -(-threads // (self.batch * self.groups
+                                * self.winograd_out_blocks(itemsize, threads)))
+        bands = min(tiles_h, max(bands, shares))
         return -(-tiles_h // bands)  # equal bands: no short last band
 
     def _winograd_memory_rows(self, itemsize):

@@ -258,7 +258,8 @@ def weight_grad_depth(x, gy, w, plane):
     Window) from ``x`` and ``gy`` volumes, where its stacked 2-D window ``plane`` runs
     on Winograd (as chosen, or pinned) and the depth taps are not dilated; else (or
     where the bands would not fit) None, nothing done."""
-    if _Problem.forward(plane).algorithm() != WINOGRAD or w.dilation[0] != 1:
+    # the backward's choice (the forward's may be Winograd where the gradients' is not)
+    if _Problem.forward(plane).backward_algorithm() != WINOGRAD or w.dilation[0] != 1:
         return None
     return weight_grad(x, gy, w.kernel[0], w.stride[0], w.pad_lo[0], w.pad_lo[1],
                        w.pad_lo[2], w.groups, thread_count())
