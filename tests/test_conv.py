@@ -576,17 +576,23 @@ def test_winograd_images_side_by_side_give_the_one_image_bits(
                            "winograd_images", 5, images)
 
 
+def _winograd_problem(monkeypatch, batch, channels, size, threads, groups):
+    """The forward problem of a 3x3 ``channels -> channels`` convolution, padding 1, on
+    ``size x size`` planes, planned for ``threads`` threads (the bands' rows depend on
+    the thread count too: a band for every thread), with fresh plans."""
+    monkeypatch.setattr(cpu_planner, "thread_count", lambda: threads)
+    monkeypatch.setattr(cpu_planner, "_PLANS", {})
+    return cpu_planner._Problem((batch, channels, size, size), (size, size),
+                                (channels, channels // groups, 3, 3), groups,
+                                (1, 1), (1, 1), (1, 1))
+
+
 def test_winograd_images_rule(monkeypatch):
     """Whole planes a band, images side by side as the band's bytes allow (the
     transformed weight's size where it is larger), in equal runs shared evenly by the
     threads; one image where a plane takes several bands or the batch is 1."""
     def images(batch, channels, size, threads, groups=1):
-        # the bands' rows depend on the thread count too (a band for every thread)
-        monkeypatch.setattr(cpu_planner, "thread_count", lambda: threads)
-        monkeypatch.setattr(cpu_planner, "_PLANS", {})
-        problem = cpu_planner._Problem((batch, channels, size, size), (size, size),
-                                       (channels, channels // groups, 3, 3), groups,
-                                       (1, 1), (1, 1), (1, 1))
+        problem = _winograd_problem(monkeypatch, batch, channels, size, threads, groups)
         return problem.winograd_images(4, threads)
 
     assert images(32, 512, 7, 2) == 16      # weight 16 MiB, 1 MiB an image
@@ -626,11 +632,7 @@ def test_winograd_out_blocks_rule(monkeypatch):
     blocks of at least _WINOGRAD_MIN_BLOCK channels; else each takes bands (and a
     band for every thread cuts the plane)."""
     def plan(batch, channels, size, threads, groups=1):
-        monkeypatch.setattr(cpu_planner, "thread_count", lambda: threads)
-        monkeypatch.setattr(cpu_planner, "_PLANS", {})
-        problem = cpu_planner._Problem((batch, channels, size, size), (size, size),
-                                       (channels, channels // groups, 3, 3), groups,
-                                       (1, 1), (1, 1), (1, 1))
+        problem = _winograd_problem(monkeypatch, batch, channels, size, threads, groups)
         return problem.winograd_out_blocks(4, threads), problem.winograd_band_tile_rows(4)
 
     assert plan(1, 256, 14, 2) == (2, 7)     # 49 tiles: one band, two blocks
