@@ -422,6 +422,12 @@ def test_whole_plane_channel_blocks_give_the_bands_bits(monkeypatch, dtype, x_sh
     finally:
         numba.set_num_threads(saved)
     np.testing.assert_array_equal(runs[0], runs[1])
+    # one block of output channels per thread or several (each a GEMM of its own)
+    for per_thread in (1, 3):
+        monkeypatch.setattr(cpu_conv, "_IM2COL_BLOCKS_PER_THREAD", per_thread)
+        monkeypatch.setattr(cpu_conv, "_BLOCKS_PER_THREAD", per_thread)
+        np.testing.assert_array_equal(
+            runs[0], cpu_conv.conv2d_forward(x, w, b, geometry, algorithm))
     # a pointwise input read in place or copied with its rows on cache lines (the
     # 6x16 tile's choice, ``ALIGN_B_ROWS``), the whole plane or bands: the same bits
     for whole in (True, False):

@@ -274,8 +274,15 @@ def _run_forward(problem, x, weight, bias, y, algorithm=None):
     return y
 
 
-# Blocks of output channels per thread in ``_forward_by_channel_blocks``.
+# Blocks of output channels per thread in ``_forward_by_channel_blocks``: pointwise
+# forwards, and im2col's (one block: a thread's tiles of rows then share each slab of
+# the columns while it is in L2, where four blocks read it four times; 2026-12-07,
+# Intel Xeon, batch 1, 2 threads, one process, interleaved, two runs: 3x3 512->512 on
+# 7x7 1.07-1.11x, 3x3 s2 256->256 on 28x28 1.06-1.11x, 512->512 on 14x14 1.04-1.05x,
+# 128->256 on 28x28 1.03-1.04x, 256->512 on 14x14 0.96-1.00x; the pointwise layers
+# 0.94-1.10x either way, so they keep four).
 _BLOCKS_PER_THREAD = 4
+_IM2COL_BLOCKS_PER_THREAD = 1
 # Images per GEMM of the im2col input gradient, at most, and the bytes of their
 # columns and gradient rows (batch 8 of 3x3 s2 512->512 on 14x14: 14.3 ms one image
 # per GEMM, BLAS; 16.9 with fastpool's GEMM, 13.4-14.2 in runs of 2-4 images).
@@ -296,7 +303,8 @@ def _forward_by_channel_blocks(problem, x, weight, bias, y, algorithm):
     starts = bias if bias is not None else np.zeros(y.shape[1], x.dtype)
     w = contiguous(weight).reshape(-1)
     tiles = -(-(y.shape[1] // G) // MR)
-    parts = max(1, min(tiles, _BLOCKS_PER_THREAD * thread_count()))
+    per_thread = _IM2COL_BLOCKS_PER_THREAD if algorithm == IM2COL else _BLOCKS_PER_THREAD
+    parts = max(1, min(tiles, per_thread * thread_count()))
     chunk = problem.column_images(x.itemsize)
     in_place = algorithm == POINTWISE and not ALIGN_B_ROWS
     if in_place:
