@@ -822,6 +822,56 @@ def test_exactly_tiled_max_forward(shape, kernel, tiled, dtype, monkeypatch):
     np.testing.assert_array_equal(got_indices, want_indices)
 
 
+@geometry_dtypes("shape, kernel, tiled", [
+    ((8, 16, 32, 32), 2, True), ((2, 3, 9, 12), 3, True), ((3, 4, 10), 5, True),
+    ((2, 3, 4, 6, 8), (1, 2, 4), True), ((2, 3, 4, 6, 8), (2, 2, 2), False),
+    ((2, 3, 9, 11), 2, False)],
+    ids=["2x2", "3x3", "1-D", "3-D-flat", "3-D-deep", "leftover"])
+def test_exactly_tiled_stochastic_inference_backward(shape, kernel, tiled, dtype,
+                                                     monkeypatch):
+    """Stochastic inference backward for exactly tiling windows (``infer_backward_
+    tiled``): the ring kernel's bits, with all-zero windows (no gradient), signed
+    zeros, subnormal sums and a zero gradient; invalid input still raises."""
+    from fastpool import _params
+    from fastpool.cpu import pooling as cpu_pooling
+    made = []
+    factory = cpu_pooling._FACTORIES["stochastic_infer_backward_tiled"]
+    monkeypatch.setitem(cpu_pooling._FACTORIES, "stochastic_infer_backward_tiled",
+                        lambda *c: made.append(c) or factory(*c))
+    rank = len(shape) - 2
+    rng = np.random.default_rng(37)
+    x = rng.random(shape).astype(dtype)
+    flat = x.reshape(-1)
+    picks = rng.choice(flat.size, flat.size // 5, replace=False)
+    flat[picks[0::3]] = 0.0
+    flat[picks[1::3]] = -0.0
+    flat[picks[2::3]] = np.finfo(dtype).smallest_subnormal
+    x[..., :kernel if np.isscalar(kernel) else kernel[-1]] = 0.0  # whole windows of 0
+    window = _params.pool_window(x, rank, kernel, None, 0, 1, False)[1]
+    g = rng.standard_normal(window.output_shape).astype(dtype)
+    g.reshape(-1)[::7] = -0.0
+    key = "stochastic_infer_backward_tiled"
+    window._derived.pop(key, None)
+    backward = OPS[rank]["stochastic_backward"]
+    got = backward(g, x, kernel, training=False)
+    assert bool(made) == tiled
+    monkeypatch.setattr(cpu_pooling, "_tiled_launch", lambda *op: (lambda w: False))
+    window._derived.pop(key, None)
+    want = backward(g, x, kernel, training=False)
+    assert np.array_equal(_bits(got), _bits(want))
+    monkeypatch.undo()
+    window._derived.pop(key, None)
+    if dtype != np.float16:  # the reference's S1**2 underflows on subnormal sums
+        clean = np.where(x == np.finfo(dtype).smallest_subnormal, 0.5, x).astype(dtype)
+        assert_close(backward(g, clean, kernel, training=False),
+                     ref.stochastic_pool_backward(g, clean, kernel, training=False), dtype)
+    for bad in (-1.0, np.nan, np.inf):
+        x_bad = x.copy()
+        x_bad.reshape(-1)[x.size // 2] = bad
+        with pytest.raises(ValueError):
+            backward(g, x_bad, kernel, training=False)
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="guard pages through mprotect")
 def test_max2x2_rows_read_and_write_nothing_outside_the_rows():
     """The 2x2 max rows' vector code (``_pool_pairs``) on inputs and outputs flush

@@ -57,6 +57,7 @@ _FACTORIES = {
     "stochastic_infer_forward_flat": pool_stochastic.infer_forward_flat,
     "stochastic_infer_backward": pool_stochastic.infer_backward,
     "stochastic_infer_backward_flat": pool_stochastic.infer_backward_flat,
+    "stochastic_infer_backward_tiled": pool_stochastic.infer_backward_tiled,
     "stochastic_train_cl": pool_stochastic_channels_last.train_forward,
     "stochastic_infer_cl": pool_stochastic_channels_last.infer,
     "stochastic_infer_backward_cl": pool_stochastic_channels_last.infer_backward,
@@ -534,7 +535,16 @@ def stochastic_pool_backward(grad_output, x, window, training, indices):
     if w.layout == CHANNELS_LAST:
         return _stochastic_backward_channels_last(grad_output, x, w)
     grad_input = np.empty(w.input_shape, dtype=grad_output.dtype)
-    if w.planes:
+    tiled = w.derived("stochastic_infer_backward_tiled",
+                      _tiled_launch("stochastic_infer_backward_tiled"))
+    if tiled:
+        run, rows = tiled
+        invalid = np.zeros(rows, dtype=np.bool_)
+        go, gi = hb.kernel_views(contiguous(grad_output).reshape(rows, -1),
+                                 grad_input.reshape(rows * w.kernel3[1], -1))
+        run.launch(_split(rows), go, hb.bits(contiguous(x).reshape(gi.shape)), gi, invalid)
+        _raise_if_invalid(invalid)
+    elif w.planes:
         invalid = np.zeros(w.planes, dtype=np.bool_)
         lo, hi = w.derived("interior", interior_columns)
         kernel(w.derived("stochastic_infer_backward", _stochastic_infer_backward_op), w)(
