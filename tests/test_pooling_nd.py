@@ -354,6 +354,17 @@ def test_layouts_give_identical_results(rank):
             assert f.flags.c_contiguous, name
 
 
+def _spy_on_factory(monkeypatch, op):
+    """The list of constants ``op``'s kernel factory is called with from now on (the
+    factory itself still runs)."""
+    from fastpool.cpu import pooling as cpu_pooling
+    made = []
+    factory = cpu_pooling._FACTORIES[op]
+    monkeypatch.setitem(cpu_pooling._FACTORIES, op,
+                        lambda *c: made.append(c) or factory(*c))
+    return made
+
+
 def _bits(a):
     return np.ascontiguousarray(a).view(np.uint8)
 
@@ -721,11 +732,7 @@ def test_tiled_channels_last_avg_backward(shape, kernel, ceil_mode, dtype, monke
     backward's one-share-per-element kernel: bit for bit the channels-first values,
     signed zeros and the rows and columns past the last window included; ceil_mode's
     partial windows take the general kernel."""
-    from fastpool.cpu import pooling as cpu_pooling
-    made = []
-    tiled = cpu_pooling._FACTORIES["avg_backward_cl_tiled"]
-    monkeypatch.setitem(cpu_pooling._FACTORIES, "avg_backward_cl_tiled",
-                        lambda *c: made.append(c) or tiled(*c))
+    made = _spy_on_factory(monkeypatch, "avg_backward_cl_tiled")
     rank = len(shape) - 2
     rng = np.random.default_rng(23)
     x = rng.standard_normal(shape).astype(dtype)
@@ -752,10 +759,7 @@ def test_exactly_tiled_avg_forward(shape, kernel, divisor, tiled, dtype, monkeyp
     depth kernel 1) take the whole-row kernel: the general kernel's bits, signed zeros
     included; other geometries keep the general kernel."""
     from fastpool.cpu import pooling as cpu_pooling
-    made = []
-    factory = cpu_pooling._FACTORIES["avg_forward_tiled"]
-    monkeypatch.setitem(cpu_pooling._FACTORIES, "avg_forward_tiled",
-                        lambda *c: made.append(c) or factory(*c))
+    made = _spy_on_factory(monkeypatch, "avg_forward_tiled")
     rank = len(shape) - 2
     x = np.random.default_rng(29).standard_normal(shape).astype(dtype)
     x[..., 0] = -0.0
@@ -793,10 +797,7 @@ def test_exactly_tiled_max_forward(shape, kernel, tiled, dtype, monkeypatch):
     one wins), infinities and signed zeros."""
     from fastpool import _params
     from fastpool.cpu import pooling as cpu_pooling
-    made = []
-    factory = cpu_pooling._FACTORIES["max_forward_tiled"]
-    monkeypatch.setitem(cpu_pooling._FACTORIES, "max_forward_tiled",
-                        lambda *c: made.append(c) or factory(*c))
+    made = _spy_on_factory(monkeypatch, "max_forward_tiled")
     rank = len(shape) - 2
     rng = np.random.default_rng(31)
     x = rng.integers(-3, 3, shape).astype(dtype)  # many ties
@@ -834,10 +835,7 @@ def test_exactly_tiled_stochastic_inference_backward(shape, kernel, tiled, dtype
     zeros, subnormal sums and a zero gradient; invalid input still raises."""
     from fastpool import _params
     from fastpool.cpu import pooling as cpu_pooling
-    made = []
-    factory = cpu_pooling._FACTORIES["stochastic_infer_backward_tiled"]
-    monkeypatch.setitem(cpu_pooling._FACTORIES, "stochastic_infer_backward_tiled",
-                        lambda *c: made.append(c) or factory(*c))
+    made = _spy_on_factory(monkeypatch, "stochastic_infer_backward_tiled")
     rank = len(shape) - 2
     rng = np.random.default_rng(37)
     x = rng.random(shape).astype(dtype)
