@@ -870,6 +870,32 @@ def test_exactly_tiled_stochastic_inference_backward(shape, kernel, tiled, dtype
             backward(g, x_bad, kernel, training=False)
 
 
+def test_exactly_tiled_stochastic_inference_backward_bfloat16_unbatched(monkeypatch):
+    """The tiled stochastic inference backward on an unbatched bfloat16 input with a
+    strided gradient holding +0.0 and -0.0: the ring kernel's bits."""
+    from fastpool.cpu import pooling as cpu_pooling
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    from fastpool import _params
+    made = _spy_on_factory(monkeypatch, "stochastic_infer_backward_tiled")
+    rng = np.random.default_rng(41)
+    x = rng.random((5, 12, 18)).astype(ml_dtypes.bfloat16)
+    x[:, :3, :3] = 0.0  # a window of zeros in every plane
+    g = rng.standard_normal((5, 8, 6)).astype(ml_dtypes.bfloat16)[:, ::2, :]
+    g[:, 0, ::2] = 0.0
+    g[:, 1, ::3] = -0.0
+    window = _params.pool_window(x, 2, 3, None, 0, 1, False)[1]
+    key = "stochastic_infer_backward_tiled"
+    window._derived.pop(key, None)
+    got = fastpool.stochastic_pool2d_backward(g, x, 3, training=False)
+    assert made
+    monkeypatch.setattr(cpu_pooling, "_tiled_launch", lambda *op: (lambda w: False))
+    window._derived.pop(key, None)
+    want = fastpool.stochastic_pool2d_backward(g, x, 3, training=False)
+    assert got.dtype == want.dtype == x.dtype and got.shape == x.shape
+    assert np.array_equal(_bits(got), _bits(want))
+    window._derived.pop(key, None)
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="guard pages through mprotect")
 def test_max2x2_rows_read_and_write_nothing_outside_the_rows():
     """The 2x2 max rows' vector code (``_pool_pairs``) on inputs and outputs flush
