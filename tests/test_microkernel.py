@@ -10,9 +10,10 @@ import pytest
 from numba import njit
 
 from fastpool.cpu._microkernel import (COLUMN_TILE_WIDTH, FROM_C, FROM_COLUMN_INIT,
-                                      FROM_ROW_INIT, KC, KC_NARROW, MC, MR, NARROW, VECTORS,
-                                      _COLUMN_TILES, aligned_host, gemm_add, gemm_batch,
-                                      gemm_taps, lanes, padded_host, panel_width)
+                                      FROM_ROW_INIT, KC, KC_NARROW, MC, MC_BYTES, MR, NARROW,
+                                      VECTORS, _COLUMN_TILES, aligned_host, block_rows,
+                                      gemm_add, gemm_batch, gemm_taps, lanes, padded_host,
+                                      panel_width, streams_b)
 
 
 @njit(cache=True)
@@ -142,6 +143,44 @@ def test_same_bits_however_the_product_is_cut(dtype):
     for cols in (slice(0, 1), slice(1, 17), slice(17, 30), slice(30, n), slice(9, 70)):
         np.testing.assert_array_equal(whole[:, :, cols],
                                       _own(a, np.ascontiguousarray(b[:, :, cols]), init))
+
+
+def test_blocks_of_rows_where_b_comes_from_memory():
+    """Products whose B fits in L2 keep blocks of ``MC`` rows; larger ones are cut into
+    as few blocks as ``MC_BYTES`` of A allow, of nearly equal whole tiles."""
+    assert not streams_b(196, KC, 1, 8)
+    assert block_rows(512, 196, KC, 1, 8) == MC
+    assert streams_b(784, KC, 1, 8) and streams_b(196, KC, 8, 8)
+    for m, kc, itemsize in [(512, KC, 8), (128, KC, 8), (600, KC, 8), (1030, 64, 4),
+                            (3, 5, 8), (4000, KC, 4)]:
+        rows = block_rows(m, 1 << 20, kc, 1, itemsize)
+        blocks = -(-m // rows)
+        assert rows % MR == 0 and rows * kc * itemsize <= max(MC_BYTES, MR * kc * itemsize)
+        fewest = -(-m * kc * itemsize // MC_BYTES)
+        assert fewest <= blocks <= fewest + 1  # + 1: blocks of whole tiles
+        assert rows - MR < -(-m // blocks) <= rows  # near-equal blocks
+    assert block_rows(128, 1 << 20, KC, 1, 8) == 128  # one block, not 96 + 32
+
+
+def test_same_bits_with_tall_blocks_and_copied_panels():
+    """Where B comes from memory (``streams_b``): blocks of rows as tall as
+    ``MC_BYTES`` allow and B's panels copied before use, the same bits as every other
+    cut of the product."""
+    rng = np.random.default_rng(6)
+    dtype = np.float64
+    k, n, count = KC + 37, NARROW * panel_width(4) + 37, 3
+    assert streams_b(n, KC, count, 8) and not streams_b(n, KC, 1, 8)
+    m = MC_BYTES // (KC * 8) + 2 * MR + 5  # two tall blocks
+    a = rng.standard_normal((m, k)).astype(dtype)
+    b = rng.standard_normal((count, k, n)).astype(dtype)
+    init = rng.standard_normal(m).astype(dtype)
+    whole = _own(a, b, init)
+    assert np.allclose(whole, init[:, None] + a @ b, rtol=1e-12, atol=1e-10)
+    np.testing.assert_array_equal(whole, _own(a, b, init, ldb=n + 5))
+    for t in range(count):  # one product: B in L2, blocks of MC, read in place
+        np.testing.assert_array_equal(whole[t], _own(a, b[t:t + 1], init)[0])
+    for rows in (slice(0, MR + 3), slice(MR + 3, m)):
+        np.testing.assert_array_equal(whole[:, rows], _own(a[rows], b, init[rows]))
 
 
 def test_empty_inner_dimension_gives_the_start_values():
