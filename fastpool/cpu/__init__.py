@@ -8,9 +8,12 @@ call whose estimated work is too small to split runs on one thread.
 import importlib
 import math
 
-from fastpool import _threading
+from fastpool import _malloc, _threading
 from fastpool.cpu import conv_reproducible as _conv_reproducible
 from fastpool.cpu import pooling as _pooling
+
+# Scratch buffers allocated in each call stay mapped between calls (``_malloc``).
+_malloc.tune()
 
 # Single-thread nanoseconds per unit of work, measured roughly on this project's
 # machine (docs/site/performance.md): a window tap of pooling, a multiply-add of

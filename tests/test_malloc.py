@@ -1,0 +1,76 @@
+"""glibc's malloc thresholds (``fastpool._malloc``): a kernel's per-call scratch is not
+faulted in again on every call of a process that loaded its kernels from the disk
+cache."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import fastpool
+from fastpool import _malloc
+
+_GLIBC = sys.platform.startswith("linux") and _malloc._reason_not_to({}) is None
+
+
+@pytest.mark.parametrize("environ, reason", [
+    ({"FASTPOOL_MALLOC_TUNING": "0"}, "FASTPOOL_MALLOC_TUNING=0"),
+    ({"MALLOC_TRIM_THRESHOLD_": "1000"}, "MALLOC_TRIM_THRESHOLD_ is set"),
+    ({"MALLOC_MMAP_THRESHOLD_": "1000"}, "MALLOC_MMAP_THRESHOLD_ is set"),
+    ({"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=1"}, "GLIBC_TUNABLES sets glibc.malloc"),
+])
+def test_user_settings_are_left_alone(environ, reason):
+    if not sys.platform.startswith("linux"):
+        pytest.skip("glibc only")
+    assert _malloc._reason_not_to(environ) == reason
+
+
+def test_other_settings_do_not_stop_it():
+    if not sys.platform.startswith("linux"):
+        pytest.skip("glibc only")
+    assert _malloc._reason_not_to({"FASTPOOL_MALLOC_TUNING": "1", "GLIBC_TUNABLES":
+                                   "glibc.pthread.rseq=0", "MALLOC_ARENA_MAX": "2"}) is None
+
+
+_SCRIPT = textwrap.dedent("""
+    import json, resource
+    import numpy as np
+    import numba
+    import fastpool
+    from fastpool import _malloc
+    numba.set_num_threads(1)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4, 16, 32, 32))
+    w = rng.standard_normal((16, 16, 3, 3))
+    for _ in range(5):
+        fastpool.conv2d(x, w, padding=1, device="cpu")
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(40):
+        fastpool.conv2d(x, w, padding=1, device="cpu")
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 40
+    print(json.dumps({"state": _malloc._state, "faults": faults}))
+""")
+
+
+def _faults_per_call(**environ):
+    env = dict(os.environ, **environ)
+    out = subprocess.run([sys.executable, "-c", _SCRIPT], env=env, capture_output=True,
+                         text=True, timeout=600, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not _GLIBC, reason="glibc only, and not with the user's malloc settings")
+def test_scratch_is_not_faulted_in_every_call():
+    """A small float64 Winograd conv allocates 4 MB of scratch a call. In a fresh
+    process that loads its kernels from the disk cache (warmed here first), glibc's
+    start-up thresholds mapped and unmapped it on every call (489 page faults a call,
+    0.78 against 0.22 ms): tuned, it stays mapped."""
+    x = np.ones((4, 16, 32, 32))
+    fastpool.conv2d(x, np.ones((16, 16, 3, 3)), padding=1, device="cpu")  # cache it
+    result = _faults_per_call()
+    assert result["state"] == "tuned"
+    assert result["faults"] < 20, result
