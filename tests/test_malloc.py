@@ -4,6 +4,7 @@ cache."""
 
 import json
 import os
+import platform
 import subprocess
 import sys
 import textwrap
@@ -14,7 +15,8 @@ import pytest
 import fastpool
 from fastpool import _malloc
 
-_GLIBC = sys.platform.startswith("linux") and _malloc._reason_not_to({}) is None
+_GLIBC = (sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+          and _malloc._reason_not_to(os.environ) is None)
 
 
 @pytest.mark.parametrize("environ, reason", [
@@ -58,9 +60,10 @@ _SCRIPT = textwrap.dedent("""
 
 def _faults_per_call(**environ):
     env = dict(os.environ, **environ)
-    out = subprocess.run([sys.executable, "-c", _SCRIPT], env=env, capture_output=True,
-                         text=True, timeout=600, check=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    done = subprocess.run([sys.executable, "-c", _SCRIPT], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.skipif(not _GLIBC, reason="glibc only, and not with the user's malloc settings")

@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 from numba import njit
 
-from fastpool.cpu._microkernel import (COLUMN_TILE_WIDTH, FROM_C, FROM_COLUMN_INIT,
-                                      FROM_ROW_INIT, KC, KC_NARROW, MC, MC_BYTES, MR, NARROW,
-                                      VECTORS, _COLUMN_TILES, aligned_host, block_rows,
-                                      gemm_add, gemm_batch, gemm_taps, lanes, padded_host,
-                                      panel_width, streams_b)
+from fastpool.cpu._microkernel import (B_SLAB_BYTES, COLUMN_TILE_WIDTH, FROM_C,
+                                      FROM_COLUMN_INIT, FROM_ROW_INIT, KC, KC_NARROW, MC,
+                                      MC_BYTES, MR, NARROW, VECTORS, _COLUMN_TILES,
+                                      aligned_host, block_rows, gemm_add, gemm_batch,
+                                      gemm_taps, lanes, padded_host, panel_width,
+                                      streams_b)
 
 
 @njit(cache=True)
@@ -159,7 +160,8 @@ def test_blocks_of_rows_where_b_comes_from_memory():
         fewest = -(-m * kc * itemsize // MC_BYTES)
         assert fewest <= blocks <= fewest + 1  # + 1: blocks of whole tiles
         assert rows - MR < -(-m // blocks) <= rows  # near-equal blocks
-    assert block_rows(128, 1 << 20, KC, 1, 8) == 128  # one block, not 96 + 32
+    assert block_rows(128, 1 << 20, KC, 1, 8) == -(-128 // MR) * MR  # one block, not 96 + 32
+    assert block_rows(0, 1 << 20, KC, 1, 8) > 0  # an empty product's loops stay valid
 
 
 def test_same_bits_with_tall_blocks_and_copied_panels():
@@ -168,7 +170,9 @@ def test_same_bits_with_tall_blocks_and_copied_panels():
     cut of the product."""
     rng = np.random.default_rng(6)
     dtype = np.float64
-    k, n, count = KC + 37, NARROW * panel_width(4) + 37, 3
+    # wide, and B larger than B_SLAB_BYTES for 3 products but not for 1 (either tile)
+    k, count = KC + 37, 3
+    n = max(NARROW * panel_width(8) + 37, B_SLAB_BYTES // (2 * KC * 8) + 37)
     assert streams_b(n, KC, count, 8) and not streams_b(n, KC, 1, 8)
     m = MC_BYTES // (KC * 8) + 2 * MR + 5  # two tall blocks
     a = rng.standard_normal((m, k)).astype(dtype)
@@ -181,6 +185,13 @@ def test_same_bits_with_tall_blocks_and_copied_panels():
         np.testing.assert_array_equal(whole[t], _own(a, b[t:t + 1], init)[0])
     for rows in (slice(0, MR + 3), slice(MR + 3, m)):
         np.testing.assert_array_equal(whole[:, rows], _own(a[rows], b, init[rows]))
+
+
+def test_no_rows_where_b_comes_from_memory():
+    """An empty product (no rows of A) whose B would stream from memory does nothing."""
+    b = np.ones((1, KC, B_SLAB_BYTES // (KC * 8) + 1))
+    c = _own(np.zeros((0, KC)), b, np.zeros(0))
+    assert c.shape == (1, 0, b.shape[2])
 
 
 def test_empty_inner_dimension_gives_the_start_values():

@@ -607,7 +607,7 @@ def streams_b(n, kc, count, itemsize):
 def block_rows(m, n, kc, count, itemsize):
     """Rows of A per block of ``_wide`` (``m`` rows, ``count`` products ``n`` wide,
     slabs of ``kc``)."""
-    if not streams_b(n, kc, count, itemsize):
+    if m <= 0 or not streams_b(n, kc, count, itemsize):
         return MC
     most = max(MR, MC_BYTES // (kc * itemsize) // MR * MR)
     blocks = (m + most - 1) // most
