@@ -161,6 +161,43 @@ def test_global_average_adds_in_the_documented_order(rank, dtype):
                                           want.view(f"i{x.itemsize}"), err_msg=str(size))
 
 
+@pytest.mark.parametrize("wide", [False, True])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_global_average_sum_vector_widths(dtype, wide):
+    """The channels-first sum is 32-byte vector code even where the CPU has AVX-512
+    (``interleaved_sum``): a core running 512-bit code after a millisecond without it
+    waits for its clock licence again, which made a small global average 1.5x slower
+    when called after other work (``fastpool/cpu/_lanes.py``). Calls of at least
+    ``WIDE_FROM`` elements run ``interleaved_sum_wide``, 64-byte code. Both give the
+    documented order's bits for every tail length. Compiled afresh (Numba shows no code
+    of functions loaded from its disk cache)."""
+    import re
+
+    from numba import config, njit
+    from numba.core.codegen import get_host_cpu_features
+
+    from fastpool.cpu._lanes import interleaved_sum, interleaved_sum_wide
+
+    summed = interleaved_sum_wide if wide else interleaved_sum
+
+    @njit(cache=False)
+    def total(x, count):
+        return summed(x, 3, count)
+
+    rng = np.random.default_rng(40)
+    x = (rng.standard_normal(80) * 10.0 ** rng.integers(-6, 6, 80)).astype(dtype)
+    assert total(x, 0) == 0
+    for count in (1, 15, 16, 17, 31, 32, 49, 70):
+        want = ref.global_avg_pool_in_order(x[3:3 + count].reshape(1, 1, count))
+        got = dtype(np.float64(total(x, count)) / count)  # the kernel's mean
+        assert got.view(f"i{x.itemsize}") == want[0, 0, 0].view(f"i{x.itemsize}"), count
+    code = total.inspect_asm(total.signatures[0])
+    features = (config.CPU_FEATURES or get_host_cpu_features()).split(",")
+    assert ("%zmm" in code) == (wide and "+avx512f" in features)
+    if "+avx" in features and not wide:
+        assert re.search(r"vaddp[sd]\s[^\n]*%ymm", code)
+
+
 @pytest.mark.parametrize("rank", [1, 2, 3])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_global_backward_is_the_general_kernel_bit_for_bit(rank, dtype):

@@ -18,17 +18,44 @@ against a plain-loop version).
 
 from __future__ import annotations
 
+import functools
+
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-# One AVX-512 vector of float32 (two of float64).
+# One AVX-512 vector of float32 (two of float64): the sum order, whatever the vectors.
 LANES = 16
+# Bytes per vector of the code: 32, AVX2's, though this CPU has AVX-512. A machine
+# with AVX-512 runs 512-bit code at a lower clock licence, and after about a millisecond
+# without it the core leaves that licence; the next 512-bit code then waits for it
+# again. On the Intel Xeon of 2026-12-07 a global average of 512@7 took 5.6-6.0 us in
+# a loop of calls and 8.9-9.9 us after 1 ms of other work (the layer suite times each
+# call so), PyTorch 6-7 us either way; fastpool's other small pooling calls, on
+# LLVM's 256-bit code, did not change. The same partials in the same order, so the
+# same bits.
+_VECTOR_BYTES = 32
+# Elements in a call, at least, for the 64-byte code: with a 1 ms pause before each
+# call, new (32-byte) against old (64-byte), 2 threads: (8,256,56,56) float32 650 ->
+# 740 us, float64 1250 -> 1450; (32,2048,7,7) float64 840 -> 916 (float32 445 ->
+# 425); 2048@7 at batch 1 float32 14.9 -> 10.9 us. Level in a loop of calls.
+WIDE_FROM = 1 << 20
 
 
-@intrinsic
-def interleaved_sum(typingctx, x, start, count):
+def _zeroed(builder, vector, zero):
+    """A ``vector`` slot on the stack, set to ``zero`` where the builder is."""
+    slot = cgutils.alloca_once(builder, vector)
+    builder.store(zero, slot)
+    return slot
+
+
+def _interleaved_sum(vector_bytes):
+    """``interleaved_sum`` as code of ``vector_bytes``-byte vectors."""
+    return intrinsic(functools.partial(_typer, vector_bytes))
+
+
+def _typer(vector_bytes, typingctx, x, start, count):
     """``x[start:start + count]`` (``x`` 1-D, contiguous) summed in the order above,
     in ``x``'s dtype."""
     # Typed for C-contiguous 1-D float arrays only: the loads read ``x.data`` by
@@ -41,43 +68,67 @@ def interleaved_sum(typingctx, x, start, count):
         array_type, start_type, count_type = signature.args
         array = context.make_array(array_type)(context, builder, args[0])
         element = context.get_data_type(array_type.dtype)
-        vector = ir.VectorType(element, LANES)
         align = context.get_abi_sizeof(element)
+        # The LANES partials as 32-byte vectors (see _VECTOR_BYTES): partial j in
+        # vector j // width, lane j % width.
+        width = min(LANES, vector_bytes // align)
+        parts = LANES // width
+        vector = ir.VectorType(element, width)
         intp = context.get_value_type(types.intp)
         begin = context.cast(builder, args[1], start_type, types.intp)
         count = context.cast(builder, args[2], count_type, types.intp)
-        zero = ir.Constant(vector, [ir.Constant(element, 0.0)] * LANES)
+        zero = ir.Constant(vector, [ir.Constant(element, 0.0)] * width)
         lanes = ir.Constant(intp, LANES)
         base = builder.gep(array.data, [begin])
 
-        partials = cgutils.alloca_once_value(builder, zero)
+        # Zeroed here, not in the function's entry block (``alloca_once_value``): a
+        # kernel holding both codes would run the 64-byte stores on every call.
+        partials = [_zeroed(builder, vector, zero) for _ in range(parts)]
         full = builder.sdiv(count, lanes)
         with cgutils.for_range(builder, full) as loop:
-            where = builder.gep(base, [builder.mul(loop.index, lanes)])
-            block = builder.load(builder.bitcast(where, vector.as_pointer()), align=align)
-            builder.store(builder.fadd(builder.load(partials), block), partials)
+            first = builder.mul(loop.index, lanes)
+            for v, partial in enumerate(partials):
+                where = builder.gep(base, [builder.add(first, ir.Constant(intp, v * width))])
+                block = builder.load(builder.bitcast(where, vector.as_pointer()),
+                                     align=align)
+                builder.store(builder.fadd(builder.load(partial), block), partial)
 
         # Constant lane numbers keep the tail in registers (a variable insert index goes
         # through the stack and stalls on store forwarding: 4x slower on 7x7 planes).
         done = builder.mul(full, lanes)
         rest = builder.sub(count, done)
-        tail = cgutils.alloca_once_value(builder, zero)
+        tails = [_zeroed(builder, vector, zero) for _ in range(parts)]
         for lane in range(LANES - 1):
+            v, i = divmod(lane, width)
             with builder.if_then(builder.icmp_signed(">", rest, ir.Constant(intp, lane))):
                 where = builder.gep(base, [builder.add(done, ir.Constant(intp, lane))])
                 value = builder.load(where, align=align)
                 builder.store(builder.insert_element(
-                    builder.load(tail), value, ir.Constant(ir.IntType(32), lane)), tail)
+                    builder.load(tails[v]), value, ir.Constant(ir.IntType(32), i)),
+                    tails[v])
 
-        folded = builder.fadd(builder.load(partials), builder.load(tail))
-        width = LANES // 2
-        while width:
-            low, high = (ir.Constant(ir.VectorType(ir.IntType(32), width),
-                                     list(range(first, first + width)))
-                         for first in (0, width))
+        vectors = [builder.fadd(builder.load(p), builder.load(t))
+                   for p, t in zip(partials, tails)]
+        # the fold's first steps (p[j] += p[j + half] for half >= width) add whole
+        # vectors, the rest halves of one
+        while len(vectors) > 1:
+            half = len(vectors) // 2
+            vectors = [builder.fadd(vectors[v], vectors[v + half]) for v in range(half)]
+        folded = vectors[0]
+        half = width // 2
+        while half:
+            low, high = (ir.Constant(ir.VectorType(ir.IntType(32), half),
+                                     list(range(first, first + half)))
+                         for first in (0, half))
             folded = builder.fadd(builder.shuffle_vector(folded, folded, low),
                                   builder.shuffle_vector(folded, folded, high))
-            width //= 2
+            half //= 2
         return builder.extract_element(folded, ir.Constant(ir.IntType(32), 0))
 
     return x.dtype(x, start, count), codegen
+
+
+# The sum as 32-byte vector code (``_VECTOR_BYTES``), and as 64-byte (AVX-512) code for
+# calls large enough to pay for the licence change: ``WIDE_FROM``.
+interleaved_sum = _interleaved_sum(_VECTOR_BYTES)
+interleaved_sum_wide = _interleaved_sum(64)

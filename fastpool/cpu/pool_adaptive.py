@@ -26,7 +26,7 @@ import functools
 import numpy as np
 from numba import njit
 
-from fastpool.cpu._lanes import LANES, interleaved_sum
+from fastpool.cpu._lanes import LANES, WIDE_FROM, interleaved_sum, interleaved_sum_wide
 from fastpool.cpu._parallel import BODY_JIT, parallel_kernel
 from fastpool.cpu._pool_common import U, replaces
 from fastpool.cpu.pool_channels_last import _row
@@ -202,8 +202,13 @@ def global_avg_channels_first(x, out, worker, workers):
     directly, without a parallel region's 5 us.)"""
     planes, size = x.shape
     xf = x.reshape(-1)
+    wide = planes * size >= WIDE_FROM  # (the same bits either way)
     for p in range(worker * planes // workers, (worker + 1) * planes // workers):
-        out[U(p)] = np.float64(interleaved_sum(xf, p * size, size)) / size
+        if wide:
+            total = interleaved_sum_wide(xf, p * size, size)
+        else:
+            total = interleaved_sum(xf, p * size, size)
+        out[U(p)] = np.float64(total) / size
 
 
 @parallel_kernel
