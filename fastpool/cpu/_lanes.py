@@ -8,9 +8,10 @@ GPU follow the same order with other loops, so every path gives the same bits.
 
 Numba's loop vectoriser does not keep such partials in registers (it cannot prove the
 accumulator and the input apart and unrolls to scalar adds, 0.4x PyTorch), so
-``interleaved_sum`` writes the loop in LLVM IR: one vector of ``LANES`` lanes, one
-vector add per ``LANES`` elements, the tail loaded lane by lane (never past the last
-element), the fold as vector halves. Lane-wise vector adds are the scalar IEEE adds,
+``interleaved_sum`` writes the loop in LLVM IR: the ``LANES`` partials as 32-byte
+vectors (``interleaved_sum_wide``: 64-byte), one vector add per vector of elements, the
+tail loaded lane by lane (never past the last element), the fold as whole vectors and
+then vector halves. Lane-wise vector adds are the scalar IEEE adds,
 and a tail lane left at ``+0`` adds nothing (a sum started at ``+0`` is never ``-0``),
 so the result is the formula's bit for bit (``tests/test_adaptive.py`` checks it
 against a plain-loop version).
