@@ -9,8 +9,14 @@ import importlib
 import math
 
 from fastpool import _malloc, _threading
-from fastpool.cpu import conv_reproducible as _conv_reproducible
-from fastpool.cpu import pooling as _pooling
+from fastpool.cpu import _vector_width
+
+# Before any kernel compiles: kernels that call ``narrow_vectors()`` get no 512-bit
+# vectors they do not write themselves.
+_vector_width.install()
+
+from fastpool.cpu import conv_reproducible as _conv_reproducible  # noqa: E402
+from fastpool.cpu import pooling as _pooling  # noqa: E402
 
 # Scratch buffers allocated in each call stay mapped between calls (``_malloc``).
 _malloc.tune()

@@ -26,6 +26,8 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from fastpool.cpu._vector_width import allow_vector_bits
+
 # One AVX-512 vector of float32 (two of float64): the sum order, whatever the vectors.
 LANES = 16
 # Bytes per vector of the code: 32, AVX2's, though this CPU has AVX-512. A machine
@@ -75,6 +77,7 @@ def _typer(vector_bytes, typingctx, x, start, count):
         width = min(LANES, vector_bytes // align)
         parts = LANES // width
         vector = ir.VectorType(element, width)
+        allow_vector_bits(builder, 8 * align * width)
         intp = context.get_value_type(types.intp)
         begin = context.cast(builder, args[1], start_type, types.intp)
         count = context.cast(builder, args[2], count_type, types.intp)

@@ -74,6 +74,8 @@ from numba import njit, types
 from numba.core import cgutils, errors
 from numba.extending import intrinsic, overload
 
+from fastpool.cpu._vector_width import allow_vector_bits
+
 # Where a tile's chains start (``gemm_batch``'s ``start``): C's values, ``init`` per
 # row, ``init`` per column.
 FROM_C, FROM_ROW_INIT, FROM_COLUMN_INIT = 0, 1, 2
@@ -191,6 +193,7 @@ def _tile(partial, vectors):
             vptr = vty.as_pointer()
             mty = ir.VectorType(ir.IntType(1), width)
             itemsize = dtype.bitwidth // 8
+            allow_vector_bits(builder, 8 * _BYTES)
             align = ir.Constant(i32, itemsize)
             suffix = f"v{width}f{dtype.bitwidth}"
 

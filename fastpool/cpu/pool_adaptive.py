@@ -29,6 +29,7 @@ from numba import njit
 from fastpool.cpu._lanes import LANES, WIDE_FROM, interleaved_sum, interleaved_sum_wide
 from fastpool.cpu._parallel import BODY_JIT, parallel_kernel
 from fastpool.cpu._pool_common import U, replaces
+from fastpool.cpu._vector_width import narrow_vectors
 from fastpool.cpu.pool_channels_last import _row
 
 
@@ -39,6 +40,7 @@ def avg_forward(CHANNELS_LAST):
     @parallel_kernel
     @njit(**BODY_JIT)
     def kernel(x, out, sd, ed, sh, eh, sw, ew, zero, worker, workers):
+        narrow_vectors()  # float64 divisions: 512-bit vdivpd otherwise (_vector_width)
         B, D, H, W = x.shape[0], x.shape[1], x.shape[2], x.shape[3]
         C = x.shape[4] if CHANNELS_LAST else 1
         OD, OH, OW = out.shape[1], out.shape[2], out.shape[3]
@@ -121,6 +123,7 @@ def avg_backward(CHANNELS_LAST):
     @njit(**BODY_JIT)
     def kernel(grad_output, grad_input, sd, ed, sh, eh, sw, ew, fd, ld, fh, lh, fw, lw,
                zero, worker, workers):
+        narrow_vectors()  # float64 divisions: 512-bit vdivpd otherwise (_vector_width)
         B, D, H, W = (grad_input.shape[0], grad_input.shape[1], grad_input.shape[2],
                       grad_input.shape[3])
         C = grad_input.shape[4] if CHANNELS_LAST else 1
@@ -163,6 +166,7 @@ def global_avg_backward(CHANNELS_LAST):
     @parallel_kernel
     @njit(**BODY_JIT)
     def kernel(grad_output, grad_input, zero, worker, workers):
+        narrow_vectors()  # float64 divisions: 512-bit vdivpd otherwise (_vector_width)
         B = grad_input.shape[0]
         C = grad_input.shape[4] if CHANNELS_LAST else 1
         size = grad_input.shape[1] * grad_input.shape[2] * grad_input.shape[3]
@@ -219,6 +223,7 @@ def global_avg_channels_last(x, out, zero, block, worker, workers):
     image's ``block`` channels: whole images (``block = C``) read their memory in
     one sequential stream, which the hardware prefetches (256-channel blocks read
     1 KiB pieces 8 KiB apart and ran at 0.9x PyTorch from DRAM)."""
+    narrow_vectors()  # float64 divisions: 512-bit vdivpd otherwise (_vector_width)
     B, size, C = x.shape
     blocks = -(-C // block)
     units = B * blocks

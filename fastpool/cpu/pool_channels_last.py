@@ -18,6 +18,7 @@ from fastpool.cpu import _half_bits as hb
 from fastpool.cpu._parallel import BODY_JIT, parallel_kernel
 from fastpool._threading import thread_count
 from fastpool.cpu._pool_common import JIT, U, replaces, window_divisor
+from fastpool.cpu._vector_width import narrow_vectors
 
 # Fewest channels per task of the channels-last scatters (``scatter_blocks``).
 CHANNEL_BLOCK = 16
@@ -129,6 +130,7 @@ def avg_forward(KD, KH, KW, SD, SH, SW):
     @njit(**BODY_JIT)
     def kernel(x, out, pd, ph, pw, count_include_pad, divisor_override, zero, worker,
                workers):
+        narrow_vectors()  # float64 divisions: 512-bit vdivpd otherwise (_vector_width)
         N, D, H, W, C = x.shape
         OD, OH, OW = out.shape[1], out.shape[2], out.shape[3]
         xf = x.reshape(-1)
@@ -335,6 +337,7 @@ def avg_shares(grad_output, shares, pd, ph, pw, KD, KH, KW, SD, SH, SW, D, H, W,
     """``shares = grad_output / divisor`` per window, rounded to the dtype (worker
     ``worker``'s share of the output rows; a serial body, so a small call's one worker
     runs without a parallel region)."""
+    narrow_vectors()  # float64 divisions: 512-bit vdivpd otherwise (_vector_width)
     N, OD, OH, OW, C = grad_output.shape
     gf = grad_output.reshape(-1)
     sf = shares.reshape(-1)
