@@ -2,12 +2,13 @@
 
 import argparse
 import json
-import os
 import sys
 
-# Set before NumPy/OpenMP start: idle OpenMP workers sleep instead of spinning, so a
-# benchmark's thread pools do not steal each other's cores.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# OMP_WAIT_POLICY is left as the user has it: the benchmarks time the peers (PyTorch's
+# OpenMP pool) with their default settings and let spinning workers stop between
+# timings (``_bench_layers.interleaved_medians``). Until 2026-12-07 this module set
+# PASSIVE, under which PyTorch's layer-suite calls took 2x as long (geometric mean of
+# the batch-1 rows; up to 10x on the smallest): docs/site/performance.md.
 
 
 def _parser():

@@ -7,9 +7,10 @@ entering the compiled code. Timed against the same call of PyTorch (``torch.nn.f
 and the ``torch.ops.aten`` backward ops, given the same indices) in one interleaved
 run: each repeat times ``number`` calls of each side, alternating which goes first;
 medians of the per-call times are reported. PyTorch is timed on the benchmark's threads
-and on one thread, and the faster counts: with ``OMP_WAIT_POLICY=PASSIVE`` (set by
-``python -m fastpool`` so that idle OpenMP threads do not steal cores) its sleeping
-second thread costs a tiny call tens of microseconds that one thread does not pay. Issue 16's targets, for
+and on one thread, and the faster counts (with ``OMP_WAIT_POLICY=PASSIVE``, which
+``python -m fastpool`` set until 2026-12-07, its sleeping second thread cost a tiny
+call tens of microseconds that one thread did not pay; the user's setting is kept
+now). Issue 16's targets, for
 forward calls: 6 µs for pooling, 10 µs for convolution.
 """
 

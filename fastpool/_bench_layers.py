@@ -383,7 +383,8 @@ def interleaved_medians(functions, repeats, settle=SETTLE_SECONDS):
     the two cores (fastpool's 1x1 512->256 on 28x28: 1.2 ms alone, 1.8-2.4 ms right
     after PyTorch's call). ``OMP_WAIT_POLICY=PASSIVE`` would stop the spinning, but makes
     PyTorch's small calls 4-10x slower (4 -> 40 us): the peers' settings stay as users
-    have them. The rotation keeps whatever effect remains from always falling on the
+    have them (``python -m fastpool`` set PASSIVE until 2026-12-07: PyTorch's layer-suite
+    calls took 2x as long, up to 10x on the smallest). The rotation keeps whatever effect remains from always falling on the
     same function."""
     samples = [[] for _ in functions]
     count = len(functions)

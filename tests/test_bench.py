@@ -264,6 +264,21 @@ def test_info_runs_in_a_fresh_process():
     assert f"numpy          {np.__version__}" in out
 
 
+def test_command_leaves_the_openmp_wait_policy_to_the_user():
+    """The benchmarks time peers with their own settings: ``python -m fastpool`` once
+    set ``OMP_WAIT_POLICY=PASSIVE``, under which PyTorch's layer-suite calls took 2x as
+    long as a user's (up to 10x on the smallest)."""
+    script = ("import os, runpy, sys; sys.argv = ['fastpool', 'info']\n"
+              "try:\n    runpy.run_module('fastpool', run_name='__main__')\n"
+              "except SystemExit:\n    pass\n"
+              "print('POLICY', os.environ.get('OMP_WAIT_POLICY'))")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True,
+                            text=True, timeout=120, env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == "POLICY None"
+
+
 def test_bench_restores_thread_counts(tiny_shapes, monkeypatch):
     import numba
     from threadpoolctl import threadpool_info
