@@ -160,6 +160,16 @@ def test_small_and_large_work_estimates_of_the_cpu_launchers():
     _, large = _params.pool_window(np.zeros((32, 64, 112, 112), np.float32), 2, 3, 2, 1,
                                    1, False)
     assert cpu._pool_cost(large) > 100 * _threading.SMALL_WORK_NS
+    # a 2-D forward splits from 12.5x the threshold (one thread was faster below it),
+    # its backward and other ranks at the threshold
+    _, mid = _params.pool_window(np.zeros((1, 512, 14, 14), np.float32), 2, 2, None, 0,
+                                 1, False)
+    assert cpu._pool_cost(mid) > _threading.SMALL_WORK_NS
+    assert cpu._pool_forward_cost(mid) < _threading.SMALL_WORK_NS
+    assert cpu._pool_forward_cost(large) > 10 * _threading.SMALL_WORK_NS
+    _, three = _params.pool_window(np.zeros((1, 64, 14, 14, 14), np.float32), 3, 2,
+                                   None, 0, 1, False)
+    assert cpu._pool_forward_cost(three) == cpu._pool_cost(three)
     w = np.zeros((64, 64, 3, 3), np.float32)
     *_, conv = _params.conv_window(np.zeros((1, 64, 56, 56), np.float32), w, None, 2,
                                    1, 1, 1, 1)

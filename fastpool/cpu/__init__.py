@@ -45,6 +45,25 @@ def _pool_cost(window):
             + _memory_cost(window))
 
 
+# The 2-D max and average pooling forwards split over threads only from 12.5x
+# ``SMALL_WORK_NS`` of estimated work (250 us). Timed as the layer suite times a call
+# (after 12 ms of other work, so the second thread sleeps; 2026-12-07, Intel Xeon,
+# float32, batch 1, both layouts), ``_pool_cost`` came to 2.2x-6.1x a forward's real
+# single-thread time, and two threads beat one only from about 70-90 us of real work:
+# 2x2 s2 of 512@14 (estimated 82 us) 19-31 us on one thread against 26-50 on two; 2x2
+# avg of 256@28 (163) 40 against 50-61; 2x2 of 512@28 (326) 90-95 against 74-108;
+# 256@56 (652) 207-235 against 126-176. 1-D and 3-D forwards were not measured so and
+# keep the common threshold.
+_POOL_FORWARD_SPLIT = 12.5
+
+
+def _pool_forward_cost(window):
+    """``_pool_cost`` as ``serialised`` compares it with ``SMALL_WORK_NS``: 2-D
+    forwards' estimates over ``_POOL_FORWARD_SPLIT``."""
+    cost = _pool_cost(window)
+    return cost / _POOL_FORWARD_SPLIT if window.rank == 2 else cost
+
+
 def _conv_cost(window):
     macs = _outputs(window) * math.prod(window.kernel) * (window.channels // window.groups)
     return _NS_PER_MAC * macs + _memory_cost(window)
@@ -60,6 +79,7 @@ def _sized(cost, loops=True):
 # unpooling launchers call parallel loops directly.
 _conv_launcher = _sized(_conv_cost, loops=False)
 _pool_launcher = _sized(_pool_cost, loops=False)
+_pool_forward_launcher = _sized(_pool_forward_cost, loops=False)
 _adaptive_launcher = _sized(_memory_cost, loops=False)
 _memory_launcher = _sized(_memory_cost)
 
@@ -82,9 +102,9 @@ def __getattr__(name):
     return launcher
 
 
-max_pool_forward = _pool_launcher(_pooling.max_pool_forward)
+max_pool_forward = _pool_forward_launcher(_pooling.max_pool_forward)
 max_pool_backward = _pool_launcher(_pooling.max_pool_backward)
-avg_pool_forward = _pool_launcher(_pooling.avg_pool_forward)
+avg_pool_forward = _pool_forward_launcher(_pooling.avg_pool_forward)
 avg_pool_backward = _pool_launcher(_pooling.avg_pool_backward)
 stochastic_pool_forward = _pool_launcher(_pooling.stochastic_pool_forward)
 stochastic_pool_backward = _pool_launcher(_pooling.stochastic_pool_backward)
