@@ -161,6 +161,20 @@ def test_global_average_adds_in_the_documented_order(rank, dtype):
                                           want.view(f"i{x.itemsize}"), err_msg=str(size))
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_channels_last_global_average_in_channel_blocks(dtype):
+    """One image of many channels runs in blocks of 256 channels, each summed a
+    vector of channels at a time (``_lanes.interleaved_column_sums``, partials in
+    registers) with the last block's last channels in the scalar loop: the documented
+    order's bits for every channel."""
+    rng = np.random.default_rng(33)
+    shape = (1, 4099, 7, 7)
+    x = (rng.standard_normal(shape) * 10.0 ** rng.integers(-6, 6, shape)).astype(dtype)
+    want = ref.global_avg_pool_in_order(x)
+    got = OPS[2]["avg"](channels_last(x), 1)
+    np.testing.assert_array_equal(got.view(f"i{x.itemsize}"), want.view(f"i{x.itemsize}"))
+
+
 @pytest.mark.parametrize("wide", [False, True])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_global_average_sum_vector_widths(dtype, wide):

@@ -11,7 +11,9 @@ accumulator and the input apart and unrolls to scalar adds, 0.4x PyTorch), so
 ``interleaved_sum`` writes the loop in LLVM IR: the ``LANES`` partials as 32-byte
 vectors (``interleaved_sum_wide``: 64-byte), one vector add per vector of elements, the
 tail loaded lane by lane (never past the last element), the fold as whole vectors and
-then vector halves. Lane-wise vector adds are the scalar IEEE adds,
+then vector halves; ``interleaved_column_sums`` does the same for a chunk of
+channels-last columns, one vector of columns per partial. Lane-wise vector adds are
+the scalar IEEE adds,
 and a tail lane left at ``+0`` adds nothing (a sum started at ``+0`` is never ``-0``),
 so the result is the formula's bit for bit (``tests/test_adaptive.py`` checks it
 against a plain-loop version).
@@ -136,3 +138,69 @@ def _typer(vector_bytes, typingctx, x, start, count):
 # calls large enough to pay for the licence change: ``WIDE_FROM``.
 interleaved_sum = _interleaved_sum(_VECTOR_BYTES)
 interleaved_sum_wide = _interleaved_sum(64)
+
+
+# Bytes of columns ``interleaved_column_sums`` sums at once: one 32-byte vector.
+COLUMN_BYTES = _VECTOR_BYTES
+
+
+@intrinsic
+def interleaved_column_sums(typingctx, x, start, stride, count, out, out_start):
+    """``out[out_start + i] = `` the interleaved sum (the order above) of ``x[start + r *
+    stride + i]`` over rows ``r < count``, for the ``COLUMN_BYTES // itemsize`` columns ``i``: a
+    channels-last global average's chunk of channels. The ``LANES`` partials are one
+    vector of columns each, kept in registers (the kernel's partials in memory cost a
+    load and a store per element); partial ``j`` takes rows ``j, j + LANES, ...``
+    starting from ``+0``, and the fold adds whole vectors, so each column's sum is the
+    formula's bit for bit. ``x`` and ``out`` 1-D, C-contiguous, one float dtype; reads
+    only the given rows and columns."""
+    if not (all(isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C"
+                and isinstance(a.dtype, types.Float) for a in (x, out))
+            and x.dtype == out.dtype and out.mutable
+            and all(isinstance(v, types.Integer) for v in (start, stride, count, out_start))):
+        return None
+
+    def codegen(context, builder, signature, args):
+        tys = signature.args
+        element = context.get_data_type(tys[0].dtype)
+        align = context.get_abi_sizeof(element)
+        width = _VECTOR_BYTES // align
+        vector = ir.VectorType(element, width)
+        intp = context.get_value_type(types.intp)
+
+        def value(index):
+            return context.cast(builder, args[index], tys[index], types.intp)
+
+        data = context.make_array(tys[0])(context, builder, args[0]).data
+        out = context.make_array(tys[4])(context, builder, args[4]).data
+        base, stride, count = builder.gep(data, [value(1)]), value(2), value(3)
+        zero = ir.Constant(vector, [ir.Constant(element, 0.0)] * width)
+        lanes = ir.Constant(intp, LANES)
+
+        def row(index):  # the chunk of row ``index`` as a vector
+            where = builder.gep(base, [builder.mul(index, stride)])
+            return builder.load(builder.bitcast(where, vector.as_pointer()), align=align)
+
+        partials = [_zeroed(builder, vector, zero) for _ in range(LANES)]
+        full = builder.sdiv(count, lanes)
+        with cgutils.for_range(builder, full) as loop:
+            first = builder.mul(loop.index, lanes)
+            for j, partial in enumerate(partials):
+                block = row(builder.add(first, ir.Constant(intp, j)))
+                builder.store(builder.fadd(builder.load(partial), block), partial)
+        done = builder.mul(full, lanes)
+        rest = builder.sub(count, done)
+        for j in range(LANES - 1):
+            with builder.if_then(builder.icmp_signed(">", rest, ir.Constant(intp, j))):
+                block = row(builder.add(done, ir.Constant(intp, j)))
+                builder.store(builder.fadd(builder.load(partials[j]), block), partials[j])
+        vectors = [builder.load(p) for p in partials]
+        while len(vectors) > 1:  # p[j] += p[j + half], half = LANES / 2, ..., 1
+            half = len(vectors) // 2
+            vectors = [builder.fadd(vectors[j], vectors[j + half]) for j in range(half)]
+        target = builder.gep(out, [value(5)])
+        builder.store(vectors[0], builder.bitcast(target, vector.as_pointer()),
+                      align=align)
+        return context.get_dummy_value()
+
+    return types.void(x, start, stride, count, out, out_start), codegen
