@@ -162,15 +162,40 @@ def _as_channels_last(x, w):
 
 # ----------------------------------------------------------------------------- max
 
+def _cl_forward_plan(op, *flags):
+    """``make(window)``: what a channels-last forward of ``op`` derives from the
+    geometry, derived once (``Volume.derived``): its kernel (None without planes), the
+    output buffer's shape, the axes that view it as ``(N, C, *spatial)``, its kernel
+    view's shape, the axes and kernel shape of the input's buffer, pads and output
+    rows. A small call's per-call path cost more than its kernel (2x2 average of (1, 6,
+    28, 28): shapes and axes made again on every call)."""
+    def make(w):
+        lead = (w.batch,) if w.batched else ()
+        out_shape = lead + tuple(w.out_size) + (w.channels,)
+        return (kernel(op, w, *flags) if w.planes else None, out_shape,
+                _moved(len(out_shape), -1, len(lead)),
+                (w.batch,) + (1,) * (3 - w.rank) + tuple(w.out_size) + (w.channels,),
+                _moved(len(out_shape), len(lead), -1),
+                (w.batch,) + tuple(w.in3) + (w.channels,), _pads(w),
+                w.batch * math.prod(w.out3[:2]))
+    return make
+
+
+_CL_MAX_PLAN = {flag: _cl_forward_plan("max_forward_cl", flag) for flag in (False, True)}
+_NO_CL_INDICES = np.empty((1,) * 5, np.int64)
+
+
 def _max_forward_channels_last(x, w, with_indices):
-    out, out_view = _cl_empty(w, w.out_size, w.channels, x.dtype)
-    indices, indices_view = (_cl_empty(w, w.out_size, w.channels, np.int64)
-                             if with_indices else (np.empty((1,) * 5, np.int64), None))
-    if w.planes:
-        kernel("max_forward_cl", w, bool(with_indices))(
-            hb.bits(_cl_buffer(x, w, w.in3)), hb.bits(out), indices, *_pads(w),
-            _cl_row_workers(w))
-    return out_view, indices_view
+    make = _CL_MAX_PLAN[bool(with_indices)]
+    run, shape, axes, out_view, in_axes, in_view, pads, rows = w.derived(make, make)
+    out = np.empty(shape, x.dtype)
+    indices = np.empty(shape, np.int64) if with_indices else None
+    if run is not None:
+        run(hb.bits(contiguous(x.transpose(in_axes)).reshape(in_view)),
+            hb.bits(out.reshape(out_view)),
+            _NO_CL_INDICES if indices is None else indices.reshape(out_view), *pads,
+            _split(rows))
+    return out.transpose(axes), (None if indices is None else indices.transpose(axes))
 
 
 def _forward_plan(op, plans, *flags):
@@ -319,13 +344,18 @@ def max_pool_backward(grad_output, x, window, indices):
 
 # ----------------------------------------------------------------------------- average
 
+_CL_AVG_PLAN = _cl_forward_plan("avg_forward_cl")
+
+
 def _avg_forward_channels_last(x, w, count_include_pad, divisor_override):
-    out, view = _cl_empty(w, w.out_size, w.channels, x.dtype)
-    if w.planes:
-        kernel("avg_forward_cl", w)(hb.bits(_cl_buffer(x, w, w.in3)), hb.bits(out),
-                                    *_pads(w), count_include_pad, divisor_override,
-                                    hb.scalar(x.dtype, 0), _cl_row_workers(w))
-    return view
+    run, shape, axes, out_view, in_axes, in_view, pads, rows = w.derived(_CL_AVG_PLAN,
+                                                                         _CL_AVG_PLAN)
+    out = np.empty(shape, x.dtype)
+    if run is not None:
+        run(hb.bits(contiguous(x.transpose(in_axes)).reshape(in_view)),
+            hb.bits(out.reshape(out_view)), *pads, count_include_pad, divisor_override,
+            hb.scalar(x.dtype, 0), _split(rows))
+    return out.transpose(axes)
 
 
 def avg_pool_forward(x, window, count_include_pad, divisor_override):
