@@ -384,8 +384,8 @@ def interleaved_medians(functions, repeats, settle=SETTLE_SECONDS):
     after PyTorch's call). ``OMP_WAIT_POLICY=PASSIVE`` would stop the spinning, but makes
     PyTorch's small calls 4-10x slower (4 -> 40 us): the peers' settings stay as users
     have them (``python -m fastpool`` set PASSIVE until 2026-12-07: PyTorch's layer-suite
-    calls took 2x as long, up to 10x on the smallest). The rotation keeps whatever effect remains from always falling on the
-    same function."""
+    calls took 2x as long, up to 10x on the smallest). The rotation keeps whatever
+    effect remains from always falling on the same function."""
     samples = [[] for _ in functions]
     count = len(functions)
     for r in range(repeats):

@@ -147,8 +147,8 @@ COLUMN_BYTES = _VECTOR_BYTES
 @intrinsic
 def interleaved_column_sums(typingctx, x, start, stride, count, out, out_start):
     """``out[out_start + i] = `` the interleaved sum (the order above) of ``x[start + r *
-    stride + i]`` over rows ``r < count``, for the ``COLUMN_BYTES // itemsize`` columns ``i``: a
-    channels-last global average's chunk of channels. The ``LANES`` partials are one
+    stride + i]`` over rows ``r < count``, for the ``COLUMN_BYTES // itemsize`` columns
+    ``i``: a channels-last global average's chunk of channels. The ``LANES`` partials are one
     vector of columns each, kept in registers (the kernel's partials in memory cost a
     load and a store per element); partial ``j`` takes rows ``j, j + LANES, ...``
     starting from ``+0``, and the fold adds whole vectors, so each column's sum is the
