@@ -486,9 +486,10 @@ _CACHE_SCRIPT = """
     x = np.arange(36, dtype=np.float64).reshape(1, 1, 6, 6)
     y = fastpool.max_pool2d(x, 3, stride=2)
     assert y.shape == (1, 1, 2, 2) and y[0, 0, 1, 1] == 28.0, y
-    # Large enough for two threads (NUMBA_NUM_THREADS=2): the parallel loop too.
+    # Large enough for two threads (NUMBA_NUM_THREADS=2): the parallel loop too (a 2-D
+    # forward splits from 250 us of estimated work: about 730 here).
     assert numba.get_num_threads() == 2
-    fastpool.max_pool2d(np.zeros((2, 16, 64, 64)), 3, stride=2)
+    fastpool.max_pool2d(np.zeros((2, 16, 128, 128)), 3, stride=2)
     result = {}
     for name, dispatcher in (("kernel", pool_max.max_forward(1, 3, 3, 1, 2, 2, 1, 1, 1,
                                                               False).body),
