@@ -80,22 +80,39 @@ def _volumes(a, spatial3):
     return contiguous(a).reshape((-1,) + tuple(spatial3))
 
 
+def _cl_input_layout(window, spatial3, ndim, channels):
+    """``(axes, shape)``: the transpose that takes a channels-last ``(N, C, *spatial)``
+    array of ``ndim`` axes to its ``(N, *spatial, C)`` buffer, and that buffer's kernel
+    view shape."""
+    lead = 1 if window.batched else 0
+    return (_moved(ndim, lead, -1), (window.batch,) + tuple(spatial3) + (channels,))
+
+
+def _cl_output_layout(window, spatial, channels):
+    """``(shape, axes, kernel_shape)`` of a new channels-last result: its ``(N,
+    *spatial, C)`` buffer's shape, the transpose that views it as ``(N, C, *spatial)``,
+    and its ``(N, D, H, W, C)`` kernel view's shape."""
+    lead = (window.batch,) if window.batched else ()
+    shape = lead + tuple(spatial) + (channels,)
+    pad = (1,) * (3 - window.rank)
+    return (shape, _moved(len(shape), -1, len(lead)),
+            (window.batch,) + pad + tuple(spatial) + (channels,))
+
+
 def _cl_buffer(a, window, spatial3):
     """The ``(N, D, H, W, C)`` buffer behind a channels-last ``(N, C, *spatial)`` array
     (a view; one copy only if it is not exactly that buffer)."""
-    axis = 1 if window.batched else 0
-    return contiguous(a.transpose(_moved(a.ndim, axis, -1))).reshape(
-        (window.batch,) + tuple(spatial3) + (a.shape[axis],))
+    axes, shape = _cl_input_layout(window, spatial3, a.ndim,
+                                   a.shape[1 if window.batched else 0])
+    return contiguous(a.transpose(axes)).reshape(shape)
 
 
 def _cl_empty(window, spatial, channels, dtype):
     """A new ``(N, D, H, W, C)`` buffer and the caller's ``(N, C, *spatial)`` view of
     it (channels-last strides)."""
-    lead = (window.batch,) if window.batched else ()
-    buffer = np.empty(lead + tuple(spatial) + (channels,), dtype=dtype)
-    view = buffer.transpose(_moved(buffer.ndim, -1, len(lead)))
-    pad = (1,) * (3 - window.rank)
-    return buffer.reshape((window.batch,) + pad + tuple(spatial) + (channels,)), view
+    shape, axes, kernel_shape = _cl_output_layout(window, spatial, channels)
+    buffer = np.empty(shape, dtype=dtype)
+    return buffer.reshape(kernel_shape), buffer.transpose(axes)
 
 
 def _pads(window):
@@ -170,14 +187,10 @@ def _cl_forward_plan(op, *flags):
     rows. A small call's per-call path cost more than its kernel (2x2 average of (1, 6,
     28, 28): shapes and axes made again on every call)."""
     def make(w):
-        lead = (w.batch,) if w.batched else ()
-        out_shape = lead + tuple(w.out_size) + (w.channels,)
-        return (kernel(op, w, *flags) if w.planes else None, out_shape,
-                _moved(len(out_shape), -1, len(lead)),
-                (w.batch,) + (1,) * (3 - w.rank) + tuple(w.out_size) + (w.channels,),
-                _moved(len(out_shape), len(lead), -1),
-                (w.batch,) + tuple(w.in3) + (w.channels,), _pads(w),
-                w.batch * math.prod(w.out3[:2]))
+        return (kernel(op, w, *flags) if w.planes else None,
+                *_cl_output_layout(w, w.out_size, w.channels),
+                *_cl_input_layout(w, w.in3, int(w.batched) + 1 + w.rank, w.channels),
+                _pads(w), w.batch * math.prod(w.out3[:2]))
     return make
 
 
