@@ -675,7 +675,7 @@ def test_im2col_images_side_by_side_give_the_one_image_bits(
     xl = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
     launched = []
     for module, name, at in ((cpu_conv, "_gemm_forward", 8),
-                             (_channels_last_gemm, "_im2col_forward", 9)):
+                             (_channels_last_gemm, "_im2col_forward", 8)):
         def spy(*args, kernel=getattr(module, name), at=at):
             launched.append(args[at])
             return kernel(*args)
@@ -712,7 +712,7 @@ def test_im2col_images_need_whole_planes(monkeypatch):
     args = dict(stride=(2, 1), padding=1)
     launched = []
     for module, name, at in ((cpu_conv, "_gemm_forward", 8),
-                             (_channels_last_gemm, "_im2col_forward", 9)):
+                             (_channels_last_gemm, "_im2col_forward", 8)):
         def spy(*a, kernel=getattr(module, name), at=at):
             launched.append((a[at - 2], a[at]))  # rows a band, images a run
             return kernel(*a)

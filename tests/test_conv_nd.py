@@ -404,13 +404,10 @@ def test_channels_last_gpu_arrays_give_channels_last_results(rank, small_launche
 @pytest.mark.parametrize("groups", [1, 2])
 @pytest.mark.parametrize("unbatched", [False, True])
 def test_channels_last_pointwise_runs_in_place(groups, unbatched, monkeypatch):
-    """A 1x1 convolution of a channels-last input is GEMMs on its pixel matrix (BLAS,
-    where ``_channels_last_gemm`` does not take it): the channels-first copy never
-    happens, results match the reference and stay channels-last; a channels-first
-    grad_output is copied once."""
+    """A 1x1 convolution of a channels-last input is GEMMs on its pixel matrix: the
+    channels-first copy never happens, results match the reference and stay
+    channels-last; a channels-first grad_output is copied once."""
     from fastpool.cpu import conv as cpu_conv
-    from fastpool.cpu.conv import _channels_last_gemm
-    monkeypatch.setattr(_channels_last_gemm, "takes_pointwise", lambda *a: False)
     rng = np.random.default_rng(30 + groups)
     x = rng.standard_normal((3, 6, 5, 7))
     w = rng.standard_normal((4, 6 // groups, 1, 1))
@@ -440,44 +437,65 @@ def test_channels_last_pointwise_runs_in_place(groups, unbatched, monkeypatch):
         assert np.moveaxis(grads.grad_input, axis, -1).flags.c_contiguous
 
 
-@pytest.mark.parametrize("path", ["in place", "narrow band", "narrow turned"])
-@pytest.mark.parametrize("x_shape, groups", [((2, 6, 5, 7), 1), ((1, 8, 4, 3), 2),
-                                             ((5, 3, 4), 1)])
-def test_channels_last_pointwise_products_give_the_channels_first_bits(
-        path, x_shape, groups, monkeypatch):
-    """The channels-last pointwise forwards on fastpool's own GEMM (small weights:
-    turned over, reading the input in place; few pixels: the channels-first product on
-    gathered pixels, into a band buffer or turned over) are read in place, written
-    channels-last, and give the channels-first call's bits."""
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("blocking", ["by channels", "by pixels", "small blocks"])
+@pytest.mark.parametrize("x_shape, out_channels, groups, bias", [
+    ((2, 6, 5, 7), 10, 1, True), ((1, 8, 4, 3), 10, 2, True), ((5, 3, 4), 10, 1, False),
+    ((1, 35, 9, 11), 70, 1, True),    # blocks of channels past one vector, ragged
+    ((3, 16, 6, 6), 48, 4, False),    # groups > threads
+])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_channels_last_pointwise_gives_the_channels_first_bits(
+        x_shape, out_channels, groups, bias, blocking, threads, dtype, monkeypatch):
+    """The channels-last pointwise forward (``_channels_last_pointwise``: fastpool's GEMM
+    on the pixel matrix read in place, the weight transposed per block of output
+    channels) writes channels-last and gives the channels-first call's bits, however
+    the work is cut (by output channels, by pixels, in many small blocks of the
+    weight) and on any number of threads."""
+    import numba
+    from fastpool import _threading
     from fastpool.cpu import conv as cpu_conv
-    from fastpool.cpu.conv import _channels_last_gemm as clg
+    from fastpool.cpu.conv import _channels_last_pointwise as clp
     rng = np.random.default_rng(41)
-    x = rng.standard_normal(x_shape).astype(np.float32)
-    w = rng.standard_normal((10, x_shape[-3] // groups, 1, 1)).astype(np.float32)
-    b = rng.standard_normal(10).astype(np.float32)
+    x = rng.standard_normal(x_shape).astype(dtype)
+    w = rng.standard_normal((out_channels, x_shape[-3] // groups, 1, 1)).astype(dtype)
+    b = rng.standard_normal(out_channels).astype(dtype) if bias else None
     y = fastpool.conv2d(x, w, b, groups=groups)
+    batched = x if x.ndim == 4 else x[None]
+    want = ref.conv2d(batched.astype(np.float64), w, b, groups=groups)
+    np.testing.assert_allclose(y, want if x.ndim == 4 else want[0], rtol=1e-4, atol=1e-4)
     xl = np.moveaxis(np.ascontiguousarray(np.moveaxis(x, -3, -1)), -1, -3)
-    big = 1 << 30
-    monkeypatch.setattr(clg, "_IN_PLACE_WEIGHT_BYTES", big if path == "in place" else 0)
-    monkeypatch.setattr(clg, "_NARROW_PIXELS", 0 if path == "in place" else big)
-    monkeypatch.setattr(clg, "_IN_PLACE_PIXELS", 0)
-    monkeypatch.setattr(clg, "_TURNED_WEIGHT_BYTES",
-                        big if path == "narrow turned" else 0)
-    calls = []  # (in_place, wt) of each launch
-    original = clg._im2col_forward
-    monkeypatch.setattr(clg, "_im2col_forward",
-                        lambda *a: calls.append((a[6], a[3], a[1])) or original(*a))
+    monkeypatch.setattr(clp, "_SPLIT_PIXELS", 1 if blocking == "by pixels" else 1 << 30)
+    monkeypatch.setattr(clp, "_BLOCK_BYTES",
+                        1 if blocking == "small blocks" else 1 << 30)
+    clp.blocks.cache_clear()
+    cuts = []
+    original = clp.blocks
+
+    def recorded(*args):
+        cuts.append(original.__wrapped__(*args))
+        return cuts[-1]
+
+    monkeypatch.setattr(clp, "blocks", recorded)
 
     def no_copies(a):
         raise AssertionError("the channels-first path ran")
 
     monkeypatch.setattr(cpu_conv, "contiguous", no_copies)
-    yl = fastpool.conv2d(xl, w, b, groups=groups)
-    in_place, turned = calls[0][0], calls[0][1].size > 0
-    assert calls[0][2].size == 0, "the input was copied channels-first"
-    assert (in_place, turned) == {"in place": (True, True),
-                                  "narrow band": (False, False),
-                                  "narrow turned": (False, True)}[path]
+    monkeypatch.setattr(_threading, "SMALL_WORK_NS", -1)  # every call on the threads
+    threads = min(threads, numba.config.NUMBA_NUM_THREADS)
+    before = numba.get_num_threads()
+    numba.set_num_threads(threads)
+    try:
+        yl = fastpool.conv2d(xl, w, b, groups=groups)
+    finally:
+        numba.set_num_threads(before)
+    assert cuts, "the pointwise kernel did not run"
+    pixel_blocks, channel_blocks, _ = cuts[0]
+    if threads > 1 and groups < threads:
+        assert (pixel_blocks > 1) == (blocking == "by pixels"), cuts
+    if blocking == "small blocks":
+        assert channel_blocks == -(-out_channels // groups // clp._MIN_CHANNELS), cuts
     np.testing.assert_array_equal(yl, y)
     assert np.moveaxis(yl, -3, -1).flags.c_contiguous
 

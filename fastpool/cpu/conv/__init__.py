@@ -67,7 +67,8 @@ from fastpool._threading import loop_on_one_thread, thread_count
 from fastpool.cpu._arrays import channels_last, contiguous
 from fastpool._geometry import CHANNELS_LAST
 from fastpool.cpu._blas import single_threaded_blas
-from fastpool.cpu.conv import _channels_last, _channels_last_direct, _channels_last_gemm
+from fastpool.cpu.conv import (_channels_last, _channels_last_direct, _channels_last_gemm,
+                               _channels_last_pointwise)
 from fastpool.cpu.conv import _channels_last_backward, _channels_last_taps, _depthwise_blocks
 from fastpool.cpu.conv import _winograd_grad
 from fastpool.cpu.conv._direct import (_direct_backward_input, _direct_backward_weight,
@@ -141,11 +142,12 @@ def _algorithm_code(window, algorithm):
 
 def _pointwise_pixels(x, w, algorithm):
     """The ``(M, C)`` pixel matrix of a channels-last input whose pointwise convolution
-    runs in place (``_channels_last``), or None: another algorithm, another layout, an
-    empty batch, or an array that is not exactly a channels-last buffer (conv3d's and
-    the transposed convolutions' inner calls pass channels-first ones)."""
-    if (algorithm is not None or w.layout != CHANNELS_LAST or w.batch == 0
-            or not _forward_problem(w).pointwise_applies()):
+    runs in place (``_channels_last_pointwise``, ``_channels_last``), or None: another
+    algorithm pinned, another layout, an empty batch, or an array that is not exactly a
+    channels-last buffer (conv3d's and the transposed convolutions' inner calls pass
+    channels-first ones)."""
+    if (algorithm not in (None, "pointwise") or w.layout != CHANNELS_LAST
+            or w.batch == 0 or not _forward_problem(w).pointwise_applies()):
         return None
     x2d = _channels_last.pixels(x if _batched(x) else x[None])
     # The kernels trust these shapes: never hand them a matrix of another geometry.
@@ -330,11 +332,10 @@ def _forward_channels_last(x, weight, bias, w, algorithm):
     """``conv2d_forward`` of a channels-last input read in place (its routes in
     order), or None where it is copied to channels-first."""
     x2d = _pointwise_pixels(x, w, algorithm)
-    if x2d is not None and not _channels_last_gemm.takes_pointwise(_forward_problem(w),
-                                                                   weight.nbytes):
-        with single_threaded_blas(x2d.dtype):
-            y = _channels_last.forward(x2d, weight, bias, w, thread_count(),
-                                       _check)
+    if x2d is not None:
+        y = _channels_last_pointwise.forward(
+            x2d, weight, bias, (w.batch, w.out_channels) + w.out_size, w.groups,
+            thread_count())
         return y if _batched(x) else y[0]
     x4 = _depthwise_pixels(x, w, algorithm)
     if x4 is not None:

@@ -1,18 +1,17 @@
-"""Pointwise (1x1, stride 1, no padding) convolution on channels-last buffers, in place.
+"""Pointwise (1x1, stride 1, no padding) convolution's backward on channels-last
+buffers, in place (the forward: ``_channels_last_pointwise``).
 
 A channels-last ``(N, H, W, C)`` buffer is an ``(M, C)`` matrix with ``M = N * H * W``
-pixels, so per group ``g`` the convolution is one GEMM on it, ``Y_g (M x O_g) = X_g (M
-x C_g) @ W_g^T``, written straight into the ``(M, O)`` output buffer (no copy in or
-out, where the channels-first kernels would need one each way). The backward is two
-more GEMMs: ``grad_X_g = grad_Y_g @ W_g`` and ``grad_W_g = grad_Y_g^T @ X_g``, the
+pixels, so per group ``g`` the backward is two GEMMs on such matrices, written straight
+into ``(M, C)`` buffers (no copy in or out, where the channels-first kernels would need
+one each way): ``grad_X_g = grad_Y_g @ W_g`` and ``grad_W_g = grad_Y_g^T @ X_g``, the
 latter over fixed chunks of pixels (the chunking depends on the shapes only) summed in
-chunk order; the other two run over blocks of rows fixed by the pixel count, so every
+chunk order; the former runs over blocks of rows fixed by the pixel count, so every
 result is identical at any thread count. The blocks are shared among the Numba
 threads, one single-threaded BLAS call each (``fastpool.cpu._blas``). The
 sums run in BLAS's order for this orientation, so they equal the channels-first
 kernels' within rounding, not bit for bit.
 """
-
 from __future__ import annotations
 
 import numpy as np
@@ -23,33 +22,6 @@ from fastpool.cpu._arrays import moved_axes
 from fastpool.cpu._blas import gemm
 from fastpool.cpu.conv._gemm import _sum_partials
 from fastpool.cpu.conv._planner import _JIT, _MAX_CHUNKS, _PARTIAL_BYTES
-
-
-@njit(**_JIT)
-def _forward(x, w, bias, has_bias, y, groups, blocks, column_blocks, status):
-    """``y[m, g*Og + o] = bias[o] + sum_c x[m, g*Cg + c] * w[g*Og + o, c]``, over
-    ``blocks`` blocks of rows times ``column_blocks`` blocks of each group's output
-    channels."""
-    M, C = x.shape
-    O = y.shape[1]
-    Cg, Og = C // groups, O // groups
-    xf, wf, yf = x.reshape(-1), w.reshape(-1), y.reshape(-1)
-    for t in prange(blocks * column_blocks):
-        b, k = t // column_blocks, t % column_blocks
-        m0, m1 = b * M // blocks, (b + 1) * M // blocks
-        o0, o1 = k * Og // column_blocks, (k + 1) * Og // column_blocks
-        if m1 > m0 and o1 > o0:
-            s = 0
-            for g in range(groups):
-                s |= gemm(False, True, m1 - m0, o1 - o0, Cg, xf, m0 * C + g * Cg, C, wf,
-                          (g * Og + o0) * Cg, Cg, 0.0, yf, m0 * O + g * Og + o0, O)
-            if has_bias:
-                for m in range(m0, m1):
-                    for g in range(groups):
-                        for o in range(g * Og + o0, g * Og + o1):
-                            y[m, o] += bias[o]
-            if s != 0:
-                status[0] = s
 
 
 @njit(**_JIT)
@@ -110,17 +82,6 @@ def row_blocks(M):
     return max(1, min(_MAX_ROW_BLOCKS, M // _MIN_BLOCK_ROWS))
 
 
-def forward_blocks(M, outputs_per_group):
-    """``(row blocks, column blocks)`` of the forward: each block packs its share of
-    one operand and all of the other, so the blocks cut the larger one, the weight
-    when a group has more output channels than there are pixels. Batch 1 of 1x1
-    1024->512 on 14x14 (196 pixels): four row blocks packed the 2 MB weight four
-    times. Shapes alone decide, as for ``row_blocks``."""
-    if outputs_per_group > M:
-        return 1, max(1, min(_MAX_ROW_BLOCKS, outputs_per_group // _MIN_BLOCK_ROWS))
-    return row_blocks(M), 1
-
-
 def pixels(a, channel_axis=1):
     """The ``(M, C)`` matrix behind a channels-last ``(N, C, H, W)`` array (a view), or
     None when its buffer is not exactly that."""
@@ -135,20 +96,6 @@ def _channels_last_empty(shape, dtype):
     n, c, h, w = shape
     buffer = np.empty((n, h, w, c), dtype)
     return buffer.transpose(0, 3, 1, 2), buffer.reshape(-1, c)
-
-
-def forward(x2d, weight, bias, w, workers, check):
-    """``y`` (channels-last, ``(N, C_out, H, W)``) of the pointwise convolution of the
-    pixel matrix ``x2d``."""
-    y, y2d = _channels_last_empty((w.batch, w.out_channels) + w.out_size, x2d.dtype)
-    status = np.zeros(1, np.int32)
-    has_bias = bias is not None
-    loop_on_one_thread(
-        _forward, x2d, np.ascontiguousarray(weight).reshape(w.out_channels, -1),
-        np.ascontiguousarray(bias) if has_bias else np.zeros(1, x2d.dtype), has_bias,
-        y2d, w.groups, *forward_blocks(x2d.shape[0], w.out_channels // w.groups), status)
-    check(status)
-    return y
 
 
 def backward(grad_y2d, x2d, weight, w, output_mask, workers, check):

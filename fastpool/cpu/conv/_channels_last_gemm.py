@@ -35,12 +35,6 @@ from fastpool.cpu.conv._planner import _U
 # A group's weight up to this size runs the product turned over (pixels as its rows,
 # written straight into the output): each block of 96 pixels reads all of it, from L2.
 _TURNED_WEIGHT_BYTES = 256 << 10
-# A pointwise convolution's weight up to this size per group runs the product turned
-# over reading the input in place (no gather: each pixel's channels are a row of A).
-_IN_PLACE_WEIGHT_BYTES = 64 << 10
-_IN_PLACE_PIXELS = 1024  # all images
-# Pixels (all images) up to which a pointwise convolution is a narrow product.
-_NARROW_PIXELS = 64
 # Channels per group up to which the columns are gathered from a channels-first copy
 # of the input: a pixel's few channels are not a vector, so ``_gather`` reads them one
 # value at a time, KH * KW times each, where the channels-first gather copies whole
@@ -110,18 +104,17 @@ def _gather(x, xf, n, c0, channels, oh0, rows, KH, KW, SH, SW, DH, DW, PT, PL, O
 
 @parallel_kernel
 @njit(**BODY_JIT)
-def _im2col_forward(x, xc, w, wt, bias, y, in_place, rows_per_band, m_blocks, images, G,
+def _im2col_forward(x, xc, w, wt, bias, y, rows_per_band, m_blocks, images, G,
                     KH, KW, SH, SW, DH, DW, PT, PL, col_lo, col_hi, worker, workers):
     """``y[n, oh, ow, o] = bias[o] + conv(x)`` over (image, group, band of output
     rows, block of output channels); ``x`` is the ``(N, H, W, C)`` input, ``w`` the weight (``O x C_g*KH*KW``),
     ``bias`` the bias or zeros, ``y`` the ``(N, OH, OW, O)`` output. With ``wt`` (each
     group's ``W_g^T``, ``C_g*KH*KW x O_g``; empty: not given) the product is turned
     over, pixels as its rows, written straight into ``y``; else it runs into a band
-    buffer stored into ``y`` in transposed blocks. With ``in_place`` (a pointwise
-    convolution, turned over) the product reads its rows straight from ``x``. ``xc``:
+    buffer stored into ``y`` in transposed blocks. ``xc``:
     empty, or ``x`` copied channels-first (``(N, C, H, W)``), gathered from instead
-    (``_FEW_CHANNELS``). Tasks take runs of ``images`` images (whole planes, not
-    ``in_place``: ``_Problem.im2col_images``), their columns side by side: the run's
+    (``_FEW_CHANNELS``). Tasks take runs of ``images`` images (whole planes:
+    ``_Problem.im2col_images``), their columns side by side: the run's
     pixels are consecutive rows of ``y``, so it is one product of their pixels."""
     N, H, W, C = x.shape
     OH, OW, O = y.shape[1], y.shape[2], y.shape[3]
@@ -135,7 +128,7 @@ def _im2col_forward(x, xc, w, wt, bias, y, in_place, rows_per_band, m_blocks, im
     turned = wt.size > 0
     ldw = wt.size // (G * K) if turned else 0  # rows of each W_g^T
     xf = x.reshape(-1)
-    cols = aligned_empty(0 if in_place else K * ld, yf)
+    cols = aligned_empty(K * ld, yf)
     band = aligned_empty(0 if turned else Og * ld, yf)
     gathered = -1  # the band whose columns ``cols`` holds
     for t in range(worker * tasks // workers, (worker + 1) * tasks // workers):
@@ -146,11 +139,6 @@ def _im2col_forward(x, xc, w, wt, bias, y, in_place, rows_per_band, m_blocks, im
         o0 = g * Og + mb * Og // m_blocks
         m = g * Og + (mb + 1) * Og // m_blocks - o0
         out = (n * OH + oh0) * OW * O + o0
-        if in_place:
-            gemm_batch(pixels, m, K, xf, (n * H * W + oh0 * OW) * C + g * Cg, C, 1, wt,
-                       g * K * ldw + o0 - g * Og, ldw, yf, out, O, bias, o0, 1, 0, 0,
-                       FROM_COLUMN_INIT)
-            continue
         if b != gathered:
             for i in range(count):
                 if xc.size > 0:
@@ -183,26 +171,6 @@ def _im2col_forward(x, xc, w, wt, bias, y, in_place, rows_per_band, m_blocks, im
                 yf[_U(out + p * O + o)] = band[_U(o * ld + p)]
 
 
-def takes_pointwise(problem, weight_bytes):
-    """Whether a channels-last pointwise convolution runs here rather than on BLAS
-    (``_channels_last``): few pixels (the channels-first product of narrow panels,
-    which reads the weight in place; BLAS packs it: batch 1 of 1x1 2048->512 on 7x7,
-    1.36 -> 0.88 ms) or a small weight over many pixels (``_in_place``: 8 images of
-    1x1 32->16 on 112x112, 1.1 -> 0.77 ms). In between BLAS was faster
-    (8 images of 1x1 2048->512 on 7x7: 5.0 ms, 6.3 here)."""
-    pixels = problem.batch * problem.out_h * problem.out_w
-    return pixels <= _NARROW_PIXELS or _in_place(problem, weight_bytes)
-
-
-def _in_place(problem, weight_bytes):
-    """Whether a pointwise convolution runs turned over reading the input in place: a
-    small weight (it is transposed every call: 1x1 192->64 on 14x14, batch 1, 0.14
-    ms on BLAS, 0.165 turned) over many pixels."""
-    return (problem.pointwise_applies()
-            and weight_bytes // problem.groups <= _IN_PLACE_WEIGHT_BYTES
-            and problem.batch * problem.out_h * problem.out_w >= _IN_PLACE_PIXELS)
-
-
 def forward(x, weight, bias, problem, rows_per_band, m_blocks, workers):
     """``y`` (``(N, C_out, OH, OW)`` with channels-last strides) of the convolution of
     the channels-last ``x`` (``(N, C, H, W)``), by im2col."""
@@ -212,8 +180,7 @@ def forward(x, weight, bias, problem, rows_per_band, m_blocks, workers):
     weight = contiguous(weight)
     buffer = np.empty((N, problem.out_h, problem.out_w, O), x.dtype)
     bias = contiguous(bias) if bias is not None else np.zeros(O, x.dtype)
-    in_place = _in_place(problem, weight.nbytes)
-    if in_place or weight.nbytes // G <= _TURNED_WEIGHT_BYTES:
+    if weight.nbytes // G <= _TURNED_WEIGHT_BYTES:
         ldw = padded_host(O // G, weight.dtype)
         wt = np.empty(G * (weight.size // O) * ldw, weight.dtype)
         _transpose_groups(weight, wt, G, ldw, 1)
@@ -221,14 +188,14 @@ def forward(x, weight, bias, problem, rows_per_band, m_blocks, workers):
         wt = np.empty(0, weight.dtype)
     bands = -(-problem.out_h // rows_per_band)
     # (a 1x1 kernel reads each value once: read in place)
-    few = (not in_place and problem.channels_per_group <= _FEW_CHANNELS
+    few = (problem.channels_per_group <= _FEW_CHANNELS
            and problem.kernel_h * problem.kernel_w > 1)
     xc = contiguous(x) if few else np.empty((0, 0, 0, 0), x.dtype)
     # runs of images need whole planes: their pixels are then consecutive rows of y
-    images = (1 if in_place or rows_per_band < problem.out_h
+    images = (1 if rows_per_band < problem.out_h
               else problem.im2col_images(x.itemsize, workers))
     # transpose, not np.moveaxis (which normalises its arguments: 2.5 us a call)
     _im2col_forward(x.transpose(0, 2, 3, 1), xc, weight.reshape(-1), wt, bias, buffer,
-                    in_place, rows_per_band, m_blocks, images, *problem.args,
+                    rows_per_band, m_blocks, images, *problem.args,
                     max(1, min(workers, -(-N // images) * G * bands * m_blocks)))
     return buffer.transpose(0, 3, 1, 2)
