@@ -501,6 +501,51 @@ def test_channels_last_pointwise_gives_the_channels_first_bits(
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("x_shape, stride, groups", [
+    ((2, 6, 9, 8), 2, 1), ((1, 8, 7, 11), (2, 3), 2), ((6, 10, 5), 3, 1),
+    ((1, 12, 1, 9), (1, 2), 1),  # a 1-row plane (conv1d's), the stride along W only
+    ((1, 8, 3, 5), 1, 1),        # stride 1: few pixels and a large weight, im2col too
+])
+@pytest.mark.parametrize("route", ["pointwise", "im2col"])
+def test_channels_last_strided_1x1_gives_the_channels_first_bits(
+        x_shape, stride, groups, route, dtype, monkeypatch):
+    """A 1x1 convolution with a stride and no padding of a channels-last input (ResNets'
+    shortcuts) runs as a pointwise one on the pixels it reads, copied
+    (``_channels_last_pointwise.sampled_pixels``), or, for few pixels and a large
+    weight, on the channels-last im2col; either way the channels-first call's bits,
+    close to the reference, written channels-last."""
+    from fastpool.cpu import conv as cpu_conv
+    from fastpool.cpu.conv import _channels_last_gemm as clg
+    from fastpool.cpu.conv import _channels_last_pointwise as clp
+    rng = np.random.default_rng(47)
+    x = rng.standard_normal(x_shape).astype(dtype)
+    w = rng.standard_normal((10, x_shape[-3] // groups, 1, 1)).astype(dtype)
+    b = rng.standard_normal(10).astype(dtype)
+    y = fastpool.conv2d(x, w, b, stride=stride, groups=groups)
+    batched = x if x.ndim == 4 else x[None]
+    want = ref.conv2d(batched.astype(np.float64), w, b, stride=stride, groups=groups)
+    np.testing.assert_allclose(y, want if x.ndim == 4 else want[0], rtol=1e-4, atol=1e-4)
+    xl = np.moveaxis(np.ascontiguousarray(np.moveaxis(x, -3, -1)), -1, -3)
+    if route == "im2col":
+        monkeypatch.setattr(clp, "_NARROW_WEIGHT_BYTES", -1)
+    ran = []
+    for module, name in ((clp, "forward"), (clg, "forward")):
+        def spy(*args, kernel=getattr(module, name), name=module.__name__):
+            ran.append(name.rsplit(".", 1)[1])
+            return kernel(*args)
+        monkeypatch.setattr(module, name, spy)
+
+    def no_copies(a):
+        raise AssertionError("the channels-first path ran")
+
+    monkeypatch.setattr(cpu_conv, "contiguous", no_copies)
+    yl = fastpool.conv2d(xl, w, b, stride=stride, groups=groups)
+    assert ran == ["_channels_last_" + ("pointwise" if route == "pointwise" else "gemm")]
+    np.testing.assert_array_equal(yl, y)
+    assert np.moveaxis(yl, -3, -1).flags.c_contiguous
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("x_shape, out_channels, kernel, args, band_bytes", [
     ((1, 3, 20, 18), 32, 3, dict(stride=2, padding=1), 1 << 20),   # a first layer
     ((3, 3, 23, 21), 64, 7, dict(stride=2, padding=3), 1 << 20),   # images a worker

@@ -155,6 +155,29 @@ def _pointwise_pixels(x, w, algorithm):
                                                      w.channels) else None
 
 
+def _strided_pointwise_pixels(x, w, weight_bytes, algorithm):
+    """For a channels-last input of a 1x1 convolution with a stride and no padding
+    (ResNets' shortcuts), the ``(M_out, C)`` matrix of the pixels it reads (a copy:
+    each pixel's channels are one contiguous run), on which it is a pointwise
+    convolution; else None (as ``_pointwise_pixels``; or where ``_channels_last_gemm``
+    runs it better: ``_channels_last_pointwise.applies``)."""
+    if algorithm is not None or w.layout != CHANNELS_LAST or w.batch == 0:
+        return None
+    p = _forward_problem(w)
+    if not (p.kernel_h == p.kernel_w == 1 and p.pad_top == p.pad_left == 0
+            and (p.stride_h, p.stride_w) != (1, 1)
+            and p.out_h == (p.in_h - 1) // p.stride_h + 1
+            and p.out_w == (p.in_w - 1) // p.stride_w + 1):
+        return None
+    pixels4 = (x if _batched(x) else x[None]).transpose(0, 2, 3, 1)
+    if (pixels4.shape != (w.batch, p.in_h, p.in_w, w.channels)
+            or not pixels4.flags.c_contiguous or not _channels_last_pointwise.applies(
+                w.batch * p.out_h * p.out_w, weight_bytes // w.groups)):
+        return None
+    return _channels_last_pointwise.sampled_pixels(
+        pixels4, (p.stride_h, p.stride_w), (p.out_h, p.out_w), thread_count())
+
+
 def _depthwise_pixels(x, w, algorithm):
     """The ``(N, H, W, C)`` buffer of a channels-last input whose depthwise convolution
     (one channel per group, as many outputs as inputs) runs in place
@@ -332,6 +355,12 @@ def _forward_channels_last(x, weight, bias, w, algorithm):
     """``conv2d_forward`` of a channels-last input read in place (its routes in
     order), or None where it is copied to channels-first."""
     x2d = _pointwise_pixels(x, w, algorithm)
+    if x2d is not None and not _channels_last_pointwise.applies(
+            x2d.shape[0], weight.nbytes // w.groups):
+        x2d = None  # the channels-last im2col below, on the pixels gathered
+    else:
+        x2d = x2d if x2d is not None else _strided_pointwise_pixels(
+            x, w, weight.nbytes, algorithm)
     if x2d is not None:
         y = _channels_last_pointwise.forward(
             x2d, weight, bias, (w.batch, w.out_channels) + w.out_size, w.groups,

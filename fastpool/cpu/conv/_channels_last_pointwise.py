@@ -50,6 +50,22 @@ _SPLIT_PIXELS = 256
 _MIN_CHANNELS = 16
 
 
+# At most this many pixels in all (a 7x7 plane at batch 1), a weight of more than
+# ``_NARROW_WEIGHT_BYTES`` a group is not transposed: the channels-last im2col's
+# channels-first product reads it in place (batch 1, 2 threads, ms, this kernel
+# against that one: 1x1 2048->512 on 7x7 0.56 / 0.54, 512->2048 0.54 / 0.52, 1x1 s2
+# 1024->2048 on 14x14 1.06 / 0.92; weights to 1.6 MB a group were faster here:
+# 320->1280 on 7x7 0.215 / 0.223, 160->960 0.097 / 0.120).
+_NARROW_PIXELS = 64
+_NARROW_WEIGHT_BYTES = 2 << 20
+
+
+def applies(pixels, weight_bytes_per_group):
+    """Whether a channels-last pointwise convolution of ``pixels`` pixels in all runs
+    here (else on ``_channels_last_gemm``'s im2col)."""
+    return pixels > _NARROW_PIXELS or weight_bytes_per_group <= _NARROW_WEIGHT_BYTES
+
+
 @functools.lru_cache(maxsize=4096)
 def blocks(pixels, outputs_per_group, channels_per_group, groups, itemsize, workers):
     """``(pixel blocks, channel blocks, workers)`` of the forward. Shapes and the
@@ -127,3 +143,27 @@ def forward(x2d, weight, bias, out_shape, groups, workers):
                           x2d.itemsize, workers)
     _forward(x2d, w2d, b, y2d, groups, rb, cb, used)
     return buffer.transpose(0, 3, 1, 2)
+
+
+@parallel_kernel
+@njit(**BODY_JIT)
+def _sample(x, out, SH, SW, worker, workers):
+    """``out[n, oh, ow, :] = x[n, oh*SH, ow*SW, :]`` (``(N, H, W, C)`` buffers), this
+    worker's share of the output rows."""
+    N, OH, OW = out.shape[0], out.shape[1], out.shape[2]
+    rows = N * OH
+    for r in range(worker * rows // workers, (worker + 1) * rows // workers):
+        n, oh = r // OH, r % OH
+        for ow in range(OW):
+            out[n, oh, ow, :] = x[n, oh * SH, ow * SW, :]
+
+
+def sampled_pixels(pixels4, stride, out_size, workers):
+    """The ``(M_out, C)`` pixel matrix of the pixels a 1x1 convolution with ``stride``
+    and no padding reads from the ``(N, H, W, C)`` buffer ``pixels4`` (a copy, on
+    ``workers`` threads: 0.8 MB took 40 us on one)."""
+    n, c = pixels4.shape[0], pixels4.shape[3]
+    out = np.empty((n,) + tuple(out_size) + (c,), pixels4.dtype)
+    _sample(pixels4, out, stride[0], stride[1],
+            max(1, min(workers, n * out_size[0], out.size // 16384)))
+    return out.reshape(-1, c)
