@@ -175,6 +175,27 @@ def test_small_and_large_work_estimates_of_the_cpu_launchers():
                                    1, 1, 1, 1)
     # 116 M multiply-adds: far too much for one thread
     assert cpu._conv_cost(conv) > 100 * _threading.SMALL_WORK_NS
+    assert cpu._conv2d_forward_cost(conv) > 5 * _threading.SMALL_WORK_NS
+    # a 2-D forward splits from 15x the threshold, a depthwise one from 4.5x (one thread
+    # was faster below), backwards and other ranks at the threshold
+    *_, pointwise = _params.conv_window(np.zeros((1, 192, 14, 14), np.float32),
+                                        np.zeros((64, 192, 1, 1), np.float32), None, 2,
+                                        1, 0, 1, 1)
+    assert cpu._conv_cost(pointwise) > 5 * _threading.SMALL_WORK_NS
+    assert cpu._conv2d_forward_cost(pointwise) < _threading.SMALL_WORK_NS
+    *_, depthwise = _params.conv_window(np.zeros((1, 960, 7, 7), np.float32),
+                                        np.zeros((960, 1, 3, 3), np.float32), None, 2,
+                                        1, 1, 1, 960)
+    assert cpu._conv_cost(depthwise) > 2 * _threading.SMALL_WORK_NS
+    assert cpu._conv2d_forward_cost(depthwise) < _threading.SMALL_WORK_NS
+    *_, wide = _params.conv_window(np.zeros((1, 192, 28, 28), np.float32),
+                                   np.zeros((192, 1, 3, 3), np.float32), None, 2, 1, 1,
+                                   1, 192)
+    assert cpu._conv2d_forward_cost(wide) > _threading.SMALL_WORK_NS
+    *_, one_d = _params.conv_window(np.zeros((1, 192, 196), np.float32),
+                                    np.zeros((64, 192, 1), np.float32), None, 1, 1, 0, 1,
+                                    1)
+    assert cpu._conv2d_forward_cost(one_d) == cpu._conv_cost(one_d)
 
 
 @pytest.mark.parametrize("shape", [(1, 33, 45, 47), (2, 70, 9, 13, 7), (3, 200, 130),
@@ -250,3 +271,24 @@ def test_the_device_variable_is_read_from_a_replaced_environment(monkeypatch):
     assert _dispatch.get_device() == "cpu"
     monkeypatch.setattr(os, "environ", {})
     assert _dispatch.get_device() == "auto"
+
+
+def test_conv2d_forward_threads_follow_its_own_estimate(monkeypatch):
+    """``fastpool.conv2d`` sizes its threads from ``_conv2d_forward_cost``: a 1x1
+    192->64 on 14x14 (estimated 133 us, under 15x the threshold) runs on one worker, a
+    1x1 384->96 on 14x14 (385 us) on all of them."""
+    from fastpool.cpu.conv import _channels_last_pointwise as clp
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("Numba has one thread")
+    workers = []
+    original = clp.forward
+    monkeypatch.setattr(clp, "forward", lambda *a: workers.append(a[-1]) or original(*a))
+    saved = numba.get_num_threads()
+    numba.set_num_threads(2)
+    try:
+        for c_in, c_out in ((192, 64), (384, 96)):
+            x = _geometry.channels_last_copy(np.ones((1, c_in, 14, 14), np.float32), 1)
+            fastpool.conv2d(x, np.ones((c_out, c_in, 1, 1), np.float32))
+    finally:
+        numba.set_num_threads(saved)
+    assert workers == [1, 2]

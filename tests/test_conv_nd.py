@@ -721,7 +721,7 @@ def _depthwise_case(x_shape, kernel, args, dtype):
 
 
 DEPTHWISE_SMALL_CASES = [  # (x_shape, kernel, args, input gradient's path)
-    ((4, 256, 7, 7), (3, 3), dict(padding=1), "blocks"),  # column pairs; 2 workers
+    ((4, 256, 7, 7), (3, 3), dict(padding=1), "blocks"),  # column pairs
     ((2, 128, 14, 13), (3, 3), dict(stride=2, padding=1), "last"),  # one column at a time
     ((1, 300, 6, 9), (5, 3), dict(stride=(1, 2), padding=(2, 1), dilation=(1, 2)),
      "last"),  # a last block of 12 channels
@@ -739,11 +739,12 @@ def test_small_plane_depthwise_runs_across_channels(x_shape, kernel, args, grad_
     and the strided input gradient of many small planes on the channels-last kernels
     through one copy in and one out (``_Problem.depthwise_by_channels``): the bits of
     the channels-first direct kernels, channels-first results, close to the reference,
-    the same at 1 and 2 threads (the first two cases are large enough to run on two
-    workers; smaller calls run on one, ``fastpool._threading.serialised``); larger
-    planes and fewer channels keep the channels-first kernels."""
-    from fastpool import _params
+    the same at 1 and 2 threads (every call on the threads here: a call this small
+    otherwise runs on one, ``fastpool._threading.serialised``); larger planes and fewer
+    channels keep the channels-first kernels."""
+    from fastpool import _params, _threading
     from fastpool.cpu import conv as cpu_conv
+    monkeypatch.setattr(_threading, "SMALL_WORK_NS", -1)
     from fastpool.cpu.conv import _channels_last_direct as cld
     from fastpool.cpu.conv import _depthwise_blocks
     rng, x, w, b, args = _depthwise_case(x_shape, kernel, args, dtype)

@@ -69,6 +69,34 @@ def _conv_cost(window):
     return _NS_PER_MAC * macs + _memory_cost(window)
 
 
+# The 2-D convolution forwards split over threads only from 15x ``SMALL_WORK_NS`` of
+# estimated work (300 us), depthwise ones (one input channel a group) from 4.5x (90
+# us): as for the pooling forwards, two threads beat one only from about 90-100 us of
+# real single-thread work when the call comes after a pause (the layer suite's timing:
+# 12 ms of other work, one untimed call, the timed one; 2026-12-07, Intel Xeon, 2
+# threads, float32, batch 1, each layer's one- and two-thread times interleaved). The
+# estimate is about 3x a GEMM-based forward's real time and about 1x a depthwise
+# one's. One thread against two, us: 1x1 192->64 on 14x14 (estimated 133) 49-51
+# against 71-77; 1x1 144->32 on 28x28 (215) 64-65 against 78-83; 1x1 384->96 on 14x14
+# (385) 106-113 against 85-90; depthwise 3x3 of 960@7 (45) 52-54 against 67-68, 384@14
+# (72) 63-77 against 82-108, 576@14 (107) 97-99 against 90-135, 192@28 (143) 127-202
+# against 98-127. Called back to back (the second thread awake), two threads were
+# 10-15% faster than one on such calls (depthwise 960@7: 50 against 44 us), so this
+# costs a tight loop of small calls that much.
+_CONV_FORWARD_SPLIT = 15.0
+_DEPTHWISE_FORWARD_SPLIT = 4.5
+
+
+def _conv2d_forward_cost(window):
+    """``_conv_cost`` as ``serialised`` compares it with ``SMALL_WORK_NS``: 2-D
+    forwards' estimates over ``_CONV_FORWARD_SPLIT`` (``_DEPTHWISE_FORWARD_SPLIT``)."""
+    cost = _conv_cost(window)
+    if window.rank != 2:
+        return cost
+    return cost / (_DEPTHWISE_FORWARD_SPLIT if window.channels == window.groups
+                   else _CONV_FORWARD_SPLIT)
+
+
 def _sized(cost, loops=True):
     return lambda launcher: _threading.serialised(launcher, cost, loops)
 
@@ -78,6 +106,7 @@ def _sized(cost, loops=True):
 # inside the kernels), so a small call needs no change of Numba's thread count; the
 # unpooling launchers call parallel loops directly.
 _conv_launcher = _sized(_conv_cost, loops=False)
+_conv2d_forward_launcher = _sized(_conv2d_forward_cost, loops=False)
 _pool_launcher = _sized(_pool_cost, loops=False)
 _pool_forward_launcher = _sized(_pool_forward_cost, loops=False)
 _adaptive_launcher = _sized(_memory_cost, loops=False)
@@ -98,7 +127,8 @@ def __getattr__(name):
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     function = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    launcher = globals()[name] = _conv_launcher(function)
+    sized = _conv2d_forward_launcher if name == "conv2d_forward" else _conv_launcher
+    launcher = globals()[name] = sized(function)
     return launcher
 
 
