@@ -501,6 +501,59 @@ def test_channels_last_pointwise_gives_the_channels_first_bits(
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("route", ["in place", "padded rows", "blas"])
+@pytest.mark.parametrize("x_shape, out_channels, groups", [
+    ((2, 6, 5, 7), 10, 1), ((1, 8, 4, 3), 10, 2), ((5, 3, 4), 10, 1),
+    ((1, 35, 9, 11), 70, 1), ((3, 16, 6, 6), 48, 4),
+])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_channels_last_pointwise_input_gradient_gives_the_channels_first_bits(
+        x_shape, out_channels, groups, route, threads, dtype, monkeypatch):
+    """The channels-last pointwise input gradient on fastpool's GEMM
+    (``_channels_last_pointwise.input_grad``: the output gradient's pixel matrix and
+    the weight's rows read in place, or from a copy with rows a padded stride apart)
+    gives the channels-first call's bits at 1 and 2 threads; with BLAS instead
+    (``input_grad_applies`` false) it is close to them."""
+    import numba
+    from fastpool import _threading
+    from fastpool.cpu.conv import _channels_last_pointwise as clp
+    rng = np.random.default_rng(53)
+    x = rng.standard_normal(x_shape).astype(dtype)
+    w = rng.standard_normal((out_channels, x_shape[-3] // groups, 1, 1)).astype(dtype)
+    g = rng.standard_normal((x_shape[:-3] + (out_channels,) + x_shape[-2:])).astype(dtype)
+    want = fastpool.conv2d_backward(g, x, w, groups=groups,
+                                    output_mask=(True, False, False)).grad_input
+    axis = x.ndim - 3
+    xl, gl = (np.moveaxis(np.ascontiguousarray(np.moveaxis(a, axis, -1)), -1, axis)
+              for a in (x, g))
+    monkeypatch.setattr(clp, "_PADDED_PIXELS", 1 if route == "padded rows" else 1 << 30)
+    if route == "blas":
+        monkeypatch.setattr(clp, "_PADDED_PIXELS", 0)
+        monkeypatch.setattr(clp, "_BLOCK_BYTES", -1)
+    ran = []
+    original = clp._input_grad
+    monkeypatch.setattr(clp, "_input_grad",
+                        lambda *a: ran.append(a[1].shape) or original(*a))
+    monkeypatch.setattr(_threading, "SMALL_WORK_NS", -1)
+    threads = min(threads, numba.config.NUMBA_NUM_THREADS)
+    before = numba.get_num_threads()
+    numba.set_num_threads(threads)
+    try:
+        got = fastpool.conv2d_backward(gl, xl, w, groups=groups,
+                                       output_mask=(True, False, False)).grad_input
+    finally:
+        numba.set_num_threads(before)
+    assert np.moveaxis(got, axis, -1).flags.c_contiguous
+    if route == "blas":
+        assert not ran
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+        return
+    cg = x_shape[-3] // groups
+    assert len(ran) == 1 and (ran[0][1] > cg) == (route == "padded rows"), ran
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("x_shape, stride, groups", [
     ((2, 6, 9, 8), 2, 1), ((1, 8, 7, 11), (2, 3), 2), ((6, 10, 5), 3, 1),
     ((1, 12, 1, 9), (1, 2), 1),  # a 1-row plane (conv1d's), the stride along W only

@@ -580,9 +580,19 @@ def conv2d_backward(grad_output, x, weight, window, output_mask, algorithm=None)
         if grad_y2d is None:  # one copy into the layout of the call
             grad_y2d = np.ascontiguousarray(np.moveaxis(batched, 1, -1)).reshape(
                 -1, w.out_channels)
+        mask = output_mask
+        grad_input = None
+        if output_mask[0] and _channels_last_pointwise.input_grad_applies(
+                x2d.shape[0], weight.nbytes):
+            grad_input = _channels_last_pointwise.input_grad(
+                grad_y2d, weight, (w.batch, w.channels) + w.in_size, w.groups,
+                thread_count())
+            mask = (False,) + tuple(output_mask[1:])
         with single_threaded_blas(x2d.dtype):
-            grads = _channels_last.backward(grad_y2d, x2d, weight, w, output_mask,
+            grads = _channels_last.backward(grad_y2d, x2d, weight, w, mask,
                                             thread_count(), _check)
+        if grad_input is not None:
+            grads = (grad_input,) + tuple(grads[1:])
         if grads[0] is not None and not _batched(x):
             grads = (grads[0][0],) + grads[1:]
         return grads

@@ -1,5 +1,6 @@
 """Pointwise (1x1, stride 1, no padding) convolution's backward on channels-last
-buffers, in place (the forward: ``_channels_last_pointwise``).
+buffers, in place, on BLAS (the forward, and the input gradient where it is faster:
+``_channels_last_pointwise``).
 
 A channels-last ``(N, H, W, C)`` buffer is an ``(M, C)`` matrix with ``M = N * H * W``
 pixels, so per group ``g`` the backward is two GEMMs on such matrices, written straight
