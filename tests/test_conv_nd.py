@@ -559,13 +559,14 @@ def test_channels_last_pointwise_input_gradient_gives_the_channels_first_bits(
     ((1, 12, 1, 9), (1, 2), 1),  # a 1-row plane (conv1d's), the stride along W only
     ((1, 8, 3, 5), 1, 1),        # stride 1: few pixels and a large weight, im2col too
 ])
-@pytest.mark.parametrize("route", ["pointwise", "im2col"])
+@pytest.mark.parametrize("route", ["pointwise", "im2col", "many pixels"])
 def test_channels_last_strided_1x1_gives_the_channels_first_bits(
         x_shape, stride, groups, route, dtype, monkeypatch):
     """A 1x1 convolution with a stride and no padding of a channels-last input (ResNets'
     shortcuts) runs as a pointwise one on the pixels it reads, copied
     (``_channels_last_pointwise.sampled_pixels``), or, for few pixels and a large
-    weight, on the channels-last im2col; either way the channels-first call's bits,
+    weight or more than ``STRIDED_PIXELS`` output pixels, on the channels-last im2col;
+    either way the channels-first call's bits,
     close to the reference, written channels-last."""
     from fastpool.cpu import conv as cpu_conv
     from fastpool.cpu.conv import _channels_last_gemm as clg
@@ -581,6 +582,9 @@ def test_channels_last_strided_1x1_gives_the_channels_first_bits(
     xl = np.moveaxis(np.ascontiguousarray(np.moveaxis(x, -3, -1)), -1, -3)
     if route == "im2col":
         monkeypatch.setattr(clp, "_NARROW_WEIGHT_BYTES", -1)
+    if route == "many pixels":  # strided: the im2col; stride 1: pointwise still
+        monkeypatch.setattr(clp, "STRIDED_PIXELS", 0)
+        route = "pointwise" if stride == 1 else "im2col"
     ran = []
     for module, name in ((clp, "forward"), (clg, "forward")):
         def spy(*args, kernel=getattr(module, name), name=module.__name__):

@@ -160,7 +160,8 @@ def _strided_pointwise_pixels(x, w, weight_bytes, algorithm):
     (ResNets' shortcuts), the ``(M_out, C)`` matrix of the pixels it reads (a copy:
     each pixel's channels are one contiguous run), on which it is a pointwise
     convolution; else None (as ``_pointwise_pixels``; or where ``_channels_last_gemm``
-    runs it better: ``_channels_last_pointwise.applies``)."""
+    runs it better: more than ``STRIDED_PIXELS`` output pixels, or
+    ``_channels_last_pointwise.applies``)."""
     if algorithm is not None or w.layout != CHANNELS_LAST or w.batch == 0:
         return None
     p = _forward_problem(w)
@@ -170,7 +171,8 @@ def _strided_pointwise_pixels(x, w, weight_bytes, algorithm):
             and p.out_w == (p.in_w - 1) // p.stride_w + 1):
         return None
     pixels4 = (x if _batched(x) else x[None]).transpose(0, 2, 3, 1)
-    if (pixels4.shape != (w.batch, p.in_h, p.in_w, w.channels)
+    if (w.batch * p.out_h * p.out_w > _channels_last_pointwise.STRIDED_PIXELS
+            or pixels4.shape != (w.batch, p.in_h, p.in_w, w.channels)
             or not pixels4.flags.c_contiguous or not _channels_last_pointwise.applies(
                 w.batch * p.out_h * p.out_w, weight_bytes // w.groups)):
         return None

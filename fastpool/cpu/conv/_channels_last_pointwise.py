@@ -61,6 +61,14 @@ _NARROW_PIXELS = 64
 _NARROW_WEIGHT_BYTES = 2 << 20
 
 
+# Output pixels (all images) up to which a 1x1 convolution with a stride runs here on
+# a copy of the pixels it reads; beyond, the copy (a pass through memory of its own)
+# cost more than the channels-last im2col's gather in cache-sized bands (2 threads,
+# against that route: batch 1 of 1x1 s2 128->256 on 28x28 1.24x-1.43x, 512->1024 on
+# 28x28 1.15x-1.20x, 64->128 on 56x56 1.08x-1.10x; batch 32 of the same 0.93x-0.97x).
+STRIDED_PIXELS = 1024
+
+
 def applies(pixels, weight_bytes_per_group):
     """Whether a channels-last pointwise convolution of ``pixels`` pixels in all runs
     here (else on ``_channels_last_gemm``'s im2col)."""
