@@ -501,6 +501,36 @@ def test_channels_last_pointwise_gives_the_channels_first_bits(
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("x_shape, multiplier, stride", [
+    ((1, 8, 4, 3), 1, 1), ((2, 16, 9, 9), 1, 2), ((1, 8, 9, 9), 2, 1),
+    ((1, 8, 9, 9), 2, (1, 2)), ((6, 7, 5), 1, 1),
+])
+def test_channels_last_depthwise_1x1_gives_the_channels_first_bits(
+        x_shape, multiplier, stride, dtype):
+    """A depthwise 1x1 convolution (one input channel a group, with a bias, channel
+    multipliers too) of a channels-last input does not run the pointwise GEMM, whose
+    chains fuse the product with the bias: the channels-first call's direct kernel
+    rounds the product first. Forward and gradients are its bits (review of
+    2026-12-07: the pointwise route was 1 ulp off)."""
+    rng = np.random.default_rng(59)
+    channels = x_shape[-3]
+    x = rng.standard_normal(x_shape).astype(dtype)
+    w = rng.standard_normal((channels * multiplier, 1, 1, 1)).astype(dtype)
+    b = rng.standard_normal(channels * multiplier).astype(dtype)
+    args = dict(stride=stride, groups=channels)
+    y = fastpool.conv2d(x, w, b, **args)
+    g = rng.standard_normal(y.shape).astype(dtype)
+    grads = fastpool.conv2d_backward(g, x, w, **args)
+    axis = x.ndim - 3
+    xl, gl = (np.moveaxis(np.ascontiguousarray(np.moveaxis(a, axis, -1)), -1, axis)
+              for a in (x, g))
+    np.testing.assert_array_equal(fastpool.conv2d(xl, w, b, **args), y)
+    got = fastpool.conv2d_backward(gl, xl, w, **args)
+    np.testing.assert_array_equal(got.grad_input, grads.grad_input)
+    np.testing.assert_allclose(got.grad_weight, grads.grad_weight, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("route", ["in place", "padded rows", "blas"])
 @pytest.mark.parametrize("x_shape, out_channels, groups", [
     ((2, 6, 5, 7), 10, 1), ((1, 8, 4, 3), 10, 2), ((5, 3, 4), 10, 1),

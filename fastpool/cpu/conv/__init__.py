@@ -145,9 +145,11 @@ def _pointwise_pixels(x, w, algorithm):
     runs in place (``_channels_last_pointwise``, ``_channels_last``), or None: another
     algorithm pinned, another layout, an empty batch, or an array that is not exactly a
     channels-last buffer (conv3d's and the transposed convolutions' inner calls pass
-    channels-first ones)."""
+    channels-first ones), or one input channel a group (depthwise: the channels-first
+    call runs the direct kernel, which rounds each product before adding the bias)."""
     if (algorithm not in (None, "pointwise") or w.layout != CHANNELS_LAST
-            or w.batch == 0 or not _forward_problem(w).pointwise_applies()):
+            or w.batch == 0 or not _forward_problem(w).pointwise_applies()
+            or w.channels == w.groups):
         return None
     x2d = _channels_last.pixels(x if _batched(x) else x[None])
     # The kernels trust these shapes: never hand them a matrix of another geometry.
@@ -162,7 +164,8 @@ def _strided_pointwise_pixels(x, w, weight_bytes, algorithm):
     convolution; else None (as ``_pointwise_pixels``; or where ``_channels_last_gemm``
     runs it better: more than ``STRIDED_PIXELS`` output pixels, or
     ``_channels_last_pointwise.applies``)."""
-    if algorithm is not None or w.layout != CHANNELS_LAST or w.batch == 0:
+    if (algorithm is not None or w.layout != CHANNELS_LAST or w.batch == 0
+            or w.channels == w.groups):
         return None
     p = _forward_problem(w)
     if not (p.kernel_h == p.kernel_w == 1 and p.pad_top == p.pad_left == 0
@@ -575,7 +578,9 @@ def conv2d_backward(grad_output, x, weight, window, output_mask, algorithm=None)
     """``(grad_input, grad_weight, grad_bias)``, ``None`` where ``output_mask`` is
     False."""
     w = window
-    x2d = _pointwise_pixels(x, w, algorithm)
+    # (a pinned algorithm runs the channels-first backward: pinned, the pointwise
+    # forward goes here, its weight gradient would be BLAS's)
+    x2d = _pointwise_pixels(x, w, algorithm) if algorithm is None else None
     if x2d is not None:
         batched = grad_output if _batched(grad_output) else grad_output[None]
         grad_y2d = _channels_last.pixels(batched)
