@@ -360,12 +360,10 @@ def _forward_channels_last(x, weight, bias, w, algorithm):
     """``conv2d_forward`` of a channels-last input read in place (its routes in
     order), or None where it is copied to channels-first."""
     x2d = _pointwise_pixels(x, w, algorithm)
-    if x2d is not None and not _channels_last_pointwise.applies(
-            x2d.shape[0], weight.nbytes // w.groups):
+    if x2d is None:
+        x2d = _strided_pointwise_pixels(x, w, weight.nbytes, algorithm)
+    elif not _channels_last_pointwise.applies(x2d.shape[0], weight.nbytes // w.groups):
         x2d = None  # the channels-last im2col below, on the pixels gathered
-    else:
-        x2d = x2d if x2d is not None else _strided_pointwise_pixels(
-            x, w, weight.nbytes, algorithm)
     if x2d is not None:
         y = _channels_last_pointwise.forward(
             x2d, weight, bias, (w.batch, w.out_channels) + w.out_size, w.groups,
@@ -595,9 +593,11 @@ def conv2d_backward(grad_output, x, weight, window, output_mask, algorithm=None)
                 grad_y2d, weight, (w.batch, w.channels) + w.in_size, w.groups,
                 thread_count())
             mask = (False,) + tuple(output_mask[1:])
-        with single_threaded_blas(x2d.dtype):
-            grads = _channels_last.backward(grad_y2d, x2d, weight, w, mask,
-                                            thread_count(), _check)
+        grads = (None, None, None)
+        if any(mask):
+            with single_threaded_blas(x2d.dtype):
+                grads = _channels_last.backward(grad_y2d, x2d, weight, w, mask,
+                                                thread_count(), _check)
         if grad_input is not None:
             grads = (grad_input,) + tuple(grads[1:])
         if grads[0] is not None and not _batched(x):
