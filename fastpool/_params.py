@@ -412,8 +412,8 @@ def invalid_stochastic_input():
     """The error both devices raise when a stochastic-pooling kernel flags its input."""
     return ValueError(
         "stochastic pooling needs finite, non-negative inputs (e.g. after ReLU); "
-        "x holds a negative, NaN or infinite value inside a pooling window, or a "
-        "window's sum (of squares, for inference) overflows")
+        "x holds a negative, NaN or infinite value inside a pooling window, or (in "
+        "training) a window's sum overflows")
 
 
 def check_divisor_override(divisor_override):

@@ -119,7 +119,8 @@ _STOCHASTIC_DOC = """{rank}-D adaptive stochastic pooling: stochastic pooling's 
     ----------
     x : array of float16, bfloat16, float32 or float64
         Finite, non-negative input (e.g. after ReLU); a negative, NaN or infinite value
-        in a window raises ``ValueError``. Any strides (channels-last kept).
+        in a window raises ``ValueError``, as does, in training, a window whose float64
+        sum overflows. Any strides (channels-last kept).
     """ + _OUTPUT_SIZE + """
     training : bool, default True
         True: sample one element per window with probability ``a_i / sum(a)``; False:

@@ -255,7 +255,9 @@ _STOCHASTIC_DOC = """{rank}-D stochastic pooling (Zeiler & Fergus, ICLR 2013).
     ----------
     x : array of float16, bfloat16, float32 or float64
         Finite, non-negative activations (e.g. after ReLU). A negative, NaN or infinite
-        value inside a window raises ``ValueError`` (detected by the kernel itself).
+        value inside a window raises ``ValueError`` (detected by the kernel itself), as
+        does, in training, a window whose float64 sum overflows. Inference is accurate
+        for tiny and huge values alike.
     kernel_size, stride, padding, dilation, ceil_mode
         As for :func:`max_pool{rank}d`; padding cells have weight 0 and are never
         chosen.

@@ -396,8 +396,9 @@ def stochastic_pool2d(input: torch.Tensor, kernel_size: Size,
     ----------
     input : Tensor
         ``(N, C, H, W)`` or ``(C, H, W)``, float16, bfloat16, float32 or float64, CPU
-        or CUDA, finite and non-negative (e.g. after ReLU); a negative, NaN or infinite value inside a
-        window raises ``ValueError``.
+        or CUDA, finite and non-negative (e.g. after ReLU); a negative, NaN or infinite
+        value inside a window raises ``ValueError``, as does, in training, a window whose
+        float64 sum overflows.
     kernel_size, stride, padding, dilation, ceil_mode
         As for :func:`max_pool2d`; padding cells have weight 0 and are never chosen.
     return_indices : bool, default False

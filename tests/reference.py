@@ -279,10 +279,16 @@ def stochastic_cells(volume, win, in_size, u, training=True):
     for a in vals:
         S += a
     if not training:
-        S2 = 0.0
+        # sum(a**2) / sum(a) = m * sum(b**2) / sum(b) with b = a / m, m the largest
+        # element: squares of tiny or huge elements neither vanish nor overflow
+        m = max(vals, default=0.0)
+        if not m > 0:
+            return 0.0, -1
+        T1 = T2 = 0.0
         for a in vals:
-            S2 += a * a
-        return (S2 / S if S != 0 else 0.0), -1
+            T1 += a / m
+            T2 += (a / m) ** 2
+        return m * (T2 / T1), -1
     if S == 0:
         return 0.0, (flat[0] if flat else -1)
     threshold = u * S
@@ -303,15 +309,18 @@ def stochastic_window_grad(volume, pos, g):
 
 
 def stochastic_cells_grad(volume, win):
-    """``stochastic_window_grad`` on the list of input positions ``win``."""
-    S1 = S2 = 0.0
-    for q in win:
-        a = float(volume[q])
-        S1 += a
-        S2 += a * a
-    if S1 == 0:
+    """``stochastic_window_grad`` on the list of input positions ``win``, from the
+    sums ``T1``, ``T2`` of ``b = a / m`` (``m`` the largest element), as in
+    ``stochastic_cells``: ``(2 a_i S1 - S2) / S1**2 = (2 b_i T1 - T2) / T1**2``."""
+    m = max((float(volume[q]) for q in win), default=0.0)
+    if not m > 0:
         return []
-    return [(q, (2 * float(volume[q]) * S1 - S2) / S1**2) for q in win]
+    T1 = T2 = 0.0
+    for q in win:
+        b = float(volume[q]) / m
+        T1 += b
+        T2 += b * b
+    return [(q, (2 * (float(volume[q]) / m) * T1 - T2) / T1**2) for q in win]
 
 
 def stochastic_pool(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,

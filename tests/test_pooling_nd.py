@@ -1030,6 +1030,8 @@ def test_flat_stochastic_inference_forward(shape, kernel, padding, dilation, fla
     window = _params.pool_window(x, rank, kernel, 1, padding, dilation, False)[1]
     window._derived.pop("stochastic_infer_forward", None)
     got = OPS[rank]["stochastic"](x, **args)
+    large, huge = x.copy(), {}
+    large.reshape(-1)[-1] = 1e200
     assert (window._derived["stochastic_infer_forward"]
             == "stochastic_infer_forward_flat") == flat
     try:
@@ -1039,17 +1041,22 @@ def test_flat_stochastic_inference_forward(shape, kernel, padding, dilation, fla
             window._derived["stochastic_infer_forward"] = op
             if not op.endswith("flat"):
                 want = OPS[rank]["stochastic"](x, **args)
-            # 1e200: finite, but its square overflows S2
-            for bad in [-1.0, np.inf, np.nan] + ([1e200] if dtype == np.float64 else []):
+            for bad in [-1.0, np.inf, np.nan]:
                 y = x.copy()
                 y.reshape(-1)[-1] = bad
                 with pytest.raises(ValueError):
                     OPS[rank]["stochastic"](y, **args)
+            if dtype == np.float64:  # finite, though its square overflows: no error
+                huge[op] = OPS[rank]["stochastic"](large, **args)
     finally:
         window._derived.pop("stochastic_infer_forward")
     assert np.array_equal(_bits(got), _bits(want))
     if dtype != np.float16:
         assert_close(got, ref.stochastic_pool(x, **args)[0], dtype)
+    if huge:
+        assert all(np.array_equal(_bits(h), _bits(huge[op])) for h in huge.values())
+        np.testing.assert_allclose(huge[op], ref.stochastic_pool(large, **args)[0],
+                                   rtol=1e-12)
 
 
 @geometry_dtypes("shape, kernel, divisor, tiled", [
@@ -1110,7 +1117,9 @@ def test_flat_stochastic_inference_backward(shape, kernel, padding, flat, dtype)
     got = backward(g, x, **args)
     assert (window._derived["stochastic_infer_backward"]
             == "stochastic_infer_backward_flat") == flat
-    bad_inputs = [-1.0, np.inf, np.nan] + ([1e200] if dtype == np.float64 else [])
+    large, huge = x.copy(), {}
+    large.reshape(-1)[-1] = 1e200  # finite, though its square overflows: no error
+    finite = np.where(np.isinf(g), 0, g).astype(dtype)
     try:
         for op in ("stochastic_infer_backward_flat", "stochastic_infer_backward"):
             if op.endswith("flat") and not flat:
@@ -1118,18 +1127,22 @@ def test_flat_stochastic_inference_backward(shape, kernel, padding, flat, dtype)
             window._derived["stochastic_infer_backward"] = op
             if not op.endswith("flat"):
                 want = backward(g, x, **args)
-            for bad in bad_inputs:  # 1e200: finite, but its square overflows S2
+            for bad in [-1.0, np.inf, np.nan]:
                 y = x.copy()
                 y.reshape(-1)[-1] = bad
                 with pytest.raises(ValueError):
                     backward(g, y, **args)
+            if dtype == np.float64:
+                huge[op] = backward(finite, large, **args)
     finally:
         window._derived.pop("stochastic_infer_backward")
     assert np.array_equal(_bits(got), _bits(want))
     if dtype != np.float16:
-        finite = np.where(np.isinf(g), 0, g).astype(dtype)
         assert_close(backward(finite, x, **args),
                      ref.stochastic_pool_backward(finite, x, **args), dtype)
+    if huge:
+        assert all(np.array_equal(_bits(h), _bits(huge[op])) for h in huge.values())
+        assert_close(huge[op], ref.stochastic_pool_backward(finite, large, **args), dtype)
 
 
 @geometry_dtypes("shape, kernel, padding, dilation, flat", [

@@ -171,3 +171,82 @@ def test_results_do_not_depend_on_thread_count():
         first, last = (first, last) if isinstance(first, tuple) else ((first,), (last,))
         for a, b in zip(first, last):
             assert a.dtype == b.dtype and np.array_equal(a, b), name  # bitwise identical
+
+
+# Planes scaled by powers of two from the bottom to the top of float64's range: the
+# squares of 2**-700 vanish, those of 2**600 overflow, and windows of 2**1020-sized
+# elements sum past the float64 maximum; 1.0 keeps the ordinary path in the same call.
+_SCALES = np.array([2.0**-1000, 2.0**-700, 1.0, 2.0**600, 2.0**1020])
+
+# case: (spatial shape, pooling arguments or an adaptive output size); routes on the
+# CPU: whole-plane loops, rows (forward) and the ring backward, the exactly tiled
+# backward, 1-D, 3-D (a depth kernel), adaptive
+_RANGE_CASES = {
+    "flat": ((6, 7), dict(kernel_size=3, stride=1, padding=1)),
+    "rows": ((6, 7), dict(kernel_size=3, stride=2, padding=1)),
+    "tiled": ((6, 8), dict(kernel_size=2)),
+    "1-D": ((11,), dict(kernel_size=5, stride=1, padding=2)),
+    "3-D": ((3, 4, 5), dict(kernel_size=(2, 3, 2), stride=1)),
+    "adaptive": ((6, 7), (4, 5)),
+}
+
+
+def _range_ops(case):
+    """``(forward(x, device), backward(g, x, device), reference forward, reference
+    backward)`` of ``_RANGE_CASES[case]`` at inference."""
+    size, args = _RANGE_CASES[case]
+    rank = len(size)
+    if case == "adaptive":
+        op = getattr(fastpool, f"adaptive_stochastic_pool{rank}d")
+        grad = getattr(fastpool, f"adaptive_stochastic_pool{rank}d_backward")
+        return (lambda x, d: op(x, args, training=False, device=d),
+                lambda g, x, d: grad(g, x, args, training=False, device=d),
+                lambda x: ref.adaptive_stochastic_pool(x, args, training=False)[0],
+                lambda g, x: ref.adaptive_stochastic_pool_backward(g, x, args))
+    op = getattr(fastpool, f"stochastic_pool{rank}d")
+    grad = getattr(fastpool, f"stochastic_pool{rank}d_backward")
+    return (lambda x, d: op(x, **args, training=False, device=d),
+            lambda g, x, d: grad(g, x, **args, training=False, device=d),
+            lambda x: ref.stochastic_pool(x, **args, training=False)[0],
+            lambda g, x: ref.stochastic_pool_backward(g, x, **args, training=False))
+
+
+def _channels_last(x):
+    return np.moveaxis(np.ascontiguousarray(np.moveaxis(x, 1, -1)), -1, 1)
+
+
+# The simulator runs kernels on NumPy scalars, which warn where the plain sums overflow.
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+@pytest.mark.parametrize("layout", ["channels-first", "channels-last"])
+@pytest.mark.parametrize("case", list(_RANGE_CASES))
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_inference_over_the_whole_float64_range(case, layout, device):
+    """Inference is homogeneous: ``y(c x) = c y(x)``, and the gradient does not depend
+    on ``c``. Plane ``p`` of ``x`` is scaled by ``_SCALES[p]``, so every path sees
+    windows whose squares vanish or overflow, and sums that overflow, beside ordinary
+    ones: outputs are ``c`` times the unscaled input's and gradients equal (the plain
+    sums gave 0 and NaN gradients for the small planes and raised for the large ones),
+    and both are close to the reference's, which divides each window by its largest
+    element. Outputs get relative tolerances only: an absolute one would pass any tiny
+    output."""
+    if device == "cuda" and layout == "channels-last" and case in ("rows", "3-D"):
+        pytest.skip("same GPU kernels as channels-first; the simulator is slow")
+    forward, backward, ref_forward, ref_backward = _range_ops(case)
+    size = _RANGE_CASES[case][0]
+    rng = np.random.default_rng(71)
+    x = _activations(rng, (1, len(_SCALES)) + size, np.float64)
+    scale = _SCALES.reshape((1, -1) + (1,) * len(size))
+    big = x * scale
+    if layout == "channels-last":
+        x, big = _channels_last(x), _channels_last(big)
+    y = forward(x, device)
+    got = forward(big, device)
+    rtol = dict(rtol=1e-13, atol=0)
+    np.testing.assert_allclose(got / scale, y, **rtol)
+    g = rng.standard_normal(y.shape)
+    want = backward(g, x, device)
+    grad = backward(g, big, device)
+    np.testing.assert_allclose(grad, want, **rtol)
+    np.testing.assert_allclose(got, ref_forward(big), **rtol)
+    assert_close(grad, ref_backward(g, big), np.float64)  # gradients are scale-free
+    assert_close(y, ref_forward(x), np.float64)

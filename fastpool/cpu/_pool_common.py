@@ -19,12 +19,46 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from fastpool import _stochastic_sums
 from fastpool.cpu import _half_bits as hb
 
 JIT = dict(parallel=True, cache=True, boundscheck=False, error_model="numpy", nogil=True)
 U = np.uint64
 INF = np.inf
 JUST_BELOW_ONE = 1.0 - 2.0**-53
+
+
+# Stochastic inference's range-safe sums (``fastpool._stochastic_sums``).
+plain_sums_serve = njit(inline="always")(_stochastic_sums.plain_sums_serve)
+sums_scale = njit(inline="always")(_stochastic_sums.sums_scale)
+weighted_average = njit(inline="always")(_stochastic_sums.weighted_average)
+inference_shares = njit(inline="always")(_stochastic_sums.inference_shares)
+
+
+@njit(inline="always")
+def channel_results(gf, af, bf, o, s1, s2, scales, C, SHARES, RESCALED):
+    """A window's stochastic inference results for channels ``0..C-1`` at flat offset
+    ``o`` (channels-last and adaptive kernels): ``S2 / S1`` into ``af``, or with
+    ``SHARES`` the gradient ``gf``'s shares ``A``, ``B`` into ``af``, ``bf``. From the
+    plain sums, returning whether any does not serve; or (``RESCALED``) only for the
+    channels with ``scales[c] != 1.0``, from their scaled sums, returning whether any
+    sum is not finite."""
+    flag = False
+    for c in range(C):
+        if RESCALED:
+            flag |= not (s1[c] < INF and s2[c] < INF)
+            scale = scales[c]
+            if scale == 1.0:
+                continue
+        else:
+            flag |= not plain_sums_serve(s1[c], s2[c])
+            scale = 1.0
+        if SHARES:
+            af[U(o + c)], bf[U(o + c)] = inference_shares(
+                np.float64(hb.wide(gf[U(o + c)])), s1[c], s2[c], scale)
+        else:
+            af[U(o + c)] = hb.narrow(weighted_average(s1[c], s2[c], scale), af)
+    return flag
 
 
 @njit(inline="always")

@@ -21,14 +21,19 @@ from numba import njit
 
 from fastpool import _rng
 from fastpool.cpu._parallel import BODY_JIT, parallel_kernel
-from fastpool.cpu._pool_common import INF, U
+from fastpool.cpu._pool_common import (
+    INF,
+    U,
+    channel_results,
+    sums_scale,
+)
 from fastpool.cpu.pool_channels_last import _row
 
 
 @njit(inline="always")
 def _sums(xf, b, d0, d1, h0, h1, w0, w1, D, H, W, C, s1, s2):
     """Float64 sums (of squares) of one window per channel, row-major; returns whether
-    an element is negative, NaN or infinite or a sum overflows."""
+    an element is negative, NaN or infinite (callers add the checks of their sums)."""
     for c in range(C):
         s1[c] = 0.0
         s2[c] = 0.0
@@ -42,9 +47,29 @@ def _sums(xf, b, d0, d1, h0, h1, w0, w1, D, H, W, C, s1, s2):
                     bad |= not (0.0 <= v < INF)
                     s1[c] += v
                     s2[c] += v * v
-    for c in range(C):
-        bad |= not (s1[c] < INF)
     return bad
+
+
+@njit(cache=True)
+def _settle(xf, b, d0, d1, h0, h1, w0, w1, D, H, W, C, s1, s2, scales):
+    """``scales[c] = sums_scale(s1[c], s2[c])``; where that is not 1.0, channel
+    ``c``'s sums again, of its elements times the scale
+    (``pool_stochastic_channels_last._settle``)."""
+    for c in range(C):
+        scale = sums_scale(s1[c], s2[c])
+        scales[c] = scale
+        if scale != 1.0:
+            t1 = 0.0
+            t2 = 0.0
+            for d in range(d0, d1):
+                for h in range(h0, h1):
+                    for w in range(w0, w1):
+                        k = (((b * D + d) * H + h) * W + w) * C + c
+                        v = np.float64(xf[U(k)]) * scale
+                        t1 += v
+                        t2 += v * v
+            s1[c] = t1
+            s2[c] = t2
 
 
 @njit(inline="always")
@@ -85,6 +110,8 @@ def train_forward(CHANNELS_LAST, WITH_INDICES):
             for ow in range(OW):
                 w0, w1 = sw[ow], ew[ow]
                 invalid |= _sums(xf, b, d0, d1, h0, h1, w0, w1, D, H, W, C, s1, s2)
+                for c in range(C):  # training needs the sums only, not the squares
+                    invalid |= not (s1[c] < INF)
                 first = (d0 * H + h0) * W + w0
                 for c in range(C):
                     chosen[c] = first
@@ -147,19 +174,19 @@ def infer(CHANNELS_LAST, SHARES):
             b, od, oh = _row(row, OD, OH)
             s1 = np.empty(C)
             s2 = np.empty(C)
+            scales = np.empty(C)
             invalid = False
+            d0, d1, h0, h1 = sd[od], ed[od], sh[oh], eh[oh]
             for ow in range(OW):
-                invalid |= _sums(xf, b, sd[od], ed[od], sh[oh], eh[oh], sw[ow], ew[ow], D,
-                                 H, W, C, s1, s2)
+                w0, w1 = sw[ow], ew[ow]
+                bad = _sums(xf, b, d0, d1, h0, h1, w0, w1, D, H, W, C, s1, s2)
                 o = (row * OW + ow) * C
-                for c in range(C):
-                    invalid |= not (s2[c] < INF)
-                    if SHARES:
-                        g = np.float64(gf[U(o + c)])
-                        af[U(o + c)] = 2.0 * g / s1[c] if s1[c] > 0.0 else 0.0
-                        bf[U(o + c)] = -g * s2[c] / (s1[c] * s1[c]) if s1[c] > 0.0 else 0.0
-                    else:
-                        af[U(o + c)] = s2[c] / s1[c] if s1[c] > 0.0 else 0.0
+                if channel_results(gf, af, bf, o, s1, s2, scales, C, SHARES, False) \
+                        or bad:  # rare: the channels whose sums do not serve, again
+                    _settle(xf, b, d0, d1, h0, h1, w0, w1, D, H, W, C, s1, s2, scales)
+                    bad |= channel_results(gf, af, bf, o, s1, s2, scales, C, SHARES,
+                                           True)
+                invalid |= bad
             invalid_rows[row] = invalid
 
     return kernel

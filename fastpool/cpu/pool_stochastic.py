@@ -27,10 +27,14 @@ from fastpool.cpu._pool_common import (
     edge_columns,
     gather_flat,
     gather_rows_called,
+    inference_shares,
     output_row,
+    plain_sums_serve,
     ring_rows,
     spread_along_w_called,
     spread_flat,
+    sums_scale,
+    weighted_average,
     worker_planes,
 )
 
@@ -50,8 +54,10 @@ def tap(e, d0, h0, w0, D, H, W, KH, KW, DD, DH, DW):
 
 
 @njit(inline="always")
-def window_sums(xf, base, d0, h0, w0, D, H, W, KD, KH, KW, DD, DH, DW):
-    """``(S1, S2, first in-input offset, invalid)`` of one window (float64)."""
+def window_sums(xf, base, d0, h0, w0, D, H, W, KD, KH, KW, DD, DH, DW, scale):
+    """``(S1, S2, first in-input offset, invalid)`` of one window (float64), of its
+    elements times ``scale`` (a power of two; callers pass a literal 1.0 but for
+    ``settled_window_sums``)."""
     s1 = 0.0
     s2 = 0.0
     first = -1
@@ -59,7 +65,7 @@ def window_sums(xf, base, d0, h0, w0, D, H, W, KD, KH, KW, DD, DH, DW):
     for e in range(KD * KH * KW):
         k = tap(e, d0, h0, w0, D, H, W, KH, KW, DD, DH, DW)
         if k >= 0:
-            v = np.float64(hb.wide(xf[U(base + k)]))
+            v = np.float64(hb.wide(xf[U(base + k)])) * scale
             if not (0.0 <= v < INF):
                 invalid = True
             if first < 0:
@@ -70,9 +76,10 @@ def window_sums(xf, base, d0, h0, w0, D, H, W, KD, KH, KW, DD, DH, DW):
 
 
 @njit(inline="always")
-def interior_sums(xf, k0, HW, W, KD, KH, KW, DD, DH, DW):
+def interior_sums(xf, k0, HW, W, KD, KH, KW, DD, DH, DW, scale):
     """``(S1, S2, all taps >= 0)`` of a window wholly inside the input, from flat offset
-    ``k0``: no bounds checks, so loops over ``ow`` vectorise (float64 sums)."""
+    ``k0``: no bounds checks, so loops over ``ow`` vectorise (float64 sums of the
+    elements times ``scale``, as in ``window_sums``)."""
     s1 = 0.0
     s2 = 0.0
     nonnegative = True
@@ -80,10 +87,26 @@ def interior_sums(xf, k0, HW, W, KD, KH, KW, DD, DH, DW):
         for i in range(KH):
             for j in range(KW):
                 v = np.float64(hb.wide(xf[U(k0 + a * DD * HW + i * DH * W + j * DW)]))
+                v *= scale
                 s1 += v
                 s2 += v * v
                 nonnegative &= v >= 0.0
     return s1, s2, nonnegative
+
+
+@njit(cache=True)
+def settled_window_sums(xf, base, d0, h0, w0, D, H, W, KD, KH, KW, DD, DH, DW):
+    """``window_sums`` for stochastic inference: ``(S1, S2, invalid, scale)``, summed
+    again with the elements scaled where the plain sums do not serve (``sums_scale``);
+    invalid also where ``S2`` overflows. For the rare windows the kernels' loops flag:
+    called, not inlined, so that it adds no code to those loops."""
+    s1, s2, _, bad = window_sums(xf, base, d0, h0, w0, D, H, W, KD, KH, KW, DD, DH, DW,
+                                 1.0)
+    scale = sums_scale(s1, s2)
+    if scale != 1.0:
+        s1, s2, _, bad = window_sums(xf, base, d0, h0, w0, D, H, W, KD, KH, KW, DD, DH,
+                                     DW, scale)
+    return s1, s2, bad or not (s2 < INF), scale
 
 
 @functools.lru_cache(maxsize=None)
@@ -115,7 +138,7 @@ def train_forward(KD, KH, KW, SD, SH, SW, DD, DH, DW, WITH_INDICES):
                 for ow in range(ow_lo, ow_hi):
                     k0 = d0 * HW + h0 * W + ow * SW - pw
                     total, _, nonnegative = interior_sums(xf, base + k0, HW, W, KD, KH,
-                                                          KW, DD, DH, DW)
+                                                          KW, DD, DH, DW, 1.0)
                     invalid |= not (nonnegative and total < INF)
                     # u * total can round up to total; capping the threshold at the
                     # double just below total (total * (1 - 2**-53) is exactly that for
@@ -145,7 +168,7 @@ def train_forward(KD, KH, KW, SD, SH, SW, DD, DH, DW, WITH_INDICES):
                 ow = edge if edge < split else edge + skip
                 w0 = ow * SW - pw
                 total, _, first, bad = window_sums(xf, base, d0, h0, w0, D, H, W,
-                                                   KD, KH, KW, DD, DH, DW)
+                                                   KD, KH, KW, DD, DH, DW, 1.0)
                 invalid |= bad
                 chosen = first
                 if total > 0.0:
@@ -192,21 +215,30 @@ def infer_forward(KD, KH, KW, SD, SH, SW, DD, DH, DW):
             _, _, _, d0, h0, base, inside = output_row(row, OD, OH, D, H, W, pd, ph,
                                                        KD, KH, SD, SH, DD, DH)
             orow = row * OW
-            invalid = False
+            # invalid input, or sums that do not serve: the row again, after the loops
+            suspect = False
             if inside:
                 for ow in range(ow_lo, ow_hi):
                     s1, s2, nonnegative = interior_sums(
                         xf, base + d0 * HW + h0 * W + ow * SW - pw, HW, W, KD, KH, KW,
-                        DD, DH, DW)
-                    invalid |= not (nonnegative and s1 < INF and s2 < INF)
-                    of[U(orow + ow)] = hb.narrow(s2 / s1 if s1 > 0.0 else 0.0, of)
+                        DD, DH, DW, 1.0)
+                    suspect |= not (nonnegative and plain_sums_serve(s1, s2))
+                    of[U(orow + ow)] = hb.narrow(weighted_average(s1, s2, 1.0), of)
             count, split, skip = edge_columns(inside, ow_lo, ow_hi, OW)
             for edge in range(count):
                 ow = edge if edge < split else edge + skip
                 s1, s2, _, bad = window_sums(xf, base, d0, h0, ow * SW - pw, D, H, W,
-                                             KD, KH, KW, DD, DH, DW)
-                invalid |= bad or not (s2 < INF)
-                of[orow + ow] = hb.narrow(s2 / s1 if s1 > 0.0 else 0.0, of)
+                                             KD, KH, KW, DD, DH, DW, 1.0)
+                suspect |= bad or not plain_sums_serve(s1, s2)
+                of[orow + ow] = hb.narrow(weighted_average(s1, s2, 1.0), of)
+            invalid = False
+            if suspect:
+                for ow in range(OW):
+                    s1, s2, bad, scale = settled_window_sums(
+                        xf, base, d0, h0, ow * SW - pw, D, H, W, KD, KH, KW, DD, DH, DW)
+                    invalid |= bad
+                    if scale != 1.0:
+                        of[orow + ow] = hb.narrow(weighted_average(s1, s2, scale), of)
             invalid_rows[row] = invalid
 
     return kernel
@@ -240,6 +272,29 @@ def _flat_sums(values, squares, k, width, KH, KW):
             s1 += values[U(k + i * width + j)]
             s2 += squares[U(k + i * width + j)]
     return s1, s2
+
+
+@njit(cache=True)
+def _scaled_flat_sums(values, k, width, KH, KW, scale):
+    """``_flat_sums`` of the elements times ``scale``, squared here (called: rare)."""
+    s1 = 0.0
+    s2 = 0.0
+    for i in range(KH):
+        for j in range(KW):
+            v = values[U(k + i * width + j)] * scale
+            s1 += v
+            s2 += v * v
+    return s1, s2
+
+
+@njit(inline="always")
+def _settled_flat_sums(values, squares, k, width, KH, KW):
+    """``(S1, S2, scale)``: ``_flat_sums``, or the scaled sums where those do not serve."""
+    s1, s2 = _flat_sums(values, squares, k, width, KH, KW)
+    scale = sums_scale(s1, s2)
+    if scale != 1.0:
+        s1, s2 = _scaled_flat_sums(values, k, width, KH, KW, scale)
+    return s1, s2, scale
 
 
 # A plane whose zero-bordered copy has more elements than this takes the row kernel
@@ -279,20 +334,31 @@ def infer_forward_flat(KD, KH, KW, SD, SH, SW, DD, DH, DW):
         results = np.empty(OH * Wp)
         # positions k past a row's last window (columns OW to Wp - 1) sum taps of two
         # rows' edges: their sums are computed but neither kept nor checked
-        overflow = np.zeros(OH * Wp, np.bool_)
+        unserved = np.zeros(OH * Wp, np.bool_)
         first, last = worker_planes(worker, workers, planes)
         for p in range(first, last):
             for d in range(D):
                 invalid = _bordered_copy(x[p, d], values, squares, ph, pw, Wp)
                 for k in range((OH - 1) * Wp + OW):
                     s1, s2 = _flat_sums(values, squares, k, Wp, KH, KW)
-                    overflow[U(k)] = not (s1 < INF and s2 < INF)
-                    results[U(k)] = s2 / s1 if s1 > 0.0 else 0.0
+                    unserved[U(k)] = not plain_sums_serve(s1, s2)
+                    results[U(k)] = weighted_average(s1, s2, 1.0)
                 of = out[p, d].reshape(-1)
+                suspect = False
                 for oh in range(OH):
                     for ow in range(OW):
-                        invalid |= overflow[U(oh * Wp + ow)]
+                        suspect |= unserved[U(oh * Wp + ow)]
                         of[U(oh * OW + ow)] = hb.narrow(results[U(oh * Wp + ow)], of)
+                if suspect:
+                    for oh in range(OH):
+                        for ow in range(OW):
+                            k = oh * Wp + ow
+                            if unserved[U(k)]:
+                                s1, s2, scale = _settled_flat_sums(values, squares, k, Wp,
+                                                                   KH, KW)
+                                invalid |= not (s1 < INF and s2 < INF)
+                                of[U(oh * OW + ow)] = hb.narrow(
+                                    weighted_average(s1, s2, scale), of)
                 for oh in range(OH):
                     invalid_rows[(p * D + d) * OH + oh] = invalid
 
@@ -480,15 +546,22 @@ def infer_backward_flat(KD, KH, KW, SD, SH, SW, DD, DH, DW):
                     row = (oh + KH - 1) * Wc + KW - 1
                     for ow in range(OW):
                         grads[U(row + ow)] = np.float64(hb.wide(go[oh, ow]))
+                suspect = False
                 for k in range(first_k, last_k + 1):
                     s1, s2 = _flat_sums(values, squares, k, Wc, KH, KW)
                     inside = windows[U(k)]
-                    invalid |= inside and not (s1 < INF and s2 < INF)
-                    g = grads[U(k)]
-                    a = 2.0 * g / s1 if s1 > 0.0 else 0.0
-                    b = -g * s2 / (s1 * s1) if s1 > 0.0 else 0.0
+                    suspect |= inside and not plain_sums_serve(s1, s2)
+                    a, b = inference_shares(grads[U(k)], s1, s2, 1.0)
                     share_a[U(k)] = a if inside else 0.0
                     share_b[U(k)] = b if inside else 0.0
+                if suspect:
+                    for k in range(first_k, last_k + 1):
+                        if windows[U(k)]:
+                            s1, s2, scale = _settled_flat_sums(values, squares, k, Wc,
+                                                               KH, KW)
+                            invalid |= not (s1 < INF and s2 < INF)
+                            share_a[U(k)], share_b[U(k)] = inference_shares(
+                                grads[U(k)], s1, s2, scale)
                 spread_flat(share_a, spread_a, lead, KW, 0.0)
                 spread_flat(share_b, spread_b, lead, KW, 0.0)
                 gi = grad_input[p, d]
@@ -530,16 +603,20 @@ def infer_backward_plane(go, xp, gi, share_a, share_b, rows_a, rows_b, depth_a, 
                         if inside and ow_lo <= ow < ow_hi:
                             s1, s2, nonnegative = interior_sums(
                                 xf, d0 * HW + h0 * W + ow * SW - pw, HW, W,
-                                KD, KH, KW, DD, DH, DW)
+                                KD, KH, KW, DD, DH, DW, 1.0)
                             bad = not nonnegative
                         else:
                             s1, s2, _, bad = window_sums(
                                 xf, 0, d0, h0, ow * SW - pw, D, H, W, KD, KH, KW,
+                                DD, DH, DW, 1.0)
+                        scale = 1.0
+                        if not plain_sums_serve(s1, s2):  # rare; checks the sums too
+                            s1, s2, bad, scale = settled_window_sums(
+                                xf, 0, d0, h0, ow * SW - pw, D, H, W, KD, KH, KW,
                                 DD, DH, DW)
-                        invalid |= bad or not (s1 < INF and s2 < INF)
-                        g = np.float64(hb.wide(go[od, oh, ow]))
-                        share_a[ow] = 2.0 * g / s1 if s1 > 0.0 else 0.0
-                        share_b[ow] = -g * s2 / (s1 * s1) if s1 > 0.0 else 0.0
+                        invalid |= bad
+                        share_a[ow], share_b[ow] = inference_shares(
+                            np.float64(hb.wide(go[od, oh, ow])), s1, s2, scale)
                     spread_along_w_called(rows_a[oh % RH], share_a, 0.0, pw, KW,
                                           SW, DW)
                     spread_along_w_called(rows_b[oh % RH], share_b, 0.0, pw, KW,
@@ -597,14 +674,24 @@ def infer_backward_tiled(KD, KH, KW, SD, SH, SW, DD, DH, DW):
         for r in range(worker * rows // workers, (worker + 1) * rows // workers):
             base = r * KH * W
             go = grad_output[r]
-            invalid = False
+            suspect = False
             for ow in range(OW):
                 s1, s2, nonnegative = interior_sums(xf, base + ow * KW, KH * W, W, 1, KH,
-                                                    KW, 1, 1, 1)
-                invalid |= not nonnegative or not (s1 < INF and s2 < INF)
-                g = np.float64(hb.wide(go[ow]))
-                share_a[ow] = 0.0 + (2.0 * g / s1 if s1 > 0.0 else 0.0)
-                share_b[ow] = 0.0 + (-g * s2 / (s1 * s1) if s1 > 0.0 else 0.0)
+                                                    KW, 1, 1, 1, 1.0)
+                suspect |= not (nonnegative and plain_sums_serve(s1, s2))
+                a, b = inference_shares(np.float64(hb.wide(go[ow])), s1, s2, 1.0)
+                share_a[ow] = 0.0 + a
+                share_b[ow] = 0.0 + b
+            invalid = False
+            if suspect:
+                for ow in range(OW):
+                    # the row's windows as one row of a (1, KH, W) plane
+                    s1, s2, bad, scale = settled_window_sums(
+                        xf, base, 0, 0, ow * KW, 1, KH, W, 1, KH, KW, 1, 1, 1)
+                    invalid |= bad
+                    a, b = inference_shares(np.float64(hb.wide(go[ow])), s1, s2, scale)
+                    share_a[ow] = 0.0 + a
+                    share_b[ow] = 0.0 + b
             invalid_rows[r] = invalid
             for i in range(KH):
                 row = base + i * W

@@ -23,7 +23,13 @@ from numba import njit
 from fastpool import _rng
 from fastpool.cpu import _half_bits as hb
 from fastpool.cpu._parallel import BODY_JIT, parallel_kernel
-from fastpool.cpu._pool_common import INF, JUST_BELOW_ONE, U
+from fastpool.cpu._pool_common import (
+    INF,
+    JUST_BELOW_ONE,
+    U,
+    channel_results,
+    sums_scale,
+)
 from fastpool.cpu.pool_channels_last import _row, gather_shares
 from fastpool.cpu.pool_stochastic import tap
 
@@ -51,6 +57,26 @@ def _window_sums(xf, base, d0, h0, w0, D, H, W, C, KD, KH, KW, DD, DH, DW, s1, s
                 s1[c] += v
                 s2[c] += v * v
     return first, invalid
+
+
+@njit(cache=True)
+def _settle(xf, base, d0, h0, w0, D, H, W, C, KD, KH, KW, DD, DH, DW, s1, s2, scales):
+    """``scales[c] = sums_scale(s1[c], s2[c])``; where that is not 1.0, channel
+    ``c``'s sums again, of its elements times the scale (rare: called, not inlined)."""
+    for c in range(C):
+        scale = sums_scale(s1[c], s2[c])
+        scales[c] = scale
+        if scale != 1.0:
+            t1 = 0.0
+            t2 = 0.0
+            for e in range(KD * KH * KW):
+                k = tap(e, d0, h0, w0, D, H, W, KH, KW, DD, DH, DW)
+                if k >= 0:
+                    v = np.float64(hb.wide(xf[U((base + k) * C + c)])) * scale
+                    t1 += v
+                    t2 += v * v
+            s1[c] = t1
+            s2[c] = t2
 
 
 @functools.lru_cache(maxsize=None)
@@ -173,20 +199,20 @@ def infer(KD, KH, KW, SD, SH, SW, DD, DH, DW, SHARES):
             n, od, oh = _row(row, OD, OH)
             s1 = np.empty(C)
             s2 = np.empty(C)
+            scales = np.empty(C)
             invalid = False
             for ow in range(OW):
-                _, bad = _window_sums(xf, n * D * H * W, od * SD - pd, oh * SH - ph,
-                                      ow * SW - pw, D, H, W, C, KD, KH, KW, DD, DH, DW,
-                                      s1, s2)
+                base = n * D * H * W
+                d0, h0, w0 = od * SD - pd, oh * SH - ph, ow * SW - pw
+                _, bad = _window_sums(xf, base, d0, h0, w0, D, H, W, C, KD, KH, KW, DD,
+                                      DH, DW, s1, s2)
                 o = (row * OW + ow) * C
-                for c in range(C):
-                    bad |= not (s1[c] < INF and s2[c] < INF)
-                    if SHARES:
-                        g = np.float64(hb.wide(gf[U(o + c)]))
-                        af[U(o + c)] = 2.0 * g / s1[c] if s1[c] > 0.0 else 0.0
-                        bf[U(o + c)] = -g * s2[c] / (s1[c] * s1[c]) if s1[c] > 0.0 else 0.0
-                    else:
-                        af[U(o + c)] = hb.narrow(s2[c] / s1[c] if s1[c] > 0.0 else 0.0, af)
+                if channel_results(gf, af, bf, o, s1, s2, scales, C, SHARES, False) \
+                        or bad:  # rare: the channels whose sums do not serve, again
+                    _settle(xf, base, d0, h0, w0, D, H, W, C, KD, KH, KW, DD, DH, DW, s1,
+                            s2, scales)
+                    bad |= channel_results(gf, af, bf, o, s1, s2, scales, C, SHARES,
+                                           True)
                 invalid |= bad
             invalid_rows[row] = invalid
 

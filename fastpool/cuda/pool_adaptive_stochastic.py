@@ -10,6 +10,7 @@ from numba import config, cuda
 
 from fastpool import _rng
 from fastpool.cuda._launch import grid_start, grid_stride, split_position
+from fastpool.cuda._pool_common import inference_shares, sums_scale, weighted_average
 
 _gpu_rng = _rng.compile_with(cuda.jit(device=True, inline=True),
                              interpreted=bool(config.ENABLE_CUDASIM))
@@ -19,21 +20,32 @@ _INF = np.inf
 
 
 @cuda.jit(device=True, inline=True)
-def _sums(x, n, c, d0, d1, h0, h1, w0, w1):
-    """``(S1, S2, bad)`` of one window, float64, row-major; bad: a negative, NaN or
-    infinite element or an overflowing ``S1``."""
+def _sums(x, n, c, d0, d1, h0, h1, w0, w1, scale):
+    """``(S1, S2, bad)`` of one window's elements times ``scale``, float64, row-major;
+    bad: a negative, NaN or infinite element or an overflowing ``S1``."""
     s1 = 0.0
     s2 = 0.0
     bad = False
     for d in range(d0, d1):
         for h in range(h0, h1):
             for w in range(w0, w1):
-                v = np.float64(x[n, c, d, h, w])
+                v = np.float64(x[n, c, d, h, w]) * scale
                 if not (0.0 <= v < _INF):
                     bad = True
                 s1 += v
                 s2 += v * v
     return s1, s2, bad or not (s1 < _INF)
+
+
+@cuda.jit(device=True, inline=True)
+def _settled_sums(x, n, c, d0, d1, h0, h1, w0, w1):
+    """``(S1, S2, bad, scale)``: ``_sums``, again of scaled elements where the plain
+    sums do not serve (``sums_scale``); bad also where ``S2`` overflows."""
+    s1, s2, bad = _sums(x, n, c, d0, d1, h0, h1, w0, w1, 1.0)
+    scale = sums_scale(s1, s2)
+    if scale != 1.0:
+        s1, s2, bad = _sums(x, n, c, d0, d1, h0, h1, w0, w1, scale)
+    return s1, s2, bad or not (s2 < _INF), scale
 
 
 @cuda.jit
@@ -45,7 +57,7 @@ def train_forward(x, out, indices, with_indices, key, sd, ed, sh, eh, sw, ew, cl
     while i < total:
         n, c, od, oh, ow = split_position(i, C, OD, OH, OW, cl)
         d0, d1, h0, h1, w0, w1 = sd[od], ed[od], sh[oh], eh[oh], sw[ow], ew[ow]
-        s1, _, invalid = _sums(x, n, c, d0, d1, h0, h1, w0, w1)
+        s1, _, invalid = _sums(x, n, c, d0, d1, h0, h1, w0, w1, 1.0)
         if invalid:
             bad[0] = 1
         first = (np.int64(d0) * H + h0) * W + w0
@@ -83,10 +95,11 @@ def infer_forward(x, out, sd, ed, sh, eh, sw, ew, cl, bad):
     i = grid_start()
     while i < total:
         n, c, od, oh, ow = split_position(i, C, OD, OH, OW, cl)
-        s1, s2, invalid = _sums(x, n, c, sd[od], ed[od], sh[oh], eh[oh], sw[ow], ew[ow])
-        if invalid or not (s2 < _INF):
+        s1, s2, invalid, scale = _settled_sums(x, n, c, sd[od], ed[od], sh[oh], eh[oh],
+                                               sw[ow], ew[ow])
+        if invalid:
             bad[0] = 1
-        out[n, c, od, oh, ow] = s2 / s1 if s1 > 0.0 else 0.0
+        out[n, c, od, oh, ow] = weighted_average(s1, s2, scale)
         i += grid_stride()
 
 
@@ -97,12 +110,13 @@ def infer_shares(x, grad_output, share_a, share_b, sd, ed, sh, eh, sw, ew, cl, b
     i = grid_start()
     while i < total:
         n, c, od, oh, ow = split_position(i, C, OD, OH, OW, cl)
-        s1, s2, invalid = _sums(x, n, c, sd[od], ed[od], sh[oh], eh[oh], sw[ow], ew[ow])
-        if invalid or not (s2 < _INF):
+        s1, s2, invalid, scale = _settled_sums(x, n, c, sd[od], ed[od], sh[oh], eh[oh],
+                                               sw[ow], ew[ow])
+        if invalid:
             bad[0] = 1
-        g = np.float64(grad_output[n, c, od, oh, ow])
-        share_a[n, c, od, oh, ow] = 2.0 * g / s1 if s1 > 0.0 else 0.0
-        share_b[n, c, od, oh, ow] = -g * s2 / (s1 * s1) if s1 > 0.0 else 0.0
+        a, b = inference_shares(np.float64(grad_output[n, c, od, oh, ow]), s1, s2, scale)
+        share_a[n, c, od, oh, ow] = a
+        share_b[n, c, od, oh, ow] = b
         i += grid_stride()
 
 

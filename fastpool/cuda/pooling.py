@@ -43,6 +43,7 @@ from fastpool.cuda._launch import (
     split_position,
     volume,
 )
+from fastpool.cuda._pool_common import inference_shares, sums_scale, weighted_average
 
 _gpu_rng = _rng.compile_with(cuda.jit(device=True, inline=True),
                              interpreted=bool(config.ENABLE_CUDASIM))
@@ -350,9 +351,10 @@ def avg_pool_backward(grad_output, window, count_include_pad, divisor_override):
 # ----------------------------------------------------------------------------- stochastic
 
 @cuda.jit(device=True, inline=True)
-def _window_sums(x, n, c, d0, h0, w0, KD, KH, KW, DD, DH, DW):
-    """``(S1, S2, first in-input flat position, invalid)`` of one window, in float64
-    and row-major order; invalid: a negative, NaN or infinite element or sum."""
+def _window_sums(x, n, c, d0, h0, w0, KD, KH, KW, DD, DH, DW, scale):
+    """``(S1, S2, first in-input flat position, invalid)`` of one window's elements
+    times ``scale``, in float64 and row-major order; invalid: a negative, NaN or
+    infinite element or sum."""
     D, H, W = x.shape[2], x.shape[3], x.shape[4]
     s1 = 0.0
     s2 = 0.0
@@ -367,7 +369,7 @@ def _window_sums(x, n, c, d0, h0, w0, KD, KH, KW, DD, DH, DW):
                     for e in range(KW):
                         w = w0 + e * DW
                         if 0 <= w < W:
-                            v = np.float64(x[n, c, d, h, w])
+                            v = np.float64(x[n, c, d, h, w]) * scale
                             if not (0.0 <= v < _INF):
                                 invalid = True
                             if first < 0:
@@ -392,7 +394,8 @@ def _stochastic_train(x, out, indices, with_indices, key, cl, pd, ph, pw, KD, KH
         d0 = od * SD - pd
         h0 = oh * SH - ph
         w0 = ow * SW - pw
-        s1, _, first, invalid = _window_sums(x, n, c, d0, h0, w0, KD, KH, KW, DD, DH, DW)
+        s1, _, first, invalid = _window_sums(x, n, c, d0, h0, w0, KD, KH, KW, DD, DH, DW,
+                                             1.0)
         if invalid:
             bad[0] = 1
         chosen = first
@@ -426,13 +429,18 @@ def _stochastic_train(x, out, indices, with_indices, key, cl, pd, ph, pw, KD, KH
 @cuda.jit(device=True, inline=True)
 def _checked_window_sums(x, n, c, od, oh, ow, pd, ph, pw, KD, KH, KW, SD, SH, SW, DD, DH,
                          DW, bad):
-    """``(S1, S2)`` of an output's window, for stochastic inference; raises the ``bad``
-    flag for a negative or NaN element or an infinite ``S2``."""
-    s1, s2, _, invalid = _window_sums(x, n, c, od * SD - pd, oh * SH - ph, ow * SW - pw,
-                                      KD, KH, KW, DD, DH, DW)
+    """``(S1, S2, scale)`` of an output's window for stochastic inference, summed again
+    with scaled elements where the plain sums do not serve (``sums_scale``); raises the
+    ``bad`` flag for a negative, NaN or infinite element."""
+    d0, h0, w0 = od * SD - pd, oh * SH - ph, ow * SW - pw
+    s1, s2, _, invalid = _window_sums(x, n, c, d0, h0, w0, KD, KH, KW, DD, DH, DW, 1.0)
+    scale = sums_scale(s1, s2)
+    if scale != 1.0:
+        s1, s2, _, invalid = _window_sums(x, n, c, d0, h0, w0, KD, KH, KW, DD, DH, DW,
+                                          scale)
     if invalid or not (s2 < _INF):
         bad[0] = 1
-    return s1, s2
+    return s1, s2, scale
 
 
 @functools.lru_cache(maxsize=None)
@@ -448,9 +456,9 @@ def _stochastic_infer_kernel(dtype):
         i = grid_start()
         while i < total:
             n, c, od, oh, ow = split_position(i, C, OD, OH, OW, cl)
-            s1, s2 = _checked_window_sums(x, n, c, od, oh, ow, pd, ph, pw, KD, KH, KW, SD,
-                                          SH, SW, DD, DH, DW, bad)
-            out[n, c, od, oh, ow] = scalar(s2 / s1 if s1 > 0.0 else 0.0)
+            s1, s2, scale = _checked_window_sums(x, n, c, od, oh, ow, pd, ph, pw, KD, KH,
+                                                 KW, SD, SH, SW, DD, DH, DW, bad)
+            out[n, c, od, oh, ow] = scalar(weighted_average(s1, s2, scale))
             i += grid_stride()
 
     return stochastic_infer
@@ -466,11 +474,11 @@ def _stochastic_infer_shares(x, grad_output, share_a, share_b, cl, pd, ph, pw, K
     i = grid_start()
     while i < total:
         n, c, od, oh, ow = split_position(i, C, OD, OH, OW, cl)
-        s1, s2 = _checked_window_sums(x, n, c, od, oh, ow, pd, ph, pw, KD, KH, KW, SD, SH,
-                                      SW, DD, DH, DW, bad)
-        g = np.float64(grad_output[n, c, od, oh, ow])
-        share_a[n, c, od, oh, ow] = 2.0 * g / s1 if s1 > 0.0 else 0.0
-        share_b[n, c, od, oh, ow] = -g * s2 / (s1 * s1) if s1 > 0.0 else 0.0
+        s1, s2, scale = _checked_window_sums(x, n, c, od, oh, ow, pd, ph, pw, KD, KH, KW,
+                                             SD, SH, SW, DD, DH, DW, bad)
+        a, b = inference_shares(np.float64(grad_output[n, c, od, oh, ow]), s1, s2, scale)
+        share_a[n, c, od, oh, ow] = a
+        share_b[n, c, od, oh, ow] = b
         i += grid_stride()
 
 
