@@ -250,3 +250,25 @@ def test_inference_over_the_whole_float64_range(case, layout, device):
     np.testing.assert_allclose(got, ref_forward(big), **rtol)
     assert_close(grad, ref_backward(g, big), np.float64)  # gradients are scale-free
     assert_close(y, ref_forward(x), np.float64)
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_tiny_negative_beside_huge_values_is_rejected(device):
+    """A window summed again scaled down by 2**-600 must still see a tiny negative
+    element: -1e-300 * 2**-600 rounds to -0.0, which passes ``0 <= v``, so the check
+    reads the element before scaling (a review found the scaled check accepting it)."""
+    x = np.zeros((1, 1, 4, 4))
+    x[0, 0, 0, 0], x[0, 0, 0, 1] = 1e300, -1e-300
+    calls = [lambda: fastpool.stochastic_pool2d(x, 2, training=False, device=device),
+             lambda: fastpool.stochastic_pool2d_backward(
+                 np.ones((1, 1, 2, 2)), x, 2, training=False, device=device),
+             lambda: fastpool.stochastic_pool2d(x, 3, 2, 1, training=False, device=device),
+             lambda: fastpool.stochastic_pool2d_backward(
+                 np.ones((1, 1, 2, 2)), x, 3, 2, 1, training=False, device=device),
+             lambda: fastpool.adaptive_stochastic_pool2d(x, 2, training=False,
+                                                         device=device),
+             lambda: fastpool.adaptive_stochastic_pool2d_backward(
+                 np.ones((1, 1, 2, 2)), x, 2, training=False, device=device)]
+    for call in calls:
+        with pytest.raises(ValueError):
+            call()

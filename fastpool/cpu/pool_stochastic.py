@@ -65,9 +65,10 @@ def window_sums(xf, base, d0, h0, w0, D, H, W, KD, KH, KW, DD, DH, DW, scale):
     for e in range(KD * KH * KW):
         k = tap(e, d0, h0, w0, D, H, W, KH, KW, DD, DH, DW)
         if k >= 0:
-            v = np.float64(hb.wide(xf[U(base + k)])) * scale
-            if not (0.0 <= v < INF):
+            v = np.float64(hb.wide(xf[U(base + k)]))
+            if not (0.0 <= v < INF):  # before scaling: -1e-300 * 2**-600 is -0.0
                 invalid = True
+            v *= scale
             if first < 0:
                 first = k
             s1 += v
@@ -87,10 +88,10 @@ def interior_sums(xf, k0, HW, W, KD, KH, KW, DD, DH, DW, scale):
         for i in range(KH):
             for j in range(KW):
                 v = np.float64(hb.wide(xf[U(k0 + a * DD * HW + i * DH * W + j * DW)]))
+                nonnegative &= v >= 0.0  # before scaling, as in window_sums
                 v *= scale
                 s1 += v
                 s2 += v * v
-                nonnegative &= v >= 0.0
     return s1, s2, nonnegative
 
 

@@ -29,9 +29,10 @@ def _sums(x, n, c, d0, d1, h0, h1, w0, w1, scale):
     for d in range(d0, d1):
         for h in range(h0, h1):
             for w in range(w0, w1):
-                v = np.float64(x[n, c, d, h, w]) * scale
-                if not (0.0 <= v < _INF):
+                v = np.float64(x[n, c, d, h, w])
+                if not (0.0 <= v < _INF):  # before scaling: -1e-300 * 2**-600 is -0.0
                     bad = True
+                v *= scale
                 s1 += v
                 s2 += v * v
     return s1, s2, bad or not (s1 < _INF)

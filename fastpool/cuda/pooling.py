@@ -369,9 +369,10 @@ def _window_sums(x, n, c, d0, h0, w0, KD, KH, KW, DD, DH, DW, scale):
                     for e in range(KW):
                         w = w0 + e * DW
                         if 0 <= w < W:
-                            v = np.float64(x[n, c, d, h, w]) * scale
-                            if not (0.0 <= v < _INF):
+                            v = np.float64(x[n, c, d, h, w])
+                            if not (0.0 <= v < _INF):  # before scaling (CPU's note)
                                 invalid = True
+                            v *= scale
                             if first < 0:
                                 first = (np.int64(d) * H + h) * W + w
                             s1 += v
