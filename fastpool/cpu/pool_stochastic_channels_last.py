@@ -9,7 +9,7 @@ same two paths (windows wholly inside the input cap the threshold just below the
 edge windows fall back to the last positive element), so every pick, output and
 gradient is bitwise the channels-first one. Forward kernels parallelise over output
 rows ``(n, od, oh)``; the inference backward computes each window's ``A`` and ``B``
-shares (``pool_stochastic.infer_backward``) per output row, then gathers them per input
+shares (``pool_stochastic_backward.infer_backward``) per output row, then gathers them per input
 row (``gather_shares``), so nothing races.
 """
 

@@ -2,7 +2,7 @@
 
 Every launcher takes host arrays validated by ``fastpool._params`` and their
 ``fastpool._geometry.Window`` and returns host arrays in the caller's shape and memory
-format. The kernels (``pool_max``, ``pool_avg``, ``pool_stochastic``) see 1-, 2- and
+format. The kernels (``pool_max``, ``pool_avg``, ``pool_stochastic*``) see 1-, 2- and
 3-D inputs alike as ``(planes, D, H, W)`` (``Window.in3``), specialised on the
 window's compile-time constants (``Window.constants``) by the one memoised place
 ``kernel(op, window, *flags)``. Forward kernels parallelise over output rows,
@@ -32,7 +32,9 @@ from fastpool.cpu import (
     pool_channels_last,
     pool_max,
     pool_stochastic,
+    pool_stochastic_backward,
     pool_stochastic_channels_last,
+    pool_stochastic_flat,
     pool_unpool,
 )
 from fastpool.cpu._arrays import channels_last, contiguous
@@ -52,12 +54,12 @@ _FACTORIES = {
     "avg_backward_flat": pool_avg.avg_backward_flat,
     "avg_backward_tiled": pool_avg.avg_backward_tiled,
     "stochastic_train": pool_stochastic.train_forward,
-    "stochastic_train_flat": pool_stochastic.train_forward_flat,
+    "stochastic_train_flat": pool_stochastic_flat.train_forward_flat,
     "stochastic_infer_forward": pool_stochastic.infer_forward,
-    "stochastic_infer_forward_flat": pool_stochastic.infer_forward_flat,
-    "stochastic_infer_backward": pool_stochastic.infer_backward,
-    "stochastic_infer_backward_flat": pool_stochastic.infer_backward_flat,
-    "stochastic_infer_backward_tiled": pool_stochastic.infer_backward_tiled,
+    "stochastic_infer_forward_flat": pool_stochastic_flat.infer_forward_flat,
+    "stochastic_infer_backward": pool_stochastic_backward.infer_backward,
+    "stochastic_infer_backward_flat": pool_stochastic_flat.infer_backward_flat,
+    "stochastic_infer_backward_tiled": pool_stochastic_backward.infer_backward_tiled,
     "stochastic_train_cl": pool_stochastic_channels_last.train_forward,
     "stochastic_infer_cl": pool_stochastic_channels_last.infer,
     "stochastic_infer_backward_cl": pool_stochastic_channels_last.infer_backward,
@@ -529,14 +531,14 @@ def _flat_forward(w, limit):
 
 def _stochastic_infer_op(w):
     """The channels-first stochastic inference forward for ``w`` (``_flat_forward``)."""
-    if _flat_forward(w, pool_stochastic.FLAT_PLANE_LIMIT):
+    if _flat_forward(w, pool_stochastic_flat.FLAT_PLANE_LIMIT):
         return "stochastic_infer_forward_flat"
     return "stochastic_infer_forward"
 
 
 def _stochastic_train_op(w):
     """The channels-first stochastic training forward for ``w`` (``_flat_forward``)."""
-    if _flat_forward(w, pool_stochastic.FLAT_TRAIN_PLANE_LIMIT):
+    if _flat_forward(w, pool_stochastic_flat.FLAT_TRAIN_PLANE_LIMIT):
         return "stochastic_train_flat"
     return "stochastic_train"
 
@@ -549,7 +551,7 @@ def _stochastic_infer_backward_op(w):
     padded = ((w.out3[1] + 2 * (w.kernel3[1] - 1))
               * (w.out3[2] + 2 * (w.kernel3[2] - 1)))
     if (w.kernel3[0], w.stride3, w.dilation3) == (1, (1, 1, 1), (1, 1, 1)) and \
-            padded <= pool_stochastic.FLAT_BACKWARD_LIMIT:
+            padded <= pool_stochastic_flat.FLAT_BACKWARD_LIMIT:
         return "stochastic_infer_backward_flat"
     return "stochastic_infer_backward"
 
