@@ -880,6 +880,43 @@ def test_small_plane_depthwise_runs_across_channels(x_shape, kernel, args, grad_
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("channels, args", [
+    (16, dict(padding=1)),                      # one vector block, edge columns banded
+    (40, dict(padding=2)),                      # 16 + 16 + 8: a remainder; rows leave
+    (48, dict(stride=2, padding=1)),            # strided rows of blocks
+    (33, dict(padding=2, dilation=2)),          # dilated; a remainder of 1
+    (32, dict(stride=(2, 1), padding=(0, 1))),  # unequal strides
+])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_channels_last_depthwise_3x3_vector_blocks(channels, args, with_bias, dtype,
+                                                   monkeypatch):
+    """The channels-last depthwise 3x3 forward adds the taps of whole blocks of 16
+    channels as vectors (``_channels_last_direct._nine_taps_grouped``, ``_row3x3``), in
+    chunks of columns narrower than a row here, and the channels past the last block
+    one at a time: the channels-first call's bits, at 1 and 2 threads, close to the
+    reference."""
+    from fastpool import _threading
+    from fastpool.cpu.conv import _channels_last_direct as cld
+    monkeypatch.setattr(_threading, "SMALL_WORK_NS", -1)
+    rng, x, w, b, args = _depthwise_case((2, channels, 11, 150), (3, 3), args, dtype)
+    b = b if with_bias else None
+    xl = np.moveaxis(np.ascontiguousarray(np.moveaxis(x, 1, -1)), -1, 1)
+    y = fastpool.conv2d(x, w, b, **args)
+    stride_w = np.broadcast_to(args.get("stride", 1), 2)[1]
+    assert max(4, cld._CHUNK_BYTES // (3 * stride_w * channels * x.itemsize)) < y.shape[3]
+    calls = []
+    monkeypatch.setattr(cld, "forward", lambda *a, f=cld.forward: (
+        calls.append(a[0].shape) or f(*a)))
+    runs = at_one_and_two_threads(lambda: fastpool.conv2d(xl, w, b, **args))
+    assert calls == [(2, 11, 150, channels)] * 2
+    np.testing.assert_array_equal(runs[0], y)
+    np.testing.assert_array_equal(runs[1], y)
+    bias = np.zeros(channels, dtype) if b is None else b
+    bound = ref.conv2d(np.abs(x), np.abs(w), np.abs(bias), **args)
+    assert_close_to_sum(runs[0], ref.conv2d(x, w, bias, **args), bound, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("x_shape, kernel, args", [
     ((1, 40, 9, 11), (3, 3), dict(padding=1)),
     ((2, 33, 12, 10), (3, 3), dict(stride=2, padding=1)),
@@ -963,16 +1000,18 @@ def test_depthwise_blocks_rule():
 
 @pytest.mark.parametrize("bad", ["read-only output", "mixed dtypes", "2-D", "float size"])
 def test_depthwise_blocks_intrinsics_refuse_other_arrays(bad):
-    """The vector loops of ``_depthwise_blocks`` read ``.data`` by element offsets:
-    anything but flat, C-contiguous, writeable arrays of one float dtype and integer
-    sizes is a typing error at compile time."""
+    """The vector loops of ``_depthwise_blocks`` (``_copy_pixels``) and of the
+    channels-last kernels it shares (``_channels_last_direct._row3x3``) read ``.data``
+    by element offsets: anything but flat, C-contiguous, writeable arrays of one float
+    dtype and integer sizes is a typing error at compile time."""
     from numba import njit
     from numba.core.errors import TypingError
-    from fastpool.cpu.conv._depthwise_blocks import _copy_pixels, _row3x3
+    from fastpool.cpu.conv._channels_last_direct import _row3x3
+    from fastpool.cpu.conv._depthwise_blocks import _copy_pixels
 
     @njit
     def taps(xs, wt, ys, count):
-        _row3x3(xs, 0, 16, 48, 16, wt, wt, ys, 0, count)
+        _row3x3(xs, 0, 16, 48, 16, wt, 0, 16, wt, 0, ys, 0, 16, count)
 
     @njit
     def copy(dst, src, count):

@@ -10,8 +10,8 @@ of the whole output back: three parallel loops, each waking the threads, and the
 going to memory between them. Here each task takes ``_BLOCK`` channels of one image
 (and a band of output rows on large planes): it transposes their input rows into a
 zero-bordered channels-last scratch in vector registers (``fastpool.cpu._transpose``),
-runs the channels-last loops on it and transposes the outputs back; one parallel loop,
-the scratch in L1/L2.
+runs the channels-last loops on it (``_channels_last_direct._row3x3`` for 3x3 kernels)
+and transposes the outputs back; one parallel loop, the scratch in L1/L2.
 
 The sums are those of ``_channels_last_direct`` with outside cells as zeros (its
 ``grouped`` mode, that of the channels-first plane kernels): the same bits as the
@@ -32,78 +32,15 @@ from numba.extending import intrinsic
 
 from fastpool._threading import loop_on_one_thread
 from fastpool.cpu._transpose import block, side_of
-from fastpool.cpu.conv._channels_last_direct import _columns
+from fastpool.cpu.conv._channels_last_direct import _BLOCK, _columns, _row3x3
 from fastpool.cpu.conv._planner import _JIT, _U
 
-# Channels per task: two AVX2 vectors of float32 per pixel (four of float64), and
-# 16 * (16 x 16 padded + 14 x 14) float32 scratch for a 14x14 plane (29 KB, L1).
-_BLOCK = 16
+# Channels per task (``_BLOCK``, one vector of ``_row3x3``): two AVX2 vectors of
+# float32 per pixel (four of float64), and 16 * (16 x 16 padded + 14 x 14) float32
+# scratch for a 14x14 plane (29 KB, L1).
 # Scratch bytes per task (input rows, their zero-bordered copy and the outputs), which
 # sets the output rows of a band on large planes.
 _BAND_BYTES = 96 << 10
-
-
-@intrinsic
-def _row3x3(typingctx, xs, src, step, r1, c1, wt, bias, ys, dst, count):
-    """``count`` outputs of ``_BLOCK`` channels of a 3x3 kernel:
-    ``ys[dst + p*_BLOCK + c] = bias[c] + sum over taps k = (i, j) of
-    wt[k*_BLOCK + c] * xs[src + p*step + i*r1 + j*c1 + c]``, added as ``_columns`` and
-    ``_nine_taps`` add them with outside cells as zeros: the bias, then
-    ``(t0 + t1) + (t2 + t3)``, ``(t4 + t5) + (t6 + t7)``, ``t8``.
-
-    In LLVM IR, one vector of ``_BLOCK`` lanes per tap, the weights loaded once:
-    written as loops, LLVM versioned every row for aliasing between the scratch arrays
-    and kept a dozen pointers on the stack (the taps ran at a third of this speed).
-    Lane-wise vector multiplies and adds are the scalar IEEE operations, so the bits
-    are those of the scalar loops. Arrays: 1-D, C-contiguous, one float dtype."""
-    arrays = (xs, wt, bias, ys)
-    if not (all(isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C"
-                and isinstance(a.dtype, types.Float) for a in arrays)
-            and len({a.dtype for a in arrays}) == 1 and ys.mutable
-            and all(isinstance(v, types.Integer) for v in (src, step, r1, c1, dst, count))):
-        return None
-    signature = types.void(xs, src, step, r1, c1, wt, bias, ys, dst, count)
-
-    def codegen(context, builder, sig, args):
-        tys = sig.args
-        intp = context.get_value_type(types.intp)
-        element = context.get_data_type(xs.dtype)
-        vector = ir.VectorType(element, _BLOCK)
-        align = context.get_abi_sizeof(element)
-
-        def value(index):
-            return context.cast(builder, args[index], tys[index], types.intp)
-
-        def data(index):
-            return context.make_array(tys[index])(context, builder, args[index]).data
-
-        def load(pointer, offset):
-            at = builder.gep(pointer, [offset])
-            return builder.load(builder.bitcast(at, vector.as_pointer()), align=align)
-
-        x_data, w_data, y_data = data(0), data(5), data(7)
-        weights = [load(w_data, ir.Constant(intp, k * _BLOCK)) for k in range(9)]
-        start = load(data(6), ir.Constant(intp, 0))
-        src_v, step_v, r1_v, c1_v = value(1), value(2), value(3), value(4)
-        dst_v, count_v = value(8), value(9)
-        offsets = [builder.add(builder.mul(r1_v, ir.Constant(intp, i)),
-                               builder.mul(c1_v, ir.Constant(intp, j)))
-                   for i in range(3) for j in range(3)]
-        with cgutils.for_range(builder, count_v) as loop:
-            s = builder.add(src_v, builder.mul(loop.index, step_v))
-            t = [builder.fmul(weights[k], load(x_data, builder.add(s, offsets[k])))
-                 for k in range(9)]
-            acc = builder.fadd(start, builder.fadd(builder.fadd(t[0], t[1]),
-                                                   builder.fadd(t[2], t[3])))
-            acc = builder.fadd(acc, builder.fadd(builder.fadd(t[4], t[5]),
-                                                 builder.fadd(t[6], t[7])))
-            acc = builder.fadd(acc, t[8])
-            at = builder.gep(y_data, [builder.add(
-                dst_v, builder.mul(loop.index, ir.Constant(intp, _BLOCK)))])
-            builder.store(acc, builder.bitcast(at, vector.as_pointer())).align = align
-        return context.get_dummy_value()
-
-    return signature, codegen
 
 
 def _pixel_vectors(context, builder, sig, args, copy):
@@ -257,7 +194,7 @@ def _forward(x, wb, bb, has_bias, y, KH, KW, SH, SW, DH, DW, PT, PL, band, worke
             for i in range(rows):
                 if nine:
                     _row3x3(xs, i * SH * Wp * C0, SW * C0, DH * Wp * C0, DW * C0, wtf,
-                            bias, ys, i * OW * C0, OW)
+                            0, _BLOCK, bias, 0, ys, i * OW * C0, _BLOCK, OW)
                 else:
                     _columns(xs, ys, wtf, bias, has_bias, stage, o, 0, i, 0, OW, in_rows,
                              Wp, C0, band, OW, KH, KW, SH, SW, DH, DW, 0, 0, col_lo,
