@@ -27,6 +27,8 @@ import os
 import sys
 import threading
 
+import numpy as np
+
 # glibc's ``mallopt`` parameters (malloc.h).
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 # glibc's ceiling for its own dynamic threshold on 64-bit systems
@@ -79,3 +81,37 @@ def tune(environ=None):
                 reason = f"mallopt refused {', '.join(refused)}" if refused else None
         _state = "tuned" if reason is None else f"left alone: {reason}"
         return _state
+
+
+class _Kept(threading.local):
+    # class default: a thread-local's missing attribute raises and catches on lookup
+    buffer = None
+
+
+_kept = _Kept()
+
+
+def kept_empty(n, dtype):
+    """An uninitialised ``(n,)`` array of ``dtype`` for scratch that lives only during
+    one call: blocks of at least ``MMAP_THRESHOLD`` bytes come from one buffer kept per
+    calling thread (grown as needed, never shrunk), smaller ones from ``np.empty``.
+    glibc maps such blocks afresh on every call, and the kernel zeroes each page the
+    call touches: a float64 512x512 3x3 weight's Winograd transform (33.5 MB) took 9.2
+    ms fresh against 1.45 ms in a reused buffer (2026-12-07, Intel Xeon, 2 threads).
+    The next call in the same thread overwrites it, so the array must not outlive the
+    call; other threads have their own."""
+    dtype = np.dtype(dtype)
+    nbytes = n * dtype.itemsize
+    if nbytes < MMAP_THRESHOLD:
+        return np.empty(n, dtype)
+    buffer = _kept.buffer
+    if buffer is None or buffer.nbytes < nbytes:
+        _kept.buffer = None  # the old buffer freed before the larger one is mapped
+        buffer = _kept.buffer = np.empty(nbytes, np.uint8)
+    return buffer[:nbytes].view(dtype)
+
+
+def release_kept():
+    """Unmap this thread's ``kept_empty`` buffer (tests; a long-lived thread that has
+    finished with large layers)."""
+    _kept.buffer = None

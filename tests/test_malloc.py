@@ -80,3 +80,33 @@ def test_scratch_is_not_faulted_in_every_call():
     result = _faults_per_call()
     assert result["state"] == "tuned"
     assert result["faults"] < 20, result
+
+
+def test_kept_empty_reuses_one_buffer_per_thread(monkeypatch):
+    """Scratch of at least ``MMAP_THRESHOLD`` bytes (here lowered) comes from one buffer
+    kept per thread: the same memory on the next call, grown for a larger one, another
+    buffer on another thread; smaller scratch is a fresh array."""
+    import threading
+    monkeypatch.setattr(_malloc, "MMAP_THRESHOLD", 4096)
+    _malloc.release_kept()
+    try:
+        small = _malloc.kept_empty(100, np.float64)
+        assert small.shape == (100,) and small.dtype == np.float64
+        assert _malloc._kept.buffer is None
+        first = _malloc.kept_empty(1000, np.float32)
+        assert first.shape == (1000,) and first.dtype == np.float32
+        again = _malloc.kept_empty(600, np.float64)  # 4800 bytes: a larger buffer
+        third = _malloc.kept_empty(1024, np.float32)  # fits: the same memory
+        assert again.shape == (600,) and np.shares_memory(again, third)
+        assert not np.shares_memory(first, again)
+        other = []
+        thread = threading.Thread(
+            target=lambda: other.append(_malloc.kept_empty(1200, np.float32)))
+        thread.start()
+        thread.join()
+        assert not np.shares_memory(other[0], third)
+        third[:] = 1.5
+        assert np.all(_malloc.kept_empty(1024, np.float32) == 1.5)  # not cleared
+    finally:
+        _malloc.release_kept()
+    assert _malloc._kept.buffer is None

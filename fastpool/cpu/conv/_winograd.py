@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from fastpool._malloc import kept_empty
 from fastpool._threading import thread_count
 from fastpool.cpu._parallel import BODY_JIT, parallel_kernel
 from fastpool.cpu._microkernel import MR, aligned_empty, gemm, padded
@@ -68,9 +69,10 @@ def forward_depth(x, weight, bias, w, y, plane):
 
 
 def winograd_weight(weight):
-    """``U[xi*4 + nu, o, c] = (G w[o, c] G^T)[xi, nu]``, computed in float64."""
+    """``U[xi*4 + nu, o, c] = (G w[o, c] G^T)[xi, nu]``, computed in float64; valid
+    until this thread's next call (``_malloc.kept_empty``)."""
     O, Cg = weight.shape[0], weight.shape[1]
-    U = np.empty(16 * O * Cg, weight.dtype)
+    U = kept_empty(16 * O * Cg, weight.dtype)
     _weight_transform(np.ascontiguousarray(weight), U,
                       max(1, min(thread_count(), O)))
     return U
