@@ -480,7 +480,7 @@ def test_col2im_input_gradient_bits_do_not_depend_on_the_bands(monkeypatch, dtyp
     """The im2col input gradient adds each input cell's terms in kernel-tap order
     whatever band of output rows they come from, so a Dask chunk's call (other bands)
     gives the whole call's bits; and the same bits on 1 and 2 threads (blocks of
-    channels, runs of images)."""
+    channels, runs of images) and with one image's weight copied or read in place."""
     rng = np.random.default_rng(17)
     x = rng.standard_normal(x_shape).astype(dtype)
     w = rng.standard_normal(w_shape).astype(dtype)
@@ -499,6 +499,10 @@ def test_col2im_input_gradient_bits_do_not_depend_on_the_bands(monkeypatch, dtyp
                                              "im2col")[0])
     finally:
         numba.set_num_threads(saved)
+    # one image's weight copied by rows, as large ones are, not read by columns
+    monkeypatch.setattr(cpu_conv, "_COPY_WEIGHT_PANEL_BYTES", 0)
+    runs.append(cpu_conv.conv2d_backward(gy, x, w, geometry, (True, False, False),
+                                         "im2col")[0])
     for run in runs[1:]:
         np.testing.assert_array_equal(run, runs[0])
     expected = ref.conv2d_backward(gy, x, w, **args)[0]
@@ -1021,3 +1025,29 @@ def test_direct_weight_gradient_never_reads_unwritten_phases():
         assert_close_to_sum(grads.grad_weight, expected[1], bound[1], np.float64)
         y = fastpool.conv2d(x, w, **args)
         assert np.isfinite(y).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape, groups", [
+    ((6, 4, 3, 3), 1), ((6, 2, 3, 5), 3), ((4, 3, 2, 3, 2), 2), ((5, 7, 4), 1),
+    ((8, 8, 1, 1), 2), ((33, 17, 3, 3), 1), ((3, 1, 3, 3), 3),
+], ids=["3x3", "grouped-3x5", "3d", "1d", "1x1", "odd-tiles", "depthwise"])
+@pytest.mark.parametrize("kernel", [False, True], ids=["numpy", "kernel"])
+def test_flipped_transposed_weight(monkeypatch, dtype, shape, groups, kernel):
+    """The stride-1 input gradient's weight (``fastpool.cpu._flip``): each group's
+    channels swapped and every tap axis flipped, by the tiled kernel (large weights;
+    here forced) and by NumPy (small and 1x1 ones)."""
+    from fastpool.cpu import _flip
+    if kernel:
+        monkeypatch.setattr(_flip, "_MIN_SIZE", 0)
+    w = np.random.default_rng(5).standard_normal(shape).astype(dtype)
+    O, Cg = shape[:2]
+    taps = shape[2:]
+    expected = np.empty((groups * Cg, O // groups) + taps, dtype)
+    for g in range(groups):
+        for o in range(O // groups):
+            for c in range(Cg):
+                expected[g * Cg + c, o] = np.flip(w[g * (O // groups) + o, c])
+    got = _flip.flipped_transposed(w, groups)
+    assert got.shape == expected.shape and got.flags.c_contiguous
+    np.testing.assert_array_equal(got, expected)

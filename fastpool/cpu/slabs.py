@@ -8,6 +8,7 @@ import numpy as np
 
 from fastpool._geometry import CHANNELS_LAST
 from fastpool.cpu._arrays import contiguous
+from fastpool.cpu._flip import flipped_transposed
 from fastpool.cpu.conv import conv2d_backward, conv2d_forward  # noqa: F401 (the 2-D steps)
 from fastpool.cpu.conv._planner import _JIT, planned_unless_pinned
 from fastpool.cpu.conv._winograd import forward_depth
@@ -165,11 +166,7 @@ def input_grad_weight(weight, groups):
     input channels swapped and the taps flipped on every axis. The CPU computes the
     input gradient so (the 3-D Winograd reads ``grad_output`` in place, either
     layout, and nothing is added back from stacked images)."""
-    O, Cg = weight.shape[:2]
-    per_group = weight.reshape((groups, O // groups, Cg) + weight.shape[2:])
-    flipped = per_group[:, :, :, ::-1, ::-1, ::-1].transpose(0, 2, 1, 3, 4, 5)
-    return np.ascontiguousarray(flipped).reshape((groups * Cg, O // groups)
-                                                 + weight.shape[2:])
+    return flipped_transposed(weight, groups)
 
 
 def stacked_weight(weight):

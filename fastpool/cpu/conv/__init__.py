@@ -67,6 +67,7 @@ from fastpool._threading import loop_on_one_thread, thread_count
 from fastpool.cpu._arrays import channels_last, contiguous
 from fastpool._geometry import CHANNELS_LAST
 from fastpool.cpu._blas import single_threaded_blas
+from fastpool.cpu._flip import flipped_transposed
 from fastpool.cpu.conv import (_channels_last, _channels_last_direct, _channels_last_gemm,
                                _channels_last_pointwise)
 from fastpool.cpu.conv import _channels_last_backward, _channels_last_taps, _depthwise_blocks
@@ -74,7 +75,8 @@ from fastpool.cpu.conv import _winograd_grad
 from fastpool.cpu.conv._direct import (_direct_backward_input, _direct_backward_weight,
                                        _direct_backward_weight_planes,
                                        _direct_forward, _direct_forward_planes)
-from fastpool.cpu._microkernel import ALIGN_B_ROWS, MR, aligned_host, padded_host
+from fastpool.cpu._microkernel import (ALIGN_B_ROWS, MR, aligned_host, padded_host,
+                                       panel_width)
 from fastpool.cpu.conv._gemm import (_bias_grad, _gather_images, _gemm_backward_input,
                                      _transpose_groups,
                                      _gemm_backward_weight, _gemm_channel_blocks,
@@ -120,14 +122,6 @@ def choose_algorithm(window):
 def valid_algorithms(window):
     """Names of every algorithm that can run ``window`` (tests run them all)."""
     return _forward_problem(window).valid_names()
-
-
-def _flipped_transposed(weight, groups):
-    """``wt[g*Cg + c, o, i, j] = weight[g*Og + o, c, KH-1-i, KW-1-j]``."""
-    O, Cg, KH, KW = weight.shape
-    per_group = weight.reshape(groups, O // groups, Cg, KH, KW)[:, :, :, ::-1, ::-1]
-    return contiguous(per_group.transpose(0, 2, 1, 3, 4)).reshape(
-        groups * Cg, O // groups, KH, KW)
 
 
 def _algorithm_code(window, algorithm):
@@ -439,24 +433,41 @@ def _input_grad(grad_output, weight, w, algorithm):
                            grad_input, *problem.args)
     elif algorithm != IM2COL and w.stride == (1, 1):
         transposed = _input_grad_problem(w)
-        _run_forward(transposed, grad_output, _flipped_transposed(weight, w.groups), None,
+        _run_forward(transposed, grad_output, flipped_transposed(weight, w.groups), None,
                      grad_input, DIRECT if algorithm == DIRECT else None)
     else:
         _col2im_input_grad(problem, grad_output, weight, grad_input)
     return grad_input
 
 
+# One image's im2col input gradient reads ``W_g^T`` by columns in place, once per panel
+# of output pixels, unless the weight times those panels (at most 4 counted) reaches
+# this: then it is copied by rows first (``_transpose_groups``), the same products.
+# 2026-12-07, Intel Xeon, 2 threads, batch 1, in place -> copied, ms: float64 3x3
+# 512->512 on 14x14 21.5-22.6 -> 11.1-11.4, on 7x7 4.8-5.1 -> 4.0, stride 2 on 14x14
+# 5.1-5.2 -> 4.0; float32 512->512 on 14x14 6.2-6.3 -> 5.7-5.9; against, float32
+# 512->512 on 7x7 1.8 -> 2.2-2.3, 256->512 stride 2 on 14x14 0.93 -> 1.24-1.27,
+# float64 256->256 on 7x7 0.81-0.85 -> 1.08.
+_COPY_WEIGHT_PANEL_BYTES = 32 << 20
+
+
+def _copied_at_batch_one(weight, pixels):
+    panels = -(-pixels // panel_width(weight.itemsize))
+    return weight.nbytes * min(panels, 4) >= _COPY_WEIGHT_PANEL_BYTES
+
+
 def _col2im_input_grad(problem, grad_output, weight, grad_input):
     """``grad_input = col2im(W_g^T @ grad_output)`` (``_gemm_backward_input``): blocks
     of input channels where images and groups are fewer than the threads; ``W_g^T``
-    read in place by columns for one image, copied once for several; runs of whole
+    read in place by columns for one image (``_copied_at_batch_one``: large ones
+    copied), copied once for several; runs of whole
     images as one GEMM, equal runs per thread, in ``_RUN_BYTES``."""
     N = grad_input.shape[0]
     G = problem.groups
     blocks = min(problem.channels_per_group, -(-thread_count() // max(N * G, 1)))
     weight = contiguous(weight)
     K = weight.size // max(weight.shape[0], 1)
-    if N > 1:
+    if N > 1 or _copied_at_batch_one(weight, problem.out_h * problem.out_w):
         a = np.empty(weight.size, weight.dtype)
         _transpose_groups(weight, a, G, weight.shape[0] // G,
                           _threads_for(G * -(-weight.shape[0] // 16)))
@@ -547,12 +558,12 @@ def _channels_last_grads(grad_output, x_cl, weight, w, output_mask, algorithm):
         elif inner == WINOGRAD:
             grad_input = np.empty((w.batch,) + w.in_size + (w.channels,),
                                   gy.dtype).transpose(0, 3, 1, 2)
-            _run_forward(transposed, gy, _flipped_transposed(weight, w.groups), None,
+            _run_forward(transposed, gy, flipped_transposed(weight, w.groups), None,
                          grad_input, WINOGRAD)
         elif inner == IM2COL:
             rows = transposed.forward_band_rows(IM2COL, gy.itemsize)
             grad_input = _channels_last_gemm.forward(
-                gy, _flipped_transposed(weight, w.groups), None, transposed, rows,
+                gy, flipped_transposed(weight, w.groups), None, transposed, rows,
                 transposed.forward_channel_blocks(rows), thread_count())
         else:  # the channels-first kernels, on one copy of grad_output
             grad_input = _input_grad(contiguous(gy), weight, w, code)
