@@ -6,7 +6,8 @@ after 12 ms of other work), 2 threads, float32, forward:
     python docs/measure_layer_rows_interleaved.py /tmp/old "global avg 512@7;maxpool 2x2 s2 512@14" channels_last 1 31
 
 (arguments: the old source tree, ``;``-separated row labels as the suite prints them,
-``nchw``, ``channels_last`` or both comma-separated, batch, repeats). Per row: the new
+``nchw``, ``channels_last`` or both comma-separated, batch, repeats, and optionally
+the dtype, float32 by default). Per row: the new
 build's and the old build's medians, each peer's, new/old and each build's ratio
 against the fastest peer; ``same`` says whether the builds' outputs have the same bits.
 The old build is loaded as ``docs/measure_builds_interleaved.py`` loads it. The figures
@@ -32,7 +33,7 @@ def _old_forward(package, layer, x, w):
     return lambda: package.adaptive_avg_pool2d(x, 1)
 
 
-def main(tree, labels, layouts, batch, repeats):
+def main(tree, labels, layouts, batch, repeats, dtype=np.float32):
     sys.path.insert(0, _old_package(tree))
     import fastpool_old
 
@@ -44,11 +45,11 @@ def main(tree, labels, layouts, batch, repeats):
             if layer.label not in labels:
                 continue
             for layout in layouts:
-                d = L.make_data(layer, batch, layout, np.float32)
+                d = L.make_data(layer, batch, layout, dtype)
                 new = L._ours(layer, d.x, d.weight)[0]
                 old = _old_forward(fastpool_old, layer, d.x, d.weight)
-                same = np.array_equal(np.asarray(new()).view(np.int32),
-                                      np.asarray(old()).view(np.int32))
+                same = np.array_equal(np.ascontiguousarray(new()).view(np.uint8),
+                                      np.ascontiguousarray(old()).view(np.uint8))
                 calls, names = [new, old], ["new", "old"]
                 for peer in peers:
                     prepared = (peer.prepare(layer, d, False) if layout in peer.layouts
@@ -68,4 +69,5 @@ if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2].split(";"),
          sys.argv[3].split(",") if len(sys.argv) > 3 else ["nchw", "channels_last"],
          int(sys.argv[4]) if len(sys.argv) > 4 else 1,
-         int(sys.argv[5]) if len(sys.argv) > 5 else 21)
+         int(sys.argv[5]) if len(sys.argv) > 5 else 21,
+         np.dtype(sys.argv[6]) if len(sys.argv) > 6 else np.float32)

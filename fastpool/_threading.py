@@ -236,7 +236,12 @@ def serialised(launcher, cost=None, loops=True):
                 if isinstance(a, Volume):
                     # once per geometry: validation hands every call of it the same
                     # object (1 us a call otherwise)
-                    small = a.derived(cost, cost) < SMALL_WORK_NS
+                    estimate = a.derived(cost, cost)
+                    # the estimates are float32's; 8-byte items fill half the vector
+                    # lanes and move twice the bytes: twice the time
+                    if getattr(args[0], "itemsize", 4) == 8:
+                        estimate *= 2
+                    small = estimate < SMALL_WORK_NS
                     break
         if _state["thread_safe"] or _thread_safe():
             if not small:

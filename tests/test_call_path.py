@@ -107,6 +107,32 @@ def test_small_work_runs_on_one_thread_and_the_count_is_restored():
 
 
 @pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="needs 2 Numba threads")
+def test_eight_byte_items_count_twice_the_work():
+    """The cost estimates are float32's: a call whose first array has 8-byte items
+    (float64) counts twice the estimate, so it splits from half the float32 size; other
+    item sizes (float32, float16) and arguments that are not arrays count it once."""
+    seen = []
+
+    def launcher(x, volume):
+        seen.append(numba.get_num_threads())
+        return x
+
+    cost = (lambda volume: volume.in_size[0])
+    wrapped = _threading.serialised(launcher, cost)
+    half = _volume(_threading.SMALL_WORK_NS // 2)
+    before = numba.get_num_threads()
+    numba.set_num_threads(2)
+    try:
+        for x in (np.zeros(1, np.float64), np.zeros(1, np.float32),
+                  np.zeros(1, np.float16), None):
+            wrapped(x, half)
+        wrapped(np.zeros(1, np.float64), _volume(_threading.SMALL_WORK_NS // 2 - 1))
+        assert seen == [2, 1, 1, 1, 1]
+    finally:
+        numba.set_num_threads(before)
+
+
+@pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="needs 2 Numba threads")
 def test_small_work_without_loops_runs_one_worker_and_leaves_numbas_count():
     """A launcher declared free of direct parallel loops (``loops=False``: the pooling
     launchers) sees ``thread_count() == 1`` in a small call while Numba's count stays;
