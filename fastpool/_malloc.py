@@ -23,6 +23,7 @@ found and called, and does nothing to that allocator.
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 import sys
 import threading
@@ -91,24 +92,31 @@ class _Kept(threading.local):
 _kept = _Kept()
 
 
-def kept_empty(n, dtype):
-    """An uninitialised ``(n,)`` array of ``dtype`` for scratch that lives only during
-    one call: blocks of at least ``MMAP_THRESHOLD`` bytes come from one buffer kept per
-    calling thread (grown as needed, never shrunk), smaller ones from ``np.empty``.
-    glibc maps such blocks afresh on every call, and the kernel zeroes each page the
-    call touches: a float64 512x512 3x3 weight's Winograd transform (33.5 MB) took 9.2
-    ms fresh against 1.45 ms in a reused buffer (2026-12-07, Intel Xeon, 2 threads).
-    The next call in the same thread overwrites it, so the array must not outlive the
-    call; other threads have their own."""
+def kept_empty(shape, dtype):
+    """An uninitialised array of ``shape`` and ``dtype`` for scratch that lives only
+    during one call: blocks of at least ``MMAP_THRESHOLD`` bytes come from one buffer
+    kept per calling thread (grown as needed, never shrunk), smaller ones from
+    ``np.empty``. glibc maps such blocks afresh on every call, and the kernel zeroes
+    each page the call touches: a float64 512x512 3x3 weight's Winograd transform (33.5
+    MB) took 9.2 ms fresh against 1.45 ms in a reused buffer, batch 32 of a float32 3x3
+    stride-2 256->512 weight gradient on 14x14 (61 MB of partial sums) 27-33 against
+    22-23 ms (2026-12-07, Intel Xeon, 2 threads). While an array from the buffer is
+    alive (any view of it), a second request gets fresh memory, so two scratch arrays
+    never share memory; the array must not outlive the call (the next call in the
+    same thread reuses the buffer)."""
     dtype = np.dtype(dtype)
-    nbytes = n * dtype.itemsize
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    nbytes = math.prod(shape) * dtype.itemsize
     if nbytes < MMAP_THRESHOLD:
-        return np.empty(n, dtype)
+        return np.empty(shape, dtype)
     buffer = _kept.buffer
+    # references: the thread-local, this name, getrefcount's argument; more are views
+    if buffer is not None and sys.getrefcount(buffer) > 3:
+        return np.empty(shape, dtype)
     if buffer is None or buffer.nbytes < nbytes:
-        _kept.buffer = None  # the old buffer freed before the larger one is mapped
+        _kept.buffer = buffer = None  # the old buffer freed before the larger one
         buffer = _kept.buffer = np.empty(nbytes, np.uint8)
-    return buffer[:nbytes].view(dtype)
+    return buffer[:nbytes].view(dtype).reshape(shape)
 
 
 def release_kept():

@@ -84,8 +84,9 @@ def test_scratch_is_not_faulted_in_every_call():
 
 def test_kept_empty_reuses_one_buffer_per_thread(monkeypatch):
     """Scratch of at least ``MMAP_THRESHOLD`` bytes (here lowered) comes from one buffer
-    kept per thread: the same memory on the next call, grown for a larger one, another
-    buffer on another thread; smaller scratch is a fresh array."""
+    kept per thread: the same memory on the next call, grown for a larger one, fresh
+    memory while an array from the buffer is still alive, another buffer on another
+    thread; smaller scratch is a fresh array."""
     import threading
     monkeypatch.setattr(_malloc, "MMAP_THRESHOLD", 4096)
     _malloc.release_kept()
@@ -93,20 +94,28 @@ def test_kept_empty_reuses_one_buffer_per_thread(monkeypatch):
         small = _malloc.kept_empty(100, np.float64)
         assert small.shape == (100,) and small.dtype == np.float64
         assert _malloc._kept.buffer is None
-        first = _malloc.kept_empty(1000, np.float32)
-        assert first.shape == (1000,) and first.dtype == np.float32
-        again = _malloc.kept_empty(600, np.float64)  # 4800 bytes: a larger buffer
-        third = _malloc.kept_empty(1024, np.float32)  # fits: the same memory
-        assert again.shape == (600,) and np.shares_memory(again, third)
-        assert not np.shares_memory(first, again)
+        first = _malloc.kept_empty((10, 110), np.float32)  # 4400 bytes
+        assert first.shape == (10, 110) and first.dtype == np.float32
+        assert first.base is not None and first.base is _malloc._kept.buffer
+        busy = _malloc.kept_empty(1100, np.float32)  # ``first`` alive: fresh memory
+        assert busy.base is None and not np.shares_memory(first, busy)
+        first[:] = 1.5
+        del first, busy
+        again = _malloc.kept_empty(1100, np.float32)  # the same memory, not cleared
+        assert again.base is _malloc._kept.buffer and np.all(again[:1000] == 1.5)
+        view = again[3:]
+        del again
+        assert _malloc.kept_empty(1100, np.float32).base is None  # a view alive
+        del view
+        larger = _malloc.kept_empty(600, np.float64)  # 4800 bytes: a larger buffer
+        assert larger.base is _malloc._kept.buffer
+        assert larger.base.nbytes == 4800  # grown from 4400
         other = []
         thread = threading.Thread(
             target=lambda: other.append(_malloc.kept_empty(1200, np.float32)))
         thread.start()
         thread.join()
-        assert not np.shares_memory(other[0], third)
-        third[:] = 1.5
-        assert np.all(_malloc.kept_empty(1024, np.float32) == 1.5)  # not cleared
+        assert not np.shares_memory(other[0], larger)
     finally:
         _malloc.release_kept()
     assert _malloc._kept.buffer is None

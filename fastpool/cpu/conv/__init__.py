@@ -68,6 +68,7 @@ from fastpool.cpu._arrays import channels_last, contiguous
 from fastpool._geometry import CHANNELS_LAST
 from fastpool.cpu._blas import single_threaded_blas
 from fastpool.cpu._flip import flipped_transposed
+from fastpool._malloc import kept_empty
 from fastpool.cpu.conv import (_channels_last, _channels_last_direct, _channels_last_gemm,
                                _channels_last_pointwise)
 from fastpool.cpu.conv import _channels_last_backward, _channels_last_taps, _depthwise_blocks
@@ -513,7 +514,7 @@ def _weight_grad(x, grad_output, weight_shape, w, algorithm):
                                *problem.args)
         return grad_weight
     chunks = problem.weight_grad_chunks(grad_weight.nbytes)
-    partial = np.empty((chunks, grad_weight.size), x.dtype)
+    partial = kept_empty((chunks, grad_weight.size), x.dtype)
     status = np.zeros(1, np.int32)
     with single_threaded_blas(x.dtype):
         _gemm_backward_weight(x, grad_output, partial, algorithm,

@@ -18,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from fastpool._malloc import kept_empty
 from fastpool._threading import loop_on_one_thread
 from fastpool.cpu._arrays import moved_axes
 from fastpool.cpu._blas import gemm
@@ -114,7 +115,7 @@ def backward(grad_y2d, x2d, weight, w, output_mask, workers, check):
     if want_weight:
         chunks = max(1, min(grad_y2d.shape[0], _MAX_CHUNKS,
                             _PARTIAL_BYTES // max(1, w2d.nbytes)))
-        partial = np.empty((chunks, w2d.size), grad_y2d.dtype)
+        partial = kept_empty((chunks, w2d.size), grad_y2d.dtype)
         loop_on_one_thread(_weight_grad, grad_y2d, x2d, partial, w.groups, status)
         grad_weight = np.empty(w2d.size, grad_y2d.dtype)
         loop_on_one_thread(_sum_partials, partial, grad_weight)

@@ -32,6 +32,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from fastpool._malloc import kept_empty
 from fastpool.cpu._microkernel import (FROM_C, FROM_COLUMN_INIT, MR, aligned_empty,
                                       gemm_batch, lanes, padded, padded_host)
 from fastpool.cpu._parallel import BODY_JIT, parallel_kernel
@@ -165,7 +166,7 @@ def weight_grad(x4, gy4, weight_shape, problem, workers, sum_partials):
               else p.weight_grad_chunks(weight_bytes))
     Og, KWC = O // G, KW * Cg
     turned = KWC < Og
-    partial = np.empty((chunks, G, KH) + ((KWC, Og) if turned else (Og, KWC)), x4.dtype)
+    partial = kept_empty((chunks, G, KH) + ((KWC, Og) if turned else (Og, KWC)), x4.dtype)
     # Blocks of output channels only where chunks and groups are fewer than the
     # threads: each block gathers the rows again. They change which thread computes
     # an element, never its sum.

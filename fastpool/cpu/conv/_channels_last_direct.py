@@ -40,6 +40,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from fastpool._malloc import kept_empty
 from fastpool._threading import loop_on_one_thread
 from fastpool.cpu.conv._gemm import _sum_partials
 from fastpool.cpu.conv._planner import _JIT, _MAX_CHUNKS, _PARTIAL_BYTES, _U
@@ -523,7 +524,7 @@ def backward(gy4, x4, weight, problem, transposed, output_mask, workers):
     if want_weight:
         rows = p.batch * p.out_h
         chunks = max(1, min(rows, _MAX_CHUNKS, _PARTIAL_BYTES // max(1, wt.nbytes)))
-        partial = np.empty((chunks,) + wt.shape, gy4.dtype)
+        partial = kept_empty((chunks,) + wt.shape, gy4.dtype)
         loop_on_one_thread(_weight_grad, x4, gy4, partial, p.kernel_h, p.kernel_w,
                            p.stride_h, p.stride_w, p.dilation_h, p.dilation_w, p.pad_top,
                            p.pad_left)

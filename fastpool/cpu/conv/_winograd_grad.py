@@ -33,6 +33,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from fastpool._malloc import kept_empty
 from fastpool._threading import loop_on_one_thread, thread_count
 from fastpool.cpu._microkernel import aligned_empty, gemm_add, padded, padded_host
 from fastpool.cpu._parallel import BODY_JIT, parallel_kernel
@@ -240,7 +241,7 @@ def weight_grad(x, gy, KD, SD, PD, PT, PL, groups, workers):
     # Blocks of output channels where chunks and groups are fewer than the threads
     # (each block transforms the input again)
     blocks = max(1, min(-(-2 * workers // (chunks * G)), Og // _BLOCK_CHANNELS))
-    partial = np.empty((chunks, G, 16, KD * Cg, Og), x.dtype)
+    partial = kept_empty((chunks, G, 16, KD * Cg, Og), x.dtype)
     _transform_sums(x, gy, partial, band, blocks, G, PT, PL, KD, SD, PD,
                     max(1, min(workers, chunks * G * blocks)))
     if chunks > 1:
