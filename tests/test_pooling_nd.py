@@ -1281,3 +1281,22 @@ def test_avg_backward_divisor_beyond_float32(shape, kernel, stride, padding, div
     assert np.array_equal(_bits(got), _bits(want))
     if dtype == np.float32:  # the share is g / divisor rounded once
         assert got.reshape(-1)[0] == np.float32(1.0 / divisor) or padding
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+@pytest.mark.parametrize("divisor", [None, 3, 7, 2**24 + 1, -(2**25 + 3)])
+@pytest.mark.parametrize("args", [dict(kernel_size=2), dict(kernel_size=3, stride=2,
+                                                           padding=1,
+                                                           count_include_pad=False)],
+                         ids=["tiled", "padded"])
+def test_channels_last_avg_backward_divides_as_channels_first(dtype, divisor, args):
+    """The channels-last average backward divides each window's gradient in the dtype
+    computed in where the divisor is exact there (every divisor here but 2**24 + 1 and
+    -(2**25 + 3), divided in float64): byte for byte the channels-first gradient."""
+    x = np.random.default_rng(31).standard_normal((3, 5, 9, 10)).astype(dtype)
+    g = np.random.default_rng(37).standard_normal(
+        fastpool.avg_pool2d(x, **args).shape).astype(dtype) * 7
+    want = fastpool.avg_pool2d_backward(g, x, **args, divisor_override=divisor)
+    got = fastpool.avg_pool2d_backward(channels_last(g), channels_last(x), **args,
+                                       divisor_override=divisor)
+    assert np.array_equal(_bits(got), _bits(want))

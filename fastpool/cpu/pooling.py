@@ -431,9 +431,11 @@ def avg_pool_backward(grad_output, window, count_include_pad, divisor_override):
         if w.planes:
             go = _cl_buffer(grad_output, w, w.out3)
             shares = np.empty(go.shape, hb.compute_dtype(go.dtype))
+            exact = (abs(divisor_override) <= _EXACT_IN_FLOAT32
+                     and math.prod(w.kernel3) <= _EXACT_IN_FLOAT32)
             pool_channels_last.avg_shares(hb.bits(go), shares, *_pads(w), *w.kernel3,
                                           *w.stride3, *w.in3, count_include_pad,
-                                          divisor_override, _cl_row_workers(w))
+                                          divisor_override, exact, _cl_row_workers(w))
             zero = hb.scalar(grad_output.dtype, 0)
             if w.derived("tiled", _tiled):
                 kernel("avg_backward_cl_tiled", w)(shares, hb.bits(grad_input), zero,
