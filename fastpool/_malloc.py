@@ -85,8 +85,9 @@ def tune(environ=None):
 
 
 class _Kept(threading.local):
-    # class default: a thread-local's missing attribute raises and catches on lookup
+    # class defaults: a thread-local's missing attribute raises and catches on lookup
     buffer = None
+    idle = 0  # ``buffer``'s reference count in ``kept_empty`` with no array from it
 
 
 _kept = _Kept()
@@ -110,12 +111,15 @@ def kept_empty(shape, dtype):
     if nbytes < MMAP_THRESHOLD:
         return np.empty(shape, dtype)
     buffer = _kept.buffer
-    # references: the thread-local, this name, getrefcount's argument; more are views
-    if buffer is not None and sys.getrefcount(buffer) > 3:
+    # more references than when it was made here (the thread-local's, this name's and
+    # whatever the interpreter counts for the call, measured then, not assumed: Python
+    # 3.14 may lend a local to a call without a reference) are arrays from it
+    if buffer is not None and sys.getrefcount(buffer) > _kept.idle:
         return np.empty(shape, dtype)
     if buffer is None or buffer.nbytes < nbytes:
         _kept.buffer = buffer = None  # the old buffer freed before the larger one
         buffer = _kept.buffer = np.empty(nbytes, np.uint8)
+        _kept.idle = sys.getrefcount(buffer)
     return buffer[:nbytes].view(dtype).reshape(shape)
 
 

@@ -1030,8 +1030,9 @@ def test_direct_weight_gradient_never_reads_unwritten_phases():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape, groups", [
     ((6, 4, 3, 3), 1), ((6, 2, 3, 5), 3), ((4, 3, 2, 3, 2), 2), ((5, 7, 4), 1),
-    ((8, 8, 1, 1), 2), ((33, 17, 3, 3), 1), ((3, 1, 3, 3), 3),
-], ids=["3x3", "grouped-3x5", "3d", "1d", "1x1", "odd-tiles", "depthwise"])
+    ((8, 8, 1, 1), 2), ((33, 17, 3, 3), 1), ((3, 1, 3, 3), 3), ((2 * 70, 3, 3, 2), 2),
+], ids=["3x3", "grouped-3x5", "3d", "1d", "1x1", "odd-tiles", "depthwise",
+        "column-tiles"])
 @pytest.mark.parametrize("kernel", [False, True], ids=["numpy", "kernel"])
 def test_flipped_transposed_weight(monkeypatch, dtype, shape, groups, kernel):
     """The stride-1 input gradient's weight (``fastpool.cpu._flip``): each group's

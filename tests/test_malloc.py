@@ -110,12 +110,18 @@ def test_kept_empty_reuses_one_buffer_per_thread(monkeypatch):
         larger = _malloc.kept_empty(600, np.float64)  # 4800 bytes: a larger buffer
         assert larger.base is _malloc._kept.buffer
         assert larger.base.nbytes == 4800  # grown from 4400
+        del larger  # this thread's buffer idle: another thread must not take it
         other = []
-        thread = threading.Thread(
-            target=lambda: other.append(_malloc.kept_empty(1200, np.float32)))
+
+        def elsewhere():
+            array = _malloc.kept_empty(1200, np.float32)
+            other.append((array, array.base is _malloc._kept.buffer))
+        thread = threading.Thread(target=elsewhere)
         thread.start()
         thread.join()
-        assert not np.shares_memory(other[0], larger)
+        array, kept_there = other[0]
+        assert kept_there and not np.shares_memory(array, _malloc._kept.buffer)
+        assert _malloc.kept_empty(1200, np.float32).base is _malloc._kept.buffer
     finally:
         _malloc.release_kept()
     assert _malloc._kept.buffer is None

@@ -1284,7 +1284,7 @@ def test_avg_backward_divisor_beyond_float32(shape, kernel, stride, padding, div
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
-@pytest.mark.parametrize("divisor", [None, 3, 7, 2**24 + 1, -(2**25 + 3)])
+@pytest.mark.parametrize("divisor", [None, 3, -3, 7, 2**24 + 1, -(2**25 + 3)])
 @pytest.mark.parametrize("args", [dict(kernel_size=2), dict(kernel_size=3, stride=2,
                                                            padding=1,
                                                            count_include_pad=False)],

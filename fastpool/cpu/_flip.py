@@ -40,7 +40,7 @@ def flipped_transposed(weight, groups):
         return contiguous(flipped.transpose(
             (0, 2, 1) + tuple(range(3, 3 + rank)))).reshape(shape)
     out = np.empty(shape, weight.dtype)
-    _flip_transpose(np.ascontiguousarray(weight).reshape(-1), out.reshape(-1), groups,
+    _flip_transpose(contiguous(weight).reshape(-1), out.reshape(-1), groups,
                     O // groups, Cg, taps, thread_count())
     return out
 

@@ -448,7 +448,8 @@ def _input_grad(grad_output, weight, w, algorithm):
 # 512->512 on 14x14 21.5-22.6 -> 11.1-11.4, on 7x7 4.8-5.1 -> 4.0, stride 2 on 14x14
 # 5.1-5.2 -> 4.0; float32 512->512 on 14x14 6.2-6.3 -> 5.7-5.9; against, float32
 # 512->512 on 7x7 1.8 -> 2.2-2.3, 256->512 stride 2 on 14x14 0.93 -> 1.24-1.27,
-# float64 256->256 on 7x7 0.81-0.85 -> 1.08.
+# float64 256->256 on 7x7 0.81-0.85 -> 1.08. (Panels of 48 float32 columns, the AVX-512
+# tile's; on AVX2, 16-column panels make more layers copy: unmeasured there.)
 _COPY_WEIGHT_PANEL_BYTES = 32 << 20
 
 
